@@ -1,0 +1,1 @@
+"""Boot selection: one backend per boot firmware (tryboot, U-Boot, GRUB) behind one interface."""

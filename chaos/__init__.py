@@ -1,0 +1,1 @@
+"""The lab: virtual devices and fleets, fault injectors and the QEMU harness."""

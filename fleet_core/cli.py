@@ -1,0 +1,69 @@
+"""The ``fleet`` operator command: a root that loads each package's group only when used.
+
+Each package owns its commands in its own ``cli.py``. The root names them by import path and
+imports a group only when that group is invoked, so ``fleet keys`` on a build workstation never
+pulls in the server's web stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import click
+
+from fleet_core.errors import FleetError
+
+# command name -> "module:attribute" of its click group or command
+SUBCOMMANDS: dict[str, str] = {
+    "keys": "signing.cli:keys",
+    "image": "image_builder.cli:image",
+    "bundle": "image_builder.cli:bundle",
+    "demo": "chaos.demo:demo",
+}
+
+
+class FleetGroup(click.Group):
+    """A click group that turns a :class:`FleetError` into a one-line error and exit status 1.
+
+    Exit codes of every Metrica Fleet command: 0 success, 1 an expected failure (printed as
+    ``Error: <message>``, no traceback), 2 a usage error (click's convention). Anything that is
+    not a ``FleetError`` is a bug and keeps its traceback.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FleetError as err:
+            raise click.ClickException(str(err)) from err
+
+
+class LazyGroup(FleetGroup):
+    """A click group whose subcommands are imported on first use."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self._lazy))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self._lazy:
+            module_name, attribute = self._lazy[cmd_name].split(":")
+            command = getattr(importlib.import_module(module_name), attribute)
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{self._lazy[cmd_name]} is not a click command")
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, lazy=SUBCOMMANDS)
+@click.version_option(package_name="metrica-fleet")
+def fleet() -> None:
+    """Metrica Fleet: signed A/B updates for fleets of Raspberry Pi devices."""
+
+
+def main() -> None:
+    """Entry point of the ``fleet`` console script."""
+    fleet()

@@ -1,0 +1,1 @@
+"""The release server: API, database, blob store, rollout engine, dashboard, fleet metrics."""

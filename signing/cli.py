@@ -1,0 +1,96 @@
+"""``fleet keys``: create signing keys and manage keyrings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from signing.keyring import Keyring, revoke_key, set_threshold, trust_key
+from signing.keys import generate_key, key_id, load_private_key, load_public_key
+
+PASSPHRASE_ENV = "FLEET_KEY_PASSPHRASE"  # noqa: S105 (the variable's name, not a secret)
+
+
+def read_passphrase(passphrase_file: Path | None) -> bytes | None:
+    """The passphrase from ``--passphrase-file`` or ``$FLEET_KEY_PASSPHRASE``, if any."""
+    if passphrase_file is not None:
+        return passphrase_file.read_bytes().rstrip(b"\r\n") or None
+    value = os.environ.get(PASSPHRASE_ENV)
+    return value.encode() if value else None
+
+
+passphrase_file_option = click.option(
+    "--passphrase-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help=f"File holding the key's passphrase (or set ${PASSPHRASE_ENV}).",
+)
+
+
+@click.group()
+def keys() -> None:
+    """Signing keys and keyrings of trusted keys."""
+
+
+@keys.command()
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="Writes OUT.pem, OUT.pub."
+)
+@passphrase_file_option
+@click.option("--ask-passphrase", is_flag=True, help="Prompt for a passphrase to encrypt the key.")
+def generate(out: Path, passphrase_file: Path | None, ask_passphrase: bool) -> None:
+    """Create an Ed25519 key pair: OUT.pem (mode 0600) and OUT.pub."""
+    passphrase = read_passphrase(passphrase_file)
+    if ask_passphrase:
+        passphrase = click.prompt("Passphrase", hide_input=True, confirmation_prompt=True).encode()
+    key = generate_key(out, passphrase)
+    click.echo(f"key id {key.key_id}")
+
+
+@keys.command("id")
+@click.argument("key_file", type=click.Path(path_type=Path))
+@passphrase_file_option
+def show_id(key_file: Path, passphrase_file: Path | None) -> None:
+    """Print the key id of a public (.pub) or private (.pem) key."""
+    text = key_file.read_bytes() if key_file.is_file() else b""
+    if b"ENCRYPTED PRIVATE KEY" in text:
+        click.echo(load_private_key(key_file, read_passphrase(passphrase_file)).key_id)
+    else:
+        click.echo(key_id(load_public_key(key_file)))
+
+
+@keys.command()
+@click.argument("public_key", type=click.Path(path_type=Path))
+@click.option("--keyring", "keyring_dir", required=True, type=click.Path(path_type=Path))
+def trust(public_key: Path, keyring_dir: Path) -> None:
+    """Add PUBLIC_KEY to a keyring (created if missing)."""
+    click.echo(f"trusted {trust_key(keyring_dir, public_key)}")
+
+
+@keys.command()
+@click.argument("revoked_key_id")
+@click.option("--keyring", "keyring_dir", required=True, type=click.Path(path_type=Path))
+def revoke(revoked_key_id: str, keyring_dir: Path) -> None:
+    """Revoke a key id in a keyring: its signatures never count again."""
+    revoke_key(keyring_dir, revoked_key_id.lower())
+    click.echo(f"revoked {revoked_key_id.lower()}")
+
+
+@keys.command()
+@click.argument("count", type=click.IntRange(min=1))
+@click.option("--keyring", "keyring_dir", required=True, type=click.Path(path_type=Path))
+def threshold(count: int, keyring_dir: Path) -> None:
+    """Require COUNT distinct trusted keys to sign."""
+    set_threshold(keyring_dir, count)
+    click.echo(f"threshold {count}")
+
+
+@keys.command("list")
+@click.option("--keyring", "keyring_dir", required=True, type=click.Path(path_type=Path))
+def list_keys(keyring_dir: Path) -> None:
+    """Show a keyring: trusted and revoked key ids and the threshold."""
+    keyring = Keyring.load(keyring_dir)
+    for kid in sorted(set(keyring.trusted) | keyring.revoked):
+        click.echo(f"{kid} {'revoked' if kid in keyring.revoked else 'trusted'}")
+    click.echo(f"threshold {keyring.threshold}")

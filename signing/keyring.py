@@ -1,0 +1,242 @@
+"""The keyring: which keys are trusted, which are revoked, and how many must sign.
+
+On disk a keyring is a directory::
+
+    KEYRING/
+      <anything>.pub   trusted Ed25519 public keys (PEM), one per file
+      revoked.txt      optional: key ids no longer trusted, one per line, '#' starts a comment
+      keyring.toml     optional: threshold = K   (distinct trusted keys that must sign; default 1)
+
+A revoked key stays revoked even while its ``.pub`` is still in the directory, so revocation is
+a single append and cannot be undone by restoring an old key file.
+
+Key rotation: trust the new key next to the old one, sign releases with both, then revoke (or
+remove) the old key once every device has the new keyring. A device that knows only the old key
+accepts the dual-signed releases throughout.
+
+Verification rule (:meth:`Keyring.verify`): a signature by a trusted key that does not verify is
+an error even if others would meet the threshold, because it means the payload or envelope was
+altered; signatures by unknown keys are ignored (they may be from a key this device has not yet
+learnt); signatures by revoked keys never count.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from fleet_core.durable import atomic_write
+from signing.errors import (
+    BadSignatureError,
+    KeyFileError,
+    KeyringError,
+    RevokedKeyError,
+    ThresholdError,
+    UnknownKeyError,
+)
+from signing.keys import key_id, load_public_key, public_key_pem
+from signing.signature import SignatureEnvelope, signed_message
+
+REVOKED_FILE = "revoked.txt"
+CONFIG_FILE = "keyring.toml"
+_KEY_ID = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Verified:
+    """The outcome of a successful verification: the trusted key ids whose signatures held."""
+
+    key_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """Trusted public keys by key id, revoked key ids, and the signing threshold."""
+
+    trusted: Mapping[str, Ed25519PublicKey]
+    revoked: frozenset[str] = frozenset()
+    threshold: int = 1
+    source: str = "keyring"
+    _active: dict[str, Ed25519PublicKey] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.threshold < 1:
+            raise KeyringError(f"{self.source}: threshold must be at least 1, not {self.threshold}")
+        active = {kid: k for kid, k in self.trusted.items() if kid not in self.revoked}
+        if self.threshold > len(active):
+            raise KeyringError(
+                f"{self.source}: threshold {self.threshold} but only {len(active)} trusted "
+                "key(s) that are not revoked"
+            )
+        object.__setattr__(self, "_active", active)
+
+    @property
+    def active_key_ids(self) -> tuple[str, ...]:
+        return tuple(sorted(self._active))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> Keyring:
+        """Read a keyring directory.
+
+        Raises:
+            KeyringError: the directory is missing, a key file or the revocation list or the
+                configuration is malformed, or fewer usable keys than the threshold.
+        """
+        path = Path(directory)
+        if not path.is_dir():
+            raise KeyringError(f"keyring {path}: no such directory")
+        trusted: dict[str, Ed25519PublicKey] = {}
+        for pub in sorted(path.glob("*.pub")):
+            try:
+                public_key = load_public_key(pub)
+            except KeyFileError as err:
+                raise KeyringError(f"keyring {path}: {err}") from err
+            trusted[key_id(public_key)] = public_key
+        return cls(
+            trusted=trusted,
+            revoked=_read_revoked(path),
+            threshold=_read_threshold(path),
+            source=f"keyring {path}",
+        )
+
+    def verify(self, payload: bytes, envelope: SignatureEnvelope, purpose: str) -> Verified:
+        """Check that ``payload`` carries at least ``threshold`` valid signatures for ``purpose``.
+
+        Raises:
+            BadSignatureError: a signature by a trusted key does not match the payload.
+            RevokedKeyError: the only trusted signatures are by revoked keys.
+            UnknownKeyError: no signature is by a key this keyring knows.
+            ThresholdError: valid signatures, but fewer than the threshold.
+        """
+        message = signed_message(purpose, payload)
+        valid: list[str] = []
+        revoked: list[str] = []
+        unknown: list[str] = []
+        for signature in envelope.signatures:
+            if signature.key_id in self.revoked:
+                revoked.append(signature.key_id)
+                continue
+            public_key = self._active.get(signature.key_id)
+            if public_key is None:
+                unknown.append(signature.key_id)
+                continue
+            try:
+                public_key.verify(signature.value, message)
+            except InvalidSignature as err:
+                raise BadSignatureError(
+                    f"signature by key {signature.key_id} does not match the {purpose}: "
+                    "it or the signature was altered"
+                ) from err
+            valid.append(signature.key_id)
+        if len(valid) >= self.threshold:
+            return Verified(tuple(valid))
+        if not valid and revoked:
+            raise RevokedKeyError(f"{purpose} is signed by revoked key(s) {', '.join(revoked)}")
+        if not valid:
+            raise UnknownKeyError(
+                f"{purpose} is signed by key(s) {', '.join(unknown)}, none trusted by {self.source}"
+            )
+        raise ThresholdError(
+            f"{purpose} has {len(valid)} valid signature(s) by trusted keys, "
+            f"{self.source} requires {self.threshold}"
+        )
+
+
+def _read_revoked(path: Path) -> frozenset[str]:
+    revoked_path = path / REVOKED_FILE
+    if not revoked_path.exists():
+        return frozenset()
+    try:
+        text = revoked_path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise KeyringError(f"keyring {path}: cannot read {REVOKED_FILE}: {err}") from err
+    revoked = set()
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        if not _KEY_ID.fullmatch(entry):
+            raise KeyringError(
+                f"keyring {path}: {REVOKED_FILE} line {number}: {entry!r} is not a key id "
+                "(64 lowercase hex digits)"
+            )
+        revoked.add(entry)
+    return frozenset(revoked)
+
+
+def _read_threshold(path: Path) -> int:
+    config_path = path / CONFIG_FILE
+    if not config_path.exists():
+        return 1
+    try:
+        config = tomllib.loads(config_path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise KeyringError(f"keyring {path}: cannot read {CONFIG_FILE}: {err}") from err
+    unknown = set(config) - {"threshold"}
+    if unknown:
+        raise KeyringError(f"keyring {path}: {CONFIG_FILE}: unknown setting(s) {sorted(unknown)}")
+    threshold = config.get("threshold", 1)
+    if type(threshold) is not int:
+        raise KeyringError(f"keyring {path}: {CONFIG_FILE}: threshold must be an integer")
+    return threshold
+
+
+def trust_key(directory: str | os.PathLike[str], public_key_path: str | os.PathLike[str]) -> str:
+    """Add the public key at ``public_key_path`` to the keyring; returns its key id.
+
+    The key is stored as ``<key id>.pub``. Creates the keyring directory if needed.
+
+    Raises:
+        KeyFileError: the file is not an Ed25519 public key.
+        KeyringError: the key is revoked in this keyring.
+    """
+    path = Path(directory)
+    public_key = load_public_key(public_key_path)
+    kid = key_id(public_key)
+    path.mkdir(parents=True, exist_ok=True)
+    if kid in _read_revoked(path):
+        raise KeyringError(f"keyring {path}: key {kid} is revoked; it cannot be trusted again")
+    atomic_write(path / f"{kid}.pub", public_key_pem(public_key))
+    return kid
+
+
+def revoke_key(directory: str | os.PathLike[str], revoked_key_id: str) -> None:
+    """Revoke ``revoked_key_id`` in the keyring; revoking twice is harmless.
+
+    Power cut: ``revoked.txt`` is replaced atomically, so it holds the old list or the new one.
+
+    Raises:
+        KeyringError: not a key id, or the keyring directory is missing.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        raise KeyringError(f"keyring {path}: no such directory")
+    if not _KEY_ID.fullmatch(revoked_key_id):
+        raise KeyringError(f"{revoked_key_id!r} is not a key id (64 lowercase hex digits)")
+    revoked = _read_revoked(path)
+    if revoked_key_id in revoked:
+        return
+    revoked_path = path / REVOKED_FILE
+    old = revoked_path.read_text("utf-8") if revoked_path.exists() else ""
+    if old and not old.endswith("\n"):
+        old += "\n"
+    atomic_write(revoked_path, (old + revoked_key_id + "\n").encode())
+
+
+def set_threshold(directory: str | os.PathLike[str], threshold: int) -> None:
+    """Require ``threshold`` distinct trusted signatures; checked against the keys present.
+
+    Raises:
+        KeyringError: the threshold is below 1 or above the number of usable keys.
+    """
+    path = Path(directory)
+    keyring = Keyring.load(path)
+    Keyring(keyring.trusted, keyring.revoked, threshold, keyring.source)
+    atomic_write(path / CONFIG_FILE, f"threshold = {threshold}\n".encode())

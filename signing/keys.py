@@ -1,0 +1,145 @@
+"""Ed25519 signing keys on disk.
+
+A key pair is two files: ``NAME.pem`` (PKCS#8 private key, mode 0600, optionally encrypted with a
+passphrase) and ``NAME.pub`` (SubjectPublicKeyInfo PEM). Both are the standard encodings, so
+``openssl pkey -in NAME.pem -pubout`` gives the same public key. A key id is the SHA-256 of the
+32-byte raw public key, in lowercase hex: it names the key in signatures, keyrings and errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from fleet_core.durable import atomic_write
+from signing.errors import KeyFileError
+
+# A private key is a secret, so it must never exist on disk with wider permissions.
+PRIVATE_KEY_MODE = 0o600
+PUBLIC_KEY_MODE = 0o644
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """Return the key id of ``public_key``: SHA-256 of its raw 32 bytes, lowercase hex."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """A private key together with its key id, ready to sign."""
+
+    private_key: Ed25519PrivateKey
+    key_id: str
+
+    @classmethod
+    def from_private_key(cls, private_key: Ed25519PrivateKey) -> SigningKey:
+        return cls(private_key, key_id(private_key.public_key()))
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self.private_key.public_key()
+
+
+def public_key_pem(public_key: Ed25519PublicKey) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def generate_key(out: str | os.PathLike[str], passphrase: bytes | None = None) -> SigningKey:
+    """Create a new key pair at ``OUT.pem`` and ``OUT.pub`` and return it.
+
+    Refuses to overwrite an existing key file: losing a signing key is not recoverable.
+    Creates the parent directory if needed.
+    Power cut: each file appears whole or not at all; the private key is written first, so a
+    ``.pub`` never exists without its ``.pem``.
+
+    Raises:
+        KeyFileError: a file of that name exists already.
+    """
+    base = Path(out)
+    if base.suffix in (".pem", ".pub"):
+        base = base.with_suffix("")
+    private_path, public_path = base.with_suffix(".pem"), base.with_suffix(".pub")
+    for path in (private_path, public_path):
+        if path.exists():
+            raise KeyFileError(f"{path}: already exists, refusing to overwrite a key")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    private_key = Ed25519PrivateKey.generate()
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption()
+    )
+    private_pem = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
+    atomic_write(private_path, private_pem, mode=PRIVATE_KEY_MODE)
+    atomic_write(public_path, public_key_pem(private_key.public_key()), mode=PUBLIC_KEY_MODE)
+    return SigningKey.from_private_key(private_key)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise KeyFileError(f"{path}: cannot read {what}: {err.strerror}") from err
+
+
+def private_key_is_encrypted(path: str | os.PathLike[str]) -> bool:
+    """Tell whether the private key file at ``path`` needs a passphrase."""
+    return b"ENCRYPTED PRIVATE KEY" in _read(Path(path), "private key")
+
+
+def load_private_key(path: str | os.PathLike[str], passphrase: bytes | None = None) -> SigningKey:
+    """Load an Ed25519 private key from a PEM file.
+
+    Raises:
+        KeyFileError: the file is unreadable, not an Ed25519 private key, or the passphrase is
+            missing or wrong.
+    """
+    key_path = Path(path)
+    data = _read(key_path, "private key")
+    try:
+        private_key = serialization.load_pem_private_key(data, password=passphrase or None)
+    except TypeError as err:
+        if passphrase:
+            raise KeyFileError(
+                f"{key_path}: key is not encrypted, but a passphrase was given"
+            ) from err
+        raise KeyFileError(f"{key_path}: key is encrypted and needs a passphrase") from err
+    except (ValueError, UnsupportedAlgorithm) as err:
+        if b"ENCRYPTED" in data:
+            raise KeyFileError(f"{key_path}: wrong passphrase or damaged key file") from err
+        raise KeyFileError(f"{key_path}: not a PEM private key") from err
+    if not isinstance(private_key, Ed25519PrivateKey):
+        raise KeyFileError(f"{key_path}: not an Ed25519 key ({type(private_key).__name__})")
+    return SigningKey.from_private_key(private_key)
+
+
+def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
+    """Load an Ed25519 public key from a PEM file (``.pub``) or its private key (``.pem``).
+
+    Raises:
+        KeyFileError: the file is unreadable or not an Ed25519 public key.
+    """
+    key_path = Path(path)
+    data = _read(key_path, "public key")
+    if b"PRIVATE KEY" in data:
+        if b"ENCRYPTED" in data:
+            raise KeyFileError(f"{key_path}: is an encrypted private key; give its .pub file")
+        return load_private_key(key_path).public_key
+    try:
+        public_key = serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm) as err:
+        raise KeyFileError(f"{key_path}: not a PEM public key") from err
+    if not isinstance(public_key, Ed25519PublicKey):
+        raise KeyFileError(f"{key_path}: not an Ed25519 key ({type(public_key).__name__})")
+    return public_key

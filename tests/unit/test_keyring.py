@@ -1,0 +1,190 @@
+"""The keyring decides what is authentic: trust, revocation, threshold, rotation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from signing.errors import (
+    BadSignatureError,
+    KeyringError,
+    RevokedKeyError,
+    ThresholdError,
+    UnknownKeyError,
+)
+from signing.keyring import Keyring, revoke_key, set_threshold, trust_key
+from signing.keys import SigningKey, generate_key
+from signing.signature import Signature, SignatureEnvelope, sign
+
+PURPOSE = "bundle-manifest"
+PAYLOAD = b'{"version":"1.0.0"}\n'
+
+
+def new_key(tmp_path: Path, name: str) -> SigningKey:
+    return generate_key(tmp_path / "keys" / name)
+
+
+def ring(tmp_path: Path, name: str, *keys: str) -> Path:
+    directory = tmp_path / name
+    directory.mkdir(exist_ok=True)
+    for key_name in keys:
+        trust_key(directory, tmp_path / "keys" / f"{key_name}.pub")
+    return directory
+
+
+def test_valid_signature_by_trusted_key(tmp_path: Path) -> None:
+    key = new_key(tmp_path, "a")
+    keyring = Keyring.load(ring(tmp_path, "ring", "a"))
+    verified = keyring.verify(PAYLOAD, sign(PAYLOAD, [key], PURPOSE), PURPOSE)
+    assert verified.key_ids == (key.key_id,)
+
+
+def test_wrong_key_names_the_key_id(tmp_path: Path) -> None:
+    new_key(tmp_path, "trusted")
+    stranger = new_key(tmp_path, "stranger")
+    keyring = Keyring.load(ring(tmp_path, "ring", "trusted"))
+    with pytest.raises(UnknownKeyError, match=stranger.key_id):
+        keyring.verify(PAYLOAD, sign(PAYLOAD, [stranger], PURPOSE), PURPOSE)
+
+
+def test_altered_payload_is_a_bad_signature(tmp_path: Path) -> None:
+    key = new_key(tmp_path, "a")
+    keyring = Keyring.load(ring(tmp_path, "ring", "a"))
+    with pytest.raises(BadSignatureError, match=key.key_id):
+        keyring.verify(PAYLOAD + b" ", sign(PAYLOAD, [key], PURPOSE), PURPOSE)
+
+
+def test_signature_for_another_purpose_does_not_verify(tmp_path: Path) -> None:
+    key = new_key(tmp_path, "a")
+    keyring = Keyring.load(ring(tmp_path, "ring", "a"))
+    with pytest.raises(BadSignatureError):
+        keyring.verify(PAYLOAD, sign(PAYLOAD, [key], "assignment"), PURPOSE)
+
+
+def test_bad_signature_by_trusted_key_fails_even_if_threshold_met(tmp_path: Path) -> None:
+    a, b = new_key(tmp_path, "a"), new_key(tmp_path, "b")
+    keyring = Keyring.load(ring(tmp_path, "ring", "a", "b"))
+    good = sign(PAYLOAD, [a, b], PURPOSE)
+    tampered = SignatureEnvelope(
+        tuple(
+            Signature(s.key_id, bytes(64)) if s.key_id == b.key_id else s for s in good.signatures
+        )
+    )
+    with pytest.raises(BadSignatureError, match=b.key_id):
+        keyring.verify(PAYLOAD, tampered, PURPOSE)
+
+
+def test_revoked_key_never_counts(tmp_path: Path) -> None:
+    key = new_key(tmp_path, "a")
+    new_key(tmp_path, "b")
+    directory = ring(tmp_path, "ring", "a", "b")
+    revoke_key(directory, key.key_id)
+    revoke_key(directory, key.key_id)  # twice is harmless
+    keyring = Keyring.load(directory)
+    assert key.key_id in keyring.revoked
+    with pytest.raises(RevokedKeyError, match=key.key_id):
+        keyring.verify(PAYLOAD, sign(PAYLOAD, [key], PURPOSE), PURPOSE)
+    with pytest.raises(KeyringError, match="revoked"):
+        trust_key(directory, tmp_path / "keys" / "a.pub")
+
+
+def test_threshold_two_of_three(tmp_path: Path) -> None:
+    a, b, _ = (new_key(tmp_path, n) for n in "abc")
+    directory = ring(tmp_path, "ring", "a", "b", "c")
+    set_threshold(directory, 2)
+    keyring = Keyring.load(directory)
+    assert keyring.threshold == 2
+    with pytest.raises(ThresholdError, match="1 valid signature"):
+        keyring.verify(PAYLOAD, sign(PAYLOAD, [a], PURPOSE), PURPOSE)
+    assert len(keyring.verify(PAYLOAD, sign(PAYLOAD, [a, b], PURPOSE), PURPOSE).key_ids) == 2
+
+
+def test_threshold_not_met_when_a_signer_is_unknown(tmp_path: Path) -> None:
+    a = new_key(tmp_path, "a")
+    new_key(tmp_path, "b")
+    stranger = new_key(tmp_path, "stranger")
+    directory = ring(tmp_path, "ring", "a", "b")
+    set_threshold(directory, 2)
+    with pytest.raises(ThresholdError):
+        Keyring.load(directory).verify(PAYLOAD, sign(PAYLOAD, [a, stranger], PURPOSE), PURPOSE)
+
+
+def test_threshold_above_usable_keys_is_refused(tmp_path: Path) -> None:
+    a = new_key(tmp_path, "a")
+    new_key(tmp_path, "b")
+    directory = ring(tmp_path, "ring", "a", "b")
+    with pytest.raises(KeyringError, match="threshold 3 but only 2"):
+        set_threshold(directory, 3)
+    set_threshold(directory, 2)
+    revoke_key(directory, a.key_id)
+    with pytest.raises(KeyringError, match="threshold 2 but only 1"):
+        Keyring.load(directory)
+
+
+def test_key_rotation_through_a_transition(tmp_path: Path) -> None:
+    """Old key → both keys → new key, with devices that know either or both."""
+    old, new = new_key(tmp_path, "old"), new_key(tmp_path, "new")
+    device_old = Keyring.load(ring(tmp_path, "device-old", "old"))
+    device_both = ring(tmp_path, "device-both", "old", "new")
+    device_new = Keyring.load(ring(tmp_path, "device-new", "new"))
+
+    # during the transition releases are signed by both keys: every device accepts them
+    dual = sign(PAYLOAD, [old, new], PURPOSE)
+    assert device_old.verify(PAYLOAD, dual, PURPOSE).key_ids == (old.key_id,)
+    assert device_new.verify(PAYLOAD, dual, PURPOSE).key_ids == (new.key_id,)
+    assert set(Keyring.load(device_both).verify(PAYLOAD, dual, PURPOSE).key_ids) == {
+        old.key_id,
+        new.key_id,
+    }
+
+    # a device that has moved to the new keyring still accepts new-only releases...
+    new_only = sign(PAYLOAD, [new], PURPOSE)
+    assert Keyring.load(device_both).verify(PAYLOAD, new_only, PURPOSE).key_ids == (new.key_id,)
+
+    # ...and once the old key is revoked it refuses anything signed by the old key alone
+    revoke_key(device_both, old.key_id)
+    with pytest.raises(RevokedKeyError):
+        Keyring.load(device_both).verify(PAYLOAD, sign(PAYLOAD, [old], PURPOSE), PURPOSE)
+    assert Keyring.load(device_both).verify(PAYLOAD, dual, PURPOSE).key_ids == (new.key_id,)
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda d: (d / "bad.pub").write_text("not a key"), "bad.pub: not a PEM"),
+        (lambda d: (d / "revoked.txt").write_text("# ok\nnot-a-key-id\n"), "line 2"),
+        (lambda d: (d / "keyring.toml").write_text("threshold = [\n"), "keyring.toml"),
+        (lambda d: (d / "keyring.toml").write_text('threshold = "2"\n'), "integer"),
+        (lambda d: (d / "keyring.toml").write_text("threshold = 0\n"), "at least 1"),
+        (lambda d: (d / "keyring.toml").write_text("treshold = 1\n"), "unknown setting"),
+        (lambda d: (d / "revoked.txt").write_bytes(b"\xff\xfe"), "revoked.txt"),
+    ],
+)
+def test_malformed_keyring_is_a_clear_error(tmp_path: Path, setup, message: str) -> None:  # type: ignore[no-untyped-def]
+    new_key(tmp_path, "a")
+    directory = ring(tmp_path, "ring", "a")
+    setup(directory)
+    with pytest.raises(KeyringError, match=message) as info:
+        Keyring.load(directory)
+    assert str(directory) in str(info.value)
+
+
+def test_missing_or_empty_keyring(tmp_path: Path) -> None:
+    with pytest.raises(KeyringError, match="no such directory"):
+        Keyring.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KeyringError, match="only 0 trusted"):
+        Keyring.load(tmp_path / "empty")
+
+
+def test_revocation_list_keeps_comments_and_is_rewritten_whole(tmp_path: Path) -> None:
+    a = new_key(tmp_path, "a")
+    new_key(tmp_path, "b")
+    directory = ring(tmp_path, "ring", "a", "b")
+    (directory / "revoked.txt").write_text("# leaked laptop, 2026-11")
+    revoke_key(directory, a.key_id)
+    text = (directory / "revoked.txt").read_text()
+    assert text == f"# leaked laptop, 2026-11\n{a.key_id}\n"
+    with pytest.raises(KeyringError, match="not a key id"):
+        revoke_key(directory, "ABC")

@@ -1,0 +1,106 @@
+"""The signature envelope: one canonical spelling, purpose-bound signatures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from signing.errors import SignatureFormatError
+from signing.keys import SigningKey
+from signing.signature import Signature, SignatureEnvelope, sign, signed_message
+
+KEY_A = "a" * 64
+KEY_B = "b" * 64
+
+
+def envelope_bytes() -> bytes:
+    return SignatureEnvelope(
+        (Signature(KEY_B, b"\x02" * 64), Signature(KEY_A, b"\x01" * 64))
+    ).to_bytes()
+
+
+def test_round_trip_and_canonical_order() -> None:
+    data = envelope_bytes()
+    parsed = SignatureEnvelope.from_bytes(data)
+    assert [s.key_id for s in parsed.signatures] == [KEY_A, KEY_B]
+    assert parsed.to_bytes() == data
+    assert data.endswith(b"\n") and b" " not in data
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.replace(b"aaaa", b"AAAA", 1), "64 lowercase hex"),
+        (lambda d: d.replace(b":", b": ", 1), "canonical"),
+        (lambda d: d.rstrip(b"\n"), "canonical"),
+        (lambda d: d.replace(b'"format":1', b'"format":2'), "unknown format"),
+        (lambda d: d.replace(b'"format":1', b'"format":true'), "unknown format"),
+        (
+            lambda d: (
+                b'{"check":"%s","format":1,"signatures":[]}\n'
+                % hashlib.sha256(b"[]").hexdigest().encode()
+            ),
+            "no signatures",
+        ),
+        (
+            lambda d: d.replace(b'"check":"', b'"check":"0', 1).replace(
+                b'","format', b'"format', 1
+            ),
+            "damaged|canonical|JSON",
+        ),
+        (lambda d: b"\xff\xfe", "not JSON"),
+        (lambda d: b"[]", "expected keys"),
+        (lambda d: d.replace(b"bbbb", b"aaaa", 16), "same key"),
+        (lambda d: b" " * 70000, "more than"),
+    ],
+)
+def test_non_canonical_or_malformed_envelopes_are_refused(mutate, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SignatureFormatError, match=message):
+        SignatureEnvelope.from_bytes(mutate(envelope_bytes()))
+
+
+def test_unsorted_envelope_is_refused() -> None:
+    entries = [{"keyid": KEY_B, "sig": "02" * 64}, {"keyid": KEY_A, "sig": "01" * 64}]
+    for check_over in (entries, entries[::-1]):
+        check = hashlib.sha256(json.dumps(check_over, separators=(",", ":")).encode()).hexdigest()
+        document = {"check": check, "format": 1, "signatures": entries}
+        data = json.dumps(document, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+        with pytest.raises(SignatureFormatError, match="canonical|damaged"):
+            SignatureEnvelope.from_bytes(data)
+
+
+@given(position=st.integers(min_value=0), xor=st.integers(min_value=1, max_value=255))
+def test_any_changed_byte_changes_the_meaning_or_is_refused(position: int, xor: int) -> None:
+    data = bytearray(envelope_bytes())
+    data[position % len(data)] ^= xor
+    try:
+        parsed = SignatureEnvelope.from_bytes(bytes(data))
+    except SignatureFormatError:
+        return
+    assert parsed != SignatureEnvelope.from_bytes(envelope_bytes())
+
+
+def test_signature_is_bound_to_its_purpose(key: SigningKey) -> None:
+    envelope = sign(b"payload", [key], "bundle-manifest")
+    value = envelope.signatures[0].value
+    key.public_key.verify(value, signed_message("bundle-manifest", b"payload"))
+    from cryptography.exceptions import InvalidSignature
+
+    with pytest.raises(InvalidSignature):
+        key.public_key.verify(value, signed_message("assignment", b"payload"))
+    with pytest.raises(InvalidSignature):
+        key.public_key.verify(value, b"payload")
+
+
+def test_sign_needs_a_key() -> None:
+    with pytest.raises(SignatureFormatError, match="at least one key"):
+        sign(b"x", [], "bundle-manifest")
+
+
+def test_signing_twice_with_one_key_is_refused(key: SigningKey) -> None:
+    with pytest.raises(SignatureFormatError, match="same key"):
+        sign(b"x", [key, key], "bundle-manifest")

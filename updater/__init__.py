@@ -1,0 +1,1 @@
+"""Everything that runs on the device: config, slots, state store, install, boot check, daemon."""

@@ -1,0 +1,631 @@
+"""Release bundles: write them, and read them as streams that verify as they go.
+
+Layout (docs/bundle-format.md has the full specification): a strict ustar archive holding, in
+this order, ``manifest.json``, ``manifest.sig`` (the signature envelope over the manifest's
+exact bytes) and one member per image named in the manifest, in manifest order.
+
+Reading is three steps, in an order the reader enforces:
+
+1. :meth:`BundleReader.verify` reads only the manifest and its signature and checks them against
+   a keyring, before a single payload byte is read;
+2. :meth:`BundleReader.images` yields each image as an :class:`ImageStream`, which decompresses
+   and hashes while it is read and raises instead of reporting the end of the stream if the
+   bytes differ from the manifest;
+3. the end of the archive is checked when the last image has been read: trailing data is an
+   error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, cast
+
+import zstandard
+
+from fleet_core.durable import atomic_output
+from image_builder.container import (
+    BLOCK,
+    END_OF_ARCHIVE,
+    MemberHeader,
+    decode_header,
+    encode_header,
+    padding,
+)
+from image_builder.errors import BundleError, BundleFormatError, ImageIntegrityError
+from image_builder.manifest import (
+    MAX_MANIFEST_BYTES,
+    SLOT_CLASSES,
+    ImageEntry,
+    Manifest,
+    timestamp,
+)
+from signing import Keyring, SignatureEnvelope, SigningKey, Verified, sign
+from signing.errors import SignatureFormatError
+from signing.signature import MAX_ENVELOPE_BYTES
+
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
+SIGNATURE_PURPOSE = "bundle-manifest"
+CHUNK = 1024 * 1024
+ZSTD_LEVEL = 3
+# Frames asking for a larger window are refused: a device has little memory, and our writer
+# never produces one.
+ZSTD_MAX_WINDOW = 1 << 27
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """An image to put into a bundle: which slot class it fills, and the file holding it."""
+
+    slot_class: str
+    path: Path
+
+
+def source_date_epoch() -> int:
+    """``$SOURCE_DATE_EPOCH`` if set (reproducible builds), else now."""
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    if value is None:
+        return int(time.time())
+    try:
+        epoch = int(value)
+    except ValueError as err:
+        raise BundleError(f"SOURCE_DATE_EPOCH {value!r} is not an integer") from err
+    if epoch < 0:
+        raise BundleError(f"SOURCE_DATE_EPOCH {value!r} is negative")
+    return epoch
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """An image as it will be stored: its entry and where its stored bytes are."""
+
+    entry: ImageEntry
+    path: Path
+
+
+def _hash_file(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as source:
+        while chunk := source.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+class _HashingWriter(io.RawIOBase):
+    """Forwards writes to ``target`` while hashing and counting them."""
+
+    def __init__(self, target: BinaryIO) -> None:
+        super().__init__()
+        self.target = target
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        self.digest.update(data)
+        self.size += len(data)
+        self.target.write(data)
+        return len(data)
+
+
+def _compress(source: ImageSource, spool: BinaryIO) -> ImageEntry:
+    """Compress ``source`` with zstd into ``spool``, hashing both sides as the bytes pass."""
+    raw_digest = hashlib.sha256()
+    raw_size = 0
+    size_hint = source.path.stat().st_size
+    hashing = _HashingWriter(spool)
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1, write_content_size=True)
+    with (
+        open(source.path, "rb") as raw,
+        compressor.stream_writer(cast(BinaryIO, hashing), size=size_hint, closefd=False) as writer,
+    ):
+        while chunk := raw.read(CHUNK):
+            raw_digest.update(chunk)
+            raw_size += len(chunk)
+            writer.write(chunk)
+    if raw_size != size_hint:
+        raise BundleError(f"image {source.path}: changed size while being compressed")
+    spool.flush()
+    return ImageEntry(
+        slot_class=source.slot_class,
+        filename=_member_name(source) + ".zst",
+        compression="zstd",
+        size=hashing.size,
+        sha256=hashing.digest.hexdigest(),
+        uncompressed_size=raw_size,
+        uncompressed_sha256=raw_digest.hexdigest(),
+    )
+
+
+def _member_name(source: ImageSource) -> str:
+    """``rootfs.ext4`` for an image file ``anything.ext4``: the slot class, the file's type."""
+    suffix = source.path.suffix
+    return source.slot_class + (suffix if suffix[1:].isalnum() else ".img")
+
+
+def _prepare(source: ImageSource, compression: str, spool_dir: Path, stack: ExitStack) -> _Stored:
+    """Hash (and compress) one image ahead of writing: the manifest, which comes first in the
+    bundle, needs every size and hash."""
+    if source.slot_class not in SLOT_CLASSES:
+        raise BundleError(
+            f"unknown slot class {source.slot_class!r} (known: {', '.join(SLOT_CLASSES)})"
+        )
+    if not source.path.is_file():
+        raise BundleError(f"image {source.path}: not a regular file")
+    if source.path.stat().st_size == 0:
+        raise BundleError(f"image {source.path}: is empty")
+    if compression == "zstd":
+        spool = stack.enter_context(
+            tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed by the caller's ExitStack)
+                dir=spool_dir, prefix=".bundle-spool-", suffix=".zst"
+            )
+        )
+        return _Stored(_compress(source, cast(BinaryIO, spool)), Path(spool.name))
+    if compression == "none":
+        size, sha = _hash_file(source.path)
+        entry = ImageEntry(source.slot_class, _member_name(source), "none", size, sha, size, sha)
+        return _Stored(entry, source.path)
+    raise BundleError(f"unknown compression {compression!r} (known: none, zstd)")
+
+
+def _write_member(out: BinaryIO, name: str, data: bytes, mtime: int) -> None:
+    out.write(encode_header(MemberHeader(name, len(data), mtime)))
+    out.write(data + bytes(padding(len(data))))
+
+
+def _copy_image(out: BinaryIO, stored: _Stored, mtime: int) -> None:
+    """Copy an image into the bundle, hashing what is copied.
+
+    The hash was taken in an earlier pass (the manifest comes first); hashing again while
+    copying catches a source file that changed in between, which would give a bundle that
+    verifies nowhere.
+    """
+    entry = stored.entry
+    out.write(encode_header(MemberHeader(entry.filename, entry.size, mtime)))
+    digest = hashlib.sha256()
+    copied = 0
+    with open(stored.path, "rb") as source:
+        while chunk := source.read(CHUNK):
+            digest.update(chunk)
+            copied += len(chunk)
+            out.write(chunk)
+    if copied != entry.size or digest.hexdigest() != entry.sha256:
+        raise BundleError(f"image {stored.path}: changed while the bundle was being written")
+    out.write(bytes(padding(entry.size)))
+
+
+def create_bundle(
+    output: str | os.PathLike[str],
+    *,
+    images: Sequence[ImageSource],
+    keys: Sequence[SigningKey],
+    compatible: str,
+    version: str,
+    security_version: int,
+    product: str = "metrica-fleet",
+    compression: str = "none",
+    created: int | None = None,
+) -> Manifest:
+    """Build a signed bundle at ``output`` and return its manifest.
+
+    ``created`` defaults to :func:`source_date_epoch`; with the same inputs, keys and
+    ``created`` the bundle is byte-identical (Ed25519 signatures are deterministic).
+
+    Power cut or error: ``output`` is untouched until the finished bundle replaces it.
+
+    Raises:
+        BundleError: an input is missing, empty, duplicated or invalid.
+        ManifestError: a manifest field is invalid (compatible, version, security version).
+    """
+    created_epoch = source_date_epoch() if created is None else created
+    classes = [s.slot_class for s in images]
+    duplicates = sorted({c for c in classes if classes.count(c) > 1})
+    if duplicates:
+        raise BundleError(f"two images for slot class {duplicates[0]!r}")
+    if not images:
+        raise BundleError("a bundle needs at least one image")
+    if not keys:
+        raise BundleError("a bundle needs at least one signing key")
+    out_path = Path(output)
+    with ExitStack() as stack:
+        spool_dir = out_path.parent if str(out_path.parent) else Path()
+        prepared = [_prepare(s, compression, spool_dir, stack) for s in images]
+        manifest = Manifest.from_dict(
+            Manifest(
+                product=product,
+                compatible=compatible,
+                version=version,
+                security_version=security_version,
+                created=timestamp(created_epoch),
+                images=tuple(p.entry for p in prepared),
+            ).to_dict()
+        )
+        manifest_bytes = manifest.to_bytes()
+        envelope = sign(manifest_bytes, keys, SIGNATURE_PURPOSE)
+        with atomic_output(out_path) as out:
+            _write_member(out, MANIFEST_NAME, manifest_bytes, created_epoch)
+            _write_member(out, SIGNATURE_NAME, envelope.to_bytes(), created_epoch)
+            for stored in prepared:
+                _copy_image(out, stored, created_epoch)
+            out.write(END_OF_ARCHIVE)
+    return manifest
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+class _Source:
+    """Sequential reads from the bundle with offset tracking and clear truncation errors."""
+
+    def __init__(self, stream: BinaryIO, name: str) -> None:
+        self.stream = stream
+        self.name = name
+        self.offset = 0
+
+    def read_exact(self, size: int, what: str) -> bytes:
+        parts = []
+        remaining = size
+        while remaining:
+            chunk = self.stream.read(min(remaining, CHUNK))
+            if not chunk:
+                raise BundleFormatError(
+                    f"{self.name}: truncated: {what} ends after {size - remaining} of {size} bytes"
+                )
+            parts.append(chunk)
+            remaining -= len(chunk)
+        self.offset += size
+        return b"".join(parts)
+
+    def read_some(self, limit: int, what: str) -> bytes:
+        chunk = self.stream.read(min(limit, CHUNK))
+        if not chunk and limit:
+            raise BundleFormatError(f"{self.name}: truncated inside {what}")
+        self.offset += len(chunk)
+        return chunk
+
+    def skip_padding(self, size: int, what: str) -> None:
+        pad = self.read_exact(padding(size), f"padding after {what}")
+        if pad.strip(b"\0"):
+            raise BundleFormatError(f"{self.name}: non-zero padding after {what}")
+
+
+class ImageStream(io.RawIOBase):
+    """One image, decompressed, as a readable stream that verifies itself.
+
+    ``read`` returns the image's uncompressed bytes. When the stored bytes are exhausted it
+    checks both the stored and the uncompressed size and SHA-256 against the signed manifest and
+    raises :class:`ImageIntegrityError` instead of returning end of stream if either differs, so
+    a consumer that reads to the end has either verified bytes or an exception. Output beyond
+    the declared size is an error as soon as it appears.
+    """
+
+    def __init__(self, entry: ImageEntry, raw: BinaryIO, *, name: str = "image") -> None:
+        super().__init__()
+        self.entry = entry
+        self.name = name
+        self._raw = raw
+        self._stored_left = entry.size
+        self._stored_digest = hashlib.sha256()
+        self._digest = hashlib.sha256()
+        self.bytes_out = 0
+        self._done = False
+        self._reader: BinaryIO | None = None
+        if entry.compression == "zstd":
+            decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+            self._reader = decompressor.stream_reader(
+                cast(BinaryIO, _StoredReader(self)),
+                read_size=CHUNK,
+                read_across_frames=True,
+                closefd=False,
+            )
+
+    def readable(self) -> bool:
+        return True
+
+    def _read_stored(self, size: int) -> bytes:
+        if self._stored_left == 0:
+            return b""
+        chunk = self._raw.read(min(size, self._stored_left, CHUNK))
+        if not chunk:
+            raise ImageIntegrityError(
+                f"{self.name}: stored data ends {self._stored_left} bytes early"
+            )
+        self._stored_left -= len(chunk)
+        self._stored_digest.update(chunk)
+        return chunk
+
+    def read(self, size: int = -1) -> bytes:
+        if self._done:
+            return b""
+        want = CHUNK if size is None or size < 0 else size
+        if want == 0:
+            return b""
+        if self._reader is None:
+            chunk = self._read_stored(want)
+        else:
+            try:
+                chunk = self._reader.read(want)
+            except zstandard.ZstdError as err:
+                raise ImageIntegrityError(f"{self.name}: corrupt zstd data: {err}") from err
+        if chunk:
+            self.bytes_out += len(chunk)
+            if self.bytes_out > self.entry.uncompressed_size:
+                raise ImageIntegrityError(
+                    f"{self.name}: larger than the {self.entry.uncompressed_size} bytes declared"
+                )
+            self._digest.update(chunk)
+            return chunk
+        self._finish()
+        return b""
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        memoryview(buffer)[: len(data)] = data
+        return len(data)
+
+    def _finish(self) -> None:
+        if self._stored_left:
+            raise ImageIntegrityError(
+                f"{self.name}: {self._stored_left} stored bytes after the end of the "
+                "compressed data"
+            )
+        if self._stored_digest.hexdigest() != self.entry.sha256:
+            raise ImageIntegrityError(f"{self.name}: SHA-256 of stored bytes does not match")
+        if self.bytes_out != self.entry.uncompressed_size:
+            raise ImageIntegrityError(
+                f"{self.name}: {self.bytes_out} bytes, manifest declares "
+                f"{self.entry.uncompressed_size}"
+            )
+        if self._digest.hexdigest() != self.entry.uncompressed_sha256:
+            raise ImageIntegrityError(f"{self.name}: SHA-256 of image does not match")
+        self._done = True
+
+    @property
+    def verified(self) -> bool:
+        """True once the whole image was read and matched the manifest."""
+        return self._done
+
+
+class _StoredReader(io.RawIOBase):
+    """Feeds an :class:`ImageStream`'s stored bytes to the decompressor."""
+
+    def __init__(self, owner: ImageStream) -> None:
+        super().__init__()
+        self._owner = owner
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        return self._owner._read_stored(CHUNK if size is None or size < 0 else size)
+
+
+@dataclass(frozen=True)
+class BundleImage:
+    """An image member of a bundle: its manifest entry, its offset in the bundle, its stream."""
+
+    entry: ImageEntry
+    offset: int  # of the stored bytes within the bundle file
+    stream: ImageStream
+
+
+class BundleReader:
+    """Reads a bundle front to back from any stream, never seeking, never buffering an image.
+
+    Use :meth:`verify` (or :meth:`read_header` to only look), then :meth:`images`.
+    """
+
+    def __init__(self, stream: BinaryIO, *, name: str = "bundle") -> None:
+        self._source = _Source(stream, name)
+        self.name = name
+        self._header: tuple[Manifest, bytes, SignatureEnvelope] | None = None
+        self._manifest: Manifest | None = None
+        self._verified: Verified | None = None
+        self._images_started = False
+
+    def _next_header(self) -> MemberHeader | None:
+        offset = self._source.offset
+        block = self._source.read_exact(BLOCK, "a tar header")
+        if block == bytes(BLOCK):
+            second = self._source.read_exact(BLOCK, "the end-of-archive marker")
+            if second != bytes(BLOCK):
+                raise BundleFormatError(f"{self.name}: damaged end-of-archive marker")
+            if self._source.stream.read(1):
+                raise BundleFormatError(f"{self.name}: trailing data after the end of the bundle")
+            return None
+        return decode_header(block, offset)
+
+    def _read_small_member(self, expected: str, limit: int) -> bytes:
+        header = self._next_header()
+        if header is None:
+            raise BundleFormatError(f"{self.name}: ends before {expected}")
+        if header.name != expected:
+            raise BundleFormatError(
+                f"{self.name}: member {header.name!r} where {expected!r} must be"
+            )
+        if header.size > limit:
+            raise BundleFormatError(
+                f"{self.name}: {expected} claims {header.size} bytes, more than {limit}"
+            )
+        data = self._source.read_exact(header.size, expected)
+        self._source.skip_padding(header.size, expected)
+        return data
+
+    def read_header(self) -> tuple[Manifest, bytes, SignatureEnvelope]:
+        """Read and parse the manifest (and its exact bytes) and the signature envelope.
+
+        Nothing is checked against a key: for display, or before :meth:`verify`.
+
+        Raises:
+            BundleFormatError, ManifestError: not a well-formed bundle header.
+        """
+        if self._header is None:
+            manifest_bytes = self._read_small_member(MANIFEST_NAME, MAX_MANIFEST_BYTES)
+            manifest = Manifest.from_bytes(manifest_bytes)
+            envelope_bytes = self._read_small_member(SIGNATURE_NAME, MAX_ENVELOPE_BYTES)
+            try:
+                envelope = SignatureEnvelope.from_bytes(envelope_bytes)
+            except SignatureFormatError as err:
+                raise BundleFormatError(f"{self.name}: {err}") from err
+            self._header = (manifest, manifest_bytes, envelope)
+        return self._header
+
+    def verify(self, keyring: Keyring) -> Manifest:
+        """Read the manifest and its signatures and check them against ``keyring``.
+
+        No payload byte has been read when this returns or raises.
+
+        Raises:
+            BundleFormatError, ManifestError: not a well-formed bundle.
+            signing.VerificationError: the signatures do not satisfy the keyring.
+        """
+        manifest, manifest_bytes, envelope = self.read_header()
+        self._verified = keyring.verify(manifest_bytes, envelope, SIGNATURE_PURPOSE)
+        self._manifest = manifest
+        return manifest
+
+    @property
+    def bytes_read(self) -> int:
+        """How many bytes of the bundle have been consumed so far."""
+        return self._source.offset
+
+    @property
+    def signed_by(self) -> tuple[str, ...]:
+        """Key ids whose signatures were verified (empty before :meth:`verify`)."""
+        return self._verified.key_ids if self._verified else ()
+
+    def images(self) -> Iterator[BundleImage]:
+        """Yield each image in manifest order; each must be read to its end before the next.
+
+        After the last image the end of the archive is checked.
+
+        Raises:
+            BundleError: called before :meth:`verify`, or called twice.
+            BundleFormatError: a member is missing, extra, duplicated or out of order.
+            ImageIntegrityError: (from the streams) bytes that differ from the manifest.
+        """
+        if self._verified is None or self._manifest is None:
+            raise BundleError(f"{self.name}: images read before the manifest was verified")
+        if self._images_started:
+            raise BundleError(f"{self.name}: images can be read only once")
+        self._images_started = True
+        seen = {MANIFEST_NAME, SIGNATURE_NAME}
+        for entry in self._manifest.images:
+            header = self._next_header()
+            if header is None:
+                raise BundleFormatError(
+                    f"{self.name}: image {entry.filename!r} named in the manifest is missing"
+                )
+            if header.name != entry.filename:
+                problem = "appears twice" if header.name in seen else "is out of place"
+                if header.name not in {i.filename for i in self._manifest.images} | seen:
+                    problem = "is not named in the manifest"
+                raise BundleFormatError(
+                    f"{self.name}: member {header.name!r} {problem} (expected {entry.filename!r})"
+                )
+            if header.size != entry.size:
+                raise BundleFormatError(
+                    f"{self.name}: member {entry.filename!r} is {header.size} bytes, "
+                    f"the manifest says {entry.size}"
+                )
+            seen.add(header.name)
+            stream = ImageStream(
+                entry,
+                _Limited(self._source, entry.size, entry.filename),  # type: ignore[arg-type]
+                name=f"{self.name}: image {entry.filename!r}",
+            )
+            yield BundleImage(entry, self._source.offset, stream)
+            if not stream.verified:
+                raise BundleError(f"{self.name}: image {entry.filename!r} was not read to its end")
+            self._source.skip_padding(entry.size, entry.filename)
+        header = self._next_header()
+        if header is not None:
+            problem = "appears twice" if header.name in seen else "is not named in the manifest"
+            raise BundleFormatError(f"{self.name}: member {header.name!r} {problem}")
+
+
+class _Limited:
+    """Reads of at most ``size`` bytes from the bundle source."""
+
+    def __init__(self, source: _Source, size: int, what: str) -> None:
+        self._source = source
+        self._left = size
+        self._what = what
+
+    def read(self, size: int) -> bytes:
+        if self._left == 0:
+            return b""
+        chunk = self._source.read_some(min(size, self._left), self._what)
+        self._left -= len(chunk)
+        return chunk
+
+
+# --- whole-bundle operations ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle whose signatures and every image byte were checked."""
+
+    manifest: Manifest
+    signed_by: tuple[str, ...]
+    size: int
+
+
+def verify_stream(stream: BinaryIO, keyring: Keyring, *, name: str = "bundle") -> VerifiedBundle:
+    """Check a whole bundle read from ``stream``: signatures, every image byte, nothing extra.
+
+    Raises:
+        BundleError (and subclasses), signing.VerificationError: what is wrong, with its place.
+    """
+    reader = BundleReader(stream, name=name)
+    manifest = reader.verify(keyring)
+    for image in reader.images():
+        while image.stream.read(CHUNK):
+            pass
+    return VerifiedBundle(manifest, reader.signed_by, reader.bytes_read)
+
+
+@contextmanager
+def open_bundle(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Open a bundle file for reading, turning "cannot open" into a :class:`BundleError`."""
+    bundle_path = Path(path)
+    try:
+        stream = open(bundle_path, "rb")  # noqa: SIM115 (closed below; open errors are ours)
+    except OSError as err:
+        raise BundleError(f"{bundle_path}: cannot open: {err.strerror}") from err
+    with stream:
+        yield stream
+
+
+def verify_bundle(path: str | os.PathLike[str], keyring: Keyring) -> VerifiedBundle:
+    """Check a whole bundle file; see :func:`verify_stream`."""
+    with open_bundle(path) as stream:
+        return verify_stream(stream, keyring, name=str(path))
+
+
+def read_bundle_info(path: str | os.PathLike[str]) -> tuple[Manifest, SignatureEnvelope]:
+    """The manifest and signature envelope of a bundle, unverified, for display.
+
+    Raises:
+        BundleError (and subclasses): the bundle's header is not well-formed.
+    """
+    with open_bundle(path) as stream:
+        reader = BundleReader(stream, name=str(path))
+        manifest, _, envelope = reader.read_header()
+        return manifest, envelope

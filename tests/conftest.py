@@ -1,0 +1,107 @@
+"""Fixtures shared by every tier: keys, keyrings and small bundles built the product's way."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from image_builder.bundle import SIGNATURE_PURPOSE, ImageSource, create_bundle
+from image_builder.container import END_OF_ARCHIVE, MemberHeader, encode_header, padding
+from signing.keyring import Keyring, trust_key
+from signing.keys import SigningKey, generate_key
+from signing.signature import sign
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> SigningKey:
+    return generate_key(tmp_path / "keys" / "release")
+
+
+@pytest.fixture
+def keyring_dir(tmp_path: Path, key: SigningKey) -> Path:
+    directory = tmp_path / "keyring"
+    trust_key(directory, tmp_path / "keys" / "release.pub")
+    return directory
+
+
+@pytest.fixture
+def keyring(keyring_dir: Path) -> Keyring:
+    return Keyring.load(keyring_dir)
+
+
+@pytest.fixture
+def make_image(tmp_path: Path) -> Callable[..., Path]:
+    """Write a file of ``size`` patterned bytes (compressible, not trivially so)."""
+
+    def make(name: str = "rootfs.img", size: int = 3000, seed: int = 7) -> Path:
+        path = tmp_path / "images" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pattern = bytes((i * seed + i // 251) % 256 for i in range(4096))
+        path.write_bytes((pattern * (size // len(pattern) + 1))[:size])
+        return path
+
+    return make
+
+
+@pytest.fixture
+def make_bundle(
+    tmp_path: Path, key: SigningKey, make_image: Callable[..., Path]
+) -> Callable[..., Path]:
+    def make(
+        name: str = "release.bundle",
+        *,
+        compression: str = "none",
+        size: int = 3000,
+        bootfs: bool = False,
+        keys: list[SigningKey] | None = None,
+        version: str = "1.0.0",
+        security_version: int = 1,
+        compatible: str = "metrica-rpi4",
+    ) -> Path:
+        images = [ImageSource("rootfs", make_image("rootfs.ext4", size))]
+        if bootfs:
+            images.append(ImageSource("bootfs", make_image("bootfs.vfat", size // 2, seed=11)))
+        output = tmp_path / name
+        create_bundle(
+            output,
+            images=images,
+            keys=keys or [key],
+            compatible=compatible,
+            version=version,
+            security_version=security_version,
+            compression=compression,
+            created=1_700_000_000,
+        )
+        return output
+
+    return make
+
+
+def raw_bundle(members: list[tuple[str, bytes]], mtime: int = 1_700_000_000) -> bytes:
+    """A canonical container holding exactly ``members`` (for forging malformed bundles)."""
+    out = io.BytesIO()
+    for name, data in members:
+        out.write(encode_header(MemberHeader(name, len(data), mtime)))
+        out.write(data + bytes(padding(len(data))))
+    out.write(END_OF_ARCHIVE)
+    return out.getvalue()
+
+
+def signed_members(manifest_bytes: bytes, key: SigningKey) -> list[tuple[str, bytes]]:
+    """``manifest.json`` and a valid ``manifest.sig`` for arbitrary manifest bytes."""
+    envelope = sign(manifest_bytes, [key], SIGNATURE_PURPOSE)
+    return [("manifest.json", manifest_bytes), ("manifest.sig", envelope.to_bytes())]
+
+
+def tar_with(members: list[tarfile.TarInfo], data: dict[str, bytes] | None = None) -> bytes:
+    """A tar archive made by Python's tarfile, for member kinds our writer refuses to make."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for info in members:
+            payload = (data or {}).get(info.name)
+            archive.addfile(info, io.BytesIO(payload) if payload is not None else None)
+    return out.getvalue()

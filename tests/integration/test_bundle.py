@@ -1,0 +1,502 @@
+"""Release bundles written and read back: integrity, authenticity, and every kind of bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fleet_core.errors import FleetError
+from image_builder.bundle import (
+    BundleReader,
+    ImageSource,
+    ImageStream,
+    create_bundle,
+    read_bundle_info,
+    verify_bundle,
+    verify_stream,
+)
+from image_builder.container import BLOCK, END_OF_ARCHIVE
+from image_builder.errors import (
+    BundleError,
+    BundleFormatError,
+    ImageIntegrityError,
+    ManifestError,
+)
+from image_builder.manifest import Manifest
+from signing.errors import BadSignatureError, RevokedKeyError, ThresholdError, UnknownKeyError
+from signing.keyring import Keyring, revoke_key, set_threshold, trust_key
+from signing.keys import SigningKey, generate_key
+from tests.conftest import raw_bundle, signed_members
+
+MakeBundle = Callable[..., Path]
+
+
+def verify_bytes(data: bytes, keyring: Keyring) -> None:
+    verify_stream(io.BytesIO(data), keyring)
+
+
+def read_images(data: bytes, keyring: Keyring) -> dict[str, bytes]:
+    reader = BundleReader(io.BytesIO(data))
+    reader.verify(keyring)
+    return {
+        image.entry.slot_class: image.stream.read(1 << 30) + image.stream.read()
+        for image in reader.images()
+    }
+
+
+# --- round trips ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_create_and_read_back(
+    make_bundle: MakeBundle, keyring: Keyring, key: SigningKey, compression: str, tmp_path: Path
+) -> None:
+    path = make_bundle(compression=compression, size=300_000, bootfs=True)
+    result = verify_bundle(path, keyring)
+    assert result.signed_by == (key.key_id,)
+    assert result.size == path.stat().st_size
+    images = read_images(path.read_bytes(), keyring)
+    assert images["rootfs"] == (tmp_path / "images" / "rootfs.ext4").read_bytes()
+    assert images["bootfs"] == (tmp_path / "images" / "bootfs.vfat").read_bytes()
+    manifest = result.manifest
+    assert [i.slot_class for i in manifest.images] == ["rootfs", "bootfs"]
+    rootfs = manifest.images[0]
+    assert rootfs.uncompressed_sha256 == hashlib.sha256(images["rootfs"]).hexdigest()
+    assert rootfs.compression == compression
+    if compression == "zstd":
+        assert rootfs.size < rootfs.uncompressed_size
+        assert rootfs.filename == "rootfs.ext4.zst"
+
+
+def test_bundle_is_reproducible(
+    key: SigningKey,
+    make_image: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    image = make_image(size=200_000)
+    outputs = []
+    for name in ("one.bundle", "two.bundle"):
+        create_bundle(
+            tmp_path / name,
+            images=[ImageSource("rootfs", image)],
+            keys=[key],
+            compatible="c",
+            version="1.0.0",
+            security_version=0,
+            compression="zstd",
+        )
+        outputs.append((tmp_path / name).read_bytes())
+    assert outputs[0] == outputs[1]
+    manifest, _ = read_bundle_info(tmp_path / "one.bundle")
+    assert manifest.created == "2023-11-14T22:13:20Z"
+
+
+def test_gnu_tar_lists_and_extracts_a_bundle(make_bundle: MakeBundle, tmp_path: Path) -> None:
+    import subprocess
+
+    path = make_bundle(compression="zstd", size=100_000)
+    listing = subprocess.run(["tar", "-tf", str(path)], check=True, capture_output=True, text=True)
+    assert listing.stdout.split() == ["manifest.json", "manifest.sig", "rootfs.ext4.zst"]
+    out = tmp_path / "extracted"
+    out.mkdir()
+    subprocess.run(["tar", "-xf", str(path), "-C", str(out)], check=True)
+    subprocess.run(["zstd", "-q", "-d", str(out / "rootfs.ext4.zst")], check=True)
+    assert (out / "rootfs.ext4").read_bytes() == (tmp_path / "images" / "rootfs.ext4").read_bytes()
+    Manifest.from_bytes((out / "manifest.json").read_bytes())
+
+
+def test_manifest_is_verified_before_any_payload_is_read(
+    make_bundle: MakeBundle, keyring: Keyring
+) -> None:
+    data = make_bundle(size=50_000).read_bytes()
+    stream = io.BytesIO(data)
+    reader = BundleReader(stream)
+    reader.verify(keyring)
+    _, manifest_bytes, envelope = reader.read_header()
+    manifest_len, envelope_len = len(manifest_bytes), len(envelope.to_bytes())
+    header_end = (
+        BLOCK + -(-manifest_len // BLOCK) * BLOCK + BLOCK + -(-envelope_len // BLOCK) * BLOCK
+    )
+    assert stream.tell() == reader.bytes_read == header_end
+
+
+def test_images_require_verification_and_full_reads(
+    make_bundle: MakeBundle, keyring: Keyring
+) -> None:
+    data = make_bundle(size=50_000, bootfs=True).read_bytes()
+    reader = BundleReader(io.BytesIO(data))
+    reader.read_header()
+    with pytest.raises(BundleError, match="before the manifest was verified"):
+        next(reader.images())
+    reader = BundleReader(io.BytesIO(data))
+    reader.verify(keyring)
+    images = reader.images()
+    first = next(images)
+    first.stream.read(10)
+    with pytest.raises(BundleError, match="not read to its end"):
+        next(images)
+
+
+# --- any changed byte is detected ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_every_single_byte_change_is_detected(
+    make_bundle: MakeBundle, keyring: Keyring, compression: str
+) -> None:
+    """Exhaustive over every position of a small bundle (two images, padding, end marker)."""
+    data = make_bundle(compression=compression, size=1500, bootfs=True).read_bytes()
+    verify_bytes(data, keyring)
+    for position in range(len(data)):
+        damaged = bytearray(data)
+        damaged[position] ^= 0x01 if position % 2 else 0x80
+        with pytest.raises(FleetError):
+            verify_bytes(bytes(damaged), keyring)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(position=st.integers(min_value=0), xor=st.integers(min_value=1, max_value=255))
+def test_any_byte_flip_is_detected(
+    make_bundle: MakeBundle, keyring: Keyring, position: int, xor: int
+) -> None:
+    data = _cached_bundle(make_bundle)
+    damaged = bytearray(data)
+    damaged[position % len(data)] ^= xor
+    with pytest.raises(FleetError):
+        verify_bytes(bytes(damaged), keyring)
+
+
+_CACHE: dict[str, bytes] = {}
+
+
+def _cached_bundle(make_bundle: MakeBundle) -> bytes:
+    # one bundle per test run: hypothesis calls the test hundreds of times with one fixture
+    if "zstd" not in _CACHE:
+        _CACHE["zstd"] = make_bundle(
+            "flip.bundle", compression="zstd", size=5000, bootfs=True
+        ).read_bytes()
+    return _CACHE["zstd"]
+
+
+def test_byte_flips_in_a_co_signed_bundle_are_detected(
+    make_bundle: MakeBundle, key: SigningKey, tmp_path: Path
+) -> None:
+    second = generate_key(tmp_path / "keys" / "second")
+    both = tmp_path / "both"
+    trust_key(both, tmp_path / "keys" / "release.pub")
+    trust_key(both, tmp_path / "keys" / "second.pub")
+    keyring = Keyring.load(both)
+    data = make_bundle(keys=[key, second], size=600).read_bytes()
+    verify_bytes(data, keyring)
+    for position in range(len(data)):
+        damaged = bytearray(data)
+        damaged[position] ^= 0x04
+        with pytest.raises(FleetError):
+            verify_bytes(bytes(damaged), keyring)
+
+
+# --- malformed containers ------------------------------------------------------------------
+
+
+def test_truncated_anywhere(make_bundle: MakeBundle, keyring: Keyring) -> None:
+    data = make_bundle(compression="zstd", size=3000, bootfs=True).read_bytes()
+    for length in [*range(0, len(data), 97), *range(len(data) - 1030, len(data))]:
+        with pytest.raises(BundleFormatError, match="truncated|ends"):
+            verify_bytes(data[:length], keyring)
+
+
+@pytest.mark.parametrize(
+    "garbage", [b"\0", b"x", bytes(BLOCK), bytes(10240), b"PK\x03\x04 another archive"]
+)
+def test_trailing_garbage(make_bundle: MakeBundle, keyring: Keyring, garbage: bytes) -> None:
+    data = make_bundle().read_bytes()
+    with pytest.raises(BundleFormatError, match="trailing data"):
+        verify_bytes(data + garbage, keyring)
+
+
+def manifest_doc(
+    make_bundle: MakeBundle, **kwargs: object
+) -> tuple[dict[str, object], dict[str, bytes]]:
+    """A valid manifest as a dict, and the stored bytes of each image by file name."""
+    data = make_bundle(**kwargs).read_bytes()
+    members: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        for info in archive.getmembers():
+            extracted = archive.extractfile(info)
+            assert extracted is not None
+            members[info.name] = extracted.read()
+    return json.loads(members.pop("manifest.json")), {
+        k: v for k, v in members.items() if k != "manifest.sig"
+    }
+
+
+def forge(
+    doc: dict[str, object] | bytes, key: SigningKey, images: list[tuple[str, bytes]]
+) -> bytes:
+    manifest_bytes = (
+        doc
+        if isinstance(doc, bytes)
+        else json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    )
+    return raw_bundle([*signed_members(manifest_bytes, key), *images])
+
+
+def test_forged_bundle_helper_produces_a_valid_bundle(
+    make_bundle: MakeBundle, key: SigningKey, keyring: Keyring
+) -> None:
+    doc, images = manifest_doc(make_bundle)
+    verify_bytes(forge(doc, key, list(images.items())), keyring)
+
+
+def test_unknown_format_version(make_bundle: MakeBundle, key: SigningKey, keyring: Keyring) -> None:
+    doc, images = manifest_doc(make_bundle)
+    doc["format"] = 2
+    with pytest.raises(ManifestError, match="unknown format version 2"):
+        verify_bytes(forge(doc, key, list(images.items())), keyring)
+
+
+def test_non_utf8_manifest(make_bundle: MakeBundle, key: SigningKey, keyring: Keyring) -> None:
+    doc, images = manifest_doc(make_bundle)
+    raw = (
+        json.dumps(doc, sort_keys=True, separators=(",", ":"))
+        .encode()
+        .replace(b"metrica-fleet", b"metrica\xe9")
+    )
+    with pytest.raises(ManifestError, match="not UTF-8"):
+        verify_bytes(forge(raw, key, list(images.items())), keyring)
+
+
+def test_missing_image(make_bundle: MakeBundle, key: SigningKey, keyring: Keyring) -> None:
+    doc, images = manifest_doc(make_bundle, bootfs=True)
+    first = next(iter(images.items()))
+    with pytest.raises(BundleFormatError, match="'bootfs.vfat' named in the manifest is missing"):
+        verify_bytes(forge(doc, key, [first]), keyring)
+
+
+def test_duplicate_image(make_bundle: MakeBundle, key: SigningKey, keyring: Keyring) -> None:
+    doc, images = manifest_doc(make_bundle)
+    member = next(iter(images.items()))
+    with pytest.raises(BundleFormatError, match="'rootfs.ext4' appears twice"):
+        verify_bytes(forge(doc, key, [member, member]), keyring)
+
+
+def test_duplicate_signature_member(
+    make_bundle: MakeBundle, key: SigningKey, keyring: Keyring
+) -> None:
+    doc, images = manifest_doc(make_bundle)
+    raw = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    members = signed_members(raw, key)
+    with pytest.raises(BundleFormatError, match="'manifest.sig' appears twice"):
+        verify_bytes(raw_bundle([*members, members[1], *images.items()]), keyring)
+
+
+def test_extra_and_reordered_members(
+    make_bundle: MakeBundle, key: SigningKey, keyring: Keyring
+) -> None:
+    doc, images = manifest_doc(make_bundle, bootfs=True)
+    members = list(images.items())
+    with pytest.raises(BundleFormatError, match="'evil.sh' is not named in the manifest"):
+        verify_bytes(forge(doc, key, [*members, ("evil.sh", b"#!/bin/sh\n")]), keyring)
+    with pytest.raises(BundleFormatError, match="is out of place"):
+        verify_bytes(forge(doc, key, members[::-1]), keyring)
+    raw = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    sig_first = signed_members(raw, key)[::-1]
+    with pytest.raises(BundleFormatError, match="'manifest.sig' where 'manifest.json' must be"):
+        verify_bytes(raw_bundle([*sig_first, *members]), keyring)
+
+
+def _bad_member_bundle(make_bundle: MakeBundle, key: SigningKey, info: tarfile.TarInfo) -> bytes:
+    doc, _ = manifest_doc(make_bundle)
+    good = forge(doc, key, [])
+    prefix = good[: -len(END_OF_ARCHIVE)]
+    return prefix + info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + END_OF_ARCHIVE
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "message"),
+    [
+        ("rootfs.ext4", tarfile.SYMTYPE, "symbolic link"),
+        ("rootfs.ext4", tarfile.CHRTYPE, "character device node"),
+        ("rootfs.ext4", tarfile.BLKTYPE, "block device node"),
+        ("rootfs.ext4", tarfile.LNKTYPE, "hard link"),
+        ("../rootfs.ext4", tarfile.REGTYPE, "not a plain file name"),
+        ("/rootfs.ext4", tarfile.REGTYPE, "not a plain file name"),
+        ("../../etc/passwd", tarfile.REGTYPE, "not a plain file name"),
+    ],
+)
+def test_unsafe_members_are_refused(
+    make_bundle: MakeBundle, key: SigningKey, keyring: Keyring, name: str, kind: bytes, message: str
+) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = "/dev/sda" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+    with pytest.raises(BundleFormatError, match=message):
+        verify_bytes(_bad_member_bundle(make_bundle, key, info), keyring)
+
+
+def test_absurd_sizes_in_headers(
+    make_bundle: MakeBundle, key: SigningKey, keyring: Keyring
+) -> None:
+    doc, images = manifest_doc(make_bundle)
+    from image_builder.container import MemberHeader, encode_header
+
+    huge_manifest = encode_header(MemberHeader("manifest.json", 1 << 60, 0)) + bytes(BLOCK)
+    with pytest.raises(BundleFormatError, match="manifest.json claims 1152921504606846976 bytes"):
+        verify_bytes(huge_manifest, keyring)
+
+    good = forge(doc, key, list(images.items()))
+    sig_end = BundleReader(io.BytesIO(good))
+    sig_end.read_header()
+    offset = sig_end.bytes_read
+    huge_image = (
+        good[:offset]
+        + encode_header(MemberHeader("rootfs.ext4", 1 << 45, 0))
+        + good[offset + BLOCK :]
+    )
+    with pytest.raises(BundleFormatError, match="is 35184372088832 bytes, the manifest says"):
+        verify_bytes(huge_image, keyring)
+
+    images_doc = doc["images"]
+    assert isinstance(images_doc, list)
+    images_doc[0]["size"] = 1 << 50
+    with pytest.raises(ManifestError, match="out of range"):
+        verify_bytes(forge(doc, key, list(images.items())), keyring)
+
+
+def test_image_larger_than_declared(
+    make_bundle: MakeBundle, key: SigningKey, keyring: Keyring
+) -> None:
+    """A signed manifest that under-declares the uncompressed size stops the stream early."""
+    doc, images = manifest_doc(make_bundle, compression="zstd", size=200_000)
+    images_doc = doc["images"]
+    assert isinstance(images_doc, list)
+    images_doc[0]["uncompressed_size"] = 100_000
+    reader = BundleReader(io.BytesIO(forge(doc, key, list(images.items()))))
+    reader.verify(keyring)
+    image = next(reader.images())
+    delivered = 0
+    with pytest.raises(ImageIntegrityError, match="larger than the 100000 bytes declared"):
+        while chunk := image.stream.read(65536):
+            delivered += len(chunk)
+    assert delivered <= 100_000
+
+
+def test_image_stream_checks_before_reporting_the_end(
+    make_bundle: MakeBundle, keyring: Keyring
+) -> None:
+    """A stream of the wrong bytes never returns end-of-stream: it raises instead."""
+    data = make_bundle(size=10_000).read_bytes()
+    entry = read_bundle_info_bytes(data).images[0]
+    stream = ImageStream(entry, io.BytesIO(bytes(entry.size)))
+    received = b""
+    with pytest.raises(ImageIntegrityError, match="SHA-256"):
+        while chunk := stream.read(4096):
+            received += chunk
+    assert len(received) == entry.size
+    short = ImageStream(entry, io.BytesIO(bytes(entry.size - 1)))
+    with pytest.raises(ImageIntegrityError, match="ends 1 bytes early"):
+        while short.read(4096):
+            pass
+
+
+def read_bundle_info_bytes(data: bytes) -> Manifest:
+    return BundleReader(io.BytesIO(data)).read_header()[0]
+
+
+# --- authenticity --------------------------------------------------------------------------
+
+
+def test_wrong_key(make_bundle: MakeBundle, tmp_path: Path) -> None:
+    path = make_bundle()
+    other = generate_key(tmp_path / "keys" / "other")
+    ring = tmp_path / "other-ring"
+    trust_key(ring, tmp_path / "keys" / "other.pub")
+    with pytest.raises(UnknownKeyError, match="none trusted"):
+        verify_bundle(path, Keyring.load(ring))
+    assert other.key_id not in str(path.read_bytes())
+
+
+def test_revoked_key(
+    make_bundle: MakeBundle, key: SigningKey, keyring_dir: Path, tmp_path: Path
+) -> None:
+    generate_key(tmp_path / "keys" / "next")
+    trust_key(keyring_dir, tmp_path / "keys" / "next.pub")
+    revoke_key(keyring_dir, key.key_id)
+    with pytest.raises(RevokedKeyError, match=key.key_id):
+        verify_bundle(make_bundle(), Keyring.load(keyring_dir))
+
+
+def test_threshold_not_met(make_bundle: MakeBundle, keyring_dir: Path, tmp_path: Path) -> None:
+    generate_key(tmp_path / "keys" / "second")
+    trust_key(keyring_dir, tmp_path / "keys" / "second.pub")
+    set_threshold(keyring_dir, 2)
+    with pytest.raises(ThresholdError, match="requires 2"):
+        verify_bundle(make_bundle(), Keyring.load(keyring_dir))
+
+
+def test_signature_over_other_manifest_is_bad(
+    make_bundle: MakeBundle, key: SigningKey, keyring: Keyring
+) -> None:
+    doc, images = manifest_doc(make_bundle)
+    raw = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    members = signed_members(raw, key)
+    doc["security_version"] = 99
+    tampered = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    with pytest.raises(BadSignatureError):
+        verify_bytes(
+            raw_bundle([("manifest.json", tampered), members[1], *images.items()]), keyring
+        )
+
+
+# --- the writer ----------------------------------------------------------------------------
+
+
+def test_failed_create_leaves_nothing_and_keeps_the_old_output(
+    key: SigningKey, make_image: Callable[..., Path], tmp_path: Path
+) -> None:
+    output = tmp_path / "out.bundle"
+    output.write_bytes(b"previous release")
+    image = make_image()
+    cases = [
+        ({"images": [ImageSource("rootfs", tmp_path / "missing.img")]}, "not a regular file"),
+        ({"images": [ImageSource("rootfs", image), ImageSource("rootfs", image)]}, "two images"),
+        ({"images": [ImageSource("kernel", image)]}, "unknown slot class"),
+        ({"images": [ImageSource("rootfs", image)], "version": "v1"}, "semantic version"),
+        ({"images": [ImageSource("rootfs", image)], "compatible": "a b"}, "1-128 characters"),
+        ({"images": [ImageSource("rootfs", image)], "compression": "lz4"}, "unknown compression"),
+        ({"images": []}, "at least one image"),
+    ]
+    for kwargs, message in cases:
+        arguments: dict[str, object] = {
+            "keys": [key],
+            "compatible": "c",
+            "version": "1.0.0",
+            "security_version": 0,
+            "compression": "zstd",
+        }
+        arguments.update(kwargs)
+        with pytest.raises(FleetError, match=message):
+            create_bundle(output, **arguments)  # type: ignore[arg-type]
+        assert output.read_bytes() == b"previous release"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "keys", "out.bundle"]
+    empty = tmp_path / "images" / "empty.img"
+    empty.write_bytes(b"")
+    with pytest.raises(BundleError, match="is empty"):
+        create_bundle(
+            output,
+            images=[ImageSource("rootfs", empty)],
+            keys=[key],
+            compatible="c",
+            version="1.0.0",
+            security_version=0,
+        )

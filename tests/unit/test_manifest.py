@@ -1,0 +1,147 @@
+"""The manifest model: one validating parser, one canonical encoding."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from image_builder.errors import ManifestError
+from image_builder.manifest import MAX_IMAGE_BYTES, Manifest
+
+SHA_A, SHA_B = "a" * 64, "b" * 64
+
+
+def document(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "format": 1,
+        "product": "metrica-fleet",
+        "compatible": "metrica-rpi4",
+        "version": "1.2.3-rc.1+build.5",
+        "security_version": 4,
+        "created": "2026-11-27T07:00:00Z",
+        "images": [
+            {
+                "slot_class": "rootfs",
+                "filename": "rootfs.ext4.zst",
+                "compression": "zstd",
+                "size": 100,
+                "sha256": SHA_A,
+                "uncompressed_size": 4096,
+                "uncompressed_sha256": SHA_B,
+            }
+        ],
+    }
+    base.update(changes)
+    return base
+
+
+def image(**changes: Any) -> dict[str, Any]:
+    entry = dict(document()["images"][0])
+    entry.update(changes)
+    return entry
+
+
+def test_round_trip_is_canonical() -> None:
+    manifest = Manifest.from_dict(document())
+    data = manifest.to_bytes()
+    assert Manifest.from_bytes(data) == manifest
+    assert data == json.dumps(document(), sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    assert manifest.image("rootfs") is manifest.images[0]
+    assert manifest.image("bootfs") is None
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (document(format=2), "unknown format version 2"),
+        (document(format="1"), "must be int"),
+        ({k: v for k, v in document().items() if k != "compatible"}, "missing field 'compatible'"),
+        (document(extra=1), "unknown field"),
+        (document(version="1.2"), "not a semantic version"),
+        (document(version="01.2.3"), "not a semantic version"),
+        (document(security_version=-1), "out of range"),
+        (document(security_version=2**32), "out of range"),
+        (document(security_version=True), "must be int"),
+        (document(created="yesterday"), "YYYY"),
+        (document(created="2026-13-40T00:00:00Z"), "not a valid time"),
+        (document(compatible=""), "1-128 characters"),
+        (document(compatible="rpi 4"), "1-128 characters"),
+        (document(images=[]), "needs 1 to 16"),
+        (document(images=[image()] * 17), "needs 1 to 16"),
+        (document(images=[image(slot_class="kernel")]), "unknown slot class"),
+        (document(images=[image(compression="gzip")]), "unknown compression"),
+        (document(images=[image(filename="../rootfs")]), "not a plain file name"),
+        (document(images=[image(filename="/etc/passwd")]), "not a plain file name"),
+        (document(images=[image(filename="dir/rootfs")]), "not a plain file name"),
+        (document(images=[image(filename="manifest.sig")]), "reserved"),
+        (document(images=[image(size=0)]), "out of range"),
+        (document(images=[image(size=MAX_IMAGE_BYTES + 1)]), "out of range"),
+        (document(images=[image(uncompressed_size=2**63)]), "out of range"),
+        (document(images=[image(sha256="A" * 64)]), "64 lowercase hex"),
+        (document(images=[image(unknown=1)]), "unknown field"),
+        (document(images=[image(compression="none")]), "differing stored size"),
+        (document(images=[image(), image()]), "two images named"),
+        (document(images=[image(), image(filename="other.img")]), "two images for slot class"),
+        (document(images=["rootfs"]), "must be an object"),
+        ([], "JSON object"),
+    ],
+)
+def test_invalid_manifests_name_the_problem(doc: Any, message: str) -> None:
+    with pytest.raises(ManifestError, match=message):
+        Manifest.from_dict(doc)
+
+
+def test_non_utf8_manifest() -> None:
+    data = Manifest.from_dict(document()).to_bytes().replace(b"metrica-fleet", b"metrica\xff")
+    with pytest.raises(ManifestError, match="not UTF-8"):
+        Manifest.from_bytes(data)
+
+
+def test_duplicate_keys_are_refused() -> None:
+    data = Manifest.from_dict(document()).to_bytes()
+    data = data.replace(b'{"compatible"', b'{"compatible":"other","compatible"', 1)
+    with pytest.raises(ManifestError, match="appears twice"):
+        Manifest.from_bytes(data)
+
+
+def test_oversized_manifest() -> None:
+    with pytest.raises(ManifestError, match="more than"):
+        Manifest.from_bytes(b" " * (1024 * 1024 + 1))
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_give_manifest_error_or_a_valid_manifest(data: bytes) -> None:
+    try:
+        manifest = Manifest.from_bytes(data)
+    except ManifestError:
+        return
+    assert Manifest.from_bytes(manifest.to_bytes()) == manifest
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@given(field=st.sampled_from(sorted(document()) + sorted(image())), value=JSON_VALUES)
+def test_any_json_value_in_any_field_gives_manifest_error_or_valid_manifest(
+    field: str, value: Any
+) -> None:
+    doc = (
+        document(**{field: value})
+        if field in document()
+        else document(images=[image(**{field: value})])
+    )
+    try:
+        manifest = Manifest.from_dict(doc)
+    except ManifestError:
+        return
+    assert Manifest.from_bytes(manifest.to_bytes()) == manifest

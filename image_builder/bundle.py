@@ -1,4 +1,4 @@
-"""Release bundles: write them, and read them as streams that verify as they go.
+"""Release bundles read as streams that verify as they go (the writer: ``bundle_writer``).
 
 Layout (docs/bundle-format.md has the full specification): a strict ustar archive holding, in
 this order, ``manifest.json``, ``manifest.sig`` (the signature envelope over the manifest's
@@ -20,34 +20,18 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
 import zstandard
 
-from fleet_core.durable import atomic_output
-from image_builder.container import (
-    BLOCK,
-    END_OF_ARCHIVE,
-    MemberHeader,
-    decode_header,
-    encode_header,
-    padding,
-)
+from image_builder.container import BLOCK, MemberHeader, decode_header, padding
 from image_builder.errors import BundleError, BundleFormatError, ImageIntegrityError
-from image_builder.manifest import (
-    MAX_MANIFEST_BYTES,
-    SLOT_CLASSES,
-    ImageEntry,
-    Manifest,
-    timestamp,
-)
-from signing import Keyring, SignatureEnvelope, SigningKey, Verified, sign
+from image_builder.manifest import MAX_MANIFEST_BYTES, ImageEntry, Manifest
+from signing import Keyring, SignatureEnvelope, Verified
 from signing.errors import SignatureFormatError
 from signing.signature import MAX_ENVELOPE_BYTES
 
@@ -55,218 +39,9 @@ MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 SIGNATURE_PURPOSE = "bundle-manifest"
 CHUNK = 1024 * 1024
-ZSTD_LEVEL = 3
 # Frames asking for a larger window are refused: a device has little memory, and our writer
 # never produces one.
 ZSTD_MAX_WINDOW = 1 << 27
-
-
-@dataclass(frozen=True)
-class ImageSource:
-    """An image to put into a bundle: which slot class it fills, and the file holding it."""
-
-    slot_class: str
-    path: Path
-
-
-def source_date_epoch() -> int:
-    """``$SOURCE_DATE_EPOCH`` if set (reproducible builds), else now."""
-    value = os.environ.get("SOURCE_DATE_EPOCH")
-    if value is None:
-        return int(time.time())
-    try:
-        epoch = int(value)
-    except ValueError as err:
-        raise BundleError(f"SOURCE_DATE_EPOCH {value!r} is not an integer") from err
-    if epoch < 0:
-        raise BundleError(f"SOURCE_DATE_EPOCH {value!r} is negative")
-    return epoch
-
-
-# --- writing -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Stored:
-    """An image as it will be stored: its entry and where its stored bytes are."""
-
-    entry: ImageEntry
-    path: Path
-
-
-def _hash_file(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as source:
-        while chunk := source.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
-class _HashingWriter(io.RawIOBase):
-    """Forwards writes to ``target`` while hashing and counting them."""
-
-    def __init__(self, target: BinaryIO) -> None:
-        super().__init__()
-        self.target = target
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
-        self.digest.update(data)
-        self.size += len(data)
-        self.target.write(data)
-        return len(data)
-
-
-def _compress(source: ImageSource, spool: BinaryIO) -> ImageEntry:
-    """Compress ``source`` with zstd into ``spool``, hashing both sides as the bytes pass."""
-    raw_digest = hashlib.sha256()
-    raw_size = 0
-    size_hint = source.path.stat().st_size
-    hashing = _HashingWriter(spool)
-    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1, write_content_size=True)
-    with (
-        open(source.path, "rb") as raw,
-        compressor.stream_writer(cast(BinaryIO, hashing), size=size_hint, closefd=False) as writer,
-    ):
-        while chunk := raw.read(CHUNK):
-            raw_digest.update(chunk)
-            raw_size += len(chunk)
-            writer.write(chunk)
-    if raw_size != size_hint:
-        raise BundleError(f"image {source.path}: changed size while being compressed")
-    spool.flush()
-    return ImageEntry(
-        slot_class=source.slot_class,
-        filename=_member_name(source) + ".zst",
-        compression="zstd",
-        size=hashing.size,
-        sha256=hashing.digest.hexdigest(),
-        uncompressed_size=raw_size,
-        uncompressed_sha256=raw_digest.hexdigest(),
-    )
-
-
-def _member_name(source: ImageSource) -> str:
-    """``rootfs.ext4`` for an image file ``anything.ext4``: the slot class, the file's type."""
-    suffix = source.path.suffix
-    return source.slot_class + (suffix if suffix[1:].isalnum() else ".img")
-
-
-def _prepare(source: ImageSource, compression: str, spool_dir: Path, stack: ExitStack) -> _Stored:
-    """Hash (and compress) one image ahead of writing: the manifest, which comes first in the
-    bundle, needs every size and hash."""
-    if source.slot_class not in SLOT_CLASSES:
-        raise BundleError(
-            f"unknown slot class {source.slot_class!r} (known: {', '.join(SLOT_CLASSES)})"
-        )
-    if not source.path.is_file():
-        raise BundleError(f"image {source.path}: not a regular file")
-    if source.path.stat().st_size == 0:
-        raise BundleError(f"image {source.path}: is empty")
-    if compression == "zstd":
-        spool = stack.enter_context(
-            tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed by the caller's ExitStack)
-                dir=spool_dir, prefix=".bundle-spool-", suffix=".zst"
-            )
-        )
-        return _Stored(_compress(source, cast(BinaryIO, spool)), Path(spool.name))
-    if compression == "none":
-        size, sha = _hash_file(source.path)
-        entry = ImageEntry(source.slot_class, _member_name(source), "none", size, sha, size, sha)
-        return _Stored(entry, source.path)
-    raise BundleError(f"unknown compression {compression!r} (known: none, zstd)")
-
-
-def _write_member(out: BinaryIO, name: str, data: bytes, mtime: int) -> None:
-    out.write(encode_header(MemberHeader(name, len(data), mtime)))
-    out.write(data + bytes(padding(len(data))))
-
-
-def _copy_image(out: BinaryIO, stored: _Stored, mtime: int) -> None:
-    """Copy an image into the bundle, hashing what is copied.
-
-    The hash was taken in an earlier pass (the manifest comes first); hashing again while
-    copying catches a source file that changed in between, which would give a bundle that
-    verifies nowhere.
-    """
-    entry = stored.entry
-    out.write(encode_header(MemberHeader(entry.filename, entry.size, mtime)))
-    digest = hashlib.sha256()
-    copied = 0
-    with open(stored.path, "rb") as source:
-        while chunk := source.read(CHUNK):
-            digest.update(chunk)
-            copied += len(chunk)
-            out.write(chunk)
-    if copied != entry.size or digest.hexdigest() != entry.sha256:
-        raise BundleError(f"image {stored.path}: changed while the bundle was being written")
-    out.write(bytes(padding(entry.size)))
-
-
-def create_bundle(
-    output: str | os.PathLike[str],
-    *,
-    images: Sequence[ImageSource],
-    keys: Sequence[SigningKey],
-    compatible: str,
-    version: str,
-    security_version: int,
-    product: str = "metrica-fleet",
-    compression: str = "none",
-    created: int | None = None,
-) -> Manifest:
-    """Build a signed bundle at ``output`` and return its manifest.
-
-    ``created`` defaults to :func:`source_date_epoch`; with the same inputs, keys and
-    ``created`` the bundle is byte-identical (Ed25519 signatures are deterministic).
-
-    Power cut or error: ``output`` is untouched until the finished bundle replaces it.
-
-    Raises:
-        BundleError: an input is missing, empty, duplicated or invalid.
-        ManifestError: a manifest field is invalid (compatible, version, security version).
-    """
-    created_epoch = source_date_epoch() if created is None else created
-    classes = [s.slot_class for s in images]
-    duplicates = sorted({c for c in classes if classes.count(c) > 1})
-    if duplicates:
-        raise BundleError(f"two images for slot class {duplicates[0]!r}")
-    if not images:
-        raise BundleError("a bundle needs at least one image")
-    if not keys:
-        raise BundleError("a bundle needs at least one signing key")
-    out_path = Path(output)
-    with ExitStack() as stack:
-        spool_dir = out_path.parent if str(out_path.parent) else Path()
-        prepared = [_prepare(s, compression, spool_dir, stack) for s in images]
-        manifest = Manifest.from_dict(
-            Manifest(
-                product=product,
-                compatible=compatible,
-                version=version,
-                security_version=security_version,
-                created=timestamp(created_epoch),
-                images=tuple(p.entry for p in prepared),
-            ).to_dict()
-        )
-        manifest_bytes = manifest.to_bytes()
-        envelope = sign(manifest_bytes, keys, SIGNATURE_PURPOSE)
-        with atomic_output(out_path) as out:
-            _write_member(out, MANIFEST_NAME, manifest_bytes, created_epoch)
-            _write_member(out, SIGNATURE_NAME, envelope.to_bytes(), created_epoch)
-            for stored in prepared:
-                _copy_image(out, stored, created_epoch)
-            out.write(END_OF_ARCHIVE)
-    return manifest
-
-
-# --- reading -------------------------------------------------------------------------------
 
 
 class _Source:

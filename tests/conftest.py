@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from image_builder.bundle import SIGNATURE_PURPOSE, ImageSource, create_bundle
+from image_builder.bundle import SIGNATURE_PURPOSE
+from image_builder.bundle_writer import ImageSource, create_bundle
 from image_builder.container import END_OF_ARCHIVE, MemberHeader, encode_header, padding
 from signing.keyring import Keyring, trust_key
 from signing.keys import SigningKey, generate_key

@@ -16,13 +16,12 @@ from hypothesis import strategies as st
 from fleet_core.errors import FleetError
 from image_builder.bundle import (
     BundleReader,
-    ImageSource,
     ImageStream,
-    create_bundle,
     read_bundle_info,
     verify_bundle,
     verify_stream,
 )
+from image_builder.bundle_writer import ImageSource, create_bundle
 from image_builder.container import BLOCK, END_OF_ARCHIVE
 from image_builder.errors import (
     BundleError,

@@ -1,0 +1,52 @@
+# Metrica Fleet: `make demo` runs the main job, `make test` runs every test tier.
+# Both install what they need first (Debian packages through apt, Python packages into .venv),
+# and both are safe to run again.
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v /usr/bin/python3 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_DIR ?= build/demo
+
+# System tools the product calls and the tests run for real.
+APT_PACKAGES := python3 python3-venv python3-dev gcc e2fsprogs squashfs-tools dosfstools mtools \
+	fdisk zstd tar
+
+.PHONY: demo test deps venv lint test-unit test-integration test-chaos benchmarks clean
+
+demo: venv
+	$(BIN)/fleet demo --workdir $(DEMO_DIR)
+
+test: lint
+	$(BIN)/pytest -q tests
+
+test-unit test-integration test-chaos: test-%: venv
+	$(BIN)/pytest -q tests/$*
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+benchmarks: venv
+	$(BIN)/python benchmarks/bundle_throughput.py
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+venv: deps $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[all,test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) build .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,168 @@
+"""The boot selection boundary: what every firmware backend answers and does.
+
+Modelled on RAUC's bootchooser. Slot names are ``"a"`` and ``"b"`` for the root slots and
+``"safe"`` for the read-only safe-mode slot. Every backend implements :class:`BootSelector`:
+
+- ``booted()``: the slot running now, as the firmware told Linux (kernel command line or
+  device tree), never guessed from the mounted root;
+- ``primary()``: the slot the firmware boots by default: the committed one (``None`` when no
+  root slot is bootable, so the firmware would boot safe mode);
+- ``is_trial()``: whether this boot is a trial of a slot that has not been committed;
+- ``attempts_left(slot)``: boots the firmware will still try before falling back;
+- ``try_once(slot)``: arrange a trial boot of ``slot`` at the next reboot; if Linux never
+  commits it, the firmware falls back to the primary on its own;
+- ``commit(slot)``: make ``slot`` the primary and reset its attempts, in one atomic write;
+  called on every healthy boot, so a committed slot that later stops booting falls back too;
+- ``mark_bad(slot)``: never choose ``slot`` again until it is rewritten (a new ``try_once``);
+- ``reboot_command()``: the command that reboots into what has been arranged (the Raspberry Pi
+  firmware needs ``reboot "0 tryboot"`` for a trial; the others a plain ``reboot``).
+
+Each backend's docstring states what "good", "trial" and "primary" mean for its firmware and
+where its state lives. Backends are looked up by name in :data:`BACKENDS`; each takes its
+configuration in its constructor (``from_options``) and touches nothing global, so tests point
+it at plain files.
+
+Firmware models (:class:`FirmwareModel`) are pure-Python descriptions of what the real firmware
+does at boot, written from the firmware's documentation; the virtual device uses them in place
+of real hardware.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from bootloader_hooks.errors import BootloaderError, UnknownBackendError, UnknownSlotError
+
+ROOT_SLOTS = ("a", "b")
+SAFE_SLOT = "safe"
+ALL_SLOTS = (*ROOT_SLOTS, SAFE_SLOT)
+
+
+def check_root_slot(backend: str, slot: str) -> str:
+    """Return ``slot`` if it is a root slot, else raise :class:`UnknownSlotError`."""
+    if slot not in ROOT_SLOTS:
+        raise UnknownSlotError(
+            f"{backend}: unknown slot {slot!r} (root slots: {', '.join(ROOT_SLOTS)})"
+        )
+    return slot
+
+
+def other_slot(slot: str) -> str:
+    """The other root slot of an A/B pair."""
+    return "b" if check_root_slot("slots", slot) == "a" else "a"
+
+
+class BootSelector(Protocol):
+    """The seven questions and actions every boot firmware backend supports."""
+
+    name: str
+
+    def booted(self) -> str: ...
+
+    def primary(self) -> str | None: ...
+
+    def is_trial(self) -> bool: ...
+
+    def attempts_left(self, slot: str) -> int: ...
+
+    def try_once(self, slot: str) -> None: ...
+
+    def commit(self, slot: str) -> None: ...
+
+    def mark_bad(self, slot: str) -> None: ...
+
+    def reboot_command(self) -> list[str]: ...
+
+
+BackendFactory = Callable[[Mapping[str, Any]], BootSelector]
+BACKENDS: dict[str, BackendFactory] = {}
+
+
+def register(name: str) -> Callable[[BackendFactory], BackendFactory]:
+    """Class or function decorator: make a backend factory available under ``name``."""
+
+    def add(factory: BackendFactory) -> BackendFactory:
+        BACKENDS[name] = factory
+        return factory
+
+    return add
+
+
+def create_backend(name: str, options: Mapping[str, Any]) -> BootSelector:
+    """Build the backend ``name`` from its options (the ``[bootloader]`` config table).
+
+    Raises:
+        UnknownBackendError: no backend of that name.
+        BootloaderError: the options are invalid.
+    """
+    # Importing the package registers every backend.
+    import bootloader_hooks  # noqa: F401
+
+    try:
+        factory = BACKENDS[name]
+    except KeyError:
+        raise UnknownBackendError(
+            f"unknown boot backend {name!r} (known: {', '.join(sorted(BACKENDS))})"
+        ) from None
+    return factory(options)
+
+
+class BootCause(enum.Enum):
+    """Why the firmware is starting."""
+
+    POWER_ON = "power-on"  # cold start: anything held in volatile memory is gone
+    RESET = "reset"  # watchdog or crash reset: warm, but nobody asked for anything
+    REBOOT = "reboot"  # Linux ran a reboot command (see ``BootEvent.command``)
+
+
+@dataclass(frozen=True)
+class BootEvent:
+    """A start of the firmware, with the reboot command Linux ran, if it ran one."""
+
+    cause: BootCause
+    command: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class BootOutcome:
+    """What the firmware booted, and what it tells Linux about it.
+
+    ``linux_view`` maps paths relative to the device's filesystem root (``proc/cmdline``,
+    ``proc/device-tree/chosen/bootloader/partition``) to the bytes Linux finds there.
+    """
+
+    slot: str
+    trial: bool
+    linux_view: Mapping[str, bytes] = field(default_factory=dict)
+
+
+class FirmwareModel(Protocol):
+    """The boot decision of a firmware, from its documentation: reads and updates the on-disk
+    boot state the way the firmware would, and says which slot boots."""
+
+    def boot(self, event: BootEvent) -> BootOutcome: ...
+
+
+def read_kernel_cmdline_slot(cmdline: Path, backend: str) -> str:
+    """The slot named by ``fleet.slot=`` on the kernel command line at ``cmdline``.
+
+    Raises:
+        BootloaderError: the file is unreadable or names no known slot.
+    """
+    try:
+        words = cmdline.read_text().split()
+    except OSError as err:
+        raise BootloaderError(f"{backend}: cannot read {cmdline}: {err.strerror}") from err
+    for word in words:
+        if word.startswith("fleet.slot="):
+            slot = word.removeprefix("fleet.slot=")
+            if slot not in ALL_SLOTS:
+                raise BootloaderError(f"{backend}: {cmdline} names unknown slot {slot!r}")
+            return slot
+    raise BootloaderError(
+        f"{backend}: {cmdline} has no fleet.slot= (not booted by our boot script)"
+    )

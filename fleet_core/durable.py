@@ -57,3 +57,39 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
     """Replace ``path`` with ``data`` durably; see :func:`atomic_output` for the guarantees."""
     with atomic_output(path, mode) as out:
         out.write(data)
+
+
+def write_at(path: str | os.PathLike[str], offset: int, data: bytes) -> None:
+    """Overwrite ``len(data)`` bytes of an existing file or block device at ``offset``, durably.
+
+    For state that must stay where the firmware looks for it (a U-Boot environment at a raw
+    offset, a boot file whose clusters must not move). The file keeps its size unless the write
+    extends it. Power cut: the region may hold old bytes, new bytes, or (at worst, on a torn
+    sector write) a mixture; callers that need atomicity keep a checksum and a second copy.
+    """
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        view = memoryview(data)
+        position = offset
+        while view:
+            written = os.pwrite(fd, view, position)
+            view = view[written:]
+            position += written
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rewrite_in_place(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace the whole content of ``path`` with ``data`` of exactly the same length, in place.
+
+    No rename and no change of size: on FAT the directory entry and cluster chain stay as
+    they are, only the data sectors change. See :func:`write_at` for the power-cut contract.
+
+    Raises:
+        ValueError: ``data`` is not exactly as long as the file.
+    """
+    size = Path(path).stat().st_size
+    if len(data) != size:
+        raise ValueError(f"{path}: in-place rewrite needs {size} bytes, got {len(data)}")
+    write_at(path, 0, data)

@@ -1,0 +1,339 @@
+"""The updater's configuration: ``/etc/fleet/updater.toml``, validated into frozen dataclasses.
+
+A missing or damaged configuration never stops the updater: :func:`load_config` reports every
+problem and falls back, first to the last configuration that loaded cleanly (kept on the data
+partition), then to built-in defaults. The defaults are safe rather than useful: they know no
+``compatible`` string and no keyring, so nothing can be installed until a valid configuration
+is back, while the boot check still confirms or rolls back the running slot.
+
+Example::
+
+    compatible = "metrica-rpi4"
+    keyring = "/etc/fleet/keyring"
+    data_dir = "/var/lib/fleet"
+
+    [bootloader]
+    backend = "tryboot"            # options of the backend follow in the same table
+
+    [slots.a]
+    rootfs = "PARTLABEL=root_a"   # or a path: /dev/mmcblk0p5, /srv/slots/a.img
+    bootfs = "PARTLABEL=boot_a"
+
+    [limits]
+    min_free_mb = 500
+    max_temperature_c = 80.0
+    update_deadline_s = 900
+
+    [health]
+    deadline_s = 120
+    [[health.checks]]
+    type = "systemd"
+    unit = "camera.service"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fleet_core.durable import atomic_write
+from updater.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/fleet/updater.toml")
+LAST_GOOD_NAME = "updater.last-good.toml"
+HEALTH_CHECK_TYPES = ("systemd", "http", "tcp", "compose", "command")
+SLOT_CLASSES = ("rootfs", "bootfs")
+
+
+def _typed(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = table[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int to Python, never a valid number here
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ConfigError(f"{where}.{key}: must be {names}, not {value!r}")
+    return value
+
+
+def _no_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}")
+
+
+def _table(document: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    value = document.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}{key}: must be a table")
+    return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    """When an update must not start, or must be abandoned."""
+
+    min_free_mb: int = 500  # free space on the data partition below which updates are skipped
+    max_temperature_c: float = 80.0  # CPU temperature above which updates are deferred
+    update_deadline_s: int = 900  # an install running longer is killed and rolled back
+
+    @classmethod
+    def from_dict(cls, table: Mapping[str, Any]) -> Limits:
+        where = "limits"
+        _no_unknown(table, {f.name for f in fields(cls)}, where)
+        values: dict[str, Any] = {}
+        for key, kind in (("min_free_mb", int), ("update_deadline_s", int)):
+            if key in table:
+                values[key] = _typed(table, key, kind, where)
+                if values[key] < 0:
+                    raise ConfigError(f"{where}.{key}: must not be negative")
+        if "max_temperature_c" in table:
+            values["max_temperature_c"] = float(
+                _typed(table, "max_temperature_c", (int, float), where)
+            )
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class HealthCheckSpec:
+    """One health check: its type and the settings of that type."""
+
+    type: str
+    settings: Mapping[str, Any]
+    timeout_s: float = 10.0
+
+    @classmethod
+    def from_dict(cls, table: Any, index: int) -> HealthCheckSpec:
+        where = f"health.checks[{index}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: must be a table")
+        kind = table.get("type")
+        if kind not in HEALTH_CHECK_TYPES:
+            raise ConfigError(
+                f"{where}.type: {kind!r} is not one of {', '.join(HEALTH_CHECK_TYPES)}"
+            )
+        required = {
+            "systemd": {"unit"},
+            "http": {"url"},
+            "tcp": {"port"},
+            "compose": {"project_dir"},
+            "command": {"argv"},
+        }[kind]
+        optional = {
+            "systemd": set(),
+            "http": {"expect_status"},
+            "tcp": {"host"},
+            "compose": {"services"},
+            "command": set(),
+        }[kind]
+        settings = {k: v for k, v in table.items() if k not in ("type", "timeout_s")}
+        _no_unknown(settings, required | optional, where)
+        missing = sorted(required - set(settings))
+        if missing:
+            raise ConfigError(f"{where}: {kind} check needs {', '.join(missing)}")
+        timeout = (
+            float(_typed(table, "timeout_s", (int, float), where)) if "timeout_s" in table else 10.0
+        )
+        if timeout <= 0:
+            raise ConfigError(f"{where}.timeout_s: must be positive")
+        if kind == "command" and not (
+            isinstance(settings["argv"], list)
+            and settings["argv"]
+            and all(isinstance(a, str) for a in settings["argv"])
+        ):
+            raise ConfigError(f"{where}.argv: must be a non-empty list of strings")
+        return cls(type=kind, settings=settings, timeout_s=timeout)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    deadline_s: float = 120.0  # all checks together, from the start of the boot check
+    checks: tuple[HealthCheckSpec, ...] = ()
+
+    @classmethod
+    def from_dict(cls, table: Mapping[str, Any]) -> HealthConfig:
+        _no_unknown(table, {"deadline_s", "checks"}, "health")
+        deadline = (
+            float(_typed(table, "deadline_s", (int, float), "health"))
+            if "deadline_s" in table
+            else 120.0
+        )
+        if deadline <= 0:
+            raise ConfigError("health.deadline_s: must be positive")
+        raw = table.get("checks", [])
+        if not isinstance(raw, list):
+            raise ConfigError("health.checks: must be an array of tables")
+        return cls(deadline, tuple(HealthCheckSpec.from_dict(c, i) for i, c in enumerate(raw)))
+
+
+def _default_slots() -> dict[str, dict[str, str]]:
+    return {
+        slot: {"rootfs": f"PARTLABEL=root_{slot}", "bootfs": f"PARTLABEL=boot_{slot}"}
+        for slot in ("a", "b")
+    }
+
+
+@dataclass(frozen=True)
+class UpdaterConfig:
+    """Everything the updater needs to know about this device."""
+
+    compatible: str | None = None
+    keyring: Path | None = None
+    data_dir: Path = Path("/var/lib/fleet")
+    bootloader: Mapping[str, Any] = field(default_factory=lambda: {"backend": "auto"})
+    slots: Mapping[str, Mapping[str, str]] = field(default_factory=_default_slots)
+    limits: Limits = field(default_factory=Limits)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    server_urls: tuple[str, ...] = ()
+    partlabel_dir: Path = Path("/dev/disk/by-partlabel")
+    thermal_dir: Path = Path("/sys/class/thermal")
+    metrics_textfile: Path | None = None
+    metrics_port: int | None = None
+    reboot_command: tuple[str, ...] | None = None  # overrides the backend's (tests, labs)
+
+    @classmethod
+    def from_dict(cls, document: Mapping[str, Any]) -> UpdaterConfig:
+        """Validate a parsed configuration.
+
+        Raises:
+            ConfigError: the first problem, naming the setting.
+        """
+        top = {
+            "compatible", "keyring", "data_dir", "bootloader", "slots", "limits", "health",
+            "server", "paths", "metrics", "reboot_command",
+        }  # fmt: skip
+        _no_unknown(document, top, "config")
+        values: dict[str, Any] = {}
+        if "compatible" in document:
+            values["compatible"] = _typed(document, "compatible", str, "config")
+        for key in ("keyring", "data_dir"):
+            if key in document:
+                values[key] = Path(_typed(document, key, str, "config"))
+        bootloader = _table(document, "bootloader", "")
+        if bootloader:
+            if "backend" in bootloader:
+                _typed(bootloader, "backend", str, "bootloader")
+            values["bootloader"] = {"backend": "auto", **bootloader}
+        slots = _table(document, "slots", "")
+        if slots:
+            values["slots"] = _parse_slots(slots)
+        values["limits"] = Limits.from_dict(_table(document, "limits", ""))
+        values["health"] = HealthConfig.from_dict(_table(document, "health", ""))
+        server = _table(document, "server", "")
+        _no_unknown(server, {"urls"}, "server")
+        if "urls" in server:
+            urls = _typed(server, "urls", list, "server")
+            if not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls):
+                raise ConfigError("server.urls: must be a list of http(s) URLs")
+            values["server_urls"] = tuple(urls)
+        paths = _table(document, "paths", "")
+        _no_unknown(paths, {"partlabel_dir", "thermal_dir"}, "paths")
+        for key in ("partlabel_dir", "thermal_dir"):
+            if key in paths:
+                values[key] = Path(_typed(paths, key, str, "paths"))
+        metrics = _table(document, "metrics", "")
+        _no_unknown(metrics, {"textfile", "port"}, "metrics")
+        if "textfile" in metrics:
+            values["metrics_textfile"] = Path(_typed(metrics, "textfile", str, "metrics"))
+        if "port" in metrics:
+            port = _typed(metrics, "port", int, "metrics")
+            if not 0 < port < 65536:
+                raise ConfigError("metrics.port: must be 1-65535")
+            values["metrics_port"] = port
+        if "reboot_command" in document:
+            argv = _typed(document, "reboot_command", list, "config")
+            if not argv or not all(isinstance(a, str) for a in argv):
+                raise ConfigError("config.reboot_command: must be a non-empty list of strings")
+            values["reboot_command"] = tuple(argv)
+        return cls(**values)
+
+
+def _parse_slots(table: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    _no_unknown(table, {"a", "b"}, "slots")
+    if set(table) != {"a", "b"}:
+        raise ConfigError("slots: both root slots, a and b, must be configured")
+    slots: dict[str, dict[str, str]] = {}
+    for slot, classes in table.items():
+        where = f"slots.{slot}"
+        if not isinstance(classes, dict):
+            raise ConfigError(f"{where}: must be a table")
+        _no_unknown(classes, set(SLOT_CLASSES), where)
+        if "rootfs" not in classes:
+            raise ConfigError(f"{where}: needs rootfs")
+        slots[slot] = {k: _typed(classes, k, str, where) for k in classes}
+    if set(slots["a"]) != set(slots["b"]):
+        raise ConfigError("slots: a and b must have the same slot classes")
+    return slots
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A configuration and how it was obtained: ``source`` is the file used, or "defaults"."""
+
+    config: UpdaterConfig
+    source: str
+    problems: tuple[str, ...] = ()
+
+
+def parse_config(text: bytes, origin: str) -> UpdaterConfig:
+    """Parse and validate configuration bytes.
+
+    Raises:
+        ConfigError: not UTF-8, not TOML, or invalid; the message starts with ``origin``.
+    """
+    try:
+        document = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{origin}: not UTF-8 (byte {err.start})") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{origin}: not valid TOML: {err}") from err
+    try:
+        return UpdaterConfig.from_dict(document)
+    except ConfigError as err:
+        raise ConfigError(f"{origin}: {err}") from err
+
+
+def load_config(path: Path = DEFAULT_CONFIG_PATH, data_dir: Path | None = None) -> LoadedConfig:
+    """Load the configuration, falling back rather than failing.
+
+    Order: ``path``; if it is missing or invalid, the last configuration that loaded cleanly
+    (``<data_dir>/updater.last-good.toml``); else built-in defaults. Each problem met on the way
+    is returned in ``problems`` for the caller to log and report. A clean load refreshes the
+    last-good copy (atomically; a power cut leaves the old copy or the new one).
+    """
+    problems: list[str] = []
+    try:
+        text = path.read_bytes()
+    except OSError as err:
+        problems.append(f"{path}: cannot read: {err.strerror}")
+        text = None
+    if text is not None:
+        try:
+            config = parse_config(text, str(path))
+        except ConfigError as err:
+            problems.append(str(err))
+        else:
+            _remember(config.data_dir / LAST_GOOD_NAME, text, problems)
+            return LoadedConfig(config, str(path), tuple(problems))
+    fallback_dir = data_dir or UpdaterConfig().data_dir
+    last_good = fallback_dir / LAST_GOOD_NAME
+    try:
+        config = parse_config(last_good.read_bytes(), str(last_good))
+    except OSError:
+        pass
+    except ConfigError as err:
+        problems.append(str(err))
+    else:
+        return LoadedConfig(config, str(last_good), tuple(problems))
+    return LoadedConfig(UpdaterConfig(data_dir=fallback_dir), "defaults", tuple(problems))
+
+
+def _remember(path: Path, text: bytes, problems: list[str]) -> None:
+    try:
+        if not path.exists() or path.read_bytes() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, text)
+    except OSError as err:
+        problems.append(f"{path}: cannot keep a last-good copy: {err.strerror}")

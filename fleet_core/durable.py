@@ -13,9 +13,27 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+BoundaryHook = Callable[[str, Path], None]
+# The lab's power-cut injector (chaos/): called at every point where a power cut would leave a
+# different state on disk, with the point's name and the file. None outside the lab.
+_boundary_hook: BoundaryHook | None = None
+
+
+def set_boundary_hook(hook: BoundaryHook | None) -> BoundaryHook | None:
+    """Install ``hook`` to be called at every write boundary; returns the previous hook."""
+    global _boundary_hook
+    previous, _boundary_hook = _boundary_hook, hook
+    return previous
+
+
+def boundary(point: str, path: str | os.PathLike[str]) -> None:
+    """Mark a write boundary: the hook, if any, may simulate a power cut here by raising."""
+    if _boundary_hook is not None:
+        _boundary_hook(point, Path(path))
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -43,14 +61,17 @@ def atomic_output(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[B
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as tmp:
+            boundary("atomic:begin", target)
             yield tmp
             tmp.flush()
             os.fsync(tmp.fileno())
+        boundary("atomic:before-rename", target)
         Path(tmp_name).replace(target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     fsync_dir(directory)
+    boundary("atomic:done", target)
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
@@ -67,6 +88,7 @@ def write_at(path: str | os.PathLike[str], offset: int, data: bytes) -> None:
     extends it. Power cut: the region may hold old bytes, new bytes, or (at worst, on a torn
     sector write) a mixture; callers that need atomicity keep a checksum and a second copy.
     """
+    boundary("write-at:begin", path)
     fd = os.open(path, os.O_WRONLY)
     try:
         view = memoryview(data)
@@ -78,6 +100,7 @@ def write_at(path: str | os.PathLike[str], offset: int, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    boundary("write-at:done", path)
 
 
 def rewrite_in_place(path: str | os.PathLike[str], data: bytes) -> None:

@@ -278,6 +278,24 @@ class BundleReader:
         return manifest
 
     @property
+    def manifest(self) -> Manifest:
+        """The verified manifest.
+
+        Raises:
+            BundleError: :meth:`verify` has not succeeded.
+        """
+        if self._manifest is None:
+            raise BundleError(f"{self.name}: manifest not verified")
+        return self._manifest
+
+    @property
+    def manifest_sha256(self) -> str:
+        """SHA-256 of the verified manifest's exact bytes: the release's identity."""
+        if self._header is None or self._manifest is None:
+            raise BundleError(f"{self.name}: manifest not verified")
+        return hashlib.sha256(self._header[1]).hexdigest()
+
+    @property
     def bytes_read(self) -> int:
         """How many bytes of the bundle have been consumed so far."""
         return self._source.offset

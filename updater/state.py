@@ -34,6 +34,8 @@ STATE_FORMAT = 1
 STATE_NAME = "state.json"
 LOCK_NAME = "update.lock"
 SLOT_STATUSES = ("empty", "installing", "installed", "trial", "good", "bad")
+CRASH_LOOP_STARTS = 3
+CRASH_LOOP_WINDOW_S = 300
 
 
 def now_text() -> str:
@@ -51,6 +53,7 @@ class SlotState:
     security_version: int | None = None
     updated_at: str | None = None
     trial_boots: int = 0  # boot checks that found this slot still on trial
+    failures: int = 0  # consecutive boots of this (committed) slot that failed their checks
 
     @classmethod
     def from_dict(cls, document: Any, slot: str) -> SlotState:
@@ -67,7 +70,7 @@ class SlotState:
             value = getattr(state, name)
             if value is not None and not isinstance(value, kind):
                 raise StateError(f"{where}: {name} must be a string")
-        for name in ("security_version", "trial_boots"):
+        for name in ("security_version", "trial_boots", "failures"):
             value = getattr(state, name)
             if value is not None and (type(value) is not int or value < 0):
                 raise StateError(f"{where}: {name} must be a non-negative integer")
@@ -95,6 +98,27 @@ class DeviceState:
     def with_slot(self, name: str, **changes: Any) -> DeviceState:
         updated = replace(self.slot(name), updated_at=now_text(), **changes)
         return replace(self, slots={**self.slots, name: updated})
+
+    def with_start(self, boot_id: str, uptime_s: float) -> DeviceState:
+        """Record a start of the updater; suspend updates if it is crash-looping.
+
+        More than ``CRASH_LOOP_STARTS`` starts within ``CRASH_LOOP_WINDOW_S`` seconds of one boot
+        (timed by the kernel's uptime, which, unlike the wall clock, is always right) suspend
+        updates until an operator resumes them.
+        """
+        window = [
+            (b, t)
+            for b, t in self.restarts
+            if b == boot_id and 0 <= uptime_s - t <= CRASH_LOOP_WINDOW_S
+        ]
+        recent = (*window, (boot_id, uptime_s))
+        suspended = self.suspended
+        if len(recent) > CRASH_LOOP_STARTS and suspended is None:
+            suspended = (
+                f"crash loop: {len(recent)} updater starts within "
+                f"{CRASH_LOOP_WINDOW_S // 60} minutes"
+            )
+        return replace(self, restarts=recent[-(CRASH_LOOP_STARTS + 1) :], suspended=suspended)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,195 @@
+"""The boot check: after every boot, decide whether the running slot is kept.
+
+Runs once per boot (``fleet-boot-check.service``) before anything else of ours. It does its
+work and names the situation; a table picks the verdict (Mender's state machine, ten rows
+rather than a call graph):
+
+Situations:
+
+- ``safe_mode``: the firmware booted the safe-mode slot. No checks; report.
+- ``trial``: a slot we installed is on its trial boot. Run the checks: pass → commit;
+  fail → mark it bad and reboot into the old slot.
+- ``trial_loop``: the same trial came back ``MAX_TRIAL_BOOTS`` times without a verdict (the
+  check itself keeps dying): mark it bad and reboot, without running the checks again.
+- ``fell_back``: a trial was armed but the firmware booted the old slot: mark the trial slot
+  bad, then handle the running slot as ``normal``.
+- ``interrupted``: an install into the other slot never reached its trial (power cut, crash):
+  mark that slot bad (a new install rewrites it), then handle the running slot as ``normal``.
+- ``normal``: a committed slot. Run the checks: pass → confirm; fail → count the failure and
+  reboot (so the firmware's attempt counters run down); after ``MAX_FAILURES`` consecutive
+  failures mark the slot bad, so the firmware boots the other slot, or safe mode.
+
+*Commit* and *confirm* are the same bootloader call, ``commit(booted)``: it makes the slot
+primary and resets its attempts, so a committed slot that later stops booting falls back too.
+Persist before acting: the attempt about to be judged (``trial_boots``, ``failures``) is saved
+before the checks run. A verdict then changes the bootloader first and the state store second:
+a power cut between the two leaves the bootloader's decision in force, and the next boot check
+finds a situation (``normal`` or ``fell_back``) that brings the state store in line.
+Never commit from the safe-mode slot, and never commit a slot the firmware did not boot.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from bootloader_hooks.base import SAFE_SLOT, BootSelector
+from updater.install import EventSink
+from updater.state import DeviceState, StateStore
+
+MAX_TRIAL_BOOTS = 3  # a trial that keeps coming back without a verdict is a reboot loop
+MAX_FAILURES = 3  # consecutive failed boots of a committed slot before it is given up
+
+
+class CheckResultView(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def detail(self) -> str: ...
+
+
+class HealthReportView(Protocol):
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def results(self) -> Sequence[CheckResultView]: ...
+
+
+@dataclass(frozen=True)
+class BootVerdict:
+    """What the boot check found and did."""
+
+    situation: str
+    slot: str
+    action: str  # committed, confirmed, rolled_back, retrying, gave_up, reported
+    healthy: bool | None  # None when no checks ran
+    reboot: bool
+    failed_checks: tuple[str, ...] = ()
+
+
+def _classify(booted: str, trial: bool, state: DeviceState) -> str:
+    if booted == SAFE_SLOT:
+        return "safe_mode"
+    slot_state = state.slot(booted)
+    if trial:
+        return "trial_loop" if slot_state.trial_boots >= MAX_TRIAL_BOOTS else "trial"
+    other = state.slot("b" if booted == "a" else "a")
+    if other.status == "trial":
+        return "fell_back"
+    if other.status in ("installing", "installed"):
+        return "interrupted"
+    return "normal"
+
+
+class BootChecker:
+    """Runs the boot check; see the module docstring for the table."""
+
+    def __init__(
+        self,
+        backend: BootSelector,
+        store: StateStore,
+        log: EventSink,
+        run_checks: Callable[[], HealthReportView],
+        *,
+        reboot: Callable[[Sequence[str]], None] | None = None,
+        reboot_command: Sequence[str] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.store = store
+        self.log = log
+        self._run_checks = run_checks
+        self._reboot = reboot or (lambda argv: subprocess.run(list(argv), check=True) and None)
+        self._reboot_command = reboot_command
+
+    def run(self) -> BootVerdict:
+        loaded = self.store.load()
+        if loaded.problem:
+            self.log.event("state.damaged", level="warning", detail=loaded.problem)
+        state = loaded.state
+        booted = self.backend.booted()
+        trial = booted != SAFE_SLOT and self.backend.is_trial()
+        situation = _classify(booted, trial, state)
+        self.log.event("boot_check.started", slot=booted, trial=trial, situation=situation)
+        handler = {
+            "safe_mode": self._safe_mode,
+            "trial": self._trial,
+            "trial_loop": self._trial_loop,
+            "fell_back": self._fell_back,
+            "interrupted": self._interrupted,
+            "normal": self._normal,
+        }[situation]
+        verdict = handler(state, booted)
+        self.log.event(
+            f"boot_check.{verdict.action}",
+            level="info" if verdict.healthy is not False else "error",
+            slot=booted, situation=situation, reboot=verdict.reboot,
+            failed_checks=list(verdict.failed_checks),
+        )  # fmt: skip
+        if verdict.reboot:
+            self._reboot(list(self._reboot_command or ["reboot"]))
+        return verdict
+
+    # --- one method per row ---------------------------------------------------------------
+
+    def _checks(self) -> tuple[bool, tuple[str, ...]]:
+        report = self._run_checks()
+        failed = tuple(f"{r.name}: {r.detail}" for r in report.results if not r.ok)
+        return report.ok, failed
+
+    def _safe_mode(self, state: DeviceState, booted: str) -> BootVerdict:
+        return BootVerdict("safe_mode", booted, "reported", None, reboot=False)
+
+    def _trial(self, state: DeviceState, booted: str) -> BootVerdict:
+        trial_boots = state.slot(booted).trial_boots + 1
+        state = self.store.save(state.with_slot(booted, trial_boots=trial_boots))
+        ok, failed = self._checks()
+        if ok:
+            return self._commit(state, booted, "trial", "committed")
+        self._give_up(state, booted)
+        return BootVerdict("trial", booted, "rolled_back", False, reboot=True, failed_checks=failed)
+
+    def _trial_loop(self, state: DeviceState, booted: str) -> BootVerdict:
+        self._give_up(state, booted)
+        return BootVerdict("trial_loop", booted, "rolled_back", None, reboot=True)
+
+    def _fell_back(self, state: DeviceState, booted: str) -> BootVerdict:
+        other = "b" if booted == "a" else "a"
+        self.log.event("boot_check.fell_back", level="error", slot=other, running=booted)
+        state = self._give_up(state, other)
+        return self._normal(state, booted, situation="fell_back")
+
+    def _interrupted(self, state: DeviceState, booted: str) -> BootVerdict:
+        other = "b" if booted == "a" else "a"
+        self.log.event("boot_check.install_interrupted", level="warning", slot=other)
+        state = self._give_up(state, other)
+        return self._normal(state, booted, situation="interrupted")
+
+    def _normal(self, state: DeviceState, booted: str, situation: str = "normal") -> BootVerdict:
+        failures = state.slot(booted).failures + 1
+        state = self.store.save(state.with_slot(booted, failures=failures))
+        ok, failed = self._checks()
+        if ok:
+            return self._commit(state, booted, situation, "confirmed")
+        if failures >= MAX_FAILURES:
+            self._give_up(state, booted)
+            return BootVerdict(
+                situation, booted, "gave_up", False, reboot=True, failed_checks=failed
+            )
+        return BootVerdict(situation, booted, "retrying", False, reboot=True, failed_checks=failed)
+
+    # --- verdicts: bootloader first, then the state store ---------------------------------
+
+    def _give_up(self, state: DeviceState, slot: str) -> DeviceState:
+        self.backend.mark_bad(slot)
+        return self.store.save(state.with_slot(slot, status="bad"))
+
+    def _commit(self, state: DeviceState, booted: str, situation: str, action: str) -> BootVerdict:
+        self.backend.commit(booted)
+        security = max(state.installed_security_version, state.slot(booted).security_version or 0)
+        committed = state.with_slot(booted, status="good", trial_boots=0, failures=0)
+        self.store.save(replace(committed, installed_security_version=security))
+        return BootVerdict(situation, booted, action, True, reboot=False)

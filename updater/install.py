@@ -1,0 +1,319 @@
+"""The install: a signed bundle streamed into the slot that is not running, then armed for one
+trial boot.
+
+The steps follow RAUC's order, unsafe until proven safe; each is a method and a log event, so
+a log from the field reads as a trace of this file:
+
+1. ``check_preconditions``: keyring and compatible configured, updates not suspended, the device
+   not too hot, enough free space on the data partition;
+2. ``verify_manifest``: signature against the keyring, ``compatible``, ``security_version`` not
+   below the installed one, every image fits its slot; nothing has been written yet;
+3. ``mark_installing``: the target slot is ``installing`` in the state store and bad in the
+   bootloader before its first byte changes, so a half-written slot is never booted;
+4. ``write_images``: stream decompress → hash → write, flushing every ``FLUSH_BYTES``; the image
+   stream raises instead of ending if a byte differs from the signed manifest;
+5. ``mark_installed`` and ``arm_trial``: ``installed``, then ``try_once``, then ``trial``;
+6. reboot (unless told not to).
+
+The booted slot is never written; the bootloader's primary is not changed here (only the boot
+check commits). A power cut at any point leaves the old slot primary and bootable; the target
+is at worst ``installing`` (ignored, rewritten by the next install).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from bootloader_hooks.base import BootSelector, other_slot
+from fleet_core import durable
+from fleet_core.errors import FleetError
+from image_builder.bundle import BundleImage, BundleReader
+from image_builder.errors import BundleCompatibilityError
+from image_builder.manifest import Manifest
+from signing.errors import KeyringError
+from signing.keyring import Keyring
+from updater.config import UpdaterConfig
+from updater.errors import InstallError, PreconditionError, SlotError
+from updater.fetch import open_source
+from updater.slots import SlotTarget, check_not_mounted_root, slot_targets
+from updater.state import DeviceState, StateStore
+
+FLUSH_BYTES = 64 << 20  # bound the data a power cut can lose, and the page cache in use
+WRITE_CHUNK = 4 << 20
+
+
+class EventSink(Protocol):
+    """Where the install reports what it does (``updater.log.EventLog``)."""
+
+    def event(self, event: str, level: str = "info", **fields: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class Sensors:
+    """Readings the preconditions need, as functions so tests and the lab can supply them."""
+
+    temperature_c: Callable[[], float | None]
+    free_space_mb: Callable[[], int]
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    slot: str
+    version: str
+    bytes_written: int
+    seconds: float
+    rebooting: bool
+
+
+class Installer:
+    """Installs bundles on this device. See the module docstring for the steps."""
+
+    def __init__(
+        self,
+        config: UpdaterConfig,
+        backend: BootSelector,
+        store: StateStore,
+        log: EventSink,
+        sensors: Sensors,
+        *,
+        reboot: Callable[[Sequence[str]], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        http_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.store = store
+        self.log = log
+        self.sensors = sensors
+        self._reboot = reboot or _run_reboot
+        self._progress = progress
+        self._clock = clock
+        self._http_options = http_options or {}
+
+    # --- the steps ---------------------------------------------------------------------
+
+    def check_preconditions(self, state: DeviceState) -> Keyring:
+        """Refuse early, before any download, what can be refused early.
+
+        Raises:
+            PreconditionError: no keyring or compatible configured, updates suspended, too
+                hot, too little free space.
+        """
+        if self.config.keyring is None:
+            raise PreconditionError("no keyring configured: refusing to install anything")
+        if not self.config.compatible:
+            raise PreconditionError("no compatible string configured: refusing to install")
+        if state.suspended:
+            raise PreconditionError(f"updates are suspended: {state.suspended}")
+        temperature = self.sensors.temperature_c()
+        limit = self.config.limits.max_temperature_c
+        if temperature is not None and temperature > limit:
+            raise PreconditionError(
+                f"CPU at {temperature:.1f} °C, above the {limit:.1f} °C limit: update deferred"
+            )
+        free = self.sensors.free_space_mb()
+        if free < self.config.limits.min_free_mb:
+            raise PreconditionError(
+                f"{free} MB free on the data partition, below {self.config.limits.min_free_mb} "
+                "MB: update skipped"
+            )
+        try:
+            return Keyring.load(self.config.keyring)
+        except KeyringError as err:
+            raise PreconditionError(f"cannot install without a usable keyring: {err}") from err
+
+    def verify_manifest(
+        self, reader: BundleReader, keyring: Keyring, state: DeviceState
+    ) -> tuple[Manifest, str, dict[str, SlotTarget]]:
+        """Verify the manifest and decide the target slot; nothing has been written yet.
+
+        Raises:
+            BundleError, VerificationError: not authentic or malformed.
+            BundleCompatibilityError: another device type, or a downgrade.
+            SlotError: no usable target, or an image that does not fit.
+        """
+        manifest = reader.verify(keyring)
+        if manifest.compatible != self.config.compatible:
+            raise BundleCompatibilityError(
+                f"bundle is for {manifest.compatible!r}, this device is {self.config.compatible!r}"
+            )
+        if manifest.security_version < state.installed_security_version:
+            raise BundleCompatibilityError(
+                f"security version {manifest.security_version} is below the installed "
+                f"{state.installed_security_version}: downgrade refused"
+            )
+        booted = self.backend.booted()
+        if booted not in ("a", "b"):
+            raise SlotError(f"running from slot {booted!r}: install only from a root slot")
+        target = other_slot(booted)
+        targets = slot_targets(self.config.slots, target, self.config.partlabel_dir)
+        for entry in manifest.images:
+            slot_target = targets.get(entry.slot_class)
+            if slot_target is None:
+                raise SlotError(f"slot {target} has no {entry.slot_class} (bundle needs one)")
+            if entry.uncompressed_size > slot_target.capacity:
+                raise SlotError(
+                    f"{entry.slot_class} image of {entry.uncompressed_size} bytes does not fit "
+                    f"slot {target} ({slot_target.path}, {slot_target.capacity} bytes)"
+                )
+            check_not_mounted_root(slot_target.path)
+        if manifest.image("rootfs") is None:
+            raise SlotError("bundle has no rootfs image")
+        return manifest, target, targets
+
+    def mark_installing(
+        self, state: DeviceState, target: str, manifest: Manifest, sha: str
+    ) -> DeviceState:
+        self.backend.mark_bad(target)
+        state = self.store.save(
+            state.with_slot(
+                target,
+                status="installing",
+                version=manifest.version,
+                bundle_sha256=sha,
+                security_version=manifest.security_version,
+                trial_boots=0,
+            )
+        )
+        self.log.event("install.slot_marked", slot=target, status="installing")
+        return state
+
+    def write_images(
+        self, reader: BundleReader, targets: dict[str, SlotTarget], deadline: float
+    ) -> int:
+        total = sum(e.uncompressed_size for e in reader.manifest.images)
+        written = 0
+        for image in reader.images():
+            target = targets[image.entry.slot_class]
+            self.log.event(
+                "install.image_started",
+                slot=target.slot,
+                slot_class=target.slot_class,
+                path=str(target.path),
+                bytes=image.entry.uncompressed_size,
+            )
+            written = self._write_image(image, target, written, total, deadline)
+        return written
+
+    def _write_image(
+        self, image: BundleImage, target: SlotTarget, done: int, total: int, deadline: float
+    ) -> int:
+        try:
+            fd = os.open(target.path, os.O_WRONLY)
+        except OSError as err:
+            raise InstallError(f"slot {target.path}: cannot open: {err.strerror}") from err
+        unflushed = 0
+        try:
+            while chunk := image.stream.read(WRITE_CHUNK):
+                _write_all(fd, chunk, target.path)
+                done += len(chunk)
+                unflushed += len(chunk)
+                if unflushed >= FLUSH_BYTES:
+                    _flush(fd, target.path)
+                    unflushed = 0
+                    self._report_progress(done, total)
+                    if self._clock() > deadline:
+                        raise InstallError(
+                            f"install exceeded its {self.config.limits.update_deadline_s} s "
+                            "deadline: abandoned"
+                        )
+            _flush(fd, target.path)
+        finally:
+            os.close(fd)
+        self._report_progress(done, total)
+        return done
+
+    def _report_progress(self, done: int, total: int) -> None:
+        if self._progress is not None:
+            self._progress(done, total)
+        self.log.event("install.progress", bytes=done, total=total)
+
+    def arm_trial(self, state: DeviceState, target: str) -> DeviceState:
+        state = self.store.save(state.with_slot(target, status="installed"))
+        self.backend.try_once(target)
+        state = self.store.save(state.with_slot(target, status="trial"))
+        self.log.event("install.trial_armed", slot=target)
+        return state
+
+    # --- the whole install --------------------------------------------------------------
+
+    def install(self, source: str, *, reboot: bool = True) -> InstallResult:
+        """Install the bundle at ``source`` (a path or an http(s) URL) into the inactive slot.
+
+        The caller holds the update lock.
+
+        Raises:
+            PreconditionError, BundleError, VerificationError, BundleCompatibilityError,
+            SlotError, DownloadError: refused or failed before the target was touched.
+            InstallError: writing failed; the target slot is marked bad.
+        """
+        started = self._clock()
+        loaded = self.store.load()
+        if loaded.problem:
+            self.log.event("state.damaged", level="warning", detail=loaded.problem)
+        state = loaded.state
+        keyring = self.check_preconditions(state)
+        self.log.event("install.started", source=source)
+        with open_source(source, **self._http_options) as stream:
+            reader = BundleReader(stream, name=source)
+            manifest, target, targets = self.verify_manifest(reader, keyring, state)
+            self.log.event(
+                "install.verified",
+                version=manifest.version,
+                security_version=manifest.security_version,
+                slot=target,
+                signed_by=list(reader.signed_by),
+            )
+            state = self.mark_installing(state, target, manifest, reader.manifest_sha256)
+            deadline = started + self.config.limits.update_deadline_s
+            try:
+                written = self.write_images(reader, targets, deadline)
+            except (FleetError, OSError) as err:
+                self._fail(state, target, err)
+                raise InstallError(f"install into slot {target} failed: {err}") from err
+        state = self.arm_trial(state, target)
+        seconds = self._clock() - started
+        self.log.event(
+            "install.finished", slot=target, version=manifest.version, bytes=written,
+            seconds=round(seconds, 3), reboot=reboot,
+        )  # fmt: skip
+        if reboot:
+            command = list(self.config.reboot_command or self.backend.reboot_command())
+            self.log.event("install.rebooting", command=command)
+            self._reboot(command)
+        return InstallResult(target, manifest.version, written, seconds, reboot)
+
+    def _fail(self, state: DeviceState, target: str, err: BaseException) -> None:
+        self.log.event("install.failed", level="error", slot=target, error=str(err))
+        try:
+            self.store.save(state.with_slot(target, status="bad"))
+        except FleetError as save_err:
+            self.log.event("state.save_failed", level="error", error=str(save_err))
+
+
+def _write_all(fd: int, data: bytes, path: Path) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError as err:
+        raise InstallError(f"slot {path}: write failed: {err.strerror}") from err
+
+
+def _flush(fd: int, path: Path) -> None:
+    durable.boundary("slot:before-flush", path)
+    try:
+        os.fdatasync(fd)
+    except OSError as err:
+        raise InstallError(f"slot {path}: flush failed: {err.strerror}") from err
+
+
+def _run_reboot(command: Sequence[str]) -> None:
+    subprocess.run(list(command), check=True)

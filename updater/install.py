@@ -205,6 +205,7 @@ class Installer:
     def _write_image(
         self, image: BundleImage, target: SlotTarget, done: int, total: int, deadline: float
     ) -> int:
+        durable.boundary("slot:begin", target.path)
         try:
             fd = os.open(target.path, os.O_WRONLY)
         except OSError as err:
@@ -227,6 +228,7 @@ class Installer:
             _flush(fd, target.path)
         finally:
             os.close(fd)
+        durable.boundary("slot:done", target.path)
         self._report_progress(done, total)
         return done
 

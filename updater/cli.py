@@ -1,0 +1,255 @@
+"""``fleet-updater``: the device side.
+
+Exit codes: 0 success; 1 failure (one line, ``Error: …``); 2 usage error;
+3 (``EXIT_REBOOT_REQUIRED``) installed and armed, reboot required (``install --no-reboot``);
+4 (``EXIT_UNHEALTHY``) the boot check found this boot unhealthy and is rebooting.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bootloader_hooks.base import ROOT_SLOTS
+from fleet_core.errors import FleetError
+from updater.config import DEFAULT_CONFIG_PATH, load_config
+from updater.errors import UpdaterError
+from updater.log import EventLog
+from updater.runtime import Runtime
+from updater.state import update_lock
+
+EXIT_REBOOT_REQUIRED = 3
+EXIT_UNHEALTHY = 4
+
+
+class UpdaterGroup(click.Group):
+    """Maps expected failures to ``Error: …`` and exit status 1 (see the module docstring)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FleetError as err:
+            raise click.ClickException(str(err)) from err
+
+
+def _runtime(ctx: click.Context, *, log_to_stdout: bool) -> Runtime:
+    options = ctx.obj
+    loaded = load_config(options["config"])
+    log = EventLog(sys.stdout if log_to_stdout else sys.stderr)
+    for problem in loaded.problems:
+        log.event("config.fallback", level="warning", source=loaded.source, problem=problem)
+    factory = options.get("runtime_factory")
+    if factory is not None:
+        runtime: Runtime = factory(loaded, log)
+        return runtime
+    return Runtime(loaded, log)
+
+
+@click.group(cls=UpdaterGroup)
+@click.option(
+    "--config", type=click.Path(path_type=Path), default=DEFAULT_CONFIG_PATH, show_default=True
+)
+@click.pass_context
+def main(ctx: click.Context, config: Path) -> None:
+    """Metrica Fleet device updater."""
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config
+
+
+def _status_document(runtime: Runtime) -> dict[str, Any]:
+    loaded = runtime.store.load()
+    state = loaded.state
+    document: dict[str, Any] = {
+        "config": {"source": runtime.loaded.source, "problems": list(runtime.loaded.problems)},
+        "state_problem": loaded.problem,
+        "installed_security_version": state.installed_security_version,
+        "suspended": state.suspended,
+        "save_count": state.save_count,
+    }
+    booted = primary = None
+    trial = False
+    attempts: dict[str, int | None] = dict.fromkeys(ROOT_SLOTS)
+    try:
+        backend = runtime.backend
+        document["backend"] = backend.name
+        booted, primary, trial = backend.booted(), backend.primary(), False
+        trial = booted != "safe" and backend.is_trial()
+        attempts = {slot: backend.attempts_left(slot) for slot in ROOT_SLOTS}
+        document["bootloader_problem"] = None
+    except FleetError as err:
+        document.setdefault("backend", None)
+        document["bootloader_problem"] = str(err)
+    document.update({"booted": booted, "primary": primary, "trial": trial})
+    document["slots"] = {
+        slot: {
+            "status": state.slot(slot).status,
+            "version": state.slot(slot).version,
+            "security_version": state.slot(slot).security_version,
+            "bundle_sha256": state.slot(slot).bundle_sha256,
+            "updated_at": state.slot(slot).updated_at,
+            "attempts_left": attempts[slot],
+            "booted": slot == booted,
+            "primary": slot == primary,
+        }
+        for slot in ROOT_SLOTS
+    }
+    return document
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show slots, boot state and update state. Never fails on damaged state: it reports it."""
+    document = _status_document(_runtime(ctx, log_to_stdout=False))
+    if as_json:
+        click.echo(json.dumps(document, indent=2, sort_keys=True))
+        return
+    click.echo(f"config:    {document['config']['source']}")
+    for problem in document["config"]["problems"]:
+        click.echo(f"  problem: {problem}")
+    click.echo(f"backend:   {document['backend']}")
+    if document["bootloader_problem"]:
+        click.echo(f"  problem: {document['bootloader_problem']}")
+    trial = " (trial boot)" if document["trial"] else ""
+    click.echo(f"booted:    {document['booted']}{trial}")
+    click.echo(f"primary:   {document['primary']}")
+    for slot, info in document["slots"].items():
+        marks = [m for m in ("booted", "primary") if info[m]]
+        click.echo(
+            f"slot {slot}:    {info['status']:<10} {info['version'] or '-':<12} "
+            f"attempts {info['attempts_left']}  {' '.join(marks)}"
+        )
+    click.echo(f"security:  {document['installed_security_version']}")
+    click.echo(
+        f"updates:   {'suspended: ' + document['suspended'] if document['suspended'] else 'active'}"
+    )
+    if document["state_problem"]:
+        click.echo(f"  problem: {document['state_problem']}")
+
+
+@main.command()
+@click.argument("source")
+@click.option("--no-reboot", is_flag=True, help="Stop after arming the trial boot (exit 3).")
+@click.pass_context
+def install(ctx: click.Context, source: str, no_reboot: bool) -> None:
+    """Install the bundle SOURCE (a file or an http(s) URL) into the inactive slot."""
+    runtime = _runtime(ctx, log_to_stdout=True)
+    with update_lock(runtime.config.data_dir):
+        runtime.record_start()
+        options: dict[str, Any] = {}
+        if sys.stderr.isatty():
+            bar = click.progressbar(length=1, label="installing", file=sys.stderr)
+
+            def progress(done: int, total: int) -> None:
+                bar.length = total
+                bar.update(done - bar.pos)
+
+            options["progress"] = progress
+        result = runtime.installer(**options).install(source, reboot=not no_reboot)
+    if no_reboot:
+        click.echo(
+            f"installed {result.version} into slot {result.slot}: reboot to try it", err=True
+        )
+        ctx.exit(EXIT_REBOOT_REQUIRED)
+
+
+@main.command("boot-check")
+@click.pass_context
+def boot_check(ctx: click.Context) -> None:
+    """Judge this boot: commit a healthy trial, roll back an unhealthy one (run once per boot)."""
+    runtime = _runtime(ctx, log_to_stdout=True)
+    with update_lock(runtime.config.data_dir):
+        runtime.record_start()
+        verdict = runtime.boot_checker().run()
+    if verdict.healthy is False:
+        ctx.exit(EXIT_UNHEALTHY)
+
+
+@main.command("mark-good")
+@click.pass_context
+def mark_good(ctx: click.Context) -> None:
+    """Commit the booted slot by hand (what the boot check does when healthy)."""
+    runtime = _runtime(ctx, log_to_stdout=False)
+    with update_lock(runtime.config.data_dir):
+        slot = runtime.backend.booted()
+        if slot not in ROOT_SLOTS:
+            raise UpdaterError(f"booted slot {slot!r} is not a root slot: nothing to commit")
+        runtime.backend.commit(slot)
+        store = runtime.store
+        store.save(store.load().state.with_slot(slot, status="good", trial_boots=0, failures=0))
+        runtime.log.event("slot.marked_good", slot=slot)
+    click.echo(f"slot {slot} committed")
+
+
+@main.command("mark-bad")
+@click.argument("slot", required=False, type=click.Choice(["a", "b", "booted", "other"]))
+@click.pass_context
+def mark_bad(ctx: click.Context, slot: str | None) -> None:
+    """Never boot SLOT again until it is rewritten (default: the booted slot)."""
+    runtime = _runtime(ctx, log_to_stdout=False)
+    with update_lock(runtime.config.data_dir):
+        booted = runtime.backend.booted()
+        chosen = slot or "booted"
+        if chosen in ("booted", "other"):
+            if booted not in ROOT_SLOTS:
+                raise UpdaterError(f"booted slot {booted!r} is not a root slot")
+            chosen = booted if chosen == "booted" else ("b" if booted == "a" else "a")
+        runtime.backend.mark_bad(chosen)
+        store = runtime.store
+        store.save(store.load().state.with_slot(chosen, status="bad"))
+        runtime.log.event("slot.marked_bad", slot=chosen)
+    click.echo(f"slot {chosen} marked bad")
+
+
+@main.command()
+@click.option("--no-reboot", is_flag=True, help="Arm the rollback, do not reboot (exit 3).")
+@click.pass_context
+def rollback(ctx: click.Context, no_reboot: bool) -> None:
+    """Go back to the previous release in the other slot: no download, one reboot.
+
+    The other slot gets a trial boot, so if it no longer boots the firmware comes back here.
+    """
+    runtime = _runtime(ctx, log_to_stdout=True)
+    with update_lock(runtime.config.data_dir):
+        booted = runtime.backend.booted()
+        if booted not in ROOT_SLOTS:
+            raise UpdaterError(f"running from {booted!r}: rollback needs a root slot")
+        other = "b" if booted == "a" else "a"
+        store = runtime.store
+        state = store.load().state
+        if state.slot(other).status != "good":
+            raise UpdaterError(
+                f"slot {other} holds no intact previous release ({state.slot(other).status}): "
+                "install one instead"
+            )
+        runtime.backend.try_once(other)
+        store.save(state.with_slot(other, status="trial", trial_boots=0))
+        runtime.log.event("rollback.armed", slot=other, version=state.slot(other).version)
+        if no_reboot:
+            ctx.exit(EXIT_REBOOT_REQUIRED)
+        command = list(runtime.config.reboot_command or runtime.backend.reboot_command())
+        (runtime.reboot or _reboot)(command)
+
+
+def _reboot(command: list[str]) -> None:
+    subprocess.run(command, check=True)
+
+
+@main.command()
+@click.pass_context
+def resume(ctx: click.Context) -> None:
+    """Resume updates suspended by the crash-loop guard."""
+    runtime = _runtime(ctx, log_to_stdout=False)
+    with update_lock(runtime.config.data_dir):
+        store = runtime.store
+        state = store.load().state
+        store.save(replace(state, suspended=None, restarts=()))
+        runtime.log.event("update.resumed", previously=state.suspended)
+    click.echo("updates resumed")

@@ -1,0 +1,250 @@
+"""The virtual device: a disk of plain files, a firmware model, and the real updater code.
+
+Layout under the device's root directory::
+
+    disk/root_a.img, disk/root_b.img   the root slots (fixed-size files)
+    boot/                              the firmware's boot state (grubenv, uboot.env, autoboot.txt)
+    data/                              the data partition (/var/lib/fleet)
+    keyring/                           trusted release keys
+    linux/proc/                        what Linux sees of the boot: cmdline or device tree,
+                                       boot_id, uptime (rewritten by every boot)
+
+A boot asks the firmware model which slot starts; the slot's image says how it behaves
+(``chaos.lab_image``); if it reaches user space, the real boot check runs. ``settle()`` keeps
+booting until the device stays up: through watchdog resets after a hang and through the
+reboots the boot check asks for.
+
+Power cuts: :class:`PowerSwitch` is installed as the write-boundary hook of
+``fleet_core.durable``; at the chosen boundary it raises :class:`PowerCut` (a
+``BaseException``, so no ``except Exception`` can swallow it), and every boundary after it
+raises too: the power stays off. A slot image that was being written when the power went is
+overwritten with noise from its start, a superset of what unflushed writes can lose. What this
+model does not reproduce: a temporary file left by an interrupted atomic write (Python removes
+it while unwinding; such files are ignored by every reader) and torn sectors inside one write
+(the formats that write in place keep checksums and second copies for that).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bootloader_hooks.base import BootCause, BootEvent, BootOutcome, FirmwareModel, create_backend
+from chaos.lab_image import LabImage, read_lab_image
+from fleet_core import durable
+from updater.config import LoadedConfig, UpdaterConfig
+from updater.health import CheckResult, HealthReport
+from updater.log import EventLog
+from updater.runtime import Runtime
+from updater.state import DeviceState, StateStore
+
+SLOT_SIZE = 1 << 20
+MAX_BOOTS = 16
+
+
+class PowerCut(BaseException):
+    """The power went off."""
+
+
+@dataclass
+class PowerSwitch:
+    """Counts write boundaries and cuts the power at boundary number ``cut_at`` (0-based)."""
+
+    cut_at: int | None = None
+    points: list[tuple[str, Path]] = field(default_factory=list)
+    off: bool = False
+    writing: Path | None = None  # a slot image being written, not yet flushed to its end
+
+    def __call__(self, point: str, path: Path) -> None:
+        if self.off:
+            raise PowerCut(point)
+        if point == "slot:begin":
+            self.writing = path
+        elif point == "slot:done":
+            self.writing = None
+        if self.cut_at is not None and len(self.points) == self.cut_at:
+            self.off = True
+            self.points.append((point, path))
+            self._lose_unflushed()
+            raise PowerCut(point)
+        self.points.append((point, path))
+
+    def _lose_unflushed(self) -> None:
+        if self.writing is None:
+            return
+        remaining = self.writing.stat().st_size
+        with self.writing.open("r+b") as handle:
+            while remaining > 0:
+                remaining -= handle.write(os.urandom(min(remaining, 1 << 16)))
+
+    @contextmanager
+    def installed(self) -> Iterator[PowerSwitch]:
+        previous = durable.set_boundary_hook(self)
+        try:
+            yield self
+        finally:
+            durable.set_boundary_hook(previous)
+
+
+@dataclass(frozen=True)
+class LabFirmware:
+    """How one firmware's boot state is laid out in a virtual device."""
+
+    backend: str
+    prepare: Callable[[Path], dict[str, Any]]  # device root -> backend options (files made)
+    model: Callable[[Path, Mapping[str, Any]], FirmwareModel]  # device root, options -> model
+
+
+LAB_FIRMWARES: dict[str, LabFirmware] = {}
+
+
+@dataclass(frozen=True)
+class BootRecord:
+    """One boot: what the firmware chose and how far it got."""
+
+    slot: str
+    trial: bool
+    image: LabImage | None
+    action: str  # hang, safe_mode, or the boot check's action (committed, rolled_back, ...)
+
+
+class VirtualDevice:
+    """See the module docstring."""
+
+    def __init__(self, root: Path, firmware: str, *, compatible: str = "lab-device") -> None:
+        self.root = root
+        self.lab = LAB_FIRMWARES[firmware]
+        for directory in ("disk", "boot", "data", "keyring", "linux/proc"):
+            (root / directory).mkdir(parents=True, exist_ok=True)
+        for slot in ("a", "b"):
+            path = self.slot_path(slot)
+            if not path.exists():
+                path.write_bytes(bytes(SLOT_SIZE))
+        self.options = self.lab.prepare(root)
+        self.model = self.lab.model(root, self.options)
+        self.config = UpdaterConfig(
+            compatible=compatible,
+            keyring=root / "keyring",
+            data_dir=root / "data",
+            bootloader={"backend": self.lab.backend, **self.options},
+            slots={s: {"rootfs": str(self.slot_path(s))} for s in ("a", "b")},
+        )
+        self.log_stream = io.StringIO()
+        self.log = EventLog(self.log_stream, keep=True)
+        self.pending_reboot: list[str] | None = None
+        self.running: BootRecord | None = None
+        self.boots: list[BootRecord] = []
+
+    # --- the disk ------------------------------------------------------------------------
+
+    def slot_path(self, slot: str) -> Path:
+        return self.root / "disk" / f"root_{slot}.img"
+
+    def image(self, slot: str) -> LabImage | None:
+        return read_lab_image(self.slot_path(slot))
+
+    @property
+    def store(self) -> StateStore:
+        return StateStore(self.config.data_dir)
+
+    def state(self) -> DeviceState:
+        return self.store.load().state
+
+    def runtime(self) -> Runtime:
+        return Runtime(
+            LoadedConfig(self.config, "lab"),
+            self.log,
+            backend_factory=lambda c: create_backend(self.lab.backend, self.options),
+            reboot=self._reboot,
+            proc=self.root / "linux" / "proc",
+            health=self._health,
+        )
+
+    def provision(self, image: bytes, version: str) -> None:
+        """Factory provisioning: ``image`` in slot a, committed, slot b empty."""
+        with self.slot_path("a").open("r+b") as handle:
+            handle.write(image)
+        self.boot(BootEvent(BootCause.POWER_ON), run_boot_check=False)
+        backend = self.runtime().backend
+        backend.commit("a")
+        state = DeviceState().with_slot("a", status="good", version=version)
+        self.store.save(state)
+
+    # --- booting -------------------------------------------------------------------------
+
+    def _reboot(self, command: Sequence[str]) -> None:
+        self.pending_reboot = list(command)
+
+    def _health(self) -> HealthReport:
+        image = self.running.image if self.running else None
+        ok = image is not None and image.behaviour == "healthy"
+        detail = "release healthy" if ok else "release reports unhealthy"
+        return HealthReport(ok, (CheckResult("lab:release", "command", ok, detail, 0.0),), 0.0)
+
+    def _expose(self, outcome: BootOutcome) -> None:
+        linux = self.root / "linux"
+        for relative, data in outcome.linux_view.items():
+            path = linux / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        proc = linux / "proc"
+        (proc / "sys/kernel/random").mkdir(parents=True, exist_ok=True)
+        (proc / "sys/kernel/random/boot_id").write_text(f"{uuid.uuid4()}\n")
+        (proc / "uptime").write_text("5.00 4.00\n")
+
+    def boot(self, event: BootEvent, *, run_boot_check: bool = True) -> BootRecord:
+        """One start of the firmware, and of the boot check if the slot reaches user space."""
+        self.pending_reboot = None
+        outcome = self.model.boot(event)
+        self._expose(outcome)
+        image = None if outcome.slot == "safe" else self.image(outcome.slot)
+        if outcome.slot != "safe" and (image is None or image.behaviour == "hang"):
+            record = BootRecord(outcome.slot, outcome.trial, image, "hang")
+        elif not run_boot_check:
+            record = BootRecord(outcome.slot, outcome.trial, image, "booted")
+        else:
+            self.running = BootRecord(outcome.slot, outcome.trial, image, "running")
+            verdict = self.runtime().boot_checker().run()
+            record = BootRecord(outcome.slot, outcome.trial, image, verdict.action)
+        self.running = record
+        self.boots.append(record)
+        return record
+
+    def settle(self, event: BootEvent | None = None) -> list[BootRecord]:
+        """Boot until the device stays up; returns every boot on the way.
+
+        Raises:
+            RuntimeError: still rebooting after ``MAX_BOOTS`` boots (a reboot loop: a bug).
+        """
+        event = event or BootEvent(BootCause.POWER_ON)
+        records = []
+        for _ in range(MAX_BOOTS):
+            record = self.boot(event)
+            records.append(record)
+            if record.action == "hang":
+                event = BootEvent(BootCause.RESET)  # the watchdog resets the board
+            elif self.pending_reboot is not None:
+                event = BootEvent(BootCause.REBOOT, tuple(self.pending_reboot))
+            else:
+                return records
+        raise RuntimeError(f"no stable boot after {MAX_BOOTS} boots: {records}")
+
+    def power_on(self) -> list[BootRecord]:
+        return self.settle(BootEvent(BootCause.POWER_ON))
+
+    def install(self, bundle: Path, *, reboot: bool = True) -> list[BootRecord]:
+        """Install ``bundle`` with the real installer and, unless told not to, reboot and
+        settle."""
+        self.runtime().installer().install(str(bundle), reboot=reboot)
+        if not reboot or self.pending_reboot is None:
+            return []
+        return self.settle(BootEvent(BootCause.REBOOT, tuple(self.pending_reboot)))
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.log.events if e["event"] == name]

@@ -23,6 +23,9 @@ import requests
 from updater.errors import DownloadError
 
 CHUNK = 1024 * 1024
+# A dropped connection loses the chunk being received: keep it small, so a resume repeats
+# little, and large enough that Python's per-chunk overhead stays negligible.
+RECEIVE_CHUNK = 64 * 1024
 
 
 def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: Callable[[], float]) -> float:
@@ -91,7 +94,7 @@ class HttpStream(io.RawIOBase):
             self.total = int(length) if length and length.isdigit() else None
             self._etag = response.headers.get("ETag")
         self._response = response
-        self._body = response.iter_content(CHUNK)
+        self._body = response.iter_content(RECEIVE_CHUNK)
 
     def _close_response(self) -> None:
         if self._response is not None:

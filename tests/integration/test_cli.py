@@ -172,3 +172,33 @@ def test_console_script_prints_no_traceback(tmp_path: Path, signed: tuple[Path, 
     assert process.stdout == ""
     assert process.stderr.count("\n") == 1 and "Traceback" not in process.stderr
     assert process.stderr.startswith(f"Error: {damaged}: truncated")
+
+
+def test_image_rootfs_and_import(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "os-release").write_text('NAME="test"\n')
+    env = {"SOURCE_DATE_EPOCH": "1700000000"}
+    for name in ("one.ext4", "two.ext4"):
+        result = invoke("image", "rootfs", tree, "--type", "ext4", "--size", "8M", "-o",
+                        tmp_path / name, env=env)  # fmt: skip
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "one.ext4").read_bytes() == (tmp_path / "two.ext4").read_bytes()
+    bad = invoke("image", "rootfs", tree, "--size", "lots", "-o", tmp_path / "x.ext4")
+    assert bad.exit_code == 2 and "--size" in bad.output
+    assert_one_line_error(
+        invoke("image", "rootfs", tmp_path / "nope", "--size", "8M", "-o", tmp_path / "y.ext4"),
+        "nope",
+    )
+    assert not (tmp_path / "y.ext4").exists()
+    assert_one_line_error(
+        invoke("image", "import", tmp_path / "one.ext4", "--out-dir", tmp_path / "slots"), ""
+    )
+    assert not list((tmp_path / "slots").glob("*")) if (tmp_path / "slots").exists() else True
+
+
+def test_demo_runs_to_the_end(tmp_path: Path) -> None:
+    result = invoke("demo", "--workdir", tmp_path / "demo")
+    assert result.exit_code == 0, result.output
+    assert "OK, signed by" in result.output
+    assert "compatible:       metrica-rpi4" in result.output

@@ -1,0 +1,190 @@
+"""``fleet image`` (filesystem and disk images) and ``fleet bundle`` (signed release bundles)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from image_builder.bundle import read_bundle_info, verify_bundle
+from image_builder.bundle_writer import ImageSource, create_bundle
+from image_builder.errors import BundleCompatibilityError
+from image_builder.manifest import SLOT_CLASSES
+from signing.cli import passphrase_file_option, read_passphrase
+from signing.keyring import Keyring
+from signing.keys import SigningKey, load_private_key, private_key_is_encrypted
+
+
+@click.group()
+def image() -> None:
+    """Build filesystem images for slots, and import existing disk images."""
+
+
+@image.command()
+@click.argument("source_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--type",
+    "fs_type",
+    default="ext4",
+    show_default=True,
+    type=click.Choice(["ext4", "squashfs", "vfat"]),
+)
+@click.option("--size", "size_text", help="Image size, e.g. 512M or 2G (ext4 and vfat).")
+@click.option("--label", help="Filesystem label.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
+def rootfs(
+    source_dir: Path, fs_type: str, size_text: str | None, label: str | None, output: Path
+) -> None:
+    """Build a filesystem image from SOURCE_DIR, reproducibly (honours SOURCE_DATE_EPOCH)."""
+    from image_builder.filesystem import build_filesystem_image, parse_size
+
+    try:
+        size = parse_size(size_text) if size_text is not None else None
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--size") from err
+    built = build_filesystem_image(source_dir, output, fs_type, size_bytes=size, label=label)
+    click.echo(f"{built.path}: {built.fs_type}, {built.size_bytes} bytes")
+
+
+@image.command("import")
+@click.argument("disk", type=click.Path(path_type=Path))
+@click.option("--out-dir", required=True, type=click.Path(path_type=Path))
+def import_disk(disk: Path, out_dir: Path) -> None:
+    """Extract the boot (FAT) and root (ext4) partitions of a disk image as slot images."""
+    from image_builder.disk_import import import_disk_image
+
+    for part in import_disk_image(disk, out_dir):
+        click.echo(f"{part.slot_class}: {part.path} (partition {part.number}, {part.size_bytes} bytes)")
+
+
+@click.group()
+def bundle() -> None:
+    """Create, verify and inspect signed release bundles."""
+
+
+def _parse_image(text: str) -> ImageSource:
+    slot_class, sep, path = text.partition("=")
+    if not sep or not path:
+        raise click.BadParameter(f"{text!r}: expected SLOT_CLASS=PATH", param_hint="--image")
+    if slot_class not in SLOT_CLASSES:
+        raise click.BadParameter(
+            f"{text!r}: slot class must be one of {', '.join(SLOT_CLASSES)}", param_hint="--image"
+        )
+    return ImageSource(slot_class, Path(path))
+
+
+def _load_key(path: Path, passphrase_file: Path | None) -> SigningKey:
+    passphrase = read_passphrase(passphrase_file)
+    if passphrase is None and path.is_file() and private_key_is_encrypted(path):
+        passphrase = click.prompt(f"Passphrase for {path}", hide_input=True).encode()
+    return load_private_key(path, passphrase)
+
+
+@bundle.command()
+@click.option("--compatible", required=True, help="Which devices may install it.")
+@click.option("--version", "version", required=True, help="Semantic version, e.g. 1.4.0.")
+@click.option(
+    "--security-version",
+    required=True,
+    type=click.IntRange(min=0),
+    help="Anti-rollback counter: devices refuse bundles below the installed one.",
+)
+@click.option(
+    "--image",
+    "images",
+    required=True,
+    multiple=True,
+    help="SLOT_CLASS=PATH, e.g. rootfs=root.ext4; repeat for bootfs.",
+)
+@click.option(
+    "--key",
+    "key_paths",
+    required=True,
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Private key (.pem); repeat to co-sign.",
+)
+@passphrase_file_option
+@click.option("--compress", type=click.Choice(["none", "zstd"]), default="none", show_default=True)
+@click.option("--product", default="metrica-fleet", show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
+def create(
+    compatible: str,
+    version: str,
+    security_version: int,
+    images: tuple[str, ...],
+    key_paths: tuple[Path, ...],
+    passphrase_file: Path | None,
+    compress: str,
+    product: str,
+    output: Path,
+) -> None:
+    """Build and sign a release bundle."""
+    sources = [_parse_image(text) for text in images]
+    keys = [_load_key(path, passphrase_file) for path in key_paths]
+    manifest = create_bundle(
+        output,
+        images=sources,
+        keys=keys,
+        compatible=compatible,
+        version=version,
+        security_version=security_version,
+        product=product,
+        compression=compress,
+    )
+    click.echo(
+        f"{output}: {manifest.product} {manifest.version} for {manifest.compatible}, "
+        f"signed by {', '.join(k.key_id for k in keys)}"
+    )
+
+
+@bundle.command()
+@click.argument("bundle_path", type=click.Path(path_type=Path))
+@click.option("--keyring", "keyring_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--compatible", help="Also require this compatible string.")
+def verify(bundle_path: Path, keyring_dir: Path, compatible: str | None) -> None:
+    """Check a bundle's signatures and every byte of its images."""
+    result = verify_bundle(bundle_path, Keyring.load(keyring_dir))
+    manifest = result.manifest
+    if compatible is not None and manifest.compatible != compatible:
+        raise BundleCompatibilityError(
+            f"{bundle_path}: built for {manifest.compatible!r}, not {compatible!r}"
+        )
+    click.echo(
+        f"{bundle_path}: OK: {manifest.product} {manifest.version} for "
+        f"{manifest.compatible}, security version {manifest.security_version}, "
+        f"signed by {', '.join(result.signed_by)}"
+    )
+
+
+@bundle.command()
+@click.argument("bundle_path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(bundle_path: Path, as_json: bool) -> None:
+    """Show a bundle's manifest and signers (without verifying; see 'verify')."""
+    manifest, envelope = read_bundle_info(bundle_path)
+    signers = [s.key_id for s in envelope.signatures]
+    if as_json:
+        document = {
+            "manifest": manifest.to_dict(),
+            "signatures": signers,
+            "size": bundle_path.stat().st_size,
+            "verified": False,
+        }
+        click.echo(json.dumps(document, indent=2, sort_keys=True))
+        return
+    click.echo(f"bundle:           {bundle_path} ({bundle_path.stat().st_size} bytes)")
+    click.echo(f"product:          {manifest.product}")
+    click.echo(f"compatible:       {manifest.compatible}")
+    click.echo(f"version:          {manifest.version}")
+    click.echo(f"security version: {manifest.security_version}")
+    click.echo(f"created:          {manifest.created}")
+    for entry in manifest.images:
+        click.echo(
+            f"image {entry.slot_class}: {entry.filename}, {entry.compression}, "
+            f"{entry.size} bytes stored, {entry.uncompressed_size} bytes, "
+            f"sha256 {entry.uncompressed_sha256}"
+        )
+    for kid in signers:
+        click.echo(f"signed by:        {kid} (not verified; use 'fleet bundle verify')")

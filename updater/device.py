@@ -1,0 +1,140 @@
+"""Device sensors: temperature, free space, Raspberry Pi throttling, boot id, uptime.
+
+Every function takes the filesystem root it reads (``/sys/class/thermal``, ``/proc``, ...) as a
+parameter, so tests and the virtual device pass a fake tree. Nothing here writes anything.
+
+Sensors that are merely absent or unreadable (no thermal zones in a VM, no Raspberry Pi
+firmware on an x86 gateway) read as ``None``: an update precondition decides what a missing
+reading means, not the sensor code.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+from pathlib import Path
+
+DEFAULT_THERMAL_DIR = Path("/sys/class/thermal")
+DEFAULT_PROC = Path("/proc")
+DEFAULT_THROTTLED_PATH = Path("/sys/devices/platform/soc/soc:firmware/get_throttled")
+# Readings outside this range come from a broken or unsupported sensor (some report -273 °C or
+# 2^31 millidegrees): trusting one would defer updates forever, or hide a real overheat.
+PLAUSIBLE_TEMPERATURE_C = (-60.0, 200.0)
+_MIB = 1024 * 1024
+
+
+def read_temperature_c(thermal_dir: Path = DEFAULT_THERMAL_DIR) -> float | None:
+    """The hottest plausible reading of ``thermal_dir/thermal_zone*/temp``, in °C.
+
+    Each ``temp`` file holds millidegrees Celsius as a decimal integer. Zones that cannot be
+    read, do not hold an integer, or read outside :data:`PLAUSIBLE_TEMPERATURE_C` are ignored.
+    Returns ``None`` when no zone gives a usable reading (or ``thermal_dir`` does not exist).
+    """
+    readings: list[float] = []
+    for zone in thermal_dir.glob("thermal_zone*"):
+        try:
+            millidegrees = int((zone / "temp").read_text(encoding="ascii").strip())
+        except (OSError, ValueError):
+            continue
+        celsius = millidegrees / 1000.0
+        low, high = PLAUSIBLE_TEMPERATURE_C
+        if low <= celsius <= high:
+            readings.append(celsius)
+    return max(readings, default=None)
+
+
+def free_space_mb(path: Path) -> int:
+    """Space available to unprivileged users on the filesystem holding ``path``, in MiB
+    (rounded down).
+
+    The unprivileged figure (``f_bavail``), not the total free: the blocks ext4 reserves for
+    root are the margin that keeps the device working when the data partition fills up, so an
+    update must not count on them.
+
+    Raises:
+        OSError: ``path`` does not exist or cannot be examined.
+    """
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize // _MIB
+
+
+class Throttled(enum.IntFlag):
+    """The bits of the Raspberry Pi firmware's ``get_throttled`` value.
+
+    The low bits say what is happening now, the same bits shifted by 16 say whether it has
+    happened at any time since boot (they stay set until the next boot).
+    """
+
+    UNDER_VOLTAGE = 1 << 0  # supply below about 4.63 V now: SD card writes may corrupt
+    FREQUENCY_CAPPED = 1 << 1  # ARM frequency capped now
+    THROTTLED = 1 << 2  # ARM frequency reduced now (temperature or voltage)
+    SOFT_TEMPERATURE_LIMIT = 1 << 3  # soft temperature limit active now (Pi 3B+ and later)
+    UNDER_VOLTAGE_OCCURRED = 1 << 16
+    FREQUENCY_CAPPED_OCCURRED = 1 << 17
+    THROTTLED_OCCURRED = 1 << 18
+    SOFT_TEMPERATURE_LIMIT_OCCURRED = 1 << 19
+
+    @property
+    def now(self) -> Throttled:
+        """Only the conditions that are active at the time of reading."""
+        return self & Throttled(0xF)
+
+    @property
+    def since_boot(self) -> Throttled:
+        """Only the conditions that have occurred at some time since boot."""
+        return self & Throttled(0xF0000)
+
+
+def read_throttled(path: Path = DEFAULT_THROTTLED_PATH) -> int | None:
+    """The firmware's ``get_throttled`` value (see :class:`Throttled` for its bits).
+
+    Accepts the sysfs form (bare hexadecimal, ``50005``) and the ``vcgencmd get_throttled``
+    form (``throttled=0x50005``), so either can be captured into a file. Returns ``None`` when
+    the file is missing (not a Raspberry Pi, firmware driver not loaded) or does not hold a
+    hexadecimal number.
+    """
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, ValueError):
+        return None
+    _, _, value = text.rpartition("=")
+    try:
+        number = int(value.strip(), 16)
+    except ValueError:
+        return None
+    return number if number >= 0 else None
+
+
+def boot_id(proc: Path = DEFAULT_PROC) -> str:
+    """The kernel's random id of this boot (``proc/sys/kernel/random/boot_id``): it changes on
+    every boot, so the boot check can tell "rebooted since" from "restarted since" without a
+    real-time clock.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: the file is empty.
+    """
+    path = proc / "sys" / "kernel" / "random" / "boot_id"
+    text = path.read_text(encoding="ascii").strip()
+    if not text:
+        raise ValueError(f"{path}: empty")
+    return text
+
+
+def uptime_s(proc: Path = DEFAULT_PROC) -> float:
+    """Seconds since boot, from the first field of ``proc/uptime``.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: the file does not start with a finite, non-negative number.
+    """
+    path = proc / "uptime"
+    fields = path.read_text(encoding="ascii").split()
+    try:
+        seconds = float(fields[0])
+    except (IndexError, ValueError) as err:
+        raise ValueError(f"{path}: not an uptime: {' '.join(fields)[:40]!r}") from err
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{path}: not an uptime: {fields[0][:40]!r}")
+    return seconds

@@ -1,0 +1,144 @@
+"""Structured event log: one JSON object per line, for Promtail and Loki.
+
+Event names
+-----------
+An event name is ``<subject>.<what happened>``, lower case, words joined by ``_``; the subject
+is a word of the glossary (``install``, ``download``, ``boot_check``, ``health``, ``slot``,
+``config``, ``state``, ``update``, ``daemon``). Names are an interface: Loki queries and alerts
+match them (``{job="fleet-updater"} | json | event="install.failed"``), so a name, once
+shipped, never changes meaning. Examples:
+
+========================  ==============================================================
+``install.started``       a release is about to be written to a slot (slot, version)
+``install.progress``      bytes written so far (slot, bytes, total_bytes)
+``install.finished``      every image written and verified (slot, version, bytes, duration_s)
+``install.failed``        the install stopped; the target slot is marked bad (slot, step, error)
+``download.retry``        a fetch failed and will be retried (url, attempt, error)
+``update.deferred``       an update was not started now (reason: temperature, disk, throttled)
+``boot_check.started``    the boot check began (booted, trial)
+``boot_check.committed``  the trial slot passed its health checks and is now primary
+``boot_check.reverted``   the trial slot failed and is marked bad; rebooting into the old one
+``health.check_failed``   one health check failed (check, detail, duration_s)
+``config.fallback``       the configuration file was unusable (source, problems)
+``state.damaged``         the state file was unreadable and was set aside (path, error)
+``daemon.crash_loop``     too many restarts in a short time; the daemon enters a safe state
+========================  ==============================================================
+
+Field names are snake_case with the unit in the name (``duration_s``, ``bytes``); ``error``
+holds an error message. Levels: ``debug``, ``info``, ``warning``, ``error``.
+
+Line format: ``{"ts": ..., "level": ..., "event": ..., <fields sorted by name>}``, where ``ts``
+is RFC 3339 UTC with milliseconds (``2024-05-01T12:00:00.123Z``). The clock is the wall clock
+and may be years off on a device without a real-time clock: order events by their position in
+the log, never by ``ts``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+LEVELS = ("debug", "info", "warning", "error")
+RESERVED_KEYS = ("ts", "level", "event")
+MAX_DEPTH = 8  # deeper structures are written as text: a log line is not a data dump
+
+
+class EventLog:
+    """Writes events as JSON lines to ``stream`` (``sys.stdout`` when not given, looked up when
+    the log is made, so a redirected stdout is honoured).
+
+    :meth:`event` never raises: a logger must not kill the updater. A line that cannot be
+    written (closed stream, broken pipe, full disk) is counted in :attr:`dropped` and lost.
+    With ``keep=True`` every event is also kept, as a dict, in :attr:`events` (for tests; a
+    daemon must not grow a list forever). Safe to use from several threads: lines never
+    interleave.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        keep: bool = False,
+    ) -> None:
+        self._stream = stream if stream is not None else sys.stdout
+        self._clock = clock
+        self._keep = keep
+        self._kept: list[dict[str, Any]] = []
+        self._dropped = 0
+        self._lock = threading.Lock()
+
+    @property
+    def dropped(self) -> int:
+        """How many events could not be written."""
+        return self._dropped
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The events logged so far, as written (empty unless made with ``keep=True``)."""
+        return list(self._kept)
+
+    def event(self, event: str, level: str = "info", **fields: Any) -> None:
+        """Log one event: see the module docstring for names, fields and the line format.
+
+        Values that JSON cannot represent are written as their ``str()``; a field named ``ts``
+        is written as ``_ts`` so the timestamp key is never overwritten.
+        """
+        with self._lock:
+            try:
+                record = self._record(event, level, fields)
+                line = json.dumps(record, ensure_ascii=True, allow_nan=False)
+            except Exception:  # a value whose str() raises: lose the line, keep the updater
+                self._dropped += 1
+                return
+            if self._keep:
+                self._kept.append(record)
+            try:
+                # ASCII only: the stream's encoding is whatever the service manager gave us
+                self._stream.write(line + "\n")
+                # flushed per line so that a crash right after an event still leaves it on disk
+                self._stream.flush()
+            except Exception:
+                self._dropped += 1
+
+    def _record(self, event: str, level: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "ts": rfc3339_millis(self._clock()),
+            "level": str(level),
+            "event": str(event),
+        }
+        named = {
+            (f"_{key}" if key in RESERVED_KEYS else key): value for key, value in fields.items()
+        }
+        for name in sorted(named):
+            record[name] = _jsonable(named[name], MAX_DEPTH)
+        return record
+
+
+def rfc3339_millis(timestamp: float) -> str:
+    """``timestamp`` (seconds since the epoch) as RFC 3339 UTC with milliseconds."""
+    # integer milliseconds first: rounding a float could otherwise print ".1000"
+    millis = math.floor(timestamp * 1000)
+    moment = datetime.fromtimestamp(millis // 1000, UTC)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{millis % 1000:03d}Z"
+
+
+def _jsonable(value: Any, depth: int) -> Any:
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        # NaN and infinities are not JSON; Loki would reject the whole line
+        return value if math.isfinite(value) else str(value)
+    if depth <= 0:
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(value[key], depth - 1) for key in sorted(value, key=str)}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item, depth - 1) for item in value]
+    return str(value)

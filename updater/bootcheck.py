@@ -68,7 +68,7 @@ class BootVerdict:
     action: str  # committed, confirmed, rolled_back, retrying, gave_up, reported
     healthy: bool | None  # None when no checks ran
     reboot: bool
-    failed_checks: tuple[str, ...] = ()
+    failed_checks: tuple[str, ...] = ()  # names of the health checks that failed
 
 
 def _classify(booted: str, trial: bool, state: DeviceState) -> str:
@@ -136,9 +136,13 @@ class BootChecker:
     # --- one method per row ---------------------------------------------------------------
 
     def _checks(self) -> tuple[bool, tuple[str, ...]]:
+        """Run the health checks; log each failure; return the verdict and the failed names."""
         report = self._run_checks()
-        failed = tuple(f"{r.name}: {r.detail}" for r in report.results if not r.ok)
-        return report.ok, failed
+        failed = tuple(r for r in report.results if not r.ok)
+        for result in failed:
+            self.log.event("health.check_failed", level="warning", check=result.name,
+                           detail=result.detail)  # fmt: skip
+        return report.ok, tuple(r.name for r in failed)
 
     def _safe_mode(self, state: DeviceState, booted: str) -> BootVerdict:
         return BootVerdict("safe_mode", booted, "reported", None, reboot=False)

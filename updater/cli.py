@@ -62,52 +62,12 @@ def main(ctx: click.Context, config: Path) -> None:
     ctx.obj["config"] = config
 
 
-def _status_document(runtime: Runtime) -> dict[str, Any]:
-    loaded = runtime.store.load()
-    state = loaded.state
-    document: dict[str, Any] = {
-        "config": {"source": runtime.loaded.source, "problems": list(runtime.loaded.problems)},
-        "state_problem": loaded.problem,
-        "installed_security_version": state.installed_security_version,
-        "suspended": state.suspended,
-        "save_count": state.save_count,
-    }
-    booted = primary = None
-    trial = False
-    attempts: dict[str, int | None] = dict.fromkeys(ROOT_SLOTS)
-    try:
-        backend = runtime.backend
-        document["backend"] = backend.name
-        booted, primary, trial = backend.booted(), backend.primary(), False
-        trial = booted != "safe" and backend.is_trial()
-        attempts = {slot: backend.attempts_left(slot) for slot in ROOT_SLOTS}
-        document["bootloader_problem"] = None
-    except FleetError as err:
-        document.setdefault("backend", None)
-        document["bootloader_problem"] = str(err)
-    document.update({"booted": booted, "primary": primary, "trial": trial})
-    document["slots"] = {
-        slot: {
-            "status": state.slot(slot).status,
-            "version": state.slot(slot).version,
-            "security_version": state.slot(slot).security_version,
-            "bundle_sha256": state.slot(slot).bundle_sha256,
-            "updated_at": state.slot(slot).updated_at,
-            "attempts_left": attempts[slot],
-            "booted": slot == booted,
-            "primary": slot == primary,
-        }
-        for slot in ROOT_SLOTS
-    }
-    return document
-
-
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Show slots, boot state and update state. Never fails on damaged state: it reports it."""
-    document = _status_document(_runtime(ctx, log_to_stdout=False))
+    document = _runtime(ctx, log_to_stdout=False).snapshot()
     if as_json:
         click.echo(json.dumps(document, indent=2, sort_keys=True))
         return
@@ -152,7 +112,12 @@ def install(ctx: click.Context, source: str, no_reboot: bool) -> None:
                 bar.update(done - bar.pos)
 
             options["progress"] = progress
-        result = runtime.installer(**options).install(source, reboot=not no_reboot)
+        try:
+            result = runtime.installer(**options).install(source, reboot=not no_reboot)
+        except FleetError:
+            runtime.publish_metrics(event="failed")
+            raise
+        runtime.publish_metrics(install=result)
     if no_reboot:
         click.echo(
             f"installed {result.version} into slot {result.slot}: reboot to try it", err=True
@@ -168,6 +133,10 @@ def boot_check(ctx: click.Context) -> None:
     with update_lock(runtime.config.data_dir):
         runtime.record_start()
         verdict = runtime.boot_checker().run()
+        runtime.publish_metrics(
+            event="committed" if verdict.action == "committed" else None,
+            failed_checks=verdict.failed_checks,
+        )
     if verdict.healthy is False:
         ctx.exit(EXIT_UNHEALTHY)
 

@@ -6,18 +6,24 @@ below reaches for a global.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import contextlib
+import importlib.metadata
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bootloader_hooks.base import BootSelector, create_backend
+from prometheus_client import CollectorRegistry
+
+from bootloader_hooks.base import ROOT_SLOTS, SAFE_SLOT, BootSelector, create_backend
 from bootloader_hooks.errors import BootloaderError
+from fleet_core.errors import FleetError
 from updater.bootcheck import BootChecker
 from updater.config import LoadedConfig, UpdaterConfig
 from updater.device import boot_id, free_space_mb, read_temperature_c, uptime_s
 from updater.health import HealthReport, run_health_checks
-from updater.install import EventSink, Installer, Sensors
+from updater.install import EventSink, Installer, InstallResult, Sensors
+from updater.metrics import SlotView, UpdaterMetrics
 from updater.state import StateStore
 
 # Where each firmware leaves a trace that tells it apart, for ``backend = "auto"``.
@@ -26,6 +32,26 @@ AUTO_DETECT: tuple[tuple[str, Path], ...] = (
     ("grub", Path("/boot/efi/EFI/fleet/grubenv")),
     ("uboot", Path("/etc/fw_env.config")),
 )
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("metrica-fleet")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _update_state(document: Mapping[str, Any]) -> str:
+    statuses = {info["status"] for info in document["slots"].values()}
+    if document["suspended"]:
+        return "suspended"
+    if "installing" in statuses:
+        return "installing"
+    if document["trial"]:
+        return "trial"
+    if statuses & {"installed", "trial"}:
+        return "installed"
+    return "idle"
 
 
 def detect_backend(probes: Sequence[tuple[str, Path]] = AUTO_DETECT) -> str:
@@ -101,6 +127,78 @@ class Runtime:
             self.backend, self.store, self.log, self.run_health_checks,
             reboot=self.reboot, reboot_command=self.config.reboot_command,
         )  # fmt: skip
+
+    def snapshot(self) -> dict[str, Any]:
+        """What ``fleet-updater status --json`` prints: configuration, boot and slot state.
+
+        Never raises for damaged state: a bootloader or state problem is reported in the
+        document (``bootloader_problem``, ``state_problem``) instead.
+        """
+        loaded = self.store.load()
+        state = loaded.state
+        document: dict[str, Any] = {
+            "config": {"source": self.loaded.source, "problems": list(self.loaded.problems)},
+            "state_problem": loaded.problem,
+            "installed_security_version": state.installed_security_version,
+            "suspended": state.suspended,
+            "save_count": state.save_count,
+            "backend": None,
+            "bootloader_problem": None,
+        }
+        booted = primary = None
+        trial = False
+        attempts: dict[str, int | None] = dict.fromkeys(ROOT_SLOTS)
+        try:
+            backend = self.backend
+            document["backend"] = backend.name
+            booted, primary = backend.booted(), backend.primary()
+            trial = booted != SAFE_SLOT and backend.is_trial()
+            attempts = {slot: backend.attempts_left(slot) for slot in ROOT_SLOTS}
+        except FleetError as err:
+            document["bootloader_problem"] = str(err)
+        document.update({"booted": booted, "primary": primary, "trial": trial})
+        document["slots"] = {
+            slot: {
+                **asdict(state.slot(slot)),
+                "attempts_left": attempts[slot],
+                "booted": slot == booted,
+                "primary": slot == primary,
+            }
+            for slot in ROOT_SLOTS
+        }
+        return document
+
+    def publish_metrics(self, *, event: str | None = None, install: InstallResult | None = None,
+                        failed_checks: Sequence[str] = ()) -> None:  # fmt: skip
+        """Write the metrics textfile, if one is configured (atomically: node_exporter never
+        sees half a file). ``event`` is ``failed``, ``committed`` or None (derived)."""
+        path = self.config.metrics_textfile
+        if path is None:
+            return
+        document = self.snapshot()
+        metrics = UpdaterMetrics(CollectorRegistry())
+        metrics.set_info(
+            version=_version(), backend=str(document["backend"]), compatible=self.config.compatible
+        )
+        metrics.set_update_state(event or _update_state(document))
+        metrics.set_slots({
+            slot: SlotView(info["status"], info["version"], info["booted"], info["primary"],
+                           info["attempts_left"])
+            for slot, info in document["slots"].items()
+        })  # fmt: skip
+        metrics.set_temperature(read_temperature_c(self.config.thermal_dir))
+        with contextlib.suppress(OSError):
+            metrics.set_free_space(self.config.data_dir, free_space_mb(self.config.data_dir) << 20)
+        metrics.set_crash_loop_restarts(len(self.store.load().state.restarts))
+        if install is not None:
+            metrics.observe_install(install.bytes_written, install.seconds)
+        if failed_checks:
+            metrics.record_health_check_failures(failed_checks)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            metrics.write_textfile(path)
+        except OSError as err:
+            self.log.event("metrics.write_failed", level="warning", path=str(path), error=str(err))
 
     def record_start(self) -> None:
         """Count this start for the crash-loop guard (see ``DeviceState.with_start``)."""

@@ -166,6 +166,35 @@ class VirtualDevice:
             health=self._health,
         )
 
+    def config_toml(self, *, reboot_command: Sequence[str] = ("true",), extra: str = "") -> str:
+        """This device's configuration as ``fleet-updater --config`` reads it. The reboot
+        command defaults to ``true``: a test must never reboot the machine it runs on."""
+
+        def value(item: Any) -> str:
+            if isinstance(item, str | Path):
+                return '"' + str(item).replace("\\", "\\\\").replace('"', '\\"') + '"'
+            if isinstance(item, bool):
+                return "true" if item else "false"
+            if isinstance(item, list | tuple):
+                return "[" + ", ".join(value(i) for i in item) + "]"
+            if isinstance(item, dict):
+                return "{" + ", ".join(f"{k} = {value(v)}" for k, v in item.items()) + "}"
+            return str(item)
+
+        lines = [
+            f"compatible = {value(self.config.compatible)}",
+            f"keyring = {value(self.config.keyring)}",
+            f"data_dir = {value(self.config.data_dir)}",
+            f"reboot_command = {value(list(reboot_command))}",
+            "[bootloader]",
+            *(f"{k} = {value(v)}" for k, v in self.config.bootloader.items()),
+            *(f"[slots.{s}]\nrootfs = {value(self.config.slots[s]['rootfs'])}" for s in "ab"),
+            "[limits]",
+            "min_free_mb = 0",
+            extra,
+        ]
+        return "\n".join(lines) + "\n"
+
     def provision(self, image: bytes, version: str) -> None:
         """Factory provisioning: ``image`` in slot a, committed, slot b empty."""
         with self.slot_path("a").open("r+b") as handle:
@@ -243,6 +272,14 @@ class VirtualDevice:
         settle."""
         self.runtime().installer().install(str(bundle), reboot=reboot)
         if not reboot or self.pending_reboot is None:
+            return []
+        return self.settle(BootEvent(BootCause.REBOOT, tuple(self.pending_reboot)))
+
+    def install_url(self, url: str) -> list[BootRecord]:
+        """Install from a URL (fast retries: the lab's network faults are instant)."""
+        installer = self.runtime().installer(http_options={"backoff_s": 0.01, "timeout_s": 5})
+        installer.install(url, reboot=True)
+        if self.pending_reboot is None:
             return []
         return self.settle(BootEvent(BootCause.REBOOT, tuple(self.pending_reboot)))
 

@@ -18,7 +18,7 @@ import click
 
 from bootloader_hooks.base import ROOT_SLOTS
 from fleet_core.errors import FleetError
-from updater.config import DEFAULT_CONFIG_PATH, load_config
+from updater.config import DEFAULT_CONFIG_PATH, UpdaterConfig, load_config
 from updater.errors import UpdaterError
 from updater.log import EventLog
 from updater.runtime import Runtime
@@ -40,7 +40,7 @@ class UpdaterGroup(click.Group):
 
 def _runtime(ctx: click.Context, *, log_to_stdout: bool) -> Runtime:
     options = ctx.obj
-    loaded = load_config(options["config"])
+    loaded = load_config(options["config"], data_dir=options["data_dir"])
     log = EventLog(sys.stdout if log_to_stdout else sys.stderr)
     for problem in loaded.problems:
         log.event("config.fallback", level="warning", source=loaded.source, problem=problem)
@@ -55,11 +55,21 @@ def _runtime(ctx: click.Context, *, log_to_stdout: bool) -> Runtime:
 @click.option(
     "--config", type=click.Path(path_type=Path), default=DEFAULT_CONFIG_PATH, show_default=True
 )
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=UpdaterConfig().data_dir,
+    show_default=True,
+    envvar="FLEET_DATA_DIR",
+    help="Where the last configuration that loaded cleanly is kept, for when the "
+    "configuration file is damaged (a valid file names its own data_dir).",
+)
 @click.pass_context
-def main(ctx: click.Context, config: Path) -> None:
+def main(ctx: click.Context, config: Path, data_dir: Path) -> None:
     """Metrica Fleet device updater."""
     ctx.ensure_object(dict)
     ctx.obj["config"] = config
+    ctx.obj["data_dir"] = data_dir
 
 
 @main.command()
@@ -102,7 +112,6 @@ def install(ctx: click.Context, source: str, no_reboot: bool) -> None:
     """Install the bundle SOURCE (a file or an http(s) URL) into the inactive slot."""
     runtime = _runtime(ctx, log_to_stdout=True)
     with update_lock(runtime.config.data_dir):
-        runtime.record_start()
         options: dict[str, Any] = {}
         if sys.stderr.isatty():
             bar = click.progressbar(length=1, label="installing", file=sys.stderr)

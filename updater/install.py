@@ -77,7 +77,7 @@ class Installer:
     def __init__(
         self,
         config: UpdaterConfig,
-        backend: BootSelector,
+        backend: Callable[[], BootSelector],
         store: StateStore,
         log: EventSink,
         sensors: Sensors,
@@ -88,7 +88,8 @@ class Installer:
         http_options: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
-        self.backend = backend
+        self._backend_factory = backend
+        self._backend: BootSelector | None = None
         self.store = store
         self.log = log
         self.sensors = sensors
@@ -96,6 +97,14 @@ class Installer:
         self._progress = progress
         self._clock = clock
         self._http_options = http_options or {}
+
+    @property
+    def backend(self) -> BootSelector:
+        """The boot backend, built on first use: an install refused by its preconditions
+        never needs to know the firmware."""
+        if self._backend is None:
+            self._backend = self._backend_factory()
+        return self._backend
 
     # --- the steps ---------------------------------------------------------------------
 

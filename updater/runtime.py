@@ -118,7 +118,7 @@ class Runtime:
 
     def installer(self, **options: Any) -> Installer:
         return Installer(
-            self.config, self.backend, self.store, self.log, self.sensors(),
+            self.config, lambda: self.backend, self.store, self.log, self.sensors(),
             reboot=self.reboot, **options,
         )  # fmt: skip
 

@@ -44,8 +44,9 @@ class Releases:
         compatible: str = COMPATIBLE,
         key: SigningKey | None = None,
         size: int = 256 * 1024,
+        compression: str = "zstd",
     ) -> Path:
-        name = f"{version}-{behaviour}-{security_version}-{compatible}-{size}"
+        name = f"{version}-{behaviour}-{security_version}-{compatible}-{size}-{compression}"
         if key is not None:
             name += f"-{key.key_id[:8]}"
         path = self.directory / f"{name}.bundle"
@@ -55,7 +56,7 @@ class Releases:
             create_bundle(
                 path, images=[ImageSource("rootfs", image)], keys=[key or self.key],
                 compatible=compatible, version=version, security_version=security_version,
-                compression="zstd", created=1_700_000_000,
+                compression=compression, created=1_700_000_000,
             )  # fmt: skip
         return path
 

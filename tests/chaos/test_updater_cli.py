@@ -1,0 +1,221 @@
+"""``fleet-updater`` on virtual devices: ``status --json`` is the oracle, as RAUC's tests use
+``rauc status``. Bad input of every kind is refused with one clear line, and leaves the booted
+slot and the bootloader's primary as they were."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from chaos.http_faults import Fault, FlakyHttpServer
+from chaos.virtual_device import VirtualDevice
+from signing.keyring import revoke_key, trust_key
+from signing.keys import generate_key
+from tests.chaos.conftest import FIRMWARES, MakeDevice, Releases
+from updater.cli import EXIT_REBOOT_REQUIRED, EXIT_UNHEALTHY, main
+from updater.errors import DownloadError
+
+
+def updater(device: VirtualDevice, *args: str, extra: str = "") -> Result:
+    config = device.root / "updater.toml"
+    config.write_text(device.config_toml(extra=extra))
+    return CliRunner().invoke(main, ["--config", str(config), *args])
+
+
+def status(device: VirtualDevice) -> dict[str, Any]:
+    result = updater(device, "status", "--json")
+    assert result.exit_code == 0, result.output
+    document: dict[str, Any] = json.loads(result.stdout)
+    return document
+
+
+def one_line_error(result: Result, fragment: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert len(errors) == 1 and fragment in errors[0], lines
+    assert "Traceback" not in result.output
+
+
+def assert_untouched(device: VirtualDevice, before: dict[str, Any]) -> None:
+    after = status(device)
+    assert (
+        (after["booted"], after["primary"]) == (before["booted"], before["primary"]) == ("a", "a")
+    )
+    assert after["slots"]["a"] == before["slots"]["a"]
+
+
+@pytest.mark.parametrize("firmware", FIRMWARES)
+def test_status_install_and_boot_check(
+    firmware: str, make_device: MakeDevice, releases: Releases
+) -> None:
+    device = make_device(firmware)
+    before = status(device)
+    assert before["backend"] == firmware
+    assert (before["booted"], before["primary"], before["trial"]) == ("a", "a", False)
+    assert before["slots"]["a"]["status"] == "good" and before["slots"]["a"]["version"] == "1.0.0"
+    assert before["config"]["problems"] == [] and before["bootloader_problem"] is None
+
+    result = updater(device, "install", str(releases.bundle("2.0.0")), "--no-reboot")
+    assert result.exit_code == EXIT_REBOOT_REQUIRED, result.output
+    events = [json.loads(line)["event"] for line in result.stdout.splitlines()]
+    assert events[0] == "install.started" and "install.finished" in events
+    armed = status(device)
+    assert armed["slots"]["b"]["status"] == "trial" and armed["slots"]["b"]["version"] == "2.0.0"
+    assert (armed["booted"], armed["primary"]) == ("a", "a")  # the primary changes only at commit
+
+    device.boot(device_reboot_event(device), run_boot_check=False)
+    result = updater(device, "boot-check")
+    assert result.exit_code == 0, result.output
+    committed = status(device)
+    assert (committed["booted"], committed["primary"], committed["trial"]) == ("b", "b", False)
+    assert committed["slots"]["b"]["status"] == "good"
+    assert committed["installed_security_version"] == 1
+
+
+def device_reboot_event(device: VirtualDevice) -> Any:
+    from bootloader_hooks.base import BootCause, BootEvent
+
+    command = device.runtime().backend.reboot_command()
+    return BootEvent(BootCause.REBOOT, tuple(command))
+
+
+def test_unhealthy_boot_check_exits_4_and_rolls_back(
+    make_device: MakeDevice, releases: Releases
+) -> None:
+    device = make_device("grub")
+    updater(device, "install", str(releases.bundle("2.0.0")), "--no-reboot")
+    device.boot(device_reboot_event(device), run_boot_check=False)
+    result = updater(
+        device, "boot-check", extra='[[health.checks]]\ntype = "command"\nargv = ["false"]'
+    )
+    assert result.exit_code == EXIT_UNHEALTHY, result.output
+    document = status(device)
+    assert document["slots"]["b"]["status"] == "bad" and document["primary"] == "a"
+
+
+@pytest.mark.parametrize("firmware", FIRMWARES)
+def test_bad_bundles_are_refused_and_change_nothing(
+    firmware: str, make_device: MakeDevice, releases: Releases, tmp_path: Path
+) -> None:
+    device = make_device(firmware)
+    before = status(device)
+    stranger = generate_key(tmp_path / "stranger")
+    cases = [
+        (releases.bundle("2.0.0", compatible="other-device"), "bundle is for 'other-device'"),
+        (releases.bundle("2.0.0", key=stranger), "none trusted"),
+        (releases.bundle("2.0.0", size=4 << 20), "does not fit slot b"),
+        (tmp_path / "missing.bundle", "cannot open"),
+    ]
+    damaged = tmp_path / "damaged.bundle"
+    data = bytearray(releases.bundle("2.0.0").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    cases.append((damaged, "install into slot b failed"))
+    for bundle, message in cases:
+        one_line_error(updater(device, "install", str(bundle), "--no-reboot"), message)
+        assert_untouched(device, before)
+
+
+def test_downgrade_is_refused(make_device: MakeDevice, releases: Releases) -> None:
+    device = make_device("grub")
+    device.install(releases.bundle("2.0.0", security_version=5))
+    result = updater(device, "install", str(releases.bundle("1.5.0", security_version=4)))
+    one_line_error(result, "security version 4 is below the installed 5: downgrade refused")
+    assert status(device)["primary"] == "b"
+
+
+def test_revoked_key_is_refused(make_device: MakeDevice, releases: Releases) -> None:
+    device = make_device("grub")
+    other = generate_key(device.root / "next")
+    trust_key(device.root / "keyring", device.root / "next.pub")
+    revoke_key(device.root / "keyring", releases.key.key_id)
+    before = status(device)
+    one_line_error(updater(device, "install", str(releases.bundle("2.0.0"))), "revoked")
+    assert_untouched(device, before)
+    assert other.key_id
+
+
+def test_disk_full_while_writing(make_device: MakeDevice, releases: Releases) -> None:
+    device = make_device("grub")
+    mount = device.root / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount)], check=True)
+    try:
+        slot = mount / "root_b.img"
+        with slot.open("wb") as handle:
+            handle.truncate(1 << 20)  # sparse: the slot claims 1 MiB, the disk holds 128 KiB
+        slots = {"a": device.config.slots["a"], "b": {"rootfs": str(slot)}}
+        device.config = dataclasses.replace(device.config, slots=slots)
+        before = status(device)
+        result = updater(device, "install", str(releases.bundle("2.0.0")), "--no-reboot")
+        one_line_error(result, "No space left on device")
+        assert_untouched(device, before)
+        assert status(device)["slots"]["b"]["status"] == "bad"
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_network_dropping_mid_download(make_device: MakeDevice, releases: Releases) -> None:
+    device = make_device("grub")
+    data = releases.bundle("2.0.0", compression="none").read_bytes()
+    with FlakyHttpServer({"/r.bundle": data}) as server:
+        server.add_faults(Fault(drop_after=70_000), Fault(status=503), Fault(drop_after=1000))
+        records = device.install_url(server.url("/r.bundle"))
+        assert records[-1].action == "committed"
+        ranges = [r.get("Range") for r in server.requests]
+        assert ranges == [None, "bytes=65536-", "bytes=65536-", "bytes=65536-"]
+        device2 = make_device("grub")
+        before = status(device2)
+        server.add_faults(*[Fault(drop_after=10)] * 20)
+        with pytest.raises(DownloadError, match="gave up after 9 attempts"):
+            device2.install_url(server.url("/r.bundle"))
+        assert_untouched(device2, before)
+
+
+def test_corrupted_config_is_reported_not_fatal(make_device: MakeDevice) -> None:
+    device = make_device("grub")
+    config = device.root / "updater.toml"
+    config.write_text(device.config_toml())
+    assert CliRunner().invoke(main, ["--config", str(config), "status"]).exit_code == 0
+    config.write_bytes(b"compatible = [\x00 broken")
+    data_dir = str(device.config.data_dir)
+    result = CliRunner().invoke(
+        main, ["--config", str(config), "--data-dir", data_dir, "status", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["config"]["source"].endswith("updater.last-good.toml")
+    assert "not valid TOML" in document["config"]["problems"][0]
+
+
+def test_no_keyring_no_install(releases: Releases, tmp_path: Path) -> None:
+    config = tmp_path / "bare.toml"
+    config.write_text(f'compatible = "lab-device"\ndata_dir = "{tmp_path}"\n')
+    result = CliRunner().invoke(
+        main, ["--config", str(config), "install", str(releases.bundle("2.0.0"))]
+    )
+    one_line_error(result, "no keyring configured")
+
+
+def test_mark_bad_mark_good_rollback_resume(make_device: MakeDevice, releases: Releases) -> None:
+    device = make_device("grub")
+    device.install(releases.bundle("2.0.0"))
+    assert status(device)["booted"] == "b"
+    result = updater(device, "rollback", "--no-reboot")
+    assert result.exit_code == EXIT_REBOOT_REQUIRED, result.output
+    assert status(device)["slots"]["a"]["status"] == "trial"
+    records = device.settle(device_reboot_event(device))
+    assert records[-1].slot == "a" and records[-1].action == "committed"
+    assert updater(device, "mark-bad", "other").exit_code == 0
+    assert status(device)["slots"]["b"]["status"] == "bad"
+    one_line_error(updater(device, "rollback"), "no intact previous release")
+    assert updater(device, "mark-good").exit_code == 0
+    assert status(device)["slots"]["a"]["status"] == "good"
+    assert updater(device, "resume").exit_code == 0

@@ -1,0 +1,488 @@
+"""The ``grub`` backend: A/B boot selection with GRUB, a boot counter per slot in ``grubenv``.
+
+For x86 gateways and the QEMU reference device (UEFI firmware, GRUB on the ESP). The scheme is
+RAUC's GRUB scheme, so that a U-Boot script can implement the same one.
+
+State: the GRUB environment block (see :mod:`bootloader_hooks.grubenv`) next to the
+``grub.cfg`` this module installs (``/boot/efi/EFI/fleet/grubenv`` by default). Variables:
+
+``BOOT_ORDER``
+    The slots GRUB tries, in order, as space-separated upper-case letters: ``"A B"``.
+``BOOT_A_LEFT``, ``BOOT_B_LEFT``
+    Boots the slot may still take: a single digit. Anything else counts as 0.
+``FLEET_TRIAL``
+    The letter of the slot on trial (not yet committed); absent otherwise. GRUB ignores it;
+    it only tells Linux that the running slot is on trial.
+
+What GRUB does on every boot (the ``grub.cfg`` from :func:`grub_cfg`; GRUB keeps no state but
+the block, so power-on, reset and reboot all behave alike):
+
+1. ``load_env`` the three boot variables (a whitelist: the block cannot set anything else).
+   If the block cannot be loaded, boot the safe-mode slot.
+2. For each letter in ``BOOT_ORDER``: skip it unless it is ``A`` or ``B`` with a count of 1-9;
+   otherwise take one from its count (spelled out digit by digit: GRUB has no arithmetic),
+   ``save_env`` that count, and boot the slot with ``fleet.slot=a`` (or ``b``) on the kernel
+   command line. If the count cannot be saved, try the next letter rather than boot a slot
+   whose attempts are not being used up.
+3. With no slot left, boot the safe-mode slot (``fleet.slot=safe``). If the chosen kernel does
+   not load, GRUB's ``fallback`` boots the safe-mode slot too.
+
+Meanings, for Linux:
+
+- *primary*: the first slot of ``BOOT_ORDER`` with attempts left that is not ``FLEET_TRIAL``:
+  the committed slot GRUB boots once no trial is pending; ``None`` when there is none (GRUB
+  would boot the trial, then safe mode);
+- *trial*: ``FLEET_TRIAL`` names the booted slot;
+- *good* (``commit``): the slot is first in ``BOOT_ORDER`` with a full count and no trial mark.
+  Called on every healthy boot, so a committed slot that stops booting uses up its count
+  and GRUB falls back to the next slot of ``BOOT_ORDER`` on its own;
+- *bad* (``mark_bad``): count 0 and out of ``BOOT_ORDER`` until the next ``try_once``.
+
+``try_once(s)``: ``BOOT_ORDER`` = ``s`` then the other slot if it is still in the order (not
+marked bad), ``BOOT_s_LEFT`` = attempts, ``FLEET_TRIAL`` = ``s``. ``commit(s)`` is the same
+without the trial mark. Each is one atomic write of the whole block. A ``commit`` of one slot
+while the other is on trial (not yet booted) cancels that trial: the other slot keeps its count
+behind ``s`` and becomes the fallback of ``s``, no longer marked as a trial.
+
+Power cuts. Linux replaces the block with :func:`fleet_core.durable.atomic_write`: after a cut
+the old block or the new one is there, and either is a consistent state (before step 6 of an
+install the old slot is primary; a cut in ``commit`` leaves the trial pending or committed).
+GRUB rewrites the block in place; a decrement changes one byte, and our variables sit in the
+first 512-byte sector, so a torn write cannot mix two of our lines. A lost decrement costs one
+extra attempt, never a lost slot. Note that FAT has no journal: a rename on the ESP is only as
+atomic as the FAT driver makes it, which is why the block written by Linux is always complete
+before the rename.
+
+Corruption: a damaged block raises :class:`BootStateCorruptError` for every read, and
+``try_once``/``commit``/``mark_bad`` refuse to overwrite it: which slot is committed is exactly
+what a damaged block no longer tells, and only the caller (the updater's state store, or an
+operator) knows. :meth:`GrubBackend.repair` writes a fresh block naming a primary slot. GRUB,
+meanwhile, boots the safe-mode slot, which can phone home. A missing block is created with the
+defaults (A primary) on first use, so what Linux reports is what GRUB will find.
+
+GRUB needs the modules ``normal``, ``test``, ``loadenv``, ``linux``, ``part_gpt``, ``fat``,
+``ext2`` and ``squash4`` (built into the image or found under ``$prefix``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bootloader_hooks import grubenv
+from bootloader_hooks.base import (
+    ALL_SLOTS,
+    ROOT_SLOTS,
+    SAFE_SLOT,
+    check_root_slot,
+    other_slot,
+    read_kernel_cmdline_slot,
+    register,
+)
+from bootloader_hooks.errors import BootloaderError
+from fleet_core import durable
+
+NAME = "grub"
+_WHO = "grub backend"
+
+DEFAULT_GRUBENV = "/boot/efi/EFI/fleet/grubenv"
+DEFAULT_CMDLINE = "/proc/cmdline"
+DEFAULT_ATTEMPTS = 3
+MAX_ATTEMPTS = 9  # the count is one digit, so that grub.cfg can spell out every decrement
+
+ORDER_VAR = "BOOT_ORDER"
+TRIAL_VAR = "FLEET_TRIAL"
+# Where install_files puts grub.cfg and grubenv, relative to the ESP.
+ESP_DIRECTORY = "EFI/fleet"
+
+
+def left_var(slot: str) -> str:
+    """The grubenv variable holding the attempts left of a root slot: ``BOOT_A_LEFT``."""
+    return f"BOOT_{slot.upper()}_LEFT"
+
+
+# ---------------------------------------------------------------------------------------------
+# The rules: pure functions from variables to answers and changes.
+
+
+def boot_order(variables: Mapping[str, str]) -> list[str]:
+    """The root slots of ``BOOT_ORDER``, lower case, in order; words GRUB skips are dropped."""
+    letters = [slot.upper() for slot in ROOT_SLOTS]
+    return [word.lower() for word in variables.get(ORDER_VAR, "").split() if word in letters]
+
+
+def attempts_in(variables: Mapping[str, str], slot: str) -> int:
+    """The count of ``slot``: a single digit, anything else is 0 (GRUB matches digits only)."""
+    value = variables.get(left_var(slot), "")
+    return int(value) if len(value) == 1 and value in "0123456789" else 0
+
+
+def trial_in(variables: Mapping[str, str]) -> str | None:
+    """The slot ``FLEET_TRIAL`` names, if it names one."""
+    value = variables.get(TRIAL_VAR, "")
+    return value.lower() if value in [slot.upper() for slot in ROOT_SLOTS] else None
+
+
+def primary_in(variables: Mapping[str, str]) -> str | None:
+    """The committed slot GRUB boots once no trial is pending (see the module docstring)."""
+    trial = trial_in(variables)
+    for slot in boot_order(variables):
+        if slot != trial and attempts_in(variables, slot) > 0:
+            return slot
+    return None
+
+
+def _order_with_first(variables: Mapping[str, str], slot: str) -> str:
+    """``BOOT_ORDER`` with ``slot`` first, the other slot after it unless it was marked bad."""
+    other = other_slot(slot)
+    order = [slot, other] if other in boot_order(variables) else [slot]
+    return " ".join(letter.upper() for letter in order)
+
+
+def try_once_changes(variables: Mapping[str, str], slot: str, attempts: int) -> dict[str, str]:
+    """The variables :meth:`GrubBackend.try_once` writes, in the order it writes them."""
+    return {
+        ORDER_VAR: _order_with_first(variables, slot),
+        left_var(slot): str(attempts),
+        TRIAL_VAR: slot.upper(),
+    }
+
+
+def commit_changes(variables: Mapping[str, str], slot: str, attempts: int) -> dict[str, str | None]:
+    """The variables :meth:`GrubBackend.commit` writes (``None``: removed)."""
+    return {
+        ORDER_VAR: _order_with_first(variables, slot),
+        left_var(slot): str(attempts),
+        TRIAL_VAR: None,
+    }
+
+
+def mark_bad_changes(variables: Mapping[str, str], slot: str) -> dict[str, str | None]:
+    """The variables :meth:`GrubBackend.mark_bad` writes (``None``: removed)."""
+    order = [s.upper() for s in boot_order(variables) if s != slot]
+    changes: dict[str, str | None] = {ORDER_VAR: " ".join(order), left_var(slot): "0"}
+    if trial_in(variables) == slot:
+        changes[TRIAL_VAR] = None
+    return changes
+
+
+def default_block(primary: str = "a", attempts: int = DEFAULT_ATTEMPTS) -> grubenv.EnvBlock:
+    """A fresh block with ``primary`` committed and the other slot in the order, count 0."""
+    other = other_slot(primary)
+    return grubenv.EnvBlock.new().update(
+        {
+            ORDER_VAR: f"{primary.upper()} {other.upper()}",
+            left_var("a"): str(attempts) if primary == "a" else "0",
+            left_var("b"): str(attempts) if primary == "b" else "0",
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend: reads and writes the block.
+
+
+class GrubBackend:
+    """The boot selector for GRUB; see the module docstring for the scheme."""
+
+    name: str = NAME
+
+    def __init__(
+        self,
+        grubenv_path: Path = Path(DEFAULT_GRUBENV),
+        cmdline: Path = Path(DEFAULT_CMDLINE),
+        attempts: int = DEFAULT_ATTEMPTS,
+    ) -> None:
+        if type(attempts) is not int or not 1 <= attempts <= MAX_ATTEMPTS:
+            raise BootloaderError(f"{_WHO}: attempts must be 1 to {MAX_ATTEMPTS}, not {attempts!r}")
+        self.grubenv_path = grubenv_path
+        self.cmdline = cmdline
+        self.attempts = attempts
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> GrubBackend:
+        """Build from the ``[bootloader]`` table: ``grubenv``, ``cmdline``, ``attempts``.
+
+        Raises:
+            BootloaderError: an unknown key or a value of the wrong type or range.
+        """
+        known = ("grubenv", "cmdline", "attempts")
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise BootloaderError(
+                f"{_WHO}: unknown option {unknown[0]!r} (known: {', '.join(known)})"
+            )
+        attempts = options.get("attempts", DEFAULT_ATTEMPTS)
+        if type(attempts) is not int:
+            raise BootloaderError(f"{_WHO}: option 'attempts' must be an integer, not {attempts!r}")
+        return cls(
+            grubenv_path=_path_option(options, "grubenv", DEFAULT_GRUBENV),
+            cmdline=_path_option(options, "cmdline", DEFAULT_CMDLINE),
+            attempts=attempts,
+        )
+
+    # Questions.
+
+    def booted(self) -> str:
+        return read_kernel_cmdline_slot(self.cmdline, _WHO)
+
+    def primary(self) -> str | None:
+        return primary_in(self._variables())
+
+    def is_trial(self) -> bool:
+        booted = self.booted()
+        return booted != SAFE_SLOT and trial_in(self._variables()) == booted
+
+    def attempts_left(self, slot: str) -> int:
+        check_root_slot(_WHO, slot)
+        return attempts_in(self._variables(), slot)
+
+    # Actions: each one atomic write of the whole block.
+
+    def try_once(self, slot: str) -> None:
+        """Arrange a trial of ``slot``: GRUB boots it up to ``attempts`` times, then falls back.
+
+        Raises:
+            UnknownSlotError: ``slot`` is not a root slot.
+            BootStateCorruptError: the block is damaged (see :meth:`repair`) or full.
+            BootloaderError: the block cannot be read or written.
+        """
+        check_root_slot(_WHO, slot)
+        block = self._load()
+        self._store(block.update(try_once_changes(block.variables(), slot, self.attempts)))
+
+    def commit(self, slot: str) -> None:
+        """Make ``slot`` primary with a full count; clears the trial mark.
+
+        Raises: as :meth:`try_once`.
+        """
+        check_root_slot(_WHO, slot)
+        block = self._load()
+        self._store(block.update(commit_changes(block.variables(), slot, self.attempts)))
+
+    def mark_bad(self, slot: str) -> None:
+        """Never boot ``slot`` again until the next :meth:`try_once`.
+
+        Raises: as :meth:`try_once`.
+        """
+        check_root_slot(_WHO, slot)
+        block = self._load()
+        self._store(block.update(mark_bad_changes(block.variables(), slot)))
+
+    def repair(self, primary: str = "a") -> None:
+        """Replace the block, damaged or not, by a fresh one with ``primary`` committed.
+
+        Everything else in the old block is dropped, foreign variables included. Only call this
+        knowing which slot holds a good system (the updater's state store does).
+
+        Raises:
+            UnknownSlotError: ``primary`` is not a root slot.
+            BootloaderError: the block cannot be written.
+        """
+        check_root_slot(_WHO, primary)
+        self._store(default_block(primary, self.attempts))
+
+    def reboot_command(self) -> list[str]:
+        return ["reboot"]
+
+    # The block.
+
+    def _variables(self) -> dict[str, str]:
+        return self._load().variables()
+
+    def _load(self) -> grubenv.EnvBlock:
+        try:
+            return grubenv.read(self.grubenv_path)
+        except FileNotFoundError:
+            block = default_block("a", self.attempts)
+            self._store(block)
+            return block
+        except BootloaderError as err:
+            raise type(err)(f"{_WHO}: {err}") from err
+
+    def _store(self, block: grubenv.EnvBlock) -> None:
+        try:
+            grubenv.write(self.grubenv_path, block)
+        except BootloaderError as err:
+            raise type(err)(f"{_WHO}: {err}") from err
+
+
+def _path_option(options: Mapping[str, Any], key: str, default: str) -> Path:
+    value = options.get(key, default)
+    if not isinstance(value, str | os.PathLike) or not os.fspath(value):
+        raise BootloaderError(f"{_WHO}: option {key!r} must be a path, not {value!r}")
+    return Path(value)
+
+
+register(NAME)(GrubBackend.from_options)
+
+
+# ---------------------------------------------------------------------------------------------
+# The grub.cfg this backend installs.
+
+
+@dataclass(frozen=True)
+class SlotEntry:
+    """How GRUB boots one slot.
+
+    ``kernel`` and ``initrd`` are GRUB file names, device included (``(hd0,gpt2)/vmlinuz``);
+    ``initrd`` may be empty. ``root`` is the kernel's ``root=`` value and ``options`` the other
+    kernel parameters; ``fleet.slot=`` is added by :func:`grub_cfg`.
+    """
+
+    kernel: str
+    initrd: str
+    root: str
+    options: str = "ro"
+
+
+# The reference disk: 1 esp, 2 root_a, 3 root_b, 4 root_safe, 5 data (DESIGN.md).
+DEFAULT_ENTRIES: Mapping[str, SlotEntry] = {
+    "a": SlotEntry("(hd0,gpt2)/vmlinuz", "(hd0,gpt2)/initrd.img", "PARTLABEL=root_a"),
+    "b": SlotEntry("(hd0,gpt3)/vmlinuz", "(hd0,gpt3)/initrd.img", "PARTLABEL=root_b"),
+    SAFE_SLOT: SlotEntry("(hd0,gpt4)/vmlinuz", "(hd0,gpt4)/initrd.img", "PARTLABEL=root_safe"),
+}
+DEFAULT_ENV_FILE = "${config_directory}/grubenv"
+
+# Characters that mean nothing to GRUB's parser outside quotes (its metacharacters are
+# { } | & $ ; < > and blanks), so entry fields can be written as plain words.
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_.,/()=:+@%-]+")
+_ENV_FILE = re.compile(r"[A-Za-z0-9_.,/()=:+@%${}-]+")
+
+
+def _plain(field: str, value: str, *, words: bool = False) -> str:
+    parts = value.split(" ") if words else [value]
+    if not all(_PLAIN_WORD.fullmatch(part) for part in parts):
+        raise BootloaderError(
+            f"{_WHO}: {field} {value!r} may hold only letters, digits and '_.,/()=:+@%-'"
+            + (" (words separated by single spaces)" if words else "")
+        )
+    return value
+
+
+def _linux_line(slot: str, entry: SlotEntry) -> str:
+    kernel = _plain(f"kernel of slot {slot}", entry.kernel)
+    root = _plain(f"root of slot {slot}", entry.root)
+    options = _plain(f"options of slot {slot}", entry.options, words=True) if entry.options else ""
+    return " ".join(
+        word for word in ("  linux", kernel, f"root={root}", options, f"fleet.slot={slot}") if word
+    )
+
+
+def _menuentry(slot: str, entry: SlotEntry) -> list[str]:
+    title = "safe mode" if slot == SAFE_SLOT else f"slot {slot.upper()}"
+    lines = [f'menuentry "Metrica Fleet {title}" --id fleet-{slot} {{', _linux_line(slot, entry)]
+    if entry.initrd:
+        lines.append(f"  initrd {_plain(f'initrd of slot {slot}', entry.initrd)}")
+    lines.append("}")
+    return lines
+
+
+def _choose(slot: str) -> list[str]:
+    """Script lines: if ``slot`` is the current word of BOOT_ORDER and has attempts left, take
+    one, save it, and choose the slot."""
+    letter, var = slot.upper(), left_var(slot)
+    lines = [f'      if [ "$fleet_slot" = "{letter}" ]; then']
+    for count in range(MAX_ATTEMPTS, 0, -1):
+        keyword = "if" if count == MAX_ATTEMPTS else "elif"
+        lines += [
+            f'        {keyword} [ "${var}" = "{count}" ]; then',
+            f"          set {var}={count - 1}",
+            f"          set fleet_boot={slot}",
+        ]
+    lines += [
+        "        fi",
+        f'        if [ "$fleet_boot" = "{slot}" ]; then',
+        "          # Boot the slot only if the spent attempt is on disk.",
+        "          set fleet_boot=safe",
+        f'          if save_env --file "$fleet_env" {var}; then',
+        f"            set fleet_boot={slot}",
+        "          fi",
+        "        fi",
+        "      fi",
+    ]
+    return lines
+
+
+def grub_cfg(
+    entries: Mapping[str, SlotEntry] = DEFAULT_ENTRIES, *, env_file: str = DEFAULT_ENV_FILE
+) -> str:
+    """The ``grub.cfg`` text that implements the scheme of this module.
+
+    ``entries`` says how to boot each of ``a``, ``b`` and ``safe``; ``env_file`` is the GRUB
+    file name of the block (by default ``grubenv`` beside ``grub.cfg``).
+
+    Raises:
+        BootloaderError: an entry is missing, or a field holds characters that GRUB's parser
+            would interpret.
+    """
+    missing = [slot for slot in ALL_SLOTS if slot not in entries]
+    if missing or len(entries) != len(ALL_SLOTS):
+        raise BootloaderError(f"{_WHO}: grub.cfg needs exactly the entries {', '.join(ALL_SLOTS)}")
+    if not _ENV_FILE.fullmatch(env_file):
+        raise BootloaderError(f"{_WHO}: env_file {env_file!r} holds characters GRUB interprets")
+    left_vars = " ".join(left_var(slot) for slot in ROOT_SLOTS)
+    lines = [
+        "# Metrica Fleet boot selection, installed by the grub backend (bootloader_hooks.grub).",
+        "# Generated: edits are lost. State lives in grubenv: BOOT_ORDER (letters to try, in",
+        "# order) and BOOT_<letter>_LEFT (boots the slot may still take, one digit). Each boot",
+        "# takes one attempt from the first slot with one left and saves that before booting;",
+        "# with none left, or no readable grubenv, the safe-mode slot boots.",
+        "set timeout=0",
+        "set timeout_style=hidden",
+        "set fallback=fleet-safe",
+        f'set fleet_env="{env_file}"',
+        "set fleet_boot=safe",
+        'set BOOT_ORDER=""',
+        *(f"set {left_var(slot)}=0" for slot in ROOT_SLOTS),
+        f'if load_env --file "$fleet_env" {ORDER_VAR} {left_vars}; then',
+        f"  for fleet_slot in ${ORDER_VAR}; do",
+        '    if [ "$fleet_boot" = "safe" ]; then',
+    ]
+    for slot in ROOT_SLOTS:
+        lines += _choose(slot)
+    lines += [
+        "    fi",
+        "  done",
+        "fi",
+        'set default="fleet-$fleet_boot"',
+    ]
+    for slot in ALL_SLOTS:
+        lines += ["", *_menuentry(slot, entries[slot])]
+    return "\n".join(lines) + "\n"
+
+
+def install_files(
+    esp_dir: Path,
+    entries: Mapping[str, SlotEntry] = DEFAULT_ENTRIES,
+    *,
+    primary: str = "a",
+    attempts: int = DEFAULT_ATTEMPTS,
+) -> tuple[Path, Path]:
+    """Write ``EFI/fleet/grub.cfg`` and, if there is none, a default ``EFI/fleet/grubenv``
+    under the ESP mounted at ``esp_dir``; return their paths.
+
+    An existing grubenv is kept, damaged or not: it records which slot is committed, and
+    reinstalling the boot script must not forget that.
+
+    Power cut: each file is replaced atomically; a cut between the two leaves the new
+    grub.cfg with the old (or no) grubenv, and GRUB then boots the safe-mode slot.
+
+    Raises:
+        BootloaderError: a file cannot be written, or ``entries`` are invalid.
+    """
+    directory = esp_dir / ESP_DIRECTORY
+    cfg_path, env_path = directory / "grub.cfg", directory / "grubenv"
+    text = grub_cfg(entries)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        durable.atomic_write(cfg_path, text.encode())
+    except OSError as err:
+        raise BootloaderError(f"{_WHO}: cannot write {cfg_path}: {err.strerror}") from err
+    if not env_path.exists():
+        GrubBackend(env_path, attempts=attempts).repair(primary)
+    return cfg_path, env_path

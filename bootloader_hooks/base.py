@@ -33,7 +33,7 @@ import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from bootloader_hooks.errors import BootloaderError, UnknownBackendError, UnknownSlotError
 
@@ -76,6 +76,27 @@ class BootSelector(Protocol):
     def mark_bad(self, slot: str) -> None: ...
 
     def reboot_command(self) -> list[str]: ...
+
+
+@runtime_checkable
+class TrialRetry(Protocol):
+    """Optional, for firmware that gives a trial exactly one boot (Raspberry Pi tryboot).
+
+    The backend re-arms the trial in software up to its attempts, and tells a trial that never
+    started (inert firmware, power lost before the boot) from one that started and died:
+
+    - ``mark_trial_started()``: called as early as possible in a trial boot;
+    - ``last_trial_result()``: what became of the last trial (an enum whose ``value`` is
+      ``"never-started"``, ``"started-and-died"``, ...);
+    - ``rearm()``: after a fall-back, arm the trial again if attempts remain (``True``); else
+      mark it bad (``False``). Then reboot with ``reboot_command()``.
+    """
+
+    def mark_trial_started(self) -> bool: ...
+
+    def last_trial_result(self) -> enum.Enum: ...
+
+    def rearm(self) -> bool: ...
 
 
 BackendFactory = Callable[[Mapping[str, Any]], BootSelector]

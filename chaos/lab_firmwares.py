@@ -7,9 +7,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bootloader_hooks.autoboot import AutobootConfig, install_file
 from bootloader_hooks.base import FirmwareModel
 from bootloader_hooks.grub import install_files
 from bootloader_hooks.grub_model import GrubModel
+from bootloader_hooks.tryboot_model import TrybootFirmware
 from chaos.virtual_device import LAB_FIRMWARES, LabFirmware
 
 
@@ -27,3 +29,23 @@ def _grub_model(root: Path, options: Mapping[str, Any]) -> FirmwareModel:
 
 
 LAB_FIRMWARES["grub"] = LabFirmware("grub", _grub_prepare, _grub_model)
+
+
+def _tryboot_prepare(root: Path) -> dict[str, Any]:
+    autoboot = root / "boot" / "autoboot" / "autoboot.txt"
+    if not autoboot.exists():
+        install_file(autoboot, AutobootConfig(boot_partition=2, tryboot_partition=2))
+    proc = root / "linux" / "proc"
+    return {
+        "autoboot_txt": str(autoboot),
+        "device_tree": str(proc / "device-tree"),
+        "state_dir": str(root / "data" / "boot"),
+        "boot_id": str(proc / "sys" / "kernel" / "random" / "boot_id"),
+    }
+
+
+def _tryboot_model(root: Path, options: Mapping[str, Any]) -> FirmwareModel:
+    return TrybootFirmware(Path(options["autoboot_txt"]))
+
+
+LAB_FIRMWARES["tryboot"] = LabFirmware("tryboot", _tryboot_prepare, _tryboot_model)

@@ -2,7 +2,8 @@
 
 The virtual device has no kernel to run, so an image carries its behaviour in a header: the
 release version, what happens when it boots (``healthy``, ``unhealthy``: boots but fails its
-health checks, ``hang``: never reaches user space), and the SHA-256 of its body. A slot boots
+health checks, ``hang``: never reaches user space, ``crash``: reaches user space, then the
+board resets while the boot check runs), and the SHA-256 of its body. A slot boots
 only if its image is complete: a half-written slot (header or body not matching) behaves like
 a kernel that cannot mount its root, that is, it hangs until the watchdog resets the board.
 Deciding from the slot's bytes, rather than from a table on the side, means the lab cannot
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAGIC = b"FLEETLAB"
-BEHAVIOURS = ("healthy", "unhealthy", "hang")
+BEHAVIOURS = ("healthy", "unhealthy", "hang", "crash")
 _HEADER = struct.Struct(">8s16s32sQ32s")  # magic, behaviour, version, body length, body sha
 
 

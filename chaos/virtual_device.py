@@ -52,6 +52,10 @@ class PowerCut(BaseException):
     """The power went off."""
 
 
+class BoardReset(BaseException):
+    """The board reset itself (kernel panic, watchdog) in the middle of user space."""
+
+
 @dataclass
 class PowerSwitch:
     """Counts write boundaries and cuts the power at boundary number ``cut_at`` (0-based)."""
@@ -212,6 +216,8 @@ class VirtualDevice:
 
     def _health(self) -> HealthReport:
         image = self.running.image if self.running else None
+        if image is not None and image.behaviour == "crash":
+            raise BoardReset("the release crashed the board during its health checks")
         ok = image is not None and image.behaviour == "healthy"
         detail = "release healthy" if ok else "release reports unhealthy"
         return HealthReport(ok, (CheckResult("lab:release", "command", ok, detail, 0.0),), 0.0)
@@ -223,8 +229,9 @@ class VirtualDevice:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
         proc = linux / "proc"
-        (proc / "sys/kernel/random").mkdir(parents=True, exist_ok=True)
-        (proc / "sys/kernel/random/boot_id").write_text(f"{uuid.uuid4()}\n")
+        if "proc/sys/kernel/random/boot_id" not in outcome.linux_view:
+            (proc / "sys/kernel/random").mkdir(parents=True, exist_ok=True)
+            (proc / "sys/kernel/random/boot_id").write_text(f"{uuid.uuid4()}\n")
         (proc / "uptime").write_text("5.00 4.00\n")
 
     def boot(self, event: BootEvent, *, run_boot_check: bool = True) -> BootRecord:
@@ -239,8 +246,11 @@ class VirtualDevice:
             record = BootRecord(outcome.slot, outcome.trial, image, "booted")
         else:
             self.running = BootRecord(outcome.slot, outcome.trial, image, "running")
-            verdict = self.runtime().boot_checker().run()
-            record = BootRecord(outcome.slot, outcome.trial, image, verdict.action)
+            try:
+                action = self.runtime().boot_checker().run().action
+            except BoardReset:
+                action = "crash"
+            record = BootRecord(outcome.slot, outcome.trial, image, action)
         self.running = record
         self.boots.append(record)
         return record
@@ -256,7 +266,7 @@ class VirtualDevice:
         for _ in range(MAX_BOOTS):
             record = self.boot(event)
             records.append(record)
-            if record.action == "hang":
+            if record.action in ("hang", "crash"):
                 event = BootEvent(BootCause.RESET)  # the watchdog resets the board
             elif self.pending_reboot is not None:
                 event = BootEvent(BootCause.REBOOT, tuple(self.pending_reboot))

@@ -12,7 +12,10 @@ Situations:
 - ``trial_loop``: the same trial came back ``MAX_TRIAL_BOOTS`` times without a verdict (the
   check itself keeps dying): mark it bad and reboot, without running the checks again.
 - ``fell_back``: a trial was armed but the firmware booted the old slot: mark the trial slot
-  bad, then handle the running slot as ``normal``.
+  bad, then handle the running slot as ``normal``. Firmware that gives a trial a single boot
+  (tryboot, see ``TrialRetry``) first reports whether the trial never started or started and
+  died, and re-arms it while attempts remain (``rearmed``: confirm this slot, reboot into the
+  trial).
 - ``interrupted``: an install into the other slot never reached its trial (power cut, crash):
   mark that slot bad (a new install rewrites it), then handle the running slot as ``normal``.
 - ``normal``: a committed slot. Run the checks: pass → confirm; fail → count the failure and
@@ -35,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from bootloader_hooks.base import SAFE_SLOT, BootSelector
+from bootloader_hooks.base import SAFE_SLOT, BootSelector, TrialRetry
 from updater.install import EventSink
 from updater.state import DeviceState, StateStore
 
@@ -112,6 +115,8 @@ class BootChecker:
         state = loaded.state
         booted = self.backend.booted()
         trial = booted != SAFE_SLOT and self.backend.is_trial()
+        if trial and isinstance(self.backend, TrialRetry):
+            self.backend.mark_trial_started()
         situation = _classify(booted, trial, state)
         self.log.event("boot_check.started", slot=booted, trial=trial, situation=situation)
         handler = {
@@ -130,7 +135,7 @@ class BootChecker:
             failed_checks=list(verdict.failed_checks),
         )  # fmt: skip
         if verdict.reboot:
-            self._reboot(list(self._reboot_command or ["reboot"]))
+            self._reboot(list(self._reboot_command or self.backend.reboot_command()))
         return verdict
 
     # --- one method per row ---------------------------------------------------------------
@@ -162,9 +167,29 @@ class BootChecker:
 
     def _fell_back(self, state: DeviceState, booted: str) -> BootVerdict:
         other = "b" if booted == "a" else "a"
+        if isinstance(self.backend, TrialRetry):
+            return self._retry_trial(self.backend, state, booted, other)
         self.log.event("boot_check.fell_back", level="error", slot=other, running=booted)
         state = self._give_up(state, other)
         return self._normal(state, booted, situation="fell_back")
+
+    def _retry_trial(
+        self, backend: TrialRetry, state: DeviceState, booted: str, other: str
+    ) -> BootVerdict:
+        """A firmware with one try per trial: tell why it fell back, and try again while
+        attempts remain (the backend counts them)."""
+        result = backend.last_trial_result().value
+        event = {
+            "never-started": "boot_check.trial_never_started",
+            "started-and-died": "boot_check.trial_died",
+        }.get(str(result), "boot_check.fell_back")
+        self.log.event(event, level="error", slot=other, running=booted, result=result)
+        if not backend.rearm():
+            state = self._give_up(state, other)
+            return self._normal(state, booted, situation="fell_back")
+        self.log.event("boot_check.trial_rearmed", slot=other)
+        verdict = self._normal(state, booted, situation="fell_back")
+        return replace(verdict, action="rearmed", reboot=True)
 
     def _interrupted(self, state: DeviceState, booted: str) -> BootVerdict:
         other = "b" if booted == "a" else "a"

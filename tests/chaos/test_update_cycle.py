@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 from bootloader_hooks.base import BootCause, BootEvent
+from chaos.lab_image import LabImage, make_lab_image
+from chaos.virtual_device import MAX_BOOTS, VirtualDevice
 from tests.chaos.conftest import FIRMWARES, MakeDevice, Releases
 
 pytestmark = pytest.mark.parametrize("firmware", FIRMWARES)
@@ -47,7 +49,28 @@ def test_hanging_release_falls_back_by_firmware_alone(
     assert records[0].action == "hang" and records[0].slot == "b"
     assert records[-1].slot == "a" and records[-1].action == "confirmed"
     assert device.state().slot("b").status == "bad"
-    assert device.events("boot_check.fell_back")
+    if firmware == "tryboot":
+        # one try per trial from the firmware, re-armed in software: attempts trial boots,
+        # each reported as never started (the hang comes before user space)
+        trials = [r for r in records if r.slot == "b"]
+        assert len(trials) == 3 and all(r.trial for r in trials)
+        assert len(device.events("boot_check.trial_never_started")) == 3
+        assert len(device.events("boot_check.trial_rearmed")) == 2
+    else:
+        assert device.events("boot_check.fell_back")
+
+
+def test_release_that_crashes_during_its_trial_is_given_up(
+    firmware: str, make_device: MakeDevice, releases: Releases
+) -> None:
+    device = make_device(firmware)
+    records = device.install(releases.bundle("2.0.0", "crash"))
+    assert records[0].slot == "b" and records[0].action == "crash"
+    assert records[-1].slot == "a" and records[-1].action == "confirmed", records
+    assert device.state().slot("b").status == "bad"
+    if firmware == "tryboot":
+        assert device.events("boot_check.trial_died")
+        assert not device.events("boot_check.trial_never_started")
 
 
 def test_a_following_install_after_a_rollback_succeeds(
@@ -59,27 +82,54 @@ def test_a_following_install_after_a_rollback_succeeds(
     assert records[-1].action == "committed" and records[-1].image.version == "2.0.1"  # type: ignore[union-attr]
 
 
-def test_both_root_slots_broken_boot_safe_mode(
+def put_image(device: VirtualDevice, slot: str, version: str, behaviour: str) -> None:
+    """Change a slot's content behind the updater's back (a disk going bad, a broken app)."""
+    with device.slot_path(slot).open("r+b") as handle:
+        handle.write(make_lab_image(version, behaviour))
+
+
+def test_both_root_slots_failing_boot_safe_mode(
     firmware: str, make_device: MakeDevice, releases: Releases
 ) -> None:
     device = make_device(firmware)
     device.install(releases.bundle("2.0.0", "hang"))  # b: bad
-    device.slot_path("a").write_bytes(bytes(device.slot_path("a").stat().st_size))  # a: wiped
+    put_image(device, "a", "1.0.0", "unhealthy")  # a: its application stops working
     records = device.power_on()
+    assert [r.action for r in records[:-1]] == ["retrying"] * 2 + ["gave_up"], records
     assert records[-1].slot == "safe", records
     assert records[-1].action == "reported"
     assert device.events("boot_check.reported")
 
 
-def test_committed_slot_that_stops_booting_falls_back(
+def test_committed_slot_failing_in_user_space_falls_back(
     firmware: str, make_device: MakeDevice, releases: Releases
 ) -> None:
     device = make_device(firmware)
     device.install(releases.bundle("2.0.0"))
-    path = device.slot_path("b")
-    path.write_bytes(bytes(path.stat().st_size))  # the committed release's disk dies
+    put_image(device, "b", "2.0.0", "unhealthy")
     records = device.power_on()
-    assert records[-1].slot == "a" and records[-1].image.version == "1.0.0", records  # type: ignore[union-attr]
+    assert records[-1].slot == "a" and records[-1].action == "confirmed", records
+    assert records[-1].image == LabImage("1.0.0", "healthy")
+    assert device.state().slot("b").status == "bad"
+
+
+def test_committed_slot_whose_kernel_hangs(
+    firmware: str, make_device: MakeDevice, releases: Releases
+) -> None:
+    """GRUB and U-Boot count every boot, so they notice a kernel that never reaches user
+    space. The Raspberry Pi firmware gives only a trial boot one try: a committed kernel that
+    hangs keeps the board in a reset loop unless a watchdog outside Linux (U-Boot arming the
+    SoC watchdog) is set up; see bootloader_hooks/tryboot.py."""
+    device = make_device(firmware)
+    device.install(releases.bundle("2.0.0"))
+    device.slot_path("b").write_bytes(bytes(device.slot_path("b").stat().st_size))
+    if firmware == "tryboot":
+        with pytest.raises(RuntimeError, match="no stable boot"):
+            device.power_on()
+        assert {r.slot for r in device.boots[-MAX_BOOTS:]} == {"b"}
+        return
+    records = device.power_on()
+    assert records[-1].slot == "a" and records[-1].image == LabImage("1.0.0", "healthy"), records
 
 
 def test_power_on_during_a_trial_keeps_the_device_bootable(

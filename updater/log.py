@@ -8,21 +8,38 @@ is a word of the glossary (``install``, ``download``, ``boot_check``, ``health``
 match them (``{job="fleet-updater"} | json | event="install.failed"``), so a name, once
 shipped, never changes meaning. Examples:
 
-========================  ==============================================================
-``install.started``       a release is about to be written to a slot (slot, version)
-``install.progress``      bytes written so far (slot, bytes, total_bytes)
-``install.finished``      every image written and verified (slot, version, bytes, duration_s)
-``install.failed``        the install stopped; the target slot is marked bad (slot, step, error)
-``download.retry``        a fetch failed and will be retried (url, attempt, error)
-``update.deferred``       an update was not started now (reason: temperature, disk, throttled)
-``boot_check.started``    the boot check began (booted, trial)
-``boot_check.committed``  the trial slot passed its health checks and is now primary
-``boot_check.reverted``   the trial slot failed and is marked bad; rebooting into the old one
-``health.check_failed``   one health check failed (check, detail, duration_s)
-``config.fallback``       the configuration file was unusable (source, problems)
-``state.damaged``         the state file was unreadable and was set aside (path, error)
-``daemon.crash_loop``     too many restarts in a short time; the daemon enters a safe state
-========================  ==============================================================
+==================================  ==================================================
+``install.started``                 an install begins (source)
+``install.verified``                the manifest is authentic and meant for this device
+                                    (version, security_version, slot, signed_by)
+``install.slot_marked``             the target slot is marked installing (slot)
+``install.image_started``           an image starts streaming into a slot (slot_class, path)
+``install.progress``                bytes written so far (bytes, total)
+``install.finished``                every image written and verified (slot, version, bytes)
+``install.trial_armed``             the target slot is armed for one trial boot (slot)
+``install.rebooting``               the reboot into the trial (command)
+``install.failed``                  the install stopped; the target slot is bad (slot, error)
+``boot_check.started``              the boot check began (slot, trial, situation)
+``boot_check.committed``            a trial slot passed its health checks and is primary
+``boot_check.confirmed``            a committed slot passed; its attempts are reset
+``boot_check.rolled_back``          a trial slot failed; marked bad, rebooting into the old
+``boot_check.retrying``             a committed slot failed; rebooting to try again
+``boot_check.gave_up``              a committed slot failed too often; marked bad
+``boot_check.reported``             safe mode: nothing to commit, reported
+``boot_check.fell_back``            the firmware fell back from a trial (slot, running)
+``boot_check.trial_never_started``  a one-shot trial never reached user space (tryboot)
+``boot_check.trial_died``           a one-shot trial reached user space, then died (tryboot)
+``boot_check.trial_rearmed``        a one-shot trial is armed again (tryboot)
+``boot_check.install_interrupted``  an install never reached its trial (slot)
+``health.check_failed``             one health check failed (check, detail)
+``slot.marked_good``, ``slot.marked_bad``, ``rollback.armed``, ``update.resumed``
+                                    operator commands
+``updater.crash_loop``              too many starts in a short time: updates suspended
+``config.fallback``                 the configuration file was unusable (source, problem)
+``state.damaged``                   the state file was unreadable and set aside (detail)
+``state.save_failed``, ``metrics.write_failed``
+                                    a write on the data partition failed (error)
+==================================  ==================================================
 
 Field names are snake_case with the unit in the name (``duration_s``, ``bytes``); ``error``
 holds an error message. Levels: ``debug``, ``info``, ``warning``, ``error``.

@@ -12,6 +12,9 @@ from bootloader_hooks.base import FirmwareModel
 from bootloader_hooks.grub import install_files
 from bootloader_hooks.grub_model import GrubModel
 from bootloader_hooks.tryboot_model import TrybootFirmware
+from bootloader_hooks.uboot import UBootBackend
+from bootloader_hooks.uboot_model import DEFAULT_ENVIRONMENT, UBootModel
+from bootloader_hooks.ubootenv import EnvLayout
 from chaos.virtual_device import LAB_FIRMWARES, LabFirmware
 
 
@@ -49,3 +52,33 @@ def _tryboot_model(root: Path, options: Mapping[str, Any]) -> FirmwareModel:
 
 
 LAB_FIRMWARES["tryboot"] = LabFirmware("tryboot", _tryboot_prepare, _tryboot_model)
+
+
+UBOOT_ENV_SIZE = 0x4000
+
+
+def _uboot_prepare(root: Path) -> dict[str, Any]:
+    boot = root / "boot"
+    env, initial = boot / "uboot.env", boot / "u-boot-initial-env"
+    options: dict[str, Any] = {
+        "env_file": str(env),
+        "env_size": UBOOT_ENV_SIZE,
+        "env_offset": 0,
+        "redundant_offset": UBOOT_ENV_SIZE,
+        "cmdline": _cmdline(root),
+        "initial_env": str(initial),
+    }
+    if not env.exists():
+        # a board fresh from the factory: the default environment in its flash, our script
+        initial.write_text("".join(f"{k}={v}\n" for k, v in DEFAULT_ENVIRONMENT.items()))
+        env.write_bytes(bytes(2 * UBOOT_ENV_SIZE))
+        UBootBackend.from_options(options).repair("a")
+    return options
+
+
+def _uboot_model(root: Path, options: Mapping[str, Any]) -> FirmwareModel:
+    layout = EnvLayout.redundant_pair(options["env_file"], UBOOT_ENV_SIZE, 0, UBOOT_ENV_SIZE, None)
+    return UBootModel(layout)
+
+
+LAB_FIRMWARES["uboot"] = LabFirmware("uboot", _uboot_prepare, _uboot_model)

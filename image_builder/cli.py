@@ -55,7 +55,9 @@ def import_disk(disk: Path, out_dir: Path) -> None:
     from image_builder.disk_import import import_disk_image
 
     for part in import_disk_image(disk, out_dir):
-        click.echo(f"{part.slot_class}: {part.path} (partition {part.number}, {part.size_bytes} bytes)")
+        click.echo(
+            f"{part.slot_class}: {part.path} (partition {part.number}, {part.size_bytes} bytes)"
+        )
 
 
 @click.group()

@@ -1,0 +1,649 @@
+"""The ``uboot`` backend: A/B boot selection with U-Boot, a boot script and its environment.
+
+The state lives in the U-Boot environment (``bootloader_hooks.ubootenv``: ``uboot.env`` on the
+boot partition or a raw offset, one or two copies with CRC32), in these variables:
+
+- ``FLEET_ENV=1``: the version of this scheme; the boot script starts afresh without it;
+- ``BOOT_ORDER="A B"``: the root slots in order of preference (``A`` is slot ``a``);
+- ``BOOT_A_LEFT`` / ``BOOT_B_LEFT``: boots the firmware will still try for each slot (0-9);
+- ``FLEET_TRIAL=<letter>``: set while that slot is on trial;
+- U-Boot's own ``upgrade_available`` (1 during a trial, 0 otherwise), ``bootcount`` (0, or
+  during a trial ``bootlimit`` minus the trial slot's attempts left), ``bootlimit`` (= attempts)
+  and ``altbootcmd``, so that a board built with ``CONFIG_BOOTCOUNT_LIMIT`` and
+  ``CONFIG_BOOTCOUNT_ENV`` also falls back by itself.
+
+The boot script (:func:`boot_script`, installed as ``boot.scr``) runs at every boot: it takes the
+first slot of ``BOOT_ORDER`` with attempts left, decrements its counter with ``setexpr``, runs
+``saveenv`` and boots it with ``root=PARTLABEL=root_x fleet.slot=x`` on the command line. With no
+slot left it boots the safe-mode slot (``fleet.slot=safe``). U-Boot's bootcount runs in lockstep:
+``try_once`` resets ``bootcount`` to 0 with ``bootlimit`` equal to the attempts, so the boot after
+the last attempt is exactly the one where ``bootcount`` exceeds ``bootlimit``; U-Boot then runs
+``altbootcmd`` (``setenv fleet_altboot 1; run bootcmd``) and the script, seeing ``fleet_altboot``,
+ends the trial (its counter to 0, ``upgrade_available=0``) before choosing as usual.
+
+Meanings for this firmware:
+
+- *primary*: the first slot of ``BOOT_ORDER`` with attempts left that is not on trial, i.e. the
+  slot U-Boot falls back to (``None``: safe mode);
+- *trial*: ``FLEET_TRIAL`` names the booted slot: it was armed by ``try_once`` and not committed;
+- *good*: committed: first in ``BOOT_ORDER`` with its attempts reset. ``commit`` runs on every
+  healthy boot, so a committed slot that stops booting uses up its attempts and falls back too;
+- *bad*: attempts 0 and out of ``BOOT_ORDER`` until the next ``try_once``.
+
+Each action is one read-modify-write of the environment that keeps every other variable
+(``bootcmd``, Mender's, the board's) as it was. Power cuts: with a redundant environment the
+write goes to the copy not in use, so a cut at any point leaves the old state or the new one
+(see ``bootloader_hooks.ubootenv``). With a single copy in a file the file is replaced
+atomically; a single copy at a raw offset can be torn, and U-Boot then starts from its default
+environment, where the script finds no ``FLEET_ENV`` and starts afresh (both slots, full
+attempts): the device still boots.
+
+A damaged environment: with one bad copy the other is used and the next write repairs it. With
+no valid copy every action raises :class:`BootStateCorruptError`; nothing is guessed. The
+explicit way out is :meth:`UBootBackend.repair`, which writes a fresh state with the booted
+slot committed (safe mode stays in safe mode) on top of the board's default environment.
+
+:meth:`UBootBackend.takeover_from_mender` converts a device that Mender's U-Boot integration
+runs (``mender_boot_part`` et al.) to this scheme in one write.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bootloader_hooks import ubootenv
+from bootloader_hooks.base import (
+    ROOT_SLOTS,
+    SAFE_SLOT,
+    check_root_slot,
+    other_slot,
+    read_kernel_cmdline_slot,
+    register,
+)
+from bootloader_hooks.errors import BootloaderError, BootStateCorruptError, UnknownSlotError
+from bootloader_hooks.ubootenv import EnvLayout, EnvState
+from fleet_core import durable
+
+NAME = "uboot"
+WHO = "uboot backend"
+SCHEME_VERSION = "1"
+MAX_ATTEMPTS = 9  # setexpr computes in hex: single digits read the same in hex and decimal
+DEFAULT_ATTEMPTS = 3
+DEFAULT_FW_ENV_CONFIG = "/etc/fw_env.config"
+DEFAULT_ENV_SIZE = 0x4000
+DEFAULT_INITIAL_ENV = Path("/etc/u-boot-initial-env")  # where libubootenv's fw_setenv looks
+DEFAULT_MENDER_PARTITIONS: Mapping[int, str] = {2: "a", 3: "b"}
+ALTBOOTCMD = "setenv fleet_altboot 1; run bootcmd"
+LETTERS = {"a": "A", "b": "B"}
+SLOTS = {letter: slot for slot, letter in LETTERS.items()}
+
+VAR_VERSION = "FLEET_ENV"
+VAR_ORDER = "BOOT_ORDER"
+VAR_TRIAL = "FLEET_TRIAL"
+LEFT_VARS = {slot: f"BOOT_{letter}_LEFT" for slot, letter in LETTERS.items()}
+
+
+def parse_decimal(text: str | None) -> int:
+    """A counter as U-Boot's ``test`` reads it: leading sign and digits, anything else 0."""
+    match = re.match(r"\s*([+-]?\d+)", text or "")
+    return int(match.group(1)) if match else 0
+
+
+@dataclass(frozen=True)
+class SlotState:
+    """The scheme's view of an environment: order, attempts left, slot on trial."""
+
+    order: tuple[str, ...]
+    left: Mapping[str, int]
+    trial: str | None
+
+    @classmethod
+    def from_variables(cls, variables: Mapping[str, str], attempts: int) -> SlotState:
+        """Read the scheme; an environment without ``FLEET_ENV`` reads as the boot script's
+        fresh start (both slots, full attempts), which is what U-Boot would do with it."""
+        if variables.get(VAR_VERSION) != SCHEME_VERSION:
+            return cls(ROOT_SLOTS, dict.fromkeys(ROOT_SLOTS, attempts), None)
+        order: list[str] = []
+        for letter in variables.get(VAR_ORDER, "").split():
+            slot = SLOTS.get(letter)
+            if slot is not None and slot not in order:
+                order.append(slot)
+        left = {slot: parse_decimal(variables.get(LEFT_VARS[slot])) for slot in ROOT_SLOTS}
+        return cls(tuple(order), left, SLOTS.get(variables.get(VAR_TRIAL, "")))
+
+    def primary(self) -> str | None:
+        for slot in self.order:
+            if self.left[slot] > 0 and slot != self.trial:
+                return slot
+        return None
+
+    def first(self, slot: str) -> tuple[str, ...]:
+        return (slot, *(other for other in self.order if other != slot))
+
+
+def scheme_variables(state: SlotState, attempts: int) -> dict[str, str]:
+    """The variables that store ``state`` (an empty value means "unset").
+
+    ``bootcount`` is kept in lockstep with the trial slot's counter (``bootlimit`` minus its
+    attempts left), so U-Boot's limit is exceeded exactly when the trial's attempts run out.
+    """
+    on_trial = state.trial is not None
+    bootcount = attempts - min(max(state.left[state.trial], 0), attempts) if state.trial else 0
+    variables = {
+        VAR_VERSION: SCHEME_VERSION,
+        VAR_ORDER: " ".join(LETTERS[slot] for slot in state.order),
+        VAR_TRIAL: LETTERS[state.trial] if state.trial else "",
+        "upgrade_available": "1" if on_trial else "0",
+        "bootcount": str(bootcount),
+        "bootlimit": str(attempts),
+        "altbootcmd": ALTBOOTCMD,
+    }
+    variables.update({LEFT_VARS[slot]: str(state.left[slot]) for slot in ROOT_SLOTS})
+    return variables
+
+
+@dataclass(frozen=True)
+class MenderTakeover:
+    """What :meth:`UBootBackend.takeover_from_mender` found and wrote."""
+
+    partition: int
+    slot: str
+    trial: bool
+    variables: Mapping[str, str]
+
+
+class UBootBackend:
+    """Boot selection through the U-Boot environment; see the module docstring."""
+
+    name = NAME
+
+    def __init__(
+        self,
+        layout: EnvLayout,
+        *,
+        cmdline: Path = Path("/proc/cmdline"),
+        attempts: int = DEFAULT_ATTEMPTS,
+        mender_partitions: Mapping[int, str] = DEFAULT_MENDER_PARTITIONS,
+        bootcmd: str | None = None,
+        initial_env: Path = DEFAULT_INITIAL_ENV,
+    ) -> None:
+        if not 1 <= attempts <= MAX_ATTEMPTS:
+            raise BootloaderError(f"{WHO}: attempts must be 1 to {MAX_ATTEMPTS}, not {attempts}")
+        self.layout = layout
+        self.cmdline = cmdline
+        self.attempts = attempts
+        self.mender_partitions = dict(mender_partitions)
+        self.bootcmd = bootcmd
+        self.initial_env = initial_env
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> UBootBackend:
+        """Build from the ``[bootloader]`` table; see :func:`parse_options` for the keys.
+
+        Raises:
+            BootloaderError: an unknown key, a value of the wrong type, an unreadable
+                ``fw_env.config``.
+        """
+        return cls(**parse_options(options))
+
+    # --- questions ------------------------------------------------------------------------------
+
+    def booted(self) -> str:
+        return read_kernel_cmdline_slot(self.cmdline, WHO)
+
+    def primary(self) -> str | None:
+        return self._state().primary()
+
+    def is_trial(self) -> bool:
+        booted = self.booted()
+        return booted != SAFE_SLOT and self._state().trial == booted
+
+    def attempts_left(self, slot: str) -> int:
+        check_root_slot(WHO, slot)
+        return max(self._state().left[slot], 0)
+
+    def reboot_command(self) -> list[str]:
+        return ["reboot"]
+
+    # --- actions --------------------------------------------------------------------------------
+
+    def try_once(self, slot: str) -> None:
+        """Arm one trial of ``slot``: first in order, full attempts, ``upgrade_available=1``."""
+        check_root_slot(WHO, slot)
+
+        def change(state: SlotState) -> SlotState:
+            left = {**state.left, slot: self.attempts}
+            return SlotState(state.first(slot), left, slot)
+
+        self._update(change)
+
+    def commit(self, slot: str) -> None:
+        """Make ``slot`` the primary: first in order, full attempts, no trial."""
+        check_root_slot(WHO, slot)
+
+        def change(state: SlotState) -> SlotState:
+            return SlotState(state.first(slot), {**state.left, slot: self.attempts}, None)
+
+        self._update(change)
+
+    def mark_bad(self, slot: str) -> None:
+        """Never boot ``slot`` again until the next ``try_once``; ends its trial."""
+        check_root_slot(WHO, slot)
+
+        def change(state: SlotState) -> SlotState:
+            order = tuple(other for other in state.order if other != slot)
+            trial = None if state.trial == slot else state.trial
+            return SlotState(order, {**state.left, slot: 0}, trial)
+
+        self._update(change)
+
+    def repair(self, primary: str | None = None) -> None:
+        """Write a fresh state whatever the environment holds: the explicit way past
+        :class:`BootStateCorruptError`.
+
+        ``primary`` (default: the booted root slot, which the kernel command line names
+        reliably) becomes the committed primary with full attempts; the other slot stays in the
+        order with no attempts, as nothing says it holds a good system (the same choice as the
+        GRUB backend's ``repair``). Booted in safe mode with no ``primary`` given, no root slot
+        is left bootable: the device stays in safe mode until a slot is installed and tried.
+        Variables of a still valid copy are kept. With no valid copy the rest comes from the
+        board's default environment (``initial_env``, a ``u-boot-initial-env`` file): once a
+        copy is valid U-Boot uses it whole, so an environment of our variables alone would lose
+        ``bootcmd`` and everything else the board needs. (Without any repair U-Boot starts from
+        its built-in default at the next boot and the boot script starts afresh: the device
+        boots.)
+
+        Raises:
+            UnknownSlotError: ``primary`` is not a root slot.
+            BootloaderError: the booted slot is unknown, no copy is valid and the default
+                environment cannot be read, or the write failed.
+        """
+        if primary is not None:
+            check_root_slot(WHO, primary)
+        else:
+            booted = self.booted()
+            primary = None if booted == SAFE_SLOT else booted
+        if primary is None:
+            state = SlotState((), dict.fromkeys(ROOT_SLOTS, 0), None)
+        else:
+            other = other_slot(primary)
+            state = SlotState((primary, other), {primary: self.attempts, other: 0}, None)
+        previous: EnvState | None
+        try:
+            previous = ubootenv.read_env(self.layout)
+            variables = dict(previous.variables)
+        except BootStateCorruptError:
+            previous = None
+            variables = ubootenv.read_initial_env(self.initial_env)
+        if self.bootcmd is not None:
+            variables["bootcmd"] = self.bootcmd
+        self._write(variables, state, previous)
+
+    # --- Mender ---------------------------------------------------------------------------------
+
+    def takeover_from_mender(self) -> MenderTakeover:
+        """Convert the environment of a Mender-managed device to this scheme, in one write.
+
+        Mender keeps the partition to boot in ``mender_boot_part`` (decimal) and
+        ``mender_boot_part_hex``, and uses U-Boot's ``upgrade_available``/``bootcount``/
+        ``bootlimit``. The partition is mapped to a slot with the ``mender_partitions`` option.
+        Without an update in progress that slot becomes committed (the other slot behind it,
+        both with full attempts). During a Mender trial (``upgrade_available=1``) the trial
+        carries over: the slot stays on trial with the boots Mender still allowed
+        (``bootlimit - bootcount``), and ``bootcount``/``bootlimit`` are rescaled so U-Boot's
+        own fallback stays in lockstep. Mender's variables are left in place, so a Mender boot
+        script that still runs before ours is installed finds them consistent; ``altbootcmd``
+        becomes ours, and ``bootcmd`` too when the backend was given one.
+
+        Raises:
+            BootStateCorruptError: no valid environment.
+            BootloaderError: not a Mender environment, inconsistent Mender variables, a
+                partition not in the map, or Mender's saveenv canary says that U-Boot never
+                wrote this environment (so U-Boot and Linux disagree on where it is).
+        """
+        previous = ubootenv.read_env(self.layout)
+        variables = previous.variables
+        partition = mender_boot_partition(variables)
+        slot = self.mender_partitions.get(partition)
+        if slot is None:
+            raise BootloaderError(
+                f"{WHO}: Mender boots partition {partition}, which mender_partitions does not map"
+            )
+        check_root_slot(WHO, slot)
+        trial = _env_flag(variables.get("upgrade_available"))
+        other = other_slot(slot)
+        if trial:
+            limit = parse_decimal(variables.get("bootlimit")) or 1
+            remaining = min(
+                max(limit - parse_decimal(variables.get("bootcount")), 0), self.attempts
+            )
+            state = SlotState((slot, other), {slot: remaining, other: self.attempts}, slot)
+        else:
+            state = SlotState((slot, other), dict.fromkeys(ROOT_SLOTS, self.attempts), None)
+        new = dict(variables)
+        if self.bootcmd is not None:
+            new["bootcmd"] = self.bootcmd
+        written = self._write(new, state, previous)
+        return MenderTakeover(partition, slot, trial, written)
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _state(self) -> SlotState:
+        return SlotState.from_variables(ubootenv.read_env(self.layout).variables, self.attempts)
+
+    def _update(self, change: Callable[[SlotState], SlotState]) -> None:
+        previous = ubootenv.read_env(self.layout)
+        state = SlotState.from_variables(previous.variables, self.attempts)
+        self._write(dict(previous.variables), change(state), previous)
+
+    def _write(
+        self,
+        variables: dict[str, str],
+        state: SlotState,
+        previous: EnvState | None,
+    ) -> Mapping[str, str]:
+        for name, value in scheme_variables(state, self.attempts).items():
+            if value:
+                variables[name] = value
+            else:
+                variables.pop(name, None)
+        return ubootenv.write_env(self.layout, variables, previous).variables
+
+
+def _env_flag(value: str | None) -> bool:
+    """U-Boot's ``env_get_ulong(name, 10, 0) != 0``."""
+    return parse_decimal(value) != 0
+
+
+def mender_boot_partition(variables: Mapping[str, str]) -> int:
+    """The partition Mender's U-Boot integration boots, checked for consistency.
+
+    Raises:
+        BootloaderError: missing or inconsistent variables, or a failed saveenv canary.
+    """
+    part = variables.get("mender_boot_part", "")
+    if not part.isdigit():
+        raise BootloaderError(f"{WHO}: no Mender environment (mender_boot_part={part!r})")
+    partition = int(part)
+    part_hex = variables.get("mender_boot_part_hex")
+    if part_hex is not None and (
+        not re.fullmatch(r"[0-9a-fA-F]+", part_hex) or int(part_hex, 16) != partition
+    ):
+        raise BootloaderError(
+            f"{WHO}: Mender variables disagree: mender_boot_part={part}, "
+            f"mender_boot_part_hex={part_hex}"
+        )
+    if variables.get("mender_check_saveenv_canary") == "1" and (
+        variables.get("mender_saveenv_canary") != "1"
+    ):
+        raise BootloaderError(
+            f"{WHO}: Mender's saveenv canary is missing: U-Boot never saved this environment"
+        )
+    return partition
+
+
+# --- options -------------------------------------------------------------------------------------
+
+_OPTION_TYPES: Mapping[str, tuple[type, ...]] = {
+    "fw_env_config": (str, os.PathLike),
+    "env_file": (str, os.PathLike),
+    "env_offset": (int,),
+    "env_size": (int,),
+    "redundant_offset": (int,),
+    "redundant_file": (str, os.PathLike),
+    "cmdline": (str, os.PathLike),
+    "attempts": (int,),
+    "mender_partitions": (Mapping,),
+    "bootcmd": (str,),
+    "initial_env": (str, os.PathLike),
+}
+
+
+def _check_option_types(options: Mapping[str, Any]) -> None:
+    for key, value in options.items():
+        types = _OPTION_TYPES.get(key)
+        if types is None:
+            raise BootloaderError(f"{WHO}: unknown option {key!r}")
+        if isinstance(value, bool) or not isinstance(value, types):
+            expected = " or ".join("path" if t is os.PathLike else t.__name__ for t in types)
+            raise BootloaderError(f"{WHO}: option {key!r} must be a {expected}")
+
+
+def _layout_from_options(options: Mapping[str, Any]) -> EnvLayout:
+    file_keys = {"env_file", "env_offset", "env_size", "redundant_offset", "redundant_file"}
+    given = file_keys & options.keys()
+    if "fw_env_config" in options and given:
+        raise BootloaderError(f"{WHO}: option 'fw_env_config' excludes {', '.join(sorted(given))}")
+    if given and "env_file" not in options:
+        raise BootloaderError(f"{WHO}: option 'env_file' is needed with {', '.join(sorted(given))}")
+    if "env_file" not in options:
+        return ubootenv.read_fw_env_config(options.get("fw_env_config", DEFAULT_FW_ENV_CONFIG))
+    size = options.get("env_size", DEFAULT_ENV_SIZE)
+    offset = options.get("env_offset", 0)
+    if "redundant_offset" in options or "redundant_file" in options:
+        return EnvLayout.redundant_pair(
+            options["env_file"],
+            size,
+            offset,
+            options.get("redundant_offset", offset),
+            options.get("redundant_file"),
+        )
+    return EnvLayout.single(options["env_file"], size, offset)
+
+
+def _mender_partitions(raw: Mapping[Any, Any]) -> dict[int, str]:
+    partitions: dict[int, str] = {}
+    for key, slot in raw.items():
+        text = str(key)
+        if isinstance(key, bool) or not text.isdigit() or not isinstance(slot, str):
+            raise BootloaderError(
+                f"{WHO}: option 'mender_partitions' maps partition numbers to slots, "
+                f"not {key!r} to {slot!r}"
+            )
+        try:
+            partitions[int(text)] = check_root_slot(WHO, slot)
+        except UnknownSlotError as err:
+            raise BootloaderError(f"{WHO}: option 'mender_partitions': {err}") from err
+    return partitions
+
+
+def parse_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the ``[bootloader]`` options of the ``uboot`` backend; constructor arguments.
+
+    Keys: ``fw_env_config`` (path, default ``/etc/fw_env.config``) *or* ``env_file`` with
+    ``env_offset`` (bytes, default 0), ``env_size`` (bytes, default 0x4000),
+    ``redundant_offset`` and ``redundant_file`` (either makes the environment redundant);
+    ``cmdline`` (default ``/proc/cmdline``); ``attempts`` (1-9, default 3);
+    ``mender_partitions`` (partition number -> slot, default ``{2: "a", 3: "b"}``);
+    ``bootcmd`` (written by ``takeover_from_mender`` and ``repair``; default: left alone);
+    ``initial_env`` (the board's default environment for ``repair``, default
+    ``/etc/u-boot-initial-env``).
+
+    Raises:
+        BootloaderError: naming the offending key.
+    """
+    _check_option_types(options)
+    arguments: dict[str, Any] = {"layout": _layout_from_options(options)}
+    if "cmdline" in options:
+        arguments["cmdline"] = Path(options["cmdline"])
+    if "attempts" in options:
+        arguments["attempts"] = options["attempts"]
+    if "mender_partitions" in options:
+        arguments["mender_partitions"] = _mender_partitions(options["mender_partitions"])
+    if "bootcmd" in options:
+        arguments["bootcmd"] = options["bootcmd"]
+    if "initial_env" in options:
+        arguments["initial_env"] = Path(options["initial_env"])
+    return arguments
+
+
+register(NAME)(UBootBackend.from_options)
+
+
+# --- the boot script -----------------------------------------------------------------------------
+
+SCRIPT_NAME = "Metrica Fleet boot script"
+_IH_MAGIC = 0x27051956
+_IH_OS_LINUX = 5
+_IH_ARCH_ARM = 2
+_IH_TYPE_SCRIPT = 6
+_IH_COMP_NONE = 0
+_IH_NAME_LEN = 32
+
+
+def _slot_branch(slot: str) -> str:
+    letter, left = LETTERS[slot], LEFT_VARS[slot]
+    return f"""\
+    if test "${{fleet_s}}" = "{letter}"; then
+      if test "${{{left}}}" -gt 0; then
+        setexpr {left} ${{{left}}} - 1
+        fleet_slot={slot}
+      fi
+    fi
+"""
+
+
+def boot_script(
+    *,
+    attempts: int = DEFAULT_ATTEMPTS,
+    devtype: str = "mmc",
+    devnum: str = "0",
+    kernel: str = "Image",
+    fdt_file: str | None = None,
+    boot_command: str = "booti",
+    bootargs: str = "rootwait",
+) -> str:
+    """The ``boot.cmd`` (U-Boot hush) that implements the scheme of this module.
+
+    It loads ``kernel`` (and ``fdt_file``, else U-Boot's own device tree) from the partition
+    labelled ``boot_<slot>`` on ``devtype devnum`` and boots it with ``boot_command``, passing
+    ``<bootargs> root=PARTLABEL=root_<slot> fleet.slot=<slot>``. Shell variables
+    (``fleet_slot``, ``fleet_s``, ``fleet_save``) are hush locals, so ``saveenv`` never stores
+    them. If the boot command returns (kernel missing or broken) the script resets: the counter
+    was already saved, so the next boot moves on.
+    """
+    if not 1 <= attempts <= MAX_ATTEMPTS:
+        raise BootloaderError(f"{WHO}: attempts must be 1 to {MAX_ATTEMPTS}, not {attempts}")
+    fdt_addr = "${fdt_addr_r}" if fdt_file else "${fdtcontroladdr}"
+    load = f"load {devtype} {devnum}:${{fleet_part}}"
+    load_fdt = f"{load} ${{fdt_addr_r}} {fdt_file}\n" if fdt_file else ""
+    branches = "".join(_slot_branch(slot) for slot in ROOT_SLOTS)
+    trial_ends = "".join(
+        f'  if test "${{{VAR_TRIAL}}}" = "{LETTERS[slot]}"; then setenv {LEFT_VARS[slot]} 0; fi\n'
+        for slot in ROOT_SLOTS
+    )
+    fresh_left = "".join(f"  setenv {LEFT_VARS[slot]} {attempts}\n" for slot in ROOT_SLOTS)
+    return f"""\
+# {SCRIPT_NAME} (scheme {SCHEME_VERSION}): A/B selection with attempt counters.
+# Generated by bootloader_hooks.uboot; the state is described there.
+fleet_save=0
+if test "${{{VAR_VERSION}}}" != "{SCHEME_VERSION}"; then
+  echo "fleet: no boot state in the environment, starting afresh"
+  setenv {VAR_VERSION} {SCHEME_VERSION}
+  setenv {VAR_ORDER} "A B"
+{fresh_left}  setenv {VAR_TRIAL}
+  setenv upgrade_available 0
+  setenv bootcount 0
+  setenv bootlimit {attempts}
+  setenv altbootcmd "{ALTBOOTCMD}"
+  fleet_save=1
+fi
+if test "${{fleet_altboot}}" = "1"; then
+  echo "fleet: boot limit exceeded, ending the trial of ${{{VAR_TRIAL}}}"
+  setenv fleet_altboot
+{trial_ends}  setenv upgrade_available 0
+  setenv bootcount 0
+  fleet_save=1
+fi
+fleet_slot=none
+for fleet_s in ${{{VAR_ORDER}}}; do
+  if test "${{fleet_slot}}" = "none"; then
+{branches}  fi
+done
+if test "${{fleet_slot}}" != "none"; then
+  fleet_save=1
+fi
+if test "${{fleet_save}}" = "1"; then
+  saveenv
+fi
+if test "${{fleet_slot}}" = "none"; then
+  echo "fleet: no root slot has attempts left, booting safe mode"
+  fleet_slot={SAFE_SLOT}
+fi
+echo "fleet: booting slot ${{fleet_slot}}"
+part number {devtype} {devnum} boot_${{fleet_slot}} fleet_part
+setenv bootargs "{bootargs} root=PARTLABEL=root_${{fleet_slot}} fleet.slot=${{fleet_slot}}"
+{load} ${{kernel_addr_r}} {kernel}
+{load_fdt}{boot_command} ${{kernel_addr_r}} - {fdt_addr}
+echo "fleet: booting slot ${{fleet_slot}} failed, resetting"
+reset
+"""
+
+
+def script_image(text: str, *, timestamp: int, name: str = SCRIPT_NAME) -> bytes:
+    """``text`` as a legacy U-Boot script image, byte for byte what
+    ``mkimage -A arm -T script -C none -n <name> -d boot.cmd boot.scr`` writes with
+    ``SOURCE_DATE_EPOCH=<timestamp>``: a 64-byte big-endian header, then the length of the one
+    script, a zero terminator, and the script."""
+    script = text.encode()
+    payload = len(script).to_bytes(4, "big") + bytes(4) + script
+    encoded_name = name.encode()[: _IH_NAME_LEN - 1].ljust(_IH_NAME_LEN, b"\0")
+
+    def header(header_crc: int) -> bytes:
+        words = (_IH_MAGIC, header_crc, timestamp, len(payload), 0, 0, zlib.crc32(payload))
+        kinds = bytes((_IH_OS_LINUX, _IH_ARCH_ARM, _IH_TYPE_SCRIPT, _IH_COMP_NONE))
+        return b"".join(word.to_bytes(4, "big") for word in words) + kinds + encoded_name
+
+    return header(zlib.crc32(header(0))) + payload
+
+
+def compile_boot_script(
+    text: str, out: str | os.PathLike[str], *, timestamp: int | None = None
+) -> None:
+    """Write ``text`` as the script image ``out`` (``boot.scr``), atomically.
+
+    Runs ``mkimage`` when it is on ``PATH``, else builds the same bytes with
+    :func:`script_image`. ``timestamp`` defaults to ``SOURCE_DATE_EPOCH`` or the current time.
+    Power cut: ``out`` holds the old image or the new one.
+
+    Raises:
+        BootloaderError: mkimage failed or ``out`` cannot be written.
+    """
+    if timestamp is None:
+        timestamp = int(os.environ.get("SOURCE_DATE_EPOCH", time.time()))
+    mkimage = shutil.which("mkimage")
+    image = (
+        _mkimage(mkimage, text, timestamp) if mkimage else script_image(text, timestamp=timestamp)
+    )
+    try:
+        durable.atomic_write(out, image)
+    except OSError as err:
+        raise BootloaderError(f"{WHO}: cannot write {out}: {err.strerror}") from err
+
+
+def _mkimage(mkimage: str, text: str, timestamp: int) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="fleet-bootscr-") as scratch:
+        source, image = Path(scratch, "boot.cmd"), Path(scratch, "boot.scr")
+        source.write_text(text)
+        kind = ["-A", "arm", "-T", "script", "-C", "none", "-n", SCRIPT_NAME]
+        command = [mkimage, *kind, "-d", str(source), str(image)]
+        environment = {**os.environ, "SOURCE_DATE_EPOCH": str(timestamp)}
+        result = subprocess.run(
+            command, capture_output=True, text=True, env=environment, check=False
+        )
+        if result.returncode != 0:
+            reason = (result.stderr or result.stdout).strip().splitlines()
+            raise BootloaderError(
+                f"{WHO}: mkimage failed: {reason[-1] if reason else result.returncode}"
+            )
+        return image.read_bytes()

@@ -39,6 +39,7 @@ MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 SIGNATURE_PURPOSE = "bundle-manifest"
 CHUNK = 1024 * 1024
+MAX_READ = 8 * CHUNK  # the most one read of an image returns: bounds the memory a reader needs
 # Frames asking for a larger window are refused: a device has little memory, and our writer
 # never produces one.
 ZSTD_MAX_WINDOW = 1 << 27
@@ -67,7 +68,7 @@ class _Source:
         return b"".join(parts)
 
     def read_some(self, limit: int, what: str) -> bytes:
-        chunk = self.stream.read(min(limit, CHUNK))
+        chunk = self.stream.read(min(limit, MAX_READ))
         if not chunk and limit:
             raise BundleFormatError(f"{self.name}: truncated inside {what}")
         self.offset += len(chunk)
@@ -117,7 +118,7 @@ class ImageStream(io.RawIOBase):
     def _read_stored(self, size: int) -> bytes:
         if self._stored_left == 0:
             return b""
-        chunk = self._raw.read(min(size, self._stored_left, CHUNK))
+        chunk = self._raw.read(min(size, self._stored_left, MAX_READ))
         if not chunk:
             raise ImageIntegrityError(
                 f"{self.name}: stored data ends {self._stored_left} bytes early"

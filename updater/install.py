@@ -26,6 +26,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -214,30 +215,34 @@ class Installer:
     def _write_image(
         self, image: BundleImage, target: SlotTarget, done: int, total: int, deadline: float
     ) -> int:
+        """Stream one image into its slot. Reading (hashing, decompressing) and writing
+        (copying into the page cache, flushing) run side by side on two cores: the next chunk
+        is verified while the previous one is written, with two chunks in memory at most."""
         durable.boundary("slot:begin", target.path)
         try:
             fd = os.open(target.path, os.O_WRONLY)
         except OSError as err:
             raise InstallError(f"slot {target.path}: cannot open: {err.strerror}") from err
-        unflushed = 0
+        writer = _SlotWriter(fd, target.path)
         try:
-            while chunk := image.stream.read(WRITE_CHUNK):
-                _write_all(fd, chunk, target.path)
-                done += len(chunk)
-                unflushed += len(chunk)
-                if unflushed >= FLUSH_BYTES:
-                    _flush(fd, target.path)
-                    unflushed = 0
-                    self._report_progress(done, total)
-                    if self._clock() > deadline:
-                        raise InstallError(
-                            f"install exceeded its {self.config.limits.update_deadline_s} s "
-                            "deadline: abandoned"
-                        )
-            _flush(fd, target.path)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slot-writer") as pool:
+                pending: Future[bool] | None = None
+                while chunk := image.stream.read(WRITE_CHUNK):
+                    if pending is not None and pending.result():
+                        self._report_progress(done + writer.flushed, total)
+                        if self._clock() > deadline:
+                            raise InstallError(
+                                f"install exceeded its {self.config.limits.update_deadline_s} "
+                                "s deadline: abandoned"
+                            )
+                    pending = pool.submit(writer.write, chunk)
+                if pending is not None:
+                    pending.result()
+            writer.flush()
         finally:
             os.close(fd)
         durable.boundary("slot:done", target.path)
+        done += writer.written
         self._report_progress(done, total)
         return done
 
@@ -309,21 +314,36 @@ class Installer:
             self.log.event("state.save_failed", level="error", error=str(save_err))
 
 
-def _write_all(fd: int, data: bytes, path: Path) -> None:
-    view = memoryview(data)
-    try:
-        while view:
-            view = view[os.write(fd, view) :]
-    except OSError as err:
-        raise InstallError(f"slot {path}: write failed: {err.strerror}") from err
+class _SlotWriter:
+    """Writes a slot sequentially, flushing every ``FLUSH_BYTES``; used from one thread."""
 
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd = fd
+        self.path = path
+        self.written = 0
+        self.flushed = 0
 
-def _flush(fd: int, path: Path) -> None:
-    durable.boundary("slot:before-flush", path)
-    try:
-        os.fdatasync(fd)
-    except OSError as err:
-        raise InstallError(f"slot {path}: flush failed: {err.strerror}") from err
+    def write(self, data: bytes) -> bool:
+        """Write ``data``; return whether this write ended with a flush."""
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as err:
+            raise InstallError(f"slot {self.path}: write failed: {err.strerror}") from err
+        self.written += len(data)
+        if self.written - self.flushed >= FLUSH_BYTES:
+            self.flush()
+            return True
+        return False
+
+    def flush(self) -> None:
+        durable.boundary("slot:before-flush", self.path)
+        try:
+            os.fdatasync(self.fd)
+        except OSError as err:
+            raise InstallError(f"slot {self.path}: flush failed: {err.strerror}") from err
+        self.flushed = self.written
 
 
 def _run_reboot(command: Sequence[str]) -> None:

@@ -219,3 +219,58 @@ def test_mark_bad_mark_good_rollback_resume(make_device: MakeDevice, releases: R
     assert updater(device, "mark-good").exit_code == 0
     assert status(device)["slots"]["a"]["status"] == "good"
     assert updater(device, "resume").exit_code == 0
+
+
+def test_too_hot_or_too_full_defers_the_update(make_device: MakeDevice, releases: Releases) -> None:
+    device = make_device("grub")
+    zone = device.root / "thermal" / "thermal_zone0"
+    zone.mkdir(parents=True)
+    (zone / "temp").write_text("85123\n")
+    paths = f'[paths]\nthermal_dir = "{device.root / "thermal"}"\n'
+    before = status(device)
+    result = updater(device, "install", str(releases.bundle("2.0.0")), extra=paths)
+    one_line_error(result, "CPU at 85.1 °C, above the 80.0 °C limit: update deferred")
+    (zone / "temp").write_text("45000\n")
+    config = device.root / "updater.toml"
+    config.write_text(
+        device.config_toml(extra=paths).replace("min_free_mb = 0", "min_free_mb = 1000000000")
+    )
+    result = CliRunner().invoke(
+        main, ["--config", str(config), "install", str(releases.bundle("2.0.0"))]
+    )
+    one_line_error(result, "MB free on the data partition, below 1000000000 MB: update skipped")
+    assert_untouched(device, before)
+
+
+def test_metrics_textfile_after_install_and_boot_check(
+    make_device: MakeDevice, releases: Releases
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    device = make_device("grub")
+    textfile = device.root / "metrics" / "fleet.prom"
+    extra = f'[metrics]\ntextfile = "{textfile}"\n'
+    result = updater(device, "install", str(releases.bundle("2.0.0")), "--no-reboot", extra=extra)
+    assert result.exit_code == EXIT_REBOOT_REQUIRED, result.output
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(textfile.read_text())
+        for s in family.samples
+    }
+    assert samples[("fleet_updater_install_bytes_total", ())] == 256 * 1024
+    assert samples[("fleet_updater_update_state", (("state", "installed"),))] == 1
+    slot_b = [k for k in samples if k[0] == "fleet_updater_slot_info" and ("slot", "b") in k[1]]
+    assert slot_b and ("status", "trial") in slot_b[0][1] and ("version", "2.0.0") in slot_b[0][1]
+    device.boot(device_reboot_event(device), run_boot_check=False)
+    assert updater(device, "boot-check", extra=extra).exit_code == 0
+    text = textfile.read_text()
+    assert 'fleet_updater_update_state{state="committed"} 1.0' in text
+    assert not [p for p in textfile.parent.iterdir() if p.name != "fleet.prom"]
+
+
+def test_install_from_safe_mode_is_refused(make_device: MakeDevice, releases: Releases) -> None:
+    device = make_device("grub")
+    (device.root / "linux" / "proc" / "cmdline").write_text("fleet.slot=safe\n")
+    one_line_error(
+        updater(device, "install", str(releases.bundle("2.0.0"))), "running from slot 'safe'"
+    )

@@ -16,11 +16,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
-
-import requests
+from typing import TYPE_CHECKING, BinaryIO
 
 from updater.errors import DownloadError
+
+if TYPE_CHECKING:
+    import requests
 
 CHUNK = 1024 * 1024
 # A dropped connection loses the chunk being received: keep it small, so a resume repeats
@@ -48,7 +49,11 @@ class HttpStream(io.RawIOBase):
         sleep: Callable[[float], None] = time.sleep,
         rng: Callable[[], float] = random.random,
     ) -> None:
+        # imported here: a device installing from a local file never pays for the HTTP stack
+        import requests
+
         super().__init__()
+        self._requests = requests
         self.url = url
         self.offset = 0
         self.total: int | None = None
@@ -118,7 +123,7 @@ class HttpStream(io.RawIOBase):
                         return b""
                     raise _Retryable(f"connection ended at byte {self.offset} of {self.total}")
                 self._pending = chunk
-            except (requests.RequestException, _Retryable) as err:
+            except (self._requests.RequestException, _Retryable) as err:
                 self._close_response()
                 if isinstance(err, _Retryable) and err.permanent:
                     raise DownloadError(f"{self.url}: {err}") from err

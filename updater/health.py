@@ -42,8 +42,6 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-import requests
-
 from updater.config import HealthCheckSpec
 
 DEFAULT_TCP_HOST = "127.0.0.1"
@@ -272,6 +270,8 @@ def _http_label(settings: Mapping[str, Any]) -> str:
 def _check_http(settings: Mapping[str, Any], budget_s: float) -> _Verdict:
     url = str(settings["url"])
     expected = int(settings.get("expect_status", DEFAULT_HTTP_STATUS))
+    import requests  # here: a boot check without HTTP checks never loads the HTTP stack
+
     with requests.Session() as session:
         # Probes of local services: a proxy from the environment would test the proxy instead.
         session.trust_env = False

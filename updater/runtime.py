@@ -13,8 +13,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-
 from bootloader_hooks.base import ROOT_SLOTS, SAFE_SLOT, BootSelector, create_backend
 from bootloader_hooks.errors import BootloaderError
 from fleet_core.errors import FleetError
@@ -23,7 +21,6 @@ from updater.config import LoadedConfig, UpdaterConfig
 from updater.device import boot_id, free_space_mb, read_temperature_c, uptime_s
 from updater.health import HealthReport, run_health_checks
 from updater.install import EventSink, Installer, InstallResult, Sensors
-from updater.metrics import SlotView, UpdaterMetrics
 from updater.state import StateStore
 
 # Where each firmware leaves a trace that tells it apart, for ``backend = "auto"``.
@@ -175,6 +172,10 @@ class Runtime:
         path = self.config.metrics_textfile
         if path is None:
             return
+        from prometheus_client import CollectorRegistry
+
+        from updater.metrics import SlotView, UpdaterMetrics
+
         document = self.snapshot()
         metrics = UpdaterMetrics(CollectorRegistry())
         metrics.set_info(

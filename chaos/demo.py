@@ -10,10 +10,10 @@ import shutil
 from pathlib import Path
 
 import click
-from image_builder.filesystem import build_filesystem_image
 
 from image_builder.bundle import verify_bundle
 from image_builder.bundle_writer import ImageSource, create_bundle
+from image_builder.filesystem import build_filesystem_image
 from signing.keyring import Keyring, trust_key
 from signing.keys import generate_key
 

@@ -9,12 +9,24 @@ Latency, loss and resets live here, in user space, because these machines have n
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server that takes a client hanging up as normal, not as an error:
+    in the lab, connections are cut on purpose."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 @dataclass(frozen=True)
@@ -35,8 +47,7 @@ class FlakyHttpServer:
         self.requests: list[dict[str, str]] = []
         self._lock = threading.Lock()
         handler = self._handler()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
+        self._server = QuietHTTPServer(("127.0.0.1", 0), handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def __enter__(self) -> FlakyHttpServer:

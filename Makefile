@@ -25,6 +25,7 @@ test-unit test-integration test-chaos: test-%: venv
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

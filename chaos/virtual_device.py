@@ -275,7 +275,19 @@ class VirtualDevice:
         raise RuntimeError(f"no stable boot after {MAX_BOOTS} boots: {records}")
 
     def power_on(self) -> list[BootRecord]:
+        """Switch on a device that is off; settle."""
         return self.settle(BootEvent(BootCause.POWER_ON))
+
+    def power_cut(self) -> list[BootRecord]:
+        """Cut the power of a running device, then switch it on again; settle. (A cut in the
+        middle of a write is :class:`PowerSwitch`'s job.)"""
+        self.running = None
+        return self.power_on()
+
+    def reboot(self) -> list[BootRecord]:
+        """Reboot from Linux with the backend's reboot command (a trial, if one is armed)."""
+        command = tuple(self.runtime().backend.reboot_command())
+        return self.settle(BootEvent(BootCause.REBOOT, command))
 
     def install(self, bundle: Path, *, reboot: bool = True) -> list[BootRecord]:
         """Install ``bundle`` with the real installer and, unless told not to, reboot and

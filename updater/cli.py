@@ -16,7 +16,8 @@ from typing import Any
 
 import click
 
-from bootloader_hooks.base import ROOT_SLOTS
+from bootloader_hooks.base import ROOT_SLOTS, other_slot
+from fleet_core.cli import FleetGroup
 from fleet_core.errors import FleetError
 from updater.config import DEFAULT_CONFIG_PATH, UpdaterConfig, load_config
 from updater.errors import UpdaterError
@@ -26,16 +27,6 @@ from updater.state import update_lock
 
 EXIT_REBOOT_REQUIRED = 3
 EXIT_UNHEALTHY = 4
-
-
-class UpdaterGroup(click.Group):
-    """Maps expected failures to ``Error: …`` and exit status 1 (see the module docstring)."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except FleetError as err:
-            raise click.ClickException(str(err)) from err
 
 
 def _runtime(ctx: click.Context, *, log_to_stdout: bool) -> Runtime:
@@ -51,7 +42,7 @@ def _runtime(ctx: click.Context, *, log_to_stdout: bool) -> Runtime:
     return Runtime(loaded, log)
 
 
-@click.group(cls=UpdaterGroup)
+@click.group(cls=FleetGroup)
 @click.option(
     "--config", type=click.Path(path_type=Path), default=DEFAULT_CONFIG_PATH, show_default=True
 )
@@ -150,18 +141,27 @@ def boot_check(ctx: click.Context) -> None:
         ctx.exit(EXIT_UNHEALTHY)
 
 
+def _booted_root_slot(runtime: Runtime) -> str:
+    slot = runtime.backend.booted()
+    if slot not in ROOT_SLOTS:
+        raise UpdaterError(f"running from slot {slot!r}: this needs a root slot")
+    return slot
+
+
+def _save_slot(runtime: Runtime, slot: str, **changes: Any) -> None:
+    store = runtime.store
+    store.save(store.load().state.with_slot(slot, **changes))
+
+
 @main.command("mark-good")
 @click.pass_context
 def mark_good(ctx: click.Context) -> None:
     """Commit the booted slot by hand (what the boot check does when healthy)."""
     runtime = _runtime(ctx, log_to_stdout=False)
     with update_lock(runtime.config.data_dir):
-        slot = runtime.backend.booted()
-        if slot not in ROOT_SLOTS:
-            raise UpdaterError(f"booted slot {slot!r} is not a root slot: nothing to commit")
+        slot = _booted_root_slot(runtime)
         runtime.backend.commit(slot)
-        store = runtime.store
-        store.save(store.load().state.with_slot(slot, status="good", trial_boots=0, failures=0))
+        _save_slot(runtime, slot, status="good", trial_boots=0, failures=0)
         runtime.log.event("slot.marked_good", slot=slot)
     click.echo(f"slot {slot} committed")
 
@@ -173,15 +173,12 @@ def mark_bad(ctx: click.Context, slot: str | None) -> None:
     """Never boot SLOT again until it is rewritten (default: the booted slot)."""
     runtime = _runtime(ctx, log_to_stdout=False)
     with update_lock(runtime.config.data_dir):
-        booted = runtime.backend.booted()
         chosen = slot or "booted"
         if chosen in ("booted", "other"):
-            if booted not in ROOT_SLOTS:
-                raise UpdaterError(f"booted slot {booted!r} is not a root slot")
-            chosen = booted if chosen == "booted" else ("b" if booted == "a" else "a")
+            booted = _booted_root_slot(runtime)
+            chosen = booted if chosen == "booted" else other_slot(booted)
         runtime.backend.mark_bad(chosen)
-        store = runtime.store
-        store.save(store.load().state.with_slot(chosen, status="bad"))
+        _save_slot(runtime, chosen, status="bad")
         runtime.log.event("slot.marked_bad", slot=chosen)
     click.echo(f"slot {chosen} marked bad")
 
@@ -196,10 +193,7 @@ def rollback(ctx: click.Context, no_reboot: bool) -> None:
     """
     runtime = _runtime(ctx, log_to_stdout=True)
     with update_lock(runtime.config.data_dir):
-        booted = runtime.backend.booted()
-        if booted not in ROOT_SLOTS:
-            raise UpdaterError(f"running from {booted!r}: rollback needs a root slot")
-        other = "b" if booted == "a" else "a"
+        other = other_slot(_booted_root_slot(runtime))
         store = runtime.store
         state = store.load().state
         if state.slot(other).status != "good":

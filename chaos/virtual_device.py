@@ -305,5 +305,17 @@ class VirtualDevice:
             return []
         return self.settle(BootEvent(BootCause.REBOOT, tuple(self.pending_reboot)))
 
+    def install_parts(
+        self, manifest: bytes, signatures: bytes, blob_urls: Mapping[str, Sequence[str]]
+    ) -> list[BootRecord]:
+        """Install a release delivered in parts (as a server assignment delivers it)."""
+        installer = self.runtime().installer(
+            http_options={"backoff_s": 0.01, "timeout_s": 5, "retries": 2}
+        )
+        installer.install_parts(manifest, signatures, blob_urls, reboot=True)
+        if self.pending_reboot is None:
+            return []
+        return self.settle(BootEvent(BootCause.REBOOT, tuple(self.pending_reboot)))
+
     def events(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.log.events if e["event"] == name]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,6 +373,79 @@ class _Limited:
 
 
 # --- whole-bundle operations ---------------------------------------------------------------
+
+
+class SplitBundleReader:
+    """A bundle delivered in parts: the manifest and its signature envelope as bytes, each
+    image's stored bytes from wherever ``open_image`` fetches them (a blob URL, a mirror).
+
+    Same contract as :class:`BundleReader`: :meth:`verify` before :meth:`images`, and each
+    image is an :class:`ImageStream` that raises instead of ending if a byte differs from the
+    signed manifest, so the host the blobs come from is never trusted.
+    """
+
+    def __init__(
+        self,
+        manifest_bytes: bytes,
+        envelope_bytes: bytes,
+        open_image: Callable[[ImageEntry], BinaryIO],
+        *,
+        name: str = "release",
+    ) -> None:
+        self.name = name
+        self._manifest_bytes = manifest_bytes
+        self._envelope_bytes = envelope_bytes
+        self._open_image = open_image
+        self._manifest: Manifest | None = None
+        self._verified: Verified | None = None
+
+    def verify(self, keyring: Keyring) -> Manifest:
+        """Parse and verify the manifest against ``keyring``; no image is fetched yet.
+
+        Raises:
+            ManifestError, BundleFormatError: malformed manifest or envelope.
+            signing.VerificationError: the signatures do not satisfy the keyring.
+        """
+        manifest = Manifest.from_bytes(self._manifest_bytes)
+        try:
+            envelope = SignatureEnvelope.from_bytes(self._envelope_bytes)
+        except SignatureFormatError as err:
+            raise BundleFormatError(f"{self.name}: {err}") from err
+        self._verified = keyring.verify(self._manifest_bytes, envelope, SIGNATURE_PURPOSE)
+        self._manifest = manifest
+        return manifest
+
+    @property
+    def manifest(self) -> Manifest:
+        if self._manifest is None or self._verified is None:
+            raise BundleError(f"{self.name}: manifest not verified")
+        return self._manifest
+
+    @property
+    def manifest_sha256(self) -> str:
+        return hashlib.sha256(self._manifest_bytes).hexdigest()
+
+    @property
+    def signed_by(self) -> tuple[str, ...]:
+        return self._verified.key_ids if self._verified else ()
+
+    def images(self) -> Iterator[BundleImage]:
+        """Yield each image in manifest order, fetched only when its turn comes.
+
+        Raises:
+            BundleError: called before :meth:`verify`; an image not read to its end.
+        """
+        for entry in self.manifest.images:
+            raw = self._open_image(entry)
+            try:
+                stream = ImageStream(entry, raw, name=f"{self.name}: image {entry.filename!r}")
+                yield BundleImage(entry, 0, stream)
+                if not stream.verified:
+                    raise BundleError(f"{self.name}: image {entry.filename!r} not read to its end")
+            finally:
+                close = getattr(raw, "close", None)
+                if close is not None:
+                    close()
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import io
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from updater.errors import DownloadError
 
@@ -48,6 +48,7 @@ class HttpStream(io.RawIOBase):
         timeout_s: float = 30.0,
         sleep: Callable[[float], None] = time.sleep,
         rng: Callable[[], float] = random.random,
+        start: int = 0,
     ) -> None:
         # imported here: a device installing from a local file never pays for the HTTP stack
         import requests
@@ -55,7 +56,7 @@ class HttpStream(io.RawIOBase):
         super().__init__()
         self._requests = requests
         self.url = url
-        self.offset = 0
+        self.offset = start  # a stream may start mid-resource: a mirror taking over
         self.total: int | None = None
         self.resumes = 0
         self._session = session or requests.Session()
@@ -90,10 +91,14 @@ class HttpStream(io.RawIOBase):
             raise _Retryable(f"HTTP {response.status_code}", permanent=response.status_code < 500
                              and response.status_code not in (408, 429))  # fmt: skip
         if response.status_code == 206:
-            start = response.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
+            content_range = response.headers.get("Content-Range", "").removeprefix("bytes ")
+            start = content_range.partition("-")[0]
+            total = content_range.rpartition("/")[2]
             if start != str(self.offset):
                 response.close()
                 raise DownloadError(f"{self.url}: server resumed at {start!r}, not {self.offset}")
+            if self.total is None and total.isdigit():
+                self.total = int(total)
         else:
             length = response.headers.get("Content-Length")
             self.total = int(length) if length and length.isdigit() else None
@@ -151,6 +156,50 @@ class _Retryable(Exception):
     def __init__(self, message: str, *, permanent: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
+
+
+class MirroredStream(io.RawIOBase):
+    """One resource available at several URLs (the server, then mirrors): read from the first;
+    when it gives up, continue from the same offset at the next. Only for content-addressed
+    blobs, whose bytes are the same everywhere and verified by hash as they are read."""
+
+    def __init__(self, urls: Sequence[str], *, log: Any = None, **http_options: Any) -> None:
+        super().__init__()
+        if not urls:
+            raise DownloadError("no URL to fetch from")
+        self._urls = list(urls)
+        self._log = log
+        self._options = http_options
+        self._index = 0
+        self._stream = HttpStream(self._urls[0], **http_options)
+
+    def readable(self) -> bool:
+        return True
+
+    @property
+    def offset(self) -> int:
+        return self._stream.offset
+
+    def read(self, size: int = -1) -> bytes:
+        while True:
+            try:
+                return self._stream.read(size)
+            except DownloadError as err:
+                if self._index + 1 >= len(self._urls):
+                    raise
+                offset = self._stream.offset
+                self._stream.close()
+                self._index += 1
+                if self._log is not None:
+                    self._log.event(
+                        "download.mirror", level="warning", failed=str(err),
+                        next=self._urls[self._index], offset=offset,
+                    )  # fmt: skip
+                self._stream = HttpStream(self._urls[self._index], start=offset, **self._options)
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()
 
 
 @contextmanager

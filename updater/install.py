@@ -25,23 +25,23 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 from bootloader_hooks.base import BootSelector, other_slot
 from fleet_core import durable
 from fleet_core.errors import FleetError
-from image_builder.bundle import BundleImage, BundleReader
+from image_builder.bundle import BundleImage, BundleReader, SplitBundleReader
 from image_builder.errors import BundleCompatibilityError
-from image_builder.manifest import Manifest
+from image_builder.manifest import ImageEntry, Manifest
 from signing.errors import KeyringError
 from signing.keyring import Keyring
 from updater.config import UpdaterConfig
-from updater.errors import InstallError, PreconditionError, SlotError
-from updater.fetch import open_source
+from updater.errors import DownloadError, InstallError, PreconditionError, SlotError
+from updater.fetch import MirroredStream, open_source
 from updater.slots import SlotTarget, check_not_mounted_root, slot_targets
 from updater.state import DeviceState, StateStore
 
@@ -140,7 +140,7 @@ class Installer:
             raise PreconditionError(f"cannot install without a usable keyring: {err}") from err
 
     def verify_manifest(
-        self, reader: BundleReader, keyring: Keyring, state: DeviceState
+        self, reader: BundleReader | SplitBundleReader, keyring: Keyring, state: DeviceState
     ) -> tuple[Manifest, str, dict[str, SlotTarget]]:
         """Verify the manifest and decide the target slot; nothing has been written yet.
 
@@ -196,7 +196,10 @@ class Installer:
         return state
 
     def write_images(
-        self, reader: BundleReader, targets: dict[str, SlotTarget], deadline: float
+        self,
+        reader: BundleReader | SplitBundleReader,
+        targets: dict[str, SlotTarget],
+        deadline: float,
     ) -> int:
         total = sum(e.uncompressed_size for e in reader.manifest.images)
         written = 0
@@ -271,29 +274,66 @@ class Installer:
             InstallError: writing failed; the target slot is marked bad.
         """
         started = self._clock()
+        state, keyring = self._prepare()
+        self.log.event("install.started", source=source)
+        with open_source(source, **self._http_options) as stream:
+            return self._install(BundleReader(stream, name=source), keyring, state, started, reboot)
+
+    def install_parts(
+        self,
+        manifest_bytes: bytes,
+        envelope_bytes: bytes,
+        blob_urls: Mapping[str, Sequence[str]],
+        *,
+        name: str = "release",
+        reboot: bool = True,
+    ) -> InstallResult:
+        """Install a release delivered in parts (a server assignment): the manifest, its
+        signatures, and for each image (by stored SHA-256) the URLs to fetch it from, tried in
+        order (server, then mirrors). Same steps, guarantees and errors as :meth:`install`.
+        """
+        started = self._clock()
+        state, keyring = self._prepare()
+        self.log.event("install.started", source=name)
+        reader = SplitBundleReader(
+            manifest_bytes, envelope_bytes, lambda entry: self._open_blob(entry, blob_urls),
+            name=name,
+        )  # fmt: skip
+        return self._install(reader, keyring, state, started, reboot)
+
+    def _open_blob(self, entry: ImageEntry, blob_urls: Mapping[str, Sequence[str]]) -> BinaryIO:
+        urls = blob_urls.get(entry.sha256, ())
+        if not urls:
+            raise DownloadError(f"no URL for image {entry.filename} ({entry.sha256})")
+        return cast(BinaryIO, MirroredStream(urls, log=self.log, **self._http_options))
+
+    def _prepare(self) -> tuple[DeviceState, Keyring]:
         loaded = self.store.load()
         if loaded.problem:
             self.log.event("state.damaged", level="warning", detail=loaded.problem)
-        state = loaded.state
-        keyring = self.check_preconditions(state)
-        self.log.event("install.started", source=source)
-        with open_source(source, **self._http_options) as stream:
-            reader = BundleReader(stream, name=source)
-            manifest, target, targets = self.verify_manifest(reader, keyring, state)
-            self.log.event(
-                "install.verified",
-                version=manifest.version,
-                security_version=manifest.security_version,
-                slot=target,
-                signed_by=list(reader.signed_by),
-            )
-            state = self.mark_installing(state, target, manifest, reader.manifest_sha256)
-            deadline = started + self.config.limits.update_deadline_s
-            try:
-                written = self.write_images(reader, targets, deadline)
-            except (FleetError, OSError) as err:
-                self._fail(state, target, err)
-                raise InstallError(f"install into slot {target} failed: {err}") from err
+        return loaded.state, self.check_preconditions(loaded.state)
+
+    def _install(
+        self,
+        reader: BundleReader | SplitBundleReader,
+        keyring: Keyring,
+        state: DeviceState,
+        started: float,
+        reboot: bool,
+    ) -> InstallResult:
+        manifest, target, targets = self.verify_manifest(reader, keyring, state)
+        self.log.event(
+            "install.verified", version=manifest.version,
+            security_version=manifest.security_version, slot=target,
+            signed_by=list(reader.signed_by),
+        )  # fmt: skip
+        state = self.mark_installing(state, target, manifest, reader.manifest_sha256)
+        deadline = started + self.config.limits.update_deadline_s
+        try:
+            written = self.write_images(reader, targets, deadline)
+        except (FleetError, OSError) as err:
+            self._fail(state, target, err)
+            raise InstallError(f"install into slot {target} failed: {err}") from err
         state = self.arm_trial(state, target)
         seconds = self._clock() - started
         self.log.event(

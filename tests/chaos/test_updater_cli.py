@@ -15,6 +15,7 @@ from click.testing import CliRunner, Result
 
 from chaos.http_faults import Fault, FlakyHttpServer
 from chaos.virtual_device import VirtualDevice
+from fleet_core.errors import FleetError
 from signing.keyring import revoke_key, trust_key
 from signing.keys import generate_key
 from tests.chaos.conftest import FIRMWARES, MakeDevice, Releases
@@ -274,3 +275,44 @@ def test_install_from_safe_mode_is_refused(make_device: MakeDevice, releases: Re
     one_line_error(
         updater(device, "install", str(releases.bundle("2.0.0"))), "running from slot 'safe'"
     )
+
+
+def split_bundle(path: Path) -> tuple[bytes, bytes, dict[str, bytes]]:
+    """manifest.json, manifest.sig and the image blobs by SHA-256, as a server stores them."""
+    import hashlib
+    import tarfile
+
+    with tarfile.open(path) as archive:
+        members = {m.name: archive.extractfile(m).read() for m in archive.getmembers()}  # type: ignore[union-attr]
+    manifest, signatures = members.pop("manifest.json"), members.pop("manifest.sig")
+    return manifest, signatures, {hashlib.sha256(b).hexdigest(): b for b in members.values()}
+
+
+def test_install_from_parts_fails_over_to_a_mirror(
+    make_device: MakeDevice, releases: Releases
+) -> None:
+    device = make_device("grub")
+    manifest, signatures, blobs = split_bundle(releases.bundle("2.0.0", compression="none"))
+    files = {f"/blobs/{sha}": data for sha, data in blobs.items()}
+    with FlakyHttpServer(files) as server, FlakyHttpServer(files) as mirror:
+        server.add_faults(Fault(drop_after=100_000), *[Fault(status=503)] * 10)
+        urls = {sha: [server.url(f"/blobs/{sha}"), mirror.url(f"/blobs/{sha}")] for sha in blobs}
+        records = device.install_parts(manifest, signatures, urls)
+        assert records[-1].action == "committed" and records[-1].image.version == "2.0.0"  # type: ignore[union-attr]
+        assert [r.get("Range") for r in mirror.requests] == ["bytes=65536-"]
+    assert device.events("download.mirror")
+
+
+def test_install_from_parts_rejects_a_tampered_blob(
+    make_device: MakeDevice, releases: Releases
+) -> None:
+    device = make_device("grub")
+    manifest, signatures, blobs = split_bundle(releases.bundle("2.0.0"))
+    files = {f"/blobs/{sha}": data[:-1] + bytes([data[-1] ^ 1]) for sha, data in blobs.items()}
+    before = status(device)
+    with FlakyHttpServer(files) as server:
+        urls = {sha: [server.url(f"/blobs/{sha}")] for sha in blobs}
+        with pytest.raises(FleetError, match="install into slot b failed"):
+            device.install_parts(manifest, signatures, urls)
+    assert_untouched(device, before)
+    assert status(device)["slots"]["b"]["status"] == "bad"

@@ -10,15 +10,16 @@ DEMO_DIR ?= build/demo
 
 # System tools the product calls and the tests run for real.
 APT_PACKAGES := python3 python3-venv python3-dev gcc e2fsprogs squashfs-tools dosfstools mtools \
-	fdisk zstd tar grub-common u-boot-tools libubootenv-tool prometheus
+	fdisk zstd tar grub-common u-boot-tools libubootenv-tool prometheus postgresql
 
 .PHONY: demo test deps venv lint test-unit test-integration test-chaos benchmarks clean
 
 demo: venv
 	$(BIN)/fleet demo --workdir $(DEMO_DIR)
 
+# The server tests run on SQLite and, with FLEET_TEST_DATABASE_URL, on PostgreSQL too.
 test: lint
-	$(BIN)/pytest -q tests
+	FLEET_TEST_DATABASE_URL=$$(tests/postgres.sh) $(BIN)/pytest -q tests
 
 test-unit test-integration test-chaos: test-%: venv
 	$(BIN)/pytest -q tests/$*

@@ -46,6 +46,9 @@ from updater.state import DeviceState, StateStore
 
 SLOT_SIZE = 1 << 20
 MAX_BOOTS = 16
+# Flush slot images every 64 KiB (a device flushes every 64 MiB): lab images are small, and
+# every flush is a power-cut point the lab must reach.
+LAB_FLUSH_BYTES = 64 * 1024
 
 
 class PowerCut(BaseException):
@@ -292,14 +295,20 @@ class VirtualDevice:
     def install(self, bundle: Path, *, reboot: bool = True) -> list[BootRecord]:
         """Install ``bundle`` with the real installer and, unless told not to, reboot and
         settle."""
-        self.runtime().installer().install(str(bundle), reboot=reboot)
+        self.runtime().installer(
+            flush_bytes=LAB_FLUSH_BYTES, write_chunk=LAB_FLUSH_BYTES // 4
+        ).install(str(bundle), reboot=reboot)
         if not reboot or self.pending_reboot is None:
             return []
         return self.settle(BootEvent(BootCause.REBOOT, tuple(self.pending_reboot)))
 
     def install_url(self, url: str) -> list[BootRecord]:
         """Install from a URL (fast retries: the lab's network faults are instant)."""
-        installer = self.runtime().installer(http_options={"backoff_s": 0.01, "timeout_s": 5})
+        installer = self.runtime().installer(
+            http_options={"backoff_s": 0.01, "timeout_s": 5},
+            flush_bytes=LAB_FLUSH_BYTES,
+            write_chunk=LAB_FLUSH_BYTES // 4,
+        )
         installer.install(url, reboot=True)
         if self.pending_reboot is None:
             return []
@@ -310,7 +319,9 @@ class VirtualDevice:
     ) -> list[BootRecord]:
         """Install a release delivered in parts (as a server assignment delivers it)."""
         installer = self.runtime().installer(
-            http_options={"backoff_s": 0.01, "timeout_s": 5, "retries": 2}
+            http_options={"backoff_s": 0.01, "timeout_s": 5, "retries": 2},
+            flush_bytes=LAB_FLUSH_BYTES,
+            write_chunk=LAB_FLUSH_BYTES // 4,
         )
         installer.install_parts(manifest, signatures, blob_urls, reboot=True)
         if self.pending_reboot is None:

@@ -30,7 +30,7 @@ import zstandard
 
 from image_builder.container import BLOCK, MemberHeader, decode_header, padding
 from image_builder.errors import BundleError, BundleFormatError, ImageIntegrityError
-from image_builder.manifest import MAX_MANIFEST_BYTES, ImageEntry, Manifest
+from image_builder.manifest import MAX_MANIFEST_BYTES, ImageEntry, Manifest, epoch
 from signing import Keyring, SignatureEnvelope, Verified
 from signing.errors import SignatureFormatError
 from signing.signature import MAX_ENVELOPE_BYTES
@@ -229,7 +229,16 @@ class BundleReader:
             return None
         return decode_header(block, offset)
 
-    def _read_small_member(self, expected: str, limit: int) -> bytes:
+    def _check_mtime(self, header: MemberHeader, manifest: Manifest) -> None:
+        # Every header carries the manifest's creation time: with it fixed, a header has one
+        # spelling, and a change that keeps the (additive) header checksum is still caught.
+        if header.mtime != epoch(manifest.created):
+            raise BundleFormatError(
+                f"{self.name}: member {header.name!r} has mtime {header.mtime}, "
+                f"the manifest was created at {epoch(manifest.created)}"
+            )
+
+    def _read_small_member(self, expected: str, limit: int) -> tuple[bytes, MemberHeader]:
         header = self._next_header()
         if header is None:
             raise BundleFormatError(f"{self.name}: ends before {expected}")
@@ -243,7 +252,7 @@ class BundleReader:
             )
         data = self._source.read_exact(header.size, expected)
         self._source.skip_padding(header.size, expected)
-        return data
+        return data, header
 
     def read_header(self) -> tuple[Manifest, bytes, SignatureEnvelope]:
         """Read and parse the manifest (and its exact bytes) and the signature envelope.
@@ -254,9 +263,11 @@ class BundleReader:
             BundleFormatError, ManifestError: not a well-formed bundle header.
         """
         if self._header is None:
-            manifest_bytes = self._read_small_member(MANIFEST_NAME, MAX_MANIFEST_BYTES)
+            manifest_bytes, header = self._read_small_member(MANIFEST_NAME, MAX_MANIFEST_BYTES)
             manifest = Manifest.from_bytes(manifest_bytes)
-            envelope_bytes = self._read_small_member(SIGNATURE_NAME, MAX_ENVELOPE_BYTES)
+            self._check_mtime(header, manifest)
+            envelope_bytes, header = self._read_small_member(SIGNATURE_NAME, MAX_ENVELOPE_BYTES)
+            self._check_mtime(header, manifest)
             try:
                 envelope = SignatureEnvelope.from_bytes(envelope_bytes)
             except SignatureFormatError as err:
@@ -335,6 +346,7 @@ class BundleReader:
                 raise BundleFormatError(
                     f"{self.name}: member {header.name!r} {problem} (expected {entry.filename!r})"
                 )
+            self._check_mtime(header, self._manifest)
             if header.size != entry.size:
                 raise BundleFormatError(
                     f"{self.name}: member {entry.filename!r} is {header.size} bytes, "
@@ -398,6 +410,7 @@ class SplitBundleReader:
         self._open_image = open_image
         self._manifest: Manifest | None = None
         self._verified: Verified | None = None
+        self._images_started = False
 
     def verify(self, keyring: Keyring) -> Manifest:
         """Parse and verify the manifest against ``keyring``; no image is fetched yet.
@@ -423,6 +436,8 @@ class SplitBundleReader:
 
     @property
     def manifest_sha256(self) -> str:
+        """SHA-256 of the verified manifest's exact bytes: the release's identity."""
+        self.manifest  # noqa: B018 (raises unless verified)
         return hashlib.sha256(self._manifest_bytes).hexdigest()
 
     @property
@@ -433,9 +448,13 @@ class SplitBundleReader:
         """Yield each image in manifest order, fetched only when its turn comes.
 
         Raises:
-            BundleError: called before :meth:`verify`; an image not read to its end.
+            BundleError: called before :meth:`verify`, or twice; an image not read to its end.
         """
-        for entry in self.manifest.images:
+        manifest = self.manifest
+        if self._images_started:
+            raise BundleError(f"{self.name}: images can be read only once")
+        self._images_started = True
+        for entry in manifest.images:
             raw = self._open_image(entry)
             try:
                 stream = ImageStream(entry, raw, name=f"{self.name}: image {entry.filename!r}")

@@ -206,8 +206,8 @@ class Manifest:
             raise ManifestError(f"manifest: not UTF-8 (byte {err.start})") from err
         try:
             document = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-        except json.JSONDecodeError as err:
-            raise ManifestError(f"manifest: not JSON ({err})") from err
+        except (ValueError, RecursionError) as err:  # ValueError: bad JSON, ints too long
+            raise ManifestError(f"manifest: not JSON ({str(err)[:200]})") from err
         return cls.from_dict(document)
 
     def to_dict(self) -> dict[str, Any]:
@@ -250,6 +250,11 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return document
 
 
-def timestamp(epoch: int) -> str:
+def timestamp(seconds: int) -> str:
     """The manifest's spelling of a POSIX time."""
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def epoch(created: str) -> int:
+    """The POSIX time of a manifest's ``created`` (the inverse of :func:`timestamp`)."""
+    return int(datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp())

@@ -177,7 +177,7 @@ def _read_threshold(path: Path) -> int:
         return 1
     try:
         config = tomllib.loads(config_path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: TOML, UTF-8, huge ints
         raise KeyringError(f"keyring {path}: cannot read {CONFIG_FILE}: {err}") from err
     unknown = set(config) - {"threshold"}
     if unknown:

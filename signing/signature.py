@@ -84,7 +84,7 @@ class SignatureEnvelope:
             )
         try:
             document = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (ValueError, RecursionError) as err:  # ValueError: bad JSON, UTF-8, huge ints
             raise SignatureFormatError(f"signature envelope: not JSON ({err})") from err
         if not isinstance(document, dict) or set(document) != {"check", "format", "signatures"}:
             raise SignatureFormatError(

@@ -196,10 +196,16 @@ def rollback(ctx: click.Context, no_reboot: bool) -> None:
         other = other_slot(_booted_root_slot(runtime))
         store = runtime.store
         state = store.load().state
-        if state.slot(other).status != "good":
+        previous = state.slot(other)
+        if previous.status != "good":
             raise UpdaterError(
-                f"slot {other} holds no intact previous release ({state.slot(other).status}): "
+                f"slot {other} holds no intact previous release ({previous.status}): "
                 "install one instead"
+            )
+        if (previous.security_version or 0) < state.installed_security_version:
+            raise UpdaterError(
+                f"slot {other} holds security version {previous.security_version or 0}, below "
+                f"the installed {state.installed_security_version}: rollback refused"
             )
         runtime.backend.try_once(other)
         store.save(state.with_slot(other, status="trial", trial_boots=0))

@@ -29,6 +29,15 @@ Example::
     [[health.checks]]
     type = "systemd"
     unit = "camera.service"
+
+    [server]                       # the release server (docs/device-protocol.md)
+    urls = ["https://fleet.example.net", "https://fleet-2.example.net"]  # first = primary
+    keyring = "/etc/fleet/server-keyring"   # keys that sign assignments
+    mirrors = ["https://cdn.example.net/fleet"]   # each serves <mirror>/blobs/<sha256>
+    enrollment_token = "..."       # or the file <data_dir>/identity/enrollment-token
+    checkin_interval_s = 60        # ±10 % jitter
+    heartbeat_interval_s = 60
+    failover_after_s = 30          # talk to the next URL within this after the primary goes silent
 """
 
 from __future__ import annotations
@@ -186,7 +195,13 @@ class UpdaterConfig:
     slots: Mapping[str, Mapping[str, str]] = field(default_factory=_default_slots)
     limits: Limits = field(default_factory=Limits)
     health: HealthConfig = field(default_factory=HealthConfig)
-    server_urls: tuple[str, ...] = ()
+    server_urls: tuple[str, ...] = ()  # the release server; the first is the primary
+    server_keyring: Path | None = None  # keys the server signs assignments with
+    server_mirrors: tuple[str, ...] = ()  # base URLs that mirror the server's /blobs/
+    enrollment_token: str | None = None  # else <data_dir>/identity/enrollment-token
+    checkin_interval_s: float = 60.0  # between check-ins, ±10 % jitter
+    heartbeat_interval_s: float = 60.0
+    failover_after_s: float = 30.0  # a silent server is given up for the next URL within this
     partlabel_dir: Path = Path("/dev/disk/by-partlabel")
     thermal_dir: Path = Path("/sys/class/thermal")
     metrics_textfile: Path | None = None
@@ -221,13 +236,7 @@ class UpdaterConfig:
             values["slots"] = _parse_slots(slots)
         values["limits"] = Limits.from_dict(_table(document, "limits", ""))
         values["health"] = HealthConfig.from_dict(_table(document, "health", ""))
-        server = _table(document, "server", "")
-        _no_unknown(server, {"urls"}, "server")
-        if "urls" in server:
-            urls = _typed(server, "urls", list, "server")
-            if not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls):
-                raise ConfigError("server.urls: must be a list of http(s) URLs")
-            values["server_urls"] = tuple(urls)
+        values.update(_parse_server(_table(document, "server", "")))
         paths = _table(document, "paths", "")
         _no_unknown(paths, {"partlabel_dir", "thermal_dir"}, "paths")
         for key in ("partlabel_dir", "thermal_dir"):
@@ -248,6 +257,37 @@ class UpdaterConfig:
                 raise ConfigError("config.reboot_command: must be a non-empty list of strings")
             values["reboot_command"] = tuple(argv)
         return cls(**values)
+
+
+def _parse_server(table: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``[server]`` table, as keyword arguments of :class:`UpdaterConfig`."""
+    where = "server"
+    _no_unknown(
+        table,
+        {"urls", "keyring", "mirrors", "enrollment_token", "checkin_interval_s",
+         "heartbeat_interval_s", "failover_after_s"},
+        where,
+    )  # fmt: skip
+    values: dict[str, Any] = {}
+    for key, name in (("urls", "server_urls"), ("mirrors", "server_mirrors")):
+        if key in table:
+            urls = _typed(table, key, list, where)
+            if not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls):
+                raise ConfigError(f"{where}.{key}: must be a list of http(s) URLs")
+            values[name] = tuple(u.rstrip("/") for u in urls)
+    if "keyring" in table:
+        values["server_keyring"] = Path(_typed(table, "keyring", str, where))
+    if "enrollment_token" in table:
+        token = _typed(table, "enrollment_token", str, where).strip()
+        if not token:
+            raise ConfigError(f"{where}.enrollment_token: must not be empty")
+        values["enrollment_token"] = token
+    for key in ("checkin_interval_s", "heartbeat_interval_s", "failover_after_s"):
+        if key in table:
+            values[key] = float(_typed(table, key, (int, float), where))
+            if not 0 < values[key] < float("inf"):
+                raise ConfigError(f"{where}.{key}: must be a positive number of seconds")
+    return values
 
 
 def _parse_slots(table: Mapping[str, Any]) -> dict[str, dict[str, str]]:
@@ -287,8 +327,8 @@ def parse_config(text: bytes, origin: str) -> UpdaterConfig:
         document = tomllib.loads(text.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise ConfigError(f"{origin}: not UTF-8 (byte {err.start})") from err
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{origin}: not valid TOML: {err}") from err
+    except (ValueError, RecursionError) as err:  # TOMLDecodeError is a ValueError; so are huge ints
+        raise ConfigError(f"{origin}: not valid TOML: {str(err)[:200]}") from err
     try:
         return UpdaterConfig.from_dict(document)
     except ConfigError as err:

@@ -49,6 +49,8 @@ class HttpStream(io.RawIOBase):
         sleep: Callable[[float], None] = time.sleep,
         rng: Callable[[], float] = random.random,
         start: int = 0,
+        deadline: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         # imported here: a device installing from a local file never pays for the HTTP stack
         import requests
@@ -66,6 +68,8 @@ class HttpStream(io.RawIOBase):
         self._timeout_s = timeout_s
         self._sleep = sleep
         self._rng = rng
+        self._deadline = deadline  # on ``clock``: past it, no more reading or retrying
+        self._clock = clock
         self._etag: str | None = None
         self._response: requests.Response | None = None
         self._body: Iterator[bytes] | None = None
@@ -116,6 +120,9 @@ class HttpStream(io.RawIOBase):
         want = CHUNK if size is None or size < 0 else size
         failures = 0
         while not self._pending:
+            if self._deadline is not None and self._clock() > self._deadline:
+                self._close_response()
+                raise DownloadError(f"{self.url}: deadline passed at byte {self.offset}")
             try:
                 if self._body is None:
                     if self.total is not None and self.offset >= self.total:

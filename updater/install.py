@@ -36,7 +36,7 @@ from fleet_core import durable
 from fleet_core.errors import FleetError
 from image_builder.bundle import BundleImage, BundleReader, SplitBundleReader
 from image_builder.errors import BundleCompatibilityError
-from image_builder.manifest import ImageEntry, Manifest
+from image_builder.manifest import Manifest
 from signing.errors import KeyringError
 from signing.keyring import Keyring
 from updater.config import UpdaterConfig
@@ -87,6 +87,8 @@ class Installer:
         progress: Callable[[int, int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         http_options: dict[str, Any] | None = None,
+        flush_bytes: int = FLUSH_BYTES,
+        write_chunk: int = WRITE_CHUNK,
     ) -> None:
         self.config = config
         self._backend_factory = backend
@@ -98,6 +100,8 @@ class Installer:
         self._progress = progress
         self._clock = clock
         self._http_options = http_options or {}
+        self._flush_bytes = flush_bytes
+        self._write_chunk = write_chunk
 
     @property
     def backend(self) -> BootSelector:
@@ -162,6 +166,13 @@ class Installer:
         booted = self.backend.booted()
         if booted not in ("a", "b"):
             raise SlotError(f"running from slot {booted!r}: install only from a root slot")
+        # The other slot is the fallback of the running one until the running one is
+        # committed: writing it during an undecided trial would leave nothing to fall back to.
+        if self.backend.is_trial() or self.backend.primary() != booted:
+            raise PreconditionError(
+                f"slot {booted} is running a trial that is not committed yet: "
+                "the boot check must decide it before another install"
+            )
         target = other_slot(booted)
         targets = slot_targets(self.config.slots, target, self.config.partlabel_dir)
         for entry in manifest.images:
@@ -226,18 +237,14 @@ class Installer:
             fd = os.open(target.path, os.O_WRONLY)
         except OSError as err:
             raise InstallError(f"slot {target.path}: cannot open: {err.strerror}") from err
-        writer = _SlotWriter(fd, target.path)
+        writer = _SlotWriter(fd, target.path, self._flush_bytes)
         try:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slot-writer") as pool:
                 pending: Future[bool] | None = None
-                while chunk := image.stream.read(WRITE_CHUNK):
+                while chunk := image.stream.read(self._write_chunk):
                     if pending is not None and pending.result():
                         self._report_progress(done + writer.flushed, total)
-                        if self._clock() > deadline:
-                            raise InstallError(
-                                f"install exceeded its {self.config.limits.update_deadline_s} "
-                                "s deadline: abandoned"
-                            )
+                    self._check_deadline(deadline)
                     pending = pool.submit(writer.write, chunk)
                 if pending is not None:
                     pending.result()
@@ -248,6 +255,14 @@ class Installer:
         done += writer.written
         self._report_progress(done, total)
         return done
+
+    def _check_deadline(self, deadline: float) -> None:
+        """An update stuck for longer than the deadline is abandoned (and rolled back: the
+        target is marked bad, the running slot stays)."""
+        if self._clock() > deadline:
+            raise InstallError(
+                f"install exceeded its {self.config.limits.update_deadline_s} s deadline: abandoned"
+            )
 
     def _report_progress(self, done: int, total: int) -> None:
         if self._progress is not None:
@@ -276,7 +291,7 @@ class Installer:
         started = self._clock()
         state, keyring = self._prepare()
         self.log.event("install.started", source=source)
-        with open_source(source, **self._http_options) as stream:
+        with open_source(source, **self._http(started)) as stream:
             return self._install(BundleReader(stream, name=source), keyring, state, started, reboot)
 
     def install_parts(
@@ -295,17 +310,26 @@ class Installer:
         started = self._clock()
         state, keyring = self._prepare()
         self.log.event("install.started", source=name)
+        http = self._http(started)
         reader = SplitBundleReader(
-            manifest_bytes, envelope_bytes, lambda entry: self._open_blob(entry, blob_urls),
+            manifest_bytes, envelope_bytes,
+            lambda entry: cast(
+                BinaryIO, MirroredStream(blob_urls[entry.sha256], log=self.log, **http)
+            ),
             name=name,
         )  # fmt: skip
-        return self._install(reader, keyring, state, started, reboot)
 
-    def _open_blob(self, entry: ImageEntry, blob_urls: Mapping[str, Sequence[str]]) -> BinaryIO:
-        urls = blob_urls.get(entry.sha256, ())
-        if not urls:
-            raise DownloadError(f"no URL for image {entry.filename} ({entry.sha256})")
-        return cast(BinaryIO, MirroredStream(urls, log=self.log, **self._http_options))
+        def every_image_has_a_url(manifest: Manifest) -> None:
+            missing = [e.filename for e in manifest.images if not blob_urls.get(e.sha256)]
+            if missing:
+                raise DownloadError(f"{name}: no URL for image(s) {', '.join(missing)}")
+
+        return self._install(reader, keyring, state, started, reboot, every_image_has_a_url)
+
+    def _http(self, started: float) -> dict[str, Any]:
+        """HTTP options for this install: the configured ones, and the install's deadline, so
+        a server that drips bytes cannot keep an update alive past it."""
+        return {"deadline": started + self.config.limits.update_deadline_s, **self._http_options}
 
     def _prepare(self) -> tuple[DeviceState, Keyring]:
         loaded = self.store.load()
@@ -320,8 +344,11 @@ class Installer:
         state: DeviceState,
         started: float,
         reboot: bool,
+        preflight: Callable[[Manifest], None] | None = None,
     ) -> InstallResult:
         manifest, target, targets = self.verify_manifest(reader, keyring, state)
+        if preflight is not None:
+            preflight(manifest)
         self.log.event(
             "install.verified", version=manifest.version,
             security_version=manifest.security_version, slot=target,
@@ -330,6 +357,7 @@ class Installer:
         state = self.mark_installing(state, target, manifest, reader.manifest_sha256)
         deadline = started + self.config.limits.update_deadline_s
         try:
+            self._check_deadline(deadline)
             written = self.write_images(reader, targets, deadline)
         except (FleetError, OSError) as err:
             self._fail(state, target, err)
@@ -357,9 +385,10 @@ class Installer:
 class _SlotWriter:
     """Writes a slot sequentially, flushing every ``FLUSH_BYTES``; used from one thread."""
 
-    def __init__(self, fd: int, path: Path) -> None:
+    def __init__(self, fd: int, path: Path, flush_bytes: int) -> None:
         self.fd = fd
         self.path = path
+        self.flush_bytes = flush_bytes
         self.written = 0
         self.flushed = 0
 
@@ -372,7 +401,7 @@ class _SlotWriter:
         except OSError as err:
             raise InstallError(f"slot {self.path}: write failed: {err.strerror}") from err
         self.written += len(data)
-        if self.written - self.flushed >= FLUSH_BYTES:
+        if self.written - self.flushed >= self.flush_bytes:
             self.flush()
             return True
         return False

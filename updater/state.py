@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -142,7 +143,7 @@ class DeviceState:
         restarts = document.get("restarts", [])
         if not isinstance(restarts, list) or not all(
             isinstance(r, list) and len(r) == 2 and isinstance(r[0], str)
-            and isinstance(r[1], int | float)
+            and isinstance(r[1], int | float) and math.isfinite(r[1])
             for r in restarts
         ):  # fmt: skip
             raise StateError("state: restarts must be a list of [boot id, seconds]")
@@ -188,7 +189,7 @@ class StateStore:
             return Loaded(DeviceState(), f"state {self.path}: cannot read: {err.strerror}")
         try:
             return Loaded(DeviceState.from_dict(json.loads(data.decode("utf-8"))))
-        except (UnicodeDecodeError, json.JSONDecodeError, StateError, TypeError) as err:
+        except (ValueError, TypeError, OverflowError, RecursionError, StateError) as err:
             with contextlib.suppress(OSError):
                 atomic_write(self.path.with_name(STATE_NAME + ".damaged"), data)
             return Loaded(DeviceState(), f"state {self.path}: damaged ({err}); starting afresh")

@@ -207,7 +207,7 @@ def test_no_keyring_no_install(releases: Releases, tmp_path: Path) -> None:
 
 def test_mark_bad_mark_good_rollback_resume(make_device: MakeDevice, releases: Releases) -> None:
     device = make_device("grub")
-    device.install(releases.bundle("2.0.0"))
+    device.install(releases.bundle("2.0.0", security_version=0))
     assert status(device)["booted"] == "b"
     result = updater(device, "rollback", "--no-reboot")
     assert result.exit_code == EXIT_REBOOT_REQUIRED, result.output
@@ -314,5 +314,53 @@ def test_install_from_parts_rejects_a_tampered_blob(
         urls = {sha: [server.url(f"/blobs/{sha}")] for sha in blobs}
         with pytest.raises(FleetError, match="install into slot b failed"):
             device.install_parts(manifest, signatures, urls)
+    assert_untouched(device, before)
+    assert status(device)["slots"]["b"]["status"] == "bad"
+
+
+def test_rollback_below_the_installed_security_version_is_refused(
+    make_device: MakeDevice, releases: Releases
+) -> None:
+    device = make_device("grub")
+    device.install(releases.bundle("2.0.0", security_version=4))
+    one_line_error(updater(device, "rollback"), "below the installed 4: rollback refused")
+    assert status(device)["primary"] == "b"
+
+
+def test_no_install_during_an_undecided_trial(make_device: MakeDevice, releases: Releases) -> None:
+    """The other slot is the running trial's only fallback until the boot check decides."""
+    device = make_device("grub")
+    device.install(releases.bundle("2.0.0"), reboot=False)
+    device.boot(device_reboot_event(device), run_boot_check=False)  # the boot check died
+    assert status(device)["trial"] is True
+    one_line_error(
+        updater(device, "install", str(releases.bundle("3.0.0"))), "trial that is not committed"
+    )
+    assert device.image("a") is not None and device.image("a").version == "1.0.0"  # type: ignore[union-attr]
+    assert status(device)["slots"]["a"]["status"] == "good"
+
+
+def test_install_from_parts_without_a_url_touches_nothing(
+    make_device: MakeDevice, releases: Releases
+) -> None:
+    device = make_device("grub")
+    manifest, signatures, _ = split_bundle(releases.bundle("2.0.0"))
+    before = status(device)
+    with pytest.raises(DownloadError, match="no URL for image"):
+        device.install_parts(manifest, signatures, {})
+    assert status(device) == before
+
+
+def test_install_past_its_deadline_is_abandoned(
+    make_device: MakeDevice, releases: Releases
+) -> None:
+    device = make_device("grub")
+    before = status(device)
+    config = device.root / "updater.toml"
+    config.write_text(device.config_toml().replace("min_free_mb = 0", "update_deadline_s = 0"))
+    result = CliRunner().invoke(
+        main, ["--config", str(config), "install", str(releases.bundle("2.0.0"))]
+    )
+    one_line_error(result, "deadline: abandoned")
     assert_untouched(device, before)
     assert status(device)["slots"]["b"]["status"] == "bad"

@@ -359,7 +359,7 @@ def test_absurd_sizes_in_headers(
     offset = sig_end.bytes_read
     huge_image = (
         good[:offset]
-        + encode_header(MemberHeader("rootfs.ext4", 1 << 45, 0))
+        + encode_header(MemberHeader("rootfs.ext4", 1 << 45, 1_700_000_000))
         + good[offset + BLOCK :]
     )
     with pytest.raises(BundleFormatError, match="is 35184372088832 bytes, the manifest says"):
@@ -499,3 +499,18 @@ def test_failed_create_leaves_nothing_and_keeps_the_old_output(
             version="1.0.0",
             security_version=0,
         )
+
+
+def test_header_change_that_keeps_the_checksum_is_detected(
+    make_bundle: MakeBundle, keyring: Keyring
+) -> None:
+    """Raise one mtime digit and lower another: the additive checksum stays the same."""
+    data = bytearray(make_bundle().read_bytes())
+    mtime = data[136:147]
+    digits = [int(chr(d)) for d in mtime]
+    up = next(i for i in range(10, -1, -1) if digits[i] < 7)
+    down = next(i for i in range(10, -1, -1) if i != up and digits[i] > 0)
+    data[136 + up] += 1
+    data[136 + down] -= 1
+    with pytest.raises(BundleFormatError, match="mtime"):
+        verify_bytes(bytes(data), keyring)

@@ -90,3 +90,15 @@ def test_open_source_file_and_missing_file(tmp_path: object) -> None:
         assert stream.read() == b"abc"
     with pytest.raises(DownloadError, match="cannot open"), open_source(str(path) + "x"):
         pass
+
+
+def test_a_server_that_drips_cannot_outlive_the_deadline() -> None:
+    now = [0.0]
+    with FlakyHttpServer({"/b": DATA}) as server:
+        server.add_faults(*[Fault(drop_after=70_000)] * 50)
+        stream = HttpStream(
+            server.url("/b"), sleep=lambda s: now.__setitem__(0, now[0] + 10), deadline=25.0,
+            clock=lambda: now[0],
+        )  # fmt: skip
+        with pytest.raises(DownloadError, match="deadline passed"):
+            read_all(stream)

@@ -150,3 +150,9 @@ def test_any_damaged_byte_gives_a_config_or_config_error(position: int, xor: int
     data[position % len(data)] ^= xor
     with contextlib.suppress(ConfigError):
         parse_config(bytes(data), "x")
+
+
+@pytest.mark.parametrize("text", [b"x = " + b"9" * 5000, b"x = " + b"[" * 100_000])
+def test_hostile_toml_is_a_config_error(text: bytes) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        parse_config(text, "x")

@@ -145,3 +145,13 @@ def test_any_json_value_in_any_field_gives_manifest_error_or_valid_manifest(
     except ManifestError:
         return
     assert Manifest.from_bytes(manifest.to_bytes()) == manifest
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"[" * 100_000, b'{"format":' + b"9" * 5000 + b"}", b'{"a":' * 50_000],
+    ids=["deep nesting", "huge integer", "deep objects"],
+)
+def test_hostile_json_is_a_manifest_error(data: bytes) -> None:
+    with pytest.raises(ManifestError, match="not JSON"):
+        Manifest.from_bytes(data)

@@ -104,3 +104,9 @@ def test_sign_needs_a_key() -> None:
 def test_signing_twice_with_one_key_is_refused(key: SigningKey) -> None:
     with pytest.raises(SignatureFormatError, match="same key"):
         sign(b"x", [key, key], "bundle-manifest")
+
+
+@pytest.mark.parametrize("data", [b"[" * 60_000, b'{"format":' + b"9" * 5000 + b"}"])
+def test_hostile_json_is_a_signature_format_error(data: bytes) -> None:
+    with pytest.raises(SignatureFormatError, match="not JSON"):
+        SignatureEnvelope.from_bytes(data)

@@ -108,3 +108,17 @@ def test_update_lock_excludes_a_second_holder_and_names_it(tmp_path: Path) -> No
         holder.join(10)
     with update_lock(tmp_path):
         pass
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"format": 1, "slots": {"a": {}, "b": {}}, "restarts": [["x", 1e400]]}',
+        b'{"format": 1, "slots": {"a": {}, "b": {}}, "restarts": [["x", ' + b"9" * 5000 + b"]]}",
+        b"[" * 100_000,
+    ],
+)
+def test_hostile_state_file_starts_afresh(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "state.json").write_bytes(content)
+    loaded = StateStore(tmp_path).load()
+    assert loaded.state == DeviceState() and loaded.problem is not None

@@ -231,3 +231,29 @@ def resume(ctx: click.Context) -> None:
         store.save(replace(state, suspended=None, restarts=()))
         runtime.log.event("update.resumed", previously=state.suspended)
     click.echo("updates resumed")
+
+
+@main.command()
+@click.option(
+    "--once",
+    is_flag=True,
+    help="One step (enroll, events, check-in and install, heartbeat), then exit.",
+)
+@click.pass_context
+def daemon(ctx: click.Context, once: bool) -> None:
+    """Follow the release server: check in, install what it assigns, send heartbeats and
+    events. Runs until stopped (``fleet-updater.service``); ``--once`` fails (exit 1) if the
+    server could not be reached."""
+    import signal
+
+    from updater.daemon import build_daemon
+
+    service = build_daemon(_runtime(ctx, log_to_stdout=True))
+    if once:
+        service.run_once()
+        if service.last_error:
+            raise UpdaterError(f"daemon: {service.last_error}")
+        return
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: service.stop())
+    service.run_forever()

@@ -1,0 +1,733 @@
+"""The updater daemon on a virtual device against the server simulator: enrollment, installs
+end to end, what is never installed, outages, the persistent outbox, systemd notifications."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import shutil
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+import chaos.lab_firmwares  # noqa: F401 (fills LAB_FIRMWARES)
+from bootloader_hooks.base import BootCause, BootEvent
+from chaos.lab_image import make_lab_image
+from chaos.virtual_device import BootRecord, PowerCut, VirtualDevice
+from fleet_core import durable
+from signing.keyring import Keyring, trust_key
+from signing.keys import SigningKey, generate_key
+from tests.chaos.conftest import Releases
+from tests.server_simulator import FakeClock, ServerSimulator, SimRelease
+from updater.cli import main
+from updater.client import Assignment, ServerClient
+from updater.config import LoadedConfig, parse_config
+from updater.daemon import (
+    MAX_INTERRUPTED,
+    Daemon,
+    Outbox,
+    OutboxLog,
+    ReleaseHistory,
+    ReleaseHistoryStore,
+    ReleaseRecord,
+    SystemdNotifier,
+    decide,
+    heartbeat_document,
+)
+from updater.errors import ConfigError
+from updater.identity import load_or_create_identity
+from updater.log import EventLog
+from updater.state import DeviceState, SlotState
+
+ADMISSION = "lab-token"  # the enrollment token the lab's devices are provisioned with
+
+
+# --- the lab --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
+    directory = tmp_path_factory.mktemp("releases")
+    return Releases(directory, generate_key(directory / "release-key"))
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory, releases: Releases) -> Path:
+    """A provisioned GRUB device running 1.0.0 from slot a: copied, never used."""
+    root = tmp_path_factory.mktemp("template")
+    device = VirtualDevice(root, "grub")
+    trust_key(root / "keyring", releases.directory / "release-key.pub")
+    device.provision(make_lab_image("1.0.0"), "1.0.0")
+    assert device.power_on()[-1].action == "confirmed"
+    return root
+
+
+@pytest.fixture(scope="module")
+def server_key(tmp_path_factory: pytest.TempPathFactory) -> SigningKey:
+    return generate_key(tmp_path_factory.mktemp("server-key") / "server")
+
+
+@pytest.fixture
+def server(server_key: SigningKey) -> Iterator[ServerSimulator]:
+    with ServerSimulator(server_key) as simulator:
+        simulator.add_token(ADMISSION, uses=10)
+        yield simulator
+
+
+class Lab:
+    """One virtual device, the server simulator, and a fake clock shared by both sides."""
+
+    def __init__(
+        self, root: Path, server: ServerSimulator, server_key: SigningKey, releases: Releases
+    ) -> None:
+        self.server = server
+        self.releases = releases
+        self.clock = FakeClock()
+        keyring = root / "server-keyring"
+        trust_key(keyring, server_key_pub(server_key, root))
+        self.device = VirtualDevice(root, "grub")
+        self.device.config = dataclasses.replace(
+            self.device.config,
+            server_urls=(server.url,),
+            server_keyring=keyring,
+            enrollment_token=ADMISSION,
+        )
+        self.identity = load_or_create_identity(self.device.config.data_dir)[0]
+        self.device_id = self.identity.device_id
+
+    def daemon(self, **options: Any) -> Daemon:
+        config = self.device.config
+        assert config.server_keyring is not None
+        client = ServerClient(
+            config.server_urls, self.identity.key, Keyring.load(config.server_keyring),
+            clock=self.clock, rng=lambda: 0.5, timeout_s=2.0,
+        )  # fmt: skip
+        return Daemon(
+            self.device.runtime(), client, self.clock, self.clock.sleep, lambda: 0.5,
+            hostname="lab-device", wall_clock=lambda: 1.7e9, **options,
+        )  # fmt: skip
+
+    def release(self, version: str, behaviour: str = "healthy", **options: Any) -> SimRelease:
+        bundle = self.releases.bundle(version, behaviour, **options)
+        return self.server.add_bundle(bundle, version=version)
+
+    def reboot(self) -> list[BootRecord]:
+        assert self.device.pending_reboot is not None, "no reboot was asked for"
+        return self.device.settle(BootEvent(BootCause.REBOOT, tuple(self.device.pending_reboot)))
+
+    def server_events(self) -> list[dict[str, Any]]:
+        events = self.server.devices[self.device_id].events
+        return [events[seq] for seq in sorted(events)]
+
+    def names(self) -> list[str]:
+        return [e["event"] for e in self.server_events()]
+
+    def heartbeats(self) -> list[dict[str, Any]]:
+        return self.server.devices[self.device_id].heartbeats
+
+    def slot(self, name: str) -> SlotState:
+        return self.device.state().slot(name)
+
+    def local(self, name: str) -> list[dict[str, Any]]:
+        return self.device.events(name)
+
+
+def server_key_pub(key: SigningKey, root: Path) -> Path:
+    from signing.keys import public_key_pem
+
+    path = root / "server.pub"
+    path.write_bytes(public_key_pem(key.public_key))
+    return path
+
+
+@pytest.fixture
+def lab(
+    tmp_path: Path, template: Path, server: ServerSimulator, server_key: SigningKey,
+    releases: Releases,
+) -> Lab:  # fmt: skip
+    root = tmp_path / "device"
+    shutil.copytree(template, root)
+    return Lab(root, server, server_key, releases)
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+
+def test_an_assignment_is_installed_end_to_end(lab: Lab) -> None:
+    release = lab.release("2.0.0")
+    lab.server.assign(lab.device_id, release)
+    daemon = lab.daemon()
+    daemon.run_once()
+    assert daemon.last_error is None
+    assert lab.server.devices[lab.device_id].hostname == "lab-device"
+    # installed into slot b, armed, and the reboot asked for
+    assert lab.device.pending_reboot is not None
+    assert (lab.slot("b").status, lab.slot("b").bundle_sha256) == ("trial", release.manifest_sha256)
+    [sha] = release.blobs
+    assert any(r[0] == "GET" and r[1] == f"/blobs/{sha}" for r in lab.server.requests)
+    names = lab.names()
+    for name in ("daemon.enrolled", "daemon.install", "install.started", "install.verified",
+                 "install.trial_armed", "install.rebooting"):  # fmt: skip
+        assert name in names, names
+    seqs = [e["seq"] for e in lab.server_events()]
+    assert seqs == list(range(1_700_000_000_000, 1_700_000_000_000 + len(seqs)))
+    assert lab.heartbeats()[-1]["updater_state"] == "installed"
+    # the reboot: the boot check commits the trial; the daemon that starts next reports it
+    records = lab.reboot()
+    assert records[-1].action == "committed" and records[-1].image is not None
+    assert records[-1].image.version == "2.0.0"
+    after = lab.daemon()
+    after.run_once()
+    heartbeat = lab.heartbeats()[-1]
+    assert (heartbeat["version"], heartbeat["booted"], heartbeat["primary"]) == ("2.0.0", "b", "b")
+    assert heartbeat["slots"]["b"] == {"status": "good", "version": "2.0.0"}
+    assert heartbeat["health"] == [{"name": "lab:release", "ok": True}]
+    assert heartbeat["updater_state"] == "idle" and heartbeat["safe_mode"] is False
+    assert len(lab.local("install.started")) == 1  # running it: nothing more to do
+
+
+def test_nothing_is_installed_while_updates_are_suspended(lab: Lab) -> None:
+    store = lab.device.store
+    store.save(dataclasses.replace(store.load().state, suspended="crash loop: 4 starts"))
+    lab.server.assign(lab.device_id, lab.release("2.0.0"))
+    daemon = lab.daemon()
+    daemon.run_once()
+    lab.clock.now += 61
+    daemon.run_once()
+    assert lab.device.pending_reboot is None and lab.slot("b").status == "empty"
+    assert not lab.local("install.started")
+    skipped = [e for e in lab.server_events() if e["event"] == "daemon.install_skipped"]
+    assert len(skipped) == 1 and "suspended" in skipped[0]["fields"]["reason"]
+    assert [h["updater_state"] for h in lab.heartbeats()] == ["suspended", "suspended"]
+
+
+def test_a_release_whose_trial_failed_is_never_tried_again(lab: Lab) -> None:
+    lab.server.assign(lab.device_id, lab.release("2.0.0", "unhealthy"))
+    lab.daemon().run_once()
+    records = lab.reboot()
+    assert [r.action for r in records] == ["rolled_back", "confirmed"]
+    daemon = lab.daemon()
+    for _ in range(3):
+        daemon.run_once()
+        lab.clock.now += 61
+    assert len(lab.local("install.started")) == 1
+    assert lab.names().count("daemon.release_failed") == 1
+    [record] = ReleaseHistoryStore(lab.device.config.data_dir).load().releases.values()
+    assert record.outcome == "failed" and "trial" in (record.detail or "")
+    # even when the slot has since been rewritten, the history remembers
+    lab.server.assign(lab.device_id, lab.release("3.0.0"))
+    lab.clock.now += 61
+    daemon.run_once()
+    lab.reboot()
+    lab.server.assign(lab.device_id, lab.release("2.0.0", "unhealthy"))
+    again = lab.daemon()
+    again.run_once()
+    assert len(lab.local("install.started")) == 2
+
+
+def test_an_install_that_fails_is_not_retried(lab: Lab) -> None:
+    release = lab.release("2.0.0", compatible="another-device")
+    lab.server.assign(lab.device_id, release)
+    daemon = lab.daemon()
+    daemon.run_once()
+    lab.clock.now += 61
+    daemon.run_once()
+    assert len(lab.local("install.started")) == 1
+    failed = [e for e in lab.server_events() if e["event"] == "daemon.release_failed"]
+    assert len(failed) == 1 and "another-device" in failed[0]["fields"]["reason"]
+    assert lab.slot("a").status == "good" and lab.device.pending_reboot is None
+
+
+def test_a_download_that_fails_is_retried_later_and_the_device_keeps_its_release(
+    lab: Lab,
+) -> None:
+    release = lab.release("2.0.0")
+    [sha] = release.blobs
+    blob = lab.server.blobs.pop(sha)
+    lab.server.assign(lab.device_id, release)
+    daemon = lab.daemon()
+    daemon.run_once()
+    assert lab.local("daemon.install_retry") and lab.device.pending_reboot is None
+    assert lab.slot("a").status == "good"
+    lab.server.blobs[sha] = blob
+    lab.clock.now += 61  # the next check-in is within the retry delay: nothing yet
+    daemon.run_once()
+    assert len(lab.local("install.started")) == 1
+    lab.clock.now += 120
+    daemon.run_once()
+    assert len(lab.local("install.started")) == 2 and lab.device.pending_reboot is not None
+    assert lab.reboot()[-1].action == "committed"
+
+
+def cut_power_at(point: str) -> durable.BoundaryHook:
+    off = threading.Event()
+
+    def hook(name: str, path: Path) -> None:
+        if off.is_set() or name == point:
+            off.set()
+            raise PowerCut(name)
+
+    return hook
+
+
+def test_an_install_cut_short_is_counted_and_given_up_after_a_few(lab: Lab) -> None:
+    lab.server.assign(lab.device_id, lab.release("2.0.0"))
+    for attempt in range(1, MAX_INTERRUPTED + 1):
+        previous = durable.set_boundary_hook(cut_power_at("slot:begin"))
+        try:
+            with pytest.raises(PowerCut):
+                lab.daemon().run_once()
+        finally:
+            durable.set_boundary_hook(previous)
+        lab.device.power_cut()  # the boot check finds the install interrupted: slot b bad
+        assert lab.slot("b").status == "bad"
+        lab.clock.now += 61
+        if attempt < MAX_INTERRUPTED:
+            assert len(lab.local("install.started")) == attempt
+    daemon = lab.daemon()
+    daemon.run_once()
+    assert len(lab.local("install.started")) == MAX_INTERRUPTED
+    assert len(lab.local("daemon.install_interrupted")) == MAX_INTERRUPTED
+    assert "daemon.release_failed" in lab.names() and lab.device.pending_reboot is None
+
+
+def test_an_install_cut_short_once_is_tried_again(lab: Lab) -> None:
+    lab.server.assign(lab.device_id, lab.release("2.0.0"))
+    previous = durable.set_boundary_hook(cut_power_at("slot:begin"))
+    try:
+        with pytest.raises(PowerCut):
+            lab.daemon().run_once()
+    finally:
+        durable.set_boundary_hook(previous)
+    lab.device.power_cut()
+    lab.daemon().run_once()
+    assert lab.reboot()[-1].action == "committed" and lab.slot("b").version == "2.0.0"
+
+
+def test_a_rollback_to_the_release_in_the_other_slot_is_a_slot_flip(lab: Lab) -> None:
+    two, three = lab.release("2.0.0"), lab.release("3.0.0")
+    for release in (two, three):
+        lab.server.assign(lab.device_id, release)
+        lab.daemon().run_once()
+        assert lab.reboot()[-1].action == "committed"
+    assert lab.device.runtime().backend.booted() == "a"
+    downloads = len([r for r in lab.server.requests if r[0] == "GET"])
+    lab.server.assign(lab.device_id, two)
+    lab.daemon().run_once()
+    assert lab.local("rollback.armed")[-1]["slot"] == "b"
+    assert len([r for r in lab.server.requests if r[0] == "GET"]) == downloads
+    records = lab.reboot()
+    assert records[-1].action == "committed" and records[-1].image is not None
+    assert records[-1].image.version == "2.0.0"
+
+
+# --- outages and the outbox -------------------------------------------------------------------
+
+
+def test_through_an_outage_the_device_keeps_its_release_and_resyncs_after(lab: Lab) -> None:
+    daemon = lab.daemon()
+    lab.clock.sleep(daemon.run_once())
+    lab.server.faults.down = True
+    delays = []
+    start = lab.clock.now
+    while lab.clock.now - start < 3 * 3600:
+        delays.append(daemon.run_once())
+        lab.clock.sleep(delays[-1])
+        assert len(delays) < 200
+    # full jitter (the lab's dice always roll 0.5): half of 1, 2, 4, ... up to the 300 s cap
+    assert delays[:6] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0] and max(delays) == 150
+    assert daemon.last_error is not None and "no answer" in daemon.last_error
+    assert len(lab.local("daemon.server_unreachable")) == 1
+    # meanwhile a release was assigned; the device stayed on its own
+    lab.server.assign(lab.device_id, lab.release("2.0.0"))
+    assert lab.slot("b").status == "empty" and lab.device.pending_reboot is None
+    lab.server.faults.down = False
+    lab.clock.sleep(daemon.run_once())
+    daemon.run_once()
+    assert daemon.last_error is None and lab.local("daemon.server_back")
+    assert lab.device.pending_reboot is not None
+    assert "daemon.server_unreachable" not in lab.names()  # kept local: news of its own outage
+
+
+def test_events_survive_an_outage_and_a_restart_and_are_stored_once(lab: Lab) -> None:
+    first = lab.daemon()
+    first.run_once()
+    sent = len(lab.server_events())
+    lab.server.faults.down = True
+    first.log.event("boot_check.committed", slot="b")
+    first.log.event("health.check_failed", level="warning", check="x", detail="y")
+    first.log.event("install.progress", level="debug", bytes=1)  # debug: local only
+    lab.clock.now += 61
+    first.run_once()
+    assert first.outbox.counts()[0] == 2
+    # the server comes back, stores the events, but its answer is lost
+    lab.server.faults.down = False
+    lab.server.faults.lose_answers = 1
+    lab.clock.now += 400
+    first.run_once()
+    assert len(lab.server_events()) == sent + 2 and first.outbox.counts()[0] == 2
+    # the daemon restarts (a reboot, a crash): the outbox is on disk and is sent again
+    second = lab.daemon()
+    second.log.event("update.resumed", previously=None)
+    second.run_once()
+    assert second.outbox.counts()[0] == 0
+    events = lab.server_events()
+    seqs = [e["seq"] for e in events]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    assert [e["event"] for e in events[sent:]][:3] == [
+        "boot_check.committed", "health.check_failed", "update.resumed"
+    ]  # fmt: skip
+    assert events[sent]["fields"] == {"level": "info", "slot": "b"}
+
+
+def test_a_device_the_server_forgot_enrolls_again(lab: Lab) -> None:
+    daemon = lab.daemon()
+    daemon.run_once()
+    lab.server.forget_devices()
+    lab.clock.now += 61
+    daemon.run_once()
+    assert lab.local("daemon.enrollment_lost")
+    lab.clock.sleep(daemon.run_once() or 1.0)
+    daemon.run_once()
+    assert lab.device_id in lab.server.devices and daemon.last_error is None
+    assert lab.heartbeats()
+
+
+def test_a_refused_enrollment_is_reported_and_tried_again(lab: Lab) -> None:
+    wrong = "not-a-token"
+    lab.device.config = dataclasses.replace(lab.device.config, enrollment_token=wrong)
+    daemon = lab.daemon()
+    delay = daemon.run_once()
+    assert daemon.last_error is not None and "not_authorized" in daemon.last_error
+    assert 54 <= delay <= 66
+    lab.server.preauthorize(lab.identity.public_key_hex)
+    lab.clock.sleep(delay)
+    daemon.run_once()
+    assert daemon.last_error is None and lab.heartbeats()
+    assert len(lab.local("daemon.enroll_refused")) == 1  # the refusal, reported once
+
+
+def test_without_a_server_keyring_the_device_still_reports(lab: Lab) -> None:
+    daemon = lab.daemon()
+    daemon.client.keyring = None
+    daemon.run_once()
+    lab.clock.now += 61
+    daemon.run_once()
+    assert daemon.last_error is not None and "no server keyring" in daemon.last_error
+    assert len(lab.heartbeats()) == 2 and lab.names().count("daemon.step_failed") == 1
+
+
+def test_the_server_table_of_the_configuration(tmp_path: Path) -> None:
+    text = b"""
+[server]
+urls = ["https://fleet.example.net/", "https://fleet-2.example.net"]
+keyring = "/etc/fleet/server-keyring"
+mirrors = ["https://cdn.example.net/fleet"]
+enrollment_token = " tok "
+checkin_interval_s = 30
+heartbeat_interval_s = 15.5
+failover_after_s = 20
+"""
+    config = parse_config(text, "updater.toml")
+    assert config.server_urls == ("https://fleet.example.net", "https://fleet-2.example.net")
+    assert config.server_keyring == Path("/etc/fleet/server-keyring")
+    assert config.server_mirrors == ("https://cdn.example.net/fleet",)
+    assert config.enrollment_token == "tok"  # noqa: S105 (a test value)
+    assert (config.checkin_interval_s, config.heartbeat_interval_s) == (30.0, 15.5)
+    assert config.failover_after_s == 20.0
+    defaults = parse_config(b"", "x")
+    assert (defaults.checkin_interval_s, defaults.heartbeat_interval_s) == (60.0, 60.0)
+    assert defaults.failover_after_s == 30.0 and defaults.server_keyring is None
+    for bad, message in [
+        (b"[server]\nmirrors = ['ftp://x']", "server.mirrors"),
+        (b"[server]\ncheckin_interval_s = 0", "positive"),
+        (b"[server]\nfailover_after_s = inf", "positive"),
+        (b"[server]\nheartbeat_interval_s = true", "must be int or float"),
+        (b"[server]\nenrollment_token = ' '", "must not be empty"),
+        (b"[server]\nkeyring = 3", "server.keyring"),
+        (b"[server]\nsurprise = 1", "unknown setting"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_config(bad, "x")
+
+
+def test_checkins_are_jittered_and_heartbeats_regular(lab: Lab) -> None:
+    rolls = iter([0.0, 1.0] * 10)
+    daemon = lab.daemon()
+    daemon._rng = lambda: next(rolls)  # the jitter's dice
+    assert daemon.run_once() == pytest.approx(54.0)  # checkin in 60 s - 10 %, heartbeat in 60
+    lab.clock.now += 54
+    assert daemon.run_once() == pytest.approx(6.0)
+    lab.clock.now += 6
+    assert daemon.run_once() == pytest.approx(60.0)
+    assert len(lab.server.api_requests("/checkin")) == 2
+    assert len(lab.server.api_requests("/heartbeat")) == 2
+
+
+# --- the decision table -----------------------------------------------------------------------
+
+SHA = "5" * 64
+
+
+def assignment(sha: str = SHA) -> Assignment:
+    class Fixed(Assignment):
+        @property
+        def manifest_sha256(self) -> str:
+            return sha
+
+    return Fixed(1, "2.0.0", 1, b"m", b"s", ())
+
+
+def state(b: SlotState | None = None, *, suspended: str | None = None) -> DeviceState:
+    good = SlotState(status="good", version="1.0.0", bundle_sha256="1" * 64)
+    return DeviceState(slots={"a": good, "b": b or SlotState()}, suspended=suspended)
+
+
+def b_holds(status: str, sha: str = SHA) -> DeviceState:
+    return state(SlotState(status, "2.0.0", sha, security_version=1))
+
+
+def history(outcome: str | None = None, interrupted: int = 0) -> ReleaseHistory:
+    if outcome is None:
+        return ReleaseHistory()
+    return ReleaseHistory({SHA: ReleaseRecord(outcome, "2.0.0", interrupted=interrupted)})
+
+
+NEW = assignment()
+
+
+@pytest.mark.parametrize(
+    ("situation", "action", "fail"),
+    [
+        ((None, state(), "a", False, history()), "none", False),
+        ((assignment("1" * 64), state(), "a", False, history()), "none", False),
+        ((NEW, state(), "a", False, history()), "install", False),
+        ((NEW, state(), "a", False, history("failed")), "skip", False),
+        ((NEW, state(suspended="crash loop"), "a", False, history()), "skip", False),
+        ((NEW, state(), "safe", False, history()), "skip", False),
+        ((NEW, state(), "a", True, history()), "skip", False),
+        ((NEW, b_holds("trial"), "a", False, history()), "skip", False),
+        ((NEW, b_holds("good"), "a", False, history()), "flip", False),
+        ((NEW, b_holds("bad"), "a", False, history()), "skip", True),
+        ((NEW, b_holds("bad"), "a", False, history("armed")), "skip", True),
+        ((NEW, b_holds("bad"), "a", False, history("interrupted", 1)), "install", False),
+        ((NEW, b_holds("bad"), "a", False, history("interrupted", 3)), "skip", True),
+        ((NEW, b_holds("bad"), "a", False, history("download_failed")), "install", False),
+        ((NEW, b_holds("installing"), "a", False, history("installing")), "install", False),
+        ((NEW, b_holds("bad", "9" * 64), "a", False, history()), "install", False),
+    ],
+)
+def test_what_is_done_with_an_assignment(situation: Any, action: str, fail: bool) -> None:
+    decision = decide(*situation)
+    assert (decision.action, decision.fail) == (action, fail), decision.reason
+
+
+def test_a_flip_below_the_installed_security_version_is_refused() -> None:
+    device = dataclasses.replace(
+        state(SlotState("good", "2", SHA, security_version=1)), installed_security_version=2
+    )
+    decision = decide(assignment(), device, "a", False, history())
+    assert (decision.action, decision.fail) == ("skip", True)
+
+
+# --- the heartbeat ------------------------------------------------------------------------------
+
+
+def test_the_heartbeat_is_what_the_server_accepts(lab: Lab) -> None:
+    snapshot = lab.device.runtime().snapshot()
+    document = heartbeat_document(
+        snapshot, health=[("systemd:camera.service", True), ("x" * 300, False)],
+        temperature_c=51.2, free_space_mb=2048, uptime_s=86400.5, clock=1.7e9,
+        clock_skew_s=-3.2,
+    )  # fmt: skip
+    assert document["version"] == "1.0.0" and document["booted"] == "a"
+    assert len(document["health"][1]["name"]) == 128
+    unknown = heartbeat_document(
+        {**snapshot, "booted": None, "primary": None, "bootloader_problem": "x"}, health=[],
+        temperature_c=None, free_space_mb=None, uptime_s=None, clock=0.0, clock_skew_s=None,
+    )  # fmt: skip
+    assert (unknown["booted"], unknown["primary"], unknown["version"]) == ("unknown",) * 2 + (None,)
+    schemas = pytest.importorskip("server.schemas")
+    for doc in (document, unknown):
+        schemas.parse(schemas.Heartbeat, json.dumps(doc).encode())
+
+
+# --- outbox -----------------------------------------------------------------------------------
+
+
+def test_the_outbox_numbers_keeps_and_forgets_events(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.jsonl", limit=3, wall_clock=lambda: 0.0)
+    assert [outbox.append("a.b", {"n": n}) for n in range(5)] == [1, 2, 3, 4, 5]
+    assert [e.seq for e in outbox.pending()] == [3, 4, 5]
+    assert outbox.counts() == (3, 6, 2)
+    outbox.ack(4)
+    reopened = Outbox(tmp_path / "outbox.jsonl")
+    assert [e.to_wire() for e in reopened.pending()] == [
+        {"event": "a.b", "seq": 5, "fields": {"n": 4}}
+    ]
+    reopened.ack(5)
+    assert reopened.append("c.d", {}) == 6  # numbering survives an empty outbox
+
+
+def test_a_new_outbox_numbers_from_the_clock_so_the_server_never_sees_a_step_back(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.jsonl"
+    assert Outbox(path, wall_clock=lambda: 1_700_000_000.5).append("a.b", {}) == 1_700_000_000_500
+    path.unlink()  # removed to make room on a full disk: numbers go on from the clock
+    assert Outbox(path, wall_clock=lambda: 1_700_000_060.0).append("a.b", {}) == 1_700_000_060_000
+    assert Outbox(path, wall_clock=lambda: float("nan")).append("a.b", {}) == 1_700_000_060_001
+
+
+def test_a_damaged_outbox_is_set_aside_and_numbering_continues_above_it(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.jsonl"
+    outbox = Outbox(path, wall_clock=lambda: 0.0)
+    for n in range(7):
+        outbox.append("a.b", {"n": n})
+    outbox.ack(3)
+    path.write_bytes(path.read_bytes()[:-30])
+    again = Outbox(path, wall_clock=lambda: 0.0)
+    assert again.append("c.d", {}) == 8  # the header, still legible, said 8 comes next
+    path.write_bytes(b'{"format": 1, "next_s\n{"seq": 41, "event": "a.b", "fi')
+    assert Outbox(path, wall_clock=lambda: 0.0).append("c.d", {}) == 42
+    assert again.problem is not None and "damaged" in again.problem
+    assert (tmp_path / "outbox.jsonl.damaged").exists()
+
+
+def test_appends_from_several_threads_get_distinct_numbers(tmp_path: Path) -> None:
+    seqs: list[int] = []
+    outboxes = [Outbox(tmp_path / "outbox.jsonl", wall_clock=lambda: 0.0) for _ in range(4)]
+
+    def work(outbox: Outbox) -> None:
+        for _ in range(10):
+            seqs.append(outbox.append("a.b", {}))
+
+    threads = [threading.Thread(target=work, args=(o,)) for o in outboxes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(seqs) == list(range(1, 41))
+
+
+def test_the_tee_keeps_what_the_server_should_see_and_never_raises(tmp_path: Path) -> None:
+    inner = EventLog(io.StringIO(), keep=True)
+    outbox = Outbox(tmp_path / "outbox.jsonl")
+    log = OutboxLog(inner, outbox)
+    log.event("install.failed", level="error", error=ValueError("bad\0byte"), path=tmp_path)
+    log.event("install.progress", level="debug", bytes=1)
+    log.event("daemon.server_unreachable", level="warning", error="x")
+    log.event("x.big", text="y" * 20_000)
+    [failed, big] = outbox.pending()
+    assert failed.fields == {"level": "error", "error": "bad\\0byte", "path": str(tmp_path)}
+    assert set(big.fields) == {"level", "truncated"}
+    broken = OutboxLog(inner, Outbox(tmp_path / "outbox.jsonl" / "not-a-dir" / "o.jsonl"))
+    broken.event("install.started", source="x")
+    assert inner.events[-1]["event"] == "outbox.write_failed"
+
+
+# --- systemd ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[tuple[str, Callable[[], list[str]]]]:
+    name = f"@fleet-test-{uuid.uuid4().hex}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name[1:])
+    sock.setblocking(False)
+
+    def received() -> list[str]:
+        messages = []
+        while True:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                return messages
+
+    try:
+        yield name, received
+    finally:
+        sock.close()
+
+
+def test_run_forever_tells_systemd_ready_then_feeds_the_watchdog(
+    lab: Lab, notify_socket: tuple[str, Callable[[], list[str]]]
+) -> None:
+    name, received = notify_socket
+    notifier = SystemdNotifier.from_environment(
+        {"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "300000000"}, pid=1
+    )
+    assert notifier.watchdog_interval_s == 150
+    daemon = lab.daemon(notifier=notifier)
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        lab.clock.sleep(seconds)
+        if len(sleeps) == 3:
+            daemon.stop()
+
+    daemon._sleep = sleep
+    restarts = len(lab.device.state().restarts)
+    daemon.run_forever()
+    messages = received()
+    assert messages[0].startswith("READY=1\nSTATUS=server http://127.0.0.1:")
+    assert [m.split("\n")[0] for m in messages[1:]] == ["WATCHDOG=1"] * 3 + ["STOPPING=1"]
+    assert "event(s) queued" in messages[1]
+    assert len(lab.device.state().restarts) == restarts + 1  # the crash-loop guard counted it
+    assert all(0 < s <= 150 for s in sleeps)
+
+
+def test_the_watchdog_is_fed_during_a_long_task_and_not_without_systemd(
+    notify_socket: tuple[str, Callable[[], list[str]]],
+) -> None:
+    name, received = notify_socket
+    notifier = SystemdNotifier(name, watchdog_usec=20_000)
+    with notifier.keep_alive(limit_s=10):
+        threading.Event().wait(0.1)
+    assert received().count("WATCHDOG=1") >= 3
+    with notifier.keep_alive(limit_s=0.0):
+        threading.Event().wait(0.05)
+    assert received() == []
+    assert not SystemdNotifier(None).ready("x")
+    other = SystemdNotifier.from_environment(
+        {"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}, pid=2
+    )
+    assert other.watchdog_interval_s is None  # the watchdog is another process's
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def test_fleet_updater_daemon_once(lab: Lab) -> None:
+    config = lab.device.root / "updater.toml"
+    keyring = lab.device.config.server_keyring
+    config.write_text(
+        lab.device.config_toml(
+            extra=f'[server]\nurls = ["{lab.server.url}"]\nkeyring = "{keyring}"\n'
+            f'enrollment_token = "{ADMISSION}"\nfailover_after_s = 5\n'
+        )
+    )
+    device = lab.device
+
+    def runtime(loaded: LoadedConfig, log: EventLog) -> Any:
+        return dataclasses.replace(device.runtime(), loaded=loaded, log=log)
+
+    obj = {"runtime_factory": runtime}
+    result = CliRunner().invoke(main, ["--config", str(config), "daemon", "--once"], obj=obj)
+    assert result.exit_code == 0, result.output
+    assert lab.device_id in lab.server.devices and lab.heartbeats()
+    assert '"event": "daemon.enrolled"' in result.stdout
+    lab.server.faults.down = True
+    result = CliRunner().invoke(main, ["--config", str(config), "daemon", "--once"], obj=obj)
+    assert result.exit_code == 1 and "Error: daemon: no answer" in result.stderr
+    config.write_text(device.config_toml())
+    result = CliRunner().invoke(main, ["--config", str(config), "daemon", "--once"], obj=obj)
+    assert result.exit_code == 1 and "no release server configured" in result.stderr

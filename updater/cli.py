@@ -21,6 +21,7 @@ from fleet_core.cli import FleetGroup
 from fleet_core.errors import FleetError
 from updater.config import DEFAULT_CONFIG_PATH, UpdaterConfig, load_config
 from updater.errors import UpdaterError
+from updater.install import EventSink
 from updater.log import EventLog
 from updater.runtime import Runtime
 from updater.state import update_lock
@@ -29,10 +30,18 @@ EXIT_REBOOT_REQUIRED = 3
 EXIT_UNHEALTHY = 4
 
 
-def _runtime(ctx: click.Context, *, log_to_stdout: bool) -> Runtime:
+def _runtime(ctx: click.Context, *, log_to_stdout: bool, report: bool = True) -> Runtime:
+    """The updater for one command. With a release server configured and ``report``, every
+    event also goes to the outbox the daemon sends to the server: a boot check's verdict, a
+    rollback, a hand-made install reach the fleet's audit trail even though they run in
+    processes of their own."""
     options = ctx.obj
     loaded = load_config(options["config"], data_dir=options["data_dir"])
-    log = EventLog(sys.stdout if log_to_stdout else sys.stderr)
+    log: EventSink = EventLog(sys.stdout if log_to_stdout else sys.stderr)
+    if report and loaded.config.server_urls:
+        from updater.daemon import OUTBOX_NAME, Outbox, OutboxLog
+
+        log = OutboxLog(log, Outbox(loaded.config.data_dir / OUTBOX_NAME))
     for problem in loaded.problems:
         log.event("config.fallback", level="warning", source=loaded.source, problem=problem)
     factory = options.get("runtime_factory")
@@ -248,7 +257,7 @@ def daemon(ctx: click.Context, once: bool) -> None:
 
     from updater.daemon import build_daemon
 
-    service = build_daemon(_runtime(ctx, log_to_stdout=True))
+    service = build_daemon(_runtime(ctx, log_to_stdout=True, report=False))
     if once:
         service.run_once()
         if service.last_error:

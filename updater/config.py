@@ -374,6 +374,7 @@ def _remember(path: Path, text: bytes, problems: list[str]) -> None:
     try:
         if not path.exists() or path.read_bytes() != text:
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, text)
+            # 0600: the configuration may hold an enrollment token
+            atomic_write(path, text, mode=0o600)
     except OSError as err:
         problems.append(f"{path}: cannot keep a last-good copy: {err.strerror}")

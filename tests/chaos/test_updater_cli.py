@@ -364,3 +364,17 @@ def test_install_past_its_deadline_is_abandoned(
     one_line_error(result, "deadline: abandoned")
     assert_untouched(device, before)
     assert status(device)["slots"]["b"]["status"] == "bad"
+
+
+def test_boot_check_verdicts_reach_the_daemons_outbox(
+    make_device: MakeDevice, releases: Releases
+) -> None:
+    device = make_device("grub")
+    server = '[server]\nurls = ["http://127.0.0.1:9"]\n'
+    updater(device, "install", str(releases.bundle("2.0.0")), "--no-reboot", extra=server)
+    device.boot(device_reboot_event(device), run_boot_check=False)
+    assert updater(device, "boot-check", extra=server).exit_code == 0
+    outbox = (device.config.data_dir / "outbox.jsonl").read_text().splitlines()[1:]
+    events = [json.loads(line)["event"] for line in outbox]
+    assert "install.finished" in events and "boot_check.committed" in events
+    assert (device.config.data_dir / "updater.last-good.toml").stat().st_mode & 0o777 == 0o600

@@ -20,6 +20,10 @@ SUBCOMMANDS: dict[str, str] = {
     "image": "image_builder.cli:image",
     "bundle": "image_builder.cli:bundle",
     "demo": "chaos.demo:demo",
+    "server": "server.cli:server",
+    "release": "server.cli:release",
+    "device": "server.cli:device",
+    "audit": "server.cli:audit",
 }
 
 

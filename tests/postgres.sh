@@ -7,7 +7,7 @@ if [ -z "$version" ]; then
     version=$(ls /usr/lib/postgresql | sort -n | tail -1)
     pg_createcluster "$version" main >/dev/null
 fi
-pg_ctlcluster "$version" main start 2>/dev/null || pg_ctlcluster "$version" main status >/dev/null
+pg_ctlcluster "$version" main start >/dev/null 2>&1 || pg_ctlcluster "$version" main status >/dev/null
 as_postgres() { su postgres -c "psql -v ON_ERROR_STOP=1 -qtAc \"$1\""; }
 for _ in $(seq 30); do as_postgres "SELECT 1" >/dev/null 2>&1 && break; sleep 1; done
 if [ "$(as_postgres "SELECT 1 FROM pg_roles WHERE rolname='fleet'")" != "1" ]; then

@@ -1,0 +1,1 @@
+"""The HTTP routes, by audience: devices, operators, blobs, health and metrics."""

@@ -1,0 +1,165 @@
+"""The operator routes: releases, devices and assignments, tokens, the audit trail.
+
+``viewer`` tokens read; ``operator`` tokens also upload, assign, create enrollment tokens and
+pre-authorize device keys; ``admin`` tokens also create operator tokens.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from server import audit, devices, enrollment, releases
+from server.api.common import (
+    Admin,
+    DeviceIdPath,
+    OperatorRole,
+    State,
+    Viewer,
+    read_body,
+    receive_file,
+)
+from server.auth import Role, create_operator_token
+from server.errors import ApiError, StorageFullError
+from server.schemas import (
+    AssignmentRequest,
+    EnrollmentTokenRequest,
+    OperatorTokenRequest,
+    PreauthorizeRequest,
+    parse,
+)
+from server.settings import iso
+
+router = APIRouter(prefix="/api/v1")
+
+VersionPath = Annotated[str, PathParam(pattern=r"^[^\x00-\x1f\x7f/]{1,128}$")]
+MAX_AUDIT_PAGE = 1000
+
+
+@router.post("/releases", status_code=201, tags=["releases"])
+async def upload_release(request: Request, caller: OperatorRole, state: State) -> JSONResponse:
+    """Accept a bundle (the request body, streamed) as a release."""
+    try:
+        # The keyring first: a server that cannot accept any bundle says so before the upload.
+        keyring = await run_in_threadpool(releases.load_keyring, state.settings.keyring_dir)
+        path = await receive_file(
+            request, state.settings.upload_dir, state.settings.max_upload_bytes
+        )
+        try:
+            description = await run_in_threadpool(
+                releases.ingest,
+                state.db,
+                state.blobs,
+                keyring,
+                path,
+                actor=caller.actor,
+                now=state.now(),
+            )
+        finally:
+            path.unlink(missing_ok=True)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        state.metrics.uploads.labels(StorageFullError.code).inc()
+        raise StorageFullError("no space left for the bundle or its blobs") from err
+    except ApiError as err:
+        state.metrics.uploads.labels(err.code).inc()
+        raise
+    state.metrics.uploads.labels("accepted").inc()
+    return JSONResponse(description, status_code=201)
+
+
+@router.get("/releases", tags=["releases"])
+def list_releases(_caller: Viewer, state: State) -> dict[str, Any]:
+    return {"releases": releases.list_releases(state.db)}
+
+
+@router.get("/releases/{version}", tags=["releases"])
+def get_release(version: VersionPath, _caller: Viewer, state: State) -> dict[str, Any]:
+    return releases.get_release(state.db, version)
+
+
+@router.get("/devices", tags=["devices"])
+def list_devices(_caller: Viewer, state: State) -> dict[str, Any]:
+    return {"devices": devices.list_devices(state.db)}
+
+
+@router.get("/devices/{device_id}", tags=["devices"])
+def get_device(device_id: DeviceIdPath, _caller: Viewer, state: State) -> dict[str, Any]:
+    return devices.get_device(state.db, device_id)
+
+
+@router.post("/devices/{device_id}/assignment", tags=["devices"])
+async def assign(
+    device_id: DeviceIdPath, request: Request, caller: OperatorRole, state: State
+) -> dict[str, Any]:
+    """Assign a release to a device (``{"version": null}`` removes the assignment)."""
+    body = parse(AssignmentRequest, await read_body(request))
+    return await run_in_threadpool(
+        devices.assign, state.db, device_id, body.version, actor=caller.actor, now=state.now()
+    )
+
+
+@router.post("/preauthorized-keys", status_code=201, tags=["devices"])
+async def preauthorize(request: Request, caller: OperatorRole, state: State) -> dict[str, Any]:
+    """Let the device with this public key enroll without a token."""
+    body = parse(PreauthorizeRequest, await read_body(request))
+    device_id = await run_in_threadpool(
+        enrollment.preauthorize, state.db, body.public_key, actor=caller.actor, now=state.now()
+    )
+    return {"device_id": device_id}
+
+
+@router.post("/enrollment-tokens", status_code=201, tags=["tokens"])
+async def create_enrollment_token(
+    request: Request, caller: OperatorRole, state: State
+) -> dict[str, Any]:
+    """A new enrollment token, shown only in this answer."""
+    body = parse(EnrollmentTokenRequest, await read_body(request))
+    created = await run_in_threadpool(
+        enrollment.create_enrollment_token,
+        state.db,
+        uses=body.uses,
+        expires_in_s=body.expires_in,
+        actor=caller.actor,
+        now=state.now(),
+    )
+    return {
+        "token": created.token,
+        "uses": created.uses,
+        "expires": iso(created.expires) if created.expires else None,
+    }
+
+
+@router.post("/operator-tokens", status_code=201, tags=["tokens"])
+async def create_token(request: Request, caller: Admin, state: State) -> dict[str, Any]:
+    """A new operator token, shown only in this answer."""
+    body = parse(OperatorTokenRequest, await read_body(request))
+    role = Role.parse(body.role)
+    token = await run_in_threadpool(
+        lambda: create_operator_token(
+            state.db, name=body.name, role=role, created_by=caller.actor, now=state.now()
+        )
+    )
+    return {"token": token, "name": body.name, "role": role.label}
+
+
+@router.get("/audit", tags=["audit"])
+def list_audit(
+    _caller: Viewer,
+    state: State,
+    after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_AUDIT_PAGE)] = 100,
+) -> dict[str, Any]:
+    """Audit entries after ``after``, oldest first; ``next_after`` pages on (null at the end)."""
+    with state.db.read() as session:
+        page = audit.entries(session, after=after, limit=limit)
+    return {
+        "entries": [entry.to_dict() for entry in page],
+        "next_after": page[-1].seq if len(page) == limit else None,
+    }

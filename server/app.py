@@ -1,0 +1,103 @@
+"""``create_app``: the release server as an ASGI application.
+
+Creating the app prepares the data directory, migrates the database to the newest schema and
+loads (on first start: generates) the server's signing key. The process keeps nothing else: any
+number of processes with the same settings can serve the same fleet.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from server.api import blobs as blob_routes
+from server.api import device, health, operator
+from server.api.common import ServerState, install_error_handlers
+from server.blobs import BlobStore
+from server.database import Database
+from server.errors import ServerKeyError
+from server.metrics import RequestMetricsMiddleware, ServerMetrics
+from server.settings import Settings
+from signing.errors import KeyFileError
+from signing.keys import SigningKey, generate_key, load_private_key
+
+log = logging.getLogger("server")
+# A file in uploads/ untouched for this long belongs to no running request.
+STALE_UPLOAD_S = 24 * 3600
+
+
+def load_server_key(path: Path) -> SigningKey:
+    """The server's assignment signing key, generated (mode 0600) if there is none yet.
+
+    Several processes starting at once agree on one key: a second generation fails because the
+    file exists, and that process loads the first one's key.
+
+    Raises:
+        ServerKeyError: the key file exists but cannot be read as an Ed25519 key.
+    """
+    if not path.exists():
+        try:
+            key = generate_key(path)
+            log.info("generated server key %s at %s", key.key_id, path)
+            return key
+        except KeyFileError:
+            pass
+    try:
+        return load_private_key(path)
+    except KeyFileError as err:
+        raise ServerKeyError(f"server key: {err}") from err
+
+
+def _remove_stale_uploads(directory: Path, now: float) -> None:
+    for leftover in directory.glob("upload-*.bundle"):
+        try:
+            if now - leftover.stat().st_mtime > STALE_UPLOAD_S:
+                leftover.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The server application for ``settings``, with its database migrated.
+
+    Raises:
+        MigrationError: the database is unreachable or cannot be migrated.
+        ServerKeyError: the server key exists but is unusable.
+    """
+    settings.upload_dir.mkdir(parents=True, exist_ok=True)
+    settings.keyring_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_uploads(settings.upload_dir, time.time())
+    db = Database(settings.database_url)
+    db.migrate()
+    metrics = ServerMetrics(db, settings.clock)
+    state = ServerState(
+        settings=settings,
+        db=db,
+        blobs=BlobStore(settings.blob_dir),
+        server_key=load_server_key(settings.server_key_path),
+        metrics=metrics,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        db.dispose()
+
+    app = FastAPI(
+        title="Metrica Fleet release server",
+        summary="Signed releases, device enrollment and assignments (docs/device-protocol.md)",
+        lifespan=lifespan,
+    )
+    app.state.fleet = state
+    install_error_handlers(app)
+    app.include_router(device.router)
+    app.include_router(operator.router)
+    app.include_router(blob_routes.router)
+    app.include_router(health.router)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,94 @@
+"""The signed check-in answer: which release a device should run (docs/device-protocol.md).
+
+The answer document is canonical JSON (sorted keys, no spaces) signed by the server key for
+purpose ``assignment``. It echoes the device's nonce, so a device accepts only the answer to the
+request it just made; no clock is involved. Its ETag depends only on the device and on what is
+assigned (the exact manifest bytes), so it changes exactly when the assignment changes, and
+every server process computes the same one.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from server.models import Release
+from server.releases import blob_url
+from signing.keys import SigningKey
+from signing.signature import sign
+
+ANSWER_FORMAT = 1
+ASSIGNMENT_PURPOSE = "assignment"
+
+
+def assignment_etag(device_id: str, release: Release | None) -> str:
+    """The ETag (unquoted) of the device's current assignment."""
+    assigned = release.manifest_sha256 if release is not None else "none"
+    material = f"assignment v{ANSWER_FORMAT}\n{device_id}\n{assigned}".encode()
+    return hashlib.sha256(material).hexdigest()[:32]
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an ``If-None-Match`` header names ``etag`` (weak comparison, as RFC 9110 says).
+
+    ``*`` does not match: a device that never verified an answer must get one.
+    """
+    if not if_none_match:
+        return False
+    for candidate in if_none_match.split(","):
+        candidate = candidate.strip().removeprefix("W/")
+        if candidate == f'"{etag}"':
+            return True
+    return False
+
+
+def assignment_document(release: Release) -> dict[str, Any]:
+    """The ``assignment`` member of an answer for ``release``."""
+    return {
+        "release_id": release.id,
+        "version": release.version,
+        "security_version": release.security_version,
+        "manifest": base64.b64encode(release.manifest).decode("ascii"),
+        "manifest_sig": base64.b64encode(release.signature).decode("ascii"),
+        "blobs": [
+            {
+                "slot_class": image.slot_class,
+                "sha256": image.sha256,
+                "size": image.size,
+                "url": blob_url(image.sha256),
+            }
+            for image in release.images
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class SignedAnswer:
+    """A check-in answer: the document's exact text and the envelope over its UTF-8 bytes."""
+
+    etag: str
+    answer: str
+    signatures: str  # the envelope's exact bytes (one JSON line and a newline), as text
+
+    def to_dict(self) -> dict[str, str]:
+        return {"answer": self.answer, "signatures": self.signatures}
+
+
+def signed_answer(
+    device_id: str, nonce: str, release: Release | None, server_key: SigningKey
+) -> SignedAnswer:
+    """Build and sign the answer to a check-in with ``nonce``."""
+    etag = assignment_etag(device_id, release)
+    document = {
+        "format": ANSWER_FORMAT,
+        "device_id": device_id,
+        "nonce": nonce,
+        "etag": etag,
+        "assignment": assignment_document(release) if release is not None else None,
+    }
+    answer = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    envelope = sign(answer.encode("utf-8"), [server_key], ASSIGNMENT_PURPOSE)
+    return SignedAnswer(etag, answer, envelope.to_bytes().decode("ascii"))

@@ -1,0 +1,163 @@
+"""The blob store: image bytes named by their SHA-256, and the byte-range rules for serving them.
+
+A blob lives at ``BLOBS/<first two hex digits>/<sha256>``; it is written once, through
+:func:`fleet_core.durable.atomic_output`, and never changed, so any static HTTP server (nginx, a
+CDN) can serve the directory as it is. A blob whose bytes do not hash to its name is never
+stored: bytes are hashed while they are copied, and the copy is discarded on a mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from fleet_core.durable import atomic_output
+from server.errors import RangeNotSatisfiableError, ServerError
+
+CHUNK = 1024 * 1024
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_RANGE = re.compile(r"bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)")
+
+
+class BlobIntegrityError(ServerError):
+    """Bytes copied into the store do not have the SHA-256 or size they were stored under."""
+
+
+class BlobStore:
+    """Content-addressed files under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        """Where the blob named ``sha256`` lives (whether or not it exists).
+
+        Raises:
+            ValueError: ``sha256`` is not 64 lowercase hex digits.
+        """
+        if not SHA256_HEX.fullmatch(sha256):
+            raise ValueError(f"{sha256!r} is not a SHA-256 in lowercase hex")
+        return self.root / sha256[:2] / sha256
+
+    def exists(self, sha256: str, size: int) -> bool:
+        """Whether the blob is stored with the expected size."""
+        try:
+            return self.path(sha256).stat().st_size == size
+        except FileNotFoundError:
+            return False
+
+    def put_range(self, source: BinaryIO, offset: int, size: int, sha256: str) -> bool:
+        """Store ``size`` bytes of ``source`` from ``offset`` as the blob ``sha256``.
+
+        Returns False (and copies nothing) when the blob is stored already. The bytes are
+        hashed as they are copied; the blob appears only if they match.
+        Power cut: the blob exists whole or not at all.
+
+        Raises:
+            BlobIntegrityError: the bytes are shorter than ``size`` or hash differently.
+        """
+        if self.exists(sha256, size):
+            return False
+        target = self.path(sha256)
+        target.parent.mkdir(exist_ok=True)
+        digest = hashlib.sha256()
+        source.seek(offset)
+        with atomic_output(target) as out:
+            remaining = size
+            while remaining:
+                chunk = source.read(min(CHUNK, remaining))
+                if not chunk:
+                    raise BlobIntegrityError(f"blob {sha256}: source ends {remaining} bytes early")
+                digest.update(chunk)
+                out.write(chunk)
+                remaining -= len(chunk)
+            if digest.hexdigest() != sha256:
+                raise BlobIntegrityError(f"blob {sha256}: bytes hash to {digest.hexdigest()}")
+        return True
+
+    def remove(self, sha256: str) -> None:
+        """Delete a blob (for undoing a store that its release never committed)."""
+        self.path(sha256).unlink(missing_ok=True)
+
+    def open(self, sha256: str) -> tuple[BinaryIO, int] | None:
+        """The blob opened for reading, with its size; None if it is not stored."""
+        try:
+            handle = open(self.path(sha256), "rb")  # noqa: SIM115 (the caller closes it)
+        except (FileNotFoundError, ValueError):
+            return None
+        return handle, os.fstat(handle.fileno()).st_size
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """Bytes ``start`` to ``end`` inclusive, as in ``Content-Range``."""
+
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+    def content_range(self, size: int) -> str:
+        return f"bytes {self.start}-{self.end}/{size}"
+
+
+def parse_range(header: str | None, size: int) -> ByteRange | None:
+    """The single byte range a ``Range`` header asks of a ``size``-byte resource.
+
+    None means "send the whole resource": no header, a unit other than bytes, several ranges
+    (only single ranges are served), or a header that is not valid syntax (RFC 9110 lets a
+    server ignore those). A range whose last byte is past the end is cut to the end.
+
+    Raises:
+        RangeNotSatisfiableError: a valid single range that starts at or beyond the end, or
+            an empty suffix (``bytes=-0``); carries ``Content-Range: bytes */size``.
+    """
+    if header is None:
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    if match is None:
+        return None
+    first, last = match.group(1), match.group(2)
+    if not first and not last:
+        return None
+    if not first:
+        suffix = int(last)
+        if suffix == 0:
+            raise _unsatisfiable(header, size)
+        return ByteRange(max(0, size - suffix), size - 1)
+    start = int(first)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        raise _unsatisfiable(header, size)
+    return ByteRange(start, min(int(last), size - 1) if last else size - 1)
+
+
+def _unsatisfiable(header: str, size: int) -> RangeNotSatisfiableError:
+    return RangeNotSatisfiableError(
+        f"range {header.strip()[:80]!r} is outside the {size} bytes of the blob",
+        headers={"Content-Range": f"bytes */{size}"},
+    )
+
+
+def read_chunks(handle: BinaryIO, start: int, length: int) -> Iterator[bytes]:
+    """``length`` bytes of ``handle`` from ``start``, a chunk at a time; closes ``handle``."""
+    try:
+        handle.seek(start)
+        remaining = length
+        while remaining:
+            chunk = handle.read(min(CHUNK, remaining))
+            if not chunk:
+                return
+            remaining -= len(chunk)
+            yield chunk
+    finally:
+        handle.close()

@@ -1,0 +1,430 @@
+"""``fleet server``, ``fleet release``, ``fleet device``, ``fleet audit``: the operator commands.
+
+``fleet server ...`` runs on the server's host and works on its data directory or database
+directly (running the server, creating the first admin token). The other groups talk to a
+running server over HTTP (see ``server/client.py`` for where the URL and token come from).
+``fleet server enrollment-token create`` and ``fleet audit verify`` do either: directly with
+``--data-dir``/``--database-url``, over HTTP otherwise.
+
+The web stack (FastAPI, SQLAlchemy, uvicorn) and requests are imported inside the commands, so
+loading this module costs nothing but click.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+import socket
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from server.errors import AuditChainBrokenError, ClientConfigError
+
+if TYPE_CHECKING:
+    from server.audit import AuditEntry
+    from server.client import ApiClient
+    from server.database import Database
+
+F = TypeVar("F", bound=Callable[..., Any])
+DATABASE_URL_ENV = "FLEET_DATABASE_URL"
+_DURATION = re.compile(r"(\d+)([smhd]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in ``3600``, ``90s``, ``15m``, ``12h`` or ``7d``.
+
+    Raises:
+        click.BadParameter: anything else, or zero.
+    """
+    match = _DURATION.fullmatch(text.strip())
+    if match is None or int(match.group(1)) == 0:
+        raise click.BadParameter(f"{text!r}: give a positive number of seconds, or 15m, 12h, 7d")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def cli_actor() -> str:
+    """How the audit trail names someone acting on the database directly."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"cli:{user}@{socket.gethostname()}"[:160]  # the audit trail's actor column
+
+
+def database_options(function: F) -> F:
+    function = click.option(
+        "--database-url",
+        envvar=DATABASE_URL_ENV,
+        help=f"PostgreSQL URL (or set ${DATABASE_URL_ENV}); default: SQLite in the data dir.",
+    )(function)
+    return click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="The server's data directory.",
+    )(function)
+
+
+def api_options(function: F) -> F:
+    function = click.option("--token", help="Operator token (or $FLEET_TOKEN).")(function)
+    return click.option("--server", help="Server URL (or $FLEET_SERVER).")(function)
+
+
+def open_database(data_dir: Path | None, database_url: str | None) -> Database:
+    """The server's database, migrated to the newest schema.
+
+    Raises:
+        ClientConfigError: neither a data directory nor a database URL.
+    """
+    from server.database import Database
+    from server.settings import Settings
+
+    if data_dir is not None:
+        url = Settings.create(data_dir, database_url=database_url).database_url
+    elif database_url is not None:
+        url = database_url
+    else:
+        raise ClientConfigError("give --data-dir or --database-url")
+    db = Database(url)
+    db.migrate()
+    return db
+
+
+def api_client(server: str | None, token: str | None) -> ApiClient:
+    from server.client import ApiClient, ClientConfig
+
+    return ApiClient(ClientConfig.resolve(server, token))
+
+
+def _now() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo(
+            "  ".join(
+                str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
+            ).rstrip()
+        )
+
+
+# --- fleet server -----------------------------------------------------------------------------
+
+
+@click.group()
+def server() -> None:
+    """The release server: run it, and create its tokens."""
+
+
+@server.command()
+@database_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--max-upload-bytes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Largest bundle accepted (default 8 GiB).",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+)
+def run(
+    data_dir: Path | None,
+    database_url: str | None,
+    host: str,
+    port: int,
+    max_upload_bytes: int | None,
+    log_level: str,
+) -> None:
+    """Serve the API, the blobs and the metrics (runs until stopped)."""
+    import logging
+
+    import uvicorn
+
+    from server.app import create_app
+    from server.settings import DEFAULT_MAX_UPLOAD_BYTES, Settings
+
+    if data_dir is None:
+        raise ClientConfigError("give --data-dir (blobs, keys and keyring live there)")
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    settings = Settings.create(
+        data_dir,
+        database_url=database_url,
+        max_upload_bytes=max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES,
+    )
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+
+
+@server.group()
+def token() -> None:
+    """Operator tokens."""
+
+
+@token.command("create")
+@click.option(
+    "--role",
+    required=True,
+    type=click.Choice(["viewer", "operator", "admin"]),
+    help="What it may do.",
+)
+@click.option("--name", required=True, help="Whose token it is (shown in the audit trail).")
+@database_options
+def token_create(role: str, name: str, data_dir: Path | None, database_url: str | None) -> None:
+    """Create an operator token and print it (only this once; the server keeps its hash)."""
+    from server.auth import Role, create_operator_token
+
+    if not 1 <= len(name) <= 128 or not name.isprintable():
+        raise click.BadParameter("1 to 128 printable characters", param_hint="--name")
+    db = open_database(data_dir, database_url)
+    secret = create_operator_token(
+        db, name=name, role=Role.parse(role), created_by=cli_actor(), now=_now()
+    )
+    click.echo(secret)
+    click.echo(f"operator token for {name!r}, role {role}; it is not shown again", err=True)
+
+
+@server.group("enrollment-token")
+def enrollment_token() -> None:
+    """Tokens that admit new devices."""
+
+
+@enrollment_token.command("create")
+@click.option("--uses", required=True, type=click.IntRange(1, 1_000_000), help="Devices it admits.")
+@click.option("--expires-in", help="Lifetime: seconds, or 15m, 12h, 7d (default: no expiry).")
+@database_options
+@api_options
+def enrollment_token_create(
+    uses: int,
+    expires_in: str | None,
+    data_dir: Path | None,
+    database_url: str | None,
+    server: str | None,
+    token: str | None,
+) -> None:
+    """Create an enrollment token and print it (only this once)."""
+    seconds = parse_duration(expires_in) if expires_in is not None else None
+    if data_dir is not None or database_url is not None:
+        from server.enrollment import create_enrollment_token
+
+        db = open_database(data_dir, database_url)
+        created = create_enrollment_token(
+            db, uses=uses, expires_in_s=seconds, actor=cli_actor(), now=_now()
+        )
+        secret = created.token
+        expires = created.expires.strftime("%Y-%m-%dT%H:%M:%SZ") if created.expires else None
+    else:
+        answer = api_client(server, token).post(
+            "/api/v1/enrollment-tokens", {"uses": uses, "expires_in": seconds}
+        )
+        secret, expires = answer["token"], answer["expires"]
+    click.echo(secret)
+    click.echo(
+        f"admits {uses} device(s), {f'expires {expires}' if expires else 'never expires'}",
+        err=True,
+    )
+
+
+# --- fleet release ----------------------------------------------------------------------------
+
+
+@click.group()
+def release() -> None:
+    """Releases on the server."""
+
+
+@release.command()
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@api_options
+def upload(bundle: Path, server: str | None, token: str | None) -> None:
+    """Upload BUNDLE; the server verifies it against the fleet's release keyring."""
+    client = api_client(server, token)
+    size = bundle.stat().st_size
+    if sys.stderr.isatty():
+        with click.progressbar(
+            length=size, label=f"uploading {bundle.name}", file=sys.stderr
+        ) as bar:
+            answer = client.upload("/api/v1/releases", bundle, bar.update)
+    else:
+        answer = client.upload("/api/v1/releases", bundle, lambda _n: None)
+    click.echo(
+        f"release {answer['version']} accepted: compatible {answer['compatible']}, security "
+        f"version {answer['security_version']}, {len(answer['images'])} image(s)"
+    )
+
+
+@release.command("list")
+@api_options
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+def release_list(server: str | None, token: str | None, as_json: bool) -> None:
+    """List the releases."""
+    releases = api_client(server, token).get("/api/v1/releases")["releases"]
+    if as_json:
+        click.echo(json.dumps(releases, indent=2))
+        return
+    rows = [
+        (
+            r["version"],
+            r["compatible"],
+            str(r["security_version"]),
+            r["created"],
+            ",".join(i["slot_class"] for i in r["images"]),
+        )
+        for r in releases
+    ]
+    _table(rows, ("VERSION", "COMPATIBLE", "SECURITY", "UPLOADED", "IMAGES"))
+
+
+# --- fleet device -----------------------------------------------------------------------------
+
+
+@click.group()
+def device() -> None:
+    """Devices enrolled with the server."""
+
+
+@device.command("list")
+@api_options
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+def device_list(server: str | None, token: str | None, as_json: bool) -> None:
+    """List the devices: last seen, running version, state, assigned version."""
+    devices = api_client(server, token).get("/api/v1/devices")["devices"]
+    if as_json:
+        click.echo(json.dumps(devices, indent=2))
+        return
+    rows = [
+        (
+            d["id"],
+            d["hostname"],
+            d["compatible"],
+            d["version"] or "-",
+            d["state"],
+            d["assigned_version"] or "-",
+            d["last_seen"],
+        )
+        for d in devices
+    ]
+    _table(rows, ("DEVICE", "HOSTNAME", "COMPATIBLE", "VERSION", "STATE", "ASSIGNED", "LAST SEEN"))
+
+
+@device.command()
+@click.argument("device_id")
+@click.argument("version")
+@api_options
+def assign(device_id: str, version: str, server: str | None, token: str | None) -> None:
+    """Assign release VERSION to DEVICE_ID ('none' removes the assignment)."""
+    target = None if version == "none" else version
+    answer = api_client(server, token).post(
+        f"/api/v1/devices/{device_id}/assignment", {"version": target}
+    )
+    click.echo(f"device {answer['id']}: assigned {answer['assigned_version'] or 'nothing'}")
+
+
+def public_key_hex(argument: str) -> str:
+    """A device public key given as 64 hex digits, or a file holding hex or a PEM key.
+
+    Raises:
+        ClientConfigError: neither.
+    """
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from signing.errors import KeyFileError
+    from signing.keys import load_public_key
+
+    if re.fullmatch(r"[0-9a-fA-F]{64}", argument):
+        return argument.lower()
+    path = Path(argument)
+    if not path.is_file():
+        raise ClientConfigError(f"{argument}: neither 64 hex digits nor a key file")
+    text = path.read_bytes().strip()
+    if re.fullmatch(rb"[0-9a-fA-F]{64}", text):
+        return text.decode().lower()
+    try:
+        key = load_public_key(path)
+    except KeyFileError as err:
+        raise ClientConfigError(str(err)) from err
+    return key.public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+
+
+@device.command()
+@click.argument("public_key")
+@api_options
+def preauthorize(public_key: str, server: str | None, token: str | None) -> None:
+    """Let the device with PUBLIC_KEY (hex, or a .pub/.pem/hex file) enroll without a token."""
+    answer = api_client(server, token).post(
+        "/api/v1/preauthorized-keys", {"public_key": public_key_hex(public_key)}
+    )
+    click.echo(answer["device_id"])
+
+
+# --- fleet audit ------------------------------------------------------------------------------
+
+
+@click.group()
+def audit() -> None:
+    """The audit trail of operator actions and device events."""
+
+
+def _api_entries(client: ApiClient) -> Iterator[AuditEntry]:
+    from server.audit import AuditEntry
+
+    after: int | None = 0
+    while after is not None:
+        page = client.get("/api/v1/audit", params={"after": after, "limit": 1000})
+        for document in page["entries"]:
+            try:
+                yield AuditEntry.from_dict(document)
+            except ValueError as err:
+                raise AuditChainBrokenError(f"audit trail: {err}") from err
+        after = page["next_after"]
+
+
+def _parse_head(text: str) -> tuple[int, str]:
+    match = re.fullmatch(r"(\d+):([0-9a-f]{64})", text.strip())
+    if match is None:
+        raise click.BadParameter("give SEQ:HASH as printed by an earlier verify")
+    return int(match.group(1)), match.group(2)
+
+
+@audit.command()
+@database_options
+@api_options
+@click.option(
+    "--expect-head",
+    help="SEQ:HASH printed by an earlier verify: also catches entries removed from the end.",
+)
+def verify(
+    data_dir: Path | None,
+    database_url: str | None,
+    server: str | None,
+    token: str | None,
+    expect_head: str | None,
+) -> None:
+    """Walk the hash chain; name the first changed or removed entry (exit 1 if any)."""
+    from server.audit import all_entries, verify_chain
+
+    head = _parse_head(expect_head) if expect_head else None
+    if data_dir is not None or database_url is not None:
+        chain = all_entries(open_database(data_dir, database_url))
+    else:
+        chain = _api_entries(api_client(server, token))
+    report = verify_chain(chain, expect_head=head)
+    if not report.intact:
+        raise AuditChainBrokenError(
+            f"audit trail broken: {report.problem} ({report.checked} entries before it hold)"
+        )
+    click.echo(
+        f"audit trail intact: {report.checked} entries; head {report.head_seq}:{report.head_hash}"
+    )

@@ -1,0 +1,181 @@
+"""The operator commands' side of the API: where the server is, which token, and the calls.
+
+The server URL and the token come from, in order: the command's ``--server`` / ``--token``,
+the environment (``FLEET_SERVER``, ``FLEET_TOKEN``), then the config file
+``$XDG_CONFIG_HOME/fleet/cli.toml`` (default ``~/.config/fleet/cli.toml``)::
+
+    server = "https://fleet.example.net"
+    token = "fleet_op_..."
+
+Imports only ``requests`` (lazily), never the server's web stack.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from server.errors import (
+    ClientConfigError,
+    RequestRejectedError,
+    ServerUnreachableError,
+)
+
+if TYPE_CHECKING:
+    import requests
+
+SERVER_ENV = "FLEET_SERVER"
+TOKEN_ENV = "FLEET_TOKEN"  # noqa: S105 (the variable's name, not a secret)
+TIMEOUT_S = 30.0
+UPLOAD_CHUNK = 1024 * 1024
+UPLOAD_ANSWER_TIMEOUT_S = 3600.0
+
+
+def config_path(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where the ``fleet`` command's config file is."""
+    base = environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "fleet" / "cli.toml"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """The server to talk to and the operator token to use."""
+
+    server: str
+    token: str
+
+    @classmethod
+    def resolve(
+        cls,
+        server: str | None,
+        token: str | None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> ClientConfig:
+        """Fill what the flags left open from the environment, then the config file.
+
+        Raises:
+            ClientConfigError: the config file is malformed, or no server URL or token is set.
+        """
+        server = server or environ.get(SERVER_ENV)
+        token = token or environ.get(TOKEN_ENV)
+        if not server or not token:
+            stored = _read_config(config_path(environ))
+            server = server or stored.get("server")
+            token = token or stored.get("token")
+        if not server:
+            raise ClientConfigError(
+                f"no server: give --server, set {SERVER_ENV}, or set 'server' in "
+                f"{config_path(environ)}"
+            )
+        if not server.startswith(("http://", "https://")):
+            raise ClientConfigError(f"server {server!r}: must be an http:// or https:// URL")
+        if not token:
+            raise ClientConfigError(
+                f"no operator token: give --token, set {TOKEN_ENV}, or set 'token' in "
+                f"{config_path(environ)}"
+            )
+        return cls(server.rstrip("/"), token)
+
+
+def _read_config(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    try:
+        document = tomllib.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ClientConfigError(f"{path}: cannot read: {err}") from err
+    unknown = sorted(set(document) - {"server", "token"})
+    if unknown:
+        raise ClientConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    for key, value in document.items():
+        if not isinstance(value, str):
+            raise ClientConfigError(f"{path}: '{key}' must be a string")
+    return dict(document)
+
+
+class ProgressReader:
+    """A file read in chunks, reporting each chunk's size; sized, so it is sent with a
+    Content-Length rather than chunked."""
+
+    def __init__(self, handle: BinaryIO, size: int, report: Callable[[int], None]) -> None:
+        self._handle = handle
+        self._size = size
+        self._report = report
+
+    def __len__(self) -> int:
+        return self._size
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._handle.read(size)
+        self._report(len(chunk))
+        return chunk
+
+    def __iter__(self) -> Iterator[bytes]:
+        while chunk := self.read(UPLOAD_CHUNK):
+            yield chunk
+
+
+class ApiClient:
+    """Calls to the server's operator API; every failure is one :class:`ServerError` line."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        # imported here: commands that never talk to a server do not pay for requests
+        import requests
+
+        self._requests = requests
+        self.config = config
+        self._session = requests.Session()
+        self._session.headers["Authorization"] = f"Bearer {config.token}"
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        url = self.config.server + path
+        kwargs.setdefault("timeout", TIMEOUT_S)
+        try:
+            response = self._session.request(method, url, **kwargs)
+        except self._requests.ConnectionError as err:
+            raise ServerUnreachableError(
+                f"{method} {url}: connection failed or was cut (a server refuses bundles above "
+                f"its upload limit by closing the connection): {type(err).__name__}"
+            ) from err
+        except self._requests.RequestException as err:
+            raise ServerUnreachableError(f"{method} {url}: {err}") from err
+        if response.status_code >= 400:
+            code, detail = _error_of(response)
+            raise RequestRejectedError(
+                f"{method} {path}: {response.status_code} {code}: {detail}",
+                status=response.status_code,
+                code=code,
+            )
+        return response
+
+    def get(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
+        return self._call("GET", path, params=params).json()
+
+    def post(self, path: str, document: Mapping[str, Any]) -> Any:
+        return self._call("POST", path, json=document).json()
+
+    def upload(self, path: str, bundle: Path, report: Callable[[int], None]) -> Any:
+        """POST the file ``bundle`` as the request body, streamed, calling ``report`` per chunk."""
+        size = bundle.stat().st_size
+        with open(bundle, "rb") as handle:
+            body = ProgressReader(handle, size, report)
+            return self._call(
+                "POST",
+                path,
+                data=body,
+                headers={"Content-Type": "application/octet-stream"},
+                # the server verifies the whole bundle before it answers
+                timeout=(TIMEOUT_S, UPLOAD_ANSWER_TIMEOUT_S),
+            ).json()
+
+
+def _error_of(response: requests.Response) -> tuple[str, str]:
+    try:
+        document = response.json()
+        return str(document["error"]), str(document["detail"])
+    except (ValueError, KeyError, TypeError):
+        return "error", " ".join(response.text.split())[:200] or response.reason

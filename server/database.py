@@ -1,0 +1,151 @@
+"""The database: one engine, read and write transactions, and schema migrations.
+
+SQLite (the embedded default) and PostgreSQL behave alike here:
+
+- a *write* transaction takes the database's write lock when it begins (SQLite
+  ``BEGIN IMMEDIATE``), or serializes on row locks and advisory locks (PostgreSQL), so two
+  server processes never interleave a read-modify-write such as appending to the audit chain;
+- SQLite runs in WAL mode, so readers are never blocked by the one writer, and waits up to
+  ``BUSY_TIMEOUT_S`` for the write lock instead of failing at once;
+- the schema is brought to the newest Alembic revision at startup, under a lock, so several
+  processes starting together migrate once.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from server.errors import MigrationError, SettingsError
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+BUSY_TIMEOUT_S = 30.0
+# PostgreSQL advisory lock keys (any 64-bit numbers, fixed forever): one for migrations, one
+# that serializes appends to the audit chain.
+MIGRATION_LOCK = 0x6D66_0001
+AUDIT_CHAIN_LOCK = 0x6D66_0002
+_WRITE = "fleet_write"
+
+
+class Database:
+    """The server's database at ``url``; :meth:`read` and :meth:`write` give sessions."""
+
+    def __init__(self, url: str) -> None:
+        """Create the engine (no connection is made yet).
+
+        Raises:
+            SettingsError: the URL cannot be parsed or its driver is not installed.
+        """
+        self.url = url
+        try:
+            if url.startswith("sqlite"):
+                self.engine = _sqlite_engine(url)
+            else:
+                self.engine = create_engine(url, pool_pre_ping=True)
+        except (SQLAlchemyError, ImportError, ValueError) as err:
+            raise SettingsError(f"database: {err}") from err
+        self._write_engine = self.engine.execution_options(**{_WRITE: True})
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reading; nothing it changes is committed."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A session whose changes are committed when the block ends without an exception.
+
+        On SQLite the write lock is taken when the transaction begins, so the block sees the
+        newest committed state and no other writer can interleave with it.
+        """
+        with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    def lock(self, session: Session, key: int) -> None:
+        """Hold a transaction-scoped lock named ``key`` until ``session`` commits.
+
+        PostgreSQL: an advisory lock. SQLite: nothing to do, a write transaction already
+        excludes every other writer.
+        """
+        if self.dialect == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+    def ping(self) -> bool:
+        """Whether the database answers a trivial query."""
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except SQLAlchemyError:
+            return False
+        return True
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision; safe to run from several processes at once.
+
+        Raises:
+            MigrationError: the database is unreachable or a migration failed.
+        """
+        try:
+            with self._write_engine.connect() as connection, connection.begin():
+                if self.dialect == "postgresql":
+                    connection.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
+                    )
+                config = alembic_config()
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+        except SQLAlchemyError as err:
+            raise MigrationError(f"database {self.safe_url}: cannot migrate: {err}") from err
+
+    @property
+    def safe_url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def alembic_config() -> Config:
+    """The Alembic configuration of the server's migrations (no ini file needed)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = create_engine(
+        url, connect_args={"timeout": BUSY_TIMEOUT_S, "check_same_thread": False}
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+        # The sqlite3 module's own transaction handling starts transactions late and never
+        # for SELECT; turn it off and issue BEGIN ourselves (in _on_begin).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        # FULL: a committed transaction survives a power cut, not only a crash.
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        immediate = connection.get_execution_options().get(_WRITE, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine

@@ -1,0 +1,214 @@
+"""Enrolled devices: check-ins, heartbeats, events, assignments, and the operators' view.
+
+A device's *state* (for listings and metrics) comes from its last heartbeat: ``safe_mode`` when
+it runs its safe-mode slot, ``trial`` during a trial boot, otherwise the updater's own state
+(``idle``, ``downloading``, ...); a device that never sent a heartbeat is ``enrolled``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from server import audit
+from server.assignment import SignedAnswer, assignment_etag, etag_matches, signed_answer
+from server.database import Database
+from server.errors import IncompatibleReleaseError, UnknownDeviceError, UnknownReleaseError
+from server.models import Device, Release
+from server.schemas import Event, Heartbeat
+from server.settings import iso
+from signing.keys import SigningKey
+
+NEVER_REPORTED = "enrolled"
+
+
+def _device(session: Session, device_id: str, *, lock: bool = False) -> Device:
+    device = session.get(Device, device_id, with_for_update=lock)
+    if device is None:
+        raise UnknownDeviceError(f"device {device_id} is not enrolled")
+    return device
+
+
+@dataclass(frozen=True)
+class NotModified:
+    """A check-in whose ``If-None-Match`` names the current assignment."""
+
+    etag: str
+
+
+def check_in(
+    db: Database,
+    device_id: str,
+    nonce: str,
+    if_none_match: str | None,
+    server_key: SigningKey,
+    now: datetime,
+) -> SignedAnswer | NotModified:
+    """Record that the device was seen and answer with its assignment, signed.
+
+    Raises:
+        UnknownDeviceError: no such device.
+    """
+    with db.write() as session:
+        device = _device(session, device_id)
+        device.last_seen = now
+        release = None
+        if device.assigned_release_id is not None:
+            release = session.scalars(
+                select(Release)
+                .options(selectinload(Release.images))
+                .where(Release.id == device.assigned_release_id)
+            ).one()
+        etag = assignment_etag(device_id, release)
+        if etag_matches(if_none_match, etag):
+            return NotModified(etag)
+        return signed_answer(device_id, nonce, release, server_key)
+
+
+def device_state(heartbeat: Heartbeat) -> str:
+    """The one word that summarises a device in listings and metrics."""
+    if heartbeat.safe_mode:
+        return "safe_mode"
+    if heartbeat.trial:
+        return "trial"
+    return heartbeat.updater_state
+
+
+def record_heartbeat(db: Database, device_id: str, heartbeat: Heartbeat, now: datetime) -> None:
+    """Keep the heartbeat as the device's latest, with when it arrived (server clock).
+
+    The clock skew kept is the device's own report (it measured it against the server's
+    ``Date`` header); without one, the server computes it from the device's clock.
+
+    Raises:
+        UnknownDeviceError: no such device.
+    """
+    with db.write() as session:
+        device = _device(session, device_id)
+        device.last_seen = now
+        device.last_heartbeat = heartbeat.model_dump_json()
+        device.last_heartbeat_at = now
+        device.version = heartbeat.version
+        device.state = device_state(heartbeat)
+        if heartbeat.clock_skew_s is not None:
+            device.clock_skew_s = heartbeat.clock_skew_s
+        elif heartbeat.clock is not None:
+            device.clock_skew_s = now.timestamp() - heartbeat.clock
+
+
+def record_events(db: Database, device_id: str, events: list[Event], now: datetime) -> list[Event]:
+    """Append the events the server has not stored yet to the audit trail; returns them.
+
+    An event whose ``seq`` is not above the highest stored for the device is a resend and is
+    ignored, so a device may repeat a batch whose answer it lost.
+
+    Raises:
+        UnknownDeviceError: no such device.
+    """
+    stored = []
+    with db.write() as session:
+        # The row lock keeps two concurrent batches of one device from both storing a seq.
+        device = _device(session, device_id, lock=True)
+        device.last_seen = now
+        for event in sorted(events, key=lambda e: e.seq):
+            if event.seq <= device.event_seq:
+                continue
+            audit.append(
+                db,
+                session,
+                at=now,
+                actor=f"device:{device_id}",
+                action=event.event,
+                subject=device_id,
+                details={"seq": event.seq, "fields": event.fields},
+            )
+            device.event_seq = event.seq
+            stored.append(event)
+    return stored
+
+
+def assign(
+    db: Database, device_id: str, version: str | None, *, actor: str, now: datetime
+) -> dict[str, Any]:
+    """Assign the release ``version`` to the device (None: no release); returns the device.
+
+    Raises:
+        UnknownDeviceError: no such device.
+        UnknownReleaseError: no such release.
+        IncompatibleReleaseError: the release is for other devices (``compatible``).
+    """
+    with db.write() as session:
+        device = _device(session, device_id, lock=True)
+        previous = device.assigned_release.version if device.assigned_release else None
+        if version is None:
+            device.assigned_release = None
+        else:
+            release = session.scalars(select(Release).where(Release.version == version)).first()
+            if release is None:
+                raise UnknownReleaseError(f"no release {version!r}")
+            if release.compatible != device.compatible:
+                raise IncompatibleReleaseError(
+                    f"release {version} is for {release.compatible!r}, device {device_id} is "
+                    f"{device.compatible!r}"
+                )
+            device.assigned_release = release
+        audit.append(
+            db,
+            session,
+            at=now,
+            actor=actor,
+            action="device.assigned" if version is not None else "device.unassigned",
+            subject=device_id,
+            details={"version": version, "previous": previous},
+        )
+        session.flush()
+        return describe(device)
+
+
+def describe(device: Device, *, heartbeat: bool = False) -> dict[str, Any]:
+    """The operators' view of a device; with ``heartbeat``, its last heartbeat too."""
+    view: dict[str, Any] = {
+        "id": device.id,
+        "hostname": device.hostname,
+        "compatible": device.compatible,
+        "enrolled": iso(device.enrolled),
+        "last_seen": iso(device.last_seen),
+        "version": device.version,
+        "state": device.state or NEVER_REPORTED,
+        "assigned_version": device.assigned_release.version if device.assigned_release else None,
+        "clock_skew_s": device.clock_skew_s,
+    }
+    if heartbeat:
+        view["last_heartbeat"] = (
+            json.loads(device.last_heartbeat) if device.last_heartbeat else None
+        )
+        view["last_heartbeat_at"] = (
+            iso(device.last_heartbeat_at) if device.last_heartbeat_at else None
+        )
+    return view
+
+
+def list_devices(db: Database) -> list[dict[str, Any]]:
+    """Every enrolled device, in order of enrollment."""
+    with db.read() as session:
+        devices = session.scalars(
+            select(Device)
+            .options(selectinload(Device.assigned_release))
+            .order_by(Device.enrolled, Device.id)
+        ).all()
+        return [describe(device) for device in devices]
+
+
+def get_device(db: Database, device_id: str) -> dict[str, Any]:
+    """One device, with its last heartbeat.
+
+    Raises:
+        UnknownDeviceError: no such device.
+    """
+    with db.read() as session:
+        return describe(_device(session, device_id), heartbeat=True)

@@ -1,0 +1,304 @@
+"""Admitting devices and opening their sessions (docs/device-protocol.md, "Identity", "Sessions").
+
+A device proves it holds the private key of the public key it enrolls with, and is admitted by
+an enrollment token (bounded uses, optional expiry) or because an operator pre-authorized its
+key. Later it opens sessions by signing single-use server challenges. Every expiry is judged by
+the server's clock only.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from server import audit
+from server.auth import (
+    ENROLLMENT_TOKEN_PREFIX,
+    SESSION_TOKEN_PREFIX,
+    new_secret,
+    secret_hash,
+)
+from server.database import Database
+from server.errors import (
+    ChallengeInvalidError,
+    InvalidRequestError,
+    NotAuthorizedError,
+    SignatureInvalidError,
+    UnknownDeviceError,
+)
+from server.models import (
+    Device,
+    DeviceChallenge,
+    DeviceSession,
+    EnrollmentToken,
+    PreauthorizedKey,
+)
+from server.schemas import EnrollRequest
+from server.settings import CHALLENGE_TTL_S, SESSION_TTL_S
+from signing.keys import key_id
+from signing.signature import signed_message
+
+ENROLL_PURPOSE = "device-enroll"
+SESSION_PURPOSE = "device-session"
+# Open challenges kept per device: enough for a few retries, bounded against a flood.
+MAX_OPEN_CHALLENGES = 8
+
+
+def raw_public_key_hex(public_key: Ed25519PublicKey) -> str:
+    """The protocol's spelling of a public key: its 32 raw bytes in lowercase hex."""
+    return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+
+
+def device_public_key(hex_key: str) -> Ed25519PublicKey:
+    """The Ed25519 public key spelled as 64 hex digits.
+
+    Raises:
+        InvalidRequestError: not 32 bytes of hex.
+    """
+    try:
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(hex_key))
+    except ValueError as err:
+        raise InvalidRequestError(f"public_key: not an Ed25519 public key ({err})") from err
+
+
+def _verify(public_key: Ed25519PublicKey, signature_hex: str, purpose: str, payload: str) -> bool:
+    try:
+        public_key.verify(bytes.fromhex(signature_hex), signed_message(purpose, payload.encode()))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """The outcome of an enrollment: the device id, and whether it was new."""
+
+    device_id: str
+    new: bool
+
+
+def enroll(db: Database, request: EnrollRequest, now: datetime) -> Enrollment:
+    """Admit the device of ``request``, or confirm it is enrolled already.
+
+    Enrolling an enrolled key changes nothing and uses up no token (the proof is a fixed
+    signature, so a replayed request must not be able to change a device's record).
+
+    Raises:
+        InvalidRequestError: the public key is not a valid Ed25519 key.
+        NotAuthorizedError: the proof does not verify, or no valid token and no
+            pre-authorization.
+    """
+    public_key = device_public_key(request.public_key)
+    if not _verify(public_key, request.proof, ENROLL_PURPOSE, "enroll\n" + request.public_key):
+        raise NotAuthorizedError("proof does not verify with this public key")
+    device_id = key_id(public_key)
+    try:
+        return _admit(db, request, device_id, now)
+    except IntegrityError:
+        # Another request enrolled the same key between our check and our insert (its
+        # transaction won; ours, token use included, was rolled back): the key is enrolled.
+        return Enrollment(device_id, new=False)
+
+
+def _admit(db: Database, request: EnrollRequest, device_id: str, now: datetime) -> Enrollment:
+    with db.write() as session:
+        if session.get(Device, device_id) is not None:
+            return Enrollment(device_id, new=False)
+        if session.get(PreauthorizedKey, device_id) is not None:
+            via = "preauthorized key"
+        elif request.enrollment_token is not None and _use_token(
+            session, request.enrollment_token, now
+        ):
+            via = "enrollment token"
+        else:
+            raise NotAuthorizedError(
+                "no valid enrollment token (unknown, used up or expired) and the key is not "
+                "pre-authorized"
+            )
+        session.add(
+            Device(
+                id=device_id,
+                public_key=request.public_key,
+                compatible=request.compatible,
+                hostname=request.hostname,
+                enrolled=now,
+                last_seen=now,
+                event_seq=-1,
+            )
+        )
+        session.flush()
+        audit.append(
+            db,
+            session,
+            at=now,
+            actor=f"device:{device_id}",
+            action="device.enrolled",
+            subject=device_id,
+            details={"hostname": request.hostname, "compatible": request.compatible, "via": via},
+        )
+    return Enrollment(device_id, new=True)
+
+
+def _use_token(session: Session, token: str, now: datetime) -> bool:
+    # One conditional UPDATE: two devices racing for the last use cannot both get it.
+    result = session.execute(
+        update(EnrollmentToken)
+        .where(
+            EnrollmentToken.token_sha256 == secret_hash(token),
+            EnrollmentToken.uses_left > 0,
+            or_(EnrollmentToken.expires.is_(None), EnrollmentToken.expires > now),
+        )
+        .values(uses_left=EnrollmentToken.uses_left - 1)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class NewEnrollmentToken:
+    token: str
+    uses: int
+    expires: datetime | None
+
+
+def create_enrollment_token(
+    db: Database, *, uses: int, expires_in_s: int | None, actor: str, now: datetime
+) -> NewEnrollmentToken:
+    """Store a token that admits at most ``uses`` devices; return it (shown only once)."""
+    token = new_secret(ENROLLMENT_TOKEN_PREFIX)
+    expires = now + timedelta(seconds=expires_in_s) if expires_in_s is not None else None
+    with db.write() as session:
+        row = EnrollmentToken(
+            token_sha256=secret_hash(token),
+            uses_left=uses,
+            expires=expires,
+            created=now,
+            created_by=actor,
+        )
+        session.add(row)
+        session.flush()
+        audit.append(
+            db,
+            session,
+            at=now,
+            actor=actor,
+            action="enrollment_token.created",
+            subject=f"enrollment-token:{row.id}",
+            details={"uses": uses, "expires": expires.isoformat() if expires else None},
+        )
+    return NewEnrollmentToken(token, uses, expires)
+
+
+def preauthorize(db: Database, public_key_hex: str, *, actor: str, now: datetime) -> str:
+    """Let the device with this public key enroll without a token; returns its device id.
+
+    Pre-authorizing a key twice is harmless.
+
+    Raises:
+        InvalidRequestError: not an Ed25519 public key.
+    """
+    device_id = key_id(device_public_key(public_key_hex))
+    with db.write() as session:
+        if session.get(PreauthorizedKey, device_id) is None:
+            session.add(
+                PreauthorizedKey(
+                    key_id=device_id, public_key=public_key_hex, created=now, created_by=actor
+                )
+            )
+            session.flush()
+            audit.append(
+                db,
+                session,
+                at=now,
+                actor=actor,
+                action="device.preauthorized",
+                subject=device_id,
+            )
+    return device_id
+
+
+def issue_challenge(db: Database, device_id: str, now: datetime) -> str:
+    """A fresh single-use challenge for the device, valid for ``CHALLENGE_TTL_S``.
+
+    Raises:
+        UnknownDeviceError: no such device.
+    """
+    challenge = secrets.token_hex(32)
+    with db.write() as session:
+        if session.get(Device, device_id) is None:
+            raise UnknownDeviceError(f"device {device_id} is not enrolled")
+        session.execute(delete(DeviceChallenge).where(DeviceChallenge.expires <= now))
+        open_challenges = session.scalars(
+            select(DeviceChallenge.challenge_sha256)
+            .where(DeviceChallenge.device_id == device_id)
+            .order_by(DeviceChallenge.expires.desc())
+            .offset(MAX_OPEN_CHALLENGES - 1)
+        ).all()
+        if open_challenges:
+            session.execute(
+                delete(DeviceChallenge).where(DeviceChallenge.challenge_sha256.in_(open_challenges))
+            )
+        session.add(
+            DeviceChallenge(
+                challenge_sha256=secret_hash(challenge),
+                device_id=device_id,
+                expires=now + timedelta(seconds=CHALLENGE_TTL_S),
+            )
+        )
+    return challenge
+
+
+def open_session(
+    db: Database, device_id: str, challenge: str, signature: str, now: datetime
+) -> str:
+    """Exchange a signed challenge for a session token valid for ``SESSION_TTL_S``.
+
+    Raises:
+        UnknownDeviceError: no such device.
+        ChallengeInvalidError: the challenge is unknown, was used already, or expired.
+        SignatureInvalidError: the signature does not verify with the device's key.
+    """
+    token = new_secret(SESSION_TOKEN_PREFIX)
+    challenge_hash = secret_hash(challenge)
+    with db.write() as session:
+        device = session.get(Device, device_id)
+        if device is None:
+            raise UnknownDeviceError(f"device {device_id} is not enrolled")
+        row = session.get(DeviceChallenge, challenge_hash)
+        if row is None or row.device_id != device_id or row.expires <= now:
+            raise ChallengeInvalidError("unknown, already used or expired challenge")
+        payload = f"session\n{device_id}\n{challenge}"
+        if not _verify(device_public_key(device.public_key), signature, SESSION_PURPOSE, payload):
+            raise SignatureInvalidError("the challenge signature does not verify")
+        # Deleting by key with a row count makes the challenge single-use even if two requests
+        # race with the same signature: only one of them deletes it.
+        consumed = session.execute(
+            delete(DeviceChallenge)
+            .where(DeviceChallenge.challenge_sha256 == challenge_hash)
+            .execution_options(synchronize_session=False)
+        )
+        if not consumed.rowcount:  # type: ignore[attr-defined]
+            raise ChallengeInvalidError("unknown, already used or expired challenge")
+        session.execute(
+            delete(DeviceSession).where(
+                DeviceSession.device_id == device_id, DeviceSession.expires <= now
+            )
+        )
+        session.add(
+            DeviceSession(
+                token_sha256=secret_hash(token),
+                device_id=device_id,
+                created=now,
+                expires=now + timedelta(seconds=SESSION_TTL_S),
+            )
+        )
+        device.last_seen = now
+    return token

@@ -1,0 +1,211 @@
+"""The server's tables (SQLAlchemy 2). The schema is created and changed only by the Alembic
+migrations in ``server/migrations``; a test checks that they produce exactly these tables.
+
+Every time is the server's clock, stored in UTC. Secrets (tokens, challenges) are stored only as
+their SHA-256, so a copy of the database admits nobody.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+HEX64 = 64
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """An aware UTC datetime on every database.
+
+    SQLite has no time zones: values are stored as naive UTC and made aware again on reading,
+    so comparisons in SQL (``expires > :now``) mean the same on SQLite and PostgreSQL.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given where a UTC time is stored")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Release(Base):
+    """A bundle the server accepted: its signed manifest and signatures, verbatim."""
+
+    __tablename__ = "releases"
+    __table_args__ = (UniqueConstraint("version", name="releases_version_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[str] = mapped_column(String(128))
+    product: Mapped[str] = mapped_column(String(128))
+    compatible: Mapped[str] = mapped_column(String(128))
+    security_version: Mapped[int] = mapped_column(BigInteger)
+    manifest: Mapped[bytes] = mapped_column(LargeBinary)  # the exact signed bytes
+    manifest_sha256: Mapped[str] = mapped_column(String(HEX64))
+    signature: Mapped[bytes] = mapped_column(LargeBinary)  # the envelope's exact bytes
+    created: Mapped[datetime] = mapped_column(UTCDateTime)  # when it was uploaded
+    uploaded_by: Mapped[str] = mapped_column(String(160))
+
+    images: Mapped[list[ReleaseImage]] = relationship(
+        back_populates="release", order_by="ReleaseImage.position", cascade="all, delete-orphan"
+    )
+
+
+class ReleaseImage(Base):
+    """One image of a release, stored as the blob named by its SHA-256."""
+
+    __tablename__ = "release_images"
+    __table_args__ = (
+        UniqueConstraint("release_id", "slot_class", name="uq_release_images_slot_class"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    release_id: Mapped[int] = mapped_column(ForeignKey("releases.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)  # order in the manifest
+    slot_class: Mapped[str] = mapped_column(String(16))
+    filename: Mapped[str] = mapped_column(String(100))
+    compression: Mapped[str] = mapped_column(String(16))
+    sha256: Mapped[str] = mapped_column(String(HEX64), index=True)  # of the stored bytes
+    size: Mapped[int] = mapped_column(BigInteger)  # stored bytes
+
+    release: Mapped[Release] = relationship(back_populates="images")
+
+
+class Device(Base):
+    """An enrolled device, named by the key id of its public key."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(HEX64), primary_key=True)
+    public_key: Mapped[str] = mapped_column(String(HEX64))  # raw Ed25519 key, hex
+    compatible: Mapped[str] = mapped_column(String(128))
+    hostname: Mapped[str] = mapped_column(String(253))
+    enrolled: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_heartbeat: Mapped[str | None] = mapped_column(Text)  # JSON, as validated
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Copied out of the last heartbeat, so listings and metrics can group in SQL.
+    version: Mapped[str | None] = mapped_column(String(128))
+    state: Mapped[str | None] = mapped_column(String(32))
+    clock_skew_s: Mapped[float | None] = mapped_column(Float)
+    assigned_release_id: Mapped[int | None] = mapped_column(
+        ForeignKey("releases.id", ondelete="SET NULL")
+    )
+    # The highest event seq stored; an event at or below it is a resend and is ignored.
+    event_seq: Mapped[int] = mapped_column(BigInteger, default=-1)
+
+    assigned_release: Mapped[Release | None] = relationship()
+
+
+class EnrollmentToken(Base):
+    """A token that admits at most ``uses_left`` more devices, until ``expires``."""
+
+    __tablename__ = "enrollment_tokens"
+    __table_args__ = (
+        UniqueConstraint("token_sha256", name="enrollment_tokens_token_sha256_key"),
+        CheckConstraint("uses_left >= 0", name="ck_enrollment_tokens_uses_left"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(HEX64))
+    uses_left: Mapped[int] = mapped_column(Integer)
+    expires: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(160))
+
+
+class PreauthorizedKey(Base):
+    """A device public key an operator admitted in advance: it enrolls without a token."""
+
+    __tablename__ = "preauthorized_keys"
+
+    key_id: Mapped[str] = mapped_column(String(HEX64), primary_key=True)
+    public_key: Mapped[str] = mapped_column(String(HEX64))
+    created: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(160))
+
+
+class OperatorToken(Base):
+    """A bearer token of a person or a tool, with its role."""
+
+    __tablename__ = "operator_tokens"
+    __table_args__ = (
+        UniqueConstraint("token_sha256", name="operator_tokens_token_sha256_key"),
+        CheckConstraint("role IN ('viewer', 'operator', 'admin')", name="ck_operator_tokens_role"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(HEX64))
+    name: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    created: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(160))
+
+
+class DeviceChallenge(Base):
+    """A challenge handed to a device: single use, valid until ``expires``."""
+
+    __tablename__ = "device_challenges"
+
+    challenge_sha256: Mapped[str] = mapped_column(String(HEX64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    expires: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class DeviceSession(Base):
+    """A device's session token, valid until ``expires``."""
+
+    __tablename__ = "device_sessions"
+
+    token_sha256: Mapped[str] = mapped_column(String(HEX64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    created: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class AuditRow(Base):
+    """One entry of the append-only audit trail (see ``server/audit.py`` for the chain).
+
+    ``at`` and ``details`` are stored as the exact text that was hashed, so verification never
+    depends on how a database round-trips times or JSON.
+    """
+
+    __tablename__ = "audit"
+    __table_args__ = (Index("ix_audit_actor", "actor"),)
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    at: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(160))
+    action: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str | None] = mapped_column(String(160))
+    details: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(HEX64))
+    hash: Mapped[str] = mapped_column(String(HEX64))

@@ -1,0 +1,171 @@
+"""Request bodies: one pydantic model per body, each its only validating entry.
+
+Every model forbids unknown fields, is strict about types (``1.0`` is not an integer, ``"1"`` is
+not a number, ``NaN`` is not a number at all) and bounds every string, number and list, so a
+validated body has a known size and meaning. :func:`parse` turns any failure into one
+:class:`InvalidRequestError` (422) naming the first offending field.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
+
+from server.errors import InvalidRequestError
+
+Hex64 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Hex128 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{128}$")]
+Nonce = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32,64}$")]
+# The manifest's identifier rule (image_builder.manifest), so a device's compatible string can
+# equal a release's.
+Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")]
+Hostname = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")]
+Word = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+SlotName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,15}$")]
+# Free text never holds control characters: NUL cannot be stored in PostgreSQL, and a line
+# break would forge lines in logs and one-line error messages.
+Text128 = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{1,128}$")]
+EventName = Annotated[
+    str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$", max_length=64)
+]
+Version = Text128
+# What a device reports as a version may be empty (a slot written by other tools); it is shown,
+# never matched against releases.
+ReportedVersion = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{0,128}$")]
+Token = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,256}$")]
+MAX_FIELDS_DEPTH = 16
+MAX_EVENTS = 100
+MAX_SEQ = 2**63 - 1
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+Model = TypeVar("Model", bound=_Body)
+
+
+def parse(model: type[Model], body: bytes) -> Model:
+    """Validate a JSON request body.
+
+    Raises:
+        InvalidRequestError: not JSON, not an object, unknown fields, wrong types or ranges.
+    """
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise InvalidRequestError(
+            f"{where}: {first['msg']} ({err.error_count()} problem(s))"
+        ) from None
+
+
+# --- devices (docs/device-protocol.md) --------------------------------------------------------
+
+
+class EnrollRequest(_Body):
+    public_key: Hex64
+    compatible: Ident
+    hostname: Hostname
+    enrollment_token: Token | None = None
+    proof: Hex128
+
+
+class SessionRequest(_Body):
+    challenge: Hex64
+    signature: Hex128
+
+
+class CheckinRequest(_Body):
+    nonce: Nonce
+
+
+class SlotReport(_Body):
+    status: Word
+    version: ReportedVersion | None = None
+
+
+class HealthReport(_Body):
+    name: Text128
+    ok: bool
+
+
+class Heartbeat(_Body):
+    version: ReportedVersion | None = None
+    booted: SlotName
+    primary: SlotName
+    trial: bool
+    slots: Annotated[dict[SlotName, SlotReport], Field(max_length=8)]
+    updater_state: Word
+    health: Annotated[list[HealthReport], Field(max_length=64)] = []
+    temperature_c: Annotated[float, Field(ge=-273.15, le=1000)] | None = None
+    free_space_mb: Annotated[float, Field(ge=0, le=2**53)] | None = None
+    uptime_s: Annotated[float, Field(ge=0, le=2**53)] | None = None
+    clock: Annotated[float, Field(ge=0, le=2**40)] | None = None
+    clock_skew_s: Annotated[float, Field(ge=-(2**40), le=2**40)] | None = None
+    safe_mode: bool = False
+
+
+class Event(_Body):
+    event: EventName
+    seq: Annotated[int, Field(ge=0, le=MAX_SEQ)]
+    fields: dict[str, JsonValue] = {}
+
+    @field_validator("fields")
+    @classmethod
+    def _storable(cls, fields: dict[str, JsonValue]) -> dict[str, JsonValue]:
+        _check_storable(fields, 0)
+        return fields
+
+
+def _check_storable(value: JsonValue, depth: int) -> None:
+    """Refuse what JSON cannot carry or PostgreSQL cannot store: NaN, infinities, NUL."""
+    if depth > MAX_FIELDS_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_FIELDS_DEPTH} levels")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("numbers must be finite")
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError("strings must not contain NUL")
+    if isinstance(value, list):
+        for item in value:
+            _check_storable(item, depth + 1)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_storable(key, depth + 1)
+            _check_storable(item, depth + 1)
+
+
+class EventsRequest(_Body):
+    events: Annotated[list[Event], Field(max_length=MAX_EVENTS)]
+
+
+# --- operators --------------------------------------------------------------------------------
+
+
+class AssignmentRequest(_Body):
+    version: Version | None
+
+
+class EnrollmentTokenRequest(_Body):
+    uses: Annotated[int, Field(ge=1, le=1_000_000)]
+    expires_in: Annotated[int, Field(ge=1, le=10 * 366 * 86400)] | None = None
+
+
+class OperatorTokenRequest(_Body):
+    name: Text128
+    role: Literal["viewer", "operator", "admin"]
+
+
+class PreauthorizeRequest(_Body):
+    public_key: Hex64

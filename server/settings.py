@@ -1,0 +1,115 @@
+"""The server's settings: where its state lives and how much it accepts.
+
+Everything the server keeps is under one data directory (or, for the database, at a URL), so
+that several server processes given the same settings are interchangeable::
+
+    DATA_DIR/
+      data.db          the SQLite database (WAL mode), unless --database-url names another
+      blobs/           content-addressed image blobs (blobs/ab/abcdef...)
+      uploads/         bundles being received; each is removed when its request ends
+      keyring/         the fleet's release keyring: which keys may sign bundles (signing/)
+      server-key.pem   the key the server signs assignments with (generated on first start)
+      server-key.pub
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy.engine import URL
+
+from server.errors import SettingsError
+
+DEFAULT_MAX_UPLOAD_BYTES = 8 * 1024**3
+# What a device may send in one request (docs/device-protocol.md); operator JSON bodies too.
+MAX_JSON_BODY_BYTES = 64 * 1024
+CHALLENGE_TTL_S = 60
+SESSION_TTL_S = 3600
+
+Clock = Callable[[], float]
+"""Seconds since the epoch, server side; injected so tests can move time."""
+
+
+def utc(clock: Clock) -> datetime:
+    """The clock's current time as an aware UTC datetime."""
+    return datetime.fromtimestamp(clock(), UTC)
+
+
+def iso(moment: datetime) -> str:
+    """The API's spelling of a time: RFC 3339, UTC, whole seconds (``2026-11-27T07:00:00Z``)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where one server keeps its state, and its limits. Build with :meth:`create`."""
+
+    data_dir: Path
+    database_url: str  # sqlite:///DATA_DIR/data.db unless another database was named
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    clock: Clock = time.time
+
+    @classmethod
+    def create(
+        cls,
+        data_dir: str | os.PathLike[str],
+        *,
+        database_url: str | None = None,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        clock: Clock = time.time,
+    ) -> Settings:
+        """Validate the settings; the data directory is created if needed.
+
+        Raises:
+            SettingsError: the data directory cannot be created, the database URL is neither
+                SQLite nor PostgreSQL, or the upload limit is not positive.
+        """
+        directory = Path(data_dir).absolute()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SettingsError(f"data directory {directory}: {err.strerror}") from err
+        if database_url is None:
+            # URL.create escapes what a path may hold and a URL may not ('?', '#', '%')
+            database_url = URL.create(
+                "sqlite", database=str(directory / "data.db")
+            ).render_as_string()
+        elif not database_url.startswith(("sqlite:", "postgresql:", "postgresql+")):
+            raise SettingsError(
+                f"database URL {_redact(database_url)!r}: only sqlite:// and postgresql:// "
+                "are supported"
+            )
+        if max_upload_bytes <= 0:
+            raise SettingsError(f"max upload size must be positive, not {max_upload_bytes}")
+        return cls(directory, database_url, max_upload_bytes, clock)
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def upload_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def keyring_dir(self) -> Path:
+        return self.data_dir / "keyring"
+
+    @property
+    def server_key_path(self) -> Path:
+        return self.data_dir / "server-key.pem"
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password, fit for an error message."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"

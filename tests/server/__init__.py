@@ -1,0 +1,2 @@
+"""Tests of the release server (integration tier: in-process app, real HTTP, SQLite and
+PostgreSQL)."""

@@ -1,0 +1,182 @@
+"""The operator commands against a server on real HTTP: output, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from fleet_core.cli import fleet
+from server.cli import parse_duration
+from signing.keys import generate_key, load_private_key
+from tests.server.conftest import FakeDevice, LiveServer, free_port
+
+MakeBundle = Callable[..., Path]
+
+
+def run(*args: str | Path, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(fleet, [str(a) for a in args], env=env)
+
+
+def api(live: LiveServer, role: str = "operator") -> list[str]:
+    token = live.harness.headers[role]["Authorization"].split()[1]
+    return ["--server", live.url, "--token", token]
+
+
+def assert_one_line_error(result: Result, fragment: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("Error: ")
+    assert fragment in lines[0], lines[0]
+
+
+def test_token_create_prints_a_working_token(live_server: LiveServer) -> None:
+    harness = live_server.harness
+    result = run(
+        "server", "token", "create", "--role", "admin", "--name", "alice",
+        "--database-url", harness.settings.database_url,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    token = result.stdout.strip()
+    assert token.startswith("fleet_op_")
+    assert "not shown again" in result.stderr
+    listed = run("device", "list", "--server", live_server.url, "--token", token)
+    assert listed.exit_code == 0, listed.output
+    assert run("server", "token", "create", "--role", "root", "--name", "x").exit_code == 2
+    assert_one_line_error(
+        run("server", "token", "create", "--role", "admin", "--name", "x"),
+        "give --data-dir or --database-url",
+    )
+
+
+def test_release_upload_list_and_device_commands(
+    live_server: LiveServer, make_bundle: MakeBundle, tmp_path: Path
+) -> None:
+    harness = live_server.harness
+    uploaded = run("release", "upload", make_bundle(version="2.0.0"), *api(live_server))
+    assert uploaded.exit_code == 0, uploaded.output
+    assert uploaded.output.startswith("release 2.0.0 accepted: compatible metrica-rpi4")
+    duplicate = run("release", "upload", make_bundle(version="2.0.0"), *api(live_server))
+    assert_one_line_error(duplicate, "409 duplicate_version")
+    listed = run("release", "list", *api(live_server, "viewer"))
+    assert listed.exit_code == 0
+    assert listed.output.splitlines()[0].split() == [
+        "VERSION", "COMPATIBLE", "SECURITY", "UPLOADED", "IMAGES",
+    ]  # fmt: skip
+    assert listed.output.splitlines()[1].split()[:3] == ["2.0.0", "metrica-rpi4", "1"]
+    as_json = run("release", "list", "--json", *api(live_server, "viewer"))
+    assert json.loads(as_json.output)[0]["version"] == "2.0.0"
+
+    # pre-authorize a device by its PEM public key, as a device would have generated it
+    generate_key(tmp_path / "device")
+    device = FakeDevice(
+        harness.client,
+        key=load_private_key(tmp_path / "device.pem").private_key,
+        hostname="cam-0007",
+    )
+    pre = run("device", "preauthorize", tmp_path / "device.pub", *api(live_server))
+    assert pre.exit_code == 0, pre.output
+    assert pre.output.strip() == device.id
+    assert run("device", "preauthorize", device.public_hex, *api(live_server)).exit_code == 0
+    assert_one_line_error(
+        run("device", "preauthorize", "nonsense", *api(live_server)), "neither 64 hex digits"
+    )
+    assert device.enroll().status_code == 200
+
+    assigned = run("device", "assign", device.id, "2.0.0", *api(live_server))
+    assert assigned.exit_code == 0, assigned.output
+    assert assigned.output.strip() == f"device {device.id}: assigned 2.0.0"
+    assert_one_line_error(
+        run("device", "assign", device.id, "2.0.0", *api(live_server, "viewer")), "403 forbidden"
+    )
+    assert_one_line_error(
+        run("device", "assign", device.id, "7.7.7", *api(live_server)), "404 unknown_release"
+    )
+    table = run("device", "list", *api(live_server, "viewer"))
+    assert table.exit_code == 0
+    row = table.output.splitlines()[1].split()
+    assert row[:3] == [device.id, "cam-0007", "metrica-rpi4"]
+    assert row[4:6] == ["enrolled", "2.0.0"]
+    devices = json.loads(run("device", "list", "--json", *api(live_server, "viewer")).output)
+    assert devices[0]["assigned_version"] == "2.0.0"
+    assert run("device", "assign", device.id, "none", *api(live_server)).output.strip() == (
+        f"device {device.id}: assigned nothing"
+    )
+
+
+def test_enrollment_token_create_directly_and_over_http(live_server: LiveServer) -> None:
+    harness = live_server.harness
+    direct = run(
+        "server", "enrollment-token", "create", "--uses", "2", "--expires-in", "7d",
+        "--database-url", harness.settings.database_url,
+    )  # fmt: skip
+    assert direct.exit_code == 0, direct.output
+    assert "admits 2 device(s), expires " in direct.stderr
+    over_http = run("server", "enrollment-token", "create", "--uses", "1", *api(live_server))
+    assert over_http.exit_code == 0, over_http.output
+    assert "never expires" in over_http.stderr
+    for token in (direct.stdout.strip(), over_http.stdout.strip()):
+        assert FakeDevice(harness.client).enroll(token).status_code == 200
+    refused = run(
+        "server", "enrollment-token", "create", "--uses", "1", *api(live_server, "viewer")
+    )
+    assert_one_line_error(refused, "403 forbidden")
+    assert run("server", "enrollment-token", "create", "--uses", "0").exit_code == 2
+
+
+def test_server_and_token_from_environment_and_config_file(
+    live_server: LiveServer, tmp_path: Path
+) -> None:
+    token = live_server.harness.viewer["Authorization"].split()[1]
+    by_env = run("release", "list", env={"FLEET_SERVER": live_server.url, "FLEET_TOKEN": token})
+    assert by_env.exit_code == 0, by_env.output
+    config = tmp_path / "config" / "fleet" / "cli.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(f'server = "{live_server.url}"\ntoken = "{token}"\n')
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "FLEET_SERVER": "", "FLEET_TOKEN": ""}
+    by_file = run("release", "list", env=env)
+    assert by_file.exit_code == 0, by_file.output
+    # a flag wins over the file
+    wrong = run("release", "list", "--token", "fleet_op_wrong", env=env)
+    assert_one_line_error(wrong, "401 unauthenticated")
+    config.write_text('server = "x"\ncolour = "blue"\n')
+    assert_one_line_error(run("release", "list", env=env), "unknown setting(s) colour")
+    config.unlink()
+    assert_one_line_error(run("release", "list", env=env), "no server: give --server")
+
+
+def test_unreachable_server() -> None:
+    result = run("release", "list", "--server", f"http://127.0.0.1:{free_port()}", "--token", "x")
+    assert_one_line_error(result, "connection failed")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("12h", 43200), ("7d", 604800)]
+)
+def test_parse_duration(text: str, seconds: int) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_fleet_keys_stays_light() -> None:
+    script = (
+        "import sys\n"
+        "from fleet_core.cli import fleet\n"
+        "try:\n"
+        "    fleet(['keys', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "fleet.get_command(None, 'server')\n"
+        "heavy = {'fastapi', 'sqlalchemy', 'uvicorn', 'requests', 'alembic', 'starlette'}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]"

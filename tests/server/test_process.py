@@ -1,0 +1,174 @@
+"""The real thing: ``fleet server run`` as a process, a device with a key on disk, a restart."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from click.testing import CliRunner
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from fleet_core.cli import fleet
+from signing.keyring import Keyring
+from signing.keys import generate_key, key_id, load_private_key, load_public_key
+from signing.signature import SignatureEnvelope
+from tests.server.conftest import FakeDevice, free_port
+
+MakeBundle = Callable[..., Path]
+
+
+class HttpClient:
+    """The little of TestClient's interface FakeDevice uses, over real HTTP."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.session = requests.Session()
+
+    def post(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.session.post(self.base + path, timeout=10, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.session.get(self.base + path, timeout=10, **kwargs)
+
+
+class ServerProcess:
+    """``fleet server run`` in a child process, logging to a file."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.args = args
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, url: str) -> None:
+        command = [sys.executable, "-c", "from fleet_core.cli import main; main()", *self.args]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.process.poll() is not None:
+                pytest.fail(
+                    f"server exited with {self.process.returncode}:\n{self.log.read_text()}"
+                )
+            try:
+                if requests.get(url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server did not come up:\n{self.log.read_text()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def server_process(
+    tmp_path: Path, keyring_dir: Path, database_url: str | None
+) -> Iterator[tuple[ServerProcess, str, list[str]]]:
+    data_dir = tmp_path / "data"
+    shutil.copytree(keyring_dir, data_dir / "keyring")
+    db_args = ["--data-dir", str(data_dir)]
+    if database_url is not None:
+        db_args += ["--database-url", database_url]
+    port = free_port()
+    process = ServerProcess(
+        ["server", "run", *db_args, "--host", "127.0.0.1", "--port", str(port)],
+        tmp_path / "server.log",
+    )
+    try:
+        yield process, f"http://127.0.0.1:{port}", db_args
+    finally:
+        process.stop()
+
+
+def cli(*args: str | Path) -> str:
+    result = CliRunner().invoke(fleet, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip()
+
+
+def verify_answer(response: requests.Response, server_keyring: Keyring, nonce: str) -> Any:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    envelope = SignatureEnvelope.from_bytes(body["signatures"].encode())
+    server_keyring.verify(body["answer"].encode(), envelope, "assignment")
+    answer = json.loads(body["answer"])
+    assert answer["nonce"] == nonce
+    assert response.headers["ETag"] == f'"{answer["etag"]}"'
+    return answer
+
+
+def test_upload_enroll_assign_checkin_download_restart(
+    server_process: tuple[ServerProcess, str, list[str]],
+    make_bundle: MakeBundle,
+    tmp_path: Path,
+) -> None:
+    process, url, db_args = server_process
+    token = cli("server", "token", "create", "--role", "operator", "--name", "ci", *db_args)
+    enrollment_token = cli("server", "enrollment-token", "create", "--uses", "1", *db_args)
+    process.start(url)
+    api = ["--server", url, "--token", token]
+
+    bundle = make_bundle(version="2.0.0", size=300_000)
+    assert cli("release", "upload", bundle, *api).startswith("release 2.0.0 accepted")
+
+    generate_key(tmp_path / "device" / "device")  # the device's identity, as on its data partition
+    device = FakeDevice(
+        HttpClient(url), key=load_private_key(tmp_path / "device" / "device.pem").private_key
+    )
+    enrolled = device.enroll(enrollment_token)
+    assert enrolled.status_code == 200, enrolled.text
+    server_public = load_public_key(Path(db_args[1]) / "server-key.pub")
+    raw_server_key = server_public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    assert enrolled.json()["server_keys"] == [raw_server_key.hex()]
+    server_keyring = Keyring({key_id(server_public): server_public})
+    device.login()
+    cli("device", "assign", device.id, "2.0.0", *api)
+
+    nonce = secrets.token_hex(16)
+    response = device.checkin(nonce)
+    assert "Date" in response.headers  # the device's clock skew comes from it
+    answer = verify_answer(response, server_keyring, nonce)
+    etag = response.headers["ETag"]
+    assert answer["assignment"]["version"] == "2.0.0"
+    assert device.checkin(etag=etag).status_code == 304
+
+    blob = answer["assignment"]["blobs"][0]
+    whole = requests.get(url + blob["url"], timeout=10)
+    assert hashlib.sha256(whole.content).hexdigest() == blob["sha256"]
+    part = requests.get(
+        url + blob["url"],
+        headers={"Range": "bytes=1000-1999", "If-Range": f'"{blob["sha256"]}"'},
+        timeout=10,
+    )
+    assert part.status_code == 206
+    assert part.content == whole.content[1000:2000]
+    assert part.headers["Content-Range"] == f"bytes 1000-1999/{blob['size']}"
+
+    process.stop()
+    process.start(url)
+
+    listed = json.loads(cli("device", "list", "--json", *api))
+    assert [(d["id"], d["assigned_version"]) for d in listed] == [(device.id, "2.0.0")]
+    assert device.checkin(etag=etag).status_code == 304  # the session survived, so did the ETag
+    again = secrets.token_hex(32)
+    assert verify_answer(device.checkin(again), server_keyring, again) == {**answer, "nonce": again}
+    assert requests.get(url + blob["url"], timeout=10).content == whole.content
+    assert cli("audit", "verify", *db_args).startswith("audit trail intact")

@@ -41,7 +41,7 @@ from fleet_core import durable
 from updater.config import LoadedConfig, UpdaterConfig
 from updater.health import CheckResult, HealthReport
 from updater.log import EventLog
-from updater.runtime import Runtime
+from updater.runtime import Runtime, reporting_log
 from updater.state import DeviceState, StateStore
 
 SLOT_SIZE = 1 << 20
@@ -166,7 +166,7 @@ class VirtualDevice:
     def runtime(self) -> Runtime:
         return Runtime(
             LoadedConfig(self.config, "lab"),
-            self.log,
+            reporting_log(self.log, self.config),
             backend_factory=lambda c: create_backend(self.lab.backend, self.options),
             reboot=self._reboot,
             proc=self.root / "linux" / "proc",

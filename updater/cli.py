@@ -23,7 +23,7 @@ from updater.config import DEFAULT_CONFIG_PATH, UpdaterConfig, load_config
 from updater.errors import UpdaterError
 from updater.install import EventSink
 from updater.log import EventLog
-from updater.runtime import Runtime
+from updater.runtime import Runtime, reporting_log
 from updater.state import update_lock
 
 EXIT_REBOOT_REQUIRED = 3
@@ -31,17 +31,13 @@ EXIT_UNHEALTHY = 4
 
 
 def _runtime(ctx: click.Context, *, log_to_stdout: bool, report: bool = True) -> Runtime:
-    """The updater for one command. With a release server configured and ``report``, every
-    event also goes to the outbox the daemon sends to the server: a boot check's verdict, a
-    rollback, a hand-made install reach the fleet's audit trail even though they run in
-    processes of their own."""
+    """The updater for one command; with ``report``, its events also go to the server (see
+    ``updater.runtime.reporting_log``)."""
     options = ctx.obj
     loaded = load_config(options["config"], data_dir=options["data_dir"])
     log: EventSink = EventLog(sys.stdout if log_to_stdout else sys.stderr)
-    if report and loaded.config.server_urls:
-        from updater.daemon import OUTBOX_NAME, Outbox, OutboxLog
-
-        log = OutboxLog(log, Outbox(loaded.config.data_dir / OUTBOX_NAME))
+    if report:
+        log = reporting_log(log, loaded.config)
     for problem in loaded.problems:
         log.event("config.fallback", level="warning", source=loaded.source, problem=problem)
     factory = options.get("runtime_factory")

@@ -66,6 +66,19 @@ def detect_backend(probes: Sequence[tuple[str, Path]] = AUTO_DETECT) -> str:
     )
 
 
+def reporting_log(log: EventSink, config: UpdaterConfig) -> EventSink:
+    """``log``, teed into the outbox the daemon sends to the release server when one is
+    configured: a boot check's verdict, a rollback, a hand-made install reach the fleet's audit
+    trail even though they run in processes of their own."""
+    if not config.server_urls:
+        return log
+    from updater.daemon import OUTBOX_NAME, Outbox, OutboxLog
+
+    if isinstance(log, OutboxLog):
+        return log
+    return OutboxLog(log, Outbox(config.data_dir / OUTBOX_NAME))
+
+
 def build_backend(config: UpdaterConfig) -> BootSelector:
     """The configured boot backend, its options being the rest of ``[bootloader]``."""
     options = dict(config.bootloader)

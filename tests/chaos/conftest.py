@@ -14,6 +14,7 @@ from chaos.virtual_device import LAB_FIRMWARES, VirtualDevice
 from image_builder.bundle_writer import ImageSource, create_bundle
 from signing.keyring import trust_key
 from signing.keys import SigningKey, generate_key
+from tests.server.conftest import database_url  # noqa: F401 (the server tests' database fixture)
 
 FIRMWARES = sorted(LAB_FIRMWARES)
 COMPATIBLE = "lab-device"

@@ -41,6 +41,16 @@ shipped, never changes meaning. Examples:
                                     a write on the data partition failed (error)
 ==================================  ==================================================
 
+The daemon (``updater/daemon.py``, ``updater/client.py``) adds: ``daemon.started``,
+``daemon.stopped``, ``daemon.enrolled``, ``daemon.enroll_refused``, ``daemon.enrollment_lost``,
+``daemon.install``, ``daemon.install_skipped``, ``daemon.install_retry``,
+``daemon.install_interrupted``, ``daemon.release_failed``, ``daemon.reboot_failed``,
+``daemon.step_failed``, ``daemon.health_failed``, ``daemon.server_unreachable``,
+``daemon.server_back``, ``daemon.events_rejected``, ``daemon.start_not_counted``,
+``daemon.no_server_keyring``; ``server.failover``, ``server.failback``,
+``server.answer_rejected``, ``server.session_opened``; ``download.mirror``; ``outbox.damaged``,
+``outbox.write_failed``; ``identity.regenerated``.
+
 Field names are snake_case with the unit in the name (``duration_s``, ``bytes``); ``error``
 holds an error message. Levels: ``debug``, ``info``, ``warning``, ``error``.
 

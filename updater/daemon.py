@@ -639,8 +639,10 @@ class Daemon:
     ) -> None:
         data_dir = runtime.config.data_dir
         self.outbox = outbox or Outbox(data_dir / OUTBOX_NAME, wall_clock=wall_clock)
-        if not isinstance(runtime.log, OutboxLog):
-            runtime = dataclasses.replace(runtime, log=OutboxLog(runtime.log, self.outbox))
+        # One outbox, the daemon's: a log already teed into another (a runtime made for a
+        # command) is re-teed, so numbering and limits are this outbox's.
+        inner = runtime.log.inner if isinstance(runtime.log, OutboxLog) else runtime.log
+        runtime = dataclasses.replace(runtime, log=OutboxLog(inner, self.outbox))
         self.runtime = runtime
         self.log: EventSink = runtime.log
         self.client = client

@@ -21,7 +21,9 @@ from server.errors import RangeNotSatisfiableError, ServerError
 
 CHUNK = 1024 * 1024
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-_RANGE = re.compile(r"bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)")
+# At most 19 digits: every byte position of any blob, and never a number Python refuses to
+# convert (a 5000-digit position must be a plain "ignore this header", not a server error).
+_RANGE = re.compile(r"bytes\s*=\s*([0-9]{0,19})\s*-\s*([0-9]{0,19})")
 
 
 class BlobIntegrityError(ServerError):
@@ -130,7 +132,7 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
         return None
     if not first:
         suffix = int(last)
-        if suffix == 0:
+        if suffix == 0 or size == 0:
             raise _unsatisfiable(header, size)
         return ByteRange(max(0, size - suffix), size - 1)
     start = int(first)

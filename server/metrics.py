@@ -53,7 +53,7 @@ class ServerMetrics:
         )
         self.events = Counter(
             "fleet_server_device_events_total",
-            "Device events stored (resends not counted), by event name",
+            "Device events stored (resends not counted), by the subject of the event name",
             ["event"],
             registry=self.registry,
         )

@@ -126,12 +126,10 @@ def ingest(
             :func:`check_bundle`; nothing is stored.
     """
     checked = check_bundle(path, keyring, db)
-    created: list[str] = []
     try:
         with open(path, "rb") as handle:
             for entry, offset in checked.images:
-                if blobs.put_range(handle, offset, entry.size, entry.sha256):
-                    created.append(entry.sha256)
+                blobs.put_range(handle, offset, entry.size, entry.sha256)
         with db.write() as session:
             _refuse_duplicate(session, checked.manifest.version)
             release = _insert(session, checked, actor, now)
@@ -149,16 +147,13 @@ def ingest(
                 },
             )
             description = describe(release)
-    except (DuplicateVersionError, IntegrityError) as err:
-        _discard(db, blobs, created)
-        if isinstance(err, DuplicateVersionError):
-            raise
+    except IntegrityError as err:
         raise DuplicateVersionError(
             f"release {checked.manifest.version} was uploaded concurrently"
         ) from err
-    except BaseException:
-        _discard(db, blobs, created)
-        raise
+    # Blobs written for an upload that then failed are kept, not removed: another upload of
+    # the same image may have found them stored and committed a release that needs them, and
+    # a content-addressed blob nobody refers to costs disk space, never correctness.
     return description
 
 
@@ -189,19 +184,6 @@ def _insert(session: Session, checked: CheckedBundle, actor: str, now: datetime)
     session.add(release)
     session.flush()
     return release
-
-
-def _discard(db: Database, blobs: BlobStore, created: list[str]) -> None:
-    """Remove blobs this upload created, unless a committed release refers to them."""
-    if not created:
-        return
-    with db.read() as session:
-        referenced = set(
-            session.scalars(select(ReleaseImage.sha256).where(ReleaseImage.sha256.in_(created)))
-        )
-    for sha256 in created:
-        if sha256 not in referenced:
-            blobs.remove(sha256)
 
 
 def describe(release: Release) -> dict[str, Any]:

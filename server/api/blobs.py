@@ -37,10 +37,12 @@ def get_blob(sha256: str, request: Request, state: State) -> Response:
             return Response(status_code=304, headers=headers)
         if_range = request.headers.get("if-range")
         # If-Range with anything but this blob's ETag (another ETag, or a date: blobs carry no
-        # Last-Modified) means the client's partial copy is of something else: send it whole.
-        wanted = parse_range(request.headers.get("range"), size)
-        if wanted is not None and if_range is not None and if_range.strip() != etag:
-            wanted = None
+        # Last-Modified) means the client's partial copy is of something else: the Range is
+        # ignored and the blob sent whole, even if the Range would not fit (RFC 9110, 13.1.5).
+        range_header = request.headers.get("range")
+        if if_range is not None and if_range.strip() != etag:
+            range_header = None
+        wanted = parse_range(range_header, size)
     except BaseException:
         handle.close()
         raise

@@ -76,11 +76,26 @@ def heartbeat(call: DeviceRequest, state: State) -> Response:
     return Response(status_code=204)
 
 
+# Event names are the device's to choose; a metric label is not. Only the subjects of the
+# updater's event names (docs/device-protocol.md, updater/log.py) become label values, so a
+# device cannot create new series: everything else is counted as "other".
+EVENT_SUBJECTS = frozenset(
+    {"install", "boot_check", "health", "slot", "rollback", "update", "updater", "daemon",
+     "download", "server", "config", "state", "outbox", "identity", "metrics"}
+)  # fmt: skip
+
+
+def event_label(event: str) -> str:
+    """The label an event is counted under: its subject (``install.failed`` → ``install``)."""
+    subject = event.partition(".")[0]
+    return subject if subject in EVENT_SUBJECTS else "other"
+
+
 @router.post("/{device_id}/events", status_code=204)
 def events(call: DeviceRequest, state: State) -> Response:
     """Store the device's events (resends ignored by seq) in the audit trail."""
     body = parse(EventsRequest, call.body)
     stored = devices.record_events(state.db, call.device_id, body.events, state.now())
     for event in stored:
-        state.metrics.events.labels(event.event).inc()
+        state.metrics.events.labels(event_label(event.event)).inc()
     return Response(status_code=204)

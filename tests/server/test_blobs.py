@@ -132,3 +132,26 @@ def test_store_refuses_bytes_that_do_not_match(tmp_path: Path) -> None:
         assert store.put_range(handle, 2, 5, right) is True
         assert store.put_range(handle, 2, 5, right) is False
     assert store.path(right).read_bytes() == b"23456"
+
+
+def test_absurdly_long_range_numbers_are_ignored_not_a_server_error(
+    harness: Harness, blob: tuple[str, bytes]
+) -> None:
+    url, data = blob
+    for header in ("bytes=" + "0" * 5000 + "-", "bytes=-" + "9" * 5000, "bytes=1-" + "9" * 30):
+        answer = harness.client.get(url, headers={"Range": header})
+        assert answer.status_code == 200 and answer.content == data
+
+
+def test_if_range_for_another_blob_sends_it_whole_even_past_the_end(
+    harness: Harness, blob: tuple[str, bytes]
+) -> None:
+    url, data = blob
+    headers = {"Range": "bytes=999999-", "If-Range": '"' + "0" * 64 + '"'}
+    answer = harness.client.get(url, headers=headers)
+    assert answer.status_code == 200 and answer.content == data
+
+
+def test_suffix_range_of_an_empty_resource_is_unsatisfiable() -> None:
+    with pytest.raises(RangeNotSatisfiableError):
+        parse_range("bytes=-5", 0)

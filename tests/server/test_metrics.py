@@ -49,7 +49,7 @@ def test_fleet_series(harness: Harness, enrolled: Enrolled, make_bundle: MakeBun
             (("device", device.id), ("hostname", device.hostname)),
         )
         assert found[key] == pytest.approx(42)
-    assert found[("fleet_server_device_events_total", (("event", "install.started"),))] == 2
+    assert found[("fleet_server_device_events_total", (("event", "install"),))] == 2
     assert found[("fleet_server_release_uploads_total", (("outcome", "accepted"),))] == 1
     checkin = (
         "fleet_server_requests_total",
@@ -112,3 +112,11 @@ def test_healthz_and_api_description(harness: Harness, monkeypatch: pytest.Monke
     response = harness.client.get("/healthz")
     assert response.status_code == 503
     assert response.json()["error"] == "database_unavailable"
+
+
+def test_device_chosen_event_names_cannot_create_series() -> None:
+    from server.api.device import event_label
+
+    assert event_label("install.failed") == "install"
+    assert event_label("boot_check.committed") == "boot_check"
+    assert {event_label(f"made_up_{i}.x") for i in range(100)} == {"other"}

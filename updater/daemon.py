@@ -68,6 +68,7 @@ from typing import Any
 from bootloader_hooks.base import ROOT_SLOTS, SAFE_SLOT, other_slot
 from fleet_core.durable import atomic_write
 from fleet_core.errors import FleetError
+from image_builder.errors import ImageIntegrityError
 from signing.errors import KeyringError
 from signing.keyring import Keyring
 from updater.client import (
@@ -381,7 +382,10 @@ class OutboxLog:
 def _plain(value: Any, depth: int = 6) -> Any:
     """``value`` as JSON the server stores: finite numbers, no NUL, bounded depth."""
     if isinstance(value, str):
-        return value.replace("\0", "\\0")
+        # lone surrogates (from undecodable file names) are not UTF-8: escape them, or the
+        # server refuses the whole batch they travel in
+        text = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return text.replace("\0", "\\0")
     if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, float):
@@ -1052,10 +1056,13 @@ class Daemon:
 
 
 def _is_download_problem(err: BaseException) -> bool:
-    """Whether an install failed for want of bytes (network, host), not because of them."""
+    """Whether an install failed for want of the right bytes (network, host), not because of
+    the release. Blob bytes that differ from the signed manifest count as a transport fault:
+    the manifest is authentic, so the release is fine and a bad mirror, a proxy or a flipped
+    bit is to blame; the release is fetched again later rather than given up."""
     seen: BaseException | None = err
     while seen is not None:
-        if isinstance(seen, DownloadError):
+        if isinstance(seen, DownloadError | ImageIntegrityError):
             return True
         seen = seen.__cause__
     return False

@@ -266,6 +266,35 @@ def test_a_download_that_fails_is_retried_later_and_the_device_keeps_its_release
     assert lab.reboot()[-1].action == "committed"
 
 
+def test_blob_bytes_that_do_not_match_are_fetched_again_later(lab: Lab) -> None:
+    """A mirror or proxy that serves wrong bytes once must not cost the device the release:
+    the manifest is signed, so the bytes, not the release, were at fault."""
+    release = lab.release("2.0.0")
+    [sha] = release.blobs
+    good = lab.server.blobs[sha]
+    lab.server.blobs[sha] = good[:-1] + bytes([good[-1] ^ 1])
+    lab.server.assign(lab.device_id, release)
+    daemon = lab.daemon()
+    daemon.run_once()
+    assert lab.local("daemon.install_retry") and lab.device.pending_reboot is None
+    assert not lab.local("daemon.release_failed")
+    lab.server.blobs[sha] = good
+    lab.clock.now += 200
+    daemon.run_once()
+    assert lab.device.pending_reboot is not None
+    assert lab.reboot()[-1].action == "committed"
+
+
+def test_an_undecodable_field_is_escaped_for_the_wire() -> None:
+    """A lone surrogate (an undecodable file name in an error) is not UTF-8: sent as it is,
+    the server would refuse the whole batch of events it travels in."""
+    from updater.daemon import _plain
+
+    wire = _plain({"error": "cannot open /data/\udcff.img", "nul": "a\0b"})
+    json.dumps(wire, ensure_ascii=False).encode("utf-8")
+    assert wire == {"error": "cannot open /data/\\udcff.img", "nul": "a\\0b"}
+
+
 def cut_power_at(point: str) -> durable.BoundaryHook:
     off = threading.Event()
 

@@ -47,6 +47,14 @@ from signing.keys import key_id
 from signing.signature import signed_message
 
 ENROLL_PURPOSE = "device-enroll"
+
+
+def enroll_payload(request: EnrollRequest) -> str:
+    """What an enrollment proof signs: the key and every detail the server keeps from the
+    request, so a replayed request cannot enroll the device under other details."""
+    return f"enroll\n{request.public_key}\n{request.compatible}\n{request.hostname}"
+
+
 SESSION_PURPOSE = "device-session"
 # Open challenges kept per device: enough for a few retries, bounded against a flood.
 MAX_OPEN_CHALLENGES = 8
@@ -97,7 +105,7 @@ def enroll(db: Database, request: EnrollRequest, now: datetime) -> Enrollment:
             pre-authorization.
     """
     public_key = device_public_key(request.public_key)
-    if not _verify(public_key, request.proof, ENROLL_PURPOSE, "enroll\n" + request.public_key):
+    if not _verify(public_key, request.proof, ENROLL_PURPOSE, enroll_payload(request)):
         raise NotAuthorizedError("proof does not verify with this public key")
     device_id = key_id(public_key)
     try:

@@ -241,7 +241,10 @@ class ServerSimulator:
         try:
             public_key.verify(
                 bytes.fromhex(proof),
-                signed_message("device-enroll", f"enroll\n{public_hex}".encode()),
+                signed_message(
+                    "device-enroll",
+                    f"enroll\n{public_hex}\n{body['compatible']}\n{body['hostname']}".encode(),
+                ),
             )
         except InvalidSignature:
             return 422, {"error": "bad_proof", "detail": "proof does not verify"}

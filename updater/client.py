@@ -355,7 +355,9 @@ class ServerClient:
         """
         public_key = _public_key_hex(self.key)
         proof = self.key.private_key.sign(
-            signed_message(ENROLL_PURPOSE, f"enroll\n{public_key}".encode())
+            signed_message(
+                ENROLL_PURPOSE, f"enroll\n{public_key}\n{compatible}\n{hostname}".encode()
+            )
         )
         body: dict[str, Any] = {
             "public_key": public_key, "compatible": compatible, "hostname": hostname,

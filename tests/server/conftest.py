@@ -198,7 +198,9 @@ class FakeDevice:
             "public_key": self.public_hex,
             "compatible": self.compatible,
             "hostname": self.hostname,
-            "proof": self.sign("device-enroll", "enroll\n" + self.public_hex),
+            "proof": self.sign(
+                "device-enroll", f"enroll\n{self.public_hex}\n{self.compatible}\n{self.hostname}"
+            ),
         }
         if enrollment_token is not None:
             body["enrollment_token"] = enrollment_token

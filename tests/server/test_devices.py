@@ -436,3 +436,16 @@ def test_two_server_processes_share_one_database(
         blob = other.get(answer["assignment"]["blobs"][0]["url"])
         assert blob.status_code == 200
     second.state.fleet.db.dispose()
+
+
+def test_a_replayed_enrollment_cannot_change_the_details(harness: Harness) -> None:
+    """The proof covers compatible and hostname: a copy of a device's enroll request, sent
+    first with other details, is refused, and the device then enrolls as itself."""
+    token = harness.enrollment_token(uses=2)
+    device = FakeDevice(harness.client)
+    replayed = device.enroll_body(token) | {"compatible": "other-board", "hostname": "evil"}
+    refused = harness.client.post("/api/v1/devices/enroll", json=replayed)
+    assert refused.status_code == 403
+    assert device.enroll(token).status_code == 200
+    with harness.db.read() as session:
+        assert session.query(Device).one().compatible == device.compatible

@@ -8,14 +8,21 @@ the server's clock only.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from sqlalchemy import delete, or_, select, update
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
+from sqlalchemy import delete, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -43,7 +50,7 @@ from server.models import (
 )
 from server.schemas import EnrollRequest
 from server.settings import CHALLENGE_TTL_S, SESSION_TTL_S
-from signing.keys import key_id
+from signing.keys import SigningKey, key_id
 from signing.signature import signed_message
 
 ENROLL_PURPOSE = "device-enroll"
@@ -56,8 +63,6 @@ def enroll_payload(request: EnrollRequest) -> str:
 
 
 SESSION_PURPOSE = "device-session"
-# Open challenges kept per device: enough for a few retries, bounded against a flood.
-MAX_OPEN_CHALLENGES = 8
 
 
 def raw_public_key_hex(public_key: Ed25519PublicKey) -> str:
@@ -233,39 +238,49 @@ def preauthorize(db: Database, public_key_hex: str, *, actor: str, now: datetime
     return device_id
 
 
-def issue_challenge(db: Database, device_id: str, now: datetime) -> str:
+def challenge_key(server_key: SigningKey) -> bytes:
+    """The key that authenticates challenges: derived from the server's signing key, so every
+    server process sharing the data directory issues and accepts the same challenges."""
+    raw = server_key.private_key.private_bytes(
+        Encoding.Raw, PrivateFormat.Raw, NoEncryption()
+    )  # fmt: skip
+    return hashlib.sha256(b"metrica-fleet challenge key v1\n" + raw).digest()
+
+
+def _challenge_mac(key: bytes, device_id: str, body: str) -> str:
+    return hmac.new(key, f"{device_id}\n{body}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def issue_challenge(db: Database, device_id: str, now: datetime, key: bytes) -> str:
     """A fresh single-use challenge for the device, valid for ``CHALLENGE_TTL_S``.
+
+    Stateless: 16 hex of randomness, the expiry (16 hex, seconds), and a MAC over both and
+    the device id (32 hex). Issuing stores nothing, so nobody can crowd out a device's
+    challenges by asking for many; only a used challenge is stored, until it expires.
 
     Raises:
         UnknownDeviceError: no such device.
     """
-    challenge = secrets.token_hex(32)
-    with db.write() as session:
+    with db.read() as session:
         if session.get(Device, device_id) is None:
             raise UnknownDeviceError(f"device {device_id} is not enrolled")
-        session.execute(delete(DeviceChallenge).where(DeviceChallenge.expires <= now))
-        open_challenges = session.scalars(
-            select(DeviceChallenge.challenge_sha256)
-            .where(DeviceChallenge.device_id == device_id)
-            .order_by(DeviceChallenge.expires.desc())
-            .offset(MAX_OPEN_CHALLENGES - 1)
-        ).all()
-        if open_challenges:
-            session.execute(
-                delete(DeviceChallenge).where(DeviceChallenge.challenge_sha256.in_(open_challenges))
-            )
-        session.add(
-            DeviceChallenge(
-                challenge_sha256=secret_hash(challenge),
-                device_id=device_id,
-                expires=now + timedelta(seconds=CHALLENGE_TTL_S),
-            )
-        )
-    return challenge
+    expiry = int(now.timestamp()) + CHALLENGE_TTL_S
+    body = secrets.token_hex(8) + f"{expiry:016x}"
+    return body + _challenge_mac(key, device_id, body)
+
+
+def _challenge_expiry(key: bytes, device_id: str, challenge: str, now: datetime) -> datetime:
+    body, mac = challenge[:32], challenge[32:]
+    if len(challenge) != 64 or not hmac.compare_digest(mac, _challenge_mac(key, device_id, body)):
+        raise ChallengeInvalidError("unknown, already used or expired challenge")
+    expiry = datetime.fromtimestamp(int(body[16:], 16), tz=now.tzinfo)
+    if expiry <= now:
+        raise ChallengeInvalidError("unknown, already used or expired challenge")
+    return expiry
 
 
 def open_session(
-    db: Database, device_id: str, challenge: str, signature: str, now: datetime
+    db: Database, device_id: str, challenge: str, signature: str, now: datetime, key: bytes
 ) -> str:
     """Exchange a signed challenge for a session token valid for ``SESSION_TTL_S``.
 
@@ -276,37 +291,45 @@ def open_session(
     """
     token = new_secret(SESSION_TOKEN_PREFIX)
     challenge_hash = secret_hash(challenge)
-    with db.write() as session:
-        device = session.get(Device, device_id)
-        if device is None:
-            raise UnknownDeviceError(f"device {device_id} is not enrolled")
-        row = session.get(DeviceChallenge, challenge_hash)
-        if row is None or row.device_id != device_id or row.expires <= now:
-            raise ChallengeInvalidError("unknown, already used or expired challenge")
-        payload = f"session\n{device_id}\n{challenge}"
-        if not _verify(device_public_key(device.public_key), signature, SESSION_PURPOSE, payload):
-            raise SignatureInvalidError("the challenge signature does not verify")
-        # Deleting by key with a row count makes the challenge single-use even if two requests
-        # race with the same signature: only one of them deletes it.
-        consumed = session.execute(
-            delete(DeviceChallenge)
-            .where(DeviceChallenge.challenge_sha256 == challenge_hash)
-            .execution_options(synchronize_session=False)
-        )
-        if not consumed.rowcount:  # type: ignore[attr-defined]
-            raise ChallengeInvalidError("unknown, already used or expired challenge")
-        session.execute(
-            delete(DeviceSession).where(
-                DeviceSession.device_id == device_id, DeviceSession.expires <= now
+    expiry = _challenge_expiry(key, device_id, challenge, now)
+    try:
+        with db.write() as session:
+            device = session.get(Device, device_id)
+            if device is None:
+                raise UnknownDeviceError(f"device {device_id} is not enrolled")
+            payload = f"session\n{device_id}\n{challenge}"
+            public_key = device_public_key(device.public_key)
+            if not _verify(public_key, signature, SESSION_PURPOSE, payload):
+                raise SignatureInvalidError("the challenge signature does not verify")
+            # A used challenge is remembered until it expires: single use. Two requests racing
+            # with the same signature collide on the primary key; only one commits.
+            session.execute(delete(DeviceChallenge).where(DeviceChallenge.expires <= now))
+            if session.get(DeviceChallenge, challenge_hash) is not None:
+                raise ChallengeInvalidError("unknown, already used or expired challenge")
+            session.add(
+                DeviceChallenge(
+                    challenge_sha256=challenge_hash, device_id=device_id, expires=expiry
+                )
             )
-        )
-        session.add(
-            DeviceSession(
-                token_sha256=secret_hash(token),
-                device_id=device_id,
-                created=now,
-                expires=now + timedelta(seconds=SESSION_TTL_S),
-            )
-        )
-        device.last_seen = now
+            session.flush()
+            _add_session(session, device, token, now)
+    except IntegrityError as err:
+        raise ChallengeInvalidError("unknown, already used or expired challenge") from err
     return token
+
+
+def _add_session(session: Session, device: Device, token: str, now: datetime) -> None:
+    session.execute(
+        delete(DeviceSession).where(
+            DeviceSession.device_id == device.id, DeviceSession.expires <= now
+        )
+    )
+    session.add(
+        DeviceSession(
+            token_sha256=secret_hash(token),
+            device_id=device.id,
+            created=now,
+            expires=now + timedelta(seconds=SESSION_TTL_S),
+        )
+    )
+    device.last_seen = now

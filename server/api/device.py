@@ -38,7 +38,8 @@ async def enroll(request: Request, state: State) -> dict[str, Any]:
 @router.post("/{device_id}/challenge")
 def challenge(device_id: DeviceIdPath, state: State) -> dict[str, Any]:
     """A single-use challenge to sign for a session."""
-    value = enrollment.issue_challenge(state.db, device_id, state.now())
+    key = enrollment.challenge_key(state.server_key)
+    value = enrollment.issue_challenge(state.db, device_id, state.now(), key)
     return {"challenge": value, "expires_in": CHALLENGE_TTL_S}
 
 
@@ -47,8 +48,9 @@ async def session(device_id: DeviceIdPath, request: Request, state: State) -> di
     """Exchange a signed challenge for a session token."""
     body = parse(SessionRequest, await read_body(request))
     token = await run_in_threadpool(
-        enrollment.open_session, state.db, device_id, body.challenge, body.signature, state.now()
-    )
+        enrollment.open_session, state.db, device_id, body.challenge, body.signature,
+        state.now(), enrollment.challenge_key(state.server_key),
+    )  # fmt: skip
     return {"token": token, "expires_in": SESSION_TTL_S}
 
 

@@ -449,3 +449,20 @@ def test_a_replayed_enrollment_cannot_change_the_details(harness: Harness) -> No
     assert device.enroll(token).status_code == 200
     with harness.db.read() as session:
         assert session.query(Device).one().compatible == device.compatible
+
+
+def test_nobody_can_crowd_out_a_devices_challenge(harness: Harness, enrolled: Enrolled) -> None:
+    """Challenges are stateless (a MAC, not a row): asking for many, as anyone may, neither
+    evicts the device's own nor grows the database."""
+    device = enrolled()
+    mine = device.challenge()
+    for _ in range(100):
+        device.challenge()
+    with harness.db.read() as session:
+        assert session.query(DeviceChallenge).count() == 0
+    url = f"/api/v1/devices/{device.id}/session"
+    assert harness.client.post(url, json=device.session_body(mine)).status_code == 200
+    again = harness.client.post(url, json=device.session_body(mine))
+    assert again.status_code == 401 and again.json()["error"] == "challenge_invalid"
+    forged = mine[:-1] + ("0" if mine[-1] != "0" else "1")
+    assert harness.client.post(url, json=device.session_body(forged)).status_code == 401

@@ -719,7 +719,7 @@ class Daemon:
         self.last_error = None
         duties: list[tuple[str, Callable[[], None]]] = [
             ("enroll", self._ensure_enrolled),
-            ("events", self._send_events),
+            ("queued events", self._send_events),
         ]
         if now >= self._next_checkin_at:
             duties.append(("checkin", self._checkin))
@@ -730,6 +730,10 @@ class Daemon:
             try:
                 duty()
             except ServerUnavailableError as err:
+                if name == "queued events":
+                    # an events endpoint that fails must not keep the device from checking in:
+                    # following the server matters more than reporting to it
+                    continue
                 self._server_unreachable(err)
                 return
             except NotEnrolledError as err:

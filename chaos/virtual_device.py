@@ -100,6 +100,15 @@ class PowerSwitch:
 
 
 @dataclass(frozen=True)
+class FaultProfile:
+    """What goes wrong on one device, whatever the release says: releases it hangs on at boot,
+    releases whose health checks fail on it (its camera model, its sensor wiring)."""
+
+    hang_on: frozenset[str] = frozenset()
+    unhealthy_on: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class LabFirmware:
     """How one firmware's boot state is laid out in a virtual device."""
 
@@ -124,8 +133,16 @@ class BootRecord:
 class VirtualDevice:
     """See the module docstring."""
 
-    def __init__(self, root: Path, firmware: str, *, compatible: str = "lab-device") -> None:
+    def __init__(
+        self,
+        root: Path,
+        firmware: str,
+        *,
+        compatible: str = "lab-device",
+        profile: FaultProfile | None = None,
+    ) -> None:
         self.root = root
+        self.profile = profile or FaultProfile()
         self.lab = LAB_FIRMWARES[firmware]
         for directory in ("disk", "boot", "data", "keyring", "linux/proc"):
             (root / directory).mkdir(parents=True, exist_ok=True)
@@ -217,11 +234,23 @@ class VirtualDevice:
     def _reboot(self, command: Sequence[str]) -> None:
         self.pending_reboot = list(command)
 
+    def behaviour(self, image: LabImage | None) -> str:
+        """How ``image`` behaves on this device: as the image says, unless this device's
+        fault profile makes it hang or fail its health checks on that release."""
+        if image is None:
+            return "hang"
+        if image.version in self.profile.hang_on:
+            return "hang"
+        if image.version in self.profile.unhealthy_on and image.behaviour == "healthy":
+            return "unhealthy"
+        return image.behaviour
+
     def _health(self) -> HealthReport:
         image = self.running.image if self.running else None
-        if image is not None and image.behaviour == "crash":
+        behaviour = self.behaviour(image)
+        if behaviour == "crash":
             raise BoardReset("the release crashed the board during its health checks")
-        ok = image is not None and image.behaviour == "healthy"
+        ok = behaviour == "healthy"
         detail = "release healthy" if ok else "release reports unhealthy"
         return HealthReport(ok, (CheckResult("lab:release", "command", ok, detail, 0.0),), 0.0)
 
@@ -243,7 +272,7 @@ class VirtualDevice:
         outcome = self.model.boot(event)
         self._expose(outcome)
         image = None if outcome.slot == "safe" else self.image(outcome.slot)
-        if outcome.slot != "safe" and (image is None or image.behaviour == "hang"):
+        if outcome.slot != "safe" and self.behaviour(image) == "hang":
             record = BootRecord(outcome.slot, outcome.trial, image, "hang")
         elif not run_boot_check:
             record = BootRecord(outcome.slot, outcome.trial, image, "booted")

@@ -98,3 +98,6 @@ def make_device(tmp_path: Path, device_templates: dict[str, Path]) -> MakeDevice
         return VirtualDevice(root, firmware)
 
     return make
+
+
+from tests.chaos.servers import fleet_servers  # noqa: E402, F401 (a fixture; needs Releases above)

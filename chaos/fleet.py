@@ -1,0 +1,172 @@
+"""The virtual fleet: many virtual devices, each running the real daemon, on one clock.
+
+Every member is a :class:`~chaos.virtual_device.VirtualDevice` (a copy of one provisioned
+template, so a hundred devices take a second to make) with its own identity, a role, and an
+optional fault profile: releases it hangs on or fails its health checks on, windows in which it
+is offline, a wall clock that is years off. The fleet's clock is simulated: :meth:`step` moves
+it and lets every online member do what is due, so a day of check-ins runs in seconds. The
+server is whatever the members are pointed at (a real ``fleet server run`` process in tests and
+in the demo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bootloader_hooks.base import BootCause, BootEvent
+from chaos.lab_image import make_lab_image
+from chaos.virtual_device import BootRecord, FaultProfile, VirtualDevice
+from signing.keyring import Keyring, trust_key
+from updater.client import ServerClient
+from updater.daemon import Daemon
+from updater.identity import load_or_create_identity
+
+ROLES = ("camera", "sensor", "gateway")
+
+
+class LabClock:
+    """The fleet's monotonic clock, in simulated seconds."""
+
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One member of the fleet and what goes wrong with it."""
+
+    role: str = "camera"
+    profile: FaultProfile = field(default_factory=FaultProfile)
+    offline: tuple[tuple[float, float], ...] = ()  # (from, to) in fleet seconds since start
+    clock_offset_s: float = 0.0  # its wall clock against the true time (no real-time clock)
+
+
+@dataclass
+class Member:
+    spec: MemberSpec
+    device: VirtualDevice
+    daemon: Daemon
+    device_id: str
+    hostname: str
+    boots: list[BootRecord] = field(default_factory=list)
+
+    @property
+    def version(self) -> str | None:
+        running = self.device.running
+        return running.image.version if running and running.image else None
+
+
+class VirtualFleet:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        root: Path,
+        specs: Sequence[MemberSpec],
+        *,
+        server_urls: Sequence[str],
+        server_key: Path,
+        release_key: Path,
+        enrollment_token: str,
+        firmware: str = "grub",
+        base_version: str = "1.0.0",
+        clock: LabClock | None = None,
+        wall_clock: Callable[[], float] | None = None,
+    ) -> None:
+        import time
+
+        import chaos.lab_firmwares  # noqa: F401 (fills LAB_FIRMWARES)
+
+        self.clock = clock or LabClock()
+        self.started = self.clock()
+        self._wall = wall_clock or time.time
+        template = root / "template"
+        device = VirtualDevice(template, firmware)
+        trust_key(template / "keyring", release_key)
+        trust_key(template / "server-keyring", server_key)
+        device.provision(make_lab_image(base_version), base_version)
+        device.power_on()
+        self.members: list[Member] = []
+        for index, spec in enumerate(specs):
+            member_root = root / f"{spec.role}-{index:04d}"
+            shutil.copytree(template, member_root)
+            self.members.append(
+                self._member(member_root, firmware, spec, index, server_urls, enrollment_token)
+            )
+
+    def _member(
+        self,
+        root: Path,
+        firmware: str,
+        spec: MemberSpec,
+        index: int,
+        server_urls: Sequence[str],
+        enrollment_token: str,
+    ) -> Member:
+        device = VirtualDevice(root, firmware, profile=spec.profile)
+        device.config = dataclasses.replace(
+            device.config, server_urls=tuple(server_urls),
+            server_keyring=root / "server-keyring", enrollment_token=enrollment_token,
+        )  # fmt: skip
+        device.boot(BootEvent(BootCause.POWER_ON), run_boot_check=False)
+        identity = load_or_create_identity(device.config.data_dir)[0]
+        keyring = Keyring.load(root / "server-keyring")
+        client = ServerClient(
+            server_urls, identity.key, keyring, clock=self.clock, timeout_s=5.0,
+            wall_clock=lambda: self._wall() + spec.clock_offset_s,
+        )  # fmt: skip
+        hostname = f"{spec.role}-{index:04d}"
+        daemon = Daemon(
+            device.runtime(), client, self.clock, self.clock.sleep, hostname=hostname,
+            wall_clock=lambda: self._wall() + spec.clock_offset_s,
+        )  # fmt: skip
+        return Member(spec, device, daemon, identity.device_id, hostname)
+
+    def online(self, member: Member) -> bool:
+        elapsed = self.clock() - self.started
+        return not any(start <= elapsed < end for start, end in member.spec.offline)
+
+    def step(self, seconds: float = 5.0) -> None:
+        """Move the clock by ``seconds``; every online member does what is due, reboots
+        included."""
+        self.clock.sleep(seconds)
+        for member in self.members:
+            if not self.online(member):
+                continue
+            member.daemon.run_once()
+            device = member.device
+            if device.pending_reboot is not None:
+                command = tuple(device.pending_reboot)
+                member.boots += device.settle(BootEvent(BootCause.REBOOT, command))
+
+    def run_until(self, done: Callable[[], bool], *, limit_s: float, step_s: float = 5.0) -> float:
+        """Step until ``done``; return the simulated seconds it took.
+
+        Raises:
+            TimeoutError: not done within ``limit_s`` simulated seconds.
+        """
+        start = self.clock()
+        while not done():
+            if self.clock() - start > limit_s:
+                raise TimeoutError(f"fleet not done after {limit_s:.0f} simulated seconds")
+            self.step(step_s)
+        return self.clock() - start
+
+    def versions(self) -> Counter[str | None]:
+        """How many members run each version."""
+        return Counter(member.version for member in self.members)
+
+    def installs_started(self) -> int:
+        """Installs the members' updaters began, in all."""
+        return sum(len(m.device.events("install.started")) for m in self.members)

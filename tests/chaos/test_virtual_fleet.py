@@ -55,3 +55,49 @@ def _known(servers: Fleet, fleet: VirtualFleet) -> int:
     rows = json.loads(servers.fleet("device", "list", "--json"))
     ids = {row["id"] for row in rows}
     return sum(1 for m in fleet.members if m.device_id in ids)
+
+
+def test_fleet_simulate_command(fleet_servers: Fleet, releases: Releases, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from chaos.cli import simulate
+
+    servers = fleet_servers
+    token = run("server", "enrollment-token", "create", "--uses", "5", *servers.db_args)
+    faults = tmp_path / "faults.toml"
+    faults.write_text('[[devices]]\ncount = 1\nrole = "gateway"\nhang_on = ["2.0.0"]\n')
+    result = CliRunner().invoke(simulate, [
+        "--devices", "3", "--server", servers.urls[0],
+        "--server-key", str(servers.data / "server-key.pub"),
+        "--release-key", str(releases.directory / "release-key.pub"),
+        "--enrollment-token", token.splitlines()[0], "--workdir", str(tmp_path / "fleet"),
+        "--faults", str(faults), "--duration", "120", "--speed", "1000000",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "3 virtual devices" in result.output and "1.0.0: 3" in result.output
+    assert _known_count(servers) == 3
+
+
+def _known_count(servers: Fleet) -> int:
+    return len(json.loads(servers.fleet("device", "list", "--json")))
+
+
+def test_faults_file_errors_are_clear(tmp_path: Path) -> None:
+    import pytest
+
+    from chaos.cli import FaultsFileError, read_specs
+
+    faults = tmp_path / "faults.toml"
+    for text, message in [
+        ('[[devices]]\ncount = 5\nrole = "camera"\n', "more than 3"),
+        ('[[devices]]\nrole = "toaster"\n', "role one of"),
+        ('[[devices]]\ncolour = "red"\n', "expected a table"),
+        ("[[devices]\n", "faults.toml"),
+    ]:
+        faults.write_text(text)
+        with pytest.raises(FaultsFileError, match=message):
+            read_specs(3, faults)
+    faults.write_text('[[devices]]\ncount = 2\nrole = "sensor"\nunhealthy_on = ["3.0.0"]\n')
+    specs = read_specs(4, faults)
+    assert [s.role for s in specs] == ["sensor", "sensor", "camera", "sensor"]
+    assert specs[0].profile.unhealthy_on == {"3.0.0"}

@@ -24,6 +24,9 @@ SUBCOMMANDS: dict[str, str] = {
     "release": "server.cli:release",
     "device": "server.cli:device",
     "audit": "server.cli:audit",
+    "rollout": "server.cli:rollout",
+    "emergency-stop": "server.cli:emergency_stop",
+    "simulate": "chaos.cli:simulate",
 }
 
 

@@ -7,6 +7,8 @@ number of processes with the same settings can serve the same fleet.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -14,9 +16,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
+from server import rollouts
 from server.api import blobs as blob_routes
 from server.api import device, health, operator
+from server.api import rollouts as rollout_routes
 from server.api.common import ServerState, install_error_handlers
 from server.blobs import BlobStore
 from server.database import Database
@@ -29,6 +34,8 @@ from signing.keys import SigningKey, generate_key, load_private_key
 log = logging.getLogger("server")
 # A file in uploads/ untouched for this long belongs to no running request.
 STALE_UPLOAD_S = 24 * 3600
+# How often each process evaluates the running rollouts (they serialize in the database).
+ROLLOUT_INTERVAL_S = 5.0
 
 
 def load_server_key(path: Path) -> SigningKey:
@@ -62,8 +69,22 @@ def _remove_stale_uploads(directory: Path, now: float) -> None:
             pass
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The server application for ``settings``, with its database migrated.
+async def _evaluate_rollouts(state: ServerState, interval_s: float) -> None:
+    """Evaluate the rollouts every ``interval_s`` until cancelled; a failed evaluation is
+    logged and retried at the next tick (it changed nothing: it is one transaction)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await run_in_threadpool(rollouts.evaluate, state.db, state.now())
+        except Exception:
+            log.exception("rollout evaluation failed")
+
+
+def create_app(
+    settings: Settings, *, rollout_interval_s: float | None = ROLLOUT_INTERVAL_S
+) -> FastAPI:
+    """The server application for ``settings``, with its database migrated; with
+    ``rollout_interval_s``, a background task evaluates the rollouts that often.
 
     Raises:
         MigrationError: the database is unreachable or cannot be migrated.
@@ -85,8 +106,19 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        yield
-        db.dispose()
+        evaluator = (
+            asyncio.create_task(_evaluate_rollouts(state, rollout_interval_s))
+            if rollout_interval_s
+            else None
+        )
+        try:
+            yield
+        finally:
+            if evaluator is not None:
+                evaluator.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await evaluator
+            db.dispose()
 
     app = FastAPI(
         title="Metrica Fleet release server",
@@ -97,6 +129,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(device.router)
     app.include_router(operator.router)
+    app.include_router(rollout_routes.router)
     app.include_router(blob_routes.router)
     app.include_router(health.router)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)

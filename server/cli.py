@@ -428,3 +428,137 @@ def verify(
     click.echo(
         f"audit trail intact: {report.checked} entries; head {report.head_seq}:{report.head_hash}"
     )
+
+
+# --- fleet rollout, fleet emergency-stop ------------------------------------------------------
+
+
+def parse_percent(text: str) -> float:
+    """A fraction from ``5%``, ``0.05`` or ``5`` (a number above 1 is a percentage).
+
+    Raises:
+        click.BadParameter: not a number from 0 to below 100 %.
+    """
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give a percentage such as 5%") from None
+    fraction = value / 100 if text.strip().endswith("%") or value > 1 else value
+    if not 0 <= fraction < 1:
+        raise click.BadParameter(f"{text!r}: give a percentage from 0 to below 100%")
+    return fraction
+
+
+def parse_stages(text: str) -> list[int]:
+    """``5,25,100`` as a list of percentages.
+
+    Raises:
+        click.BadParameter: anything else.
+    """
+    try:
+        return [int(part.strip().removesuffix("%")) for part in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give percentages such as 5,25,100") from None
+
+
+@click.group()
+def rollout() -> None:
+    """Staged rollouts of a release: canaries first, then growing shares of the fleet."""
+
+
+def _print_rollout(r: dict[str, Any]) -> None:
+    counts = r["counts"]
+    click.echo(
+        f"rollout {r['id']}: {r['version']} {r['state']} at stage {r['stage_name']} "
+        f"({' > '.join(r['stages'])}); {counts['succeeded']} succeeded, {counts['pending']} "
+        f"pending, {counts['failed']} failed" + (f"; {r['reason']}" if r["reason"] else "")
+    )
+
+
+@rollout.command("start")
+@click.argument("version")
+@click.option("--canary", multiple=True, help="A canary device id (repeat for more).")
+@click.option("--device", "devices", multiple=True, help="Limit the rollout to these devices.")
+@click.option("--stages", default="5,25,100", show_default=True, help="Percentages, ending 100.")
+@click.option("--soak", default="15m", show_default=True, help="Soak time of each stage.")
+@click.option("--max-failure", default="5%", show_default=True, help="Failure rate that halts.")
+@click.option("--install-deadline", default="1h", show_default=True, help="Time to commit.")
+@click.option("--no-rollback", is_flag=True, help="On a halt, leave failed devices as they are.")
+@api_options
+def rollout_start(
+    version: str,
+    canary: tuple[str, ...],
+    devices: tuple[str, ...],
+    stages: str,
+    soak: str,
+    max_failure: str,
+    install_deadline: str,
+    no_rollback: bool,
+    server: str | None,
+    token: str | None,
+) -> None:
+    """Start a staged rollout of release VERSION."""
+    document = {
+        "version": version,
+        "device_ids": list(devices) or None,
+        "canary": list(canary),
+        "stages": parse_stages(stages),
+        "soak_s": parse_duration(soak),
+        "max_failure_rate": parse_percent(max_failure),
+        "install_deadline_s": parse_duration(install_deadline),
+        "rollback_on_halt": not no_rollback,
+    }
+    _print_rollout(api_client(server, token).post("/api/v1/rollouts", document))
+
+
+@rollout.command("status")
+@api_options
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+def rollout_status(server: str | None, token: str | None, as_json: bool) -> None:
+    """The rollouts, newest first, and the emergency stop."""
+    answer = api_client(server, token).get("/api/v1/rollouts")
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    stop = answer["emergency_stop"]
+    if stop["active"]:
+        click.echo(f"EMERGENCY STOP since {stop['since']} by {stop['actor']}: {stop['reason']}")
+    for r in answer["rollouts"]:
+        _print_rollout(r)
+    if not answer["rollouts"]:
+        click.echo("no rollouts")
+
+
+def _transition_command(action: str, help_text: str) -> None:
+    @rollout.command(action, help=help_text)
+    @click.argument("rollout_id", type=click.IntRange(1, 2**31 - 1))
+    @click.option("--reason", help="Why (kept in the audit trail).")
+    @api_options
+    def command(rollout_id: int, reason: str | None, server: str | None, token: str | None) -> None:
+        body = {"reason": reason} if reason else {}
+        _print_rollout(
+            api_client(server, token).post(f"/api/v1/rollouts/{rollout_id}/{action}", body)
+        )
+
+
+_transition_command("pause", "Pause a running rollout: no promotion, no new assignments.")
+_transition_command("resume", "Resume a paused rollout.")
+_transition_command("abort", "End a rollout; its uncommitted devices return to their release.")
+_transition_command("rollback", "End a rollout; every one of its devices returns to its release.")
+
+
+@click.command("emergency-stop")
+@click.option("--clear", is_flag=True, help="Turn the emergency stop off.")
+@click.option("--reason", help="Why (kept in the audit trail).")
+@api_options
+def emergency_stop(clear: bool, reason: str | None, server: str | None, token: str | None) -> None:
+    """Pause every rollout and withdraw every uncommitted assignment at once (--clear: undo)."""
+    client = api_client(server, token)
+    if clear:
+        answer = client.post("/api/v1/emergency-stop/clear", {})
+    else:
+        answer = client.post("/api/v1/emergency-stop", {"reason": reason} if reason else {})
+    if answer["active"]:
+        click.echo(f"emergency stop ON since {answer['since']}: {answer['reason']}")
+    else:
+        click.echo("emergency stop off (paused rollouts stay paused until resumed)")

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -209,3 +210,75 @@ class AuditRow(Base):
     details: Mapped[str] = mapped_column(Text)
     prev_hash: Mapped[str] = mapped_column(String(HEX64))
     hash: Mapped[str] = mapped_column(String(HEX64))
+
+
+class Rollout(Base):
+    """A staged rollout of one release to the selected devices (see ``server/rollouts.py``).
+
+    ``canary_ids``, ``device_ids`` and ``stages`` are JSON lists; ``stage`` indexes the plan
+    (the canary stage first when there are canaries, then one stage per percentage).
+    """
+
+    __tablename__ = "rollouts"
+    __table_args__ = (
+        CheckConstraint(
+            "state IN ('running', 'paused', 'halted', 'aborted', 'completed')",
+            name="ck_rollouts_state",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    release_id: Mapped[int] = mapped_column(ForeignKey("releases.id"), index=True)
+    device_ids: Mapped[str | None] = mapped_column(Text)  # JSON list; None: every compatible
+    canary_ids: Mapped[str] = mapped_column(Text)  # JSON list
+    stages: Mapped[str] = mapped_column(Text)  # JSON list of percentages, the last 100
+    soak_s: Mapped[int] = mapped_column(Integer)
+    max_failure_rate: Mapped[float] = mapped_column(Float)
+    install_deadline_s: Mapped[int] = mapped_column(Integer)
+    rollback_on_halt: Mapped[bool] = mapped_column(Boolean)
+    state: Mapped[str] = mapped_column(String(16))
+    stage: Mapped[int] = mapped_column(Integer)
+    stage_started: Mapped[datetime] = mapped_column(UTCDateTime)
+    reason: Mapped[str | None] = mapped_column(Text)  # why it was paused, halted or aborted
+    created: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(160))
+
+    release: Mapped[Release] = relationship()
+
+
+class RolloutDevice(Base):
+    """A device a rollout assigned its release to, and how it fared."""
+
+    __tablename__ = "rollout_devices"
+    __table_args__ = (
+        CheckConstraint(
+            "outcome IN ('pending', 'succeeded', 'failed')", name="ck_rollout_devices_outcome"
+        ),
+    )
+
+    rollout_id: Mapped[int] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    stage: Mapped[int] = mapped_column(Integer)  # the stage whose cohort it joined
+    previous_release_id: Mapped[int | None] = mapped_column(
+        ForeignKey("releases.id", ondelete="SET NULL")
+    )
+    assigned_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    committed_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    outcome: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(64))
+
+
+class FleetControl(Base):
+    """The one row (``id`` 1) of fleet-wide switches: the emergency stop."""
+
+    __tablename__ = "fleet_control"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    emergency_stop: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str | None] = mapped_column(Text)
+    since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    actor: Mapped[str | None] = mapped_column(String(160))

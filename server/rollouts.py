@@ -1,0 +1,755 @@
+"""Staged rollouts: a release reaches the selected devices cohort by cohort, and stops itself.
+
+Three layers, as in the rest of the server:
+
+- **the model** (``server.models.Rollout``, ``RolloutDevice``, ``FleetControl``);
+- **the rules**, pure functions of plain values (:func:`cohort_point`, :func:`device_stage`,
+  :func:`failure_allowance`, :func:`decide`, :func:`device_outcome`), tested by property;
+- **the I/O**: :func:`evaluate` reads what devices reported, applies the rules and writes the
+  transitions, each with an audit entry, in one write transaction under the evaluator lock.
+
+Vocabulary. A rollout's *plan* is its stages: ``canary`` (the named canary devices, when any are
+named), then one stage per percentage of the selected devices (default 5 %, 25 %, 100 %). A
+device's *cohort point* is a hash of the rollout id and the device id into [0, 1); it joins the
+first percentage stage whose fraction is above its point, so cohorts never change between
+evaluations, a device in the 5 % stays in the 25 %, and a device enrolled later joins the cohort
+it hashes into (it is assigned as soon as the rollout's current stage covers it).
+
+A device's *outcome* (see :func:`device_outcome`): it **succeeded** when it has heartbeated the
+new version, committed (not a trial boot, booted slot = primary slot, not in safe mode),
+continuously for the soak time (every evaluation saw a fresh committed heartbeat); it **failed**
+on an ``install.failed``, ``boot_check.rolled_back``, ``boot_check.fell_back`` or
+``boot_check.reported`` event after its assignment, on a safe-mode heartbeat, or when it has not
+been committed by the install deadline. Both are final.
+
+The **failure rule** (the minimum-sample rule): with ``n`` devices assigned so far and ``f`` of
+them failed, the rollout halts when ``f > floor(max_failure_rate * n)``; in the canary stage no
+failure is tolerated. So at 5 %, 1 failure out of 20 does not halt and 2 do; with fewer than 20
+devices any failure halts.
+
+A stage is **promoted** when every device assigned so far has an outcome, the failures are within
+the allowance (so, with no tolerated failure, every device succeeded) and the stage has soaked
+for ``soak_s`` since it started; the last stage's promotion completes the rollout. A rollout
+never promotes past a gate whose failure rule tripped, nor while a device is pending.
+
+With ``rollback_on_halt`` (the default), a failed device is assigned the release it ran before at
+once (even a tolerated failure: left assigned, it would retry the release that failed on it),
+and on a halt so are the devices still pending.
+
+The **emergency stop** pauses every running rollout with its reason and withdraws the assignment
+of every device of a running or paused rollout that has not committed the new release, in the
+same transaction, so the next check-in answers "no assignment". While it is on, nothing starts or
+resumes. The **fleet-wide guard** turns it on by itself when more than 20 % of all enrolled
+devices are unhealthy (in safe mode, or failed in a rollout).
+
+Evaluations are serialized through the database (an advisory lock on PostgreSQL, the write lock
+on SQLite), so any number of server processes may evaluate at once. Every change is one
+transaction: a power cut leaves either the state before the evaluation or the state after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from server import audit
+from server.database import Database
+from server.errors import ApiError, UnknownReleaseError
+from server.models import AuditRow, Device, FleetControl, Release, Rollout, RolloutDevice
+from server.settings import iso
+
+# A PostgreSQL advisory lock key, fixed forever (server.database holds the others).
+ROLLOUT_EVALUATOR_LOCK = 0x6D66_0003
+ENGINE_ACTOR = "rollout-engine"
+DEFAULT_STAGES = (5, 25, 100)
+DEFAULT_SOAK_S = 900
+DEFAULT_MAX_FAILURE_RATE = 0.05
+DEFAULT_INSTALL_DEADLINE_S = 3600
+# A device heartbeats every 60 s; a committed device silent for longer than this is not
+# "continuously" committed, and its soak starts again with its next heartbeat.
+HEARTBEAT_FRESH_S = 180
+FLEET_UNHEALTHY_LIMIT = 0.20
+FAILURE_EVENTS = (
+    "install.failed",
+    "boot_check.rolled_back",
+    "boot_check.fell_back",
+    "boot_check.reported",
+)
+CANARY = "canary"
+
+
+class RolloutState(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    HALTED = "halted"
+    ABORTED = "aborted"
+    COMPLETED = "completed"
+
+
+ACTIVE = (RolloutState.RUNNING, RolloutState.PAUSED)
+
+
+class Outcome(StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+class UnknownRolloutError(ApiError):
+    """No rollout with that id."""
+
+    status: ClassVar[int] = 404
+    code: ClassVar[str] = "unknown_rollout"
+
+
+class RolloutConflictError(ApiError):
+    """The transition is not allowed now (another rollout is active, the emergency stop is
+    on, or the rollout is in a state the transition does not start from)."""
+
+    status: ClassVar[int] = 409
+    code: ClassVar[str] = "rollout_conflict"
+
+
+class InvalidRolloutError(ApiError):
+    """The rollout's plan is inconsistent (stages, canaries, selection, rates)."""
+
+    status: ClassVar[int] = 422
+    code: ClassVar[str] = "invalid_rollout"
+
+
+# --- the rules (pure) ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The stages of a rollout: ``has_canary`` first, then the percentages (the last 100)."""
+
+    has_canary: bool
+    percents: tuple[int, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return ([CANARY] if self.has_canary else []) + [f"{p}%" for p in self.percents]
+
+    def __len__(self) -> int:
+        return len(self.percents) + (1 if self.has_canary else 0)
+
+    def is_canary(self, stage: int) -> bool:
+        return self.has_canary and stage == 0
+
+
+def check_percents(percents: Sequence[int]) -> tuple[int, ...]:
+    """The percentages, validated: strictly increasing, within 1..100, ending with 100.
+
+    Raises:
+        InvalidRolloutError: anything else.
+    """
+    values = tuple(percents)
+    if (
+        not values
+        or values[-1] != 100
+        or any(not 1 <= p <= 100 for p in values)
+        or any(a >= b for a, b in itertools.pairwise(values))
+    ):
+        raise InvalidRolloutError(
+            f"stages {list(values)}: give increasing percentages from 1 to 100, ending with 100"
+        )
+    return values
+
+
+def cohort_point(rollout_id: int, device_id: str) -> float:
+    """The device's place in the rollout's cohorts, in [0, 1): the same on every evaluation
+    and every server process (SHA-256 of the rollout id and the device id)."""
+    digest = hashlib.sha256(f"rollout {rollout_id}\n{device_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def device_stage(plan: Plan, point: float, canary: bool) -> int:
+    """The stage whose cohort the device joins: the canary stage for a canary, otherwise the
+    first percentage stage whose fraction exceeds ``point`` (the last stage, 100 %, always)."""
+    if canary and plan.has_canary:
+        return 0
+    offset = 1 if plan.has_canary else 0
+    for index, percent in enumerate(plan.percents):
+        if point < percent / 100:
+            return offset + index
+    return offset + len(plan.percents) - 1
+
+
+def failure_allowance(devices: int, max_failure_rate: float, canary: bool) -> int:
+    """How many failed devices a stage with ``devices`` assigned tolerates:
+    ``floor(max_failure_rate * devices)``, and none in the canary stage.
+
+    (The small epsilon keeps 0.07 * 100 from counting as 7.000000000000001 or 0.29 * 100 as
+    28.999999999999996.)"""
+    if canary:
+        return 0
+    return math.floor(max_failure_rate * devices + 1e-9)
+
+
+class Decision(StrEnum):
+    WAIT = "wait"
+    PROMOTE = "promote"
+    COMPLETE = "complete"
+    HALT = "halt"
+
+
+def decide(
+    plan: Plan,
+    stage: int,
+    outcomes: Sequence[Outcome],
+    soaked: bool,
+    max_failure_rate: float,
+) -> Decision:
+    """What a running rollout in ``stage`` does next, given the outcomes of every device
+    assigned so far and whether the stage has soaked for its time.
+
+    Halting wins over everything. Promotion needs every device to have an outcome and the
+    failures to stay within the allowance: a tolerated failure (1 of 20 at 5 %) neither halts
+    the rollout nor holds it at its stage forever.
+    """
+    failures = sum(1 for o in outcomes if o is Outcome.FAILED)
+    if failures > failure_allowance(len(outcomes), max_failure_rate, plan.is_canary(stage)):
+        return Decision.HALT
+    if not soaked or any(o is Outcome.PENDING for o in outcomes):
+        return Decision.WAIT
+    return Decision.COMPLETE if stage >= len(plan) - 1 else Decision.PROMOTE
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the server knows of a device, as the rules need it."""
+
+    version: str | None  # of the last heartbeat
+    committed: bool  # last heartbeat: not trial, booted == primary, not safe mode
+    safe_mode: bool  # last heartbeat
+    heartbeat_at: datetime | None
+    failure_event: str | None  # the first failure event since the assignment
+
+
+def device_outcome(
+    observation: Observation,
+    *,
+    version: str,
+    assigned_at: datetime,
+    committed_since: datetime | None,
+    now: datetime,
+    soak_s: int,
+    install_deadline_s: int,
+) -> tuple[Outcome, datetime | None, str | None]:
+    """The device's outcome, its new ``committed_since`` and the reason of a failure."""
+    if observation.failure_event is not None:
+        return Outcome.FAILED, committed_since, observation.failure_event
+    heartbeat_at = observation.heartbeat_at
+    # Only what the device said after it was assigned the release counts.
+    if heartbeat_at is not None and heartbeat_at >= assigned_at:
+        if observation.safe_mode:
+            return Outcome.FAILED, committed_since, "safe_mode"
+        fresh = now - heartbeat_at <= timedelta(seconds=HEARTBEAT_FRESH_S)
+        if fresh and observation.committed and observation.version == version:
+            since = committed_since or heartbeat_at
+            if now - since >= timedelta(seconds=soak_s):
+                return Outcome.SUCCEEDED, since, None
+            return Outcome.PENDING, since, None
+    if now - assigned_at > timedelta(seconds=install_deadline_s):
+        return Outcome.FAILED, None, "install_deadline"
+    return Outcome.PENDING, None, None
+
+
+# --- the I/O ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RolloutRequest:
+    """What an operator asks for; the defaults are the issue's."""
+
+    version: str
+    device_ids: tuple[str, ...] | None = None
+    canary_ids: tuple[str, ...] = ()
+    stages: tuple[int, ...] = DEFAULT_STAGES
+    soak_s: int = DEFAULT_SOAK_S
+    max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE
+    install_deadline_s: int = DEFAULT_INSTALL_DEADLINE_S
+    rollback_on_halt: bool = True
+
+
+def _plan(rollout: Rollout) -> Plan:
+    return Plan(bool(json.loads(rollout.canary_ids)), tuple(json.loads(rollout.stages)))
+
+
+def _control(session: Session) -> FleetControl:
+    control = session.get(FleetControl, 1)
+    if control is None:
+        control = FleetControl(id=1, emergency_stop=False)
+        session.add(control)
+        session.flush()
+    return control
+
+
+def _rollout(session: Session, rollout_id: int) -> Rollout:
+    rollout = session.get(Rollout, rollout_id)
+    if rollout is None:
+        raise UnknownRolloutError(f"no rollout {rollout_id}")
+    return rollout
+
+
+def _selected(session: Session, rollout: Rollout, release: Release) -> list[Device]:
+    query = select(Device).where(Device.compatible == release.compatible).order_by(Device.id)
+    chosen = json.loads(rollout.device_ids) if rollout.device_ids is not None else None
+    if chosen is not None:
+        query = query.where(Device.id.in_(chosen))
+    return list(session.scalars(query))
+
+
+def _audit(
+    db: Database, session: Session, now: datetime, actor: str, action: str, rollout: Rollout,
+    **details: Any,
+) -> None:  # fmt: skip
+    audit.append(
+        db,
+        session,
+        at=now,
+        actor=actor,
+        action=action,
+        subject=f"rollout:{rollout.id}",
+        details={"version": rollout.release.version, "stage": rollout.stage, **details},
+    )
+
+
+def start(db: Database, request: RolloutRequest, *, actor: str, now: datetime) -> dict[str, Any]:
+    """Create a running rollout of ``request.version`` and assign its first cohort.
+
+    Raises:
+        UnknownReleaseError: no such release.
+        InvalidRolloutError: the stages, rates or canaries do not make a plan.
+        RolloutConflictError: another rollout is running or paused, or the emergency stop is on.
+    """
+    percents = check_percents(request.stages)
+    if not 0 <= request.max_failure_rate < 1:
+        raise InvalidRolloutError("max failure rate: give a fraction from 0 to below 1")
+    if request.soak_s < 0 or request.install_deadline_s <= 0:
+        raise InvalidRolloutError("soak and install deadline: give positive seconds")
+    with db.write() as session:
+        db.lock(session, ROLLOUT_EVALUATOR_LOCK)
+        if _control(session).emergency_stop:
+            raise RolloutConflictError("the emergency stop is on: clear it first")
+        active = session.scalars(select(Rollout).where(Rollout.state.in_(ACTIVE))).first()
+        if active is not None:
+            raise RolloutConflictError(
+                f"rollout {active.id} is {active.state}: abort it or let it finish first"
+            )
+        release = session.scalars(select(Release).where(Release.version == request.version)).first()
+        if release is None:
+            raise UnknownReleaseError(f"no release {request.version!r}")
+        rollout = Rollout(
+            release=release,
+            device_ids=json.dumps(sorted(request.device_ids))
+            if request.device_ids is not None
+            else None,
+            canary_ids=json.dumps(sorted(set(request.canary_ids))),
+            stages=json.dumps(list(percents)),
+            soak_s=request.soak_s,
+            max_failure_rate=request.max_failure_rate,
+            install_deadline_s=request.install_deadline_s,
+            rollback_on_halt=request.rollback_on_halt,
+            state=RolloutState.RUNNING,
+            stage=0,
+            stage_started=now,
+            created=now,
+            created_by=actor,
+        )
+        session.add(rollout)
+        session.flush()
+        selected = {d.id for d in _selected(session, rollout, release)}
+        strangers = sorted(set(request.canary_ids) - selected)
+        if strangers:
+            raise InvalidRolloutError(
+                f"canary {strangers[0]} is not a selected device compatible with "
+                f"{release.compatible!r}"
+            )
+        _audit(db, session, now, actor, "rollout.started", rollout, plan=_plan(rollout).names)
+        _assign_cohort(db, session, rollout, now)
+        session.flush()
+        return _view(session, rollout)
+
+
+def _assign_cohort(db: Database, session: Session, rollout: Rollout, now: datetime) -> None:
+    """Assign the release to every selected device the current stage covers and that has no
+    assignment from this rollout yet (new cohort members and devices enrolled since)."""
+    plan = _plan(rollout)
+    canaries = set(json.loads(rollout.canary_ids))
+    known = set(
+        session.scalars(
+            select(RolloutDevice.device_id).where(RolloutDevice.rollout_id == rollout.id)
+        )
+    )
+    versions: dict[str, int] = {
+        version: release_id
+        for version, release_id in session.execute(select(Release.version, Release.id))
+    }
+    assigned = []
+    for device in _selected(session, rollout, rollout.release):
+        if device.id in known:
+            continue
+        stage = device_stage(plan, cohort_point(rollout.id, device.id), device.id in canaries)
+        if stage > rollout.stage:
+            continue
+        # The release it runs now is what a rollback returns it to; failing that, what it was
+        # assigned before.
+        previous = versions.get(device.version or "", device.assigned_release_id)
+        session.add(
+            RolloutDevice(
+                rollout_id=rollout.id,
+                device_id=device.id,
+                stage=stage,
+                previous_release_id=previous,
+                assigned_at=now,
+                outcome=Outcome.PENDING,
+            )
+        )
+        device.assigned_release_id = rollout.release_id
+        assigned.append(device.id)
+    if assigned:
+        _audit(db, session, now, ENGINE_ACTOR, "rollout.assigned", rollout, devices=assigned)
+
+
+def _observe(session: Session, member: RolloutDevice, device: Device) -> Observation:
+    heartbeat = json.loads(device.last_heartbeat) if device.last_heartbeat else {}
+    committed = (
+        bool(heartbeat)
+        and not heartbeat.get("trial", True)
+        and not heartbeat.get("safe_mode", False)
+        and heartbeat.get("booted") == heartbeat.get("primary")
+    )
+    event = session.scalars(
+        select(AuditRow.action)
+        .where(
+            AuditRow.subject == device.id,
+            AuditRow.actor == f"device:{device.id}",
+            AuditRow.action.in_(FAILURE_EVENTS),
+            AuditRow.at >= audit.audit_time(member.assigned_at),
+        )
+        .order_by(AuditRow.seq)
+        .limit(1)
+    ).first()
+    return Observation(
+        version=device.version,
+        committed=committed,
+        safe_mode=bool(heartbeat.get("safe_mode", False)),
+        heartbeat_at=device.last_heartbeat_at,
+        failure_event=event,
+    )
+
+
+def _members(session: Session, rollout: Rollout) -> list[tuple[RolloutDevice, Device]]:
+    rows = session.execute(
+        select(RolloutDevice, Device)
+        .join(Device, Device.id == RolloutDevice.device_id)
+        .where(RolloutDevice.rollout_id == rollout.id)
+        .order_by(RolloutDevice.device_id)
+    )
+    return [(member, device) for member, device in rows]
+
+
+def _update_outcomes(db: Database, session: Session, rollout: Rollout, now: datetime) -> None:
+    for member, device in _members(session, rollout):
+        if member.outcome != Outcome.PENDING:
+            continue
+        outcome, since, reason = device_outcome(
+            _observe(session, member, device),
+            version=rollout.release.version,
+            assigned_at=member.assigned_at,
+            committed_since=member.committed_since,
+            now=now,
+            soak_s=rollout.soak_s,
+            install_deadline_s=rollout.install_deadline_s,
+        )
+        member.committed_since = since
+        if outcome is not Outcome.PENDING:
+            member.outcome, member.reason = outcome, reason
+            # By policy a failed device goes back at once, even when its failure is tolerated:
+            # left assigned, it would retry the release that just failed on it.
+            returned = (
+                outcome is Outcome.FAILED
+                and rollout.rollback_on_halt
+                and device.assigned_release_id == rollout.release_id
+            )
+            if returned:
+                device.assigned_release_id = member.previous_release_id
+            _audit(
+                db, session, now, ENGINE_ACTOR, f"rollout.device_{outcome.value}", rollout,
+                device=device.id, reason=reason, returned=returned,
+            )  # fmt: skip
+
+
+def _return_devices(session: Session, rollout: Rollout, outcomes: Iterable[Outcome]) -> list[str]:
+    """Assign the previous release back to this rollout's devices with ``outcomes``."""
+    wanted = set(outcomes)
+    returned = []
+    for member, device in _members(session, rollout):
+        if Outcome(member.outcome) in wanted and device.assigned_release_id == rollout.release_id:
+            device.assigned_release_id = member.previous_release_id
+            returned.append(device.id)
+    return returned
+
+
+def _step(db: Database, session: Session, rollout: Rollout, now: datetime) -> None:
+    """One evaluation of one running rollout."""
+    _assign_cohort(db, session, rollout, now)
+    session.flush()
+    _update_outcomes(db, session, rollout, now)
+    session.flush()
+    plan = _plan(rollout)
+    outcomes = [Outcome(m.outcome) for m, _ in _members(session, rollout)]
+    soaked = now - rollout.stage_started >= timedelta(seconds=rollout.soak_s)
+    decision = decide(plan, rollout.stage, outcomes, soaked, rollout.max_failure_rate)
+    if decision is Decision.HALT:
+        failed = outcomes.count(Outcome.FAILED)
+        rollout.state = RolloutState.HALTED
+        rollout.reason = (
+            f"{failed} of {len(outcomes)} devices failed in stage " + (plan.names[rollout.stage])
+        )
+        returned = (
+            _return_devices(session, rollout, (Outcome.FAILED, Outcome.PENDING))
+            if rollout.rollback_on_halt
+            else []
+        )
+        _audit(
+            db, session, now, ENGINE_ACTOR, "rollout.halted", rollout,
+            reason=rollout.reason, rolled_back=returned,
+        )  # fmt: skip
+    elif decision is Decision.COMPLETE:
+        rollout.state = RolloutState.COMPLETED
+        _audit(db, session, now, ENGINE_ACTOR, "rollout.completed", rollout)
+    elif decision is Decision.PROMOTE:
+        rollout.stage += 1
+        rollout.stage_started = now
+        _audit(
+            db,
+            session,
+            now,
+            ENGINE_ACTOR,
+            "rollout.promoted",
+            rollout,
+            to=plan.names[rollout.stage],
+        )
+        _assign_cohort(db, session, rollout, now)
+
+
+def _fleet_guard(db: Database, session: Session, control: FleetControl, now: datetime) -> None:
+    total = session.scalar(select(func.count()).select_from(Device)) or 0
+    if total == 0 or control.emergency_stop:
+        return
+    # Only failures of active rollouts: a halted rollout's devices are on their way back.
+    failed = (
+        select(RolloutDevice.device_id)
+        .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
+        .where(RolloutDevice.outcome == Outcome.FAILED, Rollout.state.in_(ACTIVE))
+    )
+    unhealthy = (
+        session.scalar(
+            select(func.count())
+            .select_from(Device)
+            .where((Device.state == "safe_mode") | Device.id.in_(failed))
+        )
+        or 0
+    )
+    if unhealthy / total > FLEET_UNHEALTHY_LIMIT:
+        _stop(
+            db, session, control, now, ENGINE_ACTOR,
+            f"fleet guard: {unhealthy} of {total} devices unhealthy",
+        )  # fmt: skip
+
+
+def evaluate(db: Database, now: datetime) -> None:
+    """Evaluate every running rollout once: new cohort members, outcomes, halt or promotion;
+    then the fleet-wide guard. One evaluator at a time, whichever process runs it."""
+    with db.write() as session:
+        db.lock(session, ROLLOUT_EVALUATOR_LOCK)
+        control = _control(session)
+        if not control.emergency_stop:
+            running = session.scalars(
+                select(Rollout).where(Rollout.state == RolloutState.RUNNING).order_by(Rollout.id)
+            )
+            for rollout in list(running):
+                _step(db, session, rollout, now)
+        session.flush()
+        _fleet_guard(db, session, control, now)
+
+
+def _stop(
+    db: Database, session: Session, control: FleetControl, now: datetime, actor: str, reason: str
+) -> None:
+    control.emergency_stop, control.reason, control.since, control.actor = True, reason, now, actor
+    audit.append(
+        db, session, at=now, actor=actor, action="fleet.emergency_stop", details={"reason": reason}
+    )
+    for rollout in session.scalars(select(Rollout).where(Rollout.state.in_(ACTIVE))).all():
+        withdrawn = []
+        for member, device in _members(session, rollout):
+            committed = member.outcome == Outcome.SUCCEEDED or (
+                member.committed_since is not None and device.version == rollout.release.version
+            )
+            if not committed and device.assigned_release_id == rollout.release_id:
+                device.assigned_release_id = None
+                withdrawn.append(device.id)
+        if rollout.state == RolloutState.RUNNING:
+            rollout.state, rollout.reason = RolloutState.PAUSED, f"emergency stop: {reason}"
+        _audit(db, session, now, actor, "rollout.paused", rollout, reason=rollout.reason,
+               withdrawn=withdrawn)  # fmt: skip
+
+
+def emergency_stop(db: Database, reason: str, *, actor: str, now: datetime) -> dict[str, Any]:
+    """Pause every rollout and withdraw every uncommitted rollout assignment, at once."""
+    with db.write() as session:
+        db.lock(session, ROLLOUT_EVALUATOR_LOCK)
+        control = _control(session)
+        if not control.emergency_stop:
+            _stop(db, session, control, now, actor, reason)
+        return _control_view(control)
+
+
+def clear_emergency_stop(db: Database, *, actor: str, now: datetime) -> dict[str, Any]:
+    """Turn the emergency stop off; paused rollouts stay paused until resumed."""
+    with db.write() as session:
+        db.lock(session, ROLLOUT_EVALUATOR_LOCK)
+        control = _control(session)
+        if control.emergency_stop:
+            control.emergency_stop, control.reason, control.since = False, None, now
+            control.actor = actor
+            audit.append(db, session, at=now, actor=actor, action="fleet.emergency_stop_cleared")
+        return _control_view(control)
+
+
+def transition(
+    db: Database, rollout_id: int, action: str, *, actor: str, now: datetime, reason: str | None
+) -> dict[str, Any]:
+    """``pause``, ``resume``, ``abort`` or ``rollback`` the rollout.
+
+    ``abort`` ends it and returns its uncommitted devices to their previous release;
+    ``rollback`` ends it and returns every one of its devices.
+
+    Raises:
+        UnknownRolloutError: no such rollout.
+        RolloutConflictError: not allowed from the rollout's state (or during the emergency
+            stop, for ``resume``).
+    """
+    allowed = {
+        "pause": (RolloutState.RUNNING,),
+        "resume": (RolloutState.PAUSED,),
+        "abort": (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.HALTED),
+        "rollback": tuple(RolloutState),
+    }
+    with db.write() as session:
+        db.lock(session, ROLLOUT_EVALUATOR_LOCK)
+        rollout = _rollout(session, rollout_id)
+        if rollout.state not in allowed[action]:
+            raise RolloutConflictError(f"rollout {rollout_id} is {rollout.state}: cannot {action}")
+        details: dict[str, Any] = {"reason": reason}
+        if action == "pause":
+            rollout.state, rollout.reason = RolloutState.PAUSED, reason or "paused"
+        elif action == "resume":
+            if _control(session).emergency_stop:
+                raise RolloutConflictError("the emergency stop is on: clear it first")
+            rollout.state, rollout.reason = RolloutState.RUNNING, None
+            details["reassigned"] = _reassign_pending(session, rollout)
+        elif action == "abort":
+            rollout.state, rollout.reason = RolloutState.ABORTED, reason or "aborted"
+            details["returned"] = _return_devices(session, rollout, (Outcome.PENDING,))
+        else:
+            rollout.state, rollout.reason = RolloutState.ABORTED, reason or "rolled back"
+            details["returned"] = _return_devices(session, rollout, tuple(Outcome))
+        past = {"pause": "paused", "resume": "resumed", "abort": "aborted"}
+        _audit(db, session, now, actor, f"rollout.{past.get(action, 'rolled_back')}", rollout,
+               **details)  # fmt: skip
+        session.flush()
+        return _view(session, rollout)
+
+
+def _reassign_pending(session: Session, rollout: Rollout) -> list[str]:
+    """After an emergency stop: give the rollout's pending devices its release again."""
+    reassigned = []
+    for member, device in _members(session, rollout):
+        if member.outcome == Outcome.PENDING and device.assigned_release_id is None:
+            device.assigned_release_id = rollout.release_id
+            reassigned.append(device.id)
+    return reassigned
+
+
+def _control_view(control: FleetControl) -> dict[str, Any]:
+    return {
+        "active": control.emergency_stop,
+        "reason": control.reason,
+        "since": iso(control.since) if control.since else None,
+        "actor": control.actor,
+    }
+
+
+def _view(session: Session, rollout: Rollout) -> dict[str, Any]:
+    plan = _plan(rollout)
+    members = _members(session, rollout)
+    counts = {o.value: 0 for o in Outcome}
+    for member, _ in members:
+        counts[member.outcome] += 1
+    return {
+        "id": rollout.id,
+        "version": rollout.release.version,
+        "state": rollout.state,
+        "stage": rollout.stage,
+        "stage_name": plan.names[rollout.stage],
+        "stages": plan.names,
+        "stage_started": iso(rollout.stage_started),
+        "soak_s": rollout.soak_s,
+        "max_failure_rate": rollout.max_failure_rate,
+        "install_deadline_s": rollout.install_deadline_s,
+        "rollback_on_halt": rollout.rollback_on_halt,
+        "reason": rollout.reason,
+        "created": iso(rollout.created),
+        "created_by": rollout.created_by,
+        "counts": counts,
+        "devices": [
+            {
+                "id": m.device_id,
+                "stage": plan.names[m.stage],
+                "outcome": m.outcome,
+                "reason": m.reason,
+            }
+            for m, _ in members
+        ],
+    }
+
+
+def status(db: Database) -> dict[str, Any]:
+    """Every rollout (newest first) and the emergency stop."""
+    with db.read() as session:
+        rollouts = session.scalars(select(Rollout).order_by(Rollout.id.desc())).all()
+        control = session.get(FleetControl, 1)
+        return {
+            "rollouts": [_view(session, r) for r in rollouts],
+            "emergency_stop": _control_view(control)
+            if control is not None
+            else {"active": False, "reason": None, "since": None, "actor": None},
+        }
+
+
+def get(db: Database, rollout_id: int) -> dict[str, Any]:
+    """One rollout.
+
+    Raises:
+        UnknownRolloutError: no such rollout.
+    """
+    with db.read() as session:
+        return _view(session, _rollout(session, rollout_id))

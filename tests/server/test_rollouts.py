@@ -1,0 +1,488 @@
+"""Staged rollouts: the pure rules by property, the engine through the API, the CLI and a fake
+fleet of devices that heartbeat and report events on the server's fake clock."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fleet_core.cli import fleet
+from server import rollouts
+from server.audit import AuditEntry, verify_chain
+from server.database import Database
+from server.rollouts import (
+    Decision,
+    Observation,
+    Outcome,
+    Plan,
+    cohort_point,
+    decide,
+    device_outcome,
+    device_stage,
+    failure_allowance,
+)
+from server.settings import utc
+from tests.server.conftest import FakeDevice, Harness, LiveServer
+
+Enrolled = Callable[..., FakeDevice]
+MakeBundle = Callable[..., Path]
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+# --- the rules, by property -----------------------------------------------------------------
+
+percent_lists = st.lists(st.integers(1, 99), max_size=4, unique=True).map(
+    lambda ps: (*sorted(ps), 100)
+)
+plans = st.builds(Plan, st.booleans(), percent_lists)
+outcome_lists = st.lists(st.sampled_from(list(Outcome)), max_size=60)
+rates = st.sampled_from([0.0, 0.01, 0.05, 0.1, 0.25, 0.5])
+device_ids = st.text("0123456789abcdef", min_size=64, max_size=64)
+
+
+def test_failure_rule_examples() -> None:
+    assert failure_allowance(20, 0.05, canary=False) == 1  # 1 of 20 holds, 2 of 20 halt
+    assert failure_allowance(19, 0.05, canary=False) == 0
+    assert failure_allowance(100, 0.07, canary=False) == 7
+    assert failure_allowance(100, 0.29, canary=False) == 29
+    assert failure_allowance(1000, 0.5, canary=True) == 0
+    plan = Plan(False, (5, 25, 100))
+    ok = [Outcome.SUCCEEDED] * 19
+    assert decide(plan, 0, [*ok, Outcome.FAILED], True, 0.05) is Decision.PROMOTE
+    assert decide(plan, 0, [*ok, Outcome.PENDING], True, 0.05) is Decision.WAIT
+    assert decide(plan, 0, [*ok[:18], Outcome.FAILED, Outcome.FAILED], True, 0.05) is (
+        Decision.HALT
+    )
+
+
+@given(plans, st.data(), outcome_lists, st.booleans(), rates)
+def test_decide_halts_exactly_when_the_rule_says(
+    plan: Plan, data: st.DataObject, outcomes: list[Outcome], soaked: bool, rate: float
+) -> None:
+    stage = data.draw(st.integers(0, len(plan) - 1))
+    decision = decide(plan, stage, outcomes, soaked, rate)
+    failures = outcomes.count(Outcome.FAILED)
+    canary = plan.has_canary and stage == 0
+    limit = 0 if canary else int(rate * len(outcomes) + 1e-9)
+    assert (decision is Decision.HALT) == (failures > limit)
+    if decision in (Decision.PROMOTE, Decision.COMPLETE):
+        # Never past a failed or unfinished gate, never before the soak.
+        assert soaked and Outcome.PENDING not in outcomes and failures <= limit
+        assert (decision is Decision.COMPLETE) == (stage == len(plan) - 1)
+    if soaked and Outcome.PENDING not in outcomes and failures <= limit:
+        assert decision in (Decision.PROMOTE, Decision.COMPLETE)
+    if failures == 0 and decision is not Decision.WAIT:
+        assert decision is not Decision.HALT
+
+
+@given(plans, st.integers(1, 2**31 - 1), st.lists(device_ids, max_size=40, unique=True), st.data())
+def test_cohorts_are_stable_and_monotone(
+    plan: Plan, rollout_id: int, ids: list[str], data: st.DataObject
+) -> None:
+    canaries = set(data.draw(st.lists(st.sampled_from(ids), max_size=3))) if ids else set()
+
+    def stages() -> dict[str, int]:
+        return {d: device_stage(plan, cohort_point(rollout_id, d), d in canaries) for d in ids}
+
+    first = stages()
+    assert stages() == first  # the same on every evaluation
+    # A device enrolled later changes nobody's cohort: each device's stage depends on itself.
+    assert {d: first[d] for d in ids[: len(ids) // 2]} == {
+        d: device_stage(plan, cohort_point(rollout_id, d), d in canaries)
+        for d in ids[: len(ids) // 2]
+    }
+    previous: set[str] = set()
+    for stage in range(len(plan)):
+        cohort = {d for d, s in first.items() if s <= stage}
+        assert previous <= cohort  # a device in 5 % stays in 25 %
+        previous = cohort
+    assert previous == set(ids)  # the last stage is everybody
+    for d, s in first.items():
+        assert 0 <= cohort_point(rollout_id, d) < 1
+        if plan.has_canary:
+            assert (s == 0) == (d in canaries)
+
+
+@given(plans, rates, st.lists(st.booleans(), min_size=1, max_size=50), st.integers(1, 10**6))
+def test_a_simulated_rollout_never_passes_a_failed_gate(
+    plan: Plan, rate: float, fates: list[bool], rollout_id: int
+) -> None:
+    """Devices with a bad fate fail, the others succeed; run the rules stage by stage."""
+    ids = [f"{i:064x}" for i in range(len(fates))]
+    canaries = set(ids[:2])
+    stage_of = {d: device_stage(plan, cohort_point(rollout_id, d), d in canaries) for d in ids}
+    stage, decision = 0, Decision.PROMOTE
+    while decision is Decision.PROMOTE:
+        cohort = [good for d, good in zip(ids, fates, strict=True) if stage_of[d] <= stage]
+        outcomes = [Outcome.SUCCEEDED if good else Outcome.FAILED for good in cohort]
+        decision = decide(plan, stage, outcomes, True, rate)
+        if decision is Decision.PROMOTE:
+            stage += 1
+    failures = outcomes.count(Outcome.FAILED)
+    if decision is Decision.COMPLETE:
+        assert failures <= failure_allowance(len(outcomes), rate, canary=False)
+        assert stage == len(plan) - 1
+    else:
+        assert decision is Decision.HALT
+        assert failures > failure_allowance(len(outcomes), rate, plan.is_canary(stage))
+
+
+@given(
+    st.booleans(), st.booleans(), st.booleans(),
+    st.sampled_from([None, "install.failed", "boot_check.fell_back"]),
+    st.integers(-100, 5000), st.integers(0, 5000), st.sampled_from([None, 0, 300, 2000]),
+)  # fmt: skip
+def test_device_outcome_rules(
+    committed: bool,
+    safe_mode: bool,
+    new_version: bool,
+    event: str | None,
+    heartbeat_offset: int,
+    now_offset: int,
+    since_offset: int | None,
+) -> None:
+    heartbeat_at = T0 + timedelta(seconds=heartbeat_offset)
+    now = max(heartbeat_at, T0 + timedelta(seconds=now_offset))
+    since = T0 + timedelta(seconds=since_offset) if since_offset is not None else None
+    observation = Observation("2.0.0" if new_version else "1.0.0", committed, safe_mode,
+                              heartbeat_at, event)  # fmt: skip
+    outcome, new_since, reason = device_outcome(
+        observation, version="2.0.0", assigned_at=T0, committed_since=since, now=now,
+        soak_s=900, install_deadline_s=3600,
+    )  # fmt: skip
+    if event is not None:
+        assert (outcome, reason) == (Outcome.FAILED, event)
+    elif safe_mode and heartbeat_offset >= 0:
+        assert (outcome, reason) == (Outcome.FAILED, "safe_mode")
+    if outcome is Outcome.SUCCEEDED:
+        assert committed and new_version and not safe_mode and event is None
+        assert new_since is not None and now - new_since >= timedelta(seconds=900)
+        assert now - heartbeat_at <= timedelta(seconds=rollouts.HEARTBEAT_FRESH_S)
+    if reason == "install_deadline":
+        assert now - T0 > timedelta(seconds=3600)
+
+
+# --- the engine through the API -------------------------------------------------------------
+
+
+class Fleet:
+    """Fake devices that check in and heartbeat what they were assigned (or stay put)."""
+
+    def __init__(self, harness: Harness, devices: list[FakeDevice]) -> None:
+        self.harness = harness
+        self.devices = devices
+        self.bad: set[str] = set()  # devices whose install of the new release fails
+        self.seq: dict[str, int] = {d.id: 0 for d in devices}
+        self.version = {d.id: "1.0.0" for d in devices}
+        self.logged_in: dict[str, float] = {}
+
+    def assigned(self) -> dict[str, str | None]:
+        response = self.harness.client.get("/api/v1/devices", headers=self.harness.viewer)
+        return {d["id"]: d["assigned_version"] for d in response.json()["devices"]}
+
+    def tick(self, seconds: float = 150) -> dict[str, Any]:
+        assigned = self.assigned()
+        for device in self.devices:
+            if self.harness.clock.now - self.logged_in.get(device.id, -1e12) > 3000:
+                device.login()  # sessions last an hour of the fake clock
+                self.logged_in[device.id] = self.harness.clock.now
+            target = assigned[device.id]
+            if target is not None and target != self.version[device.id]:
+                if device.id in self.bad:
+                    self.seq[device.id] += 1
+                    response = device.events(("install.failed", self.seq[device.id]))
+                    assert response.status_code == 204, response.text
+                    continue
+                self.version[device.id] = target
+            version = self.version[device.id]
+            response = device.heartbeat(
+                version=version,
+                slots={"a": {"status": "good", "version": version}, "b": {"status": "good"}},
+            )
+            assert response.status_code == 204, response.text
+        self.harness.clock.advance(seconds)
+        return status(self.harness)
+
+
+def status(harness: Harness) -> dict[str, Any]:
+    response = harness.client.get("/api/v1/rollouts", headers=harness.viewer)
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def start(harness: Harness, **body: Any) -> dict[str, Any]:
+    response = harness.client.post("/api/v1/rollouts", json=body, headers=harness.operator)
+    assert response.status_code == 201, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def actions(harness: Harness) -> list[dict[str, Any]]:
+    response = harness.client.get("/api/v1/audit?limit=1000", headers=harness.viewer)
+    return [e for e in response.json()["entries"] if not e["actor"].startswith("device:")]
+
+
+@pytest.fixture
+def fleet_of(
+    harness: Harness, enrolled: Enrolled, make_bundle: MakeBundle
+) -> Callable[[int], Fleet]:
+    def make(size: int) -> Fleet:
+        for version in ("1.0.0", "2.0.0"):
+            response = harness.upload(make_bundle(f"{version}.bundle", version=version))
+            assert response.status_code == 201, response.text
+        devices = [enrolled(hostname=f"cam-{i:04d}") for i in range(size)]
+        return Fleet(harness, devices)
+
+    return make
+
+
+def test_a_good_release_goes_canary_5_25_100(harness: Harness, fleet_of: Any) -> None:
+    fleet = fleet_of(20)
+    fleet.tick(0)
+    canaries = [d.id for d in fleet.devices[:2]]
+    rollout = start(harness, version="2.0.0", canary=canaries, soak_s=600)
+    assert rollout["stage_name"] == "canary"
+    assert {d["id"] for d in rollout["devices"]} == set(canaries)
+    seen, cohorts = ["canary"], [set(canaries)]
+    for _ in range(60):
+        answer = fleet.tick()["rollouts"][0]
+        members = {d["id"] for d in answer["devices"]}
+        assert cohorts[-1] <= members  # nobody ever leaves a cohort
+        if answer["stage_name"] != seen[-1]:
+            seen.append(answer["stage_name"])
+            cohorts.append(members)
+        if answer["state"] == "completed":
+            break
+    assert answer["state"] == "completed", answer
+    assert seen == ["canary", "5%", "25%", "100%"]
+    assert answer["counts"] == {"pending": 0, "succeeded": 20, "failed": 0}
+    assert set(fleet.assigned().values()) == {"2.0.0"}
+    assert set(fleet.version.values()) == {"2.0.0"}
+    done = [e["action"] for e in actions(harness) if e["subject"] == f"rollout:{rollout['id']}"]
+    assert done.count("rollout.promoted") == 3
+    assert done[0] == "rollout.started" and done[-1] == "rollout.completed"
+
+
+def test_a_bad_release_halts_at_canary(harness: Harness, fleet_of: Any) -> None:
+    fleet = fleet_of(10)
+    fleet.tick(0)
+    canaries = [d.id for d in fleet.devices[:2]]
+    fleet.bad = {d.id for d in fleet.devices}
+    rollout = start(harness, version="2.0.0", canary=canaries, soak_s=600)
+    for _ in range(5):
+        answer = fleet.tick()["rollouts"][0]
+        if answer["state"] != "running":
+            break
+    assert answer["state"] == "halted", answer
+    assert answer["stage_name"] == "canary"
+    assert "failed in stage canary" in answer["reason"]
+    assert {d["id"] for d in answer["devices"]} == set(canaries)
+    assigned = fleet.assigned()
+    # The canaries go back to what they ran; nobody else was ever assigned anything.
+    assert all(assigned[c] == "1.0.0" for c in canaries)
+    assert all(assigned[d.id] is None for d in fleet.devices[2:])
+    halted = [e for e in actions(harness) if e["action"] == "rollout.halted"]
+    assert len(halted) == 1
+    failed = [e["details"] for e in actions(harness) if e["action"] == "rollout.device_failed"]
+    assert sorted(f["device"] for f in failed) == sorted(canaries)
+    assert all(f["reason"] == "install.failed" and f["returned"] for f in failed)
+    for _ in range(3):  # a halted rollout stays halted
+        assert fleet.tick()["rollouts"][0]["state"] == "halted"
+    assert rollout["id"] == answer["id"]
+
+
+def test_emergency_stop_withdraws_assignments_at_once(harness: Harness, fleet_of: Any) -> None:
+    fleet = fleet_of(4)
+    fleet.tick(0)
+    committed = fleet.devices[0]
+    rollout = start(harness, version="2.0.0", stages=[100], soak_s=600)
+    assert rollout["counts"]["pending"] == 4
+    # Only the first device installs and heartbeats the new release before the stop.
+    response = committed.heartbeat(version="2.0.0")
+    assert response.status_code == 204
+    status(harness)
+    response = harness.client.post(
+        "/api/v1/emergency-stop", json={"reason": "cameras dropping"}, headers=harness.operator
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["active"] is True
+    for device in fleet.devices:
+        answer = json.loads(device.checkin().json()["answer"])
+        expected = "2.0.0" if device is committed else None
+        assert (answer["assignment"] or {}).get("version") == expected, device.hostname
+    answer = status(harness)
+    assert answer["emergency_stop"]["reason"] == "cameras dropping"
+    assert answer["rollouts"][0]["state"] == "paused"
+    assert "emergency stop" in answer["rollouts"][0]["reason"]
+    # Nothing starts or resumes while the stop is on; clearing it and resuming reassigns.
+    path = f"/api/v1/rollouts/{rollout['id']}"
+    resumed = harness.client.post(f"{path}/resume", headers=harness.operator)
+    assert resumed.status_code == 409, resumed.text
+    cleared = harness.client.post("/api/v1/emergency-stop/clear", headers=harness.operator)
+    assert cleared.json()["active"] is False
+    resumed = harness.client.post(f"{path}/resume", headers=harness.operator)
+    assert resumed.status_code == 200, resumed.text
+    assert set(fleet.assigned().values()) == {"2.0.0"}
+    stops = [e["action"] for e in actions(harness) if e["action"].startswith("fleet.")]
+    assert stops == ["fleet.emergency_stop", "fleet.emergency_stop_cleared"]
+
+
+def test_fleet_guard_stops_everything(harness: Harness, fleet_of: Any) -> None:
+    fleet = fleet_of(10)
+    fleet.tick(0)
+    start(harness, version="2.0.0", stages=[100], soak_s=600)
+    for device in fleet.devices[:2]:  # 2 of 10 is not more than 20 %
+        assert device.heartbeat(safe_mode=True).status_code == 204
+    answer = status(harness)
+    assert answer["emergency_stop"]["active"] is False
+    assert fleet.devices[2].heartbeat(safe_mode=True).status_code == 204
+    answer = status(harness)
+    # The 3 in safe mode failed the rollout first (3 > floor(0.05 * 10)): it halted; the guard
+    # counts them too and stops the fleet.
+    stop = answer["emergency_stop"]
+    assert stop["active"] is True and stop["actor"] == "rollout-engine"
+    assert "3 of 10 devices unhealthy" in stop["reason"]
+    assert [e for e in actions(harness) if e["action"] == "fleet.emergency_stop"]
+
+
+def test_fleet_guard_without_rollouts(harness: Harness, fleet_of: Any) -> None:
+    fleet = fleet_of(4)
+    for device in fleet.devices[:1]:
+        assert device.heartbeat(safe_mode=True).status_code == 204
+    answer = status(harness)
+    assert answer["emergency_stop"]["active"] is True
+    refused = harness.client.post(
+        "/api/v1/rollouts", json={"version": "2.0.0"}, headers=harness.operator
+    )
+    assert refused.status_code == 409 and refused.json()["error"] == "rollout_conflict"
+
+
+def test_rollout_api_refusals_and_roles(harness: Harness, fleet_of: Any) -> None:
+    fleet = fleet_of(2)
+    post = harness.client.post
+    viewer = post("/api/v1/rollouts", json={"version": "2.0.0"}, headers=harness.viewer)
+    assert viewer.status_code == 403
+    unknown = post("/api/v1/rollouts", json={"version": "9.9.9"}, headers=harness.operator)
+    assert unknown.status_code == 404
+    for bad in ({"stages": [25, 5, 100]}, {"stages": [5, 25]}, {"canary": ["0" * 64]}):
+        answer = post(
+            "/api/v1/rollouts", json={"version": "2.0.0", **bad}, headers=harness.operator
+        )
+        assert answer.status_code == 422, (bad, answer.text)
+    rollout = start(harness, version="2.0.0", device_ids=[fleet.devices[0].id], stages=[100])
+    assert [d["id"] for d in rollout["devices"]] == [fleet.devices[0].id]
+    again = post("/api/v1/rollouts", json={"version": "2.0.0"}, headers=harness.operator)
+    assert again.status_code == 409
+    path = f"/api/v1/rollouts/{rollout['id']}"
+    assert post(f"{path}/resume", headers=harness.operator).status_code == 409
+    assert post(f"{path}/pause", headers=harness.viewer).status_code == 403
+    paused = post(f"{path}/pause", json={"reason": "lunch"}, headers=harness.operator).json()
+    assert (paused["state"], paused["reason"]) == ("paused", "lunch")
+    aborted = post(f"{path}/abort", headers=harness.operator).json()
+    assert aborted["state"] == "aborted"
+    assert fleet.assigned()[fleet.devices[0].id] is None  # back to what it had: nothing
+    assert harness.client.get("/api/v1/rollouts/99", headers=harness.viewer).status_code == 404
+
+
+# --- the CLI --------------------------------------------------------------------------------
+
+
+def run(live: LiveServer, *args: str, role: str = "operator") -> Result:
+    token = live.harness.headers[role]["Authorization"].split()[1]
+    return CliRunner().invoke(fleet, [*args, "--server", live.url, "--token", token])
+
+
+def test_rollout_cli(live_server: LiveServer, enrolled: Enrolled, make_bundle: MakeBundle) -> None:
+    harness = live_server.harness
+    assert harness.upload(make_bundle(version="2.0.0")).status_code == 201
+    devices = [enrolled(hostname=f"cam-{i}") for i in range(3)]
+    started = run(
+        live_server, "rollout", "start", "2.0.0", "--canary", devices[0].id,
+        "--stages", "5,25,100", "--soak", "15m", "--max-failure", "5%",
+    )  # fmt: skip
+    assert started.exit_code == 0, started.output
+    assert "rollout 1: 2.0.0 running at stage canary (canary > 5% > 25% > 100%)" in started.output
+    listed = run(live_server, "rollout", "status", "--json")
+    assert listed.exit_code == 0, listed.output
+    document = json.loads(listed.stdout)
+    assert document["rollouts"][0]["soak_s"] == 900
+    assert document["rollouts"][0]["max_failure_rate"] == 0.05
+    assert run(live_server, "rollout", "pause", "1", "--reason", "look").output.count("paused")
+    viewer = run(live_server, "rollout", "resume", "1", role="viewer")
+    assert viewer.exit_code == 1 and "Traceback" not in viewer.output
+    assert "running" in run(live_server, "rollout", "resume", "1").output
+    stopped = run(live_server, "emergency-stop", "--reason", "storm")
+    assert "emergency stop ON" in stopped.output and "storm" in stopped.output
+    assert "EMERGENCY STOP" in run(live_server, "rollout", "status").output
+    assert "off" in run(live_server, "emergency-stop", "--clear").output
+    rolled = run(live_server, "rollout", "rollback", "1")
+    assert rolled.exit_code == 0 and "aborted" in rolled.output
+    conflict = run(live_server, "rollout", "pause", "1")
+    assert conflict.exit_code == 1 and "cannot pause" in conflict.output
+    bad = run(live_server, "rollout", "start", "2.0.0", "--max-failure", "lots")
+    assert bad.exit_code == 2
+
+
+def test_late_devices_join_once_with_concurrent_evaluators(
+    harness: Harness, fleet_of: Any, enrolled: Enrolled
+) -> None:
+    """Two processes' evaluators at once: each late device is assigned exactly once."""
+    fleet = fleet_of(2)
+    rollout = start(harness, version="2.0.0", stages=[100])
+    late = [enrolled(hostname=f"late-{i}") for i in range(4)]
+    databases = [Database(harness.settings.database_url) for _ in range(2)]
+    now = utc(harness.clock)
+    errors: list[BaseException] = []
+
+    def work(db: Database) -> None:
+        try:
+            for _ in range(5):
+                rollouts.evaluate(db, now)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(db,)) for db in databases]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for db in databases:
+        db.dispose()
+    assert errors == []
+    answer = status(harness)["rollouts"][0]
+    assert {d["id"] for d in answer["devices"]} == {d.id for d in fleet.devices + late}
+    assigned = [
+        e for e in actions(harness)
+        if e["action"] == "rollout.assigned" and e["subject"] == f"rollout:{rollout['id']}"
+    ]  # fmt: skip
+    late_ids = sorted(d for e in assigned for d in e["details"]["devices"] if d in fleet.assigned())
+    assert len(late_ids) == len(set(late_ids)) == 6
+    verified = harness.client.get("/api/v1/audit?limit=1000", headers=harness.viewer).json()
+    assert verify_chain(AuditEntry.from_dict(e) for e in verified["entries"]).intact
+
+
+@pytest.mark.parametrize(("bad", "end"), [(1, "completed"), (2, "halted")])
+def test_one_failure_in_twenty_is_tolerated_two_halt(
+    harness: Harness, fleet_of: Any, bad: int, end: str
+) -> None:
+    fleet = fleet_of(20)
+    fleet.tick(0)
+    fleet.bad = {d.id for d in fleet.devices[:bad]}
+    start(harness, version="2.0.0", stages=[100], soak_s=300)
+    for _ in range(10):
+        answer = fleet.tick()["rollouts"][0]
+        if answer["state"] != "running":
+            break
+    assert answer["state"] == end, answer
+    assert answer["counts"]["failed"] == bad
+    assigned = fleet.assigned()
+    assert all(assigned[d] == "1.0.0" for d in fleet.bad)  # returned at once, by policy

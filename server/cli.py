@@ -17,6 +17,7 @@ import json
 import re
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -141,6 +142,20 @@ def server() -> None:
     show_default=True,
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
 )
+@click.option(
+    "--time-scale",
+    type=click.FloatRange(min=1.0),
+    default=1.0,
+    show_default=True,
+    help="Run the server's clock this many times faster (labs and demos: soaks in seconds).",
+)
+@click.option(
+    "--rollout-interval",
+    type=click.FloatRange(min=0.05),
+    default=5.0,
+    show_default=True,
+    help="Real seconds between evaluations of the rollouts.",
+)
 def run(
     data_dir: Path | None,
     database_url: str | None,
@@ -148,6 +163,8 @@ def run(
     port: int,
     max_upload_bytes: int | None,
     log_level: str,
+    time_scale: float,
+    rollout_interval: float,
 ) -> None:
     """Serve the API, the blobs and the metrics (runs until stopped)."""
     import logging
@@ -160,12 +177,19 @@ def run(
     if data_dir is None:
         raise ClientConfigError("give --data-dir (blobs, keys and keyring live there)")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    started = time.time()
+
+    def clock() -> float:
+        return started + (time.time() - started) * time_scale
+
     settings = Settings.create(
         data_dir,
         database_url=database_url,
         max_upload_bytes=max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES,
+        clock=clock,
     )
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+    app = create_app(settings, rollout_interval_s=rollout_interval)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
 @server.group()

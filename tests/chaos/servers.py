@@ -30,7 +30,13 @@ def run(*args: str) -> str:
 class Fleet:
     """Two server processes sharing one database and blob store, and the operator's token."""
 
-    def __init__(self, root: Path, database: str | None, releases: Releases) -> None:
+    def __init__(
+        self,
+        root: Path,
+        database: str | None,
+        releases: Releases,
+        server_args: tuple[str, ...] = (),
+    ) -> None:
         self.data = root / "server"
         self.db_args = ["--data-dir", str(self.data)]
         if database:
@@ -39,7 +45,10 @@ class Fleet:
         self.ports = (free_port(), free_port())
         self.urls = tuple(f"http://127.0.0.1:{port}" for port in self.ports)
         self.processes = [
-            ServerProcess(["server", "run", *self.db_args, "--port", str(port)], root / f"s{i}.log")
+            ServerProcess(
+                ["server", "run", *self.db_args, "--port", str(port), *server_args],
+                root / f"s{i}.log",
+            )
             for i, port in enumerate(self.ports)
         ]
         self.start(0)

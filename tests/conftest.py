@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from click.testing import Result
 
 from image_builder.bundle import SIGNATURE_PURPOSE
 from image_builder.bundle_writer import ImageSource, create_bundle
@@ -106,3 +107,14 @@ def tar_with(members: list[tarfile.TarInfo], data: dict[str, bytes] | None = Non
             payload = (data or {}).get(info.name)
             archive.addfile(info, io.BytesIO(payload) if payload is not None else None)
     return out.getvalue()
+
+
+def assert_one_line_error(result: Result, fragment: str) -> None:
+    """A command failed the project's way: exit 1, one ``Error: …`` line naming the problem,
+    no traceback."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("Error: ")
+    assert fragment in lines[0], lines[0]

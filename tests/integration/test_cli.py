@@ -13,21 +13,13 @@ import pytest
 from click.testing import CliRunner, Result
 
 from fleet_core.cli import fleet
+from tests.conftest import assert_one_line_error
 
 MakeBundle = Callable[..., Path]
 
 
 def invoke(*args: str | Path, env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(fleet, [str(a) for a in args], env=env)
-
-
-def assert_one_line_error(result: Result, fragment: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("Error: ")
-    assert fragment in lines[0]
 
 
 def test_keys_generate_trust_list_revoke_threshold(tmp_path: Path) -> None:

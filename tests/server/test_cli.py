@@ -14,6 +14,7 @@ from click.testing import CliRunner, Result
 from fleet_core.cli import fleet
 from server.cli import parse_duration
 from signing.keys import generate_key, load_private_key
+from tests.conftest import assert_one_line_error
 from tests.server.conftest import FakeDevice, LiveServer, free_port
 
 MakeBundle = Callable[..., Path]
@@ -26,15 +27,6 @@ def run(*args: str | Path, env: dict[str, str] | None = None) -> Result:
 def api(live: LiveServer, role: str = "operator") -> list[str]:
     token = live.harness.headers[role]["Authorization"].split()[1]
     return ["--server", live.url, "--token", token]
-
-
-def assert_one_line_error(result: Result, fragment: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("Error: ")
-    assert fragment in lines[0], lines[0]
 
 
 def test_token_create_prints_a_working_token(live_server: LiveServer) -> None:

@@ -31,9 +31,9 @@ def test_migrated_schema_equals_the_models(harness: Harness) -> None:
     assert schema_differences(harness.db, changed) != []
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_sqlite_runs_in_wal_mode(harness: Harness) -> None:
-    if harness.db.dialect != "sqlite":
-        pytest.skip("SQLite only")
+    assert harness.db.dialect == "sqlite"
     with harness.db.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1

@@ -33,6 +33,7 @@ lint: venv
 benchmarks: venv
 	$(BIN)/python benchmarks/bundle_throughput.py
 	$(BIN)/python benchmarks/install_throughput.py
+	$(BIN)/python benchmarks/rollout_scale.py
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do \

@@ -253,7 +253,17 @@ def daemon(ctx: click.Context, once: bool) -> None:
 
     from updater.daemon import build_daemon
 
-    service = build_daemon(_runtime(ctx, log_to_stdout=True, report=False))
+    runtime = _runtime(ctx, log_to_stdout=True, report=False)
+    port = runtime.config.metrics_port
+    if port is not None:
+        from prometheus_client import CollectorRegistry
+
+        from updater.metrics import UpdaterMetrics
+
+        live = UpdaterMetrics(CollectorRegistry())
+        live.serve(port)
+        runtime = replace(runtime, live_metrics=live)
+    service = build_daemon(runtime)
     if once:
         service.run_once()
         if service.last_error:

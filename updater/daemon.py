@@ -846,6 +846,8 @@ class Daemon:
             clock=self._wall_clock(),
             clock_skew_s=self.client.clock_skew_s,
         )
+        # the metrics follow the heartbeat: a textfile or a scrape is never older than one
+        runtime.publish_metrics()
         self.client.heartbeat(document)
 
     # --- acting on an answer -------------------------------------------------------------

@@ -98,6 +98,9 @@ class Runtime:
     reboot: Callable[[Sequence[str]], None] | None = None
     proc: Path = Path("/proc")
     health: Callable[[], HealthReport] | None = None
+    # metrics served over HTTP by a long-running process (``[metrics] port``, the daemon);
+    # an ``updater.metrics.UpdaterMetrics``, typed loosely to keep prometheus_client lazy
+    live_metrics: Any = None
     _backend: BootSelector | None = field(default=None, init=False)
 
     @property
@@ -180,17 +183,18 @@ class Runtime:
 
     def publish_metrics(self, *, event: str | None = None, install: InstallResult | None = None,
                         failed_checks: Sequence[str] = ()) -> None:  # fmt: skip
-        """Write the metrics textfile, if one is configured (atomically: node_exporter never
-        sees half a file). ``event`` is ``failed``, ``committed`` or None (derived)."""
+        """Refresh the metrics: the textfile, if one is configured (atomically: node_exporter
+        never sees half a file), and the served ones (``live_metrics``). ``event`` is
+        ``failed``, ``committed`` or None (derived)."""
         path = self.config.metrics_textfile
-        if path is None:
+        if path is None and self.live_metrics is None:
             return
         from prometheus_client import CollectorRegistry
 
         from updater.metrics import SlotView, UpdaterMetrics
 
         document = self.snapshot()
-        metrics = UpdaterMetrics(CollectorRegistry())
+        metrics = self.live_metrics or UpdaterMetrics(CollectorRegistry())
         metrics.set_info(
             version=_version(), backend=str(document["backend"]), compatible=self.config.compatible
         )
@@ -208,6 +212,8 @@ class Runtime:
             metrics.observe_install(install.bytes_written, install.seconds)
         if failed_checks:
             metrics.record_health_check_failures(failed_checks)
+        if path is None:
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             metrics.write_textfile(path)

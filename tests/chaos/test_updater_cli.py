@@ -378,3 +378,30 @@ def test_boot_check_verdicts_reach_the_daemons_outbox(
     events = [json.loads(line)["event"] for line in outbox]
     assert "install.finished" in events and "boot_check.committed" in events
     assert (device.config.data_dir / "updater.last-good.toml").stat().st_mode & 0o777 == 0o600
+
+
+def test_metrics_served_over_http_follow_the_state(
+    make_device: MakeDevice, releases: Releases
+) -> None:
+    import dataclasses as dc
+
+    import requests
+    from prometheus_client import CollectorRegistry
+
+    from tests.server.conftest import free_port
+    from updater.metrics import UpdaterMetrics
+
+    device = make_device("grub")
+    live = UpdaterMetrics(CollectorRegistry())
+    server = live.serve(free_port())
+    try:
+        runtime = dc.replace(device.runtime(), live_metrics=live)
+        runtime.publish_metrics()
+        text = requests.get(f"http://127.0.0.1:{server.port}/metrics", timeout=5).text
+        assert 'fleet_updater_slot_info{booted="true",primary="true",slot="a"' in text
+        device.install(releases.bundle("2.0.0"))
+        dc.replace(device.runtime(), live_metrics=live).publish_metrics()
+        text = requests.get(f"http://127.0.0.1:{server.port}/metrics", timeout=5).text
+        assert 'slot="b",status="good",version="2.0.0"' in text
+    finally:
+        server.stop()

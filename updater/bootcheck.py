@@ -33,13 +33,12 @@ Never commit from the safe-mode slot, and never commit a slot the firmware did n
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 from bootloader_hooks.base import SAFE_SLOT, BootSelector, TrialRetry
-from updater.install import EventSink
+from updater.install import EventSink, run_reboot
 from updater.state import DeviceState, StateStore
 
 MAX_TRIAL_BOOTS = 3  # a trial that keeps coming back without a verdict is a reboot loop
@@ -105,7 +104,7 @@ class BootChecker:
         self.store = store
         self.log = log
         self._run_checks = run_checks
-        self._reboot = reboot or (lambda argv: subprocess.run(list(argv), check=True) and None)
+        self._reboot = reboot or run_reboot
         self._reboot_command = reboot_command
 
     def run(self) -> BootVerdict:

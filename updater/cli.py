@@ -8,7 +8,6 @@ Exit codes: 0 success; 1 failure (one line, ``Error: …``); 2 usage error;
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +20,7 @@ from fleet_core.cli import FleetGroup
 from fleet_core.errors import FleetError
 from updater.config import DEFAULT_CONFIG_PATH, UpdaterConfig, load_config
 from updater.errors import UpdaterError
-from updater.install import EventSink
+from updater.install import EventSink, run_reboot
 from updater.log import EventLog
 from updater.runtime import Runtime, reporting_log
 from updater.state import update_lock
@@ -218,11 +217,7 @@ def rollback(ctx: click.Context, no_reboot: bool) -> None:
         if no_reboot:
             ctx.exit(EXIT_REBOOT_REQUIRED)
         command = list(runtime.config.reboot_command or runtime.backend.reboot_command())
-        (runtime.reboot or _reboot)(command)
-
-
-def _reboot(command: list[str]) -> None:
-    subprocess.run(command, check=True)
+        (runtime.reboot or run_reboot)(command)
 
 
 @main.command()

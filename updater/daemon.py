@@ -96,7 +96,7 @@ from updater.identity import (
     load_or_create_identity,
     save_enrollment,
 )
-from updater.install import EventSink
+from updater.install import EventSink, run_reboot
 from updater.runtime import Runtime
 from updater.state import DeviceState, update_lock
 
@@ -837,8 +837,9 @@ class Daemon:
         up: float | None = None
         with contextlib.suppress(OSError, ValueError):
             up = uptime_s(runtime.proc)
+        snapshot = runtime.snapshot()
         document = heartbeat_document(
-            runtime.snapshot(),
+            snapshot,
             health=health,
             temperature_c=read_temperature_c(runtime.config.thermal_dir),
             free_space_mb=free,
@@ -847,7 +848,7 @@ class Daemon:
             clock_skew_s=self.client.clock_skew_s,
         )
         # the metrics follow the heartbeat: a textfile or a scrape is never older than one
-        runtime.publish_metrics()
+        runtime.publish_metrics(document=snapshot)
         self.client.heartbeat(document)
 
     # --- acting on an answer -------------------------------------------------------------
@@ -1021,7 +1022,7 @@ class Daemon:
         )
         command = list(runtime.config.reboot_command or backend.reboot_command())
         try:
-            (runtime.reboot or _run_reboot)(command)
+            (runtime.reboot or run_reboot)(command)
         except (subprocess.CalledProcessError, OSError) as err:
             self.log.event("daemon.reboot_failed", level="error", error=str(err))
 
@@ -1072,10 +1073,6 @@ def _is_download_problem(err: BaseException) -> bool:
             return True
         seen = seen.__cause__
     return False
-
-
-def _run_reboot(command: Sequence[str]) -> None:
-    subprocess.run(list(command), check=True)
 
 
 def build_daemon(

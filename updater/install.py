@@ -96,7 +96,7 @@ class Installer:
         self.store = store
         self.log = log
         self.sensors = sensors
-        self._reboot = reboot or _run_reboot
+        self._reboot = reboot or run_reboot
         self._progress = progress
         self._clock = clock
         self._http_options = http_options or {}
@@ -415,5 +415,7 @@ class _SlotWriter:
         self.flushed = self.written
 
 
-def _run_reboot(command: Sequence[str]) -> None:
+def run_reboot(command: Sequence[str]) -> None:
+    """Reboot with ``command`` (the backend's, e.g. ``reboot "0 tryboot"``): the one place
+    every part of the updater reboots through, unless given a hook (the lab's)."""
     subprocess.run(list(command), check=True)

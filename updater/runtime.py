@@ -154,6 +154,7 @@ class Runtime:
             "state_problem": loaded.problem,
             "installed_security_version": state.installed_security_version,
             "suspended": state.suspended,
+            "recent_starts": len(state.restarts),
             "save_count": state.save_count,
             "backend": None,
             "bootloader_problem": None,
@@ -182,10 +183,12 @@ class Runtime:
         return document
 
     def publish_metrics(self, *, event: str | None = None, install: InstallResult | None = None,
-                        failed_checks: Sequence[str] = ()) -> None:  # fmt: skip
+                        failed_checks: Sequence[str] = (),
+                        document: Mapping[str, Any] | None = None) -> None:  # fmt: skip
         """Refresh the metrics: the textfile, if one is configured (atomically: node_exporter
         never sees half a file), and the served ones (``live_metrics``). ``event`` is
-        ``failed``, ``committed`` or None (derived)."""
+        ``failed``, ``committed`` or None (derived); ``document`` a :meth:`snapshot` the caller
+        already took (not read again)."""
         path = self.config.metrics_textfile
         if path is None and self.live_metrics is None:
             return
@@ -193,7 +196,7 @@ class Runtime:
 
         from updater.metrics import SlotView, UpdaterMetrics
 
-        document = self.snapshot()
+        document = document or self.snapshot()
         metrics = self.live_metrics or UpdaterMetrics(CollectorRegistry())
         metrics.set_info(
             version=_version(), backend=str(document["backend"]), compatible=self.config.compatible
@@ -207,7 +210,7 @@ class Runtime:
         metrics.set_temperature(read_temperature_c(self.config.thermal_dir))
         with contextlib.suppress(OSError):
             metrics.set_free_space(self.config.data_dir, free_space_mb(self.config.data_dir) << 20)
-        metrics.set_crash_loop_restarts(len(self.store.load().state.restarts))
+        metrics.set_crash_loop_restarts(document["recent_starts"])
         if install is not None:
             metrics.observe_install(install.bytes_written, install.seconds)
         if failed_checks:

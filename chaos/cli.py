@@ -12,8 +12,9 @@ import click
 from chaos.fleet import ROLES, MemberSpec
 from chaos.virtual_device import FaultProfile
 from fleet_core.errors import FleetError
+from updater.config import LABEL
 
-PROFILE_KEYS = {"count", "role", "hang_on", "unhealthy_on", "offline", "clock_offset_s"}
+PROFILE_KEYS = {"count", "role", "tags", "hang_on", "unhealthy_on", "offline", "clock_offset_s"}
 
 
 class FaultsFileError(FleetError):
@@ -29,6 +30,7 @@ def read_specs(devices: int, faults: Path | None) -> list[MemberSpec]:
         [[devices]]
         count = 3                      # members like this
         role = "camera"
+        tags = ["north-site"]          # labels rollouts may select on
         hang_on = ["2.0.0"]            # releases they hang on at boot
         unhealthy_on = []              # releases whose health checks fail on them
         offline = [[0, 600]]           # offline windows, simulated seconds from the start
@@ -59,6 +61,11 @@ def _group(group: Any, where: str) -> list[MemberSpec]:
     try:
         count = int(group.get("count", 1))
         role = str(group.get("role", "camera"))
+        tags = group.get("tags", [])
+        if not isinstance(tags, list) or not all(
+            isinstance(t, str) and LABEL.fullmatch(t) for t in tags
+        ):
+            raise TypeError("tags must be a list of labels (lowercase letters, digits, _ . -)")
         profile = FaultProfile(
             hang_on=frozenset(str(v) for v in group.get("hang_on", [])),
             unhealthy_on=frozenset(str(v) for v in group.get("unhealthy_on", [])),
@@ -69,7 +76,10 @@ def _group(group: Any, where: str) -> list[MemberSpec]:
         raise FaultsFileError(f"{where}: {err}") from err
     if count < 0 or role not in ROLES:
         raise FaultsFileError(f"{where}: count must be >= 0 and role one of {', '.join(ROLES)}")
-    return [MemberSpec(role, profile, offline, offset) for _ in range(count)]
+    spec = MemberSpec(
+        role=role, tags=tuple(tags), profile=profile, offline=offline, clock_offset_s=offset
+    )
+    return [spec] * count
 
 
 @click.command()

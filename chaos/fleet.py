@@ -47,6 +47,7 @@ class MemberSpec:
     """One member of the fleet and what goes wrong with it."""
 
     role: str = "camera"
+    tags: tuple[str, ...] = ()
     profile: FaultProfile = field(default_factory=FaultProfile)
     offline: tuple[tuple[float, float], ...] = ()  # (from, to) in fleet seconds since start
     clock_offset_s: float = 0.0  # its wall clock against the true time (no real-time clock)
@@ -118,6 +119,7 @@ class VirtualFleet:
         device.config = dataclasses.replace(
             device.config, server_urls=tuple(server_urls),
             server_keyring=root / "server-keyring", enrollment_token=enrollment_token,
+            role=spec.role, tags=tuple(sorted(set(spec.tags))),
         )  # fmt: skip
         device.boot(BootEvent(BootCause.POWER_ON), run_boot_check=False)
         identity = load_or_create_identity(device.config.data_dir)[0]

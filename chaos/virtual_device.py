@@ -207,6 +207,8 @@ class VirtualDevice:
 
         lines = [
             f"compatible = {value(self.config.compatible)}",
+            *([f"role = {value(self.config.role)}"] if self.config.role else []),
+            *([f"tags = {value(list(self.config.tags))}"] if self.config.tags else []),
             f"keyring = {value(self.config.keyring)}",
             f"data_dir = {value(self.config.data_dir)}",
             f"reboot_command = {value(list(reboot_command))}",

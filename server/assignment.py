@@ -2,9 +2,9 @@
 
 The answer document is canonical JSON (sorted keys, no spaces) signed by the server key for
 purpose ``assignment``. It echoes the device's nonce, so a device accepts only the answer to the
-request it just made; no clock is involved. Its ETag depends only on the device and on what is
-assigned (the exact manifest bytes), so it changes exactly when the assignment changes, and
-every server process computes the same one.
+request it just made; no clock is involved. Its ETag depends only on the device, on what is
+assigned (the exact manifest bytes) and on the check-in interval asked for, so it changes
+exactly when one of them changes, and every server process computes the same one.
 """
 
 from __future__ import annotations
@@ -24,10 +24,14 @@ ANSWER_FORMAT = 1
 ASSIGNMENT_PURPOSE = "assignment"
 
 
-def assignment_etag(device_id: str, release: Release | None) -> str:
-    """The ETag (unquoted) of the device's current assignment."""
-    assigned = release.manifest_sha256 if release is not None else "none"
-    material = f"assignment v{ANSWER_FORMAT}\n{device_id}\n{assigned}".encode()
+def assignment_etag(
+    device_id: str, manifest_sha256: str | None, checkin_interval_s: int | None = None
+) -> str:
+    """The ETag (unquoted) of the device's current answer: what is assigned (by the SHA-256
+    of its manifest) and the check-in interval asked for."""
+    assigned = manifest_sha256 or "none"
+    interval = "default" if checkin_interval_s is None else str(checkin_interval_s)
+    material = f"assignment v{ANSWER_FORMAT}\n{device_id}\n{assigned}\n{interval}".encode()
     return hashlib.sha256(material).hexdigest()[:32]
 
 
@@ -78,16 +82,25 @@ class SignedAnswer:
 
 
 def signed_answer(
-    device_id: str, nonce: str, release: Release | None, server_key: SigningKey
+    device_id: str,
+    nonce: str,
+    release: Release | None,
+    server_key: SigningKey,
+    checkin_interval_s: int | None = None,
 ) -> SignedAnswer:
-    """Build and sign the answer to a check-in with ``nonce``."""
-    etag = assignment_etag(device_id, release)
+    """Build and sign the answer to a check-in with ``nonce``; ``checkin_interval_s`` asks the
+    device to check in that often for now (a rollout is active), None leaves it to the
+    device's configuration."""
+    etag = assignment_etag(
+        device_id, release.manifest_sha256 if release is not None else None, checkin_interval_s
+    )
     document = {
         "format": ANSWER_FORMAT,
         "device_id": device_id,
         "nonce": nonce,
         "etag": etag,
         "assignment": assignment_document(release) if release is not None else None,
+        "checkin_interval_s": checkin_interval_s,
     }
     answer = json.dumps(document, sort_keys=True, separators=(",", ":"))
     envelope = sign(answer.encode("utf-8"), [server_key], ASSIGNMENT_PURPOSE)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import re
 import socket
 import sys
@@ -156,6 +157,13 @@ def server() -> None:
     show_default=True,
     help="Real seconds between evaluations of the rollouts.",
 )
+@click.option(
+    "--active-checkin-interval",
+    type=click.IntRange(1, 86400),
+    default=15,
+    show_default=True,
+    help="Seconds between device check-ins asked for while a rollout is running or paused.",
+)
 def run(
     data_dir: Path | None,
     database_url: str | None,
@@ -165,6 +173,7 @@ def run(
     log_level: str,
     time_scale: float,
     rollout_interval: float,
+    active_checkin_interval: int,
 ) -> None:
     """Serve the API, the blobs and the metrics (runs until stopped)."""
     import logging
@@ -187,6 +196,7 @@ def run(
         database_url=database_url,
         max_upload_bytes=max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES,
         clock=clock,
+        active_checkin_interval_s=active_checkin_interval,
     )
     app = create_app(settings, rollout_interval_s=rollout_interval)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
@@ -499,6 +509,78 @@ def _print_rollout(r: dict[str, Any]) -> None:
     )
 
 
+def parse_selector(selectors: Sequence[str]) -> dict[str, Any] | None:
+    """``role=camera`` and ``tag=north`` (repeatable) as the API's selector.
+
+    Raises:
+        click.BadParameter: another key, a second role, or an empty value.
+    """
+    role: str | None = None
+    tags: list[str] = []
+    for item in selectors:
+        key, _, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not value or key not in ("role", "tag", "tags"):
+            raise click.BadParameter(
+                f"{item!r}: give role=NAME or tag=NAME", param_hint="--selector"
+            )
+        if key == "role":
+            if role is not None and role != value:
+                raise click.BadParameter("give one role", param_hint="--selector")
+            role = value
+        else:
+            tags += [t.strip() for t in value.split(",") if t.strip()]
+    return {"role": role, "tags": tags} if role or tags else None
+
+
+BAR_WIDTH = 24
+
+
+def _bar(done: int, failed: int, expected: int) -> str:
+    """``[####xx......]``: succeeded (#) and failed (x) devices of the stage's cohort."""
+    if expected <= 0:
+        return "[" + " " * BAR_WIDTH + "]"
+    good = round(BAR_WIDTH * done / expected)
+    bad = min(BAR_WIDTH - good, math.ceil(BAR_WIDTH * failed / expected))
+    return "[" + "#" * good + "x" * bad + "." * (BAR_WIDTH - good - bad) + "]"
+
+
+def render_rollout(r: dict[str, Any]) -> list[str]:
+    """A rollout for a terminal: a line, a progress bar per stage, and the failure rule."""
+    lines = [
+        f"rollout {r['id']}: {r['version']} {r['state'].upper()} at stage {r['stage_name']}"
+        f" (soak {r['soak_s']} s per stage)" + (f": {r['reason']}" if r["reason"] else "")
+    ]
+    selector = r.get("selector")
+    if selector:
+        wanted = ([f"role={selector['role']}"] if selector.get("role") else []) + [
+            f"tag={t}" for t in selector.get("tags", [])
+        ]
+        lines.append(f"  selector: {' '.join(wanted)}")
+    width = max(len(s["name"]) for s in r["stage_progress"])
+    for index, stage in enumerate(r["stage_progress"]):
+        marker = ">" if index == r["stage"] and r["state"] in ("running", "paused") else " "
+        bar = _bar(stage["succeeded"], stage["failed"], stage["expected"])
+        lines.append(
+            f"{marker} {stage['name']:<{width}} {bar}"
+            f" {stage['succeeded']}/{stage['expected']} ok, {stage['failed']} failed, "
+            f"{stage['pending']} pending"
+        )
+    rule = r["failure_rule"]
+    lines.append(
+        f"  failure rule: {rule['text']}; now {rule['failed']} of {rule['assigned']} failed, "
+        f"{rule['allowed']} tolerated"
+        + (
+            f" (one failure is tolerated from {rule['min_devices_for_one_failure']} devices on)"
+            if rule["min_devices_for_one_failure"]
+            else ""
+        )
+    )
+    if r.get("acknowledged"):
+        lines.append(f"  acknowledged failures: {len(r['acknowledged'])}")
+    return lines
+
+
 @rollout.command("start")
 @click.argument("version")
 @click.option("--canary", multiple=True, help="A canary device id (repeat for more).")
@@ -508,6 +590,10 @@ def _print_rollout(r: dict[str, Any]) -> None:
 @click.option("--max-failure", default="5%", show_default=True, help="Failure rate that halts.")
 @click.option("--install-deadline", default="1h", show_default=True, help="Time to commit.")
 @click.option("--no-rollback", is_flag=True, help="On a halt, leave failed devices as they are.")
+@click.option(
+    "--selector", "selectors", multiple=True,
+    help="role=NAME or tag=NAME: only devices that report it (repeat; all must match).",
+)  # fmt: skip
 @api_options
 def rollout_start(
     version: str,
@@ -518,11 +604,13 @@ def rollout_start(
     max_failure: str,
     install_deadline: str,
     no_rollback: bool,
+    selectors: tuple[str, ...],
     server: str | None,
     token: str | None,
 ) -> None:
     """Start a staged rollout of release VERSION."""
     document = {
+        "selector": parse_selector(selectors),
         "version": version,
         "device_ids": list(devices) or None,
         "canary": list(canary),
@@ -538,19 +626,46 @@ def rollout_start(
 @rollout.command("status")
 @api_options
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
-def rollout_status(server: str | None, token: str | None, as_json: bool) -> None:
-    """The rollouts, newest first, and the emergency stop."""
-    answer = api_client(server, token).get("/api/v1/rollouts")
-    if as_json:
-        click.echo(json.dumps(answer, indent=2))
-        return
-    stop = answer["emergency_stop"]
-    if stop["active"]:
-        click.echo(f"EMERGENCY STOP since {stop['since']} by {stop['actor']}: {stop['reason']}")
-    for r in answer["rollouts"]:
-        _print_rollout(r)
-    if not answer["rollouts"]:
-        click.echo("no rollouts")
+@click.option(
+    "--watch", is_flag=True,
+    help="Redraw every --interval seconds until no rollout is running or paused (or Ctrl-C).",
+)  # fmt: skip
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(0.1, 3600))
+@click.option("--all", "show_all", is_flag=True, help="Every rollout, not only the latest five.")
+def rollout_status(
+    server: str | None,
+    token: str | None,
+    as_json: bool,
+    watch: bool,
+    interval: float,
+    show_all: bool,
+) -> None:
+    """The rollouts, newest first, with a progress bar per stage, and the emergency stop."""
+    client = api_client(server, token)
+    while True:
+        answer = client.get("/api/v1/rollouts")
+        if as_json:
+            click.echo(json.dumps(answer, indent=2))
+            return
+        lines = []
+        stop = answer["emergency_stop"]
+        if stop["active"]:
+            lines.append(
+                f"EMERGENCY STOP since {stop['since']} by {stop['actor']}: {stop['reason']}"
+            )
+        shown = answer["rollouts"] if show_all else answer["rollouts"][:5]
+        for r in shown:
+            lines += render_rollout(r)
+        if not answer["rollouts"]:
+            lines.append("no rollouts")
+        if watch and sys.stdout.isatty():
+            click.clear()
+        click.echo("\n".join(lines))
+        going = any(r["state"] in ("running", "paused") for r in answer["rollouts"])
+        if not watch or not going:
+            return
+        time.sleep(interval)
+        click.echo("")
 
 
 def _transition_command(action: str, help_text: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -19,9 +19,10 @@ from server import audit
 from server.assignment import SignedAnswer, assignment_etag, etag_matches, signed_answer
 from server.database import Database
 from server.errors import IncompatibleReleaseError, UnknownDeviceError, UnknownReleaseError
-from server.models import Device, Release
+from server.models import Device, Release, Rollout
+from server.rollouts import ACTIVE
 from server.schemas import Event, Heartbeat
-from server.settings import iso
+from server.settings import LAST_SEEN_RESOLUTION_S, iso
 from signing.keys import SigningKey
 
 NEVER_REPORTED = "enrolled"
@@ -48,12 +49,34 @@ def check_in(
     if_none_match: str | None,
     server_key: SigningKey,
     now: datetime,
+    active_checkin_interval_s: int | None = None,
 ) -> SignedAnswer | NotModified:
-    """Record that the device was seen and answer with its assignment, signed.
+    """Answer with the device's assignment, signed, and note that the device was seen.
+
+    The common case, an unchanged answer (``304``) from a device seen recently, only reads:
+    ``last_seen`` is refreshed when the stored one is older than ``LAST_SEEN_RESOLUTION_S``.
+    While a rollout is running or paused, the answer asks for check-ins every
+    ``active_checkin_interval_s``.
 
     Raises:
         UnknownDeviceError: no such device.
     """
+    with db.read() as session:
+        row = session.execute(
+            select(Device.assigned_release_id, Device.last_seen, Release.manifest_sha256)
+            .outerjoin(Release, Release.id == Device.assigned_release_id)
+            .where(Device.id == device_id)
+        ).first()
+        if row is None:
+            raise UnknownDeviceError(f"device {device_id} is not enrolled")
+        active = session.scalars(
+            select(Rollout.id).where(Rollout.state.in_(ACTIVE)).limit(1)
+        ).first()
+    interval = active_checkin_interval_s if active is not None else None
+    fresh = now - row.last_seen < timedelta(seconds=LAST_SEEN_RESOLUTION_S)
+    etag = assignment_etag(device_id, row.manifest_sha256, interval)
+    if fresh and etag_matches(if_none_match, etag):
+        return NotModified(etag)
     with db.write() as session:
         device = _device(session, device_id)
         device.last_seen = now
@@ -64,10 +87,10 @@ def check_in(
                 .options(selectinload(Release.images))
                 .where(Release.id == device.assigned_release_id)
             ).one()
-        etag = assignment_etag(device_id, release)
-        if etag_matches(if_none_match, etag):
-            return NotModified(etag)
-        return signed_answer(device_id, nonce, release, server_key)
+    etag = assignment_etag(device_id, release.manifest_sha256 if release else None, interval)
+    if etag_matches(if_none_match, etag):
+        return NotModified(etag)
+    return signed_answer(device_id, nonce, release, server_key, interval)
 
 
 def device_state(heartbeat: Heartbeat) -> str:
@@ -95,6 +118,8 @@ def record_heartbeat(db: Database, device_id: str, heartbeat: Heartbeat, now: da
         device.last_heartbeat_at = now
         device.version = heartbeat.version
         device.state = device_state(heartbeat)
+        device.role = heartbeat.role
+        device.tags = json.dumps(sorted(set(heartbeat.tags))) if heartbeat.tags else None
         if heartbeat.clock_skew_s is not None:
             device.clock_skew_s = heartbeat.clock_skew_s
         elif heartbeat.clock is not None:
@@ -176,6 +201,8 @@ def describe(device: Device, *, heartbeat: bool = False) -> dict[str, Any]:
         "id": device.id,
         "hostname": device.hostname,
         "compatible": device.compatible,
+        "role": device.role,
+        "tags": json.loads(device.tags) if device.tags else [],
         "enrolled": iso(device.enrolled),
         "last_seen": iso(device.last_seen),
         "version": device.version,

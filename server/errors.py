@@ -145,6 +145,28 @@ class RangeNotSatisfiableError(ApiError):
     code = "range_not_satisfiable"
 
 
+class UnknownRolloutError(ApiError):
+    """No rollout with that id."""
+
+    status = 404
+    code = "unknown_rollout"
+
+
+class RolloutConflictError(ApiError):
+    """The transition is not allowed now (another rollout is active, the emergency stop is
+    on, or the rollout is in a state the transition does not start from)."""
+
+    status = 409
+    code = "rollout_conflict"
+
+
+class InvalidRolloutError(ApiError):
+    """The rollout's plan is inconsistent (stages, canaries, selection, rates)."""
+
+    status = 422
+    code = "invalid_rollout"
+
+
 class KeyringUnusableError(ApiError):
     """The server's release keyring is missing or holds no usable key: a setup problem."""
 

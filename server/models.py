@@ -117,6 +117,9 @@ class Device(Base):
     version: Mapped[str | None] = mapped_column(String(128))
     state: Mapped[str | None] = mapped_column(String(32))
     clock_skew_s: Mapped[float | None] = mapped_column(Float)
+    # What the device says it is for (its heartbeat): rollouts select by role and tags.
+    role: Mapped[str | None] = mapped_column(String(64), index=True)
+    tags: Mapped[str | None] = mapped_column(Text)  # JSON list, sorted
     assigned_release_id: Mapped[int | None] = mapped_column(
         ForeignKey("releases.id", ondelete="SET NULL")
     )
@@ -215,8 +218,9 @@ class AuditRow(Base):
 class Rollout(Base):
     """A staged rollout of one release to the selected devices (see ``server/rollouts.py``).
 
-    ``canary_ids``, ``device_ids`` and ``stages`` are JSON lists; ``stage`` indexes the plan
-    (the canary stage first when there are canaries, then one stage per percentage).
+    ``canary_ids``, ``device_ids`` and ``stages`` are JSON lists, ``selector`` a JSON object
+    (``role``, ``tags``); ``stage`` indexes the plan (the canary stage first when there are
+    canaries, then one stage per percentage).
     """
 
     __tablename__ = "rollouts"
@@ -230,16 +234,20 @@ class Rollout(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     release_id: Mapped[int] = mapped_column(ForeignKey("releases.id"), index=True)
     device_ids: Mapped[str | None] = mapped_column(Text)  # JSON list; None: every compatible
+    selector: Mapped[str | None] = mapped_column(Text)  # JSON {"role", "tags"}; None: any
     canary_ids: Mapped[str] = mapped_column(Text)  # JSON list
     stages: Mapped[str] = mapped_column(Text)  # JSON list of percentages, the last 100
     soak_s: Mapped[int] = mapped_column(Integer)
     max_failure_rate: Mapped[float] = mapped_column(Float)
     install_deadline_s: Mapped[int] = mapped_column(Integer)
     rollback_on_halt: Mapped[bool] = mapped_column(Boolean)
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), index=True)  # check-ins ask "any active?"
     stage: Mapped[int] = mapped_column(Integer)
     stage_started: Mapped[datetime] = mapped_column(UTCDateTime)
     reason: Mapped[str | None] = mapped_column(Text)  # why it was paused, halted or aborted
+    # JSON list: failed devices an operator acknowledged on a resume; the failure rule no
+    # longer counts them
+    acknowledged: Mapped[str | None] = mapped_column(Text)
     created: Mapped[datetime] = mapped_column(UTCDateTime)
     created_by: Mapped[str] = mapped_column(String(160))
 

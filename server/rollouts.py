@@ -57,24 +57,31 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from server import audit
 from server.database import Database
-from server.errors import ApiError, UnknownReleaseError
+from server.errors import (
+    InvalidRolloutError,
+    RolloutConflictError,
+    UnknownReleaseError,
+    UnknownRolloutError,
+)
 from server.models import AuditRow, Device, FleetControl, Release, Rollout, RolloutDevice
+from server.schemas import (
+    DEFAULT_INSTALL_DEADLINE_S,
+    DEFAULT_MAX_FAILURE_RATE,
+    DEFAULT_SOAK_S,
+    DEFAULT_STAGES,
+)
 from server.settings import iso
 
 # A PostgreSQL advisory lock key, fixed forever (server.database holds the others).
 ROLLOUT_EVALUATOR_LOCK = 0x6D66_0003
 ENGINE_ACTOR = "rollout-engine"
-DEFAULT_STAGES = (5, 25, 100)
-DEFAULT_SOAK_S = 900
-DEFAULT_MAX_FAILURE_RATE = 0.05
-DEFAULT_INSTALL_DEADLINE_S = 3600
 # A device heartbeats every 60 s; a committed device silent for longer than this is not
 # "continuously" committed, and its soak starts again with its next heartbeat.
 HEARTBEAT_FRESH_S = 180
@@ -103,31 +110,6 @@ class Outcome(StrEnum):
     PENDING = "pending"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
-
-
-# --- errors -------------------------------------------------------------------------------------
-
-
-class UnknownRolloutError(ApiError):
-    """No rollout with that id."""
-
-    status: ClassVar[int] = 404
-    code: ClassVar[str] = "unknown_rollout"
-
-
-class RolloutConflictError(ApiError):
-    """The transition is not allowed now (another rollout is active, the emergency stop is
-    on, or the rollout is in a state the transition does not start from)."""
-
-    status: ClassVar[int] = 409
-    code: ClassVar[str] = "rollout_conflict"
-
-
-class InvalidRolloutError(ApiError):
-    """The rollout's plan is inconsistent (stages, canaries, selection, rates)."""
-
-    status: ClassVar[int] = 422
-    code: ClassVar[str] = "invalid_rollout"
 
 
 # --- the rules (pure) ---------------------------------------------------------------------------
@@ -284,6 +266,8 @@ class RolloutRequest:
     max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE
     install_deadline_s: int = DEFAULT_INSTALL_DEADLINE_S
     rollback_on_halt: bool = True
+    role: str | None = None  # select devices of this role only
+    tags: tuple[str, ...] = ()  # ... that carry every one of these tags
 
 
 def _plan(rollout: Rollout) -> Plan:
@@ -307,11 +291,23 @@ def _rollout(session: Session, rollout_id: int) -> Rollout:
 
 
 def _selected(session: Session, rollout: Rollout, release: Release) -> list[Device]:
+    """The devices the rollout is for: compatible with the release, among the named devices
+    (when named), of the selector's role, carrying every one of its tags. A device's role and
+    tags are what its last heartbeat said, so a device joins (or leaves) the selection as it
+    reports them; a device already assigned by the rollout stays its member."""
     query = select(Device).where(Device.compatible == release.compatible).order_by(Device.id)
     chosen = json.loads(rollout.device_ids) if rollout.device_ids is not None else None
     if chosen is not None:
         query = query.where(Device.id.in_(chosen))
-    return list(session.scalars(query))
+    selector = json.loads(rollout.selector) if rollout.selector else {}
+    if selector.get("role"):
+        query = query.where(Device.role == selector["role"])
+    wanted = set(selector.get("tags", ()))
+    return [
+        device
+        for device in session.scalars(query)
+        if wanted <= set(json.loads(device.tags) if device.tags else ())
+    ]
 
 
 def _audit(
@@ -360,6 +356,9 @@ def start(db: Database, request: RolloutRequest, *, actor: str, now: datetime) -
             if request.device_ids is not None
             else None,
             canary_ids=json.dumps(sorted(set(request.canary_ids))),
+            selector=json.dumps({"role": request.role, "tags": sorted(set(request.tags))})
+            if request.role or request.tags
+            else None,
             stages=json.dumps(list(percents)),
             soak_s=request.soak_s,
             max_failure_rate=request.max_failure_rate,
@@ -513,7 +512,10 @@ def _step(db: Database, session: Session, rollout: Rollout, now: datetime) -> No
     _update_outcomes(db, session, rollout, now)
     session.flush()
     plan = _plan(rollout)
-    outcomes = [Outcome(m.outcome) for m, _ in _members(session, rollout)]
+    acknowledged = set(json.loads(rollout.acknowledged or "[]"))
+    outcomes = [
+        Outcome(m.outcome) for m, _ in _members(session, rollout) if m.device_id not in acknowledged
+    ]
     soaked = now - rollout.stage_started >= timedelta(seconds=rollout.soak_s)
     decision = decide(plan, rollout.stage, outcomes, soaked, rollout.max_failure_rate)
     if decision is Decision.HALT:
@@ -649,7 +651,7 @@ def transition(
     """
     allowed = {
         "pause": (RolloutState.RUNNING,),
-        "resume": (RolloutState.PAUSED,),
+        "resume": (RolloutState.PAUSED, RolloutState.HALTED),
         "abort": (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.HALTED),
         "rollback": tuple(RolloutState),
     }
@@ -664,8 +666,19 @@ def transition(
         elif action == "resume":
             if _control(session).emergency_stop:
                 raise RolloutConflictError("the emergency stop is on: clear it first")
+            other = session.scalars(
+                select(Rollout).where(Rollout.state.in_(ACTIVE), Rollout.id != rollout.id)
+            ).first()
+            if other is not None:
+                raise RolloutConflictError(f"rollout {other.id} is {other.state}: one at a time")
+            # The failures seen so far are acknowledged by whoever resumes: they no longer
+            # count against the failure rule (the audit entry names them and the actor).
+            acknowledged = set(json.loads(rollout.acknowledged or "[]"))
+            seen = {m.device_id for m, _ in _members(session, rollout) if m.outcome == "failed"}
+            details["acknowledged"] = sorted(seen - acknowledged)
+            rollout.acknowledged = json.dumps(sorted(acknowledged | seen))
             rollout.state, rollout.reason = RolloutState.RUNNING, None
-            details["reassigned"] = _reassign_pending(session, rollout)
+            details["reassigned"] = _reassign_pending(session, rollout, now)
         elif action == "abort":
             rollout.state, rollout.reason = RolloutState.ABORTED, reason or "aborted"
             details["returned"] = _return_devices(session, rollout, (Outcome.PENDING,))
@@ -679,12 +692,14 @@ def transition(
         return _view(session, rollout)
 
 
-def _reassign_pending(session: Session, rollout: Rollout) -> list[str]:
-    """After an emergency stop: give the rollout's pending devices its release again."""
+def _reassign_pending(session: Session, rollout: Rollout, now: datetime) -> list[str]:
+    """On a resume: give the rollout's pending devices its release again (the emergency stop
+    withdrew it, a halt sent them back), with a new install deadline."""
     reassigned = []
     for member, device in _members(session, rollout):
-        if member.outcome == Outcome.PENDING and device.assigned_release_id is None:
+        if member.outcome == Outcome.PENDING and device.assigned_release_id != rollout.release_id:
             device.assigned_release_id = rollout.release_id
+            member.assigned_at = now
             reassigned.append(device.id)
     return reassigned
 
@@ -698,12 +713,59 @@ def _control_view(control: FleetControl) -> dict[str, Any]:
     }
 
 
+def _stage_progress(
+    session: Session, rollout: Rollout, plan: Plan, members: Sequence[RolloutDevice]
+) -> list[dict[str, Any]]:
+    """Per stage: the devices of its cohort (expected: selected devices that hash into it, for
+    a rollout still going; assigned ones otherwise), and the outcomes of those assigned."""
+    progress: list[dict[str, Any]] = [
+        {"name": name, "expected": 0, "assigned": 0, **{o.value: 0 for o in Outcome}}
+        for name in plan.names
+    ]
+    for member in members:
+        progress[member.stage]["assigned"] += 1
+        progress[member.stage][member.outcome] += 1
+    if rollout.state in (*ACTIVE, RolloutState.HALTED):
+        canaries = set(json.loads(rollout.canary_ids))
+        assigned = {m.device_id for m in members}
+        for device in _selected(session, rollout, rollout.release):
+            if device.id not in assigned:
+                point = cohort_point(rollout.id, device.id)
+                progress[device_stage(plan, point, device.id in canaries)]["expected"] += 1
+    for stage in progress:
+        stage["expected"] += stage["assigned"]
+    return progress
+
+
+def failure_rule(
+    plan: Plan, stage: int, assigned: int, failed: int, max_failure_rate: float
+) -> dict[str, Any]:
+    """The failure rule as it stands, for operators: with ``assigned`` devices counted so far,
+    the rollout halts when more than ``allowed`` failed."""
+    canary = plan.is_canary(stage)
+    return {
+        "text": (
+            "halt on any failure in the canary stage; after it, halt when failed devices > "
+            f"floor({max_failure_rate:.4g} x assigned devices)"
+        ),
+        "assigned": assigned,
+        "failed": failed,
+        "allowed": failure_allowance(assigned, max_failure_rate, canary),
+        # the smallest sample in which one failure is tolerated
+        "min_devices_for_one_failure": math.ceil(1 / max_failure_rate - 1e-9)
+        if max_failure_rate > 0
+        else None,
+    }
+
+
 def _view(session: Session, rollout: Rollout) -> dict[str, Any]:
     plan = _plan(rollout)
     members = _members(session, rollout)
     counts = {o.value: 0 for o in Outcome}
     for member, _ in members:
         counts[member.outcome] += 1
+    acknowledged = json.loads(rollout.acknowledged or "[]")
+    counted = [m for m, _ in members if m.device_id not in set(acknowledged)]
     return {
         "id": rollout.id,
         "version": rollout.release.version,
@@ -720,6 +782,16 @@ def _view(session: Session, rollout: Rollout) -> dict[str, Any]:
         "created": iso(rollout.created),
         "created_by": rollout.created_by,
         "counts": counts,
+        "selector": json.loads(rollout.selector) if rollout.selector else None,
+        "acknowledged": acknowledged,
+        "stage_progress": _stage_progress(session, rollout, plan, [m for m, _ in members]),
+        "failure_rule": failure_rule(
+            plan,
+            rollout.stage,
+            len(counted),
+            sum(1 for m in counted if m.outcome == Outcome.FAILED),
+            rollout.max_failure_rate,
+        ),
         "devices": [
             {
                 "id": m.device_id,

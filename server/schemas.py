@@ -31,6 +31,9 @@ Nonce = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32,64}$")]
 Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")]
 Hostname = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")]
 Word = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+# A device's role or tag: what rollout selectors and metric labels are made of.
+Label = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
+MAX_TAGS = 16
 SlotName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,15}$")]
 # Free text never holds control characters: NUL cannot be stored in PostgreSQL, and a line
 # break would forge lines in logs and one-line error messages.
@@ -43,6 +46,14 @@ Version = Text128
 # never matched against releases.
 ReportedVersion = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{0,128}$")]
 Token = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,256}$")]
+# "host:port" (a host name, an IPv4 address or a bracketed IPv6 address): a scrape target.
+MetricsAddress = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\]):"
+        r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"
+    ),
+]
 MAX_FIELDS_DEPTH = 16
 MAX_EVENTS = 100
 MAX_SEQ = 2**63 - 1
@@ -115,6 +126,9 @@ class Heartbeat(_Body):
     clock: Annotated[float, Field(ge=0, le=2**40)] | None = None
     clock_skew_s: Annotated[float, Field(ge=-(2**40), le=2**40)] | None = None
     safe_mode: bool = False
+    role: Label | None = None
+    tags: Annotated[list[Label], Field(max_length=MAX_TAGS)] = []
+    metrics_address: MetricsAddress | None = None  # where Prometheus scrapes the device
 
 
 class Event(_Body):
@@ -169,3 +183,39 @@ class OperatorTokenRequest(_Body):
 
 class PreauthorizeRequest(_Body):
     public_key: Hex64
+
+
+# --- rollouts -----------------------------------------------------------------------------------
+
+DEFAULT_STAGES = (5, 25, 100)
+DEFAULT_SOAK_S = 900
+DEFAULT_MAX_FAILURE_RATE = 0.05
+DEFAULT_INSTALL_DEADLINE_S = 3600
+MAX_TARGETS = 100_000
+
+
+class RolloutSelector(_Body):
+    """Which devices a rollout is for, besides ``compatible``: every given field must match
+    (the device's role, and every one of the tags among the device's tags)."""
+
+    role: Label | None = None
+    tags: Annotated[list[Label], Field(max_length=MAX_TAGS, default_factory=list)]
+
+
+class RolloutStartRequest(_Body):
+    version: Version
+    device_ids: Annotated[list[Hex64], Field(max_length=MAX_TARGETS)] | None = None
+    canary: Annotated[list[Hex64], Field(max_length=1000, default_factory=list)]
+    stages: Annotated[
+        list[Annotated[int, Field(ge=1, le=100)]],
+        Field(min_length=1, max_length=20, default_factory=lambda: list(DEFAULT_STAGES)),
+    ]
+    soak_s: Annotated[int, Field(ge=0, le=30 * 86400)] = DEFAULT_SOAK_S
+    max_failure_rate: Annotated[float, Field(ge=0, lt=1)] = DEFAULT_MAX_FAILURE_RATE
+    install_deadline_s: Annotated[int, Field(ge=1, le=30 * 86400)] = DEFAULT_INSTALL_DEADLINE_S
+    rollback_on_halt: bool = True
+    selector: RolloutSelector | None = None
+
+
+class ReasonRequest(_Body):
+    reason: Text128 | None = None

@@ -30,6 +30,10 @@ DEFAULT_MAX_UPLOAD_BYTES = 8 * 1024**3
 MAX_JSON_BODY_BYTES = 64 * 1024
 CHALLENGE_TTL_S = 60
 SESSION_TTL_S = 3600
+DEFAULT_ACTIVE_CHECKIN_INTERVAL_S = 15
+# A check-in refreshes the device's last_seen only when the stored one is older than this:
+# a 304 check-in is then a read, not a write (last_seen is kept to within this many seconds).
+LAST_SEEN_RESOLUTION_S = 30
 
 Clock = Callable[[], float]
 """Seconds since the epoch, server side; injected so tests can move time."""
@@ -53,6 +57,9 @@ class Settings:
     database_url: str  # sqlite:///DATA_DIR/data.db unless another database was named
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     clock: Clock = time.time
+    # While a rollout is running or paused, check-in answers ask devices to check in this
+    # often (seconds), so an emergency stop or a rollback reaches them quickly.
+    active_checkin_interval_s: int = DEFAULT_ACTIVE_CHECKIN_INTERVAL_S
 
     @classmethod
     def create(
@@ -62,6 +69,7 @@ class Settings:
         database_url: str | None = None,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         clock: Clock = time.time,
+        active_checkin_interval_s: int = DEFAULT_ACTIVE_CHECKIN_INTERVAL_S,
     ) -> Settings:
         """Validate the settings; the data directory is created if needed.
 
@@ -86,7 +94,9 @@ class Settings:
             )
         if max_upload_bytes <= 0:
             raise SettingsError(f"max upload size must be positive, not {max_upload_bytes}")
-        return cls(directory, database_url, max_upload_bytes, clock)
+        if not 1 <= active_checkin_interval_s <= 86400:
+            raise SettingsError("the active check-in interval must be 1 to 86400 seconds")
+        return cls(directory, database_url, max_upload_bytes, clock, active_checkin_interval_s)
 
     @property
     def blob_dir(self) -> Path:

@@ -131,6 +131,7 @@ class ServerSimulator:
         self.clock = clock
         self.faults = Faults()
         self.answer_hook: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        self.blob_hook: Callable[[str], None] | None = None  # called with a blob's path
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.tokens: dict[str, int]  # sha256 of the token -> uses left
         self.preauthorized: set[str]  # public keys, hex
@@ -229,6 +230,12 @@ class ServerSimulator:
     def api_requests(self, path_part: str = "") -> list[tuple[str, str, dict[str, str]]]:
         return [r for r in self.requests if r[1].startswith(API) and path_part in r[1]]
 
+    def forget_etags(self) -> None:
+        """Make every device's next check-in a full answer (as a changed answer would)."""
+        with self._lock:
+            for device_id in list(self.devices):
+                self._etags[device_id] = self._etags.get(device_id, 0) + 1
+
     def etag(self, device_id: str) -> str:
         return f"a{self._etags.get(device_id, 0)}-{device_id[:8]}"
 
@@ -324,7 +331,7 @@ class ServerSimulator:
         return 200, signed, {"ETag": f'"{etag}"'}
 
     def _heartbeat(self, device_id: str, body: dict[str, Any]) -> tuple[int, None]:
-        _fields(body, HEARTBEAT_FIELDS)
+        _fields(body, HEARTBEAT_FIELDS, {"role", "tags", "metrics_address"})
         for slot in body["slots"].values():
             _fields(slot, {"status", "version"})
         self.devices[device_id].heartbeats.append(body)
@@ -450,6 +457,8 @@ class ServerSimulator:
                 if simulator.faults.down:
                     self.close_connection = True
                     return
+                if simulator.blob_hook is not None:
+                    simulator.blob_hook(self.path)
                 data = simulator.blobs.get(self.path.removeprefix("/blobs/"))
                 if not self.path.startswith("/blobs/") or data is None:
                     self._answer(404, {"error": "not_found", "detail": self.path})

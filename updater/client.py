@@ -183,6 +183,9 @@ class Answer:
     nonce: str
     etag: str
     assignment: Assignment | None
+    # How often the server asks this device to check in for now (a rollout is active);
+    # None: as configured.
+    checkin_interval_s: int | None = None
 
     @classmethod
     def from_dict(cls, document: Any) -> Answer:
@@ -197,11 +200,17 @@ class Answer:
         if document.get("format") != ANSWER_FORMAT or isinstance(document.get("format"), bool):
             raise AnswerRejectedError(f"{where}: unknown format {document.get('format')!r:.20}")
         raw = document.get("assignment")
+        interval = document.get("checkin_interval_s")
+        if interval is not None and (
+            not isinstance(interval, int) or isinstance(interval, bool) or interval < 1
+        ):
+            raise AnswerRejectedError(f"{where}: checkin_interval_s must be null or seconds >= 1")
         return cls(
             device_id=_require(document, "device_id", str, where),
             nonce=_require(document, "nonce", str, where),
             etag=_require(document, "etag", str, where),
             assignment=None if raw is None else Assignment.from_dict(raw),
+            checkin_interval_s=interval,
         )
 
 

@@ -9,6 +9,8 @@ is back, while the boot check still confirms or rolls back the running slot.
 Example::
 
     compatible = "metrica-rpi4"
+    role = "camera"                # what the device is for: rollouts select by it
+    tags = ["north-site", "hw-rev2"]
     keyring = "/etc/fleet/keyring"
     data_dir = "/var/lib/fleet"
 
@@ -42,6 +44,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -55,6 +58,10 @@ DEFAULT_CONFIG_PATH = Path("/etc/fleet/updater.toml")
 LAST_GOOD_NAME = "updater.last-good.toml"
 HEALTH_CHECK_TYPES = ("systemd", "http", "tcp", "compose", "command")
 SLOT_CLASSES = ("rootfs", "bootfs")
+MAX_TAGS = 16
+# Roles and tags are labels (rollout selectors, metrics): lowercase words, as the server takes
+# them (server.schemas.Label).
+LABEL = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
 
 def _typed(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -64,6 +71,15 @@ def _typed(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], wh
     if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         names = " or ".join(k.__name__ for k in kinds)
         raise ConfigError(f"{where}.{key}: must be {names}, not {value!r}")
+    return value
+
+
+def _label(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not LABEL.fullmatch(value):
+        raise ConfigError(
+            f"{where}: {value!r:.40} is not a label (lowercase letters, digits, '_', '.', '-'; "
+            "at most 63, starting with a letter or digit)"
+        )
     return value
 
 
@@ -189,6 +205,8 @@ class UpdaterConfig:
     """Everything the updater needs to know about this device."""
 
     compatible: str | None = None
+    role: str | None = None  # reported to the server; rollouts select devices by it
+    tags: tuple[str, ...] = ()
     keyring: Path | None = None
     data_dir: Path = Path("/var/lib/fleet")
     bootloader: Mapping[str, Any] = field(default_factory=lambda: {"backend": "auto"})
@@ -206,6 +224,8 @@ class UpdaterConfig:
     thermal_dir: Path = Path("/sys/class/thermal")
     metrics_textfile: Path | None = None
     metrics_port: int | None = None
+    metrics_listen: str = "127.0.0.1"  # where the port is bound: loopback unless configured
+    metrics_advertise: str | None = None  # host:port Prometheus scrapes, if not derivable
     reboot_command: tuple[str, ...] | None = None  # overrides the backend's (tests, labs)
 
     @classmethod
@@ -216,13 +236,20 @@ class UpdaterConfig:
             ConfigError: the first problem, naming the setting.
         """
         top = {
-            "compatible", "keyring", "data_dir", "bootloader", "slots", "limits", "health",
-            "server", "paths", "metrics", "reboot_command",
+            "compatible", "role", "tags", "keyring", "data_dir", "bootloader", "slots",
+            "limits", "health", "server", "paths", "metrics", "reboot_command",
         }  # fmt: skip
         _no_unknown(document, top, "config")
         values: dict[str, Any] = {}
         if "compatible" in document:
             values["compatible"] = _typed(document, "compatible", str, "config")
+        if "role" in document:
+            values["role"] = _label(_typed(document, "role", str, "config"), "config.role")
+        if "tags" in document:
+            tags = _typed(document, "tags", list, "config")
+            if len(tags) > MAX_TAGS:
+                raise ConfigError(f"config.tags: at most {MAX_TAGS} tags")
+            values["tags"] = tuple(sorted({_label(tag, "config.tags") for tag in tags}))
         for key in ("keyring", "data_dir"):
             if key in document:
                 values[key] = Path(_typed(document, key, str, "config"))
@@ -243,7 +270,10 @@ class UpdaterConfig:
             if key in paths:
                 values[key] = Path(_typed(paths, key, str, "paths"))
         metrics = _table(document, "metrics", "")
-        _no_unknown(metrics, {"textfile", "port"}, "metrics")
+        _no_unknown(metrics, {"textfile", "port", "listen", "advertise"}, "metrics")
+        for key in ("listen", "advertise"):
+            if key in metrics:
+                values[f"metrics_{key}"] = _typed(metrics, key, str, "metrics").strip()
         if "textfile" in metrics:
             values["metrics_textfile"] = Path(_typed(metrics, "textfile", str, "metrics"))
         if "port" in metrics:

@@ -8,7 +8,10 @@ duty            what it does
 ==============  ==========================================================================
 enroll          once, unless ``<data_dir>/identity/enrolled.json`` names this device id
 events          send what waits in the outbox, oldest first, 100 a request, until it is empty
-check-in        every ``checkin_interval_s`` (±10 % jitter): a verified answer → act on it
+check-in        every ``checkin_interval_s`` (±10 % jitter), or the shorter interval the server
+                asks for while a rollout is active: a verified answer → act on it; during an
+                install the check-ins go on, and an answer that no longer assigns the release
+                abandons the install (an emergency stop reaches a download in progress)
 heartbeat       every ``heartbeat_interval_s``: slots, boot state, health, sensors, clock skew
 ==============  ==========================================================================
 
@@ -84,6 +87,7 @@ from updater.client import (
 from updater.device import free_space_mb, read_temperature_c, uptime_s
 from updater.errors import (
     DownloadError,
+    InstallAbandonedError,
     LockedError,
     PreconditionError,
     StateError,
@@ -111,6 +115,7 @@ MAX_RELEASES = 16
 MAX_INTERRUPTED = 3  # installs of one release cut short (crash, kill, power) before giving up
 JITTER = 0.1
 MIN_SLEEP_S = 0.1  # between steps, whatever the schedule says: never a busy loop
+MIN_CHECKIN_S = 5.0  # the shortest check-in interval a server may ask for
 MAX_BATCHES_PER_STEP = 10
 INSTALL_RETRY_MAX_S = 3600.0
 WATCHDOG_GRACE_S = 120.0
@@ -407,7 +412,7 @@ def _wire_fields(level: str, fields: Mapping[str, Any]) -> dict[str, Any]:
 
 # --- the release history --------------------------------------------------------------------
 
-OUTCOMES = ("installing", "interrupted", "download_failed", "armed", "failed")
+OUTCOMES = ("installing", "interrupted", "download_failed", "abandoned", "armed", "failed")
 
 
 @dataclass(frozen=True)
@@ -547,7 +552,8 @@ def decide(
             return Decision("skip", "below the installed security version", fail=True)
         return Decision("flip", "intact in the other slot")
     # installing or bad: did our own install stop for a reason that is not the release's?
-    if record is not None and record.outcome in ("installing", "interrupted", "download_failed"):
+    retry = ("installing", "interrupted", "download_failed", "abandoned")
+    if record is not None and record.outcome in retry:
         if record.interrupted >= MAX_INTERRUPTED:
             return Decision("skip", f"install interrupted {record.interrupted} times", fail=True)
         return Decision("install", f"again after: {record.outcome}")
@@ -582,8 +588,12 @@ def heartbeat_document(
     uptime_s: float | None,
     clock: float,
     clock_skew_s: float | None,
+    role: str | None = None,
+    tags: Sequence[str] = (),
+    metrics_address: str | None = None,
 ) -> dict[str, Any]:
-    """The heartbeat of the protocol, from ``Runtime.snapshot()`` and the sensors. Values
+    """The heartbeat of the protocol, from ``Runtime.snapshot()``, the sensors and the
+    device's ``role`` and ``tags`` (from its configuration). Values
     the device does not know are ``null`` (the version in safe mode, a missing sensor),
     except the slot names, which the protocol requires: ``"unknown"`` when the boot state
     cannot be read, or no root slot is primary. Health check names are cut to 128
@@ -607,6 +617,9 @@ def heartbeat_document(
         "clock": clock,
         "clock_skew_s": clock_skew_s,
         "safe_mode": booted == SAFE_SLOT,
+        "role": role,
+        "tags": list(tags),
+        "metrics_address": metrics_address,
     }
 
 
@@ -747,7 +760,7 @@ class Daemon:
             else:
                 self._duty_errors.pop(name, None)
             if name == "checkin":
-                self._next_checkin_at = self._clock() + self._jittered(self.checkin_interval_s)
+                self._next_checkin_at = self._clock() + self._jittered(self.checkin_every_s)
             elif name == "heartbeat":
                 self._next_heartbeat_at = self._clock() + self.heartbeat_interval_s
         self._server_answered()
@@ -759,6 +772,17 @@ class Daemon:
         if self._duty_errors.get(duty) != message:
             self._duty_errors[duty] = message
             self.log.event("daemon.step_failed", level="error", duty=duty, error=message)
+
+    @property
+    def checkin_every_s(self) -> float:
+        """Seconds between check-ins now: the configured interval, or the shorter one the
+        server's last answer asked for while a rollout is active (never below
+        ``MIN_CHECKIN_S``: a server cannot make a fleet hammer it)."""
+        answer = self.client.last_answer
+        asked = answer.checkin_interval_s if answer is not None else None
+        if asked is None:
+            return self.checkin_interval_s
+        return min(self.checkin_interval_s, max(MIN_CHECKIN_S, float(asked)))
 
     def _jittered(self, interval: float) -> float:
         return interval * (1 - JITTER + 2 * JITTER * self._rng())
@@ -846,9 +870,12 @@ class Daemon:
             uptime_s=up,
             clock=self._wall_clock(),
             clock_skew_s=self.client.clock_skew_s,
+            role=runtime.config.role,
+            tags=runtime.config.tags,
+            metrics_address=runtime.scrape_address(self._hostname),
         )
         # the metrics follow the heartbeat: a textfile or a scrape is never older than one
-        runtime.publish_metrics(document=snapshot)
+        runtime.publish_metrics(document=snapshot, server_unreachable_s=0.0)
         self.client.heartbeat(document)
 
     # --- acting on an answer -------------------------------------------------------------
@@ -966,8 +993,20 @@ class Daemon:
         try:
             with self.notifier.keep_alive(limit):
                 result = installer.install_parts(
-                    assignment.manifest, assignment.manifest_sig, urls, name=name, reboot=True
-                )
+                    assignment.manifest, assignment.manifest_sig, urls, name=name, reboot=True,
+                    abandon=self._withdrawn_check(sha),
+                )  # fmt: skip
+        except InstallAbandonedError as err:
+            # the server no longer wants this release here (an emergency stop, a rollback):
+            # not the release's fault, nothing is counted against it: installed afresh when
+            # it is assigned again
+            self._record(sha, assignment, "abandoned", detail=str(err))
+            self._install_retry_at.pop(sha, None)
+            self.log.event(
+                "daemon.install_abandoned", level="warning", release=assignment.release_id,
+                version=assignment.version, reason=str(err),
+            )  # fmt: skip
+            return
         except (PreconditionError, StateError) as err:
             # refused before the release was looked at (too hot, too little space, a trial
             # undecided) or the data partition failed us: not the release's fault; nothing
@@ -1001,6 +1040,31 @@ class Daemon:
             return
         self._record(sha, assignment, "armed", detail=None)
         runtime.publish_metrics(install=result)
+
+    def _withdrawn_check(self, sha: str) -> Callable[[], str | None]:
+        """For a running install of release ``sha``: check in whenever a check-in is due and
+        say why to stop when the answer no longer assigns ``sha``. A server that cannot be
+        reached does not stop the install (its deadline bounds it)."""
+
+        def withdrawn() -> str | None:
+            if self._clock() < self._next_checkin_at:
+                return None
+            self._next_checkin_at = self._clock() + self._jittered(self.checkin_every_s)
+            try:
+                result = self.client.checkin()
+            except ServerError as err:
+                self.log.event("daemon.checkin_during_install_failed", level="debug",
+                               error=str(err))  # fmt: skip
+                return None
+            self.last_checkin = result
+            assigned = result.answer.assignment
+            if assigned is None:
+                return "the server withdrew the release (no assignment now)"
+            if assigned.manifest_sha256 != sha:
+                return f"the server now assigns {assigned.version} instead"
+            return None
+
+        return withdrawn
 
     def _armed(self, sha: str) -> bool:
         """Whether the other slot holds release ``sha``, armed for its trial boot."""
@@ -1036,6 +1100,8 @@ class Daemon:
         if self._unreachable_since is None:
             self._unreachable_since = now
             self.log.event("daemon.server_unreachable", level="warning", error=str(err))
+        # the metrics go on without the server: a local Prometheus still sees this device
+        self.runtime.publish_metrics(server_unreachable_s=now - self._unreachable_since)
         self.log.event("daemon.retry", level="debug", error=str(err), retry_in_s=round(delay, 3))
 
     def _server_answered(self) -> None:

@@ -34,3 +34,8 @@ class DownloadError(UpdaterError):
 
 class InstallError(UpdaterError):
     """Writing or verifying an image failed; the target slot is marked bad."""
+
+
+class InstallAbandonedError(InstallError):
+    """The install was given up on purpose while writing (the server withdrew the release):
+    the half-written slot is marked bad, the running slot stays; not the release's fault."""

@@ -40,7 +40,13 @@ from image_builder.manifest import Manifest
 from signing.errors import KeyringError
 from signing.keyring import Keyring
 from updater.config import UpdaterConfig
-from updater.errors import DownloadError, InstallError, PreconditionError, SlotError
+from updater.errors import (
+    DownloadError,
+    InstallAbandonedError,
+    InstallError,
+    PreconditionError,
+    SlotError,
+)
 from updater.fetch import MirroredStream, open_source
 from updater.slots import SlotTarget, check_not_mounted_root, slot_targets
 from updater.state import DeviceState, StateStore
@@ -210,7 +216,7 @@ class Installer:
         self,
         reader: BundleReader | SplitBundleReader,
         targets: dict[str, SlotTarget],
-        deadline: float,
+        watch: _Watch,
     ) -> int:
         total = sum(e.uncompressed_size for e in reader.manifest.images)
         written = 0
@@ -223,11 +229,11 @@ class Installer:
                 path=str(target.path),
                 bytes=image.entry.uncompressed_size,
             )
-            written = self._write_image(image, target, written, total, deadline)
+            written = self._write_image(image, target, written, total, watch)
         return written
 
     def _write_image(
-        self, image: BundleImage, target: SlotTarget, done: int, total: int, deadline: float
+        self, image: BundleImage, target: SlotTarget, done: int, total: int, watch: _Watch
     ) -> int:
         """Stream one image into its slot. Reading (hashing, decompressing) and writing
         (copying into the page cache, flushing) run side by side on two cores: the next chunk
@@ -244,7 +250,7 @@ class Installer:
                 while chunk := image.stream.read(self._write_chunk):
                     if pending is not None and pending.result():
                         self._report_progress(done + writer.flushed, total)
-                    self._check_deadline(deadline)
+                    self._check(watch)
                     pending = pool.submit(writer.write, chunk)
                 if pending is not None:
                     pending.result()
@@ -256,13 +262,16 @@ class Installer:
         self._report_progress(done, total)
         return done
 
-    def _check_deadline(self, deadline: float) -> None:
+    def _check(self, watch: _Watch) -> None:
         """An update stuck for longer than the deadline is abandoned (and rolled back: the
-        target is marked bad, the running slot stays)."""
-        if self._clock() > deadline:
+        target is marked bad, the running slot stays); so is one the caller gives up on."""
+        if self._clock() > watch.deadline:
             raise InstallError(
                 f"install exceeded its {self.config.limits.update_deadline_s} s deadline: abandoned"
             )
+        reason = watch.abandon() if watch.abandon is not None else None
+        if reason:
+            raise InstallAbandonedError(f"install abandoned: {reason}")
 
     def _report_progress(self, done: int, total: int) -> None:
         if self._progress is not None:
@@ -302,10 +311,15 @@ class Installer:
         *,
         name: str = "release",
         reboot: bool = True,
+        abandon: Callable[[], str | None] | None = None,
     ) -> InstallResult:
         """Install a release delivered in parts (a server assignment): the manifest, its
         signatures, and for each image (by stored SHA-256) the URLs to fetch it from, tried in
         order (server, then mirrors). Same steps, guarantees and errors as :meth:`install`.
+
+        ``abandon`` is asked between chunks while writing; a reason it returns stops the
+        install with :class:`InstallAbandonedError` (the daemon's: the server withdrew the
+        release).
         """
         started = self._clock()
         state, keyring = self._prepare()
@@ -324,7 +338,9 @@ class Installer:
             if missing:
                 raise DownloadError(f"{name}: no URL for image(s) {', '.join(missing)}")
 
-        return self._install(reader, keyring, state, started, reboot, every_image_has_a_url)
+        return self._install(
+            reader, keyring, state, started, reboot, every_image_has_a_url, abandon
+        )
 
     def _http(self, started: float) -> dict[str, Any]:
         """HTTP options for this install: the configured ones, and the install's deadline, so
@@ -345,6 +361,7 @@ class Installer:
         started: float,
         reboot: bool,
         preflight: Callable[[Manifest], None] | None = None,
+        abandon: Callable[[], str | None] | None = None,
     ) -> InstallResult:
         manifest, target, targets = self.verify_manifest(reader, keyring, state)
         if preflight is not None:
@@ -355,10 +372,13 @@ class Installer:
             signed_by=list(reader.signed_by),
         )  # fmt: skip
         state = self.mark_installing(state, target, manifest, reader.manifest_sha256)
-        deadline = started + self.config.limits.update_deadline_s
+        watch = _Watch(started + self.config.limits.update_deadline_s, abandon)
         try:
-            self._check_deadline(deadline)
-            written = self.write_images(reader, targets, deadline)
+            self._check(watch)
+            written = self.write_images(reader, targets, watch)
+        except InstallAbandonedError as err:
+            self._fail(state, target, err, event="install.abandoned")
+            raise
         except (FleetError, OSError) as err:
             self._fail(state, target, err)
             raise InstallError(f"install into slot {target} failed: {err}") from err
@@ -374,12 +394,24 @@ class Installer:
             self._reboot(command)
         return InstallResult(target, manifest.version, written, seconds, reboot)
 
-    def _fail(self, state: DeviceState, target: str, err: BaseException) -> None:
-        self.log.event("install.failed", level="error", slot=target, error=str(err))
+    def _fail(
+        self, state: DeviceState, target: str, err: BaseException, event: str = "install.failed"
+    ) -> None:
+        level = "warning" if event == "install.abandoned" else "error"
+        self.log.event(event, level=level, slot=target, error=str(err))
         try:
             self.store.save(state.with_slot(target, status="bad"))
         except FleetError as save_err:
             self.log.event("state.save_failed", level="error", error=str(save_err))
+
+
+@dataclass(frozen=True)
+class _Watch:
+    """What stops an install while it writes: its deadline (monotonic), and the caller's
+    ``abandon`` question."""
+
+    deadline: float
+    abandon: Callable[[], str | None] | None = None
 
 
 class _SlotWriter:

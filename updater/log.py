@@ -19,6 +19,8 @@ shipped, never changes meaning. Examples:
 ``install.trial_armed``             the target slot is armed for one trial boot (slot)
 ``install.rebooting``               the reboot into the trial (command)
 ``install.failed``                  the install stopped; the target slot is bad (slot, error)
+``install.abandoned``               given up on purpose (the server withdrew the release); the
+                                    target slot is bad (slot, error)
 ``boot_check.started``              the boot check began (slot, trial, situation)
 ``boot_check.committed``            a trial slot passed its health checks and is primary
 ``boot_check.confirmed``            a committed slot passed; its attempts are reset
@@ -44,7 +46,8 @@ shipped, never changes meaning. Examples:
 The daemon (``updater/daemon.py``, ``updater/client.py``) adds: ``daemon.started``,
 ``daemon.stopped``, ``daemon.enrolled``, ``daemon.enroll_refused``, ``daemon.enrollment_lost``,
 ``daemon.install``, ``daemon.install_skipped``, ``daemon.install_retry``,
-``daemon.install_interrupted``, ``daemon.release_failed``, ``daemon.reboot_failed``,
+``daemon.install_interrupted``, ``daemon.install_abandoned``,
+``daemon.checkin_during_install_failed``, ``daemon.release_failed``, ``daemon.reboot_failed``,
 ``daemon.step_failed``, ``daemon.health_failed``, ``daemon.server_unreachable``,
 ``daemon.server_back``, ``daemon.events_rejected``, ``daemon.start_not_counted``,
 ``daemon.no_server_keyring``; ``server.failover``, ``server.failback``,

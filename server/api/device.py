@@ -65,6 +65,7 @@ def checkin(call: DeviceRequest, request: Request, state: State) -> Response:
         request.headers.get("if-none-match"),
         state.server_key,
         state.now(),
+        state.settings.active_checkin_interval_s,
     )
     if isinstance(result, NotModified):
         return Response(status_code=304, headers={"ETag": f'"{result.etag}"'})
@@ -100,4 +101,5 @@ def events(call: DeviceRequest, state: State) -> Response:
     stored = devices.record_events(state.db, call.device_id, body.events, state.now())
     for event in stored:
         state.metrics.events.labels(event_label(event.event)).inc()
+        state.metrics.count_outcome(call.device_id, event.event)
     return Response(status_code=204)

@@ -11,37 +11,15 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
-from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from server import rollouts
 from server.api.common import OperatorRole, State, Viewer, read_body
-from server.schemas import Hex64, Text128, Version, _Body, parse
+from server.schemas import ReasonRequest, RolloutStartRequest, parse
 
 router = APIRouter(prefix="/api/v1", tags=["rollouts"])
 
 RolloutIdPath = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
-MAX_TARGETS = 100_000
-
-
-class RolloutStartRequest(_Body):
-    version: Version
-    device_ids: Annotated[list[Hex64], Field(max_length=MAX_TARGETS)] | None = None
-    canary: Annotated[list[Hex64], Field(max_length=1000, default_factory=list)]
-    stages: Annotated[
-        list[Annotated[int, Field(ge=1, le=100)]],
-        Field(min_length=1, max_length=20, default_factory=lambda: list(rollouts.DEFAULT_STAGES)),
-    ]
-    soak_s: Annotated[int, Field(ge=0, le=30 * 86400)] = rollouts.DEFAULT_SOAK_S
-    max_failure_rate: Annotated[float, Field(ge=0, lt=1)] = rollouts.DEFAULT_MAX_FAILURE_RATE
-    install_deadline_s: Annotated[int, Field(ge=1, le=30 * 86400)] = (
-        rollouts.DEFAULT_INSTALL_DEADLINE_S
-    )
-    rollback_on_halt: bool = True
-
-
-class ReasonRequest(_Body):
-    reason: Text128 | None = None
 
 
 async def _reason(request: Request) -> str | None:
@@ -66,6 +44,8 @@ async def start_rollout(request: Request, caller: OperatorRole, state: State) ->
         max_failure_rate=body.max_failure_rate,
         install_deadline_s=body.install_deadline_s,
         rollback_on_halt=body.rollback_on_halt,
+        role=body.selector.role if body.selector else None,
+        tags=tuple(body.selector.tags) if body.selector else (),
     )
     await _evaluate(state)
     return await run_in_threadpool(

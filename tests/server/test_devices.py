@@ -287,7 +287,9 @@ def test_heartbeat_is_kept_and_listed(harness: Harness, enrolled: Enrolled) -> N
         == "enrolled"
     )
     harness.clock.advance(30)
-    response = device.heartbeat(version="2.1.0", updater_state="downloading")
+    response = device.heartbeat(
+        version="2.1.0", updater_state="downloading", role="camera", tags=["north", "hw2", "north"]
+    )
     assert response.status_code == 204
     listing = harness.client.get("/api/v1/devices", headers=harness.viewer).json()["devices"]
     assert listing == [
@@ -295,6 +297,8 @@ def test_heartbeat_is_kept_and_listed(harness: Harness, enrolled: Enrolled) -> N
             "id": device.id,
             "hostname": "cam-0042",
             "compatible": "metrica-rpi4",
+            "role": "camera",
+            "tags": ["hw2", "north"],
             "enrolled": "2023-11-14T22:13:20Z",
             "last_seen": "2023-11-14T22:13:50Z",
             "version": "2.1.0",

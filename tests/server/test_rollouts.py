@@ -183,6 +183,7 @@ class Fleet:
         self.seq: dict[str, int] = {d.id: 0 for d in devices}
         self.version = {d.id: "1.0.0" for d in devices}
         self.logged_in: dict[str, float] = {}
+        self.labels: dict[str, dict[str, Any]] = {}  # device id -> {"role", "tags"}
 
     def assigned(self) -> dict[str, str | None]:
         response = self.harness.client.get("/api/v1/devices", headers=self.harness.viewer)
@@ -206,6 +207,7 @@ class Fleet:
             response = device.heartbeat(
                 version=version,
                 slots={"a": {"status": "good", "version": version}, "b": {"status": "good"}},
+                **self.labels.get(device.id, {}),
             )
             assert response.status_code == 204, response.text
         self.harness.clock.advance(seconds)
@@ -393,6 +395,125 @@ def test_rollout_api_refusals_and_roles(harness: Harness, fleet_of: Any) -> None
     assert harness.client.get("/api/v1/rollouts/99", headers=harness.viewer).status_code == 404
 
 
+def test_a_selector_picks_devices_by_role_and_tags(harness: Harness, fleet_of: Any) -> None:
+    fleet = fleet_of(12)
+    for index, device in enumerate(fleet.devices):
+        role = ("camera", "sensor", "gateway")[index % 3]
+        fleet.labels[device.id] = {"role": role, "tags": ["north"] if index < 6 else ["south"]}
+    fleet.tick(0)
+    chosen = {
+        d.id for d in fleet.devices
+        if fleet.labels[d.id] == {"role": "camera", "tags": ["north"]}
+    }  # fmt: skip
+    assert len(chosen) == 2
+    rollout = start(
+        harness, version="2.0.0", stages=[50, 100], soak_s=60,
+        selector={"role": "camera", "tags": ["north"]},
+    )  # fmt: skip
+    assert rollout["selector"] == {"role": "camera", "tags": ["north"]}
+    assert sum(s["expected"] for s in rollout["stage_progress"]) == 2
+    for _ in range(10):
+        answer = fleet.tick()["rollouts"][0]
+        if answer["state"] == "completed":
+            break
+    assert answer["state"] == "completed", answer
+    assert {d["id"] for d in answer["devices"]} == chosen
+    assigned = fleet.assigned()
+    assert {d for d, v in assigned.items() if v == "2.0.0"} == chosen
+    assert [s["succeeded"] for s in answer["stage_progress"]] == [
+        s["expected"] for s in answer["stage_progress"]
+    ]
+    refused = harness.client.post(
+        "/api/v1/rollouts", json={"version": "2.0.0", "selector": {"role": "Camera!"}},
+        headers=harness.operator,
+    )  # fmt: skip
+    assert refused.status_code == 422 and "role" in refused.text
+
+
+def test_the_failure_rule_is_shown_with_the_sample_it_needs(
+    harness: Harness, fleet_of: Any
+) -> None:
+    fleet = fleet_of(20)
+    fleet.tick(0)
+    fleet.bad = {fleet.devices[0].id}
+    start(harness, version="2.0.0", stages=[100], soak_s=300)
+    answer = fleet.tick()["rollouts"][0]
+    rule = answer["failure_rule"]
+    assert rule["min_devices_for_one_failure"] == 20
+    assert (rule["assigned"], rule["failed"], rule["allowed"]) == (20, 1, 1)
+    assert "floor(0.05 x assigned devices)" in rule["text"]
+
+
+def test_a_halted_rollout_resumes_once_its_failures_are_acknowledged(
+    harness: Harness, fleet_of: Any
+) -> None:
+    fleet = fleet_of(10)
+    fleet.tick(0)
+    canaries = [d.id for d in fleet.devices[:2]]
+    fleet.bad = {canaries[0]}
+    rollout = start(harness, version="2.0.0", canary=canaries, soak_s=60)
+    for _ in range(5):
+        if fleet.tick()["rollouts"][0]["state"] == "halted":
+            break
+    fleet.bad = set()  # say the failure was the device's, not the release's
+    resumed = harness.client.post(
+        f"/api/v1/rollouts/{rollout['id']}/resume", json={"reason": "bad sd card on cam-0000"},
+        headers=harness.operator,
+    )  # fmt: skip
+    assert resumed.status_code == 200, resumed.text
+    assert resumed.json()["acknowledged"] == [canaries[0]]
+    entry = [e for e in actions(harness) if e["action"] == "rollout.resumed"][-1]
+    assert entry["details"]["acknowledged"] == [canaries[0]]
+    assert entry["details"]["reason"] == "bad sd card on cam-0000"
+    assert entry["actor"].startswith("operator")
+    for _ in range(20):
+        answer = fleet.tick()["rollouts"][0]
+        if answer["state"] != "running":
+            break
+    assert answer["state"] == "completed", answer
+    assert answer["counts"]["failed"] == 1
+
+
+def test_while_a_rollout_is_active_devices_are_asked_to_check_in_more_often(
+    harness: Harness, fleet_of: Any
+) -> None:
+    fleet = fleet_of(3)
+    device = fleet.devices[0]
+
+    def answer() -> tuple[dict[str, Any], str]:
+        response = device.checkin()
+        assert response.status_code == 200, response.text
+        return json.loads(response.json()["answer"]), response.headers["ETag"]
+
+    quiet, quiet_etag = answer()
+    assert quiet["checkin_interval_s"] is None
+    rollout = start(harness, version="2.0.0", stages=[100])
+    busy, busy_etag = answer()
+    assert busy["checkin_interval_s"] == harness.settings.active_checkin_interval_s == 15
+    assert busy_etag != quiet_etag  # so a device holding the old answer gets the new one
+    harness.client.post(f"/api/v1/rollouts/{rollout['id']}/abort", headers=harness.operator)
+    assert answer()[0]["checkin_interval_s"] is None
+
+
+def test_an_unchanged_checkin_of_a_device_seen_recently_writes_nothing(
+    harness: Harness, fleet_of: Any
+) -> None:
+    device = fleet_of(1).devices[0]
+
+    def last_seen() -> str:
+        response = harness.client.get(f"/api/v1/devices/{device.id}", headers=harness.viewer)
+        return str(response.json()["last_seen"])
+
+    etag = device.checkin().headers["ETag"]
+    seen = last_seen()
+    harness.clock.advance(10)
+    assert device.checkin(etag=etag).status_code == 304
+    assert last_seen() == seen  # a read, not a write
+    harness.clock.advance(30)
+    assert device.checkin(etag=etag).status_code == 304
+    assert last_seen() != seen  # refreshed once it is older than the resolution
+
+
 # --- the CLI --------------------------------------------------------------------------------
 
 
@@ -430,6 +551,34 @@ def test_rollout_cli(live_server: LiveServer, enrolled: Enrolled, make_bundle: M
     assert conflict.exit_code == 1 and "cannot pause" in conflict.output
     bad = run(live_server, "rollout", "start", "2.0.0", "--max-failure", "lots")
     assert bad.exit_code == 2
+    odd = run(live_server, "rollout", "start", "2.0.0", "--selector", "colour=red")
+    assert odd.exit_code == 2 and "role=NAME or tag=NAME" in odd.output
+
+
+def test_rollout_status_watch_draws_a_bar_per_stage(
+    live_server: LiveServer, enrolled: Enrolled, make_bundle: MakeBundle
+) -> None:
+    harness = live_server.harness
+    assert harness.upload(make_bundle(version="2.0.0")).status_code == 201
+    devices = [enrolled(hostname=f"cam-{i}") for i in range(4)]
+    for device in devices:
+        device.heartbeat(role="camera", tags=["north"])
+    started = run(
+        live_server, "rollout", "start", "2.0.0", "--canary", devices[0].id,
+        "--selector", "role=camera", "--selector", "tag=north", "--stages", "50,100",
+    )  # fmt: skip
+    assert started.exit_code == 0, started.output
+    assert run(live_server, "rollout", "abort", "1").exit_code == 0
+    # --watch ends by itself once nothing is running or paused
+    watched = run(live_server, "rollout", "status", "--watch", "--interval", "0.1")
+    assert watched.exit_code == 0, watched.output
+    lines = watched.output.splitlines()
+    assert lines[0].startswith("rollout 1: 2.0.0 ABORTED at stage canary")
+    assert lines[1] == "  selector: role=camera tag=north"
+    bars = [line for line in lines if "[" in line and "ok," in line]
+    assert [b.split()[0] for b in bars] == ["canary", "50%", "100%"]
+    assert "failure rule: halt on any failure in the canary stage" in watched.output
+    assert "one failure is tolerated from 20 devices on" in watched.output
 
 
 def test_late_devices_join_once_with_concurrent_evaluators(

@@ -514,6 +514,53 @@ def test_checkins_are_jittered_and_heartbeats_regular(lab: Lab) -> None:
     assert len(lab.server.api_requests("/heartbeat")) == 2
 
 
+def test_while_a_rollout_is_active_the_server_sets_a_shorter_checkin_interval(lab: Lab) -> None:
+    asked: list[Any] = [15]
+    lab.server.answer_hook = lambda document: {**document, "checkin_interval_s": asked[0]}
+    daemon = lab.daemon()
+    assert daemon.run_once() == pytest.approx(15.0)  # jitter at its middle (rng 0.5)
+    assert daemon.checkin_every_s == 15.0
+    # never below the floor, never above the device's own setting
+    for value, expected in ((1, 5.0), (600, 60.0), (None, 60.0)):
+        asked[0] = value
+        lab.clock.now += 120
+        lab.server.forget_etags()
+        daemon.run_once()
+        assert daemon.checkin_every_s == expected, value
+    asked[0] = "soon"
+    lab.clock.now += 120
+    lab.server.forget_etags()
+    daemon.run_once()
+    assert daemon.last_error is not None and "checkin_interval_s" in daemon.last_error
+
+
+def test_a_download_in_progress_is_abandoned_when_the_server_withdraws_the_release(
+    lab: Lab,
+) -> None:
+    release = lab.release("2.0.0")
+    lab.server.assign(lab.device_id, release)
+
+    def emergency_stop(path: str) -> None:  # while the blob is being fetched
+        lab.server.assign(lab.device_id, None)
+        lab.clock.now += 120  # a check-in is due
+        lab.server.blob_hook = None
+
+    lab.server.blob_hook = emergency_stop
+    daemon = lab.daemon()
+    daemon.run_once()
+    assert lab.device.pending_reboot is None
+    assert lab.slot("b").status == "bad"  # half written: never bootable
+    assert lab.slot("a").status == "good"
+    names = lab.names()
+    assert "install.abandoned" in names and "daemon.install_abandoned" in names
+    assert "install.failed" not in names  # not the release's fault: nothing counts against it
+    # assigned again later, it installs
+    lab.server.assign(lab.device_id, release)
+    lab.clock.now += 120
+    daemon.run_once()
+    assert (lab.slot("b").status, lab.slot("b").bundle_sha256) == ("trial", release.manifest_sha256)
+
+
 # --- the decision table -----------------------------------------------------------------------
 
 SHA = "5" * 64

@@ -1,6 +1,8 @@
 """Staged rollouts across a virtual fleet following a real server process whose clock runs
 ten times faster (soaks in seconds): a good release reaches 100 %, a bad one halts at the
-canaries and sends them back, no install starts after an emergency stop."""
+canaries and sends them back, no install starts after an emergency stop, a rollback returns
+every device within 5 simulated minutes by a slot flip, and the fleet-wide guard stops a
+rollout whose own threshold was set too loose."""
 
 from __future__ import annotations
 
@@ -92,3 +94,46 @@ def test_no_install_starts_after_an_emergency_stop(
         fleet.step(15)
     assert len(installs_of(fleet, "2.0.0")) == before
     assert rollouts(servers)[0]["state"] == "paused"
+
+
+def test_a_rollback_returns_every_device_within_5_simulated_minutes(
+    lab: tuple[Fleet, VirtualFleet], releases: Releases
+) -> None:
+    servers, fleet = lab
+    for version in ("2.0.0", "2.1.0"):
+        servers.fleet("release", "upload", str(releases.bundle(version)))
+        servers.fleet("rollout", "start", version, "--stages", "100", "--soak", "30s")
+        fleet.run_until(lambda: rollouts(servers)[0]["state"] == "completed", limit_s=3600)
+    assert fleet.versions()["2.1.0"] == DEVICES
+    latest = rollouts(servers)[0]["id"]
+    servers.fleet("rollout", "rollback", str(latest), "--reason", "field reports")
+    took = fleet.run_until(lambda: fleet.versions()["2.0.0"] == DEVICES, limit_s=300, step_s=5)
+    assert took <= 300
+    # 2.0.0 was intact in every device's other slot: a slot flip, no download
+    assert sum(len(m.device.events("rollback.armed")) for m in fleet.members) == DEVICES
+    assert len(installs_of(fleet, "2.0.0")) == DEVICES  # the first rollout's, none since
+
+
+def test_the_fleet_guard_stops_a_rollout_whose_threshold_is_too_loose(
+    lab: tuple[Fleet, VirtualFleet], releases: Releases
+) -> None:
+    servers, fleet = lab
+    servers.fleet("release", "upload", str(releases.bundle("3.0.0", "unhealthy")))
+    # 90 %: the rollout's own rule would let most of the fleet fail
+    servers.fleet("rollout", "start", "3.0.0", "--stages", "100", "--max-failure", "90%")
+    stopped = lambda: json.loads(servers.fleet("rollout", "status", "--json"))["emergency_stop"]  # noqa: E731
+    fleet.run_until(lambda: stopped()["active"], limit_s=1800, step_s=15)
+    answer = json.loads(servers.fleet("rollout", "status", "--json"))
+    stop = answer["emergency_stop"]
+    assert stop["actor"] == "rollout-engine" and stop["reason"].startswith("fleet guard")
+    assert answer["rollouts"][0]["state"] == "paused"
+    failed = answer["rollouts"][0]["counts"]["failed"]
+    assert DEVICES * 0.2 < failed < DEVICES  # stopped once more than 20 % were unhealthy
+    before = fleet.installs_started()
+    for _ in range(10):
+        fleet.step(15)
+    assert fleet.installs_started() == before  # nothing new starts after the stop
+    audit = servers.api("/api/v1/audit?limit=1000")["entries"]
+    assert any(
+        e["action"] == "fleet.emergency_stop" and e["actor"] == "rollout-engine" for e in audit
+    )

@@ -10,7 +10,8 @@ DEMO_DIR ?= build/demo
 
 # System tools the product calls and the tests run for real.
 APT_PACKAGES := python3 python3-venv python3-dev gcc e2fsprogs squashfs-tools dosfstools mtools \
-	fdisk zstd tar grub-common u-boot-tools libubootenv-tool prometheus postgresql
+	fdisk zstd tar grub-common u-boot-tools libubootenv-tool prometheus postgresql \
+	prometheus-alertmanager
 
 .PHONY: demo test deps venv lint test-unit test-integration test-chaos benchmarks clean
 

@@ -2,22 +2,23 @@
 """A staged rollout across a virtual fleet on compressed time: wall time, the server's CPU, and
 check-ins per second, against plain requests to ``/healthz`` measured in the same run.
 
-The server is a real ``fleet server run`` process (SQLite, clock x20); the devices run the real
-daemon in this process (see chaos/fleet.py), so device-side work shares this machine's two
-cores with the server: the figures are a floor for the server, not its ceiling.
+The server is a real ``fleet server run`` process (SQLite, clock x20, rollouts evaluated every
+second); the devices run the real daemon in this process (see chaos/fleet.py), ``--workers`` of
+them at a time so requests overlap as from a real fleet. Device-side work shares this
+machine's two cores with the server: the figures are a floor for the server, not its ceiling.
 
-    python benchmarks/rollout_scale.py [--devices 1000] [--workdir DIR]
+    python benchmarks/rollout_scale.py [--devices 1000] [--workers 8] [--workdir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -54,6 +55,7 @@ def baseline_rate(url: str, seconds: float = 3.0) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="rollout-bench-", dir=args.workdir))
@@ -64,7 +66,7 @@ def main() -> None:
         trust_key(data / "keyring", workdir / "release-key.pub")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = start_server(data, port, workdir / "server.log")
+        server = start_server(data, port, workdir / "server.log", rollout_interval_s=1.0)
         admin = fleet_command("server", "token", "create", "--role", "admin", "--name", "bench",
                               "--data-dir", str(data)).splitlines()[0]  # fmt: skip
         operator = ["--server", url, "--token", admin]
@@ -77,7 +79,7 @@ def main() -> None:
         fleet = VirtualFleet(
             workdir / "fleet", [MemberSpec() for _ in range(args.devices)], server_urls=(url,),
             server_key=data / "server-key.pub", release_key=workdir / "release-key.pub",
-            enrollment_token=token,
+            enrollment_token=token, workers=args.workers,
         )  # fmt: skip
         made = time.perf_counter() - made
         baseline = baseline_rate(url)
@@ -89,12 +91,22 @@ def main() -> None:
         start_checkins = checkins(url)
         fleet_command("rollout", "start", "2.0.0", *canaries, "--soak", "60s", *operator)
 
-        def completed() -> bool:
-            status = json.loads(fleet_command("rollout", "status", "--json", *operator))
-            return bool(status["rollouts"][0]["state"] == "completed")
+        api = requests.Session()
+        api.headers["Authorization"] = f"Bearer {admin}"
 
-        steps = 0
-        while not completed():
+        def rollout() -> dict[str, Any]:
+            answer = api.get(f"{url}/api/v1/rollouts", timeout=60)
+            answer.raise_for_status()
+            latest: dict[str, Any] = answer.json()["rollouts"][0]
+            return latest
+
+        steps, stage = 0, ""
+        while (now := rollout())["state"] != "completed":
+            if now["state"] != "running":
+                raise SystemExit(f"the rollout stopped: {now['state']}: {now['reason']}")
+            if now["stage_name"] != stage:
+                stage = now["stage_name"]
+                print(f"  {time.perf_counter() - start_wall:6.1f} s: stage {stage}", flush=True)
             fleet.step(15)
             steps += 1
         wall = time.perf_counter() - start_wall

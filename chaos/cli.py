@@ -100,6 +100,8 @@ def _group(group: Any, where: str) -> list[MemberSpec]:
               help="Simulated seconds per real second.")  # fmt: skip
 @click.option("--duration", type=float, default=3600.0, show_default=True,
               help="Simulated seconds to run.")  # fmt: skip
+@click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Devices that act at the same time (requests in flight at once).")  # fmt: skip
 def simulate(
     devices: int,
     servers: tuple[str, ...],
@@ -112,6 +114,7 @@ def simulate(
     step_s: float,
     speed: float,
     duration: float,
+    workers: int,
 ) -> None:
     """Run a virtual fleet of DEVICES devices that follows the release server."""
     import shutil
@@ -123,7 +126,7 @@ def simulate(
         shutil.rmtree(workdir)
     fleet = VirtualFleet(
         workdir, specs, server_urls=servers, server_key=server_key, release_key=release_key,
-        enrollment_token=enrollment_token, firmware=firmware,
+        enrollment_token=enrollment_token, firmware=firmware, workers=workers,
     )  # fmt: skip
     click.echo(f"{len(fleet.members)} virtual devices in {workdir}, following {', '.join(servers)}")
     elapsed = 0.0

@@ -74,11 +74,13 @@ def free_port() -> int:
     return port
 
 
-def start_server(data: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_server(
+    data: Path, port: int, log: Path, *, rollout_interval_s: float = 0.2
+) -> subprocess.Popen[bytes]:
     command = [
         sys.executable, "-c", "from fleet_core.cli import main; main()", "server", "run",
         "--data-dir", str(data), "--port", str(port), "--time-scale", str(TIME_SCALE),
-        "--rollout-interval", "0.2", "--log-level", "warning",
+        "--rollout-interval", str(rollout_interval_s), "--log-level", "warning",
     ]  # fmt: skip
     with log.open("ab") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
@@ -179,7 +181,7 @@ def run_fleet(workdir: Path, data: Path, url: str, key: SigningKey, devices: int
     fleet = VirtualFleet(
         workdir / "fleet", [MemberSpec(role=roles[i % 3]) for i in range(devices)],
         server_urls=(url,), server_key=data / "server-key.pub",
-        release_key=workdir / "release-key.pub", enrollment_token=enrollment,
+        release_key=workdir / "release-key.pub", enrollment_token=enrollment, workers=4,
     )  # fmt: skip
 
     def known() -> int:

@@ -15,6 +15,7 @@ import dataclasses
 import shutil
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,12 +85,14 @@ class VirtualFleet:
         base_version: str = "1.0.0",
         clock: LabClock | None = None,
         wall_clock: Callable[[], float] | None = None,
+        workers: int = 1,
     ) -> None:
         import time
 
         import chaos.lab_firmwares  # noqa: F401 (fills LAB_FIRMWARES)
 
         self.clock = clock or LabClock()
+        self.workers = workers
         self.started = self.clock()
         self._wall = wall_clock or time.time
         template = root / "template"
@@ -141,16 +144,25 @@ class VirtualFleet:
 
     def step(self, seconds: float = 5.0) -> None:
         """Move the clock by ``seconds``; every online member does what is due, reboots
-        included."""
+        included. With ``workers`` above 1, that many members at a time (each member has its
+        own files and daemon; they share only the clock, which does not move meanwhile), so
+        many requests reach the server at once, as from a real fleet."""
         self.clock.sleep(seconds)
-        for member in self.members:
-            if not self.online(member):
-                continue
-            member.daemon.run_once()
-            device = member.device
-            if device.pending_reboot is not None:
-                command = tuple(device.pending_reboot)
-                member.boots += device.settle(BootEvent(BootCause.REBOOT, command))
+        online = [member for member in self.members if self.online(member)]
+        if self.workers <= 1:
+            for member in online:
+                self._run(member)
+            return
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="fleet") as pool:
+            list(pool.map(self._run, online))  # a member's exception is raised here
+
+    @staticmethod
+    def _run(member: Member) -> None:
+        member.daemon.run_once()
+        device = member.device
+        if device.pending_reboot is not None:
+            command = tuple(device.pending_reboot)
+            member.boots += device.settle(BootEvent(BootCause.REBOOT, command))
 
     def run_until(self, done: Callable[[], bool], *, limit_s: float, step_s: float = 5.0) -> float:
         """Step until ``done``; return the simulated seconds it took.

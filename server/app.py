@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server import rollouts
 from server.api import blobs as blob_routes
-from server.api import device, health, operator
+from server.api import device, health, operator, sd
 from server.api import rollouts as rollout_routes
 from server.api.common import ServerState, install_error_handlers
 from server.blobs import BlobStore
@@ -132,5 +132,6 @@ def create_app(
     app.include_router(rollout_routes.router)
     app.include_router(blob_routes.router)
     app.include_router(health.router)
+    app.include_router(sd.router)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

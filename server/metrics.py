@@ -4,8 +4,47 @@ Two kinds:
 
 - request counts and latencies, device events and uploads: counted by this process (sum them
   over the processes with PromQL);
-- the fleet's state (devices by state and version, seconds since each device was last seen,
-  releases): read from the database at each scrape, so every process reports the same truth.
+- the fleet's state (devices by state and version, each device's last heartbeat, rollouts, the
+  emergency stop): read from the database at each scrape, so every process reports the same
+  truth (aggregate them over the processes with ``max``, never ``sum``).
+
+Fleet series (database, at each scrape):
+
+=====================================================================  ==========================
+``fleet_server_database_up``                                           whether the database
+                                                                       answered the scrape
+``fleet_devices{state,version}``                                       enrolled devices
+``fleet_devices_assigned{version}``                                    devices assigned a release
+``fleet_devices_unhealthy``                                            in safe mode, or failed in
+                                                                       an active rollout (the
+                                                                       fleet guard's count)
+``fleet_releases``                                                     releases held
+``fleet_emergency_stop``                                               1 while it is on
+``fleet_rollouts{state}``                                              rollouts in each state
+``fleet_rollout_state{rollout,version,state}``                         1 per unfinished rollout
+``fleet_rollout_stage{rollout,version,stage}``                         its stage (0 = first)
+``fleet_rollout_stages{rollout,version}``                              stages in its plan
+``fleet_rollout_devices{rollout,version,stage,outcome}``               its devices, by outcome
+``fleet_device_update_pending_seconds{device,hostname,rollout,...}``   since a rollout assigned
+                                                                       the device a release it
+                                                                       has not committed yet
+``fleet_device_last_seen_age_seconds{device,hostname}``                since the last contact
+``fleet_device_info{device,hostname,role,compatible,version,state}``   1 per device
+``fleet_device_slot_info{device,hostname,slot,status,version}``        1 per reported slot
+``fleet_device_temperature_celsius{device,hostname}``                  last heartbeat's reading
+``fleet_device_free_space_bytes{device,hostname}``                     last heartbeat's reading
+``fleet_device_uptime_seconds{device,hostname}``                       last heartbeat's reading
+``fleet_device_clock_skew_seconds{device,hostname}``                   server clock minus device
+=====================================================================  ==========================
+
+A per-device series is absent when the device never reported that value. The per-device
+series come from the heartbeat every device sends, so alerts on them cover devices that no
+Prometheus can scrape (behind NAT, on cellular links).
+
+Counted by this process: ``fleet_server_requests_total``, ``fleet_server_request_duration_
+seconds``, ``fleet_server_device_events_total{event}`` (by subject), ``fleet_server_release_
+uploads_total{outcome}`` and ``fleet_server_device_outcomes_total{device,event}``: the events
+that end an update or mark a device in trouble (:data:`OUTCOME_EVENTS`), by device.
 
 Routes are labelled by their template (``/api/v1/devices/{device_id}/checkin``), never by the
 path a client sent, so a client cannot create series.
@@ -13,6 +52,8 @@ path a client sent, so a client cannot create series.
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -22,16 +63,35 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.database import Database
 from server.devices import NEVER_REPORTED
-from server.models import Device, Release
+from server.models import Device, FleetControl, Release, Rollout, RolloutDevice
+from server.rollouts import ACTIVE, Outcome, Plan, RolloutState
 from server.settings import Clock
 
 UNMATCHED_ROUTE = "unmatched"
 # Any other method a client invents is counted as "OTHER", for the same reason as routes.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Device events counted per device: how updates end, and the signs of a device in trouble.
+# A fixed list, so a device cannot create series with event names of its own.
+OUTCOME_EVENTS = frozenset(
+    {
+        "boot_check.committed",
+        "boot_check.rolled_back",
+        "boot_check.fell_back",
+        "boot_check.gave_up",
+        "boot_check.reported",
+        "install.failed",
+        "updater.crash_loop",
+        "config.fallback",
+    }
+)
+# Rollouts that still matter on a dashboard: a halted one waits for an operator.
+UNFINISHED = (*ACTIVE, RolloutState.HALTED)
+MIB = 1 << 20
 
 
 class ServerMetrics:
@@ -57,6 +117,13 @@ class ServerMetrics:
             ["event"],
             registry=self.registry,
         )
+        self.outcomes = Counter(
+            "fleet_server_device_outcomes_total",
+            "Device events that end an update or mark trouble (fallback, rollback, crash "
+            "loop), by device and event name",
+            ["device", "event"],
+            registry=self.registry,
+        )
         self.uploads = Counter(
             "fleet_server_release_uploads_total",
             "Bundle uploads, by outcome (accepted, or the error code)",
@@ -65,8 +132,34 @@ class ServerMetrics:
         )
         self.registry.register(FleetCollector(db, clock))
 
+    def count_outcome(self, device_id: str, event: str) -> None:
+        """Count a stored device event in ``fleet_server_device_outcomes_total`` when it is
+        one of :data:`OUTCOME_EVENTS` (others are not counted per device)."""
+        if event in OUTCOME_EVENTS:
+            self.outcomes.labels(device_id, event).inc()
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _gauge(name: str, documentation: str, *labels: str) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, labels=list(labels))
+
+
+def _heartbeat(device: Device) -> dict[str, Any]:
+    if not device.last_heartbeat:
+        return {}
+    try:
+        document = json.loads(device.last_heartbeat)
+    except ValueError:  # stored after validation, so never; a scrape must not fail for it
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 class FleetCollector(Collector):
@@ -78,65 +171,227 @@ class FleetCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         # Describing without querying keeps registration free of database access.
-        return self._families()
+        return [self._up(), *self._families().values()]
 
-    def _families(self) -> list[GaugeMetricFamily]:
-        return [
-            GaugeMetricFamily("fleet_server_database_up", "Whether the database answered"),
-            GaugeMetricFamily(
+    @staticmethod
+    def _up() -> GaugeMetricFamily:
+        return _gauge("fleet_server_database_up", "Whether the database answered")
+
+    @staticmethod
+    def _families() -> dict[str, GaugeMetricFamily]:
+        device = ("device", "hostname")
+        rollout = ("rollout", "version")
+        families = [
+            _gauge(
                 "fleet_devices",
                 "Enrolled devices, by state and version from their last heartbeat",
-                labels=["state", "version"],
+                "state", "version",
             ),
-            GaugeMetricFamily(
-                "fleet_devices_assigned",
-                "Devices assigned each release version",
-                labels=["version"],
+            _gauge("fleet_devices_assigned", "Devices assigned each release version", "version"),
+            _gauge(
+                "fleet_devices_unhealthy",
+                "Devices in safe mode or failed in an active rollout (the fleet guard's count)",
             ),
-            GaugeMetricFamily(
+            _gauge("fleet_releases", "Releases the server holds"),
+            _gauge("fleet_emergency_stop", "1 while the emergency stop is on"),
+            _gauge("fleet_rollouts", "Rollouts in each state", "state"),
+            _gauge(
+                "fleet_rollout_state",
+                "1 per running, paused or halted rollout, labelled with its state",
+                *rollout, "state",
+            ),
+            _gauge(
+                "fleet_rollout_stage",
+                "Stage an unfinished rollout is in (0 = first), labelled with its name",
+                *rollout, "stage",
+            ),
+            _gauge("fleet_rollout_stages", "Stages in an unfinished rollout's plan", *rollout),
+            _gauge(
+                "fleet_rollout_devices",
+                "Devices an unfinished rollout assigned, by stage of their cohort and outcome",
+                *rollout, "stage", "outcome",
+            ),
+            _gauge(
+                "fleet_device_update_pending_seconds",
+                "Seconds since an active rollout assigned the device a release it has not "
+                "committed yet (server clock)",
+                *device, "rollout", "version",
+            ),
+            _gauge(
                 "fleet_device_last_seen_age_seconds",
                 "Seconds since the server last heard from each device (server clock)",
-                labels=["device", "hostname"],
+                *device,
             ),
-            GaugeMetricFamily("fleet_releases", "Releases the server holds"),
-        ]
+            _gauge(
+                "fleet_device_info",
+                "1 per device: role, compatible, version and state from its last heartbeat",
+                *device, "role", "compatible", "version", "state",
+            ),
+            _gauge(
+                "fleet_device_slot_info",
+                "1 per root slot a device reported in its last heartbeat",
+                *device, "slot", "status", "version",
+            ),
+            _gauge(
+                "fleet_device_temperature_celsius",
+                "Hottest thermal zone in the device's last heartbeat",
+                *device,
+            ),
+            _gauge(
+                "fleet_device_free_space_bytes",
+                "Free space on the device's data partition in its last heartbeat",
+                *device,
+            ),
+            _gauge("fleet_device_uptime_seconds", "Uptime in the device's last heartbeat", *device),
+            _gauge(
+                "fleet_device_clock_skew_seconds",
+                "The server's clock minus the device's, from its last heartbeat",
+                *device,
+            ),
+        ]  # fmt: skip
+        return {family.name: family for family in families}
 
     def collect(self) -> Iterable[Metric]:
-        up, by_state, assigned, age, releases = self._families()
+        up = self._up()
+        families = self._families()
         try:
-            self._fill(by_state, assigned, age, releases)
+            with self._db.read() as session:
+                self._fill(session, families)
         except SQLAlchemyError:
             up.add_metric([], 0)
             return [up]
         up.add_metric([], 1)
-        return [up, by_state, assigned, age, releases]
+        return [up, *families.values()]
 
-    def _fill(
-        self,
-        by_state: GaugeMetricFamily,
-        assigned: GaugeMetricFamily,
-        age: GaugeMetricFamily,
-        releases: GaugeMetricFamily,
-    ) -> None:
+    def _fill(self, session: Session, families: dict[str, GaugeMetricFamily]) -> None:
         now = self._clock()
-        with self._db.read() as session:
-            for state, version, count in session.execute(
-                select(Device.state, Device.version, func.count()).group_by(
-                    Device.state, Device.version
+        for state, version, count in session.execute(
+            select(Device.state, Device.version, func.count()).group_by(
+                Device.state, Device.version
+            )
+        ):
+            families["fleet_devices"].add_metric([state or NEVER_REPORTED, version or ""], count)
+        for version, count in session.execute(
+            select(Release.version, func.count())
+            .join(Device, Device.assigned_release_id == Release.id)
+            .group_by(Release.version)
+        ):
+            families["fleet_devices_assigned"].add_metric([version], count)
+        releases = session.scalar(select(func.count()).select_from(Release)) or 0
+        families["fleet_releases"].add_metric([], releases)
+        control = session.get(FleetControl, 1)
+        stopped = bool(control is not None and control.emergency_stop)
+        families["fleet_emergency_stop"].add_metric([], 1 if stopped else 0)
+        families["fleet_devices_unhealthy"].add_metric([], _unhealthy(session))
+        hostnames = self._fill_devices(session, families, now)
+        self._fill_rollouts(session, families, hostnames, now)
+
+    @staticmethod
+    def _fill_devices(
+        session: Session, families: dict[str, GaugeMetricFamily], now: float
+    ) -> dict[str, str]:
+        hostnames: dict[str, str] = {}
+        for device in session.scalars(select(Device)):
+            key = [device.id, device.hostname]
+            hostnames[device.id] = device.hostname
+            families["fleet_device_last_seen_age_seconds"].add_metric(
+                key, max(0.0, now - device.last_seen.timestamp())
+            )
+            role = device.role or ""
+            families["fleet_device_info"].add_metric(
+                [*key, role, device.compatible, device.version or "",
+                 device.state or NEVER_REPORTED],
+                1,
+            )  # fmt: skip
+            if device.clock_skew_s is not None:
+                families["fleet_device_clock_skew_seconds"].add_metric(key, device.clock_skew_s)
+            heartbeat = _heartbeat(device)
+            for name, field, scale in (
+                ("fleet_device_temperature_celsius", "temperature_c", 1),
+                ("fleet_device_free_space_bytes", "free_space_mb", MIB),
+                ("fleet_device_uptime_seconds", "uptime_s", 1),
+            ):
+                value = _finite(heartbeat.get(field))
+                if value is not None:
+                    families[name].add_metric(key, value * scale)
+            slots = heartbeat.get("slots")
+            for slot, info in sorted(slots.items() if isinstance(slots, dict) else ()):
+                if isinstance(info, dict):
+                    families["fleet_device_slot_info"].add_metric(
+                        [*key, slot, str(info.get("status") or ""), str(info.get("version") or "")],
+                        1,
+                    )
+        return hostnames
+
+    @staticmethod
+    def _fill_rollouts(
+        session: Session,
+        families: dict[str, GaugeMetricFamily],
+        hostnames: dict[str, str],
+        now: float,
+    ) -> None:
+        counts = dict.fromkeys((state.value for state in RolloutState), 0)
+        for state, count in session.execute(
+            select(Rollout.state, func.count()).group_by(Rollout.state)
+        ):
+            counts[state] = count
+        for state, count in counts.items():
+            families["fleet_rollouts"].add_metric([state], count)
+        unfinished = session.execute(
+            select(Rollout, Release.version)
+            .join(Release, Release.id == Rollout.release_id)
+            .where(Rollout.state.in_(UNFINISHED))
+            .order_by(Rollout.id)
+        ).all()
+        for rollout, version in unfinished:
+            labels = [str(rollout.id), version]
+            names = Plan(
+                bool(json.loads(rollout.canary_ids)), tuple(json.loads(rollout.stages))
+            ).names
+            families["fleet_rollout_state"].add_metric([*labels, rollout.state], 1)
+            stage = names[rollout.stage] if 0 <= rollout.stage < len(names) else "?"
+            families["fleet_rollout_stage"].add_metric([*labels, stage], rollout.stage)
+            families["fleet_rollout_stages"].add_metric(labels, len(names))
+            by_outcome = {(name, o.value): 0 for name in names for o in Outcome}
+            members = session.execute(
+                select(RolloutDevice, Device.assigned_release_id)
+                .join(Device, Device.id == RolloutDevice.device_id)
+                .where(RolloutDevice.rollout_id == rollout.id)
+            ).all()
+            for member, assigned in members:
+                name = names[member.stage] if 0 <= member.stage < len(names) else "?"
+                by_outcome[(name, member.outcome)] = by_outcome.get((name, member.outcome), 0) + 1
+                updating = (
+                    rollout.state in ACTIVE
+                    and member.outcome == Outcome.PENDING
+                    and member.committed_since is None
+                    and assigned == rollout.release_id
                 )
-            ):
-                by_state.add_metric([state or NEVER_REPORTED, version or ""], count)
-            for version, count in session.execute(
-                select(Release.version, func.count())
-                .join(Device, Device.assigned_release_id == Release.id)
-                .group_by(Release.version)
-            ):
-                assigned.add_metric([version], count)
-            for device_id, hostname, last_seen in session.execute(
-                select(Device.id, Device.hostname, Device.last_seen)
-            ):
-                age.add_metric([device_id, hostname], max(0.0, now - last_seen.timestamp()))
-            releases.add_metric([], session.scalar(select(func.count()).select_from(Release)) or 0)
+                if updating:
+                    families["fleet_device_update_pending_seconds"].add_metric(
+                        [member.device_id, hostnames.get(member.device_id, ""), *labels],
+                        max(0.0, now - member.assigned_at.timestamp()),
+                    )
+            for (name, outcome), count in by_outcome.items():
+                families["fleet_rollout_devices"].add_metric([*labels, name, outcome], count)
+
+
+def _unhealthy(session: Session) -> int:
+    """Devices in safe mode or failed in an active rollout: the fleet guard's rule
+    (``server.rollouts``), so the alert and the automatic emergency stop agree."""
+    failed = (
+        select(RolloutDevice.device_id)
+        .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
+        .where(RolloutDevice.outcome == Outcome.FAILED, Rollout.state.in_(ACTIVE))
+    )
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Device)
+            .where((Device.state == "safe_mode") | Device.id.in_(failed))
+        )
+        or 0
+    )
 
 
 class RequestMetricsMiddleware:

@@ -203,7 +203,8 @@ class AuditRow(Base):
     """
 
     __tablename__ = "audit"
-    __table_args__ = (Index("ix_audit_actor", "actor"),)
+    # actor: a device's events; action: the rollout engine's search for failure events
+    __table_args__ = (Index("ix_audit_actor", "actor"), Index("ix_audit_action", "action"))
 
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     at: Mapped[str] = mapped_column(String(32))

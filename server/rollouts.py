@@ -425,7 +425,7 @@ def _assign_cohort(db: Database, session: Session, rollout: Rollout, now: dateti
         _audit(db, session, now, ENGINE_ACTOR, "rollout.assigned", rollout, devices=assigned)
 
 
-def _observe(session: Session, member: RolloutDevice, device: Device) -> Observation:
+def _observe(member: RolloutDevice, device: Device, failure_event: str | None) -> Observation:
     heartbeat = json.loads(device.last_heartbeat) if device.last_heartbeat else {}
     committed = (
         bool(heartbeat)
@@ -433,24 +433,33 @@ def _observe(session: Session, member: RolloutDevice, device: Device) -> Observa
         and not heartbeat.get("safe_mode", False)
         and heartbeat.get("booted") == heartbeat.get("primary")
     )
-    event = session.scalars(
-        select(AuditRow.action)
-        .where(
-            AuditRow.subject == device.id,
-            AuditRow.actor == f"device:{device.id}",
-            AuditRow.action.in_(FAILURE_EVENTS),
-            AuditRow.at >= audit.audit_time(member.assigned_at),
-        )
-        .order_by(AuditRow.seq)
-        .limit(1)
-    ).first()
     return Observation(
         version=device.version,
         committed=committed,
         safe_mode=bool(heartbeat.get("safe_mode", False)),
         heartbeat_at=device.last_heartbeat_at,
-        failure_event=event,
+        failure_event=failure_event,
     )
+
+
+def _failure_events(session: Session, members: Sequence[RolloutDevice]) -> dict[str, str]:
+    """The first failure event each member reported since its assignment, for all of them in
+    one query (failure events are rare and ``action`` is indexed; the members are picked out
+    here, so no list of thousands of ids goes into the query)."""
+    if not members:
+        return {}
+    since = {f"device:{m.device_id}": audit.audit_time(m.assigned_at) for m in members}
+    rows = session.execute(
+        select(AuditRow.actor, AuditRow.action, AuditRow.at)
+        .where(AuditRow.action.in_(FAILURE_EVENTS), AuditRow.at >= min(since.values()))
+        .order_by(AuditRow.seq)
+    )
+    first: dict[str, str] = {}
+    for actor, action, at in rows:
+        device_id = actor.removeprefix("device:")
+        if actor in since and device_id not in first and at >= since[actor]:
+            first[device_id] = action
+    return first
 
 
 def _members(session: Session, rollout: Rollout) -> list[tuple[RolloutDevice, Device]]:
@@ -464,11 +473,11 @@ def _members(session: Session, rollout: Rollout) -> list[tuple[RolloutDevice, De
 
 
 def _update_outcomes(db: Database, session: Session, rollout: Rollout, now: datetime) -> None:
-    for member, device in _members(session, rollout):
-        if member.outcome != Outcome.PENDING:
-            continue
+    pending = [(m, d) for m, d in _members(session, rollout) if m.outcome == Outcome.PENDING]
+    failures = _failure_events(session, [m for m, _ in pending])
+    for member, device in pending:
         outcome, since, reason = device_outcome(
-            _observe(session, member, device),
+            _observe(member, device, failures.get(device.id)),
             version=rollout.release.version,
             assigned_at=member.assigned_at,
             committed_since=member.committed_since,

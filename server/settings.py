@@ -33,7 +33,7 @@ SESSION_TTL_S = 3600
 DEFAULT_ACTIVE_CHECKIN_INTERVAL_S = 15
 # A check-in refreshes the device's last_seen only when the stored one is older than this:
 # a 304 check-in is then a read, not a write (last_seen is kept to within this many seconds).
-LAST_SEEN_RESOLUTION_S = 30
+LAST_SEEN_RESOLUTION_S = 60
 
 Clock = Callable[[], float]
 """Seconds since the epoch, server side; injected so tests can move time."""

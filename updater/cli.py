@@ -21,7 +21,7 @@ from fleet_core.errors import FleetError
 from updater.config import DEFAULT_CONFIG_PATH, UpdaterConfig, load_config
 from updater.errors import UpdaterError
 from updater.install import EventSink, run_reboot
-from updater.log import EventLog
+from updater.log import EventLog, device_labels
 from updater.runtime import Runtime, reporting_log
 from updater.state import update_lock
 
@@ -29,12 +29,25 @@ EXIT_REBOOT_REQUIRED = 3
 EXIT_UNHEALTHY = 4
 
 
+def _device_id(data_dir: Path) -> str | None:
+    """The device id for the log's ``device`` label, once the device has a key (read here,
+    never made: the daemon makes it)."""
+    from signing.keys import key_id, load_public_key
+    from updater.identity import PUBLIC_KEY_NAME, identity_dir
+
+    try:
+        return key_id(load_public_key(identity_dir(data_dir) / PUBLIC_KEY_NAME))
+    except FleetError:
+        return None
+
+
 def _runtime(ctx: click.Context, *, log_to_stdout: bool, report: bool = True) -> Runtime:
     """The updater for one command; with ``report``, its events also go to the server (see
     ``updater.runtime.reporting_log``)."""
     options = ctx.obj
     loaded = load_config(options["config"], data_dir=options["data_dir"])
-    log: EventSink = EventLog(sys.stdout if log_to_stdout else sys.stderr)
+    labels = device_labels(loaded.config.role, _device_id(loaded.config.data_dir))
+    log: EventSink = EventLog(sys.stdout if log_to_stdout else sys.stderr, labels=labels)
     if report:
         log = reporting_log(log, loaded.config)
     for problem in loaded.problems:
@@ -256,7 +269,7 @@ def daemon(ctx: click.Context, once: bool) -> None:
         from updater.metrics import UpdaterMetrics
 
         live = UpdaterMetrics(CollectorRegistry())
-        live.serve(port)
+        live.serve(port, addr=runtime.config.metrics_listen)
         runtime = replace(runtime, live_metrics=live)
     service = build_daemon(runtime)
     if once:

@@ -57,10 +57,19 @@ The daemon (``updater/daemon.py``, ``updater/client.py``) adds: ``daemon.started
 Field names are snake_case with the unit in the name (``duration_s``, ``bytes``); ``error``
 holds an error message. Levels: ``debug``, ``info``, ``warning``, ``error``.
 
-Line format: ``{"ts": ..., "level": ..., "event": ..., <fields sorted by name>}``, where ``ts``
-is RFC 3339 UTC with milliseconds (``2024-05-01T12:00:00.123Z``). The clock is the wall clock
-and may be years off on a device without a real-time clock: order events by their position in
-the log, never by ``ts``.
+Line format: ``{"ts": ..., "level": ..., "event": ..., <labels>, <fields sorted by name>}``,
+where ``ts`` is RFC 3339 UTC with milliseconds (``2024-05-01T12:00:00.123Z``). The clock is the
+wall clock and may be years off on a device without a real-time clock: order events by their
+position in the log, never by ``ts``.
+
+Labels
+------
+The few values the log shipper (Alloy, Promtail) turns into Loki labels, the same on every line
+of a process: ``component`` (``updater``), ``device`` (the device id) and ``role``, each only
+when known (:func:`device_labels`). Nothing else may become a label: a label per event, slot or
+version would multiply Loki's streams; those stay fields, found with ``| json``. A field named
+like a label is always written with a leading ``_``, as ``ts`` is, so a field can never become
+a label.
 """
 
 from __future__ import annotations
@@ -76,6 +85,8 @@ from typing import Any, TextIO
 
 LEVELS = ("debug", "info", "warning", "error")
 RESERVED_KEYS = ("ts", "level", "event")
+LABELS = ("component", "device", "role")
+_NOT_FIELDS = frozenset((*RESERVED_KEYS, *LABELS))
 MAX_DEPTH = 8  # deeper structures are written as text: a log line is not a data dump
 
 
@@ -83,8 +94,10 @@ class EventLog:
     """Writes events as JSON lines to ``stream`` (``sys.stdout`` when not given, looked up when
     the log is made, so a redirected stdout is honoured).
 
-    :meth:`event` never raises: a logger must not kill the updater. A line that cannot be
-    written (closed stream, broken pipe, full disk) is counted in :attr:`dropped` and lost.
+    ``labels`` (see the module docstring) are written on every line; a ``None`` or empty value
+    is left out. :meth:`event` never raises: a logger must not kill the updater. A line that
+    cannot be written (closed stream, broken pipe, full disk) is counted in :attr:`dropped` and
+    lost.
     With ``keep=True`` every event is also kept, as a dict, in :attr:`events` (for tests; a
     daemon must not grow a list forever). Safe to use from several threads: lines never
     interleave.
@@ -96,8 +109,13 @@ class EventLog:
         *,
         clock: Callable[[], float] = time.time,
         keep: bool = False,
+        labels: Mapping[str, str | None] | None = None,
     ) -> None:
         self._stream = stream if stream is not None else sys.stdout
+        unknown = set(labels or {}) - set(LABELS)
+        if unknown:
+            raise ValueError(f"not log labels: {', '.join(sorted(unknown))} (only {LABELS})")
+        self._labels = {name: str(value) for name, value in (labels or {}).items() if value}
         self._clock = clock
         self._keep = keep
         self._kept: list[dict[str, Any]] = []
@@ -118,7 +136,7 @@ class EventLog:
         """Log one event: see the module docstring for names, fields and the line format.
 
         Values that JSON cannot represent are written as their ``str()``; a field named ``ts``
-        is written as ``_ts`` so the timestamp key is never overwritten.
+        (or like a label) is written as ``_ts`` so the timestamp key is never overwritten.
         """
         with self._lock:
             try:
@@ -142,10 +160,9 @@ class EventLog:
             "ts": rfc3339_millis(self._clock()),
             "level": str(level),
             "event": str(event),
+            **self._labels,
         }
-        named = {
-            (f"_{key}" if key in RESERVED_KEYS else key): value for key, value in fields.items()
-        }
+        named = {(f"_{key}" if key in _NOT_FIELDS else key): value for key, value in fields.items()}
         for name in sorted(named):
             record[name] = _jsonable(named[name], MAX_DEPTH)
         return record
@@ -172,3 +189,9 @@ def _jsonable(value: Any, depth: int) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(item, depth - 1) for item in value]
     return str(value)
+
+
+def device_labels(role: str | None, device_id: str | None = None) -> dict[str, str | None]:
+    """The log labels of the updater on a device: ``component`` ``updater``, the device id
+    and the configured role (each left out of the lines when None)."""
+    return {"component": "updater", "device": device_id, "role": role}

@@ -16,6 +16,12 @@ Every series is prefixed ``fleet_updater_``:
 ``throttled``                                      Raspberry Pi get_throttled bits (NaN: unknown)
 ``last_boot_check_timestamp_seconds``              wall clock of the last boot check
 ``crash_loop_restarts``                            daemon restarts in the crash-loop window
+``server_unreachable_seconds``                     since the daemon last reached the server
+                                                   (0 while it does; daemon only)
+``config_problems``                                problems met loading the configuration (a
+                                                   fallback configuration is running)
+``config_drift``                                   1: the configuration file changed since the
+                                                   updater loaded it (it runs another one)
 ``info{version,backend,compatible}``               1; describes this updater
 =================================================  ==============================================
 
@@ -28,6 +34,10 @@ name, and promtool's linter refuses a type word in a name, so the histogram is
 
 Callers use the intent-named setters; the metric objects stay private. Nothing here uses the
 default global registry: the registry is passed in.
+
+Where Prometheus finds the served metrics is :func:`scrape_address`: the daemon reports it in
+its heartbeat (``metrics_address``) and the release server lists it for Prometheus's HTTP
+service discovery.
 """
 
 from __future__ import annotations
@@ -56,6 +66,8 @@ if TYPE_CHECKING:
     from updater.health import HealthReport
 
 PREFIX = "fleet_updater"
+# Addresses that mean "every interface": not something a scraper can connect to.
+WILDCARDS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 (compared with, never bound)
 UPDATE_STATES = (
     "idle", "downloading", "installing", "installed", "trial", "committed", "failed", "suspended",
 )  # fmt: skip
@@ -175,6 +187,21 @@ class UpdaterMetrics:
             "Daemon restarts counted in the crash-loop window",
             registry=registry,
         )
+        self._server_unreachable = Gauge(
+            f"{PREFIX}_server_unreachable_seconds",
+            "Seconds since the daemon last reached the release server; 0 while it does",
+            registry=registry,
+        )
+        self._config_problems = Gauge(
+            f"{PREFIX}_config_problems",
+            "Problems met loading the configuration; above 0 a fallback configuration runs",
+            registry=registry,
+        )
+        self._config_drift = Gauge(
+            f"{PREFIX}_config_drift",
+            "1 when the configuration file no longer matches the one the updater runs",
+            registry=registry,
+        )
         self._info = Info(PREFIX, "The updater on this device", registry=registry)
         self.set_update_state("idle")
         self._temperature.set(math.nan)
@@ -264,6 +291,16 @@ class UpdaterMetrics:
         """Daemon restarts counted in the crash-loop window."""
         self._crash_loop_restarts.set(restarts)
 
+    def set_server_unreachable(self, seconds: float) -> None:
+        """Seconds since the daemon last reached the release server (0: it answers now)."""
+        self._server_unreachable.set(max(0.0, seconds))
+
+    def set_config(self, *, problems: int, drift: bool) -> None:
+        """How the configuration was loaded: ``problems`` met on the way (a fallback runs),
+        and whether the file now differs from the configuration in use."""
+        self._config_problems.set(problems)
+        self._config_drift.set(1 if drift else 0)
+
     # --- publishing -------------------------------------------------------------------
 
     def exposition(self) -> bytes:
@@ -293,3 +330,16 @@ class UpdaterMetrics:
         """
         server, thread = start_http_server(port, addr=addr, registry=self._registry)
         return MetricsServer(server, thread)
+
+
+def scrape_address(listen: str, port: int, hostname: str, advertise: str | None = None) -> str:
+    """Where a scraper reaches metrics served on ``listen:port``, as ``host:port``.
+
+    ``advertise`` wins when configured (a name or address the scraper can resolve, such as a
+    NAT mapping). Otherwise the listening address, unless it means "every interface", in which
+    case the device's host name stands for it. IPv6 addresses are bracketed.
+    """
+    if advertise:
+        return advertise
+    host = hostname if listen in WILDCARDS else listen
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

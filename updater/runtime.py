@@ -7,6 +7,7 @@ below reaches for a global.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,6 +50,17 @@ def _update_state(document: Mapping[str, Any]) -> str:
     if statuses & {"installed", "trial"}:
         return "installed"
     return "idle"
+
+
+def _file_sha256(path: str) -> str | None:
+    """SHA-256 of a configuration file; None for the built-in defaults or an unreadable
+    file."""
+    if path == "defaults":
+        return None
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def detect_backend(probes: Sequence[tuple[str, Path]] = AUTO_DETECT) -> str:
@@ -101,7 +113,14 @@ class Runtime:
     # metrics served over HTTP by a long-running process (``[metrics] port``, the daemon);
     # an ``updater.metrics.UpdaterMetrics``, typed loosely to keep prometheus_client lazy
     live_metrics: Any = None
+    # SHA-256 of the configuration file as loaded (None: defaults, or unreadable), so the
+    # metrics can tell when the file has changed under a running updater (config drift)
+    config_sha256: str | None = None
     _backend: BootSelector | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.config_sha256 is None:  # dataclasses.replace keeps the one taken at load
+            self.config_sha256 = _file_sha256(self.loaded.source)
 
     @property
     def config(self) -> UpdaterConfig:
@@ -184,11 +203,13 @@ class Runtime:
 
     def publish_metrics(self, *, event: str | None = None, install: InstallResult | None = None,
                         failed_checks: Sequence[str] = (),
-                        document: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+                        document: Mapping[str, Any] | None = None,
+                        server_unreachable_s: float | None = None) -> None:  # fmt: skip
         """Refresh the metrics: the textfile, if one is configured (atomically: node_exporter
         never sees half a file), and the served ones (``live_metrics``). ``event`` is
         ``failed``, ``committed`` or None (derived); ``document`` a :meth:`snapshot` the caller
-        already took (not read again)."""
+        already took (not read again); ``server_unreachable_s`` what the daemon knows of the
+        server (0: it answers; None: not known here, left as it was)."""
         path = self.config.metrics_textfile
         if path is None and self.live_metrics is None:
             return
@@ -211,6 +232,12 @@ class Runtime:
         with contextlib.suppress(OSError):
             metrics.set_free_space(self.config.data_dir, free_space_mb(self.config.data_dir) << 20)
         metrics.set_crash_loop_restarts(document["recent_starts"])
+        metrics.set_config(
+            problems=len(self.loaded.problems),
+            drift=_file_sha256(self.loaded.source) != self.config_sha256,
+        )
+        if server_unreachable_s is not None:
+            metrics.set_server_unreachable(server_unreachable_s)
         if install is not None:
             metrics.observe_install(install.bytes_written, install.seconds)
         if failed_checks:
@@ -222,6 +249,18 @@ class Runtime:
             metrics.write_textfile(path)
         except OSError as err:
             self.log.event("metrics.write_failed", level="warning", path=str(path), error=str(err))
+
+    def scrape_address(self, hostname: str) -> str | None:
+        """Where Prometheus reaches the metrics the daemon serves (``host:port``, see
+        ``updater.metrics.scrape_address``); None when no ``[metrics] port`` is configured."""
+        config = self.config
+        if config.metrics_port is None:
+            return None
+        from updater.metrics import scrape_address
+
+        return scrape_address(
+            config.metrics_listen, config.metrics_port, hostname, config.metrics_advertise
+        )
 
     def record_start(self) -> None:
         """Count this start for the crash-loop guard (see ``DeviceState.with_start``)."""

@@ -120,3 +120,108 @@ def test_device_chosen_event_names_cannot_create_series() -> None:
     assert event_label("install.failed") == "install"
     assert event_label("boot_check.committed") == "boot_check"
     assert {event_label(f"made_up_{i}.x") for i in range(100)} == {"other"}
+
+
+def test_device_series_from_the_heartbeat(harness: Harness, enrolled: Enrolled) -> None:
+    cam = enrolled(hostname="cam-1")
+    quiet = enrolled(hostname="cam-2")
+    cam.heartbeat(temperature_c=81.5, free_space_mb=400, uptime_s=120.0, clock_skew_s=-7.0)
+    quiet.heartbeat(temperature_c=None, free_space_mb=None, uptime_s=None, safe_mode=True,
+                    booted="safe", version=None)  # fmt: skip
+    found = samples(harness.client)
+    key = (("device", cam.id), ("hostname", "cam-1"))
+    assert found[("fleet_device_temperature_celsius", key)] == 81.5
+    assert found[("fleet_device_free_space_bytes", key)] == 400 * 2**20
+    assert found[("fleet_device_uptime_seconds", key)] == 120
+    assert found[("fleet_device_clock_skew_seconds", key)] == -7
+    info = dict(key) | {"role": "", "compatible": "metrica-rpi4", "version": "1.0.0",
+                        "state": "idle"}  # fmt: skip
+    assert found[("fleet_device_info", tuple(sorted(info.items())))] == 1
+    slot = dict(key) | {"slot": "b", "status": "good", "version": "0.9.0"}
+    assert found[("fleet_device_slot_info", tuple(sorted(slot.items())))] == 1
+    other = (("device", quiet.id), ("hostname", "cam-2"))
+    assert ("fleet_device_temperature_celsius", other) not in found  # no reading, no series
+    assert found[("fleet_devices_unhealthy", ())] == 1  # in safe mode
+    assert found[("fleet_emergency_stop", ())] == 0
+
+
+def test_outcome_events_are_counted_per_device(harness: Harness, enrolled: Enrolled) -> None:
+    device = enrolled()
+    device.events(("boot_check.fell_back", 1), ("install.started", 2), ("made_up.event", 3))
+    device.events(("boot_check.fell_back", 1))  # a resend: not counted again
+    found = samples(harness.client)
+    outcome = "fleet_server_device_outcomes_total"
+    assert found[(outcome, (("device", device.id), ("event", "boot_check.fell_back")))] == 1
+    assert not any(name == outcome and ("event", "install.started") in labels
+                   for name, labels in found)  # fmt: skip
+
+
+def test_rollout_series(harness: Harness, enrolled: Enrolled, make_bundle: MakeBundle) -> None:
+    for version in ("1.0.0", "2.0.0"):
+        assert harness.upload(make_bundle(f"{version}.bundle", version=version)).status_code == 201
+    canary, other = enrolled(hostname="cam-1"), enrolled(hostname="cam-2")
+    for device in (canary, other):
+        device.heartbeat()
+    response = harness.client.post(
+        "/api/v1/rollouts", json={"version": "2.0.0", "canary": [canary.id]},
+        headers=harness.operator,
+    )  # fmt: skip
+    assert response.status_code == 201, response.text
+    rollout = str(response.json()["id"])
+    harness.clock.advance(1000)
+    found = samples(harness.client)
+    rollout_labels = {"rollout": rollout, "version": "2.0.0"}
+
+    def key(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+        return name, tuple(sorted((rollout_labels | labels).items()))
+
+    assert found[("fleet_rollouts", (("state", "running"),))] == 1
+    assert found[("fleet_rollouts", (("state", "halted"),))] == 0
+    assert found[key("fleet_rollout_state", state="running")] == 1
+    assert found[key("fleet_rollout_stage", stage="canary")] == 0
+    assert found[key("fleet_rollout_stages")] == 4
+    assert found[key("fleet_rollout_devices", stage="canary", outcome="pending")] == 1
+    assert found[key("fleet_rollout_devices", stage="5%", outcome="failed")] == 0
+    pending = key("fleet_device_update_pending_seconds", device=canary.id, hostname="cam-1")
+    assert found[pending] == pytest.approx(1000)
+    response = harness.client.post(
+        "/api/v1/emergency-stop", json={"reason": "test"}, headers=harness.operator
+    )
+    assert response.status_code == 200, response.text
+    assert samples(harness.client)[("fleet_emergency_stop", ())] == 1
+
+
+def test_service_discovery(harness: Harness, enrolled: Enrolled) -> None:
+    listed = enrolled(hostname="cam-1")
+    enrolled(hostname="cam-2").heartbeat()  # no metrics address: not a target
+    assert listed.heartbeat(metrics_address="10.1.2.3:9101").status_code == 204
+    assert harness.client.get("/api/v1/sd/prometheus").status_code == 401
+    response = harness.client.get("/api/v1/sd/prometheus", headers=harness.viewer)
+    assert response.status_code == 200
+    assert response.json() == [
+        {
+            "targets": ["10.1.2.3:9101"],
+            "labels": {
+                "device": listed.id,
+                "hostname": "cam-1",
+                "role": "",
+                "version": "1.0.0",
+                "compatible": "metrica-rpi4",
+            },
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    "address", ["10.1.2.3", "host:0", "host:65536", "a b:80", "-host:80", "[::1:80", "h:80\n"]
+)
+def test_a_metrics_address_must_be_host_and_port(
+    harness: Harness, enrolled: Enrolled, address: str
+) -> None:
+    assert enrolled().heartbeat(metrics_address=address).status_code == 422
+
+
+def test_good_metrics_addresses(harness: Harness, enrolled: Enrolled) -> None:
+    device = enrolled()
+    for address in ("cam-1.lan:9101", "192.168.1.20:1", "[fe80::1]:65535"):
+        assert device.heartbeat(metrics_address=address).status_code == 204, address

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from updater.log import EventLog, rfc3339_millis
+from updater.log import EventLog, device_labels, rfc3339_millis
 
 T0 = 1714564800.0  # 2024-05-01T12:00:00Z
 
@@ -222,3 +222,31 @@ def test_any_event_is_one_parseable_line(event: str, level: str, fields: dict[st
     assert list(record)[:3] == ["ts", "level", "event"]
     assert list(record)[3:] == sorted(list(record)[3:])
     assert record["event"] == event
+
+
+def test_labels_on_every_line_after_the_event() -> None:
+    out = io.StringIO()
+    log = EventLog(out, clock=lambda: T0, labels=device_labels("camera", "ab" * 32))
+    log.event("daemon.started", role="a field", version="1.0.0")
+    log.event("daemon.stopped")
+    first, second = (json.loads(line) for line in lines_of(out))
+    assert list(first)[:6] == ["ts", "level", "event", "component", "device", "role"]
+    assert first["component"] == "updater" and first["role"] == "camera"
+    assert first["device"] == "ab" * 32
+    assert first["_role"] == "a field"  # a field cannot pose as a label
+    assert second["device"] == "ab" * 32
+
+
+def test_unknown_labels_are_left_out() -> None:
+    out = io.StringIO()
+    EventLog(out, clock=lambda: T0, labels=device_labels(None)).event("x.y", device="field")
+    line = json.loads(lines_of(out)[0])
+    assert line["component"] == "updater"
+    assert "role" not in line
+    assert "device" not in line  # no device label, and a field never poses as one
+    assert line["_device"] == "field"
+
+
+def test_only_the_three_labels_exist() -> None:
+    with pytest.raises(ValueError, match="not log labels: version"):
+        EventLog(io.StringIO(), labels={"version": "1.0.0"})

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from updater.health import CheckResult, HealthReport
-from updater.metrics import UPDATE_STATES, SlotView, UpdaterMetrics
+from updater.metrics import UPDATE_STATES, SlotView, UpdaterMetrics, scrape_address
 
 
 @pytest.fixture
@@ -141,6 +141,34 @@ def test_info(registry: CollectorRegistry, metrics: UpdaterMetrics) -> None:
     assert value(registry, "fleet_updater_info", **labels) == 1
 
 
+def test_server_and_config(registry: CollectorRegistry, metrics: UpdaterMetrics) -> None:
+    assert value(registry, "fleet_updater_server_unreachable_seconds") == 0
+    metrics.set_server_unreachable(125.5)
+    assert value(registry, "fleet_updater_server_unreachable_seconds") == 125.5
+    metrics.set_server_unreachable(-3)  # a clock that went backwards is not "minus reachable"
+    assert value(registry, "fleet_updater_server_unreachable_seconds") == 0
+    metrics.set_config(problems=2, drift=True)
+    assert value(registry, "fleet_updater_config_problems") == 2
+    assert value(registry, "fleet_updater_config_drift") == 1
+    metrics.set_config(problems=0, drift=False)
+    assert value(registry, "fleet_updater_config_drift") == 0
+
+
+@pytest.mark.parametrize(
+    ("listen", "advertise", "expected"),
+    [
+        ("127.0.0.1", None, "127.0.0.1:9101"),
+        ("192.168.1.20", None, "192.168.1.20:9101"),
+        ("0.0.0.0", None, "cam-0001:9101"),  # noqa: S104
+        ("::", None, "cam-0001:9101"),
+        ("fe80::1", None, "[fe80::1]:9101"),
+        ("0.0.0.0", "gw-7.example.net:19101", "gw-7.example.net:19101"),  # noqa: S104
+    ],
+)
+def test_scrape_address(listen: str, advertise: str | None, expected: str) -> None:
+    assert scrape_address(listen, 9101, "cam-0001", advertise) == expected
+
+
 def test_registries_are_independent() -> None:
     first, second = CollectorRegistry(), CollectorRegistry()
     UpdaterMetrics(first).set_update_state("failed")
@@ -163,6 +191,9 @@ EXPECTED_FAMILIES = {
     "fleet_updater_throttled",
     "fleet_updater_last_boot_check_timestamp_seconds",
     "fleet_updater_crash_loop_restarts",
+    "fleet_updater_server_unreachable_seconds",
+    "fleet_updater_config_problems",
+    "fleet_updater_config_drift",
     "fleet_updater_info",
 }
 

@@ -1,5 +1,5 @@
-"""Device roles and tags, rollout selectors and acknowledged failures, and an index for "is
-any rollout active?".
+"""Device roles and tags, rollout selectors and acknowledged failures, and indexes for "is
+any rollout active?" and for failure events.
 
 Revision ID: 0003
 Revises: 0002
@@ -22,6 +22,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("role", sa.String(64), nullable=True))
         batch.add_column(sa.Column("tags", sa.Text(), nullable=True))
         batch.create_index("ix_devices_role", ["role"])
+    op.create_index("ix_audit_action", "audit", ["action"])
     with op.batch_alter_table("rollouts") as batch:
         batch.add_column(sa.Column("selector", sa.Text(), nullable=True))
         batch.add_column(sa.Column("acknowledged", sa.Text(), nullable=True))
@@ -37,3 +38,4 @@ def downgrade() -> None:
         batch.drop_index("ix_devices_role")
         batch.drop_column("tags")
         batch.drop_column("role")
+    op.drop_index("ix_audit_action", "audit")

@@ -1,0 +1,209 @@
+"""A real Prometheus (Debian's ``prometheus``) against a real server and a virtual fleet.
+
+Two ``fleet server run`` processes serve one database; three virtual devices run the real
+daemon, serve their metrics on loopback ports and report them in their heartbeats. Prometheus
+runs with the committed prometheus.yml and rules, changed only where this machine differs
+(ports, 1 s intervals, the viewer token file). Then:
+
+- the devices arrive through http_sd, with their device, hostname, role and version labels;
+- every rule evaluates without error;
+- every Prometheus query of every dashboard panel runs through the HTTP API without error,
+  and the fleet overview's panels return data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+from prometheus_client import CollectorRegistry
+
+from chaos.fleet import MemberSpec, VirtualFleet
+from tests.chaos.conftest import Releases
+from tests.chaos.servers import Fleet, run
+from tests.monitoring.conftest import MONITORING, RULES, load_yaml
+from tests.server.conftest import free_port
+from updater.config import LoadedConfig
+from updater.metrics import MetricsServer, UpdaterMetrics
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+pytestmark = pytest.mark.skipif(not Path(PROMETHEUS).exists(), reason="needs prometheus")
+DASHBOARDS = MONITORING / "grafana" / "dashboards"
+ROLES = ("camera", "sensor", "gateway")
+WAIT_S = 45  # bound on each wait for Prometheus; it normally takes a few seconds
+# Overview panels that may rightly be empty on a healthy fleet with no rollout.
+MAY_BE_EMPTY = {"Rollout progress", "Active alerts"}
+
+
+@dataclasses.dataclass
+class Lab:
+    servers: Fleet
+    fleet: VirtualFleet
+    prometheus: str  # base URL
+
+
+def wait_for(what: str, check: Any) -> Any:
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            result = check()
+        except requests.RequestException:
+            result = None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.5)
+
+
+def serve_metrics(fleet: VirtualFleet) -> list[MetricsServer]:
+    """Every member serves its metrics on a loopback port and reports it in heartbeats."""
+    served = []
+    for member in fleet.members:
+        live = UpdaterMetrics(CollectorRegistry())
+        server = live.serve(0)
+        served.append(server)
+        runtime = member.daemon.runtime
+        config = dataclasses.replace(runtime.config, metrics_port=server.port)
+        member.daemon.runtime = dataclasses.replace(
+            runtime, loaded=LoadedConfig(config, runtime.loaded.source), live_metrics=live
+        )
+    return served
+
+
+def prometheus_config(lab_dir: Path, servers: Fleet, token_file: Path, port: int) -> Path:
+    """The committed prometheus.yml, pointed at this machine's processes."""
+    config = load_yaml(MONITORING / "prometheus" / "prometheus.yml")
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(RULES)]
+    del config["alerting"]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    jobs["fleet-server"]["file_sd_configs"][0]["files"] = [str(lab_dir / "servers.yml")]
+    (lab_dir / "servers.yml").write_text(
+        yaml.safe_dump([{"targets": [url.removeprefix("http://") for url in servers.urls]}])
+    )
+    sd = jobs["fleet-devices"]
+    sd["scrape_interval"] = "1s"
+    sd["http_sd_configs"][0].update(
+        url=servers.urls[0] + "/api/v1/sd/prometheus", refresh_interval="1s"
+    )
+    sd["http_sd_configs"][0]["authorization"]["credentials_file"] = str(token_file)
+    jobs["prometheus"]["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
+    config["scrape_configs"] = [jobs["fleet-server"], sd, jobs["prometheus"]]
+    path = lab_dir / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def lab(tmp_path: Path, releases: Releases) -> Iterator[Lab]:
+    servers = Fleet(tmp_path, None, releases)
+    served: list[MetricsServer] = []
+    prometheus: subprocess.Popen[bytes] | None = None
+    try:
+        token = run("server", "enrollment-token", "create", "--uses", "10", *servers.db_args)
+        fleet = VirtualFleet(
+            tmp_path / "fleet", [MemberSpec(role=role) for role in ROLES],
+            server_urls=servers.urls[:1], server_key=servers.data / "server-key.pub",
+            release_key=releases.directory / "release-key.pub",
+            enrollment_token=token.splitlines()[0],
+        )  # fmt: skip
+        served = serve_metrics(fleet)
+        fleet.step(5)  # enroll, check in, heartbeat (with the metrics address)
+        viewer = run("server", "token", "create", "--role", "viewer", "--name", "prometheus",
+                     *servers.db_args).splitlines()[0]  # fmt: skip
+        token_file = tmp_path / "viewer-token"
+        token_file.write_text(viewer + "\n")
+        port = free_port()
+        config = prometheus_config(tmp_path, servers, token_file, port)
+        log = (tmp_path / "prometheus.log").open("wb")
+        prometheus = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        wait_for("Prometheus ready", lambda: requests.get(url + "/-/ready", timeout=2).ok)
+        yield Lab(servers, fleet, url)
+    finally:
+        if prometheus is not None:
+            prometheus.terminate()
+            prometheus.wait(timeout=30)
+        for server in served:
+            server.stop()
+        for process in servers.processes:
+            process.stop()
+
+
+def api(lab: Lab, path: str, **params: str) -> Any:
+    answer = requests.get(lab.prometheus + "/api/v1/" + path, params=params, timeout=10)
+    body = answer.json()
+    assert answer.ok and body["status"] == "success", (path, params, body)
+    return body["data"]
+
+
+def query(lab: Lab, expr: str) -> list[dict[str, Any]]:
+    data = api(lab, "query", query=expr)
+    return [data["result"]] if data["resultType"] == "scalar" else list(data["result"])
+
+
+def panel_queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            if target.get("datasource", {}).get("type") == "prometheus":
+                yield panel["title"], target["expr"]
+
+
+def test_real_prometheus_scrapes_the_fleet_and_runs_every_panel(lab: Lab) -> None:
+    members = {member.device_id: member for member in lab.fleet.members}
+
+    def devices_up() -> list[dict[str, Any]]:
+        active = api(lab, "targets", state="active")["activeTargets"]
+        up = [t for t in active if t["labels"]["job"] == "fleet-devices" and t["health"] == "up"]
+        return up if len(up) == len(members) else []
+
+    for target in wait_for("every device scraped through http_sd", devices_up):
+        labels = target["labels"]
+        member = members[labels["device"]]
+        assert labels["hostname"] == member.hostname
+        assert labels["version"] == "1.0.0"
+        assert labels["instance"].startswith("127.0.0.1:")
+        assert set(labels) >= {"device", "hostname", "role", "version", "compatible"}
+    wait_for(
+        "both server processes scraped",
+        lambda: len(query(lab, 'up{job="fleet-server"} == 1')) == 2,
+    )
+    wait_for(
+        "device series with the http_sd labels",
+        lambda: len(query(lab, 'fleet_updater_update_state{state="idle"} == 1')) == len(members),
+    )
+    lab.fleet.step(65)  # a second round of heartbeats, so rates and resets have two samples
+    time.sleep(3)
+
+    rules = api(lab, "rules")["groups"]
+    broken = [(r["name"], r.get("lastError")) for g in rules for r in g["rules"]
+              if r["health"] == "err"]  # fmt: skip
+    assert not broken
+    assert sum(len(g["rules"]) for g in rules) >= 19
+
+    device = next(iter(members))
+    empty = []
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        dashboard = json.loads(path.read_text())
+        for title, expr in panel_queries(dashboard):
+            expr = expr.replace("$device", device).replace("$rollout", ".*")
+            result = query(lab, expr)  # asserts the query runs without error
+            if dashboard["uid"] == "fleet-overview" and title not in MAY_BE_EMPTY and not result:
+                empty.append(title)
+    assert not empty, f"fleet panels without data: {empty}"
+    devices = query(lab, "sum(max by (state, version) (fleet_devices))")
+    assert float(devices[0]["value"][1]) == len(members)

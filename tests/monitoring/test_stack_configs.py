@@ -1,0 +1,140 @@
+"""The monitoring stack's files, checked as far as this machine can without Docker: promtool
+and amtool run for real; the Compose file, Grafana provisioning, Loki, Alloy, Promtail and
+Netdata configurations are parsed and checked for what the stack relies on."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.monitoring.conftest import MONITORING, ROOT, load_yaml
+
+GENERATOR = MONITORING / "grafana" / "generate.py"
+
+
+def tool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool")
+def test_promtool_checks_the_config_with_its_rules(tmp_path: Path) -> None:
+    # the container paths, mapped onto the repository: promtool then checks the rule files and
+    # the file_sd list the configuration names, not only the configuration's syntax
+    text = (MONITORING / "prometheus" / "prometheus.yml").read_text()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(text.replace("/etc/prometheus/", f"{MONITORING / 'prometheus'}/"))
+    result = tool("promtool", "check", "config", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 19 rules found" in result.stdout + result.stderr
+    assert "does not exist" not in result.stdout + result.stderr
+
+
+def test_prometheus_discovers_devices_through_the_server() -> None:
+    config = load_yaml(MONITORING / "prometheus" / "prometheus.yml")
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    sd = jobs["fleet-devices"]["http_sd_configs"][0]
+    assert sd["url"].endswith("/api/v1/sd/prometheus")
+    assert sd["authorization"]["type"] == "Bearer"
+    assert config["global"]["evaluation_interval"] == "30s"
+
+
+@pytest.mark.skipif(shutil.which("amtool") is None, reason="needs amtool (prometheus-alertmanager)")
+def test_amtool_checks_the_alertmanager_config() -> None:
+    result = tool("amtool", "check-config", str(MONITORING / "alertmanager" / "alertmanager.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_watchdog_goes_to_the_dead_mans_switch() -> None:
+    config = load_yaml(MONITORING / "alertmanager" / "alertmanager.yml")
+    route = next(r for r in config["route"]["routes"] if 'alertname = "Watchdog"' in r["matchers"])
+    assert route["receiver"] == "deadmans-switch"
+    assert route["repeat_interval"] == "1m"
+    receivers = {r["name"]: r for r in config["receivers"]}
+    assert receivers["deadmans-switch"]["webhook_configs"][0]["url"].startswith("https://")
+
+
+def test_compose_pins_every_image_and_mounts_what_exists() -> None:
+    compose = load_yaml(MONITORING / "docker-compose.yml")
+    services: dict[str, Any] = compose["services"]
+    assert set(services) >= {"prometheus", "alertmanager", "grafana", "loki"}
+    for name, service in services.items():
+        image, _, tag = service["image"].rpartition(":")
+        assert image and re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: pin {service['image']}"
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (MONITORING / source).exists(), f"{name}: {source} does not exist"
+
+
+def test_grafana_provisioning_matches_the_dashboards() -> None:
+    sources = load_yaml(MONITORING / "grafana/provisioning/datasources/datasources.yml")
+    uids = {source["uid"]: source["type"] for source in sources["datasources"]}
+    assert uids == {"prometheus": "prometheus", "loki": "loki"}
+    providers = load_yaml(MONITORING / "grafana/provisioning/dashboards/dashboards.yml")
+    assert providers["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    for path in sorted((MONITORING / "grafana" / "dashboards").glob("*.json")):
+        dashboard = json.loads(path.read_text())
+        assert dashboard["schemaVersion"] == 39
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                assert uids[target["datasource"]["uid"]] == target["datasource"]["type"]
+
+
+def test_dashboards_are_generated_from_code() -> None:
+    result = tool(sys.executable, str(GENERATOR), "--check")
+    assert result.returncode == 0, result.stderr
+    names = {path.name for path in (MONITORING / "grafana" / "dashboards").glob("*.json")}
+    assert names == {"fleet-overview.json", "fleet-device.json", "fleet-rollouts.json"}
+
+
+def test_the_device_dashboard_shows_the_devices_logs() -> None:
+    dashboard = json.loads((MONITORING / "grafana/dashboards/fleet-device.json").read_text())
+    logs = [p for p in dashboard["panels"] if p["type"] == "logs"]
+    assert logs and logs[0]["targets"][0]["expr"] == '{device="$device"}'
+    assert any("explore" in link["url"] for link in dashboard["links"])
+
+
+def test_loki_keeps_labels_few() -> None:
+    config = load_yaml(MONITORING / "loki" / "loki.yml")
+    assert config["schema_config"]["configs"][0]["schema"] == "v13"
+    assert config["limits_config"]["max_label_names_per_series"] <= 8
+    assert config["compactor"]["retention_enabled"] is True
+
+
+def test_alloy_ships_the_updater_log_with_three_labels() -> None:
+    text = (MONITORING / "alloy" / "config.alloy").read_text()
+    assert text.count("{") == text.count("}")
+    for component in ('loki.source.journal "fleet"', 'loki.process "fleet"',
+                      'loki.write "fleet"', "stage.json", "stage.labels"):  # fmt: skip
+        assert component in text
+    labels = re.search(r"stage\.labels \{\s*values = \{([^}]*)\}", text)
+    assert labels is not None
+    assert re.findall(r"(\w+) = \"\"", labels[1]) == ["device", "role", "component"]
+
+
+def test_promtail_does_the_same_for_older_images() -> None:
+    config = load_yaml(MONITORING / "promtail" / "promtail.yml")
+    job = config["scrape_configs"][0]
+    assert "journal" in job
+    labels = next(stage["labels"] for stage in job["pipeline_stages"] if "labels" in stage)
+    assert set(labels) == {"device", "role", "component"}
+
+
+def test_netdata_reads_the_updater_metrics() -> None:
+    jobs = load_yaml(MONITORING / "netdata" / "go.d" / "prometheus.conf")["jobs"]
+    assert jobs[0]["url"].endswith("/metrics")
+    assert "[db]" in (MONITORING / "netdata" / "netdata.conf").read_text()
+
+
+def test_the_readme_says_how_to_start_and_point_at_a_server() -> None:
+    readme = (MONITORING / "README.md").read_text()
+    assert "docker compose" in readme
+    assert "targets/fleet-server.yml" in readme
+    assert (ROOT / "docs" / "observability.md").exists()

@@ -40,18 +40,19 @@ Meanings, for Linux:
 
 ``try_once(s)``: ``BOOT_ORDER`` = ``s`` then the other slot if it is still in the order (not
 marked bad), ``BOOT_s_LEFT`` = attempts, ``FLEET_TRIAL`` = ``s``. ``commit(s)`` is the same
-without the trial mark. Each is one atomic write of the whole block. A ``commit`` of one slot
+without the trial mark. Each is one write of the whole block. A ``commit`` of one slot
 while the other is on trial (not yet booted) cancels that trial: the other slot keeps its count
 behind ``s`` and becomes the fallback of ``s``, no longer marked as a trial.
 
-Power cuts. Linux replaces the block with :func:`fleet_core.durable.atomic_write`: after a cut
-the old block or the new one is there, and either is a consistent state (before step 6 of an
-install the old slot is primary; a cut in ``commit`` leaves the trial pending or committed).
-GRUB rewrites the block in place; a decrement changes one byte, and our variables sit in the
-first 512-byte sector, so a torn write cannot mix two of our lines. A lost decrement costs one
-extra attempt, never a lost slot. Note that FAT has no journal: a rename on the ESP is only as
-atomic as the FAT driver makes it, which is why the block written by Linux is always complete
-before the rename.
+Power cuts. Linux, like GRUB, rewrites the block in place (:func:`grubenv.write`): on the
+ESP's FAT a rename is not atomic (a cut can leave the directory entry pointing at a cluster the
+FAT marks free), while an in-place write changes neither clusters, nor the FAT, nor the
+directory entry. Our variables sit in the first 512-byte sector and the rest is constant
+padding, so after a cut the old block or the new one is there, and either is a consistent state
+(before step 6 of an install the old slot is primary; a cut in ``commit`` leaves the trial
+pending or committed). GRUB's decrement changes one byte of that sector; a lost decrement costs
+one extra attempt, never a lost slot. A missing block (or one of another size) is written as a
+new file, completely, before a rename.
 
 Corruption: a damaged block raises :class:`BootStateCorruptError` for every read, and
 ``try_once``/``commit``/``mark_bad`` refuse to overwrite it: which slot is committed is exactly

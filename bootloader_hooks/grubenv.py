@@ -29,6 +29,7 @@ Names and values are ``str``; bytes that are not UTF-8 survive a round trip thro
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -255,17 +256,41 @@ def read(path: Path) -> EnvBlock:
 
 
 def write(path: Path, block: EnvBlock) -> None:
-    """Replace the block at ``path`` atomically (Linux side: temporary file, fsync, rename).
+    """Write the block to ``path`` the way GRUB's ``save_env`` does: in place, over the same
+    1024 bytes, when the file is there with that size; a new file (temporary file, fsync,
+    rename) only when there is none or it has another size.
 
-    Power cut: ``path`` holds the old block or the new one. GRUB reads the file's sectors anew
-    on every boot, so a block that moved to other clusters is found all the same.
+    Why not always a rename: the block lives on the ESP, a FAT file system without a journal.
+    A rename there allocates new clusters and rewrites the directory entry and the FAT; a power
+    cut in between can leave the entry pointing at a cluster the FAT marks free (seen on Linux's
+    vfat under QEMU: ``fsck.fat`` then reports a free cluster in use), which the next file
+    written on the ESP can take over. Written in place, the file's clusters, its directory
+    entry and the FAT never change: only the data sectors do.
+
+    Power cut during an in-place write: our variables are a few short lines at the start of
+    the block, within its first 512-byte sector, and the rest is ``#`` padding that is the same
+    before and after, so the device writes at most one sector that differs: the old block or
+    the new one is there. A block whose lines reach past the first sector could be torn into
+    a mix of both; :func:`read` still finds a well-formed block, and the boot counters it holds
+    are each either old or new.
 
     Raises:
         GrubenvFullError: the block does not fit; the file is left as it was.
-        BootloaderError: the file cannot be written; the file is left as it was.
+        BootloaderError: the file cannot be written; the old block is written back (as far
+            as the device still takes writes).
     """
     data = block.encode(path)
+    old: bytes | None = None
     try:
-        durable.atomic_write(path, data)
+        with contextlib.suppress(FileNotFoundError):
+            old = path.read_bytes()
+        if old is not None and len(old) == len(data):
+            durable.rewrite_in_place(path, data)
+        else:
+            old = None
+            durable.atomic_write(path, data)
     except OSError as err:
+        if old is not None:  # put the old block back: a failed write must not change it
+            with contextlib.suppress(OSError):
+                durable.rewrite_in_place(path, old)
         raise BootloaderError(f"cannot write {path}: {err.strerror}") from err

@@ -237,3 +237,17 @@ def test_an_io_error_while_writing_leaves_the_file_unchanged(
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["grubenv"]
+
+
+def test_a_block_is_rewritten_in_place_and_a_missing_one_created(tmp_path: Path) -> None:
+    """In place, as GRUB's save_env: on the ESP's FAT no cluster, FAT entry or directory
+    entry changes (a rename would allocate and could be cut half done)."""
+    path = tmp_path / "grubenv"
+    grubenv.write(path, EnvBlock.new())  # none there: created whole, then renamed
+    inode = path.stat().st_ino
+    grubenv.write(path, EnvBlock.new().set("BOOT_ORDER", "B A"))
+    assert path.stat().st_ino == inode
+    assert grubenv.read(path).get("BOOT_ORDER") == "B A"
+    path.write_bytes(b"short")  # another size: not a block to overwrite, a new file
+    grubenv.write(path, EnvBlock.new())
+    assert path.stat().st_size == 1024 and grubenv.read(path).get("BOOT_ORDER") is None

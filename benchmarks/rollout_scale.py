@@ -34,22 +34,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def checkins(url: str) -> float:
+def requests_served(url: str, route_part: str = "") -> float:
+    """Requests the server counted (``fleet_server_requests_total``) whose route contains
+    ``route_part``."""
     total = 0.0
     for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("fleet_server_requests_total") and "checkin" in line:
+        if line.startswith("fleet_server_requests_total{") and route_part in line:
             total += float(line.rsplit(" ", 1)[1])
     return total
 
 
-def baseline_rate(url: str, seconds: float = 3.0) -> float:
-    """Plain GET /healthz per second from one client: the same HTTP path, no work."""
+def baseline(url: str, pid: int, seconds: float = 3.0) -> tuple[float, float]:
+    """Plain GET /healthz from one client: requests per second, and server CPU seconds per
+    request (the same HTTP path and a database ping, no work)."""
     session = requests.Session()
+    cpu = cpu_seconds(pid)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         session.get(f"{url}/healthz", timeout=10)
         count += 1
-    return count / (time.perf_counter() - start)
+    return count / (time.perf_counter() - start), (cpu_seconds(pid) - cpu) / count
 
 
 def main() -> None:
@@ -82,13 +86,13 @@ def main() -> None:
             enrollment_token=token, workers=args.workers,
         )  # fmt: skip
         made = time.perf_counter() - made
-        baseline = baseline_rate(url)
+        healthz_rate, healthz_cpu = baseline(url, server.pid)
         fleet_command("release", "upload", str(lab_bundle(workdir, key, "2.0.0", "healthy")),
                       *operator)  # fmt: skip
         canaries = [arg for m in fleet.members[:2] for arg in ("--canary", m.device_id)]
-        start_wall, start_cpu, start_checkins = time.perf_counter(), cpu_seconds(server.pid), 0.0
         fleet.step(1)  # enroll everybody
-        start_checkins = checkins(url)
+        start_wall, start_cpu = time.perf_counter(), cpu_seconds(server.pid)
+        start_checkins, start_requests = requests_served(url, "checkin"), requests_served(url)
         fleet_command("rollout", "start", "2.0.0", *canaries, "--soak", "60s", *operator)
 
         api = requests.Session()
@@ -111,24 +115,33 @@ def main() -> None:
             steps += 1
         wall = time.perf_counter() - start_wall
         cpu = cpu_seconds(server.pid) - start_cpu
-        rate = (checkins(url) - start_checkins) / wall
+        served = requests_served(url) - start_requests
+        rate = (requests_served(url, "checkin") - start_checkins) / wall
         simulated = fleet.clock() - 1000
-        print(f"devices: {args.devices} (made in {made:.1f} s); rollout to 100 %: "
-              f"{wall:.1f} s wall, {simulated:.0f} simulated s, {steps} fleet steps")  # fmt: skip
-        print(f"server CPU: {cpu:.1f} s ({cpu / wall:.0%} of one core)")
-        print(f"check-ins: {rate:.0f}/s sustained; baseline GET /healthz from one client: "
-              f"{baseline:.0f}/s; ratio {rate / baseline:.2f}")  # fmt: skip
+        print(f"devices: {args.devices} (made in {made:.1f} s, {args.workers} at a time); "
+              f"rollout to 100 %: {wall:.1f} s wall, {simulated:.0f} simulated s, "
+              f"{steps} fleet steps")  # fmt: skip
+        print(
+            f"server CPU: {cpu:.1f} s ({cpu / wall:.0%} of one core) for {served:.0f} requests "
+            f"({served / wall:.0f}/s): {cpu / served * 1000:.2f} ms each, "
+            f"{cpu / served / healthz_cpu:.2f}x a GET /healthz ({healthz_cpu * 1000:.2f} ms)"
+        )
+        print(f"check-ins: {rate:.0f}/s sustained (the devices' side, in this process, is the "
+              f"limit); GET /healthz from one client: {healthz_rate:.0f}/s")  # fmt: skip
         print(f"fleet: {dict(fleet.versions())}")
         # the server alone: unchanged check-ins (ETag / 304) as fast as one client can send
         client = fleet.members[0].daemon.client
         client.checkin()
+        before = cpu_seconds(server.pid)
         count, start = 0, time.perf_counter()
         while time.perf_counter() - start < 3.0:
             assert client.checkin().unchanged
             count += 1
         unchanged = count / (time.perf_counter() - start)
-        print(f"unchanged check-ins (304) from one client: {unchanged:.0f}/s; "
-              f"ratio to GET /healthz {unchanged / baseline:.2f}")  # fmt: skip
+        per = (cpu_seconds(server.pid) - before) / count
+        print(f"unchanged check-ins (304) from one client: {unchanged:.0f}/s, "
+              f"{per * 1000:.2f} ms server CPU each = {per / healthz_cpu:.2f}x a GET /healthz; "
+              f"one core would answer {1 / per:.0f}/s")  # fmt: skip
     finally:
         if server is not None:
             server.terminate()

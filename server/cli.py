@@ -144,6 +144,13 @@ def server() -> None:
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
 )
 @click.option(
+    "--log-format",
+    default="json",
+    show_default=True,
+    type=click.Choice(["json", "text"]),
+    help="json: one JSON object per line, for Loki (server/logs.py); text: for a terminal.",
+)
+@click.option(
     "--time-scale",
     type=click.FloatRange(min=1.0),
     default=1.0,
@@ -171,21 +178,22 @@ def run(
     port: int,
     max_upload_bytes: int | None,
     log_level: str,
+    log_format: str,
     time_scale: float,
     rollout_interval: float,
     active_checkin_interval: int,
 ) -> None:
-    """Serve the API, the blobs and the metrics (runs until stopped)."""
-    import logging
-
+    """Serve the API, the blobs and the metrics (runs until stopped). Logs go to standard
+    error, one JSON object per line unless --log-format text (see server/logs.py)."""
     import uvicorn
 
+    from server import logs
     from server.app import create_app
     from server.settings import DEFAULT_MAX_UPLOAD_BYTES, Settings
 
     if data_dir is None:
         raise ClientConfigError("give --data-dir (blobs, keys and keyring live there)")
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logs.configure(log_level, log_format)
     started = time.time()
 
     def clock() -> float:
@@ -199,7 +207,17 @@ def run(
         active_checkin_interval_s=active_checkin_interval,
     )
     app = create_app(settings, rollout_interval_s=rollout_interval)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    # logging is configured above, once, for uvicorn's loggers too (log_config=None keeps
+    # uvicorn's own colourful handlers out); its access log gives way to ours, which names
+    # the route template rather than the path a client sent
+    uvicorn.run(
+        logs.AccessLogMiddleware(app),
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=None,
+        access_log=False,
+    )
 
 
 @server.group()

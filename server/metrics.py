@@ -35,11 +35,20 @@ Fleet series (database, at each scrape):
 ``fleet_device_free_space_bytes{device,hostname}``                     last heartbeat's reading
 ``fleet_device_uptime_seconds{device,hostname}``                       last heartbeat's reading
 ``fleet_device_clock_skew_seconds{device,hostname}``                   server clock minus device
+``fleet_device_outcome_events_total{device,hostname,event}``           outcome events stored
+                                                                       for the device (0 when
+                                                                       none), a counter
 =====================================================================  ==========================
 
 A per-device series is absent when the device never reported that value. The per-device
 series come from the heartbeat every device sends, so alerts on them cover devices that no
 Prometheus can scrape (behind NAT, on cellular links).
+
+``fleet_device_outcome_events_total`` is the exception: one series per device and event of
+:data:`OUTCOME_EVENTS`, 0 until the first such event is stored. Counted from the audit trail,
+it never resets when a server process restarts, and it is there, at 0, before a device's first
+fallback, so ``increase()`` sees every event; a Prometheus that restarts (or starts afresh)
+finds no increase in a value it had not seen before, so an alert on it does not fire falsely.
 
 Counted by this process: ``fleet_server_requests_total``, ``fleet_server_request_duration_
 seconds``, ``fleet_server_device_events_total{event}`` (by subject), ``fleet_server_release_
@@ -59,7 +68,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -68,7 +77,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.database import Database
 from server.devices import NEVER_REPORTED
-from server.models import Device, FleetControl, Release, Rollout, RolloutDevice
+from server.models import AuditRow, Device, FleetControl, Release, Rollout, RolloutDevice
 from server.rollouts import ACTIVE, Outcome, Plan, RolloutState
 from server.settings import Clock
 
@@ -178,10 +187,10 @@ class FleetCollector(Collector):
         return _gauge("fleet_server_database_up", "Whether the database answered")
 
     @staticmethod
-    def _families() -> dict[str, GaugeMetricFamily]:
+    def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
         device = ("device", "hostname")
         rollout = ("rollout", "version")
-        families = [
+        families: list[GaugeMetricFamily | CounterMetricFamily] = [
             _gauge(
                 "fleet_devices",
                 "Enrolled devices, by state and version from their last heartbeat",
@@ -248,6 +257,12 @@ class FleetCollector(Collector):
                 "The server's clock minus the device's, from its last heartbeat",
                 *device,
             ),
+            CounterMetricFamily(
+                "fleet_device_outcome_events",
+                "Events that end an update or mark trouble stored for each device (from the "
+                "audit trail: the same in every process), by event name; 0 when none",
+                labels=[*device, "event"],
+            ),
         ]  # fmt: skip
         return {family.name: family for family in families}
 
@@ -263,7 +278,9 @@ class FleetCollector(Collector):
         up.add_metric([], 1)
         return [up, *families.values()]
 
-    def _fill(self, session: Session, families: dict[str, GaugeMetricFamily]) -> None:
+    def _fill(
+        self, session: Session, families: dict[str, GaugeMetricFamily | CounterMetricFamily]
+    ) -> None:
         now = self._clock()
         for state, version, count in session.execute(
             select(Device.state, Device.version, func.count()).group_by(
@@ -288,12 +305,28 @@ class FleetCollector(Collector):
 
     @staticmethod
     def _fill_devices(
-        session: Session, families: dict[str, GaugeMetricFamily], now: float
+        session: Session,
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily],
+        now: float,
     ) -> dict[str, str]:
         hostnames: dict[str, str] = {}
+        # a device's events are in the audit trail with the event as action, the device as
+        # subject (server.devices.record_events); ix_audit_action keeps this a narrow read
+        outcomes: dict[tuple[str | None, str], int] = {
+            (subject, action): count
+            for subject, action, count in session.execute(
+                select(AuditRow.subject, AuditRow.action, func.count())
+                .where(AuditRow.action.in_(sorted(OUTCOME_EVENTS)))
+                .group_by(AuditRow.subject, AuditRow.action)
+            )
+        }
         for device in session.scalars(select(Device)):
             key = [device.id, device.hostname]
             hostnames[device.id] = device.hostname
+            for event in sorted(OUTCOME_EVENTS):
+                families["fleet_device_outcome_events"].add_metric(
+                    [*key, event], outcomes.get((device.id, event), 0)
+                )
             families["fleet_device_last_seen_age_seconds"].add_metric(
                 key, max(0.0, now - device.last_seen.timestamp())
             )
@@ -326,7 +359,7 @@ class FleetCollector(Collector):
     @staticmethod
     def _fill_rollouts(
         session: Session,
-        families: dict[str, GaugeMetricFamily],
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily],
         hostnames: dict[str, str],
         now: float,
     ) -> None:

@@ -1106,6 +1106,9 @@ class Daemon:
 
     def _server_answered(self) -> None:
         if self._unreachable_since is not None:
+            # the gauge goes back to 0 now, not at the next heartbeat (which may be minutes off)
+            with contextlib.suppress(FleetError, OSError):
+                self.runtime.publish_metrics(server_unreachable_s=0.0)
             outage = self._clock() - self._unreachable_since
             self.log.event(
                 "daemon.server_back", url=self.client.active_url, outage_s=round(outage, 3)

@@ -97,6 +97,7 @@ def ages(*pairs: tuple[Value, Value]) -> tuple[Series, ...]:
 
 
 ROLLOUT = ', rollout="3", version="2.0.0"'
+FELL_BACK = "fleet_device_outcome_events_total"
 MIB = 2**20
 
 CASES = [
@@ -116,17 +117,7 @@ CASES = [
     Case("DeviceOverheating", (scraped("fleet_updater_temperature_celsius", 79.9, 80.5),)),
     Case("DeviceInSafeMode", (info("idle", 1, None), info("safe_mode", None, 1))),
     Case(
-        "DeviceFellBack",
-        (
-            info("idle", 1, 1),
-            Series(
-                f'fleet_server_device_outcomes_total{{{SERVER}, device="d1", '
-                'event="boot_check.fell_back"}',
-                None,
-                1,
-            ),
-        ),
-        blip=False,
+        "DeviceFellBack", (server(FELL_BACK, 0, 1, ', event="boot_check.fell_back"'),), blip=False
     ),
     Case("ClockSkew", (server("fleet_device_clock_skew_seconds", 2, -300),)),
     Case("ConfigDrift", (scraped("fleet_updater_config_drift", 0, 1),)),
@@ -219,6 +210,69 @@ def test_alert_fires_in_time_and_only_then(case: Case, tmp_path: Path) -> None:
                 "rule_files": [str(RULES)],
                 "evaluation_interval": "30s",
                 "tests": unit_tests(case),
+            },
+            sort_keys=False,
+        )
+    )
+    result = promtool("test", "rules", str(test_file))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def samples(*runs: tuple[Value, int]) -> str:
+    """promtool's values for runs of (value, samples); None is a missing sample."""
+    return " ".join(
+        "_" if value is None else repr(float(value)) for value, n in runs for _ in range(n)
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "fires_at"),
+    [
+        # Prometheus starts afresh (or lost its data) while the server already counts two
+        # fallbacks of the device from long ago: nothing happened since, nothing fires
+        (samples((None, 10), (2, 31)), None),
+        # Prometheus is down for longer than its 5-minute lookback, then scrapes again
+        (samples((2, 7), (None, 13), (2, 21)), None),
+        # a second server process starts: its series begins at the stored count
+        (samples((None, 4), (1, 37)), None),
+        # after such a start, a new fallback still fires within 3 minutes
+        (samples((None, 10), (2, 10), (3, 21)), "12m30s"),
+    ],
+    ids=["fresh-prometheus", "prometheus-outage", "new-server-process", "then-a-fallback"],
+)
+def test_device_fell_back_fires_on_a_new_fallback_only(
+    values: str, fires_at: str | None, tmp_path: Path
+) -> None:
+    counter = f'{FELL_BACK}{{{SERVER}, {DEVICE}, event="boot_check.fell_back"}}'
+    checks: list[dict[str, Any]]
+    if fires_at is None:
+        ever = f"count(count_over_time({firing('DeviceFellBack')}[20m]))"
+        checks = [{"expr": ever, "eval_time": "20m", "exp_samples": []}]
+    else:
+        before = f"count(count_over_time({firing('DeviceFellBack')}[9m30s]))"
+        alert = (
+            'ALERTS{alertname="DeviceFellBack", alertstate="firing", device="d1", '
+            'hostname="cam-1", severity="warning"}'
+        )
+        checks = [
+            {"expr": before, "eval_time": "9m30s", "exp_samples": []},
+            {"expr": firing("DeviceFellBack"), "eval_time": fires_at,
+             "exp_samples": [{"labels": alert, "value": 1}]},
+        ]  # fmt: skip
+    test_file = tmp_path / "rules.test.yml"
+    test_file.write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": [str(RULES)],
+                "evaluation_interval": "30s",
+                "tests": [
+                    {
+                        "name": "DeviceFellBack after a restart",
+                        "interval": "30s",
+                        "input_series": [{"series": counter, "values": values}],
+                        "promql_expr_test": checks,
+                    }
+                ],
             },
             sort_keys=False,
         )

@@ -119,6 +119,28 @@ def test_alloy_ships_the_updater_log_with_three_labels() -> None:
     assert re.findall(r"(\w+) = \"\"", labels[1]) == ["device", "role", "component"]
 
 
+def test_alloy_ships_the_server_log_labelled_component_server() -> None:
+    text = (MONITORING / "alloy" / "server.alloy").read_text()
+    assert text.count("{") == text.count("}")
+    for component in ('loki.source.journal "server"', 'loki.process "server"',
+                      'loki.write "server"', 'sys.env("FLEET_LOKI_URL")'):  # fmt: skip
+        assert component in text
+    # the label is static, so a line that is not JSON (a traceback before logging starts, or
+    # --log-format text) is found under {component="server"} all the same; no label is read
+    # from the line, so a device id or route in it can never become one
+    labels = re.search(r"stage\.static_labels \{\s*values = \{([^}]*)\}", text)
+    assert labels is not None and labels[1].strip() == 'component = "server"'
+    assert "stage.labels" not in text
+    selector = re.search(r'selector = "\{unit!~\\"([^\\]+)\\", container!~\\"([^\\]+)\\"', text)
+    assert selector is not None
+    unit, container = re.compile(selector[1]), re.compile(selector[2])
+    for kept in ("fleet-server.service", "fleet-server@2.service"):
+        assert unit.fullmatch(kept)
+    for dropped in ("fleet-updater.service", "fleet-server-backup.service", "sshd.service"):
+        assert not unit.fullmatch(dropped)
+    assert container.fullmatch("fleet-server-1") and not container.fullmatch("postgres")
+
+
 def test_promtail_does_the_same_for_older_images() -> None:
     config = load_yaml(MONITORING / "promtail" / "promtail.yml")
     job = config["scrape_configs"][0]

@@ -156,6 +156,29 @@ def test_outcome_events_are_counted_per_device(harness: Harness, enrolled: Enrol
                    for name, labels in found)  # fmt: skip
 
 
+def test_stored_outcome_events_are_counted_from_the_database(
+    harness: Harness, enrolled: Enrolled
+) -> None:
+    device, quiet = enrolled(hostname="cam-1"), enrolled(hostname="cam-2")
+    device.events(("boot_check.fell_back", 1), ("install.started", 2))
+    device.events(("boot_check.fell_back", 3), ("boot_check.fell_back", 3))  # one a resend
+    name = "fleet_device_outcome_events_total"
+
+    def key(member: FakeDevice, event: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+        labels = {"device": member.id, "hostname": member.hostname, "event": event}
+        return (name, tuple(sorted(labels.items())))
+
+    found = samples(harness.client)
+    assert found[key(device, "boot_check.fell_back")] == 2
+    # there at 0 before the first such event, so that increase() sees the first one
+    assert found[key(quiet, "boot_check.fell_back")] == 0
+    assert found[key(device, "boot_check.committed")] == 0
+    assert not any(n == name and ("event", "install.started") in labels for n, labels in found)
+    # another process over the same database (or this one, restarted) counts the same
+    with TestClient(create_app(harness.settings, rollout_interval_s=None)) as other:
+        assert samples(other)[key(device, "boot_check.fell_back")] == 2
+
+
 def test_rollout_series(harness: Harness, enrolled: Enrolled, make_bundle: MakeBundle) -> None:
     for version in ("1.0.0", "2.0.0"):
         assert harness.upload(make_bundle(f"{version}.bundle", version=version)).status_code == 201

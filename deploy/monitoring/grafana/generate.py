@@ -356,7 +356,9 @@ def fleet_device() -> dict[str, Any]:
                             ref="A",
                         ),
                         target(
-                            "sum by (event) (increase(fleet_server_device_outcomes_total"
+                            # stored events, from the database: the same in every server
+                            # process, and 0 before the first, so the first one shows too
+                            "max by (event) (increase(fleet_device_outcome_events_total"
                             '{device="$device"}[1h]))',
                             "{{event}}",
                             ref="B",

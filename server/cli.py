@@ -12,6 +12,7 @@ loading this module costs nothing but click.
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import math
@@ -441,6 +442,51 @@ def _api_entries(client: ApiClient) -> Iterator[AuditEntry]:
             except ValueError as err:
                 raise AuditChainBrokenError(f"audit trail: {err}") from err
         after = page["next_after"]
+
+
+@audit.command("list")
+@api_options
+@click.option("--action", "actions", multiple=True,
+              help="Only entries whose action is this or starts with it followed by a dot "
+                   "(rollout, rollout.halted; repeat for more).")  # fmt: skip
+@click.option("--subject", help="Only entries about this device id or rollout:ID.")
+@click.option("--actor", help="Only entries by this actor (device:ID, rollout-engine, ...).")
+@click.option("--last", default=50, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="How many of the newest matching entries to show.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def audit_list(
+    actions: tuple[str, ...],
+    subject: str | None,
+    actor: str | None,
+    last: int,
+    as_json: bool,
+    server: str | None,
+    token: str | None,
+) -> None:
+    """The newest entries of the audit trail, oldest first, filtered."""
+    from collections import deque
+
+    def wanted(entry: AuditEntry) -> bool:
+        by_action = not actions or any(
+            entry.action == a or entry.action.startswith(a + ".") for a in actions
+        )
+        by_subject = subject is None or entry.subject == subject
+        return by_action and by_subject and (actor is None or entry.actor == actor)
+
+    kept = deque((e for e in _api_entries(api_client(server, token)) if wanted(e)), maxlen=last)
+    for entry in kept:
+        if as_json:
+            document = dataclasses.asdict(entry)
+            document["details"] = json.loads(entry.details)
+            click.echo(json.dumps(document, sort_keys=True))
+        else:
+            click.echo(
+                f"{entry.seq:>7} {entry.at} {entry.actor} {entry.action}"
+                + (f" {entry.subject}" if entry.subject else "")
+                + f" {entry.details}"
+            )
+    if not kept:
+        click.echo("no matching entries", err=True)
 
 
 def _parse_head(text: str) -> tuple[int, str]:

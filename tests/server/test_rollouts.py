@@ -553,6 +553,15 @@ def test_rollout_cli(live_server: LiveServer, enrolled: Enrolled, make_bundle: M
     assert bad.exit_code == 2
     odd = run(live_server, "rollout", "start", "2.0.0", "--selector", "colour=red")
     assert odd.exit_code == 2 and "role=NAME or tag=NAME" in odd.output
+    listed = run(live_server, "audit", "list", "--action", "rollout", "--json", role="viewer")
+    assert listed.exit_code == 0, listed.output
+    entries = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [e["action"] for e in entries][:2] == ["rollout.started", "rollout.assigned"]
+    assert {e["subject"] for e in entries} == {"rollout:1"}
+    assert all(e["action"].startswith("rollout.") for e in entries)
+    stops = run(live_server, "audit", "list", "--action", "fleet.emergency_stop", "--last", "1")
+    assert stops.stdout.count("\n") == 1 and "fleet.emergency_stop" in stops.stdout
+    assert "storm" in stops.stdout
 
 
 def test_rollout_status_watch_draws_a_bar_per_stage(

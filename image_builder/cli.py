@@ -60,6 +60,114 @@ def import_disk(disk: Path, out_dir: Path) -> None:
         )
 
 
+@image.command()
+@click.option("--layout", required=True, type=click.Choice(["grub", "rpi"]))
+@click.option(
+    "--rootfs", required=True, type=click.Path(path_type=Path), help="ext4 image for root A."
+)
+@click.option(
+    "--safe", "safe_rootfs", required=True, type=click.Path(path_type=Path),
+    help="squashfs image of the safe-mode slot.",
+)  # fmt: skip
+@click.option("--bootfs", type=click.Path(path_type=Path), help="rpi: FAT image for boot A.")
+@click.option(
+    "--safe-bootfs", type=click.Path(path_type=Path), help="rpi: FAT image of the safe-mode slot."
+)
+@click.option("--root-size", help="Size of each root slot (default: the rootfs image's).")
+@click.option("--data-size", default="64M", show_default=True)
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Content of the data partition.")
+@click.option(
+    "--kernel-options", default="ro", show_default=True,
+    help="grub: kernel parameters of every slot (root= and fleet.slot= are added).",
+)  # fmt: skip
+@click.option("--attempts", default=3, show_default=True, type=click.IntRange(1, 9))
+@click.option("--grub-efi", type=click.Path(path_type=Path), help="grub: a GRUB EFI binary to use.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
+def disk(
+    layout: str,
+    rootfs: Path,
+    safe_rootfs: Path,
+    bootfs: Path | None,
+    safe_bootfs: Path | None,
+    root_size: str | None,
+    data_size: str,
+    data_dir: Path | None,
+    kernel_options: str,
+    attempts: int,
+    grub_efi: Path | None,
+    output: Path,
+) -> None:
+    """Build a whole-device disk (GPT) for provisioning: slot A holds ROOTFS and is
+    committed, slot B is empty."""
+    from image_builder.disk import grub_disk, rpi_disk
+    from image_builder.filesystem import parse_size
+
+    sizes: dict[str, int | None] = {}
+    for name, text in (("--root-size", root_size), ("--data-size", data_size)):
+        try:
+            sizes[name] = parse_size(text) if text is not None else None
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint=name) from err
+    slot_size = sizes["--root-size"] or rootfs.stat().st_size
+    data_bytes = sizes["--data-size"] or 64 << 20
+    if layout == "grub":
+        built = grub_disk(
+            output,
+            boot_files=_grub_boot_files(kernel_options, attempts),
+            rootfs=rootfs,
+            safe_rootfs=safe_rootfs,
+            root_size=slot_size,
+            data_size=data_bytes,
+            data_dir=data_dir,
+            grub_efi=grub_efi,
+        )
+    else:
+        if bootfs is None or safe_bootfs is None:
+            raise click.UsageError("--layout rpi needs --bootfs and --safe-bootfs")
+        built = rpi_disk(
+            output,
+            boot_files=_rpi_boot_files(),
+            bootfs=bootfs,
+            rootfs=rootfs,
+            safe_bootfs=safe_bootfs,
+            safe_rootfs=safe_rootfs,
+            root_size=slot_size,
+            data_size=data_bytes,
+            data_dir=data_dir,
+        )
+    click.echo(f"{built.path}: {layout} disk, {built.size_bytes} bytes")
+    for part in built.partitions:
+        click.echo(
+            f"  {part.number} {part.label:<10} at {part.offset_bytes}, {part.size_bytes} bytes"
+        )
+
+
+# The boot selection files on a new disk are the boot backends' own (the same code writes them
+# on the device), which is why this command, alone in image_builder, imports bootloader_hooks.
+
+
+def _grub_boot_files(kernel_options: str, attempts: int) -> dict[str, bytes]:
+    """grub.cfg and a grubenv with slot A committed, under the ESP directory GRUB reads."""
+    from dataclasses import replace
+
+    from bootloader_hooks.grub import DEFAULT_ENTRIES, ESP_DIRECTORY, default_block, grub_cfg
+
+    entries = {
+        slot: replace(entry, options=kernel_options) for slot, entry in DEFAULT_ENTRIES.items()
+    }
+    return {
+        f"{ESP_DIRECTORY}/grub.cfg": grub_cfg(entries).encode(),
+        f"{ESP_DIRECTORY}/grubenv": default_block("a", attempts).encode(),
+    }
+
+
+def _rpi_boot_files() -> dict[str, bytes]:
+    """autoboot.txt booting boot A (partition 2), nothing on trial."""
+    from bootloader_hooks.autoboot import AutobootConfig, render
+
+    return {"autoboot.txt": render(AutobootConfig(boot_partition=2, tryboot_partition=2))}
+
+
 @click.group()
 def bundle() -> None:
     """Create, verify and inspect signed release bundles."""

@@ -234,6 +234,28 @@ def rollback(ctx: click.Context, no_reboot: bool) -> None:
 
 
 @main.command()
+@click.argument("source")
+@click.option("--slot", type=click.Choice(list(ROOT_SLOTS)), help="Root slot to write.")
+@click.option("--no-reboot", is_flag=True, help="Stop after arming the slot (exit 3).")
+@click.pass_context
+def recover(ctx: click.Context, source: str, slot: str | None, no_reboot: bool) -> None:
+    """In safe mode: put the release SOURCE (a bundle file or URL, the last known-good one)
+    into a root slot and boot it (see updater.recovery)."""
+    from updater.recovery import Recovery
+
+    runtime = _runtime(ctx, log_to_stdout=True)
+    with update_lock(runtime.config.data_dir):
+        recovery = Recovery(
+            runtime.config, runtime.installer(), runtime.store, runtime.log, reboot=runtime.reboot
+        )
+        result = recovery.recover(source, slot=slot, reboot=not no_reboot)
+        runtime.publish_metrics()
+    if no_reboot:
+        click.echo(f"recovered {result.version} into slot {result.slot} ({result.armed})", err=True)
+        ctx.exit(EXIT_REBOOT_REQUIRED)
+
+
+@main.command()
 @click.pass_context
 def resume(ctx: click.Context) -> None:
     """Resume updates suspended by the crash-loop guard."""

@@ -100,7 +100,8 @@ from updater.identity import (
     load_or_create_identity,
     save_enrollment,
 )
-from updater.install import EventSink, run_reboot
+from updater.install import EventSink, InstallResult, run_reboot
+from updater.recovery import Recovery
 from updater.runtime import Runtime
 from updater.state import DeviceState, update_lock
 
@@ -512,8 +513,8 @@ class ReleaseHistoryStore:
 
 @dataclass(frozen=True)
 class Decision:
-    """``action``: ``none``, ``skip``, ``flip`` or ``install``; ``fail``: the release is to be
-    recorded as failed (never retried)."""
+    """``action``: ``none``, ``skip``, ``flip``, ``install`` or ``recover``; ``fail``: the
+    release is to be recorded as failed (never retried)."""
 
     action: str
     reason: str
@@ -536,6 +537,12 @@ def decide(
     record = history.get(sha)
     if record is not None and record.outcome == "failed":
         return Decision("skip", f"failed on this device before: {record.detail}")
+    if booted == SAFE_SLOT:
+        # safe mode: put the assigned (last known-good) release back into a root slot, even
+        # with updates suspended (a crash loop is one way to get here); once, not in a loop
+        if record is not None and record.outcome == "armed":
+            return Decision("skip", "recovered into a root slot before, safe mode again", fail=True)
+        return Decision("recover", "safe mode: recovering into a root slot")
     if state.suspended:
         return Decision("skip", f"updates are suspended: {state.suspended}")
     if booted not in ROOT_SLOTS:
@@ -933,6 +940,8 @@ class Daemon:
             self._flip(assignment, state, other_slot(booted))
         elif decision.action == "install":
             self._install(assignment, server_url, record)
+        elif decision.action == "recover":
+            self._install(assignment, server_url, record, recover=True)
 
     def _skip(self, assignment: Assignment, decision: Decision) -> None:
         sha = assignment.manifest_sha256
@@ -977,8 +986,16 @@ class Daemon:
         self.history.save(history.with_record(sha, previous) if previous else history.without(sha))
 
     def _install(
-        self, assignment: Assignment, server_url: str, previous: ReleaseRecord | None
+        self,
+        assignment: Assignment,
+        server_url: str,
+        previous: ReleaseRecord | None,
+        *,
+        recover: bool = False,
     ) -> None:
+        """Install the assigned release into the other root slot and reboot into its trial;
+        with ``recover`` (safe mode), into the root slot the firmware no longer boots, through
+        :class:`updater.recovery.Recovery`. The outcomes are recorded the same way."""
         runtime = self.runtime
         sha = assignment.manifest_sha256
         urls = self.client.blob_urls(assignment, server_url)
@@ -990,12 +1007,22 @@ class Daemon:
         self._record(sha, assignment, "installing")  # persist before acting
         installer = runtime.installer(http_options={"sleep": self._sleep, "rng": self._rng})
         limit = runtime.config.limits.update_deadline_s + WATCHDOG_GRACE_S
+        result: InstallResult | None = None
         try:
             with self.notifier.keep_alive(limit):
-                result = installer.install_parts(
-                    assignment.manifest, assignment.manifest_sig, urls, name=name, reboot=True,
-                    abandon=self._withdrawn_check(sha),
-                )  # fmt: skip
+                if recover:
+                    Recovery(
+                        runtime.config, installer, runtime.store, runtime.log,
+                        reboot=runtime.reboot,
+                    ).recover_parts(
+                        assignment.manifest, assignment.manifest_sig, urls, name=name,
+                        abandon=self._withdrawn_check(sha),
+                    )  # fmt: skip
+                else:
+                    result = installer.install_parts(
+                        assignment.manifest, assignment.manifest_sig, urls, name=name,
+                        reboot=True, abandon=self._withdrawn_check(sha),
+                    )  # fmt: skip
         except InstallAbandonedError as err:
             # the server no longer wants this release here (an emergency stop, a rollback):
             # not the release's fault, nothing is counted against it: installed afresh when
@@ -1039,7 +1066,7 @@ class Daemon:
             self.log.event("daemon.reboot_failed", level="error", error=str(err))
             return
         self._record(sha, assignment, "armed", detail=None)
-        runtime.publish_metrics(install=result)
+        runtime.publish_metrics(install=result)  # None after a recovery: the state only
 
     def _withdrawn_check(self, sha: str) -> Callable[[], str | None]:
         """For a running install of release ``sha``: check in whenever a check-in is due and

@@ -216,8 +216,15 @@ class Installer:
         self,
         reader: BundleReader | SplitBundleReader,
         targets: dict[str, SlotTarget],
-        watch: _Watch,
+        watch: _Watch | None = None,
+        *,
+        abandon: Callable[[], str | None] | None = None,
     ) -> int:
+        """Stream every image of ``reader`` into its slot of ``targets``; the bytes written.
+        Without ``watch``, the install deadline counts from now and ``abandon`` (see
+        :meth:`install_parts`) may stop it."""
+        if watch is None:
+            watch = _Watch(self._clock() + self.config.limits.update_deadline_s, abandon)
         total = sum(e.uncompressed_size for e in reader.manifest.images)
         written = 0
         for image in reader.images():
@@ -324,23 +331,34 @@ class Installer:
         started = self._clock()
         state, keyring = self._prepare()
         self.log.event("install.started", source=name)
-        http = self._http(started)
-        reader = SplitBundleReader(
+        reader = self.parts_reader(manifest_bytes, envelope_bytes, blob_urls, name, started)
+
+        def every_image_has_a_url(manifest: Manifest) -> None:
+            check_blob_urls(manifest, blob_urls, name)
+
+        return self._install(
+            reader, keyring, state, started, reboot, every_image_has_a_url, abandon
+        )
+
+    def parts_reader(
+        self,
+        manifest_bytes: bytes,
+        envelope_bytes: bytes,
+        blob_urls: Mapping[str, Sequence[str]],
+        name: str,
+        started: float | None = None,
+    ) -> SplitBundleReader:
+        """A reader of a release in parts whose images stream from ``blob_urls`` (by stored
+        SHA-256, tried in order), with this installer's HTTP options and a deadline counted
+        from ``started`` (this installer's clock; default now)."""
+        http = self._http(self._clock() if started is None else started)
+        return SplitBundleReader(
             manifest_bytes, envelope_bytes,
             lambda entry: cast(
                 BinaryIO, MirroredStream(blob_urls[entry.sha256], log=self.log, **http)
             ),
             name=name,
         )  # fmt: skip
-
-        def every_image_has_a_url(manifest: Manifest) -> None:
-            missing = [e.filename for e in manifest.images if not blob_urls.get(e.sha256)]
-            if missing:
-                raise DownloadError(f"{name}: no URL for image(s) {', '.join(missing)}")
-
-        return self._install(
-            reader, keyring, state, started, reboot, every_image_has_a_url, abandon
-        )
 
     def _http(self, started: float) -> dict[str, Any]:
         """HTTP options for this install: the configured ones, and the install's deadline, so
@@ -445,6 +463,13 @@ class _SlotWriter:
         except OSError as err:
             raise InstallError(f"slot {self.path}: flush failed: {err.strerror}") from err
         self.flushed = self.written
+
+
+def check_blob_urls(manifest: Manifest, blob_urls: Mapping[str, Sequence[str]], name: str) -> None:
+    """Raises: DownloadError: an image of ``manifest`` has no URL to fetch it from."""
+    missing = [e.filename for e in manifest.images if not blob_urls.get(e.sha256)]
+    if missing:
+        raise DownloadError(f"{name}: no URL for image(s) {', '.join(missing)}")
 
 
 def run_reboot(command: Sequence[str]) -> None:

@@ -39,6 +39,9 @@ shipped, never changes meaning. Examples:
 ``updater.crash_loop``              too many starts in a short time: updates suspended
 ``config.fallback``                 the configuration file was unusable (source, problem)
 ``state.damaged``                   the state file was unreadable and set aside (detail)
+``recovery.started``, ``recovery.verified``, ``recovery.finished``, ``recovery.rebooting``,
+``recovery.failed``, ``recovery.abandoned``, ``recovery.boot_state_repaired``
+                                    safe mode: a release put back into a root slot
 ``state.save_failed``, ``metrics.write_failed``
                                     a write on the data partition failed (error)
 ==================================  ==================================================

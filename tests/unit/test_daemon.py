@@ -561,6 +561,47 @@ def test_a_download_in_progress_is_abandoned_when_the_server_withdraws_the_relea
     assert (lab.slot("b").status, lab.slot("b").bundle_sha256) == ("trial", release.manifest_sha256)
 
 
+def test_in_safe_mode_the_assigned_release_is_recovered_into_a_root_slot(lab: Lab) -> None:
+    # both root slots go bad: b's release hangs at boot, then a's application stops working
+    lab.device.install(lab.releases.bundle("1.5.0", "hang"))
+    with lab.device.slot_path("a").open("r+b") as handle:
+        handle.write(make_lab_image("1.0.0", "unhealthy"))
+    assert lab.device.power_on()[-1].slot == "safe"
+    release = lab.release("2.0.0")  # the last known-good release, as a rollback assigns it
+    lab.server.assign(lab.device_id, release)
+    daemon = lab.daemon()
+    daemon.run_once()
+    assert daemon.last_error is None
+    names = lab.names()
+    for name in ("recovery.started", "recovery.verified", "recovery.finished",
+                 "recovery.rebooting"):  # fmt: skip
+        assert name in names, names
+    assert lab.heartbeats()[-1]["safe_mode"] is True  # still reporting from safe mode
+    records = lab.reboot()
+    assert records[-1].action == "committed", records
+    assert records[-1].image is not None and records[-1].image.version == "2.0.0"
+    after = lab.daemon()
+    after.run_once()
+    heartbeat = lab.heartbeats()[-1]
+    assert heartbeat["safe_mode"] is False and heartbeat["version"] == "2.0.0"
+    assert len(lab.local("recovery.started")) == 1  # running it now: nothing more to do
+
+
+def test_a_recovery_that_ends_in_safe_mode_again_is_not_repeated(lab: Lab) -> None:
+    lab.device.install(lab.releases.bundle("1.5.0", "hang"))
+    with lab.device.slot_path("a").open("r+b") as handle:
+        handle.write(make_lab_image("1.0.0", "unhealthy"))
+    assert lab.device.power_on()[-1].slot == "safe"
+    lab.server.assign(lab.device_id, lab.release("2.0.0", "unhealthy"))
+    lab.daemon().run_once()
+    assert lab.reboot()[-1].slot == "safe"  # the recovered release failed its trial
+    daemon = lab.daemon()
+    daemon.run_once()
+    assert lab.device.pending_reboot is None  # no loop of recoveries
+    assert len(lab.local("recovery.started")) == 1
+    assert "daemon.release_failed" in lab.names()
+
+
 # --- the decision table -----------------------------------------------------------------------
 
 SHA = "5" * 64
@@ -601,7 +642,10 @@ NEW = assignment()
         ((NEW, state(), "a", False, history()), "install", False),
         ((NEW, state(), "a", False, history("failed")), "skip", False),
         ((NEW, state(suspended="crash loop"), "a", False, history()), "skip", False),
-        ((NEW, state(), "safe", False, history()), "skip", False),
+        ((NEW, state(), "safe", False, history()), "recover", False),
+        ((NEW, state(suspended="crash loop"), "safe", False, history()), "recover", False),
+        ((NEW, state(), "safe", False, history("armed")), "skip", True),
+        ((NEW, state(), "safe", False, history("failed")), "skip", False),
         ((NEW, state(), "a", True, history()), "skip", False),
         ((NEW, b_holds("trial"), "a", False, history()), "skip", False),
         ((NEW, b_holds("good"), "a", False, history()), "flip", False),

@@ -33,12 +33,13 @@ import logging
 import logging.config
 import math
 import re
-import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Scope
+
+from server.asgi import RequestObserver, route_template
 
 COMPONENT = "server"
 FORMATS = ("json", "text")
@@ -199,39 +200,18 @@ def configure(level: str = "info", log_format: str = "json") -> None:
     logging.captureWarnings(True)
 
 
-class AccessLogMiddleware:
+class AccessLogMiddleware(RequestObserver):
     """ASGI middleware that logs one line per HTTP request on ``server.access``: method, route
     template (``unmatched`` when no route matched), status, duration, the client's address,
     and the device id when the route names one. Never the path or query as sent, nor a header.
-
-    Wrap the application from outside: the router fills in the route on the request's scope,
-    which this middleware reads once the request is answered.
     """
 
     def __init__(self, app: ASGIApp, logger: logging.Logger | None = None) -> None:
-        self.app = app
+        super().__init__(app)
         self.log = logger or logging.getLogger(ACCESS_LOGGER)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500  # what the client gets when the application raises before answering
-
-        async def send_and_note(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            self._log(scope, status, time.perf_counter() - started)
-
-    def _log(self, scope: Scope, status: int, seconds: float) -> None:
-        route = getattr(scope.get("route"), "path", None) or "unmatched"
+    def observe(self, scope: Scope, status: int, seconds: float) -> None:
+        route = route_template(scope, "unmatched")
         method = str(scope.get("method", ""))
         fields: dict[str, Any] = {
             "event": "http.request",

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -73,8 +72,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Scope
 
+from server.asgi import RequestObserver, route_template
 from server.database import Database
 from server.devices import NEVER_REPORTED
 from server.models import AuditRow, Device, FleetControl, Release, Rollout, RolloutDevice
@@ -427,32 +427,16 @@ def _unhealthy(session: Session) -> int:
     )
 
 
-class RequestMetricsMiddleware:
+class RequestMetricsMiddleware(RequestObserver):
     """ASGI middleware that counts and times every HTTP request by route template."""
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_and_note(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            route: Any = scope.get("route")
-            template = getattr(route, "path", None) or UNMATCHED_ROUTE
-            method = scope.get("method", "")
-            method = method if method in METHODS else "OTHER"
-            self.metrics.requests.labels(method, template, str(status)).inc()
-            self.metrics.latency.labels(method, template).observe(time.perf_counter() - started)
+    def observe(self, scope: Scope, status: int, seconds: float) -> None:
+        template = route_template(scope, UNMATCHED_ROUTE)
+        method = scope.get("method", "")
+        method = method if method in METHODS else "OTHER"
+        self.metrics.requests.labels(method, template, str(status)).inc()
+        self.metrics.latency.labels(method, template).observe(seconds)

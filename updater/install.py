@@ -180,17 +180,7 @@ class Installer:
                 "the boot check must decide it before another install"
             )
         target = other_slot(booted)
-        targets = slot_targets(self.config.slots, target, self.config.partlabel_dir)
-        for entry in manifest.images:
-            slot_target = targets.get(entry.slot_class)
-            if slot_target is None:
-                raise SlotError(f"slot {target} has no {entry.slot_class} (bundle needs one)")
-            if entry.uncompressed_size > slot_target.capacity:
-                raise SlotError(
-                    f"{entry.slot_class} image of {entry.uncompressed_size} bytes does not fit "
-                    f"slot {target} ({slot_target.path}, {slot_target.capacity} bytes)"
-                )
-            check_not_mounted_root(slot_target.path)
+        targets = checked_targets(self.config, manifest, target)
         if manifest.image("rootfs") is None:
             raise SlotError("bundle has no rootfs image")
         return manifest, target, targets
@@ -463,6 +453,28 @@ class _SlotWriter:
         except OSError as err:
             raise InstallError(f"slot {self.path}: flush failed: {err.strerror}") from err
         self.flushed = self.written
+
+
+def checked_targets(config: UpdaterConfig, manifest: Manifest, slot: str) -> dict[str, SlotTarget]:
+    """Where each image of ``manifest`` goes in root slot ``slot``, checked before anything is
+    written: the slot has every slot class the bundle needs, each image fits, and no target is
+    the root file system mounted now.
+
+    Raises:
+        SlotError: any of these fails, naming the slot class and the sizes.
+    """
+    targets = slot_targets(config.slots, slot, config.partlabel_dir)
+    for entry in manifest.images:
+        slot_target = targets.get(entry.slot_class)
+        if slot_target is None:
+            raise SlotError(f"slot {slot} has no {entry.slot_class} (bundle needs one)")
+        if entry.uncompressed_size > slot_target.capacity:
+            raise SlotError(
+                f"{entry.slot_class} image of {entry.uncompressed_size} bytes does not fit "
+                f"slot {slot} ({slot_target.path}, {slot_target.capacity} bytes)"
+            )
+        check_not_mounted_root(slot_target.path)
+    return targets
 
 
 def check_blob_urls(manifest: Manifest, blob_urls: Mapping[str, Sequence[str]], name: str) -> None:

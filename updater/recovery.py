@@ -45,8 +45,7 @@ from signing.keyring import Keyring
 from updater.config import UpdaterConfig
 from updater.errors import InstallAbandonedError, InstallError, PreconditionError, SlotError
 from updater.fetch import open_source
-from updater.install import EventSink, Installer, check_blob_urls, run_reboot
-from updater.slots import SlotTarget, slot_targets
+from updater.install import EventSink, Installer, check_blob_urls, checked_targets, run_reboot
 from updater.state import DeviceState, StateStore
 
 
@@ -136,19 +135,6 @@ class Recovery:
                 return slot
         return ROOT_SLOTS[0]
 
-    def _targets(self, manifest: Manifest, target: str) -> dict[str, SlotTarget]:
-        targets = slot_targets(self.config.slots, target, self.config.partlabel_dir)
-        for entry in manifest.images:
-            slot_target = targets.get(entry.slot_class)
-            if slot_target is None:
-                raise SlotError(f"slot {target} has no {entry.slot_class} (bundle needs one)")
-            if entry.uncompressed_size > slot_target.capacity:
-                raise SlotError(
-                    f"{entry.slot_class} image of {entry.uncompressed_size} bytes does not fit "
-                    f"slot {target} ({slot_target.capacity} bytes)"
-                )
-        return targets
-
     def _boot_state_damaged(self) -> bool:
         try:
             self.backend.primary()
@@ -218,7 +204,7 @@ class Recovery:
         if preflight is not None:
             preflight(manifest)
         target = self.choose_target(state, slot)
-        targets = self._targets(manifest, target)
+        targets = checked_targets(self.config, manifest, target)
         damaged = self._boot_state_damaged()
         self.log.event("recovery.verified", version=manifest.version, slot=target,
                        boot_state_damaged=damaged)  # fmt: skip

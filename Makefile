@@ -11,19 +11,27 @@ DEMO_DIR ?= build/demo
 # System tools the product calls and the tests run for real.
 APT_PACKAGES := python3 python3-venv python3-dev gcc e2fsprogs squashfs-tools dosfstools mtools \
 	fdisk zstd tar grub-common u-boot-tools libubootenv-tool prometheus postgresql \
-	prometheus-alertmanager
+	prometheus-alertmanager qemu-system-x86 ovmf grub-efi-amd64-bin busybox-static
 
-.PHONY: demo test deps venv lint test-unit test-integration test-chaos benchmarks clean
+.PHONY: demo test deps venv lint test-unit test-integration test-chaos test-qemu qemu-kernel benchmarks clean
 
 demo: venv
 	$(BIN)/fleet demo --workdir $(DEMO_DIR)
 
 # The server tests run on SQLite and, with FLEET_TEST_DATABASE_URL, on PostgreSQL too.
-test: lint
+test: lint qemu-kernel
 	FLEET_TEST_DATABASE_URL=$$(tests/postgres.sh) $(BIN)/pytest -q tests
 
 test-unit test-integration test-chaos: test-%: venv
 	$(BIN)/pytest -q tests/$*
+
+# The QEMU tier boots a Debian kernel: fetched with apt-get download into build/qemu-cache once,
+# reused after (tests/qemu fetches it too if this step was skipped).
+qemu-kernel: venv
+	$(BIN)/python -m chaos.qemu.kernel
+
+test-qemu: qemu-kernel
+	$(BIN)/pytest -q tests/qemu
 
 lint: venv
 	$(BIN)/ruff check .

@@ -25,7 +25,9 @@ the block, so power-on, reset and reboot all behave alike):
    command line. If the count cannot be saved, try the next letter rather than boot a slot
    whose attempts are not being used up.
 3. With no slot left, boot the safe-mode slot (``fleet.slot=safe``). If the chosen kernel does
-   not load, GRUB's ``fallback`` boots the safe-mode slot too.
+   not load, GRUB's ``fallback`` boots the safe-mode slot too. ``fallback`` names the safe-mode
+   entry by its number (the entries are written in the order a, b, safe): GRUB 2.06 resolves
+   ``default`` by number, title or id, but ``fallback`` by number only.
 
 Meanings, for Linux:
 
@@ -435,7 +437,9 @@ def grub_cfg(
         "# with none left, or no readable grubenv, the safe-mode slot boots.",
         "set timeout=0",
         "set timeout_style=hidden",
-        "set fallback=fleet-safe",
+        # GRUB 2.06 takes `fallback` as entry numbers only (its manual says "as for default",
+        # but an id or a title there is dropped, and no fallback is tried).
+        f"set fallback={ALL_SLOTS.index(SAFE_SLOT)}",
         f'set fleet_env="{env_file}"',
         "set fleet_boot=safe",
         'set BOOT_ORDER=""',

@@ -15,10 +15,14 @@ Written from the GRUB manual (2.06):
   ``${name}`` expansion; reserved words; ``if list; then list; [elif list; then list;]...
   [else list;] fi``; ``for name in word...; do list; done``; the exit status of the last
   command as the condition; ``menuentry``.
-- "Special environment variables": ``default`` (an entry number, title or ``--id``),
-  ``fallback`` (entries tried when the default fails to boot), ``timeout`` (0 boots at
-  once), ``config_directory`` and ``config_file`` (set to the configuration being read),
-  ``root``.
+- "Special environment variables": ``default`` (an entry number, title or ``--id``; one
+  that names no entry means entry 0), ``fallback`` (entries tried in turn when the default
+  fails to boot), ``timeout`` (0 boots at once), ``config_directory`` and ``config_file``
+  (set to the configuration being read), ``root``. Where the manual and GRUB 2.06 differ, the
+  model follows GRUB, which the QEMU tier runs: the manual says ``fallback`` identifies entries
+  "in the same way as for default", but GRUB's menu code (``normal/menu.c``) reads it as a
+  list of entry *numbers* only; at the first word that is not a number the list ends, so an
+  id or a title there means no fallback at all, and GRUB stops at its menu.
 - "The GRUB environment block", "load_env" (``--file``; names given are a whitelist) and
   "save_env" (saves the named variables; an unset one is removed from the block). GRUB writes
   the block in place, sector by sector, never growing or moving it: here
@@ -38,6 +42,7 @@ says whether one loads. The model does not import the backend.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -532,14 +537,28 @@ class _Machine:
                 raise GrubModelError(f"{_WHO}: menuentry option {option!r} is not modelled")
         self.entries.append(_Entry(title, entry_id, node.body))
 
-    def find_entry(self, wanted: str) -> _Entry | None:
-        if wanted.isdigit():
-            index = int(wanted)
-            return self.entries[index] if index < len(self.entries) else None
-        for entry in self.entries:
-            if wanted in (entry.entry_id, entry.title):
-                return entry
-        return None
+    def entry_at(self, index: int) -> _Entry | None:
+        return self.entries[index] if index < len(self.entries) else None
+
+    def default_entry(self) -> _Entry | None:
+        """The entry ``default`` names (number, title or id); entry 0 if it names none."""
+        wanted = self.env.get("default", "0")
+        number = _entry_number(wanted)
+        if number is not None:
+            found = self.entry_at(number[0])
+        else:
+            found = next((e for e in self.entries if wanted in (e.entry_id, e.title)), None)
+        return found or self.entry_at(0)
+
+    def fallback_entries(self) -> list[_Entry | None]:
+        """The entries ``fallback`` lists: numbers only, up to the first word that does not
+        start with one (see the module docstring). None for a number past the last entry."""
+        entries: list[_Entry | None] = []
+        rest = self.env.get("fallback", "")
+        while (number := _entry_number(rest)) is not None:
+            entries.append(self.entry_at(number[0]))
+            rest = number[1]
+        return entries
 
     def boot_entry(self, entry: _Entry) -> str | None:
         """Run an entry's body; the kernel command line if it loaded a kernel, else None."""
@@ -549,6 +568,18 @@ class _Machine:
         if status != 0 or loaded.kernel is None:
             return None
         return " ".join(("BOOT_IMAGE=" + loaded.kernel, *loaded.args))
+
+
+def _entry_number(text: str) -> tuple[int, str] | None:
+    """The number at the start of ``text`` as GRUB's ``strtoul`` reads it, and the text after
+    it without leading blanks; None if ``text`` does not start with a number."""
+    match = re.match(r"[ \t\n]*([0-9]+)[ \t\n]*", text)
+    if match is None:
+        return None
+    digits = match.group(1)
+    if digits.startswith("0") and (len(digits) > 1 or text[match.end(1) :].startswith("x")):
+        raise GrubModelError(f"{_WHO}: entry number {text!r}: octal and hex are not modelled")
+    return int(digits), text[match.end() :]
 
 
 def _read_block(path: Path | None) -> grubenv.EnvBlock | None:
@@ -638,15 +669,17 @@ class GrubModel:
     def _boot_menu(self, machine: _Machine) -> str:
         # timeout=0 in our script: the default entry boots at once, then each fallback.
         tried: list[str] = []
-        for wanted in [machine.env.get("default", "0"), *machine.env.get("fallback", "").split()]:
-            tried.append(wanted)
-            entry = machine.find_entry(wanted)
+        for entry in [machine.default_entry(), *machine.fallback_entries()]:
             if entry is None:
                 continue
+            tried.append(repr(entry.title))
             cmdline = machine.boot_entry(entry)
             if cmdline is not None:
                 return cmdline
-        raise GrubModelError(f"{_WHO}: no menu entry booted (tried {', '.join(tried)})")
+        raise GrubModelError(
+            f"{_WHO}: no menu entry booted (tried {', '.join(tried) or 'none'}): GRUB stops at "
+            "its menu"
+        )
 
 
 def _slot_of(cmdline: str) -> str:

@@ -116,6 +116,37 @@ def test_grub_disk_has_the_reference_layout_and_the_backends_files(
 
 
 @needs_grub
+@needs_grub
+@pytest.mark.skipif(shutil.which("grub-fstest") is None, reason="needs grub-fstest")
+def test_grub_reads_every_entrys_kernel_where_grub_cfg_names_it(
+    tmp_path: Path, images: Callable[[str], Path]
+) -> None:
+    """The partitions grub.cfg names ((hd0,gpt2) for A, (hd0,gpt4) for safe mode) are where the
+    disk puts those slots, in filesystems GRUB's own code reads (ext2, squash4)."""
+    for name in ("root.ext4", "safe.squashfs"):
+        tree = tmp_path / "trees" / name
+        tree.mkdir(parents=True)
+        (tree / "vmlinuz").write_bytes(f"kernel of {name}\n".encode())
+        (tree / "initrd.img").write_bytes(f"initrd of {name}\n".encode())
+    rootfs, safe = images("root.ext4"), images("safe.squashfs")
+    disk = tmp_path / "disk.img"
+    result = CliRunner().invoke(fleet, [
+        "image", "disk", "--layout", "grub", "--rootfs", str(rootfs), "--safe", str(safe),
+        "--data-size", "8M", "-o", str(disk),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for slot, image in (("a", "root.ext4"), ("safe", "safe.squashfs")):
+        entry = grub.DEFAULT_ENTRIES[slot]
+        for file, what in ((entry.kernel, "kernel"), (entry.initrd, "initrd")):
+            # grub-fstest calls the disk it is given loop0; grub.cfg calls it hd0.
+            name = file.replace("(hd0,", "(loop0,")
+            read = subprocess.run(
+                ["grub-fstest", str(disk), "cat", name], capture_output=True, check=False
+            )
+            assert read.returncode == 0, f"{slot}: {name}: {read.stderr.decode().strip()}"
+            assert read.stdout == f"{what} of {image}\n".encode()
+
+
 def test_the_same_inputs_give_the_same_disk(tmp_path: Path, images: Callable[[str], Path]) -> None:
     digests = []
     for name in ("one.img", "two.img"):

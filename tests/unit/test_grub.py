@@ -339,7 +339,7 @@ def test_grub_cfg_boots_each_slot_with_its_name_on_the_command_line() -> None:
     assert "linux (hd0,gpt4)/vmlinuz root=PARTLABEL=root_safe ro fleet.slot=safe" in text
     assert '\n        if [ "$BOOT_B_LEFT" = "9" ]; then\n          set BOOT_B_LEFT=8\n' in text
     assert 'elif [ "$BOOT_B_LEFT" = "1" ]; then\n          set BOOT_B_LEFT=0' in text
-    assert "set fallback=fleet-safe" in text
+    assert "set fallback=2" in text  # GRUB takes fallback entries by number only
     parse_script(text)
 
 
@@ -446,6 +446,54 @@ def test_no_bootable_entry_stops_at_the_menu(tmp_path: Path) -> None:
         run_script(tmp_path, "set default=missing\n")
     with pytest.raises(GrubModelError, match="cannot read"):
         GrubModel(tmp_path / "nothing").boot(REBOOT)
+
+
+FALLBACK_MENU = """
+set default=first
+menuentry "broken" --id first {
+  linux /missing fleet.slot=a
+}
+menuentry "second" --id second {
+  linux /k fleet.slot=b
+}
+menuentry "third" --id third {
+  linux /k fleet.slot=safe
+}
+"""
+
+
+@pytest.mark.parametrize(
+    ("fallback", "slot"),
+    [
+        ("1", "b"),
+        ("2 1", "safe"),
+        ("7 2", "safe"),
+        ("second", None),
+        ("1x", "b"),
+        ("x 1", None),
+        ("", None),
+    ],
+)
+def test_fallback_names_entries_by_number_only(
+    tmp_path: Path, fallback: str, slot: str | None
+) -> None:
+    """GRUB 2.06 (normal/menu.c) reads `fallback` as numbers, unlike `default`: an id or a
+    title there ends the list, and GRUB stops at its menu (seen under QEMU)."""
+    (tmp_path / "EFI" / "fleet").mkdir(parents=True)
+    (tmp_path / "EFI" / "fleet" / "grub.cfg").write_text(
+        f"set fallback='{fallback}'\n" + FALLBACK_MENU
+    )
+    model = GrubModel(tmp_path, kernel_present=lambda file: file != "/missing")
+    if slot is None:
+        with pytest.raises(GrubModelError, match="no menu entry booted"):
+            model.boot(REBOOT)
+    else:
+        assert model.boot(REBOOT).slot == slot
+
+
+def test_a_default_that_names_no_entry_boots_entry_0(tmp_path: Path) -> None:
+    script = 'set default=nowhere\nmenuentry "zero" { linux /k fleet.slot=b\n}\n'
+    assert run_script(tmp_path, script).slot == "b"
 
 
 # ---------------------------------------------------------------------------------------------

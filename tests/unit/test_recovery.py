@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bootloader_hooks import grub
+from bootloader_hooks import grub, grubenv
 from image_builder.errors import BundleCompatibilityError
 from signing.errors import VerificationError
 from tests.conftest import assert_one_line_error
@@ -92,7 +92,7 @@ def test_recovery_writes_a_root_slot_and_arms_its_trial(
     image = (Path(bundle).parent / "images" / "rootfs.ext4").read_bytes()
     assert device.slot("a").read_bytes()[: len(image)] == image
     assert device.backend.primary() is None  # a trial, not committed: safe mode stays behind it
-    variables = grub.grubenv.read(device.grubenv).variables()
+    variables = grubenv.read(device.grubenv).variables()
     assert grub.trial_in(variables) == "a"
     assert grub.attempts_in(variables, "a") == grub.DEFAULT_ATTEMPTS
     assert device.state.slot("a").status == "trial"
@@ -170,7 +170,7 @@ def test_recover_command(device: Device, make_bundle: Callable[..., Path]) -> No
     )
     assert result.exit_code == EXIT_REBOOT_REQUIRED, result.output
     assert "recovered 1.4.0 into slot b (trial)" in result.stderr
-    assert grub.trial_in(grub.grubenv.read(device.grubenv).variables()) == "b"
+    assert grub.trial_in(grubenv.read(device.grubenv).variables()) == "b"
 
     device.booted("b")
     result = runner.invoke(main, ["--config", str(config), "recover", str(bundle)])

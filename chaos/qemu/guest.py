@@ -54,6 +54,7 @@ for uevent in /sys/class/block/*/uevent; do
   [ -n "$name" ] && ln -sf "$device" "/dev/disk/by-partlabel/$name"
 done
 while read -r tag path; do
+  mkdir -p "$path" 2>/dev/null  # under /tmp (a tmpfs now); elsewhere the image has it
   mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=524288,cache=loose "$tag" "$path" ||
     say mount-failed share=$tag
 done < /etc/fleet-lab/shares
@@ -129,16 +130,24 @@ def host_shares(inbox: Path, checkout: Path | None = None) -> list[Share]:
     """What the guest needs of the host to run the updater: ``/usr`` (libraries), the Python
     installation, the project checkout; and the inbox of bundles, mounted at :data:`INBOX`.
     ``checkout`` (from :func:`compiled_checkout`) is mounted in place of the project checkout."""
+    project = PROJECT_ROOT.resolve()
+    pythons = [Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()]
     paths: list[Path] = [Path("/usr")]
-    for candidate in (Path(sys.base_prefix), Path(sys.prefix), PROJECT_ROOT):
-        real = candidate.resolve()
+    for real in (*pythons, project):
         if not any(real.is_relative_to(p) for p in paths):
             paths = [p for p in paths if not p.is_relative_to(real)] + [real]
     shares = [Share(f"host{index}", path) for index, path in enumerate(paths)]
     if checkout is not None:
-        project = PROJECT_ROOT.resolve()
         shares = [s for s in shares if s.path != project]
         shares.append(Share("checkout", checkout, project))
+        # a Python installation inside the checkout (its virtual environment, as `make test`
+        # makes it) is not in the copy: shared on its own, mounted on the copy's directory
+        for index, real in enumerate(pythons):
+            if real.is_relative_to(project) and all(s.path != real for s in shares):
+                (checkout / real.relative_to(project)).mkdir(parents=True, exist_ok=True)
+                shares.append(Share(f"python{index}", real))
+    # parents before what is mounted inside them
+    shares.sort(key=lambda share: len(share.mount_point.parts))
     return [*shares, Share("inbox", inbox, Path(INBOX))]
 
 

@@ -118,3 +118,14 @@ def assert_one_line_error(result: Result, fragment: str) -> None:
     assert len(lines) == 1, lines
     assert lines[0].startswith("Error: ")
     assert fragment in lines[0], lines[0]
+
+
+def require_tools(**present: bool) -> None:
+    """Fail, never skip, when a tool the tests run for real is missing (``name=found``):
+    `make test` installs every one, so a missing tool is a broken install step, and a skip
+    would let the tier pass without testing anything."""
+    missing = sorted(name for name, found in present.items() if not found)
+    if missing:
+        pytest.fail(
+            f"missing {', '.join(missing)}: `make deps` installs it (make test does)", pytrace=False
+        )

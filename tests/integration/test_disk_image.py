@@ -25,14 +25,22 @@ from image_builder.disk import (
 )
 from image_builder.errors import ImageBuildError
 from image_builder.filesystem import build_filesystem_image
-from tests.conftest import assert_one_line_error
+from tests.conftest import assert_one_line_error, require_tools
 
 MIB = 1 << 20
 MTOOLS_ENV = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
-needs_grub = pytest.mark.skipif(
-    not (GRUB_EFI_DIR / "normal.mod").is_file() or shutil.which("grub-mkimage") is None,
-    reason="needs grub-mkimage and the grub-efi-amd64-bin modules",
-)
+
+
+@pytest.fixture
+def grub_tools() -> None:
+    require_tools(**{
+        "grub-mkimage": shutil.which("grub-mkimage") is not None,
+        "grub-efi-amd64-bin": (GRUB_EFI_DIR / "normal.mod").is_file(),
+        "grub-fstest": shutil.which("grub-fstest") is not None,
+    })  # fmt: skip
+
+
+needs_grub = pytest.mark.usefixtures("grub_tools")
 
 
 @pytest.fixture
@@ -116,8 +124,6 @@ def test_grub_disk_has_the_reference_layout_and_the_backends_files(
 
 
 @needs_grub
-@needs_grub
-@pytest.mark.skipif(shutil.which("grub-fstest") is None, reason="needs grub-fstest")
 def test_grub_reads_every_entrys_kernel_where_grub_cfg_names_it(
     tmp_path: Path, images: Callable[[str], Path]
 ) -> None:

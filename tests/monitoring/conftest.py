@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,3 +27,14 @@ def alert_rules() -> list[dict[str, Any]]:
 
 # Signed lab releases (tests/chaos), for the server processes of the real-Prometheus test.
 from tests.chaos.conftest import releases  # noqa: E402, F401
+from tests.conftest import require_tools  # noqa: E402
+
+
+@pytest.fixture
+def promtool() -> None:
+    require_tools(promtool=shutil.which("promtool") is not None)
+
+
+@pytest.fixture
+def amtool() -> None:
+    require_tools(amtool=shutil.which("amtool") is not None)

@@ -15,7 +15,6 @@ Prometheus writes when a target stops exporting it.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import yaml
 
 from tests.monitoring.conftest import RULES, RUNBOOKS, alert_rules
 
-pytestmark = pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool")
+pytestmark = pytest.mark.usefixtures("promtool")
 
 SAMPLES = 41  # 0 .. 20m every 30 s
 START = 10  # the condition starts at sample 10 (5m)

@@ -30,13 +30,20 @@ from prometheus_client import CollectorRegistry
 from chaos.fleet import MemberSpec, VirtualFleet
 from tests.chaos.conftest import Releases
 from tests.chaos.servers import Fleet, run
+from tests.conftest import require_tools
 from tests.monitoring.conftest import MONITORING, RULES, load_yaml
 from tests.server.conftest import free_port
 from updater.config import LoadedConfig
 from updater.metrics import MetricsServer, UpdaterMetrics
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-pytestmark = pytest.mark.skipif(not Path(PROMETHEUS).exists(), reason="needs prometheus")
+
+
+@pytest.fixture(autouse=True)
+def prometheus_installed() -> None:
+    require_tools(prometheus=Path(PROMETHEUS).exists())
+
+
 DASHBOARDS = MONITORING / "grafana" / "dashboards"
 ROLES = ("camera", "sensor", "gateway")
 WAIT_S = 45  # bound on each wait for Prometheus; it normally takes a few seconds

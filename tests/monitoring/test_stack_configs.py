@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ def tool(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool")
+@pytest.mark.usefixtures("promtool")
 def test_promtool_checks_the_config_with_its_rules(tmp_path: Path) -> None:
     # the container paths, mapped onto the repository: promtool then checks the rule files and
     # the file_sd list the configuration names, not only the configuration's syntax
@@ -45,7 +44,7 @@ def test_prometheus_discovers_devices_through_the_server() -> None:
     assert config["global"]["evaluation_interval"] == "30s"
 
 
-@pytest.mark.skipif(shutil.which("amtool") is None, reason="needs amtool (prometheus-alertmanager)")
+@pytest.mark.usefixtures("amtool")
 def test_amtool_checks_the_alertmanager_config() -> None:
     result = tool("amtool", "check-config", str(MONITORING / "alertmanager" / "alertmanager.yml"))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -2,7 +2,7 @@
 
 Needs the Debian packages qemu-system-x86, ovmf, grub-efi-amd64-bin and busybox-static
 (``make deps``); the Debian kernel is fetched and cached by the first test that needs it
-(``build/qemu-cache``, or ``FLEET_QEMU_CACHE``). Without those packages the tier is skipped,
+(``build/qemu-cache``, or ``FLEET_QEMU_CACHE``). Without those packages the tier fails,
 saying which one is missing.
 """
 
@@ -17,6 +17,7 @@ import pytest
 from chaos.qemu.device import BUSYBOX, QemuLab, ReferenceDevice
 from chaos.qemu.machine import OVMF_CODE, QEMU
 from image_builder.disk import GRUB_EFI_DIR
+from tests.conftest import require_tools
 
 FIGURES: dict[str, str] = {}  # name -> value, printed at the end of the run
 
@@ -28,23 +29,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(f"{name}: {value}")
 
 
-def _missing() -> str | None:
-    checks = {
+@pytest.fixture(scope="session")
+def qemu_lab(tmp_path_factory: pytest.TempPathFactory) -> QemuLab:
+    require_tools(**{
         "qemu-system-x86": shutil.which(QEMU) is not None,
         "ovmf": OVMF_CODE.is_file(),
         "grub-efi-amd64-bin": (GRUB_EFI_DIR / "normal.mod").is_file(),
         "busybox-static": BUSYBOX.is_file(),
         "mtools": shutil.which("mcopy") is not None,
-    }
-    missing = [package for package, present in checks.items() if not present]
-    return ", ".join(missing) if missing else None
-
-
-@pytest.fixture(scope="session")
-def qemu_lab(tmp_path_factory: pytest.TempPathFactory) -> QemuLab:
-    missing = _missing()
-    if missing:
-        pytest.skip(f"QEMU tier needs the Debian packages: {missing}")
+    })  # fmt: skip
     return QemuLab(tmp_path_factory.mktemp("qemu-lab"))
 
 

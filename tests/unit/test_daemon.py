@@ -26,6 +26,7 @@ from signing.keyring import Keyring, trust_key
 from signing.keys import SigningKey, generate_key
 from tests.chaos.conftest import Releases
 from tests.server_simulator import FakeClock, ServerSimulator, SimRelease
+from tests.unit.conftest import ADMISSION
 from updater.cli import main
 from updater.client import Assignment, ServerClient
 from updater.config import LoadedConfig, parse_config
@@ -46,9 +47,6 @@ from updater.identity import load_or_create_identity
 from updater.log import EventLog
 from updater.state import DeviceState, SlotState
 
-ADMISSION = "lab-token"  # the enrollment token the lab's devices are provisioned with
-
-
 # --- the lab --------------------------------------------------------------------------------
 
 
@@ -67,18 +65,6 @@ def template(tmp_path_factory: pytest.TempPathFactory, releases: Releases) -> Pa
     device.provision(make_lab_image("1.0.0"), "1.0.0")
     assert device.power_on()[-1].action == "confirmed"
     return root
-
-
-@pytest.fixture(scope="module")
-def server_key(tmp_path_factory: pytest.TempPathFactory) -> SigningKey:
-    return generate_key(tmp_path_factory.mktemp("server-key") / "server")
-
-
-@pytest.fixture
-def server(server_key: SigningKey) -> Iterator[ServerSimulator]:
-    with ServerSimulator(server_key) as simulator:
-        simulator.add_token(ADMISSION, uses=10)
-        yield simulator
 
 
 class Lab:

@@ -6,7 +6,6 @@ device against the server simulator, on a fake clock), and ``fleet_updater_confi
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,9 @@ import chaos.lab_firmwares  # noqa: F401 (fills LAB_FIRMWARES)
 from chaos.lab_image import make_lab_image
 from chaos.virtual_device import VirtualDevice
 from signing.keyring import Keyring, trust_key
-from signing.keys import SigningKey, generate_key, public_key_pem
+from signing.keys import SigningKey, public_key_pem
 from tests.server_simulator import FakeClock, ServerSimulator
+from tests.unit.conftest import ADMISSION
 from updater.client import ServerClient
 from updater.config import LAST_GOOD_NAME, load_config
 from updater.daemon import Daemon
@@ -25,7 +25,6 @@ from updater.identity import load_or_create_identity
 from updater.log import EventLog
 from updater.runtime import Runtime
 
-ADMISSION = "lab-token"
 UNREACHABLE = "fleet_updater_server_unreachable_seconds"
 DRIFT = "fleet_updater_config_drift"
 PROBLEMS = "fleet_updater_config_problems"
@@ -39,18 +38,6 @@ def textfile_values(path: Path) -> dict[str, float]:
         for sample in family.samples
         if not sample.labels
     }
-
-
-@pytest.fixture(scope="module")
-def server_key(tmp_path_factory: pytest.TempPathFactory) -> SigningKey:
-    return generate_key(tmp_path_factory.mktemp("server-key") / "server")
-
-
-@pytest.fixture
-def server(server_key: SigningKey) -> Iterator[ServerSimulator]:
-    with ServerSimulator(server_key) as simulator:
-        simulator.add_token(ADMISSION, uses=10)
-        yield simulator
 
 
 @pytest.fixture

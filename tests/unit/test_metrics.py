@@ -12,6 +12,7 @@ import requests
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import require_tools
 from updater.health import CheckResult, HealthReport
 from updater.metrics import UPDATE_STATES, SlotView, UpdaterMetrics, scrape_address
 
@@ -231,8 +232,8 @@ def test_textfile_in_a_missing_directory(tmp_path: Path, metrics: UpdaterMetrics
 
 def test_promtool_accepts_the_textfile(tmp_path: Path, metrics: UpdaterMetrics) -> None:
     promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (Debian package: prometheus)")
+    require_tools(promtool=promtool is not None)
+    assert promtool is not None
     populate(metrics)
     path = tmp_path / "fleet_updater.prom"
     metrics.write_textfile(path)

@@ -18,9 +18,17 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc e2fsprogs squashfs-tools do
 demo: venv
 	$(BIN)/fleet demo --workdir $(DEMO_DIR)
 
-# The server tests run on SQLite and, with FLEET_TEST_DATABASE_URL, on PostgreSQL too.
+# The server tests run on SQLite and, with FLEET_TEST_DATABASE_URL, on PostgreSQL too: here
+# always (FLEET_TEST_REQUIRE_POSTGRES makes the session fail if the database is missing, and
+# the recipe stops if tests/postgres.sh fails). Hypothesis runs its derandomized "ci" profile
+# (tests/conftest.py). Branch coverage of the product packages, subprocesses included, is
+# printed at the end ([tool.coverage.*] in pyproject.toml). pytest exits 5 when no test ran,
+# which fails the recipe like any failure.
+PYTEST_COVERAGE := --cov --cov-branch --cov-report=term-missing:skip-covered
 test: lint qemu-kernel
-	FLEET_TEST_DATABASE_URL=$$(tests/postgres.sh) $(BIN)/pytest -q tests
+	url=$$(tests/postgres.sh) && \
+	FLEET_TEST_DATABASE_URL="$$url" FLEET_TEST_REQUIRE_POSTGRES=1 \
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/pytest -q $(PYTEST_COVERAGE) tests
 
 test-unit test-integration test-chaos: test-%: venv
 	$(BIN)/pytest -q tests/$*

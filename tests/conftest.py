@@ -1,14 +1,17 @@
-"""Fixtures shared by every tier: keys, keyrings and small bundles built the product's way."""
+"""Fixtures shared by every tier: keys, keyrings and small bundles built the product's way;
+the Hypothesis profiles; and the check that a run which asked for PostgreSQL got it."""
 
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from click.testing import Result
+from hypothesis import settings
 
 from image_builder.bundle import SIGNATURE_PURPOSE
 from image_builder.bundle_writer import ImageSource, create_bundle
@@ -16,6 +19,51 @@ from image_builder.container import END_OF_ARCHIVE, MemberHeader, encode_header,
 from signing.keyring import Keyring, trust_key
 from signing.keys import SigningKey, generate_key
 from signing.signature import sign
+
+# Hypothesis profiles. No deadline anywhere: the properties write files and sign bundles, and
+# a loaded machine (or coverage's tracer) makes a 200 ms deadline fail at random.
+# - ci: `make test` and CI=true. Derandomized, so a run is repeatable and a failure shows up
+#   again on the next run; the failing example's blob is printed for @reproduce_failure.
+# - dev: the default by hand. Random examples, so repeated runs explore further.
+# - long: HYPOTHESIS_PROFILE=long, for a soak. Ten times the default examples; a test whose
+#   @settings names its own max_examples keeps that number.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True, database=None)
+settings.register_profile("dev", deadline=None, print_blob=True)
+settings.register_profile("long", deadline=None, print_blob=True, max_examples=1000)
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE")
+    or ("ci" if os.environ.get("CI", "").lower() == "true" else "dev")
+)
+
+PG_ENV = "FLEET_TEST_DATABASE_URL"
+REQUIRE_PG_ENV = "FLEET_TEST_REQUIRE_POSTGRES"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """`make test` sets FLEET_TEST_REQUIRE_POSTGRES=1: its "SQLite and PostgreSQL" tests must
+    run on both, so a missing URL or an unreachable server stops the run before any test,
+    rather than letting it pass on SQLite alone. By hand, without the variable, a run without
+    the URL is a SQLite-only run."""
+    if os.environ.get(REQUIRE_PG_ENV) != "1":
+        return
+    url = os.environ.get(PG_ENV, "")
+    if not url:
+        raise pytest.UsageError(
+            f"{REQUIRE_PG_ENV}=1 but {PG_ENV} is empty: PostgreSQL did not start "
+            "(tests/postgres.sh prints the URL)"
+        )
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        engine = create_engine(url, connect_args={"connect_timeout": 10})
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        engine.dispose()
+    except SQLAlchemyError as err:
+        raise pytest.UsageError(
+            f"{REQUIRE_PG_ENV}=1 but PostgreSQL at {PG_ENV} cannot be reached: {err}"
+        ) from err
 
 
 @pytest.fixture

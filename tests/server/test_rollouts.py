@@ -644,3 +644,171 @@ def test_one_failure_in_twenty_is_tolerated_two_halt(
     assert answer["counts"]["failed"] == bad
     assigned = fleet.assigned()
     assert all(assigned[d] == "1.0.0" for d in fleet.bad)  # returned at once, by policy
+
+
+# --- what counts as a device's success or failure, and what a stop or halt changes -----------
+
+
+def outcomes(harness: Harness) -> dict[str, tuple[str, str | None]]:
+    """Each device of the newest rollout: (outcome, reason), after an evaluation."""
+    answer = status(harness)["rollouts"][0]
+    return {d["id"]: (d["outcome"], d["reason"]) for d in answer["devices"]}
+
+
+def committed_heartbeat(device: FakeDevice, version: str = "2.0.0", **changes: Any) -> None:
+    slots = {"a": {"status": "good", "version": version}, "b": {"status": "good"}}
+    response = device.heartbeat(version=version, slots=slots, **changes)
+    assert response.status_code == 204, response.text
+
+
+def test_emergency_stop_withdraws_the_assignments_of_a_paused_rollout_too(
+    harness: Harness, fleet_of: Any
+) -> None:
+    fleet = fleet_of(3)
+    fleet.tick(0)
+    committed, *waiting = fleet.devices
+    rollout = start(harness, version="2.0.0", stages=[100], soak_s=600)
+    committed_heartbeat(committed)
+    status(harness)  # evaluated while running: the first device has committed
+    path = f"/api/v1/rollouts/{rollout['id']}"
+    paused = harness.client.post(f"{path}/pause", json={"reason": "look"}, headers=harness.operator)
+    assert paused.json()["state"] == "paused"
+    assert set(fleet.assigned().values()) == {"2.0.0"}  # a pause alone withdraws nothing
+    response = harness.client.post(
+        "/api/v1/emergency-stop", json={"reason": "storm"}, headers=harness.operator
+    )
+    assert response.status_code == 200, response.text
+    for device in fleet.devices:
+        answer = json.loads(device.checkin().json()["answer"])
+        expected = "2.0.0" if device is committed else None
+        assert (answer["assignment"] or {}).get("version") == expected, device.hostname
+    answer = status(harness)["rollouts"][0]
+    assert (answer["state"], answer["reason"]) == ("paused", "look")  # still the operator's pause
+    entry = [e for e in actions(harness) if e["action"] == "rollout.paused"][-1]
+    assert entry["details"]["withdrawn"] == sorted(d.id for d in waiting)
+
+
+def test_a_device_not_committed_by_the_install_deadline_fails(
+    harness: Harness, fleet_of: Any
+) -> None:
+    """Silence is failure, and so is a device that keeps reporting its old release."""
+    fleet = fleet_of(3)
+    fleet.tick(0)
+    good, stuck, silent = fleet.devices
+    start(harness, version="2.0.0", stages=[100], soak_s=60, install_deadline_s=600)
+    for _ in range(4):
+        harness.clock.advance(145)  # 580 s after the assignment: within the deadline
+        committed_heartbeat(good)
+        assert stuck.heartbeat().status_code == 204  # still 1.0.0
+        seen = outcomes(harness)
+    assert seen == {
+        good.id: ("succeeded", None),
+        stuck.id: ("pending", None),
+        silent.id: ("pending", None),
+    }
+    harness.clock.advance(30)  # 610 s
+    committed_heartbeat(good)
+    assert stuck.heartbeat().status_code == 204
+    seen = outcomes(harness)
+    assert seen[stuck.id] == seen[silent.id] == ("failed", "install_deadline")
+    answer = status(harness)["rollouts"][0]
+    assert answer["state"] == "halted" and answer["counts"]["failed"] == 2
+    assigned = fleet.assigned()
+    assert (assigned[stuck.id], assigned[silent.id]) == ("1.0.0", "1.0.0")
+
+
+def test_install_deadline_rule() -> None:
+    silent = Observation(None, False, False, None, None)
+    rule = {"version": "2.0.0", "assigned_at": T0, "committed_since": None, "soak_s": 900,
+            "install_deadline_s": 3600}  # fmt: skip
+    at = lambda s: device_outcome(silent, now=T0 + timedelta(seconds=s), **rule)[0::2]  # noqa: E731
+    assert at(3599) == (Outcome.PENDING, None)
+    assert at(3601) == (Outcome.FAILED, "install_deadline")
+
+
+def test_a_heartbeat_from_before_the_assignment_is_no_evidence(
+    harness: Harness, fleet_of: Any
+) -> None:
+    device = fleet_of(1).devices[0]
+    committed_heartbeat(device)  # it already says 2.0.0, committed
+    harness.clock.advance(30)
+    start(harness, version="2.0.0", stages=[100], soak_s=0)
+    assert outcomes(harness)[device.id] == ("pending", None)
+    harness.clock.advance(30)
+    committed_heartbeat(device)  # the same report, after the assignment, counts
+    assert outcomes(harness)[device.id] == ("succeeded", None)
+
+
+@pytest.mark.parametrize(
+    "boot",
+    [
+        {"booted": "b", "primary": "b", "trial": True},  # an undecided trial boot
+        {"booted": "b", "primary": "a", "trial": False},  # not booted from the primary slot
+    ],
+)
+def test_a_trial_boot_of_the_new_release_is_not_success(
+    harness: Harness, fleet_of: Any, boot: dict[str, Any]
+) -> None:
+    device = fleet_of(1).devices[0]
+    start(harness, version="2.0.0", stages=[100], soak_s=0)
+    harness.clock.advance(30)
+    committed_heartbeat(device, **boot)
+    assert outcomes(harness)[device.id] == ("pending", None)
+    harness.clock.advance(30)
+    committed_heartbeat(device, booted="b", primary="b", trial=False)
+    assert outcomes(harness)[device.id] == ("succeeded", None)
+
+
+def test_success_needs_fresh_heartbeats_for_the_whole_soak(harness: Harness, fleet_of: Any) -> None:
+    device = fleet_of(1).devices[0]
+    start(harness, version="2.0.0", stages=[100], soak_s=600, install_deadline_s=7200)
+    harness.clock.advance(10)
+    committed_heartbeat(device)
+    assert outcomes(harness)[device.id] == ("pending", None)
+    harness.clock.advance(700)  # silent for longer than the soak: not continuously committed
+    assert outcomes(harness)[device.id] == ("pending", None)
+    committed_heartbeat(device)  # the soak starts again from here
+    assert outcomes(harness)[device.id] == ("pending", None)
+    for minutes in (2.5, 5, 7.5, 10):
+        harness.clock.advance(150)
+        committed_heartbeat(device)
+        expected = "succeeded" if minutes == 10 else "pending"
+        assert outcomes(harness)[device.id] == (expected, None), minutes
+
+
+def test_only_devices_compatible_with_the_release_are_selected(
+    harness: Harness, fleet_of: Any, enrolled: Enrolled
+) -> None:
+    fleet = fleet_of(2)
+    other = enrolled(hostname="cm5-0001", compatible="metrica-cm5")
+    fleet.tick(0)
+    assert other.heartbeat().status_code == 204
+    refused = harness.client.post(
+        "/api/v1/rollouts", json={"version": "2.0.0", "canary": [other.id]},
+        headers=harness.operator,
+    )  # fmt: skip
+    assert refused.status_code == 422, refused.text
+    rollout = start(harness, version="2.0.0", stages=[100])
+    assert {d["id"] for d in rollout["devices"]} == {d.id for d in fleet.devices[:2]}
+    assert sum(s["expected"] for s in rollout["stage_progress"]) == 2
+    assert fleet.assigned()[other.id] is None
+    assert other.id not in outcomes(harness)
+
+
+def test_without_rollback_on_halt_failed_and_pending_devices_stay_assigned(
+    harness: Harness, fleet_of: Any
+) -> None:
+    fleet = fleet_of(4)
+    fleet.tick(0)
+    failing, slow = canaries = [d.id for d in fleet.devices[:2]]
+    fleet.bad = {failing}
+    rollout = start(harness, version="2.0.0", canary=canaries, soak_s=600, rollback_on_halt=False)
+    assert rollout["rollback_on_halt"] is False
+    answer = fleet.tick()["rollouts"][0]
+    assert answer["state"] == "halted", answer
+    assert outcomes(harness) == {failing: ("failed", "install.failed"), slow: ("pending", None)}
+    assigned = fleet.assigned()
+    assert (assigned[failing], assigned[slow]) == ("2.0.0", "2.0.0")  # left where they are
+    done = {e["action"]: e["details"] for e in actions(harness)}
+    assert done["rollout.device_failed"]["returned"] is False
+    assert done["rollout.halted"]["rolled_back"] == []

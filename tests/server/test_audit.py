@@ -75,6 +75,24 @@ def test_changed_entry_is_named(harness: Harness) -> None:
     assert_broken(verify(harness), "entry 5 changed (its content does not match its hash)")
 
 
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("actor", "operator:someone-else"),
+        ("action", "test.other_action"),
+        ("at", "2027-01-15T08:00:01.000000Z"),
+        ("details", '{"n":2,"text":"grüße"}'),
+    ],
+)
+def test_every_hashed_field_is_covered_by_the_hash(
+    harness: Harness, column: str, value: str
+) -> None:
+    fill(harness)
+    with harness.db.write() as session:
+        session.execute(update(AuditRow).where(AuditRow.seq == 5).values({column: value}))
+    assert_broken(verify(harness), "entry 5 changed (its content does not match its hash)")
+
+
 def test_removed_entry_is_named(harness: Harness) -> None:
     fill(harness)
     with harness.db.write() as session:

@@ -356,6 +356,34 @@ def test_events_dedup_by_seq_and_go_to_audit(harness: Harness, enrolled: Enrolle
         assert response.status_code == 422, bad
 
 
+def test_a_resent_batch_is_absorbed_and_the_next_seq_is_stored(
+    harness: Harness, enrolled: Enrolled
+) -> None:
+    """The boundary a device meets after losing the answer to a batch: everything up to the
+    highest stored seq is a resend, the seq right after it is new."""
+    device = enrolled()
+
+    def stored() -> list[tuple[str, int]]:
+        with harness.db.read() as session:
+            rows = session.query(AuditRow).filter(AuditRow.actor == f"device:{device.id}")
+            return [
+                (row.action, json.loads(row.details)["seq"])
+                for row in rows.order_by(AuditRow.seq)
+                if row.action != "device.enrolled"
+            ]
+
+    batch = (("install.started", 41), ("install.verified", 42))
+    assert device.events(*batch).status_code == 204
+    assert stored() == list(batch)
+    assert device.events(*batch).status_code == 204  # the answer was lost: sent again
+    assert device.events(("install.verified", 42)).status_code == 204  # the last one alone
+    assert stored() == list(batch)
+    assert device.events(("install.verified", 42), ("boot_check.committed", 43)).status_code == 204
+    assert stored() == [*batch, ("boot_check.committed", 43)]
+    assert device.events(("health.ok", 44)).status_code == 204
+    assert stored()[-1] == ("health.ok", 44)
+
+
 # --- assignment -------------------------------------------------------------------------------
 
 

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import chaos.lab_firmwares  # noqa: F401 (fills LAB_FIRMWARES)
+from bootloader_hooks import ubootenv
 from chaos.lab_image import make_lab_image
 from chaos.virtual_device import LAB_FIRMWARES, VirtualDevice
 from image_builder.bundle_writer import ImageSource, create_bundle
 from signing.keyring import trust_key
 from signing.keys import SigningKey, generate_key
+from tests.conftest import require_tools
 from tests.server.conftest import database_url  # noqa: F401 (the server tests' database fixture)
 
 FIRMWARES = sorted(LAB_FIRMWARES)
@@ -98,6 +104,87 @@ def make_device(tmp_path: Path, device_templates: dict[str, Path]) -> MakeDevice
         return VirtualDevice(root, firmware)
 
     return make
+
+
+# --- the boot state as the firmware finds it --------------------------------------------------
+
+
+def _run(*command: str) -> str:
+    require_tools(**{command[0]: shutil.which(command[0]) is not None})
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, f"{' '.join(command)}: {result.stderr}"
+    return result.stdout
+
+
+def _assignments(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def firmware_env(device: VirtualDevice) -> dict[str, str]:
+    """The device's boot state read by the firmware's own tools, not by our code: GRUB's
+    ``grub-editenv list``, libubootenv's ``fw_printenv`` (through a ``fw_env.config`` naming
+    the environment's copies), and for the Raspberry Pi firmware ``autoboot.txt`` read the
+    way the firmware does (comments skipped, ``section.key`` as keys)."""
+    firmware = device.lab.backend
+    if firmware == "grub":
+        return _assignments(_run("grub-editenv", device.options["grubenv"], "list"))
+    if firmware == "uboot":
+        config = device.root / "fw_env.config"
+        backend: Any = device.runtime().backend
+        config.write_text(ubootenv.format_fw_env_config(backend.layout))
+        return _assignments(_run("fw_printenv", "-c", str(config)))
+    assert firmware == "tryboot", firmware
+    variables: dict[str, str] = {}
+    section = "all"
+    for line in Path(device.options["autoboot_txt"]).read_text().splitlines():
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            variables[f"{section}.{key}"] = value
+    return variables
+
+
+@dataclass(frozen=True)
+class BootView:
+    """What the firmware will boot, from :func:`firmware_env` and from the backend (each slot's
+    attempts left), and what each root slot holds."""
+
+    env: Mapping[str, str]
+    committed: str | None  # the slot the firmware boots once no trial is pending
+    trial: str | None  # the slot armed for a trial, if any
+    bootable: frozenset[str]  # root slots the firmware may still start, or fall back to
+    slots: Mapping[str, str]  # SHA-256 of each root slot's bytes
+
+
+def _slot_digits(env: Mapping[str, str], slot: str) -> int:
+    value = env.get(f"BOOT_{slot.upper()}_LEFT", "")
+    return int(value) if len(value) == 1 and value.isdigit() else 0
+
+
+def boot_view(device: VirtualDevice) -> BootView:
+    """The device's :class:`BootView`. The firmware's reading and the backend's must agree on
+    the committed slot."""
+    backend: Any = device.runtime().backend
+    env = firmware_env(device)
+    if device.lab.backend == "tryboot":
+        slot_of = {part: slot for slot, part in backend.config.partitions.items()}
+        committed = slot_of.get(int(env["all.boot_partition"]))
+        armed = slot_of.get(int(env["tryboot.boot_partition"]))
+        committed = None if committed == "safe" else committed
+        trial = armed if armed not in (committed, "safe") else None
+        by_firmware = {committed} - {None}
+    else:
+        order = [w.lower() for w in env.get("BOOT_ORDER", "").split() if w in ("A", "B")]
+        by_firmware = {s for s in order if _slot_digits(env, s) > 0}
+        trial = env.get("FLEET_TRIAL", "").lower() or None
+        committed = next((s for s in order if s in by_firmware and s != trial), None)
+    assert backend.primary() == committed, (env, backend.primary())
+    by_backend = {s for s in ("a", "b") if backend.attempts_left(s) > 0}
+    slots = {s: hashlib.sha256(device.slot_path(s).read_bytes()).hexdigest() for s in "ab"}
+    return BootView(
+        env, committed, trial, frozenset(str(s) for s in by_firmware | by_backend), slots
+    )
 
 
 from tests.chaos.servers import fleet_servers  # noqa: E402, F401 (a fixture; needs Releases above)

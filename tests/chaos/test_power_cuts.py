@@ -5,17 +5,25 @@ of the backend and of the firmware model, and every flush of a slot image). Then
 boundary, a fresh copy of the device runs the scenario with the power cut there; the device is
 powered on again and must boot a slot holding a complete image of a release it was given,
 committed and healthy, and a following install must succeed.
+
+The first install writes a slot the firmware never booted. Later installs write the previous
+release, the running slot's fallback: there, right after the cut and before any boot, the boot
+state (read by the firmware's own tools) must not let the firmware fall back into the
+half-written slot.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
+import shutil
 from pathlib import Path
 
 import pytest
 
+from chaos.lab_image import make_lab_image
 from chaos.virtual_device import PowerCut, PowerSwitch, VirtualDevice
-from tests.chaos.conftest import CUT_COUNTS, FIRMWARES, MakeDevice, Releases
+from tests.chaos.conftest import CUT_COUNTS, FIRMWARES, BootView, MakeDevice, Releases, boot_view
 
 # scenario -> the behaviour of the release installed: what happens after the reboot
 SCENARIOS = {
@@ -58,3 +66,97 @@ def test_power_cut_at_every_write_boundary(
         assert after[-1].action == "committed", f"{where}: follow-up install {after}"
         assert after[-1].image is not None and after[-1].image.version == "3.0.0", where
     CUT_COUNTS[f"{firmware:<8} {scenario_name}"] = len(points)
+
+
+# The updates a device takes in turn: (version, security version). The later-install scenarios
+# commit the first one or two, then cut the power during the next.
+UPDATES = [("2.0.0", 1), ("3.0.0", 2), ("4.0.0", 3)]
+SECURITY = {"1.0.0": 0, **dict(UPDATES)}
+IMAGE_SIZE = 256 * 1024  # the size of Releases.bundle's images
+CUTS_PER_SCENARIO = 16  # sampled, beside every boundary of the target slot's writing
+
+
+def complete_release(device: VirtualDevice, slot: str) -> str | None:
+    """The version whose whole image ``slot`` holds, if it holds one."""
+    data = device.slot_path(slot).read_bytes()
+    for version in SECURITY:
+        image = make_lab_image(version, "healthy", IMAGE_SIZE)
+        if data.startswith(image):
+            return version
+    return None
+
+
+def assert_safe_after_cut(
+    device: VirtualDevice, before: BootView, booted: str, target: str, version: str, where: str
+) -> None:
+    """Right after the cut, before anything boots: the running slot's bytes are untouched, the
+    firmware still boots a complete committed release at or above the floor, and it can never
+    start the target slot unless that holds a whole image (its old one, or the new one)."""
+    view = boot_view(device)
+    assert view.slots[booted] == before.slots[booted], f"{where}: the running slot was written"
+    floor = device.state().installed_security_version
+    committed = view.committed
+    assert committed in (booted, target), f"{where}: {view.env}"
+    release = complete_release(device, committed)
+    assert release is not None, f"{where}: slot {committed} is committed but incomplete"
+    assert SECURITY[release] >= floor, f"{where}: {release} is below the floor {floor}"
+    if committed == target:
+        assert release == version, f"{where}: {release} committed in slot {target}"
+    for slot in view.bootable:
+        untouched = view.slots[slot] == before.slots[slot]
+        assert untouched or complete_release(device, slot) == version, (
+            f"{where}: the firmware may start slot {slot}, which holds a partial image "
+            f"({view.env}, bootable {sorted(view.bootable)})"
+        )
+
+
+@pytest.mark.parametrize("firmware", FIRMWARES)
+@pytest.mark.parametrize("earlier", [1, 2], ids=["second install", "third install"])
+def test_power_cut_during_a_later_install(
+    firmware: str, earlier: int, make_device: MakeDevice, releases: Releases, tmp_path: Path
+) -> None:
+    """The slots have swapped roles and the anti-rollback floor has moved: a cut at any write
+    boundary of the next install (a sample of them, seeded, and every one of the target slot's
+    writing) keeps the device on a committed release."""
+    template = make_device(firmware)
+    for version, security in UPDATES[:earlier]:
+        records = template.install(releases.bundle(version, security_version=security))
+        assert records[-1].action == "committed", records
+    assert template.state().installed_security_version == UPDATES[earlier - 1][1]
+    booted = template.runtime().backend.booted()
+    target = "a" if booted == "b" else "b"
+    before = boot_view(template)
+    assert before.committed == booted and target in before.bootable  # a real fallback
+    version, security = UPDATES[earlier]
+    bundle = releases.bundle(version, security_version=security)
+
+    copies = iter(range(1_000_000))
+
+    def copy() -> VirtualDevice:
+        root = tmp_path / f"cut-{next(copies)}"
+        shutil.copytree(template.root, root)
+        return VirtualDevice(root, firmware)
+
+    points = boundaries(copy(), bundle)
+    writing = {i for i, (_, path) in enumerate(points) if path.name.startswith("root_")}
+    assert writing, points
+    rng = random.Random(f"{firmware} {earlier}")  # noqa: S311 (which cuts, not a secret)
+    others = sorted(set(range(len(points))) - writing)
+    chosen = sorted(writing | set(rng.sample(others, min(CUTS_PER_SCENARIO, len(others)))))
+    for cut_at in chosen:
+        point, path = points[cut_at]
+        where = f"cut {cut_at}/{len(points)} at {point} {path.name}"
+        device = copy()
+        with PowerSwitch(cut_at=cut_at).installed() as switch, contextlib.suppress(PowerCut):
+            device.install(bundle)
+        assert switch.off, f"{where}: not reached again"
+        assert_safe_after_cut(device, before, booted, target, version, where)
+        records = device.power_on()
+        final = records[-1]
+        assert final.action in ("confirmed", "committed"), f"{where}: {records}"
+        release = complete_release(device, final.slot)
+        assert release in (UPDATES[earlier - 1][0], version), f"{where}: booted {final}"
+        assert SECURITY[release] >= device.state().installed_security_version, where
+        after = boot_view(device)
+        assert after.committed == final.slot and after.trial is None, f"{where}: {after.env}"
+    CUT_COUNTS[f"{firmware:<8} install #{earlier + 1}"] = len(chosen)

@@ -6,8 +6,13 @@ rollout whose own threshold was set too loose."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import math
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +25,32 @@ from tests.chaos.servers import Fleet, run
 DEVICES = 20
 
 
-@pytest.fixture
-def lab(tmp_path: Path, releases: Releases) -> Iterator[tuple[Fleet, VirtualFleet]]:
+@contextlib.contextmanager
+def open_lab(tmp_path: Path, releases: Releases, size: int) -> Iterator[tuple[Fleet, VirtualFleet]]:
+    """Two fast-clock server processes and ``size`` enrolled cameras following the first."""
     servers = Fleet(
         tmp_path, None, releases, server_args=("--time-scale", "10", "--rollout-interval", "0.2")
     )
     try:
         token = run("server", "enrollment-token", "create", "--uses", "100", *servers.db_args)
         fleet = VirtualFleet(
-            tmp_path / "fleet", [MemberSpec(role="camera") for _ in range(DEVICES)],
+            tmp_path / "fleet", [MemberSpec(role="camera") for _ in range(size)],
             server_urls=servers.urls[:1], server_key=servers.data / "server-key.pub",
             release_key=releases.directory / "release-key.pub",
             enrollment_token=token.splitlines()[0],
         )  # fmt: skip
         known = lambda: len(json.loads(servers.fleet("device", "list", "--json")))  # noqa: E731
-        fleet.run_until(lambda: known() == DEVICES, limit_s=600, step_s=15)
+        fleet.run_until(lambda: known() == size, limit_s=600, step_s=15)
         yield servers, fleet
     finally:
         for process in servers.processes:
             process.stop()
+
+
+@pytest.fixture
+def lab(tmp_path: Path, releases: Releases) -> Iterator[tuple[Fleet, VirtualFleet]]:
+    with open_lab(tmp_path, releases, DEVICES) as opened:
+        yield opened
 
 
 def rollouts(servers: Fleet) -> list[dict[str, Any]]:
@@ -137,3 +149,40 @@ def test_the_fleet_guard_stops_a_rollout_whose_threshold_is_too_loose(
     assert any(
         e["action"] == "fleet.emergency_stop" and e["actor"] == "rollout-engine" for e in audit
     )
+
+
+def test_a_member_silent_after_its_assignment_fails_at_the_install_deadline(
+    tmp_path: Path, releases: Releases
+) -> None:
+    deadline_s = 150  # of the server's clock, ten times faster than the wall clock
+    with open_lab(tmp_path, releases, 5) as (servers, fleet):
+        silent = fleet.members[-1]
+        servers.fleet("release", "upload", str(releases.bundle("2.0.0")))
+        servers.fleet(
+            "rollout", "start", "2.0.0", "--stages", "100", "--soak", "30s",
+            "--install-deadline", f"{deadline_s}s", "--max-failure", "20%",
+        )  # fmt: skip
+        # assigned, then off the network for good before its next check-in
+        gone = ((fleet.clock() - fleet.started, math.inf),)
+        silent.spec = dataclasses.replace(silent.spec, offline=gone)
+        # The deadline runs on the server's clock, so wait in wall-clock time, stepping the fleet.
+        give_up = time.monotonic() + 3 * deadline_s / 10 + 30
+        while (rollout := rollouts(servers)[0])["state"] == "running":
+            assert time.monotonic() < give_up, rollout["devices"]
+            fleet.step(15)
+        # 1 failure in 5 is within 20 %: the others completed the rollout
+        assert rollout["state"] == "completed", rollout
+        outcomes = {d["id"]: (d["outcome"], d["reason"]) for d in rollout["devices"]}
+        assert outcomes.pop(silent.device_id) == ("failed", "install_deadline")
+        assert set(outcomes.values()) == {("succeeded", None)}
+        assert silent.version == "1.0.0" and not silent.device.events("install.started")
+        entries = servers.api("/api/v1/audit?limit=1000")["entries"]
+        started = next(e["at"] for e in entries if e["action"] == "rollout.started")
+        failed = next(e["at"] for e in entries if e["action"] == "rollout.device_failed")
+        assert seconds_between(started, failed) > deadline_s  # not before its deadline
+
+
+def seconds_between(earlier: str, later: str) -> float:
+    """Seconds between two audit times (``2026-01-01T00:00:00.000000Z``)."""
+    parse = lambda text: datetime.fromisoformat(text.replace("Z", "+00:00"))  # noqa: E731
+    return (parse(later) - parse(earlier)).total_seconds()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -44,16 +45,20 @@ def boundaries(device: VirtualDevice, bundle: Path) -> list[tuple[str, Path]]:
 def test_power_cut_at_every_write_boundary(
     firmware: str, scenario_name: str, make_device: MakeDevice, releases: Releases
 ) -> None:
-    bundle = releases.bundle("2.0.0", SCENARIOS[scenario_name])
+    behaviour = SCENARIOS[scenario_name]
+    bundle = releases.bundle("2.0.0", behaviour)
     follow_up = releases.bundle("3.0.0", security_version=2)
     points = boundaries(make_device(firmware), bundle)
     assert len(points) > 10, points
+    before = boot_view(make_device(firmware))
+    images = {"1.0.0": make_lab_image("1.0.0"), "2.0.0": make_lab_image("2.0.0", behaviour)}
     for cut_at, (point, path) in enumerate(points):
         device = make_device(firmware)
         with PowerSwitch(cut_at=cut_at).installed() as switch, contextlib.suppress(PowerCut):
             device.install(bundle)
         assert switch.off, f"boundary {cut_at} ({point} {path.name}) was not reached again"
         where = f"cut {cut_at}/{len(points)} at {point} {path.name}"
+        assert_safe_after_cut(device, before, "a", "b", images, where)
         records = device.power_on()
         final = records[-1]
         assert final.image is not None, f"{where}: booted {final}"
@@ -72,39 +77,41 @@ def test_power_cut_at_every_write_boundary(
 # commit the first one or two, then cut the power during the next.
 UPDATES = [("2.0.0", 1), ("3.0.0", 2), ("4.0.0", 3)]
 SECURITY = {"1.0.0": 0, **dict(UPDATES)}
-IMAGE_SIZE = 256 * 1024  # the size of Releases.bundle's images
 CUTS_PER_SCENARIO = 16  # sampled, beside every boundary of the target slot's writing
 
 
-def complete_release(device: VirtualDevice, slot: str) -> str | None:
-    """The version whose whole image ``slot`` holds, if it holds one."""
+def complete_release(device: VirtualDevice, slot: str, images: Mapping[str, bytes]) -> str | None:
+    """The version whose whole image (of ``images``, by version) ``slot`` holds, if any."""
     data = device.slot_path(slot).read_bytes()
-    for version in SECURITY:
-        image = make_lab_image(version, "healthy", IMAGE_SIZE)
-        if data.startswith(image):
-            return version
-    return None
+    return next((v for v, image in images.items() if data.startswith(image)), None)
 
 
 def assert_safe_after_cut(
-    device: VirtualDevice, before: BootView, booted: str, target: str, version: str, where: str
+    device: VirtualDevice,
+    before: BootView,
+    booted: str,
+    target: str,
+    images: Mapping[str, bytes],
+    where: str,
 ) -> None:
     """Right after the cut, before anything boots: the running slot's bytes are untouched, the
     firmware still boots a complete committed release at or above the floor, and it can never
-    start the target slot unless that holds a whole image (its old one, or the new one)."""
+    start the target slot unless that holds a whole image (its old one, or the new one, the
+    last of ``images``)."""
+    version = list(images)[-1]
     view = boot_view(device)
     assert view.slots[booted] == before.slots[booted], f"{where}: the running slot was written"
     floor = device.state().installed_security_version
     committed = view.committed
     assert committed in (booted, target), f"{where}: {view.env}"
-    release = complete_release(device, committed)
+    release = complete_release(device, committed, images)
     assert release is not None, f"{where}: slot {committed} is committed but incomplete"
     assert SECURITY[release] >= floor, f"{where}: {release} is below the floor {floor}"
     if committed == target:
         assert release == version, f"{where}: {release} committed in slot {target}"
     for slot in view.bootable:
         untouched = view.slots[slot] == before.slots[slot]
-        assert untouched or complete_release(device, slot) == version, (
+        assert untouched or complete_release(device, slot, images) == version, (
             f"{where}: the firmware may start slot {slot}, which holds a partial image "
             f"({view.env}, bootable {sorted(view.bootable)})"
         )
@@ -129,6 +136,7 @@ def test_power_cut_during_a_later_install(
     assert before.committed == booted and target in before.bootable  # a real fallback
     version, security = UPDATES[earlier]
     bundle = releases.bundle(version, security_version=security)
+    images = {v: make_lab_image(v) for v in SECURITY if SECURITY[v] <= security}
 
     copies = iter(range(1_000_000))
 
@@ -150,11 +158,11 @@ def test_power_cut_during_a_later_install(
         with PowerSwitch(cut_at=cut_at).installed() as switch, contextlib.suppress(PowerCut):
             device.install(bundle)
         assert switch.off, f"{where}: not reached again"
-        assert_safe_after_cut(device, before, booted, target, version, where)
+        assert_safe_after_cut(device, before, booted, target, images, where)
         records = device.power_on()
         final = records[-1]
         assert final.action in ("confirmed", "committed"), f"{where}: {records}"
-        release = complete_release(device, final.slot)
+        release = complete_release(device, final.slot, images)
         assert release in (UPDATES[earlier - 1][0], version), f"{where}: booted {final}"
         assert SECURITY[release] >= device.state().installed_security_version, where
         after = boot_view(device)

@@ -67,7 +67,8 @@ def generate_key(out: str | os.PathLike[str], passphrase: bytes | None = None) -
     base = Path(out)
     if base.suffix in (".pem", ".pub"):
         base = base.with_suffix("")
-    private_path, public_path = base.with_suffix(".pem"), base.with_suffix(".pub")
+    # OUT plus the suffix (with_suffix would drop a dot in OUT: "release-2024.1")
+    private_path, public_path = (base.with_name(base.name + suffix) for suffix in (".pem", ".pub"))
     for path in (private_path, public_path):
         if path.exists():
             raise KeyFileError(f"{path}: already exists, refusing to overwrite a key")

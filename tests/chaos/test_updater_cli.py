@@ -18,7 +18,7 @@ from chaos.virtual_device import VirtualDevice
 from fleet_core.errors import FleetError
 from signing.keyring import revoke_key, trust_key
 from signing.keys import generate_key
-from tests.chaos.conftest import FIRMWARES, MakeDevice, Releases
+from tests.chaos.conftest import FIRMWARES, BootView, MakeDevice, Releases, boot_view
 from updater.cli import EXIT_REBOOT_REQUIRED, EXIT_UNHEALTHY, main
 from updater.errors import DownloadError
 
@@ -44,12 +44,42 @@ def one_line_error(result: Result, fragment: str) -> None:
     assert "Traceback" not in result.output
 
 
-def assert_untouched(device: VirtualDevice, before: dict[str, Any]) -> None:
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """A device as ``status --json`` reports it and as its firmware will boot it."""
+
+    status: dict[str, Any]
+    boot: BootView
+
+
+def snapshot(device: VirtualDevice) -> Snapshot:
+    return Snapshot(status(device), boot_view(device))
+
+
+def assert_untouched(device: VirtualDevice, before: Snapshot, booted: str = "a") -> None:
+    """A refused or failed install left the running slot as it was, in ``status --json``, in
+    its bytes and in the boot state read by the backend and by the firmware's own tools. The
+    other slot may only have become unbootable (a failed install marks it bad), never
+    startable with other bytes; an install refused before it began changed no boot state."""
     after = status(device)
-    assert (
-        (after["booted"], after["primary"]) == (before["booted"], before["primary"]) == ("a", "a")
-    )
-    assert after["slots"]["a"] == before["slots"]["a"]
+    assert (after["booted"], after["primary"]) == (
+        before.status["booted"], before.status["primary"]
+    ) == (booted, booted)  # fmt: skip
+    assert after["slots"][booted] == before.status["slots"][booted]
+    view = boot_view(device)
+    assert view.slots[booted] == before.boot.slots[booted], "the running slot was written"
+    assert view.committed == before.boot.committed == booted, view.env
+    assert view.trial is None and not after["trial"], view.env
+    assert view.bootable <= before.boot.bootable, (view.env, before.boot.env)
+    running_entries = {k: v for k, v in view.env.items() if k.startswith(f"BOOT_{booted.upper()}")}
+    assert running_entries == {
+        k: v for k, v in before.boot.env.items() if k.startswith(f"BOOT_{booted.upper()}")
+    }
+    other = "b" if booted == "a" else "a"
+    if view.slots[other] != before.boot.slots[other]:
+        assert other not in view.bootable, f"slot {other} was written and may boot: {view.env}"
+    if after["slots"][other] == before.status["slots"][other]:
+        assert view.env == before.boot.env, "an install that never began changed the boot state"
 
 
 @pytest.mark.parametrize("firmware", FIRMWARES)
@@ -106,7 +136,7 @@ def test_bad_bundles_are_refused_and_change_nothing(
     firmware: str, make_device: MakeDevice, releases: Releases, tmp_path: Path
 ) -> None:
     device = make_device(firmware)
-    before = status(device)
+    before = snapshot(device)
     stranger = generate_key(tmp_path / "stranger")
     cases = [
         (releases.bundle("2.0.0", compatible="other-device"), "bundle is for 'other-device'"),
@@ -124,6 +154,40 @@ def test_bad_bundles_are_refused_and_change_nothing(
         assert_untouched(device, before)
 
 
+@pytest.mark.parametrize("firmware", FIRMWARES)
+def test_a_failed_second_install_leaves_the_previous_release_bad_in_the_bootloader(
+    firmware: str, make_device: MakeDevice, releases: Releases, tmp_path: Path
+) -> None:
+    """After one committed update, the other slot holds the previous release and is the
+    running slot's fallback. An install into it that fails halfway must take it out of the
+    firmware's choices; one refused before it began must leave it there."""
+    device = make_device(firmware)
+    assert device.install(releases.bundle("2.0.0"))[-1].action == "committed"
+    before = snapshot(device)
+    assert before.boot.committed == "b" and "a" in before.boot.bootable, before.boot.env
+
+    refused = releases.bundle("3.0.0", compatible="other-device")
+    one_line_error(updater(device, "install", str(refused), "--no-reboot"), "bundle is for")
+    assert_untouched(device, before, booted="b")
+    assert boot_view(device) == before.boot
+
+    damaged = tmp_path / "damaged.bundle"
+    data = bytearray(releases.bundle("3.0.0", security_version=2, compression="none").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # in the image: its bytes are written before the hash is known
+    damaged.write_bytes(bytes(data))
+    result = updater(device, "install", str(damaged), "--no-reboot")
+    one_line_error(result, "install into slot a failed")
+    assert_untouched(device, before, booted="b")
+    view = boot_view(device)
+    assert view.slots["a"] != before.boot.slots["a"]  # written, then abandoned
+    assert "a" not in view.bootable, view.env
+    assert status(device)["slots"]["a"]["status"] == "bad"
+    # the device still boots the running release, and the next install goes ahead
+    assert device.power_on()[-1].image.version == "2.0.0"  # type: ignore[union-attr]
+    records = device.install(releases.bundle("3.0.0", security_version=2))
+    assert records[-1].action == "committed" and records[-1].slot == "a"
+
+
 def test_downgrade_is_refused(make_device: MakeDevice, releases: Releases) -> None:
     device = make_device("grub")
     device.install(releases.bundle("2.0.0", security_version=5))
@@ -137,7 +201,7 @@ def test_revoked_key_is_refused(make_device: MakeDevice, releases: Releases) -> 
     other = generate_key(device.root / "next")
     trust_key(device.root / "keyring", device.root / "next.pub")
     revoke_key(device.root / "keyring", releases.key.key_id)
-    before = status(device)
+    before = snapshot(device)
     one_line_error(updater(device, "install", str(releases.bundle("2.0.0"))), "revoked")
     assert_untouched(device, before)
     assert other.key_id
@@ -154,7 +218,7 @@ def test_disk_full_while_writing(make_device: MakeDevice, releases: Releases) ->
             handle.truncate(1 << 20)  # sparse: the slot claims 1 MiB, the disk holds 128 KiB
         slots = {"a": device.config.slots["a"], "b": {"rootfs": str(slot)}}
         device.config = dataclasses.replace(device.config, slots=slots)
-        before = status(device)
+        before = snapshot(device)
         result = updater(device, "install", str(releases.bundle("2.0.0")), "--no-reboot")
         one_line_error(result, "No space left on device")
         assert_untouched(device, before)
@@ -173,7 +237,7 @@ def test_network_dropping_mid_download(make_device: MakeDevice, releases: Releas
         ranges = [r.get("Range") for r in server.requests]
         assert ranges == [None, "bytes=65536-", "bytes=65536-", "bytes=65536-"]
         device2 = make_device("grub")
-        before = status(device2)
+        before = snapshot(device2)
         server.add_faults(*[Fault(drop_after=10)] * 20)
         with pytest.raises(DownloadError, match="gave up after 9 attempts"):
             device2.install_url(server.url("/r.bundle"))
@@ -228,7 +292,7 @@ def test_too_hot_or_too_full_defers_the_update(make_device: MakeDevice, releases
     zone.mkdir(parents=True)
     (zone / "temp").write_text("85123\n")
     paths = f'[paths]\nthermal_dir = "{device.root / "thermal"}"\n'
-    before = status(device)
+    before = snapshot(device)
     result = updater(device, "install", str(releases.bundle("2.0.0")), extra=paths)
     one_line_error(result, "CPU at 85.1 °C, above the 80.0 °C limit: update deferred")
     (zone / "temp").write_text("45000\n")
@@ -309,7 +373,7 @@ def test_install_from_parts_rejects_a_tampered_blob(
     device = make_device("grub")
     manifest, signatures, blobs = split_bundle(releases.bundle("2.0.0"))
     files = {f"/blobs/{sha}": data[:-1] + bytes([data[-1] ^ 1]) for sha, data in blobs.items()}
-    before = status(device)
+    before = snapshot(device)
     with FlakyHttpServer(files) as server:
         urls = {sha: [server.url(f"/blobs/{sha}")] for sha in blobs}
         with pytest.raises(FleetError, match="install into slot b failed"):
@@ -333,9 +397,12 @@ def test_no_install_during_an_undecided_trial(make_device: MakeDevice, releases:
     device.install(releases.bundle("2.0.0"), reboot=False)
     device.boot(device_reboot_event(device), run_boot_check=False)  # the boot check died
     assert status(device)["trial"] is True
+    before = boot_view(device)
+    assert before.trial == "b" and before.committed == "a", before.env
     one_line_error(
         updater(device, "install", str(releases.bundle("3.0.0"))), "trial that is not committed"
     )
+    assert boot_view(device) == before  # neither slot nor the boot state changed
     assert device.image("a") is not None and device.image("a").version == "1.0.0"  # type: ignore[union-attr]
     assert status(device)["slots"]["a"]["status"] == "good"
 
@@ -345,17 +412,18 @@ def test_install_from_parts_without_a_url_touches_nothing(
 ) -> None:
     device = make_device("grub")
     manifest, signatures, _ = split_bundle(releases.bundle("2.0.0"))
-    before = status(device)
+    before = snapshot(device)
     with pytest.raises(DownloadError, match="no URL for image"):
         device.install_parts(manifest, signatures, {})
-    assert status(device) == before
+    assert status(device) == before.status
+    assert_untouched(device, before)
 
 
 def test_install_past_its_deadline_is_abandoned(
     make_device: MakeDevice, releases: Releases
 ) -> None:
     device = make_device("grub")
-    before = status(device)
+    before = snapshot(device)
     config = device.root / "updater.toml"
     config.write_text(device.config_toml().replace("min_free_mb = 0", "update_deadline_s = 0"))
     result = CliRunner().invoke(

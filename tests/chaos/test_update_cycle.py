@@ -8,6 +8,7 @@ import pytest
 from chaos.lab_image import LabImage, make_lab_image
 from chaos.virtual_device import MAX_BOOTS, VirtualDevice
 from tests.chaos.conftest import FIRMWARES, MakeDevice, Releases
+from updater.bootcheck import MAX_TRIAL_BOOTS
 
 pytestmark = pytest.mark.parametrize("firmware", FIRMWARES)
 
@@ -153,3 +154,25 @@ def test_reboot_after_arming_runs_the_trial(
     device.install(releases.bundle("2.0.0"), reboot=False)
     records = device.reboot()
     assert [(r.slot, r.trial, r.action) for r in records] == [("b", True, "committed")]
+
+
+def test_a_trial_whose_boot_check_keeps_dying_is_given_up_as_a_reboot_loop(
+    firmware: str, make_device: MakeDevice, releases: Releases
+) -> None:
+    """The firmware allows more trial boots than the boot check's own limit: the release crashes
+    the board in every boot check, and at ``MAX_TRIAL_BOOTS`` the boot check gives the trial up
+    by itself, without running the checks again, before the firmware would."""
+    device = make_device(firmware)
+    device.options["attempts"] = MAX_TRIAL_BOOTS + 2
+    records = device.install(releases.bundle("2.0.0", "crash"))
+    trials = [r for r in records if r.slot == "b"]
+    assert [r.action for r in trials] == ["crash"] * MAX_TRIAL_BOOTS + ["rolled_back"], records
+    assert all(r.trial for r in trials)
+    assert records[-1].slot == "a" and records[-1].action == "confirmed", records
+    loops = [e for e in device.events("boot_check.started") if e["situation"] == "trial_loop"]
+    assert len(loops) == 1 and loops[0]["slot"] == "b"
+    assert [e["situation"] for e in device.events("boot_check.rolled_back")] == ["trial_loop"]
+    assert device.state().slot("b").status == "bad"
+    backend = device.runtime().backend
+    assert backend.primary() == "a" and backend.attempts_left("b") == 0
+    assert device.power_on()[-1].image == LabImage("1.0.0", "healthy")

@@ -382,6 +382,39 @@ def test_install_from_parts_rejects_a_tampered_blob(
     assert status(device)["slots"]["b"]["status"] == "bad"
 
 
+def test_install_from_parts_rejects_an_image_that_decompresses_to_other_bytes(
+    make_device: MakeDevice, releases: Releases
+) -> None:
+    """The blob is the one the signed manifest names (its stored SHA-256 matches), but the
+    manifest's uncompressed SHA-256 is of another image: the decompressed bytes are checked
+    too, and the install fails with the slot bad in the bootloader."""
+    import hashlib
+
+    from image_builder.bundle import SIGNATURE_PURPOSE
+    from image_builder.manifest import Manifest
+    from signing import sign
+
+    device = make_device("uboot")
+    manifest_bytes, _, blobs = split_bundle(releases.bundle("2.0.0", compression="zstd"))
+    manifest = Manifest.from_bytes(manifest_bytes)
+    entry = manifest.images[0]
+    assert entry.compression == "zstd" and entry.sha256 in blobs
+    other = hashlib.sha256(b"another image").hexdigest()
+    forged = dataclasses.replace(
+        manifest, images=(dataclasses.replace(entry, uncompressed_sha256=other),)
+    ).to_bytes()
+    signatures = sign(forged, [releases.key], SIGNATURE_PURPOSE).to_bytes()
+    before = snapshot(device)
+    files = {f"/blobs/{sha}": data for sha, data in blobs.items()}
+    with FlakyHttpServer(files) as server:
+        urls = {sha: [server.url(f"/blobs/{sha}")] for sha in blobs}
+        with pytest.raises(FleetError, match="SHA-256 of image does not match"):
+            device.install_parts(forged, signatures, urls)
+    assert_untouched(device, before)
+    assert status(device)["slots"]["b"]["status"] == "bad"
+    assert "b" not in boot_view(device).bootable
+
+
 def test_rollback_below_the_installed_security_version_is_refused(
     make_device: MakeDevice, releases: Releases
 ) -> None:

@@ -34,7 +34,8 @@ from fastapi import FastAPI
 import chaos.lab_firmwares  # noqa: F401 (fills LAB_FIRMWARES)
 from bootloader_hooks.base import BootCause, BootEvent
 from chaos.lab_image import make_lab_image
-from chaos.virtual_device import BootRecord, VirtualDevice
+from chaos.virtual_device import BootRecord, PowerCut, VirtualDevice
+from fleet_core import durable
 from server.app import create_app
 from server.auth import Role, create_operator_token
 from server.client import ApiClient, ClientConfig
@@ -51,9 +52,10 @@ from updater.client import (
     ServerRejectedError,
     ServerUnavailableError,
 )
-from updater.daemon import Daemon
+from updater.daemon import MAX_INTERRUPTED, Daemon, ReleaseHistoryStore
 from updater.identity import DeviceIdentity, load_or_create_identity
 from updater.log import EventLog
+from updater.state import SlotState
 
 NONCE = "ab" * 16
 API = "/api/v1"
@@ -676,8 +678,33 @@ class Lab:
         assert self.device.pending_reboot is not None, "no reboot was asked for"
         return self.device.settle(BootEvent(BootCause.REBOOT, tuple(self.device.pending_reboot)))
 
+    def assign(self, release: dict[str, Any] | None) -> None:
+        """Assign ``release``; a device the server does not know yet enrolls first, with its
+        own key and token, as its daemon would."""
+        known = [e for e in self.real.wire.device_calls("/enroll") if e.status == 200]
+        if not any(e.json()["public_key"] == self.identity.public_key_hex for e in known):
+            self.daemon().client.enroll(
+                compatible=COMPATIBLE,
+                hostname="lab-device",
+                token=self.device.config.enrollment_token,
+            )
+        self.real.assign(self.device_id, release["version"] if release is not None else None)
+
     def server_events(self) -> list[dict[str, Any]]:
         return self.real.events(self.device_id)
+
+    def heartbeats(self) -> list[dict[str, Any]]:
+        """Every heartbeat the server took from this device, in order (as sent)."""
+        return [
+            e.json() for e in self.real.wire.device_calls(f"{self.device_id}/heartbeat")
+            if e.status == 204 and e.delivered
+        ]  # fmt: skip
+
+    def downloads(self) -> int:
+        return len([e for e in self.real.wire.exchanges if e.path.startswith("/blobs/")])
+
+    def slot(self, name: str) -> SlotState:
+        return self.device.state().slot(name)
 
     def names(self) -> list[str]:
         return [e["event"] for e in self.server_events()]
@@ -817,3 +844,170 @@ def test_the_daemon_keeps_its_session_and_heartbeats_on_schedule(lab: Lab) -> No
     assert len(heartbeats) >= 3 and all(e.status == 204 for e in heartbeats)
     assert len(lab.real.wire.device_calls("/session")) == 1
     assert lab.heartbeat()["booted"] == "a"
+
+
+def test_nothing_is_installed_while_updates_are_suspended(lab: Lab) -> None:
+    store = lab.device.store
+    store.save(dataclasses.replace(store.load().state, suspended="crash loop: 4 starts"))
+    lab.assign(lab.real.release("2.0.0"))
+    daemon = lab.daemon()
+    daemon.run_once()
+    lab.clock.now += 61
+    daemon.run_once()
+    assert lab.device.pending_reboot is None and lab.slot("b").status == "empty"
+    assert not lab.local("install.started") and lab.downloads() == 0
+    skipped = [e for e in lab.server_events() if e["event"] == "daemon.install_skipped"]
+    assert len(skipped) == 1 and "suspended" in skipped[0]["fields"]["reason"]
+    assert "daemon.install" not in lab.names()  # not even begun (the installer refuses too)
+    assert [h["updater_state"] for h in lab.heartbeats()] == ["suspended", "suspended"]
+
+
+def test_a_release_whose_trial_failed_is_never_tried_again(lab: Lab) -> None:
+    unhealthy = lab.real.release("2.6.0", "unhealthy")
+    lab.assign(unhealthy)
+    lab.daemon().run_once()
+    records = lab.reboot()
+    assert [r.action for r in records] == ["rolled_back", "confirmed"]
+    daemon = lab.daemon()
+    for _ in range(3):
+        daemon.run_once()
+        lab.clock.now += 61
+    assert len(lab.local("install.started")) == 1
+    assert lab.names().count("daemon.release_failed") == 1
+    [record] = ReleaseHistoryStore(lab.device.config.data_dir).load().releases.values()
+    assert record.outcome == "failed" and "trial" in (record.detail or "")
+    # even when the slot has since been rewritten, the history remembers
+    lab.assign(lab.real.release("3.0.0"))
+    lab.clock.now += 61
+    daemon.run_once()
+    lab.reboot()
+    lab.assign(unhealthy)
+    again = lab.daemon()
+    again.run_once()
+    assert len(lab.local("install.started")) == 2
+
+
+def cut_power_at(point: str) -> durable.BoundaryHook:
+    off = threading.Event()
+
+    def hook(name: str, path: Path) -> None:
+        if off.is_set() or name == point:
+            off.set()
+            raise PowerCut(name)
+
+    return hook
+
+
+def test_an_install_cut_short_is_counted_and_given_up_after_a_few(lab: Lab) -> None:
+    lab.assign(lab.real.release("2.0.0"))
+    for attempt in range(1, MAX_INTERRUPTED + 1):
+        previous = durable.set_boundary_hook(cut_power_at("slot:begin"))
+        try:
+            with pytest.raises(PowerCut):
+                lab.daemon().run_once()
+        finally:
+            durable.set_boundary_hook(previous)
+        lab.device.power_cut()  # the boot check finds the install interrupted: slot b bad
+        assert lab.slot("b").status == "bad"
+        lab.clock.now += 61
+        if attempt < MAX_INTERRUPTED:
+            assert len(lab.local("install.started")) == attempt
+    daemon = lab.daemon()
+    daemon.run_once()
+    assert len(lab.local("install.started")) == MAX_INTERRUPTED
+    assert len(lab.local("daemon.install_interrupted")) == MAX_INTERRUPTED
+    assert "daemon.release_failed" in lab.names() and lab.device.pending_reboot is None
+
+
+def test_an_install_cut_short_once_is_tried_again(lab: Lab) -> None:
+    lab.assign(lab.real.release("2.0.0"))
+    previous = durable.set_boundary_hook(cut_power_at("slot:begin"))
+    try:
+        with pytest.raises(PowerCut):
+            lab.daemon().run_once()
+    finally:
+        durable.set_boundary_hook(previous)
+    lab.device.power_cut()
+    lab.daemon().run_once()
+    assert lab.reboot()[-1].action == "committed" and lab.slot("b").version == "2.0.0"
+
+
+def test_a_rollback_to_the_release_in_the_other_slot_is_a_slot_flip(lab: Lab) -> None:
+    two, three = lab.real.release("2.0.0"), lab.real.release("3.0.0")
+    for release in (two, three):
+        lab.assign(release)
+        lab.daemon().run_once()
+        assert lab.reboot()[-1].action == "committed"
+    assert lab.device.runtime().backend.booted() == "a"
+    downloads = lab.downloads()
+    lab.assign(two)
+    lab.daemon().run_once()
+    assert lab.local("rollback.armed")[-1]["slot"] == "b"
+    assert lab.downloads() == downloads
+    records = lab.reboot()
+    assert records[-1].action == "committed" and records[-1].image is not None
+    assert records[-1].image.version == "2.0.0"
+
+
+def test_without_a_server_keyring_the_device_still_reports(lab: Lab) -> None:
+    daemon = lab.daemon()
+    daemon.client.keyring = None
+    daemon.run_once()
+    lab.clock.now += 61
+    daemon.run_once()
+    assert daemon.last_error is not None and "no server keyring" in daemon.last_error
+    assert len(lab.heartbeats()) == 2 and lab.names().count("daemon.step_failed") == 1
+
+
+def test_checkins_are_jittered_and_heartbeats_regular(lab: Lab) -> None:
+    rolls = iter([0.0, 1.0] * 10)
+    daemon = lab.daemon()
+    daemon._rng = lambda: next(rolls)  # the jitter's dice
+    assert daemon.run_once() == pytest.approx(54.0)  # checkin in 60 s - 10 %, heartbeat in 60
+    lab.clock.now += 54
+    assert daemon.run_once() == pytest.approx(6.0)
+    lab.clock.now += 6
+    assert daemon.run_once() == pytest.approx(60.0)
+    assert len(lab.real.wire.device_calls("/checkin")) == 2
+    assert len(lab.real.wire.device_calls("/heartbeat")) == 2
+
+
+def test_in_safe_mode_the_assigned_release_is_recovered_into_a_root_slot(lab: Lab) -> None:
+    # both root slots go bad: b's release hangs at boot, then a's application stops working
+    lab.device.install(lab.real.releases.bundle("1.5.0", "hang"))
+    with lab.device.slot_path("a").open("r+b") as handle:
+        handle.write(make_lab_image("1.0.0", "unhealthy"))
+    assert lab.device.power_on()[-1].slot == "safe"
+    lab.assign(lab.real.release("2.0.0"))  # the last known-good release, as a rollback does
+    daemon = lab.daemon()
+    daemon.run_once()
+    assert daemon.last_error is None
+    names = lab.names()
+    for name in ("recovery.started", "recovery.verified", "recovery.finished",
+                 "recovery.rebooting"):  # fmt: skip
+        assert name in names, names
+    assert lab.heartbeat()["safe_mode"] is True  # still reporting from safe mode
+    assert lab.real.device(lab.device_id)["state"] == "safe_mode"
+    records = lab.reboot()
+    assert records[-1].action == "committed", records
+    assert records[-1].image is not None and records[-1].image.version == "2.0.0"
+    after = lab.daemon()
+    after.run_once()
+    heartbeat = lab.heartbeat()
+    assert heartbeat["safe_mode"] is False and heartbeat["version"] == "2.0.0"
+    assert len(lab.local("recovery.started")) == 1  # running it now: nothing more to do
+
+
+def test_a_recovery_that_ends_in_safe_mode_again_is_not_repeated(lab: Lab) -> None:
+    lab.device.install(lab.real.releases.bundle("1.5.0", "hang"))
+    with lab.device.slot_path("a").open("r+b") as handle:
+        handle.write(make_lab_image("1.0.0", "unhealthy"))
+    assert lab.device.power_on()[-1].slot == "safe"
+    lab.assign(lab.real.release("2.6.0", "unhealthy"))
+    lab.daemon().run_once()
+    assert lab.reboot()[-1].slot == "safe"  # the recovered release failed its trial
+    daemon = lab.daemon()
+    daemon.run_once()
+    assert lab.device.pending_reboot is None  # no loop of recoveries
+    assert len(lab.local("recovery.started")) == 1
+    assert "daemon.release_failed" in lab.names()

@@ -188,3 +188,63 @@ def test_revocation_list_keeps_comments_and_is_rewritten_whole(tmp_path: Path) -
     assert text == f"# leaked laptop, 2026-11\n{a.key_id}\n"
     with pytest.raises(KeyringError, match="not a key id"):
         revoke_key(directory, "ABC")
+
+
+def test_revoked_key_is_skipped_and_a_later_trusted_signature_still_counts(
+    tmp_path: Path,
+) -> None:
+    a, b = new_key(tmp_path, "a"), new_key(tmp_path, "b")
+    # the envelope lists signatures by key id: revoke the one listed first
+    first, second = sorted([a, b], key=lambda k: k.key_id)
+    directory = ring(tmp_path, "ring", "a", "b")
+    revoke_key(directory, first.key_id)
+    keyring = Keyring.load(directory)
+    verified = keyring.verify(PAYLOAD, sign(PAYLOAD, [a, b], PURPOSE), PURPOSE)
+    assert verified.key_ids == (second.key_id,)
+
+
+def test_revocation_comments_may_contain_hashes(tmp_path: Path) -> None:
+    a = new_key(tmp_path, "a")
+    new_key(tmp_path, "b")
+    directory = ring(tmp_path, "ring", "a", "b")
+    (directory / "revoked.txt").write_text(f"{a.key_id}  # ticket #42: leaked\n")
+    assert Keyring.load(directory).revoked == frozenset({a.key_id})
+
+
+def test_revoking_appends_exactly_one_line(tmp_path: Path) -> None:
+    a, b = new_key(tmp_path, "a"), new_key(tmp_path, "b")
+    new_key(tmp_path, "c")
+    directory = ring(tmp_path, "ring", "a", "b", "c")
+    revoke_key(directory, a.key_id)
+    assert (directory / "revoked.txt").read_text() == f"{a.key_id}\n"
+    revoke_key(directory, b.key_id)
+    assert (directory / "revoked.txt").read_text() == f"{a.key_id}\n{b.key_id}\n"
+
+
+def test_revoking_in_a_missing_keyring_names_it(tmp_path: Path) -> None:
+    with pytest.raises(KeyringError, match=r"keyring .*nope: no such directory"):
+        revoke_key(tmp_path / "nope", "a" * 64)
+
+
+def test_settings_file_without_a_threshold_means_one(tmp_path: Path) -> None:
+    key = new_key(tmp_path, "a")
+    directory = ring(tmp_path, "ring", "a")
+    (directory / "keyring.toml").write_text("# no settings yet\n")
+    keyring = Keyring.load(directory)
+    assert keyring.threshold == 1
+    assert keyring.verify(PAYLOAD, sign(PAYLOAD, [key], PURPOSE), PURPOSE).key_ids == (key.key_id,)
+
+
+def test_too_high_threshold_names_the_keyring(tmp_path: Path) -> None:
+    new_key(tmp_path, "a")
+    directory = ring(tmp_path, "ring", "a")
+    with pytest.raises(KeyringError, match="threshold 2 but only 1") as info:
+        set_threshold(directory, 2)
+    assert str(info.value).startswith(f"keyring {directory}: ")
+
+
+def test_trust_creates_missing_parent_directories(tmp_path: Path) -> None:
+    key = new_key(tmp_path, "a")
+    directory = tmp_path / "etc" / "fleet" / "keyring"
+    assert trust_key(directory, tmp_path / "keys" / "a.pub") == key.key_id
+    assert Keyring.load(directory).active_key_ids == (key.key_id,)

@@ -10,7 +10,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from signing.errors import KeyFileError
-from signing.keys import generate_key, key_id, load_private_key, load_public_key
+from signing.keys import (
+    generate_key,
+    key_id,
+    load_private_key,
+    load_public_key,
+    private_key_is_encrypted,
+)
 
 
 def test_generate_writes_private_key_0600_and_public_key(tmp_path: Path) -> None:
@@ -87,7 +93,7 @@ def test_non_ed25519_key_is_refused(tmp_path: Path) -> None:
             serialization.NoEncryption(),
         )
     )
-    with pytest.raises(KeyFileError, match="not an Ed25519 key"):
+    with pytest.raises(KeyFileError, match=rf"not an Ed25519 key \({type(other).__name__}\)"):
         load_private_key(path)
     pub = tmp_path / "ec.pub"
     pub.write_bytes(
@@ -95,10 +101,59 @@ def test_non_ed25519_key_is_refused(tmp_path: Path) -> None:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
-    with pytest.raises(KeyFileError, match="not an Ed25519 key"):
+    with pytest.raises(
+        KeyFileError, match=rf"not an Ed25519 key \({type(other.public_key()).__name__}\)"
+    ):
         load_public_key(pub)
 
 
 def test_missing_key_file(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="cannot read"):
         load_private_key(tmp_path / "nope.pem")
+
+
+@pytest.mark.parametrize("function", [load_private_key, load_public_key])
+def test_unreadable_key_file_says_which_kind_of_key(tmp_path: Path, function) -> None:  # type: ignore[no-untyped-def]
+    kind = "private key" if function is load_private_key else "public key"
+    with pytest.raises(KeyFileError, match=f"nope.pem: cannot read {kind}: "):
+        function(tmp_path / "nope.pem")
+
+
+def test_damaged_private_key_file_says_it_is_not_a_pem_private_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.pem"
+    path.write_bytes(b"garbage\n")
+    with pytest.raises(KeyFileError, match=r"bad.pem: not a PEM private key$"):
+        load_private_key(path)
+
+
+def test_public_key_from_the_private_key_file(tmp_path: Path) -> None:
+    key = generate_key(tmp_path / "k")
+    assert key_id(load_public_key(tmp_path / "k.pem")) == key.key_id
+
+
+@pytest.mark.parametrize(
+    ("out", "stem"),
+    [
+        ("keys/release", "keys/release"),
+        ("keys/release.pem", "keys/release"),
+        ("keys/release.pub", "keys/release"),
+        ("keys/release-2024.1", "keys/release-2024.1"),
+        ("keys/release.v2.pem", "keys/release.v2"),
+    ],
+)
+def test_generate_names_the_pair_after_out(tmp_path: Path, out: str, stem: str) -> None:
+    """``OUT.pem`` and ``OUT.pub``: a .pem or .pub given is not doubled, other dots are kept;
+    missing parent directories are created."""
+    key = generate_key(tmp_path / "new" / out)
+    base = tmp_path / "new" / stem
+    assert sorted(p.name for p in base.parent.iterdir()) == [base.name + ".pem", base.name + ".pub"]
+    assert load_private_key(base.parent / (base.name + ".pem")).key_id == key.key_id
+
+
+def test_private_key_is_encrypted(tmp_path: Path) -> None:
+    generate_key(tmp_path / "plain")
+    generate_key(tmp_path / "secret", passphrase=b"correct horse")
+    assert private_key_is_encrypted(tmp_path / "secret.pem") is True
+    assert private_key_is_encrypted(tmp_path / "plain.pem") is False
+    with pytest.raises(KeyFileError, match="nope.pem: cannot read private key"):
+        private_key_is_encrypted(tmp_path / "nope.pem")

@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 
 from signing.errors import SignatureFormatError
 from signing.keys import SigningKey
-from signing.signature import Signature, SignatureEnvelope, sign, signed_message
+from signing.signature import (
+    MAX_ENVELOPE_BYTES,
+    MAX_SIGNATURES,
+    Signature,
+    SignatureEnvelope,
+    sign,
+    signed_message,
+)
 
 KEY_A = "a" * 64
 KEY_B = "b" * 64
@@ -109,4 +116,58 @@ def test_signing_twice_with_one_key_is_refused(key: SigningKey) -> None:
 @pytest.mark.parametrize("data", [b"[" * 60_000, b'{"format":' + b"9" * 5000 + b"}"])
 def test_hostile_json_is_a_signature_format_error(data: bytes) -> None:
     with pytest.raises(SignatureFormatError, match="not JSON"):
+        SignatureEnvelope.from_bytes(data)
+
+
+def test_signed_message_is_domain_purpose_newline_payload() -> None:
+    assert signed_message("bundle-manifest", b"{}") == (
+        b"metrica-fleet signature v1\nbundle-manifest\n{}"
+    )
+
+
+def test_known_answer_signature() -> None:
+    """Ed25519 is deterministic: a fixed key gives this signature forever (devices in the field
+    verify what was signed years ago)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = SigningKey.from_private_key(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+    envelope = sign(b'{"version":"1.0.0"}\n', [key], "bundle-manifest")
+    assert key.key_id == "56475aa75463474c0285df5dbf2bcab73da651358839e9b77481b2eab107708c"
+    assert envelope.signatures[0].value.hex() == (
+        "969c126c1500ab065a3afa805826b1aeda169857d54f5707b04f8bccce8c123f"
+        "48a6d23d68219e8a748e02ab3d0e166203f2b29803039ea69c457dc85cea230e"
+    )
+
+
+def test_size_limits_are_inclusive() -> None:
+    """An envelope of exactly MAX_ENVELOPE_BYTES is parsed (this one is no JSON); one byte more
+    is refused for its size. MAX_SIGNATURES signatures are accepted, one more is refused."""
+    with pytest.raises(SignatureFormatError, match="not JSON"):
+        SignatureEnvelope.from_bytes(b"x" * MAX_ENVELOPE_BYTES)
+    with pytest.raises(SignatureFormatError, match=f"{MAX_ENVELOPE_BYTES + 1} bytes, more than"):
+        SignatureEnvelope.from_bytes(b"x" * (MAX_ENVELOPE_BYTES + 1))
+
+    def envelope(count: int) -> bytes:
+        signatures = (Signature(f"{i:064x}", bytes([i]) * 64) for i in range(count))
+        return SignatureEnvelope(tuple(signatures)).to_bytes()
+
+    assert len(SignatureEnvelope.from_bytes(envelope(MAX_SIGNATURES)).signatures) == MAX_SIGNATURES
+    message = f"{MAX_SIGNATURES + 1} signatures, more than {MAX_SIGNATURES}"
+    with pytest.raises(SignatureFormatError, match=message):
+        SignatureEnvelope.from_bytes(envelope(MAX_SIGNATURES + 1))
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"keyid": KEY_A}, "entry needs 'keyid' and 'sig'"),
+        ({"keyid": KEY_A, "sig": "AB" * 64}, f"signature by key {KEY_A} is not 128 lowercase hex"),
+    ],
+)
+def test_malformed_entries_are_named(entry: dict[str, str], message: str) -> None:
+    entries = [entry]
+    check = hashlib.sha256(json.dumps(entries, separators=(",", ":")).encode()).hexdigest()
+    document = {"check": check, "format": 1, "signatures": entries}
+    data = json.dumps(document, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    with pytest.raises(SignatureFormatError, match=message):
         SignatureEnvelope.from_bytes(data)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import locale
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -248,3 +250,27 @@ def test_trust_creates_missing_parent_directories(tmp_path: Path) -> None:
     directory = tmp_path / "etc" / "fleet" / "keyring"
     assert trust_key(directory, tmp_path / "keys" / "a.pub") == key.key_id
     assert Keyring.load(directory).active_key_ids == (key.key_id,)
+
+
+@pytest.fixture
+def ascii_locale() -> Iterator[None]:
+    """A process whose locale encoding is not UTF-8 (ASCII under the C locale)."""
+    previous = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        assert locale.getencoding() != "utf-8"
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
+
+
+def test_keyring_files_are_utf8_whatever_the_locale(tmp_path: Path, ascii_locale: None) -> None:
+    a, b = new_key(tmp_path, "a"), new_key(tmp_path, "b")
+    directory = ring(tmp_path, "ring", "a", "b")
+    (directory / "keyring.toml").write_bytes("# Schlüssel\nthreshold = 1\n".encode())
+    (directory / "revoked.txt").write_bytes(f"# clé perdue\n{a.key_id}\n".encode())
+    assert Keyring.load(directory).revoked == frozenset({a.key_id})
+    revoke_key(directory, b.key_id)
+    assert (directory / "revoked.txt").read_bytes().decode() == (
+        f"# clé perdue\n{a.key_id}\n{b.key_id}\n"
+    )

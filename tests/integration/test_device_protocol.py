@@ -44,6 +44,7 @@ from signing.keyring import Keyring, trust_key
 from signing.keys import SigningKey, generate_key, public_key_pem
 from tests.chaos.conftest import COMPATIBLE, Releases
 from tests.server.conftest import FakeClock, make_settings
+from tests.server_simulator import FakeClock as Clock  # the device's monotonic clock
 from updater.client import (
     AnswerRejectedError,
     NotEnrolledError,
@@ -296,19 +297,6 @@ def real(real_server: RealServer) -> Iterator[RealServer]:
     real_server.wire.reset()
     yield real_server
     real_server.wire.reset()
-
-
-class Clock:
-    """The device's monotonic clock, moved by the test."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
@@ -603,7 +591,8 @@ def test_a_heartbeat_is_kept_as_the_device_s_latest(
     # a field the protocol does not know is refused: an answer, not silence
     with pytest.raises(ServerRejectedError, match="HTTP 422") as caught:
         client.heartbeat({**HEARTBEAT, "surprise": 1})
-    assert caught.value.status == 422 and client.failures == 0
+    assert (caught.value.status, caught.value.code) == (422, "invalid_request")
+    assert client.failures == 0
 
 
 def test_a_resent_event_batch_is_stored_once(

@@ -1,9 +1,26 @@
 """An in-memory release server speaking the server side of ``docs/device-protocol.md``.
 
-The device side (``updater/client.py``, ``updater/daemon.py``) is tested against this, as
-python-tuf tests its client against a repository simulator: real HTTP on 127.0.0.1 (so headers,
-304s, Range and dropped connections behave as on the wire), state in plain dicts, and knobs to
-misbehave.
+The device side (``updater/client.py``, ``updater/daemon.py``) is tested against the real
+server (``tests/integration/test_device_protocol.py``: the application on SQLite, in process);
+this simulator is kept ONLY for the faults the real server cannot be made to produce:
+
+- a server that is down, hangs up, stalls past the device's timeout, or answers 5xx or an
+  arbitrary status (``faults``): failover, backoff, outages, a failing events endpoint;
+- answers signed by the server's key but never made by the real server: an unknown answer
+  ``format``, a ``checkin_interval_s`` outside what it sends, rewritten before signing
+  (``answer_hook``; a server that answers every check-in anew: ``forget_etags``);
+- a ``Date`` header far from the device's clock (``clock``);
+- a server that forgets the devices it enrolled (``forget_devices``);
+- blobs missing or with wrong bytes, and an assignment withdrawn while its blob is being
+  fetched (``blobs``, ``blob_hook``), and an assignment of a release for other devices, which
+  the real server refuses to make;
+- a server that is turned off under the ``fleet-updater daemon --once`` command.
+
+(The daemon's systemd test in ``tests/unit/test_daemon.py`` also runs against it, as the
+server at hand in the unit tier: nothing in it depends on what the server answers.)
+
+It serves real HTTP on 127.0.0.1 (so headers, 304s, Range and dropped connections behave as on
+the wire), keeps its state in plain dicts, and has knobs to misbehave.
 
     with ServerSimulator(server_key) as server:
         server.add_token("tok", uses=1)
@@ -215,11 +232,6 @@ class ServerSimulator:
             if self.assignments.get(device_id) != release:
                 self._etags[device_id] = self._etags.get(device_id, 0) + 1
             self.assignments[device_id] = release
-
-    def expire_sessions(self) -> None:
-        """Forget every session token (the next request of a device gets a 401)."""
-        with self._lock:
-            self.sessions.clear()
 
     def forget_devices(self) -> None:
         """Lose the device table (a server restored from an old backup)."""

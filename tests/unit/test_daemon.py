@@ -1,5 +1,11 @@
-"""The updater daemon on a virtual device against the server simulator: enrollment, installs
-end to end, what is never installed, outages, the persistent outbox, systemd notifications."""
+"""The updater daemon: its decision table, the heartbeat, the persistent outbox, systemd
+notifications, and, on a virtual device against the server simulator, what only the simulator
+can stage: an assignment the real server would refuse to make, blobs missing or corrupted, a
+release withdrawn in the middle of its download, outages, a failing events endpoint, a server
+that forgot the device, check-in intervals no real server sends.
+
+Enrollment, installs end to end, events resent after a lost acknowledgement and the other
+install decisions are tested against the real server: tests/integration/test_device_protocol.py."""
 
 from __future__ import annotations
 
@@ -20,8 +26,7 @@ from click.testing import CliRunner
 import chaos.lab_firmwares  # noqa: F401 (fills LAB_FIRMWARES)
 from bootloader_hooks.base import BootCause, BootEvent
 from chaos.lab_image import make_lab_image
-from chaos.virtual_device import BootRecord, PowerCut, VirtualDevice
-from fleet_core import durable
+from chaos.virtual_device import BootRecord, VirtualDevice
 from server import schemas
 from signing.keyring import Keyring, trust_key
 from signing.keys import SigningKey, generate_key
@@ -32,12 +37,10 @@ from updater.cli import main
 from updater.client import Assignment, ServerClient
 from updater.config import LoadedConfig, parse_config
 from updater.daemon import (
-    MAX_INTERRUPTED,
     Daemon,
     Outbox,
     OutboxLog,
     ReleaseHistory,
-    ReleaseHistoryStore,
     ReleaseRecord,
     SystemdNotifier,
     decide,
@@ -144,79 +147,7 @@ def lab(
     return Lab(root, server, server_key, releases)
 
 
-# --- end to end -------------------------------------------------------------------------------
-
-
-def test_an_assignment_is_installed_end_to_end(lab: Lab) -> None:
-    release = lab.release("2.0.0")
-    lab.server.assign(lab.device_id, release)
-    daemon = lab.daemon()
-    daemon.run_once()
-    assert daemon.last_error is None
-    assert lab.server.devices[lab.device_id].hostname == "lab-device"
-    # installed into slot b, armed, and the reboot asked for
-    assert lab.device.pending_reboot is not None
-    assert (lab.slot("b").status, lab.slot("b").bundle_sha256) == ("trial", release.manifest_sha256)
-    [sha] = release.blobs
-    assert any(r[0] == "GET" and r[1] == f"/blobs/{sha}" for r in lab.server.requests)
-    names = lab.names()
-    for name in ("daemon.enrolled", "daemon.install", "install.started", "install.verified",
-                 "install.trial_armed", "install.rebooting"):  # fmt: skip
-        assert name in names, names
-    seqs = [e["seq"] for e in lab.server_events()]
-    assert seqs == list(range(1_700_000_000_000, 1_700_000_000_000 + len(seqs)))
-    assert lab.heartbeats()[-1]["updater_state"] == "installed"
-    # the reboot: the boot check commits the trial; the daemon that starts next reports it
-    records = lab.reboot()
-    assert records[-1].action == "committed" and records[-1].image is not None
-    assert records[-1].image.version == "2.0.0"
-    after = lab.daemon()
-    after.run_once()
-    heartbeat = lab.heartbeats()[-1]
-    assert (heartbeat["version"], heartbeat["booted"], heartbeat["primary"]) == ("2.0.0", "b", "b")
-    assert heartbeat["slots"]["b"] == {"status": "good", "version": "2.0.0"}
-    assert heartbeat["health"] == [{"name": "lab:release", "ok": True}]
-    assert heartbeat["updater_state"] == "idle" and heartbeat["safe_mode"] is False
-    assert len(lab.local("install.started")) == 1  # running it: nothing more to do
-
-
-def test_nothing_is_installed_while_updates_are_suspended(lab: Lab) -> None:
-    store = lab.device.store
-    store.save(dataclasses.replace(store.load().state, suspended="crash loop: 4 starts"))
-    lab.server.assign(lab.device_id, lab.release("2.0.0"))
-    daemon = lab.daemon()
-    daemon.run_once()
-    lab.clock.now += 61
-    daemon.run_once()
-    assert lab.device.pending_reboot is None and lab.slot("b").status == "empty"
-    assert not lab.local("install.started")
-    skipped = [e for e in lab.server_events() if e["event"] == "daemon.install_skipped"]
-    assert len(skipped) == 1 and "suspended" in skipped[0]["fields"]["reason"]
-    assert [h["updater_state"] for h in lab.heartbeats()] == ["suspended", "suspended"]
-
-
-def test_a_release_whose_trial_failed_is_never_tried_again(lab: Lab) -> None:
-    lab.server.assign(lab.device_id, lab.release("2.0.0", "unhealthy"))
-    lab.daemon().run_once()
-    records = lab.reboot()
-    assert [r.action for r in records] == ["rolled_back", "confirmed"]
-    daemon = lab.daemon()
-    for _ in range(3):
-        daemon.run_once()
-        lab.clock.now += 61
-    assert len(lab.local("install.started")) == 1
-    assert lab.names().count("daemon.release_failed") == 1
-    [record] = ReleaseHistoryStore(lab.device.config.data_dir).load().releases.values()
-    assert record.outcome == "failed" and "trial" in (record.detail or "")
-    # even when the slot has since been rewritten, the history remembers
-    lab.server.assign(lab.device_id, lab.release("3.0.0"))
-    lab.clock.now += 61
-    daemon.run_once()
-    lab.reboot()
-    lab.server.assign(lab.device_id, lab.release("2.0.0", "unhealthy"))
-    again = lab.daemon()
-    again.run_once()
-    assert len(lab.local("install.started")) == 2
+# --- installs that go wrong ------------------------------------------------------------------
 
 
 def test_an_install_that_fails_is_not_retried(lab: Lab) -> None:
@@ -282,68 +213,6 @@ def test_an_undecodable_field_is_escaped_for_the_wire() -> None:
     assert wire == {"error": "cannot open /data/\\udcff.img", "nul": "a\\0b"}
 
 
-def cut_power_at(point: str) -> durable.BoundaryHook:
-    off = threading.Event()
-
-    def hook(name: str, path: Path) -> None:
-        if off.is_set() or name == point:
-            off.set()
-            raise PowerCut(name)
-
-    return hook
-
-
-def test_an_install_cut_short_is_counted_and_given_up_after_a_few(lab: Lab) -> None:
-    lab.server.assign(lab.device_id, lab.release("2.0.0"))
-    for attempt in range(1, MAX_INTERRUPTED + 1):
-        previous = durable.set_boundary_hook(cut_power_at("slot:begin"))
-        try:
-            with pytest.raises(PowerCut):
-                lab.daemon().run_once()
-        finally:
-            durable.set_boundary_hook(previous)
-        lab.device.power_cut()  # the boot check finds the install interrupted: slot b bad
-        assert lab.slot("b").status == "bad"
-        lab.clock.now += 61
-        if attempt < MAX_INTERRUPTED:
-            assert len(lab.local("install.started")) == attempt
-    daemon = lab.daemon()
-    daemon.run_once()
-    assert len(lab.local("install.started")) == MAX_INTERRUPTED
-    assert len(lab.local("daemon.install_interrupted")) == MAX_INTERRUPTED
-    assert "daemon.release_failed" in lab.names() and lab.device.pending_reboot is None
-
-
-def test_an_install_cut_short_once_is_tried_again(lab: Lab) -> None:
-    lab.server.assign(lab.device_id, lab.release("2.0.0"))
-    previous = durable.set_boundary_hook(cut_power_at("slot:begin"))
-    try:
-        with pytest.raises(PowerCut):
-            lab.daemon().run_once()
-    finally:
-        durable.set_boundary_hook(previous)
-    lab.device.power_cut()
-    lab.daemon().run_once()
-    assert lab.reboot()[-1].action == "committed" and lab.slot("b").version == "2.0.0"
-
-
-def test_a_rollback_to_the_release_in_the_other_slot_is_a_slot_flip(lab: Lab) -> None:
-    two, three = lab.release("2.0.0"), lab.release("3.0.0")
-    for release in (two, three):
-        lab.server.assign(lab.device_id, release)
-        lab.daemon().run_once()
-        assert lab.reboot()[-1].action == "committed"
-    assert lab.device.runtime().backend.booted() == "a"
-    downloads = len([r for r in lab.server.requests if r[0] == "GET"])
-    lab.server.assign(lab.device_id, two)
-    lab.daemon().run_once()
-    assert lab.local("rollback.armed")[-1]["slot"] == "b"
-    assert len([r for r in lab.server.requests if r[0] == "GET"]) == downloads
-    records = lab.reboot()
-    assert records[-1].action == "committed" and records[-1].image is not None
-    assert records[-1].image.version == "2.0.0"
-
-
 # --- outages and the outbox -------------------------------------------------------------------
 
 
@@ -372,39 +241,6 @@ def test_through_an_outage_the_device_keeps_its_release_and_resyncs_after(lab: L
     assert "daemon.server_unreachable" not in lab.names()  # kept local: news of its own outage
 
 
-def test_events_survive_an_outage_and_a_restart_and_are_stored_once(lab: Lab) -> None:
-    first = lab.daemon()
-    first.run_once()
-    sent = len(lab.server_events())
-    lab.server.faults.down = True
-    first.log.event("boot_check.committed", slot="b")
-    first.log.event("health.check_failed", level="warning", check="x", detail="y")
-    first.log.event("install.progress", level="debug", bytes=1)  # debug: local only
-    lab.clock.now += 61
-    first.run_once()
-    assert first.outbox.counts()[0] == 2
-    # the server comes back, stores the events, but its answer is lost: the daemon checks in
-    # all the same, then sends them again, and the server stores them once
-    lab.server.faults.down = False
-    lab.server.faults.lose_answers = 1
-    lab.clock.now += 400
-    first.run_once()
-    assert len(lab.server_events()) == sent + 2
-    assert first.last_error is None
-    # the daemon restarts (a reboot, a crash): the outbox is on disk and is sent again
-    second = lab.daemon()
-    second.log.event("update.resumed", previously=None)
-    second.run_once()
-    assert second.outbox.counts()[0] == 0
-    events = lab.server_events()
-    seqs = [e["seq"] for e in events]
-    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
-    names = [e["event"] for e in events[sent:]]
-    assert names[:2] == ["boot_check.committed", "health.check_failed"]
-    assert "update.resumed" in names[2:]
-    assert events[sent]["fields"] == {"level": "info", "slot": "b"}
-
-
 def test_a_failing_events_endpoint_does_not_stop_check_ins(lab: Lab) -> None:
     daemon = lab.daemon()
     daemon.run_once()
@@ -428,30 +264,6 @@ def test_a_device_the_server_forgot_enrolls_again(lab: Lab) -> None:
     daemon.run_once()
     assert lab.device_id in lab.server.devices and daemon.last_error is None
     assert lab.heartbeats()
-
-
-def test_a_refused_enrollment_is_reported_and_tried_again(lab: Lab) -> None:
-    wrong = "not-a-token"
-    lab.device.config = dataclasses.replace(lab.device.config, enrollment_token=wrong)
-    daemon = lab.daemon()
-    delay = daemon.run_once()
-    assert daemon.last_error is not None and "not_authorized" in daemon.last_error
-    assert 54 <= delay <= 66
-    lab.server.preauthorize(lab.identity.public_key_hex)
-    lab.clock.sleep(delay)
-    daemon.run_once()
-    assert daemon.last_error is None and lab.heartbeats()
-    assert len(lab.local("daemon.enroll_refused")) == 1  # the refusal, reported once
-
-
-def test_without_a_server_keyring_the_device_still_reports(lab: Lab) -> None:
-    daemon = lab.daemon()
-    daemon.client.keyring = None
-    daemon.run_once()
-    lab.clock.now += 61
-    daemon.run_once()
-    assert daemon.last_error is not None and "no server keyring" in daemon.last_error
-    assert len(lab.heartbeats()) == 2 and lab.names().count("daemon.step_failed") == 1
 
 
 def test_the_server_table_of_the_configuration(tmp_path: Path) -> None:
@@ -486,19 +298,6 @@ failover_after_s = 20
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_config(bad, "x")
-
-
-def test_checkins_are_jittered_and_heartbeats_regular(lab: Lab) -> None:
-    rolls = iter([0.0, 1.0] * 10)
-    daemon = lab.daemon()
-    daemon._rng = lambda: next(rolls)  # the jitter's dice
-    assert daemon.run_once() == pytest.approx(54.0)  # checkin in 60 s - 10 %, heartbeat in 60
-    lab.clock.now += 54
-    assert daemon.run_once() == pytest.approx(6.0)
-    lab.clock.now += 6
-    assert daemon.run_once() == pytest.approx(60.0)
-    assert len(lab.server.api_requests("/checkin")) == 2
-    assert len(lab.server.api_requests("/heartbeat")) == 2
 
 
 def test_while_a_rollout_is_active_the_server_sets_a_shorter_checkin_interval(lab: Lab) -> None:
@@ -546,47 +345,6 @@ def test_a_download_in_progress_is_abandoned_when_the_server_withdraws_the_relea
     lab.clock.now += 120
     daemon.run_once()
     assert (lab.slot("b").status, lab.slot("b").bundle_sha256) == ("trial", release.manifest_sha256)
-
-
-def test_in_safe_mode_the_assigned_release_is_recovered_into_a_root_slot(lab: Lab) -> None:
-    # both root slots go bad: b's release hangs at boot, then a's application stops working
-    lab.device.install(lab.releases.bundle("1.5.0", "hang"))
-    with lab.device.slot_path("a").open("r+b") as handle:
-        handle.write(make_lab_image("1.0.0", "unhealthy"))
-    assert lab.device.power_on()[-1].slot == "safe"
-    release = lab.release("2.0.0")  # the last known-good release, as a rollback assigns it
-    lab.server.assign(lab.device_id, release)
-    daemon = lab.daemon()
-    daemon.run_once()
-    assert daemon.last_error is None
-    names = lab.names()
-    for name in ("recovery.started", "recovery.verified", "recovery.finished",
-                 "recovery.rebooting"):  # fmt: skip
-        assert name in names, names
-    assert lab.heartbeats()[-1]["safe_mode"] is True  # still reporting from safe mode
-    records = lab.reboot()
-    assert records[-1].action == "committed", records
-    assert records[-1].image is not None and records[-1].image.version == "2.0.0"
-    after = lab.daemon()
-    after.run_once()
-    heartbeat = lab.heartbeats()[-1]
-    assert heartbeat["safe_mode"] is False and heartbeat["version"] == "2.0.0"
-    assert len(lab.local("recovery.started")) == 1  # running it now: nothing more to do
-
-
-def test_a_recovery_that_ends_in_safe_mode_again_is_not_repeated(lab: Lab) -> None:
-    lab.device.install(lab.releases.bundle("1.5.0", "hang"))
-    with lab.device.slot_path("a").open("r+b") as handle:
-        handle.write(make_lab_image("1.0.0", "unhealthy"))
-    assert lab.device.power_on()[-1].slot == "safe"
-    lab.server.assign(lab.device_id, lab.release("2.0.0", "unhealthy"))
-    lab.daemon().run_once()
-    assert lab.reboot()[-1].slot == "safe"  # the recovered release failed its trial
-    daemon = lab.daemon()
-    daemon.run_once()
-    assert lab.device.pending_reboot is None  # no loop of recoveries
-    assert len(lab.local("recovery.started")) == 1
-    assert "daemon.release_failed" in lab.names()
 
 
 # --- the decision table -----------------------------------------------------------------------

@@ -554,6 +554,19 @@ def test_an_answer_for_another_device_is_ignored(
     assert client.last_answer is None and client.failures == 1
 
 
+def test_an_enrollment_answer_for_another_device_is_no_answer(
+    real: RealServer, identity: DeviceIdentity, clock: Clock, tmp_path: Path
+) -> None:
+    other = load_or_create_identity(tmp_path / "other")[0]
+    enrolled(real, other, clock)
+    [recorded] = real.wire.device_calls("/enroll")
+    client = client_for(real, identity, clock)
+    real.wire.replay = lambda e: recorded if e.path.endswith("/enroll") else None
+    with pytest.raises(ServerUnavailableError, match="enrollment answered for device"):
+        client.enroll(compatible=COMPATIBLE, hostname="x", token=real.enrollment_token())
+    assert client.failures == 1
+
+
 def test_without_a_server_keyring_there_is_no_checkin(
     real: RealServer, identity: DeviceIdentity, clock: Clock
 ) -> None:

@@ -424,9 +424,12 @@ def test_rollback_below_the_installed_security_version_is_refused(
     assert status(device)["primary"] == "b"
 
 
-def test_no_install_during_an_undecided_trial(make_device: MakeDevice, releases: Releases) -> None:
+@pytest.mark.parametrize("firmware", FIRMWARES)
+def test_no_install_during_an_undecided_trial(
+    firmware: str, make_device: MakeDevice, releases: Releases
+) -> None:
     """The other slot is the running trial's only fallback until the boot check decides."""
-    device = make_device("grub")
+    device = make_device(firmware)
     device.install(releases.bundle("2.0.0"), reboot=False)
     device.boot(device_reboot_event(device), run_boot_check=False)  # the boot check died
     assert status(device)["trial"] is True

@@ -16,8 +16,9 @@ import zstandard
 
 from bootloader_hooks import grub, grubenv
 from bootloader_hooks.base import BootSelector
-from image_builder.bundle import read_bundle_info
+from image_builder.bundle import BundleReader, read_bundle_info
 from image_builder.errors import BundleError
+from signing.keyring import Keyring
 from signing.keys import SigningKey
 from tests.conftest import raw_bundle, signed_members
 from updater import slots as slots_module
@@ -167,7 +168,10 @@ def test_an_image_one_byte_larger_than_its_slot_is_refused_before_writing(
 
 
 def test_the_device_holding_the_mounted_root_is_never_a_target(
-    device: Device, make_bundle: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    device: Device,
+    make_bundle: Callable[..., Path],
+    keyring_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Whatever the configuration and the bootloader say, the block device the running root
     file system lives on is refused before anything is written (only the checks run here:
@@ -178,11 +182,17 @@ def test_the_device_holding_the_mounted_root_is_never_a_target(
     monkeypatch.setattr(slots_module, "capacity", lambda path: SLOT_SIZE)
     slots = {"a": device.config.slots["a"], "b": {"rootfs": str(node)}}
     config = dataclasses.replace(device.config, slots=slots)
-    manifest, _ = read_bundle_info(make_bundle(size=1000))
+    bundle = make_bundle(size=1000)
+    manifest, _ = read_bundle_info(bundle)
     with pytest.raises(SlotError, match="holds the running root filesystem"):
         checked_targets(config, manifest, "b")
+    # the installer's verification step goes through it (it writes nothing, refused or not)
+    device.config = config
+    with bundle.open("rb") as stream, pytest.raises(SlotError, match="running root filesystem"):
+        reader = BundleReader(stream, name=str(bundle))
+        device.installer().verify_manifest(reader, Keyring.load(keyring_dir), DeviceState())
     # a plain file in the same place is a target like any other
-    assert checked_targets(device.config, manifest, "b")["rootfs"].path == device.slot("b")
+    assert checked_targets(device.config, manifest, "a")["rootfs"].path == device.slot("a")
 
 
 # --- no install while the running slot is undecided ----------------------------------------

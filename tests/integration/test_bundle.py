@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -10,11 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleet_core.errors import FleetError
 from image_builder.bundle import (
+    CHUNK,
+    MAX_READ,
     BundleReader,
     ImageStream,
     read_bundle_info,
@@ -22,17 +26,18 @@ from image_builder.bundle import (
     verify_stream,
 )
 from image_builder.bundle_writer import ImageSource, create_bundle
-from image_builder.container import BLOCK, END_OF_ARCHIVE
+from image_builder.container import BLOCK, END_OF_ARCHIVE, padding
 from image_builder.errors import (
     BundleError,
     BundleFormatError,
     ImageIntegrityError,
     ManifestError,
 )
-from image_builder.manifest import Manifest
+from image_builder.manifest import ImageEntry, Manifest
 from signing.errors import BadSignatureError, RevokedKeyError, ThresholdError, UnknownKeyError
 from signing.keyring import Keyring, revoke_key, set_threshold, trust_key
 from signing.keys import SigningKey, generate_key
+from signing.signature import MAX_ENVELOPE_BYTES
 from tests.conftest import raw_bundle, signed_members
 
 MakeBundle = Callable[..., Path]
@@ -514,3 +519,182 @@ def test_header_change_that_keeps_the_checksum_is_detected(
     data[136 + down] -= 1
     with pytest.raises(BundleFormatError, match="mtime"):
         verify_bytes(bytes(data), keyring)
+
+
+# --- the reader's read sizes, limits and messages -------------------------------------------
+
+
+def entry_for(stored: bytes, image: bytes, compression: str) -> ImageEntry:
+    return ImageEntry(
+        slot_class="rootfs",
+        filename="rootfs.ext4" + (".zst" if compression == "zstd" else ""),
+        compression=compression,
+        size=len(stored),
+        sha256=hashlib.sha256(stored).hexdigest(),
+        uncompressed_size=len(image),
+        uncompressed_sha256=hashlib.sha256(image).hexdigest(),
+    )
+
+
+IMAGE = bytes(range(256)) * 40  # 10240 bytes
+
+
+def test_image_stream_reads_what_is_asked_and_never_past_its_stored_bytes() -> None:
+    raw = io.BytesIO(IMAGE + b"next member")
+    stream = ImageStream(entry_for(IMAGE, IMAGE, "none"), raw)
+    assert stream.read(0) == b""
+    assert stream.read(1) == IMAGE[:1]
+    assert stream.read(10) == IMAGE[1:11]
+    assert stream.read() == IMAGE[11:]  # at most CHUNK, and all that is left
+    assert raw.read() == b"next member"  # the stream stopped at the image's last byte
+    assert stream.read() == b""
+    assert stream.verified
+    assert stream.read() == b""  # and stays at its end
+    assert stream.read(5) == b""
+
+
+def test_one_read_returns_at_most_chunk_by_default_and_max_read_when_asked_for_more() -> None:
+    image = bytes(range(251)) * ((MAX_READ + 4 * CHUNK) // 251 + 1)
+    stream = ImageStream(entry_for(image, image, "none"), io.BytesIO(image))
+    assert len(stream.read()) == CHUNK
+    assert len(stream.read(-1)) == CHUNK
+    assert len(stream.read(None)) == CHUNK  # type: ignore[arg-type]
+    assert len(stream.read(2 * MAX_READ)) == MAX_READ
+
+
+def test_an_image_of_several_zstd_frames_is_read_whole() -> None:
+    """Concatenated frames are one valid zstd stream (multi-threaded compressors write them)."""
+    half = len(IMAGE) // 2
+    compressor = zstandard.ZstdCompressor()
+    stored = compressor.compress(IMAGE[:half]) + compressor.compress(IMAGE[half:])
+    stream = ImageStream(entry_for(stored, IMAGE, "zstd"), io.BytesIO(stored))
+    out = b""
+    while chunk := stream.read(4096):
+        out += chunk
+    assert out == IMAGE and stream.verified
+
+
+def test_image_stream_errors_name_the_image() -> None:
+    short = entry_for(IMAGE[:-1], IMAGE, "none")
+    with pytest.raises(ImageIntegrityError, match="^image: 10239 bytes, manifest declares 10240$"):
+        read_stream(ImageStream(short, io.BytesIO(IMAGE[:-1])))
+    changed = io.BytesIO(IMAGE[::-1])
+    with pytest.raises(
+        ImageIntegrityError, match="^image: SHA-256 of stored bytes does not match$"
+    ):
+        read_stream(ImageStream(entry_for(IMAGE, IMAGE, "none"), changed))
+
+
+def test_zstd_image_errors_name_the_image() -> None:
+    stored = zstandard.ZstdCompressor().compress(IMAGE)
+    entry = entry_for(stored, IMAGE, "zstd")
+    # the uncompressed bytes hash differently than declared
+    wrong = dataclasses.replace(entry, uncompressed_sha256="0" * 64)
+    with pytest.raises(ImageIntegrityError, match="^img: SHA-256 of image does not match$"):
+        read_stream(ImageStream(wrong, io.BytesIO(stored), name="img"))
+    broken = stored[:4] + b"\xff" + stored[5:]  # reserved bits in the frame descriptor
+    with pytest.raises(ImageIntegrityError, match="^img: corrupt zstd data: "):
+        read_stream(ImageStream(entry_for(broken, IMAGE, "zstd"), io.BytesIO(broken), name="img"))
+
+
+def read_stream(stream: ImageStream) -> bytes:
+    out = b""
+    while chunk := stream.read(4096):
+        out += chunk
+    return out
+
+
+def test_image_offsets_are_where_the_stored_bytes_are(
+    make_bundle: MakeBundle, keyring: Keyring
+) -> None:
+    path = make_bundle(compression="zstd", bootfs=True)
+    data = path.read_bytes()
+    with open(path, "rb") as handle:
+        reader = BundleReader(handle)
+        reader.verify(keyring)
+        for image in reader.images():
+            stored = data[image.offset : image.offset + image.entry.size]
+            assert hashlib.sha256(stored).hexdigest() == image.entry.sha256
+            read_stream(image.stream)
+
+
+def test_bundle_images_are_read_once(make_bundle: MakeBundle, keyring: Keyring) -> None:
+    reader = BundleReader(io.BytesIO(make_bundle().read_bytes()))
+    reader.verify(keyring)
+    for image in reader.images():
+        read_stream(image.stream)
+    with pytest.raises(BundleError, match="^bundle: images can be read only once$"):
+        next(reader.images())
+
+
+def test_bundle_errors_name_the_bundle_file(make_bundle: MakeBundle, keyring: Keyring) -> None:
+    path = make_bundle()
+    path.write_bytes(path.read_bytes()[:-700])
+    with pytest.raises(BundleFormatError, match=f"^{path}: truncated: a tar header ends"):
+        verify_bundle(path, keyring)
+    with pytest.raises(BundleFormatError, match="^bundle: truncated: a tar header ends"):
+        verify_stream(io.BytesIO(path.read_bytes()), keyring)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(BundleFormatError, match=f"^{path}: truncated: "):
+        read_bundle_info(path)
+
+
+def test_damaged_end_of_archive_and_members_missing_are_named(
+    make_bundle: MakeBundle, keyring: Keyring
+) -> None:
+    data = make_bundle().read_bytes()
+    damaged = data[:-BLOCK] + b"\1" + bytes(BLOCK - 1)
+    with pytest.raises(BundleFormatError, match="^bundle: damaged end-of-archive marker$"):
+        verify_bytes(damaged, keyring)
+    cut = data[: -2 * BLOCK] + bytes(BLOCK)
+    with pytest.raises(
+        BundleFormatError, match="truncated: the end-of-archive marker ends after 0"
+    ):
+        verify_bytes(cut, keyring)
+    manifest_only = raw_bundle([("manifest.json", read_member(data, "manifest.json"))])
+    with pytest.raises(BundleFormatError, match="^bundle: ends before manifest.sig$"):
+        verify_bytes(manifest_only, keyring)
+
+
+def read_member(data: bytes, name: str) -> bytes:
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        return archive.extractfile(name).read()  # type: ignore[union-attr]
+
+
+def test_header_errors_give_the_offset_of_the_header(
+    make_bundle: MakeBundle, keyring: Keyring
+) -> None:
+    data = bytearray(make_bundle().read_bytes())
+    manifest = read_member(bytes(data), "manifest.json")
+    second_header = BLOCK + len(manifest) + padding(len(manifest))
+    data[second_header + 100] ^= 0xFF  # mode field of manifest.sig's header
+    with pytest.raises(BundleFormatError, match=f"tar header at offset {second_header}"):
+        verify_bytes(bytes(data), keyring)
+
+
+def test_signature_member_of_exactly_the_envelope_limit_is_read(
+    make_bundle: MakeBundle, key: SigningKey, keyring: Keyring
+) -> None:
+    manifest = read_member(make_bundle().read_bytes(), "manifest.json")
+    at_limit = raw_bundle(
+        [("manifest.json", manifest), ("manifest.sig", b"x" * MAX_ENVELOPE_BYTES)]
+    )
+    with pytest.raises(BundleFormatError, match="signature envelope: not JSON"):
+        verify_bytes(at_limit, keyring)
+    over = raw_bundle(
+        [("manifest.json", manifest), ("manifest.sig", b"x" * (MAX_ENVELOPE_BYTES + 1))]
+    )
+    with pytest.raises(
+        BundleFormatError, match=f"manifest.sig claims {MAX_ENVELOPE_BYTES + 1} bytes"
+    ):
+        verify_bytes(over, keyring)
+
+
+def test_an_unknown_member_in_place_of_an_image_is_named_as_such(
+    make_bundle: MakeBundle, key: SigningKey, keyring: Keyring
+) -> None:
+    data = make_bundle().read_bytes()
+    manifest = read_member(data, "manifest.json")
+    forged = raw_bundle([*signed_members(manifest, key), ("evil.bin", b"x")])
+    with pytest.raises(BundleFormatError, match="'evil.bin' is not named in the manifest"):
+        verify_bytes(forged, keyring)

@@ -133,6 +133,14 @@ def server() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 @click.option(
+    "--fd",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Serve on this inherited TCP socket, already bound, instead of binding --host and "
+    "--port: whoever starts the server (socket activation, the tests) holds the address "
+    "before the server runs, so no other process can take it in between.",
+)
+@click.option(
     "--max-upload-bytes",
     type=click.IntRange(min=1),
     default=None,
@@ -177,6 +185,7 @@ def run(
     database_url: str | None,
     host: str,
     port: int,
+    fd: int | None,
     max_upload_bytes: int | None,
     log_level: str,
     log_format: str,
@@ -211,14 +220,16 @@ def run(
     # logging is configured above, once, for uvicorn's loggers too (log_config=None keeps
     # uvicorn's own colourful handlers out); its access log gives way to ours, which names
     # the route template rather than the path a client sent
-    uvicorn.run(
-        logs.AccessLogMiddleware(app),
-        host=host,
-        port=port,
-        log_level=log_level,
-        log_config=None,
-        access_log=False,
-    )
+    options: dict[str, Any] = {"log_level": log_level, "log_config": None, "access_log": False}
+    if fd is None:
+        uvicorn.run(logs.AccessLogMiddleware(app), host=host, port=port, **options)
+        return
+    # uvicorn's own --fd takes any descriptor for a Unix socket; the socket's own family
+    # (socket(fileno=...) reads it) keeps TCP sockets TCP
+    served = uvicorn.Server(uvicorn.Config(logs.AccessLogMiddleware(app), **options))
+    served.run(sockets=[socket.socket(fileno=fd)])
+    if not served.started:
+        sys.exit(3)  # what uvicorn.run exits with when the server did not start
 
 
 @server.group()

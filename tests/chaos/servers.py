@@ -14,7 +14,6 @@ from click.testing import CliRunner
 
 from fleet_core.cli import fleet
 from signing.keyring import trust_key
-from tests.server.conftest import free_port
 from tests.server.test_process import ServerProcess
 
 if TYPE_CHECKING:
@@ -42,22 +41,24 @@ class Fleet:
         if database:
             self.db_args += ["--database-url", database]
         trust_key(self.data / "keyring", releases.directory / "release-key.pub")
-        self.ports = (free_port(), free_port())
-        self.urls = tuple(f"http://127.0.0.1:{port}" for port in self.ports)
         self.processes = [
-            ServerProcess(
-                ["server", "run", *self.db_args, "--port", str(port), *server_args],
-                root / f"s{i}.log",
-            )
-            for i, port in enumerate(self.ports)
+            ServerProcess(["server", "run", *self.db_args, *server_args], root / f"s{i}.log")
+            for i in range(2)
         ]
-        self.start(0)
-        self.token = run("server", "token", "create", "--role", "admin", "--name", "e2e",
-                         *self.db_args).splitlines()[0]  # fmt: skip
-        self.start(1)
+        self.ports = tuple(process.port for process in self.processes)
+        self.urls = tuple(process.url for process in self.processes)
+        try:
+            self.start(0)
+            self.token = run("server", "token", "create", "--role", "admin", "--name", "e2e",
+                             *self.db_args).splitlines()[0]  # fmt: skip
+            self.start(1)
+        except BaseException:
+            for process in self.processes:  # no fixture will stop what was never returned
+                process.stop()
+            raise
 
     def start(self, index: int) -> None:
-        self.processes[index].start(self.urls[index])
+        self.processes[index].start()
 
     def stop(self, index: int) -> None:
         self.processes[index].stop()

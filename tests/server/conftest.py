@@ -292,10 +292,31 @@ def enrolled(harness: Harness) -> Callable[..., FakeDevice]:
 
 
 def free_port() -> int:
+    """A loopback port nobody listened on a moment ago. Only for an address that must refuse
+    connections: a server of the tests is given a socket already bound (listening_socket),
+    since between closing this probe and a server binding the port anyone could take it."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
     return port
+
+
+def listening_socket(port: int = 0) -> socket.socket:
+    """A TCP socket bound on loopback to ``port`` (0: one the kernel picks) and listening. A
+    server process is handed its descriptor (``fleet server run --fd``), so the address is the
+    test's from before the server starts: no other process can be listening there, and every
+    answer on it comes from that server."""
+    sock = socket.socket()
+    try:
+        # a restarted server's port may still have connections in TIME_WAIT; a socket that
+        # is listening there still makes the bind fail
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 @dataclass

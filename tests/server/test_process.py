@@ -6,6 +6,7 @@ import hashlib
 import json
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from fleet_core.cli import fleet
 from signing.keyring import Keyring
 from signing.keys import generate_key, key_id, load_private_key, load_public_key
 from signing.signature import SignatureEnvelope
-from tests.server.conftest import FakeDevice, free_port
+from tests.server.conftest import FakeDevice, listening_socket
 
 MakeBundle = Callable[..., Path]
 
@@ -42,17 +43,35 @@ class HttpClient:
 
 
 class ServerProcess:
-    """``fleet server run`` in a child process, logging to a file."""
+    """``fleet server run`` in a child process, logging to a file, serving on a socket the
+    test binds and hands down (``--fd``, see listening_socket): :attr:`url` is known before
+    the process starts and no other process can answer on it.
+
+    The child keeps the only copy of the socket, so a stopped server refuses connections as
+    a dead one does; :meth:`start` after :meth:`stop` binds the same port again, and fails
+    loudly if another process took it in between."""
 
     def __init__(self, args: list[str], log: Path) -> None:
         self.args = args
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
+        self.listener: socket.socket | None = listening_socket()
+        self.port: int = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
 
-    def start(self, url: str) -> None:
-        command = [sys.executable, "-c", "from fleet_core.cli import main; main()", *self.args]
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    def start(self) -> None:
+        listener = self.listener or listening_socket(self.port)
+        self.listener = None
+        fd = listener.fileno()
+        command = [sys.executable, "-c", "from fleet_core.cli import main; main()", *self.args,
+                   "--fd", str(fd)]  # fmt: skip
+        try:
+            with open(self.log, "ab") as log:
+                self.process = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, pass_fds=[fd]
+                )
+        finally:
+            listener.close()  # the child's copy is the socket now
         deadline = time.monotonic() + 30
         while True:
             if self.process.poll() is not None:
@@ -60,15 +79,20 @@ class ServerProcess:
                     f"server exited with {self.process.returncode}:\n{self.log.read_text()}"
                 )
             try:
-                if requests.get(url + "/healthz", timeout=1).status_code == 200:
+                # the socket listens from the start: a request waits in its queue until the
+                # server accepts it (or the timeout ends this try)
+                if requests.get(self.url + "/healthz", timeout=2).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"server did not come up:\n{self.log.read_text()}")
-            time.sleep(0.05)
+            time.sleep(0.05)  # poll interval of the wait above, bounded by its deadline
 
     def stop(self) -> None:
+        if self.listener is not None:  # never started
+            self.listener.close()
+            self.listener = None
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -87,13 +111,9 @@ def server_process(
     db_args = ["--data-dir", str(data_dir)]
     if database_url is not None:
         db_args += ["--database-url", database_url]
-    port = free_port()
-    process = ServerProcess(
-        ["server", "run", *db_args, "--host", "127.0.0.1", "--port", str(port)],
-        tmp_path / "server.log",
-    )
+    process = ServerProcess(["server", "run", *db_args], tmp_path / "server.log")
     try:
-        yield process, f"http://127.0.0.1:{port}", db_args
+        yield process, process.url, db_args
     finally:
         process.stop()
 
@@ -123,7 +143,7 @@ def test_upload_enroll_assign_checkin_download_restart(
     process, url, db_args = server_process
     token = cli("server", "token", "create", "--role", "operator", "--name", "ci", *db_args)
     enrollment_token = cli("server", "enrollment-token", "create", "--uses", "1", *db_args)
-    process.start(url)
+    process.start()
     api = ["--server", url, "--token", token]
 
     bundle = make_bundle(version="2.0.0", size=300_000)
@@ -163,7 +183,7 @@ def test_upload_enroll_assign_checkin_download_restart(
     assert part.headers["Content-Range"] == f"bytes 1000-1999/{blob['size']}"
 
     process.stop()
-    process.start(url)
+    process.start()
 
     listed = json.loads(cli("device", "list", "--json", *api))
     assert [(d["id"], d["assigned_version"]) for d in listed] == [(device.id, "2.0.0")]

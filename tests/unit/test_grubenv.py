@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bootloader_hooks import grubenv
@@ -131,6 +131,7 @@ def test_bytes_that_are_not_utf8_survive_a_round_trip() -> None:
     assert block.encode() == data
 
 
+@example({"big": "v" * 1020})  # the drawn variables never fill the block: the full branch
 @given(st.dictionaries(names, values, max_size=8))
 def test_round_trip(variables: dict[str, str]) -> None:
     block = EnvBlock.new().update(dict(variables))
@@ -198,6 +199,7 @@ def test_read_names_the_file_of_a_damaged_block(tmp_path: Path) -> None:
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=30)
+@example({"big": "v" * 1020})  # a write that cannot fit: the unchanged-file branch
 @given(
     st.dictionaries(
         names,

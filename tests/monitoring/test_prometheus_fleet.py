@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,10 @@ def lab(tmp_path: Path, releases: Releases) -> Iterator[Lab]:
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         wait_for("Prometheus ready", lambda: requests.get(url + "/-/ready", timeout=2).ok)
+        # Prometheus binds the port itself, chosen a moment before: the answer must be from
+        # the Prometheus started here (its configuration file), not whatever took the port
+        flags = requests.get(url + "/api/v1/status/flags", timeout=10).json()["data"]
+        assert flags["config.file"] == str(config), f"another Prometheus answers on {url}"
         yield Lab(servers, fleet, url)
     finally:
         if prometheus is not None:
@@ -161,6 +166,23 @@ def api(lab: Lab, path: str, **params: str) -> Any:
 def query(lab: Lab, expr: str) -> list[dict[str, Any]]:
     data = api(lab, "query", query=expr)
     return [data["result"]] if data["resultType"] == "scalar" else list(data["result"])
+
+
+def since(stamp: str, moment: float) -> bool:
+    """Whether Prometheus's RFC 3339 time ``stamp`` is after the Unix time ``moment``."""
+    return datetime.fromisoformat(stamp).timestamp() > moment
+
+
+def scraped_since(lab: Lab, moment: float) -> bool:
+    """Every active target (devices, servers, Prometheus) was scraped after ``moment``."""
+    active = api(lab, "targets", state="active")["activeTargets"]
+    return bool(active) and all(since(t["lastScrape"], moment) for t in active)
+
+
+def evaluated_since(lab: Lab, moment: float) -> bool:
+    """Every rule group was evaluated after ``moment``."""
+    groups = api(lab, "rules")["groups"]
+    return bool(groups) and all(since(g["lastEvaluation"], moment) for g in groups)
 
 
 def panel_queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, str]]:
@@ -194,7 +216,10 @@ def test_real_prometheus_scrapes_the_fleet_and_runs_every_panel(lab: Lab) -> Non
         lambda: len(query(lab, 'fleet_updater_update_state{state="idle"} == 1')) == len(members),
     )
     lab.fleet.step(65)  # a second round of heartbeats, so rates and resets have two samples
-    time.sleep(3)
+    stepped = time.time()
+    wait_for("every target scraped after the second round", lambda: scraped_since(lab, stepped))
+    scraped = time.time()
+    wait_for("every rule group evaluated after them", lambda: evaluated_since(lab, scraped))
 
     rules = api(lab, "rules")["groups"]
     broken = [(r["name"], r.get("lastError")) for g in rules for r in g["rules"]

@@ -9,7 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from image_builder.container import BLOCK, MemberHeader, decode_header, encode_header
+from image_builder.container import (
+    _MAX_MTIME,
+    BLOCK,
+    MemberHeader,
+    decode_header,
+    encode_header,
+)
 from image_builder.errors import BundleFormatError
 
 
@@ -103,3 +109,74 @@ def test_writer_refuses_unsafe_names() -> None:
     for name in ("../x", "/x", "a/b", "", "x" * 100):
         with pytest.raises(BundleFormatError):
             encode_header(MemberHeader(name, 1, 0))
+
+
+def rechecksummed(block: bytearray) -> bytes:
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def header_with(**fields: tuple[int, bytes]) -> bytes:
+    """A canonical header with byte ranges replaced, its checksum made right again."""
+    block = bytearray(encode_header(MemberHeader("rootfs.ext4", 3000, 1_700_000_000)))
+    for start, value in fields.values():
+        block[start : start + len(value)] = value
+    return rechecksummed(block)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"prefix": (345, b"a")}, "^tar header at offset 1536: member name uses the ustar prefix"),
+        ({"prefix_end": (499, b"a")}, "^tar header at offset 1536: member name uses the ustar pre"),
+        ({"pad": (500, b"a")}, "^tar header at offset 1536: header of member 'rootfs.ext4' is not"),
+        ({"name": (0, b"\xff\xfe")}, "^tar header at offset 1536: member name is not UTF-8$"),
+        ({"type": (156, b"X")}, "^member 'rootfs.ext4' is of unsupported type b'X'; a bundle"),
+        ({"type": (156, b"5")}, "^member 'rootfs.ext4' is a directory; a bundle holds only"),
+        ({"type": (156, b"\0")}, "^tar header at offset 1536: header of member 'rootfs.ext4' is"),
+        ({"size": (124, b"0000000000x\0")}, r"^tar header: size field b'0000000000x\\x00' is not"),
+        ({"mtime": (136, b"1234567890x\0")}, r"^tar header: mtime field b'1234567890x\\x00' is no"),
+        # a header whose checksum needs six octal digits (high bytes where canonical has none)
+        ({"link": (157, b"\xff" * 100), "user": (265, b"\xff" * 64)}, "is not in canonical form"),
+    ],
+)
+def test_header_errors_say_what_and_where(
+    fields: dict[str, tuple[int, bytes]], message: str
+) -> None:
+    with pytest.raises(BundleFormatError, match=message):
+        decode_header(header_with(**fields), 1536)
+
+
+def test_header_checksum_errors() -> None:
+    block = bytearray(encode_header(MemberHeader("rootfs.ext4", 3000, 1_700_000_000)))
+    block[300] = 1
+    with pytest.raises(
+        BundleFormatError,
+        match="^tar header at offset 0: header checksum mismatch for member 'rootfs.ext4'$",
+    ):
+        decode_header(bytes(block), 0)
+    block[148:156] = b"00000x\0 "
+    with pytest.raises(BundleFormatError, match="^tar header: checksum field b'00000x"):
+        decode_header(bytes(block), 0)
+
+
+def test_header_limits() -> None:
+    top = MemberHeader("a", 2**88 - 1, _MAX_MTIME)
+    assert decode_header(encode_header(top), 0) == top
+    with pytest.raises(
+        BundleFormatError,
+        match=r"^member 'a': size 2\*\*88 out of range$".replace(r"2\*\*88", str(2**88)),
+    ):
+        encode_header(MemberHeader("a", 2**88, 0))
+    with pytest.raises(
+        BundleFormatError, match=f"^member 'a': mtime {_MAX_MTIME + 1} out of range$"
+    ):
+        encode_header(MemberHeader("a", 0, _MAX_MTIME + 1))
+    with pytest.raises(BundleFormatError, match="at most 99 characters"):
+        encode_header(MemberHeader("a" * 100, 0, 0))
+
+
+def test_owner_is_root_for_tar_tools() -> None:
+    info = tarfile.TarInfo.frombuf(encode_header(MemberHeader("a", 1, 0)), "utf-8", "strict")
+    assert (info.uname, info.gname) == ("root", "root")

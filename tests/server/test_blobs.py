@@ -155,3 +155,47 @@ def test_if_range_for_another_blob_sends_it_whole_even_past_the_end(
 def test_suffix_range_of_an_empty_resource_is_unsatisfiable() -> None:
     with pytest.raises(RangeNotSatisfiableError):
         parse_range("bytes=-5", 0)
+
+
+def test_store_layout_is_two_hex_digits_then_the_name(tmp_path: Path) -> None:
+    """Static servers (nginx, a CDN) serve this directory as it is: the layout is a contract."""
+    store = BlobStore(tmp_path / "data" / "blobs")  # missing parents are created
+    sha = hashlib.sha256(b"x").hexdigest()
+    assert store.path(sha) == tmp_path / "data" / "blobs" / sha[:2] / sha
+    with pytest.raises(ValueError, match="is not a SHA-256 in lowercase hex"):
+        store.path(sha.upper())
+
+
+def test_store_errors_name_the_blob(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    source = tmp_path / "source"
+    source.write_bytes(b"0123456789")
+    wrong = hashlib.sha256(b"other").hexdigest()
+    with open(source, "rb") as handle, pytest.raises(BlobIntegrityError) as caught:
+        store.put_range(handle, 0, 10, wrong)
+    actual = hashlib.sha256(b"0123456789").hexdigest()
+    assert str(caught.value) == f"blob {wrong}: bytes hash to {actual}"
+    with open(source, "rb") as handle, pytest.raises(BlobIntegrityError) as caught:
+        store.put_range(handle, 8, 5, wrong)
+    assert str(caught.value) == f"blob {wrong}: source ends 3 bytes early"
+
+
+def test_remove_deletes_a_blob_and_ignores_a_missing_one(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    source = tmp_path / "source"
+    source.write_bytes(b"abc")
+    sha = hashlib.sha256(b"abc").hexdigest()
+    with open(source, "rb") as handle:
+        store.put_range(handle, 0, 3, sha)
+    assert store.exists(sha, 3)
+    store.remove(sha)
+    assert not store.exists(sha, 3)
+    store.remove(sha)  # already gone: harmless
+    assert store.open(sha) is None
+
+
+def test_an_unsatisfiable_range_is_quoted_at_most_80_characters() -> None:
+    header = "bytes" + " " * 90 + "=100-"  # valid syntax: spaces may surround '='
+    with pytest.raises(RangeNotSatisfiableError) as caught:
+        parse_range(header, 100)
+    assert str(caught.value) == f"range {header[:80]!r} is outside the 100 bytes of the blob"

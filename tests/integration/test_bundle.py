@@ -19,6 +19,7 @@ from fleet_core.errors import FleetError
 from image_builder.bundle import (
     CHUNK,
     MAX_READ,
+    BundleImage,
     BundleReader,
     ImageStream,
     read_bundle_info,
@@ -635,7 +636,7 @@ def test_bundle_errors_name_the_bundle_file(make_bundle: MakeBundle, keyring: Ke
     with pytest.raises(BundleFormatError, match="^bundle: truncated: a tar header ends"):
         verify_stream(io.BytesIO(path.read_bytes()), keyring)
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(BundleFormatError, match=f"^{path}: truncated: "):
+    with pytest.raises(BundleFormatError, match=f"^{path}: truncated: padding after manifest.json"):
         read_bundle_info(path)
 
 
@@ -698,3 +699,56 @@ def test_an_unknown_member_in_place_of_an_image_is_named_as_such(
     forged = raw_bundle([*signed_members(manifest, key), ("evil.bin", b"x")])
     with pytest.raises(BundleFormatError, match="'evil.bin' is not named in the manifest"):
         verify_bytes(forged, keyring)
+
+
+def test_nothing_is_verified_before_verify(make_bundle: MakeBundle) -> None:
+    reader = BundleReader(io.BytesIO(make_bundle().read_bytes()))
+    assert reader.signed_by == ()
+    with pytest.raises(BundleError, match="^bundle: manifest not verified$"):
+        reader.manifest  # noqa: B018
+    with pytest.raises(BundleError, match="^bundle: manifest not verified$"):
+        reader.manifest_sha256  # noqa: B018
+    reader.read_header()  # only looking verifies nothing either
+    with pytest.raises(BundleError, match="^bundle: manifest not verified$"):
+        reader.manifest  # noqa: B018
+    with pytest.raises(BundleError, match="^bundle: images read before the manifest was verified$"):
+        next(reader.images())
+
+
+def test_truncation_and_padding_errors_name_the_member(
+    make_bundle: MakeBundle, keyring: Keyring
+) -> None:
+    data = make_bundle(size=3000).read_bytes()
+    manifest = read_member(data, "manifest.json")
+    with pytest.raises(
+        BundleFormatError, match="^bundle: truncated: manifest.json ends after 88 of"
+    ):
+        verify_bytes(data[: BLOCK + 88], keyring)
+    end_of_manifest = BLOCK + len(manifest)
+    with pytest.raises(
+        BundleFormatError, match="^bundle: truncated: padding after manifest.json ends after 3 of"
+    ):
+        verify_bytes(data[: end_of_manifest + 3], keyring)
+    image_at = next(image.offset for image in read_all_images(data, keyring))
+    with pytest.raises(BundleFormatError, match="^bundle: truncated inside rootfs.ext4$"):
+        verify_bytes(data[: image_at + 100], keyring)
+    padded = bytearray(data)
+    padded[image_at + 3000] = 1  # the first padding byte after the 3000-byte image
+    with pytest.raises(BundleFormatError, match="^bundle: non-zero padding after rootfs.ext4$"):
+        verify_bytes(bytes(padded), keyring)
+    changed = bytearray(data)
+    changed[image_at + 10] ^= 1
+    with pytest.raises(
+        ImageIntegrityError, match="^bundle: image 'rootfs.ext4': SHA-256 of stored"
+    ):
+        verify_bytes(bytes(changed), keyring)
+
+
+def read_all_images(data: bytes, keyring: Keyring) -> list[BundleImage]:
+    reader = BundleReader(io.BytesIO(data))
+    reader.verify(keyring)
+    images = []
+    for image in reader.images():
+        read_stream(image.stream)
+        images.append(image)
+    return images

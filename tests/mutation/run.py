@@ -39,12 +39,13 @@ class Group:
     name: str
     modules: list[str]
     tests: list[str]
+    deselect: list[str] = dataclasses.field(default_factory=list)
 
 
 def load_groups(path: Path = GROUPS_FILE) -> list[Group]:
     data = tomllib.loads(path.read_text("utf-8"))
     return [
-        Group(name, list(group["modules"]), list(group["tests"]))
+        Group(name, list(group["modules"]), list(group["tests"]), list(group.get("deselect", [])))
         for name, group in data["groups"].items()
     ]
 
@@ -76,11 +77,12 @@ def run_group_here(group: Group, max_children: int) -> None:
     from mutmut.__main__ import _run
 
     tests = [test for test in group.tests if (ROOT / test).exists()]
+    deselect = [arg for nodeid in group.deselect for arg in ("--deselect", nodeid)]
     config = configuration._load_config()
     configuration._config = dataclasses.replace(
         config,
         only_mutate=list(group.modules),
-        pytest_add_cli_args_test_selection=tests,
+        pytest_add_cli_args_test_selection=[*tests, *deselect],
         # the tests are chosen above; pytest's cache and random plugins only add noise
         pytest_add_cli_args=["-p", "no:cacheprovider", *config.pytest_add_cli_args],
     )

@@ -216,3 +216,20 @@ def test_an_enrollment_is_audited_with_how_it_was_admitted(harness: Harness, via
         "compatible": "metrica-rpi4",
         "via": via,
     }
+
+
+def test_losing_the_race_for_a_challenge_is_an_invalid_challenge(
+    harness: Harness, enrolled: Enrolled, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two requests with the same signed challenge: the one whose insert hits the primary key."""
+    device = enrolled()
+    challenge = device.challenge()
+    signature = device.session_body(challenge)["signature"]
+
+    def lost_race(*args: object) -> None:
+        raise IntegrityError("INSERT INTO device_challenges", None, Exception("duplicate key"))
+
+    monkeypatch.setattr(enrollment, "_add_session", lost_race)
+    key = challenge_key(harness.app.state.fleet.server_key)
+    with pytest.raises(ChallengeInvalidError, match="^unknown, already used or expired challenge$"):
+        open_session(harness.db, device.id, challenge, signature, utc(harness.clock), key)

@@ -171,3 +171,10 @@ def test_malformed_entries_are_named(entry: dict[str, str], message: str) -> Non
     data = json.dumps(document, sort_keys=True, separators=(",", ":")).encode() + b"\n"
     with pytest.raises(SignatureFormatError, match=message):
         SignatureEnvelope.from_bytes(data)
+
+
+def test_check_is_the_sha256_of_the_canonical_signature_list() -> None:
+    """The envelope format (docs/bundle-format.md) as another implementation must write it."""
+    document = json.loads(envelope_bytes())
+    entries = json.dumps(document["signatures"], sort_keys=True, separators=(",", ":"))
+    assert document["check"] == hashlib.sha256(entries.encode()).hexdigest()

@@ -137,6 +137,9 @@ def header_with(**fields: tuple[int, bytes]) -> bytes:
         ({"type": (156, b"\0")}, "^tar header at offset 1536: header of member 'rootfs.ext4' is"),
         ({"size": (124, b"0000000000x\0")}, r"^tar header: size field b'0000000000x\\x00' is not"),
         ({"mtime": (136, b"1234567890x\0")}, r"^tar header: mtime field b'1234567890x\\x00' is no"),
+        # only NULs and spaces around the digits are tolerated, nothing else
+        ({"size": (124, b"0000000001X\0")}, r"^tar header: size field b'0000000001X\\x00' is not"),
+        ({"size": (124, b"X0000000001\0")}, r"^tar header: size field b'X0000000001\\x00' is not"),
         # a header whose checksum needs six octal digits (high bytes where canonical has none)
         ({"link": (157, b"\xff" * 100), "user": (265, b"\xff" * 64)}, "is not in canonical form"),
     ],

@@ -140,6 +140,8 @@ def changed_lines(diff: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
 def _lines(value: object, where: str, key: str) -> tuple[str, ...]:
     if not isinstance(value, str):
         raise ReportError(f"{where}: {key} must be a string")
+    if not value.strip():
+        return ()  # a mutation that only removes lines adds none
     return tuple(line.strip() for line in value.strip("\n").split("\n"))
 
 

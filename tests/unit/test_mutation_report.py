@@ -97,6 +97,19 @@ def test_equivalent_matches_module_function_and_change_only() -> None:
     assert not eq.matches(mutant(diff=DIFF.replace("-        text = revoked", "-        t = x")))
 
 
+def test_an_equivalent_may_only_remove_lines() -> None:
+    diff = "--- a.py\n+++ a.py\n@@ -1,3 +1,2 @@\n f(\n-    read_size=CHUNK,\n     x=1,\n"
+    text = EQUIVALENTS.replace(
+        "mutated = 'text = revoked_path.read_text(\"UTF-8\")'", "mutated = ''"
+    )
+    text = text.replace(
+        "original = 'text = revoked_path.read_text(\"utf-8\")'", "original = 'read_size=CHUNK,'"
+    )
+    (eq,) = parse_equivalents(text)
+    assert eq.mutated == ()
+    assert eq.matches(mutant(diff=diff))
+
+
 def test_equivalent_lines_ignore_indentation_and_may_span_lines() -> None:
     text = EQUIVALENTS.replace(
         "mutated = 'text = revoked_path.read_text(\"UTF-8\")'",

@@ -117,8 +117,8 @@ def test_partition_numbers_are_single_digits() -> None:
         AutobootConfig(2, True)
 
 
-@example(render(CONFIGS[0]))  # random bytes are never a valid file: the round trip, too
-@example(render(CONFIGS[-1]))
+@example(render(CONFIGS[1]))  # random bytes are never a valid file: the round trip, too
+@example(render(CONFIGS[-2]))  # primary and trial differ in both
 @given(st.binary(max_size=600))
 def test_random_bytes_only_ever_raise_corruption(data: bytes) -> None:
     try:

@@ -752,3 +752,52 @@ def read_all_images(data: bytes, keyring: Keyring) -> list[BundleImage]:
         read_stream(image.stream)
         images.append(image)
     return images
+
+
+class Trickle(io.RawIOBase):
+    """A stream that returns a few bytes a read, as a pipe or a socket may."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        return self._data.read(min(7, size) if size >= 0 else 7)
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_a_bundle_from_a_stream_of_short_reads(
+    make_bundle: MakeBundle, keyring: Keyring, compression: str
+) -> None:
+    data = make_bundle(compression=compression, bootfs=True).read_bytes()
+    verified = verify_stream(Trickle(data), keyring)  # type: ignore[arg-type]
+    assert verified.size == len(data)
+    assert verified.signed_by == keyring.active_key_ids
+
+
+def test_an_image_read_up_to_its_last_byte_then_the_rest(
+    make_bundle: MakeBundle, keyring: Keyring
+) -> None:
+    data = make_bundle(size=3000).read_bytes()
+    reader = BundleReader(io.BytesIO(data))
+    reader.verify(keyring)
+    for image in reader.images():
+        first = image.stream.read(2999)
+        assert len(first) == 2999
+        assert len(image.stream.read()) == 1
+        assert image.stream.read() == b""
+        assert image.stream.verified
+
+
+@pytest.mark.parametrize("byte", [1, ord("X"), 0xFF])
+def test_any_non_zero_padding_byte_is_refused(
+    make_bundle: MakeBundle, keyring: Keyring, byte: int
+) -> None:
+    data = bytearray(make_bundle(size=3000).read_bytes())
+    image_at = read_all_images(bytes(data), keyring)[0].offset
+    data[image_at + 3000] = byte
+    with pytest.raises(BundleFormatError, match="non-zero padding after rootfs.ext4"):
+        verify_bytes(bytes(data), keyring)

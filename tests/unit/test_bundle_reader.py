@@ -174,7 +174,7 @@ def test_changed_image_bytes_are_caught_while_reading(bundle: Path, keyring: Key
     reader.verify(keyring)
     images = reader.images()
     image = next(images)
-    with pytest.raises(ImageIntegrityError):
+    with pytest.raises(ImageIntegrityError, match=f"^release: image {name!r}: "):
         read_all(image.stream)
 
 
@@ -191,3 +191,21 @@ def test_image_stream_is_a_readable_raw_stream(bundle: Path, keyring: Keyring) -
     # io's own buffered reader uses readinto and readable
     assert io.BufferedReader(stream).read() == expected[100:]
     assert stream.verified
+
+
+def test_an_image_source_without_close(bundle: Path, keyring: Keyring) -> None:
+    """open_image may hand back any reader, not only a file (a generator of an HTTP body)."""
+    parts = Parts(bundle)
+
+    class Reader:
+        def __init__(self, data: bytes) -> None:
+            self.read = io.BytesIO(data).read
+
+    reader = SplitBundleReader(
+        parts.manifest_bytes,
+        parts.envelope_bytes,
+        lambda entry: Reader(parts.members[entry.filename]),  # type: ignore[arg-type,return-value]
+    )
+    reader.verify(keyring)
+    read = [(image.entry.filename, read_all(image.stream)) for image in reader.images()]
+    assert read == images_of(bundle, keyring)

@@ -129,6 +129,7 @@ def header_with(**fields: tuple[int, bytes]) -> bytes:
     ("fields", "message"),
     [
         ({"prefix": (345, b"a")}, "^tar header at offset 1536: member name uses the ustar prefix"),
+        ({"prefix": (400, b"X")}, "^tar header at offset 1536: member name uses the ustar prefix"),
         ({"prefix_end": (499, b"a")}, "^tar header at offset 1536: member name uses the ustar pre"),
         ({"pad": (500, b"a")}, "^tar header at offset 1536: header of member 'rootfs.ext4' is not"),
         ({"name": (0, b"\xff\xfe")}, "^tar header at offset 1536: member name is not UTF-8$"),

@@ -233,3 +233,27 @@ def test_losing_the_race_for_a_challenge_is_an_invalid_challenge(
     key = challenge_key(harness.app.state.fleet.server_key)
     with pytest.raises(ChallengeInvalidError, match="^unknown, already used or expired challenge$"):
         open_session(harness.db, device.id, challenge, signature, utc(harness.clock), key)
+
+
+def test_a_second_session_leaves_the_first_one_working(
+    harness: Harness, enrolled: Enrolled
+) -> None:
+    device = enrolled()
+    first = device.token
+    device.login()
+    assert device.checkin().status_code == 200
+    device.token = first
+    assert device.checkin().status_code == 200
+
+
+def test_used_challenges_are_forgotten_the_second_they_expire(
+    harness: Harness, enrolled: Enrolled
+) -> None:
+    device = enrolled()  # its login used one challenge
+    assert harness.count(DeviceChallenge) == 1
+    harness.clock.advance(CHALLENGE_TTL_S - 1)
+    device.login()
+    assert harness.count(DeviceChallenge) == 2  # the first is still one second from expiring
+    harness.clock.advance(1)
+    device.login()
+    assert harness.count(DeviceChallenge) == 2  # the first expired this second: gone

@@ -51,13 +51,16 @@ lint: venv
 # Mutation testing of the safety-critical modules (long; not part of `make test`): one mutmut run
 # per group of tests/mutation/groups.toml on both cores, then build/mutation/report.txt and .json.
 # Fails while a survivor is neither killed nor listed in tests/mutation/equivalent.toml.
-# A quick run over some modules or groups: make mutation MODULES="signing/keys.py server".
+# A quick run over some modules or groups: make mutation MODULES="signing/keys.py server_sessions".
 MODULES ?=
-mutation: venv
-	$(BIN)/pip install -q -e '.[all,test,mutation]'
+mutation: venv $(VENV)/.mutation-installed
 	rm -rf build/mutation/results
 	MUTATION_MODULES="$(MODULES)" $(BIN)/python tests/mutation/run.py
 	$(BIN)/python tests/mutation/report.py
+
+$(VENV)/.mutation-installed: pyproject.toml
+	$(BIN)/pip install -q -e '.[all,test,mutation]'
+	touch $@
 
 benchmarks: venv
 	$(BIN)/python benchmarks/bundle_throughput.py

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start the machine's PostgreSQL cluster (Debian's postgresql package) and make sure the test
-# role and database exist; print the SQLAlchemy URL the server tests use. Idempotent.
+# role and database exist; print the SQLAlchemy URL the server tests use. Idempotent. Exits
+# non-zero, printing nothing on standard output, when PostgreSQL cannot be started.
 set -euo pipefail
 version=$(pg_lsclusters -h | awk 'NR==1 {print $1}')
 if [ -z "$version" ]; then
@@ -9,7 +10,12 @@ if [ -z "$version" ]; then
 fi
 pg_ctlcluster "$version" main start >/dev/null 2>&1 || pg_ctlcluster "$version" main status >/dev/null
 as_postgres() { su postgres -c "psql -v ON_ERROR_STOP=1 -qtAc \"$1\""; }
-for _ in $(seq 30); do as_postgres "SELECT 1" >/dev/null 2>&1 && break; sleep 1; done
+ready=no
+for _ in $(seq 30); do as_postgres "SELECT 1" >/dev/null 2>&1 && { ready=yes; break; }; sleep 1; done
+if [ "$ready" != yes ]; then
+    echo "tests/postgres.sh: PostgreSQL $version did not answer within 30 s" >&2
+    exit 1
+fi
 if [ "$(as_postgres "SELECT 1 FROM pg_roles WHERE rolname='fleet'")" != "1" ]; then
     as_postgres "CREATE ROLE fleet LOGIN PASSWORD 'fleet' CREATEDB"
 fi

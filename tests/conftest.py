@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,14 @@ def require_tools(**present: bool) -> None:
         pytest.fail(
             f"missing {', '.join(missing)}: `make deps` installs it (make test does)", pytrace=False
         )
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test: bound and never listening,
+    so no other process can start listening there meanwhile (a port probed and closed could be
+    taken by anyone before the test connects)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        port: int = holder.getsockname()[1]
+        yield port

@@ -492,12 +492,11 @@ def test_metrics_served_over_http_follow_the_state(
     import requests
     from prometheus_client import CollectorRegistry
 
-    from tests.server.conftest import free_port
     from updater.metrics import UpdaterMetrics
 
     device = make_device("grub")
     live = UpdaterMetrics(CollectorRegistry())
-    server = live.serve(free_port())
+    server = live.serve(0)
     try:
         runtime = dc.replace(device.runtime(), live_metrics=live)
         runtime.publish_metrics()

@@ -15,7 +15,7 @@ from fleet_core.cli import fleet
 from server.cli import parse_duration
 from signing.keys import generate_key, load_private_key
 from tests.conftest import assert_one_line_error
-from tests.server.conftest import FakeDevice, LiveServer, free_port
+from tests.server.conftest import FakeDevice, LiveServer
 
 MakeBundle = Callable[..., Path]
 
@@ -144,8 +144,8 @@ def test_server_and_token_from_environment_and_config_file(
     assert_one_line_error(run("release", "list", env=env), "no server: give --server")
 
 
-def test_unreachable_server() -> None:
-    result = run("release", "list", "--server", f"http://127.0.0.1:{free_port()}", "--token", "x")
+def test_unreachable_server(refused_port: int) -> None:
+    result = run("release", "list", "--server", f"http://127.0.0.1:{refused_port}", "--token", "x")
     assert_one_line_error(result, "connection failed")
 
 

@@ -29,7 +29,7 @@ from server.logs import (
     logging_config,
     redact,
 )
-from tests.server.conftest import Harness, free_port
+from tests.server.conftest import Harness, listening_socket
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*httpx2")
@@ -193,15 +193,16 @@ def test_the_log_format_option_takes_json_or_text() -> None:
 
 
 def test_fleet_server_run_writes_only_json_lines_labelled_server(tmp_path: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    # bound before the server starts, so every answer on this address is this server's
+    sock = listening_socket()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     command = [
         sys.executable, "-c", "from fleet_core.cli import main; main()", "server", "run",
-        "--data-dir", str(tmp_path / "data"), "--host", "127.0.0.1", "--port", str(port),
+        "--data-dir", str(tmp_path / "data"), "--fd", str(sock.fileno()),
     ]  # fmt: skip
     out, err = tmp_path / "stdout", tmp_path / "stderr"
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        process = subprocess.Popen(command, stdout=stdout, stderr=stderr)
+    with sock, out.open("wb") as stdout, err.open("wb") as stderr:
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, pass_fds=[sock.fileno()])
     try:
         deadline = time.monotonic() + 30
         while True:

@@ -140,14 +140,6 @@ def http_base() -> Iterator[str]:
     thread.join()
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 def test_http_200(http_base: str) -> None:
     result = run_one(spec("http", url=f"{http_base}/health"))
     assert result.ok
@@ -165,8 +157,8 @@ def test_http_expected_status(http_base: str) -> None:
     assert run_one(spec("http", url=f"{http_base}/error", expect_status=500)).ok
 
 
-def test_http_connection_refused() -> None:
-    result = run_one(spec("http", url=f"http://127.0.0.1:{free_port()}/health"))
+def test_http_connection_refused(refused_port: int) -> None:
+    result = run_one(spec("http", url=f"http://127.0.0.1:{refused_port}/health"))
     assert not result.ok
     assert result.detail.startswith("connection failed")
     assert "refused" in result.detail.lower()
@@ -179,9 +171,11 @@ def test_http_slow_answer_times_out(http_base: str) -> None:
     assert result.duration_s < 1.5
 
 
-def test_http_ignores_proxy_settings(http_base: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{free_port()}")
-    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
+def test_http_ignores_proxy_settings(
+    http_base: str, monkeypatch: pytest.MonkeyPatch, refused_port: int
+) -> None:
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{refused_port}")
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{refused_port}")
     assert run_one(spec("http", url=f"{http_base}/health")).ok
 
 
@@ -199,8 +193,8 @@ def test_tcp_listening() -> None:
     assert result.name == f"tcp:127.0.0.1:{port}"
 
 
-def test_tcp_refused() -> None:
-    result = run_one(spec("tcp", host="127.0.0.1", port=free_port()))
+def test_tcp_refused(refused_port: int) -> None:
+    result = run_one(spec("tcp", host="127.0.0.1", port=refused_port))
     assert not result.ok
     assert result.detail == "cannot connect: Connection refused"
 

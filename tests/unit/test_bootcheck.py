@@ -5,12 +5,14 @@ given up without running the checks again."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bootloader_hooks import grub, grubenv
-from updater.bootcheck import MAX_TRIAL_BOOTS, BootChecker, BootVerdict
+from updater.bootcheck import MAX_FAILURES, MAX_TRIAL_BOOTS, BootChecker, BootVerdict
 from updater.health import CheckResult, HealthReport
 from updater.log import EventLog
 from updater.state import DeviceState, StateStore
@@ -120,3 +122,265 @@ def test_a_trial_loop_commits_nothing_even_when_the_release_would_pass(device: D
     assert device.checks_run == 0
     assert device.backend.primary() == "a" and device.backend.attempts_left("b") == 0
     assert device.store.load().state.slot("b").status == "bad"
+
+
+# --- every row of the table, on GRUB -----------------------------------------------------------
+
+SICK = CheckResult("app", "command", False, "exit status 3", 0.0)
+SICK_TOO = CheckResult("disk", "disk", False, "92% full", 0.0)
+FINE = CheckResult("net", "http", True, "200", 0.0)
+
+
+def sick_report() -> HealthReport:
+    return HealthReport(False, (SICK, FINE, SICK_TOO), 0.0)
+
+
+def fine_report() -> HealthReport:
+    return HealthReport(True, (FINE,), 0.0)
+
+
+class Board:
+    """A GRUB device on plain files with ``running`` booted and committed; the other slot as
+    each test arranges it."""
+
+    def __init__(self, root: Path, running: str = "a") -> None:
+        self.running = running
+        self.other = "b" if running == "a" else "a"
+        self.grubenv = root / "grubenv"
+        self.cmdline = root / "cmdline"
+        self.backend = grub.GrubBackend(self.grubenv, self.cmdline)
+        self.backend.repair(running)
+        self.boot(running)
+        self.store = StateStore(root / "data")
+        self.log = EventLog(keep=True)
+        self.reboots: list[Sequence[str]] = []
+        self.checks_run = 0
+
+    def boot(self, slot: str) -> None:
+        self.cmdline.write_text(f"ro fleet.slot={slot}\n")
+
+    def save(self, state: DeviceState) -> DeviceState:
+        return self.store.save(state)
+
+    def state(self) -> DeviceState:
+        loaded = self.store.load()
+        assert loaded.problem is None
+        return loaded.state
+
+    def env(self) -> dict[str, str]:
+        return grubenv.read(self.grubenv).variables()
+
+    def check(self, healthy: bool = True, **options: Any) -> BootVerdict:
+        def checks() -> HealthReport:
+            self.checks_run += 1
+            return fine_report() if healthy else sick_report()
+
+        checker = BootChecker(
+            self.backend, self.store, self.log, checks, reboot=self.reboots.append, **options
+        )
+        return checker.run()
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.log.events if e["event"] == event]
+
+    def started(self) -> dict[str, Any]:
+        (started,) = self.named("boot_check.started")
+        return started
+
+    def finished(self) -> dict[str, Any]:
+        return self.log.events[-1]
+
+
+def committed(board: Board, **slot: Any) -> DeviceState:
+    """The running slot good at 1.0.0 (plus ``slot``), the other empty."""
+    return board.save(
+        DeviceState(installed_security_version=1).with_slot(
+            board.running, status="good", version="1.0.0", security_version=1, **slot
+        )
+    )
+
+
+def assert_finished(
+    board: Board, action: str, situation: str, *, level: str, reboot: bool, failed: list[str]
+) -> None:
+    done = board.finished()
+    assert done["event"] == f"boot_check.{action}"
+    assert done["level"] == level
+    assert (done["slot"], done["situation"]) == (board.running, situation)
+    assert done["reboot"] is reboot
+    assert done["failed_checks"] == failed
+
+
+def assert_check_failures_logged(board: Board) -> None:
+    failed = board.named("health.check_failed")
+    assert [(e["level"], e["check"], e["detail"]) for e in failed] == [
+        ("warning", "app", "exit status 3"),
+        ("warning", "disk", "92% full"),
+    ]
+
+
+@pytest.fixture(params=["a", "b"])
+def board(request: pytest.FixtureRequest, tmp_path: Path) -> Board:
+    return Board(tmp_path, running=request.param)
+
+
+def test_safe_mode_is_reported_without_checks_or_changes(tmp_path: Path) -> None:
+    board = Board(tmp_path)
+    committed(board)
+    board.backend.mark_bad("a")  # a failed too often; GRUB booted the safe-mode slot
+    board.boot("safe")
+    env_before, state_before = board.env(), board.state()
+
+    verdict = board.check(healthy=False)
+
+    assert verdict == BootVerdict("safe_mode", "safe", "reported", None, reboot=False)
+    assert board.checks_run == 0 and board.reboots == []
+    assert board.env() == env_before and board.state() == state_before  # nothing saved
+    started = board.started()
+    assert (started["slot"], started["trial"], started["situation"]) == ("safe", False, "safe_mode")
+    done = board.finished()
+    assert (done["event"], done["level"], done["slot"]) == ("boot_check.reported", "info", "safe")
+    assert (done["situation"], done["reboot"], done["failed_checks"]) == ("safe_mode", False, [])
+    assert [e["event"] for e in board.log.events] == ["boot_check.started", "boot_check.reported"]
+
+
+def test_a_healthy_normal_boot_is_confirmed(board: Board) -> None:
+    """Confirm is commit: the slot's count is full again and its failure count starts over."""
+    committed(board, failures=MAX_FAILURES - 1)
+    board.backend.mark_bad(board.other)
+    # GRUB took two of the slot's attempts on the way here
+    grubenv.write(board.grubenv, grubenv.read(board.grubenv).set(grub.left_var(board.running), "1"))
+
+    verdict = board.check()
+
+    assert verdict == BootVerdict("normal", board.running, "confirmed", True, reboot=False)
+    assert board.checks_run == 1 and board.reboots == []
+    env = board.env()
+    assert grub.primary_in(env) == board.running and grub.trial_in(env) is None
+    assert grub.attempts_in(env, board.running) == board.backend.attempts == 3
+    state = board.state()
+    slot = state.slot(board.running)
+    assert (slot.status, slot.failures, slot.trial_boots) == ("good", 0, 0)
+    assert state.slot(board.other).status == "empty"
+    assert state.installed_security_version == 1
+    started = board.started()
+    assert (started["slot"], started["trial"], started["situation"]) == (
+        board.running, False, "normal",
+    )  # fmt: skip
+    assert_finished(board, "confirmed", "normal", level="info", reboot=False, failed=[])
+    assert board.named("health.check_failed") == []
+
+
+@pytest.mark.parametrize("before", range(MAX_FAILURES - 1))
+def test_a_failing_normal_boot_is_counted_and_retried_below_the_limit(
+    board: Board, before: int
+) -> None:
+    committed(board, failures=before)
+    env_before = board.env()
+
+    verdict = board.check(healthy=False)
+
+    assert verdict == BootVerdict(
+        "normal", board.running, "retrying", False, reboot=True, failed_checks=("app", "disk")
+    )
+    assert board.reboots == [["reboot"]]
+    assert board.env() == env_before  # the firmware's count runs down on its own
+    slot = board.state().slot(board.running)
+    assert (slot.status, slot.failures) == ("good", before + 1)
+    assert_check_failures_logged(board)
+    assert_finished(board, "retrying", "normal", level="error", reboot=True, failed=["app", "disk"])
+
+
+def test_a_normal_boot_failing_for_the_last_allowed_time_gives_the_slot_up(board: Board) -> None:
+    committed(board, failures=MAX_FAILURES - 1)
+    board.backend.try_once(board.other)  # the other slot holds an old release, still bootable
+    board.backend.commit(board.running)
+
+    verdict = board.check(healthy=False)
+
+    assert verdict == BootVerdict(
+        "normal", board.running, "gave_up", False, reboot=True, failed_checks=("app", "disk")
+    )
+    assert board.reboots == [["reboot"]]
+    env = board.env()
+    assert grub.boot_order(env) == [board.other] and grub.attempts_in(env, board.running) == 0
+    assert grub.primary_in(env) == board.other
+    slot = board.state().slot(board.running)
+    assert (slot.status, slot.failures) == ("bad", MAX_FAILURES)
+    assert_check_failures_logged(board)
+    assert_finished(board, "gave_up", "normal", level="error", reboot=True, failed=["app", "disk"])
+
+
+def test_the_custom_reboot_command_is_used(board: Board) -> None:
+    committed(board)
+    board.check(healthy=False, reboot_command=("systemctl", "reboot"))
+    assert board.reboots == [["systemctl", "reboot"]]
+
+
+def arm_trial(board: Board, *, security_version: int | None = 2) -> None:
+    """Install into the other slot and arm its trial, as the installer leaves it."""
+    board.backend.try_once(board.other)
+    board.save(
+        board.state().with_slot(
+            board.other, status="trial", version="2.0.0", security_version=security_version
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("floor", "security_version", "expected"), [(1, 2, 2), (3, 2, 3), (1, None, 1), (2, 2, 2)]
+)
+def test_a_healthy_trial_is_committed_and_raises_the_floor(
+    board: Board, floor: int, security_version: int | None, expected: int
+) -> None:
+    committed(board)
+    arm_trial(board, security_version=security_version)
+    board.save(replace(board.state(), installed_security_version=floor))
+    trial, old = board.other, board.running
+    board.boot(trial)
+
+    verdict = board.check()
+
+    assert verdict == BootVerdict("trial", trial, "committed", True, reboot=False)
+    assert board.reboots == []
+    env = board.env()
+    assert grub.primary_in(env) == trial and grub.trial_in(env) is None
+    assert grub.boot_order(env) == [trial, old]
+    state = board.state()
+    slot = state.slot(trial)
+    assert (slot.status, slot.trial_boots, slot.failures) == ("good", 0, 0)
+    assert state.slot(old).status == "good"
+    assert state.installed_security_version == expected
+    started = board.started()
+    assert (started["slot"], started["trial"], started["situation"]) == (trial, True, "trial")
+    done = board.finished()
+    assert (done["event"], done["level"], done["slot"]) == ("boot_check.committed", "info", trial)
+    assert (done["situation"], done["reboot"], done["failed_checks"]) == ("trial", False, [])
+
+
+def test_a_failing_trial_is_rolled_back(board: Board) -> None:
+    committed(board)
+    arm_trial(board)
+    trial, old = board.other, board.running
+    board.boot(trial)
+
+    verdict = board.check(healthy=False)
+
+    assert verdict == BootVerdict(
+        "trial", trial, "rolled_back", False, reboot=True, failed_checks=("app", "disk")
+    )
+    assert board.reboots == [["reboot"]]
+    env = board.env()
+    assert grub.boot_order(env) == [old] and grub.attempts_in(env, trial) == 0
+    assert grub.trial_in(env) is None and grub.primary_in(env) == old
+    state = board.state()
+    assert state.slot(trial).status == "bad" and state.slot(trial).trial_boots == 1
+    assert state.slot(old).status == "good" and state.installed_security_version == 1
+    done = board.finished()
+    assert (done["event"], done["level"], done["slot"]) == (
+        "boot_check.rolled_back",
+        "error",
+        trial,
+    )
+    assert (done["situation"], done["reboot"]) == ("trial", True)
+    assert done["failed_checks"] == ["app", "disk"]

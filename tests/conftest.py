@@ -9,6 +9,7 @@ import socket
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from click.testing import Result
@@ -20,6 +21,9 @@ from image_builder.container import END_OF_ARCHIVE, MemberHeader, encode_header,
 from signing.keyring import Keyring, trust_key
 from signing.keys import SigningKey, generate_key
 from signing.signature import sign
+
+if TYPE_CHECKING:
+    from tests.chaos.conftest import Releases
 
 # Hypothesis profiles. No deadline anywhere: the properties write files and sign bundles, and
 # a loaded machine (or coverage's tracer) makes a 200 ms deadline fail at random.
@@ -189,3 +193,12 @@ def refused_port() -> Iterator[int]:
         holder.bind(("127.0.0.1", 0))
         port: int = holder.getsockname()[1]
         yield port
+
+
+@pytest.fixture(scope="session")
+def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
+    """Signed lab bundles for virtual devices, made on first use and shared by every tier."""
+    from tests.chaos.conftest import Releases  # the lab's conftest imports this module
+
+    directory = tmp_path_factory.mktemp("releases")
+    return Releases(directory, generate_key(directory / "release-key"))

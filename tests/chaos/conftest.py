@@ -18,7 +18,7 @@ from chaos.lab_image import make_lab_image
 from chaos.virtual_device import LAB_FIRMWARES, VirtualDevice
 from image_builder.bundle_writer import ImageSource, create_bundle
 from signing.keyring import trust_key
-from signing.keys import SigningKey, generate_key
+from signing.keys import SigningKey
 from tests.conftest import require_tools
 from tests.server.conftest import database_url  # noqa: F401 (the server tests' database fixture)
 
@@ -69,26 +69,25 @@ class Releases:
 
 
 @pytest.fixture(scope="session")
-def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
-    directory = tmp_path_factory.mktemp("releases")
-    return Releases(directory, generate_key(directory / "release-key"))
-
-
-@pytest.fixture(scope="session")
 def device_templates(
     tmp_path_factory: pytest.TempPathFactory, releases: Releases
 ) -> dict[str, Path]:
     """A provisioned device per firmware, running 1.0.0 from slot a: copied, never used."""
-    templates = {}
-    for firmware in FIRMWARES:
-        root = tmp_path_factory.mktemp(f"template-{firmware}")
-        device = VirtualDevice(root, firmware)
-        trust_key(root / "keyring", releases.directory / "release-key.pub")
-        device.provision(make_lab_image("1.0.0"), "1.0.0")
-        records = device.power_on()
-        assert records[-1].action == "confirmed", records
-        templates[firmware] = root
-    return templates
+    return {
+        firmware: provision_template(tmp_path_factory.mktemp(f"template-{firmware}"), firmware,
+                                     releases)
+        for firmware in FIRMWARES
+    }  # fmt: skip
+
+
+def provision_template(root: Path, firmware: str, releases: Releases) -> Path:
+    """A device in ``root`` running 1.0.0 from slot a, confirmed, trusting ``releases``' key."""
+    device = VirtualDevice(root, firmware)
+    trust_key(root / "keyring", releases.directory / "release-key.pub")
+    device.provision(make_lab_image("1.0.0"), "1.0.0")
+    records = device.power_on()
+    assert records[-1].action == "confirmed", records
+    return root
 
 
 MakeDevice = Callable[[str], VirtualDevice]

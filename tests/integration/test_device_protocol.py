@@ -42,7 +42,7 @@ from server.client import ApiClient, ClientConfig
 from server.settings import SESSION_TTL_S, utc
 from signing.keyring import Keyring, trust_key
 from signing.keys import SigningKey, generate_key, public_key_pem
-from tests.chaos.conftest import COMPATIBLE, Releases
+from tests.chaos.conftest import COMPATIBLE, Releases, provision_template
 from tests.server.conftest import FakeClock, make_settings
 from tests.server_simulator import FakeClock as Clock  # the device's monotonic clock
 from updater.client import (
@@ -254,12 +254,6 @@ class RealServer:
             for e in entries
             if e["actor"] == f"device:{device_id}" and set(e["details"]) == {"seq", "fields"}
         ]
-
-
-@pytest.fixture(scope="module")
-def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
-    directory = tmp_path_factory.mktemp("releases")
-    return Releases(directory, generate_key(directory / "release-key"))
 
 
 @pytest.fixture(scope="module")
@@ -638,12 +632,7 @@ def test_a_resent_event_batch_is_stored_once(
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory, releases: Releases) -> Path:
     """A provisioned GRUB device running 1.0.0 from slot a: copied, never used."""
-    root = tmp_path_factory.mktemp("template")
-    device = VirtualDevice(root, "grub")
-    trust_key(root / "keyring", releases.directory / "release-key.pub")
-    device.provision(make_lab_image("1.0.0"), "1.0.0")
-    assert device.power_on()[-1].action == "confirmed"
-    return root
+    return provision_template(tmp_path_factory.mktemp("template"), "grub", releases)
 
 
 class Lab:

@@ -25,8 +25,6 @@ def alert_rules() -> list[dict[str, Any]]:
     return [rule for group in groups for rule in group["rules"] if "alert" in rule]
 
 
-# Signed lab releases (tests/chaos), for the server processes of the real-Prometheus test.
-from tests.chaos.conftest import releases  # noqa: E402, F401
 from tests.conftest import require_tools  # noqa: E402
 
 

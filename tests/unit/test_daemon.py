@@ -25,12 +25,11 @@ from click.testing import CliRunner
 
 import chaos.lab_firmwares  # noqa: F401 (fills LAB_FIRMWARES)
 from bootloader_hooks.base import BootCause, BootEvent
-from chaos.lab_image import make_lab_image
 from chaos.virtual_device import BootRecord, VirtualDevice
 from server import schemas
 from signing.keyring import Keyring, trust_key
-from signing.keys import SigningKey, generate_key
-from tests.chaos.conftest import Releases
+from signing.keys import SigningKey
+from tests.chaos.conftest import Releases, provision_template
 from tests.server_simulator import FakeClock, ServerSimulator, SimRelease
 from tests.unit.conftest import ADMISSION
 from updater.cli import main
@@ -55,20 +54,9 @@ from updater.state import DeviceState, SlotState
 
 
 @pytest.fixture(scope="module")
-def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
-    directory = tmp_path_factory.mktemp("releases")
-    return Releases(directory, generate_key(directory / "release-key"))
-
-
-@pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory, releases: Releases) -> Path:
     """A provisioned GRUB device running 1.0.0 from slot a: copied, never used."""
-    root = tmp_path_factory.mktemp("template")
-    device = VirtualDevice(root, "grub")
-    trust_key(root / "keyring", releases.directory / "release-key.pub")
-    device.provision(make_lab_image("1.0.0"), "1.0.0")
-    assert device.power_on()[-1].action == "confirmed"
-    return root
+    return provision_template(tmp_path_factory.mktemp("template"), "grub", releases)
 
 
 class Lab:

@@ -384,3 +384,142 @@ def test_a_failing_trial_is_rolled_back(board: Board) -> None:
     )
     assert (done["situation"], done["reboot"]) == ("trial", True)
     assert done["failed_checks"] == ["app", "disk"]
+
+
+def fall_back(board: Board) -> None:
+    """The other slot's trial used up GRUB's attempts without a verdict; the old slot booted."""
+    arm_trial(board)
+    grubenv.write(board.grubenv, grubenv.read(board.grubenv).set(grub.left_var(board.other), "0"))
+
+
+def test_a_fall_back_from_a_trial_gives_the_trial_up_and_confirms_the_old_slot(
+    board: Board,
+) -> None:
+    committed(board, failures=MAX_FAILURES - 1)
+    fall_back(board)
+
+    verdict = board.check()
+
+    assert verdict == BootVerdict("fell_back", board.running, "confirmed", True, reboot=False)
+    assert board.reboots == [] and board.checks_run == 1
+    env = board.env()
+    assert grub.boot_order(env) == [board.running] and grub.trial_in(env) is None
+    assert grub.attempts_in(env, board.other) == 0 and grub.primary_in(env) == board.running
+    assert grub.attempts_in(env, board.running) == 3
+    state = board.state()
+    assert state.slot(board.other).status == "bad"
+    running = state.slot(board.running)
+    assert (running.status, running.failures) == ("good", 0)
+    assert state.installed_security_version == 1  # the trial was never committed
+    assert board.started()["situation"] == "fell_back"
+    (fell,) = board.named("boot_check.fell_back")
+    assert (fell["level"], fell["slot"], fell["running"]) == ("error", board.other, board.running)
+    assert_finished(board, "confirmed", "fell_back", level="info", reboot=False, failed=[])
+
+
+@pytest.mark.parametrize(
+    ("before", "action"), [(MAX_FAILURES - 2, "retrying"), (MAX_FAILURES - 1, "gave_up")]
+)
+def test_a_fall_back_onto_a_failing_slot_counts_its_failure(
+    board: Board, before: int, action: str
+) -> None:
+    committed(board, failures=before)
+    fall_back(board)
+
+    verdict = board.check(healthy=False)
+
+    assert verdict == BootVerdict(
+        "fell_back", board.running, action, False, reboot=True, failed_checks=("app", "disk")
+    )
+    assert board.reboots == [["reboot"]]
+    state = board.state()
+    assert state.slot(board.other).status == "bad"
+    running = state.slot(board.running)
+    assert running.failures == before + 1
+    assert running.status == ("bad" if action == "gave_up" else "good")
+    env = board.env()
+    assert grub.attempts_in(env, board.other) == 0 and board.other not in grub.boot_order(env)
+    assert (board.running in grub.boot_order(env)) is (action == "retrying")
+    assert_check_failures_logged(board)
+    assert_finished(board, action, "fell_back", level="error", reboot=True, failed=["app", "disk"])
+
+
+@pytest.mark.parametrize("status", ["installing", "installed"])
+def test_an_interrupted_install_gives_its_slot_up_and_confirms_the_running_one(
+    board: Board, status: str
+) -> None:
+    committed(board, failures=1)
+    board.backend.try_once(board.other)  # an older release, then the install began
+    board.backend.commit(board.running)
+    board.save(board.state().with_slot(board.other, status=status, version="2.0.0"))
+
+    verdict = board.check()
+
+    assert verdict == BootVerdict("interrupted", board.running, "confirmed", True, reboot=False)
+    assert board.reboots == [] and board.checks_run == 1
+    env = board.env()
+    assert grub.boot_order(env) == [board.running] and grub.attempts_in(env, board.other) == 0
+    state = board.state()
+    assert state.slot(board.other).status == "bad"
+    assert (state.slot(board.running).status, state.slot(board.running).failures) == ("good", 0)
+    assert board.started()["situation"] == "interrupted"
+    (interrupted,) = board.named("boot_check.install_interrupted")
+    assert (interrupted["level"], interrupted["slot"]) == ("warning", board.other)
+    assert board.named("boot_check.fell_back") == []
+    assert_finished(board, "confirmed", "interrupted", level="info", reboot=False, failed=[])
+
+
+@pytest.mark.parametrize(
+    ("before", "action"), [(MAX_FAILURES - 2, "retrying"), (MAX_FAILURES - 1, "gave_up")]
+)
+def test_an_interrupted_install_on_a_failing_slot_counts_its_failure(
+    board: Board, before: int, action: str
+) -> None:
+    committed(board, failures=before)
+    board.save(board.state().with_slot(board.other, status="installing"))
+
+    verdict = board.check(healthy=False)
+
+    assert verdict == BootVerdict(
+        "interrupted", board.running, action, False, reboot=True, failed_checks=("app", "disk")
+    )
+    assert board.reboots == [["reboot"]]
+    state = board.state()
+    assert state.slot(board.other).status == "bad"
+    assert state.slot(board.running).failures == before + 1
+    assert state.slot(board.running).status == ("bad" if action == "gave_up" else "good")
+    assert_finished(
+        board, action, "interrupted", level="error", reboot=True, failed=["app", "disk"]
+    )
+
+
+@pytest.mark.parametrize("status", ["empty", "good", "bad"])
+def test_the_other_slot_at_rest_leaves_a_normal_boot(board: Board, status: str) -> None:
+    committed(board)
+    board.save(board.state().with_slot(board.other, status=status))
+    verdict = board.check()
+    assert (verdict.situation, verdict.action) == ("normal", "confirmed")
+    assert board.state().slot(board.other).status == status
+    assert board.named("boot_check.install_interrupted") == []
+
+
+def test_a_damaged_state_store_is_logged_and_the_boot_check_goes_on(board: Board) -> None:
+    committed(board)
+    board.store.path.write_text("{not json")
+
+    verdict = board.check()
+
+    assert verdict == BootVerdict("normal", board.running, "confirmed", True, reboot=False)
+    first = board.log.events[0]
+    assert (first["event"], first["level"]) == ("state.damaged", "warning")
+    assert str(board.store.path) in first["detail"] and "damaged" in first["detail"]
+    assert board.store.path.with_name("state.json.damaged").read_text() == "{not json"
+    slot = board.state().slot(board.running)  # started afresh: the running slot is confirmed
+    assert (slot.status, slot.failures) == ("good", 0)
+
+
+def test_an_intact_state_store_logs_no_damage(board: Board) -> None:
+    committed(board)
+    board.check()
+    assert board.named("state.damaged") == []
+    assert board.log.events[0]["event"] == "boot_check.started"

@@ -4,7 +4,7 @@ given up without running the checks again."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,10 @@ from typing import Any
 import pytest
 
 from bootloader_hooks import grub, grubenv
+from bootloader_hooks.autoboot import AutobootConfig, install_file
+from bootloader_hooks.base import BootCause, BootEvent
+from bootloader_hooks.tryboot import TrialResult, TrybootBackend, TrybootConfig
+from bootloader_hooks.tryboot_model import BOOT_ID, TrybootFirmware
 from updater.bootcheck import MAX_FAILURES, MAX_TRIAL_BOOTS, BootChecker, BootVerdict
 from updater.health import CheckResult, HealthReport
 from updater.log import EventLog
@@ -523,3 +527,205 @@ def test_an_intact_state_store_logs_no_damage(board: Board) -> None:
     board.check()
     assert board.named("state.damaged") == []
     assert board.log.events[0]["event"] == "boot_check.started"
+
+
+# --- fall-backs on firmware with one boot per trial (Raspberry Pi tryboot) ---------------------
+
+TRYBOOT = ["reboot", "0 tryboot"]
+
+
+class Pi:
+    """A Raspberry Pi with slot a committed, the EEPROM bootloader model starting it."""
+
+    def __init__(self, root: Path) -> None:
+        autoboot_txt = root / "p1" / "autoboot.txt"
+        install_file(autoboot_txt, AutobootConfig(2, 2))
+        self.linux = root / "root"
+        self.firmware = TrybootFirmware(autoboot_txt)
+        self.backend = TrybootBackend(
+            TrybootConfig(
+                autoboot_txt=autoboot_txt,
+                device_tree=self.linux / "proc" / "device-tree",
+                state_dir=root / "data" / "boot",
+                boot_id=self.linux / BOOT_ID,
+                attempts=3,
+            )
+        )
+        self.store = StateStore(root / "data")
+        self.store.save(
+            DeviceState(installed_security_version=1).with_slot(
+                "a", status="good", version="1.0.0", security_version=1
+            )
+        )
+        self.log = EventLog(keep=True)
+        self.reboots: list[Sequence[str]] = []
+        self.boot(BootCause.POWER_ON)
+
+    def boot(self, cause: BootCause, command: Sequence[str] = ()) -> str:
+        outcome = self.firmware.boot(BootEvent(cause, tuple(command)))
+        for relative, data in outcome.linux_view.items():
+            path = self.linux / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        return outcome.slot
+
+    def reboot(self) -> str:
+        """Carry out the reboot the boot check asked for."""
+        command = self.reboots.pop()
+        assert self.reboots == []
+        return self.boot(BootCause.REBOOT, command)
+
+    def install_b(self) -> None:
+        self.backend.mark_bad("b")
+        self.backend.try_once("b")
+        state = self.store.load().state
+        self.store.save(state.with_slot("b", status="trial", version="2.0.0", security_version=2))
+
+    def check(self, report: Callable[[], HealthReport] = fine_report) -> BootVerdict:
+        self.log = EventLog(keep=True)
+        return BootChecker(
+            self.backend, self.store, self.log, report, reboot=self.reboots.append
+        ).run()
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.log.events if e["event"] == event]
+
+
+def dies() -> HealthReport:
+    raise CheckDied
+
+
+@pytest.fixture
+def pi(tmp_path: Path) -> Pi:
+    return Pi(tmp_path)
+
+
+def test_a_trial_that_never_started_is_rearmed_and_the_old_slot_confirmed(pi: Pi) -> None:
+    pi.install_b()
+    assert pi.boot(BootCause.POWER_ON) == "a"  # the power went before the trial reboot
+
+    verdict = pi.check()
+
+    assert verdict == BootVerdict("fell_back", "a", "rearmed", True, reboot=True)
+    assert pi.reboots == [TRYBOOT]  # into the trial again
+    assert pi.backend.attempts_left("b") == 2 and pi.backend.primary() == "a"
+    state = pi.store.load().state
+    assert state.slot("b").status == "trial"  # not given up: it is tried again
+    assert (state.slot("a").status, state.slot("a").failures) == ("good", 0)
+    (started,) = pi.named("boot_check.started")
+    assert (started["slot"], started["trial"], started["situation"]) == ("a", False, "fell_back")
+    (why,) = pi.named("boot_check.trial_never_started")
+    assert (why["level"], why["slot"], why["running"]) == ("error", "b", "a")
+    assert why["result"] == "never-started"
+    (rearmed,) = pi.named("boot_check.trial_rearmed")
+    assert rearmed["slot"] == "b"
+    assert pi.named("boot_check.trial_died") == pi.named("boot_check.fell_back") == []
+    done = pi.log.events[-1]
+    assert (done["event"], done["level"], done["slot"]) == ("boot_check.rearmed", "info", "a")
+    assert (done["situation"], done["reboot"], done["failed_checks"]) == ("fell_back", True, [])
+
+    assert pi.reboot() == "b"  # the re-armed trial is booted, and passes
+    verdict = pi.check()
+    assert verdict == BootVerdict("trial", "b", "committed", True, reboot=False)
+    assert pi.backend.primary() == "b"
+    assert pi.store.load().state.installed_security_version == 2
+
+
+def test_a_trial_that_keeps_dying_is_rearmed_until_its_attempts_are_used_up(pi: Pi) -> None:
+    pi.install_b()
+    pi.reboots.append(pi.backend.reboot_command())
+    for left in (2, 1, 0):
+        assert pi.reboot() == "b"
+        with pytest.raises(CheckDied):
+            pi.check(dies)  # the boot check marks the trial started before the checks
+        assert pi.boot(BootCause.RESET) == "a"  # the watchdog resets the board
+
+        verdict = pi.check()
+
+        (died,) = pi.named("boot_check.trial_died")
+        assert (died["level"], died["slot"], died["running"]) == ("error", "b", "a")
+        assert died["result"] == "started-and-died"
+        assert pi.named("boot_check.trial_never_started") == []
+        assert pi.backend.attempts_left("b") == left
+        state = pi.store.load().state
+        if left:
+            assert verdict == BootVerdict("fell_back", "a", "rearmed", True, reboot=True)
+            assert pi.reboots == [TRYBOOT]
+            assert state.slot("b").status == "trial"
+            assert len(pi.named("boot_check.trial_rearmed")) == 1
+        else:
+            assert verdict == BootVerdict("fell_back", "a", "confirmed", True, reboot=False)
+            assert pi.reboots == []
+            assert state.slot("b").status == "bad"
+            assert pi.named("boot_check.trial_rearmed") == []
+        assert (state.slot("a").status, state.slot("a").failures) == ("good", 0)
+    assert pi.backend.primary() == "a"
+    assert pi.backend.reboot_command() == ["reboot"]
+
+
+def test_a_rearm_onto_a_failing_old_slot_counts_its_failure_and_reboots(pi: Pi) -> None:
+    pi.install_b()
+    pi.boot(BootCause.POWER_ON)
+
+    verdict = pi.check(sick_report)
+
+    assert verdict == BootVerdict(
+        "fell_back", "a", "rearmed", False, reboot=True, failed_checks=("app", "disk")
+    )
+    assert pi.reboots == [TRYBOOT]
+    state = pi.store.load().state
+    assert (state.slot("a").status, state.slot("a").failures) == ("good", 1)
+    assert state.slot("b").status == "trial"
+    done = pi.log.events[-1]
+    assert (done["event"], done["level"]) == ("boot_check.rearmed", "error")
+    assert done["failed_checks"] == ["app", "disk"]
+
+
+class ScriptedRetry(grub.GrubBackend):
+    """GRUB with a scripted :class:`TrialRetry` answer, for results no real firmware gives
+    after a fall-back."""
+
+    def __init__(self, grubenv_path: Path, cmdline: Path, result: TrialResult, rearm: bool):
+        super().__init__(grubenv_path, cmdline)
+        self.result, self.rearm_answer = result, rearm
+        self.started: list[str] = []
+
+    def mark_trial_started(self) -> bool:
+        self.started.append(self.booted())
+        return True
+
+    def last_trial_result(self) -> TrialResult:
+        return self.result
+
+    def rearm(self) -> bool:
+        return self.rearm_answer
+
+
+@pytest.mark.parametrize("rearm", [True, False])
+def test_an_unexplained_fall_back_is_reported_as_such(board: Board, rearm: bool) -> None:
+    board.backend = ScriptedRetry(board.grubenv, board.cmdline, TrialResult.REJECTED, rearm)
+    committed(board)
+    fall_back(board)
+
+    verdict = board.check()
+
+    action = "rearmed" if rearm else "confirmed"
+    assert verdict == BootVerdict("fell_back", board.running, action, True, reboot=rearm)
+    (fell,) = board.named("boot_check.fell_back")
+    assert (fell["level"], fell["slot"], fell["running"]) == ("error", board.other, board.running)
+    assert fell["result"] == "rejected"
+    assert board.backend.started == []  # no trial boot, nothing marked
+    assert board.state().slot(board.other).status == ("trial" if rearm else "bad")
+    assert len(board.named("boot_check.trial_rearmed")) == int(rearm)
+
+
+def test_a_trial_boot_is_marked_started_only_on_a_trial(board: Board) -> None:
+    backend = ScriptedRetry(board.grubenv, board.cmdline, TrialResult.RUNNING, False)
+    board.backend = backend
+    committed(board)
+    board.check()
+    assert backend.started == []
+    arm_trial(board)
+    board.boot(board.other)
+    board.check()
+    assert backend.started == [board.other]

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import time
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import delete, update
+from sqlalchemy import delete, text, update
+from sqlalchemy.orm import Session
 
 from fleet_core.cli import fleet
 from server import audit
 from server.audit import AuditEntry, verify_chain
+from server.database import AUDIT_CHAIN_LOCK
 from server.models import AuditRow
 from tests.server.conftest import Harness, LiveServer
 
@@ -165,4 +171,211 @@ def test_entry_from_dict_rejects_wrong_types(field: str) -> None:
     }
     document[field] = None
     with pytest.raises(ValueError):
+        AuditEntry.from_dict(document)
+
+
+# --- the exact hash input, pinned independently of canonical_json ------------------------------
+
+
+def test_hash_input_is_pinned_byte_for_byte(harness: Harness) -> None:
+    # The keys of details are given unsorted and with a non-ASCII value: the stored text must
+    # sort them, drop the spaces and keep the UTF-8, and the hash covers exactly the six fields
+    # under their own names.
+    with harness.db.write() as session:
+        first = audit.append(
+            harness.db,
+            session,
+            at=datetime(2027, 1, 15, 9, 30, 5, 123456, tzinfo=timezone(timedelta(hours=1))),
+            actor="operator:ö",
+            action="test.pinned",
+            subject="cam-1",
+            details={"z": [1, 2], "a": "grüße"},
+        )
+    assert first.at == "2027-01-15T08:30:05.123456Z"
+    assert first.subject == "cam-1"
+    assert first.details == '{"a":"grüße","z":[1,2]}'
+    content = (
+        '{"action":"test.pinned","actor":"operator:ö","at":"2027-01-15T08:30:05.123456Z",'
+        '"details":"{\\"a\\":\\"grüße\\",\\"z\\":[1,2]}","seq":'
+        + str(first.seq)
+        + ',"subject":"cam-1"}'
+    ).encode("utf-8")
+    assert first.content() == content
+    assert first.hash == hashlib.sha256(first.prev_hash.encode() + content).hexdigest()
+    with harness.db.read() as session:
+        row = session.get(AuditRow, first.seq)
+        assert row is not None
+        assert AuditEntry.from_row(row) == first
+
+
+def test_hash_of_an_entry_without_subject_is_pinned() -> None:
+    entry = AuditEntry(1, "t", "a", "x", None, "{}", audit.GENESIS_HASH, "")
+    content = b'{"action":"x","actor":"a","at":"t","details":"{}","seq":1,"subject":null}'
+    assert entry.content() == content
+    assert (
+        entry.expected_hash(audit.GENESIS_HASH) == hashlib.sha256(b"0" * 64 + content).hexdigest()
+    )
+
+
+def test_audit_time_is_utc_whatever_the_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "America/St_Johns")
+    time.tzset()
+    try:
+        assert audit.audit_time(AT) == "2027-01-15T08:00:00.000000Z"
+        plus_one = datetime(2027, 1, 15, 9, 0, tzinfo=timezone(timedelta(hours=1)))
+        assert audit.audit_time(plus_one) == "2027-01-15T08:00:00.000000Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_append_takes_the_chain_lock_in_its_transaction(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[object, int]] = []
+    monkeypatch.setattr(harness.db, "lock", lambda session, key: calls.append((session, key)))
+    with harness.db.write() as session:
+        audit.append(harness.db, session, at=AT, actor="a", action="x")
+        assert calls == [(session, AUDIT_CHAIN_LOCK)]
+
+
+# --- reading the trail ---------------------------------------------------------------------------
+
+
+def test_entries_after_and_limit(harness: Harness) -> None:
+    fill(harness, 6)
+    with harness.db.read() as session:
+        total = len(audit.entries(session))
+        assert [e.seq for e in audit.entries(session)] == list(range(1, total + 1))
+        assert [e.seq for e in audit.entries(session, after=2, limit=3)] == [3, 4, 5]
+        assert [e.seq for e in audit.entries(session, after=total - 1)] == [total]
+
+
+def test_entries_are_ordered_by_seq_not_by_storage(harness: Harness) -> None:
+    fill(harness, 4)
+    with harness.db.read() as session:
+        if harness.db.dialect == "sqlite":
+            # SQLite then returns rows of a query without ORDER BY in reverse.
+            session.execute(text("PRAGMA reverse_unordered_selects = ON"))
+        seqs = [e.seq for e in audit.entries(session)]
+    assert seqs == sorted(seqs)
+    assert len(seqs) >= 4
+
+
+def test_all_entries_reads_page_by_page(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    fill(harness, 7)
+    total = harness.count(AuditRow)
+    monkeypatch.setattr(audit, "PAGE", 3)
+    pages: list[list[int]] = []
+    real_entries = audit.entries
+
+    def spy(session: Session, **kwargs: Any) -> list[AuditEntry]:
+        page = real_entries(session, **kwargs)
+        pages.append([e.seq for e in page])
+        return page
+
+    monkeypatch.setattr(audit, "entries", spy)
+    # a bounded read, so a paging loop that never advances fails instead of hanging
+    seen = [e.seq for e in itertools.islice(audit.all_entries(harness.db), total + 10)]
+    assert seen == list(range(1, total + 1))
+    assert all(len(page) <= 3 for page in pages)
+    assert len(pages) == total // 3 + 1
+
+
+# --- the report of a broken chain ----------------------------------------------------------------
+
+
+def chain(count: int) -> list[AuditEntry]:
+    made: list[AuditEntry] = []
+    prev = audit.GENESIS_HASH
+    for seq in range(1, count + 1):
+        draft = AuditEntry(seq, "t", "a", "x", None, f'{{"n":{seq}}}', prev, "")
+        made.append(replace(draft, hash=draft.expected_hash(prev)))
+        prev = made[-1].hash
+    return made
+
+
+def test_broken_chain_reports_how_far_it_held() -> None:
+    entries = chain(5)
+    tampered = [*entries[:3], replace(entries[3], actor="b"), *entries[4:]]
+    report = verify_chain(tampered)
+    assert (report.checked, report.head_seq, report.head_hash) == (3, 3, entries[2].hash)
+    assert report.problem == "entry 4 changed (its content does not match its hash)"
+
+    report = verify_chain(entries, expect_head=(4, "f" * 64))
+    assert (report.checked, report.head_seq, report.head_hash) == (3, 3, entries[2].hash)
+    assert report.problem == (
+        "entry 4 differs from the recorded head: the trail was rewritten from entry 4 or earlier"
+    )
+
+    report = verify_chain(entries[:2], expect_head=(5, entries[4].hash))
+    assert (report.checked, report.head_seq, report.head_hash) == (2, 2, entries[1].hash)
+    assert report.problem == (
+        "entries 3 to 5 were removed from the end (the recorded head is entry 5)"
+    )
+
+
+def test_recorded_head_at_the_end_is_intact() -> None:
+    entries = chain(3)
+    report = verify_chain(entries, expect_head=(3, entries[2].hash))
+    assert report.intact, report.problem
+    assert (report.checked, report.head_seq) == (3, 3)
+
+
+def test_empty_chain_against_a_recorded_head() -> None:
+    report = verify_chain([])
+    assert (report.checked, report.head_seq, report.head_hash) == (0, 0, audit.GENESIS_HASH)
+    report = verify_chain([], expect_head=(1, "a" * 64))
+    assert report.problem == (
+        "entries 1 to 1 were removed from the end (the recorded head is entry 1)"
+    )
+    assert (report.checked, report.head_seq, report.head_hash) == (0, 0, audit.GENESIS_HASH)
+
+
+def test_problem_texts_are_exact() -> None:
+    entries = chain(6)
+    assert verify_chain([entries[0], entries[2]]).problem == (
+        "entry 2 removed (the trail jumps from entry 1 to 3)"
+    )
+    assert verify_chain(entries[:2] + entries[5:]).problem == (
+        "entries 3-5 removed (the trail jumps from entry 2 to 6)"
+    )
+    assert verify_chain([entries[1]]).problem == (
+        "entry 1 removed (the trail jumps from entry 0 to 2)"
+    )
+    assert verify_chain([entries[0], entries[0]]).problem == (
+        "entry 1 out of order (expected entry 2)"
+    )
+    rehashed_first = replace(entries[0], details='{"n":99}')
+    rehashed_first = replace(rehashed_first, hash=rehashed_first.expected_hash(audit.GENESIS_HASH))
+    assert verify_chain([rehashed_first, entries[1]]).problem == (
+        "entry 1 changed (its hash was recomputed, but entry 2 still chains to the original)"
+    )
+
+
+def test_first_entry_with_a_foreign_prev_hash_is_named() -> None:
+    # Self-consistent (its hash matches its own prev_hash) but not chained to the genesis hash:
+    # there is no earlier entry to blame.
+    draft = AuditEntry(1, "t", "a", "x", None, "{}", "1" * 64, "")
+    entry = replace(draft, hash=draft.expected_hash(draft.prev_hash))
+    assert verify_chain([entry]).problem == (
+        "entry 1 changed (its prev_hash does not match entry 0)"
+    )
+
+
+def test_entry_from_dict_errors_name_the_entry() -> None:
+    document: dict[str, Any] = {
+        "seq": 7,
+        "at": "t",
+        "actor": "a",
+        "action": "x",
+        "subject": None,
+        "details": {},
+        "prev_hash": "0" * 64,
+        "hash": 5,
+    }
+    with pytest.raises(ValueError, match=r"^audit entry 7: fields of the wrong type$"):
+        AuditEntry.from_dict(document)
+    del document["actor"]
+    with pytest.raises(ValueError, match=r"^audit entry: missing or malformed field \('actor'\)$"):
         AuditEntry.from_dict(document)

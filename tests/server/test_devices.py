@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from fastapi.testclient import TestClient
+from sqlalchemy import event, select
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.sql import ClauseElement
 
+from server import devices
 from server.app import create_app
-from server.models import AuditRow, Device, DeviceChallenge, EnrollmentToken
+from server.assignment import SignedAnswer, assignment_etag
+from server.errors import UnknownDeviceError
+from server.models import AuditRow, Device, DeviceChallenge, EnrollmentToken, Release, Rollout
+from server.schemas import Event
+from server.settings import LAST_SEEN_RESOLUTION_S, utc
 from signing.errors import BadSignatureError
 from signing.keyring import Keyring
-from signing.keys import key_id
+from signing.keys import SigningKey, key_id
 from signing.signature import SignatureEnvelope
 from tests.server.conftest import FakeDevice, Harness
 
@@ -500,3 +510,221 @@ def test_nobody_can_crowd_out_a_devices_challenge(harness: Harness, enrolled: En
     assert again.status_code == 401 and again.json()["error"] == "challenge_invalid"
     forged = mine[:-1] + ("0" if mine[-1] != "0" else "1")
     assert harness.client.post(url, json=device.session_body(forged)).status_code == 401
+
+
+# --- check-in rules, called directly ------------------------------------------------------------
+
+KEY = SigningKey.from_private_key(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+INTERVAL = 120
+
+
+def at(harness: Harness, seconds: float = 0.0) -> datetime:
+    return utc(harness.clock) + timedelta(seconds=seconds)
+
+
+def last_seen(harness: Harness, device_id: str) -> datetime:
+    with harness.db.read() as session:
+        device = session.get(Device, device_id)
+        assert device is not None
+        return device.last_seen
+
+
+def start_rollout(harness: Harness, version: str, state: str) -> None:
+    with harness.db.write() as session:
+        release = session.scalars(select(Release).where(Release.version == version)).one()
+        session.add(
+            Rollout(
+                release_id=release.id,
+                device_ids=None,
+                selector=None,
+                canary_ids="[]",
+                stages="[100]",
+                soak_s=60,
+                max_failure_rate=0.1,
+                install_deadline_s=3600,
+                rollback_on_halt=False,
+                state=state,
+                stage=0,
+                stage_started=at(harness),
+                reason=None,
+                acknowledged=None,
+                created=at(harness),
+                created_by="operator:test",
+            )
+        )
+
+
+@pytest.fixture
+def assigned(harness: Harness, enrolled: Enrolled, make_bundle: MakeBundle) -> tuple[str, str]:
+    """A device with release 2.0.0 assigned: its id and the release's manifest SHA-256."""
+    device = enrolled()
+    harness.upload(make_bundle(version="2.0.0"))
+    devices.assign(harness.db, device.id, "2.0.0", actor="operator:test", now=at(harness))
+    with harness.db.read() as session:
+        sha = session.scalars(select(Release.manifest_sha256)).one()
+    return device.id, sha
+
+
+def check_in(
+    harness: Harness, device_id: str, if_none_match: str | None, seconds: float
+) -> SignedAnswer | devices.NotModified:
+    return devices.check_in(
+        harness.db, device_id, "ab" * 16, if_none_match, KEY, at(harness, seconds), INTERVAL
+    )
+
+
+def test_checkin_asks_for_the_rollout_interval_only_while_a_rollout_is_active(
+    harness: Harness, assigned: tuple[str, str]
+) -> None:
+    device_id, sha = assigned
+    quiet = check_in(harness, device_id, None, 1)
+    assert isinstance(quiet, SignedAnswer)
+    assert json.loads(quiet.answer)["checkin_interval_s"] is None
+    assert quiet.etag == assignment_etag(device_id, sha, None)
+    start_rollout(harness, "2.0.0", "completed")
+    ended = check_in(harness, device_id, None, 2)
+    assert isinstance(ended, SignedAnswer)
+    assert json.loads(ended.answer)["checkin_interval_s"] is None
+    for state in ("paused", "running"):
+        start_rollout(harness, "2.0.0", state)
+        active = check_in(harness, device_id, None, 3)
+        assert isinstance(active, SignedAnswer)
+        assert json.loads(active.answer)["checkin_interval_s"] == INTERVAL
+        assert active.etag == assignment_etag(device_id, sha, INTERVAL)
+
+
+@pytest.mark.parametrize("rollout", [None, "running"])
+def test_recent_unchanged_checkin_only_reads(
+    harness: Harness, assigned: tuple[str, str], rollout: str | None
+) -> None:
+    device_id, sha = assigned
+    if rollout is not None:
+        start_rollout(harness, "2.0.0", rollout)
+    interval = INTERVAL if rollout is not None else None
+    etag = assignment_etag(device_id, sha, interval)
+    first = check_in(harness, device_id, None, 0)
+    assert isinstance(first, SignedAnswer)
+    assert first.etag == etag
+    seen = last_seen(harness, device_id)
+    # within the resolution: answered from the read alone, last_seen kept
+    again = check_in(harness, device_id, f'"{etag}"', LAST_SEEN_RESOLUTION_S - 1)
+    assert again == devices.NotModified(etag)
+    assert last_seen(harness, device_id) == seen
+    # at the resolution: still 304, and last_seen moves on
+    later = check_in(harness, device_id, f'W/"{etag}"', LAST_SEEN_RESOLUTION_S)
+    assert later == devices.NotModified(etag)
+    assert last_seen(harness, device_id) == at(harness, LAST_SEEN_RESOLUTION_S)
+    # a stale etag gets the full answer
+    changed = check_in(harness, device_id, '"0123"', LAST_SEEN_RESOLUTION_S + 1)
+    assert isinstance(changed, SignedAnswer)
+    assert changed.etag == etag
+
+
+def test_unknown_device_checkin_names_it(harness: Harness) -> None:
+    with pytest.raises(UnknownDeviceError, match=f"^device {'0' * 64} is not enrolled$"):
+        devices.check_in(harness.db, "0" * 64, "ab" * 16, None, KEY, at(harness))
+
+
+# --- which operations lock the device row (compiled for PostgreSQL, where it matters) ----------
+
+
+@pytest.fixture
+def device_locks() -> Iterator[list[bool]]:
+    """For every ORM read of the devices table: whether it takes the row lock (FOR UPDATE)."""
+    seen: list[bool] = []
+
+    def record(state: ORMExecuteState) -> None:
+        statement = state.statement
+        assert isinstance(statement, ClauseElement)
+        sql = str(statement.compile(dialect=postgresql.dialect()))  # type: ignore[no-untyped-call]
+        if "FROM devices" in sql and "JOIN" not in sql:
+            seen.append("FOR UPDATE" in sql)
+
+    event.listen(Session, "do_orm_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(Session, "do_orm_execute", record)
+
+
+def test_events_and_assignments_lock_the_device_row(
+    harness: Harness, enrolled: Enrolled, make_bundle: MakeBundle, device_locks: list[bool]
+) -> None:
+    device = enrolled()
+    harness.upload(make_bundle(version="2.0.0"))
+    device_locks.clear()
+    devices.record_events(harness.db, device.id, [Event(event="x.y", seq=1)], at(harness))
+    assert device_locks == [True]
+    device_locks.clear()
+    devices.assign(harness.db, device.id, "2.0.0", actor="operator:t", now=at(harness))
+    assert device_locks[0] is True
+    device_locks.clear()
+    devices.get_device(harness.db, device.id)
+    devices.check_in(harness.db, device.id, "ab" * 16, None, KEY, at(harness, 600))
+    assert device_locks and not any(device_locks)  # a read or a check-in waits for nobody
+
+
+# --- what the audit trail records for events and assignments ------------------------------------
+
+
+def audit_entries(harness: Harness, action_prefix: str) -> list[dict[str, Any]]:
+    entries = harness.client.get("/api/v1/audit", headers=harness.viewer).json()["entries"]
+    return [e for e in entries if e["action"].startswith(action_prefix)]
+
+
+def test_event_audit_entry_names_device_and_fields(harness: Harness, enrolled: Enrolled) -> None:
+    device = enrolled()
+    assert device.events(("install.started", 5)).status_code == 204
+    [entry] = audit_entries(harness, "install.")
+    assert entry["actor"] == f"device:{device.id}"
+    assert entry["subject"] == device.id
+    assert entry["details"] == {"seq": 5, "fields": {"n": 5}}
+
+
+def test_assignment_audit_entries_say_what_changed(
+    harness: Harness, enrolled: Enrolled, make_bundle: MakeBundle
+) -> None:
+    device = enrolled()
+    harness.upload(make_bundle("a.bundle", version="2.0.0"))
+    harness.upload(make_bundle("b.bundle", version="2.0.1"))
+    for version in ("2.0.0", "2.0.1", None):
+        response = harness.client.post(
+            f"/api/v1/devices/{device.id}/assignment",
+            json={"version": version},
+            headers=harness.operator,
+        )
+        assert response.status_code == 200, response.text
+    entries = audit_entries(harness, "device.")
+    assert [(e["action"], e["subject"], e["details"]) for e in entries[-3:]] == [
+        ("device.assigned", device.id, {"version": "2.0.0", "previous": None}),
+        ("device.assigned", device.id, {"version": "2.0.1", "previous": "2.0.0"}),
+        ("device.unassigned", device.id, {"version": None, "previous": "2.0.1"}),
+    ]
+
+
+# --- the operators' view ------------------------------------------------------------------------
+
+
+def test_device_without_heartbeat_and_trial_state(harness: Harness, enrolled: Enrolled) -> None:
+    device = enrolled()
+    url = f"/api/v1/devices/{device.id}"
+    fresh = harness.client.get(url, headers=harness.viewer)
+    assert fresh.status_code == 200, fresh.text
+    assert fresh.json()["last_heartbeat"] is None
+    assert fresh.json()["last_heartbeat_at"] is None
+    assert fresh.json()["state"] == "enrolled"
+    assert device.heartbeat(trial=True).status_code == 204
+    assert harness.client.get(url, headers=harness.viewer).json()["state"] == "trial"
+
+
+def test_devices_are_listed_by_enrollment_then_id(harness: Harness) -> None:
+    made = [FakeDevice(harness.client, hostname=f"cam-{n}") for n in range(6)]
+    by_id = sorted(made, key=lambda d: d.id)
+    # the highest id enrolls first, alone; then the others at one moment, highest id first
+    order = [by_id[-1], *reversed(by_id[:-1])]
+    for n, device in enumerate(order):
+        assert device.enroll(harness.enrollment_token()).status_code == 200
+        if n == 0:
+            harness.clock.advance(10)
+    listing = harness.client.get("/api/v1/devices", headers=harness.viewer).json()["devices"]
+    assert [d["id"] for d in listing] == [by_id[-1].id, *(d.id for d in by_id[:-1])]

@@ -332,7 +332,8 @@ def arm_trial(board: Board, *, security_version: int | None = 2) -> None:
 
 
 @pytest.mark.parametrize(
-    ("floor", "security_version", "expected"), [(1, 2, 2), (3, 2, 3), (1, None, 1), (2, 2, 2)]
+    ("floor", "security_version", "expected"),
+    [(1, 2, 2), (3, 2, 3), (2, 2, 2), (1, None, 1), (0, None, 0)],  # None: no security version
 )
 def test_a_healthy_trial_is_committed_and_raises_the_floor(
     board: Board, floor: int, security_version: int | None, expected: int

@@ -1,5 +1,7 @@
-"""The boot check's trial rows on plain files: GRUB's grubenv and kernel command line, the state
-store. A trial whose boot check keeps dying is a reboot loop: after ``MAX_TRIAL_BOOTS`` it is
+"""The boot check's table on plain files: GRUB's grubenv and kernel command line, the Raspberry
+Pi's autoboot.txt and device tree (the EEPROM bootloader model), the state store. Each row is
+asserted whole: the verdict, the state store, the boot environment read back, the events, the
+reboot. A trial whose boot check keeps dying is a reboot loop: after ``MAX_TRIAL_BOOTS`` it is
 given up without running the checks again."""
 
 from __future__ import annotations

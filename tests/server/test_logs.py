@@ -210,8 +210,8 @@ def test_fleet_server_run_writes_only_json_lines_labelled_server(tmp_path: Path)
             try:
                 if requests.get(url + "/healthz", timeout=1).status_code == 200:
                     break
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # the socket queues connections until the server accepts: not up yet
             assert time.monotonic() < deadline, f"server did not come up:\n{err.read_text()}"
             time.sleep(0.05)
         authorization = {"Authorization": f"Bearer {SECRETS[0]}"}

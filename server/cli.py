@@ -195,6 +195,7 @@ def run(
 ) -> None:
     """Serve the API, the blobs and the metrics (runs until stopped). Logs go to standard
     error, one JSON object per line unless --log-format text (see server/logs.py)."""
+    listener = None if fd is None else inherited_socket(fd)
     import uvicorn
 
     from server import logs
@@ -221,15 +222,42 @@ def run(
     # uvicorn's own colourful handlers out); its access log gives way to ours, which names
     # the route template rather than the path a client sent
     options: dict[str, Any] = {"log_level": log_level, "log_config": None, "access_log": False}
-    if fd is None:
+    if listener is None:
         uvicorn.run(logs.AccessLogMiddleware(app), host=host, port=port, **options)
         return
     # uvicorn's own --fd takes any descriptor for a Unix socket; the socket's own family
     # (socket(fileno=...) reads it) keeps TCP sockets TCP
     served = uvicorn.Server(uvicorn.Config(logs.AccessLogMiddleware(app), **options))
-    served.run(sockets=[socket.socket(fileno=fd)])
+    served.run(sockets=[listener])
     if not served.started:
         sys.exit(3)  # what uvicorn.run exits with when the server did not start
+
+
+def inherited_socket(fd: int) -> socket.socket:
+    """The TCP socket behind ``--fd``, checked before anything starts, so a wrong number is one
+    usage error (exit 2) naming it, and --host/--port cannot silently name another address.
+
+    Raises:
+        click.UsageError: --host or --port given too.
+        click.BadParameter: not an open TCP socket bound to an address.
+    """
+    context = click.get_current_context()
+    for name in ("host", "port"):
+        if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+            raise click.UsageError(f"--fd serves on an inherited socket: leave out --{name}")
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as err:
+        raise click.BadParameter(
+            f"{fd}: not an open socket ({err.strerror})", param_hint="--fd"
+        ) from None
+    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        sock.detach()
+        raise click.BadParameter(f"{fd}: not a TCP socket", param_hint="--fd")
+    if sock.getsockname()[1] == 0:
+        sock.detach()
+        raise click.BadParameter(f"{fd}: a TCP socket bound to no port", param_hint="--fd")
+    return sock
 
 
 @server.group()

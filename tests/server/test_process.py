@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -192,3 +193,25 @@ def test_upload_enroll_assign_checkin_download_restart(
     assert verify_answer(device.checkin(again), server_keyring, again) == {**answer, "nonce": again}
     assert requests.get(url + blob["url"], timeout=10).content == whole.content
     assert cli("audit", "verify", *db_args).startswith("audit trail intact")
+
+
+def test_fd_must_be_a_bound_tcp_socket_and_excludes_host_and_port() -> None:
+    def refused(*args: str) -> str:
+        result = CliRunner().invoke(fleet, ["server", "run", *args])
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        return result.output.strip().splitlines()[-1]
+
+    with socket.socket(type=socket.SOCK_DGRAM) as udp, socket.socket() as unbound:
+        udp.bind(("127.0.0.1", 0))
+        assert "not a TCP socket" in refused("--fd", str(udp.fileno()))
+        assert "a TCP socket bound to no port" in refused("--fd", str(unbound.fileno()))
+    with tempfile.TemporaryFile() as plain_file:
+        assert "not an open socket (Socket operation on non-socket)" in refused(
+            "--fd", str(plain_file.fileno())
+        )
+    assert "not an open socket (Bad file descriptor)" in refused("--fd", "987")
+    with listening_socket() as sock:
+        for option in ("--host", "--port"):
+            value = "127.0.0.1" if option == "--host" else "8081"
+            assert f"leave out {option}" in refused("--fd", str(sock.fileno()), option, value)

@@ -878,7 +878,9 @@ def test_a_release_whose_trial_failed_is_never_tried_again(lab: Lab) -> None:
     assert len(lab.local("install.started")) == 2
 
 
-def cut_power_at(point: str) -> durable.BoundaryHook:
+def run_once_cut_at(lab: Lab, point: str) -> None:
+    """One daemon step that a power cut ends at write boundary ``point`` (and every write
+    after it): the step raises PowerCut."""
     off = threading.Event()
 
     def hook(name: str, path: Path) -> None:
@@ -886,18 +888,18 @@ def cut_power_at(point: str) -> durable.BoundaryHook:
             off.set()
             raise PowerCut(name)
 
-    return hook
+    previous = durable.set_boundary_hook(hook)
+    try:
+        with pytest.raises(PowerCut):
+            lab.daemon().run_once()
+    finally:
+        durable.set_boundary_hook(previous)
 
 
 def test_an_install_cut_short_is_counted_and_given_up_after_a_few(lab: Lab) -> None:
     lab.assign(lab.real.release("2.0.0"))
     for attempt in range(1, MAX_INTERRUPTED + 1):
-        previous = durable.set_boundary_hook(cut_power_at("slot:begin"))
-        try:
-            with pytest.raises(PowerCut):
-                lab.daemon().run_once()
-        finally:
-            durable.set_boundary_hook(previous)
+        run_once_cut_at(lab, "slot:begin")
         lab.device.power_cut()  # the boot check finds the install interrupted: slot b bad
         assert lab.slot("b").status == "bad"
         lab.clock.now += 61
@@ -912,12 +914,7 @@ def test_an_install_cut_short_is_counted_and_given_up_after_a_few(lab: Lab) -> N
 
 def test_an_install_cut_short_once_is_tried_again(lab: Lab) -> None:
     lab.assign(lab.real.release("2.0.0"))
-    previous = durable.set_boundary_hook(cut_power_at("slot:begin"))
-    try:
-        with pytest.raises(PowerCut):
-            lab.daemon().run_once()
-    finally:
-        durable.set_boundary_hook(previous)
+    run_once_cut_at(lab, "slot:begin")
     lab.device.power_cut()
     lab.daemon().run_once()
     assert lab.reboot()[-1].action == "committed" and lab.slot("b").version == "2.0.0"

@@ -157,19 +157,18 @@ def test_verify_chain_unit() -> None:
     assert swapped.problem.startswith("entry 2 removed")
 
 
+def entry_document(**fields: Any) -> dict[str, Any]:
+    """A stored audit entry as a dict, well-formed apart from ``fields``."""
+    document: dict[str, Any] = {
+        "seq": 1, "at": "t", "actor": "a", "action": "x", "subject": None, "details": {},
+        "prev_hash": "0" * 64, "hash": "0" * 64,
+    }  # fmt: skip
+    return document | fields
+
+
 @pytest.mark.parametrize("field", ["seq", "hash"])
 def test_entry_from_dict_rejects_wrong_types(field: str) -> None:
-    document = {
-        "seq": 1,
-        "at": "t",
-        "actor": "a",
-        "action": "x",
-        "subject": None,
-        "details": {},
-        "prev_hash": "0" * 64,
-        "hash": "0" * 64,
-    }
-    document[field] = None
+    document = entry_document(**{field: None})
     with pytest.raises(ValueError):
         AuditEntry.from_dict(document)
 
@@ -364,16 +363,7 @@ def test_first_entry_with_a_foreign_prev_hash_is_named() -> None:
 
 
 def test_entry_from_dict_errors_name_the_entry() -> None:
-    document: dict[str, Any] = {
-        "seq": 7,
-        "at": "t",
-        "actor": "a",
-        "action": "x",
-        "subject": None,
-        "details": {},
-        "prev_hash": "0" * 64,
-        "hash": 5,
-    }
+    document = entry_document(seq=7, hash=5)
     with pytest.raises(ValueError, match=r"^audit entry 7: fields of the wrong type$"):
         AuditEntry.from_dict(document)
     del document["actor"]

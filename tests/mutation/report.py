@@ -1,7 +1,7 @@
 """The mutation report: per-module counts and score, and every survivor explained or not.
 
 Reads the results tests/mutation/run.py wrote (``build/mutation/results/<group>.json``) and the
-reviewed list of equivalent mutants (tests/mutation/equivalent.toml), writes
+reviewed equivalent mutants (every ``*.toml`` in tests/mutation/equivalent/), writes
 ``build/mutation/report.txt`` and ``report.json``, and exits non-zero while any survivor is
 unexplained (or a mutant was left unchecked).
 
@@ -27,7 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = ROOT / "build" / "mutation" / "results"
 REPORT_DIR = ROOT / "build" / "mutation"
-EQUIVALENTS_FILE = ROOT / "tests" / "mutation" / "equivalent.toml"
+EQUIVALENTS_DIR = ROOT / "tests" / "mutation" / "equivalent"
 
 # mutmut's separator between a class and its method in a mutant's name ("xǁKeyringǁverify").
 CLASS_SEPARATOR = "\u01c1"
@@ -174,12 +174,30 @@ def parse_equivalents(text: str, source: str = "equivalent.toml") -> list[Equiva
                 entry["module"], entry["function"], original, mutated, entry["reason"].strip()
             )
         )
+    _refuse_duplicates(result, source)
+    return result
+
+
+def _refuse_duplicates(equivalents: Sequence[Equivalent], source: str) -> None:
     seen: set[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = set()
-    for eq in result:
+    for eq in equivalents:
         identity = (eq.module, eq.function, eq.original, eq.mutated)
         if identity in seen:
             raise ReportError(f"{source}: {eq.module} {eq.function} is listed twice: {eq.mutated}")
         seen.add(identity)
+
+
+def load_equivalents(path: Path) -> list[Equivalent]:
+    """The equivalents of one file, or of every ``*.toml`` in a directory (sorted by name)."""
+    files = sorted(path.glob("*.toml")) if path.is_dir() else [path]
+    result: list[Equivalent] = []
+    for file in files:
+        try:
+            text = file.read_text("utf-8")
+        except OSError as err:
+            raise ReportError(f"{file}: {err}") from err
+        result += parse_equivalents(text, str(file))
+    _refuse_duplicates(result, str(path))
     return result
 
 
@@ -313,13 +331,13 @@ def render_text(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write the mutation report.")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--equivalents", type=Path, default=EQUIVALENTS_FILE)
+    parser.add_argument("--equivalents", type=Path, default=EQUIVALENTS_DIR)
     parser.add_argument("--out", type=Path, default=REPORT_DIR)
     args = parser.parse_args(argv)
     try:
         groups = load_results(args.results)
-        equivalents = parse_equivalents(args.equivalents.read_text("utf-8"), str(args.equivalents))
-    except (ReportError, OSError) as err:
+        equivalents = load_equivalents(args.equivalents)
+    except ReportError as err:
         print(f"mutation report: {err}", file=sys.stderr)
         return 2
     if not groups:

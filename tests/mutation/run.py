@@ -12,12 +12,17 @@ first on ``sys.path``.
 
 ``MUTATION_MODULES`` (space or comma separated paths such as ``signing/keys.py``, or group names)
 selects a subset for a quick run.
+
+``--survivors`` (``make mutation-survivors``) runs again only the mutants the last run did not
+kill, after tests were added: a mutant already killed stays killed while its module is unchanged,
+so the results file records each module's SHA-256 and a changed module needs a full run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -70,8 +75,42 @@ def select(groups: list[Group], selection: str) -> list[Group]:
     return chosen
 
 
-def run_group_here(group: Group, max_children: int) -> None:
-    """Run mutmut for one group in this process and write its results file."""
+def source_hash(module: str) -> str:
+    return hashlib.sha256((ROOT / module).read_bytes()).hexdigest()
+
+
+def previous_survivors(group: Group) -> list[str]:
+    """The mutants of the group's modules that the last run left alive (survived, no tests...).
+
+    Refuses when there is no earlier result or a module changed since it: mutmut numbers mutants
+    per function, so after a change the old names and outcomes no longer describe the code.
+    """
+    path = RESULTS_DIR / f"{group.name}.json"
+    try:
+        previous = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as err:
+        message = f"{group.name}: no earlier results to re-run ({err}): run make mutation"
+        raise SystemExit(message) from err
+    recorded = previous.get("sources", {})
+    for module in group.modules:
+        if recorded.get(module) != source_hash(module):
+            raise SystemExit(
+                f"{module} changed since its last full run (or was not in it): "
+                f"run make mutation MODULES={module}"
+            )
+    return [
+        m["name"]
+        for m in previous["mutants"]
+        if m["module"] in group.modules and m["status"] != "killed"
+    ]
+
+
+def run_group_here(group: Group, max_children: int, survivors: bool = False) -> None:
+    """Run mutmut for one group in this process and write its results file.
+
+    With ``survivors``, only the mutants the last run did not kill run, and their new outcomes
+    are merged into the last results.
+    """
     os.chdir(ROOT)
     from mutmut import configuration
     from mutmut.__main__ import _run
@@ -86,13 +125,20 @@ def run_group_here(group: Group, max_children: int) -> None:
         # the tests are chosen above; pytest's cache and random plugins only add noise
         pytest_add_cli_args=["-p", "no:cacheprovider", *config.pytest_add_cli_args],
     )
+    names = previous_survivors(group) if survivors else []
+    if survivors and not names:
+        print(f"{group.name}: no survivors to re-run", flush=True)
+        return
     started = time.monotonic()
-    _run([], max_children)
+    _run(names, max_children)
     elapsed = time.monotonic() - started
-    write_results(group, tests, elapsed)
+    write_results(group, tests, elapsed, rerun=frozenset(names))
 
 
-def write_results(group: Group, tests: list[str], elapsed: float) -> None:
+def write_results(
+    group: Group, tests: list[str], elapsed: float, rerun: frozenset[str] = frozenset()
+) -> None:
+    """Write the group's results file; with ``rerun``, merge those outcomes into the last one."""
     from mutmut.mutation.data import SourceFileMutationData
     from mutmut.mutation.diff_apply import get_diff_for_mutant
     from mutmut.stats import status_by_exit_code
@@ -102,6 +148,8 @@ def write_results(group: Group, tests: list[str], elapsed: float) -> None:
         data = SourceFileMutationData(path=Path(module))
         data.load()
         for name, exit_code in sorted(data.exit_code_by_key.items()):
+            if rerun and name not in rerun:
+                continue
             status = status_by_exit_code[exit_code]
             mutants.append(
                 {
@@ -112,36 +160,81 @@ def write_results(group: Group, tests: list[str], elapsed: float) -> None:
                     "diff": "" if status == "killed" else get_diff_for_mutant(name, path=module),
                 }
             )
+    path = RESULTS_DIR / f"{group.name}.json"
+    previous = json.loads(path.read_text("utf-8")) if path.exists() else None
+    result = merge_results(previous, group, tests, mutants, elapsed, rerun=bool(rerun))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    result = {
+    path.write_text(json.dumps(result, indent=2) + "\n", "utf-8")
+
+
+def merge_results(
+    previous: dict[str, Any] | None,
+    group: Group,
+    tests: list[str],
+    mutants: list[dict[str, Any]],
+    elapsed: float,
+    rerun: bool,
+) -> dict[str, Any]:
+    """The group's new results file: this run's outcomes over the last file's.
+
+    The group's other modules keep their last outcomes while their source is unchanged (a run
+    narrowed by MODULES leaves them be); after a survivors run, the mutants of this run's modules
+    that were not run again (killed last time) keep theirs too.
+    """
+    sources = {module: source_hash(module) for module in group.modules}
+    run_seconds = round(elapsed, 1)
+    modules = list(group.modules)
+    if previous is not None:
+        old_sources = previous.get("sources", {})
+        kept = {
+            module
+            for module in previous["modules"]
+            if module not in group.modules and old_sources.get(module) == source_hash(module)
+        }
+        fresh = {m["name"]: m for m in mutants}
+        mutants = [
+            fresh.pop(m["name"], m)
+            for m in previous["mutants"]
+            if m["module"] in kept or (rerun and m["module"] in group.modules)
+        ] + list(fresh.values())
+        sources = {**{module: old_sources[module] for module in kept}, **sources}
+        modules = [m for m in dict.fromkeys([*previous["modules"], *modules]) if m in sources]
+        if rerun:
+            run_seconds = round(previous["run_seconds"] + elapsed, 1)
+    return {
         "group": group.name,
-        "modules": group.modules,
+        "modules": modules,
+        "sources": sources,
         "tests": tests,
-        "run_seconds": round(elapsed, 1),
+        "run_seconds": run_seconds,
         "mutants": mutants,
     }
-    (RESULTS_DIR / f"{group.name}.json").write_text(json.dumps(result, indent=2) + "\n", "utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modules", default=os.environ.get("MUTATION_MODULES", ""))
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
+    parser.add_argument(
+        "--survivors", action="store_true", help="re-run only what the last run did not kill"
+    )
     parser.add_argument("--group", help=argparse.SUPPRESS)  # one group, in this process
     args = parser.parse_args(argv)
 
     groups = select(load_groups(), args.modules)
     if args.group:
         (group,) = (g for g in groups if g.name == args.group)
-        run_group_here(group, args.max_children)
+        run_group_here(group, args.max_children, args.survivors)
         return 0
 
     for group in groups:
         print(f"== mutation: {group.name}: {' '.join(group.modules)}", flush=True)
+        if args.survivors:
+            previous_survivors(group)  # refuse before any work when a module changed
         shutil.rmtree(MUTANTS_DIR, ignore_errors=True)
-        (RESULTS_DIR / f"{group.name}.json").unlink(missing_ok=True)
         command = [sys.executable, __file__, "--group", group.name]
         command += ["--modules", " ".join(group.modules), "--max-children", str(args.max_children)]
+        command += ["--survivors"] if args.survivors else []
         returncode = subprocess.run(command, cwd=ROOT, check=False).returncode
         if returncode != 0:
             print(f"mutmut failed for {group.name} (exit {returncode})", file=sys.stderr)

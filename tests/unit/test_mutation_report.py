@@ -14,6 +14,7 @@ from tests.mutation.report import (
     ReportError,
     changed_lines,
     function_of,
+    load_equivalents,
     main,
     parse_equivalents,
     parse_group_result,
@@ -141,6 +142,28 @@ def test_equivalent_lines_ignore_indentation_and_may_span_lines() -> None:
 def test_bad_equivalents_are_refused(text: str, message: str) -> None:
     with pytest.raises(ReportError, match=message):
         parse_equivalents(text)
+
+
+def test_equivalents_are_read_from_every_file_of_a_directory(tmp_path: Path) -> None:
+    other = EQUIVALENTS.replace('"UTF-8"', '"UTF8"')
+    (tmp_path / "signing.keyring.toml").write_text(EQUIVALENTS, "utf-8")
+    (tmp_path / "signing.more.toml").write_text(other, "utf-8")
+    (tmp_path / "README.md").write_text("not an equivalents file", "utf-8")
+    assert [eq.mutated for eq in load_equivalents(tmp_path)] == [
+        ('text = revoked_path.read_text("UTF-8")',),
+        ('text = revoked_path.read_text("UTF8")',),
+    ]
+    # the same mutant in two files is one entry too many, named with the directory
+    (tmp_path / "signing.more.toml").write_text(EQUIVALENTS, "utf-8")
+    with pytest.raises(ReportError, match=f"{tmp_path}.*listed twice"):
+        load_equivalents(tmp_path)
+    (tmp_path / "signing.more.toml").write_text("[[equivalent]\n", "utf-8")
+    with pytest.raises(ReportError, match="signing.more.toml"):
+        load_equivalents(tmp_path)
+
+
+def test_the_reviewed_equivalents_of_the_project_are_well_formed() -> None:
+    assert load_equivalents(Path(__file__).parents[1] / "mutation" / "equivalent")
 
 
 def group(*mutants: Mutant) -> GroupResult:

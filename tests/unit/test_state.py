@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import re
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from updater.errors import LockedError, StateError
-from updater.state import DeviceState, StateStore, update_lock
+from updater.state import SLOT_STATUSES, DeviceState, SlotState, StateStore, update_lock
 
 
 def test_round_trip_and_save_counter(tmp_path: Path) -> None:
@@ -122,3 +129,263 @@ def test_hostile_state_file_starts_afresh(tmp_path: Path, content: bytes) -> Non
     (tmp_path / "state.json").write_bytes(content)
     loaded = StateStore(tmp_path).load()
     assert loaded.state == DeviceState() and loaded.problem is not None
+
+
+# --- what a state file holds, and what a hand-edited or corrupted one is told -------------------
+
+SLOT_STATES = st.builds(
+    SlotState,
+    status=st.sampled_from(SLOT_STATUSES),
+    version=st.none() | st.text(max_size=12),
+    bundle_sha256=st.none() | st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+    security_version=st.none() | st.integers(min_value=0, max_value=2**40),
+    updated_at=st.none() | st.text(max_size=20),
+    trial_boots=st.integers(min_value=0, max_value=10),
+    failures=st.integers(min_value=0, max_value=10),
+)
+DEVICE_STATES = st.builds(
+    DeviceState,
+    slots=st.fixed_dictionaries({"a": SLOT_STATES, "b": SLOT_STATES}),
+    installed_security_version=st.integers(min_value=0, max_value=2**40),
+    save_count=st.integers(min_value=0, max_value=2**40),
+    restarts=st.lists(
+        st.tuples(st.text(max_size=36), st.floats(allow_nan=False, allow_infinity=False)),
+        max_size=4,
+    ).map(tuple),
+    suspended=st.none() | st.text(max_size=40),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(DEVICE_STATES)
+def test_every_state_survives_a_trip_through_json(state: DeviceState) -> None:
+    assert DeviceState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+
+
+def test_a_suspended_state_with_its_starts_is_saved_and_loaded_whole(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    state = DeviceState(
+        slots={"a": SlotState(status="good", version="1.0.0"), "b": SlotState(status="bad")},
+        installed_security_version=3,
+        restarts=(("boot-1", 12.5), ("boot-1", 40.0)),
+        suspended="crash loop: 4 updater starts within 5 minutes",
+    )
+    saved = store.save(state)
+    document = json.loads((tmp_path / "state.json").read_bytes())
+    assert document["suspended"] == "crash loop: 4 updater starts within 5 minutes"
+    assert document["restarts"] == [["boot-1", 12.5], ["boot-1", 40.0]]
+    loaded = store.load()
+    assert loaded.problem is None
+    assert loaded.state == saved
+    assert loaded.state.suspended == "crash loop: 4 updater starts within 5 minutes"
+    assert loaded.state.restarts == (("boot-1", 12.5), ("boot-1", 40.0))
+
+
+def test_the_state_file_is_sorted_one_field_a_line(tmp_path: Path) -> None:
+    # the layout an operator reads (and diffs) on the device; the same state, the same bytes
+    StateStore(tmp_path).save(
+        DeviceState(slots={"a": SlotState(status="good", version="1.0.0"), "b": SlotState()})
+    )
+    assert (tmp_path / "state.json").read_text() == (
+        "{\n"
+        ' "format": 1,\n'
+        ' "installed_security_version": 0,\n'
+        ' "restarts": [],\n'
+        ' "save_count": 1,\n'
+        ' "slots": {\n'
+        '  "a": {\n'
+        '   "bundle_sha256": null,\n'
+        '   "failures": 0,\n'
+        '   "security_version": null,\n'
+        '   "status": "good",\n'
+        '   "trial_boots": 0,\n'
+        '   "updated_at": null,\n'
+        '   "version": "1.0.0"\n'
+        "  },\n"
+        '  "b": {\n'
+        '   "bundle_sha256": null,\n'
+        '   "failures": 0,\n'
+        '   "security_version": null,\n'
+        '   "status": "empty",\n'
+        '   "trial_boots": 0,\n'
+        '   "updated_at": null,\n'
+        '   "version": null\n'
+        "  }\n"
+        " },\n"
+        ' "suspended": null\n'
+        "}\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"format": 1, "slots": {"a": {}, "b": {}}},
+        {
+            "format": 1,
+            "slots": {"a": {}, "b": {}},
+            "installed_security_version": 0,
+            "save_count": 0,
+            "restarts": [],
+            "suspended": None,
+        },
+    ],
+)
+def test_a_minimal_hand_written_state_is_the_empty_state(document: dict[str, object]) -> None:
+    assert DeviceState.from_dict(document) == DeviceState()
+
+
+def _with(**top: object) -> dict[str, object]:
+    return {"format": 1, "slots": {"a": {}, "b": {}}, **top}
+
+
+def _with_slot_a(**fields: object) -> dict[str, object]:
+    return _with(slots={"a": fields, "b": {}})
+
+
+@pytest.mark.parametrize(
+    ("document", "problem"),
+    [
+        ([], r"^state: must be a JSON object"),
+        ({"format": 2, "slots": {"a": {}, "b": {}}}, r"^state: unknown format 2$"),
+        ({"format": "1", "slots": {"a": {}, "b": {}}}, r"^state: unknown format '1'$"),
+        (_with(slots={"a": {}}), r"^state: slots must hold exactly a and b"),
+        (_with(slots=[{}, {}]), r"^state: slots must hold exactly a and b"),
+        (_with(restarts="boot-1"), r"^state: restarts must be a list of \[boot id, seconds\]"),
+        (_with(restarts=[[1, 2.0]]), r"^state: restarts must be a list of \[boot id, seconds\]"),
+        (_with(restarts=None), r"^state: restarts must be a list of \[boot id, seconds\]"),
+        (_with(installed_security_version=-1), r"^state: counters must be non-negative integers"),
+        (_with(installed_security_version=True), r"^state: counters must be non-negative integ"),
+        (_with(installed_security_version=1.5), r"^state: counters must be non-negative integers"),
+        (_with(installed_security_version="2"), r"^state: counters must be non-negative integers"),
+        (_with(save_count=-1), r"^state: counters must be non-negative integers"),
+        (_with(save_count=None), r"^state: counters must be non-negative integers"),
+        (_with(suspended=5), r"^state: suspended must be a string or null"),
+        (_with(slots={"a": [], "b": {}}), r"^slot a: must be an object$"),
+        (_with_slot_a(colour=1, size=2), r"^slot a: unknown field\(s\) \['colour', 'size'\]$"),
+        (_with(slots={"a": {}, "b": {"status": "golden"}}), r"^slot b: unknown status 'golden'$"),
+        (_with_slot_a(version=5), r"^slot a: version must be a string$"),
+        (_with_slot_a(bundle_sha256=["ab"]), r"^slot a: bundle_sha256 must be a string$"),
+        (_with_slot_a(updated_at=0), r"^slot a: updated_at must be a string$"),
+        (_with_slot_a(trial_boots="x"), r"^slot a: trial_boots must be a non-negative integer$"),
+        (_with_slot_a(trial_boots=True), r"^slot a: trial_boots must be a non-negative integer$"),
+        (_with_slot_a(failures=-1), r"^slot a: failures must be a non-negative integer$"),
+        (
+            _with_slot_a(security_version=1.5),
+            r"^slot a: security_version must be a non-negative integer$",
+        ),
+    ],
+)
+def test_a_bad_state_document_is_refused_naming_the_field(document: object, problem: str) -> None:
+    with pytest.raises(StateError, match=problem):
+        DeviceState.from_dict(document)
+
+
+def test_a_hand_edited_state_file_is_reported_naming_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps(_with_slot_a(status="good", version=2)))
+    loaded = StateStore(tmp_path).load()
+    assert loaded.state == DeviceState()
+    assert loaded.problem == (
+        f"state {path}: damaged (slot a: version must be a string); starting afresh"
+    )
+
+
+def test_an_unreadable_state_file_starts_afresh_and_says_why(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.mkdir()
+    loaded = StateStore(tmp_path).load()
+    assert loaded.state == DeviceState()
+    assert loaded.problem == f"state {path}: cannot read: Is a directory"
+
+
+def test_damage_is_reported_even_when_the_evidence_cannot_be_kept(tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_bytes(b"{not json")
+    (tmp_path / "state.json.damaged").mkdir()  # a rename onto it fails
+    loaded = StateStore(tmp_path).load()
+    assert loaded.state == DeviceState()
+    assert loaded.problem is not None and "damaged" in loaded.problem
+    assert (tmp_path / "state.json").read_bytes() == b"{not json"
+
+
+def test_save_creates_the_missing_data_directories(tmp_path: Path) -> None:
+    data_dir = tmp_path / "var" / "lib" / "fleet"
+    saved = StateStore(data_dir).save(DeviceState())
+    assert StateStore(data_dir).load().state == saved
+
+
+# --- the wall-clock stamp of a slot change ----------------------------------------------------
+
+
+@pytest.fixture
+def far_from_utc() -> Iterator[None]:
+    """The local time zone 14 hours ahead of UTC (as on Kiritimati)."""
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = "UTC-14"
+    time.tzset()
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = old
+        time.tzset()
+
+
+@pytest.mark.usefixtures("far_from_utc")
+def test_a_slot_change_is_stamped_with_the_utc_time() -> None:
+    before = datetime.now(UTC).replace(microsecond=0)
+    state = DeviceState().with_slot("b", status="installing", version="2.0.0")
+    after = datetime.now(UTC)
+    stamp = state.slot("b").updated_at
+    assert stamp is not None
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", stamp)
+    assert before <= datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) <= after
+    assert state.slot("b").status == "installing" and state.slot("b").version == "2.0.0"
+    assert state.slot("a") == SlotState()
+
+
+# --- the crash-loop guard's window --------------------------------------------------------------
+
+
+def _starts(boot_id: str, *uptimes: float, state: DeviceState | None = None) -> DeviceState:
+    state = state or DeviceState()
+    for uptime in uptimes:
+        state = state.with_start(boot_id, uptime)
+    return state
+
+
+def test_a_crash_loop_is_named_in_the_suspension() -> None:
+    state = _starts("boot-1", 10.0, 50.0, 100.0, 200.0)
+    assert state.suspended == "crash loop: 4 updater starts within 5 minutes"
+
+
+def test_starts_exactly_five_minutes_apart_are_in_one_window() -> None:
+    assert _starts("boot-1", 1000.0, 1100.0, 1200.0, 1299.0).suspended is not None
+    assert _starts("boot-1", 1000.0, 1100.0, 1200.0, 1300.0).suspended is not None
+    assert _starts("boot-1", 1000.0, 1100.0, 1200.0, 1300.5).suspended is None
+
+
+def test_starts_within_one_second_all_count() -> None:
+    # a unit restarting at once; the uptime clock may even read the same twice
+    assert _starts("boot-1", 20.0, 20.5, 20.5, 21.0).suspended is not None
+    assert _starts("boot-1", 20.0, 20.0, 20.0, 20.0).suspended is not None
+
+
+def test_only_the_last_four_starts_are_kept() -> None:
+    state = _starts("boot-1", 10.0, 20.0, 30.0, 40.0, 50.0, 60.0)
+    assert state.restarts == (
+        ("boot-1", 30.0),
+        ("boot-1", 40.0),
+        ("boot-1", 50.0),
+        ("boot-1", 60.0),
+    )
+
+
+def test_a_suspension_outlasts_later_starts_and_keeps_its_first_reason() -> None:
+    state = _starts("boot-1", 10.0, 20.0, 30.0, 40.0)
+    reason = state.suspended
+    assert reason == "crash loop: 4 updater starts within 5 minutes"
+    assert _starts("boot-1", 50.0, state=state).suspended == reason
+    assert _starts("boot-2", 10.0, state=state).suspended == reason

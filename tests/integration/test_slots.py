@@ -93,3 +93,63 @@ def test_an_unknown_slot_names_the_configured_ones(tmp_path: Path) -> None:
     with pytest.raises(SlotError) as raised:
         slots.slot_targets({"a": {}, "b": {}}, "c", tmp_path)
     assert str(raised.value) == "unknown slot 'c' (configured: a, b)"
+
+
+class _UdevDevice:
+    def __init__(self, subsystem: str, node: str | None, **properties: str) -> None:
+        self.subsystem = subsystem
+        self.device_node = node
+        self.properties = properties
+
+
+class _UdevDatabase:
+    """Stands in for ``pyudev.Context`` on a machine whose udev knows these devices: it lists
+    them the way udev's enumeration does (a subsystem, then every property, matched exactly)."""
+
+    devices = (
+        _UdevDevice("block", "/dev/sda", DEVTYPE="disk", ID_PART_TABLE_TYPE="gpt"),
+        _UdevDevice("block", "/dev/sda1", DEVTYPE="partition", ID_PART_ENTRY_NAME="boot"),
+        _UdevDevice("block", None, DEVTYPE="partition", ID_PART_ENTRY_NAME="root_b"),
+        _UdevDevice("block", "/dev/sda6", DEVTYPE="partition", ID_PART_ENTRY_NAME="root_b"),
+        _UdevDevice("usb", "/dev/bus/usb/001/002", DEVTYPE="usb_device"),
+    )
+
+    def list_devices(self, subsystem: str | None = None, **match: object) -> list[_UdevDevice]:
+        return [
+            device
+            for device in self.devices
+            if subsystem in (None, device.subsystem)
+            and all(device.properties.get(k) == str(v) for k, v in match.items())
+        ]
+
+
+def test_udev_names_the_partition_carrying_the_label(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyudev
+
+    monkeypatch.setattr(pyudev, "Context", _UdevDatabase)
+    assert slots._udev_lookup("root_b") == Path("/dev/sda6")
+    assert slots._udev_lookup("boot") == Path("/dev/sda1")
+    assert slots._udev_lookup("root_a") is None
+
+
+def test_an_unreadable_udev_database_finds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyudev
+
+    def unreadable() -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(pyudev, "Context", unreadable)
+    assert slots._udev_lookup("root_b") is None
+
+
+def test_a_block_device_that_does_not_hold_the_root_filesystem_may_be_written(
+    loop_device: Path,
+) -> None:
+    slots.check_not_mounted_root(loop_device)
+
+
+def test_a_file_standing_in_for_a_slot_may_be_written(tmp_path: Path) -> None:
+    image = tmp_path / "slot.img"
+    image.write_bytes(bytes(512))
+    slots.check_not_mounted_root(image)
+    slots.check_not_mounted_root(tmp_path / "missing")

@@ -100,17 +100,60 @@ class TrialRetry(Protocol):
 
 
 BackendFactory = Callable[[Mapping[str, Any]], BootSelector]
+OptionCheck = Callable[[Mapping[str, Any]], object]
 BACKENDS: dict[str, BackendFactory] = {}
+OPTION_CHECKS: dict[str, OptionCheck] = {}
+AUTO = "auto"  # the configuration's "find out from the machine" (updater.runtime.detect_backend)
 
 
-def register(name: str) -> Callable[[BackendFactory], BackendFactory]:
-    """Class or function decorator: make a backend factory available under ``name``."""
+def register(
+    name: str, check: OptionCheck | None = None
+) -> Callable[[BackendFactory], BackendFactory]:
+    """Class or function decorator: make a backend factory available under ``name``.
+
+    ``check`` validates the backend's options (the ``[bootloader]`` table) without touching
+    the machine, raising :class:`BootloaderError` naming the option; without one, the factory
+    itself must be free of side effects and is the check.
+    """
 
     def add(factory: BackendFactory) -> BackendFactory:
         BACKENDS[name] = factory
+        OPTION_CHECKS[name] = check or factory
         return factory
 
     return add
+
+
+def _factory(name: str) -> BackendFactory:
+    # Importing the package registers every backend.
+    import bootloader_hooks  # noqa: F401
+
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise UnknownBackendError(
+            f"unknown boot backend {name!r} (known: {', '.join(sorted(BACKENDS))}, or {AUTO})"
+        ) from None
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Validate the options of backend ``name`` as a configuration loads, reading nothing.
+
+    ``auto`` takes no options: which backend they are for is known only on the device.
+
+    Raises:
+        UnknownBackendError: no backend of that name.
+        BootloaderError: an option is unknown, or of the wrong type or range.
+    """
+    if name == AUTO:
+        if options:
+            raise BootloaderError(
+                f"option(s) {', '.join(sorted(options))} need a named backend "
+                f"(backend = {' or '.join(repr(n) for n in sorted(BACKENDS))}), not {AUTO!r}"
+            )
+        return
+    _factory(name)
+    OPTION_CHECKS[name](options)
 
 
 def create_backend(name: str, options: Mapping[str, Any]) -> BootSelector:
@@ -120,16 +163,7 @@ def create_backend(name: str, options: Mapping[str, Any]) -> BootSelector:
         UnknownBackendError: no backend of that name.
         BootloaderError: the options are invalid.
     """
-    # Importing the package registers every backend.
-    import bootloader_hooks  # noqa: F401
-
-    try:
-        factory = BACKENDS[name]
-    except KeyError:
-        raise UnknownBackendError(
-            f"unknown boot backend {name!r} (known: {', '.join(sorted(BACKENDS))})"
-        ) from None
-    return factory(options)
+    return _factory(name)(options)
 
 
 class BootCause(enum.Enum):

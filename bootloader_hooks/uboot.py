@@ -177,8 +177,7 @@ class UBootBackend:
         bootcmd: str | None = None,
         initial_env: Path = DEFAULT_INITIAL_ENV,
     ) -> None:
-        if not 1 <= attempts <= MAX_ATTEMPTS:
-            raise BootloaderError(f"{WHO}: attempts must be 1 to {MAX_ATTEMPTS}, not {attempts}")
+        _check_attempts(attempts)
         self.layout = layout
         self.cmdline = cmdline
         self.attempts = attempts
@@ -419,7 +418,12 @@ def _check_option_types(options: Mapping[str, Any]) -> None:
             raise BootloaderError(f"{WHO}: option {key!r} must be a {expected}")
 
 
-def _layout_from_options(options: Mapping[str, Any]) -> EnvLayout:
+def _check_attempts(attempts: int) -> None:
+    if not 1 <= attempts <= MAX_ATTEMPTS:
+        raise BootloaderError(f"{WHO}: attempts must be 1 to {MAX_ATTEMPTS}, not {attempts}")
+
+
+def _layout_from_options(options: Mapping[str, Any], read_files: bool = True) -> EnvLayout | None:
     file_keys = {"env_file", "env_offset", "env_size", "redundant_offset", "redundant_file"}
     given = file_keys & options.keys()
     if "fw_env_config" in options and given:
@@ -427,6 +431,8 @@ def _layout_from_options(options: Mapping[str, Any]) -> EnvLayout:
     if given and "env_file" not in options:
         raise BootloaderError(f"{WHO}: option 'env_file' is needed with {', '.join(sorted(given))}")
     if "env_file" not in options:
+        if not read_files:
+            return None
         return ubootenv.read_fw_env_config(options.get("fw_env_config", DEFAULT_FW_ENV_CONFIG))
     size = options.get("env_size", DEFAULT_ENV_SIZE)
     offset = options.get("env_offset", 0)
@@ -457,7 +463,7 @@ def _mender_partitions(raw: Mapping[Any, Any]) -> dict[int, str]:
     return partitions
 
 
-def parse_options(options: Mapping[str, Any]) -> dict[str, Any]:
+def parse_options(options: Mapping[str, Any], read_files: bool = True) -> dict[str, Any]:
     """Validate the ``[bootloader]`` options of the ``uboot`` backend; constructor arguments.
 
     Keys: ``fw_env_config`` (path, default ``/etc/fw_env.config``) *or* ``env_file`` with
@@ -469,14 +475,18 @@ def parse_options(options: Mapping[str, Any]) -> dict[str, Any]:
     ``initial_env`` (the board's default environment for ``repair``, default
     ``/etc/u-boot-initial-env``).
 
+    Without ``read_files``, only what can be checked without reading the machine is checked
+    (the ``fw_env.config`` named is not read): the check of a configuration as it loads.
+
     Raises:
         BootloaderError: naming the offending key.
     """
     _check_option_types(options)
-    arguments: dict[str, Any] = {"layout": _layout_from_options(options)}
+    arguments: dict[str, Any] = {"layout": _layout_from_options(options, read_files)}
     if "cmdline" in options:
         arguments["cmdline"] = Path(options["cmdline"])
     if "attempts" in options:
+        _check_attempts(options["attempts"])
         arguments["attempts"] = options["attempts"]
     if "mender_partitions" in options:
         arguments["mender_partitions"] = _mender_partitions(options["mender_partitions"])
@@ -487,7 +497,12 @@ def parse_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return arguments
 
 
-register(NAME)(UBootBackend.from_options)
+def check_options(options: Mapping[str, Any]) -> None:
+    """The options' check as a configuration loads: :func:`parse_options`, reading nothing."""
+    parse_options(options, read_files=False)
+
+
+register(NAME, check_options)(UBootBackend.from_options)
 
 
 # --- the boot script -----------------------------------------------------------------------------

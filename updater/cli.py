@@ -22,7 +22,7 @@ from updater.config import DEFAULT_CONFIG_PATH, UpdaterConfig, load_config
 from updater.errors import UpdaterError
 from updater.install import EventSink, run_reboot
 from updater.log import EventLog, device_labels
-from updater.runtime import Runtime, reporting_log
+from updater.runtime import Runtime, build_backend, reporting_log
 from updater.state import update_lock
 
 EXIT_REBOOT_REQUIRED = 3
@@ -45,7 +45,7 @@ def _runtime(ctx: click.Context, *, log_to_stdout: bool, report: bool = True) ->
     """The updater for one command; with ``report``, its events also go to the server (see
     ``updater.runtime.reporting_log``)."""
     options = ctx.obj
-    loaded = load_config(options["config"], data_dir=options["data_dir"])
+    loaded = load_config(options["config"], data_dir=options["data_dir"], build=build_backend)
     labels = device_labels(loaded.config.role, _device_id(loaded.config.data_dir))
     log: EventSink = EventLog(sys.stdout if log_to_stdout else sys.stderr, labels=labels)
     if report:

@@ -1,7 +1,9 @@
 """The updater's configuration: ``/etc/fleet/updater.toml``, validated into frozen dataclasses.
 
-A missing or damaged configuration never stops the updater: :func:`load_config` reports every
-problem and falls back, first to the last configuration that loaded cleanly (kept on the data
+A file must name ``compatible`` and ``keyring``; every section is checked whole, the boot
+backend's own options by the backend (``bootloader_hooks.base.check_options``), and every number
+must lie in its range, so a typo cannot switch a guard off. A missing or damaged configuration
+never stops the updater: :func:`load_config` reports every problem and falls back, first to the last configuration that loaded cleanly (kept on the data
 partition), then to built-in defaults. The defaults are safe rather than useful: they know no
 ``compatible`` string and no keyring, so nothing can be installed until a valid configuration
 is back, while the boot check still confirms or rolls back the running slot.
@@ -46,12 +48,14 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from bootloader_hooks.base import AUTO, check_options
 from fleet_core.durable import atomic_write
+from fleet_core.errors import FleetError
 from updater.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/fleet/updater.toml")
@@ -59,6 +63,15 @@ LAST_GOOD_NAME = "updater.last-good.toml"
 HEALTH_CHECK_TYPES = ("systemd", "http", "tcp", "compose", "command")
 SLOT_CLASSES = ("rootfs", "bootfs")
 MAX_TAGS = 16
+# Ranges of the numbers, so that a typo cannot switch a guard off (nan, 1e23, 0).
+MAX_FREE_MB = 16 * 1024 * 1024  # 16 TiB: more than any data partition of a device
+TEMPERATURE_C = (30.0, 125.0)  # no SoC runs above 125 °C; below 30 °C no update would start
+UPDATE_DEADLINE_S = (60, 7 * 86400)
+MAX_CHECK_S = 3600.0  # a health check, or all of them
+MAX_INTERVAL_S = 86400.0  # check-in, heartbeat, fail-over
+# What a configuration file must name: without them nothing can be installed, so a file
+# lacking them is damaged (an empty file included), never a clean configuration.
+REQUIRED = ("compatible", "keyring")
 # Roles and tags are labels (rollout selectors, metrics): lowercase words, as the server takes
 # them (server.schemas.Label).
 LABEL = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
@@ -72,6 +85,40 @@ def _typed(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], wh
         names = " or ".join(k.__name__ for k in kinds)
         raise ConfigError(f"{where}.{key}: must be {names}, not {value!r}")
     return value
+
+
+def _number(
+    table: Mapping[str, Any],
+    key: str,
+    where: str,
+    low: float,
+    high: float,
+    unit: str,
+    *,
+    integer: bool = False,
+    low_open: bool = False,
+) -> Any:
+    """``table[key]``: an integer (or a number) from ``low`` (or above it) to ``high``."""
+    value = _typed(table, key, int if integer else (int, float), where)
+    above_low = value > low if low_open else value >= low
+    if not (above_low and value <= high):  # NaN fails both comparisons, ±inf one of them
+        bound = f"above {_plain(low)}" if low_open else f"from {_plain(low)}"
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(
+            f"{where}.{key}: must be {kind} {bound} to {_plain(high)} {unit}, not {value!r}"
+        )
+    return value
+
+
+def _path(table: Mapping[str, Any], key: str, where: str) -> Path:
+    value = _typed(table, key, str, where)
+    if not value.startswith("/") or "\0" in value:
+        raise ConfigError(f"{where}.{key}: must be an absolute path, not {value!r:.80}")
+    return Path(value)
+
+
+def _plain(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else str(number)
 
 
 def _label(value: Any, where: str) -> str:
@@ -109,14 +156,17 @@ class Limits:
         where = "limits"
         _no_unknown(table, {f.name for f in fields(cls)}, where)
         values: dict[str, Any] = {}
-        for key, kind in (("min_free_mb", int), ("update_deadline_s", int)):
-            if key in table:
-                values[key] = _typed(table, key, kind, where)
-                if values[key] < 0:
-                    raise ConfigError(f"{where}.{key}: must not be negative")
+        if "min_free_mb" in table:
+            values["min_free_mb"] = _number(
+                table, "min_free_mb", where, 0, MAX_FREE_MB, "MB", integer=True
+            )
+        if "update_deadline_s" in table:
+            values["update_deadline_s"] = _number(
+                table, "update_deadline_s", where, *UPDATE_DEADLINE_S, "seconds", integer=True
+            )
         if "max_temperature_c" in table:
             values["max_temperature_c"] = float(
-                _typed(table, "max_temperature_c", (int, float), where)
+                _number(table, "max_temperature_c", where, *TEMPERATURE_C, "°C")
             )
         return cls(**values)
 
@@ -159,10 +209,10 @@ class HealthCheckSpec:
         if missing:
             raise ConfigError(f"{where}: {kind} check needs {', '.join(missing)}")
         timeout = (
-            float(_typed(table, "timeout_s", (int, float), where)) if "timeout_s" in table else 10.0
+            float(_number(table, "timeout_s", where, 0, MAX_CHECK_S, "seconds", low_open=True))
+            if "timeout_s" in table
+            else 10.0
         )
-        if timeout <= 0:
-            raise ConfigError(f"{where}.timeout_s: must be positive")
         if kind == "command" and not (
             isinstance(settings["argv"], list)
             and settings["argv"]
@@ -181,12 +231,10 @@ class HealthConfig:
     def from_dict(cls, table: Mapping[str, Any]) -> HealthConfig:
         _no_unknown(table, {"deadline_s", "checks"}, "health")
         deadline = (
-            float(_typed(table, "deadline_s", (int, float), "health"))
+            float(_number(table, "deadline_s", "health", 0, MAX_CHECK_S, "seconds", low_open=True))
             if "deadline_s" in table
             else 120.0
         )
-        if deadline <= 0:
-            raise ConfigError("health.deadline_s: must be positive")
         raw = table.get("checks", [])
         if not isinstance(raw, list):
             raise ConfigError("health.checks: must be an array of tables")
@@ -209,7 +257,7 @@ class UpdaterConfig:
     tags: tuple[str, ...] = ()
     keyring: Path | None = None
     data_dir: Path = Path("/var/lib/fleet")
-    bootloader: Mapping[str, Any] = field(default_factory=lambda: {"backend": "auto"})
+    bootloader: Mapping[str, Any] = field(default_factory=lambda: {"backend": AUTO})
     slots: Mapping[str, Mapping[str, str]] = field(default_factory=_default_slots)
     limits: Limits = field(default_factory=Limits)
     health: HealthConfig = field(default_factory=HealthConfig)
@@ -242,7 +290,9 @@ class UpdaterConfig:
         _no_unknown(document, top, "config")
         values: dict[str, Any] = {}
         if "compatible" in document:
-            values["compatible"] = _typed(document, "compatible", str, "config")
+            values["compatible"] = _typed(document, "compatible", str, "config").strip()
+            if not values["compatible"]:
+                raise ConfigError("config.compatible: must not be empty")
         if "role" in document:
             values["role"] = _label(_typed(document, "role", str, "config"), "config.role")
         if "tags" in document:
@@ -252,12 +302,10 @@ class UpdaterConfig:
             values["tags"] = tuple(sorted({_label(tag, "config.tags") for tag in tags}))
         for key in ("keyring", "data_dir"):
             if key in document:
-                values[key] = Path(_typed(document, key, str, "config"))
+                values[key] = _path(document, key, "config")
         bootloader = _table(document, "bootloader", "")
         if bootloader:
-            if "backend" in bootloader:
-                _typed(bootloader, "backend", str, "bootloader")
-            values["bootloader"] = {"backend": "auto", **bootloader}
+            values["bootloader"] = _parse_bootloader(bootloader)
         slots = _table(document, "slots", "")
         if slots:
             values["slots"] = _parse_slots(slots)
@@ -268,14 +316,14 @@ class UpdaterConfig:
         _no_unknown(paths, {"partlabel_dir", "thermal_dir"}, "paths")
         for key in ("partlabel_dir", "thermal_dir"):
             if key in paths:
-                values[key] = Path(_typed(paths, key, str, "paths"))
+                values[key] = _path(paths, key, "paths")
         metrics = _table(document, "metrics", "")
         _no_unknown(metrics, {"textfile", "port", "listen", "advertise"}, "metrics")
         for key in ("listen", "advertise"):
             if key in metrics:
                 values[f"metrics_{key}"] = _typed(metrics, key, str, "metrics").strip()
         if "textfile" in metrics:
-            values["metrics_textfile"] = Path(_typed(metrics, "textfile", str, "metrics"))
+            values["metrics_textfile"] = _path(metrics, "textfile", "metrics")
         if "port" in metrics:
             port = _typed(metrics, "port", int, "metrics")
             if not 0 < port < 65536:
@@ -287,6 +335,19 @@ class UpdaterConfig:
                 raise ConfigError("config.reboot_command: must be a non-empty list of strings")
             values["reboot_command"] = tuple(argv)
         return cls(**values)
+
+
+def _parse_bootloader(table: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``[bootloader]`` table: ``backend`` and that backend's own options, which the
+    backend checks (``bootloader_hooks.base.check_options``) without touching the machine."""
+    options = dict(table)
+    name = _typed(options, "backend", str, "bootloader") if "backend" in options else AUTO
+    options.pop("backend", None)
+    try:
+        check_options(name, options)
+    except FleetError as err:
+        raise ConfigError(f"bootloader: {err}") from err
+    return {"backend": name, **options}
 
 
 def _parse_server(table: Mapping[str, Any]) -> dict[str, Any]:
@@ -306,7 +367,7 @@ def _parse_server(table: Mapping[str, Any]) -> dict[str, Any]:
                 raise ConfigError(f"{where}.{key}: must be a list of http(s) URLs")
             values[name] = tuple(u.rstrip("/") for u in urls)
     if "keyring" in table:
-        values["server_keyring"] = Path(_typed(table, "keyring", str, where))
+        values["server_keyring"] = _path(table, "keyring", where)
     if "enrollment_token" in table:
         token = _typed(table, "enrollment_token", str, where).strip()
         if not token:
@@ -314,9 +375,9 @@ def _parse_server(table: Mapping[str, Any]) -> dict[str, Any]:
         values["enrollment_token"] = token
     for key in ("checkin_interval_s", "heartbeat_interval_s", "failover_after_s"):
         if key in table:
-            values[key] = float(_typed(table, key, (int, float), where))
-            if not 0 < values[key] < float("inf"):
-                raise ConfigError(f"{where}.{key}: must be a positive number of seconds")
+            values[key] = float(
+                _number(table, key, where, 0, MAX_INTERVAL_S, "seconds", low_open=True)
+            )
     return values
 
 
@@ -360,18 +421,31 @@ def parse_config(text: bytes, origin: str) -> UpdaterConfig:
     except (ValueError, RecursionError) as err:  # TOMLDecodeError is a ValueError; so are huge ints
         raise ConfigError(f"{origin}: not valid TOML: {str(err)[:200]}") from err
     try:
-        return UpdaterConfig.from_dict(document)
+        config = UpdaterConfig.from_dict(document)
     except ConfigError as err:
         raise ConfigError(f"{origin}: {err}") from err
+    missing = [key for key in REQUIRED if key not in document]
+    if missing:
+        what = "empty" if not document else f"names no {' and no '.join(missing)}"
+        raise ConfigError(
+            f"{origin}: {what}: a device's configuration needs {' and '.join(REQUIRED)}"
+        )
+    return config
 
 
-def load_config(path: Path = DEFAULT_CONFIG_PATH, data_dir: Path | None = None) -> LoadedConfig:
+def load_config(
+    path: Path = DEFAULT_CONFIG_PATH,
+    data_dir: Path | None = None,
+    build: Callable[[UpdaterConfig], object] | None = None,
+) -> LoadedConfig:
     """Load the configuration, falling back rather than failing.
 
     Order: ``path``; if it is missing or invalid, the last configuration that loaded cleanly
     (``<data_dir>/updater.last-good.toml``); else built-in defaults. Each problem met on the way
     is returned in ``problems`` for the caller to log and report. A clean load refreshes the
-    last-good copy (atomically; a power cut leaves the old copy or the new one).
+    last-good copy (atomically; a power cut leaves the old copy or the new one), and only when
+    ``build`` (the boot backend's constructor, given by the caller) accepts the configuration
+    too: a file whose backend cannot be built is used, but never kept as the one to fall back to.
     """
     problems: list[str] = []
     try:
@@ -385,7 +459,8 @@ def load_config(path: Path = DEFAULT_CONFIG_PATH, data_dir: Path | None = None) 
         except ConfigError as err:
             problems.append(str(err))
         else:
-            _remember(config.data_dir / LAST_GOOD_NAME, text, problems)
+            if _builds(config, build, str(path), problems):
+                _remember(config.data_dir / LAST_GOOD_NAME, text, problems)
             return LoadedConfig(config, str(path), tuple(problems))
     fallback_dir = data_dir or UpdaterConfig().data_dir
     last_good = fallback_dir / LAST_GOOD_NAME
@@ -398,6 +473,22 @@ def load_config(path: Path = DEFAULT_CONFIG_PATH, data_dir: Path | None = None) 
     else:
         return LoadedConfig(config, str(last_good), tuple(problems))
     return LoadedConfig(UpdaterConfig(data_dir=fallback_dir), "defaults", tuple(problems))
+
+
+def _builds(
+    config: UpdaterConfig,
+    build: Callable[[UpdaterConfig], object] | None,
+    origin: str,
+    problems: list[str],
+) -> bool:
+    if build is None:
+        return True
+    try:
+        build(config)
+    except FleetError as err:
+        problems.append(f"{origin}: not kept as the last good configuration: {err}")
+        return False
+    return True
 
 
 def _remember(path: Path, text: bytes, problems: list[str]) -> None:

@@ -21,6 +21,7 @@ from signing.keys import generate_key
 from tests.chaos.conftest import FIRMWARES, BootView, MakeDevice, Releases, boot_view
 from updater.cli import EXIT_REBOOT_REQUIRED, EXIT_UNHEALTHY, main
 from updater.errors import DownloadError
+from updater.runtime import Runtime
 
 
 def updater(device: VirtualDevice, *args: str, extra: str = "") -> Result:
@@ -298,12 +299,12 @@ def test_too_hot_or_too_full_defers_the_update(make_device: MakeDevice, releases
     (zone / "temp").write_text("45000\n")
     config = device.root / "updater.toml"
     config.write_text(
-        device.config_toml(extra=paths).replace("min_free_mb = 0", "min_free_mb = 1000000000")
+        device.config_toml(extra=paths).replace("min_free_mb = 0", "min_free_mb = 16000000")
     )
     result = CliRunner().invoke(
         main, ["--config", str(config), "install", str(releases.bundle("2.0.0"))]
     )
-    one_line_error(result, "MB free on the data partition, below 1000000000 MB: update skipped")
+    one_line_error(result, "MB free on the data partition, below 16000000 MB: update skipped")
     assert_untouched(device, before)
 
 
@@ -456,12 +457,18 @@ def test_install_from_parts_without_a_url_touches_nothing(
 
 
 def test_install_past_its_deadline_is_abandoned(
-    make_device: MakeDevice, releases: Releases
+    make_device: MakeDevice, releases: Releases, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     device = make_device("grub")
     before = snapshot(device)
     config = device.root / "updater.toml"
-    config.write_text(device.config_toml().replace("min_free_mb = 0", "update_deadline_s = 0"))
+    config.write_text(device.config_toml().replace("min_free_mb = 0", "update_deadline_s = 60"))
+    # the install's clock runs a minute per look: the deadline passes while it writes
+    ticks = iter(range(0, 10**6, 61))
+    installer = Runtime.installer
+    monkeypatch.setattr(
+        Runtime, "installer", lambda self, **o: installer(self, clock=lambda: next(ticks), **o)
+    )
     result = CliRunner().invoke(
         main, ["--config", str(config), "install", str(releases.bundle("2.0.0"))]
     )

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bootloader_hooks.errors import BootloaderError
 from updater.config import LAST_GOOD_NAME, ConfigError, UpdaterConfig, load_config, parse_config
 
 GOOD = b"""
@@ -82,7 +83,7 @@ def test_defaults_are_safe() -> None:
     [
         (b"compatible = 3", "compatible: must be str"),
         (b"colour = 'blue'", "unknown setting"),
-        (b"[limits]\nmin_free_mb = -1", "must not be negative"),
+        (b"[limits]\nmin_free_mb = -1", r"min_free_mb: must be an integer from 0 to 16777216 MB"),
         (b"[limits]\nmin_free_mb = true", "must be int"),
         (b"[limits]\nmax_temp = 1", "unknown setting"),
         (b"[slots.a]\nrootfs = 'x'", "both root slots"),
@@ -92,8 +93,11 @@ def test_defaults_are_safe() -> None:
         (b"[[health.checks]]\ntype = 'ping'", "not one of"),
         (b"[[health.checks]]\ntype = 'http'", "http check needs url"),
         (b"[[health.checks]]\ntype = 'command'\nargv = []", "non-empty list"),
-        (b"[[health.checks]]\ntype = 'tcp'\nport = 1\ntimeout_s = 0", "must be positive"),
-        (b"[health]\ndeadline_s = 0", "must be positive"),
+        (
+            b"[[health.checks]]\ntype = 'tcp'\nport = 1\ntimeout_s = 0",
+            "timeout_s: must be a number above 0",
+        ),
+        (b"[health]\ndeadline_s = 0", "deadline_s: must be a number above 0"),
         (b"[server]\nurls = ['ftp://x']", r"http\(s\) URLs"),
         (b"[metrics]\nport = 70000", "1-65535"),
         (b"bootloader = 'grub'", "must be a table"),
@@ -156,3 +160,171 @@ def test_any_damaged_byte_gives_a_config_or_config_error(position: int, xor: int
 def test_hostile_toml_is_a_config_error(text: bytes) -> None:
     with pytest.raises(ConfigError, match="not valid TOML"):
         parse_config(text, "x")
+
+
+# What every configuration file must name; a document of only these is a valid configuration.
+REQUIRED = b'compatible = "metrica-rpi4"\nkeyring = "/etc/fleet/keyring"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b"", "empty"),
+        (b"# only a comment\n", "empty"),
+        (b'keyring = "/etc/fleet/keyring"\n', "names no compatible"),
+        (b'compatible = "metrica-rpi4"\n', "names no keyring"),
+        (b'data_dir = "/var/lib/fleet"\n', "names no compatible and no keyring"),
+        (b'compatible = "  "\nkeyring = "/k"\n', "compatible: must not be empty"),
+    ],
+)
+def test_a_file_without_what_a_device_needs_is_damaged(text: bytes, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_config(text, "updater.toml")
+    assert str(info.value).startswith("updater.toml: ")
+
+
+def test_the_required_settings_alone_are_a_configuration() -> None:
+    config = parse_config(REQUIRED, "updater.toml")
+    assert config.compatible == "metrica-rpi4" and config.keyring == Path("/etc/fleet/keyring")
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            "[limits]\nmax_temperature_c = nan",
+            r"max_temperature_c: must be a number from 30 to 125 °C, not nan",
+        ),
+        ("[limits]\nmax_temperature_c = inf", "max_temperature_c: must be a number from 30"),
+        ("[limits]\nmax_temperature_c = 200", "max_temperature_c: must be a number from 30"),
+        ("[limits]\nmax_temperature_c = 29.9", "max_temperature_c: must be a number from 30"),
+        ("[limits]\nmin_free_mb = 1e23", "min_free_mb: must be int, not 1e"),
+        ("[limits]\nmin_free_mb = 16777217", "min_free_mb: must be an integer from 0 to 16777216"),
+        (
+            "[limits]\nupdate_deadline_s = 0",
+            "update_deadline_s: must be an integer from 60 to 604800",
+        ),
+        ("[limits]\nupdate_deadline_s = 59", "update_deadline_s: must be an integer from 60"),
+        ("[limits]\nupdate_deadline_s = 604801", "update_deadline_s: must be an integer from 60"),
+        ("[health]\ndeadline_s = nan", "health.deadline_s: must be a number above 0 to 3600"),
+        ("[health]\ndeadline_s = 3601", "health.deadline_s: must be a number above 0 to 3600"),
+        (
+            "[server]\ncheckin_interval_s = nan",
+            "checkin_interval_s: must be a number above 0 to 86400",
+        ),
+        (
+            "[server]\nheartbeat_interval_s = 86401",
+            "heartbeat_interval_s: must be a number above 0",
+        ),
+        ("[server]\nfailover_after_s = -inf", "failover_after_s: must be a number above 0"),
+    ],
+)
+def test_numbers_must_be_finite_and_in_range(table: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(REQUIRED + table.encode(), "updater.toml")
+
+
+def test_numbers_at_the_ends_of_their_ranges_are_accepted() -> None:
+    config = parse_config(
+        REQUIRED
+        + b"[limits]\nmin_free_mb = 16777216\nmax_temperature_c = 30\nupdate_deadline_s = 60\n"
+        + b"[health]\ndeadline_s = 3600\n[server]\ncheckin_interval_s = 86400\n",
+        "updater.toml",
+    )
+    assert config.limits.min_free_mb == 16777216 and config.limits.update_deadline_s == 60
+    assert config.limits.max_temperature_c == 30.0 and config.health.deadline_s == 3600.0
+    assert config.checkin_interval_s == 86400.0
+    assert (
+        parse_config(
+            REQUIRED
+            + b"[limits]\nmin_free_mb = 0\nmax_temperature_c = 125\nupdate_deadline_s = 604800",
+            "x",
+        ).limits.max_temperature_c
+        == 125.0
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('backend = "grub"\ncolour = 1', "bootloader: grub backend: unknown option 'colour'"),
+        ('backend = "grub"\nattempts = 0', "bootloader: grub backend: attempts must be 1 to"),
+        ('backend = "tryboot"\nautoboot = "/boot/autoboot.txt"', "unknown option 'autoboot'"),
+        ('backend = "tryboot"\nreboot_command = ["reboot"]', "must pass 'tryboot'"),
+        ('backend = "uboot"\nenv_size = "big"', "option 'env_size' must be a int"),
+        ('backend = "uboot"\nattempts = 12', "attempts must be 1 to 9"),
+        ('backend = "uboot"\nenv_offset = 4096', "option 'env_file' is needed"),
+        ('backend = "lilo"', "unknown boot backend 'lilo'"),
+        ("backend = 3", "bootloader.backend: must be str"),
+        ('grubenv = "/boot/grub/grubenv"', "grubenv need a named backend"),
+        ('backend = "auto"\nattempts = 3', "attempts need a named backend"),
+    ],
+)
+def test_the_backends_options_are_checked_as_the_file_loads(table: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_config(REQUIRED + b"[bootloader]\n" + table.encode(), "updater.toml")
+    assert str(info.value).startswith("updater.toml: bootloader")
+
+
+def test_checking_uboot_options_reads_no_file(tmp_path: Path) -> None:
+    # the fw_env.config named is read when the backend is built, not when the file loads
+    table = f'[bootloader]\nbackend = "uboot"\nfw_env_config = "{tmp_path / "missing"}"\n'
+    config = parse_config(REQUIRED + table.encode(), "updater.toml")
+    assert config.bootloader == {"backend": "uboot", "fw_env_config": str(tmp_path / "missing")}
+
+
+def test_an_empty_file_never_replaces_the_last_good_copy(tmp_path: Path) -> None:
+    path = tmp_path / "updater.toml"
+    path.write_bytes(good(tmp_path))
+    load_config(path, data_dir=tmp_path / "data")
+    for damaged in (
+        b"",
+        b'compatible = "metrica-rpi4"\n',
+        GOOD.replace(b"grubenv =", b"grubenv_path ="),
+    ):
+        path.write_bytes(damaged)
+        loaded = load_config(path, data_dir=tmp_path / "data")
+        assert loaded.source.endswith(LAST_GOOD_NAME)
+        assert loaded.config.keyring == Path("/etc/fleet/keyring")
+        assert (tmp_path / "data" / LAST_GOOD_NAME).read_bytes() == good(tmp_path)
+
+
+def test_a_file_whose_backend_cannot_be_built_is_used_but_not_kept(tmp_path: Path) -> None:
+    path = tmp_path / "updater.toml"
+    path.write_bytes(good(tmp_path))
+    assert not load_config(path, data_dir=tmp_path / "data", build=lambda c: None).problems
+    last_good = tmp_path / "data" / LAST_GOOD_NAME
+    assert last_good.read_bytes() == good(tmp_path)
+
+    def build(config: UpdaterConfig) -> None:
+        raise BootloaderError("uboot backend: /etc/fw_env.config: cannot read")
+
+    changed = good(tmp_path).replace(b"min_free_mb = 300", b"min_free_mb = 400")
+    path.write_bytes(changed)
+    loaded = load_config(path, data_dir=tmp_path / "data", build=build)
+    assert loaded.source == str(path) and loaded.config.limits.min_free_mb == 400
+    assert loaded.problems == (
+        f"{path}: not kept as the last good configuration: "
+        "uboot backend: /etc/fw_env.config: cannot read",
+    )
+    assert last_good.read_bytes() == good(tmp_path)
+    # once it builds, it is kept
+    load_config(path, data_dir=tmp_path / "data", build=lambda c: None)
+    assert last_good.read_bytes() == changed
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b'compatible = "x"\nkeyring = ""', "config.keyring: must be an absolute path, not ''"),
+        (b'compatible = "x"\nkeyring = "keys"', "config.keyring: must be an absolute path"),
+        (b'compatible = "x"\nkeyring = "/k\\u0000"', "config.keyring: must be an absolute path"),
+        (REQUIRED + b'data_dir = "var/lib/fleet"', "config.data_dir: must be an absolute path"),
+        (REQUIRED + b'[paths]\nthermal_dir = ""', "paths.thermal_dir: must be an absolute path"),
+        (REQUIRED + b'[metrics]\ntextfile = "x.prom"', "metrics.textfile: must be an absolute"),
+        (REQUIRED + b'[server]\nkeyring = "."', "server.keyring: must be an absolute path"),
+    ],
+)
+def test_paths_must_be_absolute(text: bytes, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(text, "updater.toml")

@@ -261,6 +261,25 @@ def test_corrupted_config_is_reported_not_fatal(make_device: MakeDevice) -> None
     assert "not valid TOML" in document["config"]["problems"][0]
 
 
+def test_a_config_whose_backend_cannot_be_built_is_not_kept(make_device: MakeDevice) -> None:
+    device = make_device("grub")
+    config = device.root / "updater.toml"
+    config.write_text(device.config_toml())
+    assert CliRunner().invoke(main, ["--config", str(config), "status"]).exit_code == 0
+    last_good = device.config.data_dir / "updater.last-good.toml"
+    kept = last_good.read_bytes()
+    missing = device.root / "missing-fw_env.config"
+    uboot = f'[bootloader]\nbackend = "uboot"\nfw_env_config = "{missing}"\n'
+    text = device.config_toml().split("[bootloader]")[0] + uboot
+    config.write_text(text)
+    result = CliRunner().invoke(main, ["--config", str(config), "status", "--json"])
+    assert result.exit_code == 0, result.output
+    problems = json.loads(result.stdout)["config"]["problems"]
+    assert len(problems) == 1 and "not kept as the last good configuration" in problems[0]
+    assert str(missing) in problems[0]
+    assert last_good.read_bytes() == kept
+
+
 def test_no_keyring_no_install(releases: Releases, tmp_path: Path) -> None:
     config = tmp_path / "bare.toml"
     config.write_text(f'compatible = "lab-device"\ndata_dir = "{tmp_path}"\n')

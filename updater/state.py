@@ -73,7 +73,9 @@ class SlotState:
                 raise StateError(f"{where}: {name} must be a string")
         for name in ("security_version", "trial_boots", "failures"):
             value = getattr(state, name)
-            if value is not None and (type(value) is not int or value < 0):
+            if value is None and name == "security_version":
+                continue  # unknown until an install names it; the counters always have a value
+            if type(value) is not int or value < 0:
                 raise StateError(f"{where}: {name} must be a non-negative integer")
         return state
 

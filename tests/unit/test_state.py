@@ -270,6 +270,8 @@ def _with_slot_a(**fields: object) -> dict[str, object]:
         (_with_slot_a(trial_boots="x"), r"^slot a: trial_boots must be a non-negative integer$"),
         (_with_slot_a(trial_boots=True), r"^slot a: trial_boots must be a non-negative integer$"),
         (_with_slot_a(failures=-1), r"^slot a: failures must be a non-negative integer$"),
+        (_with_slot_a(trial_boots=None), r"^slot a: trial_boots must be a non-negative integer$"),
+        (_with_slot_a(failures=None), r"^slot a: failures must be a non-negative integer$"),
         (
             _with_slot_a(security_version=1.5),
             r"^slot a: security_version must be a non-negative integer$",

@@ -99,6 +99,18 @@ class TrialRetry(Protocol):
     def rearm(self) -> bool: ...
 
 
+@runtime_checkable
+class StateFiles(Protocol):
+    """What every backend of this package answers (optional for stand-ins in tests):
+
+    - ``state_files()``: the files the backend rewrites with ``fleet_core.durable.atomic_write``,
+      so that the temporaries a power cut left beside them can be swept away (and nothing else
+      in those directories, a boot partition being shared with the firmware's own files).
+    """
+
+    def state_files(self) -> tuple[Path, ...]: ...
+
+
 BackendFactory = Callable[[Mapping[str, Any]], BootSelector]
 OptionCheck = Callable[[Mapping[str, Any]], object]
 BACKENDS: dict[str, BackendFactory] = {}

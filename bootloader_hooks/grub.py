@@ -292,6 +292,9 @@ class GrubBackend:
     def reboot_command(self) -> list[str]:
         return ["reboot"]
 
+    def state_files(self) -> tuple[Path, ...]:
+        return (self.grubenv_path,)
+
     # The block.
 
     def _variables(self) -> dict[str, str]:

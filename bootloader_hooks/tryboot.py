@@ -284,6 +284,10 @@ class TrybootBackend:
             return TrialResult.RUNNING
         return self._fallback_result(state)
 
+    def state_files(self) -> tuple[Path, ...]:
+        """The trial state, ``autoboot.txt`` and its shadow copy."""
+        return (self._state_path, self.autoboot.path, self.autoboot.shadow)
+
     def reboot_command(self) -> list[str]:
         """``reboot "0 tryboot"`` when a trial was armed in this boot, else a plain reboot."""
         state = self._state()

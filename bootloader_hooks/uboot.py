@@ -214,6 +214,11 @@ class UBootBackend:
     def reboot_command(self) -> list[str]:
         return ["reboot"]
 
+    def state_files(self) -> tuple[Path, ...]:
+        """The environment's files (a block device among them is never replaced, so it has no
+        temporaries beside it; sweeping its directory finds none)."""
+        return tuple(dict.fromkeys(copy.path for copy in self.layout.copies))
+
     # --- actions --------------------------------------------------------------------------------
 
     def try_once(self, slot: str) -> None:

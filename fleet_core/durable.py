@@ -12,10 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+# The temporary file of an atomic write of ``<name>``: ``.<name>.<8 characters of
+# mkstemp>.tmp`` in the same directory (see atomic_output); its own name group is the target's.
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+# A temporary file untouched for this long belongs to no running write: each atomic write is
+# one small file, written and renamed within milliseconds.
+SWEEP_MIN_AGE_S = 60.0
 
 BoundaryHook = Callable[[str, Path], None]
 # The lab's power-cut injector (chaos/): called at every point where a power cut would leave a
@@ -116,3 +125,47 @@ def rewrite_in_place(path: str | os.PathLike[str], data: bytes) -> None:
     if len(data) != size:
         raise ValueError(f"{path}: in-place rewrite needs {size} bytes, got {len(data)}")
     write_at(path, 0, data)
+
+
+def sweep_temporaries(
+    directory: str | os.PathLike[str],
+    names: Iterable[str] | None = None,
+    *,
+    min_age_s: float = SWEEP_MIN_AGE_S,
+    now: float | None = None,
+) -> tuple[list[Path], list[str]]:
+    """Remove what atomic writes cut short left in ``directory``: temporary files (the
+    :data:`TEMPORARY` pattern, nothing else) of the files ``names`` (of any file when ``None``,
+    for a directory of our own), unchanged for ``min_age_s`` by the file's own time, so a write
+    in flight is never touched, and a clock set back leaves everything in place.
+
+    Returns the files removed and one problem line per file that could not be (a read-only
+    boot partition, say); a missing directory has nothing to sweep.
+    """
+    wanted = None if names is None else set(names)
+    current = time.time() if now is None else now
+    removed: list[Path] = []
+    problems: list[str] = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return removed, problems
+    except OSError as err:
+        return removed, [f"{directory}: cannot list: {err.strerror}"]
+    for entry in sorted(entries, key=lambda e: e.name):
+        match = TEMPORARY.fullmatch(entry.name)
+        if match is None or (wanted is not None and match["name"] not in wanted):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if current - entry.stat(follow_symlinks=False).st_mtime < min_age_s:
+                continue
+            Path(entry.path).unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            problems.append(f"{entry.path}: cannot remove: {err.strerror}")
+            continue
+        removed.append(Path(entry.path))
+    return removed, problems

@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 failure (one line, ``Error: …``); 2 usage error;
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import replace
@@ -19,7 +20,7 @@ from bootloader_hooks.base import ROOT_SLOTS, other_slot
 from fleet_core.cli import FleetGroup
 from fleet_core.errors import FleetError
 from updater.config import DEFAULT_CONFIG_PATH, UpdaterConfig, load_config
-from updater.errors import UpdaterError
+from updater.errors import LockedError, UpdaterError
 from updater.install import EventSink, run_reboot
 from updater.log import EventLog, device_labels
 from updater.runtime import Runtime, build_backend, reporting_log
@@ -148,6 +149,7 @@ def boot_check(ctx: click.Context) -> None:
     """Judge this boot: commit a healthy trial, roll back an unhealthy one (run once per boot)."""
     runtime = _runtime(ctx, log_to_stdout=True)
     with update_lock(runtime.config.data_dir):
+        runtime.sweep_temporaries()
         runtime.record_start()
         verdict = runtime.boot_checker().run()
         runtime.publish_metrics(
@@ -284,6 +286,9 @@ def daemon(ctx: click.Context, once: bool) -> None:
     from updater.daemon import build_daemon
 
     runtime = _runtime(ctx, log_to_stdout=True, report=False)
+    # an install running now holds the lock: the sweep waits for the next start
+    with contextlib.suppress(LockedError), update_lock(runtime.config.data_dir):
+        runtime.sweep_temporaries()
     port = runtime.config.metrics_port
     if port is not None:
         from prometheus_client import CollectorRegistry

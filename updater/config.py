@@ -3,10 +3,11 @@
 A file must name ``compatible`` and ``keyring``; every section is checked whole, the boot
 backend's own options by the backend (``bootloader_hooks.base.check_options``), and every number
 must lie in its range, so a typo cannot switch a guard off. A missing or damaged configuration
-never stops the updater: :func:`load_config` reports every problem and falls back, first to the last configuration that loaded cleanly (kept on the data
-partition), then to built-in defaults. The defaults are safe rather than useful: they know no
-``compatible`` string and no keyring, so nothing can be installed until a valid configuration
-is back, while the boot check still confirms or rolls back the running slot.
+never stops the updater: :func:`load_config` reports every problem and falls back, first to the
+last configuration that loaded cleanly (kept on the data partition), then to built-in defaults.
+The defaults are safe rather than useful: they know no ``compatible`` string and no keyring, so
+nothing can be installed until a valid configuration is back, while the boot check still
+confirms or rolls back the running slot.
 
 Example::
 

@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bootloader_hooks.base import ROOT_SLOTS, SAFE_SLOT, BootSelector, create_backend
+from bootloader_hooks.base import ROOT_SLOTS, SAFE_SLOT, BootSelector, StateFiles, create_backend
 from bootloader_hooks.errors import BootloaderError
+from fleet_core.durable import sweep_temporaries
 from fleet_core.errors import FleetError
 from updater.bootcheck import BootChecker
 from updater.config import LoadedConfig, UpdaterConfig
@@ -261,6 +262,37 @@ class Runtime:
         return scrape_address(
             config.metrics_listen, config.metrics_port, hostname, config.metrics_advertise
         )
+
+    def sweep_temporaries(self) -> None:
+        """Remove what atomic writes cut short by a power cut left behind: any temporary in the
+        data directory and its identity directory (ours alone), and beside the boot backend's
+        and the metrics' files only their own. Run at start-up under the update lock; reports
+        what it removed (and what it could not) as events."""
+        from updater.identity import identity_dir
+
+        places: dict[Path, set[str] | None] = {
+            self.config.data_dir: None,
+            identity_dir(self.config.data_dir): None,
+        }
+        files: list[Path] = []
+        with contextlib.suppress(FleetError):  # a backend that cannot be built has no files
+            if isinstance(self.backend, StateFiles):
+                files += self.backend.state_files()
+        if self.config.metrics_textfile is not None:
+            files.append(self.config.metrics_textfile)
+        for file in files:
+            names = places.setdefault(file.parent, set())
+            if names is not None:
+                names.add(file.name)
+        for directory, names in places.items():
+            removed, problems = sweep_temporaries(directory, names)
+            if removed:
+                self.log.event(
+                    "sweep.removed", level="warning", directory=str(directory),
+                    files=[path.name for path in removed],
+                )  # fmt: skip
+            for problem in problems:
+                self.log.event("sweep.failed", level="warning", problem=problem)
 
     def record_start(self) -> None:
         """Count this start for the crash-loop guard (see ``DeviceState.with_start``)."""

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
 
+from bootloader_hooks.tryboot import SHADOW_FILE, STATE_FILE
 from chaos.http_faults import Fault, FlakyHttpServer
 from chaos.virtual_device import VirtualDevice
 from fleet_core.errors import FleetError
@@ -534,3 +537,46 @@ def test_metrics_served_over_http_follow_the_state(
         assert 'slot="b",status="good",version="2.0.0"' in text
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("firmware", FIRMWARES)
+def test_boot_check_sweeps_what_interrupted_writes_left(
+    make_device: MakeDevice, firmware: str
+) -> None:
+    device = make_device(firmware)
+    old = time.time() - 3600
+
+    def leftover(path: Path) -> Path:
+        path.write_bytes(b"half-written")
+        os.utime(path, (old, old))
+        return path
+
+    data_dir = device.config.data_dir
+    options = device.config.bootloader
+    state_files = [
+        Path(options[key]) for key in ("grubenv", "autoboot_txt", "env_file") if key in options
+    ]
+    if firmware == "tryboot":  # its trial state and the shadow copy of autoboot.txt
+        state_files += [Path(options["state_dir"]) / name for name in (STATE_FILE, SHADOW_FILE)]
+    assert len(state_files) == {"grub": 1, "tryboot": 3, "uboot": 1}[firmware]
+    swept = [
+        leftover(data_dir / ".state.json.k3j4h5g6.tmp"),
+        leftover(data_dir / ".updater.last-good.toml.a1b2c3d4.tmp"),
+        *(leftover(f.parent / f".{f.name}.zz_00001.tmp") for f in state_files),
+    ]
+    # beside the boot files, what is not ours stays: the firmware's, an editor's, a user's
+    kept = [
+        leftover(f.parent / name)
+        for f in state_files
+        for name in (".config.txt.abcdefgh.tmp", f".{f.name}.swp", "notes.tmp")
+    ]
+    result = updater(device, "boot-check")
+    assert result.exit_code == 0, result.output
+    assert not [path for path in swept if path.exists()]
+    assert all(path.exists() for path in kept)
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    reported = [name for e in events if e["event"] == "sweep.removed" for name in e["files"]]
+    assert sorted(reported) == sorted(path.name for path in swept)
+    # nothing left: the next start reports nothing
+    again = updater(device, "boot-check")
+    assert "sweep.removed" not in again.stdout

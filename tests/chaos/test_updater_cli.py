@@ -25,6 +25,7 @@ from tests.chaos.conftest import FIRMWARES, BootView, MakeDevice, Releases, boot
 from updater.cli import EXIT_REBOOT_REQUIRED, EXIT_UNHEALTHY, main
 from updater.errors import DownloadError
 from updater.runtime import Runtime
+from updater.state import update_lock
 
 
 def updater(device: VirtualDevice, *args: str, extra: str = "") -> Result:
@@ -580,3 +581,25 @@ def test_boot_check_sweeps_what_interrupted_writes_left(
     # nothing left: the next start reports nothing
     again = updater(device, "boot-check")
     assert "sweep.removed" not in again.stdout
+
+
+def test_the_daemon_sweeps_as_it_starts_unless_an_update_holds_the_lock(
+    make_device: MakeDevice, refused_port: int
+) -> None:
+    device = make_device("grub")
+    old = time.time() - 3600
+    temporary = device.config.data_dir / ".outbox.jsonl.q1w2e3r4.tmp"
+    server = f'[server]\nurls = ["http://127.0.0.1:{refused_port}"]\n'
+
+    def start() -> Result:
+        temporary.write_bytes(b"{")
+        os.utime(temporary, (old, old))
+        return updater(device, "daemon", "--once", extra=server)
+
+    with update_lock(device.config.data_dir):  # an install runs: the daemon starts all the same
+        result = start()
+    assert "sweep.removed" not in result.stdout and "another update" not in result.output
+    assert temporary.exists()
+    result = start()
+    assert result.exit_code == 1  # the server refuses: --once says so
+    assert not temporary.exists() and "sweep.removed" in result.stdout

@@ -20,56 +20,27 @@ When the server does not answer, the step stops and the daemon waits
 exponential backoff with full jitter), then resumes where it stopped. Through any outage the
 device keeps running what it runs: nothing changes without a verified answer.
 
-Acting on an answer is a table (:func:`decide`), Mender-style: the situation (the assigned
-release, what each slot holds, what the release history says) picks one action:
-
-- ``none``: no assignment, or the booted slot already runs the release;
-- ``skip`` (reported once as ``daemon.install_skipped``): updates suspended by the crash-loop
-  guard, safe mode, an undecided trial, the release already armed for its trial boot, or a
-  release that failed here before (never retried);
-- ``flip``: the other slot holds the release intact and committed before: a trial boot of it,
-  no download (a rollback);
-- ``install``: :meth:`updater.install.Installer.install_parts` under the update lock, with a
-  reboot into the trial when it is armed.
-
-Persisted on the data partition, each file through :func:`fleet_core.durable.atomic_write`
-(a power cut leaves the old file or the new one):
-
-- ``outbox.jsonl``: every event the updater logs (:class:`OutboxLog` tees the event log), with
-  a device sequence number, kept until the server acknowledges it (:class:`Outbox`);
-- ``releases.json``: what happened to each recently assigned release (:class:`ReleaseHistory`):
-  written *before* an install starts, so an install cut short by a crash, a kill or a power cut
-  is counted and a release that keeps killing the install is given up after
-  ``MAX_INTERRUPTED`` tries;
-- ``identity/``: the device key and the enrollment record (:mod:`updater.identity`).
-
-systemd: ``READY=1`` once started, ``WATCHDOG=1`` and a ``STATUS=`` line after every step, on
-the ``NOTIFY_SOCKET`` datagram socket (:class:`SystemdNotifier`); during an install and the
-health checks a helper thread keeps the watchdog fed until the install's own deadline has
-passed, so a stuck update is killed by the watchdog.
+Acting on an answer is a table (:mod:`updater.decision`): the situation picks one action.
+What the daemon keeps on the data partition: the outbox of events for the server
+(:mod:`updater.outbox`), the history of assigned releases (:mod:`updater.history`) and the
+device identity (:mod:`updater.identity`). Its heartbeat is :mod:`updater.heartbeat`; systemd
+hears from it through :mod:`updater.systemd`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
-import json
 import math
-import os
 import random
-import re
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from bootloader_hooks.base import ROOT_SLOTS, SAFE_SLOT, other_slot
-from fleet_core.durable import atomic_write
+from bootloader_hooks.base import ROOT_SLOTS, other_slot
 from fleet_core.errors import FleetError
 from image_builder.errors import ImageIntegrityError
 from signing.errors import KeyringError
@@ -84,15 +55,18 @@ from updater.client import (
     ServerUnavailableError,
     events_that_fit,
 )
+from updater.decision import Decision, decide
 from updater.device import free_space_mb, read_temperature_c, uptime_s
 from updater.errors import (
+    DaemonError,
     DownloadError,
     InstallAbandonedError,
     LockedError,
     PreconditionError,
     StateError,
-    UpdaterError,
 )
+from updater.heartbeat import heartbeat_document, protocol_hostname
+from updater.history import MAX_INTERRUPTED, ReleaseHistoryStore, ReleaseRecord  # noqa: F401 (MAX_INTERRUPTED: tests)
 from updater.identity import (
     enrollment_token,
     forget_enrollment,
@@ -101,544 +75,18 @@ from updater.identity import (
     save_enrollment,
 )
 from updater.install import EventSink, InstallResult, run_reboot
+from updater.outbox import OUTBOX_NAME, Outbox, OutboxLog
 from updater.recovery import Recovery
 from updater.runtime import Runtime
 from updater.state import DeviceState, update_lock
+from updater.systemd import SystemdNotifier
 
-OUTBOX_NAME = "outbox.jsonl"
-OUTBOX_FORMAT = 1
-MAX_OUTBOX_EVENTS = 1000  # at ~300 bytes each, a few hundred KiB of the data partition at most
-MAX_SEQ = 2**63 - 1  # the protocol's range of seq
-MAX_EVENT_BYTES = 8 * 1024
-RELEASES_NAME = "releases.json"
-RELEASES_FORMAT = 1
-MAX_RELEASES = 16
-MAX_INTERRUPTED = 3  # installs of one release cut short (crash, kill, power) before giving up
 JITTER = 0.1
 MIN_SLEEP_S = 0.1  # between steps, whatever the schedule says: never a busy loop
 MIN_CHECKIN_S = 5.0  # the shortest check-in interval a server may ask for
 MAX_BATCHES_PER_STEP = 10
 INSTALL_RETRY_MAX_S = 3600.0
 WATCHDOG_GRACE_S = 120.0
-UNKNOWN_SLOT = "unknown"
-MAX_HEALTH = 64
-# Events about talking to the server are kept locally only: queueing them while the server
-# is unreachable would fill the outbox with news of its own outage.
-LOCAL_ONLY_EVENTS = frozenset({"daemon.server_unreachable", "daemon.events_rejected"})
-
-
-class DaemonError(UpdaterError):
-    """The daemon cannot start: no server URL, or its files cannot be written."""
-
-
-# --- systemd --------------------------------------------------------------------------------
-
-
-class SystemdNotifier:
-    """The ``sd_notify`` protocol: datagrams of ``NAME=value`` lines to ``NOTIFY_SOCKET``
-    (a path, or ``@name`` for the abstract namespace). Without a socket every call does
-    nothing; a send that fails is ignored (the watchdog then tells)."""
-
-    def __init__(self, socket_path: str | None, watchdog_usec: int | None = None) -> None:
-        self.socket_path = socket_path or None
-        self.watchdog_usec = watchdog_usec if watchdog_usec and watchdog_usec > 0 else None
-        self.sent: list[str] = []  # the messages sent, newest last (bounded; for status)
-        self._lock = threading.Lock()
-
-    @classmethod
-    def from_environment(
-        cls, environ: Mapping[str, str] = os.environ, pid: int | None = None
-    ) -> SystemdNotifier:
-        usec: int | None = None
-        watchdog_pid = environ.get("WATCHDOG_PID")
-        if watchdog_pid is None or watchdog_pid == str(pid if pid is not None else os.getpid()):
-            with contextlib.suppress(ValueError):
-                usec = int(environ.get("WATCHDOG_USEC", ""))
-        return cls(environ.get("NOTIFY_SOCKET"), usec)
-
-    @property
-    def watchdog_interval_s(self) -> float | None:
-        """How often to send ``WATCHDOG=1``: half the service's ``WatchdogSec``."""
-        return self.watchdog_usec / 2e6 if self.watchdog_usec else None
-
-    def notify(self, *lines: str) -> bool:
-        if self.socket_path is None:
-            return False
-        address = self.socket_path
-        if address.startswith("@"):
-            address = "\0" + address[1:]
-        message = "\n".join(lines)
-        with self._lock:
-            self.sent = [*self.sent[-15:], message]
-            try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                    sock.sendto(message.encode("utf-8", "replace"), address)
-            except OSError:
-                return False
-        return True
-
-    def ready(self, status: str) -> bool:
-        return self.notify("READY=1", f"STATUS={status}")
-
-    def watchdog(self, status: str | None = None) -> bool:
-        return self.notify("WATCHDOG=1", *([f"STATUS={status}"] if status else []))
-
-    def stopping(self) -> bool:
-        return self.notify("STOPPING=1", "STATUS=stopping")
-
-    @contextlib.contextmanager
-    def keep_alive(self, limit_s: float) -> Iterator[None]:
-        """Feed the watchdog from a helper thread while the block runs, for at most
-        ``limit_s`` seconds: a block stuck past that is left to the watchdog."""
-        interval = self.watchdog_interval_s
-        if interval is None or self.socket_path is None:
-            yield
-            return
-        done = threading.Event()
-        until = time.monotonic() + limit_s
-
-        def feed() -> None:
-            while not done.wait(interval) and time.monotonic() < until:
-                self.watchdog()
-
-        thread = threading.Thread(target=feed, name="watchdog", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            done.set()
-            thread.join()
-
-
-# --- the outbox -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OutboxEvent:
-    """One event waiting to be acknowledged; ``to_wire`` is its protocol form."""
-
-    seq: int
-    event: str
-    fields: Mapping[str, Any]
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"event": self.event, "seq": self.seq, "fields": dict(self.fields)}
-
-
-@dataclass(frozen=True)
-class _OutboxContent:
-    next_seq: int
-    dropped: int
-    events: tuple[OutboxEvent, ...]
-
-
-class Outbox:
-    """Events waiting for the server, in ``<data_dir>/outbox.jsonl``.
-
-    File: a header line ``{"format": 1, "next_seq": N, "dropped": D}``, then one event per line
-    (``{"seq", "event", "fields"}``), oldest first. ``seq`` is the device's event counter and
-    only grows (the header keeps it when the outbox is empty): the server stores an event only
-    if its ``seq`` is above the highest it has stored for the device, so an event can be sent
-    again after a lost answer. At most ``limit`` events are kept; beyond that the oldest are
-    dropped and counted in ``dropped`` (the server sees a gap in ``seq``). Several processes may
-    use it: every change is made under an ``flock`` on ``outbox.jsonl.lock``.
-
-    Because the server ignores numbers at or below its highest, a counter that went back would
-    silence the device. So a *new* outbox (no file: first start, or the file was deleted to
-    make room) numbers from the wall clock in milliseconds, above anything numbered before as
-    long as the clock is not behind; and a damaged file is set aside as
-    ``outbox.jsonl.damaged`` with numbering resumed above every number still legible in it.
-
-    Power cut: every change rewrites the file whole through ``atomic_write``, so it holds the
-    events before or after the change, never a torn line.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        limit: int = MAX_OUTBOX_EVENTS,
-        *,
-        wall_clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.path = path
-        self.limit = limit
-        self.problem: str | None = None  # what was wrong with the file, once
-        self._wall_clock = wall_clock
-
-    # --- reading and writing, under the lock ---
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def _first_seq(self, *at_least: int) -> int:
-        clock_ms = self._wall_clock() * 1000
-        from_clock = int(clock_ms) if math.isfinite(clock_ms) else 0
-        return min(MAX_SEQ, max(1, from_clock, *at_least))
-
-    def _read(self) -> _OutboxContent:
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return _OutboxContent(self._first_seq(), 0, ())
-        try:
-            return _parse_outbox(data)
-        except (ValueError, TypeError, KeyError, IndexError) as err:
-            legible = [int(n) + 1 for n in re.findall(rb'"seq": ?(\d{1,18})', data)]
-            legible += [int(n) for n in re.findall(rb'"next_seq": ?(\d{1,18})', data)]
-            atomic_write(self.path.with_name(self.path.name + ".damaged"), data)
-            fresh = _OutboxContent(self._first_seq(*legible), 0, ())
-            self._write(fresh)
-            self.problem = (
-                f"{self.path}: damaged ({err}); set aside, numbering from {fresh.next_seq}"
-            )
-            return fresh
-
-    def _write(self, content: _OutboxContent) -> None:
-        header = {"format": OUTBOX_FORMAT, "next_seq": content.next_seq, "dropped": content.dropped}
-        lines = [json.dumps(header, sort_keys=True)]
-        lines += [
-            json.dumps({"seq": e.seq, "event": e.event, "fields": e.fields}, sort_keys=True)
-            for e in content.events
-        ]
-        atomic_write(self.path, ("\n".join(lines) + "\n").encode())
-
-    # --- the interface ---
-
-    def append(self, event: str, fields: Mapping[str, Any]) -> int:
-        """Keep one event (``fields`` JSON-ready); returns its ``seq``.
-
-        Raises:
-            OSError: the data partition cannot be written.
-        """
-        with self._locked():
-            content = self._read()
-            queued = (*content.events, OutboxEvent(content.next_seq, event, dict(fields)))
-            over = max(0, len(queued) - self.limit)
-            self._write(_OutboxContent(content.next_seq + 1, content.dropped + over, queued[over:]))
-            return content.next_seq
-
-    def pending(self, limit: int = 100) -> list[OutboxEvent]:
-        """The oldest ``limit`` events not yet acknowledged."""
-        with self._locked():
-            return list(self._read().events[:limit])
-
-    def ack(self, through_seq: int) -> None:
-        """Forget every event up to ``through_seq``: the server has stored them."""
-        with self._locked():
-            content = self._read()
-            kept = tuple(e for e in content.events if e.seq > through_seq)
-            if len(kept) != len(content.events):
-                self._write(dataclasses.replace(content, events=kept))
-
-    def counts(self) -> tuple[int, int, int]:
-        """(events waiting, next seq, events dropped because the outbox was full)."""
-        with self._locked():
-            content = self._read()
-            return len(content.events), content.next_seq, content.dropped
-
-
-def _parse_outbox(data: bytes) -> _OutboxContent:
-    lines = data.decode("utf-8").splitlines()
-    header = json.loads(lines[0])
-    if not isinstance(header, dict) or header.get("format") != OUTBOX_FORMAT:
-        raise ValueError("unknown format")
-    next_seq, dropped = header["next_seq"], header.get("dropped", 0)
-    if type(next_seq) is not int or next_seq < 1 or type(dropped) is not int or dropped < 0:
-        raise ValueError("bad header")
-    events: list[OutboxEvent] = []
-    for line in lines[1:]:
-        record = json.loads(line)
-        seq, name, fields = record["seq"], record["event"], record["fields"]
-        if type(seq) is not int or not 0 < seq < next_seq or not isinstance(name, str):
-            raise ValueError(f"bad event line {line[:60]!r}")
-        if not isinstance(fields, dict) or (events and seq <= events[-1].seq):
-            raise ValueError(f"bad event line {line[:60]!r}")
-        events.append(OutboxEvent(seq, name, fields))
-    return _OutboxContent(next_seq, dropped, tuple(events))
-
-
-class OutboxLog:
-    """An event sink that logs to ``inner`` and keeps a copy of every event for the server in
-    ``outbox`` (all but ``debug`` and :data:`LOCAL_ONLY_EVENTS`). Never raises: an event that
-    cannot be kept is reported on ``inner`` as ``outbox.write_failed``."""
-
-    def __init__(self, inner: EventSink, outbox: Outbox) -> None:
-        self.inner = inner
-        self.outbox = outbox
-
-    def event(self, event: str, level: str = "info", **fields: Any) -> None:
-        self.inner.event(event, level=level, **fields)
-        if level == "debug" or event in LOCAL_ONLY_EVENTS:
-            return
-        try:
-            self.outbox.append(event, _wire_fields(level, fields))
-        except Exception as err:  # a logger must not kill the updater
-            self.inner.event(
-                "outbox.write_failed", level="warning", event_name=event, error=str(err)
-            )
-
-
-def _plain(value: Any, depth: int = 6) -> Any:
-    """``value`` as JSON the server stores: finite numbers, no NUL, bounded depth."""
-    if isinstance(value, str):
-        # lone surrogates (from undecodable file names) are not UTF-8: escape them, or the
-        # server refuses the whole batch they travel in
-        text = value.encode("utf-8", "backslashreplace").decode("utf-8")
-        return text.replace("\0", "\\0")
-    if value is None or isinstance(value, bool | int):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if depth > 0 and isinstance(value, Mapping):
-        return {_plain(str(k)): _plain(v, depth - 1) for k, v in value.items()}
-    if depth > 0 and isinstance(value, list | tuple):
-        return [_plain(v, depth - 1) for v in value]
-    return _plain(str(value))
-
-
-def _wire_fields(level: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-    plain: dict[str, Any] = {"level": level, **_plain(dict(fields))}
-    if len(json.dumps(plain)) <= MAX_EVENT_BYTES:
-        return plain
-    text = json.dumps(plain, sort_keys=True)
-    return {"level": level, "truncated": text[: MAX_EVENT_BYTES // 2]}
-
-
-# --- the release history --------------------------------------------------------------------
-
-OUTCOMES = ("installing", "interrupted", "download_failed", "abandoned", "armed", "failed")
-
-
-@dataclass(frozen=True)
-class ReleaseRecord:
-    """What happened to one assigned release on this device.
-
-    ``outcome``: ``installing`` (persisted before the install starts), ``interrupted`` (the
-    process died during the install), ``download_failed`` (a blob could not be fetched: tried
-    again later), ``armed`` (installed, trial boot arranged), ``failed`` (never tried again).
-    """
-
-    outcome: str
-    version: str | None = None
-    interrupted: int = 0
-    download_failures: int = 0
-    detail: str | None = None
-
-    @classmethod
-    def from_dict(cls, document: Any) -> ReleaseRecord:
-        known = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(document, dict) or set(document) - known:
-            raise ValueError("release record: unexpected fields")
-        record = cls(**document)
-        if record.outcome not in OUTCOMES:
-            raise ValueError(f"release record: unknown outcome {record.outcome!r}")
-        for count in (record.interrupted, record.download_failures):
-            if type(count) is not int or count < 0:
-                raise ValueError("release record: counts must be non-negative integers")
-        for text in (record.version, record.detail):
-            if text is not None and not isinstance(text, str):
-                raise ValueError("release record: version and detail must be strings")
-        return record
-
-
-@dataclass(frozen=True)
-class ReleaseHistory:
-    """Records by manifest SHA-256, oldest first, at most ``MAX_RELEASES``."""
-
-    releases: Mapping[str, ReleaseRecord] = field(default_factory=dict)
-
-    def get(self, sha: str) -> ReleaseRecord | None:
-        return self.releases.get(sha)
-
-    def with_record(self, sha: str, record: ReleaseRecord) -> ReleaseHistory:
-        releases = {k: v for k, v in self.releases.items() if k != sha}
-        releases[sha] = record
-        return ReleaseHistory(dict(list(releases.items())[-MAX_RELEASES:]))
-
-    def without(self, sha: str) -> ReleaseHistory:
-        return ReleaseHistory({k: v for k, v in self.releases.items() if k != sha})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": RELEASES_FORMAT,
-            "releases": {k: dataclasses.asdict(v) for k, v in self.releases.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, document: Any) -> ReleaseHistory:
-        if not isinstance(document, dict) or document.get("format") != RELEASES_FORMAT:
-            raise ValueError("release history: unknown format")
-        raw = document.get("releases")
-        if not isinstance(raw, dict):
-            raise ValueError("release history: releases must be an object")
-        return cls({str(k): ReleaseRecord.from_dict(v) for k, v in raw.items()})
-
-
-class ReleaseHistoryStore:
-    """``<data_dir>/releases.json``. A missing or damaged file reads as an empty history:
-    the state store still tells which slot holds what, and a release whose slot is bad and
-    has no record is treated as failed (never retried)."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / RELEASES_NAME
-
-    def load(self) -> ReleaseHistory:
-        try:
-            return ReleaseHistory.from_dict(json.loads(self.path.read_bytes().decode("utf-8")))
-        except (OSError, ValueError, TypeError):
-            return ReleaseHistory()
-
-    def save(self, history: ReleaseHistory) -> None:
-        """Power cut: the file holds the previous history or this one.
-
-        Raises:
-            DaemonError: the data partition cannot be written.
-        """
-        data = json.dumps(history.to_dict(), indent=1, sort_keys=True).encode() + b"\n"
-        try:
-            atomic_write(self.path, data)
-        except OSError as err:
-            raise DaemonError(f"release history {self.path}: cannot write: {err.strerror}") from err
-
-
-# --- what to do with an assignment: the table -----------------------------------------------
-
-
-@dataclass(frozen=True)
-class Decision:
-    """``action``: ``none``, ``skip``, ``flip``, ``install`` or ``recover``; ``fail``: the
-    release is to be recorded as failed (never retried)."""
-
-    action: str
-    reason: str
-    fail: bool = False
-
-
-def decide(
-    assignment: Assignment | None,
-    state: DeviceState,
-    booted: str | None,
-    undecided_trial: bool,
-    history: ReleaseHistory,
-) -> Decision:
-    """What to do about ``assignment`` (see the module docstring). Pure: reads, never acts."""
-    if assignment is None:
-        return Decision("none", "no assignment")
-    sha = assignment.manifest_sha256
-    if booted in ROOT_SLOTS and state.slot(booted).bundle_sha256 == sha:
-        return Decision("none", "running")
-    record = history.get(sha)
-    if record is not None and record.outcome == "failed":
-        return Decision("skip", f"failed on this device before: {record.detail}")
-    if booted == SAFE_SLOT:
-        # safe mode: put the assigned (last known-good) release back into a root slot, even
-        # with updates suspended (a crash loop is one way to get here); once, not in a loop
-        if record is not None and record.outcome == "armed":
-            return Decision("skip", "recovered into a root slot before, safe mode again", fail=True)
-        return Decision("recover", "safe mode: recovering into a root slot")
-    if state.suspended:
-        return Decision("skip", f"updates are suspended: {state.suspended}")
-    if booted not in ROOT_SLOTS:
-        return Decision("skip", f"running from slot {booted!r}: installs only from a root slot")
-    if undecided_trial:
-        return Decision("skip", "the running slot's trial is undecided")
-    other = state.slot(other_slot(booted))
-    if other.bundle_sha256 != sha or other.status == "empty":
-        return Decision("install", "assigned")
-    if other.status in ("installed", "trial"):
-        return Decision("skip", "armed for its trial boot: waiting for the reboot")
-    if other.status == "good":
-        if (other.security_version or 0) < state.installed_security_version:
-            return Decision("skip", "below the installed security version", fail=True)
-        return Decision("flip", "intact in the other slot")
-    # installing or bad: did our own install stop for a reason that is not the release's?
-    retry = ("installing", "interrupted", "download_failed", "abandoned")
-    if record is not None and record.outcome in retry:
-        if record.interrupted >= MAX_INTERRUPTED:
-            return Decision("skip", f"install interrupted {record.interrupted} times", fail=True)
-        return Decision("install", f"again after: {record.outcome}")
-    why = "its trial boot failed" if record and record.outcome == "armed" else "slot marked bad"
-    return Decision("skip", why, fail=True)
-
-
-# --- the heartbeat --------------------------------------------------------------------------
-
-
-def updater_state(snapshot: Mapping[str, Any]) -> str:
-    """``idle``, ``installing``, ``trial``, ``installed`` or ``suspended`` (the same words as
-    the metrics' update state)."""
-    statuses = {info["status"] for info in snapshot["slots"].values()}
-    if snapshot["suspended"]:
-        return "suspended"
-    if "installing" in statuses:
-        return "installing"
-    if snapshot["trial"]:
-        return "trial"
-    if statuses & {"installed", "trial"}:
-        return "installed"
-    return "idle"
-
-
-def heartbeat_document(
-    snapshot: Mapping[str, Any],
-    *,
-    health: Sequence[tuple[str, bool]],
-    temperature_c: float | None,
-    free_space_mb: int | None,
-    uptime_s: float | None,
-    clock: float,
-    clock_skew_s: float | None,
-    role: str | None = None,
-    tags: Sequence[str] = (),
-    metrics_address: str | None = None,
-) -> dict[str, Any]:
-    """The heartbeat of the protocol, from ``Runtime.snapshot()``, the sensors and the
-    device's ``role`` and ``tags`` (from its configuration). Values
-    the device does not know are ``null`` (the version in safe mode, a missing sensor),
-    except the slot names, which the protocol requires: ``"unknown"`` when the boot state
-    cannot be read, or no root slot is primary. Health check names are cut to 128
-    characters (the server's limit), and at most ``MAX_HEALTH`` checks are listed."""
-    booted = snapshot["booted"]
-    slots = snapshot["slots"]
-    return {
-        "version": slots[booted]["version"] if booted in slots else None,
-        "booted": booted or UNKNOWN_SLOT,
-        "primary": snapshot["primary"] or UNKNOWN_SLOT,
-        "trial": bool(snapshot["trial"]),
-        "slots": {
-            slot: {"status": info["status"], "version": info["version"]}
-            for slot, info in slots.items()
-        },
-        "updater_state": updater_state(snapshot),
-        "health": [{"name": _one_line(name), "ok": ok} for name, ok in health[:MAX_HEALTH]],
-        "temperature_c": temperature_c,
-        "free_space_mb": free_space_mb,
-        "uptime_s": uptime_s,
-        "clock": clock,
-        "clock_skew_s": clock_skew_s,
-        "safe_mode": booted == SAFE_SLOT,
-        "role": role,
-        "tags": list(tags),
-        "metrics_address": metrics_address,
-    }
-
-
-def _one_line(text: str, limit: int = 128) -> str:
-    line = "".join(c if c.isprintable() else " " for c in text).strip() or "?"
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
-def _hostname(name: str) -> str:
-    """The host name as the protocol's ``hostname`` accepts it (letters, digits, ``._-``)."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", name).lstrip("._-")[:253]
-    return cleaned or "unknown"
 
 
 # --- the daemon -----------------------------------------------------------------------------
@@ -679,7 +127,7 @@ class Daemon:
         self._sleep: Callable[[float], object] = sleep or self._stop.wait
         self._rng = rng
         self._wall_clock = wall_clock
-        self._hostname = _hostname(hostname or socket.gethostname())
+        self._hostname = protocol_hostname(hostname or socket.gethostname())
         self._enrolled = False
         self._next_contact_at = -math.inf
         self._next_checkin_at = -math.inf

@@ -39,3 +39,7 @@ class InstallError(UpdaterError):
 class InstallAbandonedError(InstallError):
     """The install was given up on purpose while writing (the server withdrew the release):
     the half-written slot is marked bad, the running slot stays; not the release's fault."""
+
+
+class DaemonError(UpdaterError):
+    """The daemon cannot start: no server URL, or its files cannot be written."""

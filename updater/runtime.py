@@ -85,7 +85,7 @@ def reporting_log(log: EventSink, config: UpdaterConfig) -> EventSink:
     trail even though they run in processes of their own."""
     if not config.server_urls:
         return log
-    from updater.daemon import OUTBOX_NAME, Outbox, OutboxLog
+    from updater.outbox import OUTBOX_NAME, Outbox, OutboxLog
 
     if isinstance(log, OutboxLog):
         return log

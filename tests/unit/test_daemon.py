@@ -35,20 +35,16 @@ from tests.unit.conftest import ADMISSION
 from updater.cli import main
 from updater.client import Assignment, ServerClient
 from updater.config import LoadedConfig, parse_config
-from updater.daemon import (
-    Daemon,
-    Outbox,
-    OutboxLog,
-    ReleaseHistory,
-    ReleaseRecord,
-    SystemdNotifier,
-    decide,
-    heartbeat_document,
-)
+from updater.daemon import Daemon
+from updater.decision import decide
 from updater.errors import ConfigError
+from updater.heartbeat import heartbeat_document
+from updater.history import ReleaseHistory, ReleaseRecord
 from updater.identity import load_or_create_identity
 from updater.log import EventLog
+from updater.outbox import Outbox, OutboxLog
 from updater.state import DeviceState, SlotState
+from updater.systemd import SystemdNotifier
 
 # --- the lab --------------------------------------------------------------------------------
 
@@ -194,7 +190,7 @@ def test_blob_bytes_that_do_not_match_are_fetched_again_later(lab: Lab) -> None:
 def test_an_undecodable_field_is_escaped_for_the_wire() -> None:
     """A lone surrogate (an undecodable file name in an error) is not UTF-8: sent as it is,
     the server would refuse the whole batch of events it travels in."""
-    from updater.daemon import _plain
+    from updater.outbox import _plain
 
     wire = _plain({"error": "cannot open /data/\udcff.img", "nul": "a\0b"})
     json.dumps(wire, ensure_ascii=False).encode("utf-8")

@@ -280,7 +280,7 @@ def test_an_empty_file_never_replaces_the_last_good_copy(tmp_path: Path) -> None
     for damaged in (
         b"",
         b'compatible = "metrica-rpi4"\n',
-        GOOD.replace(b"grubenv =", b"grubenv_path ="),
+        good(tmp_path).replace(b"grubenv =", b"grubenv_path ="),
     ):
         path.write_bytes(damaged)
         loaded = load_config(path, data_dir=tmp_path / "data")

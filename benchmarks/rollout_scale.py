@@ -22,7 +22,7 @@ from typing import Any
 
 import requests
 
-from chaos.demo import fleet_command, free_port, lab_bundle, start_server
+from chaos.demo import fleet_command, lab_bundle, start_server
 from chaos.fleet import MemberSpec, VirtualFleet
 from signing.keyring import trust_key
 from signing.keys import generate_key
@@ -68,9 +68,7 @@ def main() -> None:
         key = generate_key(workdir / "release-key")
         data = workdir / "server"
         trust_key(data / "keyring", workdir / "release-key.pub")
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        server = start_server(data, port, workdir / "server.log", rollout_interval_s=1.0)
+        server, url = start_server(data, workdir / "server.log", rollout_interval_s=1.0)
         admin = fleet_command("server", "token", "create", "--role", "admin", "--name", "bench",
                               "--data-dir", str(data)).splitlines()[0]  # fmt: skip
         operator = ["--server", url, "--token", admin]

@@ -67,23 +67,26 @@ def fleet_command(*args: str) -> str:
     return done.stdout
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
 def start_server(
-    data: Path, port: int, log: Path, *, rollout_interval_s: float = 0.2
-) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable, "-c", "from fleet_core.cli import main; main()", "server", "run",
-        "--data-dir", str(data), "--port", str(port), "--time-scale", str(TIME_SCALE),
-        "--rollout-interval", str(rollout_interval_s), "--log-level", "warning",
-    ]  # fmt: skip
-    with log.open("ab") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    data: Path, log: Path, *, rollout_interval_s: float = 0.2
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A ``fleet server run`` process and its URL. The listening socket is bound here, on a
+    loopback port the kernel picks, and handed down (``--fd``): the address is known before the
+    server starts, and whatever answers on it is this server."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        command = [
+            sys.executable, "-c", "from fleet_core.cli import main; main()", "server", "run",
+            "--data-dir", str(data), "--fd", str(listener.fileno()),
+            "--time-scale", str(TIME_SCALE), "--rollout-interval", str(rollout_interval_s),
+            "--log-level", "warning",
+        ]  # fmt: skip
+        with log.open("ab") as output:
+            process = subprocess.Popen(
+                command, stdout=output, stderr=subprocess.STDOUT, pass_fds=[listener.fileno()]
+            )
     import requests
 
     deadline = time.monotonic() + 60
@@ -91,10 +94,12 @@ def start_server(
         if process.poll() is not None:
             raise click.ClickException(f"the server exited; see {log}")
         try:
-            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok:
-                return process
-        except requests.ConnectionError:
+            if requests.get(f"{url}/healthz", timeout=1).ok:
+                return process, url
+        except (requests.ConnectionError, requests.Timeout):
+            # the socket queues connections from before the server accepts: a read may wait
             time.sleep(0.1)
+    process.terminate()
     raise click.ClickException(f"the server did not come up; see {log}")
 
 
@@ -155,9 +160,7 @@ def demo(workdir: Path, devices: int, keep_server: bool) -> None:
     step(f"start the release server (SQLite, clock x{TIME_SCALE})")
     data = workdir / "server"
     trust_key(data / "keyring", workdir / "release-key.pub")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_server(data, port, workdir / "server.log")
+    server, url = start_server(data, workdir / "server.log")
     try:
         run_fleet(workdir, data, url, key, devices)
     finally:

@@ -215,3 +215,16 @@ def test_fd_must_be_a_bound_tcp_socket_and_excludes_host_and_port() -> None:
         for option in ("--host", "--port"):
             value = "127.0.0.1" if option == "--host" else "8081"
             assert f"leave out {option}" in refused("--fd", str(sock.fileno()), option, value)
+
+
+def test_the_demo_starts_its_server_on_a_socket_it_bound_first(tmp_path: Path) -> None:
+    from chaos.demo import start_server
+
+    # ready as soon as it returns: it waited through the connections the socket queued early
+    process, url = start_server(tmp_path / "data", tmp_path / "server.log")
+    try:
+        assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
+        assert "--fd" in process.args  # type: ignore[operator]
+    finally:
+        process.terminate()
+        process.wait(10)

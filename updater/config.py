@@ -47,6 +47,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -397,6 +398,16 @@ def _parse_slots(table: Mapping[str, Any]) -> dict[str, dict[str, str]]:
         slots[slot] = {k: _typed(classes, k, str, where) for k in classes}
     if set(slots["a"]) != set(slots["b"]):
         raise ConfigError("slots: a and b must have the same slot classes")
+    named: dict[str, str] = {}
+    for slot, classes in sorted(slots.items()):
+        for slot_class, spec in sorted(classes.items()):
+            key = spec if spec.startswith("PARTLABEL=") else os.path.normpath(spec)
+            if key in named:
+                raise ConfigError(
+                    f"slots: {named[key]} and {slot}.{slot_class} both name {spec!r}: "
+                    "every slot class needs a device of its own"
+                )
+            named[key] = f"{slot}.{slot_class}"
     return slots
 
 

@@ -4,6 +4,11 @@ A slot class is configured as ``PARTLABEL=<label>`` (the GPT partition name, fou
 ``/dev/disk/by-partlabel`` links udev maintains, or by asking udev directly) or as a path (a
 block device, or a regular file standing in for one in tests and labs). A slot's capacity is
 the size of its device or file: an image is never written into a slot smaller than itself.
+
+Before anything is written, a target must be itself alone: no other slot class of any slot
+resolves to the same device or file (a configuration that names one partition twice, a label
+typo, two links to one device), and a block device must not be in use: mounted anywhere (the
+running root among them), or held by another device (device-mapper, md, a loop device over it).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from pathlib import Path
 from updater.errors import SlotError
 
 PARTLABEL = "PARTLABEL="
+MOUNTINFO = Path("/proc/self/mountinfo")
+SYS_DEV_BLOCK = Path("/sys/dev/block")
 
 
 @dataclass(frozen=True)
@@ -87,10 +94,11 @@ def capacity(path: Path) -> int:
 def slot_targets(
     slots: Mapping[str, Mapping[str, str]], slot: str, partlabel_dir: Path
 ) -> dict[str, SlotTarget]:
-    """Every slot class of ``slot``, resolved.
+    """Every slot class of ``slot``, resolved, each one a device or file of its own.
 
     Raises:
-        SlotError: an unknown slot, an unresolvable label, a missing device.
+        SlotError: an unknown slot, an unresolvable label, a missing device, or a target that
+            is also another slot class of this slot or of another slot.
     """
     if slot not in slots:
         raise SlotError(f"unknown slot {slot!r} (configured: {', '.join(sorted(slots))})")
@@ -98,19 +106,89 @@ def slot_targets(
     for slot_class, spec in slots[slot].items():
         path = resolve(spec, partlabel_dir)
         targets[slot_class] = SlotTarget(slot, slot_class, path, capacity(path))
+    _check_distinct(slots, targets, partlabel_dir)
     return targets
 
 
-def check_not_mounted_root(target: Path, root: Path = Path("/")) -> None:
-    """Refuse a block device that holds the running root filesystem, whatever the bootloader
-    says: a second line of defence against writing the booted slot.
+def identity(path: Path) -> tuple[str, int, int] | None:
+    """What makes ``path`` one device or file: a block device's number, a file's inode (every
+    name and link of one device or file has the same); ``None`` when it cannot be read."""
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    if stat.S_ISBLK(found.st_mode):
+        return ("device", os.major(found.st_rdev), os.minor(found.st_rdev))
+    return ("file", found.st_dev, found.st_ino)
+
+
+def _check_distinct(
+    slots: Mapping[str, Mapping[str, str]], targets: Mapping[str, SlotTarget], partlabel_dir: Path
+) -> None:
+    """Refuse a target that any other configured slot class resolves to as well. Another
+    slot's class that cannot be resolved now is no danger to this write and is left out."""
+    for slot_class, target in targets.items():
+        mine = identity(target.path)
+        for other_slot, classes in sorted(slots.items()):
+            for other_class, spec in sorted(classes.items()):
+                if (other_slot, other_class) == (target.slot, slot_class):
+                    continue
+                try:
+                    other = resolve(spec, partlabel_dir)
+                except SlotError:
+                    continue
+                if mine is not None and identity(other) == mine:
+                    raise SlotError(
+                        f"slot {target.slot} {slot_class} ({target.path}) is also slot "
+                        f"{other_slot} {other_class} ({spec}): refusing to write it"
+                    )
+
+
+def check_not_mounted_root(
+    target: Path,
+    root: Path = Path("/"),
+    *,
+    mountinfo: Path = MOUNTINFO,
+    sys_dev_block: Path = SYS_DEV_BLOCK,
+) -> None:
+    """Refuse a block device in use, whatever the bootloader says: a second line of defence
+    against writing the booted slot. In use: it holds the running root filesystem, it is
+    mounted anywhere (``/proc/self/mountinfo``), or another device is built on it
+    (``/sys/dev/block/<major>:<minor>/holders``: device-mapper, md, a loop device), as under a
+    root on dm-verity or an overlay.
 
     Raises:
-        SlotError: ``target`` is the device the root filesystem lives on.
+        SlotError: ``target`` is in use, naming how.
     """
     try:
         target_stat = target.stat()
     except OSError:
         return
-    if stat.S_ISBLK(target_stat.st_mode) and target_stat.st_rdev == root.stat().st_dev:
+    if not stat.S_ISBLK(target_stat.st_mode):
+        return
+    if target_stat.st_rdev == root.stat().st_dev:
         raise SlotError(f"slot {target}: holds the running root filesystem")
+    number = f"{os.major(target_stat.st_rdev)}:{os.minor(target_stat.st_rdev)}"
+    where = _mounted_at(number, mountinfo)
+    if where is not None:
+        raise SlotError(f"slot {target}: mounted at {where}")
+    try:
+        holders = sorted(entry.name for entry in (sys_dev_block / number / "holders").iterdir())
+    except OSError:
+        holders = []
+    if holders:
+        raise SlotError(f"slot {target}: in use by {', '.join(holders)}")
+
+
+def _mounted_at(number: str, mountinfo: Path) -> str | None:
+    """The first mount point of the device ``major:minor`` (None: not mounted, or no table)."""
+    try:
+        lines = mountinfo.read_text("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        # mount ID, parent ID, major:minor, root, mount point, ... (proc(5))
+        if len(fields) > 4 and fields[2] == number:
+            return fields[4].replace("\\040", " ")
+    return None

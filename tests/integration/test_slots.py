@@ -3,7 +3,9 @@ udev, capacities of loop devices, and the errors that name what is missing."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,3 +155,99 @@ def test_a_file_standing_in_for_a_slot_may_be_written(tmp_path: Path) -> None:
     image.write_bytes(bytes(512))
     slots.check_not_mounted_root(image)
     slots.check_not_mounted_root(tmp_path / "missing")
+
+
+# --- a target is itself alone, and not in use ----------------------------------------------
+
+
+def image(path: Path, size: int = 4096) -> str:
+    path.write_bytes(bytes(size))
+    return str(path)
+
+
+def test_two_slots_naming_one_file_are_refused_whichever_name_it_has(tmp_path: Path) -> None:
+    root_a = image(tmp_path / "root_a.img")
+    (tmp_path / "link.img").symlink_to(root_a)
+    (tmp_path / "hard.img").hardlink_to(root_a)
+    for alias in (root_a, str(tmp_path / "link.img"), str(tmp_path / "hard.img")):
+        config = {"a": {"rootfs": root_a}, "b": {"rootfs": alias}}
+        with pytest.raises(SlotError) as raised:
+            slots.slot_targets(config, "b", tmp_path)
+        assert str(raised.value) == (
+            f"slot b rootfs ({alias}) is also slot a rootfs ({root_a}): refusing to write it"
+        )
+
+
+def test_a_label_typo_that_names_the_other_slots_partition_is_refused(
+    tmp_path: Path, loop_device: Path
+) -> None:
+    by_partlabel = tmp_path / "by-partlabel"
+    by_partlabel.mkdir()
+    (by_partlabel / "boot_a").symlink_to(loop_device)
+    config = {
+        "a": {"rootfs": image(tmp_path / "root_a.img"), "bootfs": "PARTLABEL=boot_a"},
+        "b": {"rootfs": image(tmp_path / "root_b.img"), "bootfs": "PARTLABEL=boot_a"},
+    }
+    with pytest.raises(SlotError, match=r"slot b bootfs \(.*\) is also slot a bootfs"):
+        slots.slot_targets(config, "b", by_partlabel)
+
+
+def test_one_slots_classes_on_one_device_are_refused(tmp_path: Path, loop_device: Path) -> None:
+    # a second device node of the same device (another /dev, a container's): same number
+    node = tmp_path / "same-device"
+    os.mknod(node, 0o600 | stat.S_IFBLK, loop_device.stat().st_rdev)
+    config = {"b": {"rootfs": str(loop_device), "bootfs": str(node)}}
+    with pytest.raises(SlotError, match=r"slot b rootfs \(.*\) is also slot b bootfs"):
+        slots.slot_targets(config, "b", tmp_path)
+
+
+def test_distinct_targets_pass_and_an_unresolvable_other_slot_is_no_obstacle(
+    tmp_path: Path,
+) -> None:
+    config = {
+        "a": {"rootfs": "PARTLABEL=nowhere_to_be_found"},
+        "b": {"rootfs": image(tmp_path / "root_b.img")},
+    }
+    assert set(slots.slot_targets(config, "b", tmp_path)) == {"rootfs"}
+
+
+def test_a_mounted_block_device_is_in_use(tmp_path: Path, loop_device: Path) -> None:
+    require_tools(mke2fs=shutil.which("mke2fs") is not None)
+    subprocess.run(["mke2fs", "-q", "-F", str(loop_device)], check=True)
+    mount_point = tmp_path / "mounted here"
+    mount_point.mkdir()
+    subprocess.run(["mount", str(loop_device), str(mount_point)], check=True)
+    try:
+        with pytest.raises(SlotError) as raised:
+            slots.check_not_mounted_root(loop_device)
+        assert str(raised.value) == f"slot {loop_device}: mounted at {mount_point}"
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+    slots.check_not_mounted_root(loop_device)
+
+
+def test_a_block_device_another_device_is_built_on_is_in_use(
+    tmp_path: Path, loop_device: Path
+) -> None:
+    # device-mapper (a dm-verity or dm-crypt root) lists itself among the holders in sysfs
+    number = loop_device.stat().st_rdev
+    holders = tmp_path / "sys" / f"{os.major(number)}:{os.minor(number)}" / "holders"
+    holders.mkdir(parents=True)
+    slots.check_not_mounted_root(loop_device, sys_dev_block=tmp_path / "sys")
+    (holders / "dm-0").mkdir()
+    with pytest.raises(SlotError) as raised:
+        slots.check_not_mounted_root(loop_device, sys_dev_block=tmp_path / "sys")
+    assert str(raised.value) == f"slot {loop_device}: in use by dm-0"
+
+
+def test_the_mount_table_is_read_as_the_kernel_writes_it(tmp_path: Path, loop_device: Path) -> None:
+    number = loop_device.stat().st_rdev
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "22 1 0:21 / /proc rw - proc proc rw\n"
+        f"36 22 {os.major(number)}:{os.minor(number) + 1} / /elsewhere rw - ext4 x rw\n"
+        f"37 22 {os.major(number)}:{os.minor(number)} / /mnt/with\\040space rw - ext4 y rw\n"
+    )
+    with pytest.raises(SlotError, match=r"mounted at /mnt/with space$"):
+        slots.check_not_mounted_root(loop_device, mountinfo=table)
+    slots.check_not_mounted_root(loop_device, mountinfo=tmp_path / "no-table")

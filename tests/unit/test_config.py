@@ -328,3 +328,31 @@ def test_a_file_whose_backend_cannot_be_built_is_used_but_not_kept(tmp_path: Pat
 def test_paths_must_be_absolute(text: bytes, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(text, "updater.toml")
+
+
+@pytest.mark.parametrize(
+    ("slots", "message"),
+    [
+        (
+            "[slots.a]\nrootfs = '/dev/sda2'\n[slots.b]\nrootfs = '/dev/sda2'",
+            "slots: a.rootfs and b.rootfs both name '/dev/sda2'",
+        ),
+        (
+            "[slots.a]\nrootfs = '/dev/sda2'\n[slots.b]\nrootfs = '/dev//sda2/'",
+            "slots: a.rootfs and b.rootfs both name '/dev//sda2/'",
+        ),
+        (
+            "[slots.a]\nrootfs = 'PARTLABEL=root_a'\nbootfs = 'PARTLABEL=boot_a'\n"
+            "[slots.b]\nrootfs = 'PARTLABEL=root_b'\nbootfs = 'PARTLABEL=boot_a'",
+            "slots: a.bootfs and b.bootfs both name 'PARTLABEL=boot_a'",
+        ),
+        (
+            "[slots.a]\nrootfs = '/dev/sda2'\nbootfs = '/dev/sda2'\n"
+            "[slots.b]\nrootfs = '/dev/sda3'\nbootfs = '/dev/sda4'",
+            "slots: a.bootfs and a.rootfs both name '/dev/sda2'",
+        ),
+    ],
+)
+def test_two_slot_classes_naming_one_device_are_refused(slots: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(REQUIRED + slots.encode(), "updater.toml")

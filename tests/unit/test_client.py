@@ -780,6 +780,20 @@ def test_heartbeats_and_events_take_200_or_204(
     assert client.failures == 0
 
 
+def test_a_failed_checkin_or_events_request_names_the_request(
+    identity: DeviceIdentity, keyring: Keyring, clock: FakeClock
+) -> None:
+    http = ScriptedHttp(reply(422, {"error": "invalid_request", "detail": "nonce"}), reply(503))
+    client = scripted(identity, keyring, clock, http)
+    base = f"/devices/{identity.device_id}"
+    with pytest.raises(ServerRejectedError) as refused:
+        client.checkin(NONCE)
+    assert str(refused.value) == f"POST {base}/checkin: HTTP 422 invalid_request: nonce"
+    with pytest.raises(ServerUnavailableError) as unanswered:
+        client.send_events([{"event": "a.b", "seq": 1, "fields": {}}])
+    assert str(unanswered.value) == f"no answer to POST {base}/events: {URL}: HTTP 503"
+
+
 def test_more_events_than_fit_are_refused_before_sending(
     identity: DeviceIdentity, keyring: Keyring, clock: FakeClock
 ) -> None:
@@ -1059,8 +1073,10 @@ def test_the_next_url_is_used_once_the_active_one_was_silent_for_failover_after_
     assert http.sent[-1].url.startswith(A) and client.failures == 2
     clock.now = 1028.0
     assert client.retry_delay_s() == 0.0
+    asked = len(http.sent)
     client.heartbeat({})
-    assert http.sent[-1].url.startswith(B) and client.active_url == B
+    # the primary just given up is not probed again at once
+    assert all(s.url.startswith(B) for s in http.sent[asked:]) and client.active_url == B
     assert logged(log)[-2:] == [
         {"level": "warning", "event": "server.failover", "previous": A, "url": B,
          "silent_s": 28.0},

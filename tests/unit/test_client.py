@@ -1,6 +1,8 @@
-"""The device's protocol client: the rules of a check-in answer, what fits one request, and,
-against the server simulator, what only it can do: answers of a form the real server never
-signs, a server that forgot the device, failover between URLs, backoff, a skewed clock.
+"""The device's protocol client: the rules of a check-in answer, what fits one request; against
+the server simulator, what only it can do: answers of a form the real server never signs, a
+server that forgot the device, failover between URLs, backoff, a skewed clock; and, against a
+scripted HTTP session, each exchange on its own: what every request carries, each refusal and
+silence, sessions and their renewal, and failover step by step on the device's clock.
 
 Enrollment, sessions, signed check-ins, ETags and 304, replayed answers, heartbeats and events
 are tested against the real server: tests/integration/test_device_protocol.py."""

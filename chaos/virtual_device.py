@@ -117,6 +117,8 @@ class LabFirmware:
     model: Callable[[Path, Mapping[str, Any]], FirmwareModel]  # device root, options -> model
 
 
+# The security version of the release a device leaves the factory with.
+FACTORY_SECURITY_VERSION = 1
 LAB_FIRMWARES: dict[str, LabFirmware] = {}
 
 
@@ -221,14 +223,19 @@ class VirtualDevice:
         ]
         return "\n".join(lines) + "\n"
 
-    def provision(self, image: bytes, version: str) -> None:
-        """Factory provisioning: ``image`` in slot a, committed, slot b empty."""
+    def provision(
+        self, image: bytes, version: str, security_version: int = FACTORY_SECURITY_VERSION
+    ) -> None:
+        """Factory provisioning: ``image`` in slot a, committed, slot b empty. The factory
+        release has a security version like any other (the floor's first value)."""
         with self.slot_path("a").open("r+b") as handle:
             handle.write(image)
         self.boot(BootEvent(BootCause.POWER_ON), run_boot_check=False)
         backend = self.runtime().backend
         backend.commit("a")
-        state = DeviceState().with_slot("a", status="good", version=version)
+        state = DeviceState(installed_security_version=security_version).with_slot(
+            "a", status="good", version=version, security_version=security_version
+        )
         self.store.save(state)
 
     # --- booting -------------------------------------------------------------------------

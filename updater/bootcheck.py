@@ -21,6 +21,11 @@ Situations:
 - ``normal``: a committed slot. Run the checks: pass → confirm; fail → count the failure and
   reboot (so the firmware's attempt counters run down); after ``MAX_FAILURES`` consecutive
   failures mark the slot bad, so the firmware boots the other slot, or safe mode.
+- ``disowned``: the firmware booted a slot the state store does not vouch for: marked bad, half
+  written, or holding a release below the anti-rollback floor (a lost or reset boot
+  environment, or a fall-back into a release older than one committed since). No checks, never
+  confirmed: mark it bad again and reboot; the firmware boots the other slot, or safe mode,
+  which recovers the assigned release. A device never runs a release below the floor.
 
 *Commit* and *confirm* are the same bootloader call, ``commit(booted)``: it makes the slot
 primary and resets its attempts, so a committed slot that later stops booting falls back too.
@@ -28,7 +33,8 @@ Persist before acting: the attempt about to be judged (``trial_boots``, ``failur
 before the checks run. A verdict then changes the bootloader first and the state store second:
 a power cut between the two leaves the bootloader's decision in force, and the next boot check
 finds a situation (``normal`` or ``fell_back``) that brings the state store in line.
-Never commit from the safe-mode slot, and never commit a slot the firmware did not boot.
+Never commit from the safe-mode slot, and never commit a slot the firmware did not boot. Every
+slot change is a verb of :mod:`updater.lifecycle`, which checks these rules again.
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from bootloader_hooks.base import SAFE_SLOT, BootSelector, TrialRetry
-from updater.install import EventSink, run_reboot
+from updater.device import run_reboot
+from updater.lifecycle import SlotLifecycle, unvouched
+from updater.log import EventSink
 from updater.state import DeviceState, StateStore
 
 MAX_TRIAL_BOOTS = 3  # a trial that keeps coming back without a verdict is a reboot loop
@@ -76,6 +84,8 @@ class BootVerdict:
 def _classify(booted: str, trial: bool, state: DeviceState) -> str:
     if booted == SAFE_SLOT:
         return "safe_mode"
+    if unvouched(state, booted) is not None:
+        return "disowned"
     slot_state = state.slot(booted)
     if trial:
         return "trial_loop" if slot_state.trial_boots >= MAX_TRIAL_BOOTS else "trial"
@@ -106,6 +116,7 @@ class BootChecker:
         self._run_checks = run_checks
         self._reboot = reboot or run_reboot
         self._reboot_command = reboot_command
+        self.lifecycle = SlotLifecycle(backend, store, log)
 
     def run(self) -> BootVerdict:
         loaded = self.store.load()
@@ -125,11 +136,14 @@ class BootChecker:
             "fell_back": self._fell_back,
             "interrupted": self._interrupted,
             "normal": self._normal,
+            "disowned": self._disowned,
         }[situation]
         verdict = handler(state, booted)
+        # a slot given up is an error even when no check ran (a trial loop, a disowned slot)
+        failed = verdict.healthy is False or verdict.action == "rolled_back"
         self.log.event(
             f"boot_check.{verdict.action}",
-            level="info" if verdict.healthy is not False else "error",
+            level="error" if failed else "info",
             slot=booted, situation=situation, reboot=verdict.reboot,
             failed_checks=list(verdict.failed_checks),
         )  # fmt: skip
@@ -152,8 +166,7 @@ class BootChecker:
         return BootVerdict("safe_mode", booted, "reported", None, reboot=False)
 
     def _trial(self, state: DeviceState, booted: str) -> BootVerdict:
-        trial_boots = state.slot(booted).trial_boots + 1
-        state = self.store.save(state.with_slot(booted, trial_boots=trial_boots))
+        state = self.lifecycle.count_trial_boot(state, booted)
         ok, failed = self._checks()
         if ok:
             return self._commit(state, booted, "trial", "committed")
@@ -197,12 +210,11 @@ class BootChecker:
         return self._normal(state, booted, situation="interrupted")
 
     def _normal(self, state: DeviceState, booted: str, situation: str = "normal") -> BootVerdict:
-        failures = state.slot(booted).failures + 1
-        state = self.store.save(state.with_slot(booted, failures=failures))
+        state = self.lifecycle.count_failure(state, booted)
         ok, failed = self._checks()
         if ok:
             return self._commit(state, booted, situation, "confirmed")
-        if failures >= MAX_FAILURES:
+        if state.slot(booted).failures >= MAX_FAILURES:
             self._give_up(state, booted)
             return BootVerdict(
                 situation, booted, "gave_up", False, reboot=True, failed_checks=failed
@@ -211,13 +223,20 @@ class BootChecker:
 
     # --- verdicts: bootloader first, then the state store ---------------------------------
 
+    def _disowned(self, state: DeviceState, booted: str) -> BootVerdict:
+        slot = state.slot(booted)
+        self.log.event(
+            "boot_check.disowned", level="error", slot=booted, status=slot.status,
+            security_version=slot.security_version, floor=state.installed_security_version,
+            reason=unvouched(state, booted),
+        )  # fmt: skip
+        self._give_up(state, booted)
+        return BootVerdict("disowned", booted, "rolled_back", None, reboot=True)
+
     def _give_up(self, state: DeviceState, slot: str) -> DeviceState:
-        self.backend.mark_bad(slot)
-        return self.store.save(state.with_slot(slot, status="bad"))
+        # the firmware's own fallback (the other slot, else safe mode) is the way out here
+        return self.lifecycle.mark_bad(state, slot, force=True)
 
     def _commit(self, state: DeviceState, booted: str, situation: str, action: str) -> BootVerdict:
-        self.backend.commit(booted)
-        security = max(state.installed_security_version, state.slot(booted).security_version or 0)
-        committed = state.with_slot(booted, status="good", trial_boots=0, failures=0)
-        self.store.save(replace(committed, installed_security_version=security))
+        self.lifecycle.commit(state, booted)
         return BootVerdict(situation, booted, action, True, reboot=False)

@@ -20,9 +20,9 @@ from bootloader_hooks.base import ROOT_SLOTS, other_slot
 from fleet_core.cli import FleetGroup
 from fleet_core.errors import FleetError
 from updater.config import DEFAULT_CONFIG_PATH, UpdaterConfig, load_config
+from updater.device import run_reboot
 from updater.errors import LockedError, UpdaterError
-from updater.install import EventSink, run_reboot
-from updater.log import EventLog, device_labels
+from updater.log import EventLog, EventSink, device_labels
 from updater.runtime import Runtime, build_backend, reporting_log
 from updater.state import update_lock
 
@@ -167,11 +167,6 @@ def _booted_root_slot(runtime: Runtime) -> str:
     return slot
 
 
-def _save_slot(runtime: Runtime, slot: str, **changes: Any) -> None:
-    store = runtime.store
-    store.save(store.load().state.with_slot(slot, **changes))
-
-
 @main.command("mark-good")
 @click.pass_context
 def mark_good(ctx: click.Context) -> None:
@@ -179,16 +174,20 @@ def mark_good(ctx: click.Context) -> None:
     runtime = _runtime(ctx, log_to_stdout=False)
     with update_lock(runtime.config.data_dir):
         slot = _booted_root_slot(runtime)
-        runtime.backend.commit(slot)
-        _save_slot(runtime, slot, status="good", trial_boots=0, failures=0)
-        runtime.log.event("slot.marked_good", slot=slot)
+        state = runtime.lifecycle.commit(runtime.store.load().state, slot)
+        runtime.log.event(
+            "slot.marked_good", slot=slot, security_floor=state.installed_security_version
+        )
     click.echo(f"slot {slot} committed")
 
 
 @main.command("mark-bad")
 @click.argument("slot", required=False, type=click.Choice(["a", "b", "booted", "other"]))
+@click.option(
+    "--force", is_flag=True, help="Even the last good root slot (the device boots safe mode)."
+)
 @click.pass_context
-def mark_bad(ctx: click.Context, slot: str | None) -> None:
+def mark_bad(ctx: click.Context, slot: str | None, force: bool) -> None:
     """Never boot SLOT again until it is rewritten (default: the booted slot)."""
     runtime = _runtime(ctx, log_to_stdout=False)
     with update_lock(runtime.config.data_dir):
@@ -196,9 +195,8 @@ def mark_bad(ctx: click.Context, slot: str | None) -> None:
         if chosen in ("booted", "other"):
             booted = _booted_root_slot(runtime)
             chosen = booted if chosen == "booted" else other_slot(booted)
-        runtime.backend.mark_bad(chosen)
-        _save_slot(runtime, chosen, status="bad")
-        runtime.log.event("slot.marked_bad", slot=chosen)
+        runtime.lifecycle.mark_bad(runtime.store.load().state, chosen, force=force)
+        runtime.log.event("slot.marked_bad", slot=chosen, forced=force)
     click.echo(f"slot {chosen} marked bad")
 
 
@@ -221,13 +219,7 @@ def rollback(ctx: click.Context, no_reboot: bool) -> None:
                 f"slot {other} holds no intact previous release ({previous.status}): "
                 "install one instead"
             )
-        if (previous.security_version or 0) < state.installed_security_version:
-            raise UpdaterError(
-                f"slot {other} holds security version {previous.security_version or 0}, below "
-                f"the installed {state.installed_security_version}: rollback refused"
-            )
-        runtime.backend.try_once(other)
-        store.save(state.with_slot(other, status="trial", trial_boots=0))
+        runtime.lifecycle.arm_trial(state, other, purpose="rollback")
         runtime.log.event("rollback.armed", slot=other, version=state.slot(other).version)
         if no_reboot:
             ctx.exit(EXIT_REBOOT_REQUIRED)

@@ -52,7 +52,7 @@ from signing.keys import SigningKey
 from signing.signature import SignatureEnvelope, signed_message
 from updater.errors import UpdaterError
 from updater.fetch import backoff_delay
-from updater.install import EventSink
+from updater.log import EventSink
 
 if TYPE_CHECKING:
     import requests

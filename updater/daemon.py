@@ -56,7 +56,7 @@ from updater.client import (
     events_that_fit,
 )
 from updater.decision import Decision, decide
-from updater.device import free_space_mb, read_temperature_c, uptime_s
+from updater.device import free_space_mb, read_temperature_c, run_reboot, uptime_s
 from updater.errors import (
     DaemonError,
     DownloadError,
@@ -66,7 +66,7 @@ from updater.errors import (
     StateError,
 )
 from updater.heartbeat import heartbeat_document, protocol_hostname
-from updater.history import MAX_INTERRUPTED, ReleaseHistoryStore, ReleaseRecord  # noqa: F401 (MAX_INTERRUPTED: tests)
+from updater.history import ReleaseHistoryStore, ReleaseRecord
 from updater.identity import (
     enrollment_token,
     forget_enrollment,
@@ -74,7 +74,8 @@ from updater.identity import (
     load_or_create_identity,
     save_enrollment,
 )
-from updater.install import EventSink, InstallResult, run_reboot
+from updater.install import InstallResult
+from updater.log import EventSink
 from updater.outbox import OUTBOX_NAME, Outbox, OutboxLog
 from updater.recovery import Recovery
 from updater.runtime import Runtime
@@ -553,8 +554,7 @@ class Daemon:
         """Roll back to the release intact in ``slot``: a trial boot of it, no download."""
         runtime = self.runtime
         backend = runtime.backend
-        backend.try_once(slot)
-        runtime.store.save(state.with_slot(slot, status="trial", trial_boots=0))
+        runtime.lifecycle.arm_trial(state, slot, purpose="rollback")
         self._record(assignment.manifest_sha256, assignment, "armed")
         runtime.log.event(
             "rollback.armed", slot=slot, version=assignment.version, reason="assignment"

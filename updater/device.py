@@ -13,6 +13,8 @@ from __future__ import annotations
 import enum
 import math
 import os
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_THERMAL_DIR = Path("/sys/class/thermal")
@@ -138,3 +140,9 @@ def uptime_s(proc: Path = DEFAULT_PROC) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{path}: not an uptime: {fields[0][:40]!r}")
     return seconds
+
+
+def run_reboot(command: Sequence[str]) -> None:
+    """Reboot with ``command`` (the backend's, e.g. ``reboot "0 tryboot"``): the one place
+    every part of the updater reboots through, unless given a hook (the lab's)."""
+    subprocess.run(list(command), check=True)

@@ -24,6 +24,11 @@ class PreconditionError(UpdaterError):
     little space, no keyring, crash loop."""
 
 
+class SlotStateError(PreconditionError):
+    """A slot change the lifecycle refuses: it would write the running slot, arm or commit a
+    bad slot or one below the anti-rollback floor, or leave no root slot to boot."""
+
+
 class SlotError(UpdaterError):
     """A slot cannot be resolved, is too small, or is the booted one."""
 

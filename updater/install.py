@@ -23,13 +23,12 @@ is at worst ``installing`` (ignored, rewritten by the next install).
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, cast
+from typing import Any, BinaryIO, cast
 
 from bootloader_hooks.base import BootSelector, other_slot
 from fleet_core import durable
@@ -40,6 +39,7 @@ from image_builder.manifest import Manifest
 from signing.errors import KeyringError
 from signing.keyring import Keyring
 from updater.config import UpdaterConfig
+from updater.device import run_reboot
 from updater.errors import (
     DownloadError,
     InstallAbandonedError,
@@ -48,17 +48,13 @@ from updater.errors import (
     SlotError,
 )
 from updater.fetch import MirroredStream, open_source
+from updater.lifecycle import SlotLifecycle
+from updater.log import EventSink
 from updater.slots import SlotTarget, check_not_mounted_root, slot_targets
 from updater.state import DeviceState, StateStore
 
 FLUSH_BYTES = 64 << 20  # bound the data a power cut can lose, and the page cache in use
 WRITE_CHUNK = 4 << 20
-
-
-class EventSink(Protocol):
-    """Where the install reports what it does (``updater.log.EventLog``)."""
-
-    def event(self, event: str, level: str = "info", **fields: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -117,6 +113,11 @@ class Installer:
             self._backend = self._backend_factory()
         return self._backend
 
+    @property
+    def lifecycle(self) -> SlotLifecycle:
+        """Every change of a slot's status goes through it (:mod:`updater.lifecycle`)."""
+        return SlotLifecycle(self.backend, self.store, self.log)
+
     # --- the steps ---------------------------------------------------------------------
 
     def check_preconditions(self, state: DeviceState) -> Keyring:
@@ -172,14 +173,8 @@ class Installer:
         booted = self.backend.booted()
         if booted not in ("a", "b"):
             raise SlotError(f"running from slot {booted!r}: install only from a root slot")
-        # The other slot is the fallback of the running one until the running one is
-        # committed: writing it during an undecided trial would leave nothing to fall back to.
-        if self.backend.is_trial() or self.backend.primary() != booted:
-            raise PreconditionError(
-                f"slot {booted} is running a trial that is not committed yet: "
-                "the boot check must decide it before another install"
-            )
         target = other_slot(booted)
+        self.lifecycle.check_writable(target)
         targets = checked_targets(self.config, manifest, target)
         if manifest.image("rootfs") is None:
             raise SlotError("bundle has no rootfs image")
@@ -188,17 +183,10 @@ class Installer:
     def mark_installing(
         self, state: DeviceState, target: str, manifest: Manifest, sha: str
     ) -> DeviceState:
-        self.backend.mark_bad(target)
-        state = self.store.save(
-            state.with_slot(
-                target,
-                status="installing",
-                version=manifest.version,
-                bundle_sha256=sha,
-                security_version=manifest.security_version,
-                trial_boots=0,
-            )
-        )
+        state = self.lifecycle.begin_install(
+            state, target, version=manifest.version, bundle_sha256=sha,
+            security_version=manifest.security_version,
+        )  # fmt: skip
         self.log.event("install.slot_marked", slot=target, status="installing")
         return state
 
@@ -276,9 +264,7 @@ class Installer:
         self.log.event("install.progress", bytes=done, total=total)
 
     def arm_trial(self, state: DeviceState, target: str) -> DeviceState:
-        state = self.store.save(state.with_slot(target, status="installed"))
-        self.backend.try_once(target)
-        state = self.store.save(state.with_slot(target, status="trial"))
+        state = self.lifecycle.arm_trial(state, target)
         self.log.event("install.trial_armed", slot=target)
         return state
 
@@ -408,7 +394,7 @@ class Installer:
         level = "warning" if event == "install.abandoned" else "error"
         self.log.event(event, level=level, slot=target, error=str(err))
         try:
-            self.store.save(state.with_slot(target, status="bad"))
+            self.lifecycle.fail_install(state, target)
         except FleetError as save_err:
             self.log.event("state.save_failed", level="error", error=str(save_err))
 
@@ -482,9 +468,3 @@ def check_blob_urls(manifest: Manifest, blob_urls: Mapping[str, Sequence[str]], 
     missing = [e.filename for e in manifest.images if not blob_urls.get(e.sha256)]
     if missing:
         raise DownloadError(f"{name}: no URL for image(s) {', '.join(missing)}")
-
-
-def run_reboot(command: Sequence[str]) -> None:
-    """Reboot with ``command`` (the backend's, e.g. ``reboot "0 tryboot"``): the one place
-    every part of the updater reboots through, unless given a hook (the lab's)."""
-    subprocess.run(list(command), check=True)

@@ -84,13 +84,20 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 LEVELS = ("debug", "info", "warning", "error")
 RESERVED_KEYS = ("ts", "level", "event")
 LABELS = ("component", "device", "role")
 _NOT_FIELDS = frozenset((*RESERVED_KEYS, *LABELS))
 MAX_DEPTH = 8  # deeper structures are written as text: a log line is not a data dump
+
+
+class EventSink(Protocol):
+    """Where the updater reports what it does: :class:`EventLog`, or a tee of it (the daemon's
+    outbox), or a test's recorder."""
+
+    def event(self, event: str, level: str = "info", **fields: Any) -> None: ...
 
 
 class EventLog:

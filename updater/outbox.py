@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet_core.durable import atomic_write
-from updater.install import EventSink
+from updater.log import EventSink
 
 OUTBOX_NAME = "outbox.jsonl"
 OUTBOX_FORMAT = 1

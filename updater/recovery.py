@@ -43,9 +43,11 @@ from image_builder.manifest import Manifest
 from signing.errors import KeyringError
 from signing.keyring import Keyring
 from updater.config import UpdaterConfig
+from updater.device import run_reboot
 from updater.errors import InstallAbandonedError, InstallError, PreconditionError, SlotError
 from updater.fetch import open_source
-from updater.install import EventSink, Installer, check_blob_urls, checked_targets, run_reboot
+from updater.install import Installer, check_blob_urls, checked_targets
+from updater.log import EventSink
 from updater.state import DeviceState, StateStore
 
 
@@ -208,23 +210,19 @@ class Recovery:
         damaged = self._boot_state_damaged()
         self.log.event("recovery.verified", version=manifest.version, slot=target,
                        boot_state_damaged=damaged)  # fmt: skip
-        if damaged:
-            state = self.store.save(state.with_slot(
-                target, status="installing", version=manifest.version,
-                bundle_sha256=reader.manifest_sha256,
-                security_version=manifest.security_version, trial_boots=0,
-            ))  # fmt: skip
-        else:
-            state = self.installer.mark_installing(state, target, manifest, reader.manifest_sha256)
+        state = self.installer.lifecycle.begin_install(
+            state, target, version=manifest.version, bundle_sha256=reader.manifest_sha256,
+            security_version=manifest.security_version, boot_state_damaged=damaged,
+        )  # fmt: skip
         try:
             written = self.installer.write_images(reader, targets, abandon=abandon)
         except InstallAbandonedError as err:
             self.log.event("recovery.abandoned", level="warning", slot=target, error=str(err))
-            self.store.save(state.with_slot(target, status="bad"))
+            self.installer.lifecycle.fail_install(state, target)
             raise
         except (FleetError, OSError) as err:
             self.log.event("recovery.failed", level="error", slot=target, error=str(err))
-            self.store.save(state.with_slot(target, status="bad"))
+            self.installer.lifecycle.fail_install(state, target)
             raise InstallError(f"recovery into slot {target} failed: {err}") from err
         armed = self._arm(state, target, damaged)
         seconds = time.monotonic() - started
@@ -244,8 +242,6 @@ class Recovery:
             raise BootStateCorruptError(
                 f"boot state is damaged and the {self.backend.name} backend cannot repair it"
             )
-        state = self.store.save(state.with_slot(target, status="installed"))
-        self.backend.repair(target)
-        self.store.save(state.with_slot(target, status="good"))
+        self.installer.lifecycle.repair_into(state, target, self.backend.repair)
         self.log.event("recovery.boot_state_repaired", slot=target)
         return "repaired"

@@ -22,7 +22,9 @@ from updater.bootcheck import BootChecker
 from updater.config import LoadedConfig, UpdaterConfig
 from updater.device import boot_id, free_space_mb, read_temperature_c, uptime_s
 from updater.health import HealthReport, run_health_checks
-from updater.install import EventSink, Installer, InstallResult, Sensors
+from updater.install import Installer, InstallResult, Sensors
+from updater.lifecycle import SlotLifecycle
+from updater.log import EventSink
 from updater.state import StateStore
 
 # Where each firmware leaves a trace that tells it apart, for ``backend = "auto"``.
@@ -136,6 +138,11 @@ class Runtime:
     @property
     def store(self) -> StateStore:
         return StateStore(self.config.data_dir)
+
+    @property
+    def lifecycle(self) -> SlotLifecycle:
+        """The only way a slot's status, the boot selection or the floor change."""
+        return SlotLifecycle(self.backend, self.store, self.log)
 
     def sensors(self) -> Sensors:
         return Sensors(

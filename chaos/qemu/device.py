@@ -160,7 +160,10 @@ class QemuLab:
             data = self.workdir / "trees" / "data"
             shutil.rmtree(data, ignore_errors=True)
             data.mkdir(parents=True)
-            StateStore(data).save(DeviceState().with_slot("a", status="good", version="1.0.0"))
+            factory = DeviceState(installed_security_version=1).with_slot(
+                "a", status="good", version="1.0.0", security_version=1
+            )
+            StateStore(data).save(factory)
             entries = {
                 slot: dataclasses.replace(entry, options=KERNEL_OPTIONS)
                 for slot, entry in DEFAULT_ENTRIES.items()

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from chaos.lab_image import make_lab_image
-from chaos.virtual_device import PowerCut, PowerSwitch, VirtualDevice
+from chaos.virtual_device import FACTORY_SECURITY_VERSION, PowerCut, PowerSwitch, VirtualDevice
 from tests.chaos.conftest import CUT_COUNTS, FIRMWARES, BootView, MakeDevice, Releases, boot_view
 
 # scenario -> the behaviour of the release installed: what happens after the reboot
@@ -76,7 +76,7 @@ def test_power_cut_at_every_write_boundary(
 # The updates a device takes in turn: (version, security version). The later-install scenarios
 # commit the first one or two, then cut the power during the next.
 UPDATES = [("2.0.0", 1), ("3.0.0", 2), ("4.0.0", 3)]
-SECURITY = {"1.0.0": 0, **dict(UPDATES)}
+SECURITY = {"1.0.0": FACTORY_SECURITY_VERSION, **dict(UPDATES)}
 CUTS_PER_SCENARIO = 16  # sampled, beside every boundary of the target slot's writing
 
 

@@ -295,7 +295,7 @@ def test_no_keyring_no_install(releases: Releases, tmp_path: Path) -> None:
 
 def test_mark_bad_mark_good_rollback_resume(make_device: MakeDevice, releases: Releases) -> None:
     device = make_device("grub")
-    device.install(releases.bundle("2.0.0", security_version=0))
+    device.install(releases.bundle("2.0.0", security_version=1))  # the factory release's
     assert status(device)["booted"] == "b"
     result = updater(device, "rollback", "--no-reboot")
     assert result.exit_code == EXIT_REBOOT_REQUIRED, result.output
@@ -308,6 +308,36 @@ def test_mark_bad_mark_good_rollback_resume(make_device: MakeDevice, releases: R
     assert updater(device, "mark-good").exit_code == 0
     assert status(device)["slots"]["a"]["status"] == "good"
     assert updater(device, "resume").exit_code == 0
+
+
+def test_mark_good_commits_as_the_boot_check_does_floor_included(
+    make_device: MakeDevice, releases: Releases
+) -> None:
+    device = make_device("grub")
+    device.install(releases.bundle("2.0.0", security_version=3), reboot=False)
+    device.boot(device_reboot_event(device), run_boot_check=False)  # b on trial, unjudged
+    assert status(device)["booted"] == "b"
+    assert status(device)["installed_security_version"] == 1
+    assert updater(device, "mark-good").exit_code == 0
+    document = status(device)
+    assert document["slots"]["b"]["status"] == "good"
+    assert document["installed_security_version"] == 3  # as a committing boot check would
+    # the factory release in the other slot is now below the floor: no rollback into it
+    one_line_error(updater(device, "rollback"), "below the installed 3: rollback refused")
+
+
+def test_mark_bad_of_the_last_good_slot_needs_force(make_device: MakeDevice) -> None:
+    device = make_device("grub")
+    before = snapshot(device)
+    one_line_error(
+        updater(device, "mark-bad"),
+        "slot a is the only good root slot: marking it bad leaves the device to boot the "
+        "safe-mode slot (use --force to do so)",
+    )
+    assert_untouched(device, before)
+    assert updater(device, "mark-bad", "--force").exit_code == 0
+    assert status(device)["slots"]["a"]["status"] == "bad"
+    assert boot_view(device).committed is None  # the firmware boots safe mode next
 
 
 def test_too_hot_or_too_full_defers_the_update(make_device: MakeDevice, releases: Releases) -> None:

@@ -53,7 +53,8 @@ from updater.client import (
     ServerRejectedError,
     ServerUnavailableError,
 )
-from updater.daemon import MAX_INTERRUPTED, Daemon, ReleaseHistoryStore
+from updater.daemon import Daemon
+from updater.history import MAX_INTERRUPTED, ReleaseHistoryStore
 from updater.identity import DeviceIdentity, load_or_create_identity
 from updater.log import EventLog
 from updater.state import SlotState

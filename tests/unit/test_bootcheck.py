@@ -101,6 +101,7 @@ def test_a_trial_whose_check_keeps_dying_is_given_up_as_a_reboot_loop(device: De
     assert started[-1]["situation"] == "trial_loop"
     done = device.log.events[-1]
     assert (done["event"], done["situation"]) == ("boot_check.rolled_back", "trial_loop")
+    assert done["level"] == "error"
 
 
 def test_the_last_allowed_trial_boot_still_runs_the_checks(device: Device) -> None:
@@ -335,7 +336,7 @@ def arm_trial(board: Board, *, security_version: int | None = 2) -> None:
 
 @pytest.mark.parametrize(
     ("floor", "security_version", "expected"),
-    [(1, 2, 2), (3, 2, 3), (2, 2, 2), (1, None, 1), (0, None, 0)],  # None: no security version
+    [(1, 2, 2), (2, 2, 2), (0, 3, 3), (0, None, 0)],  # None: no security version
 )
 def test_a_healthy_trial_is_committed_and_raises_the_floor(
     board: Board, floor: int, security_version: int | None, expected: int
@@ -732,3 +733,63 @@ def test_a_trial_boot_is_marked_started_only_on_a_trial(board: Board) -> None:
     board.boot(board.other)
     board.check()
     assert backend.started == [board.other]
+
+
+# --- disowned: a slot the state store does not vouch for is never confirmed ---------------
+
+
+@pytest.mark.parametrize(
+    ("status", "security_version", "trial"),
+    [
+        ("bad", 1, False),  # marked bad, yet booted: the boot environment was lost or reset
+        ("installing", 1, False),  # half written
+        ("good", 0, False),  # a fall-back into a release below one committed since
+        ("good", None, False),  # a release of unknown security version, with a floor of 1
+        ("trial", 0, True),  # a trial below the floor
+    ],
+)
+def test_a_disowned_slot_is_given_up_without_checks(
+    board: Board, status: str, security_version: int | None, trial: bool
+) -> None:
+    state = committed(board)
+    state = board.save(
+        state.with_slot(board.running, status=status, security_version=security_version)
+    )
+    board.backend.repair(board.other)  # the other slot: committed, the way out
+    board.save(board.state().with_slot(board.other, status="good", security_version=1))
+    if trial:
+        board.backend.try_once(board.running)
+    board.boot(board.running)
+
+    verdict = board.check(healthy=True)
+
+    assert verdict == BootVerdict("disowned", board.running, "rolled_back", None, reboot=True)
+    assert board.checks_run == 0 and board.reboots == [["reboot"]]
+    env = board.env()
+    assert grub.attempts_in(env, board.running) == 0 and grub.primary_in(env) == board.other
+    after = board.state()
+    assert after.slot(board.running).status == "bad"
+    assert after.installed_security_version == 1  # the floor never moves down
+    (disowned,) = board.named("boot_check.disowned")
+    assert disowned["level"] == "error" and disowned["floor"] == 1
+    assert (disowned["status"], disowned["security_version"]) == (status, security_version)
+    assert_finished(board, "rolled_back", "disowned", level="error", reboot=True, failed=[])
+
+
+def test_a_fall_back_below_the_floor_ends_in_safe_mode_not_in_the_old_release(
+    board: Board,
+) -> None:
+    # 3.0.0 (security version 2) committed in the other slot and given up after failing:
+    # the firmware falls back to 2.0.0 (security version 1), which the floor of 2 disowns.
+    board.save(
+        DeviceState(installed_security_version=2)
+        .with_slot(board.running, status="good", version="2.0.0", security_version=1)
+        .with_slot(board.other, status="bad", version="3.0.0", security_version=2)
+    )
+    board.backend.mark_bad(board.other)
+
+    verdict = board.check(healthy=True)
+
+    assert (verdict.situation, verdict.action, verdict.reboot) == ("disowned", "rolled_back", True)
+    assert grub.primary_in(board.env()) is None  # no root slot left: GRUB boots safe mode
+    assert {s.status for s in board.state().slots.values()} == {"bad"}

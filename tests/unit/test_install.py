@@ -34,6 +34,7 @@ from tests.server_simulator import ServerSimulator, split_bundle
 from updater import install as install_module
 from updater import slots as slots_module
 from updater.config import UpdaterConfig
+from updater.device import run_reboot
 from updater.errors import (
     DownloadError,
     InstallAbandonedError,
@@ -48,7 +49,6 @@ from updater.install import (
     Sensors,
     check_blob_urls,
     checked_targets,
-    run_reboot,
 )
 from updater.log import EventLog
 from updater.slots import PARTLABEL, SlotTarget

@@ -1,0 +1,356 @@
+"""The slot lifecycle (updater/lifecycle.py): every verb's invariants, and the order in which
+the bootloader and the state store are changed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from updater.errors import PreconditionError, SlotStateError
+from updater.lifecycle import (
+    TRANSITIONS,
+    SlotLifecycle,
+    SlotStatus,
+    Verb,
+    committed,
+    transition_table,
+    unvouched,
+)
+from updater.log import EventLog
+from updater.state import DeviceState, StateStore
+
+DOCS = Path(__file__).parents[2] / "docs" / "slot-lifecycle.md"
+
+
+class Recorder:
+    """A boot backend that records its calls in ``steps``, beside the state store's saves."""
+
+    name = "recorder"
+
+    def __init__(self, steps: list[Any], booted: str = "a") -> None:
+        self.steps = steps
+        self._booted = booted
+        self.trial = False
+        self.primary_slot: str | None = booted
+
+    def booted(self) -> str:
+        return self._booted
+
+    def primary(self) -> str | None:
+        return self.primary_slot
+
+    def is_trial(self) -> bool:
+        return self.trial
+
+    def attempts_left(self, slot: str) -> int:
+        return 3
+
+    def try_once(self, slot: str) -> None:
+        self.steps.append(("try_once", slot))
+
+    def commit(self, slot: str) -> None:
+        self.steps.append(("commit", slot))
+
+    def mark_bad(self, slot: str) -> None:
+        self.steps.append(("mark_bad", slot))
+
+    def reboot_command(self) -> list[str]:
+        return ["reboot"]
+
+
+class RecordingStore(StateStore):
+    def __init__(self, data_dir: Path, steps: list[Any]) -> None:
+        super().__init__(data_dir)
+        self.steps = steps
+
+    def save(self, state: DeviceState) -> DeviceState:
+        self.steps.append(("save", {name: s.status for name, s in sorted(state.slots.items())}))
+        return super().save(state)
+
+
+class Lab:
+    def __init__(self, tmp_path: Path, booted: str = "a") -> None:
+        self.steps: list[Any] = []
+        self.backend = Recorder(self.steps, booted)
+        self.store = RecordingStore(tmp_path / "data", self.steps)
+        self.lifecycle = SlotLifecycle(self.backend, self.store, EventLog(keep=True))
+
+    def state(self, **slots: dict[str, Any]) -> DeviceState:
+        """Slot a good at 1.0.0 (security version 1, the floor), then ``slots``' changes."""
+        state = DeviceState(installed_security_version=1).with_slot(
+            "a", status="good", version="1.0.0", security_version=1
+        )
+        for name, changes in slots.items():
+            state = state.with_slot(name, **changes)
+        return state
+
+    def saved(self) -> DeviceState:
+        return self.store.load().state
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Lab:
+    return Lab(tmp_path)
+
+
+def test_the_documented_table_is_the_table_of_the_code() -> None:
+    text = DOCS.read_text("utf-8")
+    assert transition_table() in text, "regenerate: python -m updater.lifecycle"
+    # every verb and every status a verb accepts has its row
+    rows = [line for line in transition_table().splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == len(TRANSITIONS)
+
+
+def test_slot_errors_of_the_lifecycle_are_refusals_before_any_write() -> None:
+    assert issubclass(SlotStateError, PreconditionError)
+
+
+# --- begin install -----------------------------------------------------------------------
+
+
+def test_begin_install_marks_the_slot_bad_before_the_store_says_installing(lab: Lab) -> None:
+    state = lab.state(b={"status": "good", "failures": 2, "trial_boots": 1})
+    saved = lab.lifecycle.begin_install(
+        state, "b", version="2.0.0", bundle_sha256="ab" * 32, security_version=2
+    )
+    assert lab.steps == [("mark_bad", "b"), ("save", {"a": "good", "b": "installing"})]
+    slot = saved.slot("b")
+    assert (slot.status, slot.version, slot.bundle_sha256) == ("installing", "2.0.0", "ab" * 32)
+    assert (slot.security_version, slot.trial_boots, slot.failures) == (2, 0, 0)
+    assert lab.saved() == saved
+
+
+def test_a_damaged_boot_state_is_left_alone_by_a_recovery(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, booted="safe")
+    lab.lifecycle.begin_install(
+        lab.state(), "b", version="2.0.0", bundle_sha256="ab" * 32, security_version=1,
+        boot_state_damaged=True,
+    )  # fmt: skip
+    assert lab.steps == [("save", {"a": "good", "b": "installing"})]
+
+
+@pytest.mark.parametrize(
+    ("arrange", "slot", "message"),
+    [
+        ({}, "a", "^slot a is the running slot: it is never written$"),
+        ({"trial": True}, "b", "^slot a is running a trial that is not committed yet: "),
+        ({"primary_slot": "b"}, "b", "^slot a is running a trial that is not committed yet"),
+        ({"primary_slot": None}, "b", "^slot a is running a trial that is not committed yet"),
+        ({}, "safe", "^begin install: 'safe' is not a root slot$"),
+    ],
+)
+def test_begin_install_never_writes_the_running_slot_nor_its_fallback(
+    lab: Lab, arrange: dict[str, Any], slot: str, message: str
+) -> None:
+    for name, value in arrange.items():
+        setattr(lab.backend, name, value)
+    with pytest.raises(SlotStateError, match=message):
+        lab.lifecycle.begin_install(
+            lab.state(), slot, version="2.0.0", bundle_sha256="ab" * 32, security_version=1
+        )
+    assert lab.steps == []
+
+
+def test_from_safe_mode_any_root_slot_may_be_written(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, booted="safe")
+    lab.backend.primary_slot = None
+    for slot in ("a", "b"):
+        lab.lifecycle.check_writable(slot)
+
+
+def test_begin_install_refuses_a_release_below_the_floor(lab: Lab) -> None:
+    with pytest.raises(
+        SlotStateError, match="^security version 0 is below the installed 1: install refused$"
+    ):
+        lab.lifecycle.begin_install(
+            lab.state(), "b", version="0.9.0", bundle_sha256="ab" * 32, security_version=0
+        )
+    assert lab.steps == []
+
+
+# --- arm a trial -------------------------------------------------------------------------
+
+
+def test_arming_a_written_slot_persists_installed_first_then_trial(lab: Lab) -> None:
+    state = lab.state(b={"status": "installing", "security_version": 2, "trial_boots": 2})
+    saved = lab.lifecycle.arm_trial(state, "b")
+    assert lab.steps == [
+        ("save", {"a": "good", "b": "installed"}),
+        ("try_once", "b"),
+        ("save", {"a": "good", "b": "trial"}),
+    ]
+    assert saved.slot("b").trial_boots == 0 and saved.installed_security_version == 1
+
+
+def test_a_rollback_arms_the_intact_previous_release_directly(lab: Lab) -> None:
+    state = lab.state(b={"status": "good", "security_version": 1})
+    lab.lifecycle.arm_trial(state, "b", purpose="rollback")
+    assert lab.steps == [("try_once", "b"), ("save", {"a": "good", "b": "trial"})]
+
+
+@pytest.mark.parametrize(
+    ("changes", "slot", "message"),
+    [
+        ({"status": "bad", "security_version": 1}, "b", "^slot b is bad: arm trial refused$"),
+        ({"status": "empty"}, "b", "^slot b is empty: arm trial refused$"),
+        ({"status": "trial", "security_version": 1}, "b", "^slot b is trial: arm trial refused"),
+        ({"status": "good"}, "b", "^security version 0 is below the installed 1: rollback"),
+        ({"status": "good", "security_version": 0}, "b", "below the installed 1: rollback"),
+    ],
+)
+def test_a_bad_empty_armed_or_outdated_slot_is_never_armed(
+    lab: Lab, changes: dict[str, Any], slot: str, message: str
+) -> None:
+    with pytest.raises(SlotStateError, match=message):
+        lab.lifecycle.arm_trial(lab.state(b=changes), slot, purpose="rollback")
+    assert lab.steps == []
+
+
+def test_the_running_slot_is_never_armed(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, booted="b")
+    state = lab.state(b={"status": "good", "security_version": 1})
+    with pytest.raises(SlotStateError, match="^slot b is the running slot: there is nothing"):
+        lab.lifecycle.arm_trial(state, "b")
+    assert lab.steps == []
+
+
+# --- commit ------------------------------------------------------------------------------
+
+
+def test_commit_tells_the_bootloader_first_and_raises_the_floor(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, booted="b")
+    state = lab.state(b={"status": "trial", "security_version": 4, "trial_boots": 2})
+    state = state.with_slot("b", failures=1)
+    saved = lab.lifecycle.commit(state, "b")
+    assert lab.steps == [("commit", "b"), ("save", {"a": "good", "b": "good"})]
+    slot = saved.slot("b")
+    assert (slot.status, slot.trial_boots, slot.failures) == ("good", 0, 0)
+    assert saved.installed_security_version == 4
+
+
+@pytest.mark.parametrize(
+    ("floor", "security_version", "expected"), [(3, 3, 3), (0, 2, 2), (0, None, 0)]
+)
+def test_the_floor_only_ever_rises(floor: int, security_version: int | None, expected: int) -> None:
+    state = DeviceState(installed_security_version=floor).with_slot(
+        "a", status="trial", security_version=security_version
+    )
+    assert committed(state, "a").installed_security_version == expected
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"status": "bad", "security_version": 5}, "^slot b is bad: commit refused$"),
+        ({"status": "installing", "security_version": 5}, "^slot b is installing: commit"),
+        (
+            {"status": "good", "security_version": 0},
+            "^slot b holds security version 0, below the installed 1: commit refused$",
+        ),
+        ({"status": "trial"}, "^slot b holds security version 0, below the installed 1"),
+    ],
+)
+def test_a_slot_the_store_does_not_vouch_for_is_never_committed(
+    tmp_path: Path, changes: dict[str, Any], message: str
+) -> None:
+    lab = Lab(tmp_path, booted="b")
+    with pytest.raises(SlotStateError, match=message):
+        lab.lifecycle.commit(lab.state(b=changes), "b")
+    assert lab.steps == []
+
+
+def test_only_the_running_slot_is_committed(lab: Lab) -> None:
+    state = lab.state(b={"status": "trial", "security_version": 2})
+    with pytest.raises(SlotStateError, match="^slot b is not the running slot: only that"):
+        lab.lifecycle.commit(state, "b")
+    assert lab.steps == []
+
+
+def test_what_the_store_vouches_for() -> None:
+    state = DeviceState(installed_security_version=2)
+    for status in ("empty", "installed", "trial", "good"):
+        assert unvouched(state.with_slot("a", status=status, security_version=2), "a") is None
+    assert unvouched(state.with_slot("a", status="good", security_version=3), "a") is None
+
+
+# --- mark bad ----------------------------------------------------------------------------
+
+
+def test_mark_bad_tells_the_bootloader_first(lab: Lab) -> None:
+    state = lab.state(b={"status": "good", "security_version": 1})
+    saved = lab.lifecycle.mark_bad(state, "a")
+    assert lab.steps == [("mark_bad", "a"), ("save", {"a": "bad", "b": "good"})]
+    assert saved.slot("a").status == "bad"
+
+
+@pytest.mark.parametrize("other", ["empty", "bad", "trial", "installed", "installing"])
+def test_the_last_good_slot_is_marked_bad_only_by_force(lab: Lab, other: str) -> None:
+    state = lab.state(b={"status": other})
+    with pytest.raises(SlotStateError) as raised:
+        lab.lifecycle.mark_bad(state, "a")
+    assert str(raised.value) == (
+        "slot a is the only good root slot: marking it bad leaves the device to boot the "
+        "safe-mode slot (use --force to do so)"
+    )
+    assert lab.steps == []
+    lab.lifecycle.mark_bad(state, "a", force=True)
+    assert lab.steps == [("mark_bad", "a"), ("save", {"a": "bad", "b": other})]
+
+
+# --- a failed install, and recovery's repair ----------------------------------------------
+
+
+def test_a_failed_write_is_bad_in_the_store_the_bootloader_has_it_bad_already(lab: Lab) -> None:
+    state = lab.state(b={"status": "installing"})
+    assert lab.lifecycle.fail_install(state, "b").slot("b").status == "bad"
+    assert lab.steps == [("save", {"a": "good", "b": "bad"})]
+
+
+def test_a_failure_once_installed_tells_the_bootloader_too(lab: Lab) -> None:
+    # the trial may have been armed when the store could not record it
+    lab.lifecycle.fail_install(lab.state(b={"status": "installed"}), "b")
+    assert lab.steps == [("mark_bad", "b"), ("save", {"a": "good", "b": "bad"})]
+
+
+@pytest.mark.parametrize("status", ["good", "empty", "trial", "bad"])
+def test_only_an_unfinished_install_can_fail(lab: Lab, status: str) -> None:
+    with pytest.raises(SlotStateError, match=f"^slot b is {status}: fail install refused$"):
+        lab.lifecycle.fail_install(lab.state(b={"status": status}), "b")
+
+
+def test_a_repair_commits_the_recovered_slot_as_a_healthy_boot_would(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, booted="safe")
+    state = lab.state(
+        a={"status": "bad"}, b={"status": "installing", "security_version": 3, "failures": 2}
+    )
+    saved = lab.lifecycle.repair_into(state, "b", lambda slot: lab.steps.append(("repair", slot)))
+    assert lab.steps == [
+        ("save", {"a": "bad", "b": "installed"}),
+        ("repair", "b"),
+        ("save", {"a": "bad", "b": "good"}),
+    ]
+    assert saved.installed_security_version == 3 and saved.slot("b").failures == 0
+
+
+def test_a_repair_never_commits_a_release_below_the_floor(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, booted="safe")
+    state = lab.state(b={"status": "installed", "security_version": 0})
+    with pytest.raises(SlotStateError, match="below the installed 1: recovery refused"):
+        lab.lifecycle.repair_into(state, "b", lambda slot: lab.steps.append(("repair", slot)))
+    assert lab.steps == []
+
+
+def test_counters_are_persisted_before_the_checks(lab: Lab) -> None:
+    state = lab.lifecycle.count_trial_boot(lab.state(), "a")
+    state = lab.lifecycle.count_failure(state, "a")
+    assert (state.slot("a").trial_boots, state.slot("a").failures) == (1, 1)
+    assert lab.saved().slot("a").failures == 1
+
+
+def test_every_verb_and_status_has_a_word() -> None:
+    assert {verb.value for verb in Verb} >= {"begin install", "arm trial", "commit", "mark bad"}
+    assert [s.value for s in SlotStatus] == [
+        "empty", "installing", "installed", "trial", "good", "bad"
+    ]  # fmt: skip

@@ -176,8 +176,8 @@ class AutobootFile:
       valid state, which the bootloader and :meth:`load` both use; the next :meth:`store`
       brings the two together;
     - during the in-place write: the bootloader reads each setting as old or new (see the
-      module docstring); :meth:`load` finds the checksum broken and completes the write from
-      the shadow.
+      module docstring); :meth:`load` finds the checksum broken and says so, and the next
+      :meth:`store` (the boot check's repair) writes the file whole again.
     """
 
     def __init__(self, path: Path, shadow: Path, known_partitions: Collection[int]) -> None:
@@ -186,11 +186,14 @@ class AutobootFile:
         self.known_partitions = frozenset(known_partitions)
 
     def load(self) -> AutobootConfig:
-        """The settings in force, repairing a damaged ``autoboot.txt`` from the shadow copy.
+        """The settings in force. Never writes: a damaged ``autoboot.txt`` (a write cut short)
+        is reported, and :meth:`store` of the settings the caller knows to be right completes
+        or replaces it (the shadow copy holds the ones that were being written).
 
         Raises:
-            BootStateCorruptError: ``autoboot.txt`` is damaged and no valid shadow exists.
-            BootloaderError: a file cannot be read, or the repair cannot be written.
+            BootStateCorruptError: ``autoboot.txt`` is missing or damaged (naming whether the
+                shadow copy still holds the settings that were being written).
+            BootloaderError: a file cannot be read.
         """
         data = _read(self.path)
         try:
@@ -198,11 +201,14 @@ class AutobootFile:
                 raise BootStateCorruptError(f"{BACKEND}: {self.path} does not exist")
             return parse(data, self.known_partitions, str(self.path))
         except BootStateCorruptError as damage:
-            config = self._shadow_config()
-            if config is None:
+            pending = self._shadow_config()
+            if pending is None:
                 raise damage from None
-            self._write_file(render(config), data)
-            return config
+            raise BootStateCorruptError(
+                f"{damage} (its shadow {self.shadow} holds the settings being written: "
+                f"boot_partition={pending.boot_partition}, "
+                f"tryboot_partition={pending.tryboot_partition})"
+            ) from None
 
     def store(self, config: AutobootConfig) -> None:
         """Make ``config`` the settings in force: shadow copy, in-place rewrite, read-back.

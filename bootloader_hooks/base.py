@@ -100,6 +100,20 @@ class TrialRetry(Protocol):
 
 
 @runtime_checkable
+class Repairable(Protocol):
+    """What every backend of this package answers (optional for stand-ins in tests):
+
+    - ``repair(primary, fallback=None)``: replace the boot state, damaged, missing or not, by a
+      fresh one: ``primary`` committed (``None``: no root slot, so the firmware boots the
+      safe-mode slot) and ``fallback`` bootable behind it (``None``: not bootable). Only the
+      caller knows which slots hold a good system (the updater's state store does); reads
+      never repair, so that what ``status`` shows is what the firmware will find.
+    """
+
+    def repair(self, primary: str | None, fallback: str | None = None) -> None: ...
+
+
+@runtime_checkable
 class StateFiles(Protocol):
     """What every backend of this package answers (optional for stand-ins in tests):
 

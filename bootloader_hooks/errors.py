@@ -11,6 +11,11 @@ class BootStateCorruptError(BootloaderError):
     """The on-disk boot state (grubenv, U-Boot environment, autoboot.txt) is damaged."""
 
 
+class BootStateMissingError(BootStateCorruptError):
+    """The boot state is missing (no ``grubenv``, a U-Boot environment without our variables):
+    reads never make one up; an explicit repair rebuilds it from what the updater knows."""
+
+
 class UnknownSlotError(BootloaderError):
     """A slot name that this backend does not know."""
 

@@ -60,8 +60,9 @@ Corruption: a damaged block raises :class:`BootStateCorruptError` for every read
 ``try_once``/``commit``/``mark_bad`` refuse to overwrite it: which slot is committed is exactly
 what a damaged block no longer tells, and only the caller (the updater's state store, or an
 operator) knows. :meth:`GrubBackend.repair` writes a fresh block naming a primary slot. GRUB,
-meanwhile, boots the safe-mode slot, which can phone home. A missing block is created with the
-defaults (A primary) on first use, so what Linux reports is what GRUB will find.
+meanwhile, boots the safe-mode slot, which can phone home. A missing block is no different
+(:class:`BootStateMissingError`): GRUB boots safe mode without it, and only ``repair`` writes a
+new one, so what Linux reports is what GRUB will find.
 
 GRUB needs the modules ``normal``, ``test``, ``loadenv``, ``linux``, ``part_gpt``, ``fat``,
 ``ext2`` and ``squash4`` (built into the image or found under ``$prefix``).
@@ -86,7 +87,7 @@ from bootloader_hooks.base import (
     read_kernel_cmdline_slot,
     register,
 )
-from bootloader_hooks.errors import BootloaderError
+from bootloader_hooks.errors import BootloaderError, BootStateMissingError, UnknownSlotError
 from fleet_core import durable
 
 NAME = "grub"
@@ -173,14 +174,24 @@ def mark_bad_changes(variables: Mapping[str, str], slot: str) -> dict[str, str |
     return changes
 
 
-def default_block(primary: str = "a", attempts: int = DEFAULT_ATTEMPTS) -> grubenv.EnvBlock:
-    """A fresh block with ``primary`` committed and the other slot in the order, count 0."""
+def default_block(
+    primary: str | None = "a", attempts: int = DEFAULT_ATTEMPTS, fallback: str | None = None
+) -> grubenv.EnvBlock:
+    """A fresh block with ``primary`` committed (``None``: no root slot, GRUB boots safe mode)
+    and the other slot in the order behind it, bootable only when it is ``fallback``."""
+    if primary is None:
+        return grubenv.EnvBlock.new().update(
+            {ORDER_VAR: "", left_var("a"): "0", left_var("b"): "0"}
+        )
     other = other_slot(primary)
+    if fallback not in (None, other):
+        raise UnknownSlotError(f"{_WHO}: fallback {fallback!r} is not the other root slot")
+    counts = {primary: attempts, other: attempts if fallback == other else 0}
     return grubenv.EnvBlock.new().update(
         {
             ORDER_VAR: f"{primary.upper()} {other.upper()}",
-            left_var("a"): str(attempts) if primary == "a" else "0",
-            left_var("b"): str(attempts) if primary == "b" else "0",
+            left_var("a"): str(counts["a"]),
+            left_var("b"): str(counts["b"]),
         }
     )
 
@@ -276,18 +287,20 @@ class GrubBackend:
         block = self._load()
         self._store(block.update(mark_bad_changes(block.variables(), slot)))
 
-    def repair(self, primary: str = "a") -> None:
-        """Replace the block, damaged or not, by a fresh one with ``primary`` committed.
+    def repair(self, primary: str | None = "a", fallback: str | None = None) -> None:
+        """Replace the block, damaged, missing or not, by a fresh one with ``primary``
+        committed and ``fallback`` behind it (see ``bootloader_hooks.base.Repairable``).
 
         Everything else in the old block is dropped, foreign variables included. Only call this
         knowing which slot holds a good system (the updater's state store does).
 
         Raises:
-            UnknownSlotError: ``primary`` is not a root slot.
+            UnknownSlotError: ``primary`` or ``fallback`` is not a root slot (or not the other).
             BootloaderError: the block cannot be written.
         """
-        check_root_slot(_WHO, primary)
-        self._store(default_block(primary, self.attempts))
+        if primary is not None:
+            check_root_slot(_WHO, primary)
+        self._store(default_block(primary, self.attempts, fallback))
 
     def reboot_command(self) -> list[str]:
         return ["reboot"]
@@ -304,9 +317,9 @@ class GrubBackend:
         try:
             return grubenv.read(self.grubenv_path)
         except FileNotFoundError:
-            block = default_block("a", self.attempts)
-            self._store(block)
-            return block
+            # GRUB boots the safe-mode slot without it; which slot is good only the updater
+            # knows: a read never makes one up (repair does, from the state store)
+            raise BootStateMissingError(f"{_WHO}: {self.grubenv_path} is missing") from None
         except BootloaderError as err:
             raise type(err)(f"{_WHO}: {err}") from err
 

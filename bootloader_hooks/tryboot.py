@@ -284,6 +284,22 @@ class TrybootBackend:
             return TrialResult.RUNNING
         return self._fallback_result(state)
 
+    def repair(self, primary: str | None, fallback: str | None = None) -> None:
+        """Replace ``autoboot.txt`` and the trial state, damaged or not, by fresh ones: every
+        boot starts ``primary`` (``None``: the safe-mode slot), no trial armed, ``primary`` and
+        ``fallback`` known good (see ``bootloader_hooks.base.Repairable``).
+
+        Raises:
+            UnknownSlotError: ``primary`` or ``fallback`` is not a root slot.
+            BootloaderError: a write fails.
+        """
+        for slot in (primary, fallback):
+            if slot is not None:
+                check_root_slot(BACKEND, slot)
+        partition = self._partition(SAFE_SLOT if primary is None else primary)
+        self.autoboot.store(AutobootConfig(partition, partition))
+        self._save(TrialState(good=frozenset(s for s in (primary, fallback) if s is not None)))
+
     def state_files(self) -> tuple[Path, ...]:
         """The trial state, ``autoboot.txt`` and its shadow copy."""
         return (self._state_path, self.autoboot.path, self.autoboot.shadow)

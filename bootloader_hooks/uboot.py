@@ -39,9 +39,12 @@ environment, where the script finds no ``FLEET_ENV`` and starts afresh (both slo
 attempts): the device still boots.
 
 A damaged environment: with one bad copy the other is used and the next write repairs it. With
-no valid copy every action raises :class:`BootStateCorruptError`; nothing is guessed. The
-explicit way out is :meth:`UBootBackend.repair`, which writes a fresh state with the booted
-slot committed (safe mode stays in safe mode) on top of the board's default environment.
+no valid copy every action raises :class:`BootStateCorruptError`, and a valid environment
+without ``FLEET_ENV`` (a reset one, in which the script would start afresh with both slots,
+one of them perhaps given up) :class:`BootStateMissingError`; nothing is guessed. The explicit
+way out is :meth:`UBootBackend.repair`, which writes a fresh state naming the primary and the
+fallback the caller knows to be good (the updater's state store) on top of the board's default
+environment.
 
 :meth:`UBootBackend.takeover_from_mender` converts a device that Mender's U-Boot integration
 runs (``mender_boot_part`` et al.) to this scheme in one write.
@@ -70,12 +73,18 @@ from bootloader_hooks.base import (
     read_kernel_cmdline_slot,
     register,
 )
-from bootloader_hooks.errors import BootloaderError, BootStateCorruptError, UnknownSlotError
+from bootloader_hooks.errors import (
+    BootloaderError,
+    BootStateCorruptError,
+    BootStateMissingError,
+    UnknownSlotError,
+)
 from bootloader_hooks.ubootenv import EnvLayout, EnvState
 from fleet_core import durable
 
 NAME = "uboot"
 WHO = "uboot backend"
+BOOTED = "booted"  # repair's default primary: the slot the kernel command line names
 SCHEME_VERSION = "1"
 MAX_ATTEMPTS = 9  # setexpr computes in hex: single digits read the same in hex and decimal
 DEFAULT_ATTEMPTS = 3
@@ -251,15 +260,15 @@ class UBootBackend:
 
         self._update(change)
 
-    def repair(self, primary: str | None = None) -> None:
+    def repair(self, primary: str | None = BOOTED, fallback: str | None = None) -> None:
         """Write a fresh state whatever the environment holds: the explicit way past
-        :class:`BootStateCorruptError`.
+        :class:`BootStateCorruptError` (and :class:`BootStateMissingError`).
 
         ``primary`` (default: the booted root slot, which the kernel command line names
-        reliably) becomes the committed primary with full attempts; the other slot stays in the
-        order with no attempts, as nothing says it holds a good system (the same choice as the
-        GRUB backend's ``repair``). Booted in safe mode with no ``primary`` given, no root slot
-        is left bootable: the device stays in safe mode until a slot is installed and tried.
+        reliably; ``None``: no root slot) becomes the committed primary with full attempts; the
+        other slot stays in the order, with full attempts when it is ``fallback``, else none (the
+        same choice as the GRUB backend's ``repair``). Booted in safe mode with the default, no
+        root slot is left bootable: the device stays in safe mode until a slot is installed.
         Variables of a still valid copy are kept. With no valid copy the rest comes from the
         board's default environment (``initial_env``, a ``u-boot-initial-env`` file): once a
         copy is valid U-Boot uses it whole, so an environment of our variables alone would lose
@@ -272,16 +281,18 @@ class UBootBackend:
             BootloaderError: the booted slot is unknown, no copy is valid and the default
                 environment cannot be read, or the write failed.
         """
-        if primary is not None:
-            check_root_slot(WHO, primary)
-        else:
+        if primary == BOOTED:
             booted = self.booted()
             primary = None if booted == SAFE_SLOT else booted
         if primary is None:
             state = SlotState((), dict.fromkeys(ROOT_SLOTS, 0), None)
         else:
+            check_root_slot(WHO, primary)
             other = other_slot(primary)
-            state = SlotState((primary, other), {primary: self.attempts, other: 0}, None)
+            if fallback not in (None, other):
+                raise UnknownSlotError(f"{WHO}: fallback {fallback!r} is not the other root slot")
+            left = {primary: self.attempts, other: self.attempts if fallback == other else 0}
+            state = SlotState((primary, other), left, None)
         previous: EnvState | None
         try:
             previous = ubootenv.read_env(self.layout)
@@ -343,12 +354,21 @@ class UBootBackend:
     # --- internals ------------------------------------------------------------------------------
 
     def _state(self) -> SlotState:
-        return SlotState.from_variables(ubootenv.read_env(self.layout).variables, self.attempts)
+        return self._ours(ubootenv.read_env(self.layout))
 
     def _update(self, change: Callable[[SlotState], SlotState]) -> None:
         previous = ubootenv.read_env(self.layout)
-        state = SlotState.from_variables(previous.variables, self.attempts)
-        self._write(dict(previous.variables), change(state), previous)
+        self._write(dict(previous.variables), change(self._ours(previous)), previous)
+
+    def _ours(self, env: EnvState) -> SlotState:
+        """Our state in ``env``. Without ``FLEET_ENV`` U-Boot's script starts afresh (both slots,
+        full attempts), which may boot a slot the updater gave up: the updater neither reads
+        nor changes such an environment before a repair from its state store."""
+        if env.variables.get(VAR_VERSION) != SCHEME_VERSION:
+            raise BootStateMissingError(
+                f"{WHO}: the environment holds no state of ours ({VAR_VERSION} unset)"
+            )
+        return SlotState.from_variables(env.variables, self.attempts)
 
     def _write(
         self,

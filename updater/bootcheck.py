@@ -6,7 +6,9 @@ rather than a call graph):
 
 Situations:
 
-- ``safe_mode``: the firmware booted the safe-mode slot. No checks; report.
+- ``safe_mode``: the firmware booted the safe-mode slot. No checks; report. When the boot
+  state was lost (the reason the firmware booted safe mode) and its repair names a root slot,
+  reboot into that slot.
 - ``trial``: a slot we installed is on its trial boot. Run the checks: pass → commit;
   fail → mark it bad and reboot into the old slot.
 - ``trial_loop``: the same trial came back ``MAX_TRIAL_BOOTS`` times without a verdict (the
@@ -33,7 +35,9 @@ Persist before acting: the attempt about to be judged (``trial_boots``, ``failur
 before the checks run. A verdict then changes the bootloader first and the state store second:
 a power cut between the two leaves the bootloader's decision in force, and the next boot check
 finds a situation (``normal`` or ``fell_back``) that brings the state store in line.
-Never commit from the safe-mode slot, and never commit a slot the firmware did not boot. Every
+A damaged or missing boot state is rebuilt from the state store first (``repair_boot_state``):
+never from defaults, which could make a slot given up bootable again. Never commit from the
+safe-mode slot, and never commit a slot the firmware did not boot. Every
 slot change is a verb of :mod:`updater.lifecycle`, which checks these rules again.
 """
 
@@ -44,6 +48,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from bootloader_hooks.base import SAFE_SLOT, BootSelector, TrialRetry
+from bootloader_hooks.errors import BootStateCorruptError
 from updater.device import run_reboot
 from updater.lifecycle import SlotLifecycle, unvouched
 from updater.log import EventSink
@@ -124,6 +129,11 @@ class BootChecker:
             self.log.event("state.damaged", level="warning", detail=loaded.problem)
         state = loaded.state
         booted = self.backend.booted()
+        repaired_primary: str | None = None
+        try:
+            self.backend.primary()
+        except BootStateCorruptError as damage:
+            repaired_primary, _ = self.lifecycle.repair_boot_state(state, str(damage))
         trial = booted != SAFE_SLOT and self.backend.is_trial()
         if trial and isinstance(self.backend, TrialRetry):
             self.backend.mark_trial_started()
@@ -139,6 +149,9 @@ class BootChecker:
             "disowned": self._disowned,
         }[situation]
         verdict = handler(state, booted)
+        if situation == "safe_mode" and repaired_primary is not None:
+            # safe mode only because the boot state was lost: boot the slot it names now
+            verdict = replace(verdict, action="repaired", reboot=True)
         # a slot given up is an error even when no check ran (a trial loop, a disowned slot)
         failed = verdict.healthy is False or verdict.action == "rolled_back"
         self.log.event(

@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from bootloader_hooks.base import ROOT_SLOTS, other_slot
+from bootloader_hooks.errors import BootStateCorruptError
 from fleet_core.cli import FleetGroup
 from fleet_core.errors import FleetError
 from updater.config import DEFAULT_CONFIG_PATH, UpdaterConfig, load_config
@@ -198,6 +199,30 @@ def mark_bad(ctx: click.Context, slot: str | None, force: bool) -> None:
         runtime.lifecycle.mark_bad(runtime.store.load().state, chosen, force=force)
         runtime.log.event("slot.marked_bad", slot=chosen, forced=force)
     click.echo(f"slot {chosen} marked bad")
+
+
+@main.command()
+@click.option("--force", is_flag=True, help="Rebuild the boot state even when it reads intact.")
+@click.pass_context
+def repair(ctx: click.Context, force: bool) -> None:
+    """Rebuild a damaged or missing boot state (grubenv, the U-Boot environment, autoboot.txt)
+    from the state store: the good slot the store vouches for as primary, the other good one
+    behind it. The boot check does the same at every boot; nothing else writes it anew."""
+    runtime = _runtime(ctx, log_to_stdout=False)
+    with update_lock(runtime.config.data_dir):
+        try:
+            runtime.backend.primary()
+            problem = None
+        except BootStateCorruptError as damage:
+            problem = str(damage)
+        if problem is None and not force:
+            click.echo("boot state intact: nothing to repair")
+            return
+        primary, fallback = runtime.lifecycle.repair_boot_state(
+            runtime.store.load().state, problem or "rebuilt on request"
+        )
+    click.echo(f"boot state rebuilt: primary {primary or 'none (safe mode)'}, "
+               f"fallback {fallback or 'none'}")  # fmt: skip
 
 
 @main.command()

@@ -24,7 +24,7 @@ import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
-from bootloader_hooks.base import ROOT_SLOTS, SAFE_SLOT, BootSelector, other_slot
+from bootloader_hooks.base import ROOT_SLOTS, SAFE_SLOT, BootSelector, Repairable, other_slot
 from updater.errors import SlotStateError
 from updater.log import EventSink
 from updater.state import DeviceState, StateStore
@@ -265,6 +265,27 @@ class SlotLifecycle:
         self.backend.mark_bad(slot)
         return self.store.save(state.with_slot(slot, status=SlotStatus.BAD.value))
 
+    def repair_boot_state(self, state: DeviceState, reason: str) -> tuple[str | None, str | None]:
+        """Rebuild a damaged or missing boot state from the state store, never from defaults:
+        the primary is the booted slot if the store vouches for it (else the other good one,
+        else none: safe mode), the fallback the other slot if it is good and not below the
+        floor. An explicit step (the boot check, ``fleet-updater repair``), never a read.
+
+        Raises:
+            SlotStateError: the backend cannot repair.
+        """
+        if not isinstance(self.backend, Repairable):
+            raise SlotStateError(
+                f"{reason}; the {getattr(self.backend, 'name', 'boot')} backend cannot repair it"
+            )
+        primary, fallback = boot_selection(state, self.backend.booted())
+        self.backend.repair(primary, fallback)
+        self.log.event(
+            "boot_state.repaired", level="warning", reason=reason, primary=primary,
+            fallback=fallback,
+        )  # fmt: skip
+        return primary, fallback
+
     def count_trial_boot(self, state: DeviceState, slot: str) -> DeviceState:
         """Persist, before the checks run, that one more boot of this trial is being judged."""
         return self.store.save(state.with_slot(slot, trial_boots=state.slot(slot).trial_boots + 1))
@@ -272,6 +293,28 @@ class SlotLifecycle:
     def count_failure(self, state: DeviceState, slot: str) -> DeviceState:
         """Persist, before the checks run, one more boot of a committed slot being judged."""
         return self.store.save(state.with_slot(slot, failures=state.slot(slot).failures + 1))
+
+
+def boot_selection(state: DeviceState, booted: str) -> tuple[str | None, str | None]:
+    """The primary and the fallback the state store vouches for, ``booted`` preferred: what a
+    repaired boot state names (see :meth:`SlotLifecycle.repair_boot_state`)."""
+    good = [
+        slot
+        for slot in ROOT_SLOTS
+        if status_of(state, slot) is SlotStatus.GOOD and unvouched(state, slot) is None
+    ]
+    if booted in good:
+        primary: str | None = booted
+    elif good:
+        primary = good[0]
+    elif booted in ROOT_SLOTS and unvouched(state, booted) is None:
+        primary = booted  # a release the store knows nothing against (a factory device)
+    else:
+        primary = None
+    fallback = None
+    if primary is not None and other_slot(primary) in good:
+        fallback = other_slot(primary)
+    return primary, fallback
 
 
 def committed(state: DeviceState, slot: str) -> DeviceState:

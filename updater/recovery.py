@@ -32,9 +32,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
-from bootloader_hooks.base import ROOT_SLOTS, SAFE_SLOT, BootSelector
+from bootloader_hooks.base import ROOT_SLOTS, SAFE_SLOT, BootSelector, Repairable
 from bootloader_hooks.errors import BootStateCorruptError
 from fleet_core.errors import FleetError
 from image_builder.bundle import BundleReader, SplitBundleReader
@@ -49,13 +48,6 @@ from updater.fetch import open_source
 from updater.install import Installer, check_blob_urls, checked_targets
 from updater.log import EventSink
 from updater.state import DeviceState, StateStore
-
-
-@runtime_checkable
-class Repairable(Protocol):
-    """A backend that can replace a damaged boot state with one naming a primary slot."""
-
-    def repair(self, primary: str = "a") -> None: ...
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from bootloader_hooks import ubootenv
 from bootloader_hooks.tryboot import SHADOW_FILE, STATE_FILE
 from chaos.http_faults import Fault, FlakyHttpServer
 from chaos.virtual_device import VirtualDevice
@@ -633,3 +634,75 @@ def test_the_daemon_sweeps_as_it_starts_unless_an_update_holds_the_lock(
     result = start()
     assert result.exit_code == 1  # the server refuses: --once says so
     assert not temporary.exists() and "sweep.removed" in result.stdout
+
+
+# --- a lost boot state is rebuilt from the state store, by an explicit step only ---------
+
+
+def lose_boot_state(device: VirtualDevice, firmware: str) -> None:
+    """What a careless operator or a failing card does: grubenv deleted; a U-Boot environment
+    reset to the board's defaults (no state of ours in it, the script would start afresh)."""
+    options = device.config.bootloader
+    if firmware == "grub":
+        Path(options["grubenv"]).unlink()
+    else:
+        backend = device.runtime().backend
+        layout = backend.layout  # type: ignore[attr-defined]
+        # the board's defaults saved over ours, as the newest copy of the redundant pair
+        previous = ubootenv.read_env(layout)
+        ubootenv.write_env(layout, {"bootcmd": "run distro_bootcmd"}, previous)
+
+
+@pytest.mark.parametrize("firmware", ["grub", "uboot"])
+def test_a_lost_boot_state_never_resurrects_a_slot_below_the_floor(
+    make_device: MakeDevice, releases: Releases, firmware: str
+) -> None:
+    device = make_device(firmware)
+    device.install(releases.bundle("2.0.0", security_version=2))  # committed in b: floor 2
+    assert status(device)["installed_security_version"] == 2
+    lose_boot_state(device, firmware)
+    files = {path: path.read_bytes() if path.exists() else None for path in boot_files(device)}
+
+    document = status(device)  # a read: reports, writes nothing
+    assert document["bootloader_problem"]
+    assert {p: p.read_bytes() if p.exists() else None for p in boot_files(device)} == files
+    missing = {"grub": "grubenv is missing", "uboot": "holds no state of ours"}[firmware]
+    one_line_error(updater(device, "mark-good"), missing)  # nor does any verb act on it
+
+    records = device.power_on()  # the firmware boots what it finds; the boot check repairs
+    final = records[-1]
+    assert (final.slot, final.action) == ("b", "confirmed"), records
+    assert final.image is not None and final.image.version == "2.0.0"
+    assert all(r.image is None or r.image.version != "1.0.0" or r.action == "rolled_back"
+               for r in records), records  # fmt: skip
+    if firmware == "grub":  # GRUB boots safe mode without grubenv; the boot check rebuilds it
+        (repaired,) = device.events("boot_state.repaired")
+        assert (repaired["primary"], repaired["fallback"]) == ("b", None)
+        assert missing in repaired["reason"]
+    else:  # U-Boot's script starts afresh and boots slot a: the boot check disowns it
+        (disowned,) = device.events("boot_check.disowned")
+        assert (disowned["slot"], disowned["security_version"], disowned["floor"]) == ("a", 1, 2)
+    assert boot_view(device).bootable == {"b"}  # 1.0.0, below the floor, stays out
+
+
+def boot_files(device: VirtualDevice) -> list[Path]:
+    options = device.config.bootloader
+    return [Path(options[k]) for k in ("grubenv", "env_file") if k in options]
+
+
+@pytest.mark.parametrize("firmware", ["grub", "uboot"])
+def test_repair_rebuilds_the_boot_state_from_the_store(
+    make_device: MakeDevice, releases: Releases, firmware: str
+) -> None:
+    device = make_device(firmware)
+    device.install(releases.bundle("2.0.0", security_version=1))  # b committed, a still good
+    result = updater(device, "repair")
+    assert result.exit_code == 0 and "boot state intact: nothing to repair" in result.stdout
+    lose_boot_state(device, firmware)
+    result = updater(device, "repair")
+    assert result.exit_code == 0, result.output
+    assert "boot state rebuilt: primary b, fallback a" in result.stdout
+    view = boot_view(device)
+    assert view.committed == "b" and set(view.bootable) == {"a", "b"}
+    result = updater(device, "repair", "--force")
+    assert "boot state rebuilt: primary b, fallback a" in result.stdout

@@ -122,7 +122,7 @@ def test_any_sequence_of_changes_gives_grub_editenv_bytes(
 def test_backend_writes_are_grub_editenv_changes(tmp_path: Path) -> None:
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     backend = GrubBackend(ours, tmp_path / "cmdline")
-    backend.primary()  # creates the default block
+    backend.repair("a")  # the fresh block provisioning writes
     created_by_editenv(theirs)
     editenv_ok(theirs, "set", "BOOT_ORDER=A B", "BOOT_A_LEFT=3", "BOOT_B_LEFT=0")
     assert ours.read_bytes() == theirs.read_bytes()

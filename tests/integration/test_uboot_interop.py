@@ -204,6 +204,7 @@ def test_backend_state_as_fw_printenv_sees_it(tmp_path: Path) -> None:
     backend = UBootBackend.from_options(
         {"fw_env_config": str(tools.config), "cmdline": str(tmp_path / "cmdline")}
     )
+    backend.repair("a")  # provisioning: our state, slot a committed, the board's variables kept
     backend.try_once("b")
     env = tools.printenv()
     assert {k: env[k] for k in ("BOOT_ORDER", "BOOT_B_LEFT", "FLEET_TRIAL")} == {

@@ -213,7 +213,7 @@ def test_write_errors_name_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.parametrize("cut", [40, 100, 121, 140, 148, 200, 255])
-def test_a_torn_write_is_repaired_from_the_shadow(
+def test_a_torn_write_is_reported_and_completed_by_the_next_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: int
 ) -> None:
     file = make_file(tmp_path, AutobootConfig(2, 3))
@@ -229,6 +229,17 @@ def test_a_torn_write_is_repaired_from_the_shadow(
         with pytest.raises(PowerCut):
             file.store(AutobootConfig(3, 3))
     reopened = AutobootFile(file.path, file.shadow, KNOWN)
+    torn_bytes = file.path.read_bytes()
+    # a read reports the damage and what was being written (or, cut where no checksummed byte
+    # changed, finds the old settings or the new ones whole), and writes nothing
+    try:
+        assert reopened.load() in (AutobootConfig(2, 3), AutobootConfig(3, 3))
+    except BootStateCorruptError as damage:
+        assert str(damage).endswith("holds the settings being written: boot_partition=3, "
+                                    "tryboot_partition=3)")  # fmt: skip
+    assert file.path.read_bytes() == torn_bytes
+    # the next store (a repair's) writes the file whole again, in place
+    reopened.store(AutobootConfig(3, 3))
     assert reopened.load() == AutobootConfig(3, 3)
     assert file.path.read_bytes() == render(AutobootConfig(3, 3))
     assert file.path.stat().st_ino == inode
@@ -262,7 +273,7 @@ def test_damage_without_a_shadow_is_an_error_naming_the_file(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("damage", [None, b"", b"[all]\nboot_partition=2\n", b"x" * 300])
-def test_a_missing_or_resized_file_is_recreated_from_the_shadow(
+def test_a_missing_or_resized_file_is_reported_and_written_whole_by_the_next_store(
     tmp_path: Path, damage: bytes | None
 ) -> None:
     file = make_file(tmp_path, AutobootConfig(2, 2))
@@ -271,6 +282,12 @@ def test_a_missing_or_resized_file_is_recreated_from_the_shadow(
         file.path.unlink()
     else:
         file.path.write_bytes(damage)
+    with pytest.raises(BootStateCorruptError, match="its shadow .* holds the settings"):
+        file.load()
+    assert (None if damage is None else damage) == (
+        file.path.read_bytes() if file.path.exists() else None
+    )
+    file.store(AutobootConfig(4, 4))
     assert file.load() == AutobootConfig(4, 4)
     assert file.path.read_bytes() == render(AutobootConfig(4, 4))
 

@@ -13,7 +13,12 @@ from hypothesis import strategies as st
 
 from bootloader_hooks import grubenv
 from bootloader_hooks.base import BACKENDS, BootCause, BootEvent, BootOutcome, create_backend
-from bootloader_hooks.errors import BootloaderError, BootStateCorruptError, UnknownSlotError
+from bootloader_hooks.errors import (
+    BootloaderError,
+    BootStateCorruptError,
+    BootStateMissingError,
+    UnknownSlotError,
+)
 from bootloader_hooks.grub import (
     DEFAULT_ENTRIES,
     GrubBackend,
@@ -119,15 +124,39 @@ def test_bad_options_name_the_key(options: dict[str, Any], message: str) -> None
 # The backend alone.
 
 
-def test_a_missing_grubenv_is_created_with_a_primary(tmp_path: Path) -> None:
+def test_a_missing_grubenv_is_reported_never_made_up(tmp_path: Path) -> None:
     backend = GrubBackend(tmp_path / "grubenv", tmp_path / "cmdline")
-    assert backend.primary() == "a"
+    (tmp_path / "cmdline").write_text("root=PARTLABEL=root_a fleet.slot=a\n")
+    for action in (backend.primary, backend.is_trial, lambda: backend.commit("a")):
+        with pytest.raises(BootStateMissingError, match=r"^grub backend: .*grubenv is missing$"):
+            action()
+    assert not (tmp_path / "grubenv").exists()
+    backend.repair("a")
     assert (tmp_path / "grubenv").read_bytes() == default_block("a").encode()
     assert grubenv.read(tmp_path / "grubenv").variables() == {
         "BOOT_ORDER": "A B",
         "BOOT_A_LEFT": "3",
         "BOOT_B_LEFT": "0",
     }
+
+
+@pytest.mark.parametrize(
+    ("primary", "fallback", "expected"),
+    [
+        ("b", "a", {"BOOT_ORDER": "B A", "BOOT_A_LEFT": "3", "BOOT_B_LEFT": "3"}),
+        ("b", None, {"BOOT_ORDER": "B A", "BOOT_A_LEFT": "0", "BOOT_B_LEFT": "3"}),
+        (None, None, {"BOOT_ORDER": "", "BOOT_A_LEFT": "0", "BOOT_B_LEFT": "0"}),
+    ],
+)
+def test_a_repair_names_the_primary_and_the_fallback(
+    tmp_path: Path, primary: str | None, fallback: str | None, expected: dict[str, str]
+) -> None:
+    backend = GrubBackend(tmp_path / "grubenv", tmp_path / "cmdline")
+    backend.repair(primary, fallback)
+    assert grubenv.read(tmp_path / "grubenv").variables() == expected
+    assert backend.primary() == primary
+    with pytest.raises(UnknownSlotError, match="fallback 'b' is not the other root slot"):
+        backend.repair("b", "b")
 
 
 def test_booted_comes_from_the_kernel_command_line(device: Device) -> None:
@@ -284,7 +313,7 @@ def test_a_full_grubenv_refuses_the_write_and_keeps_the_file(device: Device) -> 
 def test_an_unwritable_grubenv_is_one_clear_error(tmp_path: Path) -> None:
     backend = GrubBackend(tmp_path / "missing-dir" / "grubenv", tmp_path / "cmdline")
     with pytest.raises(BootloaderError, match=r"^grub backend: cannot write .*: No such file"):
-        backend.commit("a")
+        backend.repair("a")
 
 
 SLOT_METHODS = ("try_once", "commit", "mark_bad", "attempts_left")
@@ -608,10 +637,13 @@ def test_a_damaged_grubenv_boots_safe_mode_until_repaired(device: Device) -> Non
     assert device.boot().slot == "a"
 
 
-def test_a_missing_grubenv_boots_safe_mode_and_linux_recreates_it(device: Device) -> None:
+def test_a_missing_grubenv_boots_safe_mode_until_repaired(device: Device) -> None:
     device.grubenv.unlink()
     assert device.boot().slot == "safe"
-    assert device.backend.primary() == "a"  # recreated with the defaults
+    with pytest.raises(BootStateMissingError):
+        device.backend.primary()  # nothing made up on a read
+    assert device.boot().slot == "safe"
+    device.backend.repair("a")
     assert device.boot().slot == "a"
 
 

@@ -14,6 +14,7 @@ from updater.lifecycle import (
     SlotLifecycle,
     SlotStatus,
     Verb,
+    boot_selection,
     committed,
     transition_table,
     unvouched,
@@ -354,3 +355,44 @@ def test_every_verb_and_status_has_a_word() -> None:
     assert [s.value for s in SlotStatus] == [
         "empty", "installing", "installed", "trial", "good", "bad"
     ]  # fmt: skip
+
+
+# --- rebuilding a lost boot state from the store ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("slots", "booted", "expected"),
+    [
+        ({"b": {"status": "good", "security_version": 1}}, "a", ("a", "b")),
+        ({"b": {"status": "good", "security_version": 1}}, "b", ("b", "a")),
+        ({"b": {"status": "good", "security_version": 1}}, "safe", ("a", "b")),
+        ({"b": {"status": "bad", "security_version": 1}}, "a", ("a", None)),
+        ({"b": {"status": "good", "security_version": 0}}, "b", ("a", None)),  # below the floor
+        ({"b": {"status": "trial", "security_version": 1}}, "b", ("a", None)),
+        ({"a": {"status": "bad"}, "b": {"status": "trial", "security_version": 1}}, "b",
+         ("b", None)),
+        ({"a": {"status": "bad"}, "b": {"status": "installing"}}, "b", (None, None)),
+        ({"a": {"status": "bad"}}, "safe", (None, None)),
+    ],
+)  # fmt: skip
+def test_a_rebuilt_boot_state_names_only_what_the_store_vouches_for(
+    lab: Lab, slots: dict[str, dict[str, Any]], booted: str, expected: tuple[Any, Any]
+) -> None:
+    assert boot_selection(lab.state(**slots), booted) == expected
+
+
+def test_a_repair_writes_what_the_store_vouches_for_and_says_so(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, booted="b")
+    repairs: list[tuple[str | None, str | None]] = []
+    lab.backend.repair = lambda primary, fallback=None: repairs.append((primary, fallback))  # type: ignore[attr-defined]
+    state = lab.state(b={"status": "good", "security_version": 1})
+    assert lab.lifecycle.repair_boot_state(state, "grubenv is missing") == ("b", "a")
+    assert repairs == [("b", "a")]
+    (event,) = [e for e in lab.lifecycle.log.events if e["event"] == "boot_state.repaired"]  # type: ignore[attr-defined]
+    assert (event["level"], event["reason"]) == ("warning", "grubenv is missing")
+    assert (event["primary"], event["fallback"]) == ("b", "a")
+
+
+def test_a_backend_that_cannot_repair_says_so(lab: Lab) -> None:
+    with pytest.raises(SlotStateError, match="^grubenv is missing; the recorder backend cannot"):
+        lab.lifecycle.repair_boot_state(lab.state(), "grubenv is missing")

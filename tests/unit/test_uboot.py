@@ -13,7 +13,12 @@ from hypothesis import strategies as st
 
 from bootloader_hooks import base, uboot, ubootenv
 from bootloader_hooks.base import BootCause, BootEvent, BootOutcome
-from bootloader_hooks.errors import BootloaderError, BootStateCorruptError, UnknownSlotError
+from bootloader_hooks.errors import (
+    BootloaderError,
+    BootStateCorruptError,
+    BootStateMissingError,
+    UnknownSlotError,
+)
 from bootloader_hooks.uboot import UBootBackend
 from bootloader_hooks.uboot_model import OUR_ALTBOOTCMD, UBootModel
 from bootloader_hooks.ubootenv import EnvLayout
@@ -265,14 +270,30 @@ def test_other_variables_are_kept(installed: Device) -> None:
     assert (env["bootcmd"], env["ethaddr"]) == ("run distro_bootcmd", "x")
 
 
-def test_an_environment_without_our_state_reads_as_a_fresh_start(tmp_path: Path) -> None:
+def test_an_environment_without_our_state_is_neither_read_nor_changed(tmp_path: Path) -> None:
+    # U-Boot's script would start afresh with both slots, one of them perhaps given up: the
+    # updater waits for a repair that knows which slots are good
     layout = make_layout(tmp_path, "file")
     ubootenv.write_env(layout, {"bootcmd": "boot"}, None)
+    before = ubootenv.read_env(layout).variables
     backend = UBootBackend(layout, cmdline=tmp_path / "cmdline")
-    assert backend.primary() == "a"
-    assert backend.attempts_left("b") == ATTEMPTS
-    backend.try_once("b")
-    assert ubootenv.read_env(layout).variables["BOOT_ORDER"] == "B A"
+    for action in (
+        backend.primary,
+        lambda: backend.attempts_left("b"),
+        lambda: backend.try_once("b"),
+        lambda: backend.commit("a"),
+        lambda: backend.mark_bad("b"),
+    ):
+        with pytest.raises(BootStateMissingError, match="holds no state of ours"):
+            action()
+    assert ubootenv.read_env(layout).variables == before
+    backend.repair("b", "a")
+    assert backend.primary() == "b" and backend.attempts_left("a") == ATTEMPTS
+    assert ubootenv.read_env(layout).variables["bootcmd"] == "boot"  # the board's, kept
+    backend.repair("a")
+    assert backend.primary() == "a" and backend.attempts_left("b") == 0
+    backend.repair(None)
+    assert backend.primary() is None
 
 
 @pytest.mark.parametrize("slot", ["c", "A", "safe", "", "a "])

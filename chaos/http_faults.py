@@ -41,8 +41,9 @@ class Fault:
 class FlakyHttpServer:
     """``with FlakyHttpServer({"/x": data}) as server: server.url("/x")``."""
 
-    def __init__(self, files: dict[str, bytes]) -> None:
+    def __init__(self, files: dict[str, bytes], *, ranges: bool = True) -> None:
         self.files = dict(files)
+        self.ranges = ranges  # False: a host that ignores Range and sends no ETag
         self.faults: deque[Fault] = deque()
         self.requests: list[dict[str, str]] = []
         self._lock = threading.Lock()
@@ -90,7 +91,7 @@ class FlakyHttpServer:
                     return
                 etag = '"' + hashlib.sha256(data).hexdigest() + '"'
                 start, end, status = 0, len(data), 200
-                wanted = self.headers.get("Range")
+                wanted = self.headers.get("Range") if server.ranges else None
                 if_range = self.headers.get("If-Range")
                 if wanted and (if_range is None or if_range == etag):
                     first = wanted.removeprefix("bytes=").split("-")[0]
@@ -100,8 +101,9 @@ class FlakyHttpServer:
                         return
                     status = 206
                 self.send_response(status)
-                self.send_header("ETag", etag)
-                self.send_header("Accept-Ranges", "bytes")
+                if server.ranges:
+                    self.send_header("ETag", etag)
+                    self.send_header("Accept-Ranges", "bytes")
                 self.send_header("Content-Length", str(end - start))
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")

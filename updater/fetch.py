@@ -89,7 +89,12 @@ class HttpStream(io.RawIOBase):
         )
         if self.offset and response.status_code == 200:
             response.close()
-            raise DownloadError(f"{self.url}: changed on the server during the download")
+            if self._etag:  # If-Range answered with the whole resource: another one now
+                raise DownloadError(f"{self.url}: changed on the server during the download")
+            raise DownloadError(
+                f"{self.url}: the server ignores Range requests, so the download cannot resume "
+                f"at byte {self.offset}"
+            )
         if response.status_code not in (200, 206):
             response.close()
             raise _Retryable(f"HTTP {response.status_code}", permanent=response.status_code < 500

@@ -192,7 +192,8 @@ class Runtime:
         try:
             backend = self.backend
             document["backend"] = backend.name
-            booted, primary = backend.booted(), backend.primary()
+            booted = backend.booted()  # the kernel's word: known even when the boot state is not
+            primary = backend.primary()
             trial = booted != SAFE_SLOT and backend.is_trial()
             attempts = {slot: backend.attempts_left(slot) for slot in ROOT_SLOTS}
         except FleetError as err:

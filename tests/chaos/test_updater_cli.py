@@ -665,6 +665,7 @@ def test_a_lost_boot_state_never_resurrects_a_slot_below_the_floor(
 
     document = status(device)  # a read: reports, writes nothing
     assert document["bootloader_problem"]
+    assert document["booted"] == "b"  # the kernel still says which slot runs
     assert {p: p.read_bytes() if p.exists() else None for p in boot_files(device)} == files
     missing = {"grub": "grubenv is missing", "uboot": "holds no state of ours"}[firmware]
     one_line_error(updater(device, "mark-good"), missing)  # nor does any verb act on it

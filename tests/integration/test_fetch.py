@@ -69,6 +69,20 @@ def test_resource_changed_during_download_is_refused() -> None:
             read_all(stream)
 
 
+def test_a_host_that_ignores_range_is_named_as_such_not_as_a_changed_release() -> None:
+    with FlakyHttpServer({"/b": DATA}, ranges=False) as server:
+        server.add_faults(Fault(drop_after=100_000))
+        stream = HttpStream(server.url("/b"), sleep=lambda s: None)
+        stream.read(50_000)
+        with pytest.raises(
+            DownloadError,
+            match=r": the server ignores Range requests, so the download cannot "
+            r"resume at byte [1-9][0-9]*$",
+        ):
+            read_all(stream)
+        assert "If-Range" not in server.requests[1] and server.requests[1]["Range"]
+
+
 def test_unreachable_server_fails_after_retries() -> None:
     stream = HttpStream("http://127.0.0.1:9/none", retries=2, sleep=lambda s: None, timeout_s=1)
     with pytest.raises(DownloadError, match="gave up after 3 attempts"):

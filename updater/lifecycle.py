@@ -275,9 +275,7 @@ class SlotLifecycle:
             SlotStateError: the backend cannot repair.
         """
         if not isinstance(self.backend, Repairable):
-            raise SlotStateError(
-                f"{reason}; the {getattr(self.backend, 'name', 'boot')} backend cannot repair it"
-            )
+            raise SlotStateError(f"{reason}; the {self.backend.name} backend cannot repair it")
         primary, fallback = boot_selection(state, self.backend.booted())
         self.backend.repair(primary, fallback)
         self.log.event(

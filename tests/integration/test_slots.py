@@ -201,6 +201,21 @@ def test_one_slots_classes_on_one_device_are_refused(tmp_path: Path, loop_device
         slots.slot_targets(config, "b", tmp_path)
 
 
+def test_an_alias_is_found_whatever_comes_before_it(tmp_path: Path) -> None:
+    shared = image(tmp_path / "shared.img")
+    # an unresolvable class of the other slot, before the one that aliases
+    config = {
+        "a": {"bootfs": "PARTLABEL=nowhere_to_be_found", "rootfs": shared},
+        "b": {"bootfs": image(tmp_path / "boot_b.img"), "rootfs": shared},
+    }
+    with pytest.raises(SlotError, match=r"^slot b rootfs \(.*\) is also slot a rootfs"):
+        slots.slot_targets(config, "b", tmp_path)
+    # this slot's own class first, then the one that aliases it
+    config = {"b": {"bootfs": shared, "rootfs": shared}}
+    with pytest.raises(SlotError, match=r"^slot b bootfs \(.*\) is also slot b rootfs"):
+        slots.slot_targets(config, "b", tmp_path)
+
+
 def test_distinct_targets_pass_and_an_unresolvable_other_slot_is_no_obstacle(
     tmp_path: Path,
 ) -> None:
@@ -238,6 +253,9 @@ def test_a_block_device_another_device_is_built_on_is_in_use(
     with pytest.raises(SlotError) as raised:
         slots.check_not_mounted_root(loop_device, sys_dev_block=tmp_path / "sys")
     assert str(raised.value) == f"slot {loop_device}: in use by dm-0"
+    (holders / "md127").mkdir()
+    with pytest.raises(SlotError, match=r"in use by dm-0, md127$"):
+        slots.check_not_mounted_root(loop_device, sys_dev_block=tmp_path / "sys")
 
 
 def test_the_mount_table_is_read_as_the_kernel_writes_it(tmp_path: Path, loop_device: Path) -> None:
@@ -251,3 +269,12 @@ def test_the_mount_table_is_read_as_the_kernel_writes_it(tmp_path: Path, loop_de
     with pytest.raises(SlotError, match=r"mounted at /mnt/with space$"):
         slots.check_not_mounted_root(loop_device, mountinfo=table)
     slots.check_not_mounted_root(loop_device, mountinfo=tmp_path / "no-table")
+    # a torn line names no mount point; a mount point that is not UTF-8 is read all the same
+    major, minor = os.major(number), os.minor(number)
+    table.write_bytes(
+        f"36 22 {major}:{minor} /\n".encode()
+        + b"40 22 0:50 / /mnt/\xff\xfe rw - tmpfs t rw\n"
+        + f"37 22 {major}:{minor} / /srv\n".encode()
+    )
+    with pytest.raises(SlotError, match=r"mounted at /srv$"):
+        slots.check_not_mounted_root(loop_device, mountinfo=table)

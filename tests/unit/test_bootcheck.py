@@ -772,6 +772,8 @@ def test_a_disowned_slot_is_given_up_without_checks(
     assert after.installed_security_version == 1  # the floor never moves down
     (disowned,) = board.named("boot_check.disowned")
     assert disowned["level"] == "error" and disowned["floor"] == 1
+    assert disowned["slot"] == board.running
+    assert disowned["reason"].startswith(f"slot {board.running} ")
     assert (disowned["status"], disowned["security_version"]) == (status, security_version)
     assert_finished(board, "rolled_back", "disowned", level="error", reboot=True, failed=[])
 
@@ -793,3 +795,56 @@ def test_a_fall_back_below_the_floor_ends_in_safe_mode_not_in_the_old_release(
     assert (verdict.situation, verdict.action, verdict.reboot) == ("disowned", "rolled_back", True)
     assert grub.primary_in(board.env()) is None  # no root slot left: GRUB boots safe mode
     assert {s.status for s in board.state().slots.values()} == {"bad"}
+
+
+# --- a lost boot state: rebuilt from the store before anything else --------------------------
+
+
+def test_safe_mode_caused_by_a_lost_grubenv_is_repaired_and_left(tmp_path: Path) -> None:
+    board = Board(tmp_path)
+    board.save(committed(board).with_slot("b", status="good", version="0.9.0", security_version=1))
+    board.grubenv.unlink()  # GRUB boots the safe-mode slot without it
+    board.boot("safe")
+
+    verdict = board.check(healthy=False)
+
+    assert verdict == BootVerdict("safe_mode", "safe", "repaired", None, reboot=True)
+    assert board.reboots == [["reboot"]] and board.checks_run == 0
+    env = board.env()
+    assert grub.primary_in(env) == "a" and grub.boot_order(env) == ["a", "b"]
+    assert grub.attempts_in(env, "b") == 3  # the other good slot is the fallback again
+    (repaired,) = board.named("boot_state.repaired")
+    assert (repaired["primary"], repaired["fallback"]) == ("a", "b")
+    assert repaired["level"] == "warning" and repaired["reason"].endswith("grubenv is missing")
+    assert board.finished()["event"] == "boot_check.repaired"
+
+
+def test_a_repair_that_names_no_root_slot_stays_in_safe_mode(tmp_path: Path) -> None:
+    board = Board(tmp_path)
+    board.save(DeviceState().with_slot("a", status="bad").with_slot("b", status="bad"))
+    board.grubenv.unlink()
+    board.boot("safe")
+
+    verdict = board.check()
+
+    assert verdict == BootVerdict("safe_mode", "safe", "reported", None, reboot=False)
+    assert board.reboots == [] and grub.primary_in(board.env()) is None
+    (repaired,) = board.named("boot_state.repaired")
+    assert (repaired["primary"], repaired["fallback"]) == (None, None)
+
+
+def test_a_root_slot_running_on_a_lost_boot_state_is_judged_after_the_repair(
+    tmp_path: Path,
+) -> None:
+    board = Board(tmp_path)
+    committed(board)
+    board.grubenv.write_bytes(b"\0" * 1024)  # damaged under the running system
+
+    verdict = board.check()
+
+    assert verdict == BootVerdict("normal", "a", "confirmed", True, reboot=False)
+    assert board.reboots == [] and grub.primary_in(board.env()) == "a"
+    assert [e["event"] for e in board.log.events][:2] == [
+        "boot_state.repaired",
+        "boot_check.started",
+    ]

@@ -209,6 +209,14 @@ def test_a_bad_empty_armed_or_outdated_slot_is_never_armed(
     assert lab.steps == []
 
 
+def test_an_install_below_the_floor_is_never_armed_for_its_trial(lab: Lab) -> None:
+    state = lab.state(b={"status": "installed", "security_version": 0})
+    with pytest.raises(SlotStateError, match="^security version 0 is below the installed 1: "
+                       "trial boot refused$"):  # fmt: skip
+        lab.lifecycle.arm_trial(state, "b")
+    assert lab.steps == []
+
+
 def test_the_running_slot_is_never_armed(tmp_path: Path) -> None:
     lab = Lab(tmp_path, booted="b")
     state = lab.state(b={"status": "good", "security_version": 1})

@@ -187,3 +187,20 @@ def boot_view(device: VirtualDevice) -> BootView:
 
 
 from tests.chaos.servers import fleet_servers  # noqa: E402, F401 (a fixture; needs Releases above)
+
+# --- the stateful tests' step counts -----------------------------------------------------------
+
+STATEFUL_STEPS: dict[str, int] = {}  # firmware -> steps run by tests/chaos/test_stateful.py
+
+
+class _StatefulSummary:
+    @staticmethod
+    def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+        if STATEFUL_STEPS:
+            terminalreporter.section("stateful steps run (per firmware)")
+            for firmware, count in sorted(STATEFUL_STEPS.items()):
+                terminalreporter.write_line(f"{firmware}: {count}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_StatefulSummary(), "fleet-stateful-summary")

@@ -199,7 +199,7 @@ def merge_results(
         ] + list(fresh.values())
         sources = {**{module: old_sources[module] for module in kept}, **sources}
         modules = [m for m in dict.fromkeys([*previous["modules"], *modules]) if m in sources]
-        if rerun:
+        if rerun or kept:  # the time these results took: every run merged into them
             run_seconds = round(previous["run_seconds"] + elapsed, 1)
     return {
         "group": group.name,

@@ -68,7 +68,7 @@ def test_a_full_run_of_one_module_keeps_the_unchanged_other_modules() -> None:
         "keyring_2": "survived",
         "keys_1": "survived",
     }
-    assert result["run_seconds"] == 7.0
+    assert result["run_seconds"] == 107.0  # the kept module's run and this one
 
 
 def test_outcomes_of_a_module_changed_since_are_dropped() -> None:
@@ -77,6 +77,7 @@ def test_outcomes_of_a_module_changed_since_are_dropped() -> None:
     result = merge_results(previous, narrowed, GROUP.tests, [], 1.0, rerun=False)
     assert result["modules"] == ["signing/keys.py"]
     assert result["mutants"] == []
+    assert result["run_seconds"] == 1.0  # nothing kept: this run's time alone
     assert result["sources"] == {"signing/keys.py": source_hash("signing/keys.py")}
 
 

@@ -89,18 +89,22 @@ def start_server(
             )
     import requests
 
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise click.ClickException(f"the server exited; see {log}")
-        try:
-            if requests.get(f"{url}/healthz", timeout=1).ok:
-                return process, url
-        except (requests.ConnectionError, requests.Timeout):
-            # the socket queues connections from before the server accepts: a read may wait
-            time.sleep(0.1)
-    process.terminate()
-    raise click.ClickException(f"the server did not come up; see {log}")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise click.ClickException(f"the server exited; see {log}")
+            try:
+                if requests.get(f"{url}/healthz", timeout=1).ok:
+                    return process, url
+            except (requests.ConnectionError, requests.Timeout):
+                # the socket queues connections from before the server accepts: a read may wait
+                time.sleep(0.1)
+        raise click.ClickException(f"the server did not come up; see {log}")
+    except BaseException:
+        process.terminate()  # never left running behind a failed start
+        process.wait(10)
+        raise
 
 
 def lab_bundle(workdir: Path, key: SigningKey, version: str, behaviour: str) -> Path:

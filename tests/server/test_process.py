@@ -228,3 +228,27 @@ def test_the_demo_starts_its_server_on_a_socket_it_bound_first(tmp_path: Path) -
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_the_demo_never_leaves_a_server_behind_a_failed_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import chaos.demo
+
+    started: list[subprocess.Popen[bytes]] = []
+    popen = subprocess.Popen
+
+    def recorded(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        process = popen(*args, **kwargs)
+        started.append(process)
+        return process
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the readiness check itself failed")
+
+    monkeypatch.setattr(chaos.demo.subprocess, "Popen", recorded)
+    monkeypatch.setattr(requests, "get", broken)
+    with pytest.raises(RuntimeError, match="readiness check itself failed"):
+        chaos.demo.start_server(tmp_path / "data", tmp_path / "server.log")
+    (process,) = started
+    assert process.poll() is not None  # terminated and reaped, not running on

@@ -10,24 +10,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bootloader_hooks.base import SAFE_SLOT
+from updater.runtime import update_state
 
 UNKNOWN_SLOT = "unknown"
 MAX_HEALTH = 64
-
-
-def updater_state(snapshot: Mapping[str, Any]) -> str:
-    """``idle``, ``installing``, ``trial``, ``installed`` or ``suspended`` (the same words as
-    the metrics' update state)."""
-    statuses = {info["status"] for info in snapshot["slots"].values()}
-    if snapshot["suspended"]:
-        return "suspended"
-    if "installing" in statuses:
-        return "installing"
-    if snapshot["trial"]:
-        return "trial"
-    if statuses & {"installed", "trial"}:
-        return "installed"
-    return "idle"
 
 
 def heartbeat_document(
@@ -60,7 +46,7 @@ def heartbeat_document(
             slot: {"status": info["status"], "version": info["version"]}
             for slot, info in slots.items()
         },
-        "updater_state": updater_state(snapshot),
+        "updater_state": update_state(snapshot),
         "health": [{"name": _one_line(name), "ok": ok} for name, ok in health[:MAX_HEALTH]],
         "temperature_c": temperature_c,
         "free_space_mb": free_space_mb,

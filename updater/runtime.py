@@ -42,13 +42,15 @@ def _version() -> str:
         return "unknown"
 
 
-def _update_state(document: Mapping[str, Any]) -> str:
-    statuses = {info["status"] for info in document["slots"].values()}
-    if document["suspended"]:
+def update_state(snapshot: Mapping[str, Any]) -> str:
+    """``idle``, ``installing``, ``trial``, ``installed`` or ``suspended``, from a
+    :meth:`Runtime.snapshot`: the metrics' update state and the heartbeat's ``updater_state``."""
+    statuses = {info["status"] for info in snapshot["slots"].values()}
+    if snapshot["suspended"]:
         return "suspended"
     if "installing" in statuses:
         return "installing"
-    if document["trial"]:
+    if snapshot["trial"]:
         return "trial"
     if statuses & {"installed", "trial"}:
         return "installed"
@@ -231,7 +233,7 @@ class Runtime:
         metrics.set_info(
             version=_version(), backend=str(document["backend"]), compatible=self.config.compatible
         )
-        metrics.set_update_state(event or _update_state(document))
+        metrics.set_update_state(event or update_state(document))
         metrics.set_slots({
             slot: SlotView(info["status"], info["version"], info["booted"], info["primary"],
                            info["attempts_left"])

@@ -251,16 +251,33 @@ class SlotLifecycle:
             raise SlotStateError(f"{reason}: commit refused")
         self._step(state, slot, Verb.COMMIT)
         self.backend.commit(slot)
-        return self.store.save(committed(state, slot))
+        state = self.store.save(committed(state, slot))
+        return self._withdraw_unvouched_fallback(state, other_slot(slot))
+
+    def _withdraw_unvouched_fallback(self, state: DeviceState, other: str) -> DeviceState:
+        """After a commit, the firmware falls back to ``other`` when the committed slot fails:
+        only a good slot at or above the floor (or an armed trial) may be that fallback. A
+        boot state the firmware reset (U-Boot's script starting afresh) can have made a slot
+        the store gave up, an empty one or an old release bootable again: marked bad here."""
+        if status_of(state, other) is SlotStatus.TRIAL or fallback_vouched(state, other):
+            return state
+        if self.backend.attempts_left(other) <= 0:
+            return state
+        self.log.event(
+            "slot.fallback_withdrawn", level="warning", slot=other,
+            status=state.slot(other).status, reason=unvouched(state, other),
+        )  # fmt: skip
+        self.backend.mark_bad(other)
+        return self.store.save(state.with_slot(other, status=SlotStatus.BAD.value))
 
     def mark_bad(self, state: DeviceState, slot: str, *, force: bool = False) -> DeviceState:
         """Never boot ``slot`` again until it is rewritten. Refused, unless ``force``, when no
         other root slot would be left to boot (the firmware would boot safe mode)."""
         self._step(state, slot, Verb.MARK_BAD)
-        if not force and status_of(state, other_slot(slot)) is not SlotStatus.GOOD:
+        if not force and not fallback_vouched(state, other_slot(slot)):
             raise SlotStateError(
-                f"slot {slot} is the only good root slot: marking it bad leaves the device "
-                "to boot the safe-mode slot (use --force to do so)"
+                f"slot {slot} is the only good root slot at or above the floor: marking it bad "
+                "leaves the device to boot the safe-mode slot (use --force to do so)"
             )
         self.backend.mark_bad(slot)
         return self.store.save(state.with_slot(slot, status=SlotStatus.BAD.value))
@@ -293,14 +310,16 @@ class SlotLifecycle:
         return self.store.save(state.with_slot(slot, failures=state.slot(slot).failures + 1))
 
 
+def fallback_vouched(state: DeviceState, slot: str) -> bool:
+    """Whether the firmware may boot ``slot`` when the other one fails: good, and not below
+    the floor."""
+    return status_of(state, slot) is SlotStatus.GOOD and unvouched(state, slot) is None
+
+
 def boot_selection(state: DeviceState, booted: str) -> tuple[str | None, str | None]:
     """The primary and the fallback the state store vouches for, ``booted`` preferred: what a
     repaired boot state names (see :meth:`SlotLifecycle.repair_boot_state`)."""
-    good = [
-        slot
-        for slot in ROOT_SLOTS
-        if status_of(state, slot) is SlotStatus.GOOD and unvouched(state, slot) is None
-    ]
+    good = [slot for slot in ROOT_SLOTS if fallback_vouched(state, slot)]
     if booted in good:
         primary: str | None = booted
     elif good:

@@ -172,14 +172,6 @@ def make_machine(
             self.damaged = False  # the boot state was damaged, no boot check since
             self.settled: list[BootRecord] | None = None  # the boots of this step, if any
             self.trace: list[str] = []
-            # Known bug, tolerated here: after the U-Boot environment is reset to the board's
-            # defaults, U-Boot's script starts afresh with both slots bootable, and the boot
-            # check of a slot the store vouches for confirms it without taking the other slot
-            # out again, though the store does not call it good (bad, half written, empty).
-            # Such a slot stays bootable, as the running slot's fallback, until it is marked
-            # bad or rewritten (`mark-bad --force` of the running slot then boots it next, not
-            # safe mode); these are the slots so resurrected.
-            self.resurrected: dict[str, Any] = {}  # slot -> its entry in the store then
             self.generation = 0  # of the slots' bytes: one more at every write accepted
             self.checked: tuple[Any, ...] | None = None  # what the last boot state check read
             self.view: BootView | None = None  # and what it found
@@ -332,16 +324,8 @@ def make_machine(
 
         @rule(slot=st.sampled_from(["booted", "other"]), force=st.booleans())
         def mark_bad(self, slot: str, force: bool) -> None:
-            state = self.device.state()
             booted = self.booted()
-            if booted != "safe" and not self.damaged:
-                left = state.slot("ab".replace(booted, "") if slot == "booted" else booted)
-                if left.status == "good" and (left.security_version or 0) < self.floor():
-                    # Left out, a known bug: SlotLifecycle.mark_bad counts a good slot below
-                    # the floor as the remaining good one, so `mark-bad` (without --force)
-                    # makes the firmware boot that release next; its boot check disowns it
-                    # and the device lands in safe mode.
-                    return
+            state = self.device.state()
             self.step(f"mark-bad {slot}{' --force' if force else ''}")
             before = snapshot(self.device)
             result = cli(self.device, "mark-bad", slot, *(["--force"] if force else []))
@@ -352,7 +336,12 @@ def make_machine(
                 return
             chosen = booted if slot == "booted" else "ab".replace(booted, "")
             other = "ab".replace(chosen, "")
-            if not force and state.slot(other).status != "good":
+            left = state.slot(other)  # the fallback: good, and not below the floor
+            vouched = (
+                left.status == "good"
+                and (left.security_version or 0) >= state.installed_security_version
+            )
+            if not force and not vouched:
                 assert result.exit_code == 1, result.output
                 assert "use --force" in result.output or self.damaged, result.output
                 self.assert_unchanged(before, "mark-bad of the last good slot")
@@ -395,11 +384,6 @@ def make_machine(
 
         @rule(how=st.integers(0, 1))
         def damage_boot_state(self, how: int) -> None:
-            if firmware == "uboot":
-                state = self.device.state()
-                for slot in "ab":
-                    if state.slot(slot).status != "good":
-                        self.resurrected.setdefault(slot, state.slot(slot))
             self.step(damage_boot_state(self.device, how))
             self.damaged = True
 
@@ -440,7 +424,7 @@ def make_machine(
                 if directory.exists():
                     files.extend(sorted(p for p in directory.rglob("*") if p.is_file()))
             data = tuple((str(p), p.read_bytes() if p.exists() else None) for p in files)
-            return (self.generation, self.damaged, tuple(self.resurrected.items()), data)
+            return (self.generation, self.damaged, data)
 
         def read_boot_state(self) -> BootView | None:
             """The firmware's next boot lands on a complete release at or above the floor, or
@@ -454,13 +438,8 @@ def make_machine(
             view = boot_view(self.device)
             state = self.device.state()
             floor = state.installed_security_version
-            self.resurrected = {
-                slot: entry
-                for slot, entry in self.resurrected.items()
-                if slot in view.bootable and state.slot(slot) == entry
-            }
             chosen = {s for s in (view.committed, view.trial) if s is not None}
-            for slot in sorted(chosen - set(self.resurrected)):
+            for slot in sorted(chosen):
                 image = read_lab_image(self.device.slot_path(slot))
                 assert image is not None, f"slot {slot} boots next, incomplete: {self.trace}"
                 assert image.version in SECURITY, image
@@ -468,7 +447,7 @@ def make_machine(
                     f"slot {slot} boots next with {image.version}, below the floor {floor}: "
                     f"{self.trace}"
                 )
-            for slot in sorted(view.bootable - set(self.resurrected)):
+            for slot in sorted(view.bootable):
                 status = state.slot(slot).status
                 assert status not in UNBOOTABLE, (
                     f"slot {slot} is {status} in the store but bootable ({view.env}): {self.trace}"

@@ -332,8 +332,8 @@ def test_mark_bad_of_the_last_good_slot_needs_force(make_device: MakeDevice) -> 
     before = snapshot(device)
     one_line_error(
         updater(device, "mark-bad"),
-        "slot a is the only good root slot: marking it bad leaves the device to boot the "
-        "safe-mode slot (use --force to do so)",
+        "slot a is the only good root slot at or above the floor: marking it bad leaves the "
+        "device to boot the safe-mode slot (use --force to do so)",
     )
     assert_untouched(device, before)
     assert updater(device, "mark-bad", "--force").exit_code == 0

@@ -246,7 +246,7 @@ def test_the_demo_never_leaves_a_server_behind_a_failed_start(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("the readiness check itself failed")
 
-    monkeypatch.setattr(chaos.demo.subprocess, "Popen", recorded)
+    monkeypatch.setattr(subprocess, "Popen", recorded)
     monkeypatch.setattr(requests, "get", broken)
     with pytest.raises(RuntimeError, match="readiness check itself failed"):
         chaos.demo.start_server(tmp_path / "data", tmp_path / "server.log")

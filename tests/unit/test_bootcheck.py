@@ -336,7 +336,7 @@ def arm_trial(board: Board, *, security_version: int | None = 2) -> None:
 
 @pytest.mark.parametrize(
     ("floor", "security_version", "expected"),
-    [(1, 2, 2), (2, 2, 2), (0, 3, 3), (0, None, 0)],  # None: no security version
+    [(1, 2, 2), (2, 2, 2), (0, 3, 3), (0, None, 0), (1, 1, 1)],  # None: no security version
 )
 def test_a_healthy_trial_is_committed_and_raises_the_floor(
     board: Board, floor: int, security_version: int | None, expected: int
@@ -353,12 +353,15 @@ def test_a_healthy_trial_is_committed_and_raises_the_floor(
     assert board.reboots == []
     env = board.env()
     assert grub.primary_in(env) == trial and grub.trial_in(env) is None
-    assert grub.boot_order(env) == [trial, old]
     state = board.state()
     slot = state.slot(trial)
     assert (slot.status, slot.trial_boots, slot.failures) == ("good", 0, 0)
-    assert state.slot(old).status == "good"
     assert state.installed_security_version == expected
+    # the old release (security version 1) stays the fallback only while not below the floor
+    if expected <= 1:
+        assert grub.boot_order(env) == [trial, old] and state.slot(old).status == "good"
+    else:
+        assert grub.boot_order(env) == [trial] and state.slot(old).status == "bad"
     started = board.started()
     assert (started["slot"], started["trial"], started["situation"]) == (trial, True, "trial")
     done = board.finished()

@@ -233,7 +233,9 @@ def test_commit_tells_the_bootloader_first_and_raises_the_floor(tmp_path: Path) 
     state = lab.state(b={"status": "trial", "security_version": 4, "trial_boots": 2})
     state = state.with_slot("b", failures=1)
     saved = lab.lifecycle.commit(state, "b")
-    assert lab.steps == [("commit", "b"), ("save", {"a": "good", "b": "good"})]
+    assert lab.steps[:2] == [("commit", "b"), ("save", {"a": "good", "b": "good"})]
+    # slot a's 1.0.0 (security version 1) is below the new floor: no longer a fallback
+    assert lab.steps[2:] == [("mark_bad", "a"), ("save", {"a": "bad", "b": "good"})]
     slot = saved.slot("b")
     assert (slot.status, slot.trial_boots, slot.failures) == ("good", 0, 0)
     assert saved.installed_security_version == 4
@@ -294,18 +296,29 @@ def test_mark_bad_tells_the_bootloader_first(lab: Lab) -> None:
     assert saved.slot("a").status == "bad"
 
 
-@pytest.mark.parametrize("other", ["empty", "bad", "trial", "installed", "installing"])
-def test_the_last_good_slot_is_marked_bad_only_by_force(lab: Lab, other: str) -> None:
-    state = lab.state(b={"status": other})
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"status": "empty"},
+        {"status": "bad"},
+        {"status": "trial", "security_version": 1},
+        {"status": "installed", "security_version": 1},
+        {"status": "installing"},
+        {"status": "good", "security_version": 0},  # good, but below the floor
+        {"status": "good"},  # good, of an unknown security version
+    ],
+)
+def test_the_last_good_slot_is_marked_bad_only_by_force(lab: Lab, other: dict[str, Any]) -> None:
+    state = lab.state(b=other)
     with pytest.raises(SlotStateError) as raised:
         lab.lifecycle.mark_bad(state, "a")
     assert str(raised.value) == (
-        "slot a is the only good root slot: marking it bad leaves the device to boot the "
-        "safe-mode slot (use --force to do so)"
+        "slot a is the only good root slot at or above the floor: marking it bad leaves the "
+        "device to boot the safe-mode slot (use --force to do so)"
     )
     assert lab.steps == []
     lab.lifecycle.mark_bad(state, "a", force=True)
-    assert lab.steps == [("mark_bad", "a"), ("save", {"a": "bad", "b": other})]
+    assert lab.steps == [("mark_bad", "a"), ("save", {"a": "bad", "b": other["status"]})]
 
 
 # --- a failed install, and recovery's repair ----------------------------------------------
@@ -404,3 +417,51 @@ def test_a_repair_writes_what_the_store_vouches_for_and_says_so(tmp_path: Path) 
 def test_a_backend_that_cannot_repair_says_so(lab: Lab) -> None:
     with pytest.raises(SlotStateError, match="^grubenv is missing; the recorder backend cannot"):
         lab.lifecycle.repair_boot_state(lab.state(), "grubenv is missing")
+
+
+# --- a commit withdraws a fallback the store does not vouch for ---------------------------
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"status": "bad", "security_version": 1},
+        {"status": "empty"},
+        {"status": "installing", "security_version": 1},
+        {"status": "good", "security_version": 0},  # below the floor
+    ],
+)
+def test_a_commit_withdraws_a_fallback_the_store_does_not_vouch_for(
+    tmp_path: Path, other: dict[str, Any]
+) -> None:
+    # a U-Boot script that started afresh made both slots bootable again
+    lab = Lab(tmp_path, booted="b")
+    state = lab.state(b={"status": "trial", "security_version": 1}).with_slot("a", **other)
+    saved = lab.lifecycle.commit(state, "b")
+    assert lab.steps == [
+        ("commit", "b"),
+        ("save", {"a": other["status"], "b": "good"}),
+        ("mark_bad", "a"),
+        ("save", {"a": "bad", "b": "good"}),
+    ]
+    assert saved.slot("a").status == "bad"
+    (event,) = [e for e in lab.lifecycle.log.events if e["event"] == "slot.fallback_withdrawn"]  # type: ignore[attr-defined]
+    assert (event["level"], event["slot"], event["status"]) == ("warning", "a", other["status"])
+
+
+@pytest.mark.parametrize(
+    "other", [{"status": "good", "security_version": 1}, {"status": "trial", "security_version": 1}]
+)
+def test_a_vouched_fallback_or_an_armed_trial_stays(tmp_path: Path, other: dict[str, Any]) -> None:
+    lab = Lab(tmp_path, booted="b")
+    state = lab.state(b={"status": "good", "security_version": 1}).with_slot("a", **other)
+    lab.lifecycle.commit(state, "b")
+    assert lab.steps == [("commit", "b"), ("save", {"a": other["status"], "b": "good"})]
+
+
+def test_a_fallback_the_firmware_cannot_boot_is_left_as_the_store_has_it(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, booted="b")
+    lab.backend.attempts_left = lambda slot: 0  # type: ignore[method-assign]
+    state = lab.state(b={"status": "trial", "security_version": 1}).with_slot("a", status="empty")
+    assert lab.lifecycle.commit(state, "b").slot("a").status == "empty"
+    assert lab.steps == [("commit", "b"), ("save", {"a": "empty", "b": "good"})]

@@ -323,8 +323,9 @@ def test_mark_good_commits_as_the_boot_check_does_floor_included(
     document = status(device)
     assert document["slots"]["b"]["status"] == "good"
     assert document["installed_security_version"] == 3  # as a committing boot check would
-    # the factory release in the other slot is now below the floor: no rollback into it
-    one_line_error(updater(device, "rollback"), "below the installed 3: rollback refused")
+    # the factory release in the other slot is now below the floor: withdrawn, no rollback
+    assert document["slots"]["a"]["status"] == "bad"
+    one_line_error(updater(device, "rollback"), "slot a holds no intact previous release (bad)")
 
 
 def test_mark_bad_of_the_last_good_slot_needs_force(make_device: MakeDevice) -> None:
@@ -475,7 +476,9 @@ def test_rollback_below_the_installed_security_version_is_refused(
 ) -> None:
     device = make_device("grub")
     device.install(releases.bundle("2.0.0", security_version=4))
-    one_line_error(updater(device, "rollback"), "below the installed 4: rollback refused")
+    # the commit that raised the floor to 4 withdrew slot a's 1.0.0 (security version 1)
+    assert status(device)["slots"]["a"]["status"] == "bad"
+    one_line_error(updater(device, "rollback"), "slot a holds no intact previous release (bad)")
     assert status(device)["primary"] == "b"
 
 

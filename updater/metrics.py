@@ -22,6 +22,9 @@ Every series is prefixed ``fleet_updater_``:
                                                    fallback configuration is running)
 ``config_drift``                                   1: the configuration file changed since the
                                                    updater loaded it (it runs another one)
+``boot_state_problem``                             1: the boot state (grubenv, U-Boot environment,
+                                                   autoboot.txt) reads damaged or missing, until
+                                                   the boot check or ``repair`` rebuilds it
 ``info{version,backend,compatible}``               1; describes this updater
 =================================================  ==============================================
 
@@ -202,6 +205,12 @@ class UpdaterMetrics:
             "1 when the configuration file no longer matches the one the updater runs",
             registry=registry,
         )
+        self._boot_state_problem = Gauge(
+            f"{PREFIX}_boot_state_problem",
+            "1 while the boot state reads damaged or missing (rebuilt from the state store by "
+            "the boot check or fleet-updater repair)",
+            registry=registry,
+        )
         self._info = Info(PREFIX, "The updater on this device", registry=registry)
         self.set_update_state("idle")
         self._temperature.set(math.nan)
@@ -300,6 +309,10 @@ class UpdaterMetrics:
         and whether the file now differs from the configuration in use."""
         self._config_problems.set(problems)
         self._config_drift.set(1 if drift else 0)
+
+    def set_boot_state_problem(self, problem: bool) -> None:
+        """Whether the boot state reads damaged or missing now."""
+        self._boot_state_problem.set(1 if problem else 0)
 
     # --- publishing -------------------------------------------------------------------
 

@@ -243,6 +243,7 @@ class Runtime:
         with contextlib.suppress(OSError):
             metrics.set_free_space(self.config.data_dir, free_space_mb(self.config.data_dir) << 20)
         metrics.set_crash_loop_restarts(document["recent_starts"])
+        metrics.set_boot_state_problem(document["bootloader_problem"] is not None)
         metrics.set_config(
             problems=len(self.loaded.problems),
             drift=_file_sha256(self.loaded.source) != self.config_sha256,

@@ -710,3 +710,19 @@ def test_repair_rebuilds_the_boot_state_from_the_store(
     assert view.committed == "b" and set(view.bootable) == {"a", "b"}
     result = updater(device, "repair", "--force")
     assert "boot state rebuilt: primary b, fallback a" in result.stdout
+
+
+def test_a_damaged_boot_state_shows_in_the_metrics_until_repaired(
+    make_device: MakeDevice, tmp_path: Path
+) -> None:
+    device = make_device("grub")
+    textfile = tmp_path / "fleet_updater.prom"
+    device.config = dataclasses.replace(device.config, metrics_textfile=textfile)
+    device.runtime().publish_metrics()
+    assert "fleet_updater_boot_state_problem 0.0" in textfile.read_text()
+    Path(device.config.bootloader["grubenv"]).unlink()
+    device.runtime().publish_metrics()
+    assert "fleet_updater_boot_state_problem 1.0" in textfile.read_text()
+    assert updater(device, "repair").exit_code == 0
+    device.runtime().publish_metrics()
+    assert "fleet_updater_boot_state_problem 0.0" in textfile.read_text()

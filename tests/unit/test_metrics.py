@@ -153,6 +153,11 @@ def test_server_and_config(registry: CollectorRegistry, metrics: UpdaterMetrics)
     assert value(registry, "fleet_updater_config_drift") == 1
     metrics.set_config(problems=0, drift=False)
     assert value(registry, "fleet_updater_config_drift") == 0
+    assert value(registry, "fleet_updater_boot_state_problem") == 0
+    metrics.set_boot_state_problem(True)
+    assert value(registry, "fleet_updater_boot_state_problem") == 1
+    metrics.set_boot_state_problem(False)
+    assert value(registry, "fleet_updater_boot_state_problem") == 0
 
 
 @pytest.mark.parametrize(
@@ -195,6 +200,7 @@ EXPECTED_FAMILIES = {
     "fleet_updater_server_unreachable_seconds",
     "fleet_updater_config_problems",
     "fleet_updater_config_drift",
+    "fleet_updater_boot_state_problem",
     "fleet_updater_info",
 }
 

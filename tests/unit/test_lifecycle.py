@@ -423,19 +423,23 @@ def test_a_backend_that_cannot_repair_says_so(lab: Lab) -> None:
 
 
 @pytest.mark.parametrize(
-    "other",
+    ("other", "reason"),
     [
-        {"status": "bad", "security_version": 1},
-        {"status": "empty"},
-        {"status": "installing", "security_version": 1},
-        {"status": "good", "security_version": 0},  # below the floor
+        ({"status": "bad", "security_version": 1}, "slot a is bad"),
+        ({"status": "empty"}, None),  # nothing known against it, but nothing to boot either
+        ({"status": "installing", "security_version": 1}, "slot a is installing"),
+        (
+            {"status": "good", "security_version": 0},
+            "slot a holds security version 0, below the installed 1",
+        ),
     ],
 )
 def test_a_commit_withdraws_a_fallback_the_store_does_not_vouch_for(
-    tmp_path: Path, other: dict[str, Any]
+    tmp_path: Path, other: dict[str, Any], reason: str | None
 ) -> None:
-    # a U-Boot script that started afresh made both slots bootable again
+    # a U-Boot script that started afresh made both slots bootable again, one attempt left
     lab = Lab(tmp_path, booted="b")
+    lab.backend.attempts_left = lambda slot: 1  # type: ignore[method-assign]
     state = lab.state(b={"status": "trial", "security_version": 1}).with_slot("a", **other)
     saved = lab.lifecycle.commit(state, "b")
     assert lab.steps == [
@@ -447,6 +451,7 @@ def test_a_commit_withdraws_a_fallback_the_store_does_not_vouch_for(
     assert saved.slot("a").status == "bad"
     (event,) = [e for e in lab.lifecycle.log.events if e["event"] == "slot.fallback_withdrawn"]  # type: ignore[attr-defined]
     assert (event["level"], event["slot"], event["status"]) == ("warning", "a", other["status"])
+    assert event["reason"] == reason
 
 
 @pytest.mark.parametrize(

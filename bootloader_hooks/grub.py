@@ -91,7 +91,7 @@ from bootloader_hooks.errors import BootloaderError, BootStateMissingError, Unkn
 from fleet_core import durable
 
 NAME = "grub"
-_WHO = "grub backend"
+WHO = "grub backend"
 
 DEFAULT_GRUBENV = "/boot/efi/EFI/fleet/grubenv"
 DEFAULT_CMDLINE = "/proc/cmdline"
@@ -185,7 +185,7 @@ def default_block(
         )
     other = other_slot(primary)
     if fallback not in (None, other):
-        raise UnknownSlotError(f"{_WHO}: fallback {fallback!r} is not the other root slot")
+        raise UnknownSlotError(f"{WHO}: fallback {fallback!r} is not the other root slot")
     counts = {primary: attempts, other: attempts if fallback == other else 0}
     return grubenv.EnvBlock.new().update(
         {
@@ -212,7 +212,7 @@ class GrubBackend:
         attempts: int = DEFAULT_ATTEMPTS,
     ) -> None:
         if type(attempts) is not int or not 1 <= attempts <= MAX_ATTEMPTS:
-            raise BootloaderError(f"{_WHO}: attempts must be 1 to {MAX_ATTEMPTS}, not {attempts!r}")
+            raise BootloaderError(f"{WHO}: attempts must be 1 to {MAX_ATTEMPTS}, not {attempts!r}")
         self.grubenv_path = grubenv_path
         self.cmdline = cmdline
         self.attempts = attempts
@@ -228,11 +228,11 @@ class GrubBackend:
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise BootloaderError(
-                f"{_WHO}: unknown option {unknown[0]!r} (known: {', '.join(known)})"
+                f"{WHO}: unknown option {unknown[0]!r} (known: {', '.join(known)})"
             )
         attempts = options.get("attempts", DEFAULT_ATTEMPTS)
         if type(attempts) is not int:
-            raise BootloaderError(f"{_WHO}: option 'attempts' must be an integer, not {attempts!r}")
+            raise BootloaderError(f"{WHO}: option 'attempts' must be an integer, not {attempts!r}")
         return cls(
             grubenv_path=_path_option(options, "grubenv", DEFAULT_GRUBENV),
             cmdline=_path_option(options, "cmdline", DEFAULT_CMDLINE),
@@ -242,7 +242,7 @@ class GrubBackend:
     # Questions.
 
     def booted(self) -> str:
-        return read_kernel_cmdline_slot(self.cmdline, _WHO)
+        return read_kernel_cmdline_slot(self.cmdline, WHO)
 
     def primary(self) -> str | None:
         return primary_in(self._variables())
@@ -252,7 +252,7 @@ class GrubBackend:
         return booted != SAFE_SLOT and trial_in(self._variables()) == booted
 
     def attempts_left(self, slot: str) -> int:
-        check_root_slot(_WHO, slot)
+        check_root_slot(WHO, slot)
         return attempts_in(self._variables(), slot)
 
     # Actions: each one atomic write of the whole block.
@@ -265,7 +265,7 @@ class GrubBackend:
             BootStateCorruptError: the block is damaged (see :meth:`repair`) or full.
             BootloaderError: the block cannot be read or written.
         """
-        check_root_slot(_WHO, slot)
+        check_root_slot(WHO, slot)
         block = self._load()
         self._store(block.update(try_once_changes(block.variables(), slot, self.attempts)))
 
@@ -274,7 +274,7 @@ class GrubBackend:
 
         Raises: as :meth:`try_once`.
         """
-        check_root_slot(_WHO, slot)
+        check_root_slot(WHO, slot)
         block = self._load()
         self._store(block.update(commit_changes(block.variables(), slot, self.attempts)))
 
@@ -283,7 +283,7 @@ class GrubBackend:
 
         Raises: as :meth:`try_once`.
         """
-        check_root_slot(_WHO, slot)
+        check_root_slot(WHO, slot)
         block = self._load()
         self._store(block.update(mark_bad_changes(block.variables(), slot)))
 
@@ -299,7 +299,7 @@ class GrubBackend:
             BootloaderError: the block cannot be written.
         """
         if primary is not None:
-            check_root_slot(_WHO, primary)
+            check_root_slot(WHO, primary)
         self._store(default_block(primary, self.attempts, fallback))
 
     def reboot_command(self) -> list[str]:
@@ -319,21 +319,21 @@ class GrubBackend:
         except FileNotFoundError:
             # GRUB boots the safe-mode slot without it; which slot is good only the updater
             # knows: a read never makes one up (repair does, from the state store)
-            raise BootStateMissingError(f"{_WHO}: {self.grubenv_path} is missing") from None
+            raise BootStateMissingError(f"{WHO}: {self.grubenv_path} is missing") from None
         except BootloaderError as err:
-            raise type(err)(f"{_WHO}: {err}") from err
+            raise type(err)(f"{WHO}: {err}") from err
 
     def _store(self, block: grubenv.EnvBlock) -> None:
         try:
             grubenv.write(self.grubenv_path, block)
         except BootloaderError as err:
-            raise type(err)(f"{_WHO}: {err}") from err
+            raise type(err)(f"{WHO}: {err}") from err
 
 
 def _path_option(options: Mapping[str, Any], key: str, default: str) -> Path:
     value = options.get(key, default)
     if not isinstance(value, str | os.PathLike) or not os.fspath(value):
-        raise BootloaderError(f"{_WHO}: option {key!r} must be a path, not {value!r}")
+        raise BootloaderError(f"{WHO}: option {key!r} must be a path, not {value!r}")
     return Path(value)
 
 
@@ -377,7 +377,7 @@ def _plain(field: str, value: str, *, words: bool = False) -> str:
     parts = value.split(" ") if words else [value]
     if not all(_PLAIN_WORD.fullmatch(part) for part in parts):
         raise BootloaderError(
-            f"{_WHO}: {field} {value!r} may hold only letters, digits and '_.,/()=:+@%-'"
+            f"{WHO}: {field} {value!r} may hold only letters, digits and '_.,/()=:+@%-'"
             + (" (words separated by single spaces)" if words else "")
         )
     return value
@@ -441,9 +441,9 @@ def grub_cfg(
     """
     missing = [slot for slot in ALL_SLOTS if slot not in entries]
     if missing or len(entries) != len(ALL_SLOTS):
-        raise BootloaderError(f"{_WHO}: grub.cfg needs exactly the entries {', '.join(ALL_SLOTS)}")
+        raise BootloaderError(f"{WHO}: grub.cfg needs exactly the entries {', '.join(ALL_SLOTS)}")
     if not _ENV_FILE.fullmatch(env_file):
-        raise BootloaderError(f"{_WHO}: env_file {env_file!r} holds characters GRUB interprets")
+        raise BootloaderError(f"{WHO}: env_file {env_file!r} holds characters GRUB interprets")
     left_vars = " ".join(left_var(slot) for slot in ROOT_SLOTS)
     lines = [
         "# Metrica Fleet boot selection, installed by the grub backend (bootloader_hooks.grub).",
@@ -503,7 +503,7 @@ def install_files(
         directory.mkdir(parents=True, exist_ok=True)
         durable.atomic_write(cfg_path, text.encode())
     except OSError as err:
-        raise BootloaderError(f"{_WHO}: cannot write {cfg_path}: {err.strerror}") from err
+        raise BootloaderError(f"{WHO}: cannot write {cfg_path}: {err.strerror}") from err
     if not env_path.exists():
         GrubBackend(env_path, attempts=attempts).repair(primary)
     return cfg_path, env_path

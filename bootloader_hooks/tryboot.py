@@ -120,7 +120,7 @@ from bootloader_hooks.errors import BootloaderError
 from fleet_core import durable
 
 NAME = "tryboot"
-BACKEND = "tryboot backend"
+WHO = "tryboot backend"
 STATE_FILE = "tryboot-state.json"
 SHADOW_FILE = "autoboot.txt.shadow"
 STATE_FORMAT = "metrica-fleet tryboot state"
@@ -241,14 +241,14 @@ class TrybootBackend:
         partition = self._dt_u32("partition")
         if partition is None:
             raise BootloaderError(
-                f"{BACKEND}: {self._dt_path('partition')} is missing "
+                f"{WHO}: {self._dt_path('partition')} is missing "
                 "(not started by the Raspberry Pi EEPROM bootloader?)"
             )
         try:
             return self._slot_of[partition]
         except KeyError:
             raise BootloaderError(
-                f"{BACKEND}: the firmware booted partition {partition}, no slot's boot partition"
+                f"{WHO}: the firmware booted partition {partition}, no slot's boot partition"
             ) from None
 
     def primary(self) -> str | None:
@@ -264,7 +264,7 @@ class TrybootBackend:
 
     def attempts_left(self, slot: str) -> int:
         """Trial boots left for the armed slot; ``attempts`` for a good one; 0 for a bad one."""
-        check_root_slot(BACKEND, slot)
+        check_root_slot(WHO, slot)
         state = self._state()
         if state.armed == slot:
             return state.attempts_left
@@ -295,7 +295,7 @@ class TrybootBackend:
         """
         for slot in (primary, fallback):
             if slot is not None:
-                check_root_slot(BACKEND, slot)
+                check_root_slot(WHO, slot)
         partition = self._partition(SAFE_SLOT if primary is None else primary)
         self.autoboot.store(AutobootConfig(partition, partition))
         self._save(TrialState(good=frozenset(s for s in (primary, fallback) if s is not None)))
@@ -320,9 +320,9 @@ class TrybootBackend:
             UnknownSlotError: ``slot`` is not a root slot.
             BootloaderError: ``slot`` is running now, or the state cannot be written.
         """
-        check_root_slot(BACKEND, slot)
+        check_root_slot(WHO, slot)
         if self.booted() == slot:
-            raise BootloaderError(f"{BACKEND}: cannot try slot {slot}: it is running now")
+            raise BootloaderError(f"{WHO}: cannot try slot {slot}: it is running now")
         config = self.autoboot.load()
         state = self._state()
         self._save(
@@ -350,11 +350,11 @@ class TrybootBackend:
             BootloaderError: ``slot`` is not the running slot (only a slot that booted and
                 passed its checks is committed), or a write fails.
         """
-        check_root_slot(BACKEND, slot)
+        check_root_slot(WHO, slot)
         booted = self.booted()
         if booted != slot:
             raise BootloaderError(
-                f"{BACKEND}: refusing to commit slot {slot}: the running slot is {booted}"
+                f"{WHO}: refusing to commit slot {slot}: the running slot is {booted}"
             )
         config = self.autoboot.load()
         state = self._state()
@@ -380,7 +380,7 @@ class TrybootBackend:
             UnknownSlotError: ``slot`` is not a root slot.
             BootloaderError: a write fails.
         """
-        check_root_slot(BACKEND, slot)
+        check_root_slot(WHO, slot)
         result = TrialResult.REJECTED
         if self._state().armed == slot:
             # Given up after a fall-back: keep what the fall-back says about the trial.
@@ -494,11 +494,9 @@ class TrybootBackend:
         except FileNotFoundError:
             return None
         except OSError as err:
-            raise BootloaderError(f"{BACKEND}: cannot read {path}: {err.strerror}") from err
+            raise BootloaderError(f"{WHO}: cannot read {path}: {err.strerror}") from err
         if len(data) != 4:
-            raise BootloaderError(
-                f"{BACKEND}: {path} holds {len(data)} bytes, not a 32-bit integer"
-            )
+            raise BootloaderError(f"{WHO}: {path} holds {len(data)} bytes, not a 32-bit integer")
         value: int = struct.unpack(">I", data)[0]
         return value
 
@@ -508,9 +506,9 @@ class TrybootBackend:
             boot_id = path.read_text().strip()
         except (OSError, UnicodeDecodeError) as err:
             reason = getattr(err, "strerror", None) or str(err)
-            raise BootloaderError(f"{BACKEND}: cannot read {path}: {reason}") from err
+            raise BootloaderError(f"{WHO}: cannot read {path}: {reason}") from err
         if not boot_id:
-            raise BootloaderError(f"{BACKEND}: {path} is empty")
+            raise BootloaderError(f"{WHO}: {path} is empty")
         return boot_id
 
     def _state(self) -> TrialState:
@@ -525,9 +523,7 @@ class TrybootBackend:
         except FileNotFoundError:
             return self._default_state()
         except OSError as err:
-            raise BootloaderError(
-                f"{BACKEND}: cannot read {self._state_path}: {err.strerror}"
-            ) from err
+            raise BootloaderError(f"{WHO}: cannot read {self._state_path}: {err.strerror}") from err
         try:
             return TrialState.from_dict(json.loads(data))
         except (ValueError, TypeError, KeyError, RecursionError) as err:
@@ -553,7 +549,7 @@ class TrybootBackend:
             durable.atomic_write(self._state_path, state.to_bytes())
         except OSError as err:
             raise BootloaderError(
-                f"{BACKEND}: cannot write {self._state_path}: {err.strerror}"
+                f"{WHO}: cannot write {self._state_path}: {err.strerror}"
             ) from err
 
 
@@ -568,9 +564,9 @@ def _config_from_options(options: Mapping[str, Any]) -> TrybootConfig:
     unknown = sorted(set(options) - set(_KNOWN_OPTIONS))
     if unknown:
         known = ", ".join(k for k in _KNOWN_OPTIONS if k != "backend")
-        raise BootloaderError(f"{BACKEND}: unknown option {unknown[0]!r} (known: {known})")
+        raise BootloaderError(f"{WHO}: unknown option {unknown[0]!r} (known: {known})")
     if options.get("backend", NAME) != NAME:
-        raise BootloaderError(f"{BACKEND}: option 'backend' is {options['backend']!r}")
+        raise BootloaderError(f"{WHO}: option 'backend' is {options['backend']!r}")
     values: dict[str, Any] = {}
     for key in _PATH_OPTIONS:
         if key in options:
@@ -584,13 +580,13 @@ def _config_from_options(options: Mapping[str, Any]) -> TrybootConfig:
         attempts = options["attempts"]
         if type(attempts) is not int or attempts < 1:
             raise BootloaderError(
-                f"{BACKEND}: option 'attempts' must be an integer >= 1, got {attempts!r}"
+                f"{WHO}: option 'attempts' must be an integer >= 1, got {attempts!r}"
             )
         values["attempts"] = attempts
     trial_command = values.get("reboot_command", TrybootConfig.reboot_command)
     if "tryboot" not in " ".join(trial_command).split():
         raise BootloaderError(
-            f"{BACKEND}: option 'reboot_command' must pass 'tryboot' to the firmware "
+            f"{WHO}: option 'reboot_command' must pass 'tryboot' to the firmware "
             f'(like reboot "0 tryboot"), got {list(trial_command)!r}'
         )
     return TrybootConfig(**values)
@@ -599,7 +595,7 @@ def _config_from_options(options: Mapping[str, Any]) -> TrybootConfig:
 def _path_option(options: Mapping[str, Any], key: str) -> Path:
     value = options[key]
     if not isinstance(value, str | Path) or not str(value):
-        raise BootloaderError(f"{BACKEND}: option {key!r} must be a path, got {value!r}")
+        raise BootloaderError(f"{WHO}: option {key!r} must be a path, got {value!r}")
     return Path(value)
 
 
@@ -611,7 +607,7 @@ def _command_option(options: Mapping[str, Any], key: str) -> tuple[str, ...]:
         or not all(isinstance(word, str) and word for word in value)
     ):
         raise BootloaderError(
-            f"{BACKEND}: option {key!r} must be a non-empty list of strings, got {value!r}"
+            f"{WHO}: option {key!r} must be a non-empty list of strings, got {value!r}"
         )
     return tuple(value)
 
@@ -620,17 +616,17 @@ def _partitions_option(value: Any) -> dict[str, int]:
     expected = ", ".join(ALL_SLOTS)
     if not isinstance(value, Mapping) or set(value) != set(ALL_SLOTS):
         raise BootloaderError(
-            f"{BACKEND}: option 'partitions' must map exactly the slots {expected} "
+            f"{WHO}: option 'partitions' must map exactly the slots {expected} "
             f"to partition numbers, got {value!r}"
         )
     for slot, partition in value.items():
         if type(partition) is not int or not MIN_PARTITION <= partition <= MAX_PARTITION:
             raise BootloaderError(
-                f"{BACKEND}: option 'partitions': slot {slot} must be a partition number "
+                f"{WHO}: option 'partitions': slot {slot} must be a partition number "
                 f"{MIN_PARTITION}-{MAX_PARTITION}, got {partition!r}"
             )
     if len(set(value.values())) != len(ALL_SLOTS):
-        raise BootloaderError(f"{BACKEND}: option 'partitions' gives two slots one partition")
+        raise BootloaderError(f"{WHO}: option 'partitions' gives two slots one partition")
     return dict(value)
 
 

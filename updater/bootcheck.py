@@ -48,7 +48,6 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from bootloader_hooks.base import SAFE_SLOT, BootSelector, TrialRetry
-from bootloader_hooks.errors import BootStateCorruptError
 from updater.device import run_reboot
 from updater.lifecycle import SlotLifecycle, unvouched
 from updater.log import EventSink
@@ -130,10 +129,9 @@ class BootChecker:
         state = loaded.state
         booted = self.backend.booted()
         repaired_primary: str | None = None
-        try:
-            self.backend.primary()
-        except BootStateCorruptError as damage:
-            repaired_primary, _ = self.lifecycle.repair_boot_state(state, str(damage))
+        problem = self.lifecycle.boot_state_problem()
+        if problem is not None:
+            repaired_primary, _ = self.lifecycle.repair_boot_state(state, problem)
         trial = booted != SAFE_SLOT and self.backend.is_trial()
         if trial and isinstance(self.backend, TrialRetry):
             self.backend.mark_trial_started()

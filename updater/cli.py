@@ -17,7 +17,6 @@ from typing import Any
 import click
 
 from bootloader_hooks.base import ROOT_SLOTS, other_slot
-from bootloader_hooks.errors import BootStateCorruptError
 from fleet_core.cli import FleetGroup
 from fleet_core.errors import FleetError
 from updater.config import DEFAULT_CONFIG_PATH, UpdaterConfig, load_config
@@ -210,11 +209,7 @@ def repair(ctx: click.Context, force: bool) -> None:
     behind it. The boot check does the same at every boot; nothing else writes it anew."""
     runtime = _runtime(ctx, log_to_stdout=False)
     with update_lock(runtime.config.data_dir):
-        try:
-            runtime.backend.primary()
-            problem = None
-        except BootStateCorruptError as damage:
-            problem = str(damage)
+        problem = runtime.lifecycle.boot_state_problem()
         if problem is None and not force:
             click.echo("boot state intact: nothing to repair")
             return

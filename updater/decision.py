@@ -21,6 +21,7 @@ from updater.client import (
     Assignment,
 )
 from updater.history import MAX_INTERRUPTED, ReleaseHistory
+from updater.lifecycle import fallback_vouched
 from updater.state import DeviceState
 
 
@@ -68,7 +69,7 @@ def decide(
     if other.status in ("installed", "trial"):
         return Decision("skip", "armed for its trial boot: waiting for the reboot")
     if other.status == "good":
-        if (other.security_version or 0) < state.installed_security_version:
+        if not fallback_vouched(state, other_slot(booted)):
             return Decision("skip", "below the installed security version", fail=True)
         return Decision("flip", "intact in the other slot")
     # installing or bad: did our own install stop for a reason that is not the release's?

@@ -48,7 +48,7 @@ from updater.errors import (
     SlotError,
 )
 from updater.fetch import MirroredStream, open_source
-from updater.lifecycle import SlotLifecycle
+from updater.lifecycle import SlotLifecycle, below_floor
 from updater.log import EventSink
 from updater.slots import SlotTarget, check_not_mounted_root, slot_targets
 from updater.state import DeviceState, StateStore
@@ -165,11 +165,9 @@ class Installer:
             raise BundleCompatibilityError(
                 f"bundle is for {manifest.compatible!r}, this device is {self.config.compatible!r}"
             )
-        if manifest.security_version < state.installed_security_version:
-            raise BundleCompatibilityError(
-                f"security version {manifest.security_version} is below the installed "
-                f"{state.installed_security_version}: downgrade refused"
-            )
+        below = below_floor(state, manifest.security_version)
+        if below is not None:
+            raise BundleCompatibilityError(f"{below}: downgrade refused")
         booted = self.backend.booted()
         if booted not in ("a", "b"):
             raise SlotError(f"running from slot {booted!r}: install only from a root slot")

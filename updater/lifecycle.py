@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from bootloader_hooks.base import ROOT_SLOTS, SAFE_SLOT, BootSelector, Repairable, other_slot
+from bootloader_hooks.errors import BootStateCorruptError
 from updater.errors import SlotStateError
 from updater.log import EventSink
 from updater.state import DeviceState, StateStore
@@ -122,12 +123,17 @@ def unvouched(state: DeviceState, slot: str) -> str | None:
     status = status_of(state, slot)
     if status in (SlotStatus.BAD, SlotStatus.INSTALLING):
         return f"slot {slot} is {status}"
-    security_version = state.slot(slot).security_version or 0
-    if security_version < state.installed_security_version:
-        return (
-            f"slot {slot} holds security version {security_version}, below the installed "
-            f"{state.installed_security_version}"
-        )
+    below = below_floor(state, state.slot(slot).security_version)
+    return None if below is None else f"slot {slot} holds a release whose {below}"
+
+
+def below_floor(state: DeviceState, security_version: int | None) -> str | None:
+    """``security version N is below the installed F`` when a release of ``security_version``
+    (``None``: not known, so 0) is below the anti-rollback floor, else ``None``. The one
+    comparison with the floor: installs, recovery, rollbacks and commits all ask this."""
+    floor = state.installed_security_version
+    if (security_version or 0) < floor:
+        return f"security version {security_version or 0} is below the installed {floor}"
     return None
 
 
@@ -166,12 +172,18 @@ class SlotLifecycle:
 
     @staticmethod
     def check_floor(state: DeviceState, security_version: int | None, what: str) -> None:
-        floor = state.installed_security_version
-        if (security_version or 0) < floor:
-            raise SlotStateError(
-                f"security version {security_version or 0} is below the installed {floor}: "
-                f"{what} refused"
-            )
+        below = below_floor(state, security_version)
+        if below is not None:
+            raise SlotStateError(f"{below}: {what} refused")
+
+    def boot_state_problem(self) -> str | None:
+        """What is wrong with the boot state (damaged, or missing), or ``None`` when it reads
+        intact. Reads only: :meth:`repair_boot_state` is what rebuilds it."""
+        try:
+            self.backend.primary()
+        except BootStateCorruptError as damage:
+            return str(damage)
+        return None
 
     # --- verbs -------------------------------------------------------------------------------
 

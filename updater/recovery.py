@@ -46,6 +46,7 @@ from updater.device import run_reboot
 from updater.errors import InstallAbandonedError, InstallError, PreconditionError, SlotError
 from updater.fetch import open_source
 from updater.install import Installer, check_blob_urls, checked_targets
+from updater.lifecycle import below_floor
 from updater.log import EventSink
 from updater.state import DeviceState, StateStore
 
@@ -106,11 +107,9 @@ class Recovery:
             raise BundleCompatibilityError(
                 f"bundle is for {manifest.compatible!r}, this device is {self.config.compatible!r}"
             )
-        if manifest.security_version < state.installed_security_version:
-            raise BundleCompatibilityError(
-                f"security version {manifest.security_version} is below the installed "
-                f"{state.installed_security_version}: recovery refused"
-            )
+        below = below_floor(state, manifest.security_version)
+        if below is not None:
+            raise BundleCompatibilityError(f"{below}: recovery refused")
         if manifest.image("rootfs") is None:
             raise SlotError("bundle has no rootfs image")
         return manifest, keyring
@@ -128,13 +127,6 @@ class Recovery:
             if attempts == 0 or state.slot(slot).status != "good":
                 return slot
         return ROOT_SLOTS[0]
-
-    def _boot_state_damaged(self) -> bool:
-        try:
-            self.backend.primary()
-        except BootStateCorruptError:
-            return True
-        return False
 
     def recover(self, source: str, *, slot: str | None = None,
                 reboot: bool = True) -> RecoveryResult:  # fmt: skip
@@ -199,7 +191,7 @@ class Recovery:
             preflight(manifest)
         target = self.choose_target(state, slot)
         targets = checked_targets(self.config, manifest, target)
-        damaged = self._boot_state_damaged()
+        damaged = self.installer.lifecycle.boot_state_problem() is not None
         self.log.event("recovery.verified", version=manifest.version, slot=target,
                        boot_state_damaged=damaged)  # fmt: skip
         state = self.installer.lifecycle.begin_install(

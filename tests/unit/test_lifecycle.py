@@ -258,9 +258,9 @@ def test_the_floor_only_ever_rises(floor: int, security_version: int | None, exp
         ({"status": "installing", "security_version": 5}, "^slot b is installing: commit"),
         (
             {"status": "good", "security_version": 0},
-            "^slot b holds security version 0, below the installed 1: commit refused$",
+            "^slot b holds a release whose security version 0 is below the installed 1: commit refused$",
         ),
-        ({"status": "trial"}, "^slot b holds security version 0, below the installed 1"),
+        ({"status": "trial"}, "^slot b holds a release whose security version 0 is below the installed 1"),
     ],
 )
 def test_a_slot_the_store_does_not_vouch_for_is_never_committed(
@@ -430,7 +430,7 @@ def test_a_backend_that_cannot_repair_says_so(lab: Lab) -> None:
         ({"status": "installing", "security_version": 1}, "slot a is installing"),
         (
             {"status": "good", "security_version": 0},
-            "slot a holds security version 0, below the installed 1",
+            "slot a holds a release whose security version 0 is below the installed 1",
         ),
     ],
 )

@@ -9,8 +9,8 @@ from typing import Any
 
 from bootloader_hooks.autoboot import AutobootConfig, install_file
 from bootloader_hooks.base import FirmwareModel
-from bootloader_hooks.grub import install_files
 from bootloader_hooks.grub_model import GrubModel
+from bootloader_hooks.grub_script import install_files
 from bootloader_hooks.tryboot_model import TrybootFirmware
 from bootloader_hooks.uboot import UBootBackend
 from bootloader_hooks.uboot_model import DEFAULT_ENVIRONMENT, UBootModel

@@ -150,7 +150,8 @@ def _grub_boot_files(kernel_options: str, attempts: int) -> dict[str, bytes]:
     """grub.cfg and a grubenv with slot A committed, under the ESP directory GRUB reads."""
     from dataclasses import replace
 
-    from bootloader_hooks.grub import DEFAULT_ENTRIES, ESP_DIRECTORY, default_block, grub_cfg
+    from bootloader_hooks.grub import ESP_DIRECTORY, default_block
+    from bootloader_hooks.grub_script import DEFAULT_ENTRIES, grub_cfg
 
     entries = {
         slot: replace(entry, options=kernel_options) for slot, entry in DEFAULT_ENTRIES.items()

@@ -31,8 +31,9 @@ from typing import Any, TextIO
 
 from bootloader_hooks import grubenv
 from bootloader_hooks.base import BootCause, BootEvent
-from bootloader_hooks.grub import DEFAULT_ENTRIES, ESP_DIRECTORY, default_block, grub_cfg
+from bootloader_hooks.grub import ESP_DIRECTORY, default_block
 from bootloader_hooks.grub_model import GrubModel
+from bootloader_hooks.grub_script import DEFAULT_ENTRIES, grub_cfg
 from chaos.qemu.fat import FatReadError, read_file
 from chaos.qemu.guest import (
     COMPATIBLE,

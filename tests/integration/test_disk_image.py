@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bootloader_hooks import autoboot, grub, grubenv
+from bootloader_hooks import autoboot, grub, grub_script, grubenv
 from fleet_core.cli import fleet
 from image_builder.disk import (
     ESP_TYPE,
@@ -105,9 +105,9 @@ def test_grub_disk_has_the_reference_layout_and_the_backends_files(
     esp = offsets[0]
     efi = read_fat(disk, esp, "EFI/BOOT/BOOTX64.EFI")
     assert efi[:2] == b"MZ", "not a PE/COFF EFI binary"
-    entries = {slot: grub.SlotEntry(e.kernel, e.initrd, e.root, "ro console=ttyS0")
-               for slot, e in grub.DEFAULT_ENTRIES.items()}  # fmt: skip
-    assert read_fat(disk, esp, "EFI/fleet/grub.cfg").decode() == grub.grub_cfg(entries)
+    entries = {slot: grub_script.SlotEntry(e.kernel, e.initrd, e.root, "ro console=ttyS0")
+               for slot, e in grub_script.DEFAULT_ENTRIES.items()}  # fmt: skip
+    assert read_fat(disk, esp, "EFI/fleet/grub.cfg").decode() == grub_script.grub_cfg(entries)
     env = tmp_path / "grubenv"
     env.write_bytes(read_fat(disk, esp, "EFI/fleet/grubenv"))
     variables = grubenv.read(env).variables()
@@ -142,7 +142,7 @@ def test_grub_reads_every_entrys_kernel_where_grub_cfg_names_it(
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     for slot, image in (("a", "root.ext4"), ("safe", "safe.squashfs")):
-        entry = grub.DEFAULT_ENTRIES[slot]
+        entry = grub_script.DEFAULT_ENTRIES[slot]
         for file, what in ((entry.kernel, "kernel"), (entry.initrd, "initrd")):
             # grub-fstest calls the disk it is given loop0; grub.cfg calls it hd0.
             name = file.replace("(hd0,", "(loop0,")

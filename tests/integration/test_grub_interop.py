@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 from bootloader_hooks import grubenv
 from bootloader_hooks.base import BootCause, BootEvent
-from bootloader_hooks.grub import DEFAULT_ENTRIES, GrubBackend, SlotEntry, grub_cfg, install_files
+from bootloader_hooks.grub import GrubBackend
 from bootloader_hooks.grub_model import GrubModel
+from bootloader_hooks.grub_script import DEFAULT_ENTRIES, SlotEntry, grub_cfg, install_files
 from bootloader_hooks.grubenv import BLOCK_SIZE, EnvBlock, GrubenvFullError
 
 TRICKY = {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bootloader_hooks import uboot, ubootenv
+from bootloader_hooks import uboot, uboot_script, ubootenv
 from bootloader_hooks.base import BootCause, BootEvent
 from bootloader_hooks.uboot import UBootBackend
 from bootloader_hooks.uboot_model import UBootModel
@@ -291,14 +291,14 @@ def test_mender_takeover_during_a_mender_trial(tmp_path: Path) -> None:
 
 
 def test_boot_script_compiles_with_mkimage(tmp_path: Path) -> None:
-    text = uboot.boot_script()
+    text = uboot_script.boot_script()
     image = tmp_path / "boot.scr"
-    uboot.compile_boot_script(text, image, timestamp=1_700_000_000)
+    uboot_script.compile_boot_script(text, image, timestamp=1_700_000_000)
     listing = run("dumpimage", "-l", str(image))
     assert "Image Type:   ARM Linux Script (uncompressed)" in listing
-    assert f"Image Name:   {uboot.SCRIPT_NAME}" in listing
+    assert f"Image Name:   {uboot_script.SCRIPT_NAME}" in listing
     assert "Image 0:" in listing
     extracted = tmp_path / "extracted"
     run("dumpimage", "-T", "script", "-p", "0", "-o", str(extracted), str(image))
     assert extracted.read_bytes()[8:] == text.encode()  # after the length table
-    assert image.read_bytes() == uboot.script_image(text, timestamp=1_700_000_000)
+    assert image.read_bytes() == uboot_script.script_image(text, timestamp=1_700_000_000)

@@ -19,15 +19,9 @@ from bootloader_hooks.errors import (
     BootStateMissingError,
     UnknownSlotError,
 )
-from bootloader_hooks.grub import (
-    DEFAULT_ENTRIES,
-    GrubBackend,
-    SlotEntry,
-    default_block,
-    grub_cfg,
-    install_files,
-)
+from bootloader_hooks.grub import GrubBackend, default_block
 from bootloader_hooks.grub_model import GrubModel, GrubModelError, parse_script
+from bootloader_hooks.grub_script import DEFAULT_ENTRIES, SlotEntry, grub_cfg, install_files
 from bootloader_hooks.grubenv import EnvBlock, GrubenvFullError
 from fleet_core import durable
 from fleet_core.durable import rewrite_in_place

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bootloader_hooks import base, uboot, ubootenv
+from bootloader_hooks import base, uboot, uboot_script, ubootenv
 from bootloader_hooks.base import BootCause, BootEvent, BootOutcome
 from bootloader_hooks.errors import (
     BootloaderError,
@@ -590,7 +590,7 @@ def test_model_ignores_a_copy_with_a_bad_crc_and_uses_the_serial(tmp_path: Path)
 
 
 def test_boot_script_implements_the_scheme() -> None:
-    text = uboot.boot_script(attempts=4, devtype="mmc", devnum="1", fdt_file="board.dtb")
+    text = uboot_script.boot_script(attempts=4, devtype="mmc", devnum="1", fdt_file="board.dtb")
     for needle in (
         'test "${FLEET_ENV}" != "1"',
         "setenv BOOT_A_LEFT 4",
@@ -609,11 +609,11 @@ def test_boot_script_implements_the_scheme() -> None:
         assert needle in text
     assert text.index("saveenv") < text.index("setenv bootargs")  # bootargs are never saved
     with pytest.raises(BootloaderError, match="attempts must be 1 to 9"):
-        uboot.boot_script(attempts=12)
+        uboot_script.boot_script(attempts=12)
 
 
 def test_script_image_header() -> None:
-    image = uboot.script_image("echo hi\n", timestamp=1_700_000_000)
+    image = uboot_script.script_image("echo hi\n", timestamp=1_700_000_000)
     header, payload = image[:64], image[64:]
     assert header[:4] == bytes.fromhex("27051956")
     assert int.from_bytes(header[8:12], "big") == 1_700_000_000
@@ -629,8 +629,10 @@ def test_compile_boot_script_without_mkimage(
 ) -> None:
     monkeypatch.setattr("shutil.which", lambda name: None)
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1234")
-    uboot.compile_boot_script("echo hi\n", tmp_path / "boot.scr")
-    assert (tmp_path / "boot.scr").read_bytes() == uboot.script_image("echo hi\n", timestamp=1234)
+    uboot_script.compile_boot_script("echo hi\n", tmp_path / "boot.scr")
+    assert (tmp_path / "boot.scr").read_bytes() == uboot_script.script_image(
+        "echo hi\n", timestamp=1234
+    )
 
 
 # --- corruption never crashes and never half-writes ---------------------------------------------

@@ -26,18 +26,32 @@ Written from the GRUB manual (2.06):
 - "The GRUB environment block", "load_env" (``--file``; names given are a whitelist) and
   "save_env" (saves the named variables; an unset one is removed from the block). GRUB writes
   the block in place, sector by sector, never growing or moving it: here
-  :func:`fleet_core.durable.rewrite_in_place`. A block that cannot be read makes ``load_env``
-  fail and loads nothing; a full one makes ``save_env`` fail and writes nothing.
+  :func:`fleet_core.durable.rewrite_in_place`. A file that cannot be read, or that does not
+  start with the signature line, makes ``load_env`` fail and loads nothing; a full block makes
+  ``save_env`` fail and writes nothing.
+- The block itself, as GRUB's ``grub-core/lib/envblk.c`` reads and changes it (the same code
+  ``grub-editenv`` runs, which the integration tests compare this model with): the signature
+  ``# GRUB Environment Block\\n``, then lines; a line starting with ``#`` is skipped; any other
+  is ``name=value``, the name running to the first ``=``, the value to the first newline not
+  escaped by a backslash (a backslash makes the next byte literal). GRUB stops reading at the
+  first line that has no ``=`` or no end before the end of the file, keeping what it read
+  before; names and values are C strings, so they end at a NUL byte. The file may have any
+  size that holds the signature and one more byte: GRUB reads it whole. ``save_env`` changes
+  the block in a buffer (``grub_envblk_set``: a known name's value is replaced where it stands,
+  moving the rest and the ``#`` padding; a new name is appended after the last line; a
+  backslash or a newline in a value is written with a backslash before it;
+  ``grub_envblk_delete`` closes the gap), fails without writing when a change does not fit or
+  the padding does not follow a newline, and writes the buffer back whole.
+
 - "Commands": ``set``, ``[``/``test`` (``=``, ``!=``), ``linux`` (the kernel gets
   ``BOOT_IMAGE=<file>`` before its arguments) and ``initrd``.
 - GRUB keeps nothing across boots but what is on disk, so every :class:`BootCause` behaves
   alike.
 
-Known simplifications: real GRUB loads the intact lines that come before a damaged one; this
-model, sharing the strict parser of :mod:`bootloader_hooks.grubenv`, loads nothing from a
-damaged block (the script boots safe mode when a count is missing anyway). Paths on the ESP are
-files under ``esp_dir``; the kernels on other partitions are not files here, ``kernel_present``
-says whether one loads. The model does not import the backend.
+Known simplifications: paths on the ESP are files under ``esp_dir``; the kernels on other
+partitions are not files here, ``kernel_present`` says whether one loads. The model reads and
+writes the block with its own code and does not import the backend (``bootloader_hooks.grub``)
+or its block codec (``bootloader_hooks.grubenv``): a mistake there must not be mirrored here.
 """
 
 from __future__ import annotations
@@ -47,7 +61,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bootloader_hooks import grubenv
 from bootloader_hooks.base import ALL_SLOTS, ROOT_SLOTS, BootEvent, BootOutcome
 from bootloader_hooks.errors import BootloaderError
 from fleet_core import durable
@@ -486,23 +499,26 @@ class _Machine:
         if block is None or path is None:
             return 1
         self.env_file = path
-        for name, value in block.variables().items():
+        for name, value in envblk_iterate(block):
             if not whitelist or name in whitelist:
                 self.env[name] = value
         return 0
 
     def cmd_save_env(self, args: list[str]) -> int:
         path, names = self.file_option(args)
+        if not names:
+            return 1  # "no variable is specified"
         block = _read_block(path)
-        if block is None or path is None or not names:
+        if block is None or path is None:
             return 1
-        changes = {name: self.env.get(name) for name in names}
+        for name in names:
+            value = self.env.get(name)
+            if value is None:
+                envblk_delete(block, name)
+            elif not envblk_set(block, name, value):
+                return 1  # "environment block too small": nothing is written
         try:
-            data = block.update(changes).encode(path)
-        except BootloaderError:
-            return 1  # "environment block too small": nothing is written
-        try:
-            durable.rewrite_in_place(path, data)
+            durable.rewrite_in_place(path, bytes(block))
         except OSError:
             return 1  # a disk write error fails the command; the script goes on
         return 0
@@ -582,12 +598,149 @@ def _entry_number(text: str) -> tuple[int, str] | None:
     return int(digits), text[match.end() :]
 
 
-def _read_block(path: Path | None) -> grubenv.EnvBlock | None:
+# ---------------------------------------------------------------------------------------------
+# The environment block, as grub-core/lib/envblk.c handles it.
+
+ENVBLK_SIGNATURE = b"# GRUB Environment Block\n"
+_HASH, _NL, _BACKSLASH, _EQUALS = ord("#"), ord("\n"), ord("\\"), ord("=")
+_TEXT = ("utf-8", "surrogateescape")
+
+
+def envblk_open(data: bytes) -> bytearray | None:
+    """The block as GRUB keeps it in memory, or None where ``grub_envblk_open`` refuses it
+    ("invalid environment block"): shorter than ``sizeof`` the signature (its text and the C
+    string's NUL), or not starting with the signature."""
+    if len(data) < len(ENVBLK_SIGNATURE) + 1 or not data.startswith(ENVBLK_SIGNATURE):
+        return None
+    return bytearray(data)
+
+
+def _next_line(buf: bytearray, position: int) -> int:
+    """``find_next_line``: past the newline ending the line at ``position``; an escaped byte
+    (even a newline) does not end it."""
+    while position < len(buf):
+        if buf[position] == _BACKSLASH:
+            position += 2
+        elif buf[position] == _NL:
+            break
+        else:
+            position += 1
+    return position + 1
+
+
+def _c_string(raw: bytes | bytearray) -> str:
+    return bytes(raw).split(b"\0", 1)[0].decode(*_TEXT)
+
+
+def envblk_iterate(buf: bytearray) -> list[tuple[str, str]]:
+    """``grub_envblk_iterate``: each ``name=value`` line in order, up to the first broken one
+    (no ``=`` before the end, or a value running to the end); what came before is kept."""
+    found: list[tuple[str, str]] = []
+    position, end = len(ENVBLK_SIGNATURE), len(buf)
+    while position < end:
+        if buf[position] != _HASH:
+            name_start = position
+            while position < end and buf[position] != _EQUALS:
+                position += 1
+            if position == end:
+                return found
+            name_end = position
+            position += 1
+            value_start = position
+            while position < end and buf[position] != _NL:
+                position += 2 if buf[position] == _BACKSLASH else 1
+            if position >= end:
+                return found
+            value = bytearray()
+            cursor = value_start
+            while buf[cursor] != _NL:
+                if buf[cursor] == _BACKSLASH:
+                    cursor += 1
+                value.append(buf[cursor])
+                cursor += 1
+            found.append((_c_string(buf[name_start:name_end]), _c_string(value)))
+        position = _next_line(buf, position)
+    return found
+
+
+def _escaped(value: bytes) -> bytes:
+    out = bytearray()
+    for byte in value:
+        if byte in (_BACKSLASH, _NL):
+            out.append(_BACKSLASH)
+        out.append(byte)
+    return bytes(out)
+
+
+def _names_line(buf: bytearray, position: int, name: bytes) -> bool:
+    return buf[position : position + len(name)] == name and buf[position + len(name)] == _EQUALS
+
+
+def envblk_set(buf: bytearray, name: str, value: str) -> bool:
+    """``grub_envblk_set`` on ``buf``, in place; False (``buf`` unchanged) where GRUB fails:
+    the padding does not follow a newline, the line of ``name`` has no end, or no room."""
+    raw_name = name.encode(*_TEXT).split(b"\0", 1)[0]
+    raw_value = _escaped(value.encode(*_TEXT).split(b"\0", 1)[0])
+    name_len, value_len, end = len(raw_name), len(raw_value), len(buf)
+    space = end - 1
+    while buf[space] == _HASH:
+        space -= 1
+    if buf[space] != _NL:
+        return False
+    space += 1
+    position = len(ENVBLK_SIGNATURE)
+    while position + name_len + 1 < space:
+        if _names_line(buf, position, raw_name):
+            position += name_len + 1
+            old_len = 0
+            while position + old_len < end and buf[position + old_len] != _NL:
+                old_len += 2 if buf[position + old_len] == _BACKSLASH else 1
+            if position + old_len >= end or end - space < value_len - old_len:
+                return False
+            if value_len < old_len:  # move the rest back, pad the freed room with '#'
+                shrink = old_len - value_len
+                buf[position + value_len : end - shrink] = buf[position + old_len : end]
+                buf[space - shrink : space] = b"#" * shrink
+            else:  # move the rest forward over the padding
+                grow = value_len - old_len
+                buf[position + value_len : end] = buf[position + old_len : end - grow]
+            break
+        position = _next_line(buf, position)
+    else:
+        if end - space < name_len + 1 + value_len + 1:
+            return False
+        buf[space : space + name_len + 1] = raw_name + b"="
+        position = space + name_len + 1
+    buf[position : position + value_len + 1] = raw_value + b"\n"
+    return True
+
+
+def envblk_delete(buf: bytearray, name: str) -> None:
+    """``grub_envblk_delete`` on ``buf``, in place: the first line of ``name`` goes, the rest
+    moves back, ``#`` fills the end. Nothing changes if there is none or its line has no end."""
+    raw_name = name.encode(*_TEXT).split(b"\0", 1)[0]
+    position, end = len(ENVBLK_SIGNATURE), len(buf)
+    while position + len(raw_name) + 1 < end:
+        if _names_line(buf, position, raw_name):
+            length = len(raw_name) + 1
+            while position + length < end and buf[position + length] != _NL:
+                length += 2 if buf[position + length] == _BACKSLASH else 1
+            if position + length >= end:
+                return
+            length += 1
+            buf[position : end - length] = buf[position + length : end]
+            buf[end - length : end] = b"#" * length
+            return
+        position = _next_line(buf, position)
+
+
+def _read_block(path: Path | None) -> bytearray | None:
+    """The block ``load_env``/``save_env`` would work on, None if GRUB cannot open it."""
     if path is None:
         return None
     try:
-        return grubenv.read(path)
-    except (FileNotFoundError, BootloaderError):
+        return envblk_open(path.read_bytes())
+    except OSError:
         return None
 
 
@@ -641,7 +794,8 @@ class GrubModel:
         cmdline = self._boot_menu(machine)
         slot = _slot_of(cmdline)
         block = _read_block(machine.env_file)
-        trial_letter = block.get("FLEET_TRIAL") if block is not None else None
+        variables = dict(envblk_iterate(block)) if block is not None else {}
+        trial_letter = variables.get("FLEET_TRIAL")
         trial = slot in ROOT_SLOTS and trial_letter == slot.upper()
         return BootOutcome(
             slot=slot, trial=trial, linux_view={"proc/cmdline": (cmdline + "\n").encode()}

@@ -68,7 +68,6 @@ new one, so what Linux reports is what GRUB will find.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -83,6 +82,7 @@ from bootloader_hooks.base import (
     register,
 )
 from bootloader_hooks.errors import BootloaderError, BootStateMissingError, UnknownSlotError
+from bootloader_hooks.options import check_attempts, check_known, path_option
 
 NAME = "grub"
 WHO = "grub backend"
@@ -205,35 +205,21 @@ class GrubBackend:
         cmdline: Path = Path(DEFAULT_CMDLINE),
         attempts: int = DEFAULT_ATTEMPTS,
     ) -> None:
-        if type(attempts) is not int or not 1 <= attempts <= MAX_ATTEMPTS:
-            raise BootloaderError(f"{WHO}: attempts must be 1 to {MAX_ATTEMPTS}, not {attempts!r}")
+        check_attempts(WHO, attempts, MAX_ATTEMPTS)
         self.grubenv_path = grubenv_path
         self.cmdline = cmdline
         self.attempts = attempts
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> GrubBackend:
-        """Build from the ``[bootloader]`` table: ``grubenv``, ``cmdline``, ``attempts``.
+        """Build from the ``[bootloader]`` table; see :func:`parse_options` for the keys.
 
         Raises:
             BootloaderError: an unknown key or a value of the wrong type or range.
         """
-        known = ("grubenv", "cmdline", "attempts")
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise BootloaderError(
-                f"{WHO}: unknown option {unknown[0]!r} (known: {', '.join(known)})"
-            )
-        attempts = options.get("attempts", DEFAULT_ATTEMPTS)
-        if type(attempts) is not int:
-            raise BootloaderError(f"{WHO}: option 'attempts' must be an integer, not {attempts!r}")
-        return cls(
-            grubenv_path=_path_option(options, "grubenv", DEFAULT_GRUBENV),
-            cmdline=_path_option(options, "cmdline", DEFAULT_CMDLINE),
-            attempts=attempts,
-        )
+        return cls(**parse_options(options))
 
-    # Questions.
+    # --- questions (BootSelector) -------------------------------------------------------------
 
     def booted(self) -> str:
         return read_kernel_cmdline_slot(self.cmdline, WHO)
@@ -249,7 +235,7 @@ class GrubBackend:
         check_root_slot(WHO, slot)
         return attempts_in(self._variables(), slot)
 
-    # Actions: each one atomic write of the whole block.
+    # --- actions (BootSelector): each one write of the whole block ----------------------------
 
     def try_once(self, slot: str) -> None:
         """Arrange a trial of ``slot``: GRUB boots it up to ``attempts`` times, then falls back.
@@ -281,6 +267,11 @@ class GrubBackend:
         block = self._load()
         self._store(block.update(mark_bad_changes(block.variables(), slot)))
 
+    def reboot_command(self) -> list[str]:
+        return ["reboot"]
+
+    # --- repair and the state files (Repairable, StateFiles) ----------------------------------
+
     def repair(self, primary: str | None = "a", fallback: str | None = None) -> None:
         """Replace the block, damaged, missing or not, by a fresh one with ``primary``
         committed and ``fallback`` behind it (see ``bootloader_hooks.base.Repairable``).
@@ -296,13 +287,10 @@ class GrubBackend:
             check_root_slot(WHO, primary)
         self._store(default_block(primary, self.attempts, fallback))
 
-    def reboot_command(self) -> list[str]:
-        return ["reboot"]
-
     def state_files(self) -> tuple[Path, ...]:
         return (self.grubenv_path,)
 
-    # The block.
+    # --- internals: the block -----------------------------------------------------------------
 
     def _variables(self) -> dict[str, str]:
         return self._load().variables()
@@ -324,11 +312,32 @@ class GrubBackend:
             raise type(err)(f"{WHO}: {err}") from err
 
 
-def _path_option(options: Mapping[str, Any], key: str, default: str) -> Path:
-    value = options.get(key, default)
-    if not isinstance(value, str | os.PathLike) or not os.fspath(value):
-        raise BootloaderError(f"{WHO}: option {key!r} must be a path, not {value!r}")
-    return Path(value)
+# ---------------------------------------------------------------------------------------------
+# Options.
+
+OPTIONS = ("grubenv", "cmdline", "attempts")
 
 
-register(NAME)(GrubBackend.from_options)
+def parse_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the ``[bootloader]`` options of the ``grub`` backend; constructor arguments.
+
+    Keys: ``grubenv`` (path, default ``/boot/efi/EFI/fleet/grubenv``), ``cmdline`` (default
+    ``/proc/cmdline``), ``attempts`` (1-9, default 3). Reads nothing.
+
+    Raises:
+        BootloaderError: naming the offending key.
+    """
+    check_known(WHO, options, OPTIONS)
+    return {
+        "grubenv_path": path_option(WHO, "grubenv", options.get("grubenv", DEFAULT_GRUBENV)),
+        "cmdline": path_option(WHO, "cmdline", options.get("cmdline", DEFAULT_CMDLINE)),
+        "attempts": check_attempts(WHO, options.get("attempts", DEFAULT_ATTEMPTS), MAX_ATTEMPTS),
+    }
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """The options' check as a configuration loads: :func:`parse_options`."""
+    parse_options(options)
+
+
+register(NAME, check_options)(GrubBackend.from_options)

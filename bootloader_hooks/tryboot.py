@@ -117,6 +117,7 @@ from bootloader_hooks.autoboot import (
 )
 from bootloader_hooks.base import ALL_SLOTS, ROOT_SLOTS, SAFE_SLOT, check_root_slot, register
 from bootloader_hooks.errors import BootloaderError
+from bootloader_hooks.options import check_attempts, check_known, command_option, path_option
 from fleet_core import durable
 
 NAME = "tryboot"
@@ -125,6 +126,7 @@ STATE_FILE = "tryboot-state.json"
 SHADOW_FILE = "autoboot.txt.shadow"
 STATE_FORMAT = "metrica-fleet tryboot state"
 STATE_VERSION = 1
+DEFAULT_ATTEMPTS = 3  # trial boots per try_once, counting the first
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,7 @@ class TrybootConfig:
     partitions: Mapping[str, int] = field(default_factory=lambda: {"a": 2, "b": 3, "safe": 4})
     reboot_command: tuple[str, ...] = ("reboot", "0 tryboot")  # into an armed trial
     plain_reboot_command: tuple[str, ...] = ("reboot",)
-    attempts: int = 3  # trial boots per try_once, counting the first
+    attempts: int = DEFAULT_ATTEMPTS
 
 
 @dataclass(frozen=True)
@@ -227,14 +229,14 @@ class TrybootBackend:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> TrybootBackend:
-        """Build the backend from its ``[bootloader]`` table.
+        """Build from the ``[bootloader]`` table; see :func:`parse_options` for the keys.
 
         Raises:
             BootloaderError: an unknown key, or a value of the wrong type or range.
         """
-        return cls(_config_from_options(options))
+        return cls(parse_options(options))
 
-    # --- questions --------------------------------------------------------------------------
+    # --- questions (BootSelector) -------------------------------------------------------------
 
     def booted(self) -> str:
         """The slot whose boot partition the firmware reports in the device tree."""
@@ -270,48 +272,7 @@ class TrybootBackend:
             return state.attempts_left
         return self.config.attempts if slot in state.good else 0
 
-    def last_trial_result(self) -> TrialResult:
-        """What became of the most recent trial (see the module docstring for each value)."""
-        state = self._state()
-        config = self.autoboot.load()
-        if state.armed is None:
-            return state.last_result
-        if self._partition(state.armed) == config.boot_partition:
-            return TrialResult.COMMITTED
-        if state.armed_boot == self._boot_id():
-            return TrialResult.PENDING
-        if self._dt_u32("tryboot") and self._in_trial(state, self.booted(), config):
-            return TrialResult.RUNNING
-        return self._fallback_result(state)
-
-    def repair(self, primary: str | None, fallback: str | None = None) -> None:
-        """Replace ``autoboot.txt`` and the trial state, damaged or not, by fresh ones: every
-        boot starts ``primary`` (``None``: the safe-mode slot), no trial armed, ``primary`` and
-        ``fallback`` known good (see ``bootloader_hooks.base.Repairable``).
-
-        Raises:
-            UnknownSlotError: ``primary`` or ``fallback`` is not a root slot.
-            BootloaderError: a write fails.
-        """
-        for slot in (primary, fallback):
-            if slot is not None:
-                check_root_slot(WHO, slot)
-        partition = self._partition(SAFE_SLOT if primary is None else primary)
-        self.autoboot.store(AutobootConfig(partition, partition))
-        self._save(TrialState(good=frozenset(s for s in (primary, fallback) if s is not None)))
-
-    def state_files(self) -> tuple[Path, ...]:
-        """The trial state, ``autoboot.txt`` and its shadow copy."""
-        return (self._state_path, self.autoboot.path, self.autoboot.shadow)
-
-    def reboot_command(self) -> list[str]:
-        """``reboot "0 tryboot"`` when a trial was armed in this boot, else a plain reboot."""
-        state = self._state()
-        if state.armed is not None and state.armed_boot == self._boot_id():
-            return list(self.config.reboot_command)
-        return list(self.config.plain_reboot_command)
-
-    # --- actions ----------------------------------------------------------------------------
+    # --- actions (BootSelector) ---------------------------------------------------------------
 
     def try_once(self, slot: str) -> None:
         """Arm one trial boot of ``slot`` (``attempts`` of them with :meth:`rearm`).
@@ -389,6 +350,65 @@ class TrybootBackend:
                 result = TrialResult.REJECTED
         self._give_up(slot, result)
 
+    def reboot_command(self) -> list[str]:
+        """``reboot "0 tryboot"`` when a trial was armed in this boot, else a plain reboot."""
+        state = self._state()
+        if state.armed is not None and state.armed_boot == self._boot_id():
+            return list(self.config.reboot_command)
+        return list(self.config.plain_reboot_command)
+
+    # --- repair and the state files (Repairable, StateFiles) ----------------------------------
+
+    def repair(self, primary: str | None, fallback: str | None = None) -> None:
+        """Replace ``autoboot.txt`` and the trial state, damaged or not, by fresh ones: every
+        boot starts ``primary`` (``None``: the safe-mode slot), no trial armed, ``primary`` and
+        ``fallback`` known good (see ``bootloader_hooks.base.Repairable``).
+
+        Raises:
+            UnknownSlotError: ``primary`` or ``fallback`` is not a root slot.
+            BootloaderError: a write fails.
+        """
+        for slot in (primary, fallback):
+            if slot is not None:
+                check_root_slot(WHO, slot)
+        partition = self._partition(SAFE_SLOT if primary is None else primary)
+        self.autoboot.store(AutobootConfig(partition, partition))
+        self._save(TrialState(good=frozenset(s for s in (primary, fallback) if s is not None)))
+
+    def state_files(self) -> tuple[Path, ...]:
+        """The trial state, ``autoboot.txt`` and its shadow copy."""
+        return (self._state_path, self.autoboot.path, self.autoboot.shadow)
+
+    # --- trial retry (TrialRetry) -------------------------------------------------------------
+
+    def mark_trial_started(self) -> bool:
+        """Record that this trial boot reached user space; ``False`` if this is no trial.
+
+        Run it as early as the data partition allows: everything that dies before it counts
+        as ``NEVER_STARTED``.
+        """
+        if not self.is_trial():
+            return False
+        state = self._state()
+        boot_id = self._boot_id()
+        if state.started_boot != boot_id:
+            self._save(replace(state, started_boot=boot_id))
+        return True
+
+    def last_trial_result(self) -> TrialResult:
+        """What became of the most recent trial (see the module docstring for each value)."""
+        state = self._state()
+        config = self.autoboot.load()
+        if state.armed is None:
+            return state.last_result
+        if self._partition(state.armed) == config.boot_partition:
+            return TrialResult.COMMITTED
+        if state.armed_boot == self._boot_id():
+            return TrialResult.PENDING
+        if self._dt_u32("tryboot") and self._in_trial(state, self.booted(), config):
+            return TrialResult.RUNNING
+        return self._fallback_result(state)
+
     def rearm(self) -> bool:
         """After a fall-back from an armed trial, arm it again if attempts remain.
 
@@ -438,21 +458,7 @@ class TrybootBackend:
         )
         return True
 
-    def mark_trial_started(self) -> bool:
-        """Record that this trial boot reached user space; ``False`` if this is no trial.
-
-        Run it as early as the data partition allows: everything that dies before it counts
-        as ``NEVER_STARTED``.
-        """
-        if not self.is_trial():
-            return False
-        state = self._state()
-        boot_id = self._boot_id()
-        if state.started_boot != boot_id:
-            self._save(replace(state, started_boot=boot_id))
-        return True
-
-    # --- internals --------------------------------------------------------------------------
+    # --- internals ----------------------------------------------------------------------------
 
     def _give_up(self, slot: str, result: TrialResult) -> None:
         state = self._state()
@@ -557,32 +563,34 @@ class TrybootBackend:
 
 _PATH_OPTIONS = ("autoboot_txt", "device_tree", "state_dir", "boot_id")
 _COMMAND_OPTIONS = ("reboot_command", "plain_reboot_command")
-_KNOWN_OPTIONS = (*_PATH_OPTIONS, *_COMMAND_OPTIONS, "partitions", "attempts", "backend")
+OPTIONS = (*_PATH_OPTIONS, *_COMMAND_OPTIONS, "partitions", "attempts", "backend")
 
 
-def _config_from_options(options: Mapping[str, Any]) -> TrybootConfig:
-    unknown = sorted(set(options) - set(_KNOWN_OPTIONS))
-    if unknown:
-        known = ", ".join(k for k in _KNOWN_OPTIONS if k != "backend")
-        raise BootloaderError(f"{WHO}: unknown option {unknown[0]!r} (known: {known})")
+def parse_options(options: Mapping[str, Any]) -> TrybootConfig:
+    """Validate the ``[bootloader]`` options of the ``tryboot`` backend; its configuration.
+
+    Keys: the paths ``autoboot_txt``, ``device_tree``, ``state_dir`` and ``boot_id``; the
+    commands ``reboot_command`` (must pass ``tryboot``) and ``plain_reboot_command``;
+    ``partitions`` (each slot's boot partition); ``attempts`` (>= 1); ``backend`` (if given,
+    ``tryboot``). Defaults are :class:`TrybootConfig`'s. Reads nothing.
+
+    Raises:
+        BootloaderError: naming the offending key.
+    """
+    check_known(WHO, options, OPTIONS)
     if options.get("backend", NAME) != NAME:
         raise BootloaderError(f"{WHO}: option 'backend' is {options['backend']!r}")
     values: dict[str, Any] = {}
     for key in _PATH_OPTIONS:
         if key in options:
-            values[key] = _path_option(options, key)
+            values[key] = path_option(WHO, key, options[key])
     for key in _COMMAND_OPTIONS:
         if key in options:
-            values[key] = _command_option(options, key)
+            values[key] = command_option(WHO, key, options[key])
     if "partitions" in options:
         values["partitions"] = _partitions_option(options["partitions"])
     if "attempts" in options:
-        attempts = options["attempts"]
-        if type(attempts) is not int or attempts < 1:
-            raise BootloaderError(
-                f"{WHO}: option 'attempts' must be an integer >= 1, got {attempts!r}"
-            )
-        values["attempts"] = attempts
+        values["attempts"] = check_attempts(WHO, options["attempts"], None)
     trial_command = values.get("reboot_command", TrybootConfig.reboot_command)
     if "tryboot" not in " ".join(trial_command).split():
         raise BootloaderError(
@@ -592,24 +600,9 @@ def _config_from_options(options: Mapping[str, Any]) -> TrybootConfig:
     return TrybootConfig(**values)
 
 
-def _path_option(options: Mapping[str, Any], key: str) -> Path:
-    value = options[key]
-    if not isinstance(value, str | Path) or not str(value):
-        raise BootloaderError(f"{WHO}: option {key!r} must be a path, got {value!r}")
-    return Path(value)
-
-
-def _command_option(options: Mapping[str, Any], key: str) -> tuple[str, ...]:
-    value = options[key]
-    if (
-        not isinstance(value, list | tuple)
-        or not value
-        or not all(isinstance(word, str) and word for word in value)
-    ):
-        raise BootloaderError(
-            f"{WHO}: option {key!r} must be a non-empty list of strings, got {value!r}"
-        )
-    return tuple(value)
+def check_options(options: Mapping[str, Any]) -> None:
+    """The options' check as a configuration loads: :func:`parse_options`."""
+    parse_options(options)
 
 
 def _partitions_option(value: Any) -> dict[str, int]:
@@ -630,4 +623,4 @@ def _partitions_option(value: Any) -> dict[str, int]:
     return dict(value)
 
 
-register(NAME)(TrybootBackend.from_options)
+register(NAME, check_options)(TrybootBackend.from_options)

@@ -75,6 +75,7 @@ from bootloader_hooks.errors import (
     BootStateMissingError,
     UnknownSlotError,
 )
+from bootloader_hooks.options import check_attempts, check_known, path_option
 from bootloader_hooks.ubootenv import EnvLayout, EnvState
 
 NAME = "uboot"
@@ -84,6 +85,7 @@ SCHEME_VERSION = "1"
 MAX_ATTEMPTS = 9  # setexpr computes in hex: single digits read the same in hex and decimal
 DEFAULT_ATTEMPTS = 3
 DEFAULT_FW_ENV_CONFIG = "/etc/fw_env.config"
+DEFAULT_CMDLINE = "/proc/cmdline"
 DEFAULT_ENV_SIZE = 0x4000
 DEFAULT_INITIAL_ENV = Path("/etc/u-boot-initial-env")  # where libubootenv's fw_setenv looks
 DEFAULT_MENDER_PARTITIONS: Mapping[int, str] = {2: "a", 3: "b"}
@@ -175,13 +177,13 @@ class UBootBackend:
         self,
         layout: EnvLayout,
         *,
-        cmdline: Path = Path("/proc/cmdline"),
+        cmdline: Path = Path(DEFAULT_CMDLINE),
         attempts: int = DEFAULT_ATTEMPTS,
         mender_partitions: Mapping[int, str] = DEFAULT_MENDER_PARTITIONS,
         bootcmd: str | None = None,
         initial_env: Path = DEFAULT_INITIAL_ENV,
     ) -> None:
-        _check_attempts(attempts)
+        check_attempts(WHO, attempts, MAX_ATTEMPTS)
         self.layout = layout
         self.cmdline = cmdline
         self.attempts = attempts
@@ -199,7 +201,7 @@ class UBootBackend:
         """
         return cls(**parse_options(options))
 
-    # --- questions ------------------------------------------------------------------------------
+    # --- questions (BootSelector) -------------------------------------------------------------
 
     def booted(self) -> str:
         return read_kernel_cmdline_slot(self.cmdline, WHO)
@@ -215,15 +217,7 @@ class UBootBackend:
         check_root_slot(WHO, slot)
         return max(self._state().left[slot], 0)
 
-    def reboot_command(self) -> list[str]:
-        return ["reboot"]
-
-    def state_files(self) -> tuple[Path, ...]:
-        """The environment's files (a block device among them is never replaced, so it has no
-        temporaries beside it; sweeping its directory finds none)."""
-        return tuple(dict.fromkeys(copy.path for copy in self.layout.copies))
-
-    # --- actions --------------------------------------------------------------------------------
+    # --- actions (BootSelector) ---------------------------------------------------------------
 
     def try_once(self, slot: str) -> None:
         """Arm one trial of ``slot``: first in order, full attempts, ``upgrade_available=1``."""
@@ -254,6 +248,11 @@ class UBootBackend:
             return SlotState(order, {**state.left, slot: 0}, trial)
 
         self._update(change)
+
+    def reboot_command(self) -> list[str]:
+        return ["reboot"]
+
+    # --- repair and the state files (Repairable, StateFiles) ----------------------------------
 
     def repair(self, primary: str | None = BOOTED, fallback: str | None = None) -> None:
         """Write a fresh state whatever the environment holds: the explicit way past
@@ -299,7 +298,12 @@ class UBootBackend:
             variables["bootcmd"] = self.bootcmd
         self._write(variables, state, previous)
 
-    # --- Mender ---------------------------------------------------------------------------------
+    def state_files(self) -> tuple[Path, ...]:
+        """The environment's files (a block device among them is never replaced, so it has no
+        temporaries beside it; sweeping its directory finds none)."""
+        return tuple(dict.fromkeys(copy.path for copy in self.layout.copies))
+
+    # --- Mender -------------------------------------------------------------------------------
 
     def takeover_from_mender(self) -> MenderTakeover:
         """Convert the environment of a Mender-managed device to this scheme, in one write.
@@ -346,7 +350,7 @@ class UBootBackend:
         written = self._write(new, state, previous)
         return MenderTakeover(partition, slot, trial, written)
 
-    # --- internals ------------------------------------------------------------------------------
+    # --- internals ----------------------------------------------------------------------------
 
     def _state(self) -> SlotState:
         return self._ours(ubootenv.read_env(self.layout))
@@ -429,18 +433,12 @@ _OPTION_TYPES: Mapping[str, tuple[type, ...]] = {
 
 
 def _check_option_types(options: Mapping[str, Any]) -> None:
+    check_known(WHO, options, tuple(_OPTION_TYPES))
     for key, value in options.items():
-        types = _OPTION_TYPES.get(key)
-        if types is None:
-            raise BootloaderError(f"{WHO}: unknown option {key!r}")
+        types = _OPTION_TYPES[key]
         if isinstance(value, bool) or not isinstance(value, types):
             expected = " or ".join("path" if t is os.PathLike else t.__name__ for t in types)
             raise BootloaderError(f"{WHO}: option {key!r} must be a {expected}")
-
-
-def _check_attempts(attempts: int) -> None:
-    if not 1 <= attempts <= MAX_ATTEMPTS:
-        raise BootloaderError(f"{WHO}: attempts must be 1 to {MAX_ATTEMPTS}, not {attempts}")
 
 
 def _layout_from_options(options: Mapping[str, Any], read_files: bool = True) -> EnvLayout | None:
@@ -504,21 +502,21 @@ def parse_options(options: Mapping[str, Any], read_files: bool = True) -> dict[s
     _check_option_types(options)
     arguments: dict[str, Any] = {"layout": _layout_from_options(options, read_files)}
     if "cmdline" in options:
-        arguments["cmdline"] = Path(options["cmdline"])
+        arguments["cmdline"] = path_option(WHO, "cmdline", options["cmdline"])
     if "attempts" in options:
-        _check_attempts(options["attempts"])
-        arguments["attempts"] = options["attempts"]
+        arguments["attempts"] = check_attempts(WHO, options["attempts"], MAX_ATTEMPTS)
     if "mender_partitions" in options:
         arguments["mender_partitions"] = _mender_partitions(options["mender_partitions"])
     if "bootcmd" in options:
         arguments["bootcmd"] = options["bootcmd"]
     if "initial_env" in options:
-        arguments["initial_env"] = Path(options["initial_env"])
+        arguments["initial_env"] = path_option(WHO, "initial_env", options["initial_env"])
     return arguments
 
 
 def check_options(options: Mapping[str, Any]) -> None:
-    """The options' check as a configuration loads: :func:`parse_options`, reading nothing."""
+    """The options' check as a configuration loads: :func:`parse_options`, reading nothing
+    (the ``fw_env.config`` named is read when the backend is built)."""
     parse_options(options, read_files=False)
 
 

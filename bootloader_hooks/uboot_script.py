@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bootloader_hooks.base import ROOT_SLOTS, SAFE_SLOT
 from bootloader_hooks.errors import BootloaderError
+from bootloader_hooks.options import check_attempts
 from bootloader_hooks.uboot import (
     ALTBOOTCMD,
     DEFAULT_ATTEMPTS,
@@ -79,8 +80,7 @@ def boot_script(
     them. If the boot command returns (kernel missing or broken) the script resets: the counter
     was already saved, so the next boot moves on.
     """
-    if not 1 <= attempts <= MAX_ATTEMPTS:
-        raise BootloaderError(f"{WHO}: attempts must be 1 to {MAX_ATTEMPTS}, not {attempts}")
+    check_attempts(WHO, attempts, MAX_ATTEMPTS)
     fdt_addr = "${fdt_addr_r}" if fdt_file else "${fdtcontroladdr}"
     load = f"load {devtype} {devnum}:${{fleet_part}}"
     load_fdt = f"{load} ${{fdt_addr_r}} {fdt_file}\n" if fdt_file else ""

@@ -119,10 +119,16 @@ def status_of(state: DeviceState, slot: str) -> SlotStatus:
 
 def unvouched(state: DeviceState, slot: str) -> str | None:
     """Why the store does not vouch for running ``slot`` (``None``: it does): marked bad, half
-    written, or a release below the anti-rollback floor. Such a slot is never committed."""
+    written, or a release below the anti-rollback floor. Such a slot is never committed.
+
+    An ``empty`` slot is one the store knows nothing of (a factory device, a store lost): the
+    firmware's word alone decides it, as it did before any install; the floor, kept even when
+    the store is lost (:mod:`updater.state`), still bars installing anything below it."""
     status = status_of(state, slot)
     if status in (SlotStatus.BAD, SlotStatus.INSTALLING):
         return f"slot {slot} is {status}"
+    if status is SlotStatus.EMPTY:
+        return None
     below = below_floor(state, state.slot(slot).security_version)
     return None if below is None else f"slot {slot} holds a release whose {below}"
 
@@ -277,7 +283,8 @@ class SlotLifecycle:
             return state
         self.log.event(
             "slot.fallback_withdrawn", level="warning", slot=other,
-            status=state.slot(other).status, reason=unvouched(state, other),
+            status=state.slot(other).status,
+            reason=unvouched(state, other) or f"slot {other} is {status_of(state, other)}, not good",
         )  # fmt: skip
         self.backend.mark_bad(other)
         return self.store.save(state.with_slot(other, status=SlotStatus.BAD.value))

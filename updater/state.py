@@ -13,6 +13,11 @@ verified) → ``trial`` (armed for one trial boot) → ``good`` (committed) or `
 A damaged state file never stops the updater: :meth:`StateStore.load` keeps the damaged bytes
 next to it for diagnosis and starts from an empty state, in which nothing is trusted that the
 boot firmware does not confirm.
+
+The anti-rollback floor (``installed_security_version``) is kept twice: in ``state.json`` and in
+``<data_dir>/security-floor``, written first whenever the floor rises. A load takes the higher of
+the two, so a deleted, damaged or hand-edited ``state.json`` never lowers the floor (only a
+data partition wiped whole does: the device is then as it left the factory).
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from fleet_core.durable import atomic_write
+from image_builder.manifest import MAX_SECURITY_VERSION
 from updater.errors import LockedError, StateError
 
 STATE_FORMAT = 1
 STATE_NAME = "state.json"
+FLOOR_NAME = "security-floor"
 LOCK_NAME = "update.lock"
 SLOT_STATUSES = ("empty", "installing", "installed", "trial", "good", "bad")
 CRASH_LOOP_STARTS = 3
@@ -177,12 +184,31 @@ class StateStore:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.path = data_dir / STATE_NAME
+        self.floor_path = data_dir / FLOOR_NAME
 
     def load(self) -> Loaded:
-        """The saved state; an empty state (and the problem) if it is missing or damaged.
+        """The saved state; an empty state (and the problem) if it is missing or damaged. The
+        floor is the higher of the state's and the kept copy's (see the module docstring).
 
         A damaged file is kept as ``state.json.damaged`` for diagnosis.
         """
+        loaded = self._load_state()
+        kept, problem = self._kept_floor()
+        state, problems = loaded.state, [p for p in (loaded.problem, problem) if p]
+        if kept > state.installed_security_version:
+            if loaded.problem is None and self.path.exists():
+                problems.append(
+                    f"state {self.path}: names security floor {state.installed_security_version}"
+                    f", below the {kept} kept in {self.floor_path}: the higher one holds"
+                )
+            elif not self.path.exists():
+                problems.append(
+                    f"state {self.path}: missing; security floor {kept} kept in {self.floor_path}"
+                )
+            state = replace(state, installed_security_version=kept)
+        return Loaded(state, "; ".join(problems) or None)
+
+    def _load_state(self) -> Loaded:
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -196,10 +222,27 @@ class StateStore:
                 atomic_write(self.path.with_name(STATE_NAME + ".damaged"), data)
             return Loaded(DeviceState(), f"state {self.path}: damaged ({err}); starting afresh")
 
-    def save(self, state: DeviceState) -> DeviceState:
-        """Persist ``state`` (with its save counter incremented) and return what was saved.
+    def _kept_floor(self) -> tuple[int, str | None]:
+        """The floor in ``security-floor`` (0 when there is none) and what is wrong with it."""
+        try:
+            text = self.floor_path.read_bytes()
+        except FileNotFoundError:
+            return 0, None
+        except OSError as err:
+            return 0, f"security floor {self.floor_path}: cannot read: {err.strerror}"
+        stripped = text.strip()
+        if not (stripped.isascii() and stripped.isdigit() and len(stripped) <= 10):
+            return 0, f"security floor {self.floor_path}: damaged (not a whole number)"
+        if int(stripped) > MAX_SECURITY_VERSION:
+            return 0, f"security floor {self.floor_path}: damaged (above {MAX_SECURITY_VERSION})"
+        return int(stripped), None
 
-        Power cut: the file holds the previous state or this one.
+    def save(self, state: DeviceState) -> DeviceState:
+        """Persist ``state`` (with its save counter incremented) and return what was saved; a
+        floor higher than the kept copy's is written there first.
+
+        Power cut: the file holds the previous state or this one (and the kept floor, the
+        previous floor or the new one, never lower than the state's).
 
         Raises:
             StateError: the data partition cannot be written (full, read-only).
@@ -208,6 +251,8 @@ class StateStore:
         data = json.dumps(saved.to_dict(), indent=1, sort_keys=True).encode() + b"\n"
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
+            if saved.installed_security_version > self._kept_floor()[0]:
+                atomic_write(self.floor_path, f"{saved.installed_security_version}\n".encode())
             atomic_write(self.path, data)
         except OSError as err:
             raise StateError(f"state {self.path}: cannot write: {err.strerror}") from err

@@ -344,6 +344,7 @@ def test_a_healthy_trial_is_committed_and_raises_the_floor(
     committed(board)
     arm_trial(board, security_version=security_version)
     board.save(replace(board.state(), installed_security_version=floor))
+    board.store.floor_path.write_text(f"{floor}\n")  # the scenario's floor, in both copies
     trial, old = board.other, board.running
     board.boot(trial)
 

@@ -989,6 +989,28 @@ def test_verification_refusals_name_the_problem(
         verify(boot_only, FakeBackend(booted="b", primary="b"))
 
 
+@pytest.mark.parametrize("lose", ["deleted", "garbled"])
+def test_a_downgrade_stays_refused_when_the_state_file_is_lost(
+    device: Device, make_bundle: Callable[..., Path], lose: str
+) -> None:
+    device.updated_once()
+    if lose == "deleted":
+        device.store.path.unlink()
+    else:
+        device.store.path.write_bytes(b"\x00garbled")
+    bundle = make_bundle("old.bundle", security_version=0)
+    slot_a = device.slot("a").read_bytes()
+
+    with pytest.raises(
+        BundleCompatibilityError,
+        match="^security version 0 is below the installed 1: downgrade refused$",
+    ):
+        device.installer().install(str(bundle), reboot=False)
+
+    assert device.slot("a").read_bytes() == slot_a
+    assert grub.boot_order(device.env()) == ["b", "a"]
+
+
 def test_a_slot_without_the_slot_class_a_bundle_needs_is_refused(
     device: Device, make_bundle: Callable[..., Path]
 ) -> None:

@@ -260,7 +260,10 @@ def test_the_floor_only_ever_rises(floor: int, security_version: int | None, exp
             {"status": "good", "security_version": 0},
             "^slot b holds a release whose security version 0 is below the installed 1: commit refused$",
         ),
-        ({"status": "trial"}, "^slot b holds a release whose security version 0 is below the installed 1"),
+        (
+            {"status": "trial"},
+            "^slot b holds a release whose security version 0 is below the installed 1",
+        ),
     ],
 )
 def test_a_slot_the_store_does_not_vouch_for_is_never_committed(
@@ -284,6 +287,19 @@ def test_what_the_store_vouches_for() -> None:
     for status in ("empty", "installed", "trial", "good"):
         assert unvouched(state.with_slot("a", status=status, security_version=2), "a") is None
     assert unvouched(state.with_slot("a", status="good", security_version=3), "a") is None
+    # empty: the store knows nothing of it (a factory device, a state file lost), so nothing
+    # against it either; the floor, kept beside the store, still bars installs below it
+    assert unvouched(state.with_slot("a", status="empty", security_version=None), "a") is None
+    for status in ("installed", "trial", "good"):
+        below = state.with_slot("a", status=status, security_version=None)
+        assert unvouched(below, "a") == (
+            "slot a holds a release whose security version 0 is below the installed 2"
+        )
+
+
+def test_a_running_slot_the_store_lost_is_committed_without_lowering_the_floor(lab: Lab) -> None:
+    saved = lab.lifecycle.commit(DeviceState(installed_security_version=3), "a")
+    assert saved.slot("a").status == "good" and saved.installed_security_version == 3
 
 
 # --- mark bad ----------------------------------------------------------------------------
@@ -426,7 +442,8 @@ def test_a_backend_that_cannot_repair_says_so(lab: Lab) -> None:
     ("other", "reason"),
     [
         ({"status": "bad", "security_version": 1}, "slot a is bad"),
-        ({"status": "empty"}, None),  # nothing known against it, but nothing to boot either
+        ({"status": "empty"}, "slot a is empty, not good"),  # nothing known to boot there
+        ({"status": "installed", "security_version": 1}, "slot a is installed, not good"),
         ({"status": "installing", "security_version": 1}, "slot a is installing"),
         (
             {"status": "good", "security_version": 0},
@@ -435,7 +452,7 @@ def test_a_backend_that_cannot_repair_says_so(lab: Lab) -> None:
     ],
 )
 def test_a_commit_withdraws_a_fallback_the_store_does_not_vouch_for(
-    tmp_path: Path, other: dict[str, Any], reason: str | None
+    tmp_path: Path, other: dict[str, Any], reason: str
 ) -> None:
     # a U-Boot script that started afresh made both slots bootable again, one attempt left
     lab = Lab(tmp_path, booted="b")

@@ -10,11 +10,13 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fleet_core.durable import atomic_write as real_atomic_write
 from updater.errors import LockedError, StateError
 from updater.state import SLOT_STATUSES, DeviceState, SlotState, StateStore, update_lock
 
@@ -391,3 +393,128 @@ def test_a_suspension_outlasts_later_starts_and_keeps_its_first_reason() -> None
     assert reason == "crash loop: 4 updater starts within 5 minutes"
     assert _starts("boot-1", 50.0, state=state).suspended == reason
     assert _starts("boot-2", 10.0, state=state).suspended == reason
+
+
+# --- the floor, kept twice --------------------------------------------------------------------
+
+
+def saved_with_floor(store: StateStore, floor: int) -> DeviceState:
+    return store.save(
+        DeviceState(installed_security_version=floor).with_slot(
+            "a", status="good", version="1.0.0", security_version=floor
+        )
+    )
+
+
+def test_a_rising_floor_is_kept_beside_the_state(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    saved_with_floor(store, 3)
+    assert (tmp_path / "security-floor").read_text() == "3\n"
+    saved_with_floor(store, 1)  # a state naming a lower floor never lowers the kept one
+    assert (tmp_path / "security-floor").read_text() == "3\n"
+
+
+@pytest.mark.parametrize(
+    ("lose", "problem"),
+    [
+        (lambda path: path.unlink(), "missing; security floor 7 kept in"),
+        (lambda path: path.write_bytes(b"{not json"), "damaged"),
+        (lambda path: path.write_bytes(b""), "damaged"),
+        (
+            lambda path: path.write_text(path.read_text().replace(": 7", ": 2")),
+            "names security floor 2, below the 7 kept",
+        ),
+    ],
+    ids=["deleted", "garbled", "emptied", "floor-edited-down"],
+)
+def test_a_lost_or_edited_state_file_never_lowers_the_floor(
+    tmp_path: Path, lose: Any, problem: str
+) -> None:
+    store = StateStore(tmp_path)
+    saved_with_floor(store, 7)
+
+    lose(store.path)
+    loaded = store.load()
+
+    assert loaded.state.installed_security_version == 7
+    assert loaded.problem is not None and problem in loaded.problem
+    store.save(loaded.state)  # what the updater saves next keeps it too
+    assert json.loads(store.path.read_text())["installed_security_version"] == 7
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"", "not a whole number"),
+        (b"seven\n", "not a whole number"),
+        (b"-1\n", "not a whole number"),
+        (b"\xff", "not a whole number"),
+        (b"1e9\n", "not a whole number"),
+        ("\u0663".encode(), "not a whole number"),  # a digit, but not an ASCII one
+        (b"9" * 40, "not a whole number"),
+        (b"4294967296\n", "above 4294967295"),
+    ],
+)
+def test_a_damaged_floor_copy_is_named_and_the_state_decides(
+    tmp_path: Path, content: bytes, why: str
+) -> None:
+    store = StateStore(tmp_path)
+    saved_with_floor(store, 4)
+    store.floor_path.write_bytes(content)
+
+    loaded = store.load()
+
+    assert loaded.state.installed_security_version == 4
+    assert loaded.problem == f"security floor {store.floor_path}: damaged ({why})"
+    store.save(loaded.state)  # rewritten whole from the state's floor
+    assert store.floor_path.read_text() == "4\n"
+
+
+def test_a_state_written_before_the_floor_copy_existed_keeps_its_floor(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    saved_with_floor(store, 5)
+    store.floor_path.unlink()
+    loaded = store.load()
+    assert (loaded.state.installed_security_version, loaded.problem) == (5, None)
+
+
+def test_a_power_cut_between_the_two_copies_keeps_the_higher_floor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = StateStore(tmp_path)
+    saved_with_floor(store, 2)
+    writes: list[Path] = []
+
+    def cut_after_the_first(path: Path, data: bytes) -> None:
+        if writes:
+            raise OSError(5, "Input/output error")
+        writes.append(path)
+        real_atomic_write(path, data)
+
+    monkeypatch.setattr("updater.state.atomic_write", cut_after_the_first)
+    with pytest.raises(StateError):
+        saved_with_floor(store, 6)
+    monkeypatch.undo()
+
+    assert writes == [store.floor_path]  # the floor copy is written first
+    loaded = store.load()
+    assert loaded.state.installed_security_version == 6
+    assert loaded.state.slot("a").security_version == 2  # the state itself is the previous one
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    floors=st.lists(st.integers(min_value=0, max_value=2**32 - 1), min_size=1, max_size=6),
+    lose=st.sampled_from(["keep", "delete", "garble"]),
+)
+def test_the_floor_read_back_is_the_highest_ever_saved(
+    tmp_path_factory: pytest.TempPathFactory, floors: list[int], lose: str
+) -> None:
+    store = StateStore(tmp_path_factory.mktemp("floor"))
+    for floor in floors:
+        store.save(DeviceState(installed_security_version=floor))
+    if lose == "delete":
+        store.path.unlink()
+    elif lose == "garble":
+        store.path.write_bytes(b"\x00garbled")
+    assert store.load().state.installed_security_version == max(floors)

@@ -259,10 +259,7 @@ def recover(ctx: click.Context, source: str, slot: str | None, no_reboot: bool) 
 
     runtime = _runtime(ctx, log_to_stdout=True)
     with update_lock(runtime.config.data_dir):
-        recovery = Recovery(
-            runtime.config, runtime.installer(), runtime.store, runtime.log, reboot=runtime.reboot
-        )
-        result = recovery.recover(source, slot=slot, reboot=not no_reboot)
+        result = Recovery(runtime.installer()).recover(source, slot=slot, reboot=not no_reboot)
         runtime.publish_metrics()
     if no_reboot:
         click.echo(f"recovered {result.version} into slot {result.slot} ({result.armed})", err=True)

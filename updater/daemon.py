@@ -460,10 +460,7 @@ class Daemon:
         try:
             with self.notifier.keep_alive(limit):
                 if recover:
-                    Recovery(
-                        runtime.config, installer, runtime.store, runtime.log,
-                        reboot=runtime.reboot,
-                    ).recover_parts(
+                    Recovery(installer).recover_parts(
                         assignment.manifest, assignment.manifest_sig, urls, name=name,
                         abandon=self._withdrawn_check(sha),
                     )  # fmt: skip

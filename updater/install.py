@@ -1,18 +1,27 @@
-"""The install: a signed bundle streamed into the slot that is not running, then armed for one
-trial boot.
+"""The install pipeline: a signed release streamed into a root slot, verified, then armed.
 
-The steps follow RAUC's order, unsafe until proven safe; each is a method and a log event, so
-a log from the field reads as a trace of this file:
+One pipeline (:meth:`Installer.run`) serves an install and a recovery; a :class:`Route` says
+where the release goes and how its slot is armed, the only difference between them:
 
-1. ``check_preconditions``: keyring and compatible configured, updates not suspended, the device
-   not too hot, enough free space on the data partition;
+- an install (:meth:`Installer.install`, :meth:`Installer.install_parts`) runs from a root slot,
+  writes the other one and arms it for one trial boot;
+- a recovery (:mod:`updater.recovery`) runs from the safe-mode slot, writes a root slot the
+  firmware no longer boots and arms it, or, when the boot state is damaged, repairs the boot
+  state with that slot committed.
+
+The steps follow RAUC's order, unsafe until proven safe; each is a method and a log event
+(``install.*`` or ``recovery.*``), so a log from the field reads as a trace of this file:
+
+1. ``check_preconditions`` (an install's; a recovery has its own): keyring and compatible
+   configured, updates not suspended, the device not too hot, enough free space;
 2. ``verify_manifest``: signature against the keyring, ``compatible``, ``security_version`` not
-   below the installed one, every image fits its slot; nothing has been written yet;
-3. ``mark_installing``: the target slot is ``installing`` in the state store and bad in the
+   below the floor, the target chosen by the route, every image fits its slot; nothing has
+   been written yet;
+3. ``begin_install``: the target slot is ``installing`` in the state store and bad in the
    bootloader before its first byte changes, so a half-written slot is never booted;
 4. ``write_images``: stream decompress → hash → write, flushing every ``FLUSH_BYTES``; the image
    stream raises instead of ending if a byte differs from the signed manifest;
-5. ``mark_installed`` and ``arm_trial``: ``installed``, then ``try_once``, then ``trial``;
+5. ``arm``: ``installed``, then ``try_once``, then ``trial`` (or a repaired boot state);
 6. reboot (unless told not to).
 
 The booted slot is never written; the bootloader's primary is not changed here (only the boot
@@ -30,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from bootloader_hooks.base import BootSelector, other_slot
+from bootloader_hooks.base import ROOT_SLOTS, BootSelector, Repairable, other_slot
+from bootloader_hooks.errors import BootStateCorruptError
 from fleet_core import durable
 from fleet_core.errors import FleetError
 from image_builder.bundle import BundleImage, BundleReader, SplitBundleReader
@@ -72,6 +82,23 @@ class InstallResult:
     bytes_written: int
     seconds: float
     rebooting: bool
+    armed: str = "trial"  # or "repaired": a fresh boot state with the slot committed
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a verified release goes and how its slot is armed (see the module docstring).
+
+    ``kind`` names the events (``install.*``, ``recovery.*``) and errors; ``refusal`` says what
+    a release below the floor is refused as; ``target`` chooses the root slot (raising
+    :class:`SlotError` when there is none to write); ``boot_state_damaged``: the boot state
+    names no slot any more, so the slot is committed by a repair instead of armed.
+    """
+
+    kind: str
+    refusal: str
+    target: Callable[[DeviceState], str]
+    boot_state_damaged: bool = False
 
 
 class Installer:
@@ -100,7 +127,7 @@ class Installer:
         self.sensors = sensors
         self._reboot = reboot or run_reboot
         self._progress = progress
-        self._clock = clock
+        self.clock = clock
         self._http_options = http_options or {}
         self._flush_bytes = flush_bytes
         self._write_chunk = write_chunk
@@ -151,15 +178,21 @@ class Installer:
             raise PreconditionError(f"cannot install without a usable keyring: {err}") from err
 
     def verify_manifest(
-        self, reader: BundleReader | SplitBundleReader, keyring: Keyring, state: DeviceState
+        self,
+        reader: BundleReader | SplitBundleReader,
+        keyring: Keyring,
+        state: DeviceState,
+        route: Route | None = None,
     ) -> tuple[Manifest, str, dict[str, SlotTarget]]:
-        """Verify the manifest and decide the target slot; nothing has been written yet.
+        """Verify the manifest and choose the target slot (by ``route``, an install's by
+        default); nothing has been written yet.
 
         Raises:
             BundleError, VerificationError: not authentic or malformed.
-            BundleCompatibilityError: another device type, or a downgrade.
+            BundleCompatibilityError: another device type, or a release below the floor.
             SlotError: no usable target, or an image that does not fit.
         """
+        route = route or self.install_route()
         manifest = reader.verify(keyring)
         if manifest.compatible != self.config.compatible:
             raise BundleCompatibilityError(
@@ -167,26 +200,24 @@ class Installer:
             )
         below = below_floor(state, manifest.security_version)
         if below is not None:
-            raise BundleCompatibilityError(f"{below}: downgrade refused")
-        booted = self.backend.booted()
-        if booted not in ("a", "b"):
-            raise SlotError(f"running from slot {booted!r}: install only from a root slot")
-        target = other_slot(booted)
-        self.lifecycle.check_writable(target)
+            raise BundleCompatibilityError(f"{below}: {route.refusal}")
+        target = route.target(state)
         targets = checked_targets(self.config, manifest, target)
         if manifest.image("rootfs") is None:
             raise SlotError("bundle has no rootfs image")
         return manifest, target, targets
 
-    def mark_installing(
-        self, state: DeviceState, target: str, manifest: Manifest, sha: str
-    ) -> DeviceState:
-        state = self.lifecycle.begin_install(
-            state, target, version=manifest.version, bundle_sha256=sha,
-            security_version=manifest.security_version,
-        )  # fmt: skip
-        self.log.event("install.slot_marked", slot=target, status="installing")
-        return state
+    def install_route(self) -> Route:
+        """An install's: from a root slot into the other one, armed for a trial boot."""
+        return Route("install", "downgrade refused", self._other_root_slot)
+
+    def _other_root_slot(self, state: DeviceState) -> str:
+        booted = self.backend.booted()
+        if booted not in ROOT_SLOTS:
+            raise SlotError(f"running from slot {booted!r}: install only from a root slot")
+        target = other_slot(booted)
+        self.lifecycle.check_writable(target)
+        return target
 
     def write_images(
         self,
@@ -200,7 +231,7 @@ class Installer:
         Without ``watch``, the install deadline counts from now and ``abandon`` (see
         :meth:`install_parts`) may stop it."""
         if watch is None:
-            watch = _Watch(self._clock() + self.config.limits.update_deadline_s, abandon)
+            watch = _Watch(self.clock() + self.config.limits.update_deadline_s, abandon)
         total = sum(e.uncompressed_size for e in reader.manifest.images)
         written = 0
         for image in reader.images():
@@ -248,7 +279,7 @@ class Installer:
     def _check(self, watch: _Watch) -> None:
         """An update stuck for longer than the deadline is abandoned (and rolled back: the
         target is marked bad, the running slot stays); so is one the caller gives up on."""
-        if self._clock() > watch.deadline:
+        if self.clock() > watch.deadline:
             raise InstallError(
                 f"install exceeded its {self.config.limits.update_deadline_s} s deadline: abandoned"
             )
@@ -261,10 +292,25 @@ class Installer:
             self._progress(done, total)
         self.log.event("install.progress", bytes=done, total=total)
 
-    def arm_trial(self, state: DeviceState, target: str) -> DeviceState:
-        state = self.lifecycle.arm_trial(state, target)
-        self.log.event("install.trial_armed", slot=target)
-        return state
+    def arm(self, state: DeviceState, target: str, route: Route) -> str:
+        """Arm the written ``target``: a trial boot; or, over a damaged boot state, a fresh one
+        with ``target`` committed (the damaged one names no slot any more, and the image just
+        verified is the only one known to be whole). Returns ``"trial"`` or ``"repaired"``.
+
+        Raises:
+            BootStateCorruptError: the boot state is damaged and the backend cannot repair it.
+        """
+        if not route.boot_state_damaged:
+            self.lifecycle.arm_trial(state, target)
+            self.log.event(f"{route.kind}.trial_armed", slot=target)
+            return "trial"
+        if not isinstance(self.backend, Repairable):
+            raise BootStateCorruptError(
+                f"boot state is damaged and the {self.backend.name} backend cannot repair it"
+            )
+        self.lifecycle.repair_into(state, target, self.backend.repair)
+        self.log.event(f"{route.kind}.boot_state_repaired", slot=target)
+        return "repaired"
 
     # --- the whole install --------------------------------------------------------------
 
@@ -278,11 +324,14 @@ class Installer:
             SlotError, DownloadError: refused or failed before the target was touched.
             InstallError: writing failed; the target slot is marked bad.
         """
-        started = self._clock()
+        started = self.clock()
         state, keyring = self._prepare()
         self.log.event("install.started", source=source)
-        with open_source(source, **self._http(started)) as stream:
-            return self._install(BundleReader(stream, name=source), keyring, state, started, reboot)
+        with open_source(source, **self.http(started)) as stream:
+            return self.run(
+                BundleReader(stream, name=source), keyring, state, started,
+                self.install_route(), reboot=reboot,
+            )  # fmt: skip
 
     def install_parts(
         self,
@@ -302,7 +351,7 @@ class Installer:
         install with :class:`InstallAbandonedError` (the daemon's: the server withdrew the
         release).
         """
-        started = self._clock()
+        started = self.clock()
         state, keyring = self._prepare()
         self.log.event("install.started", source=name)
         reader = self.parts_reader(manifest_bytes, envelope_bytes, blob_urls, name, started)
@@ -310,9 +359,10 @@ class Installer:
         def every_image_has_a_url(manifest: Manifest) -> None:
             check_blob_urls(manifest, blob_urls, name)
 
-        return self._install(
-            reader, keyring, state, started, reboot, every_image_has_a_url, abandon
-        )
+        return self.run(
+            reader, keyring, state, started, self.install_route(),
+            reboot=reboot, preflight=every_image_has_a_url, abandon=abandon,
+        )  # fmt: skip
 
     def parts_reader(
         self,
@@ -325,7 +375,7 @@ class Installer:
         """A reader of a release in parts whose images stream from ``blob_urls`` (by stored
         SHA-256, tried in order), with this installer's HTTP options and a deadline counted
         from ``started`` (this installer's clock; default now)."""
-        http = self._http(self._clock() if started is None else started)
+        http = self.http(self.clock() if started is None else started)
         return SplitBundleReader(
             manifest_bytes, envelope_bytes,
             lambda entry: cast(
@@ -334,62 +384,76 @@ class Installer:
             name=name,
         )  # fmt: skip
 
-    def _http(self, started: float) -> dict[str, Any]:
+    def http(self, started: float) -> dict[str, Any]:
         """HTTP options for this install: the configured ones, and the install's deadline, so
         a server that drips bytes cannot keep an update alive past it."""
         return {"deadline": started + self.config.limits.update_deadline_s, **self._http_options}
 
-    def _prepare(self) -> tuple[DeviceState, Keyring]:
+    def load_state(self) -> DeviceState:
+        """The state store's state; damage found in it is logged (see :meth:`StateStore.load`)."""
         loaded = self.store.load()
         if loaded.problem:
             self.log.event("state.damaged", level="warning", detail=loaded.problem)
-        return loaded.state, self.check_preconditions(loaded.state)
+        return loaded.state
 
-    def _install(
+    def _prepare(self) -> tuple[DeviceState, Keyring]:
+        state = self.load_state()
+        return state, self.check_preconditions(state)
+
+    def run(
         self,
         reader: BundleReader | SplitBundleReader,
         keyring: Keyring,
         state: DeviceState,
         started: float,
+        route: Route,
+        *,
         reboot: bool,
         preflight: Callable[[Manifest], None] | None = None,
         abandon: Callable[[], str | None] | None = None,
     ) -> InstallResult:
-        manifest, target, targets = self.verify_manifest(reader, keyring, state)
+        """The pipeline (see the module docstring), from a verified manifest to the reboot.
+        ``started``: this installer's clock when the install or recovery began (its deadline
+        counts from then); ``preflight``: a last check of the verified manifest."""
+        kind = route.kind
+        manifest, target, targets = self.verify_manifest(reader, keyring, state, route)
         if preflight is not None:
             preflight(manifest)
         self.log.event(
-            "install.verified", version=manifest.version,
+            f"{kind}.verified", version=manifest.version,
             security_version=manifest.security_version, slot=target,
-            signed_by=list(reader.signed_by),
+            signed_by=list(reader.signed_by), boot_state_damaged=route.boot_state_damaged,
         )  # fmt: skip
-        state = self.mark_installing(state, target, manifest, reader.manifest_sha256)
+        state = self.lifecycle.begin_install(
+            state, target, version=manifest.version, bundle_sha256=reader.manifest_sha256,
+            security_version=manifest.security_version,
+            boot_state_damaged=route.boot_state_damaged,
+        )  # fmt: skip
+        self.log.event(f"{kind}.slot_marked", slot=target, status="installing")
         watch = _Watch(started + self.config.limits.update_deadline_s, abandon)
         try:
             self._check(watch)
             written = self.write_images(reader, targets, watch)
         except InstallAbandonedError as err:
-            self._fail(state, target, err, event="install.abandoned")
+            self._fail(state, target, err, event=f"{kind}.abandoned")
             raise
         except (FleetError, OSError) as err:
-            self._fail(state, target, err)
-            raise InstallError(f"install into slot {target} failed: {err}") from err
-        state = self.arm_trial(state, target)
-        seconds = self._clock() - started
+            self._fail(state, target, err, event=f"{kind}.failed")
+            raise InstallError(f"{kind} into slot {target} failed: {err}") from err
+        armed = self.arm(state, target, route)
+        seconds = self.clock() - started
         self.log.event(
-            "install.finished", slot=target, version=manifest.version, bytes=written,
-            seconds=round(seconds, 3), reboot=reboot,
+            f"{kind}.finished", slot=target, version=manifest.version, armed=armed,
+            bytes=written, seconds=round(seconds, 3), reboot=reboot,
         )  # fmt: skip
         if reboot:
             command = list(self.config.reboot_command or self.backend.reboot_command())
-            self.log.event("install.rebooting", command=command)
+            self.log.event(f"{kind}.rebooting", command=command)
             self._reboot(command)
-        return InstallResult(target, manifest.version, written, seconds, reboot)
+        return InstallResult(target, manifest.version, written, seconds, reboot, armed)
 
-    def _fail(
-        self, state: DeviceState, target: str, err: BaseException, event: str = "install.failed"
-    ) -> None:
-        level = "warning" if event == "install.abandoned" else "error"
+    def _fail(self, state: DeviceState, target: str, err: BaseException, event: str) -> None:
+        level = "warning" if event.endswith(".abandoned") else "error"
         self.log.event(event, level=level, slot=target, error=str(err))
         try:
             self.lifecycle.fail_install(state, target)

@@ -281,10 +281,10 @@ class SlotLifecycle:
             return state
         if self.backend.attempts_left(other) <= 0:
             return state
+        status = status_of(state, other)
         self.log.event(
-            "slot.fallback_withdrawn", level="warning", slot=other,
-            status=state.slot(other).status,
-            reason=unvouched(state, other) or f"slot {other} is {status_of(state, other)}, not good",
+            "slot.fallback_withdrawn", level="warning", slot=other, status=status.value,
+            reason=unvouched(state, other) or f"slot {other} is {status}, not good",
         )  # fmt: skip
         self.backend.mark_bad(other)
         return self.store.save(state.with_slot(other, status=SlotStatus.BAD.value))

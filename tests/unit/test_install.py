@@ -21,7 +21,7 @@ import pytest
 import zstandard
 
 from bootloader_hooks import grub, grubenv
-from bootloader_hooks.base import BootSelector
+from bootloader_hooks.base import BootSelector, provision
 from fleet_core import durable
 from image_builder.bundle import BundleReader, read_bundle_info
 from image_builder.bundle_writer import ImageSource, create_bundle
@@ -99,7 +99,7 @@ class Device:
 
     def __init__(self, root: Path, keyring_dir: Path, slot_size: int = SLOT_SIZE) -> None:
         self.root = root
-        self.grubenv = root / "esp" / "grubenv"
+        self.grubenv = root / "esp" / "EFI" / "fleet" / "grubenv"
         self.cmdline = root / "cmdline"
         self.grubenv.parent.mkdir(parents=True)
         for slot in ("a", "b"):
@@ -116,7 +116,7 @@ class Device:
         self.store = StateStore(self.config.data_dir)
         self.log = EventLog(keep=True)
         self.running("a")
-        self.grub.repair("a")
+        provision("grub", root / "esp")
         self.store.save(DeviceState().with_slot("a", status="good", version="1.0.0"))
 
     def slot(self, name: str) -> Path:
@@ -455,7 +455,8 @@ def test_an_install_logs_each_step_with_what_it_did(
     assert logged(device.log) == [
         {"level": "info", "event": "install.started", "source": str(bundle)},
         {"level": "info", "event": "install.verified", "security_version": 3,
-         "signed_by": [key.key_id], "slot": "b", "version": "2.0.0"},
+         "signed_by": [key.key_id], "slot": "b", "version": "2.0.0",
+         "boot_state_damaged": False},
         {"level": "info", "event": "install.slot_marked", "slot": "b", "status": "installing"},
         {"level": "info", "event": "install.image_started", "bytes": 5000,
          "path": str(device.slot("b")), "slot": "b", "slot_class": "rootfs"},
@@ -464,7 +465,7 @@ def test_an_install_logs_each_step_with_what_it_did(
         {"level": "info", "event": "install.progress", "bytes": 5000, "total": 5000},
         {"level": "info", "event": "install.trial_armed", "slot": "b"},
         {"level": "info", "event": "install.finished", "bytes": 5000, "reboot": True,
-         "seconds": 1.235, "slot": "b", "version": "2.0.0"},
+         "seconds": 1.235, "slot": "b", "version": "2.0.0", "armed": "trial"},
         {"level": "info", "event": "install.rebooting", "command": command},
     ]  # fmt: skip
     assert device.slot("b").read_bytes()[:5000] == image_of(bundle)

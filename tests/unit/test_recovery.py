@@ -5,17 +5,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from click.testing import CliRunner
 
 from bootloader_hooks import grub, grubenv
+from bootloader_hooks.base import BootSelector
+from bootloader_hooks.errors import BootStateCorruptError
 from image_builder.errors import BundleCompatibilityError
 from signing.errors import VerificationError
+from signing.keys import SigningKey
 from tests.conftest import assert_one_line_error
 from updater.cli import EXIT_REBOOT_REQUIRED, main
 from updater.config import LoadedConfig, UpdaterConfig
-from updater.errors import SlotError
+from updater.errors import InstallError, SlotError
+from updater.install import Installer
 from updater.log import EventLog
 from updater.recovery import Recovery
 from updater.runtime import Runtime
@@ -58,10 +63,7 @@ class Device:
         )
 
     def recovery(self) -> Recovery:
-        runtime = self.runtime()
-        return Recovery(
-            self.config, runtime.installer(), runtime.store, runtime.log, reboot=self.reboots.append
-        )
+        return Recovery(self.runtime().installer())
 
     @property
     def state(self) -> DeviceState:
@@ -175,3 +177,99 @@ def test_recover_command(device: Device, make_bundle: Callable[..., Path]) -> No
     device.booted("b")
     result = runner.invoke(main, ["--config", str(config), "recover", str(bundle)])
     assert_one_line_error(result, "recovery runs in safe mode only")
+
+
+# --- the install pipeline on the recovery route -----------------------------------------------
+
+
+def events_of(recovery: Recovery) -> list[dict[str, Any]]:
+    log = recovery.log
+    assert isinstance(log, EventLog)
+    return [{k: v for k, v in e.items() if k not in ("ts", "level")} for e in log.events]
+
+
+@pytest.mark.parametrize("damaged", [False, True], ids=["intact", "damaged"])
+def test_a_recovery_logs_the_pipeline_steps_under_its_own_name(
+    device: Device, make_bundle: Callable[..., Path], key: SigningKey, damaged: bool
+) -> None:
+    if damaged:
+        device.grubenv.unlink()
+    bundle = make_bundle(size=3000, version="1.4.0", security_version=2)
+    recovery = device.recovery()
+    result = recovery.recover(str(bundle))
+
+    armed = "repaired" if damaged else "trial"
+    events = events_of(recovery)
+    names = [e["event"] for e in events if e["event"] not in ("install.image_started",
+                                                                "install.progress")]  # fmt: skip
+    assert names == [
+        "recovery.started", "recovery.verified", "recovery.slot_marked",
+        "recovery.boot_state_repaired" if damaged else "recovery.trial_armed",
+        "recovery.finished", "recovery.rebooting",
+    ]  # fmt: skip
+    verified = next(e for e in events if e["event"] == "recovery.verified")
+    assert verified == {
+        "event": "recovery.verified", "version": "1.4.0", "security_version": 2, "slot": "a",
+        "signed_by": [key.key_id], "boot_state_damaged": damaged,
+    }  # fmt: skip
+    finished = next(e for e in events if e["event"] == "recovery.finished")
+    assert (finished["slot"], finished["armed"], finished["bytes"]) == ("a", armed, 3000)
+    assert (result.slot, result.armed, result.bytes_written, result.rebooting) == (
+        "a", armed, 3000, True,
+    )  # fmt: skip
+    assert device.reboots == [["reboot"]]
+    status = device.state.slot("a").status
+    assert status == ("good" if damaged else "trial")
+
+
+def test_a_recovery_that_fails_while_writing_leaves_its_target_bad(
+    device: Device, make_bundle: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = make_bundle(size=3000)
+
+    def full(self: Any, data: bytes) -> bool:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("updater.install._SlotWriter.write", full)
+    recovery = device.recovery()
+    with pytest.raises(
+        InstallError, match=r"^recovery into slot a failed: \[Errno 28\] No space left on device$"
+    ):
+        recovery.recover(str(bundle))
+
+    failed = [e for e in events_of(recovery) if e["event"] == "recovery.failed"]
+    assert failed == [{"event": "recovery.failed", "slot": "a",
+                       "error": "[Errno 28] No space left on device"}]  # fmt: skip
+
+    assert device.state.slot("a").status == "bad"
+    assert device.reboots == []
+
+
+def test_a_damaged_boot_state_a_backend_cannot_repair_stops_the_recovery(
+    device: Device, make_bundle: Callable[..., Path]
+) -> None:
+    class Unrepairable:
+        """The GRUB backend without its repair."""
+
+        name = "unrepairable"
+
+        def __getattr__(self, attribute: str) -> Any:
+            if attribute == "repair":
+                raise AttributeError(attribute)
+            return getattr(device.backend, attribute)
+
+    device.grubenv.unlink()
+    runtime = device.runtime()
+    installer = Installer(
+        device.config, lambda: cast(BootSelector, Unrepairable()), runtime.store, runtime.log,
+        runtime.sensors(), reboot=device.reboots.append,
+    )  # fmt: skip
+
+    with pytest.raises(
+        BootStateCorruptError,
+        match="^boot state is damaged and the unrepairable backend cannot repair it$",
+    ):
+        Recovery(installer).recover(str(make_bundle()))
+
+    assert device.reboots == []
+    assert not device.grubenv.exists()

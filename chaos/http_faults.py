@@ -41,9 +41,12 @@ class Fault:
 class FlakyHttpServer:
     """``with FlakyHttpServer({"/x": data}) as server: server.url("/x")``."""
 
-    def __init__(self, files: dict[str, bytes], *, ranges: bool = True) -> None:
+    def __init__(
+        self, files: dict[str, bytes], *, ranges: bool = True, etags: bool | None = None
+    ) -> None:
         self.files = dict(files)
-        self.ranges = ranges  # False: a host that ignores Range and sends no ETag
+        self.ranges = ranges  # False: a host that ignores Range
+        self.etags = ranges if etags is None else etags  # whether it sends ETags
         self.faults: deque[Fault] = deque()
         self.requests: list[dict[str, str]] = []
         self._lock = threading.Lock()
@@ -101,8 +104,9 @@ class FlakyHttpServer:
                         return
                     status = 206
                 self.send_response(status)
-                if server.ranges:
+                if server.etags:
                     self.send_header("ETag", etag)
+                if server.ranges:
                     self.send_header("Accept-Ranges", "bytes")
                 self.send_header("Content-Length", str(end - start))
                 if status == 206:

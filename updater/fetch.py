@@ -89,8 +89,12 @@ class HttpStream(io.RawIOBase):
         )
         if self.offset and response.status_code == 200:
             response.close()
-            if self._etag:  # If-Range answered with the whole resource: another one now
-                raise DownloadError(f"{self.url}: changed on the server during the download")
+            etag = response.headers.get("ETag")
+            if self._etag and etag != self._etag:  # If-Range answered by another resource
+                raise DownloadError(
+                    f"{self.url}: changed on the server during the download "
+                    f"(ETag {self._etag}, now {etag or 'none'})"
+                )
             raise DownloadError(
                 f"{self.url}: the server ignores Range requests, so the download cannot resume "
                 f"at byte {self.offset}"

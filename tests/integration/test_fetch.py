@@ -65,12 +65,19 @@ def test_resource_changed_during_download_is_refused() -> None:
         stream = HttpStream(server.url("/b"), sleep=lambda s: None)
         stream.read(50_000)
         server.files["/b"] = b"another release" * 1000
-        with pytest.raises(DownloadError, match="changed on the server"):
+        with pytest.raises(
+            DownloadError,
+            match=r"changed on the server during the download "
+            r"\(ETag \"[0-9a-f]+\", now \"[0-9a-f]+\"\)$",
+        ):
             read_all(stream)
 
 
-def test_a_host_that_ignores_range_is_named_as_such_not_as_a_changed_release() -> None:
-    with FlakyHttpServer({"/b": DATA}, ranges=False) as server:
+@pytest.mark.parametrize("etags", [False, True], ids=["no-etag", "same-etag"])
+def test_a_host_that_ignores_range_is_named_as_such_not_as_a_changed_release(
+    etags: bool,
+) -> None:
+    with FlakyHttpServer({"/b": DATA}, ranges=False, etags=etags) as server:
         server.add_faults(Fault(drop_after=100_000))
         stream = HttpStream(server.url("/b"), sleep=lambda s: None)
         stream.read(50_000)
@@ -80,7 +87,8 @@ def test_a_host_that_ignores_range_is_named_as_such_not_as_a_changed_release() -
             r"resume at byte [1-9][0-9]*$",
         ):
             read_all(stream)
-        assert "If-Range" not in server.requests[1] and server.requests[1]["Range"]
+        assert server.requests[1]["Range"]
+        assert ("If-Range" in server.requests[1]) is etags
 
 
 def test_unreachable_server_fails_after_retries() -> None:

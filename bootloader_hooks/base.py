@@ -20,7 +20,16 @@ Modelled on RAUC's bootchooser. Slot names are ``"a"`` and ``"b"`` for the root 
 Each backend's docstring states what "good", "trial" and "primary" mean for its firmware and
 where its state lives. Backends are looked up by name in :data:`BACKENDS`; each takes its
 configuration in its constructor (``from_options``) and touches nothing global, so tests point
-it at plain files.
+it at plain files. Each backend module registers itself with :func:`register`: its factory,
+its ``check_options`` and its ``provision``.
+
+A fresh boot state (``primary`` committed, the other slot not bootable) is made in one way
+only: :func:`provision` writes the boot files of a backend's firmware into the directory the
+firmware reads (the ESP for ``grub``: ``EFI/fleet/grub.cfg`` and ``grubenv``; the ``autoboot``
+partition for ``tryboot``: ``autoboot.txt``; the boot partition for ``uboot``: ``uboot.env``
+over the board's default environment, ``u-boot-initial-env``). The state in them is the one
+the backend's ``repair(primary)`` writes, because ``repair`` writes it. :func:`provisioned_files`
+gives the same files as bytes, for a disk image.
 
 Firmware models (:class:`FirmwareModel`) are pure-Python descriptions of what the real firmware
 does at boot, written from the firmware's documentation; the virtual device uses them in place
@@ -30,6 +39,7 @@ of real hardware.
 from __future__ import annotations
 
 import enum
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,24 +137,30 @@ class StateFiles(Protocol):
 
 BackendFactory = Callable[[Mapping[str, Any]], BootSelector]
 OptionCheck = Callable[[Mapping[str, Any]], object]
+# directory, primary=, attempts=, backend specifics -> {path relative to directory: path written}
+Provisioner = Callable[..., Mapping[str, Path]]
 BACKENDS: dict[str, BackendFactory] = {}
 OPTION_CHECKS: dict[str, OptionCheck] = {}
+PROVISIONERS: dict[str, Provisioner] = {}
 AUTO = "auto"  # the configuration's "find out from the machine" (updater.runtime.detect_backend)
 
 
 def register(
-    name: str, check: OptionCheck | None = None
+    name: str, check: OptionCheck | None = None, provision: Provisioner | None = None
 ) -> Callable[[BackendFactory], BackendFactory]:
     """Class or function decorator: make a backend factory available under ``name``.
 
     ``check`` validates the backend's options (the ``[bootloader]`` table) without touching
     the machine, raising :class:`BootloaderError` naming the option; without one, the factory
-    itself must be free of side effects and is the check.
+    itself must be free of side effects and is the check. ``provision`` is what
+    :func:`provision` runs for this backend.
     """
 
     def add(factory: BackendFactory) -> BackendFactory:
         BACKENDS[name] = factory
         OPTION_CHECKS[name] = check or factory
+        if provision is not None:
+            PROVISIONERS[name] = provision
         return factory
 
     return add
@@ -190,6 +206,57 @@ def create_backend(name: str, options: Mapping[str, Any]) -> BootSelector:
         BootloaderError: the options are invalid.
     """
     return _factory(name)(options)
+
+
+def provision(
+    name: str,
+    directory: Path,
+    *,
+    primary: str | None = "a",
+    attempts: int | None = None,
+    **specifics: Any,
+) -> dict[str, Path]:
+    """Write a fresh boot state of backend ``name``'s firmware into ``directory``, the directory
+    the firmware reads (mounted, or a tree to copy): ``primary`` committed (``None``: no root
+    slot, the firmware boots safe mode), the other slot not bootable, exactly as the backend's
+    ``repair(primary)`` writes it. Whatever boot state was there is replaced.
+
+    ``attempts`` defaults to the backend's. The backend's own keywords (``specifics``):
+
+    - ``grub``: ``entries`` (how to boot each slot, default the reference disk's) and
+      ``kernel_options`` (the kernel parameters of every entry);
+    - ``tryboot``: ``partitions`` (each slot's boot partition) and ``state_dir`` (where the
+      backend keeps the shadow copy and the trial state; default: not kept, the backend then
+      reads the same state from ``autoboot.txt`` alone);
+    - ``uboot``: ``initial_env`` (required: the board's default environment, as variables),
+      ``env_size``, ``redundant`` and ``bootcmd``.
+
+    Returns:
+        The files written, by their path relative to ``directory`` (``EFI/fleet/grubenv``).
+
+    Raises:
+        UnknownBackendError: no backend of that name, or one that cannot be provisioned.
+        UnknownSlotError: ``primary`` is not a root slot.
+        BootloaderError: a file cannot be written, or a keyword is invalid.
+    """
+    _factory(name)
+    try:
+        provisioner = PROVISIONERS[name]
+    except KeyError:
+        raise UnknownBackendError(f"boot backend {name!r} cannot be provisioned") from None
+    if attempts is not None:
+        specifics["attempts"] = attempts
+    return dict(provisioner(Path(directory), primary=primary, **specifics))
+
+
+def provisioned_files(
+    name: str, *, primary: str | None = "a", attempts: int | None = None, **specifics: Any
+) -> dict[str, bytes]:
+    """The bytes :func:`provision` writes, by path relative to its directory, written nowhere
+    that lasts (for a disk image)."""
+    with tempfile.TemporaryDirectory(prefix="fleet-provision-") as scratch:
+        written = provision(name, Path(scratch), primary=primary, attempts=attempts, **specifics)
+        return {relative: path.read_bytes() for relative, path in written.items()}
 
 
 class BootCause(enum.Enum):

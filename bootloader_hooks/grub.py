@@ -69,8 +69,9 @@ new one, so what Linux reports is what GRUB will find.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bootloader_hooks import grubenv
 from bootloader_hooks.base import (
@@ -84,6 +85,9 @@ from bootloader_hooks.base import (
 from bootloader_hooks.errors import BootloaderError, BootStateMissingError, UnknownSlotError
 from bootloader_hooks.options import check_attempts, check_known, path_option
 
+if TYPE_CHECKING:
+    from bootloader_hooks.grub_script import SlotEntry
+
 NAME = "grub"
 WHO = "grub backend"
 
@@ -94,8 +98,10 @@ MAX_ATTEMPTS = 9  # the count is one digit, so that grub.cfg can spell out every
 
 ORDER_VAR = "BOOT_ORDER"
 TRIAL_VAR = "FLEET_TRIAL"
-# Where install_files puts grub.cfg and grubenv, relative to the ESP.
+# Where provisioning puts grub.cfg and grubenv, relative to the ESP.
 ESP_DIRECTORY = "EFI/fleet"
+CFG_FILE = "grub.cfg"
+ENV_FILE = "grubenv"
 
 
 def left_var(slot: str) -> str:
@@ -340,4 +346,37 @@ def check_options(options: Mapping[str, Any]) -> None:
     parse_options(options)
 
 
-register(NAME, check_options)(GrubBackend.from_options)
+# ---------------------------------------------------------------------------------------------
+# Provisioning.
+
+
+def provision(
+    esp_dir: Path,
+    *,
+    primary: str | None = "a",
+    attempts: int = DEFAULT_ATTEMPTS,
+    entries: Mapping[str, SlotEntry] | None = None,
+    kernel_options: str | None = None,
+) -> dict[str, Path]:
+    """The fresh boot files on the ESP mounted at ``esp_dir`` (see
+    :func:`bootloader_hooks.base.provision`): ``EFI/fleet/grub.cfg`` for ``entries`` (default:
+    the reference disk's), every entry with ``kernel_options`` if given, then
+    ``EFI/fleet/grubenv`` as :meth:`GrubBackend.repair` writes it.
+
+    Raises:
+        UnknownSlotError: ``primary`` is not a root slot.
+        BootloaderError: a file cannot be written, or ``entries`` are invalid.
+    """
+    # The script builder builds on this module, so it is imported when it is needed.
+    from bootloader_hooks.grub_script import DEFAULT_ENTRIES, write_grub_cfg
+
+    chosen = DEFAULT_ENTRIES if entries is None else entries
+    if kernel_options is not None:
+        chosen = {slot: replace(entry, options=kernel_options) for slot, entry in chosen.items()}
+    cfg_path = write_grub_cfg(esp_dir, chosen)
+    env_path = esp_dir / ESP_DIRECTORY / ENV_FILE
+    GrubBackend(env_path, attempts=attempts).repair(primary)
+    return {f"{ESP_DIRECTORY}/{CFG_FILE}": cfg_path, f"{ESP_DIRECTORY}/{ENV_FILE}": env_path}
+
+
+register(NAME, check_options, provision)(GrubBackend.from_options)

@@ -8,8 +8,9 @@ slot left, no readable ``grubenv``, or a kernel that does not load (GRUB's ``fal
 boots the safe-mode slot. The scheme, and what Linux reads from the block, are described in
 :mod:`bootloader_hooks.grub`.
 
-:func:`grub_cfg` renders the script from the three boot entries (:class:`SlotEntry`);
-:func:`install_files` installs it on the ESP, keeping an existing ``grubenv``.
+:func:`grub_cfg` renders the script from the three boot entries (:class:`SlotEntry`),
+:func:`write_grub_cfg` writes it on the ESP, and :func:`install_files` installs it keeping an
+existing ``grubenv``. A fresh ESP is made by :func:`bootloader_hooks.base.provision`.
 
 GRUB needs the modules ``normal``, ``test``, ``loadenv``, ``linux``, ``part_gpt``, ``fat``,
 ``ext2`` and ``squash4`` (built into the image or found under ``$prefix``).
@@ -25,13 +26,15 @@ from pathlib import Path
 from bootloader_hooks.base import ALL_SLOTS, ROOT_SLOTS, SAFE_SLOT
 from bootloader_hooks.errors import BootloaderError
 from bootloader_hooks.grub import (
+    CFG_FILE,
     DEFAULT_ATTEMPTS,
+    ENV_FILE,
     ESP_DIRECTORY,
     MAX_ATTEMPTS,
     ORDER_VAR,
     WHO,
-    GrubBackend,
     left_var,
+    provision,
 )
 from fleet_core import durable
 
@@ -169,6 +172,24 @@ def grub_cfg(
     return "\n".join(lines) + "\n"
 
 
+def write_grub_cfg(esp_dir: Path, entries: Mapping[str, SlotEntry] = DEFAULT_ENTRIES) -> Path:
+    """Write :func:`grub_cfg` of ``entries`` as ``EFI/fleet/grub.cfg`` under the ESP mounted at
+    ``esp_dir``, atomically; return its path.
+
+    Raises:
+        BootloaderError: the file cannot be written, or ``entries`` are invalid.
+    """
+    directory = esp_dir / ESP_DIRECTORY
+    cfg_path = directory / CFG_FILE
+    text = grub_cfg(entries)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        durable.atomic_write(cfg_path, text.encode())
+    except OSError as err:
+        raise BootloaderError(f"{WHO}: cannot write {cfg_path}: {err.strerror}") from err
+    return cfg_path
+
+
 def install_files(
     esp_dir: Path,
     entries: Mapping[str, SlotEntry] = DEFAULT_ENTRIES,
@@ -176,11 +197,12 @@ def install_files(
     primary: str = "a",
     attempts: int = DEFAULT_ATTEMPTS,
 ) -> tuple[Path, Path]:
-    """Write ``EFI/fleet/grub.cfg`` and, if there is none, a default ``EFI/fleet/grubenv``
-    under the ESP mounted at ``esp_dir``; return their paths.
+    """Install ``EFI/fleet/grub.cfg`` under the ESP mounted at ``esp_dir``, keeping its boot
+    state; return the paths of ``grub.cfg`` and ``grubenv``.
 
     An existing grubenv is kept, damaged or not: it records which slot is committed, and
-    reinstalling the boot script must not forget that.
+    reinstalling the boot script must not forget that. Without one, the ESP is provisioned
+    (:func:`bootloader_hooks.base.provision`: a fresh grubenv with ``primary`` committed).
 
     Power cut: each file is replaced atomically; a cut between the two leaves the new
     grub.cfg with the old (or no) grubenv, and GRUB then boots the safe-mode slot.
@@ -188,14 +210,8 @@ def install_files(
     Raises:
         BootloaderError: a file cannot be written, or ``entries`` are invalid.
     """
-    directory = esp_dir / ESP_DIRECTORY
-    cfg_path, env_path = directory / "grub.cfg", directory / "grubenv"
-    text = grub_cfg(entries)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        durable.atomic_write(cfg_path, text.encode())
-    except OSError as err:
-        raise BootloaderError(f"{WHO}: cannot write {cfg_path}: {err.strerror}") from err
-    if not env_path.exists():
-        GrubBackend(env_path, attempts=attempts).repair(primary)
-    return cfg_path, env_path
+    env_path = esp_dir / ESP_DIRECTORY / ENV_FILE
+    if env_path.exists():
+        return write_grub_cfg(esp_dir, entries), env_path
+    files = provision(esp_dir, primary=primary, attempts=attempts, entries=entries)
+    return files[f"{ESP_DIRECTORY}/{CFG_FILE}"], files[f"{ESP_DIRECTORY}/{ENV_FILE}"]

@@ -104,6 +104,7 @@ import enum
 import json
 import logging
 import struct
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -121,6 +122,7 @@ from bootloader_hooks.options import check_attempts, check_known, command_option
 from fleet_core import durable
 
 NAME = "tryboot"
+AUTOBOOT_FILE = "autoboot.txt"  # alone on partition 1, which provisioning writes
 WHO = "tryboot backend"
 STATE_FILE = "tryboot-state.json"
 SHADOW_FILE = "autoboot.txt.shadow"
@@ -623,4 +625,41 @@ def _partitions_option(value: Any) -> dict[str, int]:
     return dict(value)
 
 
-register(NAME, check_options)(TrybootBackend.from_options)
+# --- provisioning -------------------------------------------------------------------------
+
+
+def provision(
+    autoboot_dir: Path,
+    *,
+    primary: str | None = "a",
+    attempts: int = DEFAULT_ATTEMPTS,
+    partitions: Mapping[str, int] | None = None,
+    state_dir: Path | None = None,
+) -> dict[str, Path]:
+    """The fresh boot files on the ``autoboot`` partition mounted at ``autoboot_dir`` (see
+    :func:`bootloader_hooks.base.provision`): ``autoboot.txt`` as :meth:`TrybootBackend.repair`
+    writes it, every boot starting ``primary``.
+
+    ``repair`` also writes the shadow copy and the trial state into ``state_dir`` (on the data
+    partition); without one they go to a scratch directory and are dropped: a backend that finds
+    neither starts from ``autoboot.txt`` alone, with its primary good, which is the same state.
+
+    Raises:
+        UnknownSlotError: ``primary`` is not a root slot.
+        BootloaderError: a file cannot be written, or ``partitions`` are invalid.
+    """
+    autoboot_txt = autoboot_dir / AUTOBOOT_FILE
+    try:
+        autoboot_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BootloaderError(f"{WHO}: cannot create {autoboot_dir}: {err.strerror}") from err
+    values: dict[str, Any] = {"autoboot_txt": autoboot_txt, "attempts": attempts}
+    if partitions is not None:
+        values["partitions"] = _partitions_option(partitions)
+    with tempfile.TemporaryDirectory(prefix="fleet-tryboot-") as scratch:
+        values["state_dir"] = Path(scratch) if state_dir is None else state_dir
+        TrybootBackend(TrybootConfig(**values)).repair(primary)
+    return {AUTOBOOT_FILE: autoboot_txt}
+
+
+register(NAME, check_options, provision)(TrybootBackend.from_options)

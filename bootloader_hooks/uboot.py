@@ -77,6 +77,7 @@ from bootloader_hooks.errors import (
 )
 from bootloader_hooks.options import check_attempts, check_known, path_option
 from bootloader_hooks.ubootenv import EnvLayout, EnvState
+from fleet_core import durable
 
 NAME = "uboot"
 WHO = "uboot backend"
@@ -89,6 +90,8 @@ DEFAULT_CMDLINE = "/proc/cmdline"
 DEFAULT_ENV_SIZE = 0x4000
 DEFAULT_INITIAL_ENV = Path("/etc/u-boot-initial-env")  # where libubootenv's fw_setenv looks
 DEFAULT_MENDER_PARTITIONS: Mapping[int, str] = {2: "a", 3: "b"}
+ENV_FILE = "uboot.env"  # what provisioning writes on the boot partition
+INITIAL_ENV_FILE = "u-boot-initial-env"  # and the board's default environment beside it
 ALTBOOTCMD = "setenv fleet_altboot 1; run bootcmd"
 LETTERS = {"a": "A", "b": "B"}
 SLOTS = {letter: slot for slot, letter in LETTERS.items()}
@@ -520,4 +523,52 @@ def check_options(options: Mapping[str, Any]) -> None:
     parse_options(options, read_files=False)
 
 
-register(NAME, check_options)(UBootBackend.from_options)
+# --- provisioning --------------------------------------------------------------------------------
+
+
+def provision(
+    boot_dir: Path,
+    *,
+    primary: str | None = "a",
+    attempts: int = DEFAULT_ATTEMPTS,
+    initial_env: Mapping[str, str],
+    env_size: int = DEFAULT_ENV_SIZE,
+    redundant: bool = True,
+    bootcmd: str | None = None,
+) -> dict[str, Path]:
+    """The fresh boot files on the boot partition mounted at ``boot_dir`` (see
+    :func:`bootloader_hooks.base.provision`), as a board fresh from the factory has them:
+    ``u-boot-initial-env`` holding the board's default environment ``initial_env``, and
+    ``uboot.env`` (two copies of ``env_size`` bytes, or one if not ``redundant``) holding that
+    environment with our state, as :meth:`UBootBackend.repair` writes it on a blank one.
+
+    The backend's options for these files: ``env_file`` (and ``redundant_offset`` =
+    ``env_size`` when redundant), ``env_size`` and ``initial_env``.
+
+    Raises:
+        UnknownSlotError: ``primary`` is not a root slot.
+        BootloaderError: a file cannot be written, or a variable cannot be written as a line.
+    """
+    env_path, initial_path = boot_dir / ENV_FILE, boot_dir / INITIAL_ENV_FILE
+    lines = []
+    for name, value in initial_env.items():
+        if not name or "=" in name or "\n" in name or "\n" in value:
+            raise BootloaderError(f"{WHO}: initial_env: {name!r}={value!r} is not one line")
+        lines.append(f"{name}={value}\n")
+    copies = 2 if redundant else 1
+    try:
+        boot_dir.mkdir(parents=True, exist_ok=True)
+        durable.atomic_write(initial_path, "".join(lines).encode())
+        durable.atomic_write(env_path, bytes(copies * env_size))
+    except OSError as err:
+        raise BootloaderError(f"{WHO}: cannot write in {boot_dir}: {err.strerror}") from err
+    if redundant:
+        layout = EnvLayout.redundant_pair(env_path, env_size, 0, env_size, None)
+    else:
+        layout = EnvLayout.single(env_path, env_size, 0)
+    backend = UBootBackend(layout, attempts=attempts, bootcmd=bootcmd, initial_env=initial_path)
+    backend.repair(primary)
+    return {INITIAL_ENV_FILE: initial_path, ENV_FILE: env_path}
+
+
+register(NAME, check_options, provision)(UBootBackend.from_options)

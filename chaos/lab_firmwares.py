@@ -7,12 +7,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bootloader_hooks.autoboot import AutobootConfig, install_file
-from bootloader_hooks.base import FirmwareModel
+from bootloader_hooks import grub, tryboot, uboot
+from bootloader_hooks.base import FirmwareModel, provision
 from bootloader_hooks.grub_model import GrubModel
-from bootloader_hooks.grub_script import install_files
 from bootloader_hooks.tryboot_model import TrybootFirmware
-from bootloader_hooks.uboot import UBootBackend
 from bootloader_hooks.uboot_model import DEFAULT_ENVIRONMENT, UBootModel
 from bootloader_hooks.ubootenv import EnvLayout
 from chaos.virtual_device import LAB_FIRMWARES, LabFirmware
@@ -23,7 +21,10 @@ def _cmdline(root: Path) -> str:
 
 
 def _grub_prepare(root: Path) -> dict[str, Any]:
-    _, grubenv = install_files(root / "boot" / "esp")
+    esp = root / "boot" / "esp"
+    grubenv = esp / grub.ESP_DIRECTORY / grub.ENV_FILE
+    if not grubenv.exists():
+        provision("grub", esp)
     return {"grubenv": str(grubenv), "cmdline": _cmdline(root)}
 
 
@@ -35,14 +36,15 @@ LAB_FIRMWARES["grub"] = LabFirmware("grub", _grub_prepare, _grub_model)
 
 
 def _tryboot_prepare(root: Path) -> dict[str, Any]:
-    autoboot = root / "boot" / "autoboot" / "autoboot.txt"
+    autoboot = root / "boot" / "autoboot" / tryboot.AUTOBOOT_FILE
+    state_dir = root / "data" / "boot"
     if not autoboot.exists():
-        install_file(autoboot, AutobootConfig(boot_partition=2, tryboot_partition=2))
+        provision("tryboot", autoboot.parent, state_dir=state_dir)
     proc = root / "linux" / "proc"
     return {
         "autoboot_txt": str(autoboot),
         "device_tree": str(proc / "device-tree"),
-        "state_dir": str(root / "data" / "boot"),
+        "state_dir": str(state_dir),
         "boot_id": str(proc / "sys" / "kernel" / "random" / "boot_id"),
     }
 
@@ -59,7 +61,7 @@ UBOOT_ENV_SIZE = 0x4000
 
 def _uboot_prepare(root: Path) -> dict[str, Any]:
     boot = root / "boot"
-    env, initial = boot / "uboot.env", boot / "u-boot-initial-env"
+    env, initial = boot / uboot.ENV_FILE, boot / uboot.INITIAL_ENV_FILE
     options: dict[str, Any] = {
         "env_file": str(env),
         "env_size": UBOOT_ENV_SIZE,
@@ -70,9 +72,7 @@ def _uboot_prepare(root: Path) -> dict[str, Any]:
     }
     if not env.exists():
         # a board fresh from the factory: the default environment in its flash, our script
-        initial.write_text("".join(f"{k}={v}\n" for k, v in DEFAULT_ENVIRONMENT.items()))
-        env.write_bytes(bytes(2 * UBOOT_ENV_SIZE))
-        UBootBackend.from_options(options).repair("a")
+        provision("uboot", boot, initial_env=DEFAULT_ENVIRONMENT, env_size=UBOOT_ENV_SIZE)
     return options
 
 

@@ -142,31 +142,23 @@ def disk(
         )
 
 
-# The boot selection files on a new disk are the boot backends' own (the same code writes them
-# on the device), which is why this command, alone in image_builder, imports bootloader_hooks.
+# The boot selection files on a new disk are the boot backends' own (bootloader_hooks.base's
+# provisioning, the same code that repairs them on the device), which is why this command,
+# alone in image_builder, imports bootloader_hooks.
 
 
 def _grub_boot_files(kernel_options: str, attempts: int) -> dict[str, bytes]:
     """grub.cfg and a grubenv with slot A committed, under the ESP directory GRUB reads."""
-    from dataclasses import replace
+    from bootloader_hooks.base import provisioned_files
 
-    from bootloader_hooks.grub import ESP_DIRECTORY, default_block
-    from bootloader_hooks.grub_script import DEFAULT_ENTRIES, grub_cfg
-
-    entries = {
-        slot: replace(entry, options=kernel_options) for slot, entry in DEFAULT_ENTRIES.items()
-    }
-    return {
-        f"{ESP_DIRECTORY}/grub.cfg": grub_cfg(entries).encode(),
-        f"{ESP_DIRECTORY}/grubenv": default_block("a", attempts).encode(),
-    }
+    return provisioned_files("grub", primary="a", attempts=attempts, kernel_options=kernel_options)
 
 
 def _rpi_boot_files() -> dict[str, bytes]:
     """autoboot.txt booting boot A (partition 2), nothing on trial."""
-    from bootloader_hooks.autoboot import AutobootConfig, render
+    from bootloader_hooks.base import provisioned_files
 
-    return {"autoboot.txt": render(AutobootConfig(boot_partition=2, tryboot_partition=2))}
+    return provisioned_files("tryboot", primary="a")
 
 
 @click.group()

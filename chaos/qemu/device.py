@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from bootloader_hooks import grubenv
-from bootloader_hooks.base import BootCause, BootEvent
-from bootloader_hooks.grub import ESP_DIRECTORY, default_block
+from bootloader_hooks.base import BootCause, BootEvent, provisioned_files
+from bootloader_hooks.grub import ESP_DIRECTORY
 from bootloader_hooks.grub_model import GrubModel
-from bootloader_hooks.grub_script import DEFAULT_ENTRIES, grub_cfg
 from chaos.qemu.fat import FatReadError, read_file
 from chaos.qemu.guest import (
     COMPATIBLE,
@@ -165,14 +164,9 @@ class QemuLab:
                 "a", status="good", version="1.0.0", security_version=1
             )
             StateStore(data).save(factory)
-            entries = {
-                slot: dataclasses.replace(entry, options=KERNEL_OPTIONS)
-                for slot, entry in DEFAULT_ENTRIES.items()
-            }
-            boot_files = {
-                f"{ESP_DIRECTORY}/grub.cfg": grub_cfg(entries).encode(),
-                f"{ESP_DIRECTORY}/grubenv": default_block("a", ATTEMPTS).encode(),
-            }
+            boot_files = provisioned_files(
+                "grub", primary="a", attempts=ATTEMPTS, kernel_options=KERNEL_OPTIONS
+            )
             self._pristine = grub_disk(
                 self.workdir / "pristine.img",
                 boot_files=boot_files,

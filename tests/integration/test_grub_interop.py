@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bootloader_hooks import grubenv
-from bootloader_hooks.base import BootCause, BootEvent
+from bootloader_hooks.base import BootCause, BootEvent, provision
 from bootloader_hooks.grub import GrubBackend
 from bootloader_hooks.grub_model import GrubModel
-from bootloader_hooks.grub_script import DEFAULT_ENTRIES, SlotEntry, grub_cfg, install_files
+from bootloader_hooks.grub_script import DEFAULT_ENTRIES, SlotEntry, grub_cfg
 from bootloader_hooks.grubenv import BLOCK_SIZE, EnvBlock, GrubenvFullError
 
 TRICKY = {
@@ -121,9 +121,9 @@ def test_any_sequence_of_changes_gives_grub_editenv_bytes(
 
 
 def test_backend_writes_are_grub_editenv_changes(tmp_path: Path) -> None:
-    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours = provision("grub", tmp_path / "esp")["EFI/fleet/grubenv"]
+    theirs = tmp_path / "theirs"
     backend = GrubBackend(ours, tmp_path / "cmdline")
-    backend.repair("a")  # the fresh block provisioning writes
     created_by_editenv(theirs)
     editenv_ok(theirs, "set", "BOOT_ORDER=A B", "BOOT_A_LEFT=3", "BOOT_B_LEFT=0")
     assert ours.read_bytes() == theirs.read_bytes()
@@ -151,7 +151,7 @@ def test_grub_editenv_changes_are_seen_by_the_backend(tmp_path: Path) -> None:
 
 
 def test_the_block_grub_rewrote_in_place_is_read_by_grub_editenv(tmp_path: Path) -> None:
-    _, env = install_files(tmp_path)
+    env = provision("grub", tmp_path)["EFI/fleet/grubenv"]
     GrubModel(tmp_path).boot(BootEvent(BootCause.POWER_ON))
     assert editenv_ok(env, "list") == "BOOT_ORDER=A B\nBOOT_A_LEFT=2\nBOOT_B_LEFT=0\n"
 
@@ -163,7 +163,7 @@ def script_check(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_grub_script_check_accepts_our_grub_cfg(tmp_path: Path) -> None:
-    cfg, _ = install_files(tmp_path)
+    cfg = provision("grub", tmp_path)["EFI/fleet/grub.cfg"]
     result = script_check(cfg)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from bootloader_hooks import grub, grubenv
-from bootloader_hooks.autoboot import AutobootConfig, install_file
-from bootloader_hooks.base import BootCause, BootEvent
+from bootloader_hooks.base import BootCause, BootEvent, provision
 from bootloader_hooks.tryboot import TrialResult, TrybootBackend, TrybootConfig
 from bootloader_hooks.tryboot_model import BOOT_ID, TrybootFirmware
 from updater.bootcheck import MAX_FAILURES, MAX_TRIAL_BOOTS, BootChecker, BootVerdict
@@ -32,11 +31,10 @@ class Device:
     """Slot a committed with 1.0.0; 2.0.0 in slot b armed for a trial and booted."""
 
     def __init__(self, root: Path) -> None:
-        self.grubenv = root / "grubenv"
+        self.grubenv = provision("grub", root / "esp")["EFI/fleet/grubenv"]
         self.cmdline = root / "cmdline"
         self.cmdline.write_text("ro fleet.slot=a\n")
         self.backend = grub.GrubBackend(self.grubenv, self.cmdline)
-        self.backend.repair("a")
         self.backend.try_once("b")
         self.cmdline.write_text("ro fleet.slot=b\n")
         self.store = StateStore(root / "data")
@@ -153,10 +151,9 @@ class Board:
     def __init__(self, root: Path, running: str = "a") -> None:
         self.running = running
         self.other = "b" if running == "a" else "a"
-        self.grubenv = root / "grubenv"
+        self.grubenv = provision("grub", root / "esp", primary=running)["EFI/fleet/grubenv"]
         self.cmdline = root / "cmdline"
         self.backend = grub.GrubBackend(self.grubenv, self.cmdline)
-        self.backend.repair(running)
         self.boot(running)
         self.store = StateStore(root / "data")
         self.log = EventLog(keep=True)
@@ -547,7 +544,7 @@ class Pi:
 
     def __init__(self, root: Path) -> None:
         autoboot_txt = root / "p1" / "autoboot.txt"
-        install_file(autoboot_txt, AutobootConfig(2, 2))
+        provision("tryboot", autoboot_txt.parent)
         self.linux = root / "root"
         self.firmware = TrybootFirmware(autoboot_txt)
         self.backend = TrybootBackend(

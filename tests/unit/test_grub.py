@@ -12,7 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bootloader_hooks import grubenv
-from bootloader_hooks.base import BACKENDS, BootCause, BootEvent, BootOutcome, create_backend
+from bootloader_hooks.base import (
+    BACKENDS,
+    BootCause,
+    BootEvent,
+    BootOutcome,
+    create_backend,
+    provision,
+)
 from bootloader_hooks.errors import (
     BootloaderError,
     BootStateCorruptError,
@@ -41,7 +48,7 @@ class Device:
         kernel_present: Callable[[str], bool] | None = None,
     ) -> None:
         self.esp = base / "esp"
-        _, self.grubenv = install_files(self.esp, attempts=attempts)
+        self.grubenv = provision("grub", self.esp, attempts=attempts)["EFI/fleet/grubenv"]
         self.root = base / "root"
         (self.root / "proc").mkdir(parents=True)
         self.firmware = GrubModel(self.esp, kernel_present=kernel_present)

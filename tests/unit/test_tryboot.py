@@ -13,8 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bootloader_hooks.autoboot import AutobootConfig, install_file
-from bootloader_hooks.base import BACKENDS, BootCause, BootEvent, BootOutcome, create_backend
+from bootloader_hooks.base import (
+    BACKENDS,
+    BootCause,
+    BootEvent,
+    BootOutcome,
+    create_backend,
+    provision,
+)
 from bootloader_hooks.errors import BootloaderError, BootStateCorruptError, UnknownSlotError
 from bootloader_hooks.tryboot import (
     STATE_FILE,
@@ -47,7 +53,8 @@ class Device:
     ) -> None:
         self.root = tmp_path / "root"
         self.autoboot_txt = tmp_path / "p1" / "autoboot.txt"
-        install_file(self.autoboot_txt, AutobootConfig(primary, primary))  # provisioning
+        slot = {p: s for s, p in TrybootConfig().partitions.items()}[primary]
+        provision("tryboot", self.autoboot_txt.parent, primary=slot)
         self.firmware = TrybootFirmware(self.autoboot_txt, partition_walk=partition_walk)
         self.config = TrybootConfig(
             autoboot_txt=self.autoboot_txt,

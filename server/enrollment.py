@@ -51,6 +51,7 @@ from server.models import (
 from server.schemas import EnrollRequest
 from server.settings import CHALLENGE_TTL_S, SESSION_TTL_S
 from signing.keys import SigningKey, key_id
+from signing.points import public_key_problem, signature_problem
 from signing.signature import signed_message
 
 ENROLL_PURPOSE = "device-enroll"
@@ -77,14 +78,22 @@ def device_public_key(hex_key: str) -> Ed25519PublicKey:
         InvalidRequestError: not 32 bytes of hex.
     """
     try:
-        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(hex_key))
+        raw = bytes.fromhex(hex_key)
+        public_key = Ed25519PublicKey.from_public_bytes(raw)
     except ValueError as err:
         raise InvalidRequestError(f"public_key: not an Ed25519 public key ({err})") from err
+    problem = public_key_problem(raw)
+    if problem is not None:
+        raise InvalidRequestError(f"public_key: unusable Ed25519 public key: {problem}")
+    return public_key
 
 
 def _verify(public_key: Ed25519PublicKey, signature_hex: str, purpose: str, payload: str) -> bool:
     try:
-        public_key.verify(bytes.fromhex(signature_hex), signed_message(purpose, payload.encode()))
+        signature = bytes.fromhex(signature_hex)
+        if signature_problem(signature) is not None:
+            return False
+        public_key.verify(signature, signed_message(purpose, payload.encode()))
     except (InvalidSignature, ValueError):
         return False
     return True

@@ -42,6 +42,7 @@ from signing.errors import (
     UnknownKeyError,
 )
 from signing.keys import key_id, load_public_key, public_key_pem
+from signing.points import signature_problem
 from signing.signature import SignatureEnvelope, signed_message
 
 REVOKED_FILE = "revoked.txt"
@@ -127,6 +128,11 @@ class Keyring:
             if public_key is None:
                 unknown.append(signature.key_id)
                 continue
+            problem = signature_problem(signature.value)
+            if problem is not None:
+                raise BadSignatureError(
+                    f"signature by key {signature.key_id} is malformed: {problem}"
+                )
             try:
                 public_key.verify(signature.value, message)
             except InvalidSignature as err:

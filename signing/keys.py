@@ -16,9 +16,11 @@ from pathlib import Path
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from fleet_core.durable import atomic_write
 from signing.errors import KeyFileError
+from signing.points import public_key_problem
 
 # A private key is a secret, so it must never exist on disk with wider permissions.
 PRIVATE_KEY_MODE = 0o600
@@ -129,7 +131,8 @@ def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
     """Load an Ed25519 public key from a PEM file (``.pub``) or its private key (``.pem``).
 
     Raises:
-        KeyFileError: the file is unreadable or not an Ed25519 public key.
+        KeyFileError: the file is unreadable or not an Ed25519 public key, or a key no honest
+            signer has (see :mod:`signing.points`).
     """
     key_path = Path(path)
     data = _read(key_path, "public key")
@@ -143,4 +146,7 @@ def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
         raise KeyFileError(f"{key_path}: not a PEM public key") from err
     if not isinstance(public_key, Ed25519PublicKey):
         raise KeyFileError(f"{key_path}: not an Ed25519 key ({type(public_key).__name__})")
+    problem = public_key_problem(public_key.public_bytes(Encoding.Raw, PublicFormat.Raw))
+    if problem is not None:
+        raise KeyFileError(f"{key_path}: unusable Ed25519 public key: {problem}")
     return public_key

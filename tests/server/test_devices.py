@@ -728,3 +728,43 @@ def test_devices_are_listed_by_enrollment_then_id(harness: Harness) -> None:
             harness.clock.advance(10)
     listing = harness.client.get("/api/v1/devices", headers=harness.viewer).json()["devices"]
     assert [d["id"] for d in listing] == [by_id[-1].id, *(d.id for d in by_id[:-1])]
+
+
+def test_a_small_order_device_key_is_refused_before_it_can_forge_anything(
+    harness: Harness,
+) -> None:
+    # R = the identity, S = 0 "verifies" for every message under a small-order key: the key
+    # itself is refused (422 naming it), at enrollment and at pre-authorization, and nothing
+    # is stored or used up
+    from tests.unit.test_points import NON_CANONICAL, SMALL_ORDER
+
+    token = harness.enrollment_token()
+    identity = "01" + "00" * 31
+    forgery = identity + "00" * 32
+    for public_key in [*SMALL_ORDER, NON_CANONICAL[1].hex()]:
+        body = {"public_key": public_key, "compatible": "metrica-rpi4", "hostname": "forged",
+                "proof": forgery, "enrollment_token": token}  # fmt: skip
+        response = harness.client.post("/api/v1/devices/enroll", json=body)
+        assert response.status_code == 422, (public_key, response.text)
+        detail = response.json()["detail"]
+        assert detail.startswith("public_key: unusable Ed25519 public key: "), detail
+        response = harness.client.post(
+            "/api/v1/preauthorized-keys", json={"public_key": public_key},
+            headers=harness.operator,
+        )  # fmt: skip
+        assert response.status_code == 422, (public_key, response.text)
+    listed = harness.client.get("/api/v1/devices", headers=harness.operator)
+    assert listed.json()["devices"] == []
+    assert FakeDevice(harness.client).enroll(token).status_code == 200  # the token is unused
+
+
+def test_a_malleated_proof_is_refused(harness: Harness) -> None:
+    from signing.points import L
+
+    device = FakeDevice(harness.client)
+    body = device.enroll_body(harness.enrollment_token())
+    proof = bytes.fromhex(body["proof"])
+    s = int.from_bytes(proof[32:], "little")
+    body["proof"] = (proof[:32] + (s + L).to_bytes(32, "little")).hex()
+    response = harness.client.post("/api/v1/devices/enroll", json=body)
+    assert response.status_code == 403 and "proof" in response.json()["detail"]

@@ -23,6 +23,7 @@ from signing.keys import SigningKey, generate_key
 from signing.signature import sign
 
 if TYPE_CHECKING:
+    from bootloader_hooks.ubootenv import EnvLayout
     from tests.chaos.conftest import Releases
 
 # Hypothesis profiles. No deadline anywhere: the properties write files and sign bundles, and
@@ -202,3 +203,29 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
 
     directory = tmp_path_factory.mktemp("releases")
     return Releases(directory, generate_key(directory / "release-key"))
+
+
+# --- U-Boot environment layouts, as fw_env.config describes them --------------------------------
+
+UBOOT_LAYOUT_KINDS = ["file", "offset", "redundant", "two-files"]
+
+
+def uboot_layout(tmp_path: Path, kind: str, size: int) -> EnvLayout:
+    """An environment layout of ``kind`` under ``tmp_path``, every copy blank (invalid): one
+    file; one copy at an offset of a disk image; a redundant pair in one image; two files."""
+    from bootloader_hooks.ubootenv import EnvCopy, EnvLayout
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4 * size))
+    if kind == "file":
+        (tmp_path / "uboot.env").write_bytes(bytes(size))
+        return EnvLayout.single(tmp_path / "uboot.env", size)
+    if kind == "offset":
+        return EnvLayout.single(image, size, size)
+    if kind == "two-files":
+        for name in ("uboot.env", "uboot-redund.env"):
+            (tmp_path / name).write_bytes(bytes(size))
+        return EnvLayout(
+            size, (EnvCopy(tmp_path / "uboot.env"), EnvCopy(tmp_path / "uboot-redund.env"))
+        )
+    return EnvLayout.redundant_pair(image, size, size, 3 * size)

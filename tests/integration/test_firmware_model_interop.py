@@ -31,6 +31,7 @@ from bootloader_hooks.grub_model import (
 from bootloader_hooks.grub_script import grub_cfg
 from bootloader_hooks.uboot_model import OUR_ALTBOOTCMD, UBootModel
 from bootloader_hooks.ubootenv import EnvCopy, EnvLayout
+from tests.conftest import UBOOT_LAYOUT_KINDS, uboot_layout
 
 REBOOT = BootEvent(BootCause.REBOOT, ("reboot",))
 SIGNATURE = b"# GRUB Environment Block\n"
@@ -172,25 +173,11 @@ def test_the_model_unsets_a_variable_in_any_block_as_grub_editenv_does(
 # U-Boot
 
 SIZE = 0x2000
-KINDS = ["file", "offset", "redundant", "two-files"]
+KINDS = UBOOT_LAYOUT_KINDS
 
 
 def layout_of(tmp_path: Path, kind: str) -> EnvLayout:
-    """The layout the lab and the backend describe, with blank (invalid) copies."""
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(4 * SIZE))
-    if kind == "file":
-        (tmp_path / "uboot.env").write_bytes(bytes(SIZE))
-        return EnvLayout.single(tmp_path / "uboot.env", SIZE)
-    if kind == "offset":
-        return EnvLayout.single(image, SIZE, SIZE)
-    if kind == "two-files":
-        for name in ("uboot.env", "uboot-redund.env"):
-            (tmp_path / name).write_bytes(bytes(SIZE))
-        return EnvLayout(
-            SIZE, (EnvCopy(tmp_path / "uboot.env"), EnvCopy(tmp_path / "uboot-redund.env"))
-        )
-    return EnvLayout.redundant_pair(image, SIZE, SIZE, 3 * SIZE)
+    return uboot_layout(tmp_path, kind, SIZE)
 
 
 class Tools:

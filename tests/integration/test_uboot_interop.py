@@ -13,7 +13,8 @@ from bootloader_hooks import uboot, uboot_script, ubootenv
 from bootloader_hooks.base import BootCause, BootEvent
 from bootloader_hooks.uboot import UBootBackend
 from bootloader_hooks.uboot_model import UBootModel
-from bootloader_hooks.ubootenv import EnvCopy, EnvLayout
+from bootloader_hooks.ubootenv import EnvLayout
+from tests.conftest import UBOOT_LAYOUT_KINDS, uboot_layout
 
 SIZE = 0x4000
 RESET = BootEvent(BootCause.RESET)
@@ -33,20 +34,7 @@ def run(*command: str, stdin: str | None = None) -> str:
 
 
 def layout_of(tmp_path: Path, kind: str) -> EnvLayout:
-    image = tmp_path / "disk.img"
-    image.write_bytes(bytes(4 * SIZE))
-    if kind == "file":
-        (tmp_path / "uboot.env").write_bytes(bytes(SIZE))
-        return EnvLayout.single(tmp_path / "uboot.env", SIZE)
-    if kind == "offset":
-        return EnvLayout.single(image, SIZE, SIZE)
-    if kind == "two-files":
-        for name in ("uboot.env", "uboot-redund.env"):
-            (tmp_path / name).write_bytes(bytes(SIZE))
-        return EnvLayout(
-            SIZE, (EnvCopy(tmp_path / "uboot.env"), EnvCopy(tmp_path / "uboot-redund.env"))
-        )
-    return EnvLayout.redundant_pair(image, SIZE, SIZE, 3 * SIZE)
+    return uboot_layout(tmp_path, kind, SIZE)
 
 
 class Tools:
@@ -67,7 +55,7 @@ class Tools:
         run("fw_setenv", "-c", str(self.config), "-f", str(self.default), "-s", "-", stdin=script)
 
 
-KINDS = ["file", "offset", "redundant", "two-files"]
+KINDS = UBOOT_LAYOUT_KINDS
 
 
 @pytest.mark.parametrize("kind", KINDS)

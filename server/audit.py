@@ -5,8 +5,8 @@ Each entry's ``hash`` is ``sha256(prev_hash + canonical JSON of the entry)``, wh
 and ``prev_hash`` is the previous entry's hash (64 zeros before the first). ``seq`` counts from 1
 without gaps. Changing any stored byte of an entry, or removing one, breaks the chain at that
 entry, and :func:`verify_chain` names it. Removing entries at the *end* leaves a shorter valid
-chain: to catch that, record the head (``seq`` and ``hash``) somewhere else and compare
-(``fleet audit verify --expect-head``).
+chain, and a chain rewritten whole is valid too: heads signed with the server key
+(:mod:`server.anchor`), kept in the database and exported elsewhere, catch both.
 
 Appends from several server processes are serialized (a database lock), so the chain never
 forks; an append is part of the transaction of the change it records, so a rolled-back change
@@ -195,13 +195,20 @@ class ChainReport:
 
 
 def verify_chain(
-    chain: Iterable[AuditEntry], *, expect_head: tuple[int, str] | None = None
+    chain: Iterable[AuditEntry],
+    *,
+    expect_head: tuple[int, str] | None = None,
+    anchored: Mapping[int, str] | None = None,
 ) -> ChainReport:
     """Walk ``chain`` (ordered by ``seq``) and report the first entry that was changed or removed.
 
-    ``expect_head`` is a ``(seq, hash)`` recorded earlier: the chain must still contain it, which
-    catches entries removed from the end.
+    ``expect_head`` is a ``(seq, hash)`` recorded earlier, ``anchored`` more of them (the signed
+    heads of :mod:`server.anchor`): the chain must still contain each, which catches entries
+    removed from the end and a chain rewritten whole.
     """
+    recorded = dict(anchored or {})
+    if expect_head is not None:
+        recorded[expect_head[0]] = expect_head[1]
     expected_seq, prev_hash, checked = 1, GENESIS_HASH, 0
     head_seq, head_hash = 0, GENESIS_HASH
     previous: AuditEntry | None = None
@@ -209,7 +216,7 @@ def verify_chain(
         problem = _check(entry, expected_seq, prev_hash, previous)
         if problem is not None:
             return ChainReport(checked, head_seq, head_hash, problem)
-        if expect_head is not None and entry.seq == expect_head[0] and entry.hash != expect_head[1]:
+        if entry.seq in recorded and entry.hash != recorded[entry.seq]:
             return ChainReport(
                 checked,
                 head_seq,
@@ -220,14 +227,15 @@ def verify_chain(
         checked += 1
         expected_seq, prev_hash, previous = entry.seq + 1, entry.hash, entry
         head_seq, head_hash = entry.seq, entry.hash
-    if expect_head is not None and head_seq < expect_head[0]:
+    last_recorded = max(recorded, default=0)
+    if head_seq < last_recorded:
         first_missing = head_seq + 1
         return ChainReport(
             checked,
             head_seq,
             head_hash,
-            f"entries {first_missing} to {expect_head[0]} were removed from the end "
-            f"(the recorded head is entry {expect_head[0]})",
+            f"entries {first_missing} to {last_recorded} were removed from the end "
+            f"(the recorded head is entry {last_recorded})",
         )
     return ChainReport(checked, head_seq, head_hash)
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from server.audit import AuditEntry
     from server.client import ApiClient
     from server.database import Database
+    from signing.keys import SigningKey
 
 F = TypeVar("F", bound=Callable[..., Any])
 DATABASE_URL_ENV = "FLEET_DATABASE_URL"
@@ -531,8 +532,66 @@ def audit_list(
 def _parse_head(text: str) -> tuple[int, str]:
     match = re.fullmatch(r"(\d+):([0-9a-f]{64})", text.strip())
     if match is None:
-        raise click.BadParameter("give SEQ:HASH as printed by an earlier verify")
+        raise click.BadParameter(
+            "give SEQ:HASH as printed by an earlier verify, or a file written by "
+            "'fleet audit head --out'",
+            param_hint="--expect-head",
+        )
     return int(match.group(1)), match.group(2)
+
+
+def _server_signing_key(data_dir: Path | None) -> SigningKey:
+    """The server key in ``data_dir`` (the audit heads are signed with it).
+
+    Raises:
+        ClientConfigError: no data directory given.
+        KeyFileError: the key is missing or unusable.
+    """
+    from server.settings import Settings
+    from signing.keys import load_private_key
+
+    if data_dir is None:
+        raise ClientConfigError("the server key is in the data directory: give --data-dir")
+    return load_private_key(Settings.create(data_dir).server_key_path)
+
+
+@audit.command()
+@database_options
+@api_options
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the signed head here (keep it off the server) instead of printing it.",
+)
+def head(
+    data_dir: Path | None,
+    database_url: str | None,
+    server: str | None,
+    token: str | None,
+    out: Path | None,
+) -> None:
+    """Sign the audit trail's head with the server key and export it, for a later
+    'fleet audit verify --expect-head FILE' to check that nothing at or below it changed."""
+    from server.anchor import SignedHead, anchor_head
+
+    if data_dir is not None or database_url is not None:
+        key = _server_signing_key(data_dir)
+        signed = anchor_head(open_database(data_dir, database_url), key, _now())
+        document = None if signed is None else signed.to_dict()
+    else:
+        document = api_client(server, token).get("/api/v1/audit/head")["head"]
+        if document is not None:
+            SignedHead.from_dict(document)  # refuse to store what is not a signed head
+    if document is None:
+        raise AuditChainBrokenError("the audit trail is empty: there is no head to sign")
+    text = json.dumps(document, indent=1, sort_keys=True) + "\n"
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    from fleet_core.durable import atomic_write
+
+    atomic_write(out, text.encode())
+    click.echo(f"signed head {document['seq']}:{document['hash']} written to {out}", err=True)
 
 
 @audit.command()
@@ -540,7 +599,13 @@ def _parse_head(text: str) -> tuple[int, str]:
 @api_options
 @click.option(
     "--expect-head",
-    help="SEQ:HASH printed by an earlier verify: also catches entries removed from the end.",
+    help="A file written by 'fleet audit head --out' (its signature is checked), or SEQ:HASH "
+    "printed by an earlier verify: also catches entries removed from the end.",
+)
+@click.option(
+    "--server-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The server's public key, to check signed heads (default with --data-dir: its key).",
 )
 def verify(
     data_dir: Path | None,
@@ -548,16 +613,42 @@ def verify(
     server: str | None,
     token: str | None,
     expect_head: str | None,
+    server_key: Path | None,
 ) -> None:
-    """Walk the hash chain; name the first changed or removed entry (exit 1 if any)."""
+    """Walk the hash chain and check the signed heads; name the first changed or removed
+    entry (exit 1 if any)."""
+    from server.anchor import SignedHead, check_anchors, read_head_file, stored_anchors
     from server.audit import all_entries, verify_chain
+    from signing.keys import load_public_key
 
-    head = _parse_head(expect_head) if expect_head else None
-    if data_dir is not None or database_url is not None:
-        chain = all_entries(open_database(data_dir, database_url))
+    direct = data_dir is not None or database_url is not None
+    if server_key is not None:
+        public_key = load_public_key(server_key)
+    elif data_dir is not None:
+        public_key = _server_signing_key(data_dir).public_key
     else:
-        chain = _api_entries(api_client(server, token))
-    report = verify_chain(chain, expect_head=head)
+        public_key = None
+    exported: SignedHead | None = None
+    recorded: tuple[int, str] | None = None
+    if expect_head is not None and Path(expect_head).is_file():
+        exported = read_head_file(Path(expect_head))
+    elif expect_head is not None:
+        recorded = _parse_head(expect_head)
+    if exported is not None and public_key is None:
+        raise ClientConfigError("checking a signed head needs the server key: give --server-key")
+    if direct:
+        db = open_database(data_dir, database_url)
+        chain, anchors = all_entries(db), stored_anchors(db)
+    else:
+        client = api_client(server, token)
+        anchors = [SignedHead.from_dict(a) for a in client.get("/api/v1/audit/anchors")["anchors"]]
+        chain = _api_entries(client)
+    anchored: dict[int, str] = {}
+    if public_key is not None:
+        anchored, problem = check_anchors([*anchors, *filter(None, [exported])], public_key)
+        if problem is not None:
+            raise AuditChainBrokenError(f"audit trail broken: {problem}")
+    report = verify_chain(chain, expect_head=recorded, anchored=anchored)
     if not report.intact:
         raise AuditChainBrokenError(
             f"audit trail broken: {report.problem} ({report.checked} entries before it hold)"
@@ -565,6 +656,10 @@ def verify(
     click.echo(
         f"audit trail intact: {report.checked} entries; head {report.head_seq}:{report.head_hash}"
     )
+    if anchored:
+        click.echo(f"signed heads: {len(anchored)} hold")
+    elif anchors and public_key is None:
+        click.echo(f"{len(anchors)} signed head(s) not checked: give --server-key", err=True)
 
 
 # --- fleet rollout, fleet emergency-stop ------------------------------------------------------

@@ -216,6 +216,18 @@ class AuditRow(Base):
     hash: Mapped[str] = mapped_column(String(HEX64))
 
 
+class AuditAnchorRow(Base):
+    """A head of the audit trail signed with the server key (see ``server/anchor.py``)."""
+
+    __tablename__ = "audit_anchors"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    hash: Mapped[str] = mapped_column(String(HEX64))
+    at: Mapped[str] = mapped_column(String(32))
+    key_id: Mapped[str] = mapped_column(String(HEX64))
+    signature: Mapped[str] = mapped_column(String(2 * HEX64))
+
+
 class Rollout(Base):
     """A staged rollout of one release to the selected devices (see ``server/rollouts.py``).
 

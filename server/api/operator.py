@@ -14,7 +14,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from server import audit, devices, enrollment, releases
+from server import anchor, audit, devices, enrollment, releases
 from server.api.common import (
     Admin,
     DeviceIdPath,
@@ -147,6 +147,21 @@ async def create_token(request: Request, caller: Admin, state: State) -> dict[st
         )
     )
     return {"token": token, "name": body.name, "role": role.label}
+
+
+@router.get("/audit/head", tags=["audit"])
+def audit_head(_caller: Viewer, state: State) -> dict[str, Any]:
+    """The trail's head signed with the server key now (and kept as an anchor): export it
+    somewhere else to catch later rewrites (``fleet audit head --out``); ``head`` is null for
+    an empty trail."""
+    head = anchor.anchor_head(state.db, state.server_key, state.now())
+    return {"head": None if head is None else head.to_dict()}
+
+
+@router.get("/audit/anchors", tags=["audit"])
+def audit_anchors(_caller: Viewer, state: State) -> dict[str, Any]:
+    """Every signed head the server kept, oldest first (``fleet audit verify`` checks them)."""
+    return {"anchors": [head.to_dict() for head in anchor.stored_anchors(state.db)]}
 
 
 @router.get("/audit", tags=["audit"])

@@ -4,24 +4,60 @@ Every model forbids unknown fields, is strict about types (``1.0`` is not an int
 not a number, ``NaN`` is not a number at all) and bounds every string, number and list, so a
 validated body has a known size and meaning. :func:`parse` turns any failure into one
 :class:`InvalidRequestError` (422) naming the first offending field.
+
+Free text (what is not an identifier, a label or a number) follows one rule,
+:func:`fleet_core.text.check_text`: no control, format, separator, private-use or unassigned
+character, so nothing stored can later steer a terminal or reorder what a reader sees.
+:data:`Text128` and :data:`ReportedVersion` are one line (no tab, no newline either); the
+string values of an event's ``fields`` are log lines and may hold a tab, their keys may not.
+A heartbeat's ``metrics_address`` follows ``server/scrape.py``, with the networks of the
+server's settings (:class:`Policy`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     JsonValue,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
+from fleet_core.text import check_text, describe, printable, refused_character
 from server.errors import InvalidRequestError
+from server.scrape import MAX_ADDRESS_LENGTH, Network, check_metrics_address
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the server's settings add to the validation of a body (the default: nothing
+    configured)."""
+
+    metrics_networks: tuple[Network, ...] = ()
+
+
+def one_line(text: str) -> str:
+    """The rule of one-line free text: :func:`~fleet_core.text.check_text`, no tab either.
+
+    Raises:
+        ValueError: naming the first refused character by its code point.
+    """
+    return check_text(text)
+
+
+def _scrape_target(address: str, info: ValidationInfo) -> str:
+    policy = info.context if isinstance(info.context, Policy) else Policy()
+    return check_metrics_address(address, policy.metrics_networks)
+
 
 Hex64 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Hex128 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{128}$")]
@@ -35,24 +71,22 @@ Word = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 Label = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
 MAX_TAGS = 16
 SlotName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,15}$")]
-# Free text never holds control characters: NUL cannot be stored in PostgreSQL, and a line
-# break would forge lines in logs and one-line error messages.
-Text128 = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{1,128}$")]
+# Free text, one line: NUL cannot be stored in PostgreSQL, a line break (U+2028 too) would forge
+# lines in logs and one-line error messages, and a control or format character would steer the
+# terminal or reorder the text of whoever reads it (fleet_core/text.py).
+Text128 = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(one_line)]
 EventName = Annotated[
     str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$", max_length=64)
 ]
 Version = Text128
 # What a device reports as a version may be empty (a slot written by other tools); it is shown,
 # never matched against releases.
-ReportedVersion = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{0,128}$")]
+ReportedVersion = Annotated[str, StringConstraints(max_length=128), AfterValidator(one_line)]
 Token = Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,256}$")]
-# "host:port" (a host name, an IPv4 address or a bracketed IPv6 address): a scrape target.
+# "host:port" (a host name, an IPv4 address or a bracketed IPv6 address): a scrape target, on
+# the networks the server allows (server/scrape.py; the networks come with parse's policy).
 MetricsAddress = Annotated[
-    str,
-    StringConstraints(
-        pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\]):"
-        r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"
-    ),
+    str, StringConstraints(max_length=MAX_ADDRESS_LENGTH), AfterValidator(_scrape_target)
 ]
 MAX_FIELDS_DEPTH = 16
 MAX_EVENTS = 100
@@ -66,14 +100,15 @@ class _Body(BaseModel):
 Model = TypeVar("Model", bound=_Body)
 
 
-def parse(model: type[Model], body: bytes) -> Model:
-    """Validate a JSON request body.
+def parse(model: type[Model], body: bytes, policy: Policy | None = None) -> Model:
+    """Validate a JSON request body, with the server's ``policy`` (default: nothing configured).
 
     Raises:
-        InvalidRequestError: not JSON, not an object, unknown fields, wrong types or ranges.
+        InvalidRequestError: not JSON, not an object, unknown fields, wrong types or ranges,
+            refused characters in free text, a metrics address outside the policy.
     """
     try:
-        return model.model_validate_json(body)
+        return model.model_validate_json(body, context=policy or Policy())
     except ValidationError as err:
         first = err.errors(include_url=False)[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
@@ -143,21 +178,32 @@ class Event(_Body):
         return fields
 
 
-def _check_storable(value: JsonValue, depth: int) -> None:
-    """Refuse what JSON cannot carry or PostgreSQL cannot store: NaN, infinities, NUL."""
+# An event's fields are what the updater logged (updater/log.py): their string values are log
+# lines, which may keep a tab to align what they hold, never a line break.
+LOG_LINE_ALLOWS = "\t"
+
+
+def _check_storable(value: JsonValue, depth: int, where: str = "fields") -> None:
+    """Refuse what JSON cannot carry or PostgreSQL cannot store (NaN, infinities, NUL) and
+    what free text may not hold: in keys (one line) and string values (log lines)."""
     if depth > MAX_FIELDS_DEPTH:
         raise ValueError(f"nested deeper than {MAX_FIELDS_DEPTH} levels")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError("numbers must be finite")
-    if isinstance(value, str) and "\x00" in value:
-        raise ValueError("strings must not contain NUL")
+    if isinstance(value, str):
+        char = refused_character(value, allow=LOG_LINE_ALLOWS)
+        if char is not None:
+            raise ValueError(f"{where}: {describe(char)} is not allowed in text")
     if isinstance(value, list):
-        for item in value:
-            _check_storable(item, depth + 1)
+        for index, item in enumerate(value):
+            _check_storable(item, depth + 1, f"{where}[{index}]")
     if isinstance(value, dict):
         for key, item in value.items():
-            _check_storable(key, depth + 1)
-            _check_storable(item, depth + 1)
+            inside = f"{where}.{printable(key)[:64]}"
+            char = refused_character(key)
+            if char is not None:
+                raise ValueError(f"{inside}: {describe(char)} is not allowed in a key")
+            _check_storable(item, depth + 1, inside)
 
 
 class EventsRequest(_Body):

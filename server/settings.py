@@ -24,6 +24,7 @@ from pathlib import Path
 from sqlalchemy.engine import URL
 
 from server.errors import SettingsError
+from server.scrape import Network, parse_networks
 
 DEFAULT_MAX_UPLOAD_BYTES = 8 * 1024**3
 # What a device may send in one request (docs/device-protocol.md); operator JSON bodies too.
@@ -60,6 +61,9 @@ class Settings:
     # While a rollout is running or paused, check-in answers ask devices to check in this
     # often (seconds), so an emergency stop or a rollback reaches them quickly.
     active_checkin_interval_s: int = DEFAULT_ACTIVE_CHECKIN_INTERVAL_S
+    # Where devices may say Prometheus scrapes them (server/scrape.py); empty: no network is
+    # configured, and the defaults there apply.
+    metrics_networks: tuple[Network, ...] = ()
 
     @classmethod
     def create(
@@ -70,12 +74,14 @@ class Settings:
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         clock: Clock = time.time,
         active_checkin_interval_s: int = DEFAULT_ACTIVE_CHECKIN_INTERVAL_S,
+        metrics_networks: str = "",
     ) -> Settings:
         """Validate the settings; the data directory is created if needed.
 
         Raises:
             SettingsError: the data directory cannot be created, the database URL is neither
-                SQLite nor PostgreSQL, or the upload limit is not positive.
+                SQLite nor PostgreSQL, the upload limit is not positive, or the metrics
+                networks (``10.0.0.0/8,192.168.0.0/16``) are not a list of networks.
         """
         directory = Path(data_dir).absolute()
         try:
@@ -96,7 +102,18 @@ class Settings:
             raise SettingsError(f"max upload size must be positive, not {max_upload_bytes}")
         if not 1 <= active_checkin_interval_s <= 86400:
             raise SettingsError("the active check-in interval must be 1 to 86400 seconds")
-        return cls(directory, database_url, max_upload_bytes, clock, active_checkin_interval_s)
+        try:
+            networks = parse_networks(metrics_networks)
+        except ValueError as err:
+            raise SettingsError(f"metrics networks: {err}") from None
+        return cls(
+            directory,
+            database_url,
+            max_upload_bytes,
+            clock,
+            active_checkin_interval_s,
+            networks,
+        )
 
     @property
     def blob_dir(self) -> Path:

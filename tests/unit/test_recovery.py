@@ -212,6 +212,10 @@ def test_a_recovery_logs_the_pipeline_steps_under_its_own_name(
         "event": "recovery.verified", "version": "1.4.0", "security_version": 2, "slot": "a",
         "signed_by": [key.key_id], "boot_state_damaged": damaged,
     }  # fmt: skip
+    armed_event = "recovery.boot_state_repaired" if damaged else "recovery.trial_armed"
+    assert next(e for e in events if e["event"] == armed_event) == {
+        "event": armed_event, "slot": "a",
+    }  # fmt: skip
     finished = next(e for e in events if e["event"] == "recovery.finished")
     assert (finished["slot"], finished["armed"], finished["bytes"]) == ("a", armed, 3000)
     assert (result.slot, result.armed, result.bytes_written, result.rebooting) == (
@@ -273,3 +277,19 @@ def test_a_damaged_boot_state_a_backend_cannot_repair_stops_the_recovery(
 
     assert device.reboots == []
     assert not device.grubenv.exists()
+
+
+def test_a_recovery_writes_the_first_slot_the_store_does_not_call_good(
+    device: Device, make_bundle: Callable[..., Path]
+) -> None:
+    # slot a still bootable and good in the store (a crash loop brought safe mode): b is
+    # the one to write, and a stays as it is
+    device.backend.repair("a")
+    StateStore(device.config.data_dir).save(
+        DeviceState().with_slot("a", status="good", version="2.0.0").with_slot("b", status="bad")
+    )
+    before = device.slot("a").read_bytes()
+    result = device.recovery().recover(str(make_bundle(size=3000)), reboot=False)
+    assert result.slot == "b"
+    assert device.slot("a").read_bytes() == before
+    assert device.state.slot("b").status == "trial"

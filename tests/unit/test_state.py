@@ -452,6 +452,7 @@ def test_a_lost_or_edited_state_file_never_lowers_the_floor(
         (b"1e9\n", "not a whole number"),
         ("\u0663".encode(), "not a whole number"),  # a digit, but not an ASCII one
         (b"9" * 40, "not a whole number"),
+        (b"99999999999", "not a whole number"),  # 11 digits: never read as a number
         (b"4294967296\n", "above 4294967295"),
     ],
 )
@@ -518,3 +519,55 @@ def test_the_floor_read_back_is_the_highest_ever_saved(
     elif lose == "garble":
         store.path.write_bytes(b"\x00garbled")
     assert store.load().state.installed_security_version == max(floors)
+
+
+@pytest.mark.parametrize("content", [b"seven\n", b"4294967296\n"])
+def test_a_damaged_floor_copy_adds_nothing_to_a_floor_of_zero(
+    tmp_path: Path, content: bytes
+) -> None:
+    store = StateStore(tmp_path)
+    store.save(DeviceState())
+    store.floor_path.write_bytes(content)
+    assert store.load().state.installed_security_version == 0
+
+
+def test_an_unreadable_floor_copy_is_named_and_adds_nothing(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.save(DeviceState())
+    store.floor_path.mkdir()  # not a file: reading it fails
+    loaded = store.load()
+    assert loaded.state.installed_security_version == 0
+    assert loaded.problem is not None
+    assert loaded.problem.startswith(f"security floor {store.floor_path}: cannot read: ")
+
+
+def test_the_highest_security_version_is_a_valid_floor(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.save(DeviceState())
+    store.floor_path.write_text("4294967295\n")
+    loaded = store.load()
+    assert (loaded.state.installed_security_version, loaded.problem) == (
+        4294967295,
+        f"state {store.path}: names security floor 0, below the 4294967295 kept in "
+        f"{store.floor_path}: the higher one holds",
+    )
+
+
+def test_every_problem_of_a_load_is_named_in_one_line(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.path.write_bytes(b"{not json")
+    store.floor_path.write_bytes(b"garbage")
+    problem = store.load().problem
+    assert problem is not None
+    damaged, _, floor = problem.rpartition("; ")
+    assert damaged.startswith(f"state {store.path}: damaged (")
+    assert damaged.endswith("); starting afresh")
+    assert floor == f"security floor {store.floor_path}: damaged (not a whole number)"
+
+
+def test_an_unchanged_floor_is_not_written_again(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    saved = saved_with_floor(store, 3)
+    before = store.floor_path.stat().st_ino
+    store.save(saved)  # every save of the state; the floor did not move: no write wears flash
+    assert store.floor_path.stat().st_ino == before

@@ -31,10 +31,36 @@ DEFAULT_MAX_UPLOAD_BYTES = 8 * 1024**3
 MAX_JSON_BODY_BYTES = 64 * 1024
 CHALLENGE_TTL_S = 60
 SESSION_TTL_S = 3600
+# Operator tokens: the lifetime of one created without asking for one, and the longest allowed.
+DEFAULT_OPERATOR_TOKEN_TTL_S = 90 * 86400
+DEFAULT_OPERATOR_TOKEN_MAX_TTL_S = 365 * 86400
+# Live sessions a device may hold; opening one more ends its oldest (server/enrollment.py).
+DEFAULT_MAX_DEVICE_SESSIONS = 5
 DEFAULT_ACTIVE_CHECKIN_INTERVAL_S = 15
 # A check-in refreshes the device's last_seen only when the stored one is older than this:
 # a 304 check-in is then a read, not a write (last_seen is kept to within this many seconds).
 LAST_SEEN_RESOLUTION_S = 60
+
+
+@dataclass(frozen=True)
+class CredentialLimits:
+    """How long operator tokens live, and how many sessions a device holds at once."""
+
+    # The lifetime of an operator token created without ``expires_in``, and the longest one.
+    operator_token_ttl_s: int = DEFAULT_OPERATOR_TOKEN_TTL_S
+    operator_token_max_ttl_s: int = DEFAULT_OPERATOR_TOKEN_MAX_TTL_S
+    # Live sessions per device; opening one more ends the device's oldest.
+    max_device_sessions: int = DEFAULT_MAX_DEVICE_SESSIONS
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.operator_token_ttl_s <= self.operator_token_max_ttl_s:
+            raise SettingsError(
+                "the operator token lifetime must be at least one second and at most the "
+                f"maximum ({self.operator_token_max_ttl_s} s), not {self.operator_token_ttl_s}"
+            )
+        if self.max_device_sessions < 1:
+            raise SettingsError("a device must be allowed at least one session")
+
 
 Clock = Callable[[], float]
 """Seconds since the epoch, server side; injected so tests can move time."""
@@ -64,6 +90,7 @@ class Settings:
     # Where devices may say Prometheus scrapes them (server/scrape.py); empty: no network is
     # configured, and the defaults there apply.
     metrics_networks: tuple[Network, ...] = ()
+    credentials: CredentialLimits = CredentialLimits()
 
     @classmethod
     def create(
@@ -75,6 +102,7 @@ class Settings:
         clock: Clock = time.time,
         active_checkin_interval_s: int = DEFAULT_ACTIVE_CHECKIN_INTERVAL_S,
         metrics_networks: str = "",
+        credentials: CredentialLimits | None = None,
     ) -> Settings:
         """Validate the settings; the data directory is created if needed.
 
@@ -113,6 +141,7 @@ class Settings:
             clock,
             active_checkin_interval_s,
             networks,
+            credentials=credentials or CredentialLimits(),
         )
 
     @property

@@ -3,6 +3,13 @@
 A device's *state* (for listings and metrics) comes from its last heartbeat: ``safe_mode`` when
 it runs its safe-mode slot, ``trial`` during a trial boot, otherwise the updater's own state
 (``idle``, ``downloading``, ...); a device that never sent a heartbeat is ``enrolled``.
+
+Its *status* is what operators made of it (``DeviceStatus``): ``active``; ``quarantined``,
+which checks in and reports but is answered "nothing assigned" (its assignment is kept for
+when it is released) and which rollouts skip; ``decommissioned``, whose sessions were ended and
+whose key opens none, checks in, reports and enrolls no more until an operator reinstates it
+(``fleet device reinstate``; it then opens a session with its key as before). Each change is
+audited with its reason.
 """
 
 from __future__ import annotations
@@ -12,14 +19,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, selectinload
 
 from server import audit
 from server.assignment import SignedAnswer, assignment_etag, etag_matches, signed_answer
+from server.credential_errors import DeviceStatusConflictError
 from server.database import Database
 from server.errors import IncompatibleReleaseError, UnknownDeviceError, UnknownReleaseError
-from server.models import Device, Release, Rollout
+from server.models import Device, DeviceSession, DeviceStatus, Release, Rollout
 from server.rollouts import ACTIVE
 from server.schemas import Event, Heartbeat
 from server.settings import LAST_SEEN_RESOLUTION_S, iso
@@ -56,15 +64,19 @@ def check_in(
     The common case, an unchanged answer (``304``) from a device seen recently, only reads:
     ``last_seen`` is refreshed when the stored one is older than ``LAST_SEEN_RESOLUTION_S``.
     While a rollout is running or paused, the answer asks for check-ins every
-    ``active_checkin_interval_s``.
+    ``active_checkin_interval_s``. A quarantined device is answered "nothing assigned".
 
     Raises:
         UnknownDeviceError: no such device.
     """
     with db.read() as session:
         row = session.execute(
-            select(Device.assigned_release_id, Device.last_seen, Release.manifest_sha256)
-            .outerjoin(Release, Release.id == Device.assigned_release_id)
+            select(Device.last_seen, Release.manifest_sha256)
+            .outerjoin(
+                Release,
+                (Release.id == Device.assigned_release_id)
+                & (Device.status != DeviceStatus.QUARANTINED),
+            )
             .where(Device.id == device_id)
         ).first()
         if row is None:
@@ -81,7 +93,7 @@ def check_in(
         device = _device(session, device_id)
         device.last_seen = now
         release = None
-        if device.assigned_release_id is not None:
+        if device.assigned_release_id is not None and device.status != DeviceStatus.QUARANTINED:
             release = session.scalars(
                 select(Release)
                 .options(selectinload(Release.images))
@@ -209,6 +221,9 @@ def describe(device: Device, *, heartbeat: bool = False) -> dict[str, Any]:
         "state": device.state or NEVER_REPORTED,
         "assigned_version": device.assigned_release.version if device.assigned_release else None,
         "clock_skew_s": device.clock_skew_s,
+        "status": device.status,
+        "status_reason": device.status_reason,
+        "status_since": iso(device.status_since) if device.status_since else None,
     }
     if heartbeat:
         view["last_heartbeat"] = (
@@ -239,3 +254,59 @@ def get_device(db: Database, device_id: str) -> dict[str, Any]:
     """
     with db.read() as session:
         return describe(_device(session, device_id), heartbeat=True)
+
+
+# What each status change starts from, where it leads, and its audit action.
+_CHANGES = {
+    "quarantine": ((DeviceStatus.ACTIVE,), DeviceStatus.QUARANTINED, "device.quarantined"),
+    "release": ((DeviceStatus.QUARANTINED,), DeviceStatus.ACTIVE, "device.released"),
+    "decommission": (
+        (DeviceStatus.ACTIVE, DeviceStatus.QUARANTINED),
+        DeviceStatus.DECOMMISSIONED,
+        "device.decommissioned",
+    ),
+    "reinstate": ((DeviceStatus.DECOMMISSIONED,), DeviceStatus.ACTIVE, "device.reinstated"),
+}
+
+
+def change_status(
+    db: Database, device_id: str, change: str, reason: str | None, *, actor: str, now: datetime
+) -> dict[str, Any]:
+    """Quarantine, release, decommission or reinstate the device; returns it.
+
+    Decommissioning ends the device's sessions in the same transaction, so its session tokens
+    are refused from the next request on.
+
+    Raises:
+        UnknownDeviceError: no such device.
+        DeviceStatusConflictError: the device's status is not one the change starts from.
+    """
+    starts, status, action = _CHANGES[change]
+    with db.write() as session:
+        device = _device(session, device_id, lock=True)
+        if device.status not in starts:
+            raise DeviceStatusConflictError(
+                f"device {device_id} is {device.status}: cannot {change} it"
+            )
+        previous = device.status
+        device.status = status
+        device.status_reason = reason
+        device.status_since = now
+        device.status_by = actor
+        ended = 0
+        if status == DeviceStatus.DECOMMISSIONED:
+            result = session.execute(
+                delete(DeviceSession).where(DeviceSession.device_id == device_id)
+            )
+            ended = result.rowcount  # type: ignore[attr-defined]
+        audit.append(
+            db,
+            session,
+            at=now,
+            actor=actor,
+            action=action,
+            subject=device_id,
+            details={"reason": reason, "previous": previous, "sessions_ended": ended},
+        )
+        session.flush()
+        return describe(device)

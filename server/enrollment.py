@@ -4,6 +4,13 @@ A device proves it holds the private key of the public key it enrolls with, and 
 an enrollment token (bounded uses, optional expiry) or because an operator pre-authorized its
 key. Later it opens sessions by signing single-use server challenges. Every expiry is judged by
 the server's clock only.
+
+Operators list enrollment tokens (never their secrets) and revoke them; a revoked token admits
+nobody. A decommissioned device (``server/devices.py``) gets no challenge, no session and no
+enrollment, not even a repeated one, until an operator reinstates it: pre-authorizing its key
+again does not. A session lives ``SESSION_TTL_S`` from its opening and nothing extends it (a
+device opens a new one); a device holds at most the server's ``max_device_sessions`` live
+sessions, and opening one more ends its oldest.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -22,7 +30,7 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
     PublicFormat,
 )
-from sqlalchemy import delete, or_, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -32,6 +40,11 @@ from server.auth import (
     SESSION_TOKEN_PREFIX,
     new_secret,
     secret_hash,
+)
+from server.credential_errors import (
+    DeviceDecommissionedError,
+    TokenConflictError,
+    UnknownTokenError,
 )
 from server.database import Database
 from server.errors import (
@@ -45,11 +58,12 @@ from server.models import (
     Device,
     DeviceChallenge,
     DeviceSession,
+    DeviceStatus,
     EnrollmentToken,
     PreauthorizedKey,
 )
 from server.schemas import EnrollRequest
-from server.settings import CHALLENGE_TTL_S, SESSION_TTL_S
+from server.settings import CHALLENGE_TTL_S, DEFAULT_MAX_DEVICE_SESSIONS, SESSION_TTL_S, iso
 from signing.keys import SigningKey, key_id
 from signing.points import public_key_problem, signature_problem
 from signing.signature import signed_message
@@ -117,6 +131,7 @@ def enroll(db: Database, request: EnrollRequest, now: datetime) -> Enrollment:
         InvalidRequestError: the public key is not a valid Ed25519 key.
         NotAuthorizedError: the proof does not verify, or no valid token and no
             pre-authorization.
+        DeviceDecommissionedError: the key is a decommissioned device's.
     """
     public_key = device_public_key(request.public_key)
     if not _verify(public_key, request.proof, ENROLL_PURPOSE, enroll_payload(request)):
@@ -132,7 +147,9 @@ def enroll(db: Database, request: EnrollRequest, now: datetime) -> Enrollment:
 
 def _admit(db: Database, request: EnrollRequest, device_id: str, now: datetime) -> Enrollment:
     with db.write() as session:
-        if session.get(Device, device_id) is not None:
+        existing = session.get(Device, device_id)
+        if existing is not None:
+            _refuse_decommissioned(existing)
             return Enrollment(device_id, new=False)
         if session.get(PreauthorizedKey, device_id) is not None:
             via = "preauthorized key"
@@ -176,6 +193,7 @@ def _use_token(session: Session, token: str, now: datetime) -> bool:
         .where(
             EnrollmentToken.token_sha256 == secret_hash(token),
             EnrollmentToken.uses_left > 0,
+            EnrollmentToken.revoked.is_(None),
             or_(EnrollmentToken.expires.is_(None), EnrollmentToken.expires > now),
         )
         .values(uses_left=EnrollmentToken.uses_left - 1)
@@ -217,6 +235,54 @@ def create_enrollment_token(
             details={"uses": uses, "expires": expires.isoformat() if expires else None},
         )
     return NewEnrollmentToken(token, uses, expires)
+
+
+def describe_enrollment_token(row: EnrollmentToken) -> dict[str, Any]:
+    """An enrollment token as listed: everything but its secret."""
+    return {
+        "id": row.id,
+        "uses_left": row.uses_left,
+        "expires": iso(row.expires) if row.expires is not None else None,
+        "created": iso(row.created),
+        "created_by": row.created_by,
+        "revoked": iso(row.revoked) if row.revoked is not None else None,
+    }
+
+
+def list_enrollment_tokens(db: Database) -> list[dict[str, Any]]:
+    """Every enrollment token ever created, oldest first, without secrets."""
+    with db.read() as session:
+        rows = session.scalars(select(EnrollmentToken).order_by(EnrollmentToken.id)).all()
+        return [describe_enrollment_token(row) for row in rows]
+
+
+def revoke_enrollment_token(
+    db: Database, token_id: int, *, actor: str, now: datetime
+) -> dict[str, Any]:
+    """Revoke the enrollment token ``token_id`` at once: it admits nobody from now on.
+
+    Raises:
+        UnknownTokenError: no such token.
+        TokenConflictError: it was revoked already.
+    """
+    with db.write() as session:
+        row = session.get(EnrollmentToken, token_id)
+        if row is None:
+            raise UnknownTokenError(f"no enrollment token {token_id}")
+        if row.revoked is not None:
+            raise TokenConflictError(f"enrollment token {token_id} was revoked already")
+        row.revoked = now
+        audit.append(
+            db,
+            session,
+            at=now,
+            actor=actor,
+            action="enrollment_token.revoked",
+            subject=f"enrollment-token:{row.id}",
+            details={"uses_left": row.uses_left},
+        )
+        session.flush()
+        return describe_enrollment_token(row)
 
 
 def preauthorize(db: Database, public_key_hex: str, *, actor: str, now: datetime) -> str:
@@ -269,10 +335,13 @@ def issue_challenge(db: Database, device_id: str, now: datetime, key: bytes) -> 
 
     Raises:
         UnknownDeviceError: no such device.
+        DeviceDecommissionedError: the device was decommissioned.
     """
     with db.read() as session:
-        if session.get(Device, device_id) is None:
+        device = session.get(Device, device_id)
+        if device is None:
             raise UnknownDeviceError(f"device {device_id} is not enrolled")
+        _refuse_decommissioned(device)
     expiry = int(now.timestamp()) + CHALLENGE_TTL_S
     body = secrets.token_hex(8) + f"{expiry:016x}"
     return body + _challenge_mac(key, device_id, body)
@@ -288,13 +357,28 @@ def _challenge_expiry(key: bytes, device_id: str, challenge: str, now: datetime)
     return expiry
 
 
+def _refuse_decommissioned(device: Device) -> None:
+    if device.status == DeviceStatus.DECOMMISSIONED:
+        raise DeviceDecommissionedError(
+            f"device {device.id} was decommissioned: an operator must reinstate it"
+        )
+
+
 def open_session(
-    db: Database, device_id: str, challenge: str, signature: str, now: datetime, key: bytes
+    db: Database,
+    device_id: str,
+    challenge: str,
+    signature: str,
+    now: datetime,
+    key: bytes,
+    max_sessions: int = DEFAULT_MAX_DEVICE_SESSIONS,
 ) -> str:
-    """Exchange a signed challenge for a session token valid for ``SESSION_TTL_S``.
+    """Exchange a signed challenge for a session token valid for ``SESSION_TTL_S``; the
+    device's oldest sessions end so that it holds at most ``max_sessions``.
 
     Raises:
         UnknownDeviceError: no such device.
+        DeviceDecommissionedError: the device was decommissioned.
         ChallengeInvalidError: the challenge is unknown, was used already, or expired.
         SignatureInvalidError: the signature does not verify with the device's key.
     """
@@ -306,6 +390,7 @@ def open_session(
             device = session.get(Device, device_id)
             if device is None:
                 raise UnknownDeviceError(f"device {device_id} is not enrolled")
+            _refuse_decommissioned(device)
             payload = f"session\n{device_id}\n{challenge}"
             public_key = device_public_key(device.public_key)
             if not _verify(public_key, signature, SESSION_PURPOSE, payload):
@@ -321,16 +406,31 @@ def open_session(
                 )
             )
             session.flush()
-            _add_session(session, device, token, now)
+            _add_session(session, device, token, now, max_sessions)
     except IntegrityError as err:
         raise ChallengeInvalidError("unknown, already used or expired challenge") from err
     return token
 
 
-def _add_session(session: Session, device: Device, token: str, now: datetime) -> None:
+def _add_session(
+    session: Session, device: Device, token: str, now: datetime, max_sessions: int
+) -> None:
     session.execute(
         delete(DeviceSession).where(
             DeviceSession.device_id == device.id, DeviceSession.expires <= now
+        )
+    )
+    # Ending the oldest rather than refusing the new one: a device that lost its token (a
+    # reboot, a crash) must get back in, and a stolen token is ended by the device's next ones.
+    kept = session.scalars(
+        select(DeviceSession.token_sha256)
+        .where(DeviceSession.device_id == device.id)
+        .order_by(DeviceSession.created.desc(), DeviceSession.token_sha256)
+        .limit(max_sessions - 1)
+    ).all()
+    session.execute(
+        delete(DeviceSession).where(
+            DeviceSession.device_id == device.id, DeviceSession.token_sha256.not_in(kept)
         )
     )
     session.add(

@@ -8,6 +8,7 @@ their SHA-256, so a copy of the database admits nobody.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 
 from sqlalchemy import (
     BigInteger,
@@ -100,10 +101,23 @@ class ReleaseImage(Base):
     release: Mapped[Release] = relationship(back_populates="images")
 
 
+class DeviceStatus(StrEnum):
+    """What operators made of a device (``Device.status``)."""
+
+    ACTIVE = "active"
+    QUARANTINED = "quarantined"  # checks in and reports; assigned nothing; rollouts skip it
+    DECOMMISSIONED = "decommissioned"  # its key is refused until an operator reinstates it
+
+
 class Device(Base):
     """An enrolled device, named by the key id of its public key."""
 
     __tablename__ = "devices"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('active', 'quarantined', 'decommissioned')", name="ck_devices_status"
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(HEX64), primary_key=True)
     public_key: Mapped[str] = mapped_column(String(HEX64))  # raw Ed25519 key, hex
@@ -125,12 +139,20 @@ class Device(Base):
     )
     # The highest event seq stored; an event at or below it is a resend and is ignored.
     event_seq: Mapped[int] = mapped_column(BigInteger, default=-1)
+    # What operators made of it (server/devices.py): ``active``; ``quarantined`` (checks in and
+    # reports, is assigned nothing, rollouts skip it); ``decommissioned`` (its key is refused
+    # until an operator reinstates it). Why, since when and by whom, for the listings.
+    status: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    status_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    status_by: Mapped[str | None] = mapped_column(String(160))
 
     assigned_release: Mapped[Release | None] = relationship()
 
 
 class EnrollmentToken(Base):
-    """A token that admits at most ``uses_left`` more devices, until ``expires``."""
+    """A token that admits at most ``uses_left`` more devices, until ``expires`` or until it
+    is ``revoked``."""
 
     __tablename__ = "enrollment_tokens"
     __table_args__ = (
@@ -144,6 +166,7 @@ class EnrollmentToken(Base):
     expires: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created: Mapped[datetime] = mapped_column(UTCDateTime)
     created_by: Mapped[str] = mapped_column(String(160))
+    revoked: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class PreauthorizedKey(Base):
@@ -158,7 +181,8 @@ class PreauthorizedKey(Base):
 
 
 class OperatorToken(Base):
-    """A bearer token of a person or a tool, with its role."""
+    """A bearer token of a person or a tool, with its role; valid until ``expires`` (None:
+    a token from before expiries, which never expires) unless ``revoked``."""
 
     __tablename__ = "operator_tokens"
     __table_args__ = (
@@ -172,6 +196,8 @@ class OperatorToken(Base):
     role: Mapped[str] = mapped_column(String(16))
     created: Mapped[datetime] = mapped_column(UTCDateTime)
     created_by: Mapped[str] = mapped_column(String(160))
+    expires: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class DeviceChallenge(Base):

@@ -70,7 +70,15 @@ from server.errors import (
     UnknownReleaseError,
     UnknownRolloutError,
 )
-from server.models import AuditRow, Device, FleetControl, Release, Rollout, RolloutDevice
+from server.models import (
+    AuditRow,
+    Device,
+    DeviceStatus,
+    FleetControl,
+    Release,
+    Rollout,
+    RolloutDevice,
+)
 from server.schemas import (
     DEFAULT_INSTALL_DEADLINE_S,
     DEFAULT_MAX_FAILURE_RATE,
@@ -294,8 +302,13 @@ def _selected(session: Session, rollout: Rollout, release: Release) -> list[Devi
     """The devices the rollout is for: compatible with the release, among the named devices
     (when named), of the selector's role, carrying every one of its tags. A device's role and
     tags are what its last heartbeat said, so a device joins (or leaves) the selection as it
-    reports them; a device already assigned by the rollout stays its member."""
-    query = select(Device).where(Device.compatible == release.compatible).order_by(Device.id)
+    reports them; a device already assigned by the rollout stays its member. A quarantined or
+    decommissioned device is never selected: it is neither assigned nor expected."""
+    query = (
+        select(Device)
+        .where(Device.compatible == release.compatible, Device.status == DeviceStatus.ACTIVE)
+        .order_by(Device.id)
+    )
     chosen = json.loads(rollout.device_ids) if rollout.device_ids is not None else None
     if chosen is not None:
         query = query.where(Device.id.in_(chosen))

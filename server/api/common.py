@@ -134,8 +134,9 @@ def operator(role: Role) -> Callable[[Request], Operator]:
 
     def dependency(request: Request) -> Operator:
         token = bearer_token(request.headers.get("authorization"))
-        with server_state(request).db.read() as session:
-            caller = authenticate_operator(session, token)
+        state = server_state(request)
+        with state.db.read() as session:
+            caller = authenticate_operator(session, token, state.now())
         caller.require(role)
         return caller
 

@@ -51,6 +51,7 @@ async def session(device_id: DeviceIdPath, request: Request, state: State) -> di
     token = await run_in_threadpool(
         enrollment.open_session, state.db, device_id, body.challenge, body.signature,
         state.now(), enrollment.challenge_key(state.server_key),
+        state.settings.credentials.max_device_sessions,
     )  # fmt: skip
     return {"token": token, "expires_in": SESSION_TTL_S}
 

@@ -1,7 +1,8 @@
 """The operator routes: releases, devices and assignments, tokens, the audit trail.
 
-``viewer`` tokens read; ``operator`` tokens also upload, assign, create enrollment tokens and
-pre-authorize device keys; ``admin`` tokens also create operator tokens.
+``viewer`` tokens read; ``operator`` tokens also upload, assign, create, list and revoke
+enrollment tokens, pre-authorize device keys, and quarantine, release, decommission and
+reinstate devices; ``admin`` tokens also create, list and revoke operator tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from server import anchor, audit, devices, enrollment, releases
@@ -24,13 +26,20 @@ from server.api.common import (
     read_body,
     receive_file,
 )
-from server.auth import Role, create_operator_token
+from server.auth import (
+    Role,
+    create_operator_token,
+    list_operator_tokens,
+    operator_token_expiry,
+    revoke_operator_token,
+)
 from server.errors import ApiError, StorageFullError
 from server.schemas import (
     AssignmentRequest,
     EnrollmentTokenRequest,
     OperatorTokenRequest,
     PreauthorizeRequest,
+    ReasonRequest,
     parse,
 )
 from server.settings import iso
@@ -38,6 +47,16 @@ from server.settings import iso
 router = APIRouter(prefix="/api/v1")
 
 VersionPath = Annotated[str, PathParam(pattern=r"^[^\x00-\x1f\x7f/]{1,128}$")]
+TokenIdPath = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
+
+
+class NewOperatorTokenRequest(OperatorTokenRequest):
+    """An operator token's name and role, and its lifetime in seconds (default: the server's
+    default lifetime; at most the server's maximum)."""
+
+    expires_in: Annotated[int, Field(ge=1, le=100 * 366 * 86400)] | None = None
+
+
 MAX_AUDIT_PAGE = 1000
 
 
@@ -105,6 +124,54 @@ async def assign(
     )
 
 
+async def _change_status(
+    change: str, device_id: str, request: Request, caller: OperatorRole, state: State
+) -> dict[str, Any]:
+    body = parse(ReasonRequest, await read_body(request))
+    return await run_in_threadpool(
+        devices.change_status,
+        state.db,
+        device_id,
+        change,
+        body.reason,
+        actor=caller.actor,
+        now=state.now(),
+    )
+
+
+@router.post("/devices/{device_id}/quarantine", tags=["devices"])
+async def quarantine(
+    device_id: DeviceIdPath, request: Request, caller: OperatorRole, state: State
+) -> dict[str, Any]:
+    """Quarantine a device: it checks in and reports, is answered "nothing assigned", and
+    rollouts skip it (``{"reason": ...}`` optional)."""
+    return await _change_status("quarantine", device_id, request, caller, state)
+
+
+@router.post("/devices/{device_id}/release", tags=["devices"])
+async def release_device(
+    device_id: DeviceIdPath, request: Request, caller: OperatorRole, state: State
+) -> dict[str, Any]:
+    """End a device's quarantine: its assignment applies again."""
+    return await _change_status("release", device_id, request, caller, state)
+
+
+@router.post("/devices/{device_id}/decommission", tags=["devices"])
+async def decommission(
+    device_id: DeviceIdPath, request: Request, caller: OperatorRole, state: State
+) -> dict[str, Any]:
+    """Decommission a device: its sessions end and its key is refused until it is reinstated."""
+    return await _change_status("decommission", device_id, request, caller, state)
+
+
+@router.post("/devices/{device_id}/reinstate", tags=["devices"])
+async def reinstate(
+    device_id: DeviceIdPath, request: Request, caller: OperatorRole, state: State
+) -> dict[str, Any]:
+    """Let a decommissioned device open sessions with its key again."""
+    return await _change_status("reinstate", device_id, request, caller, state)
+
+
 @router.post("/preauthorized-keys", status_code=201, tags=["devices"])
 async def preauthorize(request: Request, caller: OperatorRole, state: State) -> dict[str, Any]:
     """Let the device with this public key enroll without a token."""
@@ -136,17 +203,53 @@ async def create_enrollment_token(
     }
 
 
+@router.get("/enrollment-tokens", tags=["tokens"])
+def list_enrollment_tokens(_caller: OperatorRole, state: State) -> dict[str, Any]:
+    """Every enrollment token, without its secret."""
+    return {"enrollment_tokens": enrollment.list_enrollment_tokens(state.db)}
+
+
+@router.post("/enrollment-tokens/{token_id}/revoke", tags=["tokens"])
+def revoke_enrollment_token(
+    token_id: TokenIdPath, caller: OperatorRole, state: State
+) -> dict[str, Any]:
+    """Revoke an enrollment token at once: it admits no more devices."""
+    return enrollment.revoke_enrollment_token(
+        state.db, token_id, actor=caller.actor, now=state.now()
+    )
+
+
 @router.post("/operator-tokens", status_code=201, tags=["tokens"])
 async def create_token(request: Request, caller: Admin, state: State) -> dict[str, Any]:
     """A new operator token, shown only in this answer."""
-    body = parse(OperatorTokenRequest, await read_body(request))
+    body = parse(NewOperatorTokenRequest, await read_body(request))
     role = Role.parse(body.role)
+    now = state.now()
+    limits = state.settings.credentials
+    expires = operator_token_expiry(
+        now,
+        body.expires_in,
+        default_s=limits.operator_token_ttl_s,
+        max_s=limits.operator_token_max_ttl_s,
+    )
     token = await run_in_threadpool(
         lambda: create_operator_token(
-            state.db, name=body.name, role=role, created_by=caller.actor, now=state.now()
+            state.db, name=body.name, role=role, created_by=caller.actor, now=now, expires=expires
         )
     )
-    return {"token": token, "name": body.name, "role": role.label}
+    return {"token": token, "name": body.name, "role": role.label, "expires": iso(expires)}
+
+
+@router.get("/operator-tokens", tags=["tokens"])
+def list_tokens(_caller: Admin, state: State) -> dict[str, Any]:
+    """Every operator token, without its secret."""
+    return {"operator_tokens": list_operator_tokens(state.db, state.now())}
+
+
+@router.post("/operator-tokens/{token_id}/revoke", tags=["tokens"])
+def revoke_token(token_id: TokenIdPath, caller: Admin, state: State) -> dict[str, Any]:
+    """Revoke an operator token at once; the last valid admin token cannot be revoked."""
+    return revoke_operator_token(state.db, token_id, actor=caller.actor, now=state.now())
 
 
 @router.get("/audit/head", tags=["audit"])

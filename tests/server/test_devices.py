@@ -315,6 +315,9 @@ def test_heartbeat_is_kept_and_listed(harness: Harness, enrolled: Enrolled) -> N
             "state": "downloading",
             "assigned_version": None,
             "clock_skew_s": 3.2,
+            "status": "active",
+            "status_reason": None,
+            "status_since": None,
         }
     ]
     one = harness.client.get(f"/api/v1/devices/{device.id}", headers=harness.viewer).json()

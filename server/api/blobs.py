@@ -32,7 +32,9 @@ def get_blob(sha256: str, request: Request, state: State) -> Response:
         "Cache-Control": "public, max-age=31536000, immutable",
     }
     try:
-        if etag_matches(request.headers.get("if-none-match"), sha256):
+        if_none_match = request.headers.get("if-none-match")
+        # "*" matches any current representation (RFC 9110, 13.1.2): the blob exists
+        if (if_none_match or "").strip() == "*" or etag_matches(if_none_match, sha256):
             handle.close()
             return Response(status_code=304, headers=headers)
         if_range = request.headers.get("if-range")

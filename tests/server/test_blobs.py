@@ -108,6 +108,14 @@ def test_if_range_and_if_none_match(harness: Harness, blob: tuple[str, bytes]) -
     cached = harness.client.get(url, headers={"If-None-Match": etag})
     assert cached.status_code == 304
     assert cached.content == b""
+    for header in ("*", " * ", f'"{"0" * 64}", W/{etag}'):
+        for method in (harness.client.get, harness.client.head):
+            answer = method(url, headers={"If-None-Match": header})
+            assert answer.status_code == 304, (header, method)
+            assert answer.headers["etag"] == etag
+    assert harness.client.get(url, headers={"If-None-Match": '"0000"'}).status_code == 200
+    missing = harness.client.get(f"/blobs/{'0' * 64}", headers={"If-None-Match": "*"})
+    assert missing.status_code == 404  # "*" matches a blob that exists, not a missing one
 
 
 def test_unknown_and_malformed_blob_names(harness: Harness) -> None:

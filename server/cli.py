@@ -274,19 +274,104 @@ def token() -> None:
     help="What it may do.",
 )
 @click.option("--name", required=True, help="Whose token it is (shown in the audit trail).")
+@click.option(
+    "--expires-in",
+    help="Lifetime: seconds, or 15m, 12h, 30d (default 90d, at most 365d).",
+)
 @database_options
-def token_create(role: str, name: str, data_dir: Path | None, database_url: str | None) -> None:
-    """Create an operator token and print it (only this once; the server keeps its hash)."""
-    from server.auth import Role, create_operator_token
+def token_create(
+    role: str, name: str, expires_in: str | None, data_dir: Path | None, database_url: str | None
+) -> None:
+    """Create an operator token and print it (only this once; the server keeps its hash).
+
+    This is the way in when no admin token is left: it works on the database directly."""
+    from server.auth import Role, create_operator_token, operator_token_expiry
+    from server.errors import InvalidRequestError
+    from server.settings import DEFAULT_OPERATOR_TOKEN_MAX_TTL_S, DEFAULT_OPERATOR_TOKEN_TTL_S
+
+    now = _now()
+    seconds = parse_duration(expires_in) if expires_in is not None else None
+    try:
+        expires = operator_token_expiry(
+            now,
+            seconds,
+            default_s=DEFAULT_OPERATOR_TOKEN_TTL_S,
+            max_s=DEFAULT_OPERATOR_TOKEN_MAX_TTL_S,
+        )
+    except InvalidRequestError as err:
+        raise click.BadParameter(err.detail, param_hint="--expires-in") from None
 
     if not 1 <= len(name) <= 128 or not name.isprintable():
         raise click.BadParameter("1 to 128 printable characters", param_hint="--name")
     db = open_database(data_dir, database_url)
     secret = create_operator_token(
-        db, name=name, role=Role.parse(role), created_by=cli_actor(), now=_now()
+        db, name=name, role=Role.parse(role), created_by=cli_actor(), now=now, expires=expires
     )
     click.echo(secret)
     click.echo(f"operator token for {name!r}, role {role}; it is not shown again", err=True)
+
+
+def _direct(data_dir: Path | None, database_url: str | None) -> bool:
+    return data_dir is not None or database_url is not None
+
+
+@token.command("list")
+@database_options
+@api_options
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+def token_list(
+    data_dir: Path | None,
+    database_url: str | None,
+    server: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """List the operator tokens (never their secrets): admins only over the API."""
+    if _direct(data_dir, database_url):
+        from server.auth import list_operator_tokens
+
+        tokens = list_operator_tokens(open_database(data_dir, database_url), _now())
+    else:
+        tokens = api_client(server, token).get("/api/v1/operator-tokens")["operator_tokens"]
+    if as_json:
+        click.echo(json.dumps(tokens, indent=2, ensure_ascii=True))
+        return
+    rows = [
+        (
+            str(t["id"]),
+            t["name"],
+            t["role"],
+            t["status"],
+            t["expires"] or "never",
+            t["created"],
+            t["created_by"],
+        )
+        for t in tokens
+    ]
+    _table(rows, ("ID", "NAME", "ROLE", "STATUS", "EXPIRES", "CREATED", "CREATED BY"))
+
+
+@token.command("revoke")
+@click.argument("token_id", type=click.IntRange(1, 2**31 - 1))
+@database_options
+@api_options
+def token_revoke(
+    token_id: int,
+    data_dir: Path | None,
+    database_url: str | None,
+    server: str | None,
+    token: str | None,
+) -> None:
+    """Revoke operator token TOKEN_ID (see 'list') at once; the last valid admin token stays."""
+    if _direct(data_dir, database_url):
+        from server.auth import revoke_operator_token
+
+        revoke_operator_token(
+            open_database(data_dir, database_url), token_id, actor=cli_actor(), now=_now()
+        )
+    else:
+        api_client(server, token).post(f"/api/v1/operator-tokens/{token_id}/revoke", {})
+    click.echo(f"operator token {token_id} revoked")
 
 
 @server.group("enrollment-token")
@@ -328,6 +413,64 @@ def enrollment_token_create(
         f"admits {uses} device(s), {f'expires {expires}' if expires else 'never expires'}",
         err=True,
     )
+
+
+@enrollment_token.command("list")
+@database_options
+@api_options
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+def enrollment_token_list(
+    data_dir: Path | None,
+    database_url: str | None,
+    server: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """List the enrollment tokens (never their secrets)."""
+    if _direct(data_dir, database_url):
+        from server.enrollment import list_enrollment_tokens
+
+        tokens = list_enrollment_tokens(open_database(data_dir, database_url))
+    else:
+        tokens = api_client(server, token).get("/api/v1/enrollment-tokens")["enrollment_tokens"]
+    if as_json:
+        click.echo(json.dumps(tokens, indent=2, ensure_ascii=True))
+        return
+    rows = [
+        (
+            str(t["id"]),
+            str(t["uses_left"]),
+            t["expires"] or "never",
+            "revoked " + t["revoked"] if t["revoked"] else "-",
+            t["created"],
+            t["created_by"],
+        )
+        for t in tokens
+    ]
+    _table(rows, ("ID", "USES LEFT", "EXPIRES", "REVOKED", "CREATED", "CREATED BY"))
+
+
+@enrollment_token.command("revoke")
+@click.argument("token_id", type=click.IntRange(1, 2**31 - 1))
+@database_options
+@api_options
+def enrollment_token_revoke(
+    token_id: int,
+    data_dir: Path | None,
+    database_url: str | None,
+    server: str | None,
+    token: str | None,
+) -> None:
+    """Revoke enrollment token TOKEN_ID (see 'list') at once: it admits no more devices."""
+    if _direct(data_dir, database_url):
+        from server.enrollment import revoke_enrollment_token
+
+        revoke_enrollment_token(
+            open_database(data_dir, database_url), token_id, actor=cli_actor(), now=_now()
+        )
+    else:
+        api_client(server, token).post(f"/api/v1/enrollment-tokens/{token_id}/revoke", {})
+    click.echo(f"enrollment token {token_id} revoked")
 
 
 # --- fleet release ----------------------------------------------------------------------------
@@ -404,12 +547,16 @@ def device_list(server: str | None, token: str | None, as_json: bool) -> None:
             d["compatible"],
             d["version"] or "-",
             d["state"],
+            d["status"],
             d["assigned_version"] or "-",
             d["last_seen"],
         )
         for d in devices
     ]
-    _table(rows, ("DEVICE", "HOSTNAME", "COMPATIBLE", "VERSION", "STATE", "ASSIGNED", "LAST SEEN"))
+    _table(
+        rows,
+        ("DEVICE", "HOSTNAME", "COMPATIBLE", "VERSION", "STATE", "STATUS", "ASSIGNED", "LAST SEEN"),
+    )
 
 
 @device.command()
@@ -423,6 +570,40 @@ def assign(device_id: str, version: str, server: str | None, token: str | None) 
         f"/api/v1/devices/{device_id}/assignment", {"version": target}
     )
     click.echo(f"device {answer['id']}: assigned {answer['assigned_version'] or 'nothing'}")
+
+
+def _status_command(change: str, help_text: str, *, reason_required: bool) -> None:
+    @device.command(change, help=help_text)
+    @click.argument("device_id")
+    @click.option("--reason", required=reason_required, help="Why (kept in the audit trail).")
+    @api_options
+    def command(device_id: str, reason: str | None, server: str | None, token: str | None) -> None:
+        body = {} if reason is None else {"reason": reason}
+        answer = api_client(server, token).post(f"/api/v1/devices/{device_id}/{change}", body)
+        click.echo(f"device {answer['id']}: {answer['status']}")
+
+
+_status_command(
+    "decommission",
+    "Decommission DEVICE_ID: its sessions end and its key is refused (check-ins, sessions, "
+    "enrollment) until 'reinstate'.",
+    reason_required=True,
+)
+_status_command(
+    "reinstate",
+    "Let decommissioned DEVICE_ID open sessions and check in with its key again.",
+    reason_required=False,
+)
+_status_command(
+    "quarantine",
+    "Quarantine DEVICE_ID: it checks in and reports, is assigned nothing, and rollouts skip it.",
+    reason_required=True,
+)
+_status_command(
+    "release",
+    "End the quarantine of DEVICE_ID: its assignment applies again.",
+    reason_required=False,
+)
 
 
 def public_key_hex(argument: str) -> str:

@@ -1,0 +1,116 @@
+"""The ``fleet`` commands of the credential lifecycle: operator tokens with an expiry, listed and
+revoked (over the API or on the database directly), enrollment tokens listed and revoked, devices
+decommissioned, reinstated, quarantined and released."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from click.testing import CliRunner, Result
+
+from fleet_core.cli import fleet
+from tests.conftest import assert_one_line_error
+from tests.server.conftest import FakeDevice, LiveServer
+
+Enrolled = Callable[..., FakeDevice]
+
+
+def run(*args: str | Path) -> Result:
+    return CliRunner().invoke(fleet, [str(a) for a in args])
+
+
+def api(live: LiveServer, role: str = "admin") -> list[str]:
+    token = live.harness.headers[role]["Authorization"].split()[1]
+    return ["--server", live.url, "--token", token]
+
+
+def test_token_create_on_the_host_has_an_expiry(live_server: LiveServer) -> None:
+    url = live_server.harness.settings.database_url
+    made = run(
+        "server", "token", "create", "--role", "viewer", "--name", "ci",
+        "--expires-in", "30d", "--database-url", url,
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    listed = run("server", "token", "list", "--json", "--database-url", url)
+    assert listed.exit_code == 0, listed.output
+    (ci,) = [t for t in json.loads(listed.stdout) if t["name"] == "ci"]
+    expires = datetime.strptime(ci["expires"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    created = datetime.strptime(ci["created"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert expires - created == timedelta(days=30)
+    default = run(
+        "server", "token", "create", "--role", "viewer", "--name", "d", "--database-url", url
+    )  # fmt: skip
+    assert default.exit_code == 0, default.output
+    too_long = run(
+        "server", "token", "create", "--role", "viewer", "--name", "x",
+        "--expires-in", "366d", "--database-url", url,
+    )  # fmt: skip
+    assert too_long.exit_code == 2 and "expires-in" in too_long.output
+    assert made.stdout.strip() not in listed.stdout
+
+
+def test_token_list_and_revoke_over_the_api(live_server: LiveServer) -> None:
+    table = run("server", "token", "list", *api(live_server))
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:5] == ["ID", "NAME", "ROLE", "STATUS", "EXPIRES"]
+    assert any("test-viewer" in line and "never" in line for line in lines)
+    listed = json.loads(run("server", "token", "list", "--json", *api(live_server)).stdout)
+    viewer_id = next(t["id"] for t in listed if t["name"] == "test-viewer")
+    admin_id = next(t["id"] for t in listed if t["name"] == "test-admin")
+    revoked = run("server", "token", "revoke", str(viewer_id), *api(live_server))
+    assert revoked.exit_code == 0, revoked.output
+    assert revoked.stdout == f"operator token {viewer_id} revoked\n"
+    assert_one_line_error(run("device", "list", *api(live_server, "viewer")), "401")
+    last = run("server", "token", "revoke", str(admin_id), *api(live_server))
+    assert_one_line_error(last, "409 token_conflict")
+    assert_one_line_error(run("server", "token", "list", *api(live_server, "operator")), "403")
+
+
+def test_token_revoke_on_the_host(live_server: LiveServer) -> None:
+    url = live_server.harness.settings.database_url
+    listed = json.loads(run("server", "token", "list", "--json", "--database-url", url).stdout)
+    operator_id = next(t["id"] for t in listed if t["name"] == "test-operator")
+    done = run("server", "token", "revoke", str(operator_id), "--database-url", url)
+    assert done.exit_code == 0, done.output
+    assert_one_line_error(run("device", "list", *api(live_server, "operator")), "401")
+
+
+def test_enrollment_token_list_and_revoke(live_server: LiveServer) -> None:
+    secret = live_server.harness.enrollment_token(uses=2)
+    table = run("server", "enrollment-token", "list", *api(live_server, "operator"))
+    assert table.exit_code == 0, table.output
+    assert secret not in table.stdout
+    header, row = table.stdout.splitlines()
+    assert header.split()[:3] == ["ID", "USES", "LEFT"] and row.split()[1:3] == ["2", "never"]
+    token_id = row.split()[0]
+    done = run("server", "enrollment-token", "revoke", token_id, *api(live_server, "operator"))
+    assert done.exit_code == 0 and done.stdout == f"enrollment token {token_id} revoked\n"
+    listed = run("server", "enrollment-token", "list", "--json", *api(live_server, "operator"))
+    assert json.loads(listed.stdout)[0]["revoked"] is not None
+    refused = FakeDevice(live_server.harness.client).enroll(secret)
+    assert refused.status_code == 403
+
+
+def test_device_status_commands(live_server: LiveServer, enrolled: Enrolled) -> None:
+    device = enrolled()
+    op = api(live_server, "operator")
+    missing_reason = run("device", "decommission", device.id, *op)
+    assert missing_reason.exit_code == 2 and "--reason" in missing_reason.output
+    quarantined = run("device", "quarantine", device.id, "--reason", "odd", *op)
+    assert quarantined.stdout == f"device {device.id}: quarantined\n", quarantined.output
+    listed = run("device", "list", *op)
+    assert "STATUS" in listed.stdout.splitlines()[0] and "quarantined" in listed.stdout
+    assert run("device", "release", device.id, *op).stdout.endswith(": active\n")
+    gone = run("device", "decommission", device.id, "--reason", "stolen", *op)
+    assert gone.stdout == f"device {device.id}: decommissioned\n"
+    assert device.checkin().status_code == 403
+    assert_one_line_error(run("device", "release", device.id, *op), "409 device_status_conflict")
+    viewer = run("device", "reinstate", device.id, *api(live_server, "viewer"))
+    assert_one_line_error(viewer, "403")
+    assert run("device", "reinstate", device.id, *op).stdout.endswith(": active\n")
+    device.login()
+    assert device.checkin().status_code == 200

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,15 +24,16 @@ from server.api import rollouts as rollout_routes
 from server.api.common import ServerState, install_error_handlers
 from server.blobs import BlobStore
 from server.database import Database
+from server.datadir import private_mkdir, secure_data_dir, sweep_leftovers
 from server.errors import ServerKeyError
 from server.metrics import RequestMetricsMiddleware, ServerMetrics
 from server.settings import Settings
+from server.timeouts import BodyDeadlineMiddleware
+from server.upload_limit import UploadLimitMiddleware
 from signing.errors import KeyFileError
 from signing.keys import SigningKey, generate_key, load_private_key
 
 log = logging.getLogger("server")
-# A file in uploads/ untouched for this long belongs to no running request.
-STALE_UPLOAD_S = 24 * 3600
 # How often each process evaluates the running rollouts (they serialize in the database).
 ROLLOUT_INTERVAL_S = 5.0
 
@@ -60,13 +60,22 @@ def load_server_key(path: Path) -> SigningKey:
         raise ServerKeyError(f"server key: {err}") from err
 
 
-def _remove_stale_uploads(directory: Path, now: float) -> None:
-    for leftover in directory.glob("upload-*.bundle"):
+async def _sweep_periodically(state: ServerState) -> None:
+    """Remove the leftovers of interrupted writes (server/datadir.py) untouched for the
+    configured age, checking four times per age (at least every 10 minutes), until cancelled."""
+    limits = state.settings.limits
+    interval_s = min(limits.leftover_age_s / 4, 600.0)
+    while True:
+        await asyncio.sleep(interval_s)
         try:
-            if now - leftover.stat().st_mtime > STALE_UPLOAD_S:
-                leftover.unlink()
-        except FileNotFoundError:
-            pass
+            await run_in_threadpool(
+                sweep_leftovers,
+                state.blobs,
+                state.settings.upload_dir,
+                min_age_s=limits.leftover_age_s,
+            )
+        except Exception:
+            log.exception("leftover sweep failed")
 
 
 async def _evaluate_rollouts(state: ServerState, interval_s: float) -> None:
@@ -90,34 +99,35 @@ def create_app(
         MigrationError: the database is unreachable or cannot be migrated.
         ServerKeyError: the server key exists but is unusable.
     """
-    settings.upload_dir.mkdir(parents=True, exist_ok=True)
-    settings.keyring_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_uploads(settings.upload_dir, time.time())
+    private_mkdir(settings.data_dir)
+    secure_data_dir(settings.data_dir)
+    private_mkdir(settings.upload_dir)
+    private_mkdir(settings.keyring_dir)
+    blobs = BlobStore(settings.blob_dir)
+    sweep_leftovers(blobs, settings.upload_dir, min_age_s=settings.limits.startup_leftover_age_s)
     db = Database(settings.database_url)
     db.migrate()
     metrics = ServerMetrics(db, settings.clock)
     state = ServerState(
         settings=settings,
         db=db,
-        blobs=BlobStore(settings.blob_dir),
+        blobs=blobs,
         server_key=load_server_key(settings.server_key_path),
         metrics=metrics,
     )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        evaluator = (
-            asyncio.create_task(_evaluate_rollouts(state, rollout_interval_s))
-            if rollout_interval_s
-            else None
-        )
+        tasks = [asyncio.create_task(_sweep_periodically(state))]
+        if rollout_interval_s:
+            tasks.append(asyncio.create_task(_evaluate_rollouts(state, rollout_interval_s)))
         try:
             yield
         finally:
-            if evaluator is not None:
-                evaluator.cancel()
+            for task in tasks:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await evaluator
+                    await task
             db.dispose()
 
     app = FastAPI(
@@ -133,5 +143,12 @@ def create_app(
     app.include_router(blob_routes.router)
     app.include_router(health.router)
     app.include_router(sd.router)
+    limits = settings.limits
+    app.add_middleware(UploadLimitMiddleware, limit=limits.max_concurrent_uploads)
+    app.add_middleware(
+        BodyDeadlineMiddleware,
+        read_timeout_s=limits.body_read_timeout_s,
+        min_rate_bps=limits.min_body_rate_bps,
+    )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

@@ -16,10 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from fleet_core.durable import atomic_output
+from fleet_core.durable import atomic_output, sweep_temporaries
 from server.errors import RangeNotSatisfiableError, ServerError
 
 CHUNK = 1024 * 1024
+# The store is the server's alone (server/datadir.py): blobs and their directories are private.
+BLOB_MODE = 0o600
+DIR_MODE = 0o700
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # At most 19 digits: every byte position of any blob, and never a number Python refuses to
 # convert (a 5000-digit position must be a plain "ignore this header", not a server error).
@@ -35,7 +38,7 @@ class BlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
 
     def path(self, sha256: str) -> Path:
         """Where the blob named ``sha256`` lives (whether or not it exists).
@@ -67,10 +70,10 @@ class BlobStore:
         if self.exists(sha256, size):
             return False
         target = self.path(sha256)
-        target.parent.mkdir(exist_ok=True)
+        target.parent.mkdir(mode=DIR_MODE, exist_ok=True)
         digest = hashlib.sha256()
         source.seek(offset)
-        with atomic_output(target) as out:
+        with atomic_output(target, BLOB_MODE) as out:
             remaining = size
             while remaining:
                 chunk = source.read(min(CHUNK, remaining))
@@ -82,6 +85,24 @@ class BlobStore:
             if digest.hexdigest() != sha256:
                 raise BlobIntegrityError(f"blob {sha256}: bytes hash to {digest.hexdigest()}")
         return True
+
+    def sweep_temporaries(
+        self, *, min_age_s: float, now: float | None = None
+    ) -> tuple[list[Path], list[str]]:
+        """Remove the temporary files of copies cut short (a killed process leaves them; see
+        :meth:`put_range`) untouched for ``min_age_s``; never a stored blob. Returns the files
+        removed and one problem line per file that could not be."""
+        removed: list[Path] = []
+        problems: list[str] = []
+        try:
+            shards = sorted(entry for entry in self.root.iterdir() if entry.is_dir())
+        except FileNotFoundError:
+            return removed, problems
+        for shard in shards:
+            gone, failed = sweep_temporaries(shard, min_age_s=min_age_s, now=now)
+            removed += gone
+            problems += failed
+        return removed, problems
 
     def remove(self, sha256: str) -> None:
         """Delete a blob (for undoing a store that its release never committed)."""

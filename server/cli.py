@@ -16,6 +16,7 @@ import dataclasses
 import getpass
 import json
 import math
+import os
 import re
 import socket
 import sys
@@ -181,6 +182,50 @@ def server() -> None:
     show_default=True,
     help="Seconds between device check-ins asked for while a rollout is running or paused.",
 )
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds a client has to send a request's line and headers; then 408, connection closed.",
+)
+@click.option(
+    "--body-read-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds a client may pause while sending a request body; then 408.",
+)
+@click.option(
+    "--min-body-rate",
+    type=click.IntRange(min=0),
+    default=1024,
+    show_default=True,
+    help="Bytes per second a request body must average after the first read timeout (0: any).",
+)
+@click.option(
+    "--max-concurrent-uploads",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Release uploads in progress at once; the next is answered 503 with Retry-After.",
+)
+@click.option(
+    "--leftover-age",
+    type=click.FloatRange(min=0, min_open=True),
+    default=3600.0,
+    show_default=True,
+    help="Seconds after its last write that a temporary blob or a partial upload left by an "
+    "interrupted request is removed.",
+)
+@click.option(
+    "--startup-leftover-age",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="The same, at start (short: only another process sharing the data directory can be "
+    "writing then; 0 when none does).",
+)
 def run(
     data_dir: Path | None,
     database_url: str | None,
@@ -193,6 +238,12 @@ def run(
     time_scale: float,
     rollout_interval: float,
     active_checkin_interval: int,
+    header_timeout: float,
+    body_read_timeout: float,
+    min_body_rate: int,
+    max_concurrent_uploads: int,
+    leftover_age: float,
+    startup_leftover_age: float,
 ) -> None:
     """Serve the API, the blobs and the metrics (runs until stopped). Logs go to standard
     error, one JSON object per line unless --log-format text (see server/logs.py)."""
@@ -201,11 +252,21 @@ def run(
 
     from server import logs
     from server.app import create_app
-    from server.settings import DEFAULT_MAX_UPLOAD_BYTES, Settings
+    from server.settings import DEFAULT_MAX_UPLOAD_BYTES, ServerLimits, Settings
+    from server.timeouts import uvicorn_http_protocol
 
     if data_dir is None:
         raise ClientConfigError("give --data-dir (blobs, keys and keyring live there)")
     logs.configure(log_level, log_format)
+    os.umask(0o077)  # everything the server creates is its own (server/datadir.py)
+    limits = ServerLimits(
+        header_timeout_s=header_timeout,
+        body_read_timeout_s=body_read_timeout,
+        min_body_rate_bps=min_body_rate,
+        max_concurrent_uploads=max_concurrent_uploads,
+        leftover_age_s=leftover_age,
+        startup_leftover_age_s=startup_leftover_age,
+    )
     started = time.time()
 
     def clock() -> float:
@@ -217,12 +278,16 @@ def run(
         max_upload_bytes=max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES,
         clock=clock,
         active_checkin_interval_s=active_checkin_interval,
+        limits=limits,
     )
     app = create_app(settings, rollout_interval_s=rollout_interval)
     # logging is configured above, once, for uvicorn's loggers too (log_config=None keeps
     # uvicorn's own colourful handlers out); its access log gives way to ours, which names
     # the route template rather than the path a client sent
     options: dict[str, Any] = {"log_level": log_level, "log_config": None, "access_log": False}
+    # uvicorn has no deadline for a request's headers (its keep-alive timeout is cancelled by
+    # every byte): the protocol class adds one (server/timeouts.py)
+    options["http"] = uvicorn_http_protocol(header_timeout)
     if listener is None:
         uvicorn.run(logs.AccessLogMiddleware(app), host=host, port=port, **options)
         return

@@ -13,7 +13,11 @@ SQLite (the embedded default) and PostgreSQL behave alike here:
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sqlite3
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from server.errors import MigrationError, SettingsError
 
+log = logging.getLogger("server")
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 BUSY_TIMEOUT_S = 30.0
 # PostgreSQL advisory lock keys (any 64-bit numbers, fixed forever): one for migrations, one
@@ -34,6 +39,10 @@ BUSY_TIMEOUT_S = 30.0
 MIGRATION_LOCK = 0x6D66_0001
 AUDIT_CHAIN_LOCK = 0x6D66_0002
 _WRITE = "fleet_write"
+# The database holds token hashes and the audit trail: for the server's user alone. SQLite gives
+# its journal, WAL and shared-memory files the mode of the database file.
+SQLITE_FILE_MODE = 0o600
+SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
 
 class Database:
@@ -49,6 +58,7 @@ class Database:
         try:
             if url.startswith("sqlite"):
                 self.engine = _sqlite_engine(url)
+                _secure_sqlite_files(self.engine.url.database)
             else:
                 self.engine = create_engine(url, pool_pre_ping=True)
         except (SQLAlchemyError, ImportError, ValueError) as err:
@@ -124,6 +134,28 @@ def alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     return config
+
+
+def _secure_sqlite_files(database: str | None) -> None:
+    """Create the SQLite database file 0600 before SQLite does (it would follow the umask),
+    and tighten the files of an existing one; nothing for an in-memory database. A file that
+    cannot be created is left for SQLite to report when it connects; one whose mode cannot be
+    changed (another user's) is logged."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    with contextlib.suppress(OSError):
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SQLITE_FILE_MODE))
+    for suffix in SQLITE_SUFFIXES:
+        path = Path(database + suffix)
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if mode != SQLITE_FILE_MODE:
+                path.chmod(SQLITE_FILE_MODE)
+                log.warning("database file %s had mode %04o; now 0600", path, mode)
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            log.warning("database file %s: cannot make it private: %s", path, err.strerror)
 
 
 def _sqlite_engine(url: str) -> Engine:

@@ -42,6 +42,40 @@ DEFAULT_ACTIVE_CHECKIN_INTERVAL_S = 15
 LAST_SEEN_RESOLUTION_S = 60
 
 
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """How long and how much a client may hold of the server, and how soon the leftovers of
+    interrupted writes go (server/timeouts.py, server/upload_limit.py, server/datadir.py).
+
+    Raises:
+        SettingsError: a time that is not positive, a negative rate, or no upload allowed.
+    """
+
+    # The request line and headers must be complete this long after the server began to wait.
+    header_timeout_s: float = 10.0
+    # Each read of a body must arrive within this of the previous one...
+    body_read_timeout_s: float = 30.0
+    # ...and the body at this average rate (bytes/s) once the first read timeout has passed
+    # (0: no rate rule). 1 KiB/s: an 8 GiB bundle may take days, a drip may not.
+    min_body_rate_bps: int = 1024
+    # Release uploads in progress at once in one process; the next is answered 503.
+    max_concurrent_uploads: int = 2
+    # Temporary blobs and partial uploads untouched this long are removed while running...
+    leftover_age_s: float = 3600.0
+    # ...and at start, when only another process sharing the data directory can be writing.
+    startup_leftover_age_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout_s", "body_read_timeout_s", "leftover_age_s"):
+            if not getattr(self, name) > 0:
+                raise SettingsError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.startup_leftover_age_s < 0 or self.min_body_rate_bps < 0:
+            raise SettingsError("the start-up leftover age and the body rate cannot be negative")
+        if self.max_concurrent_uploads < 1:
+            raise SettingsError("at least one upload must be allowed at a time")
+
+
 @dataclass(frozen=True)
 class CredentialLimits:
     """How long operator tokens live, and how many sessions a device holds at once."""
@@ -90,6 +124,7 @@ class Settings:
     # Where devices may say Prometheus scrapes them (server/scrape.py); empty: no network is
     # configured, and the defaults there apply.
     metrics_networks: tuple[Network, ...] = ()
+    limits: ServerLimits = ServerLimits()
     credentials: CredentialLimits = CredentialLimits()
 
     @classmethod
@@ -102,6 +137,7 @@ class Settings:
         clock: Clock = time.time,
         active_checkin_interval_s: int = DEFAULT_ACTIVE_CHECKIN_INTERVAL_S,
         metrics_networks: str = "",
+        limits: ServerLimits | None = None,
         credentials: CredentialLimits | None = None,
     ) -> Settings:
         """Validate the settings; the data directory is created if needed.
@@ -113,7 +149,7 @@ class Settings:
         """
         directory = Path(data_dir).absolute()
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as err:
             raise SettingsError(f"data directory {directory}: {err.strerror}") from err
         if database_url is None:
@@ -141,6 +177,7 @@ class Settings:
             clock,
             active_checkin_interval_s,
             networks,
+            limits=limits or ServerLimits(),
             credentials=credentials or CredentialLimits(),
         )
 

@@ -226,6 +226,25 @@ def server() -> None:
     help="The same, at start (short: only another process sharing the data directory can be "
     "writing then; 0 when none does).",
 )
+@click.option(
+    "--operator-token-ttl",
+    default="90d",
+    show_default=True,
+    help="Lifetime of an operator token created without expires_in: seconds, or 12h, 30d.",
+)
+@click.option(
+    "--operator-token-max-ttl",
+    default="365d",
+    show_default=True,
+    help="The longest lifetime an operator token may be given.",
+)
+@click.option(
+    "--max-device-sessions",
+    type=click.IntRange(1, 1000),
+    default=5,
+    show_default=True,
+    help="Live sessions per device; opening one more ends the device's oldest.",
+)
 def run(
     data_dir: Path | None,
     database_url: str | None,
@@ -244,6 +263,9 @@ def run(
     max_concurrent_uploads: int,
     leftover_age: float,
     startup_leftover_age: float,
+    operator_token_ttl: str,
+    operator_token_max_ttl: str,
+    max_device_sessions: int,
 ) -> None:
     """Serve the API, the blobs and the metrics (runs until stopped). Logs go to standard
     error, one JSON object per line unless --log-format text (see server/logs.py)."""
@@ -252,7 +274,12 @@ def run(
 
     from server import logs
     from server.app import create_app
-    from server.settings import DEFAULT_MAX_UPLOAD_BYTES, ServerLimits, Settings
+    from server.settings import (
+        DEFAULT_MAX_UPLOAD_BYTES,
+        CredentialLimits,
+        ServerLimits,
+        Settings,
+    )
     from server.timeouts import uvicorn_http_protocol
 
     if data_dir is None:
@@ -279,6 +306,11 @@ def run(
         clock=clock,
         active_checkin_interval_s=active_checkin_interval,
         limits=limits,
+        credentials=CredentialLimits(
+            operator_token_ttl_s=parse_duration(operator_token_ttl),
+            operator_token_max_ttl_s=parse_duration(operator_token_max_ttl),
+            max_device_sessions=max_device_sessions,
+        ),
     )
     app = create_app(settings, rollout_interval_s=rollout_interval)
     # logging is configured above, once, for uvicorn's loggers too (log_config=None keeps

@@ -9,9 +9,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner, Result
 
 from fleet_core.cli import fleet
+from server.settings import CredentialLimits, Settings
 from tests.conftest import assert_one_line_error
 from tests.server.conftest import FakeDevice, LiveServer
 
@@ -114,3 +116,36 @@ def test_device_status_commands(live_server: LiveServer, enrolled: Enrolled) -> 
     assert run("device", "reinstate", device.id, *op).stdout.endswith(": active\n")
     device.login()
     assert device.checkin().status_code == 200
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_server_run_options_set_the_credential_limits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Settings] = []
+
+    def create_app(settings: Settings, **_kwargs: object) -> None:
+        seen.append(settings)
+        raise _Stop
+
+    monkeypatch.setattr("server.app.create_app", create_app)
+    result = CliRunner().invoke(
+        fleet,
+        [
+            "server", "run", "--data-dir", str(tmp_path / "data"),
+            "--operator-token-ttl", "7d", "--operator-token-max-ttl", "30d",
+            "--max-device-sessions", "2",
+        ],
+    )  # fmt: skip
+    assert isinstance(result.exception, _Stop), result.output
+    assert seen[0].credentials == CredentialLimits(
+        operator_token_ttl_s=7 * 86400, operator_token_max_ttl_s=30 * 86400, max_device_sessions=2
+    )
+    refused = run(
+        "server", "run", "--data-dir", tmp_path / "data", "--operator-token-ttl", "400d"
+    )  # fmt: skip
+    assert_one_line_error(refused, "operator token lifetime")
+    assert len(seen) == 1

@@ -644,15 +644,15 @@ def device_list(server: str | None, token: str | None, as_json: bool) -> None:
             d["compatible"],
             d["version"] or "-",
             d["state"],
-            d["status"],
             d["assigned_version"] or "-",
             d["last_seen"],
+            d["status"],
         )
         for d in devices
     ]
     _table(
         rows,
-        ("DEVICE", "HOSTNAME", "COMPATIBLE", "VERSION", "STATE", "STATUS", "ASSIGNED", "LAST SEEN"),
+        ("DEVICE", "HOSTNAME", "COMPATIBLE", "VERSION", "STATE", "ASSIGNED", "LAST SEEN", "STATUS"),
     )
 
 

@@ -422,3 +422,42 @@ def test_a_revoked_token_row_stays_revoked_when_uses_remain(harness: Harness) ->
     with harness.db.write() as session:
         session.execute(update(EnrollmentToken).values(uses_left=3))
     assert FakeDevice(harness.client).enroll(token).status_code == 403
+
+
+def test_the_migration_leaves_older_tokens_and_devices_as_they_were(tmp_path: Path) -> None:
+    """Rows from before revision 0005: operator tokens keep no expiry (and still work),
+    devices are active."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from server.auth import authenticate_operator, secret_hash
+    from server.database import Database, alembic_config
+
+    db = Database(f"sqlite:///{tmp_path / 'old.db'}")
+    with db.engine.connect() as connection, connection.begin():
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0004")
+        connection.execute(
+            text(
+                "INSERT INTO operator_tokens (token_sha256, name, role, created, created_by) "
+                "VALUES (:sha, 'old', 'admin', '2023-01-01 00:00:00', 'cli:root')"
+            ),
+            {"sha": secret_hash("fleet_op_old")},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO devices (id, public_key, compatible, hostname, enrolled, last_seen, "
+                "event_seq) VALUES (:id, :id, 'metrica-rpi4', 'cam', '2023-01-01 00:00:00', "
+                "'2023-01-01 00:00:00', -1)"
+            ),
+            {"id": "ab" * 32},
+        )
+    db.migrate()
+    with db.read() as session:
+        token = session.scalars(select(OperatorToken)).one()
+        assert (token.expires, token.revoked) == (None, None)
+        far = utc(lambda: 4_000_000_000.0)
+        assert authenticate_operator(session, "fleet_op_old", far).role is Role.ADMIN
+        assert session.scalar(text("SELECT status FROM devices")) == "active"
+    db.dispose()

@@ -121,15 +121,17 @@ def unvouched(state: DeviceState, slot: str) -> str | None:
     """Why the store does not vouch for running ``slot`` (``None``: it does): marked bad, half
     written, or a release below the anti-rollback floor. Such a slot is never committed.
 
-    An ``empty`` slot is one the store knows nothing of (a factory device, a store lost): the
-    firmware's word alone decides it, as it did before any install; the floor, kept even when
-    the store is lost (:mod:`updater.state`), still bars installing anything below it."""
+    A slot whose release the store does not know (no security version recorded: a factory
+    device, a state store lost) is judged by the firmware's word alone, as before any install;
+    the floor, kept even when the store is lost (:mod:`updater.state`), still bars installing
+    anything below it, and such a slot is never another's fallback (:func:`fallback_vouched`)."""
     status = status_of(state, slot)
     if status in (SlotStatus.BAD, SlotStatus.INSTALLING):
         return f"slot {slot} is {status}"
-    if status is SlotStatus.EMPTY:
+    security_version = state.slot(slot).security_version
+    if security_version is None:
         return None
-    below = below_floor(state, state.slot(slot).security_version)
+    below = below_floor(state, security_version)
     return None if below is None else f"slot {slot} holds a release whose {below}"
 
 
@@ -330,9 +332,13 @@ class SlotLifecycle:
 
 
 def fallback_vouched(state: DeviceState, slot: str) -> bool:
-    """Whether the firmware may boot ``slot`` when the other one fails: good, and not below
-    the floor."""
-    return status_of(state, slot) is SlotStatus.GOOD and unvouched(state, slot) is None
+    """Whether the firmware may boot ``slot`` when the other one fails: good, holding a
+    release the store knows, not below the floor."""
+    return (
+        status_of(state, slot) is SlotStatus.GOOD
+        and state.slot(slot).security_version is not None
+        and unvouched(state, slot) is None
+    )
 
 
 def boot_selection(state: DeviceState, booted: str) -> tuple[str | None, str | None]:

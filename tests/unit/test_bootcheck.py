@@ -745,7 +745,6 @@ def test_a_trial_boot_is_marked_started_only_on_a_trial(board: Board) -> None:
         ("bad", 1, False),  # marked bad, yet booted: the boot environment was lost or reset
         ("installing", 1, False),  # half written
         ("good", 0, False),  # a fall-back into a release below one committed since
-        ("good", None, False),  # a release of unknown security version, with a floor of 1
         ("trial", 0, True),  # a trial below the floor
     ],
 )
@@ -777,6 +776,32 @@ def test_a_disowned_slot_is_given_up_without_checks(
     assert disowned["reason"].startswith(f"slot {board.running} ")
     assert (disowned["status"], disowned["security_version"]) == (status, security_version)
     assert_finished(board, "rolled_back", "disowned", level="error", reboot=True, failed=[])
+
+
+@pytest.mark.parametrize("lose", ["deleted", "garbled"])
+def test_a_lost_state_store_keeps_the_running_release_running(board: Board, lose: str) -> None:
+    # the store knows nothing of the running slot any more, but the floor is kept beside it:
+    # the firmware's word decides the running slot, boot after boot; the other slot, whose
+    # release nobody knows now, is no fallback
+    committed(board)
+    board.backend.try_once(board.other)
+    board.backend.commit(board.running)  # the other slot bootable behind it
+    if lose == "deleted":
+        board.store.path.unlink()
+    else:
+        board.store.path.write_bytes(b"\x00garbled")
+    for _ in range(3):
+        board.boot(board.running)
+        verdict = board.check()
+        assert (verdict.action, verdict.reboot) == ("confirmed", False), verdict
+    state = board.store.load().state
+    assert state.installed_security_version == 1
+    assert state.slot(board.running).status == "good"
+    assert state.slot(board.running).security_version is None
+    assert state.slot(board.other).status == "bad"
+    env = board.env()
+    assert grub.primary_in(env) == board.running
+    assert grub.boot_order(env) == [board.running]  # the unknown other slot withdrawn
 
 
 def test_a_fall_back_below_the_floor_ends_in_safe_mode_not_in_the_old_release(

@@ -16,6 +16,7 @@ from updater.lifecycle import (
     Verb,
     boot_selection,
     committed,
+    fallback_vouched,
     transition_table,
     unvouched,
 )
@@ -258,10 +259,11 @@ def test_the_floor_only_ever_rises(floor: int, security_version: int | None, exp
         ({"status": "installing", "security_version": 5}, "^slot b is installing: commit"),
         (
             {"status": "good", "security_version": 0},
-            "^slot b holds a release whose security version 0 is below the installed 1: commit refused$",
+            "^slot b holds a release whose security version 0 is below the installed 1: "
+            "commit refused$",
         ),
         (
-            {"status": "trial"},
+            {"status": "trial", "security_version": 0},
             "^slot b holds a release whose security version 0 is below the installed 1",
         ),
     ],
@@ -287,14 +289,19 @@ def test_what_the_store_vouches_for() -> None:
     for status in ("empty", "installed", "trial", "good"):
         assert unvouched(state.with_slot("a", status=status, security_version=2), "a") is None
     assert unvouched(state.with_slot("a", status="good", security_version=3), "a") is None
-    # empty: the store knows nothing of it (a factory device, a state file lost), so nothing
-    # against it either; the floor, kept beside the store, still bars installs below it
-    assert unvouched(state.with_slot("a", status="empty", security_version=None), "a") is None
+    # no security version: the store does not know the release (a factory device, a state
+    # file lost), so nothing against it either; the floor, kept beside the store, still bars
+    # installs below it, and such a slot is never a fallback
+    for status in ("empty", "installed", "trial", "good"):
+        unknown = state.with_slot("a", status=status, security_version=None)
+        assert unvouched(unknown, "a") is None
+        assert not fallback_vouched(unknown, "a")
     for status in ("installed", "trial", "good"):
-        below = state.with_slot("a", status=status, security_version=None)
+        below = state.with_slot("a", status=status, security_version=0)
         assert unvouched(below, "a") == (
             "slot a holds a release whose security version 0 is below the installed 2"
         )
+    assert fallback_vouched(state.with_slot("a", status="good", security_version=2), "a")
 
 
 def test_a_running_slot_the_store_lost_is_committed_without_lowering_the_floor(lab: Lab) -> None:

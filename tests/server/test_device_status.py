@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from server.models import AuditRow, Device, DeviceSession
@@ -330,3 +332,48 @@ def test_a_session_is_never_extended_by_use(harness: Harness, enrolled: Enrolled
     assert device.checkin().status_code == 200  # one second before its end
     harness.clock.advance(1)
     assert device.checkin().status_code == 401  # an hour after opening, however used
+
+
+# --- every sequence of changes ----------------------------------------------------------------
+
+# The rule, written out apart from the product: where each change may start, and where it leads.
+MODEL = {
+    "quarantine": ({"active"}, "quarantined"),
+    "release": ({"quarantined"}, "active"),
+    "decommission": ({"active", "quarantined"}, "decommissioned"),
+    "reinstate": ({"decommissioned"}, "active"),
+}
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(steps=st.lists(st.sampled_from(CHANGES), min_size=1, max_size=8))
+def test_any_sequence_of_changes_follows_the_rule(
+    harness: Harness, enrolled: Enrolled, steps: list[str]
+) -> None:
+    if not harness.scratch:  # one device for every example; each example starts it active
+        harness.scratch["device"] = enrolled()
+    device: FakeDevice = harness.scratch["device"]
+    with harness.db.write() as session:
+        session.get(Device, device.id).status = "active"  # type: ignore[union-attr]
+    status = "active"
+    for step in steps:
+        before = stored(harness)
+        response = change(harness, device, step, step)
+        starts, target = MODEL[step]
+        if status in starts:
+            assert response.status_code == 200, (step, status, response.text)
+            status = target
+        else:
+            assert response.status_code == 409, (step, status, response.text)
+            assert stored(harness) == before
+        assert listed(harness, device)["status"] == status
+        if status == "decommissioned":
+            assert harness.client.post(f"/api/v1/devices/{device.id}/challenge").status_code == 403
+        else:
+            device.login()
+            answer = device.checkin()
+            assert answer.status_code == 200

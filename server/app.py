@@ -60,6 +60,19 @@ def load_server_key(path: Path) -> SigningKey:
         raise ServerKeyError(f"server key: {err}") from err
 
 
+def _check_leftover_age(settings: Settings) -> None:
+    limits = settings.limits
+    bound = limits.upload_idle_bound_s
+    if bound is None or limits.leftover_age_s <= bound:
+        log.warning(
+            "the leftover age (%ss) is not longer than a live upload may leave its file "
+            "untouched (%s): a slow upload may be swept away; raise the age or the minimum "
+            "body rate",
+            limits.leftover_age_s,
+            "without a minimum body rate, any time" if bound is None else f"{bound:.0f}s",
+        )
+
+
 async def _sweep_periodically(state: ServerState) -> None:
     """Remove the leftovers of interrupted writes (server/datadir.py) untouched for the
     configured age, checking four times per age (at least every 10 minutes), until cancelled."""
@@ -101,6 +114,7 @@ def create_app(
     """
     private_mkdir(settings.data_dir)
     secure_data_dir(settings.data_dir)
+    _check_leftover_age(settings)
     private_mkdir(settings.upload_dir)
     private_mkdir(settings.keyring_dir)
     blobs = BlobStore(settings.blob_dir)

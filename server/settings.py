@@ -41,6 +41,9 @@ DEFAULT_ACTIVE_CHECKIN_INTERVAL_S = 15
 # a 304 check-in is then a read, not a write (last_seen is kept to within this many seconds).
 LAST_SEEN_RESOLUTION_S = 60
 
+# The body rate is enforced per window of this many bytes (server/timeouts.py): an average since
+# the start would let a fast first gigabyte buy days of dripping.
+RATE_WINDOW_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,8 @@ class ServerLimits:
     header_timeout_s: float = 10.0
     # Each read of a body must arrive within this of the previous one...
     body_read_timeout_s: float = 30.0
-    # ...and the body at this average rate (bytes/s) once the first read timeout has passed
-    # (0: no rate rule). 1 KiB/s: an 8 GiB bundle may take days, a drip may not.
+    # ...and each mebibyte of it at this rate (bytes/s), after a read timeout of grace (0: no
+    # rate rule). 1 KiB/s: an 8 GiB bundle may take days, a drip may not.
     min_body_rate_bps: int = 1024
     # Release uploads in progress at once in one process; the next is answered 503.
     max_concurrent_uploads: int = 2
@@ -74,6 +77,15 @@ class ServerLimits:
             raise SettingsError("the start-up leftover age and the body rate cannot be negative")
         if self.max_concurrent_uploads < 1:
             raise SettingsError("at least one upload must be allowed at a time")
+
+    @property
+    def upload_idle_bound_s(self) -> float | None:
+        """The longest a live upload can leave its partial file untouched, None when unbounded
+        (no rate rule): the file is written at least every mebibyte received
+        (server/api/common.py) and a mebibyte may straddle two rate windows."""
+        if not self.min_body_rate_bps:
+            return None
+        return 2 * (self.body_read_timeout_s + RATE_WINDOW_BYTES / self.min_body_rate_bps)
 
 
 @dataclass(frozen=True)

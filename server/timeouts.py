@@ -11,11 +11,11 @@ Two rules close that:
   connection is closed. This has to live in the HTTP protocol, below ASGI: an ASGI application
   is called only once the headers are complete (:func:`header_deadline_protocol`).
 - **Body**: every read of the body must arrive within ``body_read_timeout_s`` of the previous
-  one, and the body as a whole at ``min_body_rate_bps`` on average after a first
-  ``body_read_timeout_s`` of grace, so a large release upload on a slow but live link works and
-  a drip of one byte per read timeout does not. Past either, the application sees the client
-  gone (it removes what it received) and the client gets 408 with the connection closed
-  (:class:`BodyDeadlineMiddleware`).
+  one, and each mebibyte of it (``RATE_WINDOW_BYTES``, counted from the start of the body) within
+  ``body_read_timeout_s`` plus a mebibyte at ``min_body_rate_bps``, so a large release upload
+  on a slow but live link works, and neither a drip of one byte per read timeout nor one after a
+  fast start does. Past either, the application sees the client gone (it removes what it
+  received) and the client gets 408 with the connection closed (:class:`BodyDeadlineMiddleware`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import time
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.settings import RATE_WINDOW_BYTES
 
 log = logging.getLogger("server")
 
@@ -116,18 +118,19 @@ class BodyDeadlineMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = last = time.monotonic()
-        received = 0
+        started = last = window_start = time.monotonic()
+        received = window_base = 0
         body_done = timed_out = response_started = False
 
         def deadline() -> float:
             limit = last + self.read_timeout_s
             if self.min_rate_bps > 0:
-                limit = min(limit, started + self.read_timeout_s + received / self.min_rate_bps)
+                window = (received - window_base) / self.min_rate_bps
+                limit = min(limit, window_start + self.read_timeout_s + window)
             return limit
 
         async def receive_in_time() -> Message:
-            nonlocal last, received, body_done, timed_out
+            nonlocal last, received, window_start, window_base, body_done, timed_out
             if body_done:
                 return await receive()
             if timed_out:
@@ -147,6 +150,8 @@ class BodyDeadlineMiddleware:
             if message["type"] == "http.request":
                 last = time.monotonic()
                 received += len(message.get("body", b""))
+                if received - window_base >= RATE_WINDOW_BYTES:
+                    window_start, window_base = last, received
                 body_done = not message.get("more_body", False)
             else:
                 body_done = True

@@ -136,8 +136,18 @@ def test_server_limits_refuse_nonsense(limits: dict[str, float]) -> None:
         ServerLimits(**limits)  # type: ignore[arg-type]
 
 
+def test_by_default_a_live_upload_outlasts_no_sweep() -> None:
+    limits = ServerLimits()
+    bound = limits.upload_idle_bound_s
+    assert bound is not None and bound < limits.leftover_age_s
+    assert ServerLimits(min_body_rate_bps=0).upload_idle_bound_s is None
+
+
 def run_app(
-    app_messages: list[Message], client: list[tuple[float, Message]], read_timeout_s: float
+    app_messages: list[Message],
+    client: list[tuple[float, Message]],
+    read_timeout_s: float,
+    min_rate_bps: float = 0.0,
 ) -> tuple[list[Message], float]:
     """An application that reads its whole body and then waits for the client to go away
     (as a streaming response does), behind the body deadline; the client sends ``client``
@@ -169,7 +179,9 @@ def run_app(
             app_messages.append(message)
 
         started = time.monotonic()
-        middleware = BodyDeadlineMiddleware(application, read_timeout_s=read_timeout_s)
+        middleware = BodyDeadlineMiddleware(
+            application, read_timeout_s=read_timeout_s, min_rate_bps=min_rate_bps
+        )
         await middleware({"type": "http", "client": ("127.0.0.1", 1)}, receive, send)
         return time.monotonic() - started
 
@@ -204,3 +216,18 @@ def test_a_body_read_past_the_deadline_is_answered_408() -> None:
     assert (b"connection", b"close") in sent[0]["headers"]
     assert b"too slowly" in sent[-1]["body"]
     assert lasted < 2
+
+
+def test_a_fast_start_buys_no_time_for_a_drip_after_it() -> None:
+    mib = {"type": "http.request", "body": b"x" * 1024 * 1024, "more_body": True}
+    drip = {"type": "http.request", "body": b"x" * 100, "more_body": True}
+    sent, lasted = run_app(
+        [],
+        [(0.0, mib), (0.0, mib)]
+        + [(0.1, drip)] * 20
+        + [(0.0, {"type": "http.request", "body": b"", "more_body": False})],
+        read_timeout_s=0.2,
+        min_rate_bps=1_000_000,  # two fast mebibytes would earn two seconds of an average
+    )
+    assert sent[0]["status"] == 408
+    assert lasted < 1.0

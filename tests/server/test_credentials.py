@@ -461,3 +461,23 @@ def test_the_migration_leaves_older_tokens_and_devices_as_they_were(tmp_path: Pa
         assert authenticate_operator(session, "fleet_op_old", far).role is Role.ADMIN
         assert session.scalar(text("SELECT status FROM devices")) == "active"
     db.dispose()
+
+
+def test_an_expired_admin_token_is_revoked_even_when_no_valid_one_is_left(
+    harness: Harness,
+) -> None:
+    """On the host (``fleet server token revoke --data-dir``) nobody needs a valid admin token:
+    an expired one is no way in, and revoking it is always allowed."""
+    from server.auth import revoke_operator_token
+
+    now = utc(harness.clock)
+    create_operator_token(
+        harness.db, name="short", role=Role.ADMIN, created_by="test", now=now, expires=now
+    )
+    short = token_id(harness, "short")
+    with harness.db.write() as session:  # the fixture's admin token is gone
+        session.execute(
+            update(OperatorToken).where(OperatorToken.name == "test-admin").values(revoked=now)
+        )
+    answer = revoke_operator_token(harness.db, short, actor="cli:root@host", now=now)
+    assert answer["status"] == "revoked"

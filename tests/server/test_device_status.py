@@ -186,6 +186,8 @@ def test_status_is_listed_with_its_reason_and_time(harness: Harness, enrolled: E
     )
     one = harness.client.get(f"/api/v1/devices/{device.id}", headers=harness.viewer).json()
     assert one["status"] == "quarantined"
+    with harness.db.read() as session:
+        assert session.scalar(select(Device.status_by)) == "operator:test-operator"
 
 
 @pytest.mark.parametrize(

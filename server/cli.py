@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from fleet_core.text import check_text, printable
 from server.errors import AuditChainBrokenError, ClientConfigError
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 DATABASE_URL_ENV = "FLEET_DATABASE_URL"
+METRICS_NETWORKS_ENV = "FLEET_METRICS_NETWORKS"
 _DURATION = re.compile(r"(\d+)([smhd]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -112,7 +114,14 @@ def _now() -> Any:
     return datetime.now(UTC)
 
 
+def show(*lines: str, err: bool = False) -> None:
+    """Print lines that hold stored text, each escaped (fleet_core/text.py), so a string a
+    device or an older server stored cannot steer the terminal or forge a line."""
+    click.echo("\n".join(printable(line) for line in lines), err=err)
+
+
 def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
+    rows = [[printable(str(cell)) for cell in row] for row in rows]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         click.echo(
@@ -181,6 +190,14 @@ def server() -> None:
     default=15,
     show_default=True,
     help="Seconds between device check-ins asked for while a rollout is running or paused.",
+)
+@click.option(
+    "--metrics-networks",
+    envvar=METRICS_NETWORKS_ENV,
+    default="",
+    help="Networks where devices may say Prometheus scrapes them, such as 10.0.0.0/8,"
+    f"192.168.0.0/16 (or set ${METRICS_NETWORKS_ENV}). Then host names are refused. Default: "
+    "any address but loopback, link-local, multicast and cloud metadata ones, or a host name.",
 )
 @click.option(
     "--header-timeout",
@@ -257,6 +274,7 @@ def run(
     time_scale: float,
     rollout_interval: float,
     active_checkin_interval: int,
+    metrics_networks: str,
     header_timeout: float,
     body_read_timeout: float,
     min_body_rate: int,
@@ -305,6 +323,7 @@ def run(
         max_upload_bytes=max_upload_bytes or DEFAULT_MAX_UPLOAD_BYTES,
         clock=clock,
         active_checkin_interval_s=active_checkin_interval,
+        metrics_networks=metrics_networks,
         limits=limits,
         credentials=CredentialLimits(
             operator_token_ttl_s=parse_duration(operator_token_ttl),
@@ -398,14 +417,18 @@ def token_create(
     except InvalidRequestError as err:
         raise click.BadParameter(err.detail, param_hint="--expires-in") from None
 
-    if not 1 <= len(name) <= 128 or not name.isprintable():
-        raise click.BadParameter("1 to 128 printable characters", param_hint="--name")
+    try:
+        check_text(name)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--name") from None
+    if not 1 <= len(name) <= 128:
+        raise click.BadParameter("1 to 128 characters", param_hint="--name")
     db = open_database(data_dir, database_url)
     secret = create_operator_token(
         db, name=name, role=Role.parse(role), created_by=cli_actor(), now=now, expires=expires
     )
     click.echo(secret)
-    click.echo(f"operator token for {name!r}, role {role}; it is not shown again", err=True)
+    show(f"operator token for {name!r}, role {role}; it is not shown again", err=True)
 
 
 def _direct(data_dir: Path | None, database_url: str | None) -> bool:
@@ -505,8 +528,8 @@ def enrollment_token_create(
             "/api/v1/enrollment-tokens", {"uses": uses, "expires_in": seconds}
         )
         secret, expires = answer["token"], answer["expires"]
-    click.echo(secret)
-    click.echo(
+    show(secret)
+    show(
         f"admits {uses} device(s), {f'expires {expires}' if expires else 'never expires'}",
         err=True,
     )
@@ -592,7 +615,7 @@ def upload(bundle: Path, server: str | None, token: str | None) -> None:
             answer = client.upload("/api/v1/releases", bundle, bar.update)
     else:
         answer = client.upload("/api/v1/releases", bundle, lambda _n: None)
-    click.echo(
+    show(
         f"release {answer['version']} accepted: compatible {answer['compatible']}, security "
         f"version {answer['security_version']}, {len(answer['images'])} image(s)"
     )
@@ -605,7 +628,7 @@ def release_list(server: str | None, token: str | None, as_json: bool) -> None:
     """List the releases."""
     releases = api_client(server, token).get("/api/v1/releases")["releases"]
     if as_json:
-        click.echo(json.dumps(releases, indent=2))
+        click.echo(json.dumps(releases, indent=2, ensure_ascii=True))
         return
     rows = [
         (
@@ -635,7 +658,7 @@ def device_list(server: str | None, token: str | None, as_json: bool) -> None:
     """List the devices: last seen, running version, state, assigned version."""
     devices = api_client(server, token).get("/api/v1/devices")["devices"]
     if as_json:
-        click.echo(json.dumps(devices, indent=2))
+        click.echo(json.dumps(devices, indent=2, ensure_ascii=True))
         return
     rows = [
         (
@@ -666,7 +689,7 @@ def assign(device_id: str, version: str, server: str | None, token: str | None) 
     answer = api_client(server, token).post(
         f"/api/v1/devices/{device_id}/assignment", {"version": target}
     )
-    click.echo(f"device {answer['id']}: assigned {answer['assigned_version'] or 'nothing'}")
+    show(f"device {answer['id']}: assigned {answer['assigned_version'] or 'nothing'}")
 
 
 def _status_command(change: str, help_text: str, *, reason_required: bool) -> None:
@@ -737,7 +760,7 @@ def preauthorize(public_key: str, server: str | None, token: str | None) -> None
     answer = api_client(server, token).post(
         "/api/v1/preauthorized-keys", {"public_key": public_key_hex(public_key)}
     )
-    click.echo(answer["device_id"])
+    show(answer["device_id"])
 
 
 # --- fleet audit ------------------------------------------------------------------------------
@@ -796,9 +819,10 @@ def audit_list(
         if as_json:
             document = dataclasses.asdict(entry)
             document["details"] = json.loads(entry.details)
-            click.echo(json.dumps(document, sort_keys=True))
+            # ASCII: a raw U+2028 in a JSON string is valid JSON and a line break to a reader
+            click.echo(json.dumps(document, sort_keys=True, ensure_ascii=True))
         else:
-            click.echo(
+            show(
                 f"{entry.seq:>7} {entry.at} {entry.actor} {entry.action}"
                 + (f" {entry.subject}" if entry.subject else "")
                 + f" {entry.details}"
@@ -978,7 +1002,7 @@ def rollout() -> None:
 
 def _print_rollout(r: dict[str, Any]) -> None:
     counts = r["counts"]
-    click.echo(
+    show(
         f"rollout {r['id']}: {r['version']} {r['state']} at stage {r['stage_name']} "
         f"({' > '.join(r['stages'])}); {counts['succeeded']} succeeded, {counts['pending']} "
         f"pending, {counts['failed']} failed" + (f"; {r['reason']}" if r["reason"] else "")
@@ -1121,7 +1145,7 @@ def rollout_status(
     while True:
         answer = client.get("/api/v1/rollouts")
         if as_json:
-            click.echo(json.dumps(answer, indent=2))
+            click.echo(json.dumps(answer, indent=2, ensure_ascii=True))
             return
         lines = []
         stop = answer["emergency_stop"]
@@ -1136,7 +1160,7 @@ def rollout_status(
             lines.append("no rollouts")
         if watch and sys.stdout.isatty():
             click.clear()
-        click.echo("\n".join(lines))
+        show(*lines)
         going = any(r["state"] in ("running", "paused") for r in answer["rollouts"])
         if not watch or not going:
             return
@@ -1174,6 +1198,6 @@ def emergency_stop(clear: bool, reason: str | None, server: str | None, token: s
     else:
         answer = client.post("/api/v1/emergency-stop", {"reason": reason} if reason else {})
     if answer["active"]:
-        click.echo(f"emergency stop ON since {answer['since']}: {answer['reason']}")
+        show(f"emergency stop ON since {answer['since']}: {answer['reason']}")
     else:
         click.echo("emergency stop off (paused rollouts stay paused until resumed)")

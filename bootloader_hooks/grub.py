@@ -82,7 +82,12 @@ from bootloader_hooks.base import (
     read_kernel_cmdline_slot,
     register,
 )
-from bootloader_hooks.errors import BootloaderError, BootStateMissingError, UnknownSlotError
+from bootloader_hooks.errors import (
+    BootloaderError,
+    BootStateCorruptError,
+    BootStateMissingError,
+    UnknownSlotError,
+)
 from bootloader_hooks.options import check_attempts, check_known, path_option
 
 if TYPE_CHECKING:
@@ -138,6 +143,41 @@ def primary_in(variables: Mapping[str, str]) -> str | None:
         if slot != trial and attempts_in(variables, slot) > 0:
             return slot
     return None
+
+
+def checked_scheme(variables: dict[str, str], path: Path) -> dict[str, str]:
+    """``variables`` if they hold the scheme as this module and ``grub.cfg`` write it, else
+    the error naming what is off. A block that merely parses can still make GRUB boot the
+    safe-mode slot for ever (``BOOT_ORDER=C D``, counts of ``-1``): damage, to be repaired from
+    the state store, not a boot state whose primary is "none".
+
+    Raises:
+        BootStateMissingError: none of the scheme's variables (a blank block).
+        BootStateCorruptError: one of them is missing or holds what no writer of ours writes.
+    """
+    names = (ORDER_VAR, left_var("a"), left_var("b"))
+    if not any(name in variables for name in (*names, TRIAL_VAR)):
+        raise BootStateMissingError(f"{WHO}: {path} holds none of the boot variables")
+    missing = [name for name in names if name not in variables]
+    if missing:
+        raise BootStateCorruptError(f"{WHO}: {path} lacks {', '.join(missing)}")
+    words = variables[ORDER_VAR].split()
+    letters = [slot.upper() for slot in ROOT_SLOTS]
+    if any(word not in letters for word in words) or len(set(words)) != len(words):
+        raise BootStateCorruptError(
+            f"{WHO}: {path}: {ORDER_VAR}={variables[ORDER_VAR]!r} is no boot order "
+            f"(each of {' '.join(letters)} at most once)"
+        )
+    for slot in ROOT_SLOTS:
+        value = variables[left_var(slot)]
+        if not (len(value) == 1 and value in "0123456789"):
+            raise BootStateCorruptError(
+                f"{WHO}: {path}: {left_var(slot)}={value!r} is not a count of 0 to 9"
+            )
+    trial = variables.get(TRIAL_VAR)
+    if trial is not None and trial not in letters:
+        raise BootStateCorruptError(f"{WHO}: {path}: {TRIAL_VAR}={trial!r} names no root slot")
+    return variables
 
 
 def _order_with_first(variables: Mapping[str, str], slot: str) -> str:
@@ -252,7 +292,7 @@ class GrubBackend:
             BootloaderError: the block cannot be read or written.
         """
         check_root_slot(WHO, slot)
-        block = self._load()
+        block = self._load_ours()
         self._store(block.update(try_once_changes(block.variables(), slot, self.attempts)))
 
     def commit(self, slot: str) -> None:
@@ -261,7 +301,7 @@ class GrubBackend:
         Raises: as :meth:`try_once`.
         """
         check_root_slot(WHO, slot)
-        block = self._load()
+        block = self._load_ours()
         self._store(block.update(commit_changes(block.variables(), slot, self.attempts)))
 
     def mark_bad(self, slot: str) -> None:
@@ -270,7 +310,7 @@ class GrubBackend:
         Raises: as :meth:`try_once`.
         """
         check_root_slot(WHO, slot)
-        block = self._load()
+        block = self._load_ours()
         self._store(block.update(mark_bad_changes(block.variables(), slot)))
 
     def reboot_command(self) -> list[str]:
@@ -299,7 +339,13 @@ class GrubBackend:
     # --- internals: the block -----------------------------------------------------------------
 
     def _variables(self) -> dict[str, str]:
-        return self._load().variables()
+        return self._load_ours().variables()
+
+    def _load_ours(self) -> grubenv.EnvBlock:
+        """The block, if it holds our scheme (see :func:`checked_scheme`)."""
+        block = self._load()
+        checked_scheme(block.variables(), self.grubenv_path)
+        return block
 
     def _load(self) -> grubenv.EnvBlock:
         try:

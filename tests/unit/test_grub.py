@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bootloader_hooks import grubenv
+from bootloader_hooks import grub, grubenv
 from bootloader_hooks.base import (
     BACKENDS,
     BootCause,
@@ -223,17 +224,70 @@ def test_commit_of_the_primary_resets_its_count(device: Device) -> None:
     ],
 )
 def test_primary(tmp_path: Path, variables: dict[str, str], primary: str | None) -> None:
+    """What GRUB's script makes of the variables (primary_in); the backend answers the same
+    for a block our writers could have left, and calls any other block damaged: it would
+    boot the safe-mode slot for ever, which only a repair from the state store ends."""
+    assert grub.primary_in(variables) == primary
     path = tmp_path / "grubenv"
     grubenv.write(path, EnvBlock.new().update(dict(variables)))
-    assert GrubBackend(path, tmp_path / "cmdline").primary() == primary
+    backend = GrubBackend(path, tmp_path / "cmdline")
+    if set(variables) >= {"BOOT_ORDER", "BOOT_A_LEFT", "BOOT_B_LEFT"} and not (
+        {"C", "a"} & set(variables["BOOT_ORDER"].split()) or variables["BOOT_A_LEFT"] == "x"
+    ):
+        assert backend.primary() == primary
+    else:
+        with pytest.raises(BootStateCorruptError, match=f"^grub backend: {path}"):
+            backend.primary()
 
 
 @pytest.mark.parametrize(("value", "left"), [("7", 7), ("0", 0), ("", 0), ("10", 0), ("-1", 0)])
 def test_attempts_left_is_zero_for_anything_but_one_digit(
     device: Device, value: str, left: int
 ) -> None:
+    """GRUB's script counts anything but one digit as 0; to the backend it is damage."""
+    variables = {**device.variables(), "BOOT_B_LEFT": value}
+    assert grub.attempts_in(variables, "b") == left
     device.set_variables({"BOOT_B_LEFT": value})
-    assert device.backend.attempts_left("b") == left
+    if len(value) == 1:
+        assert device.backend.attempts_left("b") == left
+    else:
+        with pytest.raises(
+            BootStateCorruptError, match=f"BOOT_B_LEFT={value!r} is not a count of 0 to 9$"
+        ):
+            device.backend.attempts_left("b")
+
+
+@pytest.mark.parametrize(
+    ("variables", "problem"),
+    [
+        ({"BOOT_ORDER": "C D"}, "BOOT_ORDER='C D' is no boot order (each of A B at most once)"),
+        ({"BOOT_ORDER": "A A"}, "BOOT_ORDER='A A' is no boot order"),
+        ({"BOOT_ORDER": "a b"}, "BOOT_ORDER='a b' is no boot order"),
+        ({"BOOT_A_LEFT": "9999"}, "BOOT_A_LEFT='9999' is not a count of 0 to 9"),
+        ({"BOOT_B_LEFT": "-1"}, "BOOT_B_LEFT='-1' is not a count of 0 to 9"),
+        ({"FLEET_TRIAL": "SAFE"}, "FLEET_TRIAL='SAFE' names no root slot"),
+        ({"BOOT_ORDER": None}, "lacks BOOT_ORDER"),
+        ({"BOOT_A_LEFT": None, "BOOT_B_LEFT": None}, "lacks BOOT_A_LEFT, BOOT_B_LEFT"),
+    ],
+)
+def test_a_block_that_parses_but_is_no_boot_state_of_ours_is_damage(
+    device: Device, variables: dict[str, str | None], problem: str
+) -> None:
+    write_cmdline(device, "fleet.slot=a")
+    device.set_variables(variables)
+    for read in (device.backend.primary, device.backend.is_trial):
+        with pytest.raises(BootStateCorruptError, match=re.escape(problem)):
+            read()
+    with pytest.raises(BootStateCorruptError):
+        device.backend.try_once("b")  # nothing is written over it either
+    device.backend.repair("a")
+    assert device.backend.primary() == "a"
+
+
+def test_a_block_without_any_boot_variable_is_missing_boot_state(device: Device) -> None:
+    grubenv.write(device.grubenv, EnvBlock.new().update({"saved_entry": "x"}))
+    with pytest.raises(BootStateMissingError, match="holds none of the boot variables$"):
+        device.backend.primary()
 
 
 def test_is_trial_only_for_the_booted_slot(device: Device) -> None:
@@ -257,7 +311,9 @@ def test_unknown_slots_are_refused(device: Device, method: str, slot: str) -> No
 
 def test_writes_keep_foreign_variables_in_place(device: Device) -> None:
     device.grubenv.write_bytes(
-        EnvBlock.new().update({"saved_entry": "x", "BOOT_ORDER": "A B"}).encode()
+        EnvBlock.new()
+        .update({"saved_entry": "x", "BOOT_ORDER": "A", "BOOT_A_LEFT": "3", "BOOT_B_LEFT": "0"})
+        .encode()
     )
     device.backend.try_once("b")
     lines = grubenv.read(device.grubenv).lines
@@ -265,6 +321,7 @@ def test_writes_keep_foreign_variables_in_place(device: Device) -> None:
         None,
         "saved_entry",
         "BOOT_ORDER",
+        "BOOT_A_LEFT",
         "BOOT_B_LEFT",
         "FLEET_TRIAL",
     ]

@@ -383,6 +383,22 @@ def _parse_server(table: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
+def _slot_spec(table: Mapping[str, Any], key: str, where: str) -> str:
+    """``PARTLABEL=<label>`` or an absolute path: a relative one would name a file relative to
+    wherever the updater happens to run, and an install would write there."""
+    value = _typed(table, key, str, where)
+    if value.startswith("PARTLABEL="):
+        label = value.removeprefix("PARTLABEL=")
+        if not label or "/" in label or "\0" in label or label in (".", ".."):
+            raise ConfigError(f"{where}.{key}: {value!r:.80} names no partition label")
+        return value
+    if not value.startswith("/") or "\0" in value:
+        raise ConfigError(
+            f"{where}.{key}: must be PARTLABEL=<label> or an absolute path, not {value!r:.80}"
+        )
+    return value
+
+
 def _parse_slots(table: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     _no_unknown(table, {"a", "b"}, "slots")
     if set(table) != {"a", "b"}:
@@ -395,7 +411,7 @@ def _parse_slots(table: Mapping[str, Any]) -> dict[str, dict[str, str]]:
         _no_unknown(classes, set(SLOT_CLASSES), where)
         if "rootfs" not in classes:
             raise ConfigError(f"{where}: needs rootfs")
-        slots[slot] = {k: _typed(classes, k, str, where) for k in classes}
+        slots[slot] = {k: _slot_spec(classes, k, where) for k in classes}
     if set(slots["a"]) != set(slots["b"]):
         raise ConfigError("slots: a and b must have the same slot classes")
     named: dict[str, str] = {}

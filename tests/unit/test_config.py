@@ -87,8 +87,23 @@ def test_defaults_are_safe() -> None:
         (b"[limits]\nmin_free_mb = true", "must be int"),
         (b"[limits]\nmax_temp = 1", "unknown setting"),
         (b"[slots.a]\nrootfs = 'x'", "both root slots"),
-        (b"[slots.a]\nrootfs='x'\n[slots.b]\nbootfs='y'", "needs rootfs"),
-        (b"[slots.a]\nrootfs='x'\n[slots.b]\nrootfs='y'\nbootfs='z'", "same slot classes"),
+        (b"[slots.a]\nrootfs='/x'\n[slots.b]\nbootfs='/y'", "needs rootfs"),
+        (b"[slots.a]\nrootfs='/x'\n[slots.b]\nrootfs='/y'\nbootfs='/z'", "same slot classes"),
+        (
+            b"[slots.a]\nrootfs='slot-a.img'\n[slots.b]\nrootfs='/y'",
+            r"^updater.toml: slots.a.rootfs: must be PARTLABEL=<label> or an absolute path, "
+            r"not 'slot-a.img'$",
+        ),
+        (b"[slots.a]\nrootfs='./a'\n[slots.b]\nrootfs='/y'", "slots.a.rootfs: must be PARTLABEL"),
+        (b"[slots.a]\nrootfs='/x'\n[slots.b]\nrootfs=''", "slots.b.rootfs: must be PARTLABEL"),
+        (
+            b"[slots.a]\nrootfs='PARTLABEL='\n[slots.b]\nrootfs='/y'",
+            "slots.a.rootfs: 'PARTLABEL=' names no partition label",
+        ),
+        (
+            b"[slots.a]\nrootfs='PARTLABEL=../root'\n[slots.b]\nrootfs='/y'",
+            "names no partition label",
+        ),
         (b"[slots.c]\nrootfs='x'", "unknown setting"),
         (b"[[health.checks]]\ntype = 'ping'", "not one of"),
         (b"[[health.checks]]\ntype = 'http'", "http check needs url"),

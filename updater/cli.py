@@ -42,14 +42,20 @@ def _device_id(data_dir: Path) -> str | None:
         return None
 
 
-def _runtime(ctx: click.Context, *, log_to_stdout: bool, report: bool = True) -> Runtime:
+def _runtime(
+    ctx: click.Context, *, log_to_stdout: bool, report: bool = True, read_only: bool = False
+) -> Runtime:
     """The updater for one command; with ``report``, its events also go to the server (see
-    ``updater.runtime.reporting_log``)."""
+    ``updater.runtime.reporting_log``); ``read_only``: nothing is written (no last-good copy,
+    no outbox)."""
     options = ctx.obj
-    loaded = load_config(options["config"], data_dir=options["data_dir"], build=build_backend)
+    loaded = load_config(
+        options["config"], data_dir=options["data_dir"], build=build_backend,
+        remember=not read_only,
+    )  # fmt: skip
     labels = device_labels(loaded.config.role, _device_id(loaded.config.data_dir))
     log: EventSink = EventLog(sys.stdout if log_to_stdout else sys.stderr, labels=labels)
-    if report:
+    if report and not read_only:
         log = reporting_log(log, loaded.config)
     for problem in loaded.problems:
         log.event("config.fallback", level="warning", source=loaded.source, problem=problem)
@@ -86,7 +92,7 @@ def main(ctx: click.Context, config: Path, data_dir: Path) -> None:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Show slots, boot state and update state. Never fails on damaged state: it reports it."""
-    document = _runtime(ctx, log_to_stdout=False).snapshot()
+    document = _runtime(ctx, log_to_stdout=False, read_only=True).snapshot()
     if as_json:
         click.echo(json.dumps(document, indent=2, sort_keys=True))
         return

@@ -386,7 +386,7 @@ def _parse_server(table: Mapping[str, Any]) -> dict[str, Any]:
 def _slot_spec(table: Mapping[str, Any], key: str, where: str) -> str:
     """``PARTLABEL=<label>`` or an absolute path: a relative one would name a file relative to
     wherever the updater happens to run, and an install would write there."""
-    value = _typed(table, key, str, where)
+    value: str = _typed(table, key, str, where)
     if value.startswith("PARTLABEL="):
         label = value.removeprefix("PARTLABEL=")
         if not label or "/" in label or "\0" in label or label in (".", ".."):
@@ -465,6 +465,8 @@ def load_config(
     path: Path = DEFAULT_CONFIG_PATH,
     data_dir: Path | None = None,
     build: Callable[[UpdaterConfig], object] | None = None,
+    *,
+    remember: bool = True,
 ) -> LoadedConfig:
     """Load the configuration, falling back rather than failing.
 
@@ -474,6 +476,7 @@ def load_config(
     last-good copy (atomically; a power cut leaves the old copy or the new one), and only when
     ``build`` (the boot backend's constructor, given by the caller) accepts the configuration
     too: a file whose backend cannot be built is used, but never kept as the one to fall back to.
+    Without ``remember`` (``fleet-updater status``, which never writes) nothing is kept.
     """
     problems: list[str] = []
     try:
@@ -487,7 +490,7 @@ def load_config(
         except ConfigError as err:
             problems.append(str(err))
         else:
-            if _builds(config, build, str(path), problems):
+            if _builds(config, build, str(path), problems) and remember:
                 _remember(config.data_dir / LAST_GOOD_NAME, text, problems)
             return LoadedConfig(config, str(path), tuple(problems))
     fallback_dir = data_dir or UpdaterConfig().data_dir

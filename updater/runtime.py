@@ -174,9 +174,9 @@ class Runtime:
         """What ``fleet-updater status --json`` prints: configuration, boot and slot state.
 
         Never raises for damaged state: a bootloader or state problem is reported in the
-        document (``bootloader_problem``, ``state_problem``) instead.
+        document (``bootloader_problem``, ``state_problem``) instead. Writes nothing.
         """
-        loaded = self.store.load()
+        loaded = self.store.load(keep_evidence=False)
         state = loaded.state
         document: dict[str, Any] = {
             "config": {"source": self.loaded.source, "problems": list(self.loaded.problems)},

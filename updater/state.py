@@ -186,13 +186,14 @@ class StateStore:
         self.path = data_dir / STATE_NAME
         self.floor_path = data_dir / FLOOR_NAME
 
-    def load(self) -> Loaded:
+    def load(self, *, keep_evidence: bool = True) -> Loaded:
         """The saved state; an empty state (and the problem) if it is missing or damaged. The
         floor is the higher of the state's and the kept copy's (see the module docstring).
 
-        A damaged file is kept as ``state.json.damaged`` for diagnosis.
+        A damaged file is kept as ``state.json.damaged`` for diagnosis (unless not
+        ``keep_evidence``: a reader that never writes, such as ``fleet-updater status``).
         """
-        loaded = self._load_state()
+        loaded = self._load_state(keep_evidence)
         kept, problem = self._kept_floor()
         state, problems = loaded.state, [p for p in (loaded.problem, problem) if p]
         if kept > state.installed_security_version:
@@ -208,7 +209,7 @@ class StateStore:
             state = replace(state, installed_security_version=kept)
         return Loaded(state, "; ".join(problems) or None)
 
-    def _load_state(self) -> Loaded:
+    def _load_state(self, keep_evidence: bool) -> Loaded:
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -218,8 +219,9 @@ class StateStore:
         try:
             return Loaded(DeviceState.from_dict(json.loads(data.decode("utf-8"))))
         except (ValueError, TypeError, OverflowError, RecursionError, StateError) as err:
-            with contextlib.suppress(OSError):
-                atomic_write(self.path.with_name(STATE_NAME + ".damaged"), data)
+            if keep_evidence:
+                with contextlib.suppress(OSError):
+                    atomic_write(self.path.with_name(STATE_NAME + ".damaged"), data)
             return Loaded(DeviceState(), f"state {self.path}: damaged ({err}); starting afresh")
 
     def _kept_floor(self) -> tuple[int, str | None]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -726,3 +727,32 @@ def test_a_damaged_boot_state_shows_in_the_metrics_until_repaired(
     assert updater(device, "repair").exit_code == 0
     device.runtime().publish_metrics()
     assert "fleet_updater_boot_state_problem 0.0" in textfile.read_text()
+
+
+def tree(root: Path) -> dict[str, tuple[bytes, int] | None]:
+    """Every file under ``root`` with its bytes and modification time; directories too."""
+    return {
+        str(path.relative_to(root)): (path.read_bytes(), path.stat().st_mtime_ns)
+        if path.is_file() else None
+        for path in sorted(root.rglob("*"))
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", ["none", "state-garbled", "config-new", "data-dir-missing"])
+def test_status_writes_nothing_whatever_it_finds(make_device: MakeDevice, damage: str) -> None:
+    device = make_device("grub")
+    config = device.root / "updater.toml"
+    extra = 'role = "camera"\n' if damage == "config-new" else ""  # not the last-good copy
+    config.write_text(device.config_toml(extra=extra))
+    data_dir = device.config.data_dir
+    if damage == "state-garbled":
+        (data_dir / "state.json").write_bytes(b"{garbled")
+    elif damage == "data-dir-missing":
+        shutil.rmtree(data_dir)
+    before = tree(device.root)
+    for args in (["status"], ["status", "--json"]):
+        result = CliRunner().invoke(main, ["--config", str(config), *args])
+        assert result.exit_code == 0, result.output
+    assert tree(device.root) == before
+    if damage == "state-garbled":
+        assert "damaged" in json.loads(result.stdout)["state_problem"]

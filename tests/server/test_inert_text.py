@@ -24,7 +24,15 @@ from server import audit
 from server.app import create_app
 from server.auth import Role, create_operator_token
 from server.errors import SettingsError
-from server.models import AuditRow, Device, FleetControl, Release, Rollout
+from server.models import (
+    AuditRow,
+    Device,
+    EnrollmentToken,
+    FleetControl,
+    OperatorToken,
+    Release,
+    Rollout,
+)
 from server.scrape import parse_networks
 from server.settings import Settings, utc
 from tests.conftest import assert_one_line_error
@@ -292,6 +300,12 @@ def plant_old_rows(harness: Harness, device_id: str, rollout_id: int) -> None:
         session.execute(update(Release).values(version=f"2.0.0{EVIL}"))
         session.execute(update(Rollout).where(Rollout.id == rollout_id).values(reason=EVIL))
         session.execute(update(FleetControl).values(reason=f"stop{EVIL}"))
+        session.execute(
+            update(OperatorToken)
+            .where(OperatorToken.name == "test-viewer")
+            .values(name=f"viewer{EVIL}", created_by=f"by{EVIL}")
+        )
+        session.execute(update(EnrollmentToken).values(created_by=f"enroller{EVIL}"))
         audit.append(
             harness.db, session, at=utc(harness.clock), actor=f"device:{EVIL}",
             action=f"install.failed{EVIL}", subject=f"s{EVIL}",
@@ -319,15 +333,21 @@ def test_rows_stored_by_an_older_server_print_inertly(
         "rollout status": run("rollout", "status", *api(live_server, "viewer")),
         "emergency-stop": run("emergency-stop", *api(live_server)),
         "pause": run("rollout", "pause", str(rollout["id"]), *api(live_server)),
+        "token list": run("server", "token", "list", *api(live_server, "admin")),
+        "enrollment-token list": run(
+            "server", "enrollment-token", "list", "--database-url", harness.settings.database_url
+        ),
     }
     for what, result in outputs.items():
-        assert result.exit_code in (0, 1), (what, result.output)
+        assert result.exit_code == (1 if what == "pause" else 0), (what, result.output)
         assert_inert(result.output)
     assert "cam\\x1b[2J\\t\\n\\x7f\\x9b31m\\u2028" in outputs["device list"].output
     assert "\\u202e" in outputs["audit list"].output
     assert "2.0.0\\x1b" in outputs["release list"].output
     assert "stop\\x1b" in outputs["rollout status"].output
     assert "\\U000e0041" in outputs["rollout status"].output
+    assert "viewer\\x1b[2J" in outputs["token list"].output
+    assert "enroller\\x1b[2J" in outputs["enrollment-token list"].output
     device_rows = [line for line in outputs["device list"].output.splitlines() if device.id in line]
     assert len(device_rows) == 1  # the hostile newlines forged no line
     audit_rows = [ln for ln in outputs["audit list"].output.splitlines() if "install.failed" in ln]

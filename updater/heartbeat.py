@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bootloader_hooks.base import SAFE_SLOT
+from fleet_core.text import printable
 from updater.runtime import update_state
 
 UNKNOWN_SLOT = "unknown"
@@ -38,12 +39,12 @@ def heartbeat_document(
     booted = snapshot["booted"]
     slots = snapshot["slots"]
     return {
-        "version": slots[booted]["version"] if booted in slots else None,
+        "version": _version(slots[booted]["version"]) if booted in slots else None,
         "booted": booted or UNKNOWN_SLOT,
         "primary": snapshot["primary"] or UNKNOWN_SLOT,
         "trial": bool(snapshot["trial"]),
         "slots": {
-            slot: {"status": info["status"], "version": info["version"]}
+            slot: {"status": info["status"], "version": _version(info["version"])}
             for slot, info in slots.items()
         },
         "updater_state": update_state(snapshot),
@@ -61,8 +62,14 @@ def heartbeat_document(
 
 
 def _one_line(text: str, limit: int = 128) -> str:
-    line = "".join(c if c.isprintable() else " " for c in text).strip() or "?"
+    """``text`` as one inert line the server accepts (see :mod:`fleet_core.text`), cut to
+    ``limit`` characters."""
+    line = printable(text).strip() or "?"
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _version(text: str | None) -> str | None:
+    return None if text is None else _one_line(text)
 
 
 def protocol_hostname(name: str) -> str:

@@ -45,6 +45,8 @@ service discovery.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import math
 import threading
 from collections.abc import Iterable, Mapping
@@ -345,14 +347,24 @@ class UpdaterMetrics:
         return MetricsServer(server, thread)
 
 
-def scrape_address(listen: str, port: int, hostname: str, advertise: str | None = None) -> str:
-    """Where a scraper reaches metrics served on ``listen:port``, as ``host:port``.
+def scrape_address(
+    listen: str, port: int, hostname: str, advertise: str | None = None
+) -> str | None:
+    """Where a scraper reaches metrics served on ``listen:port``, as ``host:port``; ``None``
+    when no other machine can (a loopback or link-local address, the default ``127.0.0.1``
+    included: the node_exporter textfile is then the way out).
 
     ``advertise`` wins when configured (a name or address the scraper can resolve, such as a
-    NAT mapping). Otherwise the listening address, unless it means "every interface", in which
-    case the device's host name stands for it. IPv6 addresses are bracketed.
+    NAT mapping, or a loopback address in a lab on one machine). Otherwise the listening
+    address, unless it means "every interface", in which case the device's host name stands
+    for it. IPv6 addresses are bracketed.
     """
     if advertise:
         return advertise
+    if listen not in WILDCARDS:
+        with contextlib.suppress(ValueError):
+            address = ipaddress.ip_address(listen)
+            if address.is_loopback or address.is_link_local:
+                return None
     host = hostname if listen in WILDCARDS else listen
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet_core.durable import atomic_write
+from fleet_core.text import printable
 from updater.log import EventSink
 
 OUTBOX_NAME = "outbox.jsonl"
@@ -208,12 +209,13 @@ class OutboxLog:
 
 
 def _plain(value: Any, depth: int = 6) -> Any:
-    """``value`` as JSON the server stores: finite numbers, no NUL, bounded depth."""
+    """``value`` as JSON the server stores: finite numbers, inert text (see
+    :mod:`fleet_core.text`: the server refuses control, format and separator characters, and
+    the whole batch with them), bounded depth."""
     if isinstance(value, str):
-        # lone surrogates (from undecodable file names) are not UTF-8: escape them, or the
-        # server refuses the whole batch they travel in
+        # lone surrogates (from undecodable file names) are not UTF-8: escape them first
         text = value.encode("utf-8", "backslashreplace").decode("utf-8")
-        return text.replace("\0", "\\0")
+        return printable(text.replace("\0", "\\0"))
     if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, float):

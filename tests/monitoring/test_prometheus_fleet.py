@@ -81,7 +81,10 @@ def serve_metrics(fleet: VirtualFleet) -> list[MetricsServer]:
         server = live.serve(0)
         served.append(server)
         runtime = member.daemon.runtime
-        config = dataclasses.replace(runtime.config, metrics_port=server.port)
+        config = dataclasses.replace(
+            runtime.config, metrics_port=server.port,
+            metrics_advertise=f"127.0.0.1:{server.port}",  # a lab on one machine says so
+        )  # fmt: skip
         member.daemon.runtime = dataclasses.replace(
             runtime, loaded=LoadedConfig(config, runtime.loaded.source), live_metrics=live
         )
@@ -114,7 +117,8 @@ def prometheus_config(lab_dir: Path, servers: Fleet, token_file: Path, port: int
 
 @pytest.fixture
 def lab(tmp_path: Path, releases: Releases) -> Iterator[Lab]:
-    servers = Fleet(tmp_path, None, releases)
+    # the server accepts loopback scrape addresses only when told they are the fleet's
+    servers = Fleet(tmp_path, None, releases, server_args=("--metrics-networks", "127.0.0.0/8"))
     served: list[MetricsServer] = []
     prometheus: subprocess.Popen[bytes] | None = None
     try:

@@ -246,5 +246,5 @@ def test_a_metrics_address_must_be_host_and_port(
 
 def test_good_metrics_addresses(harness: Harness, enrolled: Enrolled) -> None:
     device = enrolled()
-    for address in ("cam-1.lan:9101", "192.168.1.20:1", "[fe80::1]:65535"):
+    for address in ("cam-1.lan:9101", "192.168.1.20:1", "[2001:db8::7]:65535"):
         assert device.heartbeat(metrics_address=address).status_code == 204, address

@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import chaos.lab_firmwares  # noqa: F401 (fills LAB_FIRMWARES)
 from bootloader_hooks.base import BootCause, BootEvent
@@ -195,6 +197,43 @@ def test_an_undecodable_field_is_escaped_for_the_wire() -> None:
     wire = _plain({"error": "cannot open /data/\udcff.img", "nul": "a\0b"})
     json.dumps(wire, ensure_ascii=False).encode("utf-8")
     assert wire == {"error": "cannot open /data/\\udcff.img", "nul": "a\\0b"}
+
+
+HOSTILE = "a\x1b[2J\x9b31m\u2028b\u202ec\nd\te\u200b\ue000"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_every_event_field_is_text_the_server_accepts(text: str) -> None:
+    """A control, format or separator character in one event field (tool output, a file
+    name) would make the server refuse the whole batch of events it travels in."""
+    from updater.outbox import _wire_fields
+
+    wire = _wire_fields("info", {"error": text, text: [text, {"k": text}]})
+    body = json.dumps({"events": [{"event": "install.failed", "seq": 1, "fields": wire}]})
+    schemas.parse(schemas.EventsRequest, body.encode())
+
+
+def test_a_hostile_field_is_sent_as_visible_escapes() -> None:
+    from updater.outbox import _plain
+
+    assert _plain({"error": HOSTILE}) == {
+        "error": "a\\x1b[2J\\x9b31m\\u2028b\\u202ec\\nd\\te\\u200b\\ue000"
+    }
+
+
+def test_a_hostile_version_in_the_state_file_still_makes_a_heartbeat_the_server_accepts(
+    lab: Lab,
+) -> None:
+    snapshot = lab.device.runtime().snapshot()
+    slots = {**snapshot["slots"], "a": {**snapshot["slots"]["a"], "version": HOSTILE}}
+    document = heartbeat_document(
+        {**snapshot, "slots": slots}, health=[(HOSTILE, True)], temperature_c=None,
+        free_space_mb=None, uptime_s=None, clock=0.0, clock_skew_s=None,
+    )  # fmt: skip
+    schemas.parse(schemas.Heartbeat, json.dumps(document).encode())
+    assert document["version"] == document["slots"]["a"]["version"]
+    assert document["version"].startswith("a\\x1b[2J")
 
 
 # --- outages and the outbox -------------------------------------------------------------------

@@ -163,15 +163,20 @@ def test_server_and_config(registry: CollectorRegistry, metrics: UpdaterMetrics)
 @pytest.mark.parametrize(
     ("listen", "advertise", "expected"),
     [
-        ("127.0.0.1", None, "127.0.0.1:9101"),
+        ("127.0.0.1", None, None),  # no other machine reaches it: not advertised
+        ("::1", None, None),
+        ("fe80::1", None, None),
+        ("169.254.0.7", None, None),
         ("192.168.1.20", None, "192.168.1.20:9101"),
+        ("2001:db8::7", None, "[2001:db8::7]:9101"),
         ("0.0.0.0", None, "cam-0001:9101"),  # noqa: S104
         ("::", None, "cam-0001:9101"),
-        ("fe80::1", None, "[fe80::1]:9101"),
+        ("cam-0001.local", None, "cam-0001.local:9101"),
         ("0.0.0.0", "gw-7.example.net:19101", "gw-7.example.net:19101"),  # noqa: S104
+        ("127.0.0.1", "127.0.0.1:19101", "127.0.0.1:19101"),  # a lab on one machine says so
     ],
 )
-def test_scrape_address(listen: str, advertise: str | None, expected: str) -> None:
+def test_scrape_address(listen: str, advertise: str | None, expected: str | None) -> None:
     assert scrape_address(listen, 9101, "cam-0001", advertise) == expected
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from fleet_core.errors import FleetError
+from fleet_core.text import printable
 
 # command name -> "module:attribute" of its click group or command
 SUBCOMMANDS: dict[str, str] = {
@@ -34,15 +35,16 @@ class FleetGroup(click.Group):
     """A click group that turns a :class:`FleetError` into a one-line error and exit status 1.
 
     Exit codes of every Metrica Fleet command: 0 success, 1 an expected failure (printed as
-    ``Error: <message>``, no traceback), 2 a usage error (click's convention). Anything that is
-    not a ``FleetError`` is a bug and keeps its traceback.
+    ``Error: <message>``, one inert line: the message may quote a file, a server or a device,
+    see :func:`fleet_core.text.printable`), 2 a usage error (click's convention). Anything that
+    is not a ``FleetError`` is a bug and keeps its traceback.
     """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except FleetError as err:
-            raise click.ClickException(str(err)) from err
+            raise click.ClickException(printable(str(err))) from err
 
 
 class LazyGroup(FleetGroup):

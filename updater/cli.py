@@ -19,6 +19,7 @@ import click
 from bootloader_hooks.base import ROOT_SLOTS, other_slot
 from fleet_core.cli import FleetGroup
 from fleet_core.errors import FleetError
+from fleet_core.text import printable
 from updater.config import DEFAULT_CONFIG_PATH, UpdaterConfig, load_config
 from updater.device import run_reboot
 from updater.errors import LockedError, UpdaterError
@@ -96,27 +97,28 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(document, indent=2, sort_keys=True))
         return
-    click.echo(f"config:    {document['config']['source']}")
-    for problem in document["config"]["problems"]:
-        click.echo(f"  problem: {problem}")
-    click.echo(f"backend:   {document['backend']}")
+    # every value may come from a file someone edited: each line is printed inert
+    lines = [f"config:    {document['config']['source']}"]
+    lines += [f"  problem: {problem}" for problem in document["config"]["problems"]]
+    lines.append(f"backend:   {document['backend']}")
     if document["bootloader_problem"]:
-        click.echo(f"  problem: {document['bootloader_problem']}")
+        lines.append(f"  problem: {document['bootloader_problem']}")
     trial = " (trial boot)" if document["trial"] else ""
-    click.echo(f"booted:    {document['booted']}{trial}")
-    click.echo(f"primary:   {document['primary']}")
+    lines.append(f"booted:    {document['booted']}{trial}")
+    lines.append(f"primary:   {document['primary']}")
     for slot, info in document["slots"].items():
         marks = [m for m in ("booted", "primary") if info[m]]
-        click.echo(
+        lines.append(
             f"slot {slot}:    {info['status']:<10} {info['version'] or '-':<12} "
             f"attempts {info['attempts_left']}  {' '.join(marks)}"
         )
-    click.echo(f"security:  {document['installed_security_version']}")
-    click.echo(
-        f"updates:   {'suspended: ' + document['suspended'] if document['suspended'] else 'active'}"
-    )
+    lines.append(f"security:  {document['installed_security_version']}")
+    suspended = document["suspended"]
+    lines.append(f"updates:   {'suspended: ' + suspended if suspended else 'active'}")
     if document["state_problem"]:
-        click.echo(f"  problem: {document['state_problem']}")
+        lines.append(f"  problem: {document['state_problem']}")
+    for line in lines:
+        click.echo(printable(line))
 
 
 @main.command()

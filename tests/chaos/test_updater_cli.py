@@ -758,3 +758,29 @@ def test_status_writes_nothing_whatever_it_finds(make_device: MakeDevice, damage
     assert tree(device.root) == before
     if damage == "state-garbled":
         assert "damaged" in json.loads(result.stdout)["state_problem"]
+
+
+def test_status_prints_what_it_finds_inertly(make_device: MakeDevice) -> None:
+    # a hand-edited state file and a configuration with a hostile key: no escape sequence, no
+    # separator and no newline of theirs reaches the terminal, and no line is forged
+    from fleet_core.text import refused_character
+
+    device = make_device("grub")
+    state_file = device.config.data_dir / "state.json"
+    document = json.loads(state_file.read_text())
+    document["slots"]["a"]["version"] = "1.0\x1b]0;owned\x07\x9b2J\u2028slot b:    good\u202e"
+    state_file.write_text(json.dumps(document))
+    config = device.root / "updater.toml"
+    config.write_text(device.config_toml())
+    hostile_key = device.root / "hostile.toml"
+    hostile_key.write_text(device.config_toml() + '"evil\\u001b[2J\\nslot b: good" = 1\n')
+    for path in (config, hostile_key):
+        plain = CliRunner().invoke(main, ["--config", str(path), "status"])
+        assert plain.exit_code == 0, plain.output
+        lines = plain.stdout.splitlines()
+        assert all(refused_character(line) is None for line in lines), lines
+        assert sum(line.startswith("slot b:") for line in lines) == 1, lines
+        as_json = CliRunner().invoke(main, ["--config", str(path), "status", "--json"])
+        assert as_json.stdout.isascii()
+    plain = CliRunner().invoke(main, ["--config", str(config), "status"])
+    assert "\\x1b]0;owned\\x07\\x9b2J\\u2028slot b:    good\\u202e" in plain.stdout

@@ -22,7 +22,7 @@ from fleet_core.errors import FleetError
 from fleet_core.text import printable
 from updater.config import DEFAULT_CONFIG_PATH, UpdaterConfig, load_config
 from updater.device import run_reboot
-from updater.errors import LockedError, UpdaterError
+from updater.errors import ConfigError, LockedError, UpdaterError
 from updater.log import EventLog, EventSink, device_labels
 from updater.runtime import Runtime, build_backend, reporting_log
 from updater.state import update_lock
@@ -44,16 +44,30 @@ def _device_id(data_dir: Path) -> str | None:
 
 
 def _runtime(
-    ctx: click.Context, *, log_to_stdout: bool, report: bool = True, read_only: bool = False
+    ctx: click.Context,
+    *,
+    log_to_stdout: bool,
+    report: bool = True,
+    read_only: bool = False,
+    on_defaults: bool = False,
 ) -> Runtime:
     """The updater for one command; with ``report``, its events also go to the server (see
     ``updater.runtime.reporting_log``); ``read_only``: nothing is written (no last-good copy,
-    no outbox)."""
+    no outbox); ``on_defaults``: the command also runs on the built-in defaults when the
+    configuration is unusable and no last-good copy exists (``status`` to report it, the boot
+    check and the daemon so as not to make a boot fail over it); every other command refuses,
+    naming what is wrong with the file rather than what the defaults lack.
+
+    Raises:
+        ConfigError: the configuration is unusable and only the defaults are left.
+    """
     options = ctx.obj
     loaded = load_config(
         options["config"], data_dir=options["data_dir"], build=build_backend,
         remember=not read_only,
     )  # fmt: skip
+    if loaded.source == "defaults" and loaded.problems and not on_defaults:
+        raise ConfigError(f"{loaded.problems[0]} (and no last good configuration to fall back to)")
     labels = device_labels(loaded.config.role, _device_id(loaded.config.data_dir))
     log: EventSink = EventLog(sys.stdout if log_to_stdout else sys.stderr, labels=labels)
     if report and not read_only:
@@ -93,7 +107,7 @@ def main(ctx: click.Context, config: Path, data_dir: Path) -> None:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Show slots, boot state and update state. Never fails on damaged state: it reports it."""
-    document = _runtime(ctx, log_to_stdout=False, read_only=True).snapshot()
+    document = _runtime(ctx, log_to_stdout=False, read_only=True, on_defaults=True).snapshot()
     if as_json:
         click.echo(json.dumps(document, indent=2, sort_keys=True))
         return
@@ -155,7 +169,7 @@ def install(ctx: click.Context, source: str, no_reboot: bool) -> None:
 @click.pass_context
 def boot_check(ctx: click.Context) -> None:
     """Judge this boot: commit a healthy trial, roll back an unhealthy one (run once per boot)."""
-    runtime = _runtime(ctx, log_to_stdout=True)
+    runtime = _runtime(ctx, log_to_stdout=True, on_defaults=True)
     with update_lock(runtime.config.data_dir):
         runtime.sweep_temporaries()
         runtime.record_start()
@@ -302,7 +316,7 @@ def daemon(ctx: click.Context, once: bool) -> None:
 
     from updater.daemon import build_daemon
 
-    runtime = _runtime(ctx, log_to_stdout=True, report=False)
+    runtime = _runtime(ctx, log_to_stdout=True, report=False, on_defaults=True)
     # an install running now holds the lock: the sweep waits for the next start
     with contextlib.suppress(LockedError), update_lock(runtime.config.data_dir):
         runtime.sweep_temporaries()
@@ -324,3 +338,7 @@ def daemon(ctx: click.Context, once: bool) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: service.stop())
     service.run_forever()
+
+
+if __name__ == "__main__":  # python -m updater.cli
+    main()

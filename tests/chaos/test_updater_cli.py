@@ -294,7 +294,32 @@ def test_no_keyring_no_install(releases: Releases, tmp_path: Path) -> None:
     result = CliRunner().invoke(
         main, ["--config", str(config), "install", str(releases.bundle("2.0.0"))]
     )
-    one_line_error(result, "no keyring configured")
+    # the file's own problem, not what the built-in defaults lack
+    one_line_error(result, f"{config}: names no keyring")
+    assert "no last good configuration to fall back to" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"", "updater.toml: empty"),
+        (b"compatible = [\x00 broken", "not valid TOML"),
+        (b'compatible = "x"\nkeyring = "/k"\n[bootloader]\nbakend = "grub"\n', "bakend"),
+    ],
+)
+@pytest.mark.parametrize("command", [["install", "/nonexistent.bundle"], ["rollback"],
+                                     ["mark-good"], ["repair"], ["resume"]])  # fmt: skip
+def test_a_command_on_an_unusable_config_names_the_config_problem(
+    tmp_path: Path, content: bytes, problem: str, command: list[str]
+) -> None:
+    config = tmp_path / "updater.toml"
+    config.write_bytes(content)
+    result = CliRunner().invoke(
+        main, ["--config", str(config), "--data-dir", str(tmp_path / "data"), *command]
+    )
+    one_line_error(result, f"{config}")
+    assert problem in result.stderr and "no last good configuration" in result.stderr
+    assert not (tmp_path / "data").exists()  # nothing was done on the defaults
 
 
 def test_mark_bad_mark_good_rollback_resume(make_device: MakeDevice, releases: Releases) -> None:
@@ -784,3 +809,15 @@ def test_status_prints_what_it_finds_inertly(make_device: MakeDevice) -> None:
         assert as_json.stdout.isascii()
     plain = CliRunner().invoke(main, ["--config", str(config), "status"])
     assert "\\x1b]0;owned\\x07\\x9b2J\\u2028slot b:    good\\u202e" in plain.stdout
+
+
+def test_python_m_updater_cli_is_the_command() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "updater.cli", "--help"], capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Metrica Fleet device updater" in result.stdout and "boot-check" in result.stdout

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -44,6 +45,7 @@ from signing.points import signature_problem
 from signing.signature import signed_message
 
 ANCHOR_PURPOSE = "audit-head"
+log = logging.getLogger("server")
 ANCHOR_INTERVAL_S = 60.0
 _HEX = frozenset("0123456789abcdef")
 
@@ -180,7 +182,10 @@ async def anchor_every(
     db: Database, key: SigningKey, now: Callable[[], datetime], interval_s: float
 ) -> None:
     """Anchor the head every ``interval_s`` seconds while the server runs (a background task
-    of the app)."""
+    of the app); a failed round (the database busy or away) is logged and tried again."""
     while True:
         await asyncio.sleep(interval_s)
-        await asyncio.to_thread(anchor_head, db, key, now())
+        try:
+            await asyncio.to_thread(anchor_head, db, key, now())
+        except Exception:  # the task must outlive a bad moment of the database
+            log.exception("signing the audit head failed")

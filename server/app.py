@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from server import rollouts
+from server.anchor import ANCHOR_INTERVAL_S, anchor_every
 from server.api import blobs as blob_routes
 from server.api import device, health, operator, sd
 from server.api import rollouts as rollout_routes
@@ -103,10 +104,14 @@ async def _evaluate_rollouts(state: ServerState, interval_s: float) -> None:
 
 
 def create_app(
-    settings: Settings, *, rollout_interval_s: float | None = ROLLOUT_INTERVAL_S
+    settings: Settings,
+    *,
+    rollout_interval_s: float | None = ROLLOUT_INTERVAL_S,
+    anchor_interval_s: float = ANCHOR_INTERVAL_S,
 ) -> FastAPI:
     """The server application for ``settings``, with its database migrated; with
-    ``rollout_interval_s``, a background task evaluates the rollouts that often.
+    ``rollout_interval_s``, a background task evaluates the rollouts that often; another
+    signs the audit trail's head every ``anchor_interval_s`` (:mod:`server.anchor`).
 
     Raises:
         MigrationError: the database is unreachable or cannot be migrated.
@@ -132,7 +137,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(_sweep_periodically(state))]
+        tasks = [
+            asyncio.create_task(_sweep_periodically(state)),
+            asyncio.create_task(
+                anchor_every(state.db, state.server_key, state.now, anchor_interval_s)
+            ),
+        ]
         if rollout_interval_s:
             tasks.append(asyncio.create_task(_evaluate_rollouts(state, rollout_interval_s)))
         try:

@@ -17,9 +17,10 @@ from sqlalchemy import delete, select, update
 from fleet_core.cli import fleet
 from server import audit
 from server.anchor import AnchorError, SignedHead, anchor_head, sign_head, stored_anchors
+from server.database import Database
 from server.models import AuditAnchorRow, AuditRow
 from signing.keys import generate_key, load_private_key
-from tests.server.conftest import Harness, LiveServer
+from tests.server.conftest import FakeClock, Harness, LiveServer
 from tests.server.test_audit import AT, assert_broken, fill
 
 
@@ -248,3 +249,39 @@ def test_anything_but_a_signed_head_is_refused_by_name(document: Any) -> None:
         assert str(err).startswith("signed head: ")
         return
     assert head.to_dict() == document
+
+
+def test_the_running_server_signs_its_head_as_entries_arrive(
+    tmp_path: Path, keyring_dir: Path, database_url: str | None, clock: FakeClock
+) -> None:
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from tests.server.conftest import make_settings
+
+    settings = make_settings(tmp_path, keyring_dir, database_url, clock)
+    app = create_app(settings, rollout_interval_s=None, anchor_interval_s=0.05)
+    with TestClient(app):
+        db = app.state.fleet.db
+        append_entries(db, 3)
+        deadline = time.monotonic() + 20
+        while not stored_anchors(db) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (first,) = stored_anchors(db)[:1]
+        key = load_private_key(settings.server_key_path)
+        assert first.problem(key.public_key) is None
+        append_entries(db, 1)
+        head = first.seq + 1
+        while stored_anchors(db)[-1].seq < head and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert stored_anchors(db)[-1].seq == head
+    db.dispose()
+
+
+def append_entries(db: Database, count: int) -> None:
+    with db.write() as session:
+        for n in range(count):
+            audit.append(db, session, at=AT, actor="operator:test", action="test.action",
+                         subject=f"thing-{n}")  # fmt: skip

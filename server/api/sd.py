@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.common import State, Viewer
 from server.database import Database
-from server.models import Device
+from server.models import Device, DeviceStatus
 from server.scrape import Network, check_metrics_address
 
 router = APIRouter(prefix="/api/v1/sd", tags=["service discovery"])
@@ -54,10 +54,11 @@ def metrics_address(device: Device, networks: Sequence[Network] = ()) -> str | N
 
 def target_groups(db: Database, networks: Sequence[Network] = ()) -> list[dict[str, Any]]:
     """One http_sd target group per device with an allowed metrics address, in device id
-    order."""
+    order; a decommissioned device is no target (its address may be another machine's now)."""
     groups = []
     with db.read() as session:
-        for device in session.scalars(select(Device).order_by(Device.id)):
+        query = select(Device).where(Device.status != DeviceStatus.DECOMMISSIONED.value)
+        for device in session.scalars(query.order_by(Device.id)):
             address = metrics_address(device, networks)
             if address is None:
                 continue

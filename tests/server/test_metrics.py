@@ -233,6 +233,19 @@ def test_service_discovery(harness: Harness, enrolled: Enrolled) -> None:
             },
         }
     ]
+    quarantined = harness.client.post(
+        f"/api/v1/devices/{listed.id}/quarantine", json={"reason": "test"},
+        headers=harness.operator,
+    )  # fmt: skip
+    assert quarantined.status_code == 200, quarantined.text
+    response = harness.client.get("/api/v1/sd/prometheus", headers=harness.viewer)
+    assert len(response.json()) == 1  # quarantined: still watched
+    decommissioned = harness.client.post(
+        f"/api/v1/devices/{listed.id}/decommission", json={"reason": "stolen"},
+        headers=harness.operator,
+    )  # fmt: skip
+    assert decommissioned.status_code == 200, decommissioned.text
+    assert harness.client.get("/api/v1/sd/prometheus", headers=harness.viewer).json() == []
 
 
 @pytest.mark.parametrize(

@@ -29,13 +29,15 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from server import audit
-from server.credential_errors import (
+from server.database import AUDIT_CHAIN_LOCK, Database
+from server.errors import (
     DeviceDecommissionedError,
+    ForbiddenError,
+    InvalidRequestError,
     TokenConflictError,
+    UnauthenticatedError,
     UnknownTokenError,
 )
-from server.database import AUDIT_CHAIN_LOCK, Database
-from server.errors import ForbiddenError, InvalidRequestError, UnauthenticatedError
 from server.models import Device, DeviceSession, DeviceStatus, OperatorToken
 from server.settings import iso
 

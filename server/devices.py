@@ -24,9 +24,13 @@ from sqlalchemy.orm import Session, selectinload
 
 from server import audit
 from server.assignment import SignedAnswer, assignment_etag, etag_matches, signed_answer
-from server.credential_errors import DeviceStatusConflictError
 from server.database import Database
-from server.errors import IncompatibleReleaseError, UnknownDeviceError, UnknownReleaseError
+from server.errors import (
+    DeviceStatusConflictError,
+    IncompatibleReleaseError,
+    UnknownDeviceError,
+    UnknownReleaseError,
+)
 from server.models import Device, DeviceSession, DeviceStatus, Release, Rollout
 from server.rollouts import ACTIVE
 from server.schemas import Event, Heartbeat

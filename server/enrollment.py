@@ -41,18 +41,16 @@ from server.auth import (
     new_secret,
     secret_hash,
 )
-from server.credential_errors import (
-    DeviceDecommissionedError,
-    TokenConflictError,
-    UnknownTokenError,
-)
 from server.database import Database
 from server.errors import (
     ChallengeInvalidError,
+    DeviceDecommissionedError,
     InvalidRequestError,
     NotAuthorizedError,
     SignatureInvalidError,
+    TokenConflictError,
     UnknownDeviceError,
+    UnknownTokenError,
 )
 from server.models import (
     Device,

@@ -11,11 +11,13 @@ at once. The bundle reader hashes every byte anyway: resuming can never smuggle 
 from __future__ import annotations
 
 import io
+import os
 import random
+import re
+import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from updater.errors import DownloadError
@@ -218,6 +220,16 @@ class MirroredStream(io.RawIOBase):
         super().close()
 
 
+_OTHER_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a device",
+    stat.S_IFBLK: "a device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
 @contextmanager
 def open_source(source: str, **http_options: object) -> Iterator[BinaryIO]:
     """Open a bundle source: ``http://`` / ``https://`` URL or a local path.
@@ -232,9 +244,24 @@ def open_source(source: str, **http_options: object) -> Iterator[BinaryIO]:
         finally:
             stream.close()
         return
+    if not source:
+        raise DownloadError("no bundle given: a path or an http(s) URL")
+    scheme = _OTHER_URL.match(source)
+    if scheme is not None:
+        raise DownloadError(
+            f"{source}: {scheme.group(1)} URLs are not a source (a path, or an http(s) URL)"
+        )
     try:
-        handle = Path(source).open("rb")  # noqa: SIM115 (closed below; open errors are ours)
+        # O_NONBLOCK: a FIFO with no writer must not hang the install (holding the update
+        # lock); a regular file reads the same either way
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as err:
         raise DownloadError(f"{source}: cannot open: {err.strerror}") from err
-    with handle:
+    kind = stat.S_IFMT(os.fstat(fd).st_mode)
+    if kind != stat.S_IFREG:
+        os.close(fd)
+        what = _FILE_KINDS.get(kind, "no regular file")
+        raise DownloadError(f"{source}: is {what}, not a bundle file")
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb") as handle:
         yield handle

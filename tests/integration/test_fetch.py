@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +126,29 @@ def test_a_server_that_drips_cannot_outlive_the_deadline() -> None:
         )  # fmt: skip
         with pytest.raises(DownloadError, match="deadline passed"):
             read_all(stream)
+
+
+@pytest.mark.parametrize(
+    ("kind", "problem"),
+    [
+        ("fifo", "is a FIFO, not a bundle file"),
+        ("directory", "is a directory, not a bundle file"),
+        ("device", "is a device, not a bundle file"),
+        ("empty", "no bundle given: a path or an http(s) URL"),
+        ("file-url", "file URLs are not a source (a path, or an http(s) URL)"),
+        ("ftp-url", "ftp URLs are not a source"),
+    ],
+)
+def test_a_source_that_is_no_bundle_file_is_refused_at_once(
+    tmp_path: Path, kind: str, problem: str
+) -> None:
+    import os
+
+    sources = {
+        "fifo": str(tmp_path / "fifo"), "directory": str(tmp_path), "device": "/dev/zero",
+        "empty": "", "file-url": f"file://{tmp_path}/x.bundle", "ftp-url": "ftp://host/x",
+    }  # fmt: skip
+    if kind == "fifo":
+        os.mkfifo(sources["fifo"])  # no writer: opening it for reading would wait for ever
+    with pytest.raises(DownloadError, match=re.escape(problem)), open_source(sources[kind]):
+        pass

@@ -262,6 +262,25 @@ def server() -> None:
     show_default=True,
     help="Live sessions per device; opening one more ends the device's oldest.",
 )
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Serve HTTPS with this PEM certificate (chain first to last); needs --tls-key. "
+    "See docs/tls.md.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The certificate's PEM private key (unencrypted; readable by the server only).",
+)
+@click.option(
+    "--forwarded-allow-ips",
+    default="",
+    help="Addresses or networks of reverse proxies whose X-Forwarded-For and X-Forwarded-Proto "
+    "are believed, such as 10.0.0.5,192.168.1.0/24. Default: none, no peer's.",
+)
 def run(
     data_dir: Path | None,
     database_url: str | None,
@@ -284,9 +303,16 @@ def run(
     operator_token_ttl: str,
     operator_token_max_ttl: str,
     max_device_sessions: int,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    forwarded_allow_ips: str,
 ) -> None:
     """Serve the API, the blobs and the metrics (runs until stopped). Logs go to standard
     error, one JSON object per line unless --log-format text (see server/logs.py)."""
+    from server.transport import TransportSettings
+
+    # checked first: a bad certificate or key is one error line, and nothing listens
+    transport = TransportSettings.create(tls_cert, tls_key, forwarded_allow_ips)
     listener = None if fd is None else inherited_socket(fd)
     import uvicorn
 
@@ -339,6 +365,9 @@ def run(
     # uvicorn has no deadline for a request's headers (its keep-alive timeout is cancelled by
     # every byte): the protocol class adds one (server/timeouts.py)
     options["http"] = uvicorn_http_protocol(header_timeout)
+    # TLS, and whose proxy headers are believed (by default no peer's: uvicorn's own default
+    # trusts loopback, and a local process could then forge the logged client address)
+    options.update(transport.uvicorn_options())
     if listener is None:
         uvicorn.run(logs.AccessLogMiddleware(app), host=host, port=port, **options)
         return

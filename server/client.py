@@ -6,6 +6,10 @@ the environment (``FLEET_SERVER``, ``FLEET_TOKEN``), then the config file
 
     server = "https://fleet.example.net"
     token = "fleet_op_..."
+    ca_file = "/etc/fleet/server-ca.pem"   # optional
+
+An ``https://`` server's certificate is verified against ``ca_file`` (``FLEET_CA_FILE``, else
+the config file's ``ca_file``) when one is set, against the system's CA store otherwise.
 
 Imports only ``requests`` (lazily), never the server's web stack.
 """
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from fleet_core.tls import tls_reason
 from server.errors import (
     ClientConfigError,
     RequestRejectedError,
@@ -30,6 +35,7 @@ if TYPE_CHECKING:
 
 SERVER_ENV = "FLEET_SERVER"
 TOKEN_ENV = "FLEET_TOKEN"  # noqa: S105 (the variable's name, not a secret)
+CA_FILE_ENV = "FLEET_CA_FILE"
 TIMEOUT_S = 30.0
 UPLOAD_CHUNK = 1024 * 1024
 UPLOAD_ANSWER_TIMEOUT_S = 3600.0
@@ -47,6 +53,7 @@ class ClientConfig:
 
     server: str
     token: str
+    ca_file: Path | None = None  # verifies an https:// server; None: the system's CA store
 
     @classmethod
     def resolve(
@@ -62,10 +69,12 @@ class ClientConfig:
         """
         server = server or environ.get(SERVER_ENV)
         token = token or environ.get(TOKEN_ENV)
-        if not server or not token:
+        ca_file = environ.get(CA_FILE_ENV) or None
+        if not server or not token or not ca_file:
             stored = _read_config(config_path(environ))
             server = server or stored.get("server")
             token = token or stored.get("token")
+            ca_file = ca_file or stored.get("ca_file")
         if not server:
             raise ClientConfigError(
                 f"no server: give --server, set {SERVER_ENV}, or set 'server' in "
@@ -78,7 +87,9 @@ class ClientConfig:
                 f"no operator token: give --token, set {TOKEN_ENV}, or set 'token' in "
                 f"{config_path(environ)}"
             )
-        return cls(server.rstrip("/"), token)
+        if ca_file is not None and not Path(ca_file).is_file():
+            raise ClientConfigError(f"CA file {ca_file!r}: no such file")
+        return cls(server.rstrip("/"), token, None if ca_file is None else Path(ca_file))
 
 
 def _read_config(path: Path) -> dict[str, str]:
@@ -88,7 +99,7 @@ def _read_config(path: Path) -> dict[str, str]:
         document = tomllib.loads(path.read_text("utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise ClientConfigError(f"{path}: cannot read: {err}") from err
-    unknown = sorted(set(document) - {"server", "token"})
+    unknown = sorted(set(document) - {"server", "token", "ca_file"})
     if unknown:
         raise ClientConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
     for key, value in document.items():
@@ -130,12 +141,19 @@ class ApiClient:
         self.config = config
         self._session = requests.Session()
         self._session.headers["Authorization"] = f"Bearer {config.token}"
+        if config.ca_file is not None:
+            self._session.verify = str(config.ca_file)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         url = self.config.server + path
         kwargs.setdefault("timeout", TIMEOUT_S)
         try:
             response = self._session.request(method, url, **kwargs)
+        except self._requests.exceptions.SSLError as err:
+            raise ServerUnreachableError(
+                f"{method} {url}: TLS handshake failed: {tls_reason(err)} (the server's "
+                f"certificate is {self._trust()})"
+            ) from err
         except self._requests.ConnectionError as err:
             raise ServerUnreachableError(
                 f"{method} {url}: connection failed or was cut (a server refuses bundles above "
@@ -151,6 +169,11 @@ class ApiClient:
                 code=code,
             )
         return response
+
+    def _trust(self) -> str:
+        if self.config.ca_file is None:
+            return f"verified against the system's CA store (set {CA_FILE_ENV} for another CA)"
+        return f"verified against {self.config.ca_file}"
 
     def get(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
         return self._call("GET", path, params=params).json()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -194,7 +195,9 @@ class VirtualDevice:
 
     def config_toml(self, *, reboot_command: Sequence[str] = ("true",), extra: str = "") -> str:
         """This device's configuration as ``fleet-updater --config`` reads it. The reboot
-        command defaults to ``true``: a test must never reboot the machine it runs on."""
+        command defaults to ``true``: a test must never reboot the machine it runs on. A
+        ``[server]`` table in ``extra`` is given ``allow_plain_http = true``: the lab's servers
+        speak plain HTTP on loopback."""
 
         def value(item: Any) -> str:
             if isinstance(item, str | Path):
@@ -219,8 +222,9 @@ class VirtualDevice:
             *(f"[slots.{s}]\nrootfs = {value(self.config.slots[s]['rootfs'])}" for s in "ab"),
             "[limits]",
             "min_free_mb = 0",
-            extra,
-        ]
+            re.sub(r"^\[server\][ \t]*$", "[server]\nallow_plain_http = true", extra, count=1,
+                   flags=re.MULTILINE),
+        ]  # fmt: skip
         return "\n".join(lines) + "\n"
 
     def provision(

@@ -35,6 +35,7 @@ import binascii
 import email.utils
 import hashlib
 import json
+import os
 import random
 import re
 import secrets
@@ -46,6 +47,7 @@ from urllib.parse import urljoin
 
 from cryptography.hazmat.primitives import serialization
 
+from fleet_core.tls import tls_reason
 from signing.errors import SigningError
 from signing.keyring import Keyring
 from signing.keys import SigningKey
@@ -311,6 +313,7 @@ class ServerClient:
         max_backoff_s: float = 300.0,
         answer_refresh_s: float = 3600.0,
         log: EventSink | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
         import requests
 
@@ -323,6 +326,11 @@ class ServerClient:
         self.keyring = keyring
         self.mirrors = tuple(m.rstrip("/") for m in mirrors)
         self._http = session or requests.Session()
+        # https:// servers are verified against ca_file ([server] ca_file), else the system's
+        # CA store (requests' default)
+        self.ca_file = None if ca_file is None else os.fspath(ca_file)
+        if self.ca_file is not None:
+            self._http.verify = self.ca_file
         self._clock = clock
         self._wall_clock = wall_clock
         self._rng = rng
@@ -638,6 +646,11 @@ class ServerClient:
             response = self._http.request(
                 method, url + API_PREFIX + path, data=data, headers=sent, timeout=self.timeout_s
             )
+        except self._requests.exceptions.SSLError as err:
+            trust = self.ca_file or "the system's CA store"
+            raise _NoAnswer(
+                f"TLS handshake failed: {tls_reason(err)} (certificates verified against {trust})"
+            ) from err
         except self._requests.RequestException as err:
             raise _NoAnswer(f"{type(err).__name__}: {err}") from err
         self._note_date(response.headers.get("Date"))

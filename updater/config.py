@@ -43,6 +43,15 @@ Example::
     checkin_interval_s = 60        # ±10 % jitter
     heartbeat_interval_s = 60
     failover_after_s = 30          # talk to the next URL within this after the primary goes silent
+    ca_file = "/etc/fleet/server-ca.pem"   # verifies https:// (default: the system's CA store)
+    allow_plain_http = false       # true lets urls be http:// (a lab): see below
+
+Plain HTTP: ``urls`` must be ``https://`` unless ``allow_plain_http = true``, since the session
+token and the device's reports travel on them. ``mirrors`` and the blob URLs the server hands
+out may be ``http://`` either way: every blob byte is checked against the SHA-256 the signed
+manifest names, so a mirror can withhold an update but never alter one. Every ``https://``
+connection the updater makes (server, blob, mirror) is verified against ``ca_file`` when set
+(it may hold several CAs), else against the system's store (docs/tls.md).
 """
 
 from __future__ import annotations
@@ -270,6 +279,8 @@ class UpdaterConfig:
     checkin_interval_s: float = 60.0  # between check-ins, ±10 % jitter
     heartbeat_interval_s: float = 60.0
     failover_after_s: float = 30.0  # a silent server is given up for the next URL within this
+    server_ca_file: Path | None = None  # verifies https:// connections; None: the system's store
+    allow_plain_http: bool = False  # whether [server] urls may be http:// (labs)
     partlabel_dir: Path = Path("/dev/disk/by-partlabel")
     thermal_dir: Path = Path("/sys/class/thermal")
     metrics_textfile: Path | None = None
@@ -358,16 +369,28 @@ def _parse_server(table: Mapping[str, Any]) -> dict[str, Any]:
     _no_unknown(
         table,
         {"urls", "keyring", "mirrors", "enrollment_token", "checkin_interval_s",
-         "heartbeat_interval_s", "failover_after_s"},
+         "heartbeat_interval_s", "failover_after_s", "ca_file", "allow_plain_http"},
         where,
     )  # fmt: skip
     values: dict[str, Any] = {}
+    if "allow_plain_http" in table:
+        values["allow_plain_http"] = _typed(table, "allow_plain_http", bool, where)
     for key, name in (("urls", "server_urls"), ("mirrors", "server_mirrors")):
         if key in table:
             urls = _typed(table, key, list, where)
             if not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls):
                 raise ConfigError(f"{where}.{key}: must be a list of http(s) URLs")
             values[name] = tuple(u.rstrip("/") for u in urls)
+    plain = [u for u in values.get("server_urls", ()) if u.startswith("http://")]
+    if plain and not values.get("allow_plain_http", False):
+        # the session token and the device's reports would cross the network in clear;
+        # mirrors may stay http: a blob is checked against the signed manifest's SHA-256
+        raise ConfigError(
+            f"{where}.urls: {plain[0]!r:.80} is plain http: use https://, or set "
+            f"{where}.allow_plain_http = true (a lab)"
+        )
+    if "ca_file" in table:
+        values["server_ca_file"] = _path(table, "ca_file", where)
     if "keyring" in table:
         values["server_keyring"] = _path(table, "keyring", where)
     if "enrollment_token" in table:

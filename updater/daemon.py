@@ -645,7 +645,8 @@ def build_daemon(
             log.event("daemon.no_server_keyring", level="error", detail=str(err))
     client = ServerClient(
         config.server_urls, identity.key, keyring, mirrors=config.server_mirrors,
-        failover_after_s=config.failover_after_s, log=log, **client_options,
+        failover_after_s=config.failover_after_s, ca_file=config.server_ca_file, log=log,
+        **client_options,
     )  # fmt: skip
     notifier = notifier or SystemdNotifier.from_environment()
     return Daemon(runtime, client, notifier=notifier, outbox=outbox)

@@ -53,6 +53,7 @@ class HttpStream(io.RawIOBase):
         start: int = 0,
         deadline: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        verify: bool | str | None = None,
     ) -> None:
         # imported here: a device installing from a local file never pays for the HTTP stack
         import requests
@@ -72,6 +73,9 @@ class HttpStream(io.RawIOBase):
         self._rng = rng
         self._deadline = deadline  # on ``clock``: past it, no more reading or retrying
         self._clock = clock
+        # an https:// URL's certificate: a CA file ([server] ca_file), or None for the
+        # session's setting (the system's CA store unless the session says otherwise)
+        self._verify = verify
         self._etag: str | None = None
         self._response: requests.Response | None = None
         self._body: Iterator[bytes] | None = None
@@ -87,7 +91,7 @@ class HttpStream(io.RawIOBase):
             if self._etag:
                 headers["If-Range"] = self._etag
         response = self._session.get(
-            self.url, headers=headers, stream=True, timeout=self._timeout_s
+            self.url, headers=headers, stream=True, timeout=self._timeout_s, verify=self._verify
         )
         if self.offset and response.status_code == 200:
             response.close()

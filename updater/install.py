@@ -387,7 +387,10 @@ class Installer:
     def http(self, started: float) -> dict[str, Any]:
         """HTTP options for this install: the configured ones, and the install's deadline, so
         a server that drips bytes cannot keep an update alive past it."""
-        return {"deadline": started + self.config.limits.update_deadline_s, **self._http_options}
+        ca_file = self.config.server_ca_file  # https:// blobs and mirrors are verified with it
+        tls = {} if ca_file is None else {"verify": str(ca_file)}
+        return {"deadline": started + self.config.limits.update_deadline_s, **tls,
+                **self._http_options}  # fmt: skip
 
     def load_state(self) -> DeviceState:
         """The state store's state; damage found in it is logged (see :meth:`StateStore.load`)."""

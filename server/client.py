@@ -141,12 +141,13 @@ class ApiClient:
         self.config = config
         self._session = requests.Session()
         self._session.headers["Authorization"] = f"Bearer {config.token}"
-        if config.ca_file is not None:
-            self._session.verify = str(config.ca_file)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         url = self.config.server + path
         kwargs.setdefault("timeout", TIMEOUT_S)
+        if self.config.ca_file is not None:
+            # per request: requests lets $REQUESTS_CA_BUNDLE override a session's verify
+            kwargs["verify"] = str(self.config.ca_file)
         try:
             response = self._session.request(method, url, **kwargs)
         except self._requests.exceptions.SSLError as err:

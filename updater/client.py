@@ -329,8 +329,6 @@ class ServerClient:
         # https:// servers are verified against ca_file ([server] ca_file), else the system's
         # CA store (requests' default)
         self.ca_file = None if ca_file is None else os.fspath(ca_file)
-        if self.ca_file is not None:
-            self._http.verify = self.ca_file
         self._clock = clock
         self._wall_clock = wall_clock
         self._rng = rng
@@ -644,7 +642,13 @@ class ServerClient:
         sent = {"Content-Type": "application/json", "Accept": "application/json", **headers}
         try:
             response = self._http.request(
-                method, url + API_PREFIX + path, data=data, headers=sent, timeout=self.timeout_s
+                method,
+                url + API_PREFIX + path,
+                data=data,
+                headers=sent,
+                timeout=self.timeout_s,
+                # per request: requests lets $REQUESTS_CA_BUNDLE override a session's verify
+                **({} if self.ca_file is None else {"verify": self.ca_file}),
             )
         except self._requests.exceptions.SSLError as err:
             trust = self.ca_file or "the system's CA store"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp
 
 from server import rollouts
 from server.anchor import ANCHOR_INTERVAL_S, anchor_every
@@ -27,6 +28,7 @@ from server.blobs import BlobStore
 from server.database import Database
 from server.datadir import private_mkdir, secure_data_dir, sweep_leftovers
 from server.errors import ServerKeyError
+from server.headers import SecurityHeadersMiddleware
 from server.metrics import RequestMetricsMiddleware, ServerMetrics
 from server.settings import Settings
 from server.timeouts import BodyDeadlineMiddleware
@@ -103,6 +105,17 @@ async def _evaluate_rollouts(state: ServerState, interval_s: float) -> None:
             log.exception("rollout evaluation failed")
 
 
+class ServerApp(FastAPI):
+    """The FastAPI application with :class:`SecurityHeadersMiddleware` outside everything:
+    Starlette's error middleware (the answer to an unexpected error) is otherwise outermost,
+    and a 500 would go out without the headers."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        docs = (self.docs_url, self.redoc_url, self.swagger_ui_oauth2_redirect_url)
+        pages = [path for path in docs if path] if self.docs_url else []
+        return SecurityHeadersMiddleware(super().build_middleware_stack(), docs_paths=pages)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -154,10 +167,14 @@ def create_app(
                     await task
             db.dispose()
 
-    app = FastAPI(
+    app = ServerApp(
         title="Metrica Fleet release server",
         summary="Signed releases, device enrollment and assignments (docs/device-protocol.md)",
         lifespan=lifespan,
+        # the API's map is for its developers: off unless `fleet server run --api-docs`
+        docs_url="/docs" if settings.api_docs else None,
+        redoc_url="/redoc" if settings.api_docs else None,
+        openapi_url="/openapi.json" if settings.api_docs else None,
     )
     app.state.fleet = state
     install_error_handlers(app)

@@ -200,6 +200,18 @@ def server() -> None:
     "any address but loopback, link-local, multicast and cloud metadata ones, or a host name.",
 )
 @click.option(
+    "--metrics-token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="File holding the bearer token Prometheus scrapes /metrics with (its credentials_file); "
+    "only with it are the per-device series served. Default: fleet-wide series only.",
+)
+@click.option(
+    "--api-docs",
+    is_flag=True,
+    help="Serve the API's documentation (/docs, /redoc, /openapi.json). Default: off.",
+)
+@click.option(
     "--header-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=10.0,
@@ -294,6 +306,8 @@ def run(
     rollout_interval: float,
     active_checkin_interval: int,
     metrics_networks: str,
+    metrics_token_file: Path | None,
+    api_docs: bool,
     header_timeout: float,
     body_read_timeout: float,
     min_body_rate: int,
@@ -350,6 +364,8 @@ def run(
         clock=clock,
         active_checkin_interval_s=active_checkin_interval,
         metrics_networks=metrics_networks,
+        metrics_token_file=metrics_token_file,
+        api_docs=api_docs,
         limits=limits,
         credentials=CredentialLimits(
             operator_token_ttl_s=parse_duration(operator_token_ttl),

@@ -55,12 +55,22 @@ seconds``, ``fleet_server_device_events_total{event}`` (by subject), ``fleet_ser
 uploads_total{outcome}`` and ``fleet_server_device_outcomes_total{device,event}``: the events
 that end an update or mark a device in trouble (:data:`OUTCOME_EVENTS`), by device.
 
+Who sees what. The fleet-wide series (counts by state, version, rollout, route) are open to
+any scraper: they name no device. A series with a label naming one device (:data:`DEVICE_LABELS`:
+the ``fleet_device_*`` series and ``fleet_server_device_outcomes_total``) lists the fleet's
+device ids and hostnames, so it is served only to a scrape bearing the server's scrape token
+(``fleet server run --metrics-token-file``; Prometheus's ``authorization: credentials_file``).
+A scrape with no ``Authorization`` gets the fleet-wide series; one with any other token is
+refused (401), so a Prometheus given the wrong token shows its target down rather than
+silently losing every per-device alert. Without a token configured, no one sees them.
+
 Routes are labelled by their template (``/api/v1/devices/{device_id}/checkin``), never by the
 path a client sent, so a client cannot create series.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
 from collections.abc import Iterable
@@ -75,8 +85,10 @@ from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Scope
 
 from server.asgi import RequestObserver, route_template
+from server.auth import bearer_token
 from server.database import Database
 from server.devices import NEVER_REPORTED
+from server.errors import UnauthenticatedError
 from server.models import AuditRow, Device, FleetControl, Release, Rollout, RolloutDevice
 from server.rollouts import ACTIVE, Outcome, Plan, RolloutState
 from server.settings import Clock
@@ -100,6 +112,8 @@ OUTCOME_EVENTS = frozenset(
 )
 # Rollouts that still matter on a dashboard: a halted one waits for an operator.
 UNFINISHED = (*ACTIVE, RolloutState.HALTED)
+# Labels whose value names one device: a sample carrying one is served to the scrape token only.
+DEVICE_LABELS = frozenset({"device", "hostname"})
 MIB = 1 << 20
 
 
@@ -147,8 +161,39 @@ class ServerMetrics:
         if event in OUTCOME_EVENTS:
             self.outcomes.labels(device_id, event).inc()
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+    def exposition(self, *, per_device: bool = False) -> bytes:
+        """The series in Prometheus's text format: the fleet-wide ones, and with
+        ``per_device`` those naming a device too (:func:`scrape_admits_devices` decides)."""
+        return generate_latest(self.registry if per_device else _FleetWide(self.registry))
+
+
+class _FleetWide:
+    """A view of a registry without the samples that name a device (:data:`DEVICE_LABELS`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._registry.collect():
+            kept = Metric(family.name, family.documentation, family.type, family.unit)
+            kept.samples = [s for s in family.samples if DEVICE_LABELS.isdisjoint(s.labels)]
+            yield kept
+
+
+def scrape_admits_devices(authorization: str | None, token: str | None) -> bool:
+    """Whether a scrape with this ``Authorization`` header sees the per-device series: with the
+    scrape ``token`` (compared in constant time), yes; with no header, no (the fleet-wide
+    series only).
+
+    Raises:
+        UnauthenticatedError: any other credential, or one when no token is configured.
+    """
+    if authorization is None:
+        return False
+    presented = bearer_token(authorization)
+    if token is None or not hmac.compare_digest(presented.encode(), token.encode()):
+        raise UnauthenticatedError("not the metrics scrape token")
+    return True
 
 
 def _gauge(name: str, documentation: str, *labels: str) -> GaugeMetricFamily:

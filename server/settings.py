@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -44,6 +44,9 @@ LAST_SEEN_RESOLUTION_S = 60
 # The body rate is enforced per window of this many bytes (server/timeouts.py): an average since
 # the start would let a fast first gigabyte buy days of dripping.
 RATE_WINDOW_BYTES = 1024 * 1024
+# A scrape token shorter than this is refused: it is compared, not looked up, so it must be
+# unguessable by itself (``openssl rand -hex 32`` makes one).
+MIN_METRICS_TOKEN_CHARS = 32
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,11 @@ class Settings:
     metrics_networks: tuple[Network, ...] = ()
     limits: ServerLimits = ServerLimits()
     credentials: CredentialLimits = CredentialLimits()
+    # The bearer token that admits a scraper to the per-device series of /metrics
+    # (server/metrics.py); None: no one sees them. Never printed.
+    metrics_token: str | None = field(default=None, repr=False)
+    # Whether /docs, /redoc and /openapi.json are served (off: the API's map is nobody's).
+    api_docs: bool = False
 
     @classmethod
     def create(
@@ -151,13 +159,16 @@ class Settings:
         metrics_networks: str = "",
         limits: ServerLimits | None = None,
         credentials: CredentialLimits | None = None,
+        metrics_token_file: str | os.PathLike[str] | None = None,
+        api_docs: bool = False,
     ) -> Settings:
         """Validate the settings; the data directory is created if needed.
 
         Raises:
             SettingsError: the data directory cannot be created, the database URL is neither
                 SQLite nor PostgreSQL, the upload limit is not positive, or the metrics
-                networks (``10.0.0.0/8,192.168.0.0/16``) are not a list of networks.
+                networks (``10.0.0.0/8,192.168.0.0/16``) are not a list of networks, or the
+                metrics token file is unreadable or holds no usable token.
         """
         directory = Path(data_dir).absolute()
         try:
@@ -191,6 +202,10 @@ class Settings:
             networks,
             limits=limits or ServerLimits(),
             credentials=credentials or CredentialLimits(),
+            metrics_token=(
+                read_metrics_token(Path(metrics_token_file)) if metrics_token_file else None
+            ),
+            api_docs=api_docs,
         )
 
     @property
@@ -208,6 +223,26 @@ class Settings:
     @property
     def server_key_path(self) -> Path:
         return self.data_dir / "server-key.pem"
+
+
+def read_metrics_token(path: Path) -> str:
+    """The scrape token in ``path``: its one line, without surrounding whitespace (as
+    Prometheus reads its ``credentials_file``).
+
+    Raises:
+        SettingsError: the file cannot be read, or its token is too short or not one word of
+            printable ASCII.
+    """
+    try:
+        token = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise SettingsError(f"metrics token file {path}: cannot be read ({err})") from None
+    if len(token) < MIN_METRICS_TOKEN_CHARS or not all(33 <= ord(c) < 127 for c in token):
+        raise SettingsError(
+            f"metrics token file {path}: give one word of at least {MIN_METRICS_TOKEN_CHARS} "
+            "printable characters (openssl rand -hex 32)"
+        )
+    return token
 
 
 def _redact(url: str) -> str:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.api.common import State
 from server.errors import DatabaseUnavailableError
+from server.metrics import scrape_admits_devices
 
 router = APIRouter(tags=["health"])
 
@@ -20,5 +21,9 @@ def healthz(state: State) -> dict[str, str]:
 
 
 @router.get("/metrics")
-def metrics(state: State) -> Response:
-    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+def metrics(request: Request, state: State) -> Response:
+    """The fleet-wide series; with the scrape token, the per-device ones too (server/metrics.py)."""
+    per_device = scrape_admits_devices(
+        request.headers.get("authorization"), state.settings.metrics_token
+    )
+    return Response(state.metrics.exposition(per_device=per_device), media_type=CONTENT_TYPE_LATEST)

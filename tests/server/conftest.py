@@ -142,15 +142,22 @@ class Harness:
         )
 
 
+# The harness's Prometheus scrape token (server/metrics.py: it admits to per-device series).
+SCRAPE_TOKEN = "scrape-" + "5" * 40
+
+
 def make_settings(
     tmp_path: Path, keyring_dir: Path, database_url: str | None, clock: FakeClock
 ) -> Settings:
     data_dir = tmp_path / "data"
     if not (data_dir / "keyring").exists():
         shutil.copytree(keyring_dir, data_dir / "keyring")
+    scrape_token = tmp_path / "metrics-token"
+    scrape_token.write_text(SCRAPE_TOKEN + "\n")
     return Settings.create(
-        data_dir, database_url=database_url, max_upload_bytes=MAX_UPLOAD, clock=clock
-    )
+        data_dir, database_url=database_url, max_upload_bytes=MAX_UPLOAD, clock=clock,
+        metrics_token_file=scrape_token,
+    )  # fmt: skip
 
 
 @pytest.fixture

@@ -10,14 +10,15 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import create_app
-from tests.server.conftest import FakeDevice, Harness, make_settings
+from tests.server.conftest import SCRAPE_TOKEN, FakeDevice, Harness, make_settings
 
 MakeBundle = Callable[..., Path]
 Enrolled = Callable[..., FakeDevice]
 
 
 def samples(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = client.get("/metrics")
+    # as Prometheus scrapes: with the scrape token, so the per-device series are there too
+    response = client.get("/metrics", headers={"Authorization": f"Bearer {SCRAPE_TOKEN}"})
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     return {
@@ -106,7 +107,7 @@ def test_each_app_has_its_own_registry(harness: Harness, tmp_path: Path, keyring
 
 def test_healthz_and_api_description(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     assert harness.client.get("/healthz").json() == {"status": "ok"}
-    paths = harness.client.get("/openapi.json").json()["paths"]
+    paths = harness.app.openapi()["paths"]  # /openapi.json is served with --api-docs only
     assert "/api/v1/devices/{device_id}/checkin" in paths
     monkeypatch.setattr(harness.db, "ping", lambda: False)
     response = harness.client.get("/healthz")

@@ -55,7 +55,8 @@ def get_blob(sha256: str, request: Request, state: State) -> Response:
     headers["Content-Length"] = str(length)
     if request.method == "HEAD":
         handle.close()
-        return Response(status_code=status, headers=headers)
+        # the same header fields as the GET's (RFC 9110, 9.3.2), the type included
+        return Response(status_code=status, headers=headers, media_type="application/octet-stream")
     return StreamingResponse(
         read_chunks(handle, start, length),
         status_code=status,

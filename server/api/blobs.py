@@ -6,6 +6,8 @@ Blobs never change, so the ETag is the SHA-256 itself and caches may keep them f
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
@@ -17,8 +19,15 @@ from server.errors import UnknownBlobError
 router = APIRouter(tags=["blobs"])
 
 
-@router.get("/blobs/{sha256}", operation_id="get_blob")
-@router.head("/blobs/{sha256}", operation_id="head_blob")
+# the bytes are no JSON: the description says so
+BLOB_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}},
+    206: {"description": "One byte range", "content": {"application/octet-stream": {}}},
+}
+
+
+@router.get("/blobs/{sha256}", operation_id="get_blob", responses=BLOB_RESPONSES)
+@router.head("/blobs/{sha256}", operation_id="head_blob", responses=BLOB_RESPONSES)
 def get_blob(sha256: str, request: Request, state: State) -> Response:
     """The blob, or one byte range of it (``Range``, honoured only if ``If-Range`` matches)."""
     opened = state.blobs.open(sha256) if SHA256_HEX.fullmatch(sha256) else None

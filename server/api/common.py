@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -184,6 +185,21 @@ def error_response(
     )
 
 
+class ErrorBody(BaseModel):
+    """What every refused request is answered with (:func:`error_response`)."""
+
+    error: str
+    detail: str
+
+
+# Declared for every route (install_error_handlers): the errors are ErrorBody, never the shape
+# FastAPI would describe for a validation error, which no answer of the server has.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorBody, "description": "Refused request"},
+    "5XX": {"model": ErrorBody, "description": "Server or database failure"},
+}
+
+
 def _status_code_name(status: int) -> str:
     names = {
         400: "bad_request",
@@ -199,7 +215,9 @@ def _status_code_name(status: int) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Make every error a ``{"error", "detail"}`` JSON answer."""
+    """Make every error a ``{"error", "detail"}`` JSON answer, and say so in the app's OpenAPI
+    description of every route included after this call."""
+    app.router.responses = {**ERROR_RESPONSES, **app.router.responses}
 
     async def api_error(_request: Request, exc: Exception) -> JSONResponse:
         err = cast(ApiError, exc)

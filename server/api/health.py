@@ -20,7 +20,10 @@ def healthz(state: State) -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/metrics")
+# Prometheus's text format (its errors are JSON like every other route's)
+@router.get(
+    "/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
+)
 def metrics(request: Request, state: State) -> Response:
     """The fleet-wide series; with the scrape token, the per-device ones too (server/metrics.py)."""
     per_device = scrape_admits_devices(

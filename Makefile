@@ -11,7 +11,7 @@ DEMO_DIR ?= build/demo
 # System tools the product calls and the tests run for real.
 APT_PACKAGES := python3 python3-venv python3-dev gcc e2fsprogs squashfs-tools dosfstools mtools \
 	fdisk zstd tar grub-common u-boot-tools libubootenv-tool prometheus postgresql \
-	prometheus-alertmanager qemu-system-x86 ovmf grub-efi-amd64-bin busybox-static
+	prometheus-alertmanager qemu-system-x86 ovmf grub-efi-amd64-bin busybox-static haproxy
 
 .PHONY: demo test deps venv lint test-unit test-integration test-chaos test-qemu qemu-kernel benchmarks mutation-survivors clean \
 	mutation

@@ -101,6 +101,8 @@ FAILURE_EVENTS = (
     "boot_check.reported",
 )
 CANARY = "canary"
+# Named device ids are looked up this many at a time (a database takes only so many parameters).
+ENROLLED_CHECK_BATCH = 500
 
 
 class RolloutState(StrEnum):
@@ -323,6 +325,30 @@ def _selected(session: Session, rollout: Rollout, release: Release) -> list[Devi
     ]
 
 
+def check_named_devices(field: str, device_ids: Sequence[str]) -> None:
+    """A list of device ids names each device once.
+
+    Raises:
+        InvalidRolloutError: an id named twice (the message names it and the ``field``).
+    """
+    seen: set[str] = set()
+    for device_id in device_ids:
+        if device_id in seen:
+            raise InvalidRolloutError(f"{field}: device {device_id} is named twice")
+        seen.add(device_id)
+
+
+def _check_enrolled(session: Session, field: str, device_ids: Sequence[str]) -> None:
+    """Raises InvalidRolloutError naming the first of ``device_ids`` that no device has."""
+    known: set[str] = set()
+    for start in range(0, len(device_ids), ENROLLED_CHECK_BATCH):
+        batch = device_ids[start : start + ENROLLED_CHECK_BATCH]
+        known.update(session.scalars(select(Device.id).where(Device.id.in_(batch))))
+    for device_id in device_ids:
+        if device_id not in known:
+            raise InvalidRolloutError(f"{field}: no device {device_id} is enrolled")
+
+
 def _audit(
     db: Database, session: Session, now: datetime, actor: str, action: str, rollout: Rollout,
     **details: Any,
@@ -341,12 +367,19 @@ def _audit(
 def start(db: Database, request: RolloutRequest, *, actor: str, now: datetime) -> dict[str, Any]:
     """Create a running rollout of ``request.version`` and assign its first cohort.
 
+    Every device named (``device_ids``, canaries) must be enrolled and named once: an unknown
+    id is a typo or another fleet's device, and silently leaving it out would start a rollout
+    that is not the one asked for.
+
     Raises:
         UnknownReleaseError: no such release.
-        InvalidRolloutError: the stages, rates or canaries do not make a plan.
+        InvalidRolloutError: the stages, rates or canaries do not make a plan; a device named
+            twice, or one that is not enrolled.
         RolloutConflictError: another rollout is running or paused, or the emergency stop is on.
     """
     percents = check_percents(request.stages)
+    check_named_devices("device_ids", request.device_ids or ())
+    check_named_devices("canary", request.canary_ids)
     if not 0 <= request.max_failure_rate < 1:
         raise InvalidRolloutError("max failure rate: give a fraction from 0 to below 1")
     if request.soak_s < 0 or request.install_deadline_s <= 0:
@@ -363,6 +396,8 @@ def start(db: Database, request: RolloutRequest, *, actor: str, now: datetime) -
         release = session.scalars(select(Release).where(Release.version == request.version)).first()
         if release is None:
             raise UnknownReleaseError(f"no release {request.version!r}")
+        _check_enrolled(session, "device_ids", request.device_ids or ())
+        _check_enrolled(session, "canary", request.canary_ids)
         rollout = Rollout(
             release=release,
             device_ids=json.dumps(sorted(request.device_ids))
@@ -666,22 +701,43 @@ def transition(
     ``abort`` ends it and returns its uncommitted devices to their previous release;
     ``rollback`` ends it and returns every one of its devices.
 
+    A rollback means something where the rollout's devices are still its own: while it runs or
+    is paused, once halted (a halt without ``rollback_on_halt`` left them on the release, and
+    even with it the succeeded ones stay), and once completed (the release turned out bad in
+    the field: the usual rollback). It is refused
+
+    - from ``aborted``: an operator ended it already, by an abort (the uncommitted devices went
+      back; the committed ones stay where that operator chose to leave them) or by a rollback
+      (every device went back: another would return nothing, yet write a second rollback to
+      the audit trail). Moving those devices now is a new decision: an assignment, or a
+      rollout of the release to return to;
+    - when a later rollout exists: that one decided where the devices go since (and, of the
+      same release, holds the very assignments a rollback would take back); roll back that
+      one.
+
     Raises:
         UnknownRolloutError: no such rollout.
         RolloutConflictError: not allowed from the rollout's state (or during the emergency
-            stop, for ``resume``).
+            stop, for ``resume``; or after a later rollout, for ``rollback``).
     """
     allowed = {
         "pause": (RolloutState.RUNNING,),
         "resume": (RolloutState.PAUSED, RolloutState.HALTED),
         "abort": (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.HALTED),
-        "rollback": tuple(RolloutState),
+        "rollback": (*ACTIVE, RolloutState.HALTED, RolloutState.COMPLETED),
     }
     with db.write() as session:
         db.lock(session, ROLLOUT_EVALUATOR_LOCK)
         rollout = _rollout(session, rollout_id)
         if rollout.state not in allowed[action]:
             raise RolloutConflictError(f"rollout {rollout_id} is {rollout.state}: cannot {action}")
+        if action == "rollback":
+            later = session.scalar(select(func.min(Rollout.id)).where(Rollout.id > rollout.id))
+            if later is not None:
+                raise RolloutConflictError(
+                    f"rollout {rollout_id} is {rollout.state} and rollout {later} started after "
+                    "it: only the latest rollout can be rolled back"
+                )
         details: dict[str, Any] = {"reason": reason}
         if action == "pause":
             rollout.state, rollout.reason = RolloutState.PAUSED, reason or "paused"

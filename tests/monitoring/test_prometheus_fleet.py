@@ -33,7 +33,7 @@ from tests.chaos.conftest import Releases
 from tests.chaos.servers import Fleet, run
 from tests.conftest import require_tools
 from tests.monitoring.conftest import MONITORING, RULES, load_yaml
-from tests.server.conftest import free_port
+from tests.server.conftest import SCRAPE_TOKEN, free_port
 from updater.config import LoadedConfig
 from updater.metrics import MetricsServer, UpdaterMetrics
 
@@ -91,14 +91,17 @@ def serve_metrics(fleet: VirtualFleet) -> list[MetricsServer]:
     return served
 
 
-def prometheus_config(lab_dir: Path, servers: Fleet, token_file: Path, port: int) -> Path:
-    """The committed prometheus.yml, pointed at this machine's processes."""
+def prometheus_config(
+    lab_dir: Path, servers: Fleet, token_file: Path, port: int, scrape_token: Path
+) -> Path:
+    """The committed prometheus.yml, pointed at this machine's processes and token files."""
     config = load_yaml(MONITORING / "prometheus" / "prometheus.yml")
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(RULES)]
     del config["alerting"]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     jobs["fleet-server"]["file_sd_configs"][0]["files"] = [str(lab_dir / "servers.yml")]
+    jobs["fleet-server"]["authorization"]["credentials_file"] = str(scrape_token)
     (lab_dir / "servers.yml").write_text(
         yaml.safe_dump([{"targets": [url.removeprefix("http://") for url in servers.urls]}])
     )
@@ -117,8 +120,15 @@ def prometheus_config(lab_dir: Path, servers: Fleet, token_file: Path, port: int
 
 @pytest.fixture
 def lab(tmp_path: Path, releases: Releases) -> Iterator[Lab]:
-    # the server accepts loopback scrape addresses only when told they are the fleet's
-    servers = Fleet(tmp_path, None, releases, server_args=("--metrics-networks", "127.0.0.0/8"))
+    # the server accepts loopback scrape addresses only when told they are the fleet's; its
+    # per-device series go to the scrape token only
+    scrape_token = tmp_path / "fleet-metrics-token"
+    scrape_token.write_text(SCRAPE_TOKEN + "\n")
+    servers = Fleet(
+        tmp_path, None, releases,
+        server_args=("--metrics-networks", "127.0.0.0/8",
+                     "--metrics-token-file", str(scrape_token)),
+    )  # fmt: skip
     served: list[MetricsServer] = []
     prometheus: subprocess.Popen[bytes] | None = None
     try:
@@ -136,7 +146,7 @@ def lab(tmp_path: Path, releases: Releases) -> Iterator[Lab]:
         token_file = tmp_path / "viewer-token"
         token_file.write_text(viewer + "\n")
         port = free_port()
-        config = prometheus_config(tmp_path, servers, token_file, port)
+        config = prometheus_config(tmp_path, servers, token_file, port, scrape_token)
         log = (tmp_path / "prometheus.log").open("wb")
         prometheus = subprocess.Popen(
             [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -243,3 +253,8 @@ def test_real_prometheus_scrapes_the_fleet_and_runs_every_panel(lab: Lab) -> Non
     assert not empty, f"fleet panels without data: {empty}"
     devices = query(lab, "sum(max by (state, version) (fleet_devices))")
     assert float(devices[0]["value"][1]) == len(members)
+    # the server's per-device series reach Prometheus through the scrape token only
+    seen = query(
+        lab, 'count(max by (device) (fleet_device_last_seen_age_seconds{job="fleet-server"}))'
+    )
+    assert float(seen[0]["value"][1]) == len(members)

@@ -27,12 +27,29 @@ def test_promtool_checks_the_config_with_its_rules(tmp_path: Path) -> None:
     # the container paths, mapped onto the repository: promtool then checks the rule files and
     # the file_sd list the configuration names, not only the configuration's syntax
     text = (MONITORING / "prometheus" / "prometheus.yml").read_text()
+    # the token files are the operator's (secrets/ is ignored by git): promtool reads them, so
+    # the ones the configuration names are made here
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    for name in ("fleet-metrics-token", "fleet-viewer-token"):
+        (secrets / name).write_text("t" * 64 + "\n")
+    text = text.replace("/etc/prometheus/secrets/", f"{secrets}/")
     config = tmp_path / "prometheus.yml"
     config.write_text(text.replace("/etc/prometheus/", f"{MONITORING / 'prometheus'}/"))
     result = tool("promtool", "check", "config", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: 19 rules found" in result.stdout + result.stderr
     assert "does not exist" not in result.stdout + result.stderr
+
+
+def test_prometheus_scrapes_the_server_with_the_scrape_token() -> None:
+    # without it the server answers the fleet-wide series only: no per-device alert would fire
+    config = load_yaml(MONITORING / "prometheus" / "prometheus.yml")
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    authorization = jobs["fleet-server"]["authorization"]
+    assert authorization["type"] == "Bearer"
+    assert authorization["credentials_file"] == "/etc/prometheus/secrets/fleet-metrics-token"
+    assert "fleet-metrics-token" in (MONITORING / "README.md").read_text()
 
 
 def test_prometheus_discovers_devices_through_the_server() -> None:

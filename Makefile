@@ -24,7 +24,9 @@ demo: venv
 # the recipe stops if tests/postgres.sh fails). Hypothesis runs its derandomized "ci" profile
 # (tests/conftest.py). Branch coverage of the product packages, subprocesses included, is
 # printed at the end ([tool.coverage.*] in pyproject.toml). pytest exits 5 when no test ran,
-# which fails the recipe like any failure.
+# which fails the recipe like any failure. The tiers include schemathesis fuzzing every API route
+# (tests/server/test_api_fuzz.py) and detect-secrets over the tracked files against the reviewed
+# .secrets.baseline (tests/integration/test_secrets_scan.py); both come with the test extra.
 PYTEST_COVERAGE := --cov --cov-branch --cov-report=term-missing:skip-covered
 test: lint qemu-kernel
 	url=$$(tests/postgres.sh) && \

@@ -648,7 +648,7 @@ class ServerClient:
                 headers=sent,
                 timeout=self.timeout_s,
                 # per request: requests lets $REQUESTS_CA_BUNDLE override a session's verify
-                **({} if self.ca_file is None else {"verify": self.ca_file}),
+                verify=self.ca_file,  # None: the session's, or the system's store
             )
         except self._requests.exceptions.SSLError as err:
             trust = self.ca_file or "the system's CA store"

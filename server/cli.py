@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 DATABASE_URL_ENV = "FLEET_DATABASE_URL"
 METRICS_NETWORKS_ENV = "FLEET_METRICS_NETWORKS"
+CA_FILE_META = "fleet.ca_file"  # --ca-file, kept in the click context for api_client
 _DURATION = re.compile(r"(\d+)([smhd]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -78,8 +79,21 @@ def database_options(function: F) -> F:
 
 
 def api_options(function: F) -> F:
+    function = click.option(
+        "--ca-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        expose_value=False,
+        callback=_keep_ca_file,
+        help="CA certificates that verify an https:// server (or $FLEET_CA_FILE; default: the "
+        "system's store).",
+    )(function)
     function = click.option("--token", help="Operator token (or $FLEET_TOKEN).")(function)
     return click.option("--server", help="Server URL (or $FLEET_SERVER).")(function)
+
+
+def _keep_ca_file(context: click.Context, _param: click.Parameter, value: Path | None) -> None:
+    # kept aside rather than passed: every API command would otherwise take one more argument
+    context.meta[CA_FILE_META] = value
 
 
 def open_database(data_dir: Path | None, database_url: str | None) -> Database:
@@ -105,7 +119,9 @@ def open_database(data_dir: Path | None, database_url: str | None) -> Database:
 def api_client(server: str | None, token: str | None) -> ApiClient:
     from server.client import ApiClient, ClientConfig
 
-    return ApiClient(ClientConfig.resolve(server, token))
+    context = click.get_current_context(silent=True)
+    ca_file = None if context is None else context.meta.get(CA_FILE_META)
+    return ApiClient(ClientConfig.resolve(server, token, ca_file=ca_file))
 
 
 def _now() -> Any:

@@ -8,8 +8,9 @@ the environment (``FLEET_SERVER``, ``FLEET_TOKEN``), then the config file
     token = "fleet_op_..."
     ca_file = "/etc/fleet/server-ca.pem"   # optional
 
-An ``https://`` server's certificate is verified against ``ca_file`` (``FLEET_CA_FILE``, else
-the config file's ``ca_file``) when one is set, against the system's CA store otherwise.
+An ``https://`` server's certificate is verified against a CA file when one is set (the
+command's ``--ca-file``, ``FLEET_CA_FILE``, then the config file's ``ca_file``), against the
+system's CA store otherwise.
 
 Imports only ``requests`` (lazily), never the server's web stack.
 """
@@ -61,6 +62,8 @@ class ClientConfig:
         server: str | None,
         token: str | None,
         environ: Mapping[str, str] = os.environ,
+        *,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> ClientConfig:
         """Fill what the flags left open from the environment, then the config file.
 
@@ -69,7 +72,7 @@ class ClientConfig:
         """
         server = server or environ.get(SERVER_ENV)
         token = token or environ.get(TOKEN_ENV)
-        ca_file = environ.get(CA_FILE_ENV) or None
+        ca_file = (None if ca_file is None else os.fspath(ca_file)) or environ.get(CA_FILE_ENV)
         if not server or not token or not ca_file:
             stored = _read_config(config_path(environ))
             server = server or stored.get("server")

@@ -274,6 +274,18 @@ def test_the_fleet_command_and_a_device_trust_the_server_through_the_fleet_ca_on
     assert f"verified against {other_ca.pem}" in output
     code, output = cli("device", "list", *api, env={"FLEET_CA_FILE": ""})
     assert code == 1 and "verified against the system's CA store" in output, output
+    # --ca-file comes first, then $FLEET_CA_FILE, then cli.toml's ca_file
+    code, output = cli("device", "list", *api, "--ca-file", fleet_ca.pem,
+                       env={"FLEET_CA_FILE": str(other_ca.pem)})  # fmt: skip
+    assert code == 0, output
+    code, output = cli("device", "list", *api, "--ca-file", other_ca.pem,
+                       env={"FLEET_CA_FILE": str(fleet_ca.pem)})  # fmt: skip
+    assert code == 1 and f"verified against {other_ca.pem}" in output, output
+    (tmp_path / "xdg" / "fleet").mkdir(parents=True)
+    (tmp_path / "xdg" / "fleet" / "cli.toml").write_text(f'ca_file = "{fleet_ca.pem}"\n')
+    stored = {"FLEET_CA_FILE": "", "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    code, output = cli("device", "list", *api, env=stored)
+    assert code == 0, output
 
     device = device_client(tmp_path, server.url, ca_file=fleet_ca.pem)
     enrolled = device.enroll(compatible="metrica-rpi4", hostname="cam-1", token=admission)

@@ -640,6 +640,8 @@ class ServerClient:
         self, url: str, method: str, path: str, data: bytes, headers: Mapping[str, str]
     ) -> requests.Response:
         sent = {"Content-Type": "application/json", "Accept": "application/json", **headers}
+        # per request: requests lets $REQUESTS_CA_BUNDLE override a session's verify
+        tls: dict[str, Any] = {} if self.ca_file is None else {"verify": self.ca_file}
         try:
             response = self._http.request(
                 method,
@@ -647,8 +649,7 @@ class ServerClient:
                 data=data,
                 headers=sent,
                 timeout=self.timeout_s,
-                # per request: requests lets $REQUESTS_CA_BUNDLE override a session's verify
-                verify=self.ca_file,  # None: the session's, or the system's store
+                **tls,
             )
         except self._requests.exceptions.SSLError as err:
             trust = self.ca_file or "the system's CA store"

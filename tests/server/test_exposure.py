@@ -212,7 +212,9 @@ def test_without_a_configured_token_no_one_sees_per_device_metrics(
     tmp_path: Path, harness: Harness, enrolled: Enrolled
 ) -> None:
     enrolled(hostname="cam-x")
-    settings = Settings.create(harness.settings.data_dir, clock=harness.clock)
+    settings = Settings.create(
+        harness.settings.data_dir, database_url=harness.settings.database_url, clock=harness.clock
+    )  # the same database, SQLite or PostgreSQL, without a scrape token
     assert settings.metrics_token is None
     with TestClient(create_app(settings, rollout_interval_s=None)) as client:
         answer = scrape(client)

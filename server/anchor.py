@@ -35,6 +35,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from server.audit import GENESIS_HASH, audit_time
 from server.database import AUDIT_CHAIN_LOCK, Database
@@ -119,22 +120,38 @@ def sign_head(seq: int, hash_: str, at: datetime, key: SigningKey) -> SignedHead
 
 def anchor_head(db: Database, key: SigningKey, now: datetime) -> SignedHead | None:
     """Sign the trail's head with ``key`` and keep it (unless the newest anchor names it
-    already); the head as signed, or ``None`` for an empty trail."""
+    already); the head as signed, or ``None`` for an empty trail.
+
+    A head already anchored is answered from a read: the write transaction and the chain lock
+    (which every audited change waits on) are taken only when there is something to sign."""
+    with db.read() as session:
+        head = _head_or_anchor(session, key)
+    if not isinstance(head, tuple):
+        return head
     with db.write() as session:
         db.lock(session, AUDIT_CHAIN_LOCK)  # the head cannot move while it is signed
-        last = session.execute(
-            select(AuditRow.seq, AuditRow.hash).order_by(AuditRow.seq.desc()).limit(1)
-        ).first()
-        if last is None:
-            return None
-        newest = session.scalars(
-            select(AuditAnchorRow).order_by(AuditAnchorRow.seq.desc()).limit(1)
-        ).first()
-        if newest is not None and newest.seq == last[0] and newest.key_id == key.key_id:
-            return SignedHead.from_row(newest)
-        head = sign_head(last[0], last[1], now, key)
-        session.merge(AuditAnchorRow(**head.to_dict()))
-        return head
+        head = _head_or_anchor(session, key)
+        if not isinstance(head, tuple):
+            return head
+        signed = sign_head(head[0], head[1], now, key)
+        session.merge(AuditAnchorRow(**signed.to_dict()))
+        return signed
+
+
+def _head_or_anchor(session: Session, key: SigningKey) -> SignedHead | tuple[int, str] | None:
+    """The newest anchor when it names the trail's head under ``key``; otherwise the head
+    (``seq``, ``hash``) still to be signed; ``None`` for an empty trail."""
+    last = session.execute(
+        select(AuditRow.seq, AuditRow.hash).order_by(AuditRow.seq.desc()).limit(1)
+    ).first()
+    if last is None:
+        return None
+    newest = session.scalars(
+        select(AuditAnchorRow).order_by(AuditAnchorRow.seq.desc()).limit(1)
+    ).first()
+    if newest is not None and newest.seq == last[0] and newest.key_id == key.key_id:
+        return SignedHead.from_row(newest)
+    return (last[0], last[1])
 
 
 def stored_anchors(db: Database) -> list[SignedHead]:

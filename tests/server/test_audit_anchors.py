@@ -218,6 +218,27 @@ def test_anchoring_an_empty_trail_signs_nothing(harness: Harness, tmp_path: Path
         assert session.scalars(select(AuditAnchorRow)).first() is None
 
 
+def test_a_head_already_anchored_takes_no_write_and_no_chain_lock(
+    harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server anchors every minute: an idle trail must not hold the lock every audited
+    change waits on, nor write the database."""
+    key = generate_key(tmp_path / "key")
+    first = anchor_head(harness.db, key, AT)
+    assert first is not None
+
+    def no_write() -> None:
+        raise AssertionError("an unchanged head took a write transaction")
+
+    monkeypatch.setattr(harness.db, "write", no_write)
+    assert anchor_head(harness.db, key, AT) == first
+    monkeypatch.undo()
+    append_entries(harness.db, 1)
+    moved = anchor_head(harness.db, key, AT)
+    assert moved is not None and moved.seq == first.seq + 1
+    assert [head.seq for head in stored_anchors(harness.db)][-2:] == [first.seq, moved.seq]
+
+
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=70),
     lambda inner: (

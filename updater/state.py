@@ -243,6 +243,10 @@ class StateStore:
         """Persist ``state`` (with its save counter incremented) and return what was saved; a
         floor higher than the kept copy's is written there first.
 
+        The kept copy is read again at every save (a few bytes), not remembered from the last
+        load: a copy deleted or damaged since is rewritten now, not left lost until the floor
+        next rises.
+
         Power cut: the file holds the previous state or this one (and the kept floor, the
         previous floor or the new one, never lower than the state's).
 

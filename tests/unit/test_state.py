@@ -479,6 +479,15 @@ def test_a_state_written_before_the_floor_copy_existed_keeps_its_floor(tmp_path:
     assert (loaded.state.installed_security_version, loaded.problem) == (5, None)
 
 
+def test_a_floor_copy_lost_after_the_load_is_rewritten_by_the_next_save(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    saved_with_floor(store, 6)
+    loaded = store.load()
+    store.floor_path.unlink()  # between this process's load and its save
+    store.save(loaded.state)
+    assert store.floor_path.read_text() == "6\n"
+
+
 def test_a_power_cut_between_the_two_copies_keeps_the_higher_floor(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -100,6 +100,14 @@ class NotEnrolledError(ServerRejectedError):
     key, or it no longer knows the device id (enroll again)."""
 
 
+class DeviceDecommissionedError(ServerRejectedError):
+    """An operator decommissioned this device: the server refuses its key until an operator
+    reinstates it. Enrolling again cannot help (the key is what is refused)."""
+
+
+DECOMMISSIONED = "device_decommissioned"  # the server's error code for it
+
+
 # --- the answer: model and rules ----------------------------------------------------------
 
 
@@ -726,6 +734,8 @@ def _refusal(response: requests.Response, what: str) -> ServerRejectedError:
     message = (
         f"{what}: HTTP {status}" + (f" {code}" if code else "") + (f": {detail}" if detail else "")
     )
+    if status == 403 and code == DECOMMISSIONED:
+        return DeviceDecommissionedError(message, status, code)
     if status == 403 and code == "not_authorized":
         return NotEnrolledError(message, status, code)
     if status < 400:  # a 2xx/3xx this call does not expect: a server we do not understand
@@ -735,13 +745,13 @@ def _refusal(response: requests.Response, what: str) -> ServerRejectedError:
 
 def _session_field(response: requests.Response, key: str, kind: type[_T]) -> _T:
     status = response.status_code
-    if status in (403, 404):  # the server does not know this device (any more)
-        code, detail = _error_code(response)
-        raise NotEnrolledError(
-            f"session: HTTP {status} {code or ''}: {detail or 'device not enrolled'}".strip(),
-            status, code,
-        )  # fmt: skip
     if status != 200:
+        code, detail = _error_code(response)
+        if status in (403, 404) and code != DECOMMISSIONED:  # it no longer knows the device
+            raise NotEnrolledError(
+                f"session: HTTP {status} {code or ''}: {detail or 'device not enrolled'}".strip(),
+                status, code,
+            )  # fmt: skip
         raise _refusal(response, "session")
     value = _json_object(response).get(key)
     if isinstance(value, bool) or not isinstance(value, kind):

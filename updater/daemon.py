@@ -48,6 +48,7 @@ from signing.keyring import Keyring
 from updater.client import (
     Assignment,
     CheckinResult,
+    DeviceDecommissionedError,
     NotEnrolledError,
     ServerClient,
     ServerError,
@@ -87,6 +88,7 @@ MIN_SLEEP_S = 0.1  # between steps, whatever the schedule says: never a busy loo
 MIN_CHECKIN_S = 5.0  # the shortest check-in interval a server may ask for
 MAX_BATCHES_PER_STEP = 10
 INSTALL_RETRY_MAX_S = 3600.0
+DECOMMISSIONED_RETRY_S = 900.0  # how often a decommissioned device asks whether it is back
 WATCHDOG_GRACE_S = 120.0
 
 
@@ -134,6 +136,7 @@ class Daemon:
         self._next_checkin_at = -math.inf
         self._next_heartbeat_at = -math.inf
         self._unreachable_since: float | None = None
+        self._decommissioned_since: float | None = None
         self._install_retry_at: dict[str, float] = {}
         self._reported: set[tuple[str, str]] = set()
         self._duty_errors: dict[str, str] = {}
@@ -207,6 +210,9 @@ class Daemon:
                 return
             except NotEnrolledError as err:
                 self._not_enrolled(err)
+                return
+            except DeviceDecommissionedError as err:
+                self._decommissioned(err)
                 return
             except Exception as err:  # refused (4xx), a device problem, or a bug: log it and
                 self._duty_failed(name, err)  # carry on, so the device keeps phoning home
@@ -577,6 +583,9 @@ class Daemon:
         self.log.event("daemon.retry", level="debug", error=str(err), retry_in_s=round(delay, 3))
 
     def _server_answered(self) -> None:
+        if self._decommissioned_since is not None:
+            self._decommissioned_since = None
+            self.log.event("daemon.reinstated")
         if self._unreachable_since is not None:
             # the gauge goes back to 0 now, not at the next heartbeat (which may be minutes off)
             with contextlib.suppress(FleetError, OSError):
@@ -597,6 +606,17 @@ class Daemon:
             return
         self._report_once("enroll", str(err), event="daemon.enroll_refused")
         self._next_contact_at = self._clock() + self._jittered(self.checkin_interval_s)
+
+    def _decommissioned(self, err: DeviceDecommissionedError) -> None:
+        """The server refuses this device's key. It keeps its identity and enrollment (only an
+        operator's reinstatement lets it in again, with the same key), says so once, and asks
+        again every ``DECOMMISSIONED_RETRY_S`` (or its check-in interval, if longer)."""
+        self.last_error = str(err)
+        if self._decommissioned_since is None:
+            self._decommissioned_since = self._clock()
+            self.log.event("daemon.decommissioned", level="error", error=str(err))
+        retry = max(self.checkin_interval_s, DECOMMISSIONED_RETRY_S)
+        self._next_contact_at = self._clock() + self._jittered(retry)
 
     def _problem(self, event: str, err: Exception) -> None:
         self.last_error = str(err)

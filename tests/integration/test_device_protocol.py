@@ -53,7 +53,7 @@ from updater.client import (
     ServerRejectedError,
     ServerUnavailableError,
 )
-from updater.daemon import Daemon
+from updater.daemon import DECOMMISSIONED_RETRY_S, Daemon
 from updater.history import MAX_INTERRUPTED, ReleaseHistoryStore
 from updater.identity import DeviceIdentity, load_or_create_identity
 from updater.log import EventLog
@@ -826,6 +826,32 @@ def test_a_refused_enrollment_is_reported_and_tried_again(lab: Lab) -> None:
     daemon.run_once()
     assert daemon.last_error is None and lab.heartbeat()["updater_state"] == "idle"
     assert len(lab.local("daemon.enroll_refused")) == 1  # the refusal, reported once
+
+
+def test_a_decommissioned_device_waits_to_be_reinstated_and_keeps_its_identity(lab: Lab) -> None:
+    daemon = lab.daemon()
+    lab.clock.sleep(daemon.run_once())
+    enrolled = lab.device.config.data_dir / "identity" / "enrolled.json"
+    assert enrolled.exists()
+    lab.real.operator.post(f"{API}/devices/{lab.device_id}/decommission", {})
+    enrolls = len(lab.real.wire.device_calls("/enroll"))
+    lab.clock.now += 61
+    delay = daemon.run_once()
+    assert daemon.last_error is not None and "device_decommissioned" in daemon.last_error
+    assert delay == DECOMMISSIONED_RETRY_S  # (the lab's jitter is none)
+    asked = len(lab.real.wire.exchanges)
+    lab.clock.now += delay / 2
+    assert daemon.run_once() == delay / 2 and len(lab.real.wire.exchanges) == asked
+    lab.clock.now += delay / 2
+    daemon.run_once()  # asks again, is refused again
+    assert len(lab.real.wire.exchanges) > asked and "device_decommissioned" in daemon.last_error
+    assert enrolled.exists() and len(lab.real.wire.device_calls("/enroll")) == enrolls
+    assert len(lab.local("daemon.decommissioned")) == 1 and not lab.local("daemon.enrollment_lost")
+    lab.real.operator.post(f"{API}/devices/{lab.device_id}/reinstate", {})
+    lab.clock.now += DECOMMISSIONED_RETRY_S
+    daemon.run_once()
+    assert daemon.last_error is None and lab.local("daemon.reinstated")
+    assert lab.heartbeat()["updater_state"] == "idle"
 
 
 def test_the_daemon_keeps_its_session_and_heartbeats_on_schedule(lab: Lab) -> None:

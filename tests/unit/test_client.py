@@ -33,6 +33,7 @@ from updater.client import (
     AnswerRejectedError,
     Assignment,
     BlobRef,
+    DeviceDecommissionedError,
     EnrollResult,
     NotEnrolledError,
     ServerClient,
@@ -709,6 +710,32 @@ def test_a_refusal_says_what_the_server_said(
     assert str(caught.value) == f"POST /devices/{identity.device_id}/heartbeat{message}"
     assert (caught.value.status, caught.value.code) == (answer_.status_code, code)
     assert client.failures == 0  # an answer, not silence
+
+
+DECOMMISSIONED_ANSWER = {"error": "device_decommissioned", "detail": "reinstate it"}
+
+
+def test_a_decommissioned_device_is_told_so_wherever_it_asks(
+    identity: DeviceIdentity, keyring: Keyring, clock: FakeClock
+) -> None:
+    """Not "enroll again" (its key is what is refused) and not silence (the server answered)."""
+    asks = {
+        "session": lambda client: client.heartbeat({}),
+        "enroll": lambda client: client.enroll(compatible="lab", hostname="cam", token=TOKEN),
+    }
+    for name, ask in asks.items():
+        http = ScriptedHttp(challenge=lambda sent: reply(403, DECOMMISSIONED_ANSWER))
+        if name == "enroll":
+            http = ScriptedHttp(reply(403, DECOMMISSIONED_ANSWER))
+        client = scripted(identity, keyring, clock, http)
+        with pytest.raises(DeviceDecommissionedError) as caught:
+            ask(client)
+        assert str(caught.value).endswith("HTTP 403 device_decommissioned: reinstate it"), name
+        assert (caught.value.status, client.failures) == (403, 0)
+    other = ScriptedHttp(reply(404, DECOMMISSIONED_ANSWER))  # the code under another status
+    with pytest.raises(ServerRejectedError) as caught_other:
+        scripted(identity, keyring, clock, other).heartbeat({})
+    assert type(caught_other.value) is ServerRejectedError
 
 
 TOKEN = "enrollment-token-1"  # noqa: S105 (a test token)

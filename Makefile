@@ -60,8 +60,9 @@ mutation: venv $(VENV)/.mutation-installed
 	MUTATION_MODULES="$(MODULES)" $(BIN)/python tests/mutation/run.py
 	$(BIN)/python tests/mutation/report.py
 
-# After adding tests: run again only the mutants the last `make mutation` left alive (same
-# MODULES selection), merge their outcomes and write the report. Refused for a changed module.
+# After adding tests or changing code: run again only the mutants the last `make mutation` left
+# alive and every mutant of a function changed since (same MODULES selection), merge their
+# outcomes and write the report.
 mutation-survivors: venv $(VENV)/.mutation-installed
 	MUTATION_MODULES="$(MODULES)" $(BIN)/python tests/mutation/run.py --survivors
 	$(BIN)/python tests/mutation/report.py

@@ -14,8 +14,9 @@ first on ``sys.path``.
 selects a subset for a quick run.
 
 ``--survivors`` (``make mutation-survivors``) runs again only the mutants the last run did not
-kill, after tests were added: a mutant already killed stays killed while its module is unchanged,
-so the results file records each module's SHA-256 and a changed module needs a full run.
+kill, and every mutant of a function changed since: a mutant already killed stays killed while
+its function is unchanged and the tests only grow. The results file records each module's
+SHA-256, which finds its source at that run in the git history (tests/mutation/changed.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -79,12 +81,27 @@ def source_hash(module: str) -> str:
     return hashlib.sha256((ROOT / module).read_bytes()).hexdigest()
 
 
-def previous_survivors(group: Group) -> list[str]:
-    """The mutants of the group's modules that the last run left alive (survived, no tests...).
+def _changed() -> Any:
+    """tests/mutation/changed.py, loaded by path: importing the ``tests`` package from here
+    would shadow the copy in ./mutants that the mutated runs must import."""
+    name = "mutation_changed"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("changed.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
-    Refuses when there is no earlier result or a module changed since it: mutmut numbers mutants
-    per function, so after a change the old names and outcomes no longer describe the code.
+
+def rerun_plan(group: Group) -> Any:
+    """What the group's last results leave to run: the survivors, and every mutant of a function
+    new or changed since (see tests/mutation/changed.py); a ``Rerun``.
+
+    Refuses when there is no earlier result, or a module's source at the last run cannot be
+    found in the git history (a full run is needed then).
     """
+    changed = _changed()
     path = RESULTS_DIR / f"{group.name}.json"
     try:
         previous = json.loads(path.read_text("utf-8"))
@@ -92,17 +109,20 @@ def previous_survivors(group: Group) -> list[str]:
         message = f"{group.name}: no earlier results to re-run ({err}): run make mutation"
         raise SystemExit(message) from err
     recorded = previous.get("sources", {})
+    names: list[str] = []
+    stale: set[tuple[str, str]] = set()
     for module in group.modules:
-        if recorded.get(module) != source_hash(module):
+        old = changed.source_at(ROOT, module, recorded.get(module, ""))
+        if old is None:
             raise SystemExit(
-                f"{module} changed since its last full run (or was not in it): "
-                f"run make mutation MODULES={module}"
+                f"{module}: its source at the last run is not in the git history (or it was "
+                f"not in that run): run make mutation MODULES={module}"
             )
-    return [
-        m["name"]
-        for m in previous["mutants"]
-        if m["module"] in group.modules and m["status"] != "killed"
-    ]
+        last = [m for m in previous["mutants"] if m["module"] == module]
+        rerun = changed.plan(module, old, (ROOT / module).read_text("utf-8"), last)
+        names += rerun.names
+        stale |= rerun.stale
+    return changed.Rerun(tuple(names), frozenset(stale))
 
 
 def run_group_here(group: Group, max_children: int, survivors: bool = False) -> None:
@@ -125,30 +145,31 @@ def run_group_here(group: Group, max_children: int, survivors: bool = False) -> 
         # the tests are chosen above; pytest's cache and random plugins only add noise
         pytest_add_cli_args=["-p", "no:cacheprovider", *config.pytest_add_cli_args],
     )
-    names = previous_survivors(group) if survivors else []
-    if survivors and not names:
-        print(f"{group.name}: no survivors to re-run", flush=True)
+    rerun = rerun_plan(group) if survivors else None
+    if rerun is not None and not rerun.names:
+        print(f"{group.name}: nothing to re-run", flush=True)
+        if rerun.stale:  # functions went away: their outcomes go too
+            write_results(group, tests, 0.0, rerun=rerun)
         return
     started = time.monotonic()
-    _run(names, max_children)
+    _run(list(rerun.names) if rerun is not None else [], max_children)
     elapsed = time.monotonic() - started
-    write_results(group, tests, elapsed, rerun=frozenset(names))
+    write_results(group, tests, elapsed, rerun=rerun)
 
 
-def write_results(
-    group: Group, tests: list[str], elapsed: float, rerun: frozenset[str] = frozenset()
-) -> None:
-    """Write the group's results file; with ``rerun``, merge those outcomes into the last one."""
+def write_results(group: Group, tests: list[str], elapsed: float, rerun: Any = None) -> None:
+    """Write the group's results file; with ``rerun`` (a ``Rerun``), merge the outcomes of the
+    mutants it selects into the last one."""
     from mutmut.mutation.data import SourceFileMutationData
     from mutmut.mutation.diff_apply import get_diff_for_mutant
     from mutmut.stats import status_by_exit_code
 
     mutants: list[dict[str, Any]] = []
-    for module in group.modules:
+    for module in group.modules if rerun is None or rerun.names else []:
         data = SourceFileMutationData(path=Path(module))
         data.load()
         for name, exit_code in sorted(data.exit_code_by_key.items()):
-            if rerun and name not in rerun:
+            if rerun is not None and not rerun.selects(name):
                 continue
             status = status_by_exit_code[exit_code]
             mutants.append(
@@ -162,7 +183,7 @@ def write_results(
             )
     path = RESULTS_DIR / f"{group.name}.json"
     previous = json.loads(path.read_text("utf-8")) if path.exists() else None
-    result = merge_results(previous, group, tests, mutants, elapsed, rerun=bool(rerun))
+    result = merge_results(previous, group, tests, mutants, elapsed, rerun=rerun)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n", "utf-8")
 
@@ -173,13 +194,14 @@ def merge_results(
     tests: list[str],
     mutants: list[dict[str, Any]],
     elapsed: float,
-    rerun: bool,
+    rerun: Any = None,
 ) -> dict[str, Any]:
     """The group's new results file: this run's outcomes over the last file's.
 
     The group's other modules keep their last outcomes while their source is unchanged (a run
-    narrowed by MODULES leaves them be); after a survivors run, the mutants of this run's modules
-    that were not run again (killed last time) keep theirs too.
+    narrowed by MODULES leaves them be); after a re-run (``rerun``, a ``Rerun``), the mutants of
+    this run's modules that were not run again keep theirs too, unless their function changed or
+    went away since (``rerun.dropped``).
     """
     sources = {module: source_hash(module) for module in group.modules}
     run_seconds = round(elapsed, 1)
@@ -195,11 +217,16 @@ def merge_results(
         mutants = [
             fresh.pop(m["name"], m)
             for m in previous["mutants"]
-            if m["module"] in kept or (rerun and m["module"] in group.modules)
+            if m["module"] in kept
+            or (
+                rerun is not None
+                and m["module"] in group.modules
+                and not rerun.dropped(m["module"], m["name"])
+            )
         ] + list(fresh.values())
         sources = {**{module: old_sources[module] for module in kept}, **sources}
         modules = [m for m in dict.fromkeys([*previous["modules"], *modules]) if m in sources]
-        if rerun or kept:  # the time these results took: every run merged into them
+        if rerun is not None or kept:  # the time these results took: every run merged into them
             run_seconds = round(previous["run_seconds"] + elapsed, 1)
     return {
         "group": group.name,
@@ -216,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modules", default=os.environ.get("MUTATION_MODULES", ""))
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     parser.add_argument(
-        "--survivors", action="store_true", help="re-run only what the last run did not kill"
+        "--survivors",
+        action="store_true",
+        help="re-run only what the last run did not kill, and the mutants of changed functions",
     )
     parser.add_argument("--group", help=argparse.SUPPRESS)  # one group, in this process
     args = parser.parse_args(argv)
@@ -230,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     for group in groups:
         print(f"== mutation: {group.name}: {' '.join(group.modules)}", flush=True)
         if args.survivors:
-            previous_survivors(group)  # refuse before any work when a module changed
+            rerun_plan(group)  # refuse before any work when a last run's source is lost
         shutil.rmtree(MUTANTS_DIR, ignore_errors=True)
         command = [sys.executable, __file__, "--group", group.name]
         command += ["--modules", " ".join(group.modules), "--max-children", str(args.max_children)]

@@ -93,15 +93,8 @@ class Keyring:
         path = Path(directory)
         if not path.is_dir():
             raise KeyringError(f"keyring {path}: no such directory")
-        trusted: dict[str, Ed25519PublicKey] = {}
-        for pub in sorted(path.glob("*.pub")):
-            try:
-                public_key = load_public_key(pub)
-            except KeyFileError as err:
-                raise KeyringError(f"keyring {path}: {err}") from err
-            trusted[key_id(public_key)] = public_key
         return cls(
-            trusted=trusted,
+            trusted=_read_trusted(path),
             revoked=_read_revoked(path),
             threshold=_read_threshold(path),
             source=f"keyring {path}",
@@ -153,6 +146,17 @@ class Keyring:
             f"{purpose} has {len(valid)} valid signature(s) by trusted keys, "
             f"{self.source} requires {self.threshold}"
         )
+
+
+def _read_trusted(path: Path) -> dict[str, Ed25519PublicKey]:
+    trusted: dict[str, Ed25519PublicKey] = {}
+    for pub in sorted(path.glob("*.pub")):
+        try:
+            public_key = load_public_key(pub)
+        except KeyFileError as err:
+            raise KeyringError(f"keyring {path}: {err}") from err
+        trusted[key_id(public_key)] = public_key
+    return trusted
 
 
 def _read_revoked(path: Path) -> frozenset[str]:
@@ -216,10 +220,16 @@ def trust_key(directory: str | os.PathLike[str], public_key_path: str | os.PathL
 def revoke_key(directory: str | os.PathLike[str], revoked_key_id: str) -> None:
     """Revoke ``revoked_key_id`` in the keyring; revoking twice is harmless.
 
+    A revocation that would leave fewer trusted keys than the threshold is refused, and nothing
+    is written: the keyring would verify nothing, and every later command reading it would fail.
+    The way out is to lower the threshold first, or to trust another key first. A key id the
+    keyring does not trust may be revoked ahead of time: that leaves every trusted key as it is.
+
     Power cut: ``revoked.txt`` is replaced atomically, so it holds the old list or the new one.
 
     Raises:
-        KeyringError: not a key id, or the keyring directory is missing.
+        KeyringError: not a key id, the keyring directory is missing or malformed, or the
+            revocation would leave fewer trusted keys than the threshold.
     """
     path = Path(directory)
     if not path.is_dir():
@@ -229,6 +239,17 @@ def revoke_key(directory: str | os.PathLike[str], revoked_key_id: str) -> None:
     revoked = _read_revoked(path)
     if revoked_key_id in revoked:
         return
+    active = set(_read_trusted(path)) - revoked
+    threshold = _read_threshold(path)
+    left = len(active - {revoked_key_id})
+    if revoked_key_id in active and left < threshold:
+        way_out = "trust another key first (fleet keys trust)"
+        if left >= 1:
+            way_out = f"lower the threshold first (fleet keys threshold {left}), or " + way_out
+        raise KeyringError(
+            f"keyring {path}: revoking {revoked_key_id} would leave {left} trusted key(s), "
+            f"below the threshold {threshold}: {way_out}"
+        )
     revoked_path = path / REVOKED_FILE
     old = revoked_path.read_text("utf-8") if revoked_path.exists() else ""
     if old and not old.endswith("\n"):

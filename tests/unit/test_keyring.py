@@ -119,7 +119,9 @@ def test_threshold_above_usable_keys_is_refused(tmp_path: Path) -> None:
     with pytest.raises(KeyringError, match="threshold 3 but only 2"):
         set_threshold(directory, 3)
     set_threshold(directory, 2)
-    revoke_key(directory, a.key_id)
+    # a revocation that breaks the threshold is refused (see below); written by hand, the
+    # keyring refuses to load
+    (directory / "revoked.txt").write_text(f"{a.key_id}\n")
     with pytest.raises(KeyringError, match="threshold 2 but only 1"):
         Keyring.load(directory)
 
@@ -266,7 +268,8 @@ def ascii_locale() -> Iterator[None]:
 
 def test_keyring_files_are_utf8_whatever_the_locale(tmp_path: Path, ascii_locale: None) -> None:
     a, b = new_key(tmp_path, "a"), new_key(tmp_path, "b")
-    directory = ring(tmp_path, "ring", "a", "b")
+    new_key(tmp_path, "c")  # still trusted once a and b are revoked
+    directory = ring(tmp_path, "ring", "a", "b", "c")
     (directory / "keyring.toml").write_bytes("# Schlüssel\nthreshold = 1\n".encode())
     (directory / "revoked.txt").write_bytes(f"# clé perdue\n{a.key_id}\n".encode())
     assert Keyring.load(directory).revoked == frozenset({a.key_id})
@@ -274,3 +277,86 @@ def test_keyring_files_are_utf8_whatever_the_locale(tmp_path: Path, ascii_locale
     assert (directory / "revoked.txt").read_bytes().decode() == (
         f"# clé perdue\n{a.key_id}\n{b.key_id}\n"
     )
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_revocation_below_the_threshold_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    a = new_key(tmp_path, "a")
+    new_key(tmp_path, "b")
+    directory = ring(tmp_path, "ring", "a", "b")
+    set_threshold(directory, 2)
+    before = files(directory)
+    with pytest.raises(KeyringError) as info:
+        revoke_key(directory, a.key_id)
+    message = str(info.value)
+    assert message.startswith(f"keyring {directory}: revoking {a.key_id} would leave 1 ")
+    assert "below the threshold 2" in message
+    assert "fleet keys threshold 1" in message and "trust another key" in message
+    assert files(directory) == before
+    assert Keyring.load(directory).revoked == frozenset()
+
+
+@pytest.mark.parametrize("way_out", ["lower the threshold", "trust another key"])
+def test_revocation_below_the_threshold_goes_through_after_the_way_out(
+    tmp_path: Path, way_out: str
+) -> None:
+    a, b = new_key(tmp_path, "a"), new_key(tmp_path, "b")
+    new_key(tmp_path, "c")
+    directory = ring(tmp_path, "ring", "a", "b")
+    set_threshold(directory, 2)
+    if way_out == "lower the threshold":
+        set_threshold(directory, 1)
+    else:
+        trust_key(directory, tmp_path / "keys" / "c.pub")
+    revoke_key(directory, a.key_id)
+    keyring = Keyring.load(directory)
+    assert a.key_id in keyring.revoked and b.key_id in keyring.active_key_ids
+
+
+def test_revoking_the_last_trusted_key_names_only_trusting_another(tmp_path: Path) -> None:
+    a = new_key(tmp_path, "a")
+    directory = ring(tmp_path, "ring", "a")
+    with pytest.raises(KeyringError, match="would leave 0 trusted key") as info:
+        revoke_key(directory, a.key_id)
+    assert "trust another key" in str(info.value)
+    assert "fleet keys threshold" not in str(info.value)  # no threshold below 1 exists
+    assert not (directory / "revoked.txt").exists()
+
+
+def test_a_key_not_trusted_here_can_be_revoked_ahead_at_the_threshold(tmp_path: Path) -> None:
+    new_key(tmp_path, "a")
+    new_key(tmp_path, "b")
+    stranger = new_key(tmp_path, "stranger")
+    directory = ring(tmp_path, "ring", "a", "b")
+    set_threshold(directory, 2)
+    revoke_key(directory, stranger.key_id)
+    assert Keyring.load(directory).revoked == frozenset({stranger.key_id})
+    with pytest.raises(KeyringError, match="revoked"):
+        trust_key(directory, tmp_path / "keys" / "stranger.pub")
+
+
+def test_a_keyring_being_prepared_can_revoke_before_it_trusts(tmp_path: Path) -> None:
+    leaked = new_key(tmp_path, "leaked")
+    new_key(tmp_path, "a")
+    directory = tmp_path / "ring"
+    directory.mkdir()  # no key trusted yet: below any threshold, and no worse for this
+    revoke_key(directory, leaked.key_id)
+    trust_key(directory, tmp_path / "keys" / "a.pub")
+    assert Keyring.load(directory).revoked == frozenset({leaked.key_id})
+
+
+def test_threshold_above_the_keys_left_after_revocation_is_refused(tmp_path: Path) -> None:
+    a = new_key(tmp_path, "a")
+    new_key(tmp_path, "b")
+    new_key(tmp_path, "c")
+    directory = ring(tmp_path, "ring", "a", "b", "c")
+    set_threshold(directory, 2)
+    revoke_key(directory, a.key_id)
+    before = files(directory)
+    with pytest.raises(KeyringError, match="threshold 3 but only 2 trusted key"):
+        set_threshold(directory, 3)
+    assert files(directory) == before
+    assert Keyring.load(directory).threshold == 2

@@ -1,8 +1,8 @@
 """The ``fleet`` operator command: a root that loads each package's group only when used.
 
-Each package owns its commands in its own ``cli.py``. The root names them by import path and
-imports a group only when that group is invoked, so ``fleet keys`` on a build workstation never
-pulls in the server's web stack.
+Each package owns its commands in its own ``cli`` module (the server's is a package of them).
+The root names them by import path and imports a group only when that group is invoked, so
+``fleet keys`` on a build workstation never pulls in the server's web stack.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ SUBCOMMANDS: dict[str, str] = {
     "image": "image_builder.cli:image",
     "bundle": "image_builder.cli:bundle",
     "demo": "chaos.demo:demo",
-    "server": "server.cli:server",
-    "release": "server.cli:release",
-    "device": "server.cli:device",
-    "audit": "server.cli:audit",
-    "rollout": "server.cli:rollout",
-    "emergency-stop": "server.cli:emergency_stop",
+    "server": "server.cli.serve:server",
+    "release": "server.cli.releases:release",
+    "device": "server.cli.devices:device",
+    "audit": "server.cli.audit:audit",
+    "rollout": "server.cli.rollouts:rollout",
+    "emergency-stop": "server.cli.rollouts:emergency_stop",
     "simulate": "chaos.cli:simulate",
 }
 

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from fleet_core.cli import fleet
-from server.cli import parse_duration
+from server.cli.common import parse_duration
 from signing.keys import generate_key, load_private_key
 from tests.conftest import assert_one_line_error
 from tests.server.conftest import FakeDevice, LiveServer

@@ -76,8 +76,12 @@ def test_token_revoke_on_the_host(live_server: LiveServer) -> None:
     url = live_server.harness.settings.database_url
     listed = json.loads(run("server", "token", "list", "--json", "--database-url", url).stdout)
     operator_id = next(t["id"] for t in listed if t["name"] == "test-operator")
-    done = run("server", "token", "revoke", str(operator_id), "--database-url", url)
+    done = run("server", "token", "revoke", str(operator_id), "--database-url", url, "--json")
     assert done.exit_code == 0, done.output
+    revoked = json.loads(done.stdout)  # the token as listed, from the database directly
+    assert (revoked["id"], revoked["name"], revoked["status"]) == (
+        operator_id, "test-operator", "revoked",
+    )  # fmt: skip
     assert_one_line_error(run("device", "list", *api(live_server, "operator")), "401")
 
 
@@ -93,6 +97,16 @@ def test_enrollment_token_list_and_revoke(live_server: LiveServer) -> None:
     assert done.exit_code == 0 and done.stdout == f"enrollment token {token_id} revoked\n"
     listed = run("server", "enrollment-token", "list", "--json", *api(live_server, "operator"))
     assert json.loads(listed.stdout)[0]["revoked"] is not None
+    again = run("server", "enrollment-token", "revoke", token_id, "--json",
+                *api(live_server, "operator"))  # fmt: skip
+    assert_one_line_error(again, "409")
+    live_server.harness.enrollment_token(uses=1)
+    now_listed = run("server", "enrollment-token", "list", "--json", *api(live_server, "operator"))
+    other_id = str(json.loads(now_listed.stdout)[-1]["id"])  # oldest first: the new one
+    as_json = run("server", "enrollment-token", "revoke", other_id, "--json",
+                  *api(live_server, "operator"))  # fmt: skip
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.stdout)["id"] == int(other_id)
     refused = FakeDevice(live_server.harness.client).enroll(secret)
     assert refused.status_code == 403
 

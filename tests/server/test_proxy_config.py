@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from server.cli import run
+from server.cli.serve import run
 from server.settings import DEFAULT_MAX_UPLOAD_BYTES
 from signing.keys import generate_key
 from tests.server.conftest import listening_socket

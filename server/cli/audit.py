@@ -1,0 +1,225 @@
+"""``fleet audit``: list the audit trail, sign its head, verify the chain and its signed heads."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from server.errors import AuditChainBrokenError, ClientConfigError
+
+if TYPE_CHECKING:
+    from server.audit import AuditEntry
+    from server.client import ApiClient
+    from signing.keys import SigningKey
+from server.cli.common import (
+    api_client,
+    api_options,
+    database_options,
+    open_database,
+    show,
+    utc_now,
+)
+
+
+@click.group()
+def audit() -> None:
+    """The audit trail of operator actions and device events."""
+
+
+def _api_entries(client: ApiClient) -> Iterator[AuditEntry]:
+    from server.audit import AuditEntry
+
+    after: int | None = 0
+    while after is not None:
+        page = client.get("/api/v1/audit", params={"after": after, "limit": 1000})
+        for document in page["entries"]:
+            try:
+                yield AuditEntry.from_dict(document)
+            except ValueError as err:
+                raise AuditChainBrokenError(f"audit trail: {err}") from err
+        after = page["next_after"]
+
+
+@audit.command("list")
+@api_options
+@click.option("--action", "actions", multiple=True,
+              help="Only entries whose action is this or starts with it followed by a dot "
+                   "(rollout, rollout.halted; repeat for more).")  # fmt: skip
+@click.option("--subject", help="Only entries about this device id or rollout:ID.")
+@click.option("--actor", help="Only entries by this actor (device:ID, rollout-engine, ...).")
+@click.option("--last", default=50, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="How many of the newest matching entries to show.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def audit_list(
+    actions: tuple[str, ...],
+    subject: str | None,
+    actor: str | None,
+    last: int,
+    as_json: bool,
+    server: str | None,
+    token: str | None,
+) -> None:
+    """The newest entries of the audit trail, oldest first, filtered."""
+    from collections import deque
+
+    def wanted(entry: AuditEntry) -> bool:
+        by_action = not actions or any(
+            entry.action == a or entry.action.startswith(a + ".") for a in actions
+        )
+        by_subject = subject is None or entry.subject == subject
+        return by_action and by_subject and (actor is None or entry.actor == actor)
+
+    kept = deque((e for e in _api_entries(api_client(server, token)) if wanted(e)), maxlen=last)
+    for entry in kept:
+        if as_json:
+            document = dataclasses.asdict(entry)
+            document["details"] = json.loads(entry.details)
+            # ASCII: a raw U+2028 in a JSON string is valid JSON and a line break to a reader
+            click.echo(json.dumps(document, sort_keys=True, ensure_ascii=True))
+        else:
+            show(
+                f"{entry.seq:>7} {entry.at} {entry.actor} {entry.action}"
+                + (f" {entry.subject}" if entry.subject else "")
+                + f" {entry.details}"
+            )
+    if not kept:
+        click.echo("no matching entries", err=True)
+
+
+def _parse_head(text: str) -> tuple[int, str]:
+    match = re.fullmatch(r"(\d+):([0-9a-f]{64})", text.strip())
+    if match is None:
+        raise click.BadParameter(
+            "give SEQ:HASH as printed by an earlier verify, or a file written by "
+            "'fleet audit head --out'",
+            param_hint="--expect-head",
+        )
+    return int(match.group(1)), match.group(2)
+
+
+def _server_signing_key(data_dir: Path | None) -> SigningKey:
+    """The server key in ``data_dir`` (the audit heads are signed with it).
+
+    Raises:
+        ClientConfigError: no data directory given.
+        KeyFileError: the key is missing or unusable.
+    """
+    from server.settings import Settings
+    from signing.keys import load_private_key
+
+    if data_dir is None:
+        raise ClientConfigError("the server key is in the data directory: give --data-dir")
+    return load_private_key(Settings.create(data_dir).server_key_path)
+
+
+@audit.command()
+@database_options
+@api_options
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the signed head here (keep it off the server) instead of printing it.",
+)
+def head(
+    data_dir: Path | None,
+    database_url: str | None,
+    server: str | None,
+    token: str | None,
+    out: Path | None,
+) -> None:
+    """Sign the audit trail's head with the server key and export it, for a later
+    'fleet audit verify --expect-head FILE' to check that nothing at or below it changed."""
+    from server.anchor import SignedHead, anchor_head
+
+    if data_dir is not None or database_url is not None:
+        key = _server_signing_key(data_dir)
+        signed = anchor_head(open_database(data_dir, database_url), key, utc_now())
+        document = None if signed is None else signed.to_dict()
+    else:
+        document = api_client(server, token).get("/api/v1/audit/head")["head"]
+        if document is not None:
+            SignedHead.from_dict(document)  # refuse to store what is not a signed head
+    if document is None:
+        raise AuditChainBrokenError("the audit trail is empty: there is no head to sign")
+    text = json.dumps(document, indent=1, sort_keys=True) + "\n"
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    from fleet_core.durable import atomic_write
+
+    atomic_write(out, text.encode())
+    click.echo(f"signed head {document['seq']}:{document['hash']} written to {out}", err=True)
+
+
+@audit.command()
+@database_options
+@api_options
+@click.option(
+    "--expect-head",
+    help="A file written by 'fleet audit head --out' (its signature is checked), or SEQ:HASH "
+    "printed by an earlier verify: also catches entries removed from the end.",
+)
+@click.option(
+    "--server-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The server's public key, to check signed heads (default with --data-dir: its key).",
+)
+def verify(
+    data_dir: Path | None,
+    database_url: str | None,
+    server: str | None,
+    token: str | None,
+    expect_head: str | None,
+    server_key: Path | None,
+) -> None:
+    """Walk the hash chain and check the signed heads; name the first changed or removed
+    entry (exit 1 if any)."""
+    from server.anchor import SignedHead, check_anchors, read_head_file, stored_anchors
+    from server.audit import all_entries, verify_chain
+    from signing.keys import load_public_key
+
+    direct = data_dir is not None or database_url is not None
+    if server_key is not None:
+        public_key = load_public_key(server_key)
+    elif data_dir is not None:
+        public_key = _server_signing_key(data_dir).public_key
+    else:
+        public_key = None
+    exported: SignedHead | None = None
+    recorded: tuple[int, str] | None = None
+    if expect_head is not None and Path(expect_head).is_file():
+        exported = read_head_file(Path(expect_head))
+    elif expect_head is not None:
+        recorded = _parse_head(expect_head)
+    if exported is not None and public_key is None:
+        raise ClientConfigError("checking a signed head needs the server key: give --server-key")
+    if direct:
+        db = open_database(data_dir, database_url)
+        chain, anchors = all_entries(db), stored_anchors(db)
+    else:
+        client = api_client(server, token)
+        anchors = [SignedHead.from_dict(a) for a in client.get("/api/v1/audit/anchors")["anchors"]]
+        chain = _api_entries(client)
+    anchored: dict[int, str] = {}
+    if public_key is not None:
+        anchored, problem = check_anchors([*anchors, *filter(None, [exported])], public_key)
+        if problem is not None:
+            raise AuditChainBrokenError(f"audit trail broken: {problem}")
+    report = verify_chain(chain, expect_head=recorded, anchored=anchored)
+    if not report.intact:
+        raise AuditChainBrokenError(
+            f"audit trail broken: {report.problem} ({report.checked} entries before it hold)"
+        )
+    click.echo(
+        f"audit trail intact: {report.checked} entries; head {report.head_seq}:{report.head_hash}"
+    )
+    if anchored:
+        click.echo(f"signed heads: {len(anchored)} hold")
+    elif anchors and public_key is None:
+        click.echo(f"{len(anchors)} signed head(s) not checked: give --server-key", err=True)

@@ -1,0 +1,133 @@
+"""What every operator command shares: options, where the database and the server are, output."""
+
+from __future__ import annotations
+
+import getpass
+import re
+import socket
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from fleet_core.text import printable
+from server.errors import ClientConfigError
+
+if TYPE_CHECKING:
+    from server.client import ApiClient
+    from server.database import Database
+
+F = TypeVar("F", bound=Callable[..., Any])
+DATABASE_URL_ENV = "FLEET_DATABASE_URL"
+METRICS_NETWORKS_ENV = "FLEET_METRICS_NETWORKS"
+CA_FILE_META = "fleet.ca_file"  # --ca-file, kept in the click context for api_client
+_DURATION = re.compile(r"(\d+)([smhd]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in ``3600``, ``90s``, ``15m``, ``12h`` or ``7d``.
+
+    Raises:
+        click.BadParameter: anything else, or zero.
+    """
+    match = _DURATION.fullmatch(text.strip())
+    if match is None or int(match.group(1)) == 0:
+        raise click.BadParameter(f"{text!r}: give a positive number of seconds, or 15m, 12h, 7d")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def cli_actor() -> str:
+    """How the audit trail names someone acting on the database directly."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"cli:{user}@{socket.gethostname()}"[:160]  # the audit trail's actor column
+
+
+def database_options(function: F) -> F:
+    function = click.option(
+        "--database-url",
+        envvar=DATABASE_URL_ENV,
+        help=f"PostgreSQL URL (or set ${DATABASE_URL_ENV}); default: SQLite in the data dir.",
+    )(function)
+    return click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="The server's data directory.",
+    )(function)
+
+
+def api_options(function: F) -> F:
+    function = click.option(
+        "--ca-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        expose_value=False,
+        callback=_keep_ca_file,
+        help="CA certificates that verify an https:// server (or $FLEET_CA_FILE; default: the "
+        "system's store).",
+    )(function)
+    function = click.option("--token", help="Operator token (or $FLEET_TOKEN).")(function)
+    return click.option("--server", help="Server URL (or $FLEET_SERVER).")(function)
+
+
+def _keep_ca_file(context: click.Context, _param: click.Parameter, value: Path | None) -> None:
+    # kept aside rather than passed: every API command would otherwise take one more argument
+    context.meta[CA_FILE_META] = value
+
+
+def open_database(data_dir: Path | None, database_url: str | None) -> Database:
+    """The server's database, migrated to the newest schema.
+
+    Raises:
+        ClientConfigError: neither a data directory nor a database URL.
+    """
+    from server.database import Database
+    from server.settings import Settings
+
+    if data_dir is not None:
+        url = Settings.create(data_dir, database_url=database_url).database_url
+    elif database_url is not None:
+        url = database_url
+    else:
+        raise ClientConfigError("give --data-dir or --database-url")
+    db = Database(url)
+    db.migrate()
+    return db
+
+
+def api_client(server: str | None, token: str | None) -> ApiClient:
+    from server.client import ApiClient, ClientConfig
+
+    context = click.get_current_context(silent=True)
+    ca_file = None if context is None else context.meta.get(CA_FILE_META)
+    return ApiClient(ClientConfig.resolve(server, token, ca_file=ca_file))
+
+
+def utc_now() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+def show(*lines: str, err: bool = False) -> None:
+    """Print lines that hold stored text, each escaped (fleet_core/text.py), so a string a
+    device or an older server stored cannot steer the terminal or forge a line."""
+    click.echo("\n".join(printable(line) for line in lines), err=err)
+
+
+def print_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
+    rows = [[printable(str(cell)) for cell in row] for row in rows]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo(
+            "  ".join(
+                str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
+            ).rstrip()
+        )
+
+
+def uses_database(data_dir: Path | None, database_url: str | None) -> bool:
+    return data_dir is not None or database_url is not None

@@ -1,0 +1,257 @@
+"""``fleet rollout`` and ``fleet emergency-stop``: staged rollouts and the fleet-wide stop."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    pass
+from server.cli.common import (
+    api_client,
+    api_options,
+    parse_duration,
+    show,
+)
+
+
+def parse_percent(text: str) -> float:
+    """A fraction from ``5%``, ``0.05`` or ``5`` (a number above 1 is a percentage).
+
+    Raises:
+        click.BadParameter: not a number from 0 to below 100 %.
+    """
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give a percentage such as 5%") from None
+    fraction = value / 100 if text.strip().endswith("%") or value > 1 else value
+    if not 0 <= fraction < 1:
+        raise click.BadParameter(f"{text!r}: give a percentage from 0 to below 100%")
+    return fraction
+
+
+def parse_stages(text: str) -> list[int]:
+    """``5,25,100`` as a list of percentages.
+
+    Raises:
+        click.BadParameter: anything else.
+    """
+    try:
+        return [int(part.strip().removesuffix("%")) for part in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give percentages such as 5,25,100") from None
+
+
+@click.group()
+def rollout() -> None:
+    """Staged rollouts of a release: canaries first, then growing shares of the fleet."""
+
+
+def _print_rollout(r: dict[str, Any]) -> None:
+    counts = r["counts"]
+    show(
+        f"rollout {r['id']}: {r['version']} {r['state']} at stage {r['stage_name']} "
+        f"({' > '.join(r['stages'])}); {counts['succeeded']} succeeded, {counts['pending']} "
+        f"pending, {counts['failed']} failed" + (f"; {r['reason']}" if r["reason"] else "")
+    )
+
+
+def parse_selector(selectors: Sequence[str]) -> dict[str, Any] | None:
+    """``role=camera`` and ``tag=north`` (repeatable) as the API's selector.
+
+    Raises:
+        click.BadParameter: another key, a second role, or an empty value.
+    """
+    role: str | None = None
+    tags: list[str] = []
+    for item in selectors:
+        key, _, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not value or key not in ("role", "tag", "tags"):
+            raise click.BadParameter(
+                f"{item!r}: give role=NAME or tag=NAME", param_hint="--selector"
+            )
+        if key == "role":
+            if role is not None and role != value:
+                raise click.BadParameter("give one role", param_hint="--selector")
+            role = value
+        else:
+            tags += [t.strip() for t in value.split(",") if t.strip()]
+    return {"role": role, "tags": tags} if role or tags else None
+
+
+BAR_WIDTH = 24
+
+
+def _bar(done: int, failed: int, expected: int) -> str:
+    """``[####xx......]``: succeeded (#) and failed (x) devices of the stage's cohort."""
+    if expected <= 0:
+        return "[" + " " * BAR_WIDTH + "]"
+    good = round(BAR_WIDTH * done / expected)
+    bad = min(BAR_WIDTH - good, math.ceil(BAR_WIDTH * failed / expected))
+    return "[" + "#" * good + "x" * bad + "." * (BAR_WIDTH - good - bad) + "]"
+
+
+def render_rollout(r: dict[str, Any]) -> list[str]:
+    """A rollout for a terminal: a line, a progress bar per stage, and the failure rule."""
+    lines = [
+        f"rollout {r['id']}: {r['version']} {r['state'].upper()} at stage {r['stage_name']}"
+        f" (soak {r['soak_s']} s per stage)" + (f": {r['reason']}" if r["reason"] else "")
+    ]
+    selector = r.get("selector")
+    if selector:
+        wanted = ([f"role={selector['role']}"] if selector.get("role") else []) + [
+            f"tag={t}" for t in selector.get("tags", [])
+        ]
+        lines.append(f"  selector: {' '.join(wanted)}")
+    width = max(len(s["name"]) for s in r["stage_progress"])
+    for index, stage in enumerate(r["stage_progress"]):
+        marker = ">" if index == r["stage"] and r["state"] in ("running", "paused") else " "
+        bar = _bar(stage["succeeded"], stage["failed"], stage["expected"])
+        lines.append(
+            f"{marker} {stage['name']:<{width}} {bar}"
+            f" {stage['succeeded']}/{stage['expected']} ok, {stage['failed']} failed, "
+            f"{stage['pending']} pending"
+        )
+    rule = r["failure_rule"]
+    lines.append(
+        f"  failure rule: {rule['text']}; now {rule['failed']} of {rule['assigned']} failed, "
+        f"{rule['allowed']} tolerated"
+        + (
+            f" (one failure is tolerated from {rule['min_devices_for_one_failure']} devices on)"
+            if rule["min_devices_for_one_failure"]
+            else ""
+        )
+    )
+    if r.get("acknowledged"):
+        lines.append(f"  acknowledged failures: {len(r['acknowledged'])}")
+    return lines
+
+
+@rollout.command("start")
+@click.argument("version")
+@click.option("--canary", multiple=True, help="A canary device id (repeat for more).")
+@click.option("--device", "devices", multiple=True, help="Limit the rollout to these devices.")
+@click.option("--stages", default="5,25,100", show_default=True, help="Percentages, ending 100.")
+@click.option("--soak", default="15m", show_default=True, help="Soak time of each stage.")
+@click.option("--max-failure", default="5%", show_default=True, help="Failure rate that halts.")
+@click.option("--install-deadline", default="1h", show_default=True, help="Time to commit.")
+@click.option("--no-rollback", is_flag=True, help="On a halt, leave failed devices as they are.")
+@click.option(
+    "--selector", "selectors", multiple=True,
+    help="role=NAME or tag=NAME: only devices that report it (repeat; all must match).",
+)  # fmt: skip
+@api_options
+def rollout_start(
+    version: str,
+    canary: tuple[str, ...],
+    devices: tuple[str, ...],
+    stages: str,
+    soak: str,
+    max_failure: str,
+    install_deadline: str,
+    no_rollback: bool,
+    selectors: tuple[str, ...],
+    server: str | None,
+    token: str | None,
+) -> None:
+    """Start a staged rollout of release VERSION."""
+    document = {
+        "selector": parse_selector(selectors),
+        "version": version,
+        "device_ids": list(devices) or None,
+        "canary": list(canary),
+        "stages": parse_stages(stages),
+        "soak_s": parse_duration(soak),
+        "max_failure_rate": parse_percent(max_failure),
+        "install_deadline_s": parse_duration(install_deadline),
+        "rollback_on_halt": not no_rollback,
+    }
+    _print_rollout(api_client(server, token).post("/api/v1/rollouts", document))
+
+
+@rollout.command("status")
+@api_options
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@click.option(
+    "--watch", is_flag=True,
+    help="Redraw every --interval seconds until no rollout is running or paused (or Ctrl-C).",
+)  # fmt: skip
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(0.1, 3600))
+@click.option("--all", "show_all", is_flag=True, help="Every rollout, not only the latest five.")
+def rollout_status(
+    server: str | None,
+    token: str | None,
+    as_json: bool,
+    watch: bool,
+    interval: float,
+    show_all: bool,
+) -> None:
+    """The rollouts, newest first, with a progress bar per stage, and the emergency stop."""
+    client = api_client(server, token)
+    while True:
+        answer = client.get("/api/v1/rollouts")
+        if as_json:
+            click.echo(json.dumps(answer, indent=2, ensure_ascii=True))
+            return
+        lines = []
+        stop = answer["emergency_stop"]
+        if stop["active"]:
+            lines.append(
+                f"EMERGENCY STOP since {stop['since']} by {stop['actor']}: {stop['reason']}"
+            )
+        shown = answer["rollouts"] if show_all else answer["rollouts"][:5]
+        for r in shown:
+            lines += render_rollout(r)
+        if not answer["rollouts"]:
+            lines.append("no rollouts")
+        if watch and sys.stdout.isatty():
+            click.clear()
+        show(*lines)
+        going = any(r["state"] in ("running", "paused") for r in answer["rollouts"])
+        if not watch or not going:
+            return
+        time.sleep(interval)
+        click.echo("")
+
+
+def _transition_command(action: str, help_text: str) -> None:
+    @rollout.command(action, help=help_text)
+    @click.argument("rollout_id", type=click.IntRange(1, 2**31 - 1))
+    @click.option("--reason", help="Why (kept in the audit trail).")
+    @api_options
+    def command(rollout_id: int, reason: str | None, server: str | None, token: str | None) -> None:
+        body = {"reason": reason} if reason else {}
+        _print_rollout(
+            api_client(server, token).post(f"/api/v1/rollouts/{rollout_id}/{action}", body)
+        )
+
+
+_transition_command("pause", "Pause a running rollout: no promotion, no new assignments.")
+_transition_command("resume", "Resume a paused rollout.")
+_transition_command("abort", "End a rollout; its uncommitted devices return to their release.")
+_transition_command("rollback", "End a rollout; every one of its devices returns to its release.")
+
+
+@click.command("emergency-stop")
+@click.option("--clear", is_flag=True, help="Turn the emergency stop off.")
+@click.option("--reason", help="Why (kept in the audit trail).")
+@api_options
+def emergency_stop(clear: bool, reason: str | None, server: str | None, token: str | None) -> None:
+    """Pause every rollout and withdraw every uncommitted assignment at once (--clear: undo)."""
+    client = api_client(server, token)
+    if clear:
+        answer = client.post("/api/v1/emergency-stop/clear", {})
+    else:
+        answer = client.post("/api/v1/emergency-stop", {"reason": reason} if reason else {})
+    if answer["active"]:
+        show(f"emergency stop ON since {answer['since']}: {answer['reason']}")
+    else:
+        click.echo("emergency stop off (paused rollouts stay paused until resumed)")

@@ -82,6 +82,7 @@ def _runtime(
 
 
 @click.group(cls=FleetGroup)
+@click.version_option(package_name="metrica-fleet")
 @click.option(
     "--config", type=click.Path(path_type=Path), default=DEFAULT_CONFIG_PATH, show_default=True
 )

@@ -23,6 +23,7 @@ from server.cli.common import (
     database_options,
     open_database,
     show,
+    uses_database,
     utc_now,
 )
 
@@ -92,15 +93,19 @@ def audit_list(
         click.echo("no matching entries", err=True)
 
 
-def _parse_head(text: str) -> tuple[int, str]:
+def _parse_head(
+    _context: click.Context, _param: click.Parameter, text: str | None
+) -> tuple[int, str] | None:
+    if text is None:
+        return None
     match = re.fullmatch(r"(\d+):([0-9a-f]{64})", text.strip())
-    if match is None:
+    if match is not None:
+        return int(match.group(1)), match.group(2)
+    if Path(text).is_file():
         raise click.BadParameter(
-            "give SEQ:HASH as printed by an earlier verify, or a file written by "
-            "'fleet audit head --out'",
-            param_hint="--expect-head",
+            f"{text!r} is a file: give a signed head file with --expect-signed-head"
         )
-    return int(match.group(1)), match.group(2)
+    raise click.BadParameter(f"{text!r}: give SEQ:HASH as printed by an earlier verify")
 
 
 def _server_signing_key(data_dir: Path | None) -> SigningKey:
@@ -134,10 +139,10 @@ def head(
     out: Path | None,
 ) -> None:
     """Sign the audit trail's head with the server key and export it, for a later
-    'fleet audit verify --expect-head FILE' to check that nothing at or below it changed."""
+    'fleet audit verify --expect-signed-head FILE' to check that nothing at or below it changed."""
     from server.anchor import SignedHead, anchor_head
 
-    if data_dir is not None or database_url is not None:
+    if uses_database(data_dir, database_url):
         key = _server_signing_key(data_dir)
         signed = anchor_head(open_database(data_dir, database_url), key, utc_now())
         document = None if signed is None else signed.to_dict()
@@ -162,21 +167,31 @@ def head(
 @api_options
 @click.option(
     "--expect-head",
-    help="A file written by 'fleet audit head --out' (its signature is checked), or SEQ:HASH "
-    "printed by an earlier verify: also catches entries removed from the end.",
+    metavar="SEQ:HASH",
+    callback=_parse_head,
+    help="The head printed by an earlier verify: also catches entries removed from the end.",
+)
+@click.option(
+    "--expect-signed-head",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A file written by 'fleet audit head --out' (its signature is checked with the server "
+    "key): also catches a chain rewritten whole, and anchors deleted.",
 )
 @click.option(
     "--server-key",
     type=click.Path(dir_okay=False, path_type=Path),
     help="The server's public key, to check signed heads (default with --data-dir: its key).",
 )
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON (exit 1 still).")
 def verify(
     data_dir: Path | None,
     database_url: str | None,
     server: str | None,
     token: str | None,
-    expect_head: str | None,
+    expect_head: tuple[int, str] | None,
+    expect_signed_head: Path | None,
     server_key: Path | None,
+    as_json: bool,
 ) -> None:
     """Walk the hash chain and check the signed heads; name the first changed or removed
     entry (exit 1 if any)."""
@@ -184,19 +199,14 @@ def verify(
     from server.audit import all_entries, verify_chain
     from signing.keys import load_public_key
 
-    direct = data_dir is not None or database_url is not None
+    direct = uses_database(data_dir, database_url)
     if server_key is not None:
         public_key = load_public_key(server_key)
     elif data_dir is not None:
         public_key = _server_signing_key(data_dir).public_key
     else:
         public_key = None
-    exported: SignedHead | None = None
-    recorded: tuple[int, str] | None = None
-    if expect_head is not None and Path(expect_head).is_file():
-        exported = read_head_file(Path(expect_head))
-    elif expect_head is not None:
-        recorded = _parse_head(expect_head)
+    exported = None if expect_signed_head is None else read_head_file(expect_signed_head)
     if exported is not None and public_key is None:
         raise ClientConfigError("checking a signed head needs the server key: give --server-key")
     if direct:
@@ -207,19 +217,36 @@ def verify(
         anchors = [SignedHead.from_dict(a) for a in client.get("/api/v1/audit/anchors")["anchors"]]
         chain = _api_entries(client)
     anchored: dict[int, str] = {}
+    problem: str | None = None
     if public_key is not None:
         anchored, problem = check_anchors([*anchors, *filter(None, [exported])], public_key)
+    report = (
+        None
+        if problem is not None
+        else verify_chain(chain, expect_head=expect_head, anchored=anchored)
+    )
+    if report is not None and not report.intact:
+        problem = f"{report.problem} ({report.checked} entries before it hold)"
+    unchecked = len(anchors) if anchors and public_key is None else 0
+    if as_json:
+        document = {
+            "intact": problem is None,
+            "problem": problem,
+            "entries": None if report is None else report.checked,
+            "head": None if report is None or problem else f"{report.head_seq}:{report.head_hash}",
+            "signed_heads_held": len(anchored) if problem is None else None,
+            "signed_heads_unchecked": unchecked,
+        }
+        click.echo(json.dumps(document, indent=2, ensure_ascii=True))
         if problem is not None:
-            raise AuditChainBrokenError(f"audit trail broken: {problem}")
-    report = verify_chain(chain, expect_head=recorded, anchored=anchored)
-    if not report.intact:
-        raise AuditChainBrokenError(
-            f"audit trail broken: {report.problem} ({report.checked} entries before it hold)"
-        )
+            raise SystemExit(1)
+        return
+    if problem is not None or report is None:
+        raise AuditChainBrokenError(f"audit trail broken: {problem}")
     click.echo(
         f"audit trail intact: {report.checked} entries; head {report.head_seq}:{report.head_hash}"
     )
     if anchored:
         click.echo(f"signed heads: {len(anchored)} hold")
-    elif anchors and public_key is None:
-        click.echo(f"{len(anchors)} signed head(s) not checked: give --server-key", err=True)
+    elif unchecked:
+        click.echo(f"{unchecked} signed head(s) not checked: give --server-key", err=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -135,7 +136,18 @@ def test_truncated_end_needs_the_recorded_head(harness: Harness) -> None:
         verify(harness, "--expect-head", head), f"entries {last - 1} to {last} were removed"
     )
     bad = verify(harness, "--expect-head", "garbage")
-    assert bad.exit_code == 2
+    assert bad.exit_code == 2 and "'garbage': give SEQ:HASH" in bad.stderr
+    broken = json.loads(verify(harness, "--expect-head", head, "--json").stdout)
+    assert broken["intact"] is False and broken["head"] is None
+    assert f"entries {last - 1} to {last} were removed" in broken["problem"]
+    intact = verify(harness, "--json")
+    assert intact.exit_code == 0, intact.output
+    assert json.loads(intact.stdout) == {
+        "intact": True, "problem": None, "entries": last - 2,
+        "head": json.loads(intact.stdout)["head"], "signed_heads_held": 0,
+        "signed_heads_unchecked": 0,
+    }  # fmt: skip
+    assert json.loads(intact.stdout)["head"].startswith(f"{last - 2}:")
 
 
 def test_verify_chain_unit() -> None:

@@ -139,21 +139,35 @@ def test_an_exported_head_catches_what_deleting_the_anchors_hides(
     assert run("verify", *url).exit_code == 0  # no anchor left, a shorter chain
     key = harness.settings.server_key_path
     assert_broken(
-        run("verify", *url, "--expect-head", str(out), "--server-key", str(key)),
+        run("verify", *url, "--expect-signed-head", str(out), "--server-key", str(key)),
         f"entries {head.seq} to {head.seq} were removed from the end",
     )
     # the file says which head; someone changing it cannot sign it again
     out.write_text(json.dumps({**head.to_dict(), "seq": head.seq - 1}))
     assert_broken(
-        run("verify", *url, "--expect-head", str(out), "--server-key", str(key)),
+        run("verify", *url, "--expect-signed-head", str(out), "--server-key", str(key)),
         "the signature does not verify with the server key",
     )
     # a signed head file without the key to check it is refused, not silently trusted
-    refused = run("verify", *url, "--expect-head", str(out))
+    refused = run("verify", *url, "--expect-signed-head", str(out))
     assert refused.exit_code == 1
     assert refused.stderr.strip() == (
         "Error: checking a signed head needs the server key: give --server-key"
     )
+    # the two ways to give a head are two options: a file given as SEQ:HASH is named as one
+    mixed = run("verify", *url, "--expect-head", str(out))
+    assert (
+        mixed.exit_code == 2
+        and "is a file: give a signed head file with --expect-signed-head" in mixed.stderr
+    )
+    missing = run("verify", *url, "--expect-signed-head", str(tmp_path / "nowhere.json"))
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr
+    as_json = run(
+        "verify", *url, "--expect-signed-head", str(out), "--server-key", str(key), "--json"
+    )
+    assert as_json.exit_code == 1
+    outcome = json.loads(as_json.stdout)
+    assert outcome["intact"] is False and "does not verify" in outcome["problem"]
 
 
 @pytest.mark.parametrize(
@@ -172,7 +186,7 @@ def test_a_malformed_head_file_is_one_clear_error(
     fill(harness)
     path = tmp_path / "head.json"
     path.write_text(content)
-    result = run("verify", *data_dir_args(harness), "--expect-head", str(path))
+    result = run("verify", *data_dir_args(harness), "--expect-signed-head", str(path))
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert lines == [f"Error: {path}: {problem}"] or (
@@ -201,7 +215,7 @@ def test_heads_over_the_api(live_server: LiveServer, tmp_path: Path) -> None:
     from signing.keys import public_key_pem
 
     public.write_bytes(public_key_pem(key.public_key))
-    result = run("verify", *api, "--server-key", str(public), "--expect-head", str(out))
+    result = run("verify", *api, "--server-key", str(public), "--expect-signed-head", str(out))
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[-1] == "signed heads: 1 hold"
     unchecked = run("verify", *api)

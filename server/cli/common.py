@@ -22,20 +22,87 @@ F = TypeVar("F", bound=Callable[..., Any])
 DATABASE_URL_ENV = "FLEET_DATABASE_URL"
 METRICS_NETWORKS_ENV = "FLEET_METRICS_NETWORKS"
 CA_FILE_META = "fleet.ca_file"  # --ca-file, kept in the click context for api_client
-_DURATION = re.compile(r"(\d+)([smhd]?)")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", re.ASCII)
+MAX_DURATION_S = 2**31 - 1  # what every duration column and API field holds
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str) -> int:
-    """Seconds in ``3600``, ``90s``, ``15m``, ``12h`` or ``7d``.
+    """Seconds in ``3600``, ``90s``, ``15m``, ``12h``, ``7d``, or a compound such as ``1h30m``
+    (units largest first, each at most once).
 
     Raises:
         click.BadParameter: anything else, or zero.
     """
-    match = _DURATION.fullmatch(text.strip())
-    if match is None or int(match.group(1)) == 0:
-        raise click.BadParameter(f"{text!r}: give a positive number of seconds, or 15m, 12h, 7d")
-    return int(match.group(1)) * _UNITS[match.group(2)]
+    stripped = text.strip()
+    match = _DURATION.fullmatch(stripped)
+    if stripped.isascii() and stripped.isdigit():
+        seconds = int(stripped)
+    elif match is not None and stripped:
+        seconds = sum(
+            int(n or 0) * _UNITS[unit] for n, unit in zip(match.groups(), "dhms", strict=True)
+        )
+    else:
+        seconds = 0
+    if not 0 < seconds <= MAX_DURATION_S:
+        raise click.BadParameter(
+            f"{text!r}: give a positive number of seconds (at most {MAX_DURATION_S}), or 90s, "
+            "15m, 12h, 7d, 1h30m"
+        )
+    return seconds
+
+
+def parse_percent(text: str) -> float:
+    """The fraction in ``5%`` or ``0.5%``. The ``%`` is required: a bare ``0.5`` could mean half
+    or half a percent.
+
+    Raises:
+        click.BadParameter: no ``%``, not a number, or not from 0 to below 100 %.
+    """
+    stripped = text.strip()
+    if not stripped.endswith("%"):
+        raise click.BadParameter(f"{text!r}: write a percentage with %, such as 5% or 0.5%")
+    try:
+        value = float(stripped.removesuffix("%"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give a percentage such as 5%") from None
+    if not 0 <= value < 100:  # (NaN fails this too)
+        raise click.BadParameter(f"{text!r}: give a percentage from 0 to below 100%")
+    return value / 100
+
+
+class Duration(click.types.IntParamType):
+    """An option's duration (:func:`parse_duration`), refused naming the option."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_duration(str(value))
+        except click.BadParameter as err:
+            self.fail(err.message, param, ctx)
+
+
+class Percent(click.types.FloatParamType):
+    """An option's percentage (:func:`parse_percent`), as a fraction, refused naming the option."""
+
+    name = "percent"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_percent(str(value))
+        except click.BadParameter as err:
+            self.fail(err.message, param, ctx)
+
+
+DURATION = Duration()
+PERCENT = Percent()
 
 
 def cli_actor() -> str:

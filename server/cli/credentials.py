@@ -15,12 +15,12 @@ from fleet_core.text import check_text
 if TYPE_CHECKING:
     pass
 from server.cli.common import (
+    DURATION,
     api_client,
     api_options,
     cli_actor,
     database_options,
     open_database,
-    parse_duration,
     print_table,
     show,
     uses_database,
@@ -43,11 +43,12 @@ def token() -> None:
 @click.option("--name", required=True, help="Whose token it is (shown in the audit trail).")
 @click.option(
     "--expires-in",
-    help="Lifetime: seconds, or 15m, 12h, 30d (default 90d, at most 365d).",
+    type=DURATION,
+    help="Lifetime: seconds, or 15m, 12h, 30d, 1h30m (default 90d, at most 365d).",
 )
 @database_options
 def token_create(
-    role: str, name: str, expires_in: str | None, data_dir: Path | None, database_url: str | None
+    role: str, name: str, expires_in: int | None, data_dir: Path | None, database_url: str | None
 ) -> None:
     """Create an operator token and print it (only this once; the server keeps its hash).
 
@@ -57,7 +58,7 @@ def token_create(
     from server.settings import DEFAULT_OPERATOR_TOKEN_MAX_TTL_S, DEFAULT_OPERATOR_TOKEN_TTL_S
 
     now = utc_now()
-    seconds = parse_duration(expires_in) if expires_in is not None else None
+    seconds = expires_in
     try:
         expires = operator_token_expiry(
             now,
@@ -125,19 +126,23 @@ def enrollment_token() -> None:
 
 @enrollment_token.command("create")
 @click.option("--uses", required=True, type=click.IntRange(1, 1_000_000), help="Devices it admits.")
-@click.option("--expires-in", help="Lifetime: seconds, or 15m, 12h, 7d (default: no expiry).")
+@click.option(
+    "--expires-in",
+    type=DURATION,
+    help="Lifetime: seconds, or 15m, 12h, 7d, 1h30m (default: no expiry).",
+)
 @database_options
 @api_options
 def enrollment_token_create(
     uses: int,
-    expires_in: str | None,
+    expires_in: int | None,
     data_dir: Path | None,
     database_url: str | None,
     server: str | None,
     token: str | None,
 ) -> None:
     """Create an enrollment token and print it (only this once)."""
-    seconds = parse_duration(expires_in) if expires_in is not None else None
+    seconds = expires_in
     if data_dir is not None or database_url is not None:
         from server.enrollment import create_enrollment_token
 

@@ -14,27 +14,12 @@ import click
 if TYPE_CHECKING:
     pass
 from server.cli.common import (
+    DURATION,
+    PERCENT,
     api_client,
     api_options,
-    parse_duration,
     show,
 )
-
-
-def parse_percent(text: str) -> float:
-    """A fraction from ``5%``, ``0.05`` or ``5`` (a number above 1 is a percentage).
-
-    Raises:
-        click.BadParameter: not a number from 0 to below 100 %.
-    """
-    try:
-        value = float(text.strip().removesuffix("%"))
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: give a percentage such as 5%") from None
-    fraction = value / 100 if text.strip().endswith("%") or value > 1 else value
-    if not 0 <= fraction < 1:
-        raise click.BadParameter(f"{text!r}: give a percentage from 0 to below 100%")
-    return fraction
 
 
 def parse_stages(text: str) -> list[int]:
@@ -140,9 +125,15 @@ def render_rollout(r: dict[str, Any]) -> list[str]:
 @click.option("--canary", multiple=True, help="A canary device id (repeat for more).")
 @click.option("--device", "devices", multiple=True, help="Limit the rollout to these devices.")
 @click.option("--stages", default="5,25,100", show_default=True, help="Percentages, ending 100.")
-@click.option("--soak", default="15m", show_default=True, help="Soak time of each stage.")
-@click.option("--max-failure", default="5%", show_default=True, help="Failure rate that halts.")
-@click.option("--install-deadline", default="1h", show_default=True, help="Time to commit.")
+@click.option(
+    "--soak", type=DURATION, default="15m", show_default=True, help="Soak time of each stage."
+)
+@click.option(
+    "--max-failure", type=PERCENT, default="5%", show_default=True, help="Failure rate that halts."
+)
+@click.option(
+    "--install-deadline", type=DURATION, default="1h", show_default=True, help="Time to commit."
+)
 @click.option("--no-rollback", is_flag=True, help="On a halt, leave failed devices as they are.")
 @click.option(
     "--selector", "selectors", multiple=True,
@@ -154,9 +145,9 @@ def rollout_start(
     canary: tuple[str, ...],
     devices: tuple[str, ...],
     stages: str,
-    soak: str,
-    max_failure: str,
-    install_deadline: str,
+    soak: int,
+    max_failure: float,
+    install_deadline: int,
     no_rollback: bool,
     selectors: tuple[str, ...],
     server: str | None,
@@ -169,9 +160,9 @@ def rollout_start(
         "device_ids": list(devices) or None,
         "canary": list(canary),
         "stages": parse_stages(stages),
-        "soak_s": parse_duration(soak),
-        "max_failure_rate": parse_percent(max_failure),
-        "install_deadline_s": parse_duration(install_deadline),
+        "soak_s": soak,
+        "max_failure_rate": max_failure,
+        "install_deadline_s": install_deadline,
         "rollback_on_halt": not no_rollback,
     }
     _print_rollout(api_client(server, token).post("/api/v1/rollouts", document))

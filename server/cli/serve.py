@@ -16,9 +16,9 @@ from server.errors import ClientConfigError
 if TYPE_CHECKING:
     pass
 from server.cli.common import (
+    DURATION,
     METRICS_NETWORKS_ENV,
     database_options,
-    parse_duration,
 )
 from server.cli.credentials import enrollment_token, token
 
@@ -146,12 +146,14 @@ def server() -> None:
 )
 @click.option(
     "--operator-token-ttl",
+    type=DURATION,
     default="90d",
     show_default=True,
     help="Lifetime of an operator token created without expires_in: seconds, or 12h, 30d.",
 )
 @click.option(
     "--operator-token-max-ttl",
+    type=DURATION,
     default="365d",
     show_default=True,
     help="The longest lifetime an operator token may be given.",
@@ -203,8 +205,8 @@ def run(
     max_concurrent_uploads: int,
     leftover_age: float,
     startup_leftover_age: float,
-    operator_token_ttl: str,
-    operator_token_max_ttl: str,
+    operator_token_ttl: int,
+    operator_token_max_ttl: int,
     max_device_sessions: int,
     tls_cert: Path | None,
     tls_key: Path | None,
@@ -257,8 +259,8 @@ def run(
         api_docs=api_docs,
         limits=limits,
         credentials=CredentialLimits(
-            operator_token_ttl_s=parse_duration(operator_token_ttl),
-            operator_token_max_ttl_s=parse_duration(operator_token_max_ttl),
+            operator_token_ttl_s=operator_token_ttl,
+            operator_token_max_ttl_s=operator_token_max_ttl,
             max_device_sessions=max_device_sessions,
         ),
     )

@@ -8,11 +8,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
 from fleet_core.cli import fleet
-from server.cli.common import parse_duration
+from server.cli.common import parse_duration, parse_percent
 from signing.keys import generate_key, load_private_key
 from tests.conftest import assert_one_line_error
 from tests.server.conftest import FakeDevice, LiveServer
@@ -150,10 +151,58 @@ def test_unreachable_server(refused_port: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("12h", 43200), ("7d", 604800)]
-)
+    ("text", "seconds"),
+    [
+        ("90", 90), ("90s", 90), ("15m", 900), ("12h", 43200), ("7d", 604800),
+        ("1h30m", 5400), ("1d12h", 129600), ("2m30s", 150), (" 1h ", 3600),
+        ("2147483647", 2**31 - 1),
+    ],
+)  # fmt: skip
 def test_parse_duration(text: str, seconds: int) -> None:
     assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "0", "0s", "0h0m", "s", "1.5h", "30m1h", "1h1h", "-5m", "1w", "٣", "2147483648", "1 h"],
+)
+def test_a_duration_that_is_not_one_is_refused_by_name(text: str) -> None:
+    with pytest.raises(click.BadParameter, match="give a positive number of seconds"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(("text", "fraction"), [("5%", 0.05), ("0.5%", 0.005), (" 0% ", 0.0)])
+def test_parse_percent(text: str, fraction: float) -> None:
+    assert parse_percent(text) == pytest.approx(fraction)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("0.5", "write a percentage with %"),  # half, or half a percent?
+        ("5", "write a percentage with %"),
+        ("lots%", "give a percentage such as 5%"),
+        ("100%", "from 0 to below 100%"),
+        ("-1%", "from 0 to below 100%"),
+        ("nan%", "from 0 to below 100%"),
+    ],
+)
+def test_a_percentage_without_its_sign_or_out_of_range_is_refused(text: str, problem: str) -> None:
+    with pytest.raises(click.BadParameter, match=problem):
+        parse_percent(text)
+
+
+def test_a_bad_duration_or_percentage_names_its_option() -> None:
+    for args, option in [
+        (["rollout", "start", "2.0.0", "--soak", "1h30"], "--soak"),
+        (["rollout", "start", "2.0.0", "--max-failure", "0.5"], "--max-failure"),
+        (["rollout", "start", "2.0.0", "--install-deadline", "soon"], "--install-deadline"),
+        (["server", "token", "create", "--role", "admin", "--name", "x", "--expires-in", "1y",
+          "--data-dir", "/nonexistent"], "--expires-in"),
+    ]:  # fmt: skip
+        result = run(*args)
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for '{option}'" in result.stderr, result.stderr
 
 
 def test_fleet_keys_stays_light() -> None:

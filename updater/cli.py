@@ -107,11 +107,34 @@ def main(ctx: click.Context, config: Path, data_dir: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Show slots, boot state and update state. Never fails on damaged state: it reports it."""
+    """Show slots, boot state and update state, as far as they can be read; writes nothing.
+
+    Exits 1 (after printing what it found) when the configuration is missing, unreadable or
+    invalid, or the boot state cannot be read (``repair`` rebuilds it): each problem is named
+    in the document and on one ``Error:`` line.
+    """
     document = _runtime(ctx, log_to_stdout=False, read_only=True, on_defaults=True).snapshot()
     if as_json:
         click.echo(json.dumps(document, indent=2, sort_keys=True))
-        return
+    else:
+        _print_status(document)
+    problems = _status_problems(document)
+    if problems:
+        raise UpdaterError("; ".join(problems))
+
+
+def _status_problems(document: dict[str, Any]) -> list[str]:
+    """What makes ``status`` fail: a configuration it fell back from or whose backend cannot
+    be built, and a boot state that cannot be read (nor a backend built to read it). A damaged
+    state store is reported but is not one: the updater starts afresh from it, keeping the
+    security floor."""
+    problems = list(document["config"]["problems"])
+    if document["bootloader_problem"]:
+        problems.append(document["bootloader_problem"])
+    return problems
+
+
+def _print_status(document: dict[str, Any]) -> None:
     # every value may come from a file someone edited: each line is printed inert
     lines = [f"config:    {document['config']['source']}"]
     lines += [f"  problem: {problem}" for problem in document["config"]["problems"]]

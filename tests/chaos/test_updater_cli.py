@@ -36,9 +36,11 @@ def updater(device: VirtualDevice, *args: str, extra: str = "") -> Result:
     return CliRunner().invoke(main, ["--config", str(config), *args])
 
 
-def status(device: VirtualDevice) -> dict[str, Any]:
+def status(device: VirtualDevice, exit_code: int = 0) -> dict[str, Any]:
+    """The device's ``status --json``; it exits 1 when the configuration or the boot state is
+    unusable, the document naming the problem all the same."""
     result = updater(device, "status", "--json")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == exit_code, result.output
     document: dict[str, Any] = json.loads(result.stdout)
     return document
 
@@ -262,7 +264,8 @@ def test_corrupted_config_is_reported_not_fatal(make_device: MakeDevice) -> None
     result = CliRunner().invoke(
         main, ["--config", str(config), "--data-dir", data_dir, "status", "--json"]
     )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # the device runs on; status says it is amiss
+    assert "Error: " in result.stderr and "not valid TOML" in result.stderr
     document = json.loads(result.stdout)
     assert document["config"]["source"].endswith("updater.last-good.toml")
     assert "not valid TOML" in document["config"]["problems"][0]
@@ -281,7 +284,7 @@ def test_a_config_whose_backend_cannot_be_built_is_not_kept(make_device: MakeDev
     text = device.config_toml().split("[bootloader]")[0] + uboot
     config.write_text(text)
     result = CliRunner().invoke(main, ["--config", str(config), "status", "--json"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output
     problems = json.loads(result.stdout)["config"]["problems"]
     assert len(problems) == 1 and "not kept as the last good configuration" in problems[0]
     assert str(missing) in problems[0]
@@ -694,7 +697,7 @@ def test_a_lost_boot_state_never_resurrects_a_slot_below_the_floor(
     lose_boot_state(device, firmware)
     files = {path: path.read_bytes() if path.exists() else None for path in boot_files(device)}
 
-    document = status(device)  # a read: reports, writes nothing
+    document = status(device, exit_code=1)  # a read: reports, writes nothing
     assert document["bootloader_problem"]
     assert document["booted"] == "b"  # the kernel still says which slot runs
     assert {p: p.read_bytes() if p.exists() else None for p in boot_files(device)} == files
@@ -765,11 +768,16 @@ def tree(root: Path) -> dict[str, tuple[bytes, int] | None]:
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("damage", ["none", "state-garbled", "config-new", "data-dir-missing"])
+@pytest.mark.parametrize(
+    "damage", ["none", "state-garbled", "config-new", "config-invalid", "data-dir-missing"]
+)
 def test_status_writes_nothing_whatever_it_finds(make_device: MakeDevice, damage: str) -> None:
     device = make_device("grub")
     config = device.root / "updater.toml"
-    extra = 'role = "camera"\n' if damage == "config-new" else ""  # not the last-good copy
+    extra = {  # appended to the [limits] table
+        "config-new": "max_temperature_c = 79.0\n",  # valid, and not the last-good copy
+        "config-invalid": 'role = "camera"\n',  # no setting of [limits]
+    }.get(damage, "")
     config.write_text(device.config_toml(extra=extra))
     data_dir = device.config.data_dir
     if damage == "state-garbled":
@@ -779,7 +787,7 @@ def test_status_writes_nothing_whatever_it_finds(make_device: MakeDevice, damage
     before = tree(device.root)
     for args in (["status"], ["status", "--json"]):
         result = CliRunner().invoke(main, ["--config", str(config), *args])
-        assert result.exit_code == 0, result.output
+        assert result.exit_code == (1 if damage == "config-invalid" else 0), result.output
     assert tree(device.root) == before
     if damage == "state-garbled":
         assert "damaged" in json.loads(result.stdout)["state_problem"]
@@ -801,7 +809,8 @@ def test_status_prints_what_it_finds_inertly(make_device: MakeDevice) -> None:
     hostile_key.write_text(device.config_toml() + '"evil\\u001b[2J\\nslot b: good" = 1\n')
     for path in (config, hostile_key):
         plain = CliRunner().invoke(main, ["--config", str(path), "status"])
-        assert plain.exit_code == 0, plain.output
+        assert plain.exit_code == (0 if path == config else 1), plain.output  # unknown setting
+        assert all(refused_character(line) is None for line in plain.stderr.splitlines())
         lines = plain.stdout.splitlines()
         assert all(refused_character(line) is None for line in lines), lines
         assert sum(line.startswith("slot b:") for line in lines) == 1, lines

@@ -20,6 +20,7 @@ from server.cli.common import (
     api_options,
     show,
 )
+from server.errors import ServerError
 
 
 def parse_stages(text: str) -> list[int]:
@@ -39,7 +40,15 @@ def rollout() -> None:
     """Staged rollouts of a release: canaries first, then growing shares of the fleet."""
 
 
-def _print_rollout(r: dict[str, Any]) -> None:
+JSON_OPTION = click.option(
+    "--json", "as_json", is_flag=True, help="Print the API's answer as JSON."
+)
+
+
+def _print_rollout(r: dict[str, Any], as_json: bool = False) -> None:
+    if as_json:
+        click.echo(json.dumps(r, indent=2, ensure_ascii=True))
+        return
     counts = r["counts"]
     show(
         f"rollout {r['id']}: {r['version']} {r['state']} at stage {r['stage_name']} "
@@ -140,6 +149,7 @@ def render_rollout(r: dict[str, Any]) -> list[str]:
     help="role=NAME or tag=NAME: only devices that report it (repeat; all must match).",
 )  # fmt: skip
 @api_options
+@JSON_OPTION
 def rollout_start(
     version: str,
     canary: tuple[str, ...],
@@ -152,6 +162,7 @@ def rollout_start(
     selectors: tuple[str, ...],
     server: str | None,
     token: str | None,
+    as_json: bool,
 ) -> None:
     """Start a staged rollout of release VERSION."""
     document = {
@@ -165,19 +176,29 @@ def rollout_start(
         "install_deadline_s": install_deadline,
         "rollback_on_halt": not no_rollback,
     }
-    _print_rollout(api_client(server, token).post("/api/v1/rollouts", document))
+    _print_rollout(api_client(server, token).post("/api/v1/rollouts", document), as_json)
+
+
+class RolloutFailedError(ServerError):
+    """A watched rollout ended without completing (halted, aborted or rolled back)."""
+
+
+ENDED_BADLY = ("halted", "aborted")
 
 
 @rollout.command("status")
+@click.argument("rollout_id", type=click.IntRange(1, 2**31 - 1), required=False)
 @api_options
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
 @click.option(
     "--watch", is_flag=True,
-    help="Redraw every --interval seconds until no rollout is running or paused (or Ctrl-C).",
+    help="Follow until no rollout (or ROLLOUT_ID) is running or paused; exit 0 when it completed, "
+    "1 when it halted or was aborted.",
 )  # fmt: skip
 @click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(0.1, 3600))
 @click.option("--all", "show_all", is_flag=True, help="Every rollout, not only the latest five.")
 def rollout_status(
+    rollout_id: int | None,
     server: str | None,
     token: str | None,
     as_json: bool,
@@ -185,32 +206,57 @@ def rollout_status(
     interval: float,
     show_all: bool,
 ) -> None:
-    """The rollouts, newest first, with a progress bar per stage, and the emergency stop."""
+    """The rollouts, newest first (or rollout ROLLOUT_ID), with a progress bar per stage, and the
+    emergency stop.
+
+    With --watch, as `kubectl rollout status`: the exit status is 0 once every rollout followed
+    (ROLLOUT_ID, or those running or paused when the watch began) completed, and 1 as soon as
+    one halts or is aborted; a paused rollout is waited for. With --json and --watch, the JSON
+    is printed once, when the watch ends."""
     client = api_client(server, token)
+    path = "/api/v1/rollouts" if rollout_id is None else f"/api/v1/rollouts/{rollout_id}"
+    followed: set[int] | None = None
     while True:
-        answer = client.get("/api/v1/rollouts")
-        if as_json:
+        answer = client.get(path)
+        rollouts = answer["rollouts"] if rollout_id is None else [answer]
+        if followed is None:
+            followed = {r["id"] for r in rollouts if r["state"] in ("running", "paused")}
+            if rollout_id is not None:
+                followed = {rollout_id}
+        going = [r for r in rollouts if r["id"] in followed and r["state"] in ("running", "paused")]
+        if not as_json:
+            if watch and sys.stdout.isatty():
+                click.clear()
+            show(*_status_lines(answer, rollouts, show_all or rollout_id is not None))
+        elif not (watch and going):
             click.echo(json.dumps(answer, indent=2, ensure_ascii=True))
+        if not watch:
             return
-        lines = []
-        stop = answer["emergency_stop"]
-        if stop["active"]:
-            lines.append(
-                f"EMERGENCY STOP since {stop['since']} by {stop['actor']}: {stop['reason']}"
+        failed = [r for r in rollouts if r["id"] in followed and r["state"] in ENDED_BADLY]
+        if failed:
+            r = failed[0]
+            raise RolloutFailedError(
+                f"rollout {r['id']} {r['state']}" + (f": {r['reason']}" if r["reason"] else "")
             )
-        shown = answer["rollouts"] if show_all else answer["rollouts"][:5]
-        for r in shown:
-            lines += render_rollout(r)
-        if not answer["rollouts"]:
-            lines.append("no rollouts")
-        if watch and sys.stdout.isatty():
-            click.clear()
-        show(*lines)
-        going = any(r["state"] in ("running", "paused") for r in answer["rollouts"])
-        if not watch or not going:
+        if not going:
             return
         time.sleep(interval)
-        click.echo("")
+        if not as_json:
+            click.echo("")
+
+
+def _status_lines(
+    answer: dict[str, Any], rollouts: list[dict[str, Any]], show_all: bool
+) -> list[str]:
+    lines = []
+    stop = answer.get("emergency_stop")
+    if stop is not None and stop["active"]:
+        lines.append(f"EMERGENCY STOP since {stop['since']} by {stop['actor']}: {stop['reason']}")
+    for r in rollouts if show_all else rollouts[:5]:
+        lines += render_rollout(r)
+    if not rollouts:
+        lines.append("no rollouts")
+    return lines
 
 
 def _transition_command(action: str, help_text: str) -> None:
@@ -218,11 +264,13 @@ def _transition_command(action: str, help_text: str) -> None:
     @click.argument("rollout_id", type=click.IntRange(1, 2**31 - 1))
     @click.option("--reason", help="Why (kept in the audit trail).")
     @api_options
-    def command(rollout_id: int, reason: str | None, server: str | None, token: str | None) -> None:
+    @JSON_OPTION
+    def command(
+        rollout_id: int, reason: str | None, server: str | None, token: str | None, as_json: bool
+    ) -> None:
         body = {"reason": reason} if reason else {}
-        _print_rollout(
-            api_client(server, token).post(f"/api/v1/rollouts/{rollout_id}/{action}", body)
-        )
+        answer = api_client(server, token).post(f"/api/v1/rollouts/{rollout_id}/{action}", body)
+        _print_rollout(answer, as_json)
 
 
 _transition_command("pause", "Pause a running rollout: no promotion, no new assignments.")
@@ -235,14 +283,19 @@ _transition_command("rollback", "End a rollout; every one of its devices returns
 @click.option("--clear", is_flag=True, help="Turn the emergency stop off.")
 @click.option("--reason", help="Why (kept in the audit trail).")
 @api_options
-def emergency_stop(clear: bool, reason: str | None, server: str | None, token: str | None) -> None:
+@JSON_OPTION
+def emergency_stop(
+    clear: bool, reason: str | None, server: str | None, token: str | None, as_json: bool
+) -> None:
     """Pause every rollout and withdraw every uncommitted assignment at once (--clear: undo)."""
     client = api_client(server, token)
     if clear:
         answer = client.post("/api/v1/emergency-stop/clear", {})
     else:
         answer = client.post("/api/v1/emergency-stop", {"reason": reason} if reason else {})
-    if answer["active"]:
+    if as_json:
+        click.echo(json.dumps(answer, indent=2, ensure_ascii=True))
+    elif answer["active"]:
         show(f"emergency stop ON since {answer['since']}: {answer['reason']}")
     else:
         click.echo("emergency stop off (paused rollouts stay paused until resumed)")

@@ -567,6 +567,10 @@ def test_rollout_cli(live_server: LiveServer, enrolled: Enrolled, make_bundle: M
     stops = run(live_server, "audit", "list", "--action", "fleet.emergency_stop", "--last", "1")
     assert stops.stdout.count("\n") == 1 and "fleet.emergency_stop" in stops.stdout
     assert "storm" in stops.stdout
+    again = json.loads(run(live_server, "emergency-stop", "--reason", "again", "--json").stdout)
+    assert (again["active"], again["reason"]) == (True, "again")
+    cleared = json.loads(run(live_server, "emergency-stop", "--clear", "--json").stdout)
+    assert cleared["active"] is False
 
 
 def test_rollout_status_watch_draws_a_bar_per_stage(
@@ -593,6 +597,63 @@ def test_rollout_status_watch_draws_a_bar_per_stage(
     assert [b.split()[0] for b in bars] == ["canary", "50%", "100%"]
     assert "failure rule: halt on any failure in the canary stage" in watched.output
     assert "one failure is tolerated from 20 devices on" in watched.output
+
+
+@pytest.mark.parametrize(("bad", "code", "end"), [(False, 0, "COMPLETED"), (True, 1, "HALTED")])
+def test_watching_one_rollout_exits_as_it_ends(
+    live_server: LiveServer, fleet_of: Any, monkeypatch: pytest.MonkeyPatch,
+    bad: bool, code: int, end: str,
+) -> None:  # fmt: skip
+    """As `kubectl rollout status`: 0 once it completes, 1 once it halts; each wait of the watch
+    lets the fake fleet move on."""
+    fleet = fleet_of(4)
+    fleet.tick(0)
+    if bad:
+        fleet.bad = {d.id for d in fleet.devices}
+    rollout = start(live_server.harness, version="2.0.0", stages=[100], soak_s=60)
+    waits: list[float] = []
+
+    def wait(seconds: float) -> None:
+        waits.append(seconds)
+        assert len(waits) < 20, "the watch did not end"
+        fleet.tick()
+
+    monkeypatch.setattr("server.cli.rollouts.time.sleep", wait)
+    watched = run(live_server, "rollout", "status", str(rollout["id"]), "--watch")
+    assert watched.exit_code == code, watched.output
+    assert waits and set(waits) == {2.0}
+    finals = [line for line in watched.stdout.splitlines() if line.startswith("rollout ")]
+    assert finals[-1].startswith(f"rollout {rollout['id']}: 2.0.0 {end}")
+    if bad:
+        assert watched.stderr.startswith(f"Error: rollout {rollout['id']} halted: ")
+    as_json = run(live_server, "rollout", "status", str(rollout["id"]), "--watch", "--json")
+    assert as_json.exit_code == code  # ended already: one document, the same verdict
+    assert json.loads(as_json.stdout)["state"] == end.lower()
+
+
+def test_watching_the_rollouts_follows_those_running_when_it_began(
+    live_server: LiveServer, fleet_of: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet = fleet_of(4)
+    fleet.tick(0)
+    first = start(live_server.harness, version="2.0.0", stages=[100], soak_s=60)
+    aborted = run(live_server, "rollout", "abort", str(first["id"]), "--json")
+    assert aborted.exit_code == 0 and json.loads(aborted.stdout)["state"] == "aborted"
+    # an aborted rollout from before the watch is history, not a failure of this watch
+    assert run(live_server, "rollout", "status", "--watch").exit_code == 0
+    begun = run(live_server, "rollout", "start", "2.0.0", "--stages", "100", "--soak", "1m",
+                "--json")  # fmt: skip
+    assert begun.exit_code == 0, begun.output
+    second = json.loads(begun.stdout)
+    assert (second["state"], second["soak_s"]) == ("running", 60)
+    monkeypatch.setattr("server.cli.rollouts.time.sleep", lambda seconds: fleet.tick())
+    watched = run(live_server, "rollout", "status", "--watch", "--json")
+    assert watched.exit_code == 0, watched.output
+    [document] = [json.loads(watched.stdout)]  # one document, at the end
+    assert [r["state"] for r in document["rollouts"]] == ["completed", "aborted"]
+    assert document["rollouts"][0]["id"] == second["id"]
+    unknown = run(live_server, "rollout", "status", "99")
+    assert unknown.exit_code == 1 and "unknown_rollout" in unknown.stderr
 
 
 def test_late_devices_join_once_with_concurrent_evaluators(

@@ -14,17 +14,22 @@ from pathlib import Path
 from typing import Any
 
 from bootloader_hooks.errors import BootloaderError
+from fleet_core.suggest import unknown_names
 
 
 def check_known(who: str, options: Mapping[str, Any], known: Sequence[str]) -> None:
-    """Refuse an option that is not in ``known``, naming the first one (in sorted order).
+    """Refuse an option that is not in ``known``, naming the first one (in sorted order) and
+    the option probably meant (:func:`fleet_core.suggest.unknown_names`).
 
     Raises:
-        BootloaderError: ``unknown option 'x' (known: a, b)``.
+        BootloaderError: ``unknown option 'grubenvs' (did you mean 'grubenv'?); known
+            options: attempts, cmdline, grubenv``.
     """
-    unknown = sorted(set(options) - set(known))
+    unknown = unknown_names(options, known, quote=True)
     if unknown:
-        raise BootloaderError(f"{who}: unknown option {unknown[0]!r} (known: {', '.join(known)})")
+        raise BootloaderError(
+            f"{who}: unknown option {unknown[0]}; known options: {', '.join(known)}"
+        )
 
 
 def path_option(who: str, key: str, value: Any) -> Path:

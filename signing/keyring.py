@@ -33,6 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fleet_core.durable import atomic_write
+from fleet_core.suggest import unknown_names
 from signing.errors import (
     BadSignatureError,
     KeyFileError,
@@ -189,9 +190,10 @@ def _read_threshold(path: Path) -> int:
         config = tomllib.loads(config_path.read_text("utf-8"))
     except (OSError, ValueError, RecursionError) as err:  # ValueError: TOML, UTF-8, huge ints
         raise KeyringError(f"keyring {path}: cannot read {CONFIG_FILE}: {err}") from err
-    unknown = set(config) - {"threshold"}
+    unknown = unknown_names(config, {"threshold"})
     if unknown:
-        raise KeyringError(f"keyring {path}: {CONFIG_FILE}: unknown setting(s) {sorted(unknown)}")
+        noun = "setting" if len(unknown) == 1 else "settings"
+        raise KeyringError(f"keyring {path}: {CONFIG_FILE}: unknown {noun} {', '.join(unknown)}")
     threshold = config.get("threshold", 1)
     if type(threshold) is not int:
         raise KeyringError(f"keyring {path}: {CONFIG_FILE}: threshold must be an integer")

@@ -2,9 +2,11 @@
 
 A file must name ``compatible`` and ``keyring``; every section is checked whole, the boot
 backend's own options by the backend (``bootloader_hooks.base.check_options``), and every number
-must lie in its range, so a typo cannot switch a guard off. A missing or damaged configuration
-never stops the updater: :func:`load_config` reports every problem and falls back, first to the
-last configuration that loaded cleanly (kept on the data partition), then to built-in defaults.
+must lie in its range, so a typo cannot switch a guard off; an unknown setting is refused with
+the one probably meant (``health.checks[0]: unknown setting command (did you mean argv?)``,
+see :mod:`fleet_core.suggest`). A missing or damaged configuration never stops the updater:
+:func:`load_config` reports every problem and falls back, first to the last configuration that
+loaded cleanly (kept on the data partition), then to built-in defaults.
 The defaults are safe rather than useful: they know no ``compatible`` string and no keyring, so
 nothing can be installed until a valid configuration is back, while the boot check still
 confirms or rolls back the running slot.
@@ -59,7 +61,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,7 @@ from typing import Any
 from bootloader_hooks.base import AUTO, check_options
 from fleet_core.durable import atomic_write
 from fleet_core.errors import FleetError
+from fleet_core.suggest import unknown_names
 from updater.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/fleet/updater.toml")
@@ -141,10 +144,19 @@ def _label(value: Any, where: str) -> str:
     return value
 
 
-def _no_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(table) - allowed)
+def _no_unknown(
+    table: Mapping[str, Any], allowed: set[str], where: str, *, needed: Collection[str] = ()
+) -> None:
+    """Refuse a setting of ``table`` not in ``allowed``, naming the one probably meant
+    (``needed``: the settings the table requires; see :func:`fleet_core.suggest.closest`).
+
+    Raises:
+        ConfigError: ``health.checks[0]: unknown setting command (did you mean argv?)``.
+    """
+    unknown = unknown_names(table, allowed, needed=needed)
     if unknown:
-        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}")
+        noun = "setting" if len(unknown) == 1 else "settings"
+        raise ConfigError(f"{where}: unknown {noun} {', '.join(unknown)}")
 
 
 def _table(document: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
@@ -215,7 +227,7 @@ class HealthCheckSpec:
             "command": set(),
         }[kind]
         settings = {k: v for k, v in table.items() if k not in ("type", "timeout_s")}
-        _no_unknown(settings, required | optional, where)
+        _no_unknown(table, required | optional | {"type", "timeout_s"}, where, needed=required)
         missing = sorted(required - set(settings))
         if missing:
             raise ConfigError(f"{where}: {kind} check needs {', '.join(missing)}")
@@ -300,7 +312,7 @@ class UpdaterConfig:
             "compatible", "role", "tags", "keyring", "data_dir", "bootloader", "slots",
             "limits", "health", "server", "paths", "metrics", "reboot_command",
         }  # fmt: skip
-        _no_unknown(document, top, "config")
+        _no_unknown(document, top, "config", needed=REQUIRED)
         values: dict[str, Any] = {}
         if "compatible" in document:
             values["compatible"] = _typed(document, "compatible", str, "config").strip()
@@ -431,7 +443,7 @@ def _parse_slots(table: Mapping[str, Any]) -> dict[str, dict[str, str]]:
         where = f"slots.{slot}"
         if not isinstance(classes, dict):
             raise ConfigError(f"{where}: must be a table")
-        _no_unknown(classes, set(SLOT_CLASSES), where)
+        _no_unknown(classes, set(SLOT_CLASSES), where, needed={"rootfs"})
         if "rootfs" not in classes:
             raise ConfigError(f"{where}: needs rootfs")
         slots[slot] = {k: _slot_spec(classes, k, where) for k in classes}

@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bootloader_hooks.errors import BootloaderError
@@ -371,3 +371,140 @@ def test_paths_must_be_absolute(text: bytes, message: str) -> None:
 def test_two_slot_classes_naming_one_device_are_refused(slots: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(REQUIRED + slots.encode(), "updater.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            b"[[health.checks]]\ntype = 'command'\ncommand = ['/usr/bin/true']",
+            "health.checks[0]: unknown setting command (did you mean argv?)",
+        ),
+        (
+            b"[[health.checks]]\ntype = 'systemd'\nservice = 'camera.service'",
+            "health.checks[0]: unknown setting service (did you mean unit?)",
+        ),
+        (
+            b"[[health.checks]]\ntype = 'tcp'\nport = 22\ntimeout = 3",
+            "health.checks[0]: unknown setting timeout (did you mean timeout_s?)",
+        ),
+        (
+            b"[limits]\nmax_temp = 70",
+            "limits: unknown setting max_temp (did you mean max_temperature_c?)",
+        ),
+        (
+            b"[limits]\nmax_temp = 70\nmin_free = 100",
+            "limits: unknown settings max_temp (did you mean max_temperature_c?), "
+            "min_free (did you mean min_free_mb?)",
+        ),
+        (b"[health]\ndeadline = 60", "health: unknown setting deadline (did you mean deadline_s?)"),
+        (b"[server]\nurl = ['https://x']", "server: unknown setting url (did you mean urls?)"),
+        (b"[metrics]\nports = 9100", "metrics: unknown setting ports (did you mean port?)"),
+        (
+            b"[paths]\nthermal = '/sys'",
+            "paths: unknown setting thermal (did you mean thermal_dir?)",
+        ),
+        (
+            b"[slots.a]\nroot = '/x'\n[slots.b]\nrootfs = '/y'",
+            "slots.a: unknown setting root (did you mean rootfs?)",
+        ),
+        (b"[slots.c]\nrootfs = '/z'", "slots: unknown setting c"),
+        (b"tag = ['x']", "config: unknown setting tag (did you mean tags?)"),
+        (b"colour = 'blue'", "config: unknown setting colour"),  # nothing close: no guess
+        # a setting already given is never what another was meant to be
+        (b"[limits]\nmin_free_mb = 1\nmin_free_mbs = 2", "limits: unknown setting min_free_mbs"),
+        (b'"a b" = 1', "config: unknown setting 'a b'"),  # a quoted key is shown quoted
+        (
+            b'[bootloader]\nbackend = "grub"\ngrubenvs = "/x"',
+            "bootloader: grub backend: unknown option 'grubenvs' (did you mean 'grubenv'?)",
+        ),
+        (
+            b'[bootloader]\nbackend = "uboot"\nenv_fil = "/x"',
+            "bootloader: uboot backend: unknown option 'env_fil' (did you mean 'env_file'?)",
+        ),
+    ],
+)
+def test_an_unknown_setting_names_the_one_probably_meant(text: bytes, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(REQUIRED + text, "updater.toml")
+    error = str(info.value)
+    assert error.startswith(f"updater.toml: {message}"), error
+    if "did you mean" not in message:
+        assert "did you mean" not in error.split(";")[0], error
+
+
+def toml_key(key: str) -> str:
+    """``key`` as a TOML basic string: every character but plain printable ASCII escaped."""
+    return (
+        '"'
+        + "".join(c if " " <= c <= "~" and c not in '"\\' else f"\\U{ord(c):08x}" for c in key)
+        + '"'
+    )
+
+
+def shown_as(key: str, *, quoted: bool) -> str:
+    """How an error must show ``key``: as typed when it is a bare key, else as ``repr``."""
+    bare = bool(key) and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
+    return key if bare and not quoted else repr(key)
+
+
+# where an unknown key goes: (the line it follows in GOOD, the error's prefix, quoted or not)
+PLACES = {
+    "top level": (None, "config: unknown setting", False),
+    "[limits]": (b"[limits]", "limits: unknown setting", False),
+    "[health]": (b"[health]", "health: unknown setting", False),
+    "a systemd check": (b'unit = "camera.service"', "health.checks[0]: unknown setting", False),
+    "a command check": (b'argv = ["/usr/bin/true"]', "health.checks[2]: unknown setting", False),
+    "[server]": (b"[server]", "server: unknown setting", False),
+    "[metrics]": (b"[metrics]", "metrics: unknown setting", False),
+    "[slots.a]": (b"[slots.a]", "slots.a: unknown setting", False),
+    "[bootloader]": (b'backend = "grub"', "bootloader: grub backend: unknown option", True),
+}
+# every setting some table knows: a generated key must be unknown where it is put
+KNOWN = {
+    "compatible", "role", "tags", "keyring", "data_dir", "bootloader", "slots", "limits",
+    "health", "server", "paths", "metrics", "reboot_command", "min_free_mb",
+    "max_temperature_c", "update_deadline_s", "deadline_s", "checks", "type", "timeout_s",
+    "unit", "argv", "urls", "mirrors", "enrollment_token", "checkin_interval_s",
+    "heartbeat_interval_s", "failover_after_s", "ca_file", "allow_plain_http", "textfile",
+    "port", "listen", "advertise", "rootfs", "bootfs", "backend", "grubenv", "cmdline",
+    "attempts",
+}  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    key=st.text(st.characters(blacklist_categories=["Cs"]), max_size=24).filter(
+        lambda k: k not in KNOWN
+    ),
+    place=st.sampled_from(sorted(PLACES)),
+)
+def test_any_unknown_key_is_named_in_the_error(key: str, place: str) -> None:
+    after, prefix, quoted = PLACES[place]
+    line = f"{toml_key(key)} = 1".encode()
+    good = GOOD.replace(b"DATA", b"/var/lib/fleet")
+    if after is None:
+        text = line + b"\n" + good
+    else:
+        assert good.count(after + b"\n") == 1
+        text = good.replace(after + b"\n", after + b"\n" + line + b"\n")
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "updater.toml")
+    error = str(info.value)
+    assert error.startswith(f"updater.toml: {prefix} {shown_as(key, quoted=quoted)}"), error
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b'compatible = "x"\nkeys = "/etc/fleet/keyring"', "config: unknown setting keys"),
+        (b"[slots.a]\nimage = '/x'\n[slots.b]\nrootfs = '/y'", "slots.a: unknown setting image"),
+    ],
+)
+def test_an_unknown_setting_next_to_a_missing_required_one_is_taken_for_it(
+    text: bytes, message: str
+) -> None:
+    meant = "keyring" if message.startswith("config") else "rootfs"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "updater.toml")
+    assert str(info.value) == f"updater.toml: {message} (did you mean {meant}?)"

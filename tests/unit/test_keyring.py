@@ -161,7 +161,10 @@ def test_key_rotation_through_a_transition(tmp_path: Path) -> None:
         (lambda d: (d / "keyring.toml").write_text("threshold = [\n"), "keyring.toml"),
         (lambda d: (d / "keyring.toml").write_text('threshold = "2"\n'), "integer"),
         (lambda d: (d / "keyring.toml").write_text("threshold = 0\n"), "at least 1"),
-        (lambda d: (d / "keyring.toml").write_text("treshold = 1\n"), "unknown setting"),
+        (
+            lambda d: (d / "keyring.toml").write_text("treshold = 1\n"),
+            r"keyring.toml: unknown setting treshold \(did you mean threshold\?\)$",
+        ),
         (lambda d: (d / "revoked.txt").write_bytes(b"\xff\xfe"), "revoked.txt"),
     ],
 )

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import chaos.lab_firmwares  # noqa: F401 (fills LAB_FIRMWARES)
 from chaos.lab_image import make_lab_image
 from chaos.virtual_device import VirtualDevice
 from fleet_core.cli import fleet
+from tests.unit.test_config import KNOWN, shown_as, toml_key
 from updater.cli import main
 from updater.config import LAST_GOOD_NAME
 
@@ -149,3 +153,18 @@ def test_a_damaged_state_store_is_reported_and_status_still_exits_zero(
     result = status(device, "--json")
     assert result.exit_code == 0, result.output
     assert "damaged" in json.loads(result.stdout)["state_problem"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(key=st.text(st.characters(blacklist_categories=["Cs"]), max_size=16))
+def test_an_unknown_key_is_one_error_line_never_a_traceback(key: str) -> None:
+    assume(key not in KNOWN)
+    with tempfile.TemporaryDirectory() as scratch:
+        config = Path(scratch) / "updater.toml"
+        config.write_text(f'compatible = "lab"\nkeyring = "/k"\n{toml_key(key)} = 1\n')
+        options = ["--config", str(config), "--data-dir", scratch, "install", "/no.bundle"]
+        result = CliRunner().invoke(main, options)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.stderr
+    assert f"config: unknown setting {shown_as(key, quoted=False)}" in errors[0], errors

@@ -159,9 +159,9 @@ class ApiClient:
                 f"certificate is {self._trust()})"
             ) from err
         except self._requests.ConnectionError as err:
+            uploading = kwargs.get("data") is not None
             raise ServerUnreachableError(
-                f"{method} {url}: connection failed or was cut (a server refuses bundles above "
-                f"its upload limit by closing the connection): {type(err).__name__}"
+                f"{method} {url}: {connection_problem(err, uploading)}"
             ) from err
         except self._requests.RequestException as err:
             raise ServerUnreachableError(f"{method} {url}: {err}") from err
@@ -198,6 +198,31 @@ class ApiClient:
                 # the server verifies the whole bundle before it answers
                 timeout=(TIMEOUT_S, UPLOAD_ANSWER_TIMEOUT_S),
             ).json()
+
+
+def connection_problem(err: BaseException, uploading: bool) -> str:
+    """What a failed connection was, in words: refused, a name not found, or cut on the way
+    (during an upload, most likely the server's upload limit)."""
+    import urllib3.exceptions
+
+    reason = getattr(err.args[0], "reason", None) if err.args else None
+    if isinstance(reason, urllib3.exceptions.NameResolutionError):
+        return "connection failed: the server's host name does not resolve"
+    if isinstance(reason, urllib3.exceptions.NewConnectionError):  # (a ConnectTimeoutError)
+        refused = "refused" in str(reason).lower()
+        return "connection failed: " + (
+            "refused (is the server running, on this address and port?)"
+            if refused
+            else "the server cannot be reached"
+        )
+    if isinstance(reason, urllib3.exceptions.ConnectTimeoutError):
+        return "connection failed: no answer to the connection (timed out)"
+    if uploading:
+        return (
+            "connection cut during the upload (a server refuses a bundle above its upload "
+            "limit by closing the connection)"
+        )
+    return f"connection cut ({type(err).__name__})"
 
 
 def _error_of(response: requests.Response) -> tuple[str, str]:

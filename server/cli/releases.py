@@ -27,7 +27,8 @@ def release() -> None:
 @release.command()
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @api_options
-def upload(bundle: Path, server: str | None, token: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the accepted release as JSON.")
+def upload(bundle: Path, server: str | None, token: str | None, as_json: bool) -> None:
     """Upload BUNDLE; the server verifies it against the fleet's release keyring."""
     client = api_client(server, token)
     size = bundle.stat().st_size
@@ -38,6 +39,9 @@ def upload(bundle: Path, server: str | None, token: str | None) -> None:
             answer = client.upload("/api/v1/releases", bundle, bar.update)
     else:
         answer = client.upload("/api/v1/releases", bundle, lambda _n: None)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2, ensure_ascii=True))
+        return
     show(
         f"release {answer['version']} accepted: compatible {answer['compatible']}, security "
         f"version {answer['security_version']}, {len(answer['images'])} image(s)"

@@ -14,6 +14,7 @@ from click.testing import CliRunner, Result
 
 from fleet_core.cli import fleet
 from server.cli.common import parse_duration, parse_percent
+from server.client import connection_problem
 from signing.keys import generate_key, load_private_key
 from tests.conftest import assert_one_line_error
 from tests.server.conftest import FakeDevice, LiveServer
@@ -66,6 +67,9 @@ def test_release_upload_list_and_device_commands(
     assert listed.output.splitlines()[1].split()[:3] == ["2.0.0", "metrica-rpi4", "1"]
     as_json = run("release", "list", "--json", *api(live_server, "viewer"))
     assert json.loads(as_json.output)[0]["version"] == "2.0.0"
+    third = run("release", "upload", make_bundle(version="3.0.0"), "--json", *api(live_server))
+    assert third.exit_code == 0, third.output
+    assert json.loads(third.stdout)["version"] == "3.0.0"
 
     # pre-authorize a device by its PEM public key, as a device would have generated it
     generate_key(tmp_path / "device")
@@ -145,9 +149,31 @@ def test_server_and_token_from_environment_and_config_file(
     assert_one_line_error(run("release", "list", env=env), "no server: give --server")
 
 
-def test_unreachable_server(refused_port: int) -> None:
-    result = run("release", "list", "--server", f"http://127.0.0.1:{refused_port}", "--token", "x")
-    assert_one_line_error(result, "connection failed")
+def test_unreachable_server(refused_port: int, tmp_path: Path) -> None:
+    server = ["--server", f"http://127.0.0.1:{refused_port}", "--token", "x"]
+    result = run("release", "list", *server)
+    assert_one_line_error(result, "connection failed: refused (is the server running")
+    bundle = tmp_path / "x.bundle"
+    bundle.write_bytes(b"x" * 1000)
+    upload = run("release", "upload", bundle, *server)  # refused is not an upload limit
+    assert_one_line_error(upload, "connection failed: refused")
+    assert "upload limit" not in upload.stderr
+
+
+def test_a_failed_connection_is_named_for_what_it_was() -> None:
+    import requests
+    import urllib3.exceptions as failures
+
+    def wrapped(reason: Exception) -> requests.ConnectionError:
+        return requests.ConnectionError(failures.MaxRetryError(None, "/x", reason))  # type: ignore[arg-type]
+
+    unresolved = failures.NameResolutionError("nowhere.invalid", None, OSError("no"))  # type: ignore[arg-type]
+    assert connection_problem(wrapped(unresolved), True).endswith("host name does not resolve")
+    cut = requests.ConnectionError(failures.ProtocolError("aborted", BrokenPipeError()))
+    assert "upload limit" in connection_problem(cut, True)
+    assert connection_problem(cut, False) == "connection cut (ConnectionError)"
+    timed_out = failures.ConnectTimeoutError(None, "timed out")
+    assert "timed out" in connection_problem(wrapped(timed_out), False)
 
 
 @pytest.mark.parametrize(

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from server.errors import ClientConfigError
+from server.errors import ClientConfigError, ServerError
 
 if TYPE_CHECKING:
     pass
@@ -218,7 +218,10 @@ def run(
 
     # checked first: a bad certificate or key is one error line, and nothing listens
     transport = TransportSettings.create(tls_cert, tls_key, forwarded_allow_ips)
-    listener = None if fd is None else inherited_socket(fd)
+    inherited = None if fd is None else inherited_socket(fd)
+    if data_dir is None:
+        raise ClientConfigError("give --data-dir (blobs, keys and keyring live there)")
+    listener = listening_socket(host, port) if inherited is None else inherited
     import uvicorn
 
     from server import logs
@@ -231,8 +234,6 @@ def run(
     )
     from server.timeouts import uvicorn_http_protocol
 
-    if data_dir is None:
-        raise ClientConfigError("give --data-dir (blobs, keys and keyring live there)")
     logs.configure(log_level, log_format)
     os.umask(0o077)  # everything the server creates is its own (server/datadir.py)
     limits = ServerLimits(
@@ -275,15 +276,40 @@ def run(
     # TLS, and whose proxy headers are believed (by default no peer's: uvicorn's own default
     # trusts loopback, and a local process could then forge the logged client address)
     options.update(transport.uvicorn_options())
-    if listener is None:
-        uvicorn.run(logs.AccessLogMiddleware(app), host=host, port=port, **options)
-        return
-    # uvicorn's own --fd takes any descriptor for a Unix socket; the socket's own family
-    # (socket(fileno=...) reads it) keeps TCP sockets TCP
+    # the socket is ours (bound above, or inherited): uvicorn's own --fd takes any descriptor
+    # for a Unix socket, and its own bind reports a busy port with exit status 3
     served = uvicorn.Server(uvicorn.Config(logs.AccessLogMiddleware(app), **options))
     served.run(sockets=[listener])
     if not served.started:
-        sys.exit(3)  # what uvicorn.run exits with when the server did not start
+        raise ServerStartError("the server did not start: see the log above")
+
+
+class ServerStartError(ServerError):
+    """The server could not listen, or did not start."""
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` (uvicorn listens on it), bound before anything
+    else starts, so a busy port or an address not on this host is one error line (exit 1).
+
+    Raises:
+        ServerStartError: the address cannot be bound.
+    """
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (OSError, UnicodeError) as err:
+        raise ServerStartError(f"cannot listen on {host}:{port}: {err}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        reason = "the port is in use" if err.errno == errno.EADDRINUSE else err.strerror
+        raise ServerStartError(f"cannot listen on {host}:{port}: {reason}") from None
+    return sock
 
 
 def inherited_socket(fd: int) -> socket.socket:

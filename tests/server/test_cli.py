@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -247,3 +248,15 @@ def test_fleet_keys_stays_light() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_busy_port_is_one_error_line(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        busy = run("server", "run", "--data-dir", tmp_path / "data", "--port", str(port))
+        assert_one_line_error(busy, f"cannot listen on 127.0.0.1:{port}: the port is in use")
+    elsewhere = run("server", "run", "--data-dir", tmp_path / "data", "--host", "192.0.2.1")
+    assert_one_line_error(elsewhere, "cannot listen on 192.0.2.1:8080: ")  # not this host's
+    assert not (tmp_path / "data").exists()  # refused before anything was made

@@ -11,10 +11,11 @@ DEMO_DIR ?= build/demo
 # System tools the product calls and the tests run for real.
 APT_PACKAGES := python3 python3-venv python3-dev gcc e2fsprogs squashfs-tools dosfstools mtools \
 	fdisk zstd tar grub-common u-boot-tools libubootenv-tool prometheus postgresql \
-	prometheus-alertmanager qemu-system-x86 ovmf grub-efi-amd64-bin busybox-static haproxy
+	prometheus-alertmanager qemu-system-x86 ovmf grub-efi-amd64-bin busybox-static haproxy \
+	mmdebstrap
 
 .PHONY: demo test deps venv lint test-unit test-integration test-chaos test-qemu qemu-kernel benchmarks mutation-survivors clean \
-	mutation
+	mutation dist debian-root
 
 demo: venv
 	$(BIN)/fleet demo --workdir $(DEMO_DIR)
@@ -28,12 +29,13 @@ demo: venv
 # (tests/server/test_api_fuzz.py) and detect-secrets over the tracked files against the reviewed
 # .secrets.baseline (tests/integration/test_secrets_scan.py); both come with the test extra.
 PYTEST_COVERAGE := --cov --cov-branch --cov-report=term-missing:skip-covered
-test: lint qemu-kernel
+test: lint qemu-kernel debian-root dist
 	url=$$(tests/postgres.sh) && \
 	FLEET_TEST_DATABASE_URL="$$url" FLEET_TEST_REQUIRE_POSTGRES=1 \
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/pytest -q $(PYTEST_COVERAGE) tests
 
 test-unit test-integration test-chaos: test-%: venv
+test-integration: debian-root dist
 	$(BIN)/pytest -q tests/$*
 
 # The QEMU tier boots a Debian kernel: fetched with apt-get download into build/qemu-cache once,
@@ -43,6 +45,26 @@ qemu-kernel: venv
 
 test-qemu: qemu-kernel
 	$(BIN)/pytest -q tests/qemu
+
+# The wheel and the Debian packages, version from pyproject.toml (deploy/debian/build.py;
+# docs/install.md): fleet-updater_<version>_all.deb for the devices (Debian's python3 and
+# libraries) and fleet-server_<version>_<arch>.deb, a self-contained environment in
+# /opt/metrica-fleet whose libraries come from the package registry.
+DIST_DIR ?= build/dist
+dist: venv $(VENV)/.wheel-installed
+	rm -rf $(DIST_DIR)
+	$(BIN)/python deploy/debian/build.py dist --out $(DIST_DIR)
+
+# The Debian 12 root that tests/integration/test_packages.py installs the packages into,
+# offline: made once with mmdebstrap (everything both packages depend on) as a tarball in
+# build/debian-root, and reused while the package lists are the same.
+debian-root: venv
+	$(BIN)/python deploy/debian/build.py root --cache build/debian-root
+
+# The wheel is built without build isolation (offline, in the tests too): setuptools needs wheel.
+$(VENV)/.wheel-installed: $(VENV)/.installed
+	$(BIN)/pip install -q wheel
+	touch $@
 
 lint: venv
 	$(BIN)/ruff check .

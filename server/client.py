@@ -185,6 +185,9 @@ class ApiClient:
     def post(self, path: str, document: Mapping[str, Any]) -> Any:
         return self._call("POST", path, json=document).json()
 
+    def delete(self, path: str) -> Any:
+        return self._call("DELETE", path).json()
+
     def upload(self, path: str, bundle: Path, report: Callable[[int], None]) -> Any:
         """POST the file ``bundle`` as the request body, streamed, calling ``report`` per chunk."""
         size = bundle.stat().st_size

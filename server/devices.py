@@ -10,6 +10,11 @@ when it is released) and which rollouts skip; ``decommissioned``, whose sessions
 whose key opens none, checks in, reports and enrolls no more until an operator reinstates it
 (``fleet device reinstate``; it then opens a session with its key as before). Each change is
 audited with its reason.
+
+Operators also rename a device (its hostname, unique among devices: references by hostname stay
+unambiguous) and remove one: its record, sessions and pre-authorization go, so it must be
+admitted again (an enrollment token or a new pre-authorization) to come back; its audit entries
+stay. Removing does not stop a device: decommission it to refuse its key.
 """
 
 from __future__ import annotations
@@ -24,14 +29,23 @@ from sqlalchemy.orm import Session, selectinload
 
 from server import audit
 from server.assignment import SignedAnswer, assignment_etag, etag_matches, signed_answer
-from server.database import Database
+from server.database import AUDIT_CHAIN_LOCK, Database
 from server.errors import (
     DeviceStatusConflictError,
+    HostnameTakenError,
     IncompatibleReleaseError,
     UnknownDeviceError,
     UnknownReleaseError,
 )
-from server.models import Device, DeviceSession, DeviceStatus, Release, Rollout
+from server.models import (
+    AuditRow,
+    Device,
+    DeviceSession,
+    DeviceStatus,
+    PreauthorizedKey,
+    Release,
+    Rollout,
+)
 from server.rollouts import ACTIVE
 from server.schemas import Event, Heartbeat
 from server.settings import LAST_SEEN_RESOLUTION_S, iso
@@ -314,3 +328,81 @@ def change_status(
         )
         session.flush()
         return describe(device)
+
+
+def rename(
+    db: Database, device_id: str, hostname: str, *, actor: str, now: datetime
+) -> dict[str, Any]:
+    """Give the device another hostname (as validated by the API: ``schemas.Hostname``); returns
+    it. Renaming to its own hostname changes nothing and is not audited.
+
+    Raises:
+        UnknownDeviceError: no such device.
+        HostnameTakenError: another device has that hostname.
+    """
+    with db.write() as session:
+        # serialized with every audited change: two renames to one name cannot both see it free
+        db.lock(session, AUDIT_CHAIN_LOCK)
+        device = _device(session, device_id, lock=True)
+        if device.hostname == hostname:
+            return describe(device)
+        holder = session.scalars(
+            select(Device.id).where(Device.hostname == hostname, Device.id != device_id)
+        ).first()
+        if holder is not None:
+            raise HostnameTakenError(f"device {holder} is {hostname!r} already")
+        previous, device.hostname = device.hostname, hostname
+        audit.append(
+            db, session, at=now, actor=actor, action="device.renamed", subject=device_id,
+            details={"from": previous, "to": hostname},
+        )  # fmt: skip
+        session.flush()
+        return describe(device)
+
+
+def remove(db: Database, device_id: str, *, actor: str, now: datetime) -> dict[str, Any]:
+    """Remove the device's record, sessions and pre-authorization (see the module docstring);
+    returns the device as it was.
+
+    Raises:
+        UnknownDeviceError: no such device.
+    """
+    with db.write() as session:
+        device = _device(session, device_id, lock=True)
+        view = describe(device)
+        preauthorized = session.execute(
+            delete(PreauthorizedKey).where(PreauthorizedKey.key_id == device_id)
+        ).rowcount  # type: ignore[attr-defined]
+        session.delete(device)  # sessions and rollout memberships go with it (ON DELETE CASCADE)
+        audit.append(
+            db, session, at=now, actor=actor, action="device.removed", subject=device_id,
+            details={"hostname": view["hostname"], "status": view["status"],
+                     "version": view["version"], "preauthorization_removed": bool(preauthorized)},
+        )  # fmt: skip
+        return view
+
+
+RECENT_AUDIT_WINDOW = 10_000  # how far back in the audit trail a device's recent entries are sought
+
+
+def recent_entries(db: Database, device_id: str, limit: int) -> list[dict[str, Any]]:
+    """The device's newest ``limit`` audit entries (its events, and what operators and rollouts
+    did to it), oldest first, among the trail's last ``RECENT_AUDIT_WINDOW`` entries: a bounded
+    scan whatever the trail's length.
+
+    Raises:
+        UnknownDeviceError: no such device.
+    """
+    with db.read() as session:
+        _device(session, device_id)
+        newest = session.scalar(select(AuditRow.seq).order_by(AuditRow.seq.desc()).limit(1)) or 0
+        rows = session.scalars(
+            select(AuditRow)
+            .where(
+                AuditRow.seq > newest - RECENT_AUDIT_WINDOW,
+                (AuditRow.actor == f"device:{device_id}") | (AuditRow.subject == device_id),
+            )
+            .order_by(AuditRow.seq.desc())
+            .limit(limit)
+        ).all()
+        return [audit.AuditEntry.from_row(row).to_dict() for row in reversed(rows)]

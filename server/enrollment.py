@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -66,6 +67,7 @@ from signing.keys import SigningKey, key_id
 from signing.points import public_key_problem, signature_problem
 from signing.signature import signed_message
 
+log = logging.getLogger("server")
 ENROLL_PURPOSE = "device-enroll"
 
 
@@ -160,6 +162,9 @@ def _admit(db: Database, request: EnrollRequest, device_id: str, now: datetime) 
                 "no valid enrollment token (unknown, used up or expired) and the key is not "
                 "pre-authorized"
             )
+        namesakes = session.scalars(
+            select(Device.id).where(Device.hostname == request.hostname).order_by(Device.id)
+        ).all()
         session.add(
             Device(
                 id=device_id,
@@ -179,8 +184,20 @@ def _admit(db: Database, request: EnrollRequest, device_id: str, now: datetime) 
             actor=f"device:{device_id}",
             action="device.enrolled",
             subject=device_id,
-            details={"hostname": request.hostname, "compatible": request.compatible, "via": via},
+            details={
+                "hostname": request.hostname,
+                "compatible": request.compatible,
+                "via": via,
+                # devices are found by hostname too: a namesake makes that ambiguous
+                **({"hostname_also_used_by": list(namesakes)} if namesakes else {}),
+            },
         )
+    if namesakes:
+        log.warning(
+            "device %s enrolled as %r, the hostname of %d other device(s): refer to them by id "
+            "or rename one",
+            device_id, request.hostname, len(namesakes),
+        )  # fmt: skip
     return Enrollment(device_id, new=True)
 
 

@@ -237,6 +237,13 @@ class DeviceStatusConflictError(ApiError):
     code = "device_status_conflict"
 
 
+class HostnameTakenError(ApiError):
+    """Another device has that hostname already: a rename would make references ambiguous."""
+
+    status = 409
+    code = "hostname_taken"
+
+
 class ClientConfigError(ServerError):
     """A ``fleet`` command lacks the server URL or token, or its config file is malformed."""
 

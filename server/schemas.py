@@ -265,3 +265,7 @@ class RolloutStartRequest(_Body):
 
 class ReasonRequest(_Body):
     reason: Text128 | None = None
+
+
+class RenameRequest(_Body):
+    hostname: Hostname

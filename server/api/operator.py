@@ -40,6 +40,7 @@ from server.schemas import (
     OperatorTokenRequest,
     PreauthorizeRequest,
     ReasonRequest,
+    RenameRequest,
     parse,
 )
 from server.settings import iso
@@ -111,6 +112,35 @@ def list_devices(_caller: Viewer, state: State) -> dict[str, Any]:
 @router.get("/devices/{device_id}", tags=["devices"])
 def get_device(device_id: DeviceIdPath, _caller: Viewer, state: State) -> dict[str, Any]:
     return devices.get_device(state.db, device_id)
+
+
+@router.get("/devices/{device_id}/events", tags=["devices"])
+def device_events(
+    device_id: DeviceIdPath,
+    _caller: Viewer,
+    state: State,
+    limit: Annotated[int, Query(ge=1, le=MAX_AUDIT_PAGE)] = 20,
+) -> dict[str, Any]:
+    """The device's newest audit entries (its events, what was done to it), oldest first."""
+    return {"entries": devices.recent_entries(state.db, device_id, limit)}
+
+
+@router.post("/devices/{device_id}/rename", tags=["devices"])
+async def rename_device(
+    device_id: DeviceIdPath, request: Request, caller: OperatorRole, state: State
+) -> dict[str, Any]:
+    """Give a device another hostname (``{"hostname": ...}``), unique among devices."""
+    body = parse(RenameRequest, await read_body(request))
+    return await run_in_threadpool(
+        devices.rename, state.db, device_id, body.hostname, actor=caller.actor, now=state.now()
+    )
+
+
+@router.delete("/devices/{device_id}", tags=["devices"])
+def remove_device(device_id: DeviceIdPath, caller: OperatorRole, state: State) -> dict[str, Any]:
+    """Remove a device's record, sessions and pre-authorization: it must be admitted again to
+    come back (decommission it to refuse its key instead)."""
+    return devices.remove(state.db, device_id, actor=caller.actor, now=state.now())
 
 
 @router.post("/devices/{device_id}/assignment", tags=["devices"])

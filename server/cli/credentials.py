@@ -6,14 +6,10 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from fleet_core.text import check_text
-
-if TYPE_CHECKING:
-    pass
 from server.cli.common import (
     DURATION,
     api_client,

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from server.errors import ClientConfigError
 
 if TYPE_CHECKING:
-    pass
+    from server.client import ApiClient
+
 from server.cli.common import (
     api_client,
     api_options,
@@ -23,7 +25,56 @@ from server.cli.common import (
 
 @click.group()
 def device() -> None:
-    """Devices enrolled with the server."""
+    """Devices enrolled with the server. A DEVICE is its id, a unique prefix of its id (at least
+    4 hex digits), or its hostname."""
+
+
+class DeviceReferenceError(ClientConfigError):
+    """A device reference that names no device, or more than one."""
+
+
+MIN_PREFIX = 4
+
+
+def resolve_device(devices: Sequence[dict[str, Any]], reference: str) -> str:
+    """The id of the one device ``reference`` names in ``devices`` (the API's listing): its id,
+    a unique id prefix of ``MIN_PREFIX`` or more hex digits, or its hostname.
+
+    Raises:
+        DeviceReferenceError: no device, or several (naming them).
+    """
+    wanted = reference.strip()
+    lowered = wanted.lower()
+    for d in devices:
+        if d["id"] == lowered:
+            return str(d["id"])
+    by_name = [d for d in devices if d["hostname"] == wanted]
+    by_prefix = (
+        [d for d in devices if d["id"].startswith(lowered)]
+        if len(lowered) >= MIN_PREFIX and all(c in "0123456789abcdef" for c in lowered)
+        else []
+    )
+    found = {d["id"]: d for d in [*by_name, *by_prefix]}
+    if len(found) == 1:
+        return str(next(iter(found)))
+    if not found:
+        raise DeviceReferenceError(
+            f"no device is {wanted!r} (give an id, a prefix of {MIN_PREFIX}+ hex digits, or a "
+            "hostname: see 'fleet device list')"
+        )
+    named = ", ".join(f"{d['id'][:12]} ({d['hostname']})" for d in list(found.values())[:5])
+    more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+    raise DeviceReferenceError(f"{wanted!r} names {len(found)} devices: {named}{more}")
+
+
+def resolve_devices(client: ApiClient, references: Sequence[str]) -> list[str]:
+    """The ids of ``references`` (see :func:`resolve_device`), with one listing of the fleet."""
+    if not references:
+        return []
+    if all(re.fullmatch(r"[0-9a-f]{64}", r) for r in references):
+        return list(references)  # full ids: the server checks them
+    devices = client.get("/api/v1/devices")["devices"]
+    return [resolve_device(devices, reference) for reference in references]
 
 
 @device.command("list")
@@ -52,51 +103,179 @@ def device_list(server: str | None, token: str | None, as_json: bool) -> None:
         rows,
         ("DEVICE", "HOSTNAME", "COMPATIBLE", "VERSION", "STATE", "ASSIGNED", "LAST SEEN", "STATUS"),
     )
+    _warn_duplicate_hostnames(devices)
+
+
+def _warn_duplicate_hostnames(devices: Sequence[dict[str, Any]]) -> None:
+    seen: dict[str, int] = {}
+    for d in devices:
+        seen[d["hostname"]] = seen.get(d["hostname"], 0) + 1
+    for hostname, count in sorted(seen.items()):
+        if count > 1:
+            show(
+                f"warning: {count} devices are {hostname!r}: refer to them by id, or rename one "
+                "('fleet device rename')",
+                err=True,
+            )
+
+
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+
+
+def _print_json(document: Any) -> None:
+    click.echo(json.dumps(document, indent=2, ensure_ascii=True))
+
+
+@device.command("show")
+@click.argument("reference", metavar="DEVICE")
+@api_options
+@JSON_OPTION
+@click.option("--events", default=10, show_default=True, type=click.IntRange(0, 1000),
+              help="How many of its latest audit entries to show.")  # fmt: skip
+def show_device(
+    reference: str, server: str | None, token: str | None, as_json: bool, events: int
+) -> None:
+    """DEVICE: identity, status, slots and versions, last heartbeat, role and tags, and its
+    latest events."""
+    client = api_client(server, token)
+    (device_id,) = resolve_devices(client, [reference])
+    view = client.get(f"/api/v1/devices/{device_id}")
+    entries = (
+        client.get(f"/api/v1/devices/{device_id}/events", params={"limit": events})["entries"]
+        if events
+        else []
+    )
+    if as_json:
+        _print_json({**view, "recent_entries": entries})
+        return
+    show(*describe_device(view, entries))
+
+
+def describe_device(view: dict[str, Any], entries: Sequence[dict[str, Any]]) -> list[str]:
+    """A device for a terminal (``fleet device show``)."""
+    heartbeat = view.get("last_heartbeat") or {}
+    status = view["status"] + (f" ({view['status_reason']})" if view.get("status_reason") else "")
+    lines = [
+        f"device {view['id']}",
+        f"  hostname:    {view['hostname']}",
+        f"  compatible:  {view['compatible']}",
+        f"  status:      {status}",
+        f"  state:       {view['state']}",
+        f"  version:     {view['version'] or '-'} (assigned: {view['assigned_version'] or '-'})",
+        f"  role, tags:  {view['role'] or '-'}; {', '.join(view['tags']) or '-'}",
+        f"  enrolled:    {view['enrolled']}",
+        f"  last seen:   {view['last_seen']}",
+    ]
+    if heartbeat:
+        lines.append(f"  booted:      {heartbeat.get('booted', '-')}")
+        for name, slot in sorted((heartbeat.get("slots") or {}).items()):
+            lines.append(
+                f"  slot {name}:      {slot.get('status', '-')} {slot.get('version') or '-'}"
+            )
+    if entries:
+        lines.append("  recent:")
+        lines += [
+            f"    {e['at']} {e['actor']} {e['action']} {json.dumps(e['details'], sort_keys=True)}"
+            for e in entries
+        ]
+    return lines
 
 
 @device.command()
-@click.argument("device_id")
+@click.argument("reference", metavar="DEVICE")
+@click.argument("hostname")
+@api_options
+@JSON_OPTION
+def rename(
+    reference: str, hostname: str, server: str | None, token: str | None, as_json: bool
+) -> None:
+    """Give DEVICE the hostname HOSTNAME (unique among devices)."""
+    client = api_client(server, token)
+    (device_id,) = resolve_devices(client, [reference])
+    answer = client.post(f"/api/v1/devices/{device_id}/rename", {"hostname": hostname})
+    if as_json:
+        _print_json(answer)
+    else:
+        show(f"device {answer['id']}: {answer['hostname']}")
+
+
+@device.command()
+@click.argument("reference", metavar="DEVICE")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@api_options
+@JSON_OPTION
+def remove(reference: str, yes: bool, server: str | None, token: str | None, as_json: bool) -> None:
+    """Remove DEVICE's record, sessions and pre-authorization: it must be admitted again (an
+    enrollment token or a new pre-authorization) to come back. Its audit entries stay. To refuse
+    its key instead, decommission it."""
+    client = api_client(server, token)
+    (device_id,) = resolve_devices(client, [reference])
+    if not yes:
+        click.confirm(f"remove device {device_id}?", abort=True, err=True)
+    answer = client.delete(f"/api/v1/devices/{device_id}")
+    if as_json:
+        _print_json(answer)
+    else:
+        show(f"device {answer['id']} ({answer['hostname']}) removed")
+
+
+@device.command()
+@click.argument("reference", metavar="DEVICE")
 @click.argument("version")
 @api_options
-def assign(device_id: str, version: str, server: str | None, token: str | None) -> None:
-    """Assign release VERSION to DEVICE_ID ('none' removes the assignment)."""
+@JSON_OPTION
+def assign(
+    reference: str, version: str, server: str | None, token: str | None, as_json: bool
+) -> None:
+    """Assign release VERSION to DEVICE ('none' removes the assignment)."""
+    client = api_client(server, token)
+    (device_id,) = resolve_devices(client, [reference])
     target = None if version == "none" else version
-    answer = api_client(server, token).post(
-        f"/api/v1/devices/{device_id}/assignment", {"version": target}
-    )
-    show(f"device {answer['id']}: assigned {answer['assigned_version'] or 'nothing'}")
+    answer = client.post(f"/api/v1/devices/{device_id}/assignment", {"version": target})
+    if as_json:
+        _print_json(answer)
+    else:
+        show(f"device {answer['id']}: assigned {answer['assigned_version'] or 'nothing'}")
 
 
 def _status_command(change: str, help_text: str, *, reason_required: bool) -> None:
     @device.command(change, help=help_text)
-    @click.argument("device_id")
+    @click.argument("reference", metavar="DEVICE")
     @click.option("--reason", required=reason_required, help="Why (kept in the audit trail).")
     @api_options
-    def command(device_id: str, reason: str | None, server: str | None, token: str | None) -> None:
+    @JSON_OPTION
+    def command(
+        reference: str, reason: str | None, server: str | None, token: str | None, as_json: bool
+    ) -> None:
+        client = api_client(server, token)
+        (device_id,) = resolve_devices(client, [reference])
         body = {} if reason is None else {"reason": reason}
-        answer = api_client(server, token).post(f"/api/v1/devices/{device_id}/{change}", body)
-        click.echo(f"device {answer['id']}: {answer['status']}")
+        answer = client.post(f"/api/v1/devices/{device_id}/{change}", body)
+        if as_json:
+            _print_json(answer)
+        else:
+            click.echo(f"device {answer['id']}: {answer['status']}")
 
 
 _status_command(
     "decommission",
-    "Decommission DEVICE_ID: its sessions end and its key is refused (check-ins, sessions, "
+    "Decommission DEVICE: its sessions end and its key is refused (check-ins, sessions, "
     "enrollment) until 'reinstate'.",
     reason_required=True,
 )
 _status_command(
     "reinstate",
-    "Let decommissioned DEVICE_ID open sessions and check in with its key again.",
+    "Let decommissioned DEVICE open sessions and check in with its key again.",
     reason_required=False,
 )
 _status_command(
     "quarantine",
-    "Quarantine DEVICE_ID: it checks in and reports, is assigned nothing, and rollouts skip it.",
+    "Quarantine DEVICE: it checks in and reports, is assigned nothing, and rollouts skip it.",
     reason_required=True,
 )
 _status_command(
     "release",
-    "End the quarantine of DEVICE_ID: its assignment applies again.",
+    "End the quarantine of DEVICE: its assignment applies again.",
     reason_required=False,
 )
 

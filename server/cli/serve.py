@@ -7,20 +7,17 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
-from server.errors import ClientConfigError, ServerError
-
-if TYPE_CHECKING:
-    pass
 from server.cli.common import (
     DURATION,
     METRICS_NETWORKS_ENV,
     database_options,
 )
 from server.cli.credentials import enrollment_token, token
+from server.errors import ClientConfigError, ServerError
 
 
 @click.group()

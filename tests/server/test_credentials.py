@@ -4,6 +4,7 @@ operators; both are listed without their secrets, and every change is audited.""
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -393,6 +394,18 @@ def test_a_revoked_enrollment_token_admits_nobody(harness: Harness) -> None:
         "operator:test-operator",
     )
     assert token not in entry.details
+    assert json.loads(entry.details) == {"uses_left": 5}
+
+
+def test_enrollment_tokens_are_listed_oldest_first_after_one_is_used(harness: Harness) -> None:
+    """(PostgreSQL moves an updated row to the end of its table: only the query's order holds.)"""
+    first = harness.enrollment_token(uses=3)
+    for _ in range(2):
+        harness.enrollment_token()
+    assert FakeDevice(harness.client).enroll(first).status_code == 200
+    listed = enrollment_tokens(harness)
+    assert [t["uses_left"] for t in listed] == [2, 1, 1]
+    assert [t["id"] for t in listed] == sorted(t["id"] for t in listed)
 
 
 @pytest.mark.parametrize("role", ROLES)

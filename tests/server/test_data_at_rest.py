@@ -62,6 +62,22 @@ def test_a_sweep_of_a_missing_store_removes_nothing(tmp_path: Path) -> None:
     assert sweep_leftovers(store, tmp_path / "uploads", min_age_s=0, now=NOW) == []
 
 
+def test_a_sweep_reports_the_problems_of_every_shard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    for shard in ("ab", "cd", "ef"):
+        (store.root / shard).mkdir()
+
+    def stubborn(directory: Path, **_: object) -> tuple[list[Path], list[str]]:
+        return [directory / "gone"], [f"{directory.name}: cannot remove"]
+
+    monkeypatch.setattr("server.blobs.sweep_temporaries", stubborn)
+    removed, problems = store.sweep_temporaries(min_age_s=0, now=NOW)
+    assert [p.parent.name for p in removed] == ["ab", "cd", "ef"]
+    assert problems == ["ab: cannot remove", "cd: cannot remove", "ef: cannot remove"]
+
+
 @pytest.fixture
 def loose_umask() -> Iterator[None]:
     previous = os.umask(0o022)

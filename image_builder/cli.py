@@ -75,7 +75,12 @@ def import_disk(disk: Path, out_dir: Path) -> None:
 )
 @click.option("--root-size", help="Size of each root slot (default: the rootfs image's).")
 @click.option("--data-size", default="64M", show_default=True)
-@click.option("--data-dir", type=click.Path(path_type=Path), help="Content of the data partition.")
+@click.option(
+    "--data-content",
+    "data_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A directory whose files are copied into the data partition.",
+)
 @click.option(
     "--kernel-options", default="ro", show_default=True,
     help="grub: kernel parameters of every slot (root= and fleet.slot= are added).",

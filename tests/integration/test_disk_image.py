@@ -88,10 +88,13 @@ def test_grub_disk_has_the_reference_layout_and_the_backends_files(
 ) -> None:
     rootfs, safe = images("root.ext4"), images("safe.squashfs")
     disk = tmp_path / "disk.img"
+    content = tmp_path / "data-content"
+    (content / "fleet").mkdir(parents=True)
+    (content / "fleet" / "factory.txt").write_text("provisioned\n")
     result = CliRunner().invoke(fleet, [
         "image", "disk", "--layout", "grub", "--rootfs", str(rootfs), "--safe", str(safe),
         "--root-size", "8M", "--data-size", "8M", "--kernel-options", "ro console=ttyS0",
-        "-o", str(disk),
+        "--data-content", str(content), "-o", str(disk),
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     parts = table(disk)
@@ -121,6 +124,11 @@ def test_grub_disk_has_the_reference_layout_and_the_backends_files(
         ["dumpe2fs", "-h", f"{disk}?offset={offsets[4]}"], capture_output=True, text=True
     )
     assert "Filesystem volume name:   data" in data.stdout
+    copied = subprocess.run(  # --data-content: its files, in the data partition
+        ["debugfs", "-R", "cat /fleet/factory.txt", f"{disk}?offset={offsets[4]}"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert copied.stdout == "provisioned\n", copied.stderr
 
 
 @needs_grub

@@ -280,6 +280,9 @@ class Rollout(Base):
     max_failure_rate: Mapped[float] = mapped_column(Float)
     install_deadline_s: Mapped[int] = mapped_column(Integer)
     rollback_on_halt: Mapped[bool] = mapped_column(Boolean)
+    # a device not seen for longer is offline: neither assigned nor expected (86400 for the
+    # rollouts made before the setting existed, as for new ones by default)
+    offline_after_s: Mapped[int] = mapped_column(Integer, server_default="86400")
     state: Mapped[str] = mapped_column(String(16), index=True)  # check-ins ask "any active?"
     stage: Mapped[int] = mapped_column(Integer)
     stage_started: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -15,6 +15,12 @@ first percentage stage whose fraction is above its point, so cohorts never chang
 evaluations, a device in the 5 % stays in the 25 %, and a device enrolled later joins the cohort
 it hashes into (it is assigned as soon as the rollout's current stage covers it).
 
+A device is **offline** for a rollout when it has not been seen (no check-in, heartbeat or event)
+for longer than the rollout's ``offline_after_s`` (see :func:`offline`): the rollout neither
+assigns it nor expects it in any stage's count, and its view lists it as skipped. Back online
+while the rollout is active, it joins its cohort like any late device. A device the rollout
+already assigned stays its member: one that goes silent mid-install fails at the deadline.
+
 A device's *outcome* (see :func:`device_outcome`): it **succeeded** when it has heartbeated the
 new version, committed (not a trial boot, booted slot = primary slot, not in safe mode),
 continuously for the soak time (every evaluation saw a fresh committed heartbeat); it **failed**
@@ -82,6 +88,7 @@ from server.models import (
 from server.schemas import (
     DEFAULT_INSTALL_DEADLINE_S,
     DEFAULT_MAX_FAILURE_RATE,
+    DEFAULT_OFFLINE_AFTER_S,
     DEFAULT_SOAK_S,
     DEFAULT_STAGES,
 )
@@ -181,6 +188,12 @@ def device_stage(plan: Plan, point: float, canary: bool) -> int:
     return offset + len(plan.percents) - 1
 
 
+def offline(last_seen: datetime, now: datetime, offline_after_s: int) -> bool:
+    """Whether a device last seen at ``last_seen`` is offline at ``now``: unseen for longer
+    than ``offline_after_s`` (a device seen exactly that long ago is still online)."""
+    return now - last_seen > timedelta(seconds=offline_after_s)
+
+
 def failure_allowance(devices: int, max_failure_rate: float, canary: bool) -> int:
     """How many failed devices a stage with ``devices`` assigned tolerates:
     ``floor(max_failure_rate * devices)``, and none in the canary stage.
@@ -278,6 +291,7 @@ class RolloutRequest:
     rollback_on_halt: bool = True
     role: str | None = None  # select devices of this role only
     tags: tuple[str, ...] = ()  # ... that carry every one of these tags
+    offline_after_s: int = DEFAULT_OFFLINE_AFTER_S  # unseen longer: not assigned, not expected
 
 
 def _plan(rollout: Rollout) -> Plan:
@@ -300,12 +314,23 @@ def _rollout(session: Session, rollout_id: int) -> Rollout:
     return rollout
 
 
-def _selected(session: Session, rollout: Rollout, release: Release) -> list[Device]:
+@dataclass(frozen=True)
+class Selection:
+    """The devices a rollout is for, in id order: those it assigns and expects (``online``),
+    and those it skips because they are :func:`offline`."""
+
+    online: list[Device]
+    offline: list[Device]
+
+
+def _selected(session: Session, rollout: Rollout, release: Release, now: datetime) -> Selection:
     """The devices the rollout is for: compatible with the release, among the named devices
-    (when named), of the selector's role, carrying every one of its tags. A device's role and
-    tags are what its last heartbeat said, so a device joins (or leaves) the selection as it
-    reports them; a device already assigned by the rollout stays its member. A quarantined or
-    decommissioned device is never selected: it is neither assigned nor expected."""
+    (when named), of the selector's role, carrying every one of its tags; split into those
+    online at ``now`` and those offline for longer than the rollout's ``offline_after_s``. A
+    device's role and tags are what its last heartbeat said, so a device joins (or leaves) the
+    selection as it reports them, and it joins the online part when it is seen again; a device
+    already assigned by the rollout stays its member. A quarantined or decommissioned device is
+    never selected: it is neither assigned nor expected."""
     query = (
         select(Device)
         .where(Device.compatible == release.compatible, Device.status == DeviceStatus.ACTIVE)
@@ -318,11 +343,14 @@ def _selected(session: Session, rollout: Rollout, release: Release) -> list[Devi
     if selector.get("role"):
         query = query.where(Device.role == selector["role"])
     wanted = set(selector.get("tags", ()))
-    return [
-        device
-        for device in session.scalars(query)
-        if wanted <= set(json.loads(device.tags) if device.tags else ())
-    ]
+    selection = Selection([], [])
+    for device in session.scalars(query):
+        if wanted <= set(json.loads(device.tags) if device.tags else ()):
+            if offline(device.last_seen, now, rollout.offline_after_s):
+                selection.offline.append(device)
+            else:
+                selection.online.append(device)
+    return selection
 
 
 def check_named_devices(field: str, device_ids: Sequence[str]) -> None:
@@ -384,6 +412,8 @@ def start(db: Database, request: RolloutRequest, *, actor: str, now: datetime) -
         raise InvalidRolloutError("max failure rate: give a fraction from 0 to below 1")
     if request.soak_s < 0 or request.install_deadline_s <= 0:
         raise InvalidRolloutError("soak and install deadline: give positive seconds")
+    if request.offline_after_s <= 0:
+        raise InvalidRolloutError("offline after: give positive seconds")
     with db.write() as session:
         db.lock(session, ROLLOUT_EVALUATOR_LOCK)
         if _control(session).emergency_stop:
@@ -412,6 +442,7 @@ def start(db: Database, request: RolloutRequest, *, actor: str, now: datetime) -
             max_failure_rate=request.max_failure_rate,
             install_deadline_s=request.install_deadline_s,
             rollback_on_halt=request.rollback_on_halt,
+            offline_after_s=request.offline_after_s,
             state=RolloutState.RUNNING,
             stage=0,
             stage_started=now,
@@ -420,8 +451,14 @@ def start(db: Database, request: RolloutRequest, *, actor: str, now: datetime) -
         )
         session.add(rollout)
         session.flush()
-        selected = {d.id for d in _selected(session, rollout, release)}
+        selection = _selected(session, rollout, release, now)
+        selected = {d.id for d in selection.online}
         strangers = sorted(set(request.canary_ids) - selected)
+        if strangers and strangers[0] in {d.id for d in selection.offline}:
+            raise InvalidRolloutError(
+                f"canary {strangers[0]} is offline: not seen for more than "
+                f"{request.offline_after_s} s"
+            )
         if strangers:
             raise InvalidRolloutError(
                 f"canary {strangers[0]} is not a selected device compatible with "
@@ -430,12 +467,13 @@ def start(db: Database, request: RolloutRequest, *, actor: str, now: datetime) -
         _audit(db, session, now, actor, "rollout.started", rollout, plan=_plan(rollout).names)
         _assign_cohort(db, session, rollout, now)
         session.flush()
-        return _view(session, rollout)
+        return _view(session, rollout, now)
 
 
 def _assign_cohort(db: Database, session: Session, rollout: Rollout, now: datetime) -> None:
-    """Assign the release to every selected device the current stage covers and that has no
-    assignment from this rollout yet (new cohort members and devices enrolled since)."""
+    """Assign the release to every selected online device the current stage covers and that
+    has no assignment from this rollout yet (new cohort members, devices enrolled since and
+    devices back online)."""
     plan = _plan(rollout)
     canaries = set(json.loads(rollout.canary_ids))
     known = set(
@@ -448,7 +486,7 @@ def _assign_cohort(db: Database, session: Session, rollout: Rollout, now: dateti
         for version, release_id in session.execute(select(Release.version, Release.id))
     }
     assigned = []
-    for device in _selected(session, rollout, rollout.release):
+    for device in _selected(session, rollout, rollout.release, now).online:
         if device.id in known:
             continue
         stage = device_stage(plan, cohort_point(rollout.id, device.id), device.id in canaries)
@@ -767,7 +805,7 @@ def transition(
         _audit(db, session, now, actor, f"rollout.{past.get(action, 'rolled_back')}", rollout,
                **details)  # fmt: skip
         session.flush()
-        return _view(session, rollout)
+        return _view(session, rollout, now)
 
 
 def _reassign_pending(session: Session, rollout: Rollout, now: datetime) -> list[str]:
@@ -792,10 +830,10 @@ def _control_view(control: FleetControl) -> dict[str, Any]:
 
 
 def _stage_progress(
-    session: Session, rollout: Rollout, plan: Plan, members: Sequence[RolloutDevice]
+    rollout: Rollout, plan: Plan, members: Sequence[RolloutDevice], selection: Selection | None
 ) -> list[dict[str, Any]]:
-    """Per stage: the devices of its cohort (expected: selected devices that hash into it, for
-    a rollout still going; assigned ones otherwise), and the outcomes of those assigned."""
+    """Per stage: the devices of its cohort (expected: the assigned ones, and the ``selection``'s
+    online devices that hash into it, when given), and the outcomes of those assigned."""
     progress: list[dict[str, Any]] = [
         {"name": name, "expected": 0, "assigned": 0, **{o.value: 0 for o in Outcome}}
         for name in plan.names
@@ -803,10 +841,10 @@ def _stage_progress(
     for member in members:
         progress[member.stage]["assigned"] += 1
         progress[member.stage][member.outcome] += 1
-    if rollout.state in (*ACTIVE, RolloutState.HALTED):
+    if selection is not None:
         canaries = set(json.loads(rollout.canary_ids))
         assigned = {m.device_id for m in members}
-        for device in _selected(session, rollout, rollout.release):
+        for device in selection.online:
             if device.id not in assigned:
                 point = cohort_point(rollout.id, device.id)
                 progress[device_stage(plan, point, device.id in canaries)]["expected"] += 1
@@ -836,9 +874,16 @@ def failure_rule(
     }
 
 
-def _view(session: Session, rollout: Rollout) -> dict[str, Any]:
+def _view(session: Session, rollout: Rollout, now: datetime) -> dict[str, Any]:
     plan = _plan(rollout)
     members = _members(session, rollout)
+    # Who is still expected, and who is skipped as offline, for a rollout still going.
+    selection = (
+        _selected(session, rollout, rollout.release, now)
+        if rollout.state in (*ACTIVE, RolloutState.HALTED)
+        else None
+    )
+    member_ids = {m.device_id for m, _ in members}
     counts = {o.value: 0 for o in Outcome}
     for member, _ in members:
         counts[member.outcome] += 1
@@ -856,13 +901,19 @@ def _view(session: Session, rollout: Rollout) -> dict[str, Any]:
         "max_failure_rate": rollout.max_failure_rate,
         "install_deadline_s": rollout.install_deadline_s,
         "rollback_on_halt": rollout.rollback_on_halt,
+        "offline_after_s": rollout.offline_after_s,
+        # selected devices offline for longer than offline_after_s, not assigned (while the
+        # rollout is going)
+        "skipped_offline": [d.id for d in selection.offline if d.id not in member_ids]
+        if selection is not None
+        else [],
         "reason": rollout.reason,
         "created": iso(rollout.created),
         "created_by": rollout.created_by,
         "counts": counts,
         "selector": json.loads(rollout.selector) if rollout.selector else None,
         "acknowledged": acknowledged,
-        "stage_progress": _stage_progress(session, rollout, plan, [m for m, _ in members]),
+        "stage_progress": _stage_progress(rollout, plan, [m for m, _ in members], selection),
         "failure_rule": failure_rule(
             plan,
             rollout.stage,
@@ -882,24 +933,24 @@ def _view(session: Session, rollout: Rollout) -> dict[str, Any]:
     }
 
 
-def status(db: Database) -> dict[str, Any]:
-    """Every rollout (newest first) and the emergency stop."""
+def status(db: Database, now: datetime) -> dict[str, Any]:
+    """Every rollout (newest first) as of ``now`` and the emergency stop."""
     with db.read() as session:
         rollouts = session.scalars(select(Rollout).order_by(Rollout.id.desc())).all()
         control = session.get(FleetControl, 1)
         return {
-            "rollouts": [_view(session, r) for r in rollouts],
+            "rollouts": [_view(session, r, now) for r in rollouts],
             "emergency_stop": _control_view(control)
             if control is not None
             else {"active": False, "reason": None, "since": None, "actor": None},
         }
 
 
-def get(db: Database, rollout_id: int) -> dict[str, Any]:
-    """One rollout.
+def get(db: Database, rollout_id: int, now: datetime) -> dict[str, Any]:
+    """One rollout, as of ``now``.
 
     Raises:
         UnknownRolloutError: no such rollout.
     """
     with db.read() as session:
-        return _view(session, _rollout(session, rollout_id))
+        return _view(session, _rollout(session, rollout_id), now)

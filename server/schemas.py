@@ -237,6 +237,8 @@ DEFAULT_STAGES = (5, 25, 100)
 DEFAULT_SOAK_S = 900
 DEFAULT_MAX_FAILURE_RATE = 0.05
 DEFAULT_INSTALL_DEADLINE_S = 3600
+# A device not seen for longer than this is offline: a rollout neither assigns nor expects it.
+DEFAULT_OFFLINE_AFTER_S = 86400
 MAX_TARGETS = 100_000
 
 
@@ -261,6 +263,7 @@ class RolloutStartRequest(_Body):
     install_deadline_s: Annotated[int, Field(ge=1, le=30 * 86400)] = DEFAULT_INSTALL_DEADLINE_S
     rollback_on_halt: bool = True
     selector: RolloutSelector | None = None
+    offline_after_s: Annotated[int, Field(ge=1, le=365 * 86400)] = DEFAULT_OFFLINE_AFTER_S
 
 
 class ReasonRequest(_Body):

@@ -46,6 +46,7 @@ async def start_rollout(request: Request, caller: OperatorRole, state: State) ->
         rollback_on_halt=body.rollback_on_halt,
         role=body.selector.role if body.selector else None,
         tags=tuple(body.selector.tags) if body.selector else (),
+        offline_after_s=body.offline_after_s,
     )
     await _evaluate(state)
     return await run_in_threadpool(
@@ -57,20 +58,20 @@ async def start_rollout(request: Request, caller: OperatorRole, state: State) ->
 async def list_rollouts(_caller: Viewer, state: State) -> dict[str, Any]:
     """Every rollout, newest first, and the emergency stop."""
     await _evaluate(state)
-    return await run_in_threadpool(rollouts.status, state.db)
+    return await run_in_threadpool(rollouts.status, state.db, state.now())
 
 
 @router.post("/rollouts/evaluate")
 async def evaluate(_caller: OperatorRole, state: State) -> dict[str, Any]:
     """Evaluate now (the background task does it every few seconds anyway)."""
     await _evaluate(state)
-    return await run_in_threadpool(rollouts.status, state.db)
+    return await run_in_threadpool(rollouts.status, state.db, state.now())
 
 
 @router.get("/rollouts/{rollout_id}")
 async def get_rollout(rollout_id: RolloutIdPath, _caller: Viewer, state: State) -> dict[str, Any]:
     await _evaluate(state)
-    return await run_in_threadpool(rollouts.get, state.db, rollout_id)
+    return await run_in_threadpool(rollouts.get, state.db, rollout_id, state.now())
 
 
 @router.post("/rollouts/{rollout_id}/{action}")

@@ -7,12 +7,10 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
-if TYPE_CHECKING:
-    pass
 from server.cli.common import (
     DURATION,
     PERCENT,
@@ -93,6 +91,16 @@ def _bar(done: int, failed: int, expected: int) -> str:
     return "[" + "#" * good + "x" * bad + "." * (BAR_WIDTH - good - bad) + "]"
 
 
+def duration_text(seconds: int) -> str:
+    """``86400`` as ``1d``, ``5400`` as ``1h30m``: as the duration options are written."""
+    parts, rest = [], seconds
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return "".join(parts) or "0s"
+
+
 def render_rollout(r: dict[str, Any]) -> list[str]:
     """A rollout for a terminal: a line, a progress bar per stage, and the failure rule."""
     lines = [
@@ -105,6 +113,12 @@ def render_rollout(r: dict[str, Any]) -> list[str]:
             f"tag={t}" for t in selector.get("tags", [])
         ]
         lines.append(f"  selector: {' '.join(wanted)}")
+    skipped = r.get("skipped_offline")
+    if skipped:
+        lines.append(
+            f"  {len(skipped)} device{'s' if len(skipped) != 1 else ''} skipped: offline for more"
+            f" than {duration_text(r['offline_after_s'])} (assigned when seen again)"
+        )
     width = max(len(s["name"]) for s in r["stage_progress"])
     for index, stage in enumerate(r["stage_progress"]):
         marker = ">" if index == r["stage"] and r["state"] in ("running", "paused") else " "
@@ -145,6 +159,11 @@ def render_rollout(r: dict[str, Any]) -> list[str]:
 )
 @click.option("--no-rollback", is_flag=True, help="On a halt, leave failed devices as they are.")
 @click.option(
+    "--offline-after", type=DURATION, default="24h", show_default=True,
+    help="A device not seen for longer is offline: skipped (neither assigned nor waited for) "
+    "until it is seen again.",
+)  # fmt: skip
+@click.option(
     "--selector", "selectors", multiple=True,
     help="role=NAME or tag=NAME: only devices that report it (repeat; all must match).",
 )  # fmt: skip
@@ -159,12 +178,17 @@ def rollout_start(
     max_failure: float,
     install_deadline: int,
     no_rollback: bool,
+    offline_after: int,
     selectors: tuple[str, ...],
     server: str | None,
     token: str | None,
     as_json: bool,
 ) -> None:
-    """Start a staged rollout of release VERSION."""
+    """Start a staged rollout of release VERSION.
+
+    Devices not seen for longer than --offline-after are skipped: the rollout neither assigns
+    them nor waits for them, and `fleet rollout status` counts them. One seen again while the
+    rollout runs joins its cohort then; one the rollout already assigned stays its member."""
     document = {
         "selector": parse_selector(selectors),
         "version": version,
@@ -175,6 +199,7 @@ def rollout_start(
         "max_failure_rate": max_failure,
         "install_deadline_s": install_deadline,
         "rollback_on_halt": not no_rollback,
+        "offline_after_s": offline_after,
     }
     _print_rollout(api_client(server, token).post("/api/v1/rollouts", document), as_json)
 

@@ -96,7 +96,7 @@ def act(
 def evaluate(harness: Harness) -> dict[str, Any]:
     """One evaluation now; the newest rollout after it."""
     rollouts.evaluate(harness.db, now(harness))
-    newest: dict[str, Any] = rollouts.status(harness.db)["rollouts"][0]
+    newest: dict[str, Any] = rollouts.status(harness.db, now(harness))["rollouts"][0]
     return newest
 
 
@@ -168,7 +168,7 @@ def test_start_records_the_plan_the_operator_and_the_first_cohort(
     assert trail(harness, "rollout.assigned") == [
         ("rollout-engine", subject, {"version": "2.0.0", "stage": 0, "devices": canaries})
     ]
-    assert rollouts.get(harness.db, view["id"]) == view
+    assert rollouts.get(harness.db, view["id"], now(harness)) == view
     assert {d: v for d, v in assigned(harness).items() if v == "2.0.0"} == {
         c: "2.0.0" for c in canaries
     }
@@ -204,6 +204,7 @@ def test_a_role_alone_selects_the_devices_of_that_role(
         ({"max_failure_rate": -0.01}, "max failure rate: give a fraction from 0 to below 1"),
         ({"soak_s": -1}, "soak and install deadline: give positive seconds"),
         ({"install_deadline_s": 0}, "soak and install deadline: give positive seconds"),
+        ({"offline_after_s": 0}, "offline after: give positive seconds"),
     ],
 )
 def test_start_refuses_rates_and_times_out_of_range(
@@ -212,7 +213,7 @@ def test_start_refuses_rates_and_times_out_of_range(
     fleet(1)
     with pytest.raises(InvalidRolloutError, match=words):
         begin(harness, **change)
-    assert rollouts.status(harness.db)["rollouts"] == []
+    assert rollouts.status(harness.db, now(harness))["rollouts"] == []
 
 
 def test_start_accepts_the_edges_of_the_ranges(
@@ -231,7 +232,7 @@ def test_the_emergency_stop_on_a_fresh_server_and_on_and_off(
     harness: Harness, fleet: Callable[..., list[FakeDevice]]
 ) -> None:
     off = {"active": False, "reason": None, "since": None, "actor": None}
-    assert rollouts.status(harness.db) == {"rollouts": [], "emergency_stop": off}
+    assert rollouts.status(harness.db, now(harness)) == {"rollouts": [], "emergency_stop": off}
     fleet(1)
     stopped_at = now(harness)
     on = {"active": True, "reason": "storm", "since": iso(stopped_at), "actor": ALICE}
@@ -240,7 +241,7 @@ def test_the_emergency_stop_on_a_fresh_server_and_on_and_off(
     harness.clock.advance(60)
     # Stopping again changes nothing, not even who stopped it or why.
     assert rollouts.emergency_stop(harness.db, "again", actor=BOB, now=now(harness)) == on
-    assert rollouts.status(harness.db)["emergency_stop"] == on
+    assert rollouts.status(harness.db, now(harness))["emergency_stop"] == on
     with pytest.raises(RolloutConflictError, match="the emergency stop is on: clear it first"):
         begin(harness)
     harness.clock.advance(60)
@@ -248,7 +249,7 @@ def test_the_emergency_stop_on_a_fresh_server_and_on_and_off(
     cleared = {"active": False, "reason": None, "since": iso(cleared_at), "actor": BOB}
     assert rollouts.clear_emergency_stop(harness.db, actor=BOB, now=cleared_at) == cleared
     assert [a for a, _, _ in trail(harness, "fleet.emergency_stop_cleared")] == [BOB]
-    assert rollouts.status(harness.db)["emergency_stop"] == cleared
+    assert rollouts.status(harness.db, now(harness))["emergency_stop"] == cleared
     assert begin(harness)["state"] == "running"
 
 
@@ -268,7 +269,7 @@ def test_the_emergency_stop_keeps_only_devices_committed_to_the_new_release(
     rollouts.emergency_stop(harness.db, "storm", actor=ALICE, now=now(harness))
     versions = assigned(harness)
     assert [versions[d.id] for d in (succeeded, fell_back, waiting)] == ["2.0.0", None, None]
-    paused = rollouts.get(harness.db, view["id"])
+    paused = rollouts.get(harness.db, view["id"], now(harness))
     assert (paused["state"], paused["reason"]) == ("paused", "emergency stop: storm")
     assert trail(harness, "rollout.paused") == [
         (ALICE, f"rollout:{view['id']}", {
@@ -468,7 +469,7 @@ def test_resume_waits_for_the_other_active_rollout(
     act(harness, second, "abort")
     # an ended rollout is in nobody's way
     assert act(harness, first, "resume")["state"] == "running"
-    listed = rollouts.status(harness.db)["rollouts"]
+    listed = rollouts.status(harness.db, now(harness))["rollouts"]
     assert [(r["id"], r["state"]) for r in listed] == [
         (second["id"], "aborted"), (first["id"], "running")
     ]  # fmt: skip

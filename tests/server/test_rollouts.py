@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from fleet_core.cli import fleet
 from server import rollouts
 from server.audit import AuditEntry, verify_chain
+from server.cli.rollouts import duration_text
 from server.database import Database
 from server.rollouts import (
     Decision,
@@ -878,3 +879,154 @@ def test_without_rollback_on_halt_failed_and_pending_devices_stay_assigned(
     done = {e["action"]: e["details"] for e in actions(harness)}
     assert done["rollout.device_failed"]["returned"] is False
     assert done["rollout.halted"]["rolled_back"] == []
+
+
+# --- offline devices: skipped, not failed ---------------------------------------------------
+
+
+def test_offline_is_unseen_for_longer_than_offline_after() -> None:
+    day = rollouts.DEFAULT_OFFLINE_AFTER_S
+    assert day == 86400
+    assert not rollouts.offline(T0, T0 + timedelta(seconds=day), day)  # exactly: still online
+    assert rollouts.offline(T0, T0 + timedelta(seconds=day + 1), day)
+    assert not rollouts.offline(T0, T0, 1)
+    assert rollouts.offline(T0, T0 + timedelta(seconds=2), 1)
+
+
+def test_a_device_unseen_for_a_day_is_skipped_and_the_rollout_completes(
+    harness: Harness, fleet_of: Any
+) -> None:
+    """The default: a device last seen exactly a day ago is assigned, one seen a day and a
+    second ago is skipped, neither expected nor failed at the deadline (it would halt a rollout
+    of four: no failure is tolerated below 20 devices)."""
+    fleet = fleet_of(4)  # all seen at enrollment
+    stale, edge, *fresh = fleet.devices
+    harness.clock.advance(1)
+    assert edge.heartbeat().status_code == 204
+    harness.clock.advance(86400)
+    for device in fresh:
+        device.login()  # (sessions last an hour)
+        assert device.heartbeat().status_code == 204
+    rollout = start(harness, version="2.0.0", stages=[100], soak_s=60, install_deadline_s=600)
+    assert rollout["offline_after_s"] == 86400
+    assert rollout["skipped_offline"] == [stale.id]
+    online = {d.id for d in (edge, *fresh)}
+    assert {d["id"] for d in rollout["devices"]} == online
+    assert [(s["expected"], s["assigned"]) for s in rollout["stage_progress"]] == [(3, 3)]
+    assert fleet.assigned()[stale.id] is None
+    reporting = Fleet(harness, [edge, *fresh])
+    for _ in range(10):
+        answer = reporting.tick()["rollouts"][0]
+        if answer["state"] != "running":
+            break
+    assert answer["state"] == "completed", answer
+    assert answer["counts"] == {"pending": 0, "succeeded": 3, "failed": 0}
+    assert stale.id not in {d["id"] for d in answer["devices"]}
+    assert answer["skipped_offline"] == []  # ended: nothing is skipped any more
+    assigned = fleet.assigned()
+    assert assigned[stale.id] is None
+
+
+def test_a_skipped_device_seen_again_joins_its_cohort(harness: Harness, fleet_of: Any) -> None:
+    fleet = fleet_of(3)
+    sleeper, *awake = fleet.devices
+    harness.clock.advance(3601)
+    for device in awake:
+        device.login()
+    rollout = start(harness, version="2.0.0", stages=[100], soak_s=600, offline_after_s=3600)
+    assert rollout["offline_after_s"] == 3600
+    assert rollout["skipped_offline"] == [sleeper.id]
+    assert sum(s["expected"] for s in rollout["stage_progress"]) == 2
+    assert status(harness)["rollouts"][0]["skipped_offline"] == [sleeper.id]
+    sleeper.login()  # seen again
+    answer = status(harness)["rollouts"][0]
+    assert answer["skipped_offline"] == []
+    assert {d["id"] for d in answer["devices"]} == {d.id for d in fleet.devices}
+    assert fleet.assigned()[sleeper.id] == "2.0.0"
+    assert sum(s["expected"] for s in answer["stage_progress"]) == 3
+    joined = [
+        e["details"]["devices"] for e in actions(harness) if e["action"] == "rollout.assigned"
+    ]
+    assert joined[-1] == [sleeper.id]
+
+
+def test_an_assigned_device_that_goes_offline_stays_a_member_and_fails_at_the_deadline(
+    harness: Harness, fleet_of: Any
+) -> None:
+    fleet = fleet_of(2)
+    good, silent = fleet.devices
+    start(harness, version="2.0.0", stages=[100], soak_s=60, install_deadline_s=600,
+          offline_after_s=120)  # fmt: skip
+    for _ in range(4):
+        harness.clock.advance(145)  # 580 s: silent is offline, and within its deadline
+        committed_heartbeat(good)
+        answer = status(harness)["rollouts"][0]
+        assert answer["skipped_offline"] == []  # a member, not skipped
+        assert sum(s["expected"] for s in answer["stage_progress"]) == 2
+    harness.clock.advance(30)
+    committed_heartbeat(good)
+    assert outcomes(harness)[silent.id] == ("failed", "install_deadline")
+    assert status(harness)["rollouts"][0]["state"] == "halted"
+
+
+def test_an_offline_canary_is_refused_by_name(harness: Harness, fleet_of: Any) -> None:
+    fleet = fleet_of(2)
+    sleeper, awake = fleet.devices
+    harness.clock.advance(601)
+    awake.login()
+    refused = harness.client.post(
+        "/api/v1/rollouts", json={"version": "2.0.0", "canary": [sleeper.id],
+                                  "offline_after_s": 600},
+        headers=harness.operator,
+    )  # fmt: skip
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"] == (
+        f"canary {sleeper.id} is offline: not seen for more than 600 s"
+    )
+    rollout = start(harness, version="2.0.0", canary=[awake.id], offline_after_s=600)
+    assert [d["id"] for d in rollout["devices"]] == [awake.id]
+
+
+@pytest.mark.parametrize("value", [0, 365 * 86400 + 1, "1d"])
+def test_offline_after_out_of_range_is_refused(harness: Harness, fleet_of: Any, value: Any) -> None:
+    fleet_of(1)
+    refused = harness.client.post(
+        "/api/v1/rollouts", json={"version": "2.0.0", "offline_after_s": value},
+        headers=harness.operator,
+    )  # fmt: skip
+    assert refused.status_code == 422, refused.text
+    assert "offline_after_s" in refused.text
+
+
+def test_rollout_start_offline_after_on_the_cli(
+    live_server: LiveServer, enrolled: Enrolled, make_bundle: MakeBundle
+) -> None:
+    harness = live_server.harness
+    assert harness.upload(make_bundle(version="2.0.0")).status_code == 201
+    sleepers = [enrolled(hostname=f"cam-{i}") for i in range(2)]
+    harness.clock.advance(5401)
+    awake = enrolled(hostname="cam-9")
+    started = run(live_server, "rollout", "start", "2.0.0", "--stages", "100",
+                  "--offline-after", "1h30m", "--json")  # fmt: skip
+    assert started.exit_code == 0, started.output
+    answer = json.loads(started.stdout)
+    assert answer["offline_after_s"] == 5400
+    assert answer["skipped_offline"] == sorted(d.id for d in sleepers)
+    assert [d["id"] for d in answer["devices"]] == [awake.id]
+    shown = run(live_server, "rollout", "status")
+    assert "  2 devices skipped: offline for more than 1h30m (assigned when seen again)" in (
+        shown.output.splitlines()
+    )
+    assert run(live_server, "rollout", "abort", "1").exit_code == 0
+    default = run(live_server, "rollout", "start", "2.0.0", "--json")
+    assert default.exit_code == 0, default.output
+    assert json.loads(default.stdout)["offline_after_s"] == 86400
+    assert "skipped" not in run(live_server, "rollout", "status", "2").output
+    bad = run(live_server, "rollout", "start", "2.0.0", "--offline-after", "soon")
+    assert bad.exit_code == 2 and "--offline-after" in bad.output
+
+
+def test_durations_are_shown_as_they_are_written() -> None:
+    assert [duration_text(s) for s in (1, 59, 60, 3600, 5400, 86400, 90061)] == [
+        "1s", "59s", "1m", "1h", "1h30m", "1d", "1d1h1m1s",
+    ]  # fmt: skip

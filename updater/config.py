@@ -62,20 +62,19 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bootloader_hooks.base import AUTO, check_options
 from fleet_core.durable import atomic_write
 from fleet_core.errors import FleetError
+from fleet_core.settings import Setting, names, required
 from fleet_core.suggest import unknown_names
 from updater.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/fleet/updater.toml")
 LAST_GOOD_NAME = "updater.last-good.toml"
-HEALTH_CHECK_TYPES = ("systemd", "http", "tcp", "compose", "command")
-SLOT_CLASSES = ("rootfs", "bootfs")
 MAX_TAGS = 16
 # Ranges of the numbers, so that a typo cannot switch a guard off (nan, 1e23, 0).
 MAX_FREE_MB = 16 * 1024 * 1024  # 16 TiB: more than any data partition of a device
@@ -83,9 +82,6 @@ TEMPERATURE_C = (30.0, 125.0)  # no SoC runs above 125 °C; below 30 °C no upda
 UPDATE_DEADLINE_S = (60, 7 * 86400)
 MAX_CHECK_S = 3600.0  # a health check, or all of them
 MAX_INTERVAL_S = 86400.0  # check-in, heartbeat, fail-over
-# What a configuration file must name: without them nothing can be installed, so a file
-# lacking them is damaged (an empty file included), never a clean configuration.
-REQUIRED = ("compatible", "keyring")
 # Roles and tags are labels (rollout selectors, metrics): lowercase words, as the server takes
 # them (server.schemas.Label).
 LABEL = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
@@ -145,7 +141,7 @@ def _label(value: Any, where: str) -> str:
 
 
 def _no_unknown(
-    table: Mapping[str, Any], allowed: set[str], where: str, *, needed: Collection[str] = ()
+    table: Mapping[str, Any], allowed: Collection[str], where: str, *, needed: Collection[str] = ()
 ) -> None:
     """Refuse a setting of ``table`` not in ``allowed``, naming the one probably meant
     (``needed``: the settings the table requires; see :func:`fleet_core.suggest.closest`).
@@ -166,6 +162,284 @@ def _table(document: Mapping[str, Any], key: str, where: str) -> Mapping[str, An
     return value
 
 
+def _range(
+    low: float, high: float, unit: str, *, integer: bool = False, low_open: bool = False
+) -> str:
+    kind = "integer" if integer else "number"
+    bound = f"above {_plain(low)}" if low_open else f"{_plain(low)}"
+    return f"{kind}, {bound} to {_plain(high)} {unit}"
+
+
+_LABEL_TYPE = "label"
+_SPEC_TYPE = "`PARTLABEL=<label>` or absolute path"
+
+# The keys of each table, with their documentation (docs/updater-config.md is written from
+# them: docs/generate.py). The parsers below accept exactly these names.
+TOP_LEVEL = (
+    Setting(
+        "compatible", "string", None,
+        "What hardware this device is: a bundle is installed only if its signed manifest names "
+        "the same string.",
+        '"metrica-rpi4"', required=True,
+    ),
+    Setting(
+        "role", _LABEL_TYPE, None,
+        "What the device is for: reported to the server, which selects devices for a rollout "
+        "by it; also a label of every log event. Unset: no role.",
+        '"camera"',
+    ),
+    Setting(
+        "tags", f"array of labels (at most {MAX_TAGS})", "[]",
+        "Further labels reported to the server, which selects devices for a rollout by them "
+        "(duplicates count once).",
+        '["north-site", "hw-rev2"]',
+    ),
+    Setting(
+        "keyring", "absolute path", None,
+        "Directory of the release public keys (`fleet keys trust`): a bundle must be signed by "
+        "one of them.",
+        '"/etc/fleet/keyring"', required=True,
+    ),
+    Setting(
+        "data_dir", "absolute path", '"/var/lib/fleet"',
+        "Where the updater keeps its state: slot status, the device's identity, the last "
+        "configuration that loaded cleanly, the outbox of reports.",
+        '"/var/lib/fleet"',
+    ),
+    Setting(
+        "reboot_command", "non-empty array of strings", None,
+        "The command that reboots the device, instead of the boot backend's own (labs, tests).",
+        '["systemctl", "reboot"]',
+    ),
+)  # fmt: skip
+BOOTLOADER = (
+    Setting(
+        "backend", "string", f'"{AUTO}"',
+        f"The boot backend: `grub`, `tryboot`, `uboot`, or `{AUTO}` (found out on the device; "
+        "takes no options). The backend's options follow in the same table.",
+        '"tryboot"',
+    ),
+)  # fmt: skip
+SLOT_SETTINGS = (
+    Setting(
+        "rootfs", _SPEC_TYPE, None,
+        "Where the slot's root filesystem is written: a GPT partition label, or a device or "
+        "image file.",
+        '"PARTLABEL=root_a"', required=True,
+    ),
+    Setting(
+        "bootfs", _SPEC_TYPE, None,
+        "Where the slot's boot filesystem is written, if the slot has one (both slots alike).",
+        '"PARTLABEL=boot_a"',
+    ),
+)  # fmt: skip
+SLOT_CLASSES = names(SLOT_SETTINGS)
+SLOTS = (
+    Setting(
+        "a", "table", None,
+        "Root slot a: its slot classes (`[slots.a]`). Without a `[slots]` table, each slot's "
+        "`rootfs` is `PARTLABEL=root_<slot>` and its `bootfs` `PARTLABEL=boot_<slot>`.",
+        '{ rootfs = "PARTLABEL=root_a", bootfs = "PARTLABEL=boot_a" }', required=True,
+    ),
+    Setting(
+        "b", "table", None,
+        "Root slot b (`[slots.b]`), with the same slot classes as a, each naming a device of "
+        "its own.",
+        '{ rootfs = "PARTLABEL=root_b", bootfs = "PARTLABEL=boot_b" }', required=True,
+    ),
+)  # fmt: skip
+LIMITS = (
+    Setting(
+        "min_free_mb", _range(0, MAX_FREE_MB, "MB", integer=True), "500",
+        "Free space on the data partition below which an update is skipped.",
+        "1000",
+    ),
+    Setting(
+        "max_temperature_c", _range(*TEMPERATURE_C, "°C"), "80.0",
+        "CPU temperature above which an update is deferred.",
+        "75.0",
+    ),
+    Setting(
+        "update_deadline_s", _range(*UPDATE_DEADLINE_S, "seconds", integer=True), "900",
+        "An install running longer is stopped and rolled back.",
+        "1800",
+    ),
+)  # fmt: skip
+HEALTH = (
+    Setting(
+        "deadline_s", _range(0, MAX_CHECK_S, "seconds", low_open=True), "120.0",
+        "Time for all the checks together, from the start of the boot check; a check not "
+        "reached by then fails.",
+        "180",
+    ),
+    Setting(
+        "checks", "array of tables", "[]",
+        "The health checks (`[[health.checks]]`), run one after the other: every one must pass "
+        "for a trial boot to be committed.",
+        '[{ type = "systemd", unit = "ssh.service" }]',
+    ),
+)  # fmt: skip
+CHECK_TYPES: Mapping[str, tuple[Setting, ...]] = {
+    "systemd": (
+        Setting(
+            "unit", "string", None,
+            "Passes when `systemctl is-active <unit>` prints `active`.",
+            '"ssh.service"', required=True,
+        ),
+    ),
+    "http": (
+        Setting(
+            "url", "string", None,
+            "Passes when `GET <url>` answers with `expect_status` (the body is not read).",
+            '"http://127.0.0.1:8080/healthz"', required=True,
+        ),
+        Setting("expect_status", "integer", "200", "The HTTP status that passes.", "204"),
+    ),
+    "tcp": (
+        Setting(
+            "port", "integer", None,
+            "Passes when a TCP connection to `host`:`port` is accepted.",
+            "8883", required=True,
+        ),
+        Setting("host", "string", '"127.0.0.1"', "The host to connect to.", '"localhost"'),
+    ),
+    "compose": (
+        Setting(
+            "project_dir", "string", None,
+            "The docker compose project directory: passes when every container of `services` "
+            "is running, and healthy if it has a healthcheck.",
+            '"/opt/fleet/stack"', required=True,
+        ),
+        Setting(
+            "services", "array of strings", "[]",
+            "The services checked; none listed: every container of the project.",
+            '["web", "db"]',
+        ),
+    ),
+    "command": (
+        Setting(
+            "argv", "non-empty array of strings", None,
+            "Passes when the command exits with status 0.",
+            '["/usr/local/bin/selftest", "--quick"]', required=True,
+        ),
+    ),
+}  # fmt: skip
+HEALTH_CHECK_TYPES = tuple(CHECK_TYPES)
+CHECK_COMMON = (
+    Setting(
+        "type", "string", None,
+        "Which check: " + ", ".join(f"`{kind}`" for kind in HEALTH_CHECK_TYPES)
+        + "; each takes the settings listed under it.",
+        '"systemd"', required=True,
+    ),
+    Setting(
+        "timeout_s", _range(0, MAX_CHECK_S, "seconds", low_open=True), "10.0",
+        "Time for this check (never beyond the health deadline).",
+        "5",
+    ),
+)  # fmt: skip
+SERVER = (
+    Setting(
+        "urls", "array of `https://` URLs", "[]",
+        "The release server (docs/device-protocol.md): the first is the primary, the next are "
+        "failed over to. None: the daemon talks to no server.",
+        '["https://fleet.example.net", "https://fleet-2.example.net"]',
+    ),
+    Setting(
+        "keyring", "absolute path", None,
+        "Directory of the keys the server signs assignments with (its `server-key.pub`).",
+        '"/etc/fleet/server-keyring"',
+    ),
+    Setting(
+        "mirrors", "array of http(s) URLs", "[]",
+        "Base URLs that serve the server's blobs as `<mirror>/blobs/<sha256>`, tried first; "
+        "every blob is checked against the signed manifest, so plain `http://` is allowed.",
+        '["https://cdn.example.net/fleet"]',
+    ),
+    Setting(
+        "enrollment_token", "string", None,
+        "The token that admits the device at enrollment. Unset: read from "
+        "`<data_dir>/identity/enrollment-token`.",
+        '"Tq3...secret"',
+    ),
+    Setting(
+        "checkin_interval_s", _range(0, MAX_INTERVAL_S, "seconds", low_open=True), "60.0",
+        "Between check-ins (±10 % jitter).",
+        "300",
+    ),
+    Setting(
+        "heartbeat_interval_s", _range(0, MAX_INTERVAL_S, "seconds", low_open=True), "60.0",
+        "Between heartbeats.",
+        "120",
+    ),
+    Setting(
+        "failover_after_s", _range(0, MAX_INTERVAL_S, "seconds", low_open=True), "30.0",
+        "A server silent this long is given up for the next URL.",
+        "45",
+    ),
+    Setting(
+        "ca_file", "absolute path", None,
+        "The CA certificates (PEM, one or several) that verify every `https://` connection "
+        "(server, blobs, mirrors). Unset: the system's CA store (docs/tls.md).",
+        '"/etc/fleet/server-ca.pem"',
+    ),
+    Setting(
+        "allow_plain_http", "boolean", "false",
+        "Whether `urls` may be `http://` (a lab): the session token and the device's reports "
+        "would cross the network in clear.",
+        "true",
+    ),
+)  # fmt: skip
+PATHS = (
+    Setting(
+        "partlabel_dir", "absolute path", '"/dev/disk/by-partlabel"',
+        "Where `PARTLABEL=<label>` slots are looked up.",
+        '"/dev/disk/by-partlabel"',
+    ),
+    Setting(
+        "thermal_dir", "absolute path", '"/sys/class/thermal"',
+        "Where the CPU temperature is read.",
+        '"/sys/class/thermal"',
+    ),
+)  # fmt: skip
+METRICS = (
+    Setting(
+        "textfile", "absolute path", None,
+        "A node_exporter textfile the updater writes its metrics to (docs/observability.md).",
+        '"/var/lib/prometheus/node-exporter/fleet.prom"',
+    ),
+    Setting(
+        "port", "integer, 1 to 65535", None,
+        "The port the daemon serves its metrics on (`/metrics`). Unset: not served.",
+        "9101",
+    ),
+    Setting(
+        "listen", "string", '"127.0.0.1"',
+        "The address the metrics port is bound to: loopback unless configured.",
+        '"0.0.0.0"',
+    ),
+    Setting(
+        "advertise", "string", None,
+        "`host:port` where Prometheus scrapes the metrics, reported to the server for "
+        "discovery. Unset: derived from `listen`, the hostname and `port`.",
+        '"cam-17.lan:9101"',
+    ),
+)  # fmt: skip
+# The tables of the file, in the order the reference documents them.
+TABLES: Mapping[str, tuple[Setting, ...]] = {
+    "bootloader": BOOTLOADER,
+    "slots": SLOTS,
+    "limits": LIMITS,
+    "health": HEALTH,
+    "server": SERVER,
+    "paths": PATHS,
+    "metrics": METRICS,
+}
+# What a configuration file must name: without them nothing can be installed, so a file
+# lacking them is damaged (an empty file included), never a clean configuration.
+REQUIRED = required(TOP_LEVEL)
+
+
 @dataclass(frozen=True)
 class Limits:
     """When an update must not start, or must be abandoned."""
@@ -177,7 +451,7 @@ class Limits:
     @classmethod
     def from_dict(cls, table: Mapping[str, Any]) -> Limits:
         where = "limits"
-        _no_unknown(table, {f.name for f in fields(cls)}, where)
+        _no_unknown(table, names(LIMITS), where)
         values: dict[str, Any] = {}
         if "min_free_mb" in table:
             values["min_free_mb"] = _number(
@@ -212,23 +486,12 @@ class HealthCheckSpec:
             raise ConfigError(
                 f"{where}.type: {kind!r} is not one of {', '.join(HEALTH_CHECK_TYPES)}"
             )
-        required = {
-            "systemd": {"unit"},
-            "http": {"url"},
-            "tcp": {"port"},
-            "compose": {"project_dir"},
-            "command": {"argv"},
-        }[kind]
-        optional = {
-            "systemd": set(),
-            "http": {"expect_status"},
-            "tcp": {"host"},
-            "compose": {"services"},
-            "command": set(),
-        }[kind]
-        settings = {k: v for k, v in table.items() if k not in ("type", "timeout_s")}
-        _no_unknown(table, required | optional | {"type", "timeout_s"}, where, needed=required)
-        missing = sorted(required - set(settings))
+        required_here = set(required(CHECK_TYPES[kind]))
+        common = names(CHECK_COMMON)
+        settings = {k: v for k, v in table.items() if k not in common}
+        allowed = {*common, *names(CHECK_TYPES[kind])}
+        _no_unknown(table, allowed, where, needed=required_here)
+        missing = sorted(required_here - set(settings))
         if missing:
             raise ConfigError(f"{where}: {kind} check needs {', '.join(missing)}")
         timeout = (
@@ -252,7 +515,7 @@ class HealthConfig:
 
     @classmethod
     def from_dict(cls, table: Mapping[str, Any]) -> HealthConfig:
-        _no_unknown(table, {"deadline_s", "checks"}, "health")
+        _no_unknown(table, names(HEALTH), "health")
         deadline = (
             float(_number(table, "deadline_s", "health", 0, MAX_CHECK_S, "seconds", low_open=True))
             if "deadline_s" in table
@@ -308,11 +571,7 @@ class UpdaterConfig:
         Raises:
             ConfigError: the first problem, naming the setting.
         """
-        top = {
-            "compatible", "role", "tags", "keyring", "data_dir", "bootloader", "slots",
-            "limits", "health", "server", "paths", "metrics", "reboot_command",
-        }  # fmt: skip
-        _no_unknown(document, top, "config", needed=REQUIRED)
+        _no_unknown(document, (*names(TOP_LEVEL), *TABLES), "config", needed=REQUIRED)
         values: dict[str, Any] = {}
         if "compatible" in document:
             values["compatible"] = _typed(document, "compatible", str, "config").strip()
@@ -338,12 +597,12 @@ class UpdaterConfig:
         values["health"] = HealthConfig.from_dict(_table(document, "health", ""))
         values.update(_parse_server(_table(document, "server", "")))
         paths = _table(document, "paths", "")
-        _no_unknown(paths, {"partlabel_dir", "thermal_dir"}, "paths")
+        _no_unknown(paths, names(PATHS), "paths")
         for key in ("partlabel_dir", "thermal_dir"):
             if key in paths:
                 values[key] = _path(paths, key, "paths")
         metrics = _table(document, "metrics", "")
-        _no_unknown(metrics, {"textfile", "port", "listen", "advertise"}, "metrics")
+        _no_unknown(metrics, names(METRICS), "metrics")
         for key in ("listen", "advertise"):
             if key in metrics:
                 values[f"metrics_{key}"] = _typed(metrics, key, str, "metrics").strip()
@@ -378,12 +637,7 @@ def _parse_bootloader(table: Mapping[str, Any]) -> dict[str, Any]:
 def _parse_server(table: Mapping[str, Any]) -> dict[str, Any]:
     """The ``[server]`` table, as keyword arguments of :class:`UpdaterConfig`."""
     where = "server"
-    _no_unknown(
-        table,
-        {"urls", "keyring", "mirrors", "enrollment_token", "checkin_interval_s",
-         "heartbeat_interval_s", "failover_after_s", "ca_file", "allow_plain_http"},
-        where,
-    )  # fmt: skip
+    _no_unknown(table, names(SERVER), where)
     values: dict[str, Any] = {}
     if "allow_plain_http" in table:
         values["allow_plain_http"] = _typed(table, "allow_plain_http", bool, where)
@@ -435,7 +689,7 @@ def _slot_spec(table: Mapping[str, Any], key: str, where: str) -> str:
 
 
 def _parse_slots(table: Mapping[str, Any]) -> dict[str, dict[str, str]]:
-    _no_unknown(table, {"a", "b"}, "slots")
+    _no_unknown(table, names(SLOTS), "slots")
     if set(table) != {"a", "b"}:
         raise ConfigError("slots: both root slots, a and b, must be configured")
     slots: dict[str, dict[str, str]] = {}
@@ -443,7 +697,7 @@ def _parse_slots(table: Mapping[str, Any]) -> dict[str, dict[str, str]]:
         where = f"slots.{slot}"
         if not isinstance(classes, dict):
             raise ConfigError(f"{where}: must be a table")
-        _no_unknown(classes, set(SLOT_CLASSES), where, needed={"rootfs"})
+        _no_unknown(classes, SLOT_CLASSES, where, needed=required(SLOT_SETTINGS))
         if "rootfs" not in classes:
             raise ConfigError(f"{where}: needs rootfs")
         slots[slot] = {k: _slot_spec(classes, k, where) for k in classes}

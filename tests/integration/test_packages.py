@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 import chaos.lab_firmwares  # noqa: F401 (fills LAB_FIRMWARES)
+from bootloader_hooks.tryboot import TrybootConfig
 from chaos.lab_image import make_lab_image
 from chaos.virtual_device import VirtualDevice
 from signing.keyring import trust_key
@@ -203,11 +204,23 @@ def test_the_device_command_runs_in_debian_root(device_root: Path) -> None:
 
 
 IMPORT_ALL = """
-import importlib, json, pkgutil, sys
-for name in sys.argv[1:]:
+import ast, importlib, json, pkgutil, sys
+from pathlib import Path
+ours = sys.argv[1:]
+named = set()
+for name in ours:
     package = importlib.import_module(name)
     for info in pkgutil.walk_packages(package.__path__, name + "."):
         importlib.import_module(info.name)
+    # and what a function imports when it runs (requests, pyudev: only where needed)
+    for source in Path(package.__path__[0]).rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                named.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                named.add(node.module.split(".")[0])
+for name in sorted(named - set(sys.stdlib_module_names) - set(ours)):
+    importlib.import_module(name)
 print(json.dumps(sorted({m.__file__ for m in list(sys.modules.values())
                          if getattr(m, "__file__", None)})))
 """
@@ -269,6 +282,21 @@ def test_every_shipped_module_imports_on_debians_libraries_which_the_package_dep
     outside = {path: owners.get(path) for path in loaded if owners.get(path) not in needed}
     assert outside == {}, "loaded from packages fleet-updater does not depend on"
     assert any(path.startswith(f"{SITE}/updater/") for path in loaded)
+
+
+# The programs the updater runs: systemctl for the health checks of type "systemd"
+# (updater/health.py), reboot as every boot loader backend's reboot command.
+TOOLS = ("systemctl", "reboot")
+
+
+def test_the_programs_the_updater_runs_come_from_its_dependencies(device_root: Path) -> None:
+    assert TrybootConfig().reboot_command[0] == TrybootConfig().plain_reboot_command[0] == "reboot"
+    owners, needed = _owners(device_root), _closure(device_root, "fleet-updater")
+    for tool in TOOLS:
+        found = in_root(device_root, "sh", "-c", f"command -v {tool}", check=False).stdout.strip()
+        assert found, f"{tool} is not in the root"
+        names = {found, found.removeprefix("/usr"), "/usr" + found}
+        assert any(owners.get(name) in needed for name in names), (tool, found)
 
 
 def _unit(root: Path, name: str) -> configparser.ConfigParser:

@@ -143,12 +143,14 @@ def _control(package: str, tree: Path, **values: str) -> None:
             (debian / name).chmod(0o755 if name != "conffiles" else 0o644)
 
 
-def _dpkg_deb(tree: Path, target: Path) -> Path:
+def _dpkg_deb(tree: Path, target: Path, level: int = 6) -> Path:
+    """``tree`` as the package ``target``, xz-compressed at ``level`` (dpkg's default is 6; 1
+    builds the server's 100 MB in seconds instead of minutes, for a fifth more bytes)."""
     _normalize_modes(tree)
     for name in ("postinst", "prerm", "postrm"):
         if (tree / "DEBIAN" / name).exists():
             (tree / "DEBIAN" / name).chmod(0o755)
-    _run(["dpkg-deb", "--root-owner-group", "-Zxz", "--build", tree, target],
+    _run(["dpkg-deb", "--root-owner-group", "-Zxz", f"-z{level}", "--build", tree, target],
          stdout=subprocess.DEVNULL)  # fmt: skip
     return target
 
@@ -239,7 +241,7 @@ def build_server_deb(wheel: Path, out: Path, project: Path = PROJECT) -> Path:
         _docs(tree, "fleet-server", project / "server/README.md")
         _control("fleet-server", tree, VERSION=version, ARCH=arch)
         out.mkdir(parents=True, exist_ok=True)
-        return _dpkg_deb(tree, out / f"fleet-server_{version}_{arch}.deb")
+        return _dpkg_deb(tree, out / f"fleet-server_{version}_{arch}.deb", level=1)
 
 
 # --- the test root ----------------------------------------------------------------------------

@@ -88,7 +88,8 @@ from bootloader_hooks.errors import (
     BootStateMissingError,
     UnknownSlotError,
 )
-from bootloader_hooks.options import check_attempts, check_known, path_option
+from bootloader_hooks.options import check_attempts, check_known, declare, path_option
+from fleet_core.settings import Setting
 
 if TYPE_CHECKING:
     from bootloader_hooks.grub_script import SlotEntry
@@ -367,7 +368,27 @@ class GrubBackend:
 # ---------------------------------------------------------------------------------------------
 # Options.
 
-OPTIONS = ("grubenv", "cmdline", "attempts")
+OPTIONS = declare(
+    NAME,
+    (
+        Setting(
+            "grubenv", "path", f'"{DEFAULT_GRUBENV}"',
+            "The GRUB environment block holding the boot order and the attempts left, on the "
+            "ESP beside the `grub.cfg` that reads it.",
+            '"/boot/efi/EFI/fleet/grubenv"',
+        ),
+        Setting(
+            "cmdline", "path", f'"{DEFAULT_CMDLINE}"',
+            "The kernel command line, which names the slot that booted.",
+            '"/proc/cmdline"',
+        ),
+        Setting(
+            "attempts", f"integer, 1 to {MAX_ATTEMPTS}", str(DEFAULT_ATTEMPTS),
+            "Boots a trial slot is given before GRUB falls back to the committed one.",
+            "2",
+        ),
+    ),
+)  # fmt: skip
 
 
 def parse_options(options: Mapping[str, Any]) -> dict[str, Any]:

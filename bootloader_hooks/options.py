@@ -4,6 +4,10 @@ Each backend module has ``parse_options(options)`` (the values its constructor t
 ``check_options(options)`` (the same check as a configuration loads, reading nothing) and
 ``<Backend>.from_options(options)``; these helpers are what they share. Every error names the
 backend (``who``, the module's ``WHO``) and the option.
+
+Each backend declares its options once, documented (:func:`declare`): the names it accepts are
+the names of those declarations, and the reference (``docs/updater-config.md``) is written from
+them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from bootloader_hooks.errors import BootloaderError
+from fleet_core.settings import Setting, names
 from fleet_core.suggest import unknown_names
+
+# backend name -> its options as the reference documents them, in the order declared
+DECLARED: dict[str, tuple[Setting, ...]] = {}
+
+
+def declare(backend: str, settings: tuple[Setting, ...]) -> tuple[str, ...]:
+    """Record the options of ``backend`` with their documentation; their names, which are all
+    the backend accepts (:func:`check_known`)."""
+    DECLARED[backend] = settings
+    return names(settings)
 
 
 def check_known(who: str, options: Mapping[str, Any], known: Sequence[str]) -> None:

@@ -118,8 +118,15 @@ from bootloader_hooks.autoboot import (
 )
 from bootloader_hooks.base import ALL_SLOTS, ROOT_SLOTS, SAFE_SLOT, check_root_slot, register
 from bootloader_hooks.errors import BootloaderError
-from bootloader_hooks.options import check_attempts, check_known, command_option, path_option
+from bootloader_hooks.options import (
+    check_attempts,
+    check_known,
+    command_option,
+    declare,
+    path_option,
+)
 from fleet_core import durable
+from fleet_core.settings import Setting
 
 NAME = "tryboot"
 AUTOBOOT_FILE = "autoboot.txt"  # alone on partition 1, which provisioning writes
@@ -565,7 +572,61 @@ class TrybootBackend:
 
 _PATH_OPTIONS = ("autoboot_txt", "device_tree", "state_dir", "boot_id")
 _COMMAND_OPTIONS = ("reboot_command", "plain_reboot_command")
-OPTIONS = (*_PATH_OPTIONS, *_COMMAND_OPTIONS, "partitions", "attempts", "backend")
+# ``backend`` (if given, ``tryboot``) is the [bootloader] table's own key, documented there
+OPTIONS = (
+    *declare(
+        NAME,
+        (
+            Setting(
+                "autoboot_txt", "path", f'"{TrybootConfig.autoboot_txt}"',
+                "The firmware's `autoboot.txt` (alone on partition 1, mounted), which names the "
+                "boot partition of every normal boot and of a trial (`[tryboot]`).",
+                '"/boot/autoboot/autoboot.txt"',
+            ),
+            Setting(
+                "device_tree", "path", f'"{TrybootConfig.device_tree}"',
+                "The device tree the firmware passes, which tells which partition booted and "
+                "whether the boot was a trial.",
+                '"/proc/device-tree"',
+            ),
+            Setting(
+                "state_dir", "path", f'"{TrybootConfig.state_dir}"',
+                "Where the backend keeps the shadow copy of `autoboot.txt` and the trial state "
+                "(on the data partition).",
+                '"/var/lib/fleet/boot"',
+            ),
+            Setting(
+                "boot_id", "path", f'"{TrybootConfig.boot_id}"',
+                "The kernel's boot id, which tells one boot from the next.",
+                '"/proc/sys/kernel/random/boot_id"',
+            ),
+            Setting(
+                "reboot_command", "non-empty array of strings", '["reboot", "0 tryboot"]',
+                "The reboot into an armed trial: it must pass `tryboot` to the firmware.",
+                '["systemctl", "reboot", "0 tryboot"]',
+            ),
+            Setting(
+                "plain_reboot_command", "non-empty array of strings", '["reboot"]',
+                "A reboot that is not a trial.",
+                '["systemctl", "reboot"]',
+            ),
+            Setting(
+                "partitions",
+                f"table of the slots {', '.join(ALL_SLOTS)} to partition numbers "
+                f"{MIN_PARTITION}-{MAX_PARTITION}",
+                "{ a = 2, b = 3, safe = 4 }",
+                "Each slot's boot partition, as `autoboot.txt` names it (`boot_partition`).",
+                "{ a = 5, b = 6, safe = 7 }",
+            ),
+            Setting(
+                "attempts", "integer, 1 or more", str(DEFAULT_ATTEMPTS),
+                "Trial boots of an armed slot, counting the first, before it is given up.",
+                "2",
+            ),
+        ),
+    ),
+    "backend",
+)  # fmt: skip
 
 
 def parse_options(options: Mapping[str, Any]) -> TrybootConfig:

@@ -75,9 +75,10 @@ from bootloader_hooks.errors import (
     BootStateMissingError,
     UnknownSlotError,
 )
-from bootloader_hooks.options import check_attempts, check_known, path_option
+from bootloader_hooks.options import check_attempts, check_known, declare, path_option
 from bootloader_hooks.ubootenv import EnvLayout, EnvState
 from fleet_core import durable
+from fleet_core.settings import Setting
 
 NAME = "uboot"
 WHO = "uboot backend"
@@ -420,6 +421,71 @@ def mender_boot_partition(variables: Mapping[str, str]) -> int:
 
 # --- options -------------------------------------------------------------------------------------
 
+OPTIONS = declare(
+    NAME,
+    (
+        Setting(
+            "fw_env_config", "path", f'"{DEFAULT_FW_ENV_CONFIG}"',
+            "Where the environment is, as `fw_setenv` reads it; excludes the `env_*` and "
+            "`redundant_*` options.",
+            '"/etc/fw_env.config"',
+        ),
+        Setting(
+            "env_file", "path", None,
+            "The environment's file or device, instead of `fw_env_config`.",
+            '"/boot/uboot.env"',
+        ),
+        Setting(
+            "env_offset", "integer (bytes)", "0",
+            "Where the environment starts in `env_file`.",
+            "0x3f8000",
+        ),
+        Setting(
+            "env_size", "integer (bytes)", "0x4000",
+            "The size of one copy of the environment, as U-Boot was built with.",
+            "0x2000",
+        ),
+        Setting(
+            "redundant_offset", "integer (bytes)", None,
+            "Where the second copy starts: the environment is then redundant. Unset with "
+            "`redundant_file` given: `env_offset`.",
+            "0x4000",
+        ),
+        Setting(
+            "redundant_file", "path", None,
+            "The second copy's file or device: the environment is then redundant. Unset with "
+            "`redundant_offset` given: `env_file`.",
+            '"/boot/uboot-redund.env"',
+        ),
+        Setting(
+            "cmdline", "path", f'"{DEFAULT_CMDLINE}"',
+            "The kernel command line, which names the slot that booted.",
+            '"/proc/cmdline"',
+        ),
+        Setting(
+            "attempts", f"integer, 1 to {MAX_ATTEMPTS}", str(DEFAULT_ATTEMPTS),
+            "Boots a trial slot is given before the boot script falls back.",
+            "2",
+        ),
+        Setting(
+            "mender_partitions", "table of partition numbers to slots", '{ 2 = "a", 3 = "b" }',
+            "Which root partition is which slot, when taking over from Mender.",
+            '{ 2 = "a", 3 = "b" }',
+        ),
+        Setting(
+            "bootcmd", "string", None,
+            "The `bootcmd` that the take-over from Mender and `repair` write. Unset: left "
+            "alone.",
+            '"run fleet_boot"',
+        ),
+        Setting(
+            "initial_env", "path", f'"{DEFAULT_INITIAL_ENV}"',
+            "The board's default environment, which `repair` starts from.",
+            '"/etc/u-boot-initial-env"',
+        ),
+    ),
+)  # fmt: skip
+# the type check of each option; the names are OPTIONS
 _OPTION_TYPES: Mapping[str, tuple[type, ...]] = {
     "fw_env_config": (str, os.PathLike),
     "env_file": (str, os.PathLike),
@@ -436,7 +502,7 @@ _OPTION_TYPES: Mapping[str, tuple[type, ...]] = {
 
 
 def _check_option_types(options: Mapping[str, Any]) -> None:
-    check_known(WHO, options, tuple(_OPTION_TYPES))
+    check_known(WHO, options, OPTIONS)
     for key, value in options.items():
         types = _OPTION_TYPES[key]
         if isinstance(value, bool) or not isinstance(value, types):

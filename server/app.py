@@ -21,7 +21,7 @@ from starlette.types import ASGIApp
 from server import rollouts
 from server.anchor import ANCHOR_INTERVAL_S, anchor_every
 from server.api import blobs as blob_routes
-from server.api import device, health, operator, sd
+from server.api import device, health, keys, operator, sd
 from server.api import rollouts as rollout_routes
 from server.api.common import ServerState, install_error_handlers
 from server.blobs import BlobStore
@@ -184,6 +184,7 @@ def create_app(
     app.include_router(blob_routes.router)
     app.include_router(health.router)
     app.include_router(sd.router)
+    app.include_router(keys.router)
     limits = settings.limits
     app.add_middleware(UploadLimitMiddleware, limit=limits.max_concurrent_uploads)
     app.add_middleware(

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from fleet_core.errors import FleetError
+from fleet_core.text import printable
 from image_builder.bundle import read_bundle_info, verify_bundle
 from image_builder.bundle_writer import ImageSource, create_bundle
 from image_builder.errors import BundleCompatibilityError
@@ -217,6 +219,7 @@ def _load_key(path: Path, passphrase_file: Path | None) -> SigningKey:
 @click.option("--compress", type=click.Choice(["none", "zstd"]), default="none", show_default=True)
 @click.option("--product", default="metrica-fleet", show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the signed manifest as JSON.")
 def create(
     compatible: str,
     version: str,
@@ -227,6 +230,7 @@ def create(
     compress: str,
     product: str,
     output: Path,
+    as_json: bool,
 ) -> None:
     """Build and sign a release bundle."""
     sources = [_parse_image(text) for text in images]
@@ -241,6 +245,15 @@ def create(
         product=product,
         compression=compress,
     )
+    if as_json:
+        document = {
+            "bundle": str(output),
+            "manifest": manifest.to_dict(),
+            "signed_by": [k.key_id for k in keys],
+            "size": output.stat().st_size,
+        }
+        click.echo(json.dumps(document, indent=2, sort_keys=True))
+        return
     click.echo(
         f"{output}: {manifest.product} {manifest.version} for {manifest.compatible}, "
         f"signed by {', '.join(k.key_id for k in keys)}"
@@ -251,14 +264,32 @@ def create(
 @click.argument("bundle_path", type=click.Path(path_type=Path))
 @click.option("--keyring", "keyring_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--compatible", help="Also require this compatible string.")
-def verify(bundle_path: Path, keyring_dir: Path, compatible: str | None) -> None:
+@click.option(
+    "--json", "as_json", is_flag=True,
+    help='Print the outcome as JSON ({"ok": false, "problem": ...} and exit 1 when it fails).',
+)  # fmt: skip
+def verify(bundle_path: Path, keyring_dir: Path, compatible: str | None, as_json: bool) -> None:
     """Check a bundle's signatures and every byte of its images."""
-    result = verify_bundle(bundle_path, Keyring.load(keyring_dir))
-    manifest = result.manifest
-    if compatible is not None and manifest.compatible != compatible:
-        raise BundleCompatibilityError(
-            f"{bundle_path}: built for {manifest.compatible!r}, not {compatible!r}"
-        )
+    try:
+        result = verify_bundle(bundle_path, Keyring.load(keyring_dir))
+        manifest = result.manifest
+        if compatible is not None and manifest.compatible != compatible:
+            raise BundleCompatibilityError(
+                f"{bundle_path}: built for {manifest.compatible!r}, not {compatible!r}"
+            )
+    except FleetError as err:
+        if not as_json:
+            raise
+        click.echo(json.dumps({"ok": False, "problem": printable(str(err))}, indent=2))
+        raise SystemExit(1) from None
+    if as_json:
+        document = {
+            "ok": True,
+            "manifest": manifest.to_dict(),
+            "signed_by": list(result.signed_by),
+        }
+        click.echo(json.dumps(document, indent=2, sort_keys=True))
+        return
     click.echo(
         f"{bundle_path}: OK: {manifest.product} {manifest.version} for "
         f"{manifest.compatible}, security version {manifest.security_version}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -88,9 +89,18 @@ def threshold(count: int, keyring_dir: Path) -> None:
 
 @keys.command("list")
 @click.option("--keyring", "keyring_dir", required=True, type=click.Path(path_type=Path))
-def list_keys(keyring_dir: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the keyring as JSON.")
+def list_keys(keyring_dir: Path, as_json: bool) -> None:
     """Show a keyring: trusted and revoked key ids and the threshold."""
     keyring = Keyring.load(keyring_dir)
+    if as_json:
+        document = {
+            "trusted": sorted(set(keyring.trusted) - keyring.revoked),
+            "revoked": sorted(keyring.revoked),
+            "threshold": keyring.threshold,
+        }
+        click.echo(json.dumps(document, indent=2))
+        return
     for kid in sorted(set(keyring.trusted) | keyring.revoked):
         click.echo(f"{kid} {'revoked' if kid in keyring.revoked else 'trusted'}")
     click.echo(f"threshold {keyring.threshold}")

@@ -40,6 +40,9 @@ def test_keys_generate_trust_list_revoke_threshold(tmp_path: Path) -> None:
     listing = invoke("keys", "list", "--keyring", ring).output
     assert f"{key_a} revoked" in listing
     assert "threshold 1" in listing
+    key_b = invoke("keys", "id", tmp_path / "b.pub").output.strip()
+    as_json = json.loads(invoke("keys", "list", "--keyring", ring, "--json").output)
+    assert as_json == {"trusted": [key_b], "revoked": [key_a], "threshold": 1}
 
 
 def test_encrypted_key_with_passphrase_file_and_environment(tmp_path: Path) -> None:
@@ -65,9 +68,23 @@ def test_bundle_create_verify_info(tmp_path: Path, make_image: Callable[..., Pat
     result = invoke(
         "bundle", "create", "--compatible", "metrica-rpi4", "--version", "2.1.0",
         "--security-version", "3", "--image", f"rootfs={rootfs}", "--image", f"bootfs={bootfs}",
-        "--key", tmp_path / "k.pem", "--compress", "zstd", "-o", output,
+        "--key", tmp_path / "k.pem", "--compress", "zstd", "-o", output, "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    created = json.loads(result.output)
+    assert created["manifest"]["version"] == "2.1.0" and created["size"] == output.stat().st_size
+    key_id = invoke("keys", "id", tmp_path / "k.pub").output.strip()
+    assert created["signed_by"] == [key_id]
+    verified = json.loads(invoke("bundle", "verify", output, "--keyring", tmp_path / "ring",
+                                 "--json").output)  # fmt: skip
+    assert verified["ok"] is True and verified["signed_by"] == [key_id]
+    assert verified["manifest"] == created["manifest"]
+    wrong = invoke("bundle", "verify", output, "--keyring", tmp_path / "ring", "--json",
+                   "--compatible", "x86")  # fmt: skip
+    assert wrong.exit_code == 1
+    assert json.loads(wrong.stdout) == {
+        "ok": False, "problem": f"{output}: built for 'metrica-rpi4', not 'x86'",
+    }  # fmt: skip
     result = invoke("bundle", "verify", output, "--keyring", tmp_path / "ring")
     assert result.exit_code == 0, result.output
     assert "OK: metrica-fleet 2.1.0 for metrica-rpi4, security version 3" in result.output

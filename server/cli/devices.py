@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,6 +126,14 @@ def _print_json(document: Any) -> None:
     click.echo(json.dumps(document, indent=2, ensure_ascii=True))
 
 
+def _report(answer: dict[str, Any], as_json: bool, line: Callable[[dict[str, Any]], str]) -> None:
+    """What a device command did: the API's answer as JSON, or one line of it."""
+    if as_json:
+        _print_json(answer)
+    else:
+        show(line(answer))
+
+
 @device.command("show")
 @click.argument("reference", metavar="DEVICE")
 @api_options
@@ -193,10 +201,7 @@ def rename(
     client = api_client(server, token)
     (device_id,) = resolve_devices(client, [reference])
     answer = client.post(f"/api/v1/devices/{device_id}/rename", {"hostname": hostname})
-    if as_json:
-        _print_json(answer)
-    else:
-        show(f"device {answer['id']}: {answer['hostname']}")
+    _report(answer, as_json, lambda a: f"device {a['id']}: {a['hostname']}")
 
 
 @device.command()
@@ -213,10 +218,7 @@ def remove(reference: str, yes: bool, server: str | None, token: str | None, as_
     if not yes:
         click.confirm(f"remove device {device_id}?", abort=True, err=True)
     answer = client.delete(f"/api/v1/devices/{device_id}")
-    if as_json:
-        _print_json(answer)
-    else:
-        show(f"device {answer['id']} ({answer['hostname']}) removed")
+    _report(answer, as_json, lambda a: f"device {a['id']} ({a['hostname']}) removed")
 
 
 @device.command()
@@ -232,10 +234,11 @@ def assign(
     (device_id,) = resolve_devices(client, [reference])
     target = None if version == "none" else version
     answer = client.post(f"/api/v1/devices/{device_id}/assignment", {"version": target})
-    if as_json:
-        _print_json(answer)
-    else:
-        show(f"device {answer['id']}: assigned {answer['assigned_version'] or 'nothing'}")
+    _report(
+        answer,
+        as_json,
+        lambda a: f"device {a['id']}: assigned {a['assigned_version'] or 'nothing'}",
+    )
 
 
 def _status_command(change: str, help_text: str, *, reason_required: bool) -> None:
@@ -251,10 +254,7 @@ def _status_command(change: str, help_text: str, *, reason_required: bool) -> No
         (device_id,) = resolve_devices(client, [reference])
         body = {} if reason is None else {"reason": reason}
         answer = client.post(f"/api/v1/devices/{device_id}/{change}", body)
-        if as_json:
-            _print_json(answer)
-        else:
-            click.echo(f"device {answer['id']}: {answer['status']}")
+        _report(answer, as_json, lambda a: f"device {a['id']}: {a['status']}")
 
 
 _status_command(

@@ -292,6 +292,7 @@ class RolloutRequest:
     role: str | None = None  # select devices of this role only
     tags: tuple[str, ...] = ()  # ... that carry every one of these tags
     offline_after_s: int = DEFAULT_OFFLINE_AFTER_S  # unseen longer: not assigned, not expected
+    allow_empty: bool = False  # start even when no online device is selected
 
 
 def _plan(rollout: Rollout) -> Plan:
@@ -353,6 +354,26 @@ def _selected(session: Session, rollout: Rollout, release: Release, now: datetim
     return selection
 
 
+def empty_selection(
+    compatible_with: str, compatible: int, offline_selected: int, offline_after_s: int
+) -> str:
+    """Why a rollout selects no online device, given how many active devices are compatible
+    with its release and how many selected ones are offline; and the way to start it anyway."""
+    if compatible == 0:
+        why = f"no active device is compatible with {compatible_with!r}"
+    elif offline_selected == 0:
+        why = (
+            f"none of the {compatible} active devices compatible with {compatible_with!r} "
+            "matches the device ids and selector"
+        )
+    else:
+        why = (
+            f"all {offline_selected} matching devices are offline: not seen for more than "
+            f"{offline_after_s} s"
+        )
+    return f"the rollout would assign no device: {why} (allow_empty starts it anyway)"
+
+
 def check_named_devices(field: str, device_ids: Sequence[str]) -> None:
     """A list of device ids names each device once.
 
@@ -397,12 +418,14 @@ def start(db: Database, request: RolloutRequest, *, actor: str, now: datetime) -
 
     Every device named (``device_ids``, canaries) must be enrolled and named once: an unknown
     id is a typo or another fleet's device, and silently leaving it out would start a rollout
-    that is not the one asked for.
+    that is not the one asked for. A rollout that selects no online device is refused, saying
+    why (:func:`empty_selection`), unless ``allow_empty``: it would assign nothing, yet hold off
+    every other rollout while it lasts.
 
     Raises:
         UnknownReleaseError: no such release.
         InvalidRolloutError: the stages, rates or canaries do not make a plan; a device named
-            twice, or one that is not enrolled.
+            twice, or one that is not enrolled; no online device selected.
         RolloutConflictError: another rollout is running or paused, or the emergency stop is on.
     """
     percents = check_percents(request.stages)
@@ -464,6 +487,21 @@ def start(db: Database, request: RolloutRequest, *, actor: str, now: datetime) -
                 f"canary {strangers[0]} is not a selected device compatible with "
                 f"{release.compatible!r}"
             )
+        if not selection.online and not request.allow_empty:
+            compatible = session.scalar(
+                select(func.count())
+                .select_from(Device)
+                .where(
+                    Device.compatible == release.compatible,
+                    Device.status == DeviceStatus.ACTIVE,
+                )
+            )
+            raise InvalidRolloutError(
+                empty_selection(
+                    release.compatible, compatible or 0, len(selection.offline),
+                    request.offline_after_s,
+                )
+            )  # fmt: skip
         _audit(db, session, now, actor, "rollout.started", rollout, plan=_plan(rollout).names)
         _assign_cohort(db, session, rollout, now)
         session.flush()

@@ -264,6 +264,8 @@ class RolloutStartRequest(_Body):
     rollback_on_halt: bool = True
     selector: RolloutSelector | None = None
     offline_after_s: Annotated[int, Field(ge=1, le=365 * 86400)] = DEFAULT_OFFLINE_AFTER_S
+    # a rollout that would assign no device is refused unless this says it is meant
+    allow_empty: bool = False
 
 
 class ReasonRequest(_Body):

@@ -47,6 +47,7 @@ async def start_rollout(request: Request, caller: OperatorRole, state: State) ->
         role=body.selector.role if body.selector else None,
         tags=tuple(body.selector.tags) if body.selector else (),
         offline_after_s=body.offline_after_s,
+        allow_empty=body.allow_empty,
     )
     await _evaluate(state)
     return await run_in_threadpool(

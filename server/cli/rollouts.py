@@ -164,6 +164,10 @@ def render_rollout(r: dict[str, Any]) -> list[str]:
     "until it is seen again.",
 )  # fmt: skip
 @click.option(
+    "--allow-empty", is_flag=True,
+    help="Start even when no online device is selected (refused otherwise).",
+)  # fmt: skip
+@click.option(
     "--selector", "selectors", multiple=True,
     help="role=NAME or tag=NAME: only devices that report it (repeat; all must match).",
 )  # fmt: skip
@@ -179,6 +183,7 @@ def rollout_start(
     install_deadline: int,
     no_rollback: bool,
     offline_after: int,
+    allow_empty: bool,
     selectors: tuple[str, ...],
     server: str | None,
     token: str | None,
@@ -188,7 +193,10 @@ def rollout_start(
 
     Devices not seen for longer than --offline-after are skipped: the rollout neither assigns
     them nor waits for them, and `fleet rollout status` counts them. One seen again while the
-    rollout runs joins its cohort then; one the rollout already assigned stays its member."""
+    rollout runs joins its cohort then; one the rollout already assigned stays its member.
+
+    A rollout that would assign no device (none compatible, none matching --device and
+    --selector, or all of them offline) is refused, saying which, unless --allow-empty."""
     document = {
         "selector": parse_selector(selectors),
         "version": version,
@@ -200,6 +208,7 @@ def rollout_start(
         "install_deadline_s": install_deadline,
         "rollback_on_halt": not no_rollback,
         "offline_after_s": offline_after,
+        "allow_empty": allow_empty,
     }
     _print_rollout(api_client(server, token).post("/api/v1/rollouts", document), as_json)
 

@@ -1030,3 +1030,108 @@ def test_durations_are_shown_as_they_are_written() -> None:
     assert [duration_text(s) for s in (1, 59, 60, 3600, 5400, 86400, 90061)] == [
         "1s", "59s", "1m", "1h", "1h30m", "1d", "1d1h1m1s",
     ]  # fmt: skip
+
+
+# --- a rollout that would assign no device ----------------------------------------------------
+
+NOTHING = "the rollout would assign no device: "
+ANYWAY = " (allow_empty starts it anyway)"
+
+
+def test_why_a_selection_is_empty() -> None:
+    assert rollouts.empty_selection("metrica-rpi4", 0, 0, 60) == (
+        f"{NOTHING}no active device is compatible with 'metrica-rpi4'{ANYWAY}"
+    )
+    assert rollouts.empty_selection("metrica-rpi4", 1, 0, 60) == (
+        f"{NOTHING}none of the 1 active devices compatible with 'metrica-rpi4' matches the "
+        f"device ids and selector{ANYWAY}"
+    )
+    assert rollouts.empty_selection("metrica-rpi4", 1, 1, 60) == (
+        f"{NOTHING}all 1 matching devices are offline: not seen for more than 60 s{ANYWAY}"
+    )
+
+
+def other_compatible(harness: Harness, enrolled: Enrolled) -> None:
+    enrolled(hostname="cm5-0001", compatible="metrica-cm5")
+
+
+def one_quarantined(harness: Harness, enrolled: Enrolled) -> None:
+    device = enrolled(hostname="cam-q")
+    response = harness.client.post(
+        f"/api/v1/devices/{device.id}/quarantine", json={}, headers=harness.operator
+    )
+    assert response.status_code == 200, response.text
+
+
+def none_with_the_role(harness: Harness, enrolled: Enrolled) -> None:
+    for index in range(2):
+        assert enrolled(hostname=f"cam-{index}").heartbeat(role="camera").status_code == 204
+
+
+def all_offline(harness: Harness, enrolled: Enrolled) -> None:
+    for index in range(3):
+        enrolled(hostname=f"cam-{index}")
+    enrolled(hostname="cm5-0001", compatible="metrica-cm5")  # online, and not compatible
+    harness.clock.advance(86401)
+
+
+@pytest.mark.parametrize(
+    ("fleet", "why"),
+    [
+        (other_compatible, "no active device is compatible with 'metrica-rpi4'"),
+        (one_quarantined, "no active device is compatible with 'metrica-rpi4'"),
+        (
+            none_with_the_role,
+            "none of the 2 active devices compatible with 'metrica-rpi4' matches the device ids "
+            "and selector",
+        ),
+        (all_offline, "all 3 matching devices are offline: not seen for more than 86400 s"),
+    ],
+)
+def test_a_rollout_that_would_assign_no_device_is_refused_unless_allowed(
+    harness: Harness, fleet_of: Any, enrolled: Enrolled,
+    fleet: Callable[[Harness, Enrolled], None], why: str,
+) -> None:  # fmt: skip
+    fleet_of(0)
+    fleet(harness, enrolled)
+    body = {"version": "2.0.0", "selector": {"role": "sensor"}}
+    if fleet is not none_with_the_role:
+        del body["selector"]
+    refused = harness.client.post("/api/v1/rollouts", json=body, headers=harness.operator)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"] == "invalid_rollout"
+    assert refused.json()["detail"] == f"{NOTHING}{why}{ANYWAY}"
+    assert status(harness)["rollouts"] == []
+    assert not [e for e in actions(harness) if e["action"].startswith("rollout.")]
+    allowed = start(harness, **body, allow_empty=True)
+    assert (allowed["state"], allowed["devices"]) == ("running", [])
+    assert sum(s["expected"] for s in allowed["stage_progress"]) == 0
+
+
+def test_one_online_device_is_enough(harness: Harness, fleet_of: Any) -> None:
+    fleet = fleet_of(3)
+    harness.clock.advance(86400)
+    fleet.devices[0].login()
+    harness.clock.advance(1)  # the other two: a day and a second
+    rollout = start(harness, version="2.0.0", stages=[100])
+    assert [d["id"] for d in rollout["devices"]] == [fleet.devices[0].id]
+    assert len(rollout["skipped_offline"]) == 2
+
+
+def test_rollout_start_allow_empty_on_the_cli(
+    live_server: LiveServer, enrolled: Enrolled, make_bundle: MakeBundle
+) -> None:
+    harness = live_server.harness
+    assert harness.upload(make_bundle(version="2.0.0")).status_code == 201
+    enrolled(hostname="cam-0")
+    harness.clock.advance(7201)
+    refused = run(live_server, "rollout", "start", "2.0.0", "--offline-after", "2h")
+    assert refused.exit_code == 1, refused.output
+    assert "all 1 matching devices are offline: not seen for more than 7200 s" in refused.output
+    assert "Traceback" not in refused.output
+    assert json.loads(run(live_server, "rollout", "status", "--json").stdout)["rollouts"] == []
+    allowed = run(live_server, "rollout", "start", "2.0.0", "--offline-after", "2h",
+                  "--allow-empty", "--json")  # fmt: skip
+    assert allowed.exit_code == 0, allowed.output
+    answer = json.loads(allowed.stdout)
+    assert (answer["state"], answer["devices"], answer["offline_after_s"]) == ("running", [], 7200)

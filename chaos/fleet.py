@@ -7,14 +7,20 @@ is offline, a wall clock that is years off. The fleet's clock is simulated: :met
 it and lets every online member do what is due, so a day of check-ins runs in seconds. The
 server is whatever the members are pointed at (a real ``fleet server run`` process in tests and
 in the demo).
+
+Members leave the factory running a lab image of ``base_version``. With ``plain_images`` they
+also install and boot ordinary bundles (``chaos.virtual_device``) for their ``compatible``
+string, into slots of ``slot_sizes`` (sparse files: a slot costs only the bytes written to it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import shutil
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +28,46 @@ from pathlib import Path
 from bootloader_hooks.base import BootCause, BootEvent
 from chaos.lab_image import make_lab_image
 from chaos.virtual_device import BootRecord, FaultProfile, VirtualDevice
-from signing.keyring import Keyring, trust_key
+from signing.keyring import CONFIG_FILE, REVOKED_FILE, Keyring, trust_key
 from updater.client import ServerClient
 from updater.daemon import Daemon
 from updater.identity import load_or_create_identity
 
 ROLES = ("camera", "sensor", "gateway")
+# Slots for ordinary images: room for a Raspberry Pi OS root and boot partition.
+PLAIN_SLOT_SIZES = {"rootfs": 8 << 30, "bootfs": 1 << 30}
+
+
+def copy_sparse(source: str, target: str) -> str:
+    """``shutil.copy2`` that leaves holes as holes (a slot file of gigabytes that holds a
+    small image costs the image); where the file system cannot tell holes, a plain copy."""
+    with open(source, "rb") as reader, open(target, "wb") as writer:
+        size = os.fstat(reader.fileno()).st_size
+        writer.truncate(size)
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(reader.fileno(), offset, os.SEEK_DATA)
+            except OSError as err:
+                if err.errno == errno.ENXIO:
+                    break  # only a hole is left
+                reader.seek(0)
+                writer.seek(0)
+                shutil.copyfileobj(reader, writer)
+                break
+            end = os.lseek(reader.fileno(), start, os.SEEK_HOLE)
+            reader.seek(start)
+            writer.seek(start)
+            remaining = end - start
+            while remaining > 0:
+                chunk = reader.read(min(remaining, 1 << 20))
+                if not chunk:
+                    break
+                writer.write(chunk)
+                remaining -= len(chunk)
+            offset = end
+    shutil.copystat(source, target)
+    return target
 
 
 class LabClock:
@@ -69,8 +109,21 @@ class Member:
         return running.image.version if running and running.image else None
 
 
+def _trust(keyring: Path, source: Path) -> None:
+    """Make ``keyring`` trust ``source``: a public key (``.pub``), or a keyring directory
+    (its keys, revocations and threshold)."""
+    if not source.is_dir():
+        trust_key(keyring, source)
+        return
+    keyring.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.suffix == ".pub" or path.name in (REVOKED_FILE, CONFIG_FILE):
+            shutil.copyfile(path, keyring / path.name)
+
+
 class VirtualFleet:
-    """See the module docstring."""
+    """See the module docstring. ``server_key`` and ``release_key``: a public key (``.pub``)
+    or a keyring directory each."""
 
     def __init__(
         self,
@@ -86,6 +139,9 @@ class VirtualFleet:
         clock: LabClock | None = None,
         wall_clock: Callable[[], float] | None = None,
         workers: int = 1,
+        compatible: str = "lab-device",
+        plain_images: bool = False,
+        slot_sizes: Mapping[str, int] | None = None,
     ) -> None:
         import time
 
@@ -95,19 +151,30 @@ class VirtualFleet:
         self.workers = workers
         self.started = self.clock()
         self._wall = wall_clock or time.time
+        self.compatible = compatible
+        self.plain_images = plain_images
+        self.slot_sizes = slot_sizes
         template = root / "template"
-        device = VirtualDevice(template, firmware)
-        trust_key(template / "keyring", release_key)
-        trust_key(template / "server-keyring", server_key)
+        device = self._device(template, firmware)
+        _trust(template / "keyring", release_key)
+        _trust(template / "server-keyring", server_key)
         device.provision(make_lab_image(base_version), base_version)
         device.power_on()
         self.members: list[Member] = []
         for index, spec in enumerate(specs):
             member_root = root / f"{spec.role}-{index:04d}"
-            shutil.copytree(template, member_root)
+            shutil.copytree(template, member_root, copy_function=copy_sparse)
             self.members.append(
                 self._member(member_root, firmware, spec, index, server_urls, enrollment_token)
             )
+
+    def _device(
+        self, root: Path, firmware: str, profile: FaultProfile | None = None
+    ) -> VirtualDevice:
+        return VirtualDevice(
+            root, firmware, compatible=self.compatible, profile=profile,
+            plain_images=self.plain_images, slot_sizes=self.slot_sizes,
+        )  # fmt: skip
 
     def _member(
         self,
@@ -118,7 +185,7 @@ class VirtualFleet:
         server_urls: Sequence[str],
         enrollment_token: str,
     ) -> Member:
-        device = VirtualDevice(root, firmware, profile=spec.profile)
+        device = self._device(root, firmware, spec.profile)
         device.config = dataclasses.replace(
             device.config, server_urls=tuple(server_urls),
             server_keyring=root / "server-keyring", enrollment_token=enrollment_token,

@@ -8,6 +8,11 @@ only if its image is complete: a half-written slot (header or body not matching)
 a kernel that cannot mount its root, that is, it hangs until the watchdog resets the board.
 Deciding from the slot's bytes, rather than from a table on the side, means the lab cannot
 believe a slot is fine when its disk says otherwise.
+
+Lab images are what the lab's own releases carry (tests, ``fleet demo``); a bundle may carry one
+like any image (``fleet bundle create --image rootfs=lab.img``). Ordinary images (an ext4 root
+filesystem) have no header: a virtual device boots them only when made with ``plain_images``
+(``fleet simulate``), as healthy releases (``chaos.virtual_device``).
 """
 
 from __future__ import annotations
@@ -56,3 +61,13 @@ def read_lab_image(slot: Path) -> LabImage | None:
         return LabImage(version.rstrip(b"\0").decode(), behaviour.rstrip(b"\0").decode())
     except (OSError, UnicodeDecodeError):
         return None
+
+
+def looks_like_lab_image(slot: Path) -> bool:
+    """Whether ``slot`` starts like a lab image (complete or not): such a slot is judged as a
+    lab image, never as an ordinary one."""
+    try:
+        with slot.open("rb") as handle:
+            return handle.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False

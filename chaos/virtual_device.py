@@ -14,6 +14,17 @@ A boot asks the firmware model which slot starts; the slot's image says how it b
 booting until the device stays up: through watchdog resets after a hang and through the
 reboots the boot check asks for.
 
+A device made with ``plain_images`` also boots ordinary images (an ext4 root filesystem from
+``fleet image``, bundled by ``fleet bundle create``), which say nothing about how they behave:
+such a slot is healthy (unless the device's fault profile says otherwise), and its release is the
+one the updater's state records for it, provided the state says the slot was written to its end
+(``installed``, ``trial`` or ``good``); otherwise it hangs like a half-written slot. That takes
+the updater's word for the slot, so the power-cut tests, which must catch an updater believing a
+slot is whole when its disk says otherwise, use lab images on devices without ``plain_images``.
+A slot that starts like a lab image is always judged as one. ``slot_sizes`` gives each slot class
+a file of that size (sparse: only written bytes take space); ``bootfs`` lives in
+``disk/boot_a.img`` and ``disk/boot_b.img``.
+
 Power cuts: :class:`PowerSwitch` is installed as the write-boundary hook of
 ``fleet_core.durable``; at the chosen boundary it raises :class:`PowerCut` (a
 ``BaseException``, so no ``except Exception`` can swallow it), and every boundary after it
@@ -37,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from bootloader_hooks.base import BootCause, BootEvent, BootOutcome, FirmwareModel, create_backend
-from chaos.lab_image import LabImage, read_lab_image
+from chaos.lab_image import LabImage, looks_like_lab_image, read_lab_image
 from fleet_core import durable
 from updater.config import LoadedConfig, UpdaterConfig
 from updater.health import CheckResult, HealthReport
@@ -46,6 +57,9 @@ from updater.runtime import Runtime, reporting_log
 from updater.state import DeviceState, StateStore
 
 SLOT_SIZE = 1 << 20
+SLOT_FILES = {"rootfs": "root", "bootfs": "boot"}  # slot class -> file name prefix in disk/
+# The slot statuses in which the updater has written a slot to its end.
+WRITTEN_STATUSES = ("installed", "trial", "good")
 MAX_BOOTS = 16
 # Flush slot images every 64 KiB (a device flushes every 64 MiB): lab images are small, and
 # every flush is a power-cut point the lab must reach.
@@ -143,16 +157,22 @@ class VirtualDevice:
         *,
         compatible: str = "lab-device",
         profile: FaultProfile | None = None,
+        plain_images: bool = False,
+        slot_sizes: Mapping[str, int] | None = None,
     ) -> None:
         self.root = root
         self.profile = profile or FaultProfile()
+        self.plain_images = plain_images
+        self.slot_sizes = dict(slot_sizes or {"rootfs": SLOT_SIZE})
         self.lab = LAB_FIRMWARES[firmware]
         for directory in ("disk", "boot", "data", "keyring", "linux/proc"):
             (root / directory).mkdir(parents=True, exist_ok=True)
         for slot in ("a", "b"):
-            path = self.slot_path(slot)
-            if not path.exists():
-                path.write_bytes(bytes(SLOT_SIZE))
+            for slot_class, size in self.slot_sizes.items():
+                path = self.slot_file(slot, slot_class)
+                if not path.exists():
+                    with path.open("wb") as handle:
+                        handle.truncate(size)  # zeros; sparse where the file system can
         self.options = self.lab.prepare(root)
         self.model = self.lab.model(root, self.options)
         self.config = UpdaterConfig(
@@ -160,7 +180,7 @@ class VirtualDevice:
             keyring=root / "keyring",
             data_dir=root / "data",
             bootloader={"backend": self.lab.backend, **self.options},
-            slots={s: {"rootfs": str(self.slot_path(s))} for s in ("a", "b")},
+            slots={s: {c: str(self.slot_file(s, c)) for c in self.slot_sizes} for s in ("a", "b")},
         )
         self.log_stream = io.StringIO()
         self.log = EventLog(self.log_stream, keep=True)
@@ -171,10 +191,23 @@ class VirtualDevice:
     # --- the disk ------------------------------------------------------------------------
 
     def slot_path(self, slot: str) -> Path:
-        return self.root / "disk" / f"root_{slot}.img"
+        """The root file system of ``slot`` (``rootfs``)."""
+        return self.slot_file(slot, "rootfs")
+
+    def slot_file(self, slot: str, slot_class: str) -> Path:
+        return self.root / "disk" / f"{SLOT_FILES[slot_class]}_{slot}.img"
 
     def image(self, slot: str) -> LabImage | None:
-        return read_lab_image(self.slot_path(slot))
+        """What ``slot`` holds, if it can boot: a complete lab image, or (with
+        ``plain_images``) an ordinary image the updater wrote to its end (module docstring)."""
+        path = self.slot_path(slot)
+        lab = read_lab_image(path)
+        if lab is not None or not self.plain_images or looks_like_lab_image(path):
+            return lab
+        recorded = self.store.load(keep_evidence=False).state.slot(slot)  # reads only
+        if recorded.status not in WRITTEN_STATUSES or recorded.version is None:
+            return None
+        return LabImage(recorded.version, "healthy")
 
     @property
     def store(self) -> StateStore:
@@ -219,7 +252,8 @@ class VirtualDevice:
             f"reboot_command = {value(list(reboot_command))}",
             "[bootloader]",
             *(f"{k} = {value(v)}" for k, v in self.config.bootloader.items()),
-            *(f"[slots.{s}]\nrootfs = {value(self.config.slots[s]['rootfs'])}" for s in "ab"),
+            *(f"[slots.{s}]\n" + "\n".join(f"{c} = {value(p)}" for c, p in
+                                             self.config.slots[s].items()) for s in "ab"),
             "[limits]",
             "min_free_mb = 0",
             re.sub(r"^\[server\][ \t]*$", "[server]\nallow_plain_http = true", extra, count=1,

@@ -69,7 +69,7 @@ from typing import Any
 from bootloader_hooks.base import AUTO, check_options
 from fleet_core.durable import atomic_write
 from fleet_core.errors import FleetError
-from fleet_core.settings import Setting, names, required
+from fleet_core.settings import Section, Setting, names, required
 from fleet_core.suggest import unknown_names
 from updater.errors import ConfigError
 
@@ -342,7 +342,7 @@ SERVER = (
     Setting(
         "urls", "array of `https://` URLs", "[]",
         "The release server (docs/device-protocol.md): the first is the primary, the next are "
-        "failed over to. None: the daemon talks to no server.",
+        "failed over to. Empty: `fleet-updater daemon` refuses to run.",
         '["https://fleet.example.net", "https://fleet-2.example.net"]',
     ),
     Setting(
@@ -358,9 +358,9 @@ SERVER = (
     ),
     Setting(
         "enrollment_token", "string", None,
-        "The token that admits the device at enrollment. Unset: read from "
-        "`<data_dir>/identity/enrollment-token`.",
-        '"Tq3...secret"',
+        "The token that admits the device at its first check-in (`fleet server "
+        "enrollment-token create`). Unset: read from `<data_dir>/identity/enrollment-token`.",
+        '"..."',
     ),
     Setting(
         "checkin_interval_s", _range(0, MAX_INTERVAL_S, "seconds", low_open=True), "60.0",
@@ -426,15 +426,55 @@ METRICS = (
     ),
 )  # fmt: skip
 # The tables of the file, in the order the reference documents them.
-TABLES: Mapping[str, tuple[Setting, ...]] = {
-    "bootloader": BOOTLOADER,
-    "slots": SLOTS,
-    "limits": LIMITS,
-    "health": HEALTH,
-    "server": SERVER,
-    "paths": PATHS,
-    "metrics": METRICS,
+TABLES: Mapping[str, Section] = {
+    "bootloader": Section(
+        "[bootloader]",
+        "The boot backend, which arranges trial boots, commits and rollbacks with the firmware, "
+        "and its options, checked as the file loads (the options of each backend below).",
+        BOOTLOADER,
+    ),
+    "slots": Section(
+        "[slots]",
+        "The two root slots, each a table of its slot classes.",
+        SLOTS,
+    ),
+    "limits": Section(
+        "[limits]",
+        "When an update must not start, or must be abandoned.",
+        LIMITS,
+    ),
+    "health": Section(
+        "[health]",
+        "The checks that decide whether a trial boot is committed or rolled back.",
+        HEALTH,
+    ),
+    "server": Section(
+        "[server]",
+        "The release server the daemon checks in with (docs/device-protocol.md, docs/tls.md). "
+        "Without it the device is updated by hand only (`fleet-updater install`).",
+        SERVER,
+    ),
+    "paths": Section(
+        "[paths]",
+        "Where the updater looks at the machine (tests and labs point them elsewhere).",
+        PATHS,
+    ),
+    "metrics": Section(
+        "[metrics]",
+        "The updater's Prometheus metrics (docs/observability.md).",
+        METRICS,
+    ),
 }
+SLOT_SECTION = Section(
+    "[slots.a] and [slots.b]",
+    "The slot classes of a root slot: where each of its images is written.",
+    SLOT_SETTINGS,
+)
+CHECK_SECTION = Section(
+    "[[health.checks]]",
+    "One health check: its `type`, its time, and the settings of that type.",
+    CHECK_COMMON,
+)
 # What a configuration file must name: without them nothing can be installed, so a file
 # lacking them is damaged (an empty file included), never a clean configuration.
 REQUIRED = required(TOP_LEVEL)

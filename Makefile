@@ -117,3 +117,9 @@ $(VENV)/.installed: pyproject.toml
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .pytest_cache .ruff_cache .hypothesis
+
+# The references written from the code: docs/updater-config.md and docs/cli.md
+# (tests/unit/test_reference_docs.py fails when the committed ones are out of date).
+.PHONY: docs
+docs: venv
+	$(BIN)/python docs/generate.py

@@ -915,11 +915,11 @@ def failure_rule(
 def _view(session: Session, rollout: Rollout, now: datetime) -> dict[str, Any]:
     plan = _plan(rollout)
     members = _members(session, rollout)
-    # Who is still expected, and who is skipped as offline, for a rollout still going.
+    # Who is still expected, and who is skipped as offline, for a rollout still going (running
+    # or paused). Once halted or ended, its counts are what it assigned: devices enrolling,
+    # changing their role or going offline change nothing in them.
     selection = (
-        _selected(session, rollout, rollout.release, now)
-        if rollout.state in (*ACTIVE, RolloutState.HALTED)
-        else None
+        _selected(session, rollout, rollout.release, now) if rollout.state in ACTIVE else None
     )
     member_ids = {m.device_id for m, _ in members}
     counts = {o.value: 0 for o in Outcome}

@@ -1135,3 +1135,50 @@ def test_rollout_start_allow_empty_on_the_cli(
     assert allowed.exit_code == 0, allowed.output
     answer = json.loads(allowed.stdout)
     assert (answer["state"], answer["devices"], answer["offline_after_s"]) == ("running", [], 7200)
+
+
+# --- a halted rollout's counts are frozen -------------------------------------------------------
+
+
+def test_a_halted_rollouts_counts_are_what_it_assigned(
+    harness: Harness, fleet_of: Any, enrolled: Enrolled
+) -> None:
+    fleet = fleet_of(8)
+    fleet.tick(0)
+    canary = fleet.devices[0].id
+    fleet.bad = {canary}
+    rollout = start(harness, version="2.0.0", canary=[canary], stages=[50, 100], soak_s=600)
+    assert sum(s["expected"] for s in rollout["stage_progress"]) == 8  # running: every device
+    for _ in range(5):
+        halted = fleet.tick()["rollouts"][0]
+        if halted["state"] != "running":
+            break
+    assert halted["state"] == "halted", halted
+    frozen = {key: halted[key] for key in ("stage_progress", "counts", "skipped_offline")}
+    assert [(s["name"], s["expected"], s["assigned"]) for s in frozen["stage_progress"]] == [
+        ("canary", 1, 1),
+        ("50%", 0, 0),
+        ("100%", 0, 0),
+    ]
+    assert frozen["skipped_offline"] == []
+    late = enrolled(hostname="late-0")  # enrolls while halted
+    assert late.heartbeat().status_code == 204
+    after = status(harness)["rollouts"][0]
+    assert {key: after[key] for key in frozen} == frozen
+    harness.clock.advance(2 * 86400)  # and every device goes offline
+    after = status(harness)["rollouts"][0]
+    assert {key: after[key] for key in frozen} == frozen
+    assert after["state"] == "halted"
+
+
+def test_a_paused_rollout_still_expects_the_devices_that_enroll(
+    harness: Harness, fleet_of: Any, enrolled: Enrolled
+) -> None:
+    fleet_of(2)
+    rollout = start(harness, version="2.0.0", stages=[50, 100], soak_s=600)
+    path = f"/api/v1/rollouts/{rollout['id']}/pause"
+    assert harness.client.post(path, headers=harness.operator).status_code == 200
+    enrolled(hostname="late-0")
+    paused = status(harness)["rollouts"][0]
+    assert paused["state"] == "paused"
+    assert sum(s["expected"] for s in paused["stage_progress"]) == 3

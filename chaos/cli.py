@@ -212,7 +212,7 @@ def _fetch(servers: Sequence[str], kind: str) -> tuple[dict[str, Any], str]:
     raise SimulateError("; ".join(problems))
 
 
-def _keyring_from(document: dict[str, Any], url: str, target: Path) -> None:
+def keyring_from(document: dict[str, Any], url: str, target: Path) -> None:
     """Write the keys of a ``/api/v1/keys/...`` answer as the keyring ``target``, each key
     checked against the id the server gave it.
 
@@ -283,7 +283,7 @@ def pin_keys(
             raise SimulateError(
                 f"cannot fetch the {what} from the server ({err}): give it with {option}"
             ) from err
-        _keyring_from(document, url, pinned)
+        keyring_from(document, url, pinned)
         return (
             f"{what} {_describe(Keyring.load(pinned))} fetched from {url} and pinned in "
             f"{pinned} (trust on first use: later runs refuse other keys)"
@@ -295,7 +295,7 @@ def pin_keys(
         return f"{what} {_describe(mine)} as pinned in {pinned} (not compared: {err})"
     fresh = pinned.parent / f".{pinned.name}.fetched"
     try:
-        _keyring_from(document, url, fresh)
+        keyring_from(document, url, fresh)
         theirs = Keyring.load(fresh)
     finally:
         shutil.rmtree(fresh, ignore_errors=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from chaos.cli import FaultsFileError, SimulateError, pin_keys, read_specs
+from chaos.cli import FaultsFileError, SimulateError, keyring_from, pin_keys, read_specs
 from chaos.fleet import copy_sparse
 from chaos.lab_image import make_lab_image
 from chaos.virtual_device import VirtualDevice
@@ -133,6 +133,19 @@ def test_keys_are_pinned_on_first_use_and_a_different_key_is_refused(
     releases = tmp_path / "pinned" / "release-keyring"
     assert "trust on first use" in pin_keys(releases, urls, "release", (), "--release-key")
     assert Keyring.load(releases).active_key_ids == Keyring.load(data / "keyring").active_key_ids
+
+
+def test_a_published_key_that_is_not_the_key_its_id_names_is_refused(tmp_path: Path) -> None:
+    real, other = generate_key(tmp_path / "real"), generate_key(tmp_path / "other")
+    lying = {"keys": [{"key_id": real.key_id, "public_key": (tmp_path / "other.pub").read_text()}]}
+    with pytest.raises(SimulateError, match="not the key its id names"):
+        keyring_from(lying, "http://server", tmp_path / "pinned")
+    assert not (tmp_path / "pinned").exists()
+    honest = {
+        "keys": [{"key_id": other.key_id, "public_key": (tmp_path / "other.pub").read_text()}]
+    }
+    keyring_from(honest, "http://server", tmp_path / "pinned")
+    assert Keyring.load(tmp_path / "pinned").active_key_ids == (other.key_id,)
 
 
 def test_without_keys_and_without_a_server_that_publishes_them_the_error_says_what_to_give(

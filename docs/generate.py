@@ -79,6 +79,11 @@ def _settings_table(settings: Sequence[Any]) -> list[str]:
     return _table(("Key", "Type", "Default", "Meaning", "Example"), rows)
 
 
+def _title(title: str) -> str:
+    """A table's title for a heading: each ``[table]`` as code (``[slots.a] and [slots.b]``)."""
+    return re.sub(r"(\[+[^\]]+\]+)", r"`\1`", title)
+
+
 def _section(lines: list[str], heading: str, text: str, settings: Sequence[Any]) -> None:
     lines += ["", heading, "", _escape(text), "", *_settings_table(settings)]
 
@@ -117,7 +122,7 @@ def config_reference() -> str:
     ]
     _section(lines, "## Top level", "The keys before the first table.", config.TOP_LEVEL)
     for key, table in config.TABLES.items():
-        _section(lines, f"## `{table.title}`", table.help, table.settings)
+        _section(lines, f"## {_title(table.title)}", table.help, table.settings)
         if key == "bootloader":
             for backend, options in sorted(DECLARED.items()):
                 text = (
@@ -126,10 +131,10 @@ def config_reference() -> str:
                 _section(lines, f'### `backend = "{backend}"`', text, options)
         elif key == "slots":
             slot = config.SLOT_SECTION
-            _section(lines, f"### `{slot.title}`", slot.help, slot.settings)
+            _section(lines, f"### {_title(slot.title)}", slot.help, slot.settings)
         elif key == "health":
             check = config.CHECK_SECTION
-            _section(lines, f"### `{check.title}`", check.help, check.settings)
+            _section(lines, f"### {_title(check.title)}", check.help, check.settings)
             for kind, settings in config.CHECK_TYPES.items():
                 text = f"The settings of a `{kind}` check, beside `type` and `timeout_s`."
                 _section(lines, f'#### `type = "{kind}"`', text, settings)

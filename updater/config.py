@@ -11,6 +11,11 @@ The defaults are safe rather than useful: they know no ``compatible`` string and
 nothing can be installed until a valid configuration is back, while the boot check still
 confirms or rolls back the running slot.
 
+Every key of every table, with its type, default, meaning and an example, is declared once
+below (:class:`fleet_core.settings.Setting` records, which the parsers accept and nothing else);
+``docs/updater-config.md`` is written from them (``make docs``), and
+``deploy/device/updater.toml`` is a sample that uses every table.
+
 Example::
 
     compatible = "metrica-rpi4"

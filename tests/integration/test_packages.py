@@ -141,13 +141,19 @@ MakeRoot = Callable[[], Path]
 
 
 @pytest.fixture(scope="module")
-def make_root(tmp_path_factory: pytest.TempPathFactory, root_tarball: Path) -> MakeRoot:
+def make_root(tmp_path_factory: pytest.TempPathFactory, root_tarball: Path) -> Iterator[MakeRoot]:
+    """Fresh copies of the root, removed after the module's tests (250 MB each)."""
+    made: list[Path] = []
+
     def make() -> Path:
         root = tmp_path_factory.mktemp("debian-root")
+        made.append(root)
         run("tar", "--extract", "--numeric-owner", "--file", root_tarball, "--directory", root)
         return root
 
-    return make
+    yield make
+    for root in made:
+        shutil.rmtree(root)
 
 
 def dpkg_install(root: Path, deb: Path) -> subprocess.CompletedProcess[str]:

@@ -384,6 +384,7 @@ class Sent:
     data: bytes | None
     headers: CaseInsensitiveDict[str]
     timeout: float | None
+    verify: str | None = None  # a CA file, as requests takes it (absent: the system's store)
 
     def json(self) -> Any:
         assert self.data is not None
@@ -428,9 +429,9 @@ class ScriptedHttp:
 
     def request(
         self, method: str, url: str, *, data: bytes | None, headers: dict[str, str],
-        timeout: float | None,
+        timeout: float | None, verify: str | None = None,
     ) -> requests.Response:  # fmt: skip
-        sent = Sent(method, url, data, CaseInsensitiveDict(headers), timeout)
+        sent = Sent(method, url, data, CaseInsensitiveDict(headers), timeout, verify)
         self.sent.append(sent)
         if url.endswith("/challenge"):
             answer: Any = self.on_challenge or reply(
@@ -731,11 +732,33 @@ def test_a_decommissioned_device_is_told_so_wherever_it_asks(
         with pytest.raises(DeviceDecommissionedError) as caught:
             ask(client)
         assert str(caught.value).endswith("HTTP 403 device_decommissioned: reinstate it"), name
-        assert (caught.value.status, client.failures) == (403, 0)
+        assert (caught.value.status, caught.value.code, client.failures) == (
+            403, "device_decommissioned", 0,
+        )  # fmt: skip
     other = ScriptedHttp(reply(404, DECOMMISSIONED_ANSWER))  # the code under another status
     with pytest.raises(ServerRejectedError) as caught_other:
         scripted(identity, keyring, clock, other).heartbeat({})
     assert type(caught_other.value) is ServerRejectedError
+
+
+@pytest.mark.parametrize("ca_file", [None, "/etc/fleet/fleet-ca.pem"])
+def test_the_server_is_verified_with_the_ca_file_or_the_system_store(
+    identity: DeviceIdentity, keyring: Keyring, clock: FakeClock, ca_file: str | None
+) -> None:
+    """Every request (the session's included) is verified with [server] ca_file when there is
+    one; a failed handshake says what the certificate was checked against."""
+    handshake = requests.exceptions.SSLError("[SSL: CERTIFICATE_VERIFY_FAILED] unable to get")
+    http = ScriptedHttp(reply(204), handshake)
+    client = scripted(identity, keyring, clock, http, ca_file=Path(ca_file) if ca_file else None)
+    client.heartbeat({})
+    assert {sent.verify for sent in http.sent} == {ca_file}
+    with pytest.raises(ServerUnavailableError) as caught:
+        client.heartbeat({})
+    trust = ca_file or "the system's CA store"
+    assert str(caught.value).endswith(
+        "TLS handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED] unable to get "
+        f"(certificates verified against {trust})"
+    ), str(caught.value)
 
 
 TOKEN = "enrollment-token-1"  # noqa: S105 (a test token)

@@ -714,6 +714,18 @@ def test_a_bundle_from_a_url_gets_the_install_deadline(
     assert installer_for(device).install(url, reboot=False).slot == "b"
 
 
+def test_the_server_s_ca_file_verifies_every_download_of_an_install(device: Device) -> None:
+    """[server] ca_file: blobs and mirrors over https:// are verified with it, as the server is;
+    without one, with the system's store (requests' default: no "verify" given)."""
+    started = 100.0
+    plain = installer_for(device).http(started)
+    assert "verify" not in plain
+    assert plain["deadline"] == started + device.config.limits.update_deadline_s
+    ca = device.root / "fleet-ca.pem"
+    device.config = dataclasses.replace(device.config, server_ca_file=ca)
+    assert installer_for(device).http(started)["verify"] == str(ca)
+
+
 def test_install_reboots_unless_told_not_to_and_names_its_source_in_errors(
     device: Device, make_bundle: Callable[..., Path], tmp_path: Path
 ) -> None:

@@ -207,6 +207,13 @@ def test_the_device_package_holds_the_command_units_config_and_our_modules(
 def test_the_device_command_runs_in_debian_root(device_root: Path) -> None:
     result = in_root(device_root, "fleet-updater", "--version")
     assert VERSION in result.stdout.split()
+    # the configuration the package installs loads cleanly; this root is no Raspberry Pi, so
+    # the tryboot backend cannot read a boot state, which status reports and exits 1 for
+    result = in_root(device_root, "fleet-updater", "status", "--json", check=False)
+    document = json.loads(result.stdout)
+    assert document["config"] == {"problems": [], "source": "/etc/fleet/updater.toml"}
+    assert document["backend"] == "tryboot" and "device-tree" in document["bootloader_problem"]
+    assert result.returncode == 1
 
 
 IMPORT_ALL = """

@@ -343,7 +343,7 @@ def rename(
     with db.write() as session:
         # serialized with every audited change: two renames to one name cannot both see it free
         db.lock(session, AUDIT_CHAIN_LOCK)
-        device = _device(session, device_id, lock=True)
+        device = _device(session, device_id)
         if device.hostname == hostname:
             return describe(device)
         holder = session.scalars(

@@ -164,6 +164,7 @@ def test_verify_chain_unit() -> None:
     assert not verify_chain(entries, expect_head=(2, "0" * 64)).intact
     assert verify_chain(entries, expect_head=(2, entries[1].hash)).intact
     assert verify_chain([]).head_hash == audit.GENESIS_HASH
+    assert verify_chain([]).intact  # an empty trail, nothing recorded: nothing was removed
     swapped = verify_chain([entries[0], entries[2]])
     assert swapped.problem is not None
     assert swapped.problem.startswith("entry 2 removed")

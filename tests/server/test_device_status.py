@@ -246,6 +246,52 @@ def test_status_changes_are_audited(harness: Harness, enrolled: Enrolled) -> Non
     ]  # fmt: skip
 
 
+def test_two_operators_changing_one_device_at_once_cannot_both_start_from_its_old_status(
+    harness: Harness, enrolled: Enrolled, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device's row is locked while its status changes: the second change waits, then
+    starts from the first one's outcome. Each change waits (up to a second) for the other to
+    have read the status too, so without the lock both would change an active device."""
+    import contextlib
+    import threading
+    from datetime import UTC, datetime
+
+    from server import audit, devices
+    from server.database import Database
+    from server.errors import DeviceStatusConflictError
+
+    device = enrolled()
+    both_read = threading.Barrier(2)
+    append = audit.append
+
+    def append_once_both_read(*args: Any, **kwargs: Any) -> None:
+        # the other one waits for our row: the barrier breaks, and we go on alone
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_read.wait(timeout=1.0)
+        append(*args, **kwargs)
+
+    monkeypatch.setattr(audit, "append", append_once_both_read)
+    outcomes: list[str] = []
+
+    def quarantine(db: Database) -> None:
+        try:
+            devices.change_status(db, device.id, "quarantine", "x", actor="operator:t",
+                                  now=datetime(2030, 1, 1, tzinfo=UTC))  # fmt: skip
+            outcomes.append("changed")
+        except DeviceStatusConflictError:
+            outcomes.append("conflict")
+
+    databases = [Database(harness.settings.database_url) for _ in range(2)]
+    threads = [threading.Thread(target=quarantine, args=(db,)) for db in databases]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for db in databases:
+        db.dispose()
+    assert sorted(outcomes) == ["changed", "conflict"]
+
+
 # --- quarantine -------------------------------------------------------------------------------
 
 

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, event, inspect
 from sqlalchemy.orm import Session
 
 from server import audit, rollouts
+from server.database import alembic_config
 from server.errors import InvalidRolloutError, RolloutConflictError
 from server.rollouts import ROLLOUT_EVALUATOR_LOCK, RolloutRequest
 from server.settings import iso, utc
@@ -473,3 +475,29 @@ def test_resume_waits_for_the_other_active_rollout(
     assert [(r["id"], r["state"]) for r in listed] == [
         (second["id"], "aborted"), (first["id"], "running")
     ]  # fmt: skip
+
+
+# --- migration 0006 ---------------------------------------------------------------------------
+
+
+def test_a_rollout_from_before_offline_after_existed_gets_a_day(
+    harness: Harness, fleet: Callable[..., list[FakeDevice]]
+) -> None:
+    """Down to 0005 and up again: the rollout and its devices are kept, with the default."""
+    fleet(2)
+    view = begin(harness, stages=(100,), offline_after_s=60)
+    with harness.db.engine.connect() as connection, connection.begin():
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0005")
+    with harness.db.engine.connect() as connection:
+        columns = {c["name"] for c in inspect(connection).get_columns("rollouts")}
+        members = connection.exec_driver_sql("SELECT count(*) FROM rollout_devices").scalar()
+    assert "offline_after_s" not in columns
+    assert members == 2  # the downgrade keeps the rollouts' devices
+    harness.db.migrate()
+    again = rollouts.get(harness.db, view["id"], now(harness))
+    assert again["offline_after_s"] == 86400
+    assert {key: again[key] for key in ("devices", "state")} == {
+        key: view[key] for key in ("devices", "state")
+    }

@@ -29,5 +29,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("rollouts") as batch:
-        batch.drop_column("offline_after_s")
+    # Not in a batch: on SQLite a batch would copy ``rollouts`` to a new table and drop the old
+    # one, and dropping it deletes every ``rollout_devices`` row with it (ON DELETE CASCADE).
+    # SQLite drops a plain column in place (3.35 and later), as PostgreSQL does.
+    op.drop_column("rollouts", "offline_after_s")

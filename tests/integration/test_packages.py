@@ -232,7 +232,8 @@ for name in ours:
                 named.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 named.add(node.module.split(".")[0])
-for name in sorted(named - set(sys.stdlib_module_names) - set(ours)):
+# _typeshed exists for type checkers only (under TYPE_CHECKING)
+for name in sorted(named - set(sys.stdlib_module_names) - set(ours) - {"_typeshed"}):
     importlib.import_module(name)
 print(json.dumps(sorted({m.__file__ for m in list(sys.modules.values())
                          if getattr(m, "__file__", None)})))

@@ -103,23 +103,58 @@ class Database:
             return False
         return True
 
-    def migrate(self) -> None:
-        """Bring the schema to the newest revision; safe to run from several processes at once.
+    def migrate(self, revision: str = "head") -> None:
+        """Bring the schema to ``revision`` (the newest by default; an older one downgrades);
+        safe to run from several processes at once.
 
         Raises:
             MigrationError: the database is unreachable or a migration failed.
         """
         try:
-            with self._write_engine.connect() as connection, connection.begin():
-                if self.dialect == "postgresql":
-                    connection.execute(
-                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
-                    )
+            with self.migration_connection() as connection:
                 config = alembic_config()
                 config.attributes["connection"] = connection
-                command.upgrade(config, "head")
+                if revision == "head":
+                    command.upgrade(config, revision)
+                else:
+                    command.downgrade(config, revision)
         except SQLAlchemyError as err:
             raise MigrationError(f"database {self.safe_url}: cannot migrate: {err}") from err
+
+    @contextmanager
+    def migration_connection(self) -> Iterator[Connection]:
+        """A connection in a transaction fit for migrations, committed when the block ends.
+
+        PostgreSQL: the migration lock is held. SQLite: foreign keys are off meanwhile, as
+        SQLite's own procedure for changing a table says, because a batch migration rebuilds a
+        table (copy, drop, rename) and dropping a table that others refer to ON DELETE CASCADE
+        would empty them; the references are checked before the commit instead.
+
+        Raises:
+            MigrationError: a reference left dangling (SQLite).
+        """
+        with self._write_engine.connect() as connection:
+            sqlite = self.dialect == "sqlite"
+            if sqlite:  # outside any transaction: inside one, SQLite ignores this pragma
+                _driver_pragma(connection, "foreign_keys=OFF")
+            try:
+                with connection.begin():
+                    if self.dialect == "postgresql":
+                        connection.execute(
+                            text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
+                        )
+                    yield connection
+                    if sqlite:
+                        dangling = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+                        if dangling:
+                            raise MigrationError(
+                                f"database {self.safe_url}: the migration leaves "
+                                f"{len(dangling)} row(s) referring to nothing, first in table "
+                                f"{dangling[0][0]}: rolled back"
+                            )
+            finally:
+                if sqlite:
+                    _driver_pragma(connection, "foreign_keys=ON")
 
     @property
     def safe_url(self) -> str:
@@ -127,6 +162,15 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _driver_pragma(connection: Connection, pragma: str) -> None:
+    """Run ``PRAGMA pragma`` on the sqlite3 connection itself: through SQLAlchemy, a statement
+    would begin a transaction first."""
+    driver = connection.connection.driver_connection
+    if not isinstance(driver, sqlite3.Connection):
+        raise TypeError("a SQLite pragma on a connection that is not SQLite's")
+    driver.execute(f"PRAGMA {pragma}")
 
 
 def alembic_config() -> Config:

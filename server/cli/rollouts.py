@@ -18,6 +18,7 @@ from server.cli.common import (
     api_options,
     show,
 )
+from server.cli.devices import resolve_devices
 from server.errors import ServerError
 
 
@@ -145,8 +146,14 @@ def render_rollout(r: dict[str, Any]) -> list[str]:
 
 @rollout.command("start")
 @click.argument("version")
-@click.option("--canary", multiple=True, help="A canary device id (repeat for more).")
-@click.option("--device", "devices", multiple=True, help="Limit the rollout to these devices.")
+@click.option(
+    "--canary", multiple=True,
+    help="A canary DEVICE: id, unique id prefix or hostname (repeat for more).",
+)  # fmt: skip
+@click.option(
+    "--device", "devices", multiple=True,
+    help="Limit the rollout to these DEVICEs (id, unique id prefix or hostname; repeat).",
+)  # fmt: skip
 @click.option("--stages", default="5,25,100", show_default=True, help="Percentages, ending 100.")
 @click.option(
     "--soak", type=DURATION, default="15m", show_default=True, help="Soak time of each stage."
@@ -197,11 +204,13 @@ def rollout_start(
 
     A rollout that would assign no device (none compatible, none matching --device and
     --selector, or all of them offline) is refused, saying which, unless --allow-empty."""
+    client = api_client(server, token)
+    named = resolve_devices(client, [*canary, *devices])  # one listing of the fleet for both
     document = {
         "selector": parse_selector(selectors),
         "version": version,
-        "device_ids": list(devices) or None,
-        "canary": list(canary),
+        "device_ids": named[len(canary) :] or None,
+        "canary": named[: len(canary)],
         "stages": parse_stages(stages),
         "soak_s": soak,
         "max_failure_rate": max_failure,
@@ -210,7 +219,7 @@ def rollout_start(
         "offline_after_s": offline_after,
         "allow_empty": allow_empty,
     }
-    _print_rollout(api_client(server, token).post("/api/v1/rollouts", document), as_json)
+    _print_rollout(client.post("/api/v1/rollouts", document), as_json)
 
 
 class RolloutFailedError(ServerError):

@@ -262,6 +262,15 @@ def test_device_commands_take_hostnames_and_prefixes(
 
     assigned = run(live_server, "device", "assign", "cam-1", "2.0.0")
     assert assigned.exit_code == 0 and assigned.stdout == f"device {cam.id}: assigned 2.0.0\n"
+    started = run(live_server, "rollout", "start", "2.0.0", "--canary", "cam-1",
+                  "--device", "cam-1", "--device", twins[0].id[:6], "--json")  # fmt: skip
+    assert started.exit_code == 0, started.output
+    assert [(d["id"], d["stage"]) for d in json.loads(started.stdout)["devices"]] == [
+        (cam.id, "canary")
+    ]
+    ambiguous_canary = run(live_server, "rollout", "start", "2.0.0", "--canary", "twin")
+    assert_one_line_error(ambiguous_canary, "'twin' names 2 devices")
+    assert run(live_server, "rollout", "abort", "1").exit_code == 0
     quarantined = run(live_server, "device", "quarantine", cam.id[:8], "--reason", "x", "--json")
     assert json.loads(quarantined.stdout)["status"] == "quarantined"
     ambiguous = run(live_server, "device", "quarantine", "twin", "--reason", "x")

@@ -106,6 +106,9 @@ FAILURE_EVENTS = (
     "boot_check.rolled_back",
     "boot_check.fell_back",
     "boot_check.reported",
+    # refused before any install (below its security floor, interrupted too often, failed on
+    # it before): it never will install this release, so it fails now, not at the deadline
+    "daemon.release_failed",
 )
 CANARY = "canary"
 # Named device ids are looked up this many at a time (a database takes only so many parameters).

@@ -48,7 +48,8 @@ shipped, never changes meaning. Examples:
 
 The daemon (``updater/daemon.py``, ``updater/client.py``) adds: ``daemon.started``,
 ``daemon.stopped``, ``daemon.enrolled``, ``daemon.enroll_refused``, ``daemon.enrollment_lost``,
-``daemon.install``, ``daemon.install_skipped``, ``daemon.install_retry``,
+``daemon.decommissioned``, ``daemon.reinstated``, ``daemon.install``,
+``daemon.install_skipped``, ``daemon.install_retry``,
 ``daemon.install_interrupted``, ``daemon.install_abandoned``,
 ``daemon.checkin_during_install_failed``, ``daemon.release_failed``, ``daemon.reboot_failed``,
 ``daemon.step_failed``, ``daemon.health_failed``, ``daemon.server_unreachable``,

@@ -344,6 +344,23 @@ def test_a_device_fails_with_its_first_failure_event(
     assert seen[fleet[2].id] == ("pending", None)
 
 
+@pytest.mark.parametrize(
+    "event",
+    ["install.failed", "boot_check.rolled_back", "boot_check.fell_back", "boot_check.reported",
+     "daemon.release_failed"],
+)  # fmt: skip
+def test_each_failure_event_alone_fails_a_member(
+    harness: Harness, devices: Callable[[int], list[FakeDevice]], event: str
+) -> None:
+    fleet = devices(2)
+    start(harness, version="2.0.0", stages=[100], soak_s=600, max_failure_rate=0.5)
+    harness.clock.advance(30)
+    report(fleet[0], "install.started", event)
+    assert rollout_outcomes(harness) == {
+        fleet[0].id: ("failed", event), fleet[1].id: ("pending", None),
+    }  # fmt: skip
+
+
 def test_failure_events_of_devices_outside_the_rollout_change_nothing(
     harness: Harness, devices: Callable[[int], list[FakeDevice]]
 ) -> None:

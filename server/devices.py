@@ -14,7 +14,8 @@ audited with its reason.
 Operators also rename a device (its hostname, unique among devices: references by hostname stay
 unambiguous) and remove one: its record, sessions and pre-authorization go, so it must be
 admitted again (an enrollment token or a new pre-authorization) to come back; its audit entries
-stay. Removing does not stop a device: decommission it to refuse its key.
+stay. Removing does not stop a device (one that still holds a valid enrollment token enrolls
+again): decommission it to refuse its key, and a decommissioned device cannot be removed.
 """
 
 from __future__ import annotations
@@ -364,11 +365,20 @@ def remove(db: Database, device_id: str, *, actor: str, now: datetime) -> dict[s
     """Remove the device's record, sessions and pre-authorization (see the module docstring);
     returns the device as it was.
 
+    A decommissioned device is refused: its record is what refuses its key, and without it
+    the device would enroll again with any enrollment token it still holds.
+
     Raises:
         UnknownDeviceError: no such device.
+        DeviceStatusConflictError: the device is decommissioned.
     """
     with db.write() as session:
         device = _device(session, device_id, lock=True)
+        if device.status == DeviceStatus.DECOMMISSIONED:
+            raise DeviceStatusConflictError(
+                f"device {device_id} is decommissioned: removing it would let its key enroll "
+                "again (a token it holds would admit it); it stays, refused"
+            )
         view = describe(device)
         preauthorized = session.execute(
             delete(PreauthorizedKey).where(PreauthorizedKey.key_id == device_id)
@@ -386,9 +396,9 @@ RECENT_AUDIT_WINDOW = 10_000  # how far back in the audit trail a device's recen
 
 
 def recent_entries(db: Database, device_id: str, limit: int) -> list[dict[str, Any]]:
-    """The device's newest ``limit`` audit entries (its events, and what operators and rollouts
-    did to it), oldest first, among the trail's last ``RECENT_AUDIT_WINDOW`` entries: a bounded
-    scan whatever the trail's length.
+    """The device's newest ``limit`` audit entries (its events, and what operators did to it;
+    a rollout's entries name the rollout instead), oldest first, among the trail's last
+    ``RECENT_AUDIT_WINDOW`` entries: a bounded scan whatever the trail's length.
 
     Raises:
         UnknownDeviceError: no such device.

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
     PublicFormat,
 )
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -68,6 +68,7 @@ from signing.points import public_key_problem, signature_problem
 from signing.signature import signed_message
 
 log = logging.getLogger("server")
+NAMESAKES_NAMED = 5  # devices of the same hostname an enrollment's audit entry names
 ENROLL_PURPOSE = "device-enroll"
 
 
@@ -162,9 +163,20 @@ def _admit(db: Database, request: EnrollRequest, device_id: str, now: datetime) 
                 "no valid enrollment token (unknown, used up or expired) and the key is not "
                 "pre-authorized"
             )
-        namesakes = session.scalars(
-            select(Device.id).where(Device.hostname == request.hostname).order_by(Device.id)
+        namesakes = session.scalars(  # a few are named; how many there are is counted
+            select(Device.id)
+            .where(Device.hostname == request.hostname)
+            .order_by(Device.id)
+            .limit(NAMESAKES_NAMED)
         ).all()
+        shared = (
+            session.scalar(
+                select(func.count()).select_from(Device)
+                .where(Device.hostname == request.hostname)
+            )
+            if len(namesakes) == NAMESAKES_NAMED
+            else len(namesakes)
+        )  # fmt: skip
         session.add(
             Device(
                 id=device_id,
@@ -188,15 +200,21 @@ def _admit(db: Database, request: EnrollRequest, device_id: str, now: datetime) 
                 "hostname": request.hostname,
                 "compatible": request.compatible,
                 "via": via,
-                # devices are found by hostname too: a namesake makes that ambiguous
-                **({"hostname_also_used_by": list(namesakes)} if namesakes else {}),
+                # devices are found by hostname too: a namesake makes that ambiguous (a few
+                # named, all counted: a thousand devices built as "raspberrypi" must not make
+                # each entry longer than the last)
+                **(
+                    {"hostname_also_used_by": list(namesakes), "hostname_shared_with": shared}
+                    if namesakes
+                    else {}
+                ),
             },
         )
     if namesakes:
         log.warning(
             "device %s enrolled as %r, the hostname of %d other device(s): refer to them by id "
             "or rename one",
-            device_id, request.hostname, len(namesakes),
+            device_id, request.hostname, shared,
         )  # fmt: skip
     return Enrollment(device_id, new=True)
 

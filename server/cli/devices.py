@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from fleet_core.text import printable
 from server.errors import ClientConfigError
 
 if TYPE_CHECKING:
@@ -211,12 +212,14 @@ def rename(
 @JSON_OPTION
 def remove(reference: str, yes: bool, server: str | None, token: str | None, as_json: bool) -> None:
     """Remove DEVICE's record, sessions and pre-authorization: it must be admitted again (an
-    enrollment token or a new pre-authorization) to come back. Its audit entries stay. To refuse
-    its key instead, decommission it."""
+    enrollment token or a new pre-authorization) to come back, and one that still holds a valid
+    token does. Its audit entries stay. To refuse its key, decommission it instead (a
+    decommissioned device cannot be removed)."""
     client = api_client(server, token)
     (device_id,) = resolve_devices(client, [reference])
     if not yes:
-        click.confirm(f"remove device {device_id}?", abort=True, err=True)
+        hostname = client.get(f"/api/v1/devices/{device_id}")["hostname"]
+        click.confirm(printable(f"remove device {device_id} ({hostname})?"), abort=True, err=True)
     answer = client.delete(f"/api/v1/devices/{device_id}")
     _report(answer, as_json, lambda a: f"device {a['id']} ({a['hostname']}) removed")
 

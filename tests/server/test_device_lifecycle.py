@@ -19,6 +19,7 @@ from sqlalchemy import select
 from fleet_core.cli import fleet
 from server import devices
 from server.cli.devices import DeviceReferenceError, resolve_device
+from server.enrollment import NAMESAKES_NAMED
 from server.models import AuditRow, DeviceSession, PreauthorizedKey
 from tests.conftest import assert_one_line_error
 from tests.server.conftest import FakeDevice, Harness, LiveServer
@@ -118,6 +119,23 @@ def test_a_removed_device_is_gone_until_admitted_again(
     assert again.status_code == 404
 
 
+def test_a_decommissioned_device_cannot_be_removed(harness: Harness, enrolled: Enrolled) -> None:
+    """Its record is what refuses its key: removed, it would enroll again with a token it holds."""
+    token = harness.enrollment_token(uses=5)
+    stolen = FakeDevice(harness.client, hostname="cam-7")
+    assert stolen.enroll(token).status_code == 200
+    decommissioned = harness.client.post(
+        f"/api/v1/devices/{stolen.id}/decommission", json={"reason": "stolen"},
+        headers=harness.operator,
+    )  # fmt: skip
+    assert decommissioned.status_code == 200
+    refused = harness.client.delete(f"/api/v1/devices/{stolen.id}", headers=harness.operator)
+    assert refused.status_code == 409 and refused.json()["error"] == "device_status_conflict"
+    assert "would let its key enroll again" in refused.json()["detail"]
+    again = stolen.enroll(token)
+    assert again.status_code == 403 and again.json()["error"] == "device_decommissioned"
+
+
 def test_a_device_removed_during_a_rollout_leaves_the_rollout_readable(
     harness: Harness, enrolled: Enrolled, make_bundle: Callable[..., Path]
 ) -> None:
@@ -175,9 +193,14 @@ def test_an_enrollment_under_a_hostname_in_use_is_noted(
     first = enrolled(hostname="cam")
     second = enrolled(hostname="cam")
     (_, details), *_ = [e for e in audit_actions(harness, second.id) if e[0] == "device.enrolled"]
-    assert details["hostname_also_used_by"] == [first.id]
+    assert (details["hostname_also_used_by"], details["hostname_shared_with"]) == ([first.id], 1)
     (_, alone), *_ = [e for e in audit_actions(harness, first.id) if e[0] == "device.enrolled"]
     assert "hostname_also_used_by" not in alone
+    # a fleet built from one image all answers "raspberrypi": a few named, all counted
+    crowd = [enrolled(hostname="raspberrypi") for _ in range(NAMESAKES_NAMED + 3)]
+    (_, last), *_ = [e for e in audit_actions(harness, crowd[-1].id) if e[0] == "device.enrolled"]
+    assert last["hostname_shared_with"] == NAMESAKES_NAMED + 2
+    assert last["hostname_also_used_by"] == sorted(d.id for d in crowd[:-1])[:NAMESAKES_NAMED]
 
 
 # --- references -------------------------------------------------------------------------------
@@ -285,6 +308,7 @@ def test_device_commands_take_hostnames_and_prefixes(
 
     kept = run(live_server, "device", "remove", "twin-east", stdin="n\n")
     assert kept.exit_code == 1 and "Aborted" in kept.output
+    assert f"remove device {twins[0].id} (twin-east)?" in kept.output
     removed = run(live_server, "device", "remove", "twin-east", "--yes")
     assert removed.exit_code == 0, removed.output
     assert removed.stdout == f"device {twins[0].id} (twin-east) removed\n"

@@ -25,6 +25,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -111,6 +113,8 @@ class Database:
             MigrationError: the database is unreachable or a migration failed.
         """
         try:
+            if revision == "head" and self._at_head():
+                return  # every start of the server and of a command: nothing to do, no lock
             with self.migration_connection() as connection:
                 config = alembic_config()
                 config.attributes["connection"] = connection
@@ -120,6 +124,13 @@ class Database:
                     command.downgrade(config, revision)
         except SQLAlchemyError as err:
             raise MigrationError(f"database {self.safe_url}: cannot migrate: {err}") from err
+
+    def _at_head(self) -> bool:
+        """Whether the schema is at the newest revision already (read without any lock: a
+        process that finds it behind migrates under the lock, where Alembic reads it again)."""
+        head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+        with self.engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision() == head
 
     @contextmanager
     def migration_connection(self) -> Iterator[Connection]:

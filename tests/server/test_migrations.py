@@ -119,3 +119,16 @@ def test_every_downgrade_keeps_the_rows_of_the_tables_it_keeps(
     if harness.db.dialect == "sqlite":  # the pooled connection has its foreign keys back
         with harness.db.write() as session:
             assert session.connection().exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+def test_a_schema_at_its_head_is_not_locked_or_checked_again(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every start of the server and of a --data-dir command migrates: at the head, that is a
+    read (no write lock, no foreign-key scan of every table)."""
+
+    def no_migration() -> None:
+        raise AssertionError("a schema at its head was migrated")
+
+    monkeypatch.setattr(harness.db, "migration_connection", no_migration)
+    harness.db.migrate()

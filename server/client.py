@@ -209,7 +209,9 @@ def connection_problem(err: BaseException, uploading: bool) -> str:
     import urllib3.exceptions
 
     reason = getattr(err.args[0], "reason", None) if err.args else None
-    if isinstance(reason, urllib3.exceptions.NameResolutionError):
+    # NameResolutionError is urllib3 2's (1.26 reports the same as a NewConnectionError)
+    unresolved = getattr(urllib3.exceptions, "NameResolutionError", ())
+    if isinstance(reason, unresolved):
         return "connection failed: the server's host name does not resolve"
     if isinstance(reason, urllib3.exceptions.NewConnectionError):  # (a ConnectTimeoutError)
         refused = "refused" in str(reason).lower()

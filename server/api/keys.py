@@ -10,6 +10,7 @@ a network an attacker controls must pin them on first use and compare later answ
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter
@@ -17,8 +18,10 @@ from starlette.concurrency import run_in_threadpool
 
 from server import releases
 from server.api.common import State
+from server.errors import KeyringUnusableError
 from signing.keys import public_key_pem
 
+log = logging.getLogger("server")
 router = APIRouter(prefix="/api/v1/keys", tags=["keys"])
 
 
@@ -33,7 +36,14 @@ def server_keys(state: State) -> dict[str, Any]:
 async def release_keyring(state: State) -> dict[str, Any]:
     """The release keys the server accepts bundles from (revoked ones left out), PEM, with
     their key ids, and the number of distinct keys that must sign."""
-    keyring = await run_in_threadpool(releases.load_keyring, state.settings.keyring_dir)
+    try:
+        keyring = await run_in_threadpool(releases.load_keyring, state.settings.keyring_dir)
+    except KeyringUnusableError as err:
+        # served to anyone: the detail (the keyring's path on the server) goes to the log only
+        log.warning("GET /api/v1/keys/release: %s", err.detail)
+        raise KeyringUnusableError(
+            "the server's release keyring is not usable: its operator must trust a release key"
+        ) from None
     keys = [
         {"key_id": kid, "public_key": public_key_pem(keyring.trusted[kid]).decode()}
         for kid in keyring.active_key_ids

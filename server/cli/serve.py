@@ -293,8 +293,11 @@ def listening_socket(host: str, port: int) -> socket.socket:
         ServerStartError: the address cannot be bound.
     """
     try:
+        # IPv4 unless the address is IPv6 (as uvicorn's own bind): "localhost" listed as ::1
+        # first by the resolver must not leave http://127.0.0.1 clients refused
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         family, kind, proto, _name, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            host, port, family=family, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
     except (OSError, UnicodeError) as err:
         raise ServerStartError(f"cannot listen on {host}:{port}: {err}") from None

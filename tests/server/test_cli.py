@@ -260,3 +260,10 @@ def test_a_busy_port_is_one_error_line(tmp_path: Path) -> None:
     elsewhere = run("server", "run", "--data-dir", tmp_path / "data", "--host", "192.0.2.1")
     assert_one_line_error(elsewhere, "cannot listen on 192.0.2.1:8080: ")  # not this host's
     assert not (tmp_path / "data").exists()  # refused before anything was made
+
+
+def test_a_host_name_listens_on_ipv4_as_uvicorn_would() -> None:
+    from server.cli.serve import listening_socket
+
+    with listening_socket("localhost", 0) as sock:  # whatever the resolver lists first
+        assert sock.family == socket.AF_INET and sock.getsockname()[0] == "127.0.0.1"

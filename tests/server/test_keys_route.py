@@ -6,6 +6,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
 from signing.keyring import revoke_key, set_threshold, trust_key
 from signing.keys import SigningKey, generate_key, key_id, load_public_key
 from tests.server.conftest import Harness
@@ -45,10 +47,16 @@ def test_the_release_keyring_as_the_server_reads_it(
     assert published == {key.key_id: key.key_id, second.key_id: second.key_id}
 
 
-def test_an_unusable_release_keyring_is_a_503_naming_the_fix(harness: Harness) -> None:
+def test_an_unusable_release_keyring_is_a_503_that_tells_nobody_where_it_is(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Served without credentials: the fix (with the keyring's path) goes to the log only."""
     shutil.rmtree(harness.settings.keyring_dir)
     harness.settings.keyring_dir.mkdir()
-    answer = harness.client.get("/api/v1/keys/release")
+    with caplog.at_level("WARNING", logger="server"):
+        answer = harness.client.get("/api/v1/keys/release")
     assert answer.status_code == 503
     assert answer.json()["error"] == "keyring_unusable"
-    assert "fleet keys trust" in answer.json()["detail"]
+    assert "operator must trust a release key" in answer.json()["detail"]
+    assert str(harness.settings.data_dir) not in answer.text
+    assert f"fleet keys trust --keyring {harness.settings.keyring_dir}" in caplog.text

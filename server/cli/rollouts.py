@@ -236,7 +236,7 @@ ENDED_BADLY = ("halted", "aborted")
 @click.option(
     "--watch", is_flag=True,
     help="Follow until no rollout (or ROLLOUT_ID) is running or paused; exit 0 when it completed, "
-    "1 when it halted or was aborted.",
+    "1 when it halted or was aborted (with none running or paused: the newest).",
 )  # fmt: skip
 @click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(0.1, 3600))
 @click.option("--all", "show_all", is_flag=True, help="Every rollout, not only the latest five.")
@@ -253,9 +253,9 @@ def rollout_status(
     emergency stop.
 
     With --watch, as `kubectl rollout status`: the exit status is 0 once every rollout followed
-    (ROLLOUT_ID, or those running or paused when the watch began) completed, and 1 as soon as
-    one halts or is aborted; a paused rollout is waited for. With --json and --watch, the JSON
-    is printed once, when the watch ends."""
+    (ROLLOUT_ID; or those running or paused when the watch began, or else the newest) completed,
+    and 1 as soon as one halts or is aborted; a paused rollout is waited for. With --json and
+    --watch, the JSON is printed once, when the watch ends."""
     client = api_client(server, token)
     path = "/api/v1/rollouts" if rollout_id is None else f"/api/v1/rollouts/{rollout_id}"
     followed: set[int] | None = None
@@ -266,6 +266,10 @@ def rollout_status(
             followed = {r["id"] for r in rollouts if r["state"] in ("running", "paused")}
             if rollout_id is not None:
                 followed = {rollout_id}
+            elif not followed and rollouts:
+                # none going: the newest, judged by how it ended (one that halted before the
+                # watch began is still a failed rollout to the script that started it)
+                followed = {rollouts[0]["id"]}
         going = [r for r in rollouts if r["id"] in followed and r["state"] in ("running", "paused")]
         if not as_json:
             if watch and sys.stdout.isatty():

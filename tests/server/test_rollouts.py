@@ -588,10 +588,11 @@ def test_rollout_status_watch_draws_a_bar_per_stage(
     )  # fmt: skip
     assert started.exit_code == 0, started.output
     assert run(live_server, "rollout", "abort", "1").exit_code == 0
-    # --watch ends by itself once nothing is running or paused
+    # --watch ends by itself once nothing is running or paused: here the newest, aborted
     watched = run(live_server, "rollout", "status", "--watch", "--interval", "0.1")
-    assert watched.exit_code == 0, watched.output
-    lines = watched.output.splitlines()
+    assert watched.exit_code == 1, watched.output
+    assert watched.stderr.startswith("Error: rollout 1 aborted")
+    lines = watched.stdout.splitlines()
     assert lines[0].startswith("rollout 1: 2.0.0 ABORTED at stage canary")
     assert lines[1] == "  selector: role=camera tag=north"
     bars = [line for line in lines if "[" in line and "ok," in line]
@@ -640,8 +641,9 @@ def test_watching_the_rollouts_follows_those_running_when_it_began(
     first = start(live_server.harness, version="2.0.0", stages=[100], soak_s=60)
     aborted = run(live_server, "rollout", "abort", str(first["id"]), "--json")
     assert aborted.exit_code == 0 and json.loads(aborted.stdout)["state"] == "aborted"
-    # an aborted rollout from before the watch is history, not a failure of this watch
-    assert run(live_server, "rollout", "status", "--watch").exit_code == 0
+    # with none going, the newest is judged: aborted (before the watch began) is a failure
+    ended = run(live_server, "rollout", "status", "--watch")
+    assert ended.exit_code == 1 and ended.stderr.startswith(f"Error: rollout {first['id']} aborted")
     begun = run(live_server, "rollout", "start", "2.0.0", "--stages", "100", "--soak", "1m",
                 "--json")  # fmt: skip
     assert begun.exit_code == 0, begun.output

@@ -107,9 +107,11 @@ FAILURE_EVENTS = (
     "boot_check.fell_back",
     "boot_check.reported",
     # refused before any install (below its security floor, interrupted too often, failed on
-    # it before): it never will install this release, so it fails now, not at the deadline
+    # it before): it never will install this release, so it fails now, not at the deadline;
+    # counted only when it names the rollout's release (_failure_events)
     "daemon.release_failed",
 )
+REFUSAL_EVENT = "daemon.release_failed"
 CANARY = "canary"
 # Named device ids are looked up this many at a time (a database takes only so many parameters).
 ENROLLED_CHECK_BATCH = 500
@@ -569,24 +571,42 @@ def _observe(member: RolloutDevice, device: Device, failure_event: str | None) -
     )
 
 
-def _failure_events(session: Session, members: Sequence[RolloutDevice]) -> dict[str, str]:
+def _failure_events(
+    session: Session, members: Sequence[RolloutDevice], version: str
+) -> dict[str, str]:
     """The first failure event each member reported since its assignment, for all of them in
     one query (failure events are rare and ``action`` is indexed; the members are picked out
-    here, so no list of thousands of ids goes into the query)."""
+    here, so no list of thousands of ids goes into the query).
+
+    A refusal (``daemon.release_failed``) counts only for the rollout's ``version``: a device
+    back from days offline sends its backlog after it was assigned, refusals of other releases
+    included."""
     if not members:
         return {}
     since = {f"device:{m.device_id}": audit.audit_time(m.assigned_at) for m in members}
     rows = session.execute(
-        select(AuditRow.actor, AuditRow.action, AuditRow.at)
+        select(AuditRow.actor, AuditRow.action, AuditRow.at, AuditRow.details)
         .where(AuditRow.action.in_(FAILURE_EVENTS), AuditRow.at >= min(since.values()))
         .order_by(AuditRow.seq)
     )
     first: dict[str, str] = {}
-    for actor, action, at in rows:
+    for actor, action, at, details in rows:
         device_id = actor.removeprefix("device:")
-        if actor in since and device_id not in first and at >= since[actor]:
-            first[device_id] = action
+        if actor not in since or device_id in first or at < since[actor]:
+            continue
+        if action == REFUSAL_EVENT and _refused_version(details) != version:
+            continue
+        first[device_id] = action
     return first
+
+
+def _refused_version(details: str) -> object:
+    """The release version a device's refusal event names (its ``fields.version``)."""
+    try:
+        fields = json.loads(details).get("fields")
+    except (ValueError, AttributeError):
+        return None
+    return fields.get("version") if isinstance(fields, dict) else None
 
 
 def _members(session: Session, rollout: Rollout) -> list[tuple[RolloutDevice, Device]]:
@@ -601,7 +621,7 @@ def _members(session: Session, rollout: Rollout) -> list[tuple[RolloutDevice, De
 
 def _update_outcomes(db: Database, session: Session, rollout: Rollout, now: datetime) -> None:
     pending = [(m, d) for m, d in _members(session, rollout) if m.outcome == Outcome.PENDING]
-    failures = _failure_events(session, [m for m, _ in pending])
+    failures = _failure_events(session, [m for m, _ in pending], rollout.release.version)
     for member, device in pending:
         outcome, since, reason = device_outcome(
             _observe(member, device, failures.get(device.id)),

@@ -346,9 +346,8 @@ def test_a_device_fails_with_its_first_failure_event(
 
 @pytest.mark.parametrize(
     "event",
-    ["install.failed", "boot_check.rolled_back", "boot_check.fell_back", "boot_check.reported",
-     "daemon.release_failed"],
-)  # fmt: skip
+    ["install.failed", "boot_check.rolled_back", "boot_check.fell_back", "boot_check.reported"],
+)
 def test_each_failure_event_alone_fails_a_member(
     harness: Harness, devices: Callable[[int], list[FakeDevice]], event: str
 ) -> None:
@@ -359,6 +358,37 @@ def test_each_failure_event_alone_fails_a_member(
     assert rollout_outcomes(harness) == {
         fleet[0].id: ("failed", event), fleet[1].id: ("pending", None),
     }  # fmt: skip
+
+
+def test_a_refusal_fails_a_member_only_for_the_rollout_s_release(
+    harness: Harness, devices: Callable[[int], list[FakeDevice]]
+) -> None:
+    """A device back from days offline sends its backlog after it was assigned: a refusal of
+    another release, or one that names none, is not a failure of this rollout."""
+    fleet = devices(2)
+    start(harness, version="2.0.0", stages=[100], soak_s=600, max_failure_rate=0.5)
+    harness.clock.advance(30)
+    refusals = [
+        ("daemon.release_failed", {"version": "1.9.0", "reason": "old"}),
+        ("daemon.release_failed", {"reason": "no version"}),
+        ("daemon.release_failed", {"version": 2}),
+        ("daemon.release_failed", {"version": "2.0.0", "reason": "below the floor"}),
+    ]
+    for name, fields in refusals[:3]:
+        send(fleet[0], name, fields)
+    assert rollout_outcomes(harness)[fleet[0].id] == ("pending", None)
+    send(fleet[0], *refusals[3])
+    assert rollout_outcomes(harness) == {
+        fleet[0].id: ("failed", "daemon.release_failed"), fleet[1].id: ("pending", None),
+    }  # fmt: skip
+
+
+def send(device: FakeDevice, name: str, fields: dict[str, Any]) -> None:
+    body = {"events": [{"event": name, "seq": next(SEQ), "fields": fields}]}
+    response = device.client.post(
+        f"/api/v1/devices/{device.id}/events", json=body, headers=device.headers
+    )
+    assert response.status_code == 204, response.text
 
 
 def test_failure_events_of_devices_outside_the_rollout_change_nothing(

@@ -91,6 +91,7 @@ from server.schemas import (
     DEFAULT_OFFLINE_AFTER_S,
     DEFAULT_SOAK_S,
     DEFAULT_STAGES,
+    MIN_OFFLINE_AFTER_S,
 )
 from server.settings import iso
 
@@ -440,8 +441,11 @@ def start(db: Database, request: RolloutRequest, *, actor: str, now: datetime) -
         raise InvalidRolloutError("max failure rate: give a fraction from 0 to below 1")
     if request.soak_s < 0 or request.install_deadline_s <= 0:
         raise InvalidRolloutError("soak and install deadline: give positive seconds")
-    if request.offline_after_s <= 0:
-        raise InvalidRolloutError("offline after: give positive seconds")
+    if request.offline_after_s < MIN_OFFLINE_AFTER_S:
+        raise InvalidRolloutError(
+            f"offline after: give at least {MIN_OFFLINE_AFTER_S} s (a healthy device is seen "
+            "about once a minute)"
+        )
     with db.write() as session:
         db.lock(session, ROLLOUT_EVALUATOR_LOCK)
         if _control(session).emergency_stop:

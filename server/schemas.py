@@ -239,6 +239,9 @@ DEFAULT_MAX_FAILURE_RATE = 0.05
 DEFAULT_INSTALL_DEADLINE_S = 3600
 # A device not seen for longer than this is offline: a rollout neither assigns nor expects it.
 DEFAULT_OFFLINE_AFTER_S = 86400
+# The shortest: a device is seen at each check-in (every minute by default) and its last_seen
+# is written once a minute, so a healthy device can look a few minutes old.
+MIN_OFFLINE_AFTER_S = 300
 MAX_TARGETS = 100_000
 
 
@@ -263,7 +266,9 @@ class RolloutStartRequest(_Body):
     install_deadline_s: Annotated[int, Field(ge=1, le=30 * 86400)] = DEFAULT_INSTALL_DEADLINE_S
     rollback_on_halt: bool = True
     selector: RolloutSelector | None = None
-    offline_after_s: Annotated[int, Field(ge=1, le=365 * 86400)] = DEFAULT_OFFLINE_AFTER_S
+    offline_after_s: Annotated[int, Field(ge=MIN_OFFLINE_AFTER_S, le=365 * 86400)] = (
+        DEFAULT_OFFLINE_AFTER_S
+    )
     # a rollout that would assign no device is refused unless this says it is meant
     allow_empty: bool = False
 

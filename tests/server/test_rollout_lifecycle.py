@@ -206,7 +206,8 @@ def test_a_role_alone_selects_the_devices_of_that_role(
         ({"max_failure_rate": -0.01}, "max failure rate: give a fraction from 0 to below 1"),
         ({"soak_s": -1}, "soak and install deadline: give positive seconds"),
         ({"install_deadline_s": 0}, "soak and install deadline: give positive seconds"),
-        ({"offline_after_s": 0}, "offline after: give positive seconds"),
+        ({"offline_after_s": 0}, "offline after: give at least 300 s"),
+        ({"offline_after_s": 299}, "offline after: give at least 300 s"),
     ],
 )
 def test_start_refuses_rates_and_times_out_of_range(
@@ -485,7 +486,7 @@ def test_a_rollout_from_before_offline_after_existed_gets_a_day(
 ) -> None:
     """Down to 0005 and up again: the rollout and its devices are kept, with the default."""
     fleet(2)
-    view = begin(harness, stages=(100,), offline_after_s=60)
+    view = begin(harness, stages=(100,), offline_after_s=300)
     with harness.db.engine.connect() as connection, connection.begin():
         config = alembic_config()
         config.attributes["connection"] = connection

@@ -673,9 +673,12 @@ def _step(db: Database, session: Session, rollout: Rollout, now: datetime) -> No
     session.flush()
     plan = _plan(rollout)
     acknowledged = set(json.loads(rollout.acknowledged or "[]"))
-    outcomes = [
-        Outcome(m.outcome) for m, _ in _members(session, rollout) if m.device_id not in acknowledged
-    ]
+    members = _members(session, rollout)
+    if not members and not _selected(session, rollout, rollout.release, now).online:
+        # nobody assigned and nobody to assign: it waits for devices (an --allow-empty rollout,
+        # or every selected device offline) instead of soaking empty stages to "completed"
+        return
+    outcomes = [Outcome(m.outcome) for m, _ in members if m.device_id not in acknowledged]
     soaked = now - rollout.stage_started >= timedelta(seconds=rollout.soak_s)
     decision = decide(plan, rollout.stage, outcomes, soaked, rollout.max_failure_rate)
     if decision is Decision.HALT:

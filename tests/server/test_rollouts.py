@@ -1110,6 +1110,27 @@ def test_a_rollout_that_would_assign_no_device_is_refused_unless_allowed(
     assert sum(s["expected"] for s in allowed["stage_progress"]) == 0
 
 
+def test_an_empty_rollout_waits_for_devices_instead_of_completing(
+    harness: Harness, fleet_of: Any, enrolled: Enrolled
+) -> None:
+    """allow_empty is for devices that will enroll or come back: soaking its empty stages to
+    "completed" would leave them without the release."""
+    fleet_of(0)
+    rollout = start(harness, version="2.0.0", stages=[5, 25, 100], soak_s=60, allow_empty=True)
+    for _ in range(6):  # six soaks and more: it still waits, at its first stage
+        harness.clock.advance(120)
+        answer = status(harness)["rollouts"][0]
+        assert (answer["state"], answer["stage"]) == ("running", 0)
+    late = enrolled(hostname="late")  # online and selected: the plan goes on, to its stage
+    for _ in range(4):
+        answer = status(harness)["rollouts"][0]
+        if answer["devices"]:
+            break
+        harness.clock.advance(120)
+    assert rollout["id"] == answer["id"] and answer["state"] == "running"
+    assert [d["id"] for d in answer["devices"]] == [late.id]
+
+
 def test_one_online_device_is_enough(harness: Harness, fleet_of: Any) -> None:
     fleet = fleet_of(3)
     harness.clock.advance(86400)

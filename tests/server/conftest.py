@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -296,6 +296,33 @@ def enrolled(harness: Harness) -> Callable[..., FakeDevice]:
         return device
 
     return make
+
+
+def at_once(harness: Harness, work: Callable[[Database, Any], None], items: Sequence[Any]) -> None:
+    """``work(db, item)`` for every item at the same time, each in its own thread with its own
+    :class:`Database` on the harness's database, as separate server processes would; returns
+    once all are done. An exception in ``work`` is raised here (the first one)."""
+    databases = [Database(harness.settings.database_url) for _ in items]
+    errors: list[BaseException] = []
+
+    def run(db: Database, item: Any) -> None:
+        try:
+            work(db, item)
+        except BaseException as err:  # handed to the test below
+            errors.append(err)
+
+    threads = [
+        threading.Thread(target=run, args=(db, item))
+        for db, item in zip(databases, items, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for db in databases:
+        db.dispose()
+    if errors:
+        raise errors[0]
 
 
 def free_port() -> int:

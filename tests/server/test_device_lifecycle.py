@@ -22,7 +22,7 @@ from server.cli.devices import DeviceReferenceError, resolve_device
 from server.enrollment import NAMESAKES_NAMED
 from server.models import AuditRow, DeviceSession, PreauthorizedKey
 from tests.conftest import assert_one_line_error
-from tests.server.conftest import FakeDevice, Harness, LiveServer
+from tests.server.conftest import FakeDevice, Harness, LiveServer, at_once
 
 Enrolled = Callable[..., FakeDevice]
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
@@ -318,34 +318,20 @@ def test_device_commands_take_hostnames_and_prefixes(
 def test_two_renames_to_one_name_at_once_give_it_to_one_device(
     harness: Harness, enrolled: Enrolled
 ) -> None:
-    import threading
-
     from server.database import Database
     from server.errors import HostnameTakenError
 
     cams = [enrolled(hostname=f"cam-{i}") for i in range(2)]
-    databases = [Database(harness.settings.database_url) for _ in cams]
     outcomes: list[str] = []
-    barrier = threading.Barrier(len(cams))
 
     def work(db: Database, device_id: str) -> None:
-        barrier.wait()
         try:
             devices.rename(db, device_id, "same", actor="operator:test", now=NOW)
             outcomes.append("renamed")
         except HostnameTakenError:
             outcomes.append("taken")
 
-    threads = [
-        threading.Thread(target=work, args=(db, c.id))
-        for db, c in zip(databases, cams, strict=True)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    for db in databases:
-        db.dispose()
+    at_once(harness, work, [c.id for c in cams])
     assert sorted(outcomes) == ["renamed", "taken"]
     listed = harness.client.get("/api/v1/devices", headers=harness.viewer).json()["devices"]
     assert [d["hostname"] for d in listed].count("same") == 1

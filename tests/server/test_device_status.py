@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from server.models import AuditRow, Device, DeviceSession
 from server.settings import DEFAULT_MAX_DEVICE_SESSIONS, SESSION_TTL_S
-from tests.server.conftest import FakeDevice, Harness
+from tests.server.conftest import FakeDevice, Harness, at_once
 
 Enrolled = Callable[..., FakeDevice]
 MakeBundle = Callable[..., Path]
@@ -273,7 +273,7 @@ def test_two_operators_changing_one_device_at_once_cannot_both_start_from_its_ol
     monkeypatch.setattr(audit, "append", append_once_both_read)
     outcomes: list[str] = []
 
-    def quarantine(db: Database) -> None:
+    def quarantine(db: Database, _: object) -> None:
         try:
             devices.change_status(db, device.id, "quarantine", "x", actor="operator:t",
                                   now=datetime(2030, 1, 1, tzinfo=UTC))  # fmt: skip
@@ -281,14 +281,7 @@ def test_two_operators_changing_one_device_at_once_cannot_both_start_from_its_ol
         except DeviceStatusConflictError:
             outcomes.append("conflict")
 
-    databases = [Database(harness.settings.database_url) for _ in range(2)]
-    threads = [threading.Thread(target=quarantine, args=(db,)) for db in databases]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    for db in databases:
-        db.dispose()
+    at_once(harness, quarantine, [1, 2])
     assert sorted(outcomes) == ["changed", "conflict"]
 
 

@@ -4,7 +4,6 @@ fleet of devices that heartbeat and report events on the server's fake clock."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,7 +31,7 @@ from server.rollouts import (
     failure_allowance,
 )
 from server.settings import utc
-from tests.server.conftest import FakeDevice, Harness, LiveServer
+from tests.server.conftest import FakeDevice, Harness, LiveServer, at_once
 
 Enrolled = Callable[..., FakeDevice]
 MakeBundle = Callable[..., Path]
@@ -666,25 +665,13 @@ def test_late_devices_join_once_with_concurrent_evaluators(
     fleet = fleet_of(2)
     rollout = start(harness, version="2.0.0", stages=[100])
     late = [enrolled(hostname=f"late-{i}") for i in range(4)]
-    databases = [Database(harness.settings.database_url) for _ in range(2)]
     now = utc(harness.clock)
-    errors: list[BaseException] = []
 
-    def work(db: Database) -> None:
-        try:
-            for _ in range(5):
-                rollouts.evaluate(db, now)
-        except BaseException as err:
-            errors.append(err)
+    def work(db: Database, _: object) -> None:
+        for _ in range(5):
+            rollouts.evaluate(db, now)
 
-    threads = [threading.Thread(target=work, args=(db,)) for db in databases]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    for db in databases:
-        db.dispose()
-    assert errors == []
+    at_once(harness, work, [1, 2])
     answer = status(harness)["rollouts"][0]
     assert {d["id"] for d in answer["devices"]} == {d.id for d in fleet.devices + late}
     assigned = [

@@ -32,7 +32,10 @@ def image() -> None:
     show_default=True,
     type=click.Choice(["ext4", "squashfs", "vfat"]),
 )
-@click.option("--size", "size_text", help="Image size, e.g. 512M or 2G (ext4 and vfat).")
+@click.option(
+    "--size", "size_text",
+    help="Image size (ext4 and vfat), as written: 512M or 512MiB binary, 500MB decimal.",
+)  # fmt: skip
 @click.option("--label", help="Filesystem label.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
 def rootfs(
@@ -75,8 +78,14 @@ def import_disk(disk: Path, out_dir: Path) -> None:
 @click.option(
     "--safe-bootfs", type=click.Path(path_type=Path), help="rpi: FAT image of the safe-mode slot."
 )
-@click.option("--root-size", help="Size of each root slot (default: the rootfs image's).")
-@click.option("--data-size", default="64M", show_default=True)
+@click.option(
+    "--root-size",
+    help="Size of each root slot, as --size (default: the rootfs image's); rounded up to MiB.",
+)
+@click.option(
+    "--data-size", default="64M", show_default=True,
+    help="Size of the data partition, as --size; rounded up to MiB.",
+)  # fmt: skip
 @click.option(
     "--data-content",
     "data_dir",

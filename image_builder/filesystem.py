@@ -163,24 +163,28 @@ _FAT_DEFAULT_ROOT_ENTRIES: Final = 512  # what mkfs.vfat reserves unless told ot
 _FAT_FORBIDDEN_CHARS: Final = frozenset('"*/:<>?\\|')
 _FAT_LABEL_FORBIDDEN: Final = frozenset('"*+,./:;<=>?[\\]|')
 _TOOL_ARGS_PER_CALL: Final = 256
-_SIZE_UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_size(text: str) -> int:
-    """Parse a size such as ``4096``, ``64K``, ``512M``, ``1G`` or ``2GiB`` into bytes.
-
-    All units are binary (K = KiB = KB = 1024, M = 1024**2, G = 1024**3, T = 1024**4), as in
-    ``dd`` and ``mke2fs``; case does not matter; only whole numbers are accepted.
+    """Parse a size such as ``4096``, ``64K``, ``512M``, ``1G``, ``2GiB`` or ``100MB`` into bytes,
+    as written: ``KiB``, ``MiB``, ``GiB``, ``TiB`` are binary (1024**n), and so is a bare ``K``,
+    ``M``, ``G``, ``T`` (as in ``dd`` and ``mke2fs``); ``KB``, ``MB``, ``GB``, ``TB`` are decimal
+    (1000**n), as disk makers write them. Case does not matter; only whole numbers are accepted.
 
     Raises:
         ValueError: the text is not a size, or the size is zero or negative.
     """
-    match = re.fullmatch(r"\s*([+-]?\d+)\s*(?:([KMGT])(?:I?B)?|B)?\s*", text, re.IGNORECASE)
+    match = re.fullmatch(
+        r"\s*([+-]?\d+)\s*(?:([KMGT])(I)?(B)?|B)?\s*", text, re.IGNORECASE | re.ASCII
+    )
     if match is None:
-        raise ValueError(f"not a size: {text!r} (expected e.g. 4096, 64K, 512M, 1G, 2GiB)")
-    number = int(match.group(1))
-    unit = (match.group(2) or "").upper()
-    size = number * _SIZE_UNITS[unit]
+        raise ValueError(
+            f"not a size: {text!r} (expected e.g. 4096, 64K, 512M or 512MiB, 100MB, 2GiB)"
+        )
+    number, unit, binary, byte = match.groups()
+    power = "KMGT".index(unit.upper()) + 1 if unit else 0
+    decimal = bool(byte) and not binary
+    size: int = int(number) * (1000 if decimal else 1024) ** power
     if size <= 0:
         raise ValueError(f"size must be positive: {text!r}")
     return size

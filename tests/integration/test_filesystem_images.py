@@ -141,15 +141,23 @@ def tree(tmp_path: Path) -> Callable[..., Path]:
         ("2GiB", 2 << 30),
         ("8mib", 8 * MIB),
         ("1T", 1 << 40),
-        (" 16 MB ", 16 * MIB),
+        (" 16 MiB ", 16 * MIB),
         ("100B", 100),
+        # as written: decimal with B and no i, as disk makers write sizes
+        (" 16 MB ", 16_000_000),
+        ("4kb", 4000),
+        ("2GB", 2_000_000_000),
+        ("1TB", 10**12),
+        ("3Gi", 3 << 30),  # as Kubernetes writes it
     ],
 )
-def test_parse_size_accepts_binary_units(text: str, expected: int) -> None:
+def test_parse_size_takes_units_as_written(text: str, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "abc", "1.5G", "12Q", "G", "1 2M", "0x10", "1GiBB"])
+@pytest.mark.parametrize(
+    "text", ["", "abc", "1.5G", "12Q", "G", "1 2M", "0x10", "1GiBB", "1iB", "٣M"]
+)
 def test_parse_size_rejects_garbage(text: str) -> None:
     with pytest.raises(ValueError, match="not a size"):
         parse_size(text)

@@ -43,8 +43,17 @@ def token() -> None:
     help="Lifetime: seconds, or 15m, 12h, 30d, 1h30m (default 90d, at most 365d).",
 )
 @database_options
+@click.option(
+    "--json", "as_json", is_flag=True,
+    help="Print the token, its name, role and expiry as JSON (the token is still shown once).",
+)  # fmt: skip
 def token_create(
-    role: str, name: str, expires_in: int | None, data_dir: Path | None, database_url: str | None
+    role: str,
+    name: str,
+    expires_in: int | None,
+    data_dir: Path | None,
+    database_url: str | None,
+    as_json: bool,
 ) -> None:
     """Create an operator token and print it (only this once; the server keeps its hash).
 
@@ -75,6 +84,15 @@ def token_create(
     secret = create_operator_token(
         db, name=name, role=Role.parse(role), created_by=cli_actor(), now=now, expires=expires
     )
+    if as_json:
+        document = {
+            "token": secret,
+            "name": name,
+            "role": role,
+            "expires": expires.strftime("%Y-%m-%dT%H:%M:%SZ") if expires else None,
+        }
+        click.echo(json.dumps(document, indent=2, ensure_ascii=True))
+        return
     click.echo(secret)
     show(f"operator token for {name!r}, role {role}; it is not shown again", err=True)
 
@@ -129,6 +147,10 @@ def enrollment_token() -> None:
 )
 @database_options
 @api_options
+@click.option(
+    "--json", "as_json", is_flag=True,
+    help="Print the token, its uses and expiry as JSON (the token is still shown once).",
+)  # fmt: skip
 def enrollment_token_create(
     uses: int,
     expires_in: int | None,
@@ -136,10 +158,11 @@ def enrollment_token_create(
     database_url: str | None,
     server: str | None,
     token: str | None,
+    as_json: bool,
 ) -> None:
     """Create an enrollment token and print it (only this once)."""
     seconds = expires_in
-    if data_dir is not None or database_url is not None:
+    if uses_database(data_dir, database_url):
         from server.enrollment import create_enrollment_token
 
         db = open_database(data_dir, database_url)
@@ -153,6 +176,10 @@ def enrollment_token_create(
             "/api/v1/enrollment-tokens", {"uses": uses, "expires_in": seconds}
         )
         secret, expires = answer["token"], answer["expires"]
+    if as_json:
+        document = {"token": secret, "uses": uses, "expires": expires}
+        click.echo(json.dumps(document, indent=2, ensure_ascii=True))
+        return
     show(secret)
     show(
         f"admits {uses} device(s), {f'expires {expires}' if expires else 'never expires'}",

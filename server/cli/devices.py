@@ -312,9 +312,10 @@ def public_key_hex(argument: str) -> str:
 @device.command()
 @click.argument("public_key")
 @api_options
-def preauthorize(public_key: str, server: str | None, token: str | None) -> None:
+@JSON_OPTION
+def preauthorize(public_key: str, server: str | None, token: str | None, as_json: bool) -> None:
     """Let the device with PUBLIC_KEY (hex, or a .pub/.pem/hex file) enroll without a token."""
     answer = api_client(server, token).post(
         "/api/v1/preauthorized-keys", {"public_key": public_key_hex(public_key)}
     )
-    show(answer["device_id"])
+    _report(answer, as_json, lambda a: str(a["device_id"]))

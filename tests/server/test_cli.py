@@ -82,7 +82,8 @@ def test_release_upload_list_and_device_commands(
     pre = run("device", "preauthorize", tmp_path / "device.pub", *api(live_server))
     assert pre.exit_code == 0, pre.output
     assert pre.output.strip() == device.id
-    assert run("device", "preauthorize", device.public_hex, *api(live_server)).exit_code == 0
+    again = run("device", "preauthorize", device.public_hex, "--json", *api(live_server))
+    assert json.loads(again.stdout) == {"device_id": device.id}
     assert_one_line_error(
         run("device", "preauthorize", "nonsense", *api(live_server)), "neither 64 hex digits"
     )
@@ -120,7 +121,11 @@ def test_enrollment_token_create_directly_and_over_http(live_server: LiveServer)
     over_http = run("server", "enrollment-token", "create", "--uses", "1", *api(live_server))
     assert over_http.exit_code == 0, over_http.output
     assert "never expires" in over_http.stderr
-    for token in (direct.stdout.strip(), over_http.stdout.strip()):
+    as_json = run("server", "enrollment-token", "create", "--uses", "3", "--expires-in", "1h",
+                  "--json", *api(live_server))  # fmt: skip
+    created = json.loads(as_json.stdout)
+    assert (created["uses"], created["expires"] is not None) == (3, True)
+    for token in (direct.stdout.strip(), over_http.stdout.strip(), created["token"]):
         assert FakeDevice(harness.client).enroll(token).status_code == 200
     refused = run(
         "server", "enrollment-token", "create", "--uses", "1", *api(live_server, "viewer")

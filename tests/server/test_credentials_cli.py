@@ -52,6 +52,13 @@ def test_token_create_on_the_host_has_an_expiry(live_server: LiveServer) -> None
     )  # fmt: skip
     assert too_long.exit_code == 2 and "expires-in" in too_long.output
     assert made.stdout.strip() not in listed.stdout
+    as_json = run(
+        "server", "token", "create", "--role", "operator", "--name", "ci-json",
+        "--expires-in", "1d", "--database-url", url, "--json",
+    )  # fmt: skip
+    document = json.loads(as_json.stdout)
+    assert (document["name"], document["role"]) == ("ci-json", "operator")
+    assert document["token"].startswith("fleet_op_") and document["expires"].endswith("Z")
 
 
 def test_token_list_and_revoke_over_the_api(live_server: LiveServer) -> None:

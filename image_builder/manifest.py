@@ -39,6 +39,12 @@ _SEMVER = re.compile(
 )
 
 
+def is_release_version(version: str) -> bool:
+    """Whether ``version`` names a release as a manifest may: a semantic version (2.0.0, no
+    leading zeros), at most 128 characters."""
+    return bool(_SEMVER.fullmatch(version)) and len(version) <= 128
+
+
 def _require(document: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
     if key not in document:
         raise ManifestError(f"{where}: missing field '{key}'")
@@ -161,7 +167,7 @@ class Manifest:
             )
         _check_keys(document, set(cls.__dataclass_fields__), where)
         version = _require(document, "version", str, where)
-        if not _SEMVER.fullmatch(version) or len(version) > 128:
+        if not is_release_version(version):
             raise ManifestError(f"manifest: version {version!r} is not a semantic version")
         security_version = _require(document, "security_version", int, where)
         if not 0 <= security_version <= MAX_SECURITY_VERSION:

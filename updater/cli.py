@@ -20,9 +20,11 @@ from bootloader_hooks.base import ROOT_SLOTS, other_slot
 from fleet_core.cli import FleetGroup
 from fleet_core.errors import FleetError
 from fleet_core.text import printable
+from image_builder.manifest import MAX_SECURITY_VERSION, is_release_version
 from updater.config import DEFAULT_CONFIG_PATH, UpdaterConfig, load_config
 from updater.device import run_reboot
 from updater.errors import ConfigError, LockedError, UpdaterError
+from updater.lifecycle import boot_selection
 from updater.log import EventLog, EventSink, device_labels
 from updater.runtime import Runtime, build_backend, reporting_log
 from updater.state import update_lock
@@ -264,6 +266,69 @@ def repair(ctx: click.Context, force: bool) -> None:
         )
     click.echo(f"boot state rebuilt: primary {primary or 'none (safe mode)'}, "
                f"fallback {fallback or 'none'}")  # fmt: skip
+
+
+@main.command()
+@click.option(
+    "--version", "version", required=True,
+    help="The release the running slot holds from the factory (as its bundle names it).",
+)  # fmt: skip
+@click.option(
+    "--security-version", required=True, type=click.IntRange(0, MAX_SECURITY_VERSION),
+    help="That release's security version: the floor the device starts from.",
+)  # fmt: skip
+@click.option("--dry-run", is_flag=True, help="Check and print what would be done; change nothing.")
+@click.pass_context
+def provision(ctx: click.Context, version: str, security_version: int, dry_run: bool) -> None:
+    """Make a freshly flashed device ready: check the whole configuration, record the release
+    the running slot holds (the factory release: committed, its security version the floor),
+    and write a fresh boot state for the configured backend with that slot as primary and the
+    other slot not bootable. What it will do is printed first; --dry-run stops there.
+
+    Refused when the configuration is not the file's own (damaged: a fallback was used), when
+    the device does not run from a root slot, or when the running slot already holds another
+    release (provisioning again with the same release changes nothing)."""
+    runtime = _runtime(ctx, log_to_stdout=False, report=False, read_only=dry_run)
+    if runtime.loaded.problems:
+        raise ConfigError(f"configuration: {runtime.loaded.problems[0]}")
+    if not is_release_version(version):
+        raise click.BadParameter(f"{version!r} is not a semantic version", param_hint="--version")
+    # a dry run writes nothing, not even the lock file
+    locked = contextlib.nullcontext() if dry_run else update_lock(runtime.config.data_dir)
+    with locked:
+        booted = _booted_root_slot(runtime)
+        state = runtime.store.load(keep_evidence=not dry_run).state
+        held = state.slot(booted)
+        if held.version not in (None, version) or held.security_version not in (
+            None, security_version,
+        ):  # fmt: skip
+            raise UpdaterError(
+                f"slot {booted} holds {held.version} (security version {held.security_version})"
+                f" already: provisioning records a factory release once"
+            )
+        floor = max(state.installed_security_version, security_version)
+        recorded = replace(
+            state.with_slot(booted, status="good", version=version,
+                            security_version=security_version, failures=0, trial_boots=0),
+            installed_security_version=floor,
+        )  # fmt: skip
+        primary, fallback = boot_selection(recorded, booted)
+        for line in (
+            f"configuration {runtime.loaded.source}: ok ({runtime.backend.name} backend, "
+            f"data in {runtime.config.data_dir})",
+            f"running slot {booted}: record {version}, security version {security_version} "
+            f"(committed; the device's floor becomes {floor})",
+            f"boot state: written fresh, primary {primary}, fallback {fallback or 'none'}",
+        ):
+            click.echo(printable(line))
+        if dry_run:
+            click.echo("dry run: nothing changed")
+            return
+        state = runtime.store.save(recorded)
+        primary, _ = runtime.lifecycle.repair_boot_state(state, "provisioned")
+        runtime.log.event("device.provisioned", slot=booted, version=version,
+                          security_version=security_version)  # fmt: skip
+    click.echo(f"provisioned: slot {primary} runs {version}")
 
 
 @main.command()

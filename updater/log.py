@@ -42,6 +42,7 @@ shipped, never changes meaning. Examples:
 ``recovery.started``, ``recovery.verified``, ``recovery.finished``, ``recovery.rebooting``,
 ``recovery.failed``, ``recovery.abandoned``, ``recovery.boot_state_repaired``
                                     safe mode: a release put back into a root slot
+``device.provisioned``              the factory release recorded (``fleet-updater provision``)
 ``state.save_failed``, ``metrics.write_failed``
                                     a write on the data partition failed (error)
 ==================================  ==================================================

@@ -830,3 +830,86 @@ def test_python_m_updater_cli_is_the_command() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "Metrica Fleet device updater" in result.stdout and "boot-check" in result.stdout
+
+
+# --- provision ----------------------------------------------------------------------------------
+
+
+def flashed(device: VirtualDevice) -> None:
+    """A device as it leaves the factory: an image in slot a, no state of the updater's."""
+    for name in ("state.json", "security-floor"):
+        (device.config.data_dir / name).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("firmware", FIRMWARES)
+def test_provision_records_the_factory_release_and_writes_the_boot_state(
+    make_device: MakeDevice, firmware: str
+) -> None:
+    device = make_device(firmware)
+    flashed(device)
+    if firmware != "tryboot":  # and no boot state of ours yet (tryboot's firmware has its own)
+        lose_boot_state(device, firmware)
+    fresh = status(device, exit_code=0 if firmware == "tryboot" else 1)
+    assert fresh["slots"]["a"]["status"] == "empty"
+    config = device.root / "updater.toml"
+    config.write_text(device.config_toml())
+    before = tree(device.root)
+    args = ["--config", str(config), "provision", "--version", "1.0.0", "--security-version", "2"]
+    planned = CliRunner().invoke(main, [*args, "--dry-run"])
+    assert planned.exit_code == 0, planned.output
+    assert planned.stdout.splitlines()[1:] == [
+        "running slot a: record 1.0.0, security version 2 (committed; the device's floor "
+        "becomes 2)",
+        "boot state: written fresh, primary a, fallback none",
+        "dry run: nothing changed",
+    ]
+    assert tree(device.root) == before
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 0, done.output
+    assert done.stdout.endswith("provisioned: slot a runs 1.0.0\n")
+    document = status(device)
+    assert document["slots"]["a"]["status"] == "good"
+    assert document["slots"]["a"]["version"] == "1.0.0"
+    assert document["installed_security_version"] == 2
+    view = boot_view(device)
+    assert view.committed == "a" and view.bootable == {"a"}
+    again = CliRunner().invoke(main, args)  # the same release again: nothing new
+    assert again.exit_code == 0, again.output
+    other = CliRunner().invoke(
+        main,
+        ["--config", str(config), "provision", "--version", "1.1.0", "--security-version", "2"],
+    )
+    assert other.exit_code == 1
+    assert "slot a holds 1.0.0 (security version 2) already" in other.stderr
+
+
+def test_provision_refuses_a_bad_version_or_a_damaged_configuration(
+    make_device: MakeDevice,
+) -> None:
+    device = make_device("grub")
+    flashed(device)
+    config = device.root / "updater.toml"
+    config.write_text(device.config_toml())
+    bad = CliRunner().invoke(
+        main, ["--config", str(config), "provision", "--version", "1.0", "--security-version", "0"]
+    )
+    assert bad.exit_code == 2 and "'1.0' is not a semantic version" in bad.output
+    config.write_text(device.config_toml(extra='colour = "blue"\n'))
+    before = tree(device.root)
+    damaged = CliRunner().invoke(
+        main, ["--config", str(config), "provision", "--version", "1.0.0", "--security-version",
+               "0"],
+    )  # fmt: skip
+    assert damaged.exit_code == 1, damaged.output
+    assert damaged.stderr.startswith("Error: ")
+    assert status_of_slot(device) == "empty"
+    assert {k for k in tree(device.root) if k not in before} <= {"updater.toml"}
+
+
+def status_of_slot(device: VirtualDevice) -> str:
+    state = (
+        json.loads((device.config.data_dir / "state.json").read_text())
+        if (device.config.data_dir / "state.json").exists()
+        else {"slots": {}}
+    )
+    return str(state["slots"].get("a", {}).get("status", "empty"))

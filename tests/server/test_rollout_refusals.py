@@ -78,12 +78,12 @@ def test_named_enrolled_devices_start_a_rollout(
 def test_the_check_looks_devices_up_in_batches(
     harness: Harness, devices: list[FakeDevice], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(rollouts, "ENROLLED_CHECK_BATCH", 2)
+    monkeypatch.setattr(rollouts, "ENROLLED_CHECK_BATCH", 1)
     ids = [d.id for d in devices]
     request = rollouts.RolloutRequest(version="3.0.0", device_ids=(*ids, STRANGER))
     with pytest.raises(InvalidRolloutError, match=f"device_ids: no device {STRANGER}"):
         rollouts.start(harness.db, request, actor="test", now=harness.app.state.fleet.now())
-    # every device of every batch is found: three devices, looked up two at a time
+    # every device of every batch is found: three devices, looked up one at a time
     assert post(harness, "", version="2.0.0", device_ids=ids, stages=[100]).status_code == 201
 
 

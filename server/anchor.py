@@ -13,7 +13,7 @@ with the server key (``anchor_head``). The server anchors its head as it runs (e
   removal of entries up to it, are named);
 - anchors are in the same database, so deleting them is possible: a signed head exported
   elsewhere (``fleet audit head --out FILE`` from a scheduled job, kept off the server) and
-  given back to ``fleet audit verify --expect-signed-head FILE`` catches that too, and anything
+  given back to ``fleet audit verify --expect-head FILE`` catches that too, and anything
   done to the entries it covers.
 
 Entries added after the newest anchor are protected by the hash chain alone until the next one;

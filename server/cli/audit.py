@@ -95,17 +95,19 @@ def audit_list(
 
 def _parse_head(
     _context: click.Context, _param: click.Parameter, text: str | None
-) -> tuple[int, str] | None:
+) -> tuple[int, str] | Path | None:
+    """``--expect-head``: SEQ:HASH printed by an earlier verify, or a signed head file."""
     if text is None:
         return None
     match = re.fullmatch(r"(\d+):([0-9a-f]{64})", text.strip())
     if match is not None:
         return int(match.group(1)), match.group(2)
     if Path(text).is_file():
-        raise click.BadParameter(
-            f"{text!r} is a file: give a signed head file with --expect-signed-head"
-        )
-    raise click.BadParameter(f"{text!r}: give SEQ:HASH as printed by an earlier verify")
+        return Path(text)
+    raise click.BadParameter(
+        f"{text!r}: neither SEQ:HASH as an earlier verify printed it, nor a signed head file "
+        "('fleet audit head --out'): no such file"
+    )
 
 
 def _server_signing_key(data_dir: Path | None) -> SigningKey:
@@ -139,7 +141,7 @@ def head(
     out: Path | None,
 ) -> None:
     """Sign the audit trail's head with the server key and export it, for a later
-    'fleet audit verify --expect-signed-head FILE' to check that nothing at or below it changed."""
+    'fleet audit verify --expect-head FILE' to check that nothing at or below it changed."""
     from server.anchor import SignedHead, anchor_head
 
     if uses_database(data_dir, database_url):
@@ -167,15 +169,17 @@ def head(
 @api_options
 @click.option(
     "--expect-head",
-    metavar="SEQ:HASH",
+    metavar="FILE|SEQ:HASH",
     callback=_parse_head,
-    help="The head printed by an earlier verify: also catches entries removed from the end.",
+    help="A file written by 'fleet audit head --out' (its signature is checked with the server "
+    "key: also catches a chain rewritten whole, and anchors deleted), or SEQ:HASH printed by an "
+    "earlier verify: either also catches entries removed from the end.",
 )
 @click.option(
     "--expect-signed-head",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A file written by 'fleet audit head --out' (its signature is checked with the server "
-    "key): also catches a chain rewritten whole, and anchors deleted.",
+    help="A signed head file, and only that (--expect-head FILE, when a name could be read as "
+    "SEQ:HASH).",
 )
 @click.option(
     "--server-key",
@@ -188,7 +192,7 @@ def verify(
     database_url: str | None,
     server: str | None,
     token: str | None,
-    expect_head: tuple[int, str] | None,
+    expect_head: tuple[int, str] | Path | None,
     expect_signed_head: Path | None,
     server_key: Path | None,
     as_json: bool,
@@ -206,6 +210,12 @@ def verify(
         public_key = _server_signing_key(data_dir).public_key
     else:
         public_key = None
+    if isinstance(expect_head, Path):
+        if expect_signed_head is not None:
+            raise click.UsageError(
+                "give the signed head once: --expect-head or --expect-signed-head"
+            )
+        expect_head, expect_signed_head = None, expect_head
     exported = None if expect_signed_head is None else read_head_file(expect_signed_head)
     if exported is not None and public_key is None:
         raise ClientConfigError("checking a signed head needs the server key: give --server-key")

@@ -136,7 +136,7 @@ def test_truncated_end_needs_the_recorded_head(harness: Harness) -> None:
         verify(harness, "--expect-head", head), f"entries {last - 1} to {last} were removed"
     )
     bad = verify(harness, "--expect-head", "garbage")
-    assert bad.exit_code == 2 and "'garbage': give SEQ:HASH" in bad.stderr
+    assert bad.exit_code == 2 and "'garbage': neither SEQ:HASH" in bad.stderr
     broken = json.loads(verify(harness, "--expect-head", head, "--json").stdout)
     assert broken["intact"] is False and broken["head"] is None
     assert f"entries {last - 1} to {last} were removed" in broken["problem"]

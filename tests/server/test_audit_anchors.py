@@ -138,10 +138,11 @@ def test_an_exported_head_catches_what_deleting_the_anchors_hides(
     url = ["--database-url", harness.settings.database_url]
     assert run("verify", *url).exit_code == 0  # no anchor left, a shorter chain
     key = harness.settings.server_key_path
-    assert_broken(
-        run("verify", *url, "--expect-signed-head", str(out), "--server-key", str(key)),
-        f"entries {head.seq} to {head.seq} were removed from the end",
-    )
+    for option in ("--expect-head", "--expect-signed-head"):  # a file given either way
+        assert_broken(
+            run("verify", *url, option, str(out), "--server-key", str(key)),
+            f"entries {head.seq} to {head.seq} were removed from the end",
+        )
     # the file says which head; someone changing it cannot sign it again
     out.write_text(json.dumps({**head.to_dict(), "seq": head.seq - 1}))
     assert_broken(
@@ -154,14 +155,15 @@ def test_an_exported_head_catches_what_deleting_the_anchors_hides(
     assert refused.stderr.strip() == (
         "Error: checking a signed head needs the server key: give --server-key"
     )
-    # the two ways to give a head are two options: a file given as SEQ:HASH is named as one
-    mixed = run("verify", *url, "--expect-head", str(out))
-    assert (
-        mixed.exit_code == 2
-        and "is a file: give a signed head file with --expect-signed-head" in mixed.stderr
-    )
-    missing = run("verify", *url, "--expect-signed-head", str(tmp_path / "nowhere.json"))
+    # a mistyped file name is named as what it is, not as a bad SEQ:HASH
+    nowhere = str(tmp_path / "nowhere.json")
+    mistyped = run("verify", *url, "--expect-head", nowhere)
+    assert mistyped.exit_code == 2 and "nor a signed head file" in mistyped.stderr
+    assert "no such file" in mistyped.stderr
+    missing = run("verify", *url, "--expect-signed-head", nowhere)
     assert missing.exit_code == 2 and "does not exist" in missing.stderr
+    twice = run("verify", *url, "--expect-head", str(out), "--expect-signed-head", str(out))
+    assert twice.exit_code == 2 and "give the signed head once" in twice.stderr
     as_json = run(
         "verify", *url, "--expect-signed-head", str(out), "--server-key", str(key), "--json"
     )

@@ -88,7 +88,14 @@ from bootloader_hooks.errors import (
     BootStateMissingError,
     UnknownSlotError,
 )
-from bootloader_hooks.options import check_attempts, check_known, declare, path_option
+from bootloader_hooks.options import (
+    CMDLINE,
+    DEFAULT_CMDLINE,
+    check_attempts,
+    check_known,
+    declare,
+    path_option,
+)
 from fleet_core.settings import Setting
 
 if TYPE_CHECKING:
@@ -98,7 +105,6 @@ NAME = "grub"
 WHO = "grub backend"
 
 DEFAULT_GRUBENV = "/boot/efi/EFI/fleet/grubenv"
-DEFAULT_CMDLINE = "/proc/cmdline"
 DEFAULT_ATTEMPTS = 3
 MAX_ATTEMPTS = 9  # the count is one digit, so that grub.cfg can spell out every decrement
 
@@ -377,11 +383,7 @@ OPTIONS = declare(
             "ESP beside the `grub.cfg` that reads it.",
             '"/boot/efi/EFI/fleet/grubenv"',
         ),
-        Setting(
-            "cmdline", "path", f'"{DEFAULT_CMDLINE}"',
-            "The kernel command line, which names the slot that booted.",
-            '"/proc/cmdline"',
-        ),
+        CMDLINE,
         Setting(
             "attempts", f"integer, 1 to {MAX_ATTEMPTS}", str(DEFAULT_ATTEMPTS),
             "Boots a trial slot is given before GRUB falls back to the committed one.",

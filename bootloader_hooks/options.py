@@ -23,6 +23,13 @@ from fleet_core.suggest import unknown_names
 
 # backend name -> its options as the reference documents them, in the order declared
 DECLARED: dict[str, tuple[Setting, ...]] = {}
+DEFAULT_CMDLINE = "/proc/cmdline"
+# The option of every backend that reads which slot booted from the kernel command line.
+CMDLINE = Setting(
+    "cmdline", "path", f'"{DEFAULT_CMDLINE}"',
+    "The kernel command line, which names the slot that booted.",
+    '"/proc/cmdline"',
+)  # fmt: skip
 
 
 def declare(backend: str, settings: tuple[Setting, ...]) -> tuple[str, ...]:

@@ -75,7 +75,14 @@ from bootloader_hooks.errors import (
     BootStateMissingError,
     UnknownSlotError,
 )
-from bootloader_hooks.options import check_attempts, check_known, declare, path_option
+from bootloader_hooks.options import (
+    CMDLINE,
+    DEFAULT_CMDLINE,
+    check_attempts,
+    check_known,
+    declare,
+    path_option,
+)
 from bootloader_hooks.ubootenv import EnvLayout, EnvState
 from fleet_core import durable
 from fleet_core.settings import Setting
@@ -87,7 +94,6 @@ SCHEME_VERSION = "1"
 MAX_ATTEMPTS = 9  # setexpr computes in hex: single digits read the same in hex and decimal
 DEFAULT_ATTEMPTS = 3
 DEFAULT_FW_ENV_CONFIG = "/etc/fw_env.config"
-DEFAULT_CMDLINE = "/proc/cmdline"
 DEFAULT_ENV_SIZE = 0x4000
 DEFAULT_INITIAL_ENV = Path("/etc/u-boot-initial-env")  # where libubootenv's fw_setenv looks
 DEFAULT_MENDER_PARTITIONS: Mapping[int, str] = {2: "a", 3: "b"}
@@ -457,11 +463,7 @@ OPTIONS = declare(
             "`redundant_offset` given: `env_file`.",
             '"/boot/uboot-redund.env"',
         ),
-        Setting(
-            "cmdline", "path", f'"{DEFAULT_CMDLINE}"',
-            "The kernel command line, which names the slot that booted.",
-            '"/proc/cmdline"',
-        ),
+        CMDLINE,
         Setting(
             "attempts", f"integer, 1 to {MAX_ATTEMPTS}", str(DEFAULT_ATTEMPTS),
             "Boots a trial slot is given before the boot script falls back.",

@@ -260,9 +260,9 @@ def _closure(root: Path, package: str) -> set[str]:
     provided = {p.split()[0]: name for name, e in status.items()
                 for p in e.get("Provides", "").split(",") if p.strip()}  # fmt: skip
     seen: set[str] = set()
-    todo = [package]
-    while todo:
-        name = todo.pop()
+    unvisited = [package]
+    while unvisited:
+        name = unvisited.pop()
         name = name if name in status else provided.get(name, name)
         if name in seen or name not in status:
             continue
@@ -271,7 +271,7 @@ def _closure(root: Path, package: str) -> set[str]:
         for field in ("Pre-Depends", "Depends"):
             for item in entry.get(field, "").split(","):
                 if item.strip():
-                    todo.append(item.split("|")[0].split()[0].split(":")[0])
+                    unvisited.append(item.split("|")[0].split()[0].split(":")[0])
     return seen
 
 

@@ -242,11 +242,25 @@ def keyring_from(document: dict[str, Any], url: str, target: Path) -> None:
             set_threshold(keyring, threshold)
         except FleetError as err:
             raise SimulateError(f"{url}: {err}") from err
-        if target.exists():
-            shutil.rmtree(target)
-        keyring.rename(target)
+        _replace(target, keyring)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace(target: Path, keyring: Path) -> None:
+    """Put the complete ``keyring`` (made beside ``target``) in place of ``target``: never half
+    a pin, and a failure keeps the old one. Only a kill between the two renames leaves none;
+    the next run then fetches the keys as on first use, and says so."""
+    if not target.exists():
+        keyring.rename(target)
+        return
+    old = keyring.with_name(f"{keyring.name}.old")
+    target.rename(old)  # the staging directory is removed with it afterwards
+    try:
+        keyring.rename(target)
+    except OSError:
+        old.rename(target)
+        raise
 
 
 def _describe(keyring: Keyring) -> str:
@@ -268,13 +282,16 @@ def pin_keys(
     what = "server key" if kind == "server" else "release keyring"
     pinned.parent.mkdir(parents=True, exist_ok=True)
     if given:
-        if pinned.exists():
-            shutil.rmtree(pinned)
-        for path in given:
-            try:
-                trust_key(pinned, path)
-            except FleetError as err:
-                raise SimulateError(f"{option} {path}: {err}") from err
+        staging = Path(tempfile.mkdtemp(prefix=".keys-", dir=pinned.parent))
+        try:
+            for path in given:
+                try:
+                    trust_key(staging / "keyring", path)
+                except FleetError as err:
+                    raise SimulateError(f"{option} {path}: {err}") from err
+            _replace(pinned, staging / "keyring")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return f"{what} {_describe(Keyring.load(pinned))} from {option} (pinned in {pinned})"
     if not pinned.exists():
         try:

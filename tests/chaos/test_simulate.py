@@ -148,6 +148,31 @@ def test_a_published_key_that_is_not_the_key_its_id_names_is_refused(tmp_path: P
     assert Keyring.load(tmp_path / "pinned").active_key_ids == (other.key_id,)
 
 
+def test_a_pin_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    """Keys given on the command line, or fetched, replace the pin only once all of them are
+    good: a bad one keeps the old pin as it was, and no staging directory is left behind."""
+    first, second = generate_key(tmp_path / "first"), generate_key(tmp_path / "second")
+    pinned = tmp_path / "pinned" / "server-keyring"
+    pin_keys(pinned, [], "server", (tmp_path / "first.pub",), "--server-key")
+    before = {p.name: p.read_bytes() for p in pinned.iterdir()}
+    (tmp_path / "bad.pub").write_text("-----BEGIN PUBLIC KEY-----\nnot a key\n")
+    with pytest.raises(SimulateError, match="--server-key .*bad.pub"):
+        pin_keys(
+            pinned, [], "server", (tmp_path / "second.pub", tmp_path / "bad.pub"), "--server-key"
+        )
+    assert {p.name: p.read_bytes() for p in pinned.iterdir()} == before
+    lying = {
+        "keys": [{"key_id": first.key_id, "public_key": (tmp_path / "second.pub").read_text()}]
+    }
+    with pytest.raises(SimulateError, match="not the key its id names"):
+        keyring_from(lying, "http://server", pinned)
+    assert {p.name: p.read_bytes() for p in pinned.iterdir()} == before
+    assert Keyring.load(pinned).active_key_ids == (first.key_id,)
+    pin_keys(pinned, [], "server", (tmp_path / "second.pub",), "--server-key")
+    assert Keyring.load(pinned).active_key_ids == (second.key_id,)
+    assert sorted(p.name for p in pinned.parent.iterdir()) == ["server-keyring"]
+
+
 def test_without_keys_and_without_a_server_that_publishes_them_the_error_says_what_to_give(
     tmp_path: Path,
 ) -> None:

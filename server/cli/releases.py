@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
+from fleet_core.progress import progress
 from server.cli.common import (
     api_client,
     api_options,
@@ -29,13 +29,8 @@ def upload(bundle: Path, server: str | None, token: str | None, as_json: bool) -
     """Upload BUNDLE; the server verifies it against the fleet's release keyring."""
     client = api_client(server, token)
     size = bundle.stat().st_size
-    if sys.stderr.isatty():
-        with click.progressbar(
-            length=size, label=f"uploading {bundle.name}", file=sys.stderr
-        ) as bar:
-            answer = client.upload("/api/v1/releases", bundle, bar.update)
-    else:
-        answer = client.upload("/api/v1/releases", bundle, lambda _n: None)
+    with progress(size, f"uploading {bundle.name}", enabled=not as_json) as update:
+        answer = client.upload("/api/v1/releases", bundle, update)
     if as_json:
         click.echo(json.dumps(answer, indent=2, ensure_ascii=True))
         return

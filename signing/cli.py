@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -22,11 +23,36 @@ def read_passphrase(passphrase_file: Path | None) -> bytes | None:
     return value.encode() if value else None
 
 
+def key_paths(out: Path) -> tuple[Path, Path]:
+    """The ``.pem`` and ``.pub`` files ``generate_key(out)`` writes (its naming, repeated for
+    the report: OUT plus the suffix, a ``.pem`` or ``.pub`` given in OUT dropped first)."""
+    base = out.with_suffix("") if out.suffix in (".pem", ".pub") else out
+    return base.with_name(base.name + ".pem"), base.with_name(base.name + ".pub")
+
+
 passphrase_file_option = click.option(
     "--passphrase-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help=f"File holding the key's passphrase (or set ${PASSPHRASE_ENV}).",
 )
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+
+
+def _echo_json(document: dict[str, Any]) -> None:
+    """The one JSON document of a ``--json`` run: ASCII, sorted keys, alone on stdout."""
+    click.echo(json.dumps(document, indent=2, sort_keys=True, ensure_ascii=True))
+
+
+def _keyring_document(keyring_dir: Path) -> dict[str, Any]:
+    """A keyring as ``fleet keys list --json`` shows it: active and revoked ids, threshold."""
+    keyring = Keyring.load(keyring_dir)
+    return {
+        "trusted": sorted(set(keyring.trusted) - keyring.revoked),
+        "revoked": sorted(keyring.revoked),
+        "threshold": keyring.threshold,
+    }
 
 
 @click.group()
@@ -40,50 +66,82 @@ def keys() -> None:
 )
 @passphrase_file_option
 @click.option("--ask-passphrase", is_flag=True, help="Prompt for a passphrase to encrypt the key.")
-def generate(out: Path, passphrase_file: Path | None, ask_passphrase: bool) -> None:
+@json_option
+def generate(out: Path, passphrase_file: Path | None, ask_passphrase: bool, as_json: bool) -> None:
     """Create an Ed25519 key pair: OUT.pem (mode 0600) and OUT.pub."""
     passphrase = read_passphrase(passphrase_file)
     if ask_passphrase:
-        passphrase = click.prompt("Passphrase", hide_input=True, confirmation_prompt=True).encode()
+        passphrase = click.prompt(
+            "Passphrase", hide_input=True, confirmation_prompt=True, err=as_json
+        ).encode()
     key = generate_key(out, passphrase)
+    if as_json:
+        private_path, public_path = key_paths(out)
+        document = {
+            "key_id": key.key_id,
+            "private_key": str(private_path),
+            "public_key": str(public_path),
+            "encrypted": passphrase is not None,
+        }
+        _echo_json(document)
+        return
     click.echo(f"key id {key.key_id}")
 
 
 @keys.command("id")
 @click.argument("key_file", type=click.Path(path_type=Path))
 @passphrase_file_option
-def show_id(key_file: Path, passphrase_file: Path | None) -> None:
+@json_option
+def show_id(key_file: Path, passphrase_file: Path | None, as_json: bool) -> None:
     """Print the key id of a public (.pub) or private (.pem) key."""
     text = key_file.read_bytes() if key_file.is_file() else b""
     if b"ENCRYPTED PRIVATE KEY" in text:
-        click.echo(load_private_key(key_file, read_passphrase(passphrase_file)).key_id)
+        kid = load_private_key(key_file, read_passphrase(passphrase_file)).key_id
     else:
-        click.echo(key_id(load_public_key(key_file)))
+        kid = key_id(load_public_key(key_file))
+    if as_json:
+        _echo_json({"key_id": kid, "path": str(key_file)})
+        return
+    click.echo(kid)
 
 
 @keys.command()
 @click.argument("public_key", type=click.Path(path_type=Path))
 @click.option("--keyring", "keyring_dir", required=True, type=click.Path(path_type=Path))
-def trust(public_key: Path, keyring_dir: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the key id and the keyring as JSON.")
+def trust(public_key: Path, keyring_dir: Path, as_json: bool) -> None:
     """Add PUBLIC_KEY to a keyring (created if missing)."""
-    click.echo(f"trusted {trust_key(keyring_dir, public_key)}")
+    kid = trust_key(keyring_dir, public_key)
+    if as_json:
+        _echo_json({"key_id": kid, "keyring": str(keyring_dir), **_keyring_document(keyring_dir)})
+        return
+    click.echo(f"trusted {kid}")
 
 
 @keys.command()
 @click.argument("revoked_key_id")
 @click.option("--keyring", "keyring_dir", required=True, type=click.Path(path_type=Path))
-def revoke(revoked_key_id: str, keyring_dir: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the key id and the keyring as JSON.")
+def revoke(revoked_key_id: str, keyring_dir: Path, as_json: bool) -> None:
     """Revoke a key id in a keyring: its signatures never count again."""
-    revoke_key(keyring_dir, revoked_key_id.lower())
-    click.echo(f"revoked {revoked_key_id.lower()}")
+    kid = revoked_key_id.lower()
+    revoke_key(keyring_dir, kid)
+    if as_json:
+        _echo_json({"key_id": kid, "keyring": str(keyring_dir), **_keyring_document(keyring_dir)})
+        return
+    click.echo(f"revoked {kid}")
 
 
 @keys.command()
 @click.argument("count", type=click.IntRange(min=1))
 @click.option("--keyring", "keyring_dir", required=True, type=click.Path(path_type=Path))
-def threshold(count: int, keyring_dir: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the keyring as JSON.")
+def threshold(count: int, keyring_dir: Path, as_json: bool) -> None:
     """Require COUNT distinct trusted keys to sign."""
     set_threshold(keyring_dir, count)
+    if as_json:
+        _echo_json({"keyring": str(keyring_dir), **_keyring_document(keyring_dir)})
+        return
     click.echo(f"threshold {count}")
 
 
@@ -92,15 +150,10 @@ def threshold(count: int, keyring_dir: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the keyring as JSON.")
 def list_keys(keyring_dir: Path, as_json: bool) -> None:
     """Show a keyring: trusted and revoked key ids and the threshold."""
-    keyring = Keyring.load(keyring_dir)
     if as_json:
-        document = {
-            "trusted": sorted(set(keyring.trusted) - keyring.revoked),
-            "revoked": sorted(keyring.revoked),
-            "threshold": keyring.threshold,
-        }
-        click.echo(json.dumps(document, indent=2))
+        click.echo(json.dumps(_keyring_document(keyring_dir), indent=2))
         return
+    keyring = Keyring.load(keyring_dir)
     for kid in sorted(set(keyring.trusted) | keyring.revoked):
         click.echo(f"{kid} {'revoked' if kid in keyring.revoked else 'trusted'}")
     click.echo(f"threshold {keyring.threshold}")

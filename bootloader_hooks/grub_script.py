@@ -9,8 +9,9 @@ boots the safe-mode slot. The scheme, and what Linux reads from the block, are d
 :mod:`bootloader_hooks.grub`.
 
 :func:`grub_cfg` renders the script from the three boot entries (:class:`SlotEntry`),
-:func:`write_grub_cfg` writes it on the ESP, and :func:`install_files` installs it keeping an
-existing ``grubenv``. A fresh ESP is made by :func:`bootloader_hooks.base.provision`.
+:func:`write_grub_cfg` writes it on the ESP (:func:`write_cfg_file` at any path), and
+:func:`install_files` installs it keeping an existing ``grubenv``. A fresh ESP is made by
+:func:`bootloader_hooks.base.provision`.
 
 GRUB needs the modules ``normal``, ``test``, ``loadenv``, ``linux``, ``part_gpt``, ``fat``,
 ``ext2`` and ``squash4`` (built into the image or found under ``$prefix``).
@@ -179,11 +180,24 @@ def write_grub_cfg(esp_dir: Path, entries: Mapping[str, SlotEntry] = DEFAULT_ENT
     Raises:
         BootloaderError: the file cannot be written, or ``entries`` are invalid.
     """
-    directory = esp_dir / ESP_DIRECTORY
-    cfg_path = directory / CFG_FILE
-    text = grub_cfg(entries)
+    return write_cfg_file(esp_dir / ESP_DIRECTORY / CFG_FILE, entries)
+
+
+def write_cfg_file(
+    cfg_path: Path,
+    entries: Mapping[str, SlotEntry] = DEFAULT_ENTRIES,
+    *,
+    env_file: str = DEFAULT_ENV_FILE,
+) -> Path:
+    """Write :func:`grub_cfg` of ``entries`` and ``env_file`` as ``cfg_path``, atomically (its
+    directory made if need be); return ``cfg_path``. Power cut: the old file or the new one.
+
+    Raises:
+        BootloaderError: the file cannot be written, or ``entries`` or ``env_file`` are invalid.
+    """
+    text = grub_cfg(entries, env_file=env_file)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        cfg_path.parent.mkdir(parents=True, exist_ok=True)
         durable.atomic_write(cfg_path, text.encode())
     except OSError as err:
         raise BootloaderError(f"{WHO}: cannot write {cfg_path}: {err.strerror}") from err

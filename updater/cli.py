@@ -3,6 +3,10 @@
 Exit codes: 0 success; 1 failure (one line, ``Error: …``); 2 usage error;
 3 (``EXIT_REBOOT_REQUIRED``) installed and armed, reboot required (``install --no-reboot``);
 4 (``EXIT_UNHEALTHY``) the boot check found this boot unhealthy and is rebooting.
+
+Every command but ``daemon`` takes ``--json``: one JSON document on stdout describing the
+outcome (printed before the exit status 3 or 4 too), the events going to stderr instead of
+stdout. A command that fails prints no document: its ``Error:`` line is on stderr.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 import click
 
+from bootloader_hooks import boot_scripts
 from bootloader_hooks.base import ROOT_SLOTS, other_slot
 from fleet_core.cli import FleetGroup
 from fleet_core.errors import FleetError
@@ -24,6 +29,7 @@ from image_builder.manifest import MAX_SECURITY_VERSION, is_release_version
 from updater.config import DEFAULT_CONFIG_PATH, UpdaterConfig, load_config
 from updater.device import run_reboot
 from updater.errors import ConfigError, LockedError, UpdaterError
+from updater.install import InstallResult
 from updater.lifecycle import boot_selection
 from updater.log import EventLog, EventSink, device_labels
 from updater.runtime import Runtime, build_backend, reporting_log
@@ -31,6 +37,16 @@ from updater.state import update_lock
 
 EXIT_REBOOT_REQUIRED = 3
 EXIT_UNHEALTHY = 4
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True,
+    help="One JSON document on stdout describing the outcome; events go to stderr.",
+)  # fmt: skip
+
+
+def _echo_document(document: dict[str, Any]) -> None:
+    # ASCII only: every string may come from a bundle or a file someone edited
+    click.echo(json.dumps(document, indent=2, sort_keys=True))
 
 
 def _device_id(data_dir: Path) -> str | None:
@@ -164,10 +180,11 @@ def _print_status(document: dict[str, Any]) -> None:
 @main.command()
 @click.argument("source")
 @click.option("--no-reboot", is_flag=True, help="Stop after arming the trial boot (exit 3).")
+@json_option
 @click.pass_context
-def install(ctx: click.Context, source: str, no_reboot: bool) -> None:
+def install(ctx: click.Context, source: str, no_reboot: bool, as_json: bool) -> None:
     """Install the bundle SOURCE (a file or an http(s) URL) into the inactive slot."""
-    runtime = _runtime(ctx, log_to_stdout=True)
+    runtime = _runtime(ctx, log_to_stdout=not as_json)
     with update_lock(runtime.config.data_dir):
         options: dict[str, Any] = {}
         if sys.stderr.isatty():
@@ -184,6 +201,8 @@ def install(ctx: click.Context, source: str, no_reboot: bool) -> None:
             runtime.publish_metrics(event="failed")
             raise
         runtime.publish_metrics(install=result)
+    if as_json:
+        _echo_document(_install_document(result, reboot_required=no_reboot))
     if no_reboot:
         click.echo(
             f"installed {result.version} into slot {result.slot}: reboot to try it", err=True
@@ -191,11 +210,29 @@ def install(ctx: click.Context, source: str, no_reboot: bool) -> None:
         ctx.exit(EXIT_REBOOT_REQUIRED)
 
 
+def _install_document(result: InstallResult, *, reboot_required: bool) -> dict[str, Any]:
+    """What ``install --json`` and ``recover --json`` print: the slot written, the release in
+    it, how it is armed (``trial``, or ``repaired``: committed by a fresh boot state), and
+    whether a reboot is needed (exit 3) or under way."""
+    return {
+        "slot": result.slot,
+        "version": result.version,
+        "armed": result.armed,
+        "bytes_written": result.bytes_written,
+        "reboot_required": reboot_required,
+        "rebooting": result.rebooting,
+    }
+
+
 @main.command("boot-check")
+@json_option
 @click.pass_context
-def boot_check(ctx: click.Context) -> None:
-    """Judge this boot: commit a healthy trial, roll back an unhealthy one (run once per boot)."""
-    runtime = _runtime(ctx, log_to_stdout=True, on_defaults=True)
+def boot_check(ctx: click.Context, as_json: bool) -> None:
+    """Judge this boot: commit a healthy trial, roll back an unhealthy one (run once per boot).
+
+    With --json, the verdict: the situation found, the slot, the action taken, whether the
+    health checks passed (null: none ran), the checks that failed, and whether it reboots."""
+    runtime = _runtime(ctx, log_to_stdout=not as_json, on_defaults=True)
     with update_lock(runtime.config.data_dir):
         runtime.sweep_temporaries()
         runtime.record_start()
@@ -204,6 +241,15 @@ def boot_check(ctx: click.Context) -> None:
             event="committed" if verdict.action == "committed" else None,
             failed_checks=verdict.failed_checks,
         )
+    if as_json:
+        _echo_document({
+            "situation": verdict.situation,
+            "slot": verdict.slot,
+            "action": verdict.action,
+            "healthy": verdict.healthy,
+            "failed_checks": list(verdict.failed_checks),
+            "rebooting": verdict.reboot,
+        })  # fmt: skip
     if verdict.healthy is False:
         ctx.exit(EXIT_UNHEALTHY)
 
@@ -216,8 +262,9 @@ def _booted_root_slot(runtime: Runtime) -> str:
 
 
 @main.command("mark-good")
+@json_option
 @click.pass_context
-def mark_good(ctx: click.Context) -> None:
+def mark_good(ctx: click.Context, as_json: bool) -> None:
     """Commit the booted slot by hand (what the boot check does when healthy)."""
     runtime = _runtime(ctx, log_to_stdout=False)
     with update_lock(runtime.config.data_dir):
@@ -226,6 +273,11 @@ def mark_good(ctx: click.Context) -> None:
         runtime.log.event(
             "slot.marked_good", slot=slot, security_floor=state.installed_security_version
         )
+    if as_json:
+        _echo_document(
+            {"slot": slot, "status": "good", "security_floor": state.installed_security_version}
+        )
+        return
     click.echo(f"slot {slot} committed")
 
 
@@ -234,8 +286,9 @@ def mark_good(ctx: click.Context) -> None:
 @click.option(
     "--force", is_flag=True, help="Even the last good root slot (the device boots safe mode)."
 )
+@json_option
 @click.pass_context
-def mark_bad(ctx: click.Context, slot: str | None, force: bool) -> None:
+def mark_bad(ctx: click.Context, slot: str | None, force: bool, as_json: bool) -> None:
     """Never boot SLOT again until it is rewritten (default: the booted slot)."""
     runtime = _runtime(ctx, log_to_stdout=False)
     with update_lock(runtime.config.data_dir):
@@ -245,25 +298,39 @@ def mark_bad(ctx: click.Context, slot: str | None, force: bool) -> None:
             chosen = booted if chosen == "booted" else other_slot(booted)
         runtime.lifecycle.mark_bad(runtime.store.load().state, chosen, force=force)
         runtime.log.event("slot.marked_bad", slot=chosen, forced=force)
+    if as_json:
+        _echo_document({"slot": chosen, "status": "bad", "forced": force})
+        return
     click.echo(f"slot {chosen} marked bad")
 
 
 @main.command()
 @click.option("--force", is_flag=True, help="Rebuild the boot state even when it reads intact.")
+@json_option
 @click.pass_context
-def repair(ctx: click.Context, force: bool) -> None:
+def repair(ctx: click.Context, force: bool, as_json: bool) -> None:
     """Rebuild a damaged or missing boot state (grubenv, the U-Boot environment, autoboot.txt)
     from the state store: the good slot the store vouches for as primary, the other good one
-    behind it. The boot check does the same at every boot; nothing else writes it anew."""
+    behind it. The boot check does the same at every boot; nothing else writes it anew.
+
+    With --json: ``repaired`` false when the boot state was intact; else the reason, and the
+    primary and the fallback written (null: none, the primary null meaning safe mode)."""
     runtime = _runtime(ctx, log_to_stdout=False)
     with update_lock(runtime.config.data_dir):
         problem = runtime.lifecycle.boot_state_problem()
         if problem is None and not force:
-            click.echo("boot state intact: nothing to repair")
+            if as_json:
+                _echo_document({"repaired": False})
+            else:
+                click.echo("boot state intact: nothing to repair")
             return
-        primary, fallback = runtime.lifecycle.repair_boot_state(
-            runtime.store.load().state, problem or "rebuilt on request"
+        reason = problem or "rebuilt on request"
+        primary, fallback = runtime.lifecycle.repair_boot_state(runtime.store.load().state, reason)
+    if as_json:
+        _echo_document(
+            {"repaired": True, "reason": reason, "primary": primary, "fallback": fallback}
         )
+        return
     click.echo(f"boot state rebuilt: primary {primary or 'none (safe mode)'}, "
                f"fallback {fallback or 'none'}")  # fmt: skip
 
@@ -278,16 +345,23 @@ def repair(ctx: click.Context, force: bool) -> None:
     help="That release's security version: the floor the device starts from.",
 )  # fmt: skip
 @click.option("--dry-run", is_flag=True, help="Check and print what would be done; change nothing.")
+@json_option
 @click.pass_context
-def provision(ctx: click.Context, version: str, security_version: int, dry_run: bool) -> None:
+def provision(
+    ctx: click.Context, version: str, security_version: int, dry_run: bool, as_json: bool
+) -> None:
     """Make a freshly flashed device ready: check the whole configuration, record the release
     the running slot holds (the factory release: committed, its security version the floor),
-    and write a fresh boot state for the configured backend with that slot as primary and the
-    other slot not bootable. What it will do is printed first; --dry-run stops there.
+    write the boot script the configured backend's firmware runs where it is missing (GRUB's
+    grub.cfg beside the grubenv; U-Boot's boot.scr beside a file-backed environment; an
+    existing one is kept as it is), and write a fresh boot state with that slot as primary and
+    the other slot not bootable. What it will do is printed first; --dry-run stops there.
 
     Refused when the configuration is not the file's own (damaged: a fallback was used), when
     the device does not run from a root slot, or when the running slot already holds another
-    release (provisioning again with the same release changes nothing)."""
+    release (provisioning again with the same release changes nothing).
+
+    With --json, no plan in words: one document, the plan with --dry-run, else what was done."""
     runtime = _runtime(ctx, log_to_stdout=False, report=False, read_only=dry_run)
     if runtime.loaded.problems:
         raise ConfigError(f"configuration: {runtime.loaded.problems[0]}")
@@ -313,33 +387,84 @@ def provision(ctx: click.Context, version: str, security_version: int, dry_run: 
             installed_security_version=floor,
         )  # fmt: skip
         primary, fallback = boot_selection(recorded, booted)
-        for line in (
-            f"configuration {runtime.loaded.source}: ok ({runtime.backend.name} backend, "
-            f"data in {runtime.config.data_dir})",
-            f"running slot {booted}: record {version}, security version {security_version} "
-            f"(committed; the device's floor becomes {floor})",
-            f"boot state: written fresh, primary {primary}, fallback {fallback or 'none'}",
-        ):
-            click.echo(printable(line))
+        scripts = boot_scripts.plan(runtime.backend)
+        document: dict[str, Any] = {
+            "dry_run": dry_run,
+            "configuration": {
+                "source": str(runtime.loaded.source),
+                "backend": runtime.backend.name,
+                "data_dir": str(runtime.config.data_dir),
+            },
+            "slot": booted,
+            "version": version,
+            "security_version": security_version,
+            "security_floor": floor,
+            "boot_scripts": [script.to_dict() for script in scripts],
+            "boot_state": {"primary": primary, "fallback": fallback},
+        }
+        if not as_json:
+            for line in _provision_plan(document, runtime.backend.name):
+                click.echo(printable(line))
         if dry_run:
-            click.echo("dry run: nothing changed")
+            if as_json:
+                _echo_document(document)
+            else:
+                click.echo("dry run: nothing changed")
             return
         state = runtime.store.save(recorded)
-        primary, _ = runtime.lifecycle.repair_boot_state(state, "provisioned")
+        written = boot_scripts.install(scripts)
+        primary, fallback = runtime.lifecycle.repair_boot_state(state, "provisioned")
         runtime.log.event("device.provisioned", slot=booted, version=version,
-                          security_version=security_version)  # fmt: skip
+                          security_version=security_version,
+                          boot_scripts=[str(path) for path in written])  # fmt: skip
+    if as_json:
+        document["boot_scripts"] = [
+            script.to_dict(written=script.path in written) for script in scripts
+        ]
+        document["boot_state"] = {"primary": primary, "fallback": fallback}
+        _echo_document(document)
+        return
     click.echo(f"provisioned: slot {primary} runs {version}")
+
+
+def _provision_plan(document: dict[str, Any], backend: str) -> list[str]:
+    """The plan ``provision`` prints before doing anything, from its document."""
+    configuration, boot_state = document["configuration"], document["boot_state"]
+    lines = [
+        f"configuration {configuration['source']}: ok ({backend} backend, "
+        f"data in {configuration['data_dir']})",
+        f"running slot {document['slot']}: record {document['version']}, security version "
+        f"{document['security_version']} (committed; the device's floor becomes "
+        f"{document['security_floor']})",
+    ]
+    for script in document["boot_scripts"]:
+        where = f"{script['path']}: " if script["path"] else ""
+        if script["action"] == "write":
+            lines.append(f"boot script {script['name']}: {where}written, {script['detail']}")
+        elif script["action"] == "kept":
+            lines.append(f"boot script {script['name']}: {where}kept, {script['detail']}")
+        else:
+            lines.append(f"boot script {script['name']}: {where}{script['detail']}")
+    if not document["boot_scripts"]:
+        lines.append(f"boot script: none needed (the {backend} firmware follows the boot state)")
+    lines.append(
+        f"boot state: written fresh, primary {boot_state['primary']}, "
+        f"fallback {boot_state['fallback'] or 'none'}"
+    )
+    return lines
 
 
 @main.command()
 @click.option("--no-reboot", is_flag=True, help="Arm the rollback, do not reboot (exit 3).")
+@json_option
 @click.pass_context
-def rollback(ctx: click.Context, no_reboot: bool) -> None:
+def rollback(ctx: click.Context, no_reboot: bool, as_json: bool) -> None:
     """Go back to the previous release in the other slot: no download, one reboot.
 
     The other slot gets a trial boot, so if it no longer boots the firmware comes back here.
+    With --json the document is printed once the trial is armed, before the reboot.
     """
-    runtime = _runtime(ctx, log_to_stdout=True)
+    runtime = _runtime(ctx, log_to_stdout=not as_json)
     with update_lock(runtime.config.data_dir):
         other = other_slot(_booted_root_slot(runtime))
         store = runtime.store
@@ -352,6 +477,14 @@ def rollback(ctx: click.Context, no_reboot: bool) -> None:
             )
         runtime.lifecycle.arm_trial(state, other, purpose="rollback")
         runtime.log.event("rollback.armed", slot=other, version=state.slot(other).version)
+        if as_json:
+            _echo_document({
+                "slot": other,
+                "version": previous.version,
+                "armed": "trial",
+                "reboot_required": no_reboot,
+                "rebooting": not no_reboot,
+            })  # fmt: skip
         if no_reboot:
             ctx.exit(EXIT_REBOOT_REQUIRED)
         command = list(runtime.config.reboot_command or runtime.backend.reboot_command())
@@ -362,24 +495,30 @@ def rollback(ctx: click.Context, no_reboot: bool) -> None:
 @click.argument("source")
 @click.option("--slot", type=click.Choice(list(ROOT_SLOTS)), help="Root slot to write.")
 @click.option("--no-reboot", is_flag=True, help="Stop after arming the slot (exit 3).")
+@json_option
 @click.pass_context
-def recover(ctx: click.Context, source: str, slot: str | None, no_reboot: bool) -> None:
+def recover(
+    ctx: click.Context, source: str, slot: str | None, no_reboot: bool, as_json: bool
+) -> None:
     """In safe mode: put the release SOURCE (a bundle file or URL, the last known-good one)
     into a root slot and boot it (see updater.recovery)."""
     from updater.recovery import Recovery
 
-    runtime = _runtime(ctx, log_to_stdout=True)
+    runtime = _runtime(ctx, log_to_stdout=not as_json)
     with update_lock(runtime.config.data_dir):
         result = Recovery(runtime.installer()).recover(source, slot=slot, reboot=not no_reboot)
         runtime.publish_metrics()
+    if as_json:
+        _echo_document(_install_document(result, reboot_required=no_reboot))
     if no_reboot:
         click.echo(f"recovered {result.version} into slot {result.slot} ({result.armed})", err=True)
         ctx.exit(EXIT_REBOOT_REQUIRED)
 
 
 @main.command()
+@json_option
 @click.pass_context
-def resume(ctx: click.Context) -> None:
+def resume(ctx: click.Context, as_json: bool) -> None:
     """Resume updates suspended by the crash-loop guard."""
     runtime = _runtime(ctx, log_to_stdout=False)
     with update_lock(runtime.config.data_dir):
@@ -387,6 +526,9 @@ def resume(ctx: click.Context) -> None:
         state = store.load().state
         store.save(replace(state, suspended=None, restarts=()))
         runtime.log.event("update.resumed", previously=state.suspended)
+    if as_json:
+        _echo_document({"resumed": True, "previously": state.suspended})
+        return
     click.echo("updates resumed")
 
 

@@ -4,6 +4,7 @@ slot and the bootloader's primary as they were."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from bootloader_hooks import ubootenv
+from bootloader_hooks import grub_script, uboot_script, ubootenv
 from bootloader_hooks.tryboot import SHADOW_FILE, STATE_FILE
 from chaos.http_faults import Fault, FlakyHttpServer
 from chaos.virtual_device import VirtualDevice
@@ -841,10 +842,26 @@ def flashed(device: VirtualDevice) -> None:
         (device.config.data_dir / name).unlink(missing_ok=True)
 
 
+def boot_script_line(device: VirtualDevice, firmware: str) -> str:
+    """The plan's line for the boot script of a lab device: GRUB's grub.cfg is on its ESP
+    already (kept), U-Boot's boot.scr is not (written beside uboot.env), tryboot has none."""
+    if firmware == "grub":
+        cfg = Path(device.config.bootloader["grubenv"]).parent / "grub.cfg"
+        return f"boot script grub.cfg: {cfg}: kept, already there: never overwritten"
+    if firmware == "uboot":
+        scr = Path(device.config.bootloader["env_file"]).parent / "boot.scr"
+        return (
+            f"boot script boot.scr: {scr}: written, the scheme's script for the reference board "
+            "(devtype mmc, devnum 0, kernel Image, boot_command booti)"
+        )
+    return "boot script: none needed (the tryboot firmware follows the boot state)"
+
+
 @pytest.mark.parametrize("firmware", FIRMWARES)
 def test_provision_records_the_factory_release_and_writes_the_boot_state(
-    make_device: MakeDevice, firmware: str
+    make_device: MakeDevice, firmware: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # boot.scr's header time
     device = make_device(firmware)
     flashed(device)
     if firmware != "tryboot":  # and no boot state of ours yet (tryboot's firmware has its own)
@@ -860,6 +877,7 @@ def test_provision_records_the_factory_release_and_writes_the_boot_state(
     assert planned.stdout.splitlines()[1:] == [
         "running slot a: record 1.0.0, security version 2 (committed; the device's floor "
         "becomes 2)",
+        boot_script_line(device, firmware),
         "boot state: written fresh, primary a, fallback none",
         "dry run: nothing changed",
     ]
@@ -867,6 +885,17 @@ def test_provision_records_the_factory_release_and_writes_the_boot_state(
     done = CliRunner().invoke(main, args)
     assert done.exit_code == 0, done.output
     assert done.stdout.endswith("provisioned: slot a runs 1.0.0\n")
+    after = tree(device.root)
+    boot_files = {path for path in after if path.startswith("boot/")}
+    new = {path for path in boot_files if path not in before} - {"boot/esp/EFI/fleet/grubenv"}
+    assert new == ({"boot/boot.scr"} if firmware == "uboot" else set()), new  # and the state
+    if firmware == "grub":  # the ESP's grub.cfg is kept as it was, bytes and time
+        cfg = "boot/esp/EFI/fleet/grub.cfg"
+        assert after[cfg] == before[cfg]
+    if firmware == "uboot":
+        text = uboot_script.boot_script(attempts=device.runtime().backend.attempts)  # type: ignore[attr-defined]
+        expected = uboot_script.script_image(text, timestamp=1_700_000_000)
+        assert (device.root / "boot" / "boot.scr").read_bytes() == expected
     document = status(device)
     assert document["slots"]["a"]["status"] == "good"
     assert document["slots"]["a"]["version"] == "1.0.0"
@@ -913,3 +942,134 @@ def status_of_slot(device: VirtualDevice) -> str:
         else {"slots": {}}
     )
     return str(state["slots"].get("a", {}).get("status", "empty"))
+
+
+def provision_args(device: VirtualDevice, *more: str) -> list[str]:
+    config = device.root / "updater.toml"
+    config.write_text(device.config_toml())
+    return ["--config", str(config), "provision", "--version", "1.0.0", "--security-version",
+            "1", *more]  # fmt: skip
+
+
+def test_provision_writes_a_missing_grub_cfg_that_grub_boots(make_device: MakeDevice) -> None:
+    """A device whose ESP holds no grub.cfg of ours beside the configured grubenv: the plan
+    says it is written, a dry run writes nothing, provisioning writes the reference disk's
+    grub.cfg, and GRUB (its model, and grub-script-check) runs it to boot the slot."""
+    device = make_device("grub")
+    flashed(device)
+    grubenv = Path(device.config.bootloader["grubenv"])
+    cfg = grubenv.parent / "grub.cfg"
+    cfg.unlink()
+    grubenv.unlink()
+    args = provision_args(device)
+    before = tree(device.root)
+    line = f"boot script grub.cfg: {cfg}: written, the reference disk's entries"
+    planned = CliRunner().invoke(main, [*args, "--dry-run"])
+    assert planned.exit_code == 0, planned.output
+    assert line in planned.stdout.splitlines()
+    planned_json = CliRunner().invoke(main, [*args, "--dry-run", "--json"])
+    assert planned_json.exit_code == 0, planned_json.output
+    document = json.loads(planned_json.stdout)
+    assert document["dry_run"] is True
+    assert document["boot_scripts"] == [
+        {"name": "grub.cfg", "path": str(cfg), "action": "write",
+         "detail": "the reference disk's entries"},
+    ]  # fmt: skip
+    assert tree(device.root) == before  # neither dry run wrote anything
+
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 0, done.output
+    assert line in done.stdout.splitlines()
+    assert cfg.read_text() == grub_script.grub_cfg()
+    checked = subprocess.run(
+        ["grub-script-check", str(cfg)], capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stderr
+    records = device.power_on()
+    assert (records[-1].slot, records[-1].action) == ("a", "confirmed"), records
+    assert not [path for path in cfg.parent.iterdir() if path.name.endswith(".tmp")]
+
+
+def test_provision_keeps_an_existing_grub_cfg_byte_for_byte(make_device: MakeDevice) -> None:
+    """A device imaged with `fleet image disk` carries a grub.cfg of its own (its kernel
+    options): provisioning says it keeps it and does, whatever it holds."""
+    device = make_device("grub")
+    flashed(device)
+    cfg = Path(device.config.bootloader["grubenv"]).parent / "grub.cfg"
+    imaged = grub_script.grub_cfg(
+        {slot: dataclasses.replace(entry, options="ro quiet console=ttyS0")
+         for slot, entry in grub_script.DEFAULT_ENTRIES.items()}
+    ).encode() + b"# the disk image's own\n"  # fmt: skip
+    cfg.write_bytes(imaged)
+    old = time.time() - 3600
+    os.utime(cfg, (old, old))
+    stamp = cfg.stat().st_mtime_ns
+    result = CliRunner().invoke(main, provision_args(device, "--json"))
+    assert result.exit_code == 0, result.output
+    (script,) = json.loads(result.stdout)["boot_scripts"]
+    assert (script["path"], script["action"]) == (str(cfg), "kept")
+    assert cfg.read_bytes() == imaged and cfg.stat().st_mtime_ns == stamp
+    plain = CliRunner().invoke(main, provision_args(device))  # the same release again
+    assert plain.exit_code == 0, plain.output
+    assert f"boot script grub.cfg: {cfg}: kept, already there: never overwritten" in plain.stdout
+    assert cfg.read_bytes() == imaged and cfg.stat().st_mtime_ns == stamp
+
+
+def test_provision_names_grub_cfg_after_the_configured_grubenv(make_device: MakeDevice) -> None:
+    """The grubenv may have another name: the grub.cfg written beside it loads that file."""
+    device = make_device("grub")
+    flashed(device)
+    esp = Path(device.config.bootloader["grubenv"]).parent
+    (esp / "grub.cfg").unlink()
+    (esp / "grubenv").rename(esp / "fleet.env")
+    device.config = dataclasses.replace(
+        device.config, bootloader={**device.config.bootloader, "grubenv": str(esp / "fleet.env")}
+    )
+    result = CliRunner().invoke(main, provision_args(device))
+    assert result.exit_code == 0, result.output
+    text = (esp / "grub.cfg").read_text()
+    assert text == grub_script.grub_cfg(env_file="${config_directory}/fleet.env")
+    assert 'set fleet_env="${config_directory}/fleet.env"' in text
+
+
+@pytest.mark.parametrize("firmware", ["grub", "uboot"])
+def test_provision_survives_a_power_cut_at_every_write(
+    make_device: MakeDevice, firmware: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut the power at each write boundary of a provisioning that writes the boot script:
+    the script is absent or whole, never torn, and provisioning again (the factory line
+    starts over) leaves the device booting the factory release."""
+    from chaos.virtual_device import PowerCut, PowerSwitch
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # boot.scr's header time
+
+    def prepared() -> tuple[VirtualDevice, Path]:
+        device = make_device(firmware)
+        flashed(device)
+        options = device.config.bootloader
+        if firmware == "grub":
+            script = Path(options["grubenv"]).parent / "grub.cfg"
+            script.unlink()
+        else:
+            script = Path(options["env_file"]).parent / "boot.scr"
+        return device, script
+
+    device, script = prepared()
+    with PowerSwitch().installed() as counting:
+        assert CliRunner().invoke(main, provision_args(device)).exit_code == 0
+    whole = script.read_bytes()
+    points = counting.points
+    assert any(path == script for _, path in points), points  # written through durable
+    for cut_at, (point, path) in enumerate(points):
+        device, script = prepared()
+        where = f"cut {cut_at}/{len(points)} at {point} {path.name}"
+        with PowerSwitch(cut_at=cut_at).installed() as switch, contextlib.suppress(PowerCut):
+            CliRunner().invoke(main, provision_args(device))
+        assert switch.off, where
+        assert not script.exists() or script.read_bytes() == whole, where
+        again = CliRunner().invoke(main, provision_args(device))
+        assert again.exit_code == 0, f"{where}: {again.output}"
+        assert script.read_bytes() == whole, where
+        records = device.power_on()
+        assert (records[-1].slot, records[-1].image is not None) == ("a", True), where
+        assert records[-1].action in ("confirmed", "committed"), f"{where}: {records}"

@@ -476,17 +476,31 @@ class VerifiedBundle:
     size: int
 
 
-def verify_stream(stream: BinaryIO, keyring: Keyring, *, name: str = "bundle") -> VerifiedBundle:
+def verify_stream(
+    stream: BinaryIO,
+    keyring: Keyring,
+    *,
+    name: str = "bundle",
+    progress: Callable[[int], None] | None = None,
+) -> VerifiedBundle:
     """Check a whole bundle read from ``stream``: signatures, every image byte, nothing extra.
+
+    ``progress``, if given, is called per chunk with how many more bytes of the bundle were
+    read; the calls add up to the bundle's size once it is verified.
 
     Raises:
         BundleError (and subclasses), signing.VerificationError: what is wrong, with its place.
     """
     reader = BundleReader(stream, name=name)
     manifest = reader.verify(keyring)
+    reported = 0
     for image in reader.images():
         while image.stream.read(CHUNK):
-            pass
+            if progress is not None:
+                progress(reader.bytes_read - reported)
+                reported = reader.bytes_read
+    if progress is not None:
+        progress(reader.bytes_read - reported)
     return VerifiedBundle(manifest, reader.signed_by, reader.bytes_read)
 
 
@@ -502,10 +516,15 @@ def open_bundle(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         yield stream
 
 
-def verify_bundle(path: str | os.PathLike[str], keyring: Keyring) -> VerifiedBundle:
+def verify_bundle(
+    path: str | os.PathLike[str],
+    keyring: Keyring,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> VerifiedBundle:
     """Check a whole bundle file; see :func:`verify_stream`."""
     with open_bundle(path) as stream:
-        return verify_stream(stream, keyring, name=str(path))
+        return verify_stream(stream, keyring, name=str(path), progress=progress)
 
 
 def read_bundle_info(path: str | os.PathLike[str]) -> tuple[Manifest, SignatureEnvelope]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -109,8 +109,17 @@ class _HashingFile:
         return self.out.write(data)
 
 
-def _stream_image(out: BinaryIO, source: ImageSource, compression: str, size: int) -> ImageEntry:
-    """Write one image's stored bytes at the current position of ``out``; return its entry."""
+def _stream_image(
+    out: BinaryIO,
+    source: ImageSource,
+    compression: str,
+    size: int,
+    progress: Callable[[int], None] | None = None,
+) -> ImageEntry:
+    """Write one image's stored bytes at the current position of ``out``; return its entry.
+
+    ``progress`` is called with the length of each chunk of the image once it is written.
+    """
     raw_digest = hashlib.sha256()
     raw_size = 0
     with open(source.path, "rb") as raw:
@@ -123,12 +132,16 @@ def _stream_image(out: BinaryIO, source: ImageSource, compression: str, size: in
                     raw_digest.update(chunk)
                     raw_size += len(chunk)
                     writer.write(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
             stored_size, stored_sha = stored.size, stored.digest.hexdigest()
         else:
             while chunk := raw.read(CHUNK):
                 raw_digest.update(chunk)
                 raw_size += len(chunk)
                 out.write(chunk)
+                if progress is not None:
+                    progress(len(chunk))
             stored_size, stored_sha = raw_size, raw_digest.hexdigest()
     if raw_size != size:
         raise BundleError(f"image {source.path}: changed size while being bundled")
@@ -167,6 +180,7 @@ def create_bundle(
     product: str = "metrica-fleet",
     compression: str = "none",
     created: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Manifest:
     """Build a signed bundle at ``output`` and return its manifest.
 
@@ -174,6 +188,9 @@ def create_bundle(
     ``created`` the bundle is byte-identical (Ed25519 signatures are deterministic).
 
     Power cut or error: ``output`` is untouched until the finished bundle replaces it.
+
+    ``progress``, if given, is called with the length of each chunk of image read (the images'
+    sizes add up to the total).
 
     Raises:
         BundleError: an input is missing, empty, duplicated or invalid.
@@ -216,7 +233,7 @@ def create_bundle(
         for source, size in zip(images, sizes, strict=True):
             header_at = out.tell()
             out.seek(header_at + BLOCK)
-            entry = _stream_image(out, source, compression, size)
+            entry = _stream_image(out, source, compression, size, progress)
             out.write(bytes(padding(entry.size)))
             end = out.tell()
             out.seek(header_at)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from fleet_core.errors import FleetError
+from fleet_core.progress import progress
 from fleet_core.text import printable
 from image_builder.bundle import read_bundle_info, verify_bundle
 from image_builder.bundle_writer import ImageSource, create_bundle
@@ -21,6 +22,11 @@ from signing.keys import SigningKey, load_private_key, private_key_is_encrypted
 @click.group()
 def image() -> None:
     """Build filesystem images for slots, and import existing disk images."""
+
+
+def _echo_json(document: object) -> None:
+    """The one JSON document of a ``--json`` run: ASCII, sorted keys, alone on stdout."""
+    click.echo(json.dumps(document, indent=2, sort_keys=True, ensure_ascii=True))
 
 
 @image.command()
@@ -38,8 +44,14 @@ def image() -> None:
 )  # fmt: skip
 @click.option("--label", help="Filesystem label.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the image built as JSON.")
 def rootfs(
-    source_dir: Path, fs_type: str, size_text: str | None, label: str | None, output: Path
+    source_dir: Path,
+    fs_type: str,
+    size_text: str | None,
+    label: str | None,
+    output: Path,
+    as_json: bool,
 ) -> None:
     """Build a filesystem image from SOURCE_DIR, reproducibly (honours SOURCE_DATE_EPOCH)."""
     from image_builder.filesystem import build_filesystem_image, parse_size
@@ -49,17 +61,42 @@ def rootfs(
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--size") from err
     built = build_filesystem_image(source_dir, output, fs_type, size_bytes=size, label=label)
+    if as_json:
+        document = {
+            "path": str(built.path),
+            "fs_type": built.fs_type,
+            "size": built.size_bytes,
+            "label": built.label,
+        }
+        _echo_json(document)
+        return
     click.echo(f"{built.path}: {built.fs_type}, {built.size_bytes} bytes")
 
 
 @image.command("import")
 @click.argument("disk", type=click.Path(path_type=Path))
 @click.option("--out-dir", required=True, type=click.Path(path_type=Path))
-def import_disk(disk: Path, out_dir: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the slot images written as JSON.")
+def import_disk(disk: Path, out_dir: Path, as_json: bool) -> None:
     """Extract the boot (FAT) and root (ext4) partitions of a disk image as slot images."""
     from image_builder.disk_import import import_disk_image
 
-    for part in import_disk_image(disk, out_dir):
+    parts = import_disk_image(disk, out_dir)
+    if as_json:
+        images = [
+            {
+                "slot_class": part.slot_class,
+                "path": str(part.path),
+                "partition": part.number,
+                "offset": part.offset_bytes,
+                "size": part.size_bytes,
+                "fs_type": part.fs_type,
+            }
+            for part in parts
+        ]
+        _echo_json({"disk": str(disk), "images": images})
+        return
+    for part in parts:
         click.echo(
             f"{part.slot_class}: {part.path} (partition {part.number}, {part.size_bytes} bytes)"
         )
@@ -99,6 +136,7 @@ def import_disk(disk: Path, out_dir: Path) -> None:
 @click.option("--attempts", default=3, show_default=True, type=click.IntRange(1, 9))
 @click.option("--grub-efi", type=click.Path(path_type=Path), help="grub: a GRUB EFI binary to use.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the disk built as JSON.")
 def disk(
     layout: str,
     rootfs: Path,
@@ -112,6 +150,7 @@ def disk(
     attempts: int,
     grub_efi: Path | None,
     output: Path,
+    as_json: bool,
 ) -> None:
     """Build a whole-device disk (GPT) for provisioning: slot A holds ROOTFS and is
     committed, slot B is empty."""
@@ -151,6 +190,25 @@ def disk(
             data_size=data_bytes,
             data_dir=data_dir,
         )
+    if as_json:
+        partitions = [
+            {
+                "number": part.number,
+                "label": part.label,
+                "offset": part.offset_bytes,
+                "size": part.size_bytes,
+            }
+            for part in built.partitions
+        ]
+        _echo_json(
+            {
+                "path": str(built.path),
+                "layout": layout,
+                "size": built.size_bytes,
+                "partitions": partitions,
+            }
+        )
+        return
     click.echo(f"{built.path}: {layout} disk, {built.size_bytes} bytes")
     for part in built.partitions:
         click.echo(
@@ -193,10 +251,12 @@ def _parse_image(text: str) -> ImageSource:
     return ImageSource(slot_class, Path(path))
 
 
-def _load_key(path: Path, passphrase_file: Path | None) -> SigningKey:
+def _load_key(path: Path, passphrase_file: Path | None, *, prompt_on_stderr: bool) -> SigningKey:
     passphrase = read_passphrase(passphrase_file)
     if passphrase is None and path.is_file() and private_key_is_encrypted(path):
-        passphrase = click.prompt(f"Passphrase for {path}", hide_input=True).encode()
+        passphrase = click.prompt(
+            f"Passphrase for {path}", hide_input=True, err=prompt_on_stderr
+        ).encode()
     return load_private_key(path, passphrase)
 
 
@@ -243,17 +303,21 @@ def create(
 ) -> None:
     """Build and sign a release bundle."""
     sources = [_parse_image(text) for text in images]
-    keys = [_load_key(path, passphrase_file) for path in key_paths]
-    manifest = create_bundle(
-        output,
-        images=sources,
-        keys=keys,
-        compatible=compatible,
-        version=version,
-        security_version=security_version,
-        product=product,
-        compression=compress,
-    )
+    keys = [_load_key(path, passphrase_file, prompt_on_stderr=as_json) for path in key_paths]
+    # the images' sizes as they are now (create_bundle checks them before reading a byte)
+    total = sum(s.path.stat().st_size for s in sources if s.path.is_file())
+    with progress(total, f"bundling {output.name}", enabled=not as_json) as update:
+        manifest = create_bundle(
+            output,
+            images=sources,
+            keys=keys,
+            compatible=compatible,
+            version=version,
+            security_version=security_version,
+            product=product,
+            compression=compress,
+            progress=update,
+        )
     if as_json:
         document = {
             "bundle": str(output),
@@ -280,7 +344,10 @@ def create(
 def verify(bundle_path: Path, keyring_dir: Path, compatible: str | None, as_json: bool) -> None:
     """Check a bundle's signatures and every byte of its images."""
     try:
-        result = verify_bundle(bundle_path, Keyring.load(keyring_dir))
+        keyring = Keyring.load(keyring_dir)
+        size = bundle_path.stat().st_size if bundle_path.is_file() else 0
+        with progress(size, f"verifying {bundle_path.name}", enabled=not as_json) as update:
+            result = verify_bundle(bundle_path, keyring, progress=update)
         manifest = result.manifest
         if compatible is not None and manifest.compatible != compatible:
             raise BundleCompatibilityError(

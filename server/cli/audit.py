@@ -133,12 +133,17 @@ def _server_signing_key(data_dir: Path | None) -> SigningKey:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the signed head here (keep it off the server) instead of printing it.",
 )
+@click.option(
+    "--json", "as_json", is_flag=True,
+    help='Print {"head": SIGNED HEAD, "out": FILE or null} (the head is also written to --out).',
+)  # fmt: skip
 def head(
     data_dir: Path | None,
     database_url: str | None,
     server: str | None,
     token: str | None,
     out: Path | None,
+    as_json: bool,
 ) -> None:
     """Sign the audit trail's head with the server key and export it, for a later
     'fleet audit verify --expect-head FILE' to check that nothing at or below it changed."""
@@ -155,13 +160,17 @@ def head(
     if document is None:
         raise AuditChainBrokenError("the audit trail is empty: there is no head to sign")
     text = json.dumps(document, indent=1, sort_keys=True) + "\n"
-    if out is None:
-        click.echo(text, nl=False)
-        return
-    from fleet_core.durable import atomic_write
+    if out is not None:
+        from fleet_core.durable import atomic_write
 
-    atomic_write(out, text.encode())
-    click.echo(f"signed head {document['seq']}:{document['hash']} written to {out}", err=True)
+        atomic_write(out, text.encode())
+    if as_json:
+        report = {"head": document, "out": None if out is None else str(out)}
+        click.echo(json.dumps(report, indent=2, sort_keys=True, ensure_ascii=True))
+    elif out is None:
+        click.echo(text, nl=False)
+    else:
+        click.echo(f"signed head {document['seq']}:{document['hash']} written to {out}", err=True)
 
 
 @audit.command()

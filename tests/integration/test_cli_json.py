@@ -97,6 +97,19 @@ def test_keys_generate_id_trust_threshold_revoke_as_json(tmp_path: Path) -> None
     assert {k: revoked[k] for k in ("trusted", "revoked", "threshold")} == listed
 
 
+def test_keys_generate_asks_for_the_passphrase_on_stderr_in_json_mode(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        fleet,
+        ["keys", "generate", "--out", str(tmp_path / "k"), "--ask-passphrase", "--json"],
+        input="s3cret\ns3cret\n",
+    )
+    assert result.exit_code == 0, result.output
+    assert "Passphrase" in result.stderr
+    generated = json.loads(result.stdout)
+    assert generated["encrypted"] is True
+    assert load_private_key(generated["private_key"], b"s3cret").key_id == generated["key_id"]
+
+
 def test_keys_failures_in_json_mode_are_one_error_line_and_no_json(tmp_path: Path) -> None:
     generated = as_json("keys", "generate", "--out", tmp_path / "k")
     ring = tmp_path / "ring"

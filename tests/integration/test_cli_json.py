@@ -110,6 +110,23 @@ def test_keys_generate_asks_for_the_passphrase_on_stderr_in_json_mode(tmp_path: 
     assert load_private_key(generated["private_key"], b"s3cret").key_id == generated["key_id"]
 
 
+def test_bundle_create_asks_for_a_key_passphrase_on_stderr_in_json_mode(
+    tmp_path: Path, make_image: Callable[..., Path]
+) -> None:
+    secret = tmp_path / "pass"
+    secret.write_text("s3cret\n")
+    as_json("keys", "generate", "--out", tmp_path / "k", "--passphrase-file", secret)
+    images = make_image("root.ext4", 10_000), make_image("boot.vfat", 5_000, seed=3)
+    output = tmp_path / "r.bundle"
+    result = CliRunner().invoke(
+        fleet, [str(a) for a in create_args(tmp_path, images, output)] + ["--json"],
+        input="s3cret\n",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"Passphrase for {tmp_path / 'k.pem'}" in result.stderr
+    assert json.loads(result.stdout)["size"] == output.stat().st_size
+
+
 def test_keys_failures_in_json_mode_are_one_error_line_and_no_json(tmp_path: Path) -> None:
     generated = as_json("keys", "generate", "--out", tmp_path / "k")
     ring = tmp_path / "ring"

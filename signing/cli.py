@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from signing.keyring import Keyring, revoke_key, set_threshold, trust_key
-from signing.keys import generate_key, key_id, load_private_key, load_public_key
+from signing.keys import generate_key, key_id, key_paths, load_private_key, load_public_key
 
 PASSPHRASE_ENV = "FLEET_KEY_PASSPHRASE"  # noqa: S105 (the variable's name, not a secret)
 
@@ -21,13 +21,6 @@ def read_passphrase(passphrase_file: Path | None) -> bytes | None:
         return passphrase_file.read_bytes().rstrip(b"\r\n") or None
     value = os.environ.get(PASSPHRASE_ENV)
     return value.encode() if value else None
-
-
-def key_paths(out: Path) -> tuple[Path, Path]:
-    """The ``.pem`` and ``.pub`` files ``generate_key(out)`` writes (its naming, repeated for
-    the report: OUT plus the suffix, a ``.pem`` or ``.pub`` given in OUT dropped first)."""
-    base = out.with_suffix("") if out.suffix in (".pem", ".pub") else out
-    return base.with_name(base.name + ".pem"), base.with_name(base.name + ".pub")
 
 
 passphrase_file_option = click.option(

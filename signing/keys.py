@@ -55,6 +55,16 @@ def public_key_pem(public_key: Ed25519PublicKey) -> bytes:
     )
 
 
+def key_paths(out: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """The private and public key files of the pair named ``out``: OUT plus ``.pem`` and
+    ``.pub``, a ``.pem`` or ``.pub`` given in OUT dropped first (and only that: a dot inside
+    OUT stays, as in ``release-2024.1``)."""
+    base = Path(out)
+    if base.suffix in (".pem", ".pub"):
+        base = base.with_suffix("")
+    return base.with_name(base.name + ".pem"), base.with_name(base.name + ".pub")
+
+
 def generate_key(out: str | os.PathLike[str], passphrase: bytes | None = None) -> SigningKey:
     """Create a new key pair at ``OUT.pem`` and ``OUT.pub`` and return it.
 
@@ -66,15 +76,11 @@ def generate_key(out: str | os.PathLike[str], passphrase: bytes | None = None) -
     Raises:
         KeyFileError: a file of that name exists already.
     """
-    base = Path(out)
-    if base.suffix in (".pem", ".pub"):
-        base = base.with_suffix("")
-    # OUT plus the suffix (with_suffix would drop a dot in OUT: "release-2024.1")
-    private_path, public_path = (base.with_name(base.name + suffix) for suffix in (".pem", ".pub"))
+    private_path, public_path = key_paths(out)
     for path in (private_path, public_path):
         if path.exists():
             raise KeyFileError(f"{path}: already exists, refusing to overwrite a key")
-    base.parent.mkdir(parents=True, exist_ok=True)
+    private_path.parent.mkdir(parents=True, exist_ok=True)
     private_key = Ed25519PrivateKey.generate()
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(passphrase)

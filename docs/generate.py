@@ -22,6 +22,8 @@ from typing import Any
 
 import click
 
+from fleet_core.cli import exit_statuses
+
 DOCS = Path(__file__).resolve().parent
 CONFIG_DOC = "updater-config.md"
 CLI_DOC = "cli.md"
@@ -219,6 +221,9 @@ def _command(lines: list[str], ctx: click.Context, level: int) -> None:
     usage = " ".join([path, *command.collect_usage_pieces(ctx)])
     lines += ["```", f"Usage: {usage}", "```"]
     lines += _params_table(ctx, command)
+    if not isinstance(command, click.Group):
+        statuses = "; ".join(f"{n} {text}" for n, text in exit_statuses(command).items())
+        lines += ["", f"Exit status: {_escape(statuses)}."]
     if isinstance(command, click.Group):
         children = []
         for name in command.list_commands(ctx):
@@ -258,10 +263,9 @@ def cli_reference() -> str:
         "",
         "`fleet` is the operator's command (build workstation, release server); `fleet-updater` "
         "runs on the device. Every command takes `--help`. Exit status: 0 success, 1 an expected "
-        "failure (one line, `Error: …`), 2 a usage error. `fleet-updater` also exits "
-        f"{EXIT_REBOOT_REQUIRED} when an update is installed and armed and a reboot is needed "
-        f"(`--no-reboot`), and {EXIT_UNHEALTHY} when the boot check found this boot unhealthy "
-        "and is rebooting.",
+        "failure (one line, `Error: …`), 2 a usage error; each command lists its own, those of "
+        f"`fleet-updater` include {EXIT_REBOOT_REQUIRED} (installed and armed, a reboot is "
+        f"needed) and {EXIT_UNHEALTHY} (the boot check found this boot unhealthy).",
     ]
     for name, root in (("fleet", fleet), ("fleet-updater", updater_main)):
         ctx = click.Context(root, info_name=name, terminal_width=WIDTH, max_content_width=WIDTH)

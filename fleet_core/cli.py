@@ -8,6 +8,7 @@ The root names them by import path and imports a group only when that group is i
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -29,6 +30,34 @@ SUBCOMMANDS: dict[str, str] = {
     "emergency-stop": "server.cli.rollouts:emergency_stop",
     "simulate": "chaos.cli:simulate",
 }
+
+
+# Exit statuses of every command; a command that has others declares them with ``exits``.
+COMMON_EXITS: dict[int, str] = {
+    0: "success",
+    1: "an expected failure (one line, `Error: …`)",
+    2: "a usage error",
+}
+_DECLARED_EXITS = "fleet_exit_statuses"
+
+
+def exits(status: int, meaning: str) -> Callable[[click.Command], click.Command]:
+    """Declare that a command (decorated after ``@…command()``) also exits ``status``, meaning
+    ``meaning``: ``docs/cli.md`` lists every command's statuses from these declarations."""
+
+    def declare(command: click.Command) -> click.Command:
+        declared = dict(getattr(command, _DECLARED_EXITS, {}))
+        declared[status] = meaning
+        setattr(command, _DECLARED_EXITS, declared)
+        return command
+
+    return declare
+
+
+def exit_statuses(command: click.Command) -> dict[int, str]:
+    """Every status ``command`` exits with, and what each means."""
+    declared: dict[int, str] = getattr(command, _DECLARED_EXITS, {})
+    return dict(sorted({**COMMON_EXITS, **declared}.items()))
 
 
 class FleetGroup(click.Group):

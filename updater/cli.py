@@ -22,7 +22,7 @@ import click
 
 from bootloader_hooks import boot_scripts
 from bootloader_hooks.base import ROOT_SLOTS, other_slot
-from fleet_core.cli import FleetGroup
+from fleet_core.cli import FleetGroup, exits
 from fleet_core.errors import FleetError
 from fleet_core.text import printable
 from image_builder.manifest import MAX_SECURITY_VERSION, is_release_version
@@ -37,6 +37,7 @@ from updater.state import update_lock
 
 EXIT_REBOOT_REQUIRED = 3
 EXIT_UNHEALTHY = 4
+reboot_required = exits(EXIT_REBOOT_REQUIRED, "a slot is armed, a reboot is needed (`--no-reboot`)")
 
 json_option = click.option(
     "--json", "as_json", is_flag=True,
@@ -177,6 +178,7 @@ def _print_status(document: dict[str, Any]) -> None:
         click.echo(printable(line))
 
 
+@reboot_required
 @main.command()
 @click.argument("source")
 @click.option("--no-reboot", is_flag=True, help="Stop after arming the trial boot (exit 3).")
@@ -224,6 +226,7 @@ def _install_document(result: InstallResult, *, reboot_required: bool) -> dict[s
     }
 
 
+@exits(EXIT_UNHEALTHY, "this boot was judged unhealthy: going back, rebooting")
 @main.command("boot-check")
 @json_option
 @click.pass_context
@@ -454,6 +457,7 @@ def _provision_plan(document: dict[str, Any], backend: str) -> list[str]:
     return lines
 
 
+@reboot_required
 @main.command()
 @click.option("--no-reboot", is_flag=True, help="Arm the rollback, do not reboot (exit 3).")
 @json_option
@@ -491,6 +495,7 @@ def rollback(ctx: click.Context, no_reboot: bool, as_json: bool) -> None:
         (runtime.reboot or run_reboot)(command)
 
 
+@reboot_required
 @main.command()
 @click.argument("source")
 @click.option("--slot", type=click.Choice(list(ROOT_SLOTS)), help="Root slot to write.")

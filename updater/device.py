@@ -14,6 +14,7 @@ import enum
 import math
 import os
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -144,5 +145,7 @@ def uptime_s(proc: Path = DEFAULT_PROC) -> float:
 
 def run_reboot(command: Sequence[str]) -> None:
     """Reboot with ``command`` (the backend's, e.g. ``reboot "0 tryboot"``): the one place
-    every part of the updater reboots through, unless given a hook (the lab's)."""
-    subprocess.run(list(command), check=True)
+    every part of the updater reboots through, unless given a hook (the lab's). Whatever the
+    command prints goes to standard error: standard output is the commands' (a ``--json``
+    document)."""
+    subprocess.run(list(command), check=True, stdout=sys.stderr)

@@ -299,3 +299,48 @@ def test_the_sample_loads_and_uses_every_documented_table() -> None:
     backend = document["bootloader"]["backend"]
     assert f'### `backend = "{backend}"`' in reference
     assert set(document["bootloader"]) - {"backend"}, "the sample shows no option of its backend"
+
+
+# --- docs/cli.md: exit statuses -----------------------------------------------------------------
+
+_EXIT_CALL = re.compile(r"(?:ctx\.exit|sys\.exit|SystemExit)\(\s*([A-Za-z_][A-Za-z0-9_]*|\d+)\s*\)")
+
+
+def _leaf_commands() -> list[tuple[str, Any]]:
+    import click
+
+    from fleet_core.cli import fleet
+    from updater.cli import main as updater_main
+
+    found = []
+
+    def walk(command: click.Command, path: str) -> None:
+        if isinstance(command, click.Group):
+            ctx = click.Context(command, info_name=path)
+            for name in command.list_commands(ctx):
+                child = command.get_command(ctx, name)
+                if child is not None:
+                    walk(child, f"{path} {name}")
+        else:
+            found.append((path, command))
+
+    walk(fleet, "fleet")
+    walk(updater_main, "fleet-updater")
+    return found
+
+
+def test_every_status_a_command_exits_with_is_documented() -> None:
+    """A command that exits with a status of its own (``ctx.exit(EXIT_…)``) declares it, so that
+    docs/cli.md lists it under the command; an undeclared one fails here, naming the command."""
+    from fleet_core.cli import exit_statuses
+
+    undeclared, reference = [], (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    for path, command in _leaf_commands():
+        function = inspect.unwrap(command.callback)
+        for value in _EXIT_CALL.findall(inspect.getsource(function)):
+            status = int(value) if value.isdigit() else function.__globals__[value]
+            if status not in exit_statuses(command):
+                undeclared.append(f"{path}: exits {status} ({value})")
+        statuses = "; ".join(f"{n} {text}" for n, text in exit_statuses(command).items())
+        assert f"`{path}`" in reference and statuses.replace("<", "\\<") in reference, path
+    assert not undeclared, "declare with fleet_core.cli.exits: " + ", ".join(undeclared)

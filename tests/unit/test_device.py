@@ -13,6 +13,7 @@ from updater.device import (
     free_space_mb,
     read_temperature_c,
     read_throttled,
+    run_reboot,
     uptime_s,
 )
 
@@ -178,3 +179,12 @@ def test_uptime_missing(tmp_path: Path) -> None:
 def test_the_real_proc_of_this_machine() -> None:
     assert len(boot_id()) == 36
     assert uptime_s() > 0
+
+
+def test_what_the_reboot_command_prints_goes_to_standard_error(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Standard output belongs to the command that reboots (its ``--json`` document)."""
+    run_reboot(["sh", "-c", "echo going down; echo warning >&2"])
+    out, err = capfd.readouterr()
+    assert out == "" and err.splitlines() == ["going down", "warning"]

@@ -14,7 +14,6 @@ import enum
 import math
 import os
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -147,5 +146,5 @@ def run_reboot(command: Sequence[str]) -> None:
     """Reboot with ``command`` (the backend's, e.g. ``reboot "0 tryboot"``): the one place
     every part of the updater reboots through, unless given a hook (the lab's). Whatever the
     command prints goes to standard error: standard output is the commands' (a ``--json``
-    document)."""
-    subprocess.run(list(command), check=True, stdout=sys.stderr)
+    document). The process's descriptor 2, not ``sys.stderr``, which may be no file at all."""
+    subprocess.run(list(command), check=True, stdout=2)

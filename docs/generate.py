@@ -258,7 +258,8 @@ def cli_reference() -> str:
         "# Command reference",
         "",
         NOTICE.format(
-            sources="the click commands (fleet_core/cli.py and the groups it loads, updater/cli.py)"
+            sources="the click commands (fleet_core/cli.py and the groups it loads, "
+            "updater/cli/__init__.py and the commands it registers)"
         ),
         "",
         "`fleet` is the operator's command (build workstation, release server); `fleet-updater` "

@@ -7,8 +7,8 @@ namespace: the README's port 8080 is free there and nothing leaves the machine. 
 must succeed as written (the watch too, which exits 0 only once the rollout completed), the
 background programs must stop at the block's end, and the server's database must then show what
 the README promises: the first rollout completed on every device, the last one paused by the
-emergency stop and its assignment to a canary that hangs on it withdrawn. A failure names the
-README lines that failed and shows their output."""
+emergency stop and its assignment to its canary withdrawn. A failure names the README lines
+that failed and shows their output."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ DEADLINE_S = 240.0  # the walkthrough takes 40 to 60 s on two busy cores
 JOURNEY = (
     "fleet keys generate", "fleet image rootfs", "fleet bundle create", "fleet server run",
     "fleet server enrollment-token create", "fleet release upload", "fleet simulate",
-    "fleet rollout start", "fleet rollout status --watch", "fleet emergency-stop", "kill ",
+    "fleet rollout start", "fleet rollout status --watch", "fleet emergency-stop",
 )  # fmt: skip
 FAILED = re.compile(r"^WALKTHROUGH FAILED at line (\d+) \(exit (\d+)\): (.*)$", re.MULTILINE)
 TRACED = re.compile(r"^\++ line (\d+): ", re.MULTILINE)
@@ -247,8 +247,8 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
     assert stop is not None and stop["active"], f"the emergency stop is not on:\n{state}"
     assert last["state"] == "paused", f"the emergency stop did not pause the rollout:\n{state}"
     assert str(last["reason"]).startswith("emergency stop"), state
-    # it had assigned the last release to its canary, which never commits it (it hangs on it):
-    # the stop withdrew that assignment, and every device still runs the first release
+    # it had assigned the last release to its canary, and no device could take it (the README
+    # stops the fleet first): the stop withdrew that assignment, every device runs the first
     assert last["devices"], f"nothing assigned before the stop, nothing to withdraw:\n{state}"
     assert all(d["assigned_version"] != last["version"] for d in devices), (
         f"the emergency stop left assignments of {last['version']} in place:\n{state}"

@@ -344,3 +344,19 @@ def test_every_status_a_command_exits_with_is_documented() -> None:
         statuses = "; ".join(f"{n} {text}" for n, text in exit_statuses(command).items())
         assert f"`{path}`" in reference and statuses.replace("<", "\\<") in reference, path
     assert not undeclared, "declare with fleet_core.cli.exits: " + ", ".join(undeclared)
+
+
+# Commands that run until stopped: their output is a log, not an outcome.
+_LONG_RUNNING = {"fleet server run", "fleet simulate", "fleet demo", "fleet-updater daemon"}
+
+
+def test_every_command_but_the_long_running_ones_takes_json() -> None:
+    """Scripts can read the outcome of every command, mutations included, as JSON."""
+    missing = [
+        path
+        for path, command in _leaf_commands()
+        if path not in _LONG_RUNNING
+        and not any("--json" in getattr(p, "opts", ()) for p in command.params)
+    ]
+    assert not missing, f"no --json: {', '.join(missing)}"
+    assert {path for path, _ in _leaf_commands()} >= _LONG_RUNNING  # the list names real ones

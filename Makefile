@@ -12,7 +12,7 @@ DEMO_DIR ?= build/demo
 APT_PACKAGES := python3 python3-venv python3-dev gcc e2fsprogs squashfs-tools dosfstools mtools \
 	fdisk zstd tar grub-common u-boot-tools libubootenv-tool prometheus postgresql \
 	prometheus-alertmanager qemu-system-x86 ovmf grub-efi-amd64-bin busybox-static haproxy \
-	mmdebstrap
+	mmdebstrap iproute2
 
 .PHONY: demo test deps venv lint test-unit test-integration test-chaos test-qemu qemu-kernel benchmarks mutation-survivors clean \
 	mutation dist debian-root

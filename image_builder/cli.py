@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from fleet_core.errors import FleetError
+from fleet_core.outputs import refuse_output_over_inputs
 from fleet_core.progress import progress
 from fleet_core.text import printable
 from image_builder.bundle import read_bundle_info, verify_bundle
@@ -60,6 +61,7 @@ def rootfs(
         size = parse_size(size_text) if size_text is not None else None
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--size") from err
+    refuse_output_over_inputs(output, [source_dir], option="-o")
     built = build_filesystem_image(source_dir, output, fs_type, size_bytes=size, label=label)
     if as_json:
         document = {
@@ -79,8 +81,11 @@ def rootfs(
 @click.option("--json", "as_json", is_flag=True, help="Print the slot images written as JSON.")
 def import_disk(disk: Path, out_dir: Path, as_json: bool) -> None:
     """Extract the boot (FAT) and root (ext4) partitions of a disk image as slot images."""
-    from image_builder.disk_import import import_disk_image
+    from image_builder.disk_import import OUTPUT_NAMES, import_disk_image
 
+    if out_dir.is_dir():
+        for name in OUTPUT_NAMES:
+            refuse_output_over_inputs(out_dir / name, [disk], option="--out-dir")
     parts = import_disk_image(disk, out_dir)
     if as_json:
         images = [
@@ -163,6 +168,8 @@ def disk(
             sizes[name] = parse_size(text) if text is not None else None
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint=name) from err
+    inputs = [p for p in (rootfs, safe_rootfs, bootfs, safe_bootfs, grub_efi, data_dir) if p]
+    refuse_output_over_inputs(output, inputs, option="-o")
     slot_size = sizes["--root-size"] or rootfs.stat().st_size
     data_bytes = sizes["--data-size"] or 64 << 20
     if layout == "grub":
@@ -303,6 +310,10 @@ def create(
 ) -> None:
     """Build and sign a release bundle."""
     sources = [_parse_image(text) for text in images]
+    inputs = [*key_paths, *(s.path for s in sources)]
+    if passphrase_file is not None:
+        inputs.append(passphrase_file)
+    refuse_output_over_inputs(output, inputs, option="-o")
     keys = [_load_key(path, passphrase_file, prompt_on_stderr=as_json) for path in key_paths]
     # the images' sizes as they are now (create_bundle checks them before reading a byte)
     total = sum(s.path.stat().st_size for s in sources if s.path.is_file())

@@ -58,6 +58,9 @@ __all__ = [
 SECTOR_SIZE: Final = 512
 ALIGNMENT: Final = 1 << 20  # every partition starts and ends on a MiB boundary
 _GPT_TAIL: Final = ALIGNMENT  # room for the backup table at the end of the disk
+# The largest disk image written: a file on the build host, and 16 TiB is the most a file on
+# an ext4 host (4 KiB blocks) can hold; far beyond any device this provisions.
+MAX_DISK_SIZE: Final = 16 << 40
 _COPY_CHUNK: Final = 16 << 20
 
 ESP_TYPE: Final = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
@@ -122,6 +125,16 @@ class DiskImage:
 
 def _round_up(size: int) -> int:
     return -(-size // ALIGNMENT) * ALIGNMENT
+
+
+def _check_disk_size(prefix: str, sizes: Sequence[int]) -> None:
+    """Refuse partitions that add up to more than :data:`MAX_DISK_SIZE`, before any is built."""
+    total = ALIGNMENT + sum(_round_up(size) for size in sizes) + _GPT_TAIL
+    if total > MAX_DISK_SIZE:
+        raise ImageBuildError(
+            f"{prefix}: its partitions add up to {total} bytes, more than a disk image can take"
+            f" here ({MAX_DISK_SIZE} bytes, {MAX_DISK_SIZE >> 40} TiB)"
+        )
 
 
 def _derived_uuid(disk_name: str, purpose: str) -> str:
@@ -194,6 +207,7 @@ def build_disk(
         placed.append((spec, DiskPartition(number, spec.label, offset, size)))
         offset += size
     total = offset + _GPT_TAIL
+    _check_disk_size(prefix, [spec.size_bytes for spec in partitions])
     script = _sfdisk_script(disk_name, placed)
     try:
         with atomic_output(output) as out:
@@ -311,6 +325,8 @@ def grub_disk(
     Raises:
         ImageBuildError: as :func:`build_disk` and :func:`build_grub_efi`.
     """
+    sizes = [esp_size, root_size, root_size, _size_of(safe_rootfs), data_size]
+    _check_disk_size(f"disk image {output}", sizes)
     with tempfile.TemporaryDirectory(prefix="fleet-disk-") as scratch_name:
         scratch = Path(scratch_name)
         esp_dir = scratch / "esp"
@@ -358,6 +374,9 @@ def rpi_disk(
         ImageBuildError: as :func:`build_disk`.
     """
     boot = boot_size if boot_size is not None else _size_of(bootfs)
+    sizes = [autoboot_size, boot, boot, _size_of(safe_bootfs)]
+    sizes += [root_size, root_size, _size_of(safe_rootfs), data_size]
+    _check_disk_size(f"disk image {output}", sizes)
     with tempfile.TemporaryDirectory(prefix="fleet-disk-") as scratch_name:
         scratch = Path(scratch_name)
         autoboot_dir = scratch / "autoboot"

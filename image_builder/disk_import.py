@@ -355,6 +355,8 @@ _SLOT_RULES: Final = (
     _SlotRule("bootfs", "fat", "vfat", "FAT", _probe_fat, "bootfs.vfat"),
     _SlotRule("rootfs", "linux", "ext4", "ext4", _probe_ext4, "rootfs.ext4"),
 )
+# The files an import may write in its output directory.
+OUTPUT_NAMES: Final = tuple(rule.file_name for rule in _SLOT_RULES)
 
 
 def _choose(

@@ -57,6 +57,7 @@ from image_builder.errors import ImageBuildError
 __all__ = [
     "FILESYSTEM_TYPES",
     "MAX_EPOCH",
+    "MAX_SIZES",
     "MIN_EPOCH",
     "FilesystemImage",
     "build_filesystem_image",
@@ -133,6 +134,11 @@ MIN_EPOCH: Final = 315_532_800
 MAX_EPOCH: Final = 2**32 - 1
 _EXT4_BLOCK_SIZE: Final = 4096
 _SECTOR_SIZE: Final = 512
+# The largest image of each type built here: an ext4 image is a file on the build host, and
+# 16 TiB is the most a file on an ext4 host (4 KiB blocks) can hold; FAT32 counts its 512-byte
+# sectors in 32 bits, 2 TiB. squashfs takes the size of its content, and a size given for it
+# is only a most it may take, so any size is a valid bound.
+MAX_SIZES: Final[Mapping[str, int]] = MappingProxyType({"ext4": 16 << 40, "vfat": 2 << 40})
 
 # The namespace of every id derived from the build arguments; changing it changes every image.
 _ID_NAMESPACE: Final = uuid.UUID("6f1d0a52-2b8e-4c43-9a53-5d0e3c1b7a10")
@@ -231,6 +237,12 @@ def build_filesystem_image(
     _check_output(prefix, source, output)
     if size_bytes is not None and size_bytes <= 0:
         raise ImageBuildError(f"{prefix}: size must be positive, got {size_bytes}")
+    limit = MAX_SIZES.get(fs_type)
+    if size_bytes is not None and limit is not None and size_bytes > limit:
+        raise ImageBuildError(
+            f"{prefix}: size {size_bytes} bytes is beyond the largest {fs_type} image built here"
+            f" ({limit} bytes, {limit >> 40} TiB)"
+        )
     epoch = _resolve_epoch(prefix, source_date_epoch)
     try:
         with atomic_output(output) as out:

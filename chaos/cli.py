@@ -23,8 +23,10 @@ import click
 from chaos.fleet import PLAIN_SLOT_SIZES, ROLES, MemberSpec
 from chaos.virtual_device import FaultProfile
 from fleet_core.errors import FleetError
+from fleet_core.params import FiniteFloatRange
 from fleet_core.suggest import unknown_names
 from fleet_core.text import printable
+from image_builder.manifest import is_release_version
 from signing.keyring import Keyring, set_threshold, trust_key
 from updater.config import LABEL
 
@@ -33,6 +35,13 @@ PROFILE_KEYS = ("count", "role", "tags", "hang_on", "unhealthy_on", "offline", "
 # deploy/device/updater.toml names: the devices match the bundles a newcomer builds.
 DEFAULT_COMPATIBLE = "metrica-rpi4"
 KEYS_TIMEOUT_S = 10.0
+MAX_DEVICES = 100_000
+# The most a device's clock may be off in the faults file: ten years either way, beyond any
+# board without a real-time clock (which starts at its build date); a clock far outside the
+# range of a date stops the device from saying anything at all.
+MAX_CLOCK_OFFSET_S = 10 * 366 * 86400
+# The last second an offline window may name: ten years of simulated time.
+MAX_SIMULATED_S = 10 * 366 * 86400
 
 
 class FaultsFileError(FleetError):
@@ -74,7 +83,7 @@ def read_specs(devices: int, faults: Path | None) -> list[MemberSpec]:
         for index, group in enumerate(groups):
             start = headers[index] if len(headers) == len(groups) else None
             end = headers[index + 1] if start is not None and index + 1 < len(headers) else None
-            specs += _group(group, _Where(faults, index, text, start, end))
+            specs += _group(group, _Where(faults, index, text, start, end), devices)
     if len(specs) > devices:
         raise FaultsFileError(
             f"{faults}: the faults file describes {len(specs)} devices, more than {devices} "
@@ -115,7 +124,7 @@ class _Where:
         return f"{self.path}{at}: {name}"
 
 
-def _group(group: Any, where: _Where) -> list[MemberSpec]:
+def _group(group: Any, where: _Where, devices: int) -> list[MemberSpec]:
     if not isinstance(group, dict):
         raise FaultsFileError(f"{where()}: expected a table with keys {', '.join(PROFILE_KEYS)}")
     unknown = unknown_names(group, PROFILE_KEYS)
@@ -125,8 +134,10 @@ def _group(group: Any, where: _Where) -> list[MemberSpec]:
             f"{', '.join(PROFILE_KEYS)}"
         )
     count = group.get("count", 1)
-    if type(count) is not int or count < 0:
-        raise FaultsFileError(f"{where('count')}: a whole number, 0 or more, not {count!r}")
+    if type(count) is not int or not 0 <= count <= devices:
+        raise FaultsFileError(
+            f"{where('count')}: a whole number from 0 to {devices} (--devices), not {count!r}"
+        )
     role = group.get("role", "camera")
     if role not in ROLES:
         raise FaultsFileError(
@@ -139,13 +150,16 @@ def _group(group: Any, where: _Where) -> list[MemberSpec]:
             f"{where('tags')}: {bad[0]!r} is not a label (lowercase letters, digits, _ . -)"
         )
     profile = FaultProfile(
-        hang_on=frozenset(_strings(group, "hang_on", where)),
-        unhealthy_on=frozenset(_strings(group, "unhealthy_on", where)),
+        hang_on=frozenset(_versions(group, "hang_on", where)),
+        unhealthy_on=frozenset(_versions(group, "unhealthy_on", where)),
     )
     offline = _windows(group.get("offline", []), where)
     offset = group.get("clock_offset_s", 0)
-    if not _is_number(offset):
-        raise FaultsFileError(f"{where('clock_offset_s')}: a number of seconds, not {offset!r}")
+    if not _is_number(offset) or abs(offset) > MAX_CLOCK_OFFSET_S:
+        raise FaultsFileError(
+            f"{where('clock_offset_s')}: a number of seconds from -{MAX_CLOCK_OFFSET_S} to "
+            f"{MAX_CLOCK_OFFSET_S} (ten years), not {offset!r}"
+        )
     spec = MemberSpec(
         role=role, tags=tuple(tags), profile=profile, offline=offline,
         clock_offset_s=float(offset),
@@ -160,6 +174,16 @@ def _strings(group: dict[str, Any], key: str, where: _Where) -> list[str]:
     return value
 
 
+def _versions(group: dict[str, Any], key: str, where: _Where) -> list[str]:
+    versions = _strings(group, key, where)
+    bad = [v for v in versions if not is_release_version(v)]
+    if bad:
+        raise FaultsFileError(
+            f"{where(key)}: {printable(bad[0])!r} is not a release version (such as 2.0.0)"
+        )
+    return versions
+
+
 def _is_number(value: Any) -> bool:
     return type(value) in (int, float) and value == value and abs(value) != float("inf")
 
@@ -172,11 +196,12 @@ def _windows(value: Any, where: _Where) -> tuple[tuple[float, float], ...]:
             or not isinstance(window, list)
             or len(window) != 2
             or not all(_is_number(v) for v in window)
-            or not 0 <= window[0] < window[1]
+            or not 0 <= window[0] < window[1] <= MAX_SIMULATED_S
         ):
             raise FaultsFileError(
                 f"{where('offline')}: a list of [from, to] windows in simulated seconds since "
-                f"the start, 0 <= from < to, such as [[0, 600]]; not {window!r}"
+                f"the start, 0 <= from < to <= {MAX_SIMULATED_S} (ten years), such as "
+                f"[[0, 600]]; not {window!r}"
             )
         windows.append((float(window[0]), float(window[1])))
     return tuple(windows)
@@ -333,7 +358,7 @@ def pin_keys(
 @click.option("--enrollment-token", required=True, envvar="FLEET_ENROLLMENT_TOKEN",
               help="From `fleet server enrollment-token create` (or $FLEET_ENROLLMENT_TOKEN); "
               "one use per device.")  # fmt: skip
-@click.option("--devices", type=click.IntRange(1, 100_000), default=10, show_default=True)
+@click.option("--devices", type=click.IntRange(1, MAX_DEVICES), default=10, show_default=True)
 @click.option("--compatible", default=DEFAULT_COMPATIBLE, show_default=True,
               help="The devices' compatible string: bundles built with `fleet bundle create "
               "--compatible` the same install on them.")  # fmt: skip
@@ -356,12 +381,12 @@ def pin_keys(
               help="What goes wrong on which devices (TOML; docs/simulate.md).")  # fmt: skip
 @click.option("--firmware", type=click.Choice(["grub", "uboot", "tryboot"]), default="grub",
               show_default=True)  # fmt: skip
-@click.option("--step", "step_s", type=float, default=5.0, show_default=True,
-              help="Simulated seconds per step.")  # fmt: skip
-@click.option("--speed", type=float, default=60.0, show_default=True,
-              help="Simulated seconds per real second.")  # fmt: skip
-@click.option("--duration", type=float, default=3600.0, show_default=True,
-              help="Simulated seconds to run.")  # fmt: skip
+@click.option("--step", "step_s", type=FiniteFloatRange(0.1, 3600.0), default=5.0,
+              show_default=True, help="Simulated seconds per step.")  # fmt: skip
+@click.option("--speed", type=FiniteFloatRange(0.01, 1_000_000.0), default=60.0,
+              show_default=True, help="Simulated seconds per real second.")  # fmt: skip
+@click.option("--duration", type=FiniteFloatRange(0.0, MAX_SIMULATED_S, min_open=True),
+              default=3600.0, show_default=True, help="Simulated seconds to run.")  # fmt: skip
 @click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Devices that act at the same time (requests in flight at once).")  # fmt: skip
 def simulate(

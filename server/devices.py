@@ -11,11 +11,12 @@ whose key opens none, checks in, reports and enrolls no more until an operator r
 (``fleet device reinstate``; it then opens a session with its key as before). Each change is
 audited with its reason.
 
-Operators also rename a device (its hostname, unique among devices: references by hostname stay
-unambiguous) and remove one: its record, sessions and pre-authorization go, so it must be
-admitted again (an enrollment token or a new pre-authorization) to come back; its audit entries
-stay. Removing does not stop a device (one that still holds a valid enrollment token enrolls
-again): decommission it to refuse its key, and a decommissioned device cannot be removed.
+Operators also rename a device (its hostname, unique among devices whatever its case, as DNS names
+are: references by hostname stay unambiguous) and remove one: its record, sessions and
+pre-authorization go, so it must be admitted again (an enrollment token or a new pre-authorization)
+to come back; its audit entries stay. Removing does not stop a device (one that still holds a valid
+enrollment token enrolls again): decommission it to refuse its key, and a decommissioned device
+cannot be removed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from server import audit
@@ -348,7 +349,10 @@ def rename(
         if device.hostname == hostname:
             return describe(device)
         holder = session.scalars(
-            select(Device.id).where(Device.hostname == hostname, Device.id != device_id)
+            # hostnames are DNS names: CAMERA-0000 is camera-0000's (and one reference finds both)
+            select(Device.id).where(
+                func.lower(Device.hostname) == hostname.lower(), Device.id != device_id
+            )
         ).first()
         if holder is not None:
             raise HostnameTakenError(f"device {holder} is {hostname!r} already")

@@ -165,14 +165,14 @@ def _admit(db: Database, request: EnrollRequest, device_id: str, now: datetime) 
             )
         namesakes = session.scalars(  # a few are named; how many there are is counted
             select(Device.id)
-            .where(Device.hostname == request.hostname)
+            .where(func.lower(Device.hostname) == request.hostname.lower())
             .order_by(Device.id)
             .limit(NAMESAKES_NAMED)
         ).all()
         shared = (
             session.scalar(
                 select(func.count()).select_from(Device)
-                .where(Device.hostname == request.hostname)
+                .where(func.lower(Device.hostname) == request.hostname.lower())
             )
             if len(namesakes) == NAMESAKES_NAMED
             else len(namesakes)

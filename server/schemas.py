@@ -17,6 +17,7 @@ server's settings (:class:`Policy`).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Annotated, Literal, TypeVar
 
@@ -65,7 +66,28 @@ Nonce = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32,64}$")]
 # The manifest's identifier rule (image_builder.manifest), so a device's compatible string can
 # equal a release's.
 Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")]
-Hostname = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")]
+_DEVICE_ID_SHAPE = re.compile(r"[0-9A-Fa-f]{64}")
+
+
+def not_a_device_id(hostname: str) -> str:
+    """The rule that keeps a device's full id one device's: a hostname may not have its shape
+    (64 hex digits, in any case: references are read case-insensitively). Shorter hex hostnames
+    (a board's serial number) are kept: a reference that is both a hostname and an id prefix is
+    refused as ambiguous by the one resolver (``server/cli/devices.py``), naming both devices.
+
+    Raises:
+        ValueError: 64 hex digits.
+    """
+    if _DEVICE_ID_SHAPE.fullmatch(hostname):
+        raise ValueError("64 hex digits is the shape of a device id, which no hostname may take")
+    return hostname
+
+
+Hostname = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$"),
+    AfterValidator(not_a_device_id),
+]
 Word = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 # A device's role or tag: what rollout selectors and metric labels are made of.
 Label = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]

@@ -39,23 +39,23 @@ MIN_PREFIX = 4
 
 def resolve_device(devices: Sequence[dict[str, Any]], reference: str) -> str:
     """The id of the one device ``reference`` names in ``devices`` (the API's listing): its id,
-    a unique id prefix of ``MIN_PREFIX`` or more hex digits, or its hostname.
+    a unique id prefix of ``MIN_PREFIX`` or more hex digits, or its hostname, each read
+    case-insensitively (hostnames are DNS names). A reference is never read one way rather than
+    the other: one that is a device's hostname and another's id (or id prefix) names both, and
+    is refused, so a device cannot take another's id as its hostname to be mistaken for it.
 
     Raises:
         DeviceReferenceError: no device, or several (naming them).
     """
     wanted = reference.strip()
     lowered = wanted.lower()
-    for d in devices:
-        if d["id"] == lowered:
-            return str(d["id"])
-    by_name = [d for d in devices if d["hostname"] == wanted]
-    by_prefix = (
-        [d for d in devices if d["id"].startswith(lowered)]
+    by_name = [d for d in devices if str(d["hostname"]).lower() == lowered]
+    by_id = (
+        [d for d in devices if str(d["id"]).startswith(lowered)]
         if len(lowered) >= MIN_PREFIX and all(c in "0123456789abcdef" for c in lowered)
         else []
     )
-    found = {d["id"]: d for d in [*by_name, *by_prefix]}
+    found = {d["id"]: d for d in [*by_name, *by_id]}
     if len(found) == 1:
         return str(next(iter(found)))
     if not found:
@@ -69,11 +69,11 @@ def resolve_device(devices: Sequence[dict[str, Any]], reference: str) -> str:
 
 
 def resolve_devices(client: ApiClient, references: Sequence[str]) -> list[str]:
-    """The ids of ``references`` (see :func:`resolve_device`), with one listing of the fleet."""
+    """The ids of ``references`` (see :func:`resolve_device`), with one listing of the fleet
+    (a full id too: a device whose hostname is that id, stored before hostnames were refused
+    that shape, makes it ambiguous)."""
     if not references:
         return []
-    if all(re.fullmatch(r"[0-9a-f]{64}", r) for r in references):
-        return list(references)  # full ids: the server checks them
     devices = client.get("/api/v1/devices")["devices"]
     return [resolve_device(devices, reference) for reference in references]
 
@@ -108,14 +108,15 @@ def device_list(server: str | None, token: str | None, as_json: bool) -> None:
 
 
 def _warn_duplicate_hostnames(devices: Sequence[dict[str, Any]]) -> None:
-    seen: dict[str, int] = {}
+    seen: dict[str, list[str]] = {}  # hostnames are DNS names: CAMERA-0000 is camera-0000
     for d in devices:
-        seen[d["hostname"]] = seen.get(d["hostname"], 0) + 1
-    for hostname, count in sorted(seen.items()):
-        if count > 1:
+        seen.setdefault(str(d["hostname"]).lower(), []).append(str(d["hostname"]))
+    for names in sorted(seen.values()):
+        if len(names) > 1:
+            spelled = " / ".join(repr(n) for n in sorted(set(names)))
             show(
-                f"warning: {count} devices are {hostname!r}: refer to them by id, or rename one "
-                "('fleet device rename')",
+                f"warning: {len(names)} devices are {spelled}: refer to them by id, or rename "
+                "one ('fleet device rename')",
                 err=True,
             )
 

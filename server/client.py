@@ -17,6 +17,7 @@ Imports only ``requests`` (lazily), never the server's web stack.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
@@ -28,6 +29,7 @@ from fleet_core.tls import tls_reason
 from server.errors import (
     ClientConfigError,
     RequestRejectedError,
+    ServerError,
     ServerUnreachableError,
 )
 
@@ -111,6 +113,57 @@ def _read_config(path: Path) -> dict[str, str]:
     return dict(document)
 
 
+class ServerAnswerError(ServerError):
+    """The server answered, but not what a Metrica Fleet server sends: not JSON, not a JSON
+    object, or an object without a field the command reads (a proxy, a captive portal, another
+    service on that port, or a server of another version)."""
+
+
+NOT_OURS = "not what a Metrica Fleet server sends (is --server the right URL and port?)"
+
+
+class Answer(dict[str, Any]):
+    """A JSON object the server answered (each object within it too): reading a field it lacks
+    is a :class:`ServerAnswerError` naming the request, rather than a ``KeyError`` deep in a
+    command. (``.get`` reads an optional field as usual.)"""
+
+    def __init__(self, fields: Mapping[str, Any], where: str) -> None:
+        super().__init__(fields)
+        self.where = where
+
+    def __missing__(self, key: str) -> Any:
+        raise ServerAnswerError(f"{self.where}: the server's answer has no {key!r}: {NOT_OURS}")
+
+    def require(self, *keys: str) -> Answer:
+        """Itself, once each of ``keys`` is there (for an answer printed as it is, with --json,
+        which a command would otherwise not read)."""
+        for key in keys:
+            self[key]  # read: a missing one raises (__missing__)
+        return self
+
+
+def decode_answer(content: bytes, where: str) -> Answer:
+    """The JSON object in an answer's body (``where``: the request, for the error), every object
+    in it an :class:`Answer`.
+
+    Raises:
+        ServerAnswerError: not JSON, or JSON but not an object.
+    """
+    try:
+        document = json.loads(content, object_hook=lambda fields: Answer(fields, where))
+    except ValueError:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        start = " ".join(content[:40].decode("utf-8", "replace").split())
+        raise ServerAnswerError(
+            f"{where}: the server's answer is not JSON (it starts {start!r}): {NOT_OURS}"
+        ) from None
+    if not isinstance(document, Answer):
+        kind = "null" if document is None else f"a JSON {type(document).__name__}"
+        raise ServerAnswerError(
+            f"{where}: the server's answer is {kind} where a JSON object belongs: {NOT_OURS}"
+        )
+    return document
+
+
 class ProgressReader:
     """A file read in chunks, reporting each chunk's size; sized, so it is sent with a
     Content-Length rather than chunked."""
@@ -179,28 +232,33 @@ class ApiClient:
             return f"verified against the system's CA store (set {CA_FILE_ENV} for another CA)"
         return f"verified against {self.config.ca_file}"
 
-    def get(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
-        return self._call("GET", path, params=params).json()
+    def _answer(self, method: str, path: str, **kwargs: Any) -> Answer:
+        """The one place answers are decoded: a JSON object, or a :class:`ServerAnswerError`."""
+        response = self._call(method, path, **kwargs)
+        return decode_answer(response.content, f"{method} {self.config.server + path}")
 
-    def post(self, path: str, document: Mapping[str, Any]) -> Any:
-        return self._call("POST", path, json=document).json()
+    def get(self, path: str, params: Mapping[str, Any] | None = None) -> Answer:
+        return self._answer("GET", path, params=params)
 
-    def delete(self, path: str) -> Any:
-        return self._call("DELETE", path).json()
+    def post(self, path: str, document: Mapping[str, Any]) -> Answer:
+        return self._answer("POST", path, json=document)
 
-    def upload(self, path: str, bundle: Path, report: Callable[[int], None]) -> Any:
+    def delete(self, path: str) -> Answer:
+        return self._answer("DELETE", path)
+
+    def upload(self, path: str, bundle: Path, report: Callable[[int], None]) -> Answer:
         """POST the file ``bundle`` as the request body, streamed, calling ``report`` per chunk."""
         size = bundle.stat().st_size
         with open(bundle, "rb") as handle:
             body = ProgressReader(handle, size, report)
-            return self._call(
+            return self._answer(
                 "POST",
                 path,
                 data=body,
                 headers={"Content-Type": "application/octet-stream"},
                 # the server verifies the whole bundle before it answers
                 timeout=(TIMEOUT_S, UPLOAD_ANSWER_TIMEOUT_S),
-            ).json()
+            )
 
 
 def connection_problem(err: BaseException, uploading: bool) -> str:
@@ -235,4 +293,6 @@ def _error_of(response: requests.Response) -> tuple[str, str]:
         document = response.json()
         return str(document["error"]), str(document["detail"])
     except (ValueError, KeyError, TypeError):
+        if "html" in response.headers.get("Content-Type", "").lower():  # a proxy's or a portal's
+            return "error", f"{response.reason or 'no reason given'} (an HTML page: {NOT_OURS})"
         return "error", " ".join(response.text.split())[:200] or response.reason

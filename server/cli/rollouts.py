@@ -7,7 +7,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -20,6 +20,9 @@ from server.cli.common import (
 )
 from server.cli.devices import resolve_devices
 from server.errors import ServerError
+
+if TYPE_CHECKING:
+    from server.client import Answer
 
 
 def parse_stages(text: str) -> list[int]:
@@ -44,7 +47,8 @@ JSON_OPTION = click.option(
 )
 
 
-def _print_rollout(r: dict[str, Any], as_json: bool = False) -> None:
+def _print_rollout(r: Answer, as_json: bool = False) -> None:
+    r.require("id", "state")  # printed as it is with --json: a rollout's answer, or an error
     if as_json:
         click.echo(json.dumps(r, indent=2, ensure_ascii=True))
         return
@@ -340,6 +344,7 @@ def emergency_stop(
         answer = client.post("/api/v1/emergency-stop/clear", {})
     else:
         answer = client.post("/api/v1/emergency-stop", {"reason": reason} if reason else {})
+    answer.require("active")  # never an emergency stop reported done on an answer without it
     if as_json:
         click.echo(json.dumps(answer, indent=2, ensure_ascii=True))
     elif answer["active"]:

@@ -9,18 +9,54 @@ from typing import Any
 
 import click
 
-from signing.keyring import Keyring, revoke_key, set_threshold, trust_key
-from signing.keys import generate_key, key_id, key_paths, load_private_key, load_public_key
+from fleet_core.text import printable
+from signing.errors import KeyFileError
+from signing.keyring import KeyringFiles, revoke_key, set_threshold, trust_key
+from signing.keys import (
+    generate_key,
+    key_id,
+    key_paths,
+    load_private_key,
+    load_public_key,
+    private_key_is_encrypted,
+)
 
 PASSPHRASE_ENV = "FLEET_KEY_PASSPHRASE"  # noqa: S105 (the variable's name, not a secret)
 
 
 def read_passphrase(passphrase_file: Path | None) -> bytes | None:
-    """The passphrase from ``--passphrase-file`` or ``$FLEET_KEY_PASSPHRASE``, if any."""
+    """The passphrase from ``--passphrase-file`` or ``$FLEET_KEY_PASSPHRASE``, if any.
+
+    A trailing newline of the file is not part of it. An empty passphrase (an empty file, a
+    file of only a newline, the variable set to nothing) is refused, naming where it came
+    from: encrypting with it would write an unencrypted key, and the operator who named a
+    passphrase asked for an encrypted one. A key without a passphrase is asked for by giving
+    none.
+
+    Raises:
+        KeyFileError: the passphrase is empty, or its file cannot be read.
+    """
     if passphrase_file is not None:
-        return passphrase_file.read_bytes().rstrip(b"\r\n") or None
-    value = os.environ.get(PASSPHRASE_ENV)
-    return value.encode() if value else None
+        try:
+            value = passphrase_file.read_bytes().rstrip(b"\r\n")
+        except OSError as err:
+            raise KeyFileError(
+                f"{passphrase_file}: cannot read the passphrase: {err.strerror or err}"
+            ) from err
+        if not value:
+            raise KeyFileError(
+                f"{passphrase_file}: the passphrase is empty (for a key without a passphrase, "
+                "give no --passphrase-file)"
+            )
+        return value
+    variable = os.environ.get(PASSPHRASE_ENV)
+    if variable is None:
+        return None
+    if not variable:
+        raise KeyFileError(
+            f"${PASSPHRASE_ENV} is set but empty (for a key without a passphrase, unset it)"
+        )
+    return variable.encode()
 
 
 passphrase_file_option = click.option(
@@ -40,7 +76,7 @@ def _echo_json(document: dict[str, Any]) -> None:
 
 def _keyring_document(keyring_dir: Path) -> dict[str, Any]:
     """A keyring as ``fleet keys list --json`` shows it: active and revoked ids, threshold."""
-    keyring = Keyring.load(keyring_dir)
+    keyring = KeyringFiles.read(keyring_dir)
     return {
         "trusted": sorted(set(keyring.trusted) - keyring.revoked),
         "revoked": sorted(keyring.revoked),
@@ -62,7 +98,7 @@ def keys() -> None:
 @json_option
 def generate(out: Path, passphrase_file: Path | None, ask_passphrase: bool, as_json: bool) -> None:
     """Create an Ed25519 key pair: OUT.pem (mode 0600) and OUT.pub."""
-    passphrase = read_passphrase(passphrase_file)
+    passphrase = None if ask_passphrase else read_passphrase(passphrase_file)
     if ask_passphrase:
         passphrase = click.prompt(
             "Passphrase", hide_input=True, confirmation_prompt=True, err=as_json
@@ -87,8 +123,7 @@ def generate(out: Path, passphrase_file: Path | None, ask_passphrase: bool, as_j
 @json_option
 def show_id(key_file: Path, passphrase_file: Path | None, as_json: bool) -> None:
     """Print the key id of a public (.pub) or private (.pem) key."""
-    text = key_file.read_bytes() if key_file.is_file() else b""
-    if b"ENCRYPTED PRIVATE KEY" in text:
+    if key_file.is_file() and private_key_is_encrypted(key_file):
         kid = load_private_key(key_file, read_passphrase(passphrase_file)).key_id
     else:
         kid = key_id(load_public_key(key_file))
@@ -142,11 +177,18 @@ def threshold(count: int, keyring_dir: Path, as_json: bool) -> None:
 @click.option("--keyring", "keyring_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the keyring as JSON.")
 def list_keys(keyring_dir: Path, as_json: bool) -> None:
-    """Show a keyring: trusted and revoked key ids and the threshold."""
+    """Show a keyring: trusted and revoked key ids and the threshold.
+
+    A keyring that verifies nothing (a threshold above its trusted keys) is shown all the
+    same, with a warning on stderr saying why and how to repair it.
+    """
+    keyring = KeyringFiles.read(keyring_dir)
+    problem = keyring.problem()
+    if problem is not None:
+        click.echo(f"warning: {printable(problem)}", err=True)
     if as_json:
         click.echo(json.dumps(_keyring_document(keyring_dir), indent=2))
         return
-    keyring = Keyring.load(keyring_dir)
     for kid in sorted(set(keyring.trusted) | keyring.revoked):
         click.echo(f"{kid} {'revoked' if kid in keyring.revoked else 'trusted'}")
     click.echo(f"threshold {keyring.threshold}")

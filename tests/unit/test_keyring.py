@@ -15,7 +15,7 @@ from signing.errors import (
     ThresholdError,
     UnknownKeyError,
 )
-from signing.keyring import Keyring, revoke_key, set_threshold, trust_key
+from signing.keyring import Keyring, KeyringFiles, revoke_key, set_threshold, trust_key
 from signing.keys import SigningKey, generate_key
 from signing.signature import Signature, SignatureEnvelope, sign
 
@@ -363,3 +363,48 @@ def test_threshold_above_the_keys_left_after_revocation_is_refused(tmp_path: Pat
         set_threshold(directory, 3)
     assert files(directory) == before
     assert Keyring.load(directory).threshold == 2
+
+
+def below_its_threshold(tmp_path: Path) -> tuple[Path, list[SigningKey]]:
+    """A keyring of three keys, threshold 2, two of them revoked by hand (as an older version
+    racing two revocations could leave it): it verifies nothing."""
+    keys = [new_key(tmp_path, name) for name in ("a", "b", "c")]
+    directory = ring(tmp_path, "ring", "a", "b", "c")
+    set_threshold(directory, 2)
+    (directory / "revoked.txt").write_text(f"{keys[0].key_id}\n{keys[1].key_id}\n")
+    return directory, keys
+
+
+def test_a_keyring_below_its_threshold_fails_closed_and_lowering_it_repairs_it(
+    tmp_path: Path,
+) -> None:
+    directory, keys = below_its_threshold(tmp_path)
+    with pytest.raises(KeyringError, match="threshold 2 but only 1 trusted key"):
+        Keyring.load(directory)
+    files_read = KeyringFiles.read(directory)
+    assert files_read.threshold == 2 and files_read.revoked == {keys[0].key_id, keys[1].key_id}
+    problem = files_read.problem()
+    assert problem is not None and "fleet keys threshold 1" in problem
+
+    with pytest.raises(KeyringError, match="threshold 2 but only 1 trusted key"):
+        set_threshold(directory, 2)  # the new value is checked: still too high
+    set_threshold(directory, 1)
+    keyring = Keyring.load(directory)
+    assert keyring.threshold == 1 and keyring.active_key_ids == (keys[2].key_id,)
+    assert KeyringFiles.read(directory).problem() is None
+    signed = sign(PAYLOAD, [keys[2]], PURPOSE)
+    assert keyring.verify(PAYLOAD, signed, PURPOSE).key_ids == (keys[2].key_id,)
+
+
+def test_trusting_into_a_keyring_that_is_a_file_is_refused_and_leaves_it(tmp_path: Path) -> None:
+    new_key(tmp_path, "a")
+    not_a_ring = tmp_path / "release.pem"
+    not_a_ring.write_bytes(b"precious")
+    for change in (
+        lambda: trust_key(not_a_ring, tmp_path / "keys" / "a.pub"),
+        lambda: revoke_key(not_a_ring, "0" * 64),
+        lambda: set_threshold(not_a_ring, 1),
+    ):
+        with pytest.raises(KeyringError, match="not a directory"):
+            change()
+    assert not_a_ring.read_bytes() == b"precious"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from fleet_core.durable import atomic_write
+from fleet_core.durable import boundary, fsync_dir
 from signing.errors import KeyFileError
 from signing.points import public_key_problem
 
@@ -68,36 +70,100 @@ def key_paths(out: str | os.PathLike[str]) -> tuple[Path, Path]:
 def generate_key(out: str | os.PathLike[str], passphrase: bytes | None = None) -> SigningKey:
     """Create a new key pair at ``OUT.pem`` and ``OUT.pub`` and return it.
 
-    Refuses to overwrite an existing key file: losing a signing key is not recoverable.
-    Creates the parent directory if needed.
+    Refuses to overwrite an existing key file: losing a signing key is not recoverable. Each
+    file is created exclusively (see :func:`_create_new`), the private key first, so of two
+    runs racing for one name exactly one wins both files and the other fails, removing only
+    its own temporaries: ``OUT.pem`` and ``OUT.pub`` always hold one key pair.
+    Creates the parent directory if needed. ``passphrase`` None writes an unencrypted key; an
+    empty passphrase is refused (it would leave the key unencrypted without saying so).
     Power cut: each file appears whole or not at all; the private key is written first, so a
     ``.pub`` never exists without its ``.pem``.
 
     Raises:
-        KeyFileError: a file of that name exists already.
+        KeyFileError: a file of that name exists already, the passphrase is empty, or the
+            files cannot be written.
     """
+    if passphrase is not None and not passphrase:
+        raise KeyFileError(
+            "the passphrase is empty: it would leave the private key unencrypted "
+            "(for a key without a passphrase, give none)"
+        )
     private_path, public_path = key_paths(out)
     for path in (private_path, public_path):
-        if path.exists():
+        if path.exists() or path.is_symlink():
             raise KeyFileError(f"{path}: already exists, refusing to overwrite a key")
-    private_path.parent.mkdir(parents=True, exist_ok=True)
     private_key = Ed25519PrivateKey.generate()
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(passphrase)
-        if passphrase
+        if passphrase is not None
         else serialization.NoEncryption()
     )
     private_pem = private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
-    atomic_write(private_path, private_pem, mode=PRIVATE_KEY_MODE)
-    atomic_write(public_path, public_key_pem(private_key.public_key()), mode=PUBLIC_KEY_MODE)
+    try:
+        private_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise KeyFileError(f"{private_path.parent}: cannot create: {err.strerror}") from err
+    _create_new(private_path, private_pem, PRIVATE_KEY_MODE)
+    try:
+        _create_new(public_path, public_key_pem(private_key.public_key()), PUBLIC_KEY_MODE)
+    except BaseException:
+        private_path.unlink(missing_ok=True)  # ours: nobody else can have created it
+        raise
     return SigningKey.from_private_key(private_key)
 
 
-def _read(path: Path, what: str) -> bytes:
+def _create_new(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` holding ``data``, durably, and only if no file of that name exists.
+
+    The bytes go to a temporary file in the same directory (``.<name>.XXXXXXXX.tmp``, created
+    with ``mode``, fsync-ed), which is then hard-linked to ``path``: the link fails if the name
+    exists, atomically, so two processes never both create it, and ``path`` never holds a
+    partial file. The temporary is removed whatever happens.
+
+    Raises:
+        KeyFileError: ``path`` exists already, or the file cannot be written.
+    """
     try:
-        return path.read_bytes()
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise KeyFileError(f"{path}: cannot write: {err.strerror}") from err
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            os.fchmod(tmp.fileno(), mode)
+            boundary("atomic:begin", path)
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        boundary("atomic:before-rename", path)
+        os.link(tmp_name, path)
+    except FileExistsError as err:
+        raise KeyFileError(f"{path}: already exists, refusing to overwrite a key") from err
+    except OSError as err:
+        raise KeyFileError(f"{path}: cannot write: {err.strerror}") from err
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    boundary("atomic:done", path)
+
+
+def _read(path: Path, what: str) -> bytes:
+    """The bytes of the key file at ``path``: the one place a key file is read.
+
+    Only a regular file is read. A FIFO, a device or a directory is refused before it is
+    opened for good, so a key file that is a pipe no writer feeds never blocks the command: the
+    file is checked by name, then opened without blocking and checked again by descriptor (the
+    name might have been replaced in between).
+    """
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise KeyFileError(f"{path}: cannot read {what}: not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise KeyFileError(f"{path}: cannot read {what}: not a regular file")
+            return file.read()
     except OSError as err:
         raise KeyFileError(f"{path}: cannot read {what}: {err.strerror}") from err
 

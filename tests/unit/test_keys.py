@@ -157,3 +157,18 @@ def test_private_key_is_encrypted(tmp_path: Path) -> None:
     assert private_key_is_encrypted(tmp_path / "plain.pem") is False
     with pytest.raises(KeyFileError, match="nope.pem: cannot read private key"):
         private_key_is_encrypted(tmp_path / "nope.pem")
+
+
+def test_an_empty_passphrase_is_refused_rather_than_writing_a_plain_key(tmp_path: Path) -> None:
+    with pytest.raises(KeyFileError, match="passphrase is empty"):
+        generate_key(tmp_path / "k", passphrase=b"")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_public_key_file_in_the_way_fails_the_generation_and_keeps_nothing_of_it(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "k.pub").write_bytes(b"someone else's")
+    with pytest.raises(KeyFileError, match="already exists"):
+        generate_key(tmp_path / "k")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.pub"]

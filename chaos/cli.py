@@ -9,12 +9,15 @@ refuses a server whose keys differ from the pinned ones (trust on first use, as 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import re
 import shutil
 import tempfile
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -350,6 +353,70 @@ def pin_keys(
     return f"{what} {_describe(mine)} as pinned in {pinned}, the same on {url}"
 
 
+# --- the work directory ---------------------------------------------------------------------
+
+# Held (flock) by the run that uses the work directory; it holds that run's process id.
+LOCK_FILE = ".lock"
+# Written in WORKDIR/devices when this command makes it: only a directory holding it is removed
+# wholesale by the next run, never one that holds someone else's files.
+DEVICES_MARKER = ".made-by-fleet-simulate"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """Hold ``WORKDIR/.lock`` for the block: a second simulation on the same work directory
+    would remove the devices the first one is running on.
+
+    Raises:
+        SimulateError: another process holds the lock (named by its process id).
+    """
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise SimulateError(f"work directory {workdir}: {err.strerror}") from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise SimulateError(
+                f"work directory {workdir} is in use by another fleet simulate (pid "
+                f"{printable(holder)}): stop it, or give another --workdir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def fresh_devices_dir(fleet_dir: Path) -> None:
+    """Make ``fleet_dir`` empty for a new fleet, with the marker in it: an earlier run's
+    devices (the marker there) are removed, an empty directory is reused, anything else is
+    refused, so that no file this command did not make is ever deleted.
+
+    Raises:
+        SimulateError: ``fleet_dir`` is not a directory this command made.
+    """
+    if fleet_dir.is_symlink() or (fleet_dir.exists() and not fleet_dir.is_dir()):
+        raise SimulateError(
+            f"{fleet_dir} is not a directory fleet simulate made: move it away or give "
+            "another --workdir"
+        )
+    if fleet_dir.is_dir() and any(fleet_dir.iterdir()):
+        if not (fleet_dir / DEVICES_MARKER).is_file():
+            raise SimulateError(
+                f"{fleet_dir} holds files fleet simulate did not make (no {DEVICES_MARKER}"
+                "): move them away or give another --workdir"
+            )
+        shutil.rmtree(fleet_dir)
+    fleet_dir.mkdir(parents=True, exist_ok=True)
+    (fleet_dir / DEVICES_MARKER).write_text(
+        "made by fleet simulate: the next run on this work directory removes this directory\n"
+    )
+
+
 # --- the command ----------------------------------------------------------------------------
 
 
@@ -376,7 +443,8 @@ def pin_keys(
 @click.option("--workdir", default="build/fleet", type=click.Path(path_type=Path),
               show_default=True,
               help="The devices (WORKDIR/devices, made afresh each run) and the "
-              "pinned keys (WORKDIR/pinned).")  # fmt: skip
+              "pinned keys (WORKDIR/pinned); one run at a time uses it, and a devices "
+              "directory holding files it did not make is refused.")  # fmt: skip
 @click.option("--faults", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="What goes wrong on which devices (TOML; docs/simulate.md).")  # fmt: skip
 @click.option("--firmware", type=click.Choice(["grub", "uboot", "tryboot"]), default="grub",
@@ -408,9 +476,31 @@ def simulate(
     """Run a virtual fleet of DEVICES devices that follows the release server: each enrolls
     with the token, checks in, installs what it is assigned (ordinary bundles for its
     --compatible, or lab images) and reboots into it. docs/simulate.md."""
+    specs = read_specs(devices, faults)
+    with workdir_lock(workdir):
+        _run(
+            specs, servers, enrollment_token, compatible, base_version, server_keys,
+            release_keys, workdir, firmware, step_s, speed, duration, workers,
+        )  # fmt: skip
+
+
+def _run(
+    specs: list[MemberSpec],
+    servers: tuple[str, ...],
+    enrollment_token: str,
+    compatible: str,
+    base_version: str,
+    server_keys: tuple[Path, ...],
+    release_keys: tuple[Path, ...],
+    workdir: Path,
+    firmware: str,
+    step_s: float,
+    speed: float,
+    duration: float,
+    workers: int,
+) -> None:
     from chaos.fleet import VirtualFleet
 
-    specs = read_specs(devices, faults)
     pinned = workdir / "pinned"
     for line in (
         pin_keys(pinned / "server-keyring", servers, "server", server_keys, "--server-key"),
@@ -418,8 +508,7 @@ def simulate(
     ):
         click.echo(printable(line))
     fleet_dir = workdir / "devices"
-    if fleet_dir.exists():
-        shutil.rmtree(fleet_dir)
+    fresh_devices_dir(fleet_dir)
     fleet = VirtualFleet(
         fleet_dir, specs, server_urls=servers, server_key=pinned / "server-keyring",
         release_key=pinned / "release-keyring", enrollment_token=enrollment_token,

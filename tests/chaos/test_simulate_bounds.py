@@ -5,13 +5,22 @@ step of 0 would never end, a speed of 0 divides by zero). Nothing here reaches a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
-from chaos.cli import FaultsFileError, read_specs
+from chaos.cli import (
+    DEVICES_MARKER,
+    FaultsFileError,
+    SimulateError,
+    fresh_devices_dir,
+    read_specs,
+    workdir_lock,
+)
 from fleet_core.cli import fleet
+from signing.keys import generate_key
 
 
 def simulate(tmp_path: Path, *args: str) -> Result:
@@ -83,3 +92,81 @@ def test_step_speed_and_duration_out_of_range_are_usage_errors(
     assert "Traceback" not in result.output
     assert f"Invalid value for '{option}'" in result.output
     assert not (tmp_path / "sim").exists()
+
+
+# --- the work directory: one simulation at a time, and only its own files removed ------------
+
+
+def keys(tmp_path: Path) -> list[str]:
+    generate_key(tmp_path / "server-key")
+    generate_key(tmp_path / "release-key")
+    return [
+        "--server-key", str(tmp_path / "server-key.pub"),
+        "--release-key", str(tmp_path / "release-key.pub"),
+        "--duration", "5", "--speed", "1000",  # short, should a refusal ever fail to happen
+    ]  # fmt: skip
+
+
+def test_a_second_simulation_on_a_workdir_in_use_is_refused_and_touches_nothing(
+    tmp_path: Path,
+) -> None:
+    workdir = tmp_path / "sim"
+    running = workdir / "devices" / "camera-0000"
+    running.mkdir(parents=True)
+    (workdir / "devices" / DEVICES_MARKER).write_text("")
+    (running / "disk").write_bytes(b"running")
+    with workdir_lock(workdir):
+        result = simulate(tmp_path, *keys(tmp_path))
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.output.count("\n") == 1
+    assert result.output.startswith(f"Error: work directory {workdir} is in use")
+    assert f"(pid {os.getpid()})" in result.output
+    assert (running / "disk").read_bytes() == b"running"
+    assert not (workdir / "pinned").exists()
+
+
+def test_the_lock_is_released_when_the_run_ends(tmp_path: Path) -> None:
+    with workdir_lock(tmp_path / "sim"):
+        pass
+    with workdir_lock(tmp_path / "sim"):
+        pass
+
+
+def test_a_devices_directory_it_did_not_make_is_refused_and_kept(tmp_path: Path) -> None:
+    precious = tmp_path / "sim" / "devices" / "important" / "notes.txt"
+    precious.parent.mkdir(parents=True)
+    precious.write_text("precious\n")
+    result = simulate(tmp_path, *keys(tmp_path))
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.output.splitlines()[-1] == (
+        f"Error: {tmp_path / 'sim' / 'devices'} holds files fleet simulate did not make (no "
+        f"{DEVICES_MARKER}): move them away or give another --workdir"
+    )
+    assert precious.read_text() == "precious\n"
+
+
+def test_its_own_devices_directory_is_made_afresh_and_marked(tmp_path: Path) -> None:
+    fleet_dir = tmp_path / "devices"
+    fresh_devices_dir(fleet_dir)
+    assert [p.name for p in fleet_dir.iterdir()] == [DEVICES_MARKER]
+    (fleet_dir / "camera-0000").mkdir()
+    fresh_devices_dir(fleet_dir)
+    assert [p.name for p in fleet_dir.iterdir()] == [DEVICES_MARKER]
+    (fleet_dir / DEVICES_MARKER).unlink()
+    fresh_devices_dir(fleet_dir)  # empty: nothing of anyone's to lose
+    assert [p.name for p in fleet_dir.iterdir()] == [DEVICES_MARKER]
+
+
+def test_a_devices_path_that_is_a_link_or_a_file_is_refused(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / DEVICES_MARKER).write_text("")
+    (elsewhere / "keep").write_text("k")
+    (tmp_path / "link").symlink_to(elsewhere)
+    (tmp_path / "file").write_text("f")
+    for path in (tmp_path / "link", tmp_path / "file"):
+        with pytest.raises(SimulateError, match="is not a directory fleet simulate made"):
+            fresh_devices_dir(path)
+    assert (elsewhere / "keep").read_text() == "k"
+    assert (tmp_path / "file").read_text() == "f"

@@ -21,8 +21,11 @@ with it:
 
 A script that is already there is kept, byte for byte, whatever it holds: a device imaged with
 ``fleet image disk`` carries a ``grub.cfg`` with its own kernel options, and a working boot
-script is never overwritten. :func:`install` writes the scripts the plan writes, each atomically
-(``fleet_core.durable``): after a power cut a script is either absent or whole.
+script is never overwritten. Something there that is not a file (a directory, a FIFO, a
+symbolic link to nothing) is no script the firmware can load, and is not replaced either: the
+plan refuses it, naming the path and what it is, and the operator decides. :func:`install`
+writes the scripts the plan writes, each atomically (``fleet_core.durable``): after a power
+cut a script is either absent or whole.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bootloader_hooks.base import BootSelector
+from bootloader_hooks.errors import BootloaderError
 from bootloader_hooks.grub import CFG_FILE, GrubBackend
 from bootloader_hooks.grub_script import DEFAULT_ENTRIES, grub_cfg, write_cfg_file
 from bootloader_hooks.uboot import UBootBackend
@@ -81,9 +85,41 @@ class BootScript:
 
 
 def _planned(name: str, path: Path, detail: str, write: Callable[[Path], object]) -> BootScript:
-    if path.exists() or path.is_symlink():
-        return BootScript(name, path, "keep", "already there: never overwritten")
-    return BootScript(name, path, "write", detail, write)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return BootScript(name, path, "write", detail, write)
+    except OSError as err:
+        raise BootloaderError(
+            f"boot script {name}: {path} cannot be looked at: {err.strerror}"
+        ) from err
+    if stat.S_ISLNK(mode):
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            raise BootloaderError(
+                f"boot script {name}: {path} exists but is not a file (a dangling symbolic "
+                "link): the firmware cannot load it; remove it, or put the board's script there"
+            ) from None
+    if not stat.S_ISREG(mode):
+        raise BootloaderError(
+            f"boot script {name}: {path} exists but is not a file ({_kind(mode)}): the firmware "
+            "cannot load it; remove it, or put the board's script there"
+        )
+    return BootScript(name, path, "keep", "already there: never overwritten")
+
+
+def _kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def _grub(backend: GrubBackend) -> tuple[BootScript, ...]:
@@ -142,7 +178,8 @@ def plan(backend: BootSelector) -> tuple[BootScript, ...]:
 
     Raises:
         BootloaderError: the script cannot be rendered for this configuration (a ``grubenv``
-            name GRUB's parser would interpret).
+            name GRUB's parser would interpret), or something that is not a file is where a
+            script goes.
     """
     for kind, planner in _PLANNERS.items():
         if isinstance(backend, kind):

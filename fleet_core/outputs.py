@@ -15,6 +15,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from fleet_core.durable import sweep_temporaries
 from fleet_core.errors import FleetError
 
 # The first bytes of a PEM private key (PKCS#8, encrypted or not, and the older typed forms):
@@ -89,3 +90,20 @@ def _holds_private_key(path: Path) -> bool:
     return first_line.startswith(_PEM_PRIVATE_KEY_BEGIN) and first_line.rstrip().endswith(
         _PEM_PRIVATE_KEY_MARK
     )
+
+
+# A temporary file of an output this old belongs to a write that was killed (kill -9, a power
+# cut): a bundle or an image of gigabytes is written in minutes, never in an hour.
+STALE_OUTPUT_S = 3600.0
+
+
+def sweep_stale_outputs(output: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporaries that earlier, killed writes of ``output`` left beside it (the
+    :data:`fleet_core.durable.TEMPORARY` names of this one file, unchanged for
+    :data:`STALE_OUTPUT_S`): each is as big as the output, and nothing else ever removes
+    them. Another file's temporaries, and a write in flight, are left alone. Returns the files
+    removed; one that cannot be removed is left, as it was."""
+    target = Path(output)
+    directory = target.parent if str(target.parent) else Path()
+    removed, _problems = sweep_temporaries(directory, [target.name], min_age_s=STALE_OUTPUT_S)
+    return removed

@@ -23,6 +23,7 @@ from typing import BinaryIO
 import zstandard
 
 from fleet_core.durable import atomic_output
+from fleet_core.outputs import sweep_stale_outputs
 from image_builder.bundle import CHUNK, MANIFEST_NAME, SIGNATURE_NAME, SIGNATURE_PURPOSE
 from image_builder.container import BLOCK, END_OF_ARCHIVE, MemberHeader, encode_header, padding
 from image_builder.errors import BundleError
@@ -227,6 +228,7 @@ def create_bundle(
     envelope_length = len(
         SignatureEnvelope(tuple(Signature(k.key_id, bytes(64)) for k in keys)).to_bytes()
     )
+    sweep_stale_outputs(output)
     with atomic_output(output) as out:
         out.seek(_member_span(manifest_length) + _member_span(envelope_length))
         entries = []

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Final
 
 from fleet_core.durable import atomic_output
+from fleet_core.outputs import sweep_stale_outputs
 from image_builder.errors import ImageBuildError
 from image_builder.filesystem import build_filesystem_image
 
@@ -209,6 +210,7 @@ def build_disk(
     total = offset + _GPT_TAIL
     _check_disk_size(prefix, [spec.size_bytes for spec in partitions])
     script = _sfdisk_script(disk_name, placed)
+    sweep_stale_outputs(output)
     try:
         with atomic_output(output) as out:
             out.truncate(total)

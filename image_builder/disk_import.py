@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import BinaryIO, Final
 
 from fleet_core.durable import atomic_output
+from fleet_core.outputs import sweep_stale_outputs
 from image_builder.errors import DiskImportError
 
 __all__ = ["ImportedPartition", "import_disk_image"]
@@ -407,6 +408,8 @@ def _copy_out(
 ) -> list[ImportedPartition]:
     targets = [out_dir / rule.file_name for rule, _ in chosen]
     existed = {target: target.exists() for target in targets}
+    for target in targets:
+        sweep_stale_outputs(target)
     try:
         with contextlib.ExitStack() as stack:
             for target, (_, entry) in zip(targets, chosen, strict=True):

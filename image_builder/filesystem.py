@@ -52,6 +52,7 @@ from types import MappingProxyType
 from typing import Final
 
 from fleet_core.durable import atomic_output
+from fleet_core.outputs import sweep_stale_outputs
 from image_builder.errors import ImageBuildError
 
 __all__ = [
@@ -244,6 +245,7 @@ def build_filesystem_image(
             f" ({limit} bytes, {limit >> 40} TiB)"
         )
     epoch = _resolve_epoch(prefix, source_date_epoch)
+    sweep_stale_outputs(output)
     try:
         with atomic_output(output) as out:
             request = _BuildRequest(

@@ -6,6 +6,7 @@ runs, so it runs in process."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,21 @@ def test_helper_accepts_an_existing_output_that_is_no_input(tmp_path: Path) -> N
     with pytest.raises(OutputPathError, match="is the input"):
         os.link(tmp_path / "in", tmp_path / "hard")
         refuse_output_over_inputs(tmp_path / "hard", [tmp_path / "in"])
+
+
+def test_bundle_create_removes_what_killed_runs_of_the_same_output_left(lab: Path) -> None:
+    """A kill -9 during bundle create leaves a hidden temporary as big as the bundle; the next
+    create of the same output removes those older than an hour, and nothing else."""
+    old = time.time() - 2 * 3600
+    stale = lab / ".b.bundle.k1ll3d00.tmp"
+    recent = lab / ".b.bundle.inflight.tmp"
+    other = lab / ".c.bundle.k1ll3d00.tmp"
+    for path in (stale, recent, other):
+        path.write_bytes(b"partial")
+    for path in (stale, other):
+        os.utime(path, (old, old))
+    result = create(lab, key=lab / "release.pem", image=lab / "root.ext4", output=lab / "b.bundle")
+    assert result.exit_code == 0, result.output
+    assert not stale.exists()
+    assert recent.exists() and other.exists()
+    assert (lab / "b.bundle").stat().st_size > 4096

@@ -32,6 +32,7 @@ import contextlib
 import fcntl
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -251,14 +252,35 @@ def _read_trusted(path: Path) -> dict[str, Ed25519PublicKey]:
     return trusted
 
 
-def _read_revoked(path: Path) -> frozenset[str]:
-    revoked_path = path / REVOKED_FILE
-    if not revoked_path.exists():
-        return frozenset()
+def _read_text(path: Path, name: str) -> str | None:
+    """The text of the keyring file ``name`` (UTF-8), or None when there is none.
+
+    Only a regular file is read: a FIFO or a device is refused before it is opened for good (a
+    FIFO no process writes to would block every command reading the keyring), and checked
+    again on the descriptor, opened without blocking.
+
+    Raises:
+        KeyringError: the file is not a regular file, cannot be read, or is not UTF-8.
+    """
+    file_path = path / name
     try:
-        text = revoked_path.read_text("utf-8")
+        if not stat.S_ISREG(file_path.stat().st_mode):
+            raise KeyringError(f"keyring {path}: cannot read {name}: not a regular file")
+        fd = os.open(file_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise KeyringError(f"keyring {path}: cannot read {name}: not a regular file")
+            return file.read().decode("utf-8")
+    except FileNotFoundError:
+        return None
     except (OSError, UnicodeDecodeError) as err:
-        raise KeyringError(f"keyring {path}: cannot read {REVOKED_FILE}: {err}") from err
+        raise KeyringError(f"keyring {path}: cannot read {name}: {err}") from err
+
+
+def _read_revoked(path: Path) -> frozenset[str]:
+    text = _read_text(path, REVOKED_FILE)
+    if text is None:
+        return frozenset()
     revoked = set()
     for number, line in enumerate(text.splitlines(), start=1):
         entry = line.split("#", 1)[0].strip()
@@ -274,12 +296,12 @@ def _read_revoked(path: Path) -> frozenset[str]:
 
 
 def _read_threshold(path: Path) -> int:
-    config_path = path / CONFIG_FILE
-    if not config_path.exists():
+    text = _read_text(path, CONFIG_FILE)
+    if text is None:
         return 1
     try:
-        config = tomllib.loads(config_path.read_text("utf-8"))
-    except (OSError, ValueError, RecursionError) as err:  # ValueError: TOML, UTF-8, huge ints
+        config = tomllib.loads(text)
+    except (ValueError, RecursionError) as err:  # ValueError: TOML, UTF-8, huge ints
         raise KeyringError(f"keyring {path}: cannot read {CONFIG_FILE}: {err}") from err
     unknown = unknown_names(config, {"threshold"})
     if unknown:
@@ -348,8 +370,7 @@ def revoke_key(directory: str | os.PathLike[str], revoked_key_id: str) -> None:
                 f"keyring {path}: revoking {revoked_key_id} would leave {left} trusted key(s), "
                 f"below the threshold {threshold}: {way_out}"
             )
-        revoked_path = path / REVOKED_FILE
-        old = revoked_path.read_text("utf-8") if revoked_path.exists() else ""
+        old = _read_text(path, REVOKED_FILE) or ""
         if old and not old.endswith("\n"):
             old += "\n"
         _write(path, REVOKED_FILE, (old + revoked_key_id + "\n").encode())

@@ -1,5 +1,6 @@
 """Key files against other processes: two key generations racing for one name, and a key file
-that is a FIFO no process writes to (read, it would block the command for ever)."""
+or keyring file that is a FIFO no process writes to (read, it would block the command for
+ever)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from fleet_core.cli import fleet
-from signing.errors import KeyFileError
+from signing.errors import KeyFileError, KeyringError
+from signing.keyring import Keyring, revoke_key, set_threshold, trust_key
 from signing.keys import (
     generate_key,
     key_id,
@@ -111,3 +113,36 @@ def test_a_fifo_given_as_a_key_file_is_refused_without_blocking(tmp_path: Path) 
 def test_a_directory_given_as_a_key_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="not a regular file"):
         load_public_key(tmp_path)
+
+
+def _keyring_call(call: Callable[[], object]) -> Callable[[], object]:
+    def run() -> None:
+        try:
+            call()
+        except KeyringError as err:
+            assert "not a regular file" in str(err), err
+            sys.exit(REFUSED)
+
+    return run
+
+
+@pytest.mark.parametrize("name", ["revoked.txt", "keyring.toml"])
+def test_a_keyring_file_that_is_a_fifo_is_refused_without_blocking(
+    tmp_path: Path, name: str
+) -> None:
+    key = generate_key(tmp_path / "a")
+    ring = tmp_path / "ring"
+    trust_key(ring, tmp_path / "a.pub")
+    os.mkfifo(ring / name)
+    calls = [
+        lambda: Keyring.load(ring),
+        lambda: revoke_key(ring, key.key_id),
+        lambda: trust_key(ring, tmp_path / "a.pub"),  # reads revoked.txt only
+        lambda: set_threshold(ring, 1),  # replaces keyring.toml, reads revoked.txt
+    ]
+    statuses = [finishes(_keyring_call(call)) for call in calls]
+    if name == "revoked.txt":
+        assert statuses == [REFUSED] * 4
+    else:
+        assert statuses == [REFUSED, REFUSED, 0, 0]
+        assert Keyring.load(ring).threshold == 1

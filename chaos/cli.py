@@ -26,6 +26,7 @@ import click
 from chaos.fleet import PLAIN_SLOT_SIZES, ROLES, MemberSpec
 from chaos.virtual_device import FaultProfile
 from fleet_core.errors import FleetError
+from fleet_core.inputs import refuse_non_regular_input
 from fleet_core.params import FiniteFloatRange
 from fleet_core.suggest import unknown_names
 from fleet_core.text import printable
@@ -69,6 +70,10 @@ def read_specs(devices: int, faults: Path | None) -> list[MemberSpec]:
     """
     specs: list[MemberSpec] = []
     if faults is not None:
+        try:
+            refuse_non_regular_input(faults, "--faults")
+        except FleetError as err:
+            raise FaultsFileError(str(err)) from err
         try:
             text = faults.read_text("utf-8")
             document = tomllib.loads(text)

@@ -28,6 +28,7 @@ from typing import BinaryIO, cast
 
 import zstandard
 
+from fleet_core.inputs import InputPathError, refuse_non_regular_input
 from image_builder.container import BLOCK, MemberHeader, decode_header, padding
 from image_builder.errors import BundleError, BundleFormatError, ImageIntegrityError
 from image_builder.manifest import MAX_MANIFEST_BYTES, ImageEntry, Manifest, epoch
@@ -506,8 +507,13 @@ def verify_stream(
 
 @contextmanager
 def open_bundle(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """Open a bundle file for reading, turning "cannot open" into a :class:`BundleError`."""
+    """Open a bundle file for reading, turning "cannot open" into a :class:`BundleError`; a
+    path that is not a regular file (a FIFO would block) is refused before it is opened."""
     bundle_path = Path(path)
+    try:
+        refuse_non_regular_input(bundle_path)
+    except InputPathError as err:
+        raise BundleError(str(err)) from err
     try:
         stream = open(bundle_path, "rb")  # noqa: SIM115 (closed below; open errors are ours)
     except OSError as err:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from fleet_core.errors import FleetError
+from fleet_core.inputs import refuse_non_regular_input
 from fleet_core.outputs import refuse_output_over_inputs
 from fleet_core.progress import progress
 from fleet_core.text import printable
@@ -259,6 +260,7 @@ def _parse_image(text: str) -> ImageSource:
 
 
 def _load_key(path: Path, passphrase_file: Path | None, *, prompt_on_stderr: bool) -> SigningKey:
+    refuse_non_regular_input(path, "--key")
     passphrase = read_passphrase(passphrase_file)
     if passphrase is None and path.is_file() and private_key_is_encrypted(path):
         passphrase = click.prompt(

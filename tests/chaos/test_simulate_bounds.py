@@ -6,6 +6,7 @@ step of 0 would never end, a speed of 0 divides by zero). Nothing here reaches a
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,17 @@ def test_a_devices_path_that_is_a_link_or_a_file_is_refused(tmp_path: Path) -> N
             fresh_devices_dir(path)
     assert (elsewhere / "keep").read_text() == "k"
     assert (tmp_path / "file").read_text() == "f"
+
+
+def test_a_faults_file_that_is_a_fifo_is_refused_before_it_is_opened(tmp_path: Path) -> None:
+    fifo = tmp_path / "faults.toml"
+    os.mkfifo(fifo)
+    # a writer that closes at once: were the FIFO opened, it would read as empty, not block
+    writer = threading.Thread(target=lambda: open(fifo, "wb").close(), daemon=True)
+    writer.start()
+    try:
+        with pytest.raises(FaultsFileError, match=r"--faults .*: not a regular file \(a FIFO\)"):
+            read_specs(3, fifo)
+    finally:
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        writer.join(timeout=10)

@@ -1,0 +1,50 @@
+"""The check every command makes on a file it is about to read.
+
+Opening a FIFO for reading blocks until something writes to it, and a directory or a device
+node is no input a command understands: a path named as an input file that exists and is not a
+regular file is refused before it is opened, naming it and what it is.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from fleet_core.errors import FleetError
+
+
+class InputPathError(FleetError):
+    """A path named as an input file that is not a regular file."""
+
+
+def kind_of(mode: int) -> str:
+    """What a file of ``st_mode`` ``mode`` is, in words: ``a directory``, ``a FIFO``..."""
+    for test, kind in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def refuse_non_regular_input(path: str | os.PathLike[str], what: str = "") -> None:
+    """Refuse ``path`` (named ``what``, e.g. ``--faults``, in the message) when it exists and is
+    not a regular file, following symbolic links. A missing path is left to the caller, whose
+    own open says so in its words.
+
+    Raises:
+        InputPathError: ``WHAT PATH: not a regular file (a FIFO)``.
+    """
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        prefix = f"{what} {path}" if what else str(path)
+        raise InputPathError(f"{prefix}: not a regular file ({kind_of(mode)})")

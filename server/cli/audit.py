@@ -21,6 +21,7 @@ from server.cli.common import (
     api_client,
     api_options,
     database_options,
+    existing_data_dir,
     open_database,
     show,
     uses_database,
@@ -114,7 +115,7 @@ def _server_signing_key(data_dir: Path | None) -> SigningKey:
     """The server key in ``data_dir`` (the audit heads are signed with it).
 
     Raises:
-        ClientConfigError: no data directory given.
+        ClientConfigError: no data directory given, or one that does not exist.
         KeyFileError: the key is missing or unusable.
     """
     from server.settings import Settings
@@ -122,7 +123,7 @@ def _server_signing_key(data_dir: Path | None) -> SigningKey:
 
     if data_dir is None:
         raise ClientConfigError("the server key is in the data directory: give --data-dir")
-    return load_private_key(Settings.create(data_dir).server_key_path)
+    return load_private_key(Settings.create(existing_data_dir(data_dir)).server_key_path)
 
 
 @audit.command()

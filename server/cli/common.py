@@ -145,16 +145,48 @@ def _keep_ca_file(context: click.Context, _param: click.Parameter, value: Path |
     context.meta[CA_FILE_META] = value
 
 
-def open_database(data_dir: Path | None, database_url: str | None) -> Database:
-    """The server's database, migrated to the newest schema.
+SQLITE_FILE = "data.db"  # the database in a data directory (server.settings)
+
+
+def existing_data_dir(data_dir: Path) -> Path:
+    """``data_dir``, which must exist: only ``fleet server run`` makes one (server.settings
+    would make any directory it is given).
 
     Raises:
-        ClientConfigError: neither a data directory nor a database URL.
+        ClientConfigError: it does not exist, or is no directory.
+    """
+    if not data_dir.is_dir():
+        raise ClientConfigError(
+            f"{data_dir}: no such directory ('fleet server run --data-dir DIR' creates one)"
+        )
+    return data_dir
+
+
+def open_database(
+    data_dir: Path | None, database_url: str | None, *, initialise: bool = False
+) -> Database:
+    """The server's database, migrated to the newest schema.
+
+    Only ``fleet server run`` makes a data directory: a mistyped ``--data-dir`` must not become
+    a new, empty database whose tokens are valid nowhere. A data directory that does not exist
+    is refused; one without its database yet is refused too, unless ``initialise`` (``fleet
+    server token create``: the first admin token, which an installation makes before the first
+    start, in the directory it made).
+
+    Raises:
+        ClientConfigError: neither a data directory nor a database URL; a data directory that
+            does not exist, or (without ``initialise``) holds no database.
     """
     from server.database import Database
     from server.settings import Settings
 
     if data_dir is not None:
+        existing_data_dir(data_dir)
+        if database_url is None and not initialise and not (data_dir / SQLITE_FILE).is_file():
+            raise ClientConfigError(
+                f"{data_dir}: no server database in it ('fleet server run --data-dir DIR' "
+                "creates one)"
+            )
         url = Settings.create(data_dir, database_url=database_url).database_url
     elif database_url is not None:
         url = database_url

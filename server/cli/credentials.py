@@ -80,7 +80,7 @@ def token_create(
         raise click.BadParameter(str(err), param_hint="--name") from None
     if not 1 <= len(name) <= 128:
         raise click.BadParameter("1 to 128 characters", param_hint="--name")
-    db = open_database(data_dir, database_url)
+    db = open_database(data_dir, database_url, initialise=True)
     secret = create_operator_token(
         db, name=name, role=Role.parse(role), created_by=cli_actor(), now=now, expires=expires
     )

@@ -142,10 +142,10 @@ def _group(group: Any, where: _Where, devices: int) -> list[MemberSpec]:
             f"{', '.join(PROFILE_KEYS)}"
         )
     count = group.get("count", 1)
-    if type(count) is not int or not 0 <= count <= devices:
-        raise FaultsFileError(
-            f"{where('count')}: a whole number from 0 to {devices} (--devices), not {count!r}"
-        )
+    if type(count) is not int or count < 0:
+        raise FaultsFileError(f"{where('count')}: a whole number, 0 or more, not {count!r}")
+    if count > devices:  # before a list of that many is made
+        raise FaultsFileError(f"{where('count')}: {count} devices, more than {devices} (--devices)")
     role = group.get("role", "camera")
     if role not in ROLES:
         raise FaultsFileError(

@@ -160,3 +160,15 @@ def test_bundle_create_removes_what_killed_runs_of_the_same_output_left(lab: Pat
     assert not stale.exists()
     assert recent.exists() and other.exists()
     assert (lab / "b.bundle").stat().st_size > 4096
+
+
+def test_image_rootfs_refuses_a_fifo_or_a_private_key_as_output(lab: Path) -> None:
+    fifo = lab / "pipe"
+    os.mkfifo(fifo)
+    key = lab / "release.pem"
+    before = key.read_bytes()
+    for output, fragment in ((fifo, "not a regular file"), (key, "holds a private key")):
+        result = invoke("image", "rootfs", lab / "tree", "--size", "8M", "-o", output)
+        assert_one_line_error(result, fragment)
+    assert key.read_bytes() == before
+    assert fifo.is_fifo()

@@ -15,7 +15,11 @@ from fleet_core.errors import FleetError
 
 
 class InputPathError(FleetError):
-    """A path named as an input file that is not a regular file."""
+    """A path named as an input file that is not a regular file (``kind`` says what it is)."""
+
+    def __init__(self, message: str, kind: str = "not a regular file") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def kind_of(mode: int) -> str:
@@ -47,4 +51,23 @@ def refuse_non_regular_input(path: str | os.PathLike[str], what: str = "") -> No
         return
     if not stat.S_ISREG(mode):
         prefix = f"{what} {path}" if what else str(path)
-        raise InputPathError(f"{prefix}: not a regular file ({kind_of(mode)})")
+        raise InputPathError(f"{prefix}: not a regular file ({kind_of(mode)})", kind_of(mode))
+
+
+def read_regular_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of the regular file at ``path``: the one way a file that may have been replaced
+    by a FIFO or a device (a key, a keyring's records, a configuration) is read. The name is
+    checked, then the file is opened without blocking and checked again by its descriptor (the
+    name may have been replaced in between), so a FIFO no process writes to never blocks.
+
+    Raises:
+        InputPathError: ``path`` is not a regular file.
+        OSError: it cannot be opened or read (``FileNotFoundError`` when it is missing).
+    """
+    refuse_non_regular_input(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        mode = os.fstat(file.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise InputPathError(f"{path}: not a regular file ({kind_of(mode)})", kind_of(mode))
+        return file.read()

@@ -32,7 +32,6 @@ import contextlib
 import fcntl
 import os
 import re
-import stat
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fleet_core.durable import atomic_write
+from fleet_core.inputs import InputPathError, read_regular_file
 from fleet_core.suggest import unknown_names
 from signing.errors import (
     BadSignatureError,
@@ -253,26 +253,20 @@ def _read_trusted(path: Path) -> dict[str, Ed25519PublicKey]:
 
 
 def _read_text(path: Path, name: str) -> str | None:
-    """The text of the keyring file ``name`` (UTF-8), or None when there is none.
-
-    Only a regular file is read: a FIFO or a device is refused before it is opened for good (a
-    FIFO no process writes to would block every command reading the keyring), and checked
-    again on the descriptor, opened without blocking.
+    """The text of the keyring file ``name`` (UTF-8), or None when there is none. Only a
+    regular file is read (:func:`fleet_core.inputs.read_regular_file`): a FIFO no process writes
+    to would block every command reading the keyring.
 
     Raises:
         KeyringError: the file is not a regular file, cannot be read, or is not UTF-8.
     """
-    file_path = path / name
     try:
-        if not stat.S_ISREG(file_path.stat().st_mode):
-            raise KeyringError(f"keyring {path}: cannot read {name}: not a regular file")
-        fd = os.open(file_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as file:
-            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-                raise KeyringError(f"keyring {path}: cannot read {name}: not a regular file")
-            return file.read().decode("utf-8")
+        return read_regular_file(path / name).decode("utf-8")
     except FileNotFoundError:
         return None
+    except InputPathError as err:
+        message = f"keyring {path}: cannot read {name}: not a regular file ({err.kind})"
+        raise KeyringError(message) from err
     except (OSError, UnicodeDecodeError) as err:
         raise KeyringError(f"keyring {path}: cannot read {name}: {err}") from err
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from fleet_core.durable import boundary, fsync_dir
+from fleet_core.inputs import InputPathError, read_regular_file
 from signing.errors import KeyFileError
 from signing.points import public_key_problem
 
@@ -149,21 +149,12 @@ def _create_new(path: Path, data: bytes, mode: int) -> None:
 
 
 def _read(path: Path, what: str) -> bytes:
-    """The bytes of the key file at ``path``: the one place a key file is read.
-
-    Only a regular file is read. A FIFO, a device or a directory is refused before it is
-    opened for good, so a key file that is a pipe no writer feeds never blocks the command: the
-    file is checked by name, then opened without blocking and checked again by descriptor (the
-    name might have been replaced in between).
-    """
+    """The bytes of the key file at ``path``: the one place a key file is read, and only a
+    regular file (:func:`fleet_core.inputs.read_regular_file`: a FIFO never blocks)."""
     try:
-        if not stat.S_ISREG(path.stat().st_mode):
-            raise KeyFileError(f"{path}: cannot read {what}: not a regular file")
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as file:
-            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-                raise KeyFileError(f"{path}: cannot read {what}: not a regular file")
-            return file.read()
+        return read_regular_file(path)
+    except InputPathError as err:
+        raise KeyFileError(f"{path}: cannot read {what}: not a regular file ({err.kind})") from err
     except OSError as err:
         raise KeyFileError(f"{path}: cannot read {what}: {err.strerror}") from err
 

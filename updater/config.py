@@ -74,6 +74,7 @@ from typing import Any
 from bootloader_hooks.base import AUTO, check_options
 from fleet_core.durable import atomic_write
 from fleet_core.errors import FleetError
+from fleet_core.inputs import InputPathError, read_regular_file
 from fleet_core.settings import Section, Setting, names, required
 from fleet_core.suggest import unknown_names
 from updater.errors import ConfigError
@@ -814,7 +815,10 @@ def load_config(
     """
     problems: list[str] = []
     try:
-        text = path.read_bytes()
+        text = read_regular_file(path)
+    except InputPathError as err:
+        problems.append(f"{path}: cannot read: not a regular file ({err.kind})")
+        text = None
     except OSError as err:
         problems.append(f"{path}: cannot read: {err.strerror}")
         text = None
@@ -830,8 +834,8 @@ def load_config(
     fallback_dir = data_dir or UpdaterConfig().data_dir
     last_good = fallback_dir / LAST_GOOD_NAME
     try:
-        config = parse_config(last_good.read_bytes(), str(last_good))
-    except OSError:
+        config = parse_config(read_regular_file(last_good), str(last_good))
+    except (OSError, InputPathError):
         pass
     except ConfigError as err:
         problems.append(str(err))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bootloader_hooks.errors import BootloaderError
-from updater.config import LAST_GOOD_NAME, ConfigError, UpdaterConfig, load_config, parse_config
+from updater.config import (
+    LAST_GOOD_NAME,
+    ConfigError,
+    LoadedConfig,
+    UpdaterConfig,
+    load_config,
+    parse_config,
+)
 
 GOOD = b"""
 compatible = "metrica-rpi4"
@@ -145,6 +154,31 @@ def test_corrupted_config_falls_back_to_last_good(tmp_path: Path) -> None:
     assert second.source.endswith(LAST_GOOD_NAME)
     assert second.config == first.config
     assert len(second.problems) == 1 and str(path) in second.problems[0]
+
+
+def test_a_config_replaced_by_a_fifo_falls_back_at_once(tmp_path: Path) -> None:
+    """A FIFO (or a directory) where the configuration was is a damaged file: the updater falls
+    back to the last good one instead of blocking on a pipe nobody writes (the boot check and
+    the daemon would hang), and a FIFO in place of the last good one is passed over too."""
+    path = tmp_path / "updater.toml"
+    path.write_bytes(good(tmp_path))
+    first = load_config(path, data_dir=tmp_path / "data")
+    path.unlink()
+    os.mkfifo(path)
+    answers: list[LoadedConfig] = []
+    reader = threading.Thread(
+        target=lambda: answers.append(load_config(path, data_dir=tmp_path / "data")), daemon=True
+    )
+    reader.start()
+    reader.join(timeout=10)
+    assert answers, "load_config blocked on a FIFO"
+    second = answers[0]
+    assert second.source.endswith(LAST_GOOD_NAME) and second.config == first.config
+    assert second.problems == (f"{path}: cannot read: not a regular file (a FIFO)",)
+    last_good = tmp_path / "data" / LAST_GOOD_NAME
+    last_good.unlink()
+    os.mkfifo(last_good)
+    assert load_config(path, data_dir=tmp_path / "data").source == "defaults"
 
 
 def test_corrupted_config_and_last_good_give_defaults(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from server.errors import AuditChainBrokenError, ClientConfigError
+from server.errors import AuditChainBrokenError, ClientConfigError, ServerError
 
 if TYPE_CHECKING:
     from server.audit import AuditEntry
@@ -150,6 +150,8 @@ def head(
     'fleet audit verify --expect-head FILE' to check that nothing at or below it changed."""
     from server.anchor import SignedHead, anchor_head
 
+    if out is not None and not out.absolute().parent.is_dir():  # refused before anything is signed
+        raise ServerError(f"--out {out}: no such directory {str(out.absolute().parent)!r}")
     if uses_database(data_dir, database_url):
         key = _server_signing_key(data_dir)
         signed = anchor_head(open_database(data_dir, database_url), key, utc_now())
@@ -164,7 +166,10 @@ def head(
     if out is not None:
         from fleet_core.durable import atomic_write
 
-        atomic_write(out, text.encode())
+        try:
+            atomic_write(out, text.encode())
+        except OSError as err:
+            raise ServerError(f"--out {out}: cannot write: {err.strerror or err}") from err
     if as_json:
         report = {"head": document, "out": None if out is None else str(out)}
         click.echo(json.dumps(report, indent=2, sort_keys=True, ensure_ascii=True))

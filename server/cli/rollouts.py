@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from fleet_core.params import FiniteFloatRange
 from server.cli.common import (
     DURATION,
     PERCENT,
@@ -242,7 +243,7 @@ ENDED_BADLY = ("halted", "aborted")
     help="Follow until no rollout (or ROLLOUT_ID) is running or paused; exit 0 when it completed, "
     "1 when it halted or was aborted (with none running or paused: the newest).",
 )  # fmt: skip
-@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(0.1, 3600))
+@click.option("--interval", default=2.0, show_default=True, type=FiniteFloatRange(0.1, 3600))
 @click.option("--all", "show_all", is_flag=True, help="Every rollout, not only the latest five.")
 def rollout_status(
     rollout_id: int | None,

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from fleet_core.params import FiniteFloatRange
 from server.cli.common import (
     DURATION,
     METRICS_NETWORKS_ENV,
@@ -58,14 +59,14 @@ def server() -> None:
 )
 @click.option(
     "--time-scale",
-    type=click.FloatRange(min=1.0),
+    type=FiniteFloatRange(min=1.0),
     default=1.0,
     show_default=True,
     help="Run the server's clock this many times faster (labs and demos: soaks in seconds).",
 )
 @click.option(
     "--rollout-interval",
-    type=click.FloatRange(min=0.05),
+    type=FiniteFloatRange(min=0.05),
     default=5.0,
     show_default=True,
     help="Real seconds between evaluations of the rollouts.",
@@ -99,14 +100,14 @@ def server() -> None:
 )
 @click.option(
     "--header-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     default=10.0,
     show_default=True,
     help="Seconds a client has to send a request's line and headers; then 408, connection closed.",
 )
 @click.option(
     "--body-read-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     default=30.0,
     show_default=True,
     help="Seconds a client may pause while sending a request body; then 408.",
@@ -127,7 +128,7 @@ def server() -> None:
 )
 @click.option(
     "--leftover-age",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     default=3600.0,
     show_default=True,
     help="Seconds after its last write that a temporary blob or a partial upload left by an "
@@ -135,7 +136,7 @@ def server() -> None:
 )
 @click.option(
     "--startup-leftover-age",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=60.0,
     show_default=True,
     help="The same, at start (short: only another process sharing the data directory can be "

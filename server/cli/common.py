@@ -137,7 +137,16 @@ def api_options(function: F) -> F:
         "system's store).",
     )(function)
     function = click.option("--token", help="Operator token (or $FLEET_TOKEN).")(function)
-    return click.option("--server", help="Server URL (or $FLEET_SERVER).")(function)
+    return click.option("--server", callback=_not_empty, help="Server URL (or $FLEET_SERVER).")(
+        function
+    )
+
+
+def _not_empty(_context: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    # an empty --server must not fall back to $FLEET_SERVER, perhaps another (production) server
+    if value is not None and not value.strip():
+        raise click.BadParameter("empty: give the server's URL, or leave the option out")
+    return value
 
 
 def _keep_ca_file(context: click.Context, _param: click.Parameter, value: Path | None) -> None:

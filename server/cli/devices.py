@@ -220,7 +220,18 @@ def remove(reference: str, yes: bool, server: str | None, token: str | None, as_
     (device_id,) = resolve_devices(client, [reference])
     if not yes:
         hostname = client.get(f"/api/v1/devices/{device_id}")["hostname"]
-        click.confirm(printable(f"remove device {device_id} ({hostname})?"), abort=True, err=True)
+        try:
+            confirmed = click.confirm(
+                printable(f"remove device {device_id} ({hostname})?"), err=True
+            )
+        except click.Abort:  # no answer (no terminal, end of input)
+            click.echo("", err=True)  # ends the question's line
+            raise ClientConfigError(
+                f"device {device_id} not removed: no answer to the confirmation (pass --yes to "
+                "remove it without asking)"
+            ) from None
+        if not confirmed:
+            raise click.Abort
     answer = client.delete(f"/api/v1/devices/{device_id}")
     _report(answer, as_json, lambda a: f"device {a['id']} ({a['hostname']}) removed")
 

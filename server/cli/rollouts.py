@@ -20,7 +20,7 @@ from server.cli.common import (
     show,
 )
 from server.cli.devices import resolve_devices
-from server.errors import ServerError
+from server.errors import RequestRejectedError, ServerError
 
 if TYPE_CHECKING:
     from server.client import Answer
@@ -36,6 +36,23 @@ def parse_stages(text: str) -> list[int]:
         return [int(part.strip().removesuffix("%")) for part in text.split(",")]
     except ValueError:
         raise click.BadParameter(f"{text!r}: give percentages such as 5,25,100") from None
+
+
+def checked_stages(text: str) -> list[int]:
+    """``--stages`` as the server's rule takes it (``server.rollouts.check_percents``), checked
+    before any request: a usage error naming the option.
+
+    Raises:
+        click.BadParameter: not percentages, or not increasing from 1 to 100 ending with 100.
+    """
+    from server.errors import InvalidRolloutError
+    from server.rollouts import check_percents
+
+    stages = parse_stages(text)
+    try:
+        return list(check_percents(stages))
+    except InvalidRolloutError as err:
+        raise click.BadParameter(str(err)) from None
 
 
 @click.group()
@@ -159,7 +176,10 @@ def render_rollout(r: dict[str, Any]) -> list[str]:
     "--device", "devices", multiple=True,
     help="Limit the rollout to these DEVICEs (id, unique id prefix or hostname; repeat).",
 )  # fmt: skip
-@click.option("--stages", default="5,25,100", show_default=True, help="Percentages, ending 100.")
+@click.option(
+    "--stages", default="5,25,100", show_default=True, callback=lambda _c, _p, v: checked_stages(v),
+    help="Percentages, increasing, ending 100.",
+)  # fmt: skip
 @click.option(
     "--soak", type=DURATION, default="15m", show_default=True, help="Soak time of each stage."
 )
@@ -189,7 +209,7 @@ def rollout_start(
     version: str,
     canary: tuple[str, ...],
     devices: tuple[str, ...],
-    stages: str,
+    stages: list[int],
     soak: int,
     max_failure: float,
     install_deadline: int,
@@ -216,7 +236,7 @@ def rollout_start(
         "version": version,
         "device_ids": named[len(canary) :] or None,
         "canary": named[: len(canary)],
-        "stages": parse_stages(stages),
+        "stages": stages,
         "soak_s": soak,
         "max_failure_rate": max_failure,
         "install_deadline_s": install_deadline,
@@ -224,7 +244,21 @@ def rollout_start(
         "offline_after_s": offline_after,
         "allow_empty": allow_empty,
     }
-    _print_rollout(client.post("/api/v1/rollouts", document), as_json)
+    try:
+        answer = client.post("/api/v1/rollouts", document)
+    except RequestRejectedError as err:
+        # the API names its field; the operator's is the option
+        if API_ANYWAY not in str(err):
+            raise
+        raise RequestRejectedError(
+            str(err).replace(API_ANYWAY, "(--allow-empty starts it anyway)"),
+            status=err.status,
+            code=err.code,
+        ) from err
+    _print_rollout(answer, as_json)
+
+
+API_ANYWAY = "(allow_empty starts it anyway)"  # server.rollouts' refusal of an empty rollout
 
 
 class RolloutFailedError(ServerError):

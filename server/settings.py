@@ -26,6 +26,8 @@ from sqlalchemy.engine import URL
 from server.errors import SettingsError
 from server.scrape import Network, parse_networks
 
+SQLITE_FILE = "data.db"  # the database in a data directory, unless another is named
+
 DEFAULT_MAX_UPLOAD_BYTES = 8 * 1024**3
 # What a device may send in one request (docs/device-protocol.md); operator JSON bodies too.
 MAX_JSON_BODY_BYTES = 64 * 1024
@@ -178,7 +180,7 @@ class Settings:
         if database_url is None:
             # URL.create escapes what a path may hold and a URL may not ('?', '#', '%')
             database_url = URL.create(
-                "sqlite", database=str(directory / "data.db")
+                "sqlite", database=str(directory / SQLITE_FILE)
             ).render_as_string()
         elif not database_url.startswith(("sqlite:", "postgresql:", "postgresql+")):
             raise SettingsError(

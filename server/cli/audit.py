@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from fleet_core.outputs import refuse_output_over_inputs
 from server.errors import AuditChainBrokenError, ClientConfigError, ServerError
 
 if TYPE_CHECKING:
@@ -150,8 +151,10 @@ def head(
     'fleet audit verify --expect-head FILE' to check that nothing at or below it changed."""
     from server.anchor import SignedHead, anchor_head
 
-    if out is not None and not out.absolute().parent.is_dir():  # refused before anything is signed
-        raise ServerError(f"--out {out}: no such directory {str(out.absolute().parent)!r}")
+    if out is not None:  # refused before anything is signed
+        if not out.absolute().parent.is_dir():
+            raise ServerError(f"--out {out}: no such directory {str(out.absolute().parent)!r}")
+        refuse_output_over_inputs(out, option="--out")  # never over a private key, say
     if uses_database(data_dir, database_url):
         key = _server_signing_key(data_dir)
         signed = anchor_head(open_database(data_dir, database_url), key, utc_now())

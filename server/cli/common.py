@@ -154,9 +154,6 @@ def _keep_ca_file(context: click.Context, _param: click.Parameter, value: Path |
     context.meta[CA_FILE_META] = value
 
 
-SQLITE_FILE = "data.db"  # the database in a data directory (server.settings)
-
-
 def existing_data_dir(data_dir: Path) -> Path:
     """``data_dir``, which must exist: only ``fleet server run`` makes one (server.settings
     would make any directory it is given).
@@ -187,7 +184,7 @@ def open_database(
             does not exist, or (without ``initialise``) holds no database.
     """
     from server.database import Database
-    from server.settings import Settings
+    from server.settings import SQLITE_FILE, Settings
 
     if data_dir is not None:
         existing_data_dir(data_dir)

@@ -96,5 +96,22 @@ def test_audit_head_out_that_cannot_be_written_is_one_error_line(
     heads.mkdir()
     too_long = heads / ("x" * 300)  # (the tests run as root: no permission stops them)
     result = run("audit", "head", *data_dir_args(harness), "--out", too_long)
-    assert_one_line_error(result, f"--out {too_long}: cannot write: File name too long")
+    # refused by the check every output gets, before anything is signed or written
+    assert_one_line_error(result, f"--out {too_long}: cannot check it: File name too long")
+    assert harness.count(AuditAnchorRow) == 0
     assert list(heads.iterdir()) == []
+
+
+def test_audit_head_out_never_overwrites_a_private_key(harness: Harness, tmp_path: Path) -> None:
+    """--out is the rule of every output (fleet_core.outputs): a signing key named by mistake
+    stays as it was, and nothing is signed."""
+    from signing.keys import generate_key
+
+    generate_key(tmp_path / "release")
+    key = tmp_path / "release.pem"
+    before = key.read_bytes()
+    fill(harness)
+    result = run("audit", "head", *data_dir_args(harness), "--out", key)
+    assert_one_line_error(result, "private key")
+    assert key.read_bytes() == before
+    assert harness.count(AuditAnchorRow) == 0

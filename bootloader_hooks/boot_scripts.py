@@ -42,6 +42,7 @@ from bootloader_hooks.grub import CFG_FILE, GrubBackend
 from bootloader_hooks.grub_script import DEFAULT_ENTRIES, grub_cfg, write_cfg_file
 from bootloader_hooks.uboot import UBootBackend
 from bootloader_hooks.uboot_script import boot_script, compile_boot_script
+from fleet_core.inputs import kind_of
 
 BOOT_SCR = "boot.scr"
 # The board the uboot backend's boot.scr is written for when provisioning writes one: the
@@ -103,23 +104,10 @@ def _planned(name: str, path: Path, detail: str, write: Callable[[Path], object]
             ) from None
     if not stat.S_ISREG(mode):
         raise BootloaderError(
-            f"boot script {name}: {path} exists but is not a file ({_kind(mode)}): the firmware "
+            f"boot script {name}: {path} exists but is not a file ({kind_of(mode)}): the firmware "
             "cannot load it; remove it, or put the board's script there"
         )
     return BootScript(name, path, "keep", "already there: never overwritten")
-
-
-def _kind(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    ):
-        if test(mode):
-            return kind
-    return "not a regular file"
 
 
 def _grub(backend: GrubBackend) -> tuple[BootScript, ...]:

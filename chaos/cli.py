@@ -10,8 +10,6 @@ refuses a server whose keys differ from the pinned ones (trust on first use, as 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import re
 import shutil
 import tempfile
@@ -27,6 +25,7 @@ from chaos.fleet import PLAIN_SLOT_SIZES, ROLES, MemberSpec
 from chaos.virtual_device import FaultProfile
 from fleet_core.errors import FleetError
 from fleet_core.inputs import refuse_non_regular_input
+from fleet_core.locks import LockHeld, holding
 from fleet_core.params import FiniteFloatRange
 from fleet_core.suggest import unknown_names
 from fleet_core.text import printable
@@ -377,23 +376,15 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
     """
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        with holding(workdir / LOCK_FILE):
+            yield
+    except LockHeld as held:
+        raise SimulateError(
+            f"work directory {workdir} is in use by another fleet simulate (pid {held.holder}): "
+            "stop it, or give another --workdir"
+        ) from None
     except OSError as err:
         raise SimulateError(f"work directory {workdir}: {err.strerror}") from err
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            raise SimulateError(
-                f"work directory {workdir} is in use by another fleet simulate (pid "
-                f"{printable(holder)}): stop it, or give another --workdir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
 
 
 def fresh_devices_dir(fleet_dir: Path) -> None:
@@ -481,60 +472,39 @@ def simulate(
     """Run a virtual fleet of DEVICES devices that follows the release server: each enrolls
     with the token, checks in, installs what it is assigned (ordinary bundles for its
     --compatible, or lab images) and reboots into it. docs/simulate.md."""
-    specs = read_specs(devices, faults)
-    with workdir_lock(workdir):
-        _run(
-            specs, servers, enrollment_token, compatible, base_version, server_keys,
-            release_keys, workdir, firmware, step_s, speed, duration, workers,
-        )  # fmt: skip
-
-
-def _run(
-    specs: list[MemberSpec],
-    servers: tuple[str, ...],
-    enrollment_token: str,
-    compatible: str,
-    base_version: str,
-    server_keys: tuple[Path, ...],
-    release_keys: tuple[Path, ...],
-    workdir: Path,
-    firmware: str,
-    step_s: float,
-    speed: float,
-    duration: float,
-    workers: int,
-) -> None:
     from chaos.fleet import VirtualFleet
 
-    pinned = workdir / "pinned"
-    for line in (
-        pin_keys(pinned / "server-keyring", servers, "server", server_keys, "--server-key"),
-        pin_keys(pinned / "release-keyring", servers, "release", release_keys, "--release-key"),
-    ):
-        click.echo(printable(line))
-    fleet_dir = workdir / "devices"
-    fresh_devices_dir(fleet_dir)
-    fleet = VirtualFleet(
-        fleet_dir, specs, server_urls=servers, server_key=pinned / "server-keyring",
-        release_key=pinned / "release-keyring", enrollment_token=enrollment_token,
-        firmware=firmware, workers=workers, compatible=compatible, base_version=base_version,
-        plain_images=True, slot_sizes=PLAIN_SLOT_SIZES,
-    )  # fmt: skip
-    click.echo(
-        f"{len(fleet.members)} virtual devices ({compatible}, running {base_version}) in "
-        f"{fleet_dir}, following {', '.join(servers)}"
-    )
-    elapsed = 0.0
-    last_report = ""
-    while elapsed < duration:
-        started = time.monotonic()
-        fleet.step(step_s)
-        elapsed += step_s
-        counts = sorted(fleet.versions().items(), key=lambda item: str(item[0]))
-        versions = ", ".join(f"{version or 'none'}: {n}" for version, n in counts)
-        if versions != last_report:
-            click.echo(f"t+{elapsed:>7.0f}s  {versions}")
-            last_report = versions
-        pause = step_s / speed - (time.monotonic() - started)
-        if pause > 0:
-            time.sleep(pause)
+    specs = read_specs(devices, faults)
+    with workdir_lock(workdir):
+        pinned = workdir / "pinned"
+        for line in (
+            pin_keys(pinned / "server-keyring", servers, "server", server_keys, "--server-key"),
+            pin_keys(pinned / "release-keyring", servers, "release", release_keys, "--release-key"),
+        ):
+            click.echo(printable(line))
+        fleet_dir = workdir / "devices"
+        fresh_devices_dir(fleet_dir)
+        fleet = VirtualFleet(
+            fleet_dir, specs, server_urls=servers, server_key=pinned / "server-keyring",
+            release_key=pinned / "release-keyring", enrollment_token=enrollment_token,
+            firmware=firmware, workers=workers, compatible=compatible, base_version=base_version,
+            plain_images=True, slot_sizes=PLAIN_SLOT_SIZES,
+        )  # fmt: skip
+        click.echo(
+            f"{len(fleet.members)} virtual devices ({compatible}, running {base_version}) in "
+            f"{fleet_dir}, following {', '.join(servers)}"
+        )
+        elapsed = 0.0
+        last_report = ""
+        while elapsed < duration:
+            started = time.monotonic()
+            fleet.step(step_s)
+            elapsed += step_s
+            counts = sorted(fleet.versions().items(), key=lambda item: str(item[0]))
+            versions = ", ".join(f"{version or 'none'}: {n}" for version, n in counts)
+            if versions != last_report:
+                click.echo(f"t+{elapsed:>7.0f}s  {versions}")
+                last_report = versions
+            pause = step_s / speed - (time.monotonic() - started)
+            if pause > 0:
+                time.sleep(pause)

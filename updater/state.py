@@ -23,10 +23,8 @@ data partition wiped whole does: the device is then as it left the factory).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet_core.durable import atomic_write
+from fleet_core.locks import LockHeld, holding
 from image_builder.manifest import MAX_SECURITY_VERSION
 from updater.errors import LockedError, StateError
 
@@ -276,16 +275,8 @@ def update_lock(data_dir: Path) -> Iterator[None]:
         LockedError: another process holds it (its pid is named when known).
     """
     data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise LockedError(f"another update is running (pid {holder})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
+        with holding(data_dir / LOCK_NAME):
+            yield
+    except LockHeld as held:
+        raise LockedError(f"another update is running (pid {held.holder})") from None

@@ -21,6 +21,12 @@ from server.cli.common import (
 )
 from server.cli.devices import resolve_devices
 from server.errors import RequestRejectedError, ServerError
+from server.rollout_text import (
+    failure_rule_text,
+    selector_text,
+    skipped_text,
+    stage_text,
+)
 
 if TYPE_CHECKING:
     from server.client import Answer
@@ -114,53 +120,24 @@ def _bar(done: int, failed: int, expected: int) -> str:
     return "[" + "#" * good + "x" * bad + "." * (BAR_WIDTH - good - bad) + "]"
 
 
-def duration_text(seconds: int) -> str:
-    """``86400`` as ``1d``, ``5400`` as ``1h30m``: as the duration options are written."""
-    parts, rest = [], seconds
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if rest >= size:
-            parts.append(f"{rest // size}{unit}")
-            rest %= size
-    return "".join(parts) or "0s"
-
-
 def render_rollout(r: dict[str, Any]) -> list[str]:
     """A rollout for a terminal: a line, a progress bar per stage, and the failure rule."""
     lines = [
         f"rollout {r['id']}: {r['version']} {r['state'].upper()} at stage {r['stage_name']}"
         f" (soak {r['soak_s']} s per stage)" + (f": {r['reason']}" if r["reason"] else "")
     ]
-    selector = r.get("selector")
+    selector = selector_text(r.get("selector"))
     if selector:
-        wanted = ([f"role={selector['role']}"] if selector.get("role") else []) + [
-            f"tag={t}" for t in selector.get("tags", [])
-        ]
-        lines.append(f"  selector: {' '.join(wanted)}")
+        lines.append(f"  selector: {selector}")
     skipped = r.get("skipped_offline")
     if skipped:
-        lines.append(
-            f"  {len(skipped)} device{'s' if len(skipped) != 1 else ''} skipped: offline for more"
-            f" than {duration_text(r['offline_after_s'])} (assigned when seen again)"
-        )
+        lines.append(f"  {skipped_text(len(skipped), r['offline_after_s'])}")
     width = max(len(s["name"]) for s in r["stage_progress"])
     for index, stage in enumerate(r["stage_progress"]):
         marker = ">" if index == r["stage"] and r["state"] in ("running", "paused") else " "
         bar = _bar(stage["succeeded"], stage["failed"], stage["expected"])
-        lines.append(
-            f"{marker} {stage['name']:<{width}} {bar}"
-            f" {stage['succeeded']}/{stage['expected']} ok, {stage['failed']} failed, "
-            f"{stage['pending']} pending"
-        )
-    rule = r["failure_rule"]
-    lines.append(
-        f"  failure rule: {rule['text']}; now {rule['failed']} of {rule['assigned']} failed, "
-        f"{rule['allowed']} tolerated"
-        + (
-            f" (one failure is tolerated from {rule['min_devices_for_one_failure']} devices on)"
-            if rule["min_devices_for_one_failure"]
-            else ""
-        )
-    )
+        lines.append(f"{marker} {stage['name']:<{width}} {bar} {stage_text(stage)}")
+    lines.append(f"  failure rule: {failure_rule_text(r['failure_rule'])}")
     if r.get("acknowledged"):
         lines.append(f"  acknowledged failures: {len(r['acknowledged'])}")
     return lines

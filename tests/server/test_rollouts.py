@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from fleet_core.cli import fleet
 from server import rollouts
 from server.audit import AuditEntry, verify_chain
-from server.cli.rollouts import duration_text
 from server.database import Database
+from server.rollout_text import duration_text
 from server.rollouts import (
     Decision,
     Observation,

@@ -12,10 +12,15 @@ DEMO_DIR ?= build/demo
 APT_PACKAGES := python3 python3-venv python3-dev gcc e2fsprogs squashfs-tools dosfstools mtools \
 	fdisk zstd tar grub-common u-boot-tools libubootenv-tool prometheus postgresql \
 	prometheus-alertmanager qemu-system-x86 ovmf grub-efi-amd64-bin busybox-static haproxy \
-	mmdebstrap iproute2
+	mmdebstrap iproute2 chromium nodejs
+# The browser tier (tests/ui) drives Debian's chromium through Playwright and injects axe-core,
+# pinned in tests/ui/package-lock.json and installed with npm. Debian's nodejs comes without npm
+# (its own package, which conflicts with a nodejs from NodeSource that carries npm): ask for it
+# only where no npm is found.
+APT_PACKAGES += $(if $(shell command -v npm),,npm)
 
-.PHONY: demo test deps venv lint test-unit test-integration test-chaos test-qemu qemu-kernel benchmarks mutation-survivors clean \
-	mutation dist debian-root
+.PHONY: demo test deps venv lint test-unit test-integration test-chaos test-ui test-qemu qemu-kernel \
+	benchmarks mutation-survivors clean mutation dist debian-root ui-deps
 
 demo: venv
 	$(BIN)/fleet demo --workdir $(DEMO_DIR)
@@ -23,20 +28,56 @@ demo: venv
 # The server tests run on SQLite and, with FLEET_TEST_DATABASE_URL, on PostgreSQL too: here
 # always (FLEET_TEST_REQUIRE_POSTGRES makes the session fail if the database is missing, and
 # the recipe stops if tests/postgres.sh fails). Hypothesis runs its derandomized "ci" profile
-# (tests/conftest.py). Branch coverage of the product packages, subprocesses included, is
-# printed at the end ([tool.coverage.*] in pyproject.toml). pytest exits 5 when no test ran,
-# which fails the recipe like any failure. The tiers include schemathesis fuzzing every API route
+# (tests/conftest.py). The tiers include schemathesis fuzzing every API route
 # (tests/server/test_api_fuzz.py) and detect-secrets over the tracked files against the reviewed
 # .secrets.baseline (tests/integration/test_secrets_scan.py); both come with the test extra.
-PYTEST_COVERAGE := --cov --cov-branch --cov-report=term-missing:skip-covered
-test: lint qemu-kernel debian-root dist
-	url=$$(tests/postgres.sh) && \
-	FLEET_TEST_DATABASE_URL="$$url" FLEET_TEST_REQUIRE_POSTGRES=1 \
-	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/pytest -q $(PYTEST_COVERAGE) tests
+#
+# The QEMU tier spends its quarter of an hour mostly waiting on the emulator, so it runs as a
+# pytest process of its own beside the one running every other tier; its output goes to
+# $(QEMU_LOG), printed when both are done. Each process keeps its own coverage data
+# (COVERAGE_FILE: pytest-cov erases the files beside its data file when it starts), which are
+# combined into build/coverage/.coverage for one report of branch coverage of the product
+# packages, subprocesses included ([tool.coverage.*] in pyproject.toml). Either pytest failing
+# fails the recipe, and pytest exits 5 when no test ran, which is a failure like any other.
+# TESTS and QEMU_TESTS name the two runs' directories (the first run leaves the second out).
+TESTS ?= tests
+QEMU_TESTS ?= tests/qemu
+QEMU_LOG := build/test-artifacts/qemu.log
+COVERAGE_DIR := build/coverage
+PYTEST_COVERAGE := --cov --cov-branch --cov-report=
+test: lint qemu-kernel debian-root dist ui-deps
+	rm -rf $(COVERAGE_DIR) build/test-artifacts
+	mkdir -p $(COVERAGE_DIR)/qemu $(dir $(QEMU_LOG))
+	@url=$$(tests/postgres.sh) || exit 1; \
+	export FLEET_TEST_DATABASE_URL="$$url" FLEET_TEST_REQUIRE_POSTGRES=1 \
+		HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci}; \
+	echo "$(QEMU_TESTS) runs beside the other tiers; its output: $(QEMU_LOG)"; \
+	COVERAGE_FILE=$(CURDIR)/$(COVERAGE_DIR)/qemu/.coverage \
+		$(BIN)/pytest -q $(PYTEST_COVERAGE) $(QEMU_TESTS) >$(QEMU_LOG) 2>&1 & qemu=$$!; \
+	trap 'kill $$qemu 2>/dev/null' INT TERM; \
+	$(BIN)/pytest -q $(PYTEST_COVERAGE) --ignore=$(QEMU_TESTS) $(TESTS); rest=$$?; \
+	wait $$qemu; qemu_status=$$?; \
+	echo "===== $(QEMU_TESTS) ($(QEMU_LOG)) ====="; cat $(QEMU_LOG); \
+	[ ! -f $(COVERAGE_DIR)/.coverage ] || mv $(COVERAGE_DIR)/.coverage $(COVERAGE_DIR)/.coverage.tiers; \
+	[ ! -f $(COVERAGE_DIR)/qemu/.coverage ] || mv $(COVERAGE_DIR)/qemu/.coverage $(COVERAGE_DIR)/.coverage.qemu; \
+	$(BIN)/coverage combine -q && $(BIN)/coverage report --show-missing --skip-covered; \
+	covered=$$?; \
+	echo "pytest $(TESTS) without $(QEMU_TESTS): exit $$rest; pytest $(QEMU_TESTS): exit $$qemu_status"; \
+	[ $$rest -eq 0 ] && [ $$qemu_status -eq 0 ] && [ $$covered -eq 0 ]
 
-test-unit test-integration test-chaos: test-%: venv
-test-integration: debian-root dist
+test-unit test-integration test-chaos test-ui: test-%: venv
 	$(BIN)/pytest -q tests/$*
+test-integration: debian-root dist
+test-ui: ui-deps
+
+# What the browser tier injects into the pages (axe-core), at the versions of
+# tests/ui/package-lock.json; npm runs no package scripts. Skipped while node_modules holds what
+# the lock says (npm ci empties node_modules first, the copy of the lock is made last).
+UI_LOCK := tests/ui/package-lock.json
+ui-deps: deps
+	cmp -s $(UI_LOCK) tests/ui/node_modules/.installed-lock || { \
+		npm ci --ignore-scripts --no-audit --no-fund --prefix tests/ui && \
+		cp $(UI_LOCK) tests/ui/node_modules/.installed-lock; }
 
 # The QEMU tier boots a Debian kernel: fetched with apt-get download into build/qemu-cache once,
 # reused after (tests/qemu fetches it too if this step was skipped).

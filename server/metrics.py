@@ -90,7 +90,7 @@ from server.database import Database
 from server.devices import NEVER_REPORTED
 from server.errors import UnauthenticatedError
 from server.models import AuditRow, Device, FleetControl, Release, Rollout, RolloutDevice
-from server.rollouts import ACTIVE, Outcome, Plan, RolloutState
+from server.rollouts import ACTIVE, Outcome, Plan, RolloutState, unhealthy
 from server.settings import Clock
 
 UNMATCHED_ROUTE = "unmatched"
@@ -455,21 +455,9 @@ class FleetCollector(Collector):
 
 
 def _unhealthy(session: Session) -> int:
-    """Devices in safe mode or failed in an active rollout: the fleet guard's rule
-    (``server.rollouts``), so the alert and the automatic emergency stop agree."""
-    failed = (
-        select(RolloutDevice.device_id)
-        .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
-        .where(RolloutDevice.outcome == Outcome.FAILED, Rollout.state.in_(ACTIVE))
-    )
-    return (
-        session.scalar(
-            select(func.count())
-            .select_from(Device)
-            .where((Device.state == "safe_mode") | Device.id.in_(failed))
-        )
-        or 0
-    )
+    """Devices by the fleet guard's rule (``server.rollouts.unhealthy``), so the alert and the
+    automatic emergency stop agree."""
+    return session.scalar(select(func.count()).select_from(Device).where(unhealthy())) or 0
 
 
 class RequestMetricsMiddleware(RequestObserver):

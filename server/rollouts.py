@@ -65,7 +65,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from server import audit
@@ -714,28 +714,29 @@ def _step(db: Database, session: Session, rollout: Rollout, now: datetime) -> No
         _assign_cohort(db, session, rollout, now)
 
 
-def _fleet_guard(db: Database, session: Session, control: FleetControl, now: datetime) -> None:
-    total = session.scalar(select(func.count()).select_from(Device)) or 0
-    if total == 0 or control.emergency_stop:
-        return
-    # Only failures of active rollouts: a halted rollout's devices are on their way back.
+def unhealthy() -> ColumnElement[bool]:
+    """The fleet guard's rule, as a condition on ``devices``: a device is unhealthy in safe mode,
+    or failed in an active rollout (a halted rollout's devices are on their way back). The
+    guard, the ``fleet_devices_unhealthy`` gauge and the web console all count with it."""
     failed = (
         select(RolloutDevice.device_id)
         .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
         .where(RolloutDevice.outcome == Outcome.FAILED, Rollout.state.in_(ACTIVE))
     )
-    unhealthy = (
-        session.scalar(
-            select(func.count())
-            .select_from(Device)
-            .where((Device.state == "safe_mode") | Device.id.in_(failed))
-        )
-        or 0
+    return (Device.state == "safe_mode") | Device.id.in_(failed)
+
+
+def _fleet_guard(db: Database, session: Session, control: FleetControl, now: datetime) -> None:
+    total = session.scalar(select(func.count()).select_from(Device)) or 0
+    if total == 0 or control.emergency_stop:
+        return
+    unhealthy_count = (
+        session.scalar(select(func.count()).select_from(Device).where(unhealthy())) or 0
     )
-    if unhealthy / total > FLEET_UNHEALTHY_LIMIT:
+    if unhealthy_count / total > FLEET_UNHEALTHY_LIMIT:
         _stop(
             db, session, control, now, ENGINE_ACTOR,
-            f"fleet guard: {unhealthy} of {total} devices unhealthy",
+            f"fleet guard: {unhealthy_count} of {total} devices unhealthy",
         )  # fmt: skip
 
 
@@ -784,7 +785,7 @@ def emergency_stop(db: Database, reason: str, *, actor: str, now: datetime) -> d
         control = _control(session)
         if not control.emergency_stop:
             _stop(db, session, control, now, actor, reason)
-        return _control_view(control)
+        return control_view(control)
 
 
 def clear_emergency_stop(db: Database, *, actor: str, now: datetime) -> dict[str, Any]:
@@ -796,7 +797,7 @@ def clear_emergency_stop(db: Database, *, actor: str, now: datetime) -> dict[str
             control.emergency_stop, control.reason, control.since = False, None, now
             control.actor = actor
             audit.append(db, session, at=now, actor=actor, action="fleet.emergency_stop_cleared")
-        return _control_view(control)
+        return control_view(control)
 
 
 def transition(
@@ -888,7 +889,8 @@ def _reassign_pending(session: Session, rollout: Rollout, now: datetime) -> list
     return reassigned
 
 
-def _control_view(control: FleetControl) -> dict[str, Any]:
+def control_view(control: FleetControl) -> dict[str, Any]:
+    """The emergency stop as operators see it."""
     return {
         "active": control.emergency_stop,
         "reason": control.reason,
@@ -1008,7 +1010,7 @@ def status(db: Database, now: datetime) -> dict[str, Any]:
         control = session.get(FleetControl, 1)
         return {
             "rollouts": [_view(session, r, now) for r in rollouts],
-            "emergency_stop": _control_view(control)
+            "emergency_stop": control_view(control)
             if control is not None
             else {"active": False, "reason": None, "since": None, "actor": None},
         }

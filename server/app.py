@@ -32,6 +32,8 @@ from server.headers import SecurityHeadersMiddleware
 from server.metrics import RequestMetricsMiddleware, ServerMetrics
 from server.settings import Settings
 from server.timeouts import BodyDeadlineMiddleware
+from server.ui.common import install_error_pages
+from server.ui.routes import ui_router
 from server.upload_limit import UploadLimitMiddleware
 from signing.errors import KeyFileError
 from signing.keys import SigningKey, generate_key, load_private_key
@@ -185,6 +187,9 @@ def create_app(
     app.include_router(health.router)
     app.include_router(sd.router)
     app.include_router(keys.router)
+    # the web console: HTML pages, and HTML error pages for its paths (server/ui/)
+    app.include_router(ui_router(), include_in_schema=False)
+    install_error_pages(app)
     limits = settings.limits
     app.add_middleware(UploadLimitMiddleware, limit=limits.max_concurrent_uploads)
     app.add_middleware(

@@ -118,8 +118,9 @@ class Operator:
             )
 
 
-def _live(now: datetime) -> Any:
-    """The SQL condition of an operator token that is valid at ``now``."""
+def live_operator_token(now: datetime) -> Any:
+    """The SQL condition of an operator token that is valid at ``now`` (not revoked, not
+    expired): the one rule for API requests and console sessions alike."""
     return OperatorToken.revoked.is_(None) & or_(
         OperatorToken.expires.is_(None), OperatorToken.expires > now
     )
@@ -132,7 +133,9 @@ def authenticate_operator(session: Session, token: str, now: datetime) -> Operat
         UnauthenticatedError: no operator token with this value, or it expired or was revoked.
     """
     row = session.scalars(
-        select(OperatorToken).where(OperatorToken.token_sha256 == secret_hash(token), _live(now))
+        select(OperatorToken).where(
+            OperatorToken.token_sha256 == secret_hash(token), live_operator_token(now)
+        )
     ).first()
     if row is None:
         raise UnauthenticatedError("unknown, expired or revoked operator token")
@@ -249,7 +252,7 @@ def revoke_operator_token(
                 .where(
                     OperatorToken.role == Role.ADMIN.label,
                     OperatorToken.id != row.id,
-                    _live(now),
+                    live_operator_token(now),
                 )
             )
             if not others:

@@ -6,14 +6,17 @@ anyone may keep a copy.
 - ``Content-Security-Policy``: API answers load nothing and may not be framed
   (:data:`API_POLICY`). The interactive API documentation (``fleet server run --api-docs``)
   is a page that loads its scripts and styles from a CDN and runs an inline script, so its
-  pages get :data:`DOCS_POLICY`, which allows exactly that and still no framing.
+  pages get :data:`DOCS_POLICY`, which allows exactly that and still no framing. The web
+  console (``/ui``) gets :data:`UI_POLICY`: its own scripts, styles and event stream only, no
+  inline script or style, forms posted only to itself, no framing.
 - ``Referrer-Policy: no-referrer``: a link followed from a page of the server names no URL of
   it.
 - ``Cache-Control: no-store`` on every answer that does not choose its own caching: tokens,
   sessions, device answers and fleet data are secrets or per-caller; no cache (a proxy, a
   browser's disk) may keep them. Blobs choose theirs (``public, immutable``: content-addressed,
   no authentication, every byte checked against a signed manifest by whoever downloads it) and
-  keep it.
+  keep it; so do the console's static files (``public``, versioned by their hash), while its
+  pages, which show fleet data, get ``no-store`` like every API answer.
 
 One middleware sets them all, outermost, so error answers (401, 404, 422, 500) carry them too.
 """
@@ -39,7 +42,20 @@ DOCS_POLICY = (
     "worker-src blob:; "
     "frame-ancestors 'none'"
 )
+UI_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
 NO_STORE = "no-store"
+
+
+def policy_for(path: str, docs_paths: Collection[str] = ()) -> str:
+    """The Content-Security-Policy of an answer to ``path``."""
+    if path in docs_paths:
+        return DOCS_POLICY
+    if path == "/ui" or path.startswith("/ui/"):
+        return UI_POLICY
+    return API_POLICY
 
 
 class SecurityHeadersMiddleware:
@@ -54,7 +70,7 @@ class SecurityHeadersMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        policy = DOCS_POLICY if scope.get("path") in self.docs_paths else API_POLICY
+        policy = policy_for(scope.get("path", ""), self.docs_paths)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

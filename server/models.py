@@ -332,3 +332,21 @@ class FleetControl(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     since: Mapped[datetime | None] = mapped_column(UTCDateTime)
     actor: Mapped[str | None] = mapped_column(String(160))
+
+
+class UiSessionRow(Base):
+    """A signed-in browser of the web console (server/ui/sessions.py): the SHA-256 of the
+    cookie's secret, the operator token it was opened with (its session ends when the token is
+    revoked or expires), the CSRF token of its forms, and a one-shot notice to show."""
+
+    __tablename__ = "ui_sessions"
+
+    secret_sha256: Mapped[str] = mapped_column(String(HEX64), primary_key=True)
+    operator_token_id: Mapped[int] = mapped_column(
+        ForeignKey("operator_tokens.id", ondelete="CASCADE"), index=True
+    )
+    csrf: Mapped[str] = mapped_column(String(HEX64))
+    created: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_used: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires: Mapped[datetime] = mapped_column(UTCDateTime, index=True)  # the absolute limit
+    notice: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,17 @@
+"""``ui_router``: every route of the web console, for server/app.py to include. Each page
+module has its own ``router``; this module only gathers them."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from server.ui import pages_control, pages_login, static
+
+
+def ui_router() -> APIRouter:
+    """The console's routes (left out of the API's OpenAPI description)."""
+    router = APIRouter(include_in_schema=False)
+    router.include_router(static.router, include_in_schema=False)
+    router.include_router(pages_login.router, include_in_schema=False)
+    router.include_router(pages_control.router, include_in_schema=False)
+    return router

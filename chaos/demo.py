@@ -9,7 +9,8 @@
 5. Release 3.0.0, whose health check fails on boot: it halts at the canaries and the canaries
    go back to 2.0.0, by a slot flip.
 
-Everything runs in WORKDIR and stops at the end unless ``--keep-server``.
+Everything runs in WORKDIR and stops at the end unless ``--keep-server``; then the web
+console's address is printed with an operator token (valid a day) to sign in with.
 """
 
 from __future__ import annotations
@@ -170,9 +171,22 @@ def demo(workdir: Path, devices: int, keep_server: bool) -> None:
     finally:
         if keep_server:
             click.echo(f"server still running at {url} (pid {server.pid})")
+            console_login(url, data)
         else:
             server.terminate()
             server.wait(10)
+
+
+def console_login(url: str, data: Path) -> None:
+    """Print where the web console is and an operator token (valid a day) to sign in with."""
+    try:
+        secret = fleet_command("server", "token", "create", "--role", "operator", "--name",
+                               "demo-console", "--expires-in", "1d",
+                               "--data-dir", str(data)).splitlines()[0]  # fmt: skip
+    except click.ClickException as err:
+        click.echo(f"web console: {url}/ui/ (no sign-in token: {err.message})")
+        return
+    click.echo(f"web console: {url}/ui/  sign in with this operator token: {secret}")
 
 
 def run_fleet(workdir: Path, data: Path, url: str, key: SigningKey, devices: int) -> None:

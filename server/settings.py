@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sqlalchemy.engine import URL
 
@@ -148,6 +149,11 @@ class Settings:
     metrics_token: str | None = field(default=None, repr=False)
     # Whether /docs, /redoc and /openapi.json are served (off: the API's map is nobody's).
     api_docs: bool = False
+    # The monitoring stack the web console links to and reads alerts from (check_service_url);
+    # None: not linked.
+    grafana_url: str | None = None
+    loki_url: str | None = None
+    alertmanager_url: str | None = None
 
     @classmethod
     def create(
@@ -163,6 +169,9 @@ class Settings:
         credentials: CredentialLimits | None = None,
         metrics_token_file: str | os.PathLike[str] | None = None,
         api_docs: bool = False,
+        grafana_url: str | None = None,
+        loki_url: str | None = None,
+        alertmanager_url: str | None = None,
     ) -> Settings:
         """Validate the settings; the data directory is created if needed.
 
@@ -170,7 +179,8 @@ class Settings:
             SettingsError: the data directory cannot be created, the database URL is neither
                 SQLite nor PostgreSQL, the upload limit is not positive, or the metrics
                 networks (``10.0.0.0/8,192.168.0.0/16``) are not a list of networks, or the
-                metrics token file is unreadable or holds no usable token.
+                metrics token file is unreadable or holds no usable token, or a monitoring URL
+                is not an http or https URL (:func:`check_service_url`).
         """
         directory = Path(data_dir).absolute()
         try:
@@ -208,6 +218,9 @@ class Settings:
                 read_metrics_token(Path(metrics_token_file)) if metrics_token_file else None
             ),
             api_docs=api_docs,
+            grafana_url=_service_url("Grafana", grafana_url),
+            loki_url=_service_url("Loki", loki_url),
+            alertmanager_url=_service_url("Alertmanager", alertmanager_url),
         )
 
     @property
@@ -245,6 +258,38 @@ def read_metrics_token(path: Path) -> str:
             "printable characters (openssl rand -hex 32)"
         )
     return token
+
+
+def check_service_url(url: str) -> str:
+    """``url`` as the base of a monitoring service's links: an ``http`` or ``https`` URL with a
+    host, without spaces, control characters, a query or a fragment, and without a trailing
+    slash.
+
+    Raises:
+        ValueError: anything else (the message says what).
+    """
+    text = url.strip()
+    if not text.isascii() or not text.isprintable() or " " in text:
+        raise ValueError("an http:// or https:// URL without spaces or control characters")
+    parts = urlsplit(text)
+    if parts.scheme.lower() not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"{text[:100]!r} is not an http:// or https:// URL with a host")
+    if parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError(f"{text[:100]!r}: give the base URL, without credentials, query or #")
+    try:
+        parts.port  # noqa: B018 (a bad port raises)
+    except ValueError:
+        raise ValueError(f"{text[:100]!r}: the port is not a number from 0 to 65535") from None
+    return text.rstrip("/")
+
+
+def _service_url(name: str, url: str | None) -> str | None:
+    if url is None:
+        return None
+    try:
+        return check_service_url(url)
+    except ValueError as err:
+        raise SettingsError(f"{name} URL: {err}") from None
 
 
 def _redact(url: str) -> str:

@@ -21,6 +21,18 @@ from server.cli.credentials import enrollment_token, token
 from server.errors import ClientConfigError, ServerError
 
 
+def _service_url(_context: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A monitoring URL option checked as the server checks it (a usage error naming it)."""
+    from server.settings import check_service_url
+
+    if value is None:
+        return None
+    try:
+        return check_service_url(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param=param) from None
+
+
 @click.group()
 def server() -> None:
     """The release server: run it, and create its tokens."""
@@ -97,6 +109,27 @@ def server() -> None:
     "--api-docs",
     is_flag=True,
     help="Serve the API's documentation (/docs, /redoc, /openapi.json). Default: off.",
+)
+@click.option(
+    "--grafana-url",
+    default=None,
+    callback=_service_url,
+    help="Grafana's base URL (http or https): the web console links each device to its "
+    "dashboard there. Default: no link.",
+)
+@click.option(
+    "--loki-url",
+    default=None,
+    callback=_service_url,
+    help="Loki's base URL (http or https): the web console links each device to its logs there. "
+    "Default: no link.",
+)
+@click.option(
+    "--alertmanager-url",
+    default=None,
+    callback=_service_url,
+    help="Alertmanager's base URL (http or https): the web console's overview shows the alerts "
+    "firing there. Default: none shown.",
 )
 @click.option(
     "--header-timeout",
@@ -197,6 +230,9 @@ def run(
     metrics_networks: str,
     metrics_token_file: Path | None,
     api_docs: bool,
+    grafana_url: str | None,
+    loki_url: str | None,
+    alertmanager_url: str | None,
     header_timeout: float,
     body_read_timeout: float,
     min_body_rate: int,
@@ -256,6 +292,9 @@ def run(
         metrics_networks=metrics_networks,
         metrics_token_file=metrics_token_file,
         api_docs=api_docs,
+        grafana_url=grafana_url,
+        loki_url=loki_url,
+        alertmanager_url=alertmanager_url,
         limits=limits,
         credentials=CredentialLimits(
             operator_token_ttl_s=operator_token_ttl,

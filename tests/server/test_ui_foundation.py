@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from fastapi import Request
 from fastapi.responses import HTMLResponse
 from hypothesis import HealthCheck, given, settings
@@ -19,10 +20,11 @@ from sqlalchemy import select
 
 from server import rollouts
 from server.auth import Role, create_operator_token, revoke_operator_token
-from server.errors import ApiError
+from server.cli.serve import server as server_group
+from server.errors import ApiError, SettingsError
 from server.headers import UI_POLICY
 from server.models import OperatorToken, UiSessionRow
-from server.settings import utc
+from server.settings import Settings, utc
 from server.ui import sessions
 from server.ui.common import UiPage, render
 from server.ui.forms import Form
@@ -520,3 +522,43 @@ def test_templates_and_static_files_are_package_data() -> None:
     pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert "ui/templates/*.html" in pyproject
     assert "ui/static/*" in pyproject
+
+
+# --- the monitoring links' settings -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://grafana.example",
+        "javascript:alert(1)",
+        "grafana.example:3000",
+        "http://",
+        "http://user:pw@grafana.example",
+        "http://grafana.example/?q=1",
+        "http://grafana.example:99999",
+        "http://grafana .example",
+        "http://grafana.example/\x00",
+    ],
+)
+def test_monitoring_urls_must_be_plain_http_urls(tmp_path: Path, url: str) -> None:
+    with pytest.raises(SettingsError, match="Grafana URL"):
+        Settings.create(tmp_path / "data", grafana_url=url)
+    result = CliRunner().invoke(
+        server_group, ["run", "--data-dir", str(tmp_path / "data"), "--grafana-url", url]
+    )
+    assert result.exit_code == 2
+    assert "--grafana-url" in result.output
+
+
+def test_monitoring_urls_are_kept_without_a_trailing_slash(tmp_path: Path) -> None:
+    settings = Settings.create(
+        tmp_path / "data",
+        grafana_url="https://grafana.example:3000/",
+        loki_url="http://127.0.0.1:3100",
+        alertmanager_url="http://[::1]:9093/am/",
+    )
+    assert settings.grafana_url == "https://grafana.example:3000"
+    assert settings.loki_url == "http://127.0.0.1:3100"
+    assert settings.alertmanager_url == "http://[::1]:9093/am"
+    assert Settings.create(tmp_path / "data").grafana_url is None

@@ -562,3 +562,17 @@ def test_monitoring_urls_are_kept_without_a_trailing_slash(tmp_path: Path) -> No
     assert settings.loki_url == "http://127.0.0.1:3100"
     assert settings.alertmanager_url == "http://[::1]:9093/am"
     assert Settings.create(tmp_path / "data").grafana_url is None
+
+
+def test_an_unexpected_error_under_ui_is_an_html_page_without_details(console: Harness) -> None:
+    def boom() -> None:
+        raise RuntimeError("secret detail /etc/passwd")
+
+    console.app.router.add_api_route("/ui/test-boom", boom, methods=["GET"])
+    with TestClient(console.app, raise_server_exceptions=False) as client:
+        response = client.get("/ui/test-boom")
+    assert response.status_code == 500
+    assert response.headers["content-type"].startswith("text/html")
+    assert "unexpected server error (logged)" in response.text
+    assert "secret detail" not in response.text
+    assert response.headers["content-security-policy"] == UI_POLICY

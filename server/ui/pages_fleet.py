@@ -440,7 +440,7 @@ def rename_device(
             state.db, device_id, body.hostname, actor=action.session.operator.actor, now=state.now()
         )
 
-    return _act(request, action, device_id, work, f"renamed {hostname}")
+    return _act(request, action, device_id, work, f"device renamed to {hostname}")
 
 
 def _change_status(

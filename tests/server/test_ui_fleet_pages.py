@@ -582,8 +582,12 @@ def test_an_operator_renames_by_the_api_rules(
     device = enrolled(hostname="cam-0001")
     enrolled(hostname="cam-0002")
     client = console("operator")
-    assert _post(client, device, "rename", hostname="door-1").status_code == 303
+    renamed = _post(client, device, "rename", hostname="door-1")
+    assert renamed.status_code == 303
     assert api(harness, f"/devices/{device.id}")["hostname"] == "door-1"
+    shown = client.get(renamed.headers["location"]).text
+    assert "device renamed to door-1" in shown
+    assert text_of(shown, "device-hostname") == "door-1"
     assert audit_of(harness, "device.renamed")[-1]["actor"] == "operator:test-operator"
     taken = _post(client, device, "rename", hostname="CAM-0002")
     assert taken.status_code == 409

@@ -33,6 +33,7 @@ from server.metrics import RequestMetricsMiddleware, ServerMetrics
 from server.settings import Settings
 from server.timeouts import BodyDeadlineMiddleware
 from server.ui.common import install_error_pages
+from server.ui.feed import FleetFeed
 from server.ui.routes import ui_router
 from server.upload_limit import UploadLimitMiddleware
 from signing.errors import KeyFileError
@@ -142,6 +143,7 @@ def create_app(
     db = Database(settings.database_url)
     db.migrate()
     metrics = ServerMetrics(db, settings.clock)
+    feed = FleetFeed(db)
     state = ServerState(
         settings=settings,
         db=db,
@@ -160,9 +162,11 @@ def create_app(
         ]
         if rollout_interval_s:
             tasks.append(asyncio.create_task(_evaluate_rollouts(state, rollout_interval_s)))
+        await feed.start()
         try:
             yield
         finally:
+            await feed.stop()
             for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -179,6 +183,7 @@ def create_app(
         openapi_url="/openapi.json" if settings.api_docs else None,
     )
     app.state.fleet = state
+    app.state.feed = feed
     install_error_handlers(app)
     app.include_router(device.router)
     app.include_router(operator.router)

@@ -267,6 +267,7 @@ def run(
         Settings,
     )
     from server.timeouts import uvicorn_http_protocol
+    from server.ui.feed import StreamClosingServer, feed_of
 
     logs.configure(log_level, log_format)
     os.umask(0o077)  # everything the server creates is its own (server/datadir.py)
@@ -315,7 +316,9 @@ def run(
     options.update(transport.uvicorn_options())
     # the socket is ours (bound above, or inherited): uvicorn's own --fd takes any descriptor
     # for a Unix socket, and its own bind reports a busy port with exit status 3
-    served = uvicorn.Server(uvicorn.Config(logs.AccessLogMiddleware(app), **options))
+    # the console's live streams end first, or uvicorn would wait for the browsers to leave
+    config = uvicorn.Config(logs.AccessLogMiddleware(app), **options)
+    served = StreamClosingServer(config, feed_of(app))
     served.run(sockets=[listener])
     if not served.started:
         raise ServerStartError("the server did not start: see the log above")

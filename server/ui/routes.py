@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.ui import pages_control, pages_fleet, pages_login, static
+from server.ui import feed, pages_control, pages_fleet, pages_login, static
 
 
 def ui_router() -> APIRouter:
@@ -15,4 +15,5 @@ def ui_router() -> APIRouter:
     router.include_router(pages_login.router, include_in_schema=False)
     router.include_router(pages_control.router, include_in_schema=False)
     router.include_router(pages_fleet.router, include_in_schema=False)
+    router.include_router(feed.router, include_in_schema=False)
     return router

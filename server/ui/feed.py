@@ -1,0 +1,286 @@
+"""Live updates of the web console: a fingerprint of the fleet, checked once a second, pushed to
+every open page as Server-Sent Events (``GET /ui/events``; ``static/console.js`` listens).
+
+One background task per process (:class:`FleetFeed`) computes :func:`fingerprint` every
+``interval_s`` in the thread pool and wakes every open stream when it changed, so the cost per
+second is a handful of indexed queries however many devices and browsers there are. A stream
+never queries the database after it was admitted.
+
+A stream ends:
+
+- when the server stops: uvicorn waits for every open response to end before the app's
+  lifespan ends, so ``fleet server run`` closes the feed first (:class:`StreamClosingServer`);
+- when its session ends (its ``expires``), and at the latest after :data:`STREAM_LIFETIME_S`:
+  the browser reconnects (``retry``), which checks the session again, so a session ended
+  elsewhere (signed out in another tab, its operator token revoked) loses its stream too.
+
+At most ``max_streams`` are open per process; one more is answered 503 (the browser retries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from typing import cast
+
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
+
+from server.api.common import server_state
+from server.database import Database
+from server.errors import UnauthenticatedError
+from server.models import AuditRow, Device, FleetControl, Rollout
+from server.rollouts import RolloutState
+from server.ui import sessions
+from server.ui.security import session_secret
+
+log = logging.getLogger("server")
+
+INTERVAL_S = 1.0
+KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing an idle stream
+MAX_STREAMS = 200
+RETRY_MS = 2000  # how long a browser waits before reconnecting a stream that ended
+STREAM_LIFETIME_S = 600.0
+# Rollouts whose state or stage may still change (the others are counted per state).
+_OPEN_ROLLOUTS = (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.HALTED)
+
+router = APIRouter(include_in_schema=False)
+
+
+def fingerprint(db: Database) -> str:
+    """An opaque digest of what the console's pages show, which changes whenever the fleet
+    does: the newest audit entry (every operator action and device event), the newest
+    ``last_seen`` of a device (check-ins and heartbeats), every open rollout's state and stage
+    and how many rollouts each state holds, and the emergency stop.
+
+    Every query reads an index or a small table: none grows with the number of devices.
+    """
+    with db.read() as session:
+        audit_seq = session.scalar(select(func.max(AuditRow.seq)))
+        last_seen = session.scalar(select(func.max(Device.last_seen)))
+        per_state = session.execute(
+            select(Rollout.state, func.count(), func.max(Rollout.id))
+            .group_by(Rollout.state)
+            .order_by(Rollout.state)
+        ).all()
+        open_rollouts = session.execute(
+            select(Rollout.id, Rollout.state, Rollout.stage)
+            .where(Rollout.state.in_(_OPEN_ROLLOUTS))
+            .order_by(Rollout.id)
+        ).all()
+        control = session.execute(
+            select(FleetControl.emergency_stop, FleetControl.since, FleetControl.reason).where(
+                FleetControl.id == 1
+            )
+        ).first()
+    parts = (
+        audit_seq,
+        last_seen.isoformat() if last_seen else None,
+        [tuple(row) for row in per_state],
+        [tuple(row) for row in open_rollouts],
+        tuple(control) if control else (False, None, None),  # made on first use: "off"
+    )
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+
+class FeedFullError(Exception):
+    """Every stream this process allows is open."""
+
+
+class FleetFeed:
+    """The fleet's fingerprint, checked every ``interval_s`` by one task, and the streams that
+    wait for it to change (at most ``max_streams``). ``check`` computes the fingerprint (in the
+    thread pool); :func:`fingerprint` unless a test counts its calls."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        interval_s: float = INTERVAL_S,
+        keepalive_s: float = KEEPALIVE_S,
+        max_streams: int = MAX_STREAMS,
+        check: Callable[[Database], str] = fingerprint,
+    ) -> None:
+        self.db = db
+        self.interval_s = interval_s
+        self.keepalive_s = keepalive_s
+        self.max_streams = max_streams
+        self.check = check
+        self.current = ""
+        self.streams = 0
+        self.closed = True
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    async def start(self) -> None:
+        """Compute the first fingerprint and start checking (in the running event loop)."""
+        self.closed = False
+        self._changed = asyncio.Event()  # bound to this loop: a test may start an app twice
+        await self._update()
+        self._task = asyncio.create_task(self._run())
+
+    def close(self) -> None:
+        """End every stream and admit no more; safe to call more than once."""
+        if self.closed:
+            return
+        self.closed = True
+        self._changed.set()
+        if self._task is not None:
+            self._task.cancel()
+
+    async def stop(self) -> None:
+        """:meth:`close`, then wait for the checking task to end."""
+        self.close()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self._update()
+
+    async def _update(self) -> None:
+        try:
+            new = await run_in_threadpool(self.check, self.db)
+        except Exception:
+            # logged once per outage, not once a second; streams keep the last fingerprint
+            if not self._failing:
+                log.exception("console feed: the fleet's fingerprint could not be read")
+            self._failing = True
+            return
+        if self._failing:
+            log.info("console feed: the fleet's fingerprint is read again")
+            self._failing = False
+        if new != self.current:
+            self.current = new
+            # one Event per generation: setting it wakes every waiting stream at once, and
+            # the streams that wait next wait on the new one
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
+
+    async def wait_change(self, seen: str, timeout_s: float) -> str | None:
+        """The fingerprint as soon as it is not ``seen`` (at once if it is not already); None
+        after ``timeout_s`` without a change, or when the feed closes."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(timeout_s, 0.0)):
+                while not self.closed and self.current == seen:
+                    await self._changed.wait()
+        return None if self.closed or self.current == seen else self.current
+
+    def open_stream(self) -> None:
+        """Count one more open stream.
+
+        Raises:
+            FeedFullError: ``max_streams`` are open, or the feed is closed.
+        """
+        if self.closed:
+            raise FeedFullError("the server is stopping")
+        if self.streams >= self.max_streams:
+            raise FeedFullError(f"{self.streams} live streams open, at most {self.max_streams}")
+        self.streams += 1
+
+    def close_stream(self) -> None:
+        self.streams -= 1
+
+
+def feed_of(app: FastAPI) -> FleetFeed:
+    return cast(FleetFeed, app.state.feed)
+
+
+def event(name: str, data: str) -> bytes:
+    """One Server-Sent Event (``data`` is one line: a fingerprint)."""
+    return f"event: {name}\ndata: {data}\n\n".encode()
+
+
+async def stream_events(
+    feed: FleetFeed, ends: datetime, now: Callable[[], datetime]
+) -> AsyncIterator[bytes]:
+    """The body of one stream: ``retry`` and ``hello`` (the current fingerprint), then a
+    ``change`` event whenever it changes and a keepalive comment when nothing was sent for
+    ``feed.keepalive_s``; it ends when the feed closes, when ``now()`` reaches ``ends`` (the
+    session's end, by the server's clock) or after :data:`STREAM_LIFETIME_S`."""
+    seen = feed.current
+    yield f"retry: {RETRY_MS}\n\n".encode() + event("hello", seen)
+    started = time.monotonic()
+    quiet_since = started
+    while True:
+        session_left = (ends - now()).total_seconds()
+        since_start = time.monotonic() - started
+        if feed.closed or session_left <= 0 or since_start >= STREAM_LIFETIME_S:
+            return
+        keepalive_in = quiet_since + feed.keepalive_s - time.monotonic()
+        if keepalive_in <= 0:
+            yield b": keepalive\n\n"
+            quiet_since = time.monotonic()
+            continue
+        wait_s = min(keepalive_in, session_left, STREAM_LIFETIME_S - since_start)
+        changed = await feed.wait_change(seen, wait_s)
+        if changed is not None:
+            seen = changed
+            yield event("change", changed)
+            quiet_since = time.monotonic()
+
+
+class EventStreamResponse(StreamingResponse):
+    """A ``text/event-stream`` answer that holds one of the feed's stream places until it
+    ends, however it ends (finished, client gone, server stopping)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, feed: FleetFeed, body: AsyncIterator[bytes]) -> None:
+        super().__init__(body, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        self.feed = feed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.feed.close_stream()
+
+
+@router.get("/ui/events")
+async def events(request: Request) -> Response:
+    """The live stream of the signed-in console: 401 without a session (the page then reloads
+    to the sign-in page), 503 when this process serves as many streams as it allows."""
+    state = server_state(request)
+    secret = session_secret(request)
+    if secret is None:
+        return PlainTextResponse("no console session: sign in", status_code=401)
+    try:
+        session = await run_in_threadpool(sessions.lookup, state.db, secret, state.now())
+    except UnauthenticatedError as err:
+        return PlainTextResponse(err.detail, status_code=401)
+    feed = feed_of(request.app)
+    try:
+        feed.open_stream()
+    except FeedFullError as err:
+        return PlainTextResponse(str(err), status_code=503, headers={"Retry-After": "30"})
+    return EventStreamResponse(feed, stream_events(feed, session.expires, state.now))
+
+
+class StreamClosingServer(uvicorn.Server):
+    """uvicorn's server, closing the console's feed as the first step of its shutdown: uvicorn
+    waits for open responses to end before the app's own shutdown runs, and an event stream
+    would otherwise hold the process until the browser went away."""
+
+    def __init__(self, config: uvicorn.Config, feed: FleetFeed) -> None:
+        super().__init__(config)
+        self.feed = feed
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.feed.close()
+        await super().shutdown(sockets)

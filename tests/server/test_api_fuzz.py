@@ -92,7 +92,8 @@ def test_no_route_answers_5xx_or_off_schema(
 
 
 def api_routes(routes: list[Any], prefix: str = "") -> list[str]:
-    """Each API route as "METHOD /path", walking into the included routers."""
+    """Each API route as "METHOD /path", walking into the included routers; the web console's
+    pages (under /ui, HTML for browsers, left out of the API's description) are not API routes."""
     found = []
     for route in routes:
         included = getattr(route, "original_router", None)
@@ -100,7 +101,10 @@ def api_routes(routes: list[Any], prefix: str = "") -> list[str]:
             context = getattr(route, "include_context", None)
             found += api_routes(included.routes, prefix + getattr(context, "prefix", ""))
         elif isinstance(route, APIRoute):  # hidden from the description or not
-            found += [f"{method} {prefix}{route.path}" for method in route.methods]
+            path = prefix + route.path
+            if path == "/ui" or path.startswith("/ui/"):
+                continue
+            found += [f"{method} {path}" for method in route.methods]
     return found
 
 

@@ -396,10 +396,15 @@ def console(new_console: Callable[..., Console]) -> Console:
     return new_console()
 
 
+def said(page: Page) -> str:
+    """The page's main text, for a failure's message."""
+    return " ".join(page.locator("main").inner_text().split())[:300]
+
+
 def login(console: Console, role: str = "operator") -> Console:
     """Sign ``console`` in as the server's ``role`` token; it lands on the overview."""
     status = console.login(console.server.tokens[role])
-    assert status == 200, status
+    assert status == 200, f"signing in answered {status}: {said(console.page)}"
     assert console.page.url.rstrip("/").endswith("/ui"), console.page.url
     return console
 

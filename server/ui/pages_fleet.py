@@ -79,6 +79,15 @@ class InvalidQueryError(ApiError):
     code = "invalid_query"
 
 
+def moment(text: str | None, *, seconds: bool = True) -> str:
+    """An ISO 8601 UTC time as a page shows it: ``2026-12-03 20:05:49`` (to the minute
+    without ``seconds``); the ``<time>`` element keeps the full value."""
+    if not text:
+        return ""
+    shown = text.replace("T", " ")[: 19 if seconds else 16]
+    return f"{shown} UTC" if text.endswith("Z") else shown
+
+
 # --- the overview --------------------------------------------------------------------------------
 
 
@@ -261,6 +270,7 @@ def devices_page(request: Request, session: UiPage) -> HTMLResponse:
         request,
         session,
         "devices.html",
+        moment=moment,
         query=query,
         page=page,
         versions=versions,
@@ -349,6 +359,7 @@ def _device_page(
         session,
         "device.html",
         status=status,
+        moment=moment,
         device=detail,
         status_by=_status_by(state.db, device_id),
         figures=figures,

@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""What the web console's live feed (server/ui/feed.py) costs the server: database queries per
+second and CPU of the server process with no stream open and with ``--streams`` open, while the
+fleet is quiet and while it changes every second (each change wakes every stream once).
+
+The server is the real application behind uvicorn in a child process, its SQL statements
+counted on its engine; the streams are plain sockets held by this process, which reads what
+they are sent. CPU is the child's user+system time from /proc.
+
+    python benchmarks/console_feed_cost.py [--streams 500] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SERVER = r"""
+import os, sys, threading, time
+import uvicorn
+from sqlalchemy import event
+from server.app import create_app
+from server.settings import Settings
+from server.ui.feed import StreamClosingServer, feed_of
+
+app = create_app(Settings.create(sys.argv[1]), rollout_interval_s=None)
+feed = feed_of(app)
+feed.max_streams = 100_000
+queries = [0]
+def count(*_args):
+    queries[0] += 1
+event.listen(feed.db.engine, "before_cursor_execute", count)
+out = open(sys.argv[2], "w")
+def report():
+    while True:
+        out.write(f"{queries[0]}\n"); out.flush(); time.sleep(0.25)
+threading.Thread(target=report, daemon=True).start()
+sock = __import__("socket").socket(fileno=int(sys.argv[3]))
+StreamClosingServer(uvicorn.Config(app, log_level="warning"), feed).run(sockets=[sock])
+"""
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def queries(path: Path) -> int:
+    lines = path.read_text().split()
+    return int(lines[-1]) if lines else 0
+
+
+def open_stream(port: int, secret: str) -> socket.socket:
+    conn = socket.create_connection(("127.0.0.1", port))
+    conn.sendall(
+        f"GET /ui/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Cookie: fleet_ui={secret}\r\n\r\n".encode()
+    )
+    conn.setblocking(False)
+    return conn
+
+
+def measure(pid: int, counter: Path, seconds: float, change: bool, data_dir: Path,
+            conns: list[socket.socket]) -> tuple[float, float, int]:  # fmt: skip
+    """Queries per second, CPU percent of one core, and bytes the streams received."""
+    from server import rollouts
+    from server.database import Database
+    from server.settings import Settings, utc
+
+    db = Database(Settings.create(data_dir).database_url)
+    selector = selectors.DefaultSelector()
+    for conn in conns:
+        selector.register(conn, selectors.EVENT_READ)
+    received = 0
+    q0, c0, t0 = queries(counter), cpu_s(pid), time.monotonic()
+    next_change = t0 + 1
+    stopped = False
+    while time.monotonic() - t0 < seconds:
+        if change and time.monotonic() >= next_change:
+            if stopped:
+                rollouts.clear_emergency_stop(db, actor="bench", now=utc(time.time))
+            else:
+                rollouts.emergency_stop(db, "bench", actor="bench", now=utc(time.time))
+            stopped, next_change = not stopped, next_change + 1
+        for key, _ in selector.select(0.05):
+            received += len(key.fileobj.recv(65536))  # type: ignore[union-attr]
+    elapsed = time.monotonic() - t0
+    selector.close()
+    db.dispose()
+    return (queries(counter) - q0) / elapsed, 100 * (cpu_s(pid) - c0) / elapsed, received
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=500)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+
+    from server.auth import Role, create_operator_token
+    from server.database import Database
+    from server.settings import Settings, utc
+    from server.ui import sessions
+
+    work = Path(tempfile.mkdtemp(prefix="feed-cost-"))
+    data_dir = work / "data"
+    db = Database(Settings.create(data_dir).database_url)
+    db.migrate()
+    token = create_operator_token(
+        db, name="bench", role=Role.VIEWER, created_by="bench", now=utc(time.time)
+    )
+    secret, _ = sessions.create(db, token, utc(time.time))
+    db.dispose()
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    port = listener.getsockname()[1]
+    counter = work / "queries"
+    child = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(data_dir), str(counter), str(listener.fileno())],
+        pass_fds=[listener.fileno()],
+    )
+    listener.close()
+    try:
+        while not counter.exists() or not queries(counter):
+            time.sleep(0.1)
+        time.sleep(2)
+        print(f"{'streams':>8} {'fleet':>8} {'queries/s':>10} {'CPU %':>7} {'KiB/s out':>10}")
+        conns: list[socket.socket] = []
+        for count in (0, args.streams):
+            while len(conns) < count:
+                conns.append(open_stream(port, secret))
+            time.sleep(2)  # let the streams settle (hello)
+            answered = [conn.recv(65536) for conn in conns[-count:]] if count else []
+            ok = sum(first.startswith(b"HTTP/1.1 200") for first in answered)
+            assert ok == count, f"{count - ok} streams were refused"
+            for change in (False, True):
+                rate, cpu, received = measure(
+                    child.pid, counter, args.seconds, change, data_dir, conns
+                )
+                kib = received / 1024 / args.seconds
+                fleet = "changing" if change else "quiet"
+                print(f"{count:>8} {fleet:>8} {rate:>10.1f} {cpu:>7.1f} {kib:>10.1f}")
+        for conn in conns:
+            conn.close()
+    finally:
+        child.terminate()
+        child.wait(10)
+
+
+if __name__ == "__main__":
+    main()

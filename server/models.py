@@ -117,6 +117,15 @@ class Device(Base):
         CheckConstraint(
             "status IN ('active', 'quarantined', 'decommissioned')", name="ck_devices_status"
         ),
+        # the web console's device list: one per sort key and filter, the id last, so a page
+        # in any order (ties by id) is read from its index (migration 0008)
+        Index("ix_devices_hostname", "hostname", "id"),
+        Index("ix_devices_last_seen", "last_seen", "id"),
+        Index("ix_devices_version", "version", "id"),
+        Index("ix_devices_state", "state", "id"),
+        # status with what the overview counts by, so its grouped counts read this index alone
+        Index("ix_devices_status", "status", "last_seen", "state", "id"),
+        Index("ix_devices_enrolled", "enrolled", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(HEX64), primary_key=True)

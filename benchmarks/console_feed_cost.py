@@ -67,6 +67,15 @@ def open_stream(port: int, secret: str) -> socket.socket:
     return conn
 
 
+def first_answer(conn: socket.socket) -> bytes:
+    """What the server sent first on a stream (its status line), waiting up to 30 s."""
+    conn.settimeout(30)
+    try:
+        return conn.recv(65536)
+    finally:
+        conn.setblocking(False)
+
+
 def measure(pid: int, counter: Path, seconds: float, change: bool, data_dir: Path,
             conns: list[socket.socket]) -> tuple[float, float, int]:  # fmt: skip
     """Queries per second, CPU percent of one core, and bytes the streams received."""
@@ -138,7 +147,7 @@ def main() -> None:
             while len(conns) < count:
                 conns.append(open_stream(port, secret))
             time.sleep(2)  # let the streams settle (hello)
-            answered = [conn.recv(65536) for conn in conns[-count:]] if count else []
+            answered = [first_answer(conn) for conn in conns[-count:]] if count else []
             ok = sum(first.startswith(b"HTTP/1.1 200") for first in answered)
             assert ok == count, f"{count - ok} streams were refused"
             for change in (False, True):

@@ -33,3 +33,13 @@ def test_a_page_asked_for_before_signing_in_is_shown_after(
                             "devices-after-login")  # fmt: skip
     assert status == 200
     assert console.page.url == server.url + "/ui/devices?q=camera"
+
+
+def test_signing_out_ends_the_session(console: Console, server: ConsoleServer) -> None:
+    login(console, "admin")
+    page = console.page
+    console.submit(lambda: page.get_by_role("button", name="Sign out").click(), "signed-out")
+    assert "/ui/login" in page.url
+    console.goto("/ui/devices", "devices-after-signing-out")
+    assert "/ui/login" in page.url
+    assert page.context.cookies(server.url) == []

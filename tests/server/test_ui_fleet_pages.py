@@ -257,6 +257,20 @@ def test_live_regions_have_unique_ids_and_no_form(
             assert not regions.form_inside, path
 
 
+def test_the_pages_hold_nothing_the_policy_would_block(
+    console: Console, small_fleet: list[FakeDevice]
+) -> None:
+    """No inline style or script, no javascript: link: the Content-Security-Policy allows
+    neither, and a page relying on one would break in the browser."""
+    for path in ("/ui/", "/ui/devices", f"/ui/devices/{small_fleet[0].id}"):
+        page = console("operator").get(path)
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        assert not re.search(r"<[^>]+\sstyle=", page.text), path
+        assert not re.search(r"<[^>]+\son[a-z]+=", page.text), path
+        assert not re.search(r"<script(?![^>]*\ssrc=)", page.text), path
+        assert "javascript:" not in page.text, path
+
+
 # --- the device list -----------------------------------------------------------------------------
 
 

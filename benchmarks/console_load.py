@@ -9,22 +9,23 @@ states, last-seen times, heartbeats and statuses, as a real fleet has), a few re
 rollout started by the server's own rule (``--rollout paused`` pauses it, so the rollout
 engine's evaluations stay out of the figures). A real ``fleet server run`` serves it on loopback.
 
-- Browser: Chromium (Playwright, /usr/bin/chromium) logs in with a viewer token once, then
-  navigates to the overview, the device list, a filtered list and a deep page of it, each
-  ``--runs`` times; navigation timing (responseEnd, DOMContentLoaded, load) and "usable": from
-  the start of the navigation until the page's content is present and, on the device list, its
-  rows are in the table and the filter's text field is enabled. The baseline is
-  ``/ui/static/console.css`` navigated the same way (a new query string each time, so the cache
-  does not answer it). Figures are medians.
+- Browser: a viewer token signs in once (the login form's POST, over HTTP) and Chromium
+  (Playwright, /usr/bin/chromium) gets the session's cookie, then navigates to the overview,
+  the device list, a filtered list and a deep page of it, each ``--runs`` times; navigation
+  timing (responseEnd, DOMContentLoaded, load) and "usable": from the start of the navigation
+  until the page's content is present and, on the device list, its rows are in the table and
+  the filter's text field is enabled. The baseline is ``/ui/static/console.css`` navigated the
+  same way (a new query string each time, so the cache does not answer it). Medians.
 - Server: ``--requests`` sequential GETs of device-list pages (several pages, filters, sorts)
   with the session's cookie; p50 and p95 of the wall time of each request, and the server's CPU
   time per request, against GETs of the same static file.
 
 Figures are printed as milliseconds and as ratios to the baseline (these machines are noisy:
-only ratios within one run mean much), then as one JSON line. The aims (usable within 2 s at
-10,000 devices; a page of the list rendered within 150 ms at p95 at 100,000) are stated with
-the figure and whether it was met; a missed aim is a finding, not a failure: the script exits
-non-zero only when something did not work.
+only ratios within one run mean much), with the one-minute load average before and after (other
+work on the machine lengthens every wall time), then as one JSON line. The aims (usable within
+2 s at 10,000 devices; a page of the list rendered within 150 ms at p95 at 100,000) are stated
+with the figure and whether it was met; a missed aim is a finding, not a failure: the script
+exits non-zero only when something did not work.
 
     python benchmarks/console_load.py [--devices 10000 100000] [--runs 5] [--requests 200]
         [--rollout running|paused] [--workdir DIR] [--keep]
@@ -555,7 +556,9 @@ def report(result: dict[str, Any]) -> None:
     """Print one fleet size's figures as tables, and its aims."""
     browser, server = result["browser"], result["server"]
     print(f"\n{result['devices']} devices (seeded in {result['seed_s']:.1f} s), rollout "
-          f"{result['rollout']}; Chromium: medians of {result['runs']} navigations")  # fmt: skip
+          f"{result['rollout']}; load average {result['load_average'][0]:.1f} before, "
+          f"{result['load_average'][1]:.1f} after (this machine has {os.cpu_count()} CPUs); "
+          f"Chromium: medians of {result['runs']} navigations")  # fmt: skip
     keys = ("response_end", "dom_content_loaded", "load", "usable")
     print(f"{'page':<14}" + "".join(f"{name:>20}" for name in
           ("responseEnd", "DOMContentLoaded", "loadEventEnd", "usable")))  # fmt: skip
@@ -585,6 +588,7 @@ def run_size(browser: Browser, workdir: Path, devices: int, args: argparse.Names
     """Seed, serve and measure one fleet of ``devices``; its figures."""
     data = workdir / f"data-{devices}"
     seconds = seed(data, devices, args.rollout)
+    load_before = os.getloadavg()[0]
     token = viewer_token(data)
     with serving(data, workdir / f"server-{devices}.log") as server:
         on_browser, cookie = browser_figures(browser, server.url, token, devices, args.runs)
@@ -592,6 +596,7 @@ def run_size(browser: Browser, workdir: Path, devices: int, args: argparse.Names
     result = {
         "devices": devices, "seed_s": round(seconds, 2), "rollout": args.rollout,
         "runs": args.runs, "requests": args.requests,
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "browser": {n: {k: round(v, 1) for k, v in f.items()} for n, f in on_browser.items()},
         "server": {n: {k: None if v is None else round(v, 2) for k, v in f.items()}
                    for n, f in on_server.items()},

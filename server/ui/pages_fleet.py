@@ -34,7 +34,7 @@ from server.api.common import server_state
 from server.database import Database
 from server.devices import NEVER_REPORTED
 from server.errors import ApiError, InvalidRequestError, UnknownDeviceError
-from server.models import Device
+from server.models import Device, DeviceStatus
 from server.rollout_text import failure_rule_text, selector_text, skipped_text, stage_text
 from server.schemas import AssignmentRequest, ReasonRequest, RenameRequest, parse
 from server.ui import queries
@@ -53,7 +53,7 @@ COLUMNS = {
     "enrolled": "Enrolled",
 }
 SEEN_CHOICES = ("5m", "1h", "24h", "7d", "30d")
-STATUS_CHOICES = ("active", "quarantined", "decommissioned")
+STATUS_CHOICES = tuple(status.value for status in DeviceStatus)
 # (field, label, unit) of a heartbeat's figures, in the order shown.
 FIGURES = (
     ("temperature_c", "Temperature", "°C"),

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.ui import feed, pages_control, pages_fleet, pages_login, static
+from server.ui import (
+    feed,
+    pages_control,
+    pages_fleet,
+    pages_login,
+    pages_records,
+    pages_rollouts,
+    static,
+)
 
 
 def ui_router() -> APIRouter:
@@ -15,5 +23,7 @@ def ui_router() -> APIRouter:
     router.include_router(pages_login.router, include_in_schema=False)
     router.include_router(pages_control.router, include_in_schema=False)
     router.include_router(pages_fleet.router, include_in_schema=False)
+    router.include_router(pages_rollouts.router, include_in_schema=False)
+    router.include_router(pages_records.router, include_in_schema=False)
     router.include_router(feed.router, include_in_schema=False)
     return router

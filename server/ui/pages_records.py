@@ -1,0 +1,244 @@
+"""The console's record pages: the releases the server holds, and the audit trail with the
+verification of its chain.
+
+A release is shown as the API describes it (:func:`server.releases.describe`) with its signers:
+the key ids of its stored signature envelope, read by :class:`signing.signature.SignatureEnvelope`
+as ``fleet bundle info`` reads a bundle's. The audit page filters as ``fleet audit list`` does
+(an action matches itself and the actions under it: ``rollout`` matches ``rollout.halted``;
+subject and actor match exactly), newest first, a page at a time; its verification is
+``fleet audit verify``'s: the stored signed heads checked with the server key
+(:func:`server.anchor.check_anchors`), then the chain walked against them
+(:func:`server.audit.verify_chain`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from sqlalchemy import ColumnElement, select
+from sqlalchemy.orm import selectinload
+
+from fleet_core.text import refused_character
+from server.anchor import SignedHead, check_anchors, stored_anchors
+from server.api.common import server_state
+from server.audit import AuditEntry, all_entries, verify_chain
+from server.database import Database
+from server.errors import InvalidRequestError
+from server.models import AuditRow, Release
+from server.releases import describe
+from server.ui.common import UiPage, render
+from signing.errors import SignatureFormatError
+from signing.keys import SigningKey
+from signing.signature import SignatureEnvelope
+
+router = APIRouter(prefix="/ui")
+
+AUDIT_PAGE = 50
+MAX_FILTER_LENGTH = 160  # the longest actor or subject the trail stores
+MAX_SEQ = 2**63 - 1
+# Walking the chain reads every entry: the page reuses a verification this recent (on the
+# server's clock) instead of walking a large trail again on every refresh of every browser.
+VERIFY_REUSE_S = 30
+
+
+def size_text(size: int) -> str:
+    """``3000`` as ``2.9 KiB``: binary units, one decimal."""
+    value, unit = float(size), "bytes"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{size} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+
+
+def signers(envelope: bytes) -> list[str] | None:
+    """The key ids that signed a release's manifest (``None``: an unreadable envelope)."""
+    try:
+        return [signature.key_id for signature in SignatureEnvelope.from_bytes(envelope).signatures]
+    except SignatureFormatError:
+        return None
+
+
+def release_rows(db: Database) -> list[dict[str, Any]]:
+    """Every release, newest first, as the API describes it, with its signers and the total
+    size of its images."""
+    with db.read() as session:
+        rows = session.scalars(
+            select(Release).options(selectinload(Release.images)).order_by(Release.id.desc())
+        ).all()
+        return [
+            {
+                **describe(release),
+                "signers": signers(release.signature),
+                "total_size": sum(image.size for image in release.images),
+            }
+            for release in rows
+        ]
+
+
+@router.get("/releases")
+def release_list(request: Request, session: UiPage) -> Response:
+    """The releases: version, product, compatible, security version, signers, images."""
+    rows = release_rows(server_state(request).db)
+    return render(
+        request, session, "releases.html", nav="releases", releases=rows, size_text=size_text
+    )
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """The audit page's filters and position, from its URL."""
+
+    action: str | None = None
+    subject: str | None = None
+    actor: str | None = None
+    before: int | None = None  # entries older than this seq (the next page)
+    after: int | None = None  # entries newer than this seq (the previous page)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> AuditQuery:
+        """Raises: InvalidRequestError: a filter too long or holding a control character,
+        or a position that is not a whole number."""
+        texts: dict[str, str | None] = {}
+        for name in ("action", "subject", "actor"):
+            value = (params.get(name) or "").strip()
+            if len(value) > MAX_FILTER_LENGTH:
+                raise InvalidRequestError(f"{name}: at most {MAX_FILTER_LENGTH} characters")
+            if refused_character(value) is not None:
+                raise InvalidRequestError(f"{name}: a character not allowed in text")
+            texts[name] = value or None
+        positions: dict[str, int | None] = {}
+        for name in ("before", "after"):
+            value = (params.get(name) or "").strip()
+            if value and not (value.isascii() and value.isdigit() and int(value) <= MAX_SEQ):
+                raise InvalidRequestError(f"{name}: give an entry number")
+            positions[name] = int(value) if value else None
+        return cls(
+            action=texts["action"],
+            subject=texts["subject"],
+            actor=texts["actor"],
+            before=positions["before"],
+            after=positions["after"],
+        )
+
+    def params(self, **changes: int | None) -> dict[str, str]:
+        """The URL parameters of this query with ``changes`` (for the paging links)."""
+        values: dict[str, Any] = {
+            "action": self.action, "subject": self.subject, "actor": self.actor,
+            "before": self.before, "after": self.after, **changes,
+        }  # fmt: skip
+        return {name: str(value) for name, value in values.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class AuditPage:
+    """One page of matching entries, newest first, and whether older or newer ones exist."""
+
+    entries: list[AuditEntry]
+    older: int | None  # the ``before`` of the next page
+    newer: int | None  # the ``after`` of the previous page
+
+
+def audit_page(db: Database, query: AuditQuery, size: int = AUDIT_PAGE) -> AuditPage:
+    """The entries matching ``query``'s filters, ``size`` at a time, newest first."""
+    conditions: list[ColumnElement[bool]] = []
+    if query.action:
+        conditions.append(
+            (AuditRow.action == query.action)
+            | AuditRow.action.startswith(query.action + ".", autoescape=True)
+        )
+    if query.subject:
+        conditions.append(AuditRow.subject == query.subject)
+    if query.actor:
+        conditions.append(AuditRow.actor == query.actor)
+    with db.read() as session:
+        if query.after is not None:
+            rows = session.scalars(
+                select(AuditRow)
+                .where(AuditRow.seq > query.after, *conditions)
+                .order_by(AuditRow.seq)
+                .limit(size + 1)
+            ).all()
+            newer_exists = len(rows) > size
+            entries = [AuditEntry.from_row(row) for row in reversed(rows[:size])]
+            older_exists = True
+        else:
+            where = [*conditions] + ([AuditRow.seq < query.before] if query.before else [])
+            rows = session.scalars(
+                select(AuditRow).where(*where).order_by(AuditRow.seq.desc()).limit(size + 1)
+            ).all()
+            entries = [AuditEntry.from_row(row) for row in rows[:size]]
+            older_exists, newer_exists = len(rows) > size, query.before is not None
+    return AuditPage(
+        entries,
+        older=entries[-1].seq if entries and older_exists else None,
+        newer=entries[0].seq if entries and newer_exists else None,
+    )
+
+
+@dataclass(frozen=True)
+class Verification:
+    """``fleet audit verify``'s outcome: whether the chain and the signed heads hold."""
+
+    intact: bool
+    problem: str | None
+    entries: int
+    head: str | None  # SEQ:HASH of the chain's head, when it holds
+    signed_heads: int  # how many stored signed heads hold
+    latest_anchor: SignedHead | None
+    checked_at: datetime
+
+
+def verify_trail(db: Database, key: SigningKey, now: datetime) -> Verification:
+    """Check every stored signed head with the server key, then walk the chain against them,
+    as ``fleet audit verify --data-dir`` does."""
+    anchors = stored_anchors(db)
+    anchored, problem = check_anchors(anchors, key.public_key)
+    report = None if problem is not None else verify_chain(all_entries(db), anchored=anchored)
+    if report is not None and not report.intact:
+        problem = f"{report.problem} ({report.checked} entries before it hold)"
+    return Verification(
+        intact=problem is None,
+        problem=problem,
+        entries=0 if report is None else report.checked,
+        head=None if report is None or problem else f"{report.head_seq}:{report.head_hash}",
+        signed_heads=len(anchored) if problem is None else 0,
+        latest_anchor=anchors[-1] if anchors else None,
+        checked_at=now,
+    )
+
+
+_verifying = threading.Lock()  # one walk of the chain at a time, whichever the browsers
+
+
+def recent_verification(request: Request) -> Verification:
+    """The trail's verification, reused for ``VERIFY_REUSE_S`` seconds of the server's clock
+    (kept in the app's state: one per server)."""
+    state = server_state(request)
+    now = state.now()
+    with _verifying:
+        known = getattr(request.app.state, "ui_audit_verification", None)
+        if isinstance(known, Verification) and timedelta(0) <= now - known.checked_at < timedelta(
+            seconds=VERIFY_REUSE_S
+        ):
+            return known
+        fresh = verify_trail(state.db, state.server_key, now)
+        request.app.state.ui_audit_verification = fresh
+        return fresh
+
+
+@router.get("/audit")
+def audit_trail(request: Request, session: UiPage) -> Response:
+    """The audit trail, filtered and paged, newest first, and the chain's verification."""
+    query = AuditQuery.from_params(request.query_params)
+    page = audit_page(server_state(request).db, query)
+    return render(
+        request, session, "audit.html", nav="audit",
+        query=query, page=page, verification=recent_verification(request),
+    )  # fmt: skip

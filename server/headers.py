@@ -10,7 +10,11 @@ anyone may keep a copy.
   console (``/ui``) gets :data:`UI_POLICY`: its own scripts, styles and event stream only, no
   inline script or style, forms posted only to itself, no framing.
 - ``Referrer-Policy: no-referrer``: a link followed from a page of the server names no URL of
-  it.
+  it. The console's pages get ``same-origin`` instead: still nothing for another site (its
+  Grafana and Loki links), but a browser posting one of the console's forms must name the
+  console as the ``Origin`` it came from, which the console's cross-site check requires
+  (under ``no-referrer`` Chromium sends ``Origin: null``, indistinguishable from a sandboxed
+  attacker's page).
 - ``Cache-Control: no-store`` on every answer that does not choose its own caching: tokens,
   sessions, device answers and fleet data are secrets or per-caller; no cache (a proxy, a
   browser's disk) may keep them. Blobs choose theirs (``public, immutable``: content-addressed,
@@ -49,13 +53,22 @@ UI_POLICY = (
 NO_STORE = "no-store"
 
 
+def _console(path: str) -> bool:
+    return path == "/ui" or path.startswith("/ui/")
+
+
 def policy_for(path: str, docs_paths: Collection[str] = ()) -> str:
     """The Content-Security-Policy of an answer to ``path``."""
     if path in docs_paths:
         return DOCS_POLICY
-    if path == "/ui" or path.startswith("/ui/"):
+    if _console(path):
         return UI_POLICY
     return API_POLICY
+
+
+def referrer_policy_for(path: str) -> str:
+    """The Referrer-Policy of an answer to ``path``."""
+    return "same-origin" if _console(path) else "no-referrer"
 
 
 class SecurityHeadersMiddleware:
@@ -70,14 +83,16 @@ class SecurityHeadersMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        policy = policy_for(scope.get("path", ""), self.docs_paths)
+        path = scope.get("path", "")
+        policy = policy_for(path, self.docs_paths)
+        referrer_policy = referrer_policy_for(path)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 headers["X-Content-Type-Options"] = "nosniff"
                 headers["Content-Security-Policy"] = policy
-                headers["Referrer-Policy"] = "no-referrer"
+                headers["Referrer-Policy"] = referrer_policy
                 if "cache-control" not in headers:
                     headers["Cache-Control"] = NO_STORE
             await send(message)

@@ -413,6 +413,15 @@ def test_console_pages_carry_the_console_policy(console: Harness) -> None:
     assert "script-src" not in api.headers["content-security-policy"]
 
 
+def test_console_pages_let_the_browser_name_their_origin(console: Harness) -> None:
+    # under no-referrer a browser posts the console's own forms with Origin: null, which the
+    # cross-site check refuses: the console's pages say same-origin, the API keeps no-referrer
+    for path in ("/ui/login", "/ui/nothing-here", "/ui/static/console.css"):
+        assert console.client.get(path).headers["referrer-policy"] == "same-origin", path
+    api = console.client.get("/api/v1/rollouts", headers=console.viewer)
+    assert api.headers["referrer-policy"] == "no-referrer"
+
+
 def test_pages_are_not_cached_and_static_files_are(console: Harness) -> None:
     assert console.client.get("/ui/login").headers["cache-control"] == "no-store"
     page = console.client.get("/ui/login").text

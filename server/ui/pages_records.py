@@ -13,6 +13,7 @@ subject and actor match exactly), newest first, a page at a time; its verificati
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -233,6 +234,20 @@ def recent_verification(request: Request) -> Verification:
         return fresh
 
 
+_ROLLOUT_SUBJECT = re.compile(r"rollout:([1-9][0-9]{0,9})")
+_DEVICE_SUBJECT = re.compile(r"[0-9a-f]{64}")
+
+
+def subject_link(subject: str | None) -> str | None:
+    """The console page of an entry's subject: a rollout's or a device's (None: no page)."""
+    if subject is None:
+        return None
+    rollout = _ROLLOUT_SUBJECT.fullmatch(subject)
+    if rollout is not None:
+        return f"/ui/rollouts/{rollout.group(1)}"
+    return f"/ui/devices/{subject}" if _DEVICE_SUBJECT.fullmatch(subject) else None
+
+
 @router.get("/audit")
 def audit_trail(request: Request, session: UiPage) -> Response:
     """The audit trail, filtered and paged, newest first, and the chain's verification."""
@@ -241,4 +256,5 @@ def audit_trail(request: Request, session: UiPage) -> Response:
     return render(
         request, session, "audit.html", nav="audit",
         query=query, page=page, verification=recent_verification(request),
+        subject_link=subject_link,
     )  # fmt: skip

@@ -174,3 +174,17 @@ def test_hostile_audit_details_are_text(harness: Harness) -> None:
     assert page.status_code == 200
     assert "<script>alert" not in page.text
     assert "&lt;script&gt;" in page.text
+
+
+def test_audit_subjects_link_to_their_pages(harness: Harness) -> None:
+    device = "ab" * 32
+    with harness.db.write() as session:
+        for subject in ("rollout:3", device, "rollout:../../api", "release:1.0.0"):
+            audit.append(
+                harness.db, session, at=utc(harness.clock), actor="tester", action="test.link",
+                subject=subject,
+            )  # fmt: skip
+    page = browser(harness, "viewer").get("/ui/audit?action=test.link").text
+    assert '<a href="/ui/rollouts/3">rollout:3</a>' in page
+    assert f'<a href="/ui/devices/{device}">{device}</a>' in page
+    assert page.count('href="/ui/rollouts/') == 1 and page.count('href="/ui/devices/') == 1

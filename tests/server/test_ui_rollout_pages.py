@@ -358,3 +358,14 @@ def test_many_members_are_listed_failed_first(harness: Harness, fleet: list[Fake
     page = operator.get("/ui/rollouts/1")
     rows = re.findall(r'data-testid="member-row" data-device-id="([0-9a-f]+)"', page.text)
     assert rows[0] == failing.id
+
+
+def test_no_rollout_starts_during_the_emergency_stop(
+    harness: Harness, fleet: list[FakeDevice]
+) -> None:
+    rollouts.emergency_stop(harness.db, "storm", actor="operator:other", now=utc(harness.clock))
+    answer = browser(harness).post("/ui/rollouts/new", GOOD_FORM)
+    assert answer.status_code == 409
+    assert "the emergency stop is on: clear it first" in answer.text
+    assert 'name="stages" value="50,100"' in answer.text
+    assert rollout_count(harness) == 0

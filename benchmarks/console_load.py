@@ -9,13 +9,13 @@ states, last-seen times, heartbeats and statuses, as a real fleet has), a few re
 rollout started by the server's own rule (``--rollout paused`` pauses it, so the rollout
 engine's evaluations stay out of the figures). A real ``fleet server run`` serves it on loopback.
 
-- Browser: a viewer token signs in once (the login form's POST, over HTTP) and Chromium
-  (Playwright, /usr/bin/chromium) gets the session's cookie, then navigates to the overview,
-  the device list, a filtered list and a deep page of it, each ``--runs`` times; navigation
-  timing (responseEnd, DOMContentLoaded, load) and "usable": from the start of the navigation
-  until the page's content is present and, on the device list, its rows are in the table and
-  the filter's text field is enabled. The baseline is ``/ui/static/console.css`` navigated the
-  same way (a new query string each time, so the cache does not answer it). Medians.
+- Browser: Chromium (Playwright, /usr/bin/chromium) signs in once with a viewer token through
+  the login form, then navigates to the overview, the device list, a filtered list and a deep
+  page of it, each ``--runs`` times; navigation timing (responseEnd, DOMContentLoaded, load)
+  and "usable": from the start of the navigation until the page's content is present and, on
+  the device list, its rows are in the table and the filter's text field is enabled. The
+  baseline is ``/ui/static/console.css`` navigated the same way (a new query string each time,
+  so the cache does not answer it). Medians.
 - Server: ``--requests`` sequential GETs of device-list pages (several pages, filters, sorts)
   with the session's cookie; p50 and p95 of the wall time of each request, and the server's CPU
   time per request, against GETs of the same static file.
@@ -402,22 +402,25 @@ def navigate(page: Page, target: Target, path: str) -> dict[str, float]:
     return timing
 
 
-def log_in(url: str, token: str) -> tuple[str, str]:
-    """Sign in to the console at ``url`` with ``token`` through its login form; the session
-    cookie's name and value.
+def log_in(page: Page, token: str) -> str:
+    """Sign ``page``'s browser context in with ``token`` through the login form; the session
+    cookie, as a ``Cookie`` header value.
 
     Raises:
-        SystemExit: the login was refused or set no session cookie.
+        SystemExit: the login page did not answer, or the login did not land on the console.
     """
-    answer = requests.post(
-        f"{url}/ui/login", data={"token": token}, allow_redirects=False, timeout=30
-    )
-    if answer.status_code != 303:
-        raise SystemExit(f"POST /ui/login: {answer.status_code}: {answer.text[:300]}")
-    cookies = [(c.name, c.value) for c in answer.cookies if c.name.endswith("fleet_ui")]
-    if not cookies or cookies[0][1] is None:
-        raise SystemExit("POST /ui/login set no session cookie")
-    return cookies[0][0], cookies[0][1]
+    response = page.goto("/ui/login", wait_until="load", timeout=PAGE_TIMEOUT_MS)
+    if response is None or response.status != 200:
+        raise SystemExit(f"GET /ui/login: {'no response' if response is None else response.status}")
+    page.fill("input[name=token]", token)
+    with page.expect_navigation(timeout=PAGE_TIMEOUT_MS):
+        page.click("form[action='/ui/login'] button[type=submit]")
+    if "/ui/login" in page.url:
+        raise SystemExit(f"the login was refused: {page.inner_text('main')[:300]}")
+    cookies = [c for c in page.context.cookies() if c["name"].endswith("fleet_ui")]
+    if not cookies:
+        raise SystemExit("the login set no session cookie")
+    return f"{cookies[0]['name']}={cookies[0]['value']}"
 
 
 def list_pages(devices: int) -> dict[str, str]:
@@ -437,7 +440,7 @@ def browser_figures(browser: Browser, url: str, token: str, devices: int, runs: 
                     ) -> tuple[dict[str, dict[str, float]], str]:  # fmt: skip
     """Median navigation figures of the baseline and each console page over ``runs`` rounds
     (one unmeasured round first), the pages interleaved; and the session cookie, as a
-    ``Cookie`` header value. The browser gets the session signed in once by :func:`log_in`."""
+    ``Cookie`` header value."""
     pages = list_pages(devices)
     targets = [
         Target("static file", STATIC, ("body",)),
@@ -446,12 +449,10 @@ def browser_figures(browser: Browser, url: str, token: str, devices: int, runs: 
         Target("filtered", pages["filtered"], LIST_READY, FILTER_FIELD),
         Target("deep page", pages["deep page"], LIST_READY, FILTER_FIELD),
     ]
-    name, value = log_in(url, token)
     context = browser.new_context(base_url=url)
     try:
-        context.add_cookies([{"name": name, "value": value, "url": url, "httpOnly": True,
-                              "sameSite": "Strict"}])  # fmt: skip
         page = context.new_page()
+        cookie = log_in(page, token)
         watch_usable(page, targets)
         samples: dict[str, list[dict[str, float]]] = {target.name: [] for target in targets}
         for round_ in range(runs + 1):
@@ -468,7 +469,7 @@ def browser_figures(browser: Browser, url: str, token: str, devices: int, runs: 
         name: {key: statistics.median(run[key] for run in runs_) for key in runs_[0]}
         for name, runs_ in samples.items()
     }
-    return medians, f"{name}={value}"
+    return medians, cookie
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

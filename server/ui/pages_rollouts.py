@@ -21,15 +21,15 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
 from fastapi.responses import Response
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from server import devices, releases, rollouts
 from server.api.common import server_state
 from server.auth import Role
 from server.cli.devices import DeviceReferenceError, resolve_device
 from server.database import Database
-from server.errors import ApiError, InvalidRequestError
-from server.models import Device, RolloutDevice
+from server.errors import ApiError, InvalidRequestError, UnknownRolloutError
+from server.models import Device, Rollout, RolloutDevice
 from server.rollout_text import (
     duration_text,
     failure_rule_text,
@@ -58,6 +58,7 @@ Transition = Literal["pause", "resume", "abort", "rollback"]
 # A rollout of a whole fleet has as many members as devices: the page lists the failed and
 # pending ones first and at most this many in all (the counts above the table are complete).
 MEMBERS_SHOWN = 500
+PAST_SHOWN = 20  # ended rollouts listed unless every one is asked for
 DONE = {"pause": "paused", "resume": "resumed", "abort": "aborted", "rollback": "rolled back"}
 
 # The form's fields, in the order a message may name them: the API's field (as the schema and
@@ -210,14 +211,41 @@ def _new_form(
     )  # fmt: skip
 
 
+def listed_rollouts(db: Database, shown: int | None) -> tuple[list[int], int]:
+    """The ids of the rollouts to list, newest first: the running or paused ones and the
+    ``shown`` newest others (None: all); and how many rollouts there are in all."""
+    with db.read() as session:
+        total = session.scalar(select(func.count()).select_from(Rollout)) or 0
+        query = select(Rollout.id).order_by(Rollout.id.desc())
+        if shown is None:
+            return list(session.scalars(query)), total
+        active = set(session.scalars(query.where(Rollout.state.in_(rollouts.ACTIVE))))
+        newest = set(
+            session.scalars(query.where(Rollout.state.not_in(rollouts.ACTIVE)).limit(shown))
+        )
+        return sorted(active | newest, reverse=True), total
+
+
 @router.get("/rollouts")
-def rollout_list(request: Request, session: UiPage) -> Response:
-    """Every rollout, the running or paused one first."""
+def rollout_list(request: Request, session: UiPage, every: bool = False) -> Response:
+    """The rollouts, newest first: the running or paused one, then the ``PAST_SHOWN`` newest
+    others (``?every=true``: all of them). Each is the API's view of it (its members counted),
+    so a fleet's whole history is read only when asked for."""
     state = server_state(request)
-    views = rollouts.status(state.db, state.now())["rollouts"]
+    now = state.now()
+    ids, total = listed_rollouts(state.db, None if every else PAST_SHOWN)
+    views = []
+    for rollout_id in ids:
+        try:
+            views.append(rollouts.get(state.db, rollout_id, now))
+        except UnknownRolloutError:  # removed since: nothing to show
+            continue
     active = [r for r in views if r["state"] in rollouts.ACTIVE]
     past = [r for r in views if r["state"] not in rollouts.ACTIVE]
-    return render(request, session, "rollouts.html", nav="rollouts", active=active, past=past)
+    return render(
+        request, session, "rollouts.html", nav="rollouts",
+        active=active, past=past, hidden=total - len(views),
+    )  # fmt: skip
 
 
 @router.get("/rollouts/new")

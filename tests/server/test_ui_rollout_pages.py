@@ -352,12 +352,17 @@ def test_unknown_rollout_is_a_404_page(harness: Harness) -> None:
     assert operator.post("/ui/rollouts/7/pause").status_code == 404
 
 
-def test_many_members_are_listed_failed_first(harness: Harness, fleet: list[FakeDevice]) -> None:
+def test_many_members_are_listed_failed_first(
+    harness: Harness, fleet: list[FakeDevice], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("server.ui.pages_rollouts.MEMBERS_SHOWN", 1)
     operator = browser(harness)
     failing = halted(harness, fleet, operator)
-    page = operator.get("/ui/rollouts/1")
-    rows = re.findall(r'data-testid="member-row" data-device-id="([0-9a-f]+)"', page.text)
-    assert rows[0] == failing.id
+    page = operator.get("/ui/rollouts/1").text
+    rows = re.findall(r'data-testid="member-row" data-device-id="([0-9a-f]+)"', page)
+    assert rows == [failing.id]
+    assert "1 more succeeded or pending devices are not listed" in page
+    assert "Devices of this rollout (2)" in page
 
 
 def test_no_rollout_starts_during_the_emergency_stop(
@@ -369,3 +374,21 @@ def test_no_rollout_starts_during_the_emergency_stop(
     assert "the emergency stop is on: clear it first" in answer.text
     assert 'name="stages" value="50,100"' in answer.text
     assert rollout_count(harness) == 0
+
+
+def test_the_list_shows_the_newest_past_rollouts(
+    harness: Harness, fleet: list[FakeDevice], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("server.ui.pages_rollouts.PAST_SHOWN", 2)
+    operator = browser(harness)
+    for rollout_id in (1, 2, 3):
+        assert operator.post("/ui/rollouts/new", GOOD_FORM).status_code == 303
+        assert operator.post(f"/ui/rollouts/{rollout_id}/abort").status_code == 303
+    assert operator.post("/ui/rollouts/new", GOOD_FORM).status_code == 303
+    page = operator.get("/ui/rollouts").text
+    listed = re.findall(r'data-rollout-id="([0-9]+)"', page)
+    assert listed == ["4", "3", "2"]  # the running one, then the two newest others
+    assert "1 older rollout not listed" in page
+    every = operator.get("/ui/rollouts?every=true").text
+    assert re.findall(r'data-rollout-id="([0-9]+)"', every) == ["4", "3", "2", "1"]
+    assert "older-rollouts" not in every

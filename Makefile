@@ -13,14 +13,14 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc e2fsprogs squashfs-tools do
 	fdisk zstd tar grub-common u-boot-tools libubootenv-tool prometheus postgresql \
 	prometheus-alertmanager qemu-system-x86 ovmf grub-efi-amd64-bin busybox-static haproxy \
 	mmdebstrap iproute2 chromium nodejs
-# The browser tier (tests/ui) drives Debian's chromium through Playwright and injects axe-core,
-# pinned in tests/ui/package-lock.json and installed with npm. Debian's nodejs comes without npm
+# The browser tier (tests/browser) drives Debian's chromium through Playwright and injects axe-core,
+# pinned in tests/browser/package-lock.json and installed with npm. Debian's nodejs comes without npm
 # (its own package, which conflicts with a nodejs from NodeSource that carries npm): ask for it
 # only where no npm is found.
 APT_PACKAGES += $(if $(shell command -v npm),,npm)
 
-.PHONY: demo test deps venv lint test-unit test-integration test-chaos test-ui test-qemu qemu-kernel \
-	benchmarks mutation-survivors clean mutation dist debian-root ui-deps
+.PHONY: demo test deps venv lint test-unit test-integration test-chaos test-browser test-qemu qemu-kernel \
+	benchmarks mutation-survivors clean mutation dist debian-root browser-deps
 
 demo: venv
 	$(BIN)/fleet demo --workdir $(DEMO_DIR)
@@ -45,7 +45,7 @@ QEMU_TESTS ?= tests/qemu
 QEMU_LOG := build/test-artifacts/qemu.log
 COVERAGE_DIR := build/coverage
 PYTEST_COVERAGE := --cov --cov-branch --cov-report=
-test: lint qemu-kernel debian-root dist ui-deps
+test: lint qemu-kernel debian-root dist browser-deps
 	rm -rf $(COVERAGE_DIR) build/test-artifacts
 	mkdir -p $(COVERAGE_DIR)/qemu $(dir $(QEMU_LOG))
 	@url=$$(tests/postgres.sh) || exit 1; \
@@ -65,19 +65,19 @@ test: lint qemu-kernel debian-root dist ui-deps
 	echo "pytest $(TESTS) without $(QEMU_TESTS): exit $$rest; pytest $(QEMU_TESTS): exit $$qemu_status"; \
 	[ $$rest -eq 0 ] && [ $$qemu_status -eq 0 ] && [ $$covered -eq 0 ]
 
-test-unit test-integration test-chaos test-ui: test-%: venv
+test-unit test-integration test-chaos test-browser: test-%: venv
 	$(BIN)/pytest -q tests/$*
 test-integration: debian-root dist
-test-ui: ui-deps
+test-browser: browser-deps
 
 # What the browser tier injects into the pages (axe-core), at the versions of
-# tests/ui/package-lock.json; npm runs no package scripts. Skipped while node_modules holds what
+# tests/browser/package-lock.json; npm runs no package scripts. Skipped while node_modules holds what
 # the lock says (npm ci empties node_modules first, the copy of the lock is made last).
-UI_LOCK := tests/ui/package-lock.json
-ui-deps: deps
-	cmp -s $(UI_LOCK) tests/ui/node_modules/.installed-lock || { \
-		npm ci --ignore-scripts --no-audit --no-fund --prefix tests/ui && \
-		cp $(UI_LOCK) tests/ui/node_modules/.installed-lock; }
+BROWSER_LOCK := tests/browser/package-lock.json
+browser-deps: deps
+	cmp -s $(BROWSER_LOCK) tests/browser/node_modules/.installed-lock || { \
+		npm ci --ignore-scripts --no-audit --no-fund --prefix tests/browser && \
+		cp $(BROWSER_LOCK) tests/browser/node_modules/.installed-lock; }
 
 # The QEMU tier boots a Debian kernel: fetched with apt-get download into build/qemu-cache once,
 # reused after (tests/qemu fetches it too if this step was skipped).

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ui import conftest
+from tests.browser import conftest
 
 
 def test_a_missing_chromium_fails_the_tier_naming_make_deps(
@@ -24,7 +24,7 @@ def test_a_missing_axe_core_fails_the_tier_naming_its_make_step(
 ) -> None:
     monkeypatch.delenv(conftest.SKIP_ENV, raising=False)
     monkeypatch.setattr(conftest, "AXE", conftest.ROOT / "tests" / "ui" / "no-such" / "axe.js")
-    with pytest.raises(pytest.fail.Exception, match=r"make ui-deps"):
+    with pytest.raises(pytest.fail.Exception, match=r"make browser-deps"):
         conftest.require_browser()
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from playwright.sync_api import Page, expect
 
 from tests.chaos.conftest import Releases
-from tests.ui.conftest import Console, ConsoleServer, LiveFleet, login
+from tests.browser.conftest import Console, ConsoleServer, LiveFleet, login
 
 
 def until(done: Callable[[], bool], limit_s: float) -> None:

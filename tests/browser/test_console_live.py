@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from playwright.sync_api import expect
 
-from tests.ui.conftest import WAIT_MS, Console, ConsoleServer, fake_devices, login
+from tests.browser.conftest import WAIT_MS, Console, ConsoleServer, fake_devices, login
 
 
 def test_the_console_reconnects_after_a_server_restart(

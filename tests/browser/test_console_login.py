@@ -3,7 +3,7 @@ the overview, and the login field is reached from the keyboard."""
 
 from __future__ import annotations
 
-from tests.ui.conftest import Console, ConsoleServer, login, said
+from tests.browser.conftest import Console, ConsoleServer, login, said
 
 
 def test_a_bad_token_shows_the_error_and_a_good_one_lands_on_the_overview(

@@ -10,7 +10,7 @@ import pytest
 from playwright.sync_api import Page
 
 from tests.chaos.conftest import Releases
-from tests.ui.conftest import Console, ConsoleServer, fake_devices, login, run_axe
+from tests.browser.conftest import Console, ConsoleServer, fake_devices, login, run_axe
 
 PHONE = {"width": 375, "height": 812}
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
 from tests.chaos.conftest import Releases
-from tests.ui.conftest import Console, ConsoleServer, fake_devices, login, send_events
+from tests.browser.conftest import Console, ConsoleServer, fake_devices, login, send_events
 
 
 def test_the_overview_shows_the_numbers_of_the_api(

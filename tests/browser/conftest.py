@@ -80,7 +80,7 @@ def require_browser() -> None:
 
     Raises:
         pytest.skip.Exception: FLEET_SKIP_BROWSER=1 is set.
-        pytest.fail.Exception: /usr/bin/chromium or tests/ui/node_modules is missing.
+        pytest.fail.Exception: /usr/bin/chromium or tests/browser/node_modules is missing.
     """
     if os.environ.get(SKIP_ENV) == "1":
         pytest.skip(f"{SKIP_ENV}=1: the browser tier was asked not to run")
@@ -92,8 +92,8 @@ def require_browser() -> None:
         )
     if not AXE.is_file():
         pytest.fail(
-            f"{AXE.relative_to(ROOT)} is missing: `make ui-deps` installs it from "
-            "tests/ui/package-lock.json (make test does)",
+            f"{AXE.relative_to(ROOT)} is missing: `make browser-deps` installs it from "
+            "tests/browser/package-lock.json (make test does)",
             pytrace=False,
         )
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from server.settings import SQLITE_FILE
-from tests.ui.conftest import Console, ConsoleServer, fake_devices, login, send_events
+from tests.browser.conftest import Console, ConsoleServer, fake_devices, login, send_events
 
 VIEWER_PAGES = ["/ui/", "/ui/devices", "/ui/rollouts", "/ui/releases", "/ui/audit"]
 

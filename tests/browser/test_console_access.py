@@ -9,8 +9,8 @@ from collections.abc import Callable
 import pytest
 from playwright.sync_api import Page
 
-from tests.chaos.conftest import Releases
 from tests.browser.conftest import Console, ConsoleServer, fake_devices, login, run_axe
+from tests.chaos.conftest import Releases
 
 PHONE = {"width": 375, "height": 812}
 

@@ -8,8 +8,8 @@ from collections import Counter
 from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
-from tests.chaos.conftest import Releases
 from tests.browser.conftest import Console, ConsoleServer, fake_devices, login, send_events
+from tests.chaos.conftest import Releases
 
 
 def test_the_overview_shows_the_numbers_of_the_api(

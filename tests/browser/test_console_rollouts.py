@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 from playwright.sync_api import Page, expect
 
-from tests.chaos.conftest import Releases
 from tests.browser.conftest import Console, ConsoleServer, LiveFleet, login
+from tests.chaos.conftest import Releases
 
 
 def until(done: Callable[[], bool], limit_s: float) -> None:

@@ -118,7 +118,7 @@ def test_a_good_token_signs_in_with_its_name_and_role(console: Harness) -> None:
 
 @pytest.mark.parametrize("kind", ["unknown", "expired", "revoked", "blank"])
 def test_a_bad_token_is_the_form_again_with_401(console: Harness, kind: str) -> None:
-    secret = "fleet_op_nobody"  # noqa: S105 (no such token)
+    secret = "fleet_op_nobody"  # noqa: S105  # pragma: allowlist secret (no such token)
     if kind == "expired":
         secret = token(console, expires=utc(console.clock))
     elif kind == "revoked":
@@ -543,7 +543,7 @@ def test_templates_and_static_files_are_package_data() -> None:
         "javascript:alert(1)",
         "grafana.example:3000",
         "http://",
-        "http://user:pw@grafana.example",
+        "http://user:pw@grafana.example",  # pragma: allowlist secret
         "http://grafana.example/?q=1",
         "http://grafana.example:99999",
         "http://grafana .example",

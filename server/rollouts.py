@@ -92,6 +92,7 @@ from server.schemas import (
     DEFAULT_SOAK_S,
     DEFAULT_STAGES,
     MIN_OFFLINE_AFTER_S,
+    RolloutStartRequest,
 )
 from server.settings import iso
 
@@ -299,6 +300,25 @@ class RolloutRequest:
     tags: tuple[str, ...] = ()  # ... that carry every one of these tags
     offline_after_s: int = DEFAULT_OFFLINE_AFTER_S  # unseen longer: not assigned, not expected
     allow_empty: bool = False  # start even when no online device is selected
+
+    @classmethod
+    def from_body(cls, body: RolloutStartRequest) -> RolloutRequest:
+        """The request a validated ``POST /api/v1/rollouts`` body makes (the API's and the
+        console's)."""
+        return cls(
+            version=body.version,
+            device_ids=tuple(body.device_ids) if body.device_ids is not None else None,
+            canary_ids=tuple(body.canary),
+            stages=tuple(body.stages),
+            soak_s=body.soak_s,
+            max_failure_rate=body.max_failure_rate,
+            install_deadline_s=body.install_deadline_s,
+            rollback_on_halt=body.rollback_on_halt,
+            role=body.selector.role if body.selector else None,
+            tags=tuple(body.selector.tags) if body.selector else (),
+            offline_after_s=body.offline_after_s,
+            allow_empty=body.allow_empty,
+        )
 
 
 def _plan(rollout: Rollout) -> Plan:
@@ -801,9 +821,21 @@ def clear_emergency_stop(db: Database, *, actor: str, now: datetime) -> dict[str
 
 
 def transition(
-    db: Database, rollout_id: int, action: str, *, actor: str, now: datetime, reason: str | None
+    db: Database,
+    rollout_id: int,
+    action: str,
+    *,
+    actor: str,
+    now: datetime,
+    reason: str | None,
+    acknowledge: Iterable[str] | None = None,
 ) -> dict[str, Any]:
     """``pause``, ``resume``, ``abort`` or ``rollback`` the rollout.
+
+    A resume acknowledges the rollout's failed devices (they stop counting against the failure
+    rule). ``acknowledge`` names the devices the operator saw fail: a failed device not yet
+    acknowledged and not named (it failed after the operator looked) refuses the resume, so
+    nothing is acknowledged unseen; ``None`` acknowledges every failed device.
 
     ``abort`` ends it and returns its uncommitted devices to their previous release;
     ``rollback`` ends it and returns every one of its devices.
@@ -825,7 +857,8 @@ def transition(
     Raises:
         UnknownRolloutError: no such rollout.
         RolloutConflictError: not allowed from the rollout's state (or during the emergency
-            stop, for ``resume``; or after a later rollout, for ``rollback``).
+            stop, or with a failed device ``acknowledge`` does not name, for ``resume``; or
+            after a later rollout, for ``rollback``).
     """
     allowed = {
         "pause": (RolloutState.RUNNING,),
@@ -860,6 +893,13 @@ def transition(
             # count against the failure rule (the audit entry names them and the actor).
             acknowledged = set(json.loads(rollout.acknowledged or "[]"))
             seen = {m.device_id for m, _ in _members(session, rollout) if m.outcome == "failed"}
+            unseen = seen - acknowledged - set(acknowledge if acknowledge is not None else seen)
+            if unseen:
+                raise RolloutConflictError(
+                    f"rollout {rollout_id} cannot resume: not acknowledged: "
+                    f"{', '.join(sorted(unseen))} (failed, and not among the devices named to "
+                    "acknowledge)"
+                )
             details["acknowledged"] = sorted(seen - acknowledged)
             rollout.acknowledged = json.dumps(sorted(acknowledged | seen))
             rollout.state, rollout.reason = RolloutState.RUNNING, None

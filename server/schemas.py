@@ -299,5 +299,12 @@ class ReasonRequest(_Body):
     reason: Text128 | None = None
 
 
+class ResumeRequest(ReasonRequest):
+    """A resume's reason, and the failed devices the operator looked at and acknowledges
+    (absent: every failed device; one not named refuses the resume)."""
+
+    acknowledge: Annotated[list[Hex64], Field(max_length=MAX_TARGETS)] | None = None
+
+
 class RenameRequest(_Body):
     hostname: Hostname

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server import rollouts
 from server.api.common import OperatorRole, State, Viewer, read_body
-from server.schemas import ReasonRequest, RolloutStartRequest, parse
+from server.schemas import ReasonRequest, ResumeRequest, RolloutStartRequest, parse
 
 router = APIRouter(prefix="/api/v1", tags=["rollouts"])
 
@@ -35,20 +35,7 @@ async def _evaluate(state: State) -> None:
 async def start_rollout(request: Request, caller: OperatorRole, state: State) -> dict[str, Any]:
     """Start a staged rollout of a release."""
     body = parse(RolloutStartRequest, await read_body(request))
-    plan = rollouts.RolloutRequest(
-        version=body.version,
-        device_ids=tuple(body.device_ids) if body.device_ids is not None else None,
-        canary_ids=tuple(body.canary),
-        stages=tuple(body.stages),
-        soak_s=body.soak_s,
-        max_failure_rate=body.max_failure_rate,
-        install_deadline_s=body.install_deadline_s,
-        rollback_on_halt=body.rollback_on_halt,
-        role=body.selector.role if body.selector else None,
-        tags=tuple(body.selector.tags) if body.selector else (),
-        offline_after_s=body.offline_after_s,
-        allow_empty=body.allow_empty,
-    )
+    plan = rollouts.RolloutRequest.from_body(body)
     await _evaluate(state)
     return await run_in_threadpool(
         rollouts.start, state.db, plan, actor=caller.actor, now=state.now()
@@ -83,14 +70,19 @@ async def transition(
     caller: OperatorRole,
     state: State,
 ) -> dict[str, Any]:
-    """Pause, resume, abort or roll back a rollout."""
-    reason = await _reason(request)
+    """Pause, resume, abort or roll back a rollout. A resume's body may name the failed devices
+    it acknowledges (``acknowledge``): a failed device not named refuses it (409)."""
+    if action == "resume":
+        body = await read_body(request)
+        resume = parse(ResumeRequest, body) if body.strip() else ResumeRequest()
+        reason, acknowledge = resume.reason, resume.acknowledge
+    else:
+        reason, acknowledge = await _reason(request), None
     await _evaluate(state)
     return await run_in_threadpool(
-        lambda: rollouts.transition(
-            state.db, rollout_id, action, actor=caller.actor, now=state.now(), reason=reason
-        )
-    )
+        rollouts.transition, state.db, rollout_id, action,
+        actor=caller.actor, now=state.now(), reason=reason, acknowledge=acknowledge,
+    )  # fmt: skip
 
 
 @router.post("/emergency-stop")

@@ -144,24 +144,6 @@ def start_document(form: Mapping[str, str], fleet: Sequence[dict[str, Any]]) -> 
     return document
 
 
-def rollout_request(body: RolloutStartRequest) -> rollouts.RolloutRequest:
-    """The engine's request for the API's validated body (as ``POST /api/v1/rollouts``)."""
-    return rollouts.RolloutRequest(
-        version=body.version,
-        device_ids=tuple(body.device_ids) if body.device_ids is not None else None,
-        canary_ids=tuple(body.canary),
-        stages=tuple(body.stages),
-        soak_s=body.soak_s,
-        max_failure_rate=body.max_failure_rate,
-        install_deadline_s=body.install_deadline_s,
-        rollback_on_halt=body.rollback_on_halt,
-        role=body.selector.role if body.selector else None,
-        tags=tuple(body.selector.tags) if body.selector else (),
-        offline_after_s=body.offline_after_s,
-        allow_empty=body.allow_empty,
-    )
-
-
 def field_of(message: str) -> tuple[str | None, str]:
     """The form field a refusal is about (``None``: the form as a whole), and the message
     prefixed with that field's label."""
@@ -267,7 +249,10 @@ def start_rollout(request: Request, action: UiAction) -> Response:
         body = parse(RolloutStartRequest, json.dumps(start_document(values, fleet)).encode())
         rollouts.evaluate(state.db, state.now())
         started = rollouts.start(
-            state.db, rollout_request(body), actor=action.session.operator.actor, now=state.now()
+            state.db,
+            rollouts.RolloutRequest.from_body(body),
+            actor=action.session.operator.actor,
+            now=state.now(),
         )
     except ApiError as err:
         return _new_form(request, action.session, values, error=err.detail, status=err.status)
@@ -352,25 +337,15 @@ def rollout_detail(request: Request, session: UiPage, rollout_id: RolloutIdPath)
     return _rollout_page(request, session, rollout_id)
 
 
-def unacknowledged_failures(view: Mapping[str, Any]) -> set[str]:
-    """The failed devices of a rollout that no resume acknowledged yet."""
-    acknowledged = set(view["acknowledged"])
-    return {
-        d["id"]
-        for d in view["devices"]
-        if d["outcome"] == rollouts.Outcome.FAILED and d["id"] not in acknowledged
-    }
-
-
 @router.post("/rollouts/{rollout_id}/{change}")
 def change_rollout(
     request: Request, action: UiAction, rollout_id: RolloutIdPath, change: Transition
 ) -> Response:
     """Pause, resume, abort or roll back, as ``POST /api/v1/rollouts/{id}/{action}`` does.
 
-    A resume acknowledges every failed device of the rollout (they stop counting against the
-    failure rule): the operator must tick each one the page listed; one not ticked (it failed
-    after the page was shown, say) refuses the resume, naming it."""
+    A resume acknowledges the failed devices the operator ticked (they stop counting against
+    the failure rule): a failed device not ticked (it failed after the page was shown, say)
+    refuses the resume, naming it (:func:`server.rollouts.transition`)."""
     state = server_state(request)
     reason_text = action.form.get("reason")
     try:
@@ -380,17 +355,10 @@ def change_rollout(
             else None
         )
         rollouts.evaluate(state.db, state.now())
-        if change == "resume":
-            missing = unacknowledged_failures(rollouts.get(state.db, rollout_id, state.now()))
-            missing -= set(action.form.getall("acknowledge"))
-            if missing:
-                raise InvalidRequestError(
-                    "acknowledge: tick every failed device to resume; not acknowledged: "
-                    + ", ".join(sorted(missing))
-                )
         rollouts.transition(
             state.db, rollout_id, change,
             actor=action.session.operator.actor, now=state.now(), reason=reason,
+            acknowledge=action.form.getall("acknowledge") if change == "resume" else None,
         )  # fmt: skip
     except ApiError as err:
         return _rollout_page(

@@ -18,6 +18,7 @@ from fleet_core.cli import fleet
 from server import rollouts
 from server.audit import AuditEntry, verify_chain
 from server.database import Database
+from server.errors import RolloutConflictError
 from server.rollout_text import duration_text
 from server.rollouts import (
     Decision,
@@ -477,6 +478,70 @@ def test_a_halted_rollout_resumes_once_its_failures_are_acknowledged(
             break
     assert answer["state"] == "completed", answer
     assert answer["counts"]["failed"] == 1
+
+
+def test_a_resume_naming_its_acknowledged_devices_refuses_a_failure_it_does_not_name(
+    harness: Harness, fleet_of: Any
+) -> None:
+    fleet = fleet_of(10)
+    fleet.tick(0)
+    canaries = [d.id for d in fleet.devices[:2]]
+    fleet.bad = {canaries[0]}
+    rollout = start(harness, version="2.0.0", canary=canaries, soak_s=60)
+    for _ in range(5):
+        if fleet.tick()["rollouts"][0]["state"] == "halted":
+            break
+    path = f"/api/v1/rollouts/{rollout['id']}"
+    # The operator looked before the canary failed: it named no device.
+    refused = harness.client.post(
+        f"{path}/resume", json={"acknowledge": []}, headers=harness.operator
+    )
+    assert refused.status_code == 409, refused.text
+    assert f"not acknowledged: {canaries[0]}" in refused.json()["detail"]
+    view = harness.client.get(path, headers=harness.viewer).json()
+    assert (view["state"], view["acknowledged"]) == ("halted", [])
+    assert [e for e in actions(harness) if e["action"] == "rollout.resumed"] == []
+    for bad_body in ({"acknowledge": ["cam-0000"]}, {"acknowledge": canaries[0]}):
+        answer = harness.client.post(f"{path}/resume", json=bad_body, headers=harness.operator)
+        assert answer.status_code == 422 and "acknowledge" in answer.text, answer.text
+    paused = harness.client.post(
+        f"{path}/pause", json={"acknowledge": [canaries[0]]}, headers=harness.operator
+    )
+    assert paused.status_code == 422, paused.text  # only a resume acknowledges
+    resumed = harness.client.post(
+        f"{path}/resume", json={"acknowledge": [canaries[0]], "reason": "bad sd card"},
+        headers=harness.operator,
+    )  # fmt: skip
+    assert resumed.status_code == 200, resumed.text
+    assert resumed.json()["acknowledged"] == [canaries[0]]
+    entry = [e for e in actions(harness) if e["action"] == "rollout.resumed"][-1]
+    assert entry["details"]["acknowledged"] == [canaries[0]]
+
+
+def test_transition_acknowledges_only_failures_it_names_or_every_one_unnamed(
+    harness: Harness, fleet_of: Any
+) -> None:
+    fleet = fleet_of(10)
+    fleet.tick(0)
+    canaries = [d.id for d in fleet.devices[:2]]
+    fleet.bad = set(canaries)
+    rollout = start(harness, version="2.0.0", canary=canaries, soak_s=60)
+    for _ in range(5):
+        answer = fleet.tick()["rollouts"][0]
+        if answer["state"] == "halted" and answer["counts"]["failed"] == 2:
+            break
+    assert answer["counts"]["failed"] == 2, answer
+
+    def resume(acknowledge: list[str] | None) -> dict[str, Any]:
+        return rollouts.transition(
+            harness.db, rollout["id"], "resume", actor="operator:test", now=utc(harness.clock),
+            reason=None, acknowledge=acknowledge,
+        )  # fmt: skip
+
+    with pytest.raises(RolloutConflictError, match=canaries[1]) as refused:
+        resume([canaries[0], "f" * 64])
+    assert canaries[0] not in str(refused.value)
+    assert resume(None)["acknowledged"] == sorted(canaries)
 
 
 def test_while_a_rollout_is_active_devices_are_asked_to_check_in_more_often(

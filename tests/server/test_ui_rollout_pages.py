@@ -275,7 +275,7 @@ def test_resume_needs_every_failed_device_acknowledged(
     assert f'name="acknowledge" value="{failing.id}"' in page.text
     assert page.text.count('name="acknowledge"') == 1  # only the failed device
     refused = operator.post("/ui/rollouts/1/resume")
-    assert refused.status_code == 422
+    assert refused.status_code == 409
     assert f"not acknowledged: {failing.id}" in refused.text
     assert api_rollout(harness, 1)["state"] == "halted"
     assert audit_entries(harness, "rollout.resumed") == []
@@ -287,6 +287,33 @@ def test_resume_needs_every_failed_device_acknowledged(
     assert resumed["actor"] == "operator:test-operator"
     assert resumed["details"]["acknowledged"] == [failing.id]
     assert "acknowledged failures: 1" in operator.get("/ui/rollouts/1").text
+
+
+def test_a_device_failing_after_the_page_was_shown_is_not_acknowledged_unseen(
+    harness: Harness, fleet: list[FakeDevice]
+) -> None:
+    operator = browser(harness)
+    failing = halted(harness, fleet, operator)
+    page = operator.get("/ui/rollouts/1")
+    assert page.text.count('name="acknowledge"') == 1
+    # While the operator reads the page, someone else resumes, and the other canary fails.
+    resumed = harness.client.post(
+        "/api/v1/rollouts/1/resume", json={"acknowledge": [failing.id]}, headers=harness.operator
+    )
+    assert resumed.status_code == 200, resumed.text
+    late = fleet[1]
+    assert late.events(("install.failed", 1)).status_code in (200, 204)
+    rollouts.evaluate(harness.db, utc(harness.clock))
+    assert api_rollout(harness, 1)["state"] == "halted"
+    refused = operator.post("/ui/rollouts/1/resume", {"acknowledge": failing.id})
+    assert refused.status_code == 409, refused.text
+    assert f"not acknowledged: {late.id}" in refused.text
+    assert f'name="acknowledge" value="{late.id}"' in refused.text  # listed now, to be ticked
+    assert api_rollout(harness, 1)["state"] == "halted"
+    assert len(audit_entries(harness, "rollout.resumed")) == 1
+    answer = operator.post("/ui/rollouts/1/resume", {"acknowledge": [failing.id, late.id]})
+    assert answer.status_code == 303, answer.text
+    assert sorted(api_rollout(harness, 1)["acknowledged"]) == sorted([failing.id, late.id])
 
 
 def test_a_viewer_sees_no_forms_and_cannot_act(harness: Harness, fleet: list[FakeDevice]) -> None:

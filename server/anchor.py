@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from server.audit import GENESIS_HASH, audit_time
+from server.audit import GENESIS_HASH, AuditEntry, audit_time, verify_chain
 from server.database import AUDIT_CHAIN_LOCK, Database
 from server.errors import ServerError
 from server.models import AuditAnchorRow, AuditRow
@@ -175,6 +175,56 @@ def check_anchors(
             return expected, f"signed head {anchor.seq}: names no entry"
         expected[anchor.seq] = anchor.hash
     return expected, None
+
+
+@dataclass(frozen=True)
+class TrailCheck:
+    """Whether the audit trail holds: its signed heads checked with the server key, then its
+    chain walked against them (``fleet audit verify``, and the console's audit page)."""
+
+    problem: str | None  # the first signed head or entry that does not hold
+    entries: int | None  # the entries that hold before ``problem`` (None: chain not walked)
+    head: str | None  # SEQ:HASH of the chain's head, when the trail holds
+    signed_heads: int | None  # the signed heads that hold (None: one does not)
+    unchecked: int  # stored signed heads left unchecked: no server key was given
+
+    @property
+    def intact(self) -> bool:
+        return self.problem is None
+
+
+def check_trail(
+    chain: Iterable[AuditEntry],
+    anchors: Sequence[SignedHead],
+    public_key: Ed25519PublicKey | None,
+    *,
+    exported: SignedHead | None = None,
+    expect_head: tuple[int, str] | None = None,
+) -> TrailCheck:
+    """Check ``anchors`` (the stored signed heads) and ``exported`` (one kept elsewhere) with
+    ``public_key``, then walk ``chain`` (oldest first) against them and ``expect_head``: the
+    first signed head that does not verify stops the check before the chain is walked.
+
+    Without ``public_key`` no signed head is checked (``exported`` then must be ``None``) and the
+    chain is walked against ``expect_head`` alone."""
+    anchored: dict[int, str] = {}
+    problem: str | None = None
+    if public_key is not None:
+        anchored, problem = check_anchors([*anchors, *filter(None, [exported])], public_key)
+    report = (
+        None
+        if problem is not None
+        else verify_chain(chain, expect_head=expect_head, anchored=anchored)
+    )
+    if report is not None and not report.intact:
+        problem = f"{report.problem} ({report.checked} entries before it hold)"
+    return TrailCheck(
+        problem=problem,
+        entries=None if report is None else report.checked,
+        head=None if report is None or problem else f"{report.head_seq}:{report.head_hash}",
+        signed_heads=len(anchored) if problem is None else None,
+        unchecked=len(anchors) if anchors and public_key is None else 0,
+    )
 
 
 def read_head_file(path: Path) -> SignedHead:

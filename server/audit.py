@@ -22,14 +22,18 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.orm import Session
 
+from fleet_core.text import refused_character
 from server.database import AUDIT_CHAIN_LOCK, Database
+from server.errors import InvalidRequestError
 from server.models import AuditRow
 
 GENESIS_HASH = "0" * 64
 PAGE = 1000
+MAX_FILTER_LENGTH = 160  # the longest actor or subject the trail stores
+MAX_FILTER_ACTIONS = 20
 
 
 def canonical_json(value: Any) -> str:
@@ -160,9 +164,66 @@ def append(
     return entry
 
 
-def entries(session: Session, *, after: int = 0, limit: int | None = None) -> list[AuditEntry]:
-    """Entries with ``seq > after``, oldest first, at most ``limit``."""
-    query = select(AuditRow).where(AuditRow.seq > after).order_by(AuditRow.seq)
+@dataclass(frozen=True)
+class AuditFilter:
+    """Which entries to list: an action matches itself and the actions under it (``rollout``
+    matches ``rollout.halted``; any of ``actions``), ``subject`` and ``actor`` match exactly.
+    Nothing given: every entry."""
+
+    actions: tuple[str, ...] = ()
+    subject: str | None = None
+    actor: str | None = None
+
+    @classmethod
+    def checked(
+        cls, actions: Iterable[str] = (), subject: str | None = None, actor: str | None = None
+    ) -> AuditFilter:
+        """Raises: InvalidRequestError: too many actions, or a value too long or holding a
+        character not allowed in text (naming the filter)."""
+        actions = tuple(actions)
+        if len(actions) > MAX_FILTER_ACTIONS:
+            raise InvalidRequestError(f"action: at most {MAX_FILTER_ACTIONS} actions")
+        for name, values in (("action", actions), ("subject", (subject,)), ("actor", (actor,))):
+            for value in values:
+                if value is not None and len(value) > MAX_FILTER_LENGTH:
+                    raise InvalidRequestError(f"{name}: at most {MAX_FILTER_LENGTH} characters")
+                if value is not None and refused_character(value) is not None:
+                    raise InvalidRequestError(f"{name}: a character not allowed in text")
+        return cls(actions, subject, actor)
+
+    def conditions(self) -> list[ColumnElement[bool]]:
+        """The filter as SQL conditions on :class:`AuditRow` (all must hold)."""
+        conditions: list[ColumnElement[bool]] = []
+        if self.actions:
+            by_action = [
+                (AuditRow.action == action)
+                | AuditRow.action.startswith(action + ".", autoescape=True)
+                for action in self.actions
+            ]
+            conditions.append(or_(*by_action))
+        if self.subject is not None:
+            conditions.append(AuditRow.subject == self.subject)
+        if self.actor is not None:
+            conditions.append(AuditRow.actor == self.actor)
+        return conditions
+
+
+def entries(
+    session: Session,
+    *,
+    after: int = 0,
+    before: int | None = None,
+    limit: int | None = None,
+    match: AuditFilter | None = None,
+    newest_first: bool = False,
+) -> list[AuditEntry]:
+    """Entries with ``after < seq < before`` that ``match`` lets through, oldest first (or
+    newest first), at most ``limit``."""
+    where = [AuditRow.seq > after, *(match.conditions() if match is not None else [])]
+    if before is not None:
+        where.append(AuditRow.seq < before)
+    order = AuditRow.seq.desc() if newest_first else AuditRow.seq
+    query = select(AuditRow).where(*where).order_by(order)
     if limit is not None:
         query = query.limit(limit)
     return [AuditEntry.from_row(row) for row in session.scalars(query)]

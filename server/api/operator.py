@@ -303,10 +303,17 @@ def list_audit(
     state: State,
     after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_AUDIT_PAGE)] = 100,
+    action: Annotated[list[str] | None, Query()] = None,
+    subject: str | None = None,
+    actor: str | None = None,
 ) -> dict[str, Any]:
-    """Audit entries after ``after``, oldest first; ``next_after`` pages on (null at the end)."""
+    """Audit entries after ``after``, oldest first; ``next_after`` pages on (null at the end).
+
+    Only entries whose action is an ``action`` or under one (``rollout``: ``rollout.halted``;
+    repeat for more), about ``subject`` and by ``actor``, when given."""
+    match = audit.AuditFilter.checked(action or (), subject, actor)
     with state.db.read() as session:
-        page = audit.entries(session, after=after, limit=limit)
+        page = audit.entries(session, after=after, limit=limit, match=match)
     return {
         "entries": [entry.to_dict() for entry in page],
         "next_after": page[-1].seq if len(page) == limit else None,

@@ -35,12 +35,14 @@ def audit() -> None:
     """The audit trail of operator actions and device events."""
 
 
-def _api_entries(client: ApiClient) -> Iterator[AuditEntry]:
+def _api_entries(client: ApiClient, **filters: str | list[str]) -> Iterator[AuditEntry]:
+    """The entries the server lists, oldest first, only those ``filters`` (the API's
+    ``action``, ``subject``, ``actor``) let through."""
     from server.audit import AuditEntry
 
     after: int | None = 0
     while after is not None:
-        page = client.get("/api/v1/audit", params={"after": after, "limit": 1000})
+        page = client.get("/api/v1/audit", params={**filters, "after": after, "limit": 1000})
         for document in page["entries"]:
             try:
                 yield AuditEntry.from_dict(document)
@@ -71,14 +73,12 @@ def audit_list(
     """The newest entries of the audit trail, oldest first, filtered."""
     from collections import deque
 
-    def wanted(entry: AuditEntry) -> bool:
-        by_action = not actions or any(
-            entry.action == a or entry.action.startswith(a + ".") for a in actions
-        )
-        by_subject = subject is None or entry.subject == subject
-        return by_action and by_subject and (actor is None or entry.actor == actor)
-
-    kept = deque((e for e in _api_entries(api_client(server, token)) if wanted(e)), maxlen=last)
+    filters: dict[str, str | list[str]] = {"action": list(actions)} if actions else {}
+    if subject is not None:
+        filters["subject"] = subject
+    if actor is not None:
+        filters["actor"] = actor
+    kept = deque(_api_entries(api_client(server, token), **filters), maxlen=last)
     for entry in kept:
         if as_json:
             document = dataclasses.asdict(entry)
@@ -217,8 +217,8 @@ def verify(
 ) -> None:
     """Walk the hash chain and check the signed heads; name the first changed or removed
     entry (exit 1 if any)."""
-    from server.anchor import SignedHead, check_anchors, read_head_file, stored_anchors
-    from server.audit import all_entries, verify_chain
+    from server.anchor import SignedHead, check_trail, read_head_file, stored_anchors
+    from server.audit import all_entries
     from signing.keys import load_public_key
 
     direct = uses_database(data_dir, database_url)
@@ -244,37 +244,24 @@ def verify(
         client = api_client(server, token)
         anchors = [SignedHead.from_dict(a) for a in client.get("/api/v1/audit/anchors")["anchors"]]
         chain = _api_entries(client)
-    anchored: dict[int, str] = {}
-    problem: str | None = None
-    if public_key is not None:
-        anchored, problem = check_anchors([*anchors, *filter(None, [exported])], public_key)
-    report = (
-        None
-        if problem is not None
-        else verify_chain(chain, expect_head=expect_head, anchored=anchored)
-    )
-    if report is not None and not report.intact:
-        problem = f"{report.problem} ({report.checked} entries before it hold)"
-    unchecked = len(anchors) if anchors and public_key is None else 0
+    check = check_trail(chain, anchors, public_key, exported=exported, expect_head=expect_head)
     if as_json:
         document = {
-            "intact": problem is None,
-            "problem": problem,
-            "entries": None if report is None else report.checked,
-            "head": None if report is None or problem else f"{report.head_seq}:{report.head_hash}",
-            "signed_heads_held": len(anchored) if problem is None else None,
-            "signed_heads_unchecked": unchecked,
+            "intact": check.intact,
+            "problem": check.problem,
+            "entries": check.entries,
+            "head": check.head,
+            "signed_heads_held": check.signed_heads,
+            "signed_heads_unchecked": check.unchecked,
         }
         click.echo(json.dumps(document, indent=2, ensure_ascii=True))
-        if problem is not None:
+        if not check.intact:
             raise SystemExit(1)
         return
-    if problem is not None or report is None:
-        raise AuditChainBrokenError(f"audit trail broken: {problem}")
-    click.echo(
-        f"audit trail intact: {report.checked} entries; head {report.head_seq}:{report.head_hash}"
-    )
-    if anchored:
-        click.echo(f"signed heads: {len(anchored)} hold")
-    elif unchecked:
-        click.echo(f"{unchecked} signed head(s) not checked: give --server-key", err=True)
+    if not check.intact:
+        raise AuditChainBrokenError(f"audit trail broken: {check.problem}")
+    click.echo(f"audit trail intact: {check.entries} entries; head {check.head}")
+    if check.signed_heads:
+        click.echo(f"signed heads: {check.signed_heads} hold")
+    elif check.unchecked:
+        click.echo(f"{check.unchecked} signed head(s) not checked: give --server-key", err=True)

@@ -4,11 +4,9 @@ verification of its chain.
 A release is shown as the API describes it (:func:`server.releases.describe`) with its signers:
 the key ids of its stored signature envelope, read by :class:`signing.signature.SignatureEnvelope`
 as ``fleet bundle info`` reads a bundle's. The audit page filters as ``fleet audit list`` does
-(an action matches itself and the actions under it: ``rollout`` matches ``rollout.halted``;
-subject and actor match exactly), newest first, a page at a time; its verification is
-``fleet audit verify``'s: the stored signed heads checked with the server key
-(:func:`server.anchor.check_anchors`), then the chain walked against them
-(:func:`server.audit.verify_chain`).
+(:class:`server.audit.AuditFilter`), newest first, a page at a time; its verification is
+``fleet audit verify``'s (:func:`server.anchor.check_trail`): the stored signed heads checked
+with the server key, then the chain walked against them.
 """
 
 from __future__ import annotations
@@ -22,16 +20,15 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from fleet_core.text import refused_character
-from server.anchor import SignedHead, check_anchors, stored_anchors
+from server.anchor import SignedHead, check_trail, stored_anchors
 from server.api.common import server_state
-from server.audit import AuditEntry, all_entries, verify_chain
+from server.audit import AuditEntry, AuditFilter, all_entries, entries
 from server.database import Database
 from server.errors import InvalidRequestError
-from server.models import AuditRow, Release
+from server.models import Release
 from server.releases import describe
 from server.ui.common import UiPage, render
 from signing.errors import SignatureFormatError
@@ -41,7 +38,7 @@ from signing.signature import SignatureEnvelope
 router = APIRouter(prefix="/ui")
 
 AUDIT_PAGE = 50
-MAX_FILTER_LENGTH = 160  # the longest actor or subject the trail stores
+FILTERS = ("action", "subject", "actor")
 MAX_SEQ = 2**63 - 1
 # Walking the chain reads every entry: the page reuses a verification this recent (on the
 # server's clock) instead of walking a large trail again on every refresh of every browser.
@@ -104,16 +101,12 @@ class AuditQuery:
 
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> AuditQuery:
-        """Raises: InvalidRequestError: a filter too long or holding a control character,
-        or a position that is not a whole number."""
-        texts: dict[str, str | None] = {}
-        for name in ("action", "subject", "actor"):
-            value = (params.get(name) or "").strip()
-            if len(value) > MAX_FILTER_LENGTH:
-                raise InvalidRequestError(f"{name}: at most {MAX_FILTER_LENGTH} characters")
-            if refused_character(value) is not None:
-                raise InvalidRequestError(f"{name}: a character not allowed in text")
-            texts[name] = value or None
+        """Raises: InvalidRequestError: a filter :meth:`AuditFilter.checked` refuses, or a
+        position that is not a whole number."""
+        texts = {name: (params.get(name) or "").strip() or None for name in FILTERS}
+        checked = AuditFilter.checked(
+            (texts["action"],) if texts["action"] else (), texts["subject"], texts["actor"]
+        )
         positions: dict[str, int | None] = {}
         for name in ("before", "after"):
             value = (params.get(name) or "").strip()
@@ -121,12 +114,16 @@ class AuditQuery:
                 raise InvalidRequestError(f"{name}: give an entry number")
             positions[name] = int(value) if value else None
         return cls(
-            action=texts["action"],
-            subject=texts["subject"],
-            actor=texts["actor"],
+            action=checked.actions[0] if checked.actions else None,
+            subject=checked.subject,
+            actor=checked.actor,
             before=positions["before"],
             after=positions["after"],
         )
+
+    def filter(self) -> AuditFilter:
+        """The entries this query lets through."""
+        return AuditFilter((self.action,) if self.action else (), self.subject, self.actor)
 
     def params(self, **changes: int | None) -> dict[str, str]:
         """The URL parameters of this query with ``changes`` (for the paging links)."""
@@ -148,38 +145,24 @@ class AuditPage:
 
 def audit_page(db: Database, query: AuditQuery, size: int = AUDIT_PAGE) -> AuditPage:
     """The entries matching ``query``'s filters, ``size`` at a time, newest first."""
-    conditions: list[ColumnElement[bool]] = []
-    if query.action:
-        conditions.append(
-            (AuditRow.action == query.action)
-            | AuditRow.action.startswith(query.action + ".", autoescape=True)
-        )
-    if query.subject:
-        conditions.append(AuditRow.subject == query.subject)
-    if query.actor:
-        conditions.append(AuditRow.actor == query.actor)
+    match = query.filter()
     with db.read() as session:
         if query.after is not None:
-            rows = session.scalars(
-                select(AuditRow)
-                .where(AuditRow.seq > query.after, *conditions)
-                .order_by(AuditRow.seq)
-                .limit(size + 1)
-            ).all()
+            rows = entries(session, after=query.after, limit=size + 1, match=match)
             newer_exists = len(rows) > size
-            entries = [AuditEntry.from_row(row) for row in reversed(rows[:size])]
+            found = list(reversed(rows[:size]))
             older_exists = True
         else:
-            where = [*conditions] + ([AuditRow.seq < query.before] if query.before else [])
-            rows = session.scalars(
-                select(AuditRow).where(*where).order_by(AuditRow.seq.desc()).limit(size + 1)
-            ).all()
-            entries = [AuditEntry.from_row(row) for row in rows[:size]]
+            rows = entries(
+                session, before=query.before or None, limit=size + 1, match=match,
+                newest_first=True,
+            )  # fmt: skip
+            found = rows[:size]
             older_exists, newer_exists = len(rows) > size, query.before is not None
     return AuditPage(
-        entries,
-        older=entries[-1].seq if entries and older_exists else None,
-        newer=entries[0].seq if entries and newer_exists else None,
+        found,
+        older=found[-1].seq if found and older_exists else None,
+        newer=found[0].seq if found and newer_exists else None,
     )
 
 
@@ -197,19 +180,16 @@ class Verification:
 
 
 def verify_trail(db: Database, key: SigningKey, now: datetime) -> Verification:
-    """Check every stored signed head with the server key, then walk the chain against them,
-    as ``fleet audit verify --data-dir`` does."""
+    """The trail checked as ``fleet audit verify --data-dir`` checks it
+    (:func:`server.anchor.check_trail`), with the newest stored signed head."""
     anchors = stored_anchors(db)
-    anchored, problem = check_anchors(anchors, key.public_key)
-    report = None if problem is not None else verify_chain(all_entries(db), anchored=anchored)
-    if report is not None and not report.intact:
-        problem = f"{report.problem} ({report.checked} entries before it hold)"
+    check = check_trail(all_entries(db), anchors, key.public_key)
     return Verification(
-        intact=problem is None,
-        problem=problem,
-        entries=0 if report is None else report.checked,
-        head=None if report is None or problem else f"{report.head_seq}:{report.head_hash}",
-        signed_heads=len(anchored) if problem is None else 0,
+        intact=check.intact,
+        problem=check.problem,
+        entries=check.entries or 0,
+        head=check.head,
+        signed_heads=check.signed_heads or 0,
         latest_anchor=anchors[-1] if anchors else None,
         checked_at=now,
     )

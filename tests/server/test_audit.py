@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -18,7 +19,9 @@ from sqlalchemy.orm import Session
 from fleet_core.cli import fleet
 from server import audit
 from server.audit import AuditEntry, verify_chain
+from server.client import ApiClient
 from server.database import AUDIT_CHAIN_LOCK
+from server.errors import InvalidRequestError
 from server.models import AuditRow
 from tests.server.conftest import Harness, LiveServer
 
@@ -261,6 +264,134 @@ def test_entries_after_and_limit(harness: Harness) -> None:
         assert [e.seq for e in audit.entries(session)] == list(range(1, total + 1))
         assert [e.seq for e in audit.entries(session, after=2, limit=3)] == [3, 4, 5]
         assert [e.seq for e in audit.entries(session, after=total - 1)] == [total]
+
+
+def fill_varied(harness: Harness) -> dict[str, int]:
+    """Entries whose action, subject and actor differ; their seq by a name."""
+    kinds = {
+        "rollout": ("rollout", "rollout:1", "operator:ann"),
+        "halted": ("rollout.halted", "rollout:1", "rollout-engine"),
+        "rollouts": ("rollouts.listed", "rollout:1", "operator:ann"),  # not under "rollout"
+        "like": ("axb.c", "rollout:2", "operator:bob"),  # "a_b" as a LIKE pattern matches it
+        "a_b": ("a_b.c", "rollout:2", "operator:bob"),
+        "device": ("device.enrolled", "ab" * 32, "device:" + "ab" * 32),
+    }
+    seqs = {}
+    with harness.db.write() as session:
+        for name, (action, subject, actor) in kinds.items():
+            entry = audit.append(
+                harness.db, session, at=AT, actor=actor, action=action, subject=subject
+            )
+            seqs[name] = entry.seq
+    return seqs
+
+
+def test_entries_filtered_by_action_subject_and_actor(harness: Harness) -> None:
+    seqs = fill_varied(harness)
+
+    def found(match: audit.AuditFilter, **kwargs: Any) -> list[int]:
+        with harness.db.read() as session:
+            return [e.seq for e in audit.entries(session, match=match, **kwargs)]
+
+    def named(*names: str) -> list[int]:
+        return sorted(seqs[name] for name in names)
+
+    assert found(audit.AuditFilter(("rollout",))) == named("rollout", "halted")
+    assert found(audit.AuditFilter(("rollout.halted",))) == named("halted")
+    assert found(audit.AuditFilter(("a_b",))) == named("a_b")  # no LIKE wildcard
+    assert found(audit.AuditFilter(("rollout", "device"))) == named("rollout", "halted", "device")
+    assert found(audit.AuditFilter(subject="rollout:2")) == named("like", "a_b")
+    assert found(audit.AuditFilter(actor="operator:ann")) == named("rollout", "rollouts")
+    assert found(audit.AuditFilter(("rollout",), "rollout:1", "rollout-engine")) == named("halted")
+    assert found(audit.AuditFilter(("nothing",))) == []
+    assert found(audit.AuditFilter(subject="")) == []
+    every = found(audit.AuditFilter())
+    assert every == list(range(1, max(seqs.values()) + 1))
+    # paging: after and before bound it, newest_first turns it, limit cuts it
+    mine = audit.AuditFilter(subject="rollout:1")
+    assert found(mine, newest_first=True) == named("rollout", "halted", "rollouts")[::-1]
+    assert found(mine, newest_first=True, limit=2) == named("halted", "rollouts")[::-1]
+    assert found(mine, before=seqs["rollouts"]) == named("rollout", "halted")
+    assert found(mine, after=seqs["rollout"], limit=1) == named("halted")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"actions": ["x" * 161]}, "action: at most 160 characters"),
+        ({"subject": "x" * 161}, "subject: at most 160 characters"),
+        ({"actor": "operator:\x1b[2J"}, "actor: a character not allowed in text"),
+        ({"actions": ["rollout", "rollout\u202e"]}, "action: a character not allowed in text"),
+        ({"actions": [f"a{n}" for n in range(21)]}, "action: at most 20 actions"),
+    ],
+)
+def test_audit_filter_refuses_what_no_entry_could_match(
+    fields: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=re.escape(message)):
+        audit.AuditFilter.checked(**fields)
+    assert audit.AuditFilter.checked(["x" * 160], "y" * 160, "z") == audit.AuditFilter(
+        ("x" * 160,), "y" * 160, "z"
+    )
+
+
+def test_the_api_filters_the_trail(harness: Harness) -> None:
+    seqs = fill_varied(harness)
+
+    def listed(query: str) -> Any:
+        return harness.client.get(f"/api/v1/audit?{query}", headers=harness.viewer)
+
+    answer = listed("action=rollout&action=device&limit=2").json()
+    assert [e["seq"] for e in answer["entries"]] == [seqs["rollout"], seqs["halted"]]
+    assert answer["next_after"] == seqs["halted"]
+    rest = listed(f"action=rollout&action=device&limit=2&after={seqs['halted']}").json()
+    assert [e["seq"] for e in rest["entries"]] == [seqs["device"]] and rest["next_after"] is None
+    by_both = listed("subject=rollout:1&actor=operator:ann").json()["entries"]
+    assert [e["seq"] for e in by_both] == [seqs["rollout"], seqs["rollouts"]]
+    assert len(listed("limit=1000").json()["entries"]) == max(seqs.values())
+    refused = listed("actor=" + "x" * 161)
+    assert refused.status_code == 422 and "actor: at most 160 characters" in refused.text
+
+
+def test_audit_list_asks_the_server_for_the_filtered_entries(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    harness = live_server.harness
+    seqs = fill_varied(harness)
+    asked: list[dict[str, Any]] = []
+    real_get = ApiClient.get
+
+    def spy(client: ApiClient, path: str, params: Any = None) -> Any:
+        asked.append(dict(params or {}))
+        return real_get(client, path, params)
+
+    monkeypatch.setattr(ApiClient, "get", spy)
+    token = harness.viewer["Authorization"].split()[1]
+    result = CliRunner().invoke(
+        fleet,
+        ["audit", "list", "--action", "rollout", "--action", "device", "--actor", "rollout-engine",
+         "--last", "5", "--server", live_server.url, "--token", token],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert asked == [
+        {"action": ["rollout", "device"], "actor": "rollout-engine", "after": 0, "limit": 1000}
+    ]
+    (line,) = result.stdout.splitlines()
+    assert line.split()[0] == str(seqs["halted"]) and "rollout.halted rollout:1 {}" in line
+    last = CliRunner().invoke(
+        fleet,
+        ["audit", "list", "--subject", "rollout:1", "--last", "2", "--json",
+         "--server", live_server.url, "--token", token],
+    )  # fmt: skip
+    assert [json.loads(x)["seq"] for x in last.stdout.splitlines()] == [
+        seqs["halted"],
+        seqs["rollouts"],
+    ]
+    none = CliRunner().invoke(
+        fleet,
+        ["audit", "list", "--action", "nothing", "--server", live_server.url, "--token", token],
+    )
+    assert none.exit_code == 0 and none.stdout == "" and "no matching entries" in none.stderr
 
 
 def test_entries_are_ordered_by_seq_not_by_storage(harness: Harness) -> None:

@@ -16,12 +16,19 @@ from sqlalchemy import delete, select, update
 
 from fleet_core.cli import fleet
 from server import audit
-from server.anchor import AnchorError, SignedHead, anchor_head, sign_head, stored_anchors
+from server.anchor import (
+    AnchorError,
+    SignedHead,
+    anchor_head,
+    check_trail,
+    sign_head,
+    stored_anchors,
+)
 from server.database import Database
 from server.models import AuditAnchorRow, AuditRow
 from signing.keys import generate_key, load_private_key
 from tests.server.conftest import FakeClock, Harness, LiveServer
-from tests.server.test_audit import AT, assert_broken, fill
+from tests.server.test_audit import AT, assert_broken, chain, fill
 
 
 def data_dir_args(harness: Harness) -> list[str]:
@@ -322,3 +329,25 @@ def append_entries(db: Database, count: int) -> None:
         for n in range(count):
             audit.append(db, session, at=AT, actor="operator:test", action="test.action",
                          subject=f"thing-{n}")  # fmt: skip
+
+
+def test_check_trail_checks_the_signed_heads_then_walks_the_chain(tmp_path: Path) -> None:
+    key, other = generate_key(tmp_path / "key"), generate_key(tmp_path / "other")
+    entries = chain(4)
+    heads = [sign_head(e.seq, e.hash, AT, key) for e in entries[1:3]]
+    held = check_trail(entries, heads, key.public_key)
+    assert (held.intact, held.entries, held.signed_heads, held.unchecked) == (True, 4, 2, 0)
+    assert held.head == f"4:{entries[-1].hash}"
+    unkeyed = check_trail(entries, heads, None, expect_head=(4, entries[-1].hash))
+    assert (unkeyed.intact, unkeyed.signed_heads, unkeyed.unchecked) == (True, 0, 2)
+    forged = [heads[0], sign_head(3, entries[2].hash, AT, other)]
+    refused = check_trail(entries, forged, key.public_key)
+    assert refused.problem == "signed head 3 is by key " + other.key_id + ", not the server key"
+    assert (refused.entries, refused.head, refused.signed_heads) == (None, None, None)
+    exported = sign_head(5, "ab" * 32, AT, key)  # a head the chain lost since
+    cut = check_trail(entries, heads, key.public_key, exported=exported)
+    assert cut.problem == (
+        "entries 5 to 5 were removed from the end (the recorded head is entry 5) "
+        "(4 entries before it hold)"
+    )
+    assert (cut.entries, cut.head, cut.signed_heads) == (4, None, None)

@@ -87,6 +87,7 @@ def test_a_tiny_run_measures_every_page_and_states_the_aims(tmp_path: Path) -> N
     assert done.returncode == 0, done.stdout + done.stderr
     (result,) = json.loads(done.stdout.splitlines()[-1])["results"]
     assert result["devices"] == 200
+    assert len(result["load_average"]) == 2  # before and after: how far to trust the run
     assert set(result["browser"]) == {
         "static file", "overview", "device list", "filtered", "deep page"
     }  # fmt: skip

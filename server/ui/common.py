@@ -2,7 +2,9 @@
 HTML error pages of ``/ui``.
 
 - :data:`UiPage` admits a GET page with a live session, else redirects to the sign-in page
-  (which comes back to the page afterwards).
+  (which comes back to the page afterwards) and clears the cookie of a session that ended. A
+  page fetched by console.js's live refresh (header :data:`LIVE_HEADER`) does not count as
+  use of the session, so an open page left alone still ends after the idle limit.
 - :data:`UiAction` admits a POST with a live session, a form from the session's own page
   (CSRF, server/ui/security.py) and at least the ``operator`` role; ``action(Role.ADMIN)``
   for admin-only actions.
@@ -35,7 +37,7 @@ from server.models import FleetControl
 from server.settings import iso
 from server.ui import sessions
 from server.ui.forms import Form, read_form
-from server.ui.security import CSRF_FIELD, check_csrf, session_secret
+from server.ui.security import CSRF_FIELD, check_csrf, clear_session_cookie, session_secret
 from server.ui.sessions import UiSession
 from server.ui.static import static_exists, static_url
 
@@ -45,6 +47,8 @@ TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 LOGIN_PATH = "/ui/login"
 HOME_PATH = "/ui/"
 MAX_LOCAL_PATH = 2000
+# Sent by console.js on its background refetch of a page: the fetch is not a person's use.
+LIVE_HEADER = "x-fleet-live"
 # (nav key, label, path) of the header's sections.
 SECTIONS = (
     ("overview", "Overview", "/ui/"),
@@ -108,8 +112,13 @@ def here(request: Request) -> str:
     return request.url.path + (f"?{query}" if query else "")
 
 
+def is_background(request: Request) -> bool:
+    """Whether console.js sent the request by itself (a live refresh), not a person."""
+    return request.headers.get(LIVE_HEADER) == "1"
+
+
 def _session(request: Request) -> UiSession:
-    """The request's live session.
+    """The request's live session, its use recorded unless the request is a background one.
 
     Raises:
         UnauthenticatedError: no cookie, or its session ended.
@@ -118,7 +127,7 @@ def _session(request: Request) -> UiSession:
     if secret is None:
         raise UnauthenticatedError("no console session: sign in")
     state = server_state(request)
-    return sessions.lookup(state.db, secret, state.now())
+    return sessions.lookup(state.db, secret, state.now(), touch=not is_background(request))
 
 
 def page_session(request: Request) -> UiSession:
@@ -286,9 +295,12 @@ def _html_for_ui(handler: AnyHandler) -> Handler:
     return handle
 
 
-async def _login_redirect(_request: Request, exc: Exception) -> Response:
+async def _login_redirect(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, LoginRequired)  # noqa: S101 (registered for LoginRequired only)
-    return RedirectResponse(exc.location, status_code=303)
+    response = RedirectResponse(exc.location, status_code=303)
+    if session_secret(request) is not None:  # its session ended: the cookie goes too
+        clear_session_cookie(response, request)
+    return response
 
 
 def install_error_pages(app: FastAPI) -> None:

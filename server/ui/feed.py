@@ -10,11 +10,17 @@ A stream ends:
 
 - when the server stops: uvicorn waits for every open response to end before the app's
   lifespan ends, so ``fleet server run`` closes the feed first (:class:`StreamClosingServer`);
-- when its session ends (its ``expires``), and at the latest after :data:`STREAM_LIFETIME_S`:
-  the browser reconnects (``retry``), which checks the session again, so a session ended
-  elsewhere (signed out in another tab, its operator token revoked) loses its stream too.
+- when its session ends (its ``expires``, by the server's clock, which ``--time-scale`` may
+  run faster than real time: the stream measures the clock's pace and waits in real time
+  accordingly), and at the latest after :data:`STREAM_LIFETIME_S`: the browser reconnects
+  (``retry``), which checks the session again, so a session ended elsewhere (signed out in
+  another tab, its operator token revoked) loses its stream too;
+- when its session opens more than ``max_per_session`` streams: the oldest ends, so a person
+  reloading pages is never locked out and one session cannot take every place.
 
-At most ``max_streams`` are open per process; one more is answered 503 (the browser retries).
+Opening a stream is not use of the session: an open page left alone still ends after the idle
+limit. At most ``max_streams`` are open per process; one more is answered 503 (the browser
+retries).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import cast
 
 import uvicorn
@@ -49,6 +57,8 @@ log = logging.getLogger("server")
 INTERVAL_S = 1.0
 KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing an idle stream
 MAX_STREAMS = 200
+MAX_STREAMS_PER_SESSION = 4  # a few tabs; opening one more ends the session's oldest stream
+CLOCK_PROBE_S = 1.0  # how soon a stream first re-reads the server's clock to learn its pace
 RETRY_MS = 2000  # how long a browser waits before reconnecting a stream that ended
 STREAM_LIFETIME_S = 600.0
 # Rollouts whose state or stage may still change (the others are counted per state).
@@ -97,10 +107,20 @@ class FeedFullError(Exception):
     """Every stream this process allows is open."""
 
 
+@dataclass(eq=False)
+class Stream:
+    """One open event stream of a session (``owner``: the session's key); ``ended`` once it
+    is closed, or ended early to make room for a newer stream of the same session."""
+
+    owner: str
+    ended: bool = False
+
+
 class FleetFeed:
     """The fleet's fingerprint, checked every ``interval_s`` by one task, and the streams that
-    wait for it to change (at most ``max_streams``). ``check`` computes the fingerprint (in the
-    thread pool); :func:`fingerprint` unless a test counts its calls."""
+    wait for it to change (at most ``max_streams``, at most ``max_per_session`` of one
+    session). ``check`` computes the fingerprint (in the thread pool); :func:`fingerprint`
+    unless a test counts its calls."""
 
     def __init__(
         self,
@@ -109,15 +129,18 @@ class FleetFeed:
         interval_s: float = INTERVAL_S,
         keepalive_s: float = KEEPALIVE_S,
         max_streams: int = MAX_STREAMS,
+        max_per_session: int = MAX_STREAMS_PER_SESSION,
         check: Callable[[Database], str] = fingerprint,
     ) -> None:
         self.db = db
         self.interval_s = interval_s
         self.keepalive_s = keepalive_s
         self.max_streams = max_streams
+        self.max_per_session = max_per_session
         self.check = check
         self.current = ""
         self.streams = 0
+        self._owners: dict[str, list[Stream]] = {}
         self.closed = True
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -167,34 +190,57 @@ class FleetFeed:
             self._failing = False
         if new != self.current:
             self.current = new
-            # one Event per generation: setting it wakes every waiting stream at once, and
-            # the streams that wait next wait on the new one
-            changed, self._changed = self._changed, asyncio.Event()
-            changed.set()
+            self._wake()
 
-    async def wait_change(self, seen: str, timeout_s: float) -> str | None:
+    def _wake(self) -> None:
+        # one Event per generation: setting it wakes every waiting stream at once, and the
+        # streams that wait next wait on the new one
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_change(
+        self, seen: str, timeout_s: float, stream: Stream | None = None
+    ) -> str | None:
         """The fingerprint as soon as it is not ``seen`` (at once if it is not already); None
-        after ``timeout_s`` without a change, or when the feed closes."""
+        after ``timeout_s`` without a change, when the feed closes or when ``stream`` ends."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(timeout_s, 0.0)):
                 while not self.closed and self.current == seen:
+                    if stream is not None and stream.ended:
+                        return None
                     await self._changed.wait()
         return None if self.closed or self.current == seen else self.current
 
-    def open_stream(self) -> None:
-        """Count one more open stream.
+    def open_stream(self, owner: str) -> Stream:
+        """One more open stream of the session ``owner``; when that session already has
+        ``max_per_session``, its oldest ends first.
 
         Raises:
             FeedFullError: ``max_streams`` are open, or the feed is closed.
         """
         if self.closed:
             raise FeedFullError("the server is stopping")
+        mine = self._owners.get(owner, [])
+        if len(mine) >= self.max_per_session:
+            self.close_stream(mine[0])
+            self._wake()  # the ended stream stops waiting
         if self.streams >= self.max_streams:
             raise FeedFullError(f"{self.streams} live streams open, at most {self.max_streams}")
+        stream = Stream(owner)
+        self._owners.setdefault(owner, []).append(stream)
         self.streams += 1
+        return stream
 
-    def close_stream(self) -> None:
+    def close_stream(self, stream: Stream) -> None:
+        """Free the place of ``stream`` (nothing happens if it was freed already)."""
+        if stream.ended:
+            return
+        stream.ended = True
         self.streams -= 1
+        mine = self._owners[stream.owner]
+        mine.remove(stream)
+        if not mine:
+            del self._owners[stream.owner]
 
 
 def feed_of(app: FastAPI) -> FleetFeed:
@@ -206,29 +252,50 @@ def event(name: str, data: str) -> bytes:
     return f"event: {name}\ndata: {data}\n\n".encode()
 
 
+def clock_pace(server_s: float, real_s: float) -> float:
+    """How many seconds of the server's clock pass per real second, measured over ``real_s``
+    real seconds (at least 1: a stopped or unknown clock is taken as real time)."""
+    if real_s < CLOCK_PROBE_S / 2:
+        return 1.0
+    return max(1.0, server_s / real_s)
+
+
 async def stream_events(
-    feed: FleetFeed, ends: datetime, now: Callable[[], datetime]
+    feed: FleetFeed,
+    ends: datetime,
+    now: Callable[[], datetime],
+    stream: Stream | None = None,
 ) -> AsyncIterator[bytes]:
     """The body of one stream: ``retry`` and ``hello`` (the current fingerprint), then a
     ``change`` event whenever it changes and a keepalive comment when nothing was sent for
-    ``feed.keepalive_s``; it ends when the feed closes, when ``now()`` reaches ``ends`` (the
-    session's end, by the server's clock) or after :data:`STREAM_LIFETIME_S`."""
+    ``feed.keepalive_s``; it ends when the feed closes, when ``stream`` is ended, when
+    ``now()`` reaches ``ends`` (the session's end, by the server's clock, however fast that
+    runs) or after :data:`STREAM_LIFETIME_S`."""
     seen = feed.current
     yield f"retry: {RETRY_MS}\n\n".encode() + event("hello", seen)
     started = time.monotonic()
+    server_started = now()
     quiet_since = started
     while True:
-        session_left = (ends - now()).total_seconds()
+        server_now = now()
+        session_left = (ends - server_now).total_seconds()
         since_start = time.monotonic() - started
-        if feed.closed or session_left <= 0 or since_start >= STREAM_LIFETIME_S:
+        ended = stream is not None and stream.ended
+        if feed.closed or ended or session_left <= 0 or since_start >= STREAM_LIFETIME_S:
             return
         keepalive_in = quiet_since + feed.keepalive_s - time.monotonic()
         if keepalive_in <= 0:
             yield b": keepalive\n\n"
             quiet_since = time.monotonic()
             continue
-        wait_s = min(keepalive_in, session_left, STREAM_LIFETIME_S - since_start)
-        changed = await feed.wait_change(seen, wait_s)
+        # the session's remaining lifetime is in server-clock seconds: in real seconds it is
+        # shorter when the clock runs fast; until its pace is known, look again soon
+        pace = clock_pace((server_now - server_started).total_seconds(), since_start)
+        session_wait = session_left / pace
+        if since_start < CLOCK_PROBE_S:
+            session_wait = min(session_wait, CLOCK_PROBE_S - since_start)
+        wait_s = min(keepalive_in, session_wait, STREAM_LIFETIME_S - since_start)
+        changed = await feed.wait_change(seen, wait_s, stream)
         if changed is not None:
             seen = changed
             yield event("change", changed)
@@ -241,35 +308,40 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, feed: FleetFeed, body: AsyncIterator[bytes]) -> None:
+    def __init__(self, feed: FleetFeed, stream: Stream, body: AsyncIterator[bytes]) -> None:
         super().__init__(body, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
         self.feed = feed
+        self.stream = stream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.feed.close_stream()
+            self.feed.close_stream(self.stream)
 
 
 @router.get("/ui/events")
 async def events(request: Request) -> Response:
     """The live stream of the signed-in console: 401 without a session (the page then reloads
-    to the sign-in page), 503 when this process serves as many streams as it allows."""
+    to the sign-in page), 503 when this process serves as many streams as it allows. Opening
+    (or reopening) a stream does not count as use of the session."""
     state = server_state(request)
     secret = session_secret(request)
     if secret is None:
         return PlainTextResponse("no console session: sign in", status_code=401)
     try:
-        session = await run_in_threadpool(sessions.lookup, state.db, secret, state.now())
+        session = await run_in_threadpool(
+            partial(sessions.lookup, state.db, secret, state.now(), touch=False)
+        )
     except UnauthenticatedError as err:
         return PlainTextResponse(err.detail, status_code=401)
     feed = feed_of(request.app)
     try:
-        feed.open_stream()
+        stream = feed.open_stream(session.key)
     except FeedFullError as err:
         return PlainTextResponse(str(err), status_code=503, headers={"Retry-After": "30"})
-    return EventStreamResponse(feed, stream_events(feed, session.expires, state.now))
+    body = stream_events(feed, session.expires, state.now, stream)
+    return EventStreamResponse(feed, stream, body)
 
 
 class StreamClosingServer(uvicorn.Server):

@@ -2,8 +2,12 @@
 
 Signing in exchanges an operator token for a session cookie (server/ui/sessions.py). Failed
 attempts are limited per client address (:class:`LoginLimiter`), in memory: each process
-keeps its own count, in bounded space. Signing in and out is logged, never audited (the audit
-trail is for changes to the fleet), and no secret is logged.
+keeps its own count, in bounded space. An attempt is counted when it starts, before its token
+is checked, so parallel attempts cannot pass the limit; one that succeeds is given back. While
+an address is over the limit every attempt from it is refused, a correct token too, for at
+most :data:`WINDOW_S` seconds (the page and ``Retry-After`` say how long): telling a correct
+token apart there would let the guessing go on. Signing in and out is logged, never audited
+(the audit trail is for changes to the fleet), and no secret is logged.
 """
 
 from __future__ import annotations
@@ -61,8 +65,8 @@ class _Window:
 
 class LoginLimiter:
     """At most ``max_failures`` failed sign-ins per client address in a window of
-    ``window_s`` seconds; memory bounded to ``max_addresses`` windows (least recently failing
-    forgotten first)."""
+    ``window_s`` seconds, each counted as it starts; memory bounded to ``max_addresses``
+    windows (least recently trying forgotten first)."""
 
     def __init__(
         self,
@@ -75,26 +79,33 @@ class LoginLimiter:
         self.max_addresses = max_addresses
         self._windows: OrderedDict[str, _Window] = OrderedDict()
 
-    def check(self, address: str, now: float) -> None:
-        """Raises TooManyAttemptsError (with Retry-After) while ``address`` is over the limit."""
-        window = self._windows.get(address)
-        if window is None or now - window.started >= self.window_s:
-            return
-        if window.failures >= self.max_failures:
-            wait = max(1, math.ceil(window.started + self.window_s - now))
-            raise TooManyAttemptsError(
-                f"too many failed sign-ins from this address: try again in {wait} s",
-                headers={"Retry-After": str(wait)},
-            )
+    def attempt(self, address: str, now: float) -> _Window:
+        """Count an attempt from ``address`` as failed until it succeeds (:meth:`succeeded`);
+        the window it was counted in.
 
-    def failed(self, address: str, now: float) -> None:
+        Raises:
+            TooManyAttemptsError: (with Retry-After) ``address`` is over the limit; nothing
+                is counted.
+        """
         window = self._windows.pop(address, None)
         if window is None or now - window.started >= self.window_s:
             window = _Window(now, 0)
-        window.failures += 1
         self._windows[address] = window
         while len(self._windows) > self.max_addresses:
             self._windows.popitem(last=False)
+        if window.failures >= self.max_failures:
+            wait = max(1, math.ceil(window.started + self.window_s - now))
+            raise TooManyAttemptsError(
+                f"too many failed sign-ins from this address: try again in {wait} s "
+                "(until then a correct token is refused too)",
+                headers={"Retry-After": str(wait)},
+            )
+        window.failures += 1
+        return window
+
+    def succeeded(self, window: _Window) -> None:
+        """Give back the attempt counted in ``window``: it signed in."""
+        window.failures = max(0, window.failures - 1)
 
     def __len__(self) -> int:
         return len(self._windows)
@@ -140,18 +151,18 @@ async def login(request: Request) -> Response:
     state = server_state(request)
     limiter = _limiter(request)
     address = _address(request)
-    limiter.check(address, state.settings.clock())
+    window = limiter.attempt(address, state.settings.clock())
     form = await read_form(request)
     target = local_ui_path(form.get("next"))
     token = form.get("token") or ""
     try:
         secret, ui_session = await run_in_threadpool(sessions.create, state.db, token, state.now())
     except UnauthenticatedError:
-        limiter.failed(address, state.settings.clock())
         log.info("console sign-in refused from %s", address)
         return await run_in_threadpool(
             render, request, None, "login.html", 401, next=target, error=BAD_TOKEN
         )
+    limiter.succeeded(window)
     log.info(
         "console sign-in: %s (%s) from %s",
         ui_session.operator.name,
@@ -165,7 +176,8 @@ async def login(request: Request) -> Response:
 
 @router.post("/ui/logout")
 def logout(request: Request, posted: UiViewerAction) -> Response:
-    """Sign out: the session ends and the cookie is cleared."""
+    """Sign out: the session ends and the cookie is cleared (a session that had ended already
+    goes to the sign-in page with its cookie cleared: server.ui.common's login redirect)."""
     secret = session_secret(request)
     if secret is not None:
         sessions.end(server_state(request).db, secret)

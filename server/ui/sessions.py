@@ -8,7 +8,13 @@ after :data:`IDLE_TIMEOUT_S` without use, :data:`ABSOLUTE_LIFETIME_S` after sign
 signing out.
 
 Using a session records its ``last_used`` at most once per :data:`LAST_USED_RESOLUTION_S`, so
-reading pages costs no write per request; the idle limit is therefore kept to within that.
+reading pages costs no write per request; the idle limit is therefore kept to within that. Only
+what a person does counts as use: the console's own background requests (its live refresh and
+event stream) look a session up without recording use, so an unattended open page still ends
+after the idle limit.
+
+An operator token holds at most :data:`MAX_SESSIONS_PER_TOKEN` live sessions: signing in once
+more ends the oldest beyond that, so a script signing in over and over cannot grow the table.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ LAST_USED_RESOLUTION_S = 60
 # Ended sessions removed per sign-in: the table stays small without a sweeper, and a sign-in
 # never waits on a large delete.
 MAX_SWEPT_PER_LOGIN = 100
+MAX_SESSIONS_PER_TOKEN = 20
 MAX_NOTICE_CHARS = 500
 
 
@@ -65,7 +72,8 @@ def _idle_cutoff(now: datetime) -> datetime:
 
 def create(db: Database, operator_token: str, now: datetime) -> tuple[str, UiSession]:
     """Sign in with ``operator_token``: a new session and its secret (shown only here).
-    Sessions that ended are removed on the way (at most :data:`MAX_SWEPT_PER_LOGIN`).
+    Sessions that ended are removed on the way (at most :data:`MAX_SWEPT_PER_LOGIN`), and so
+    are the token's oldest live sessions beyond :data:`MAX_SESSIONS_PER_TOKEN` with this one.
 
     Raises:
         UnauthenticatedError: the token is unknown, expired or revoked.
@@ -87,6 +95,13 @@ def create(db: Database, operator_token: str, now: datetime) -> tuple[str, UiSes
             .limit(MAX_SWEPT_PER_LOGIN)
         )
         session.execute(delete(UiSessionRow).where(UiSessionRow.secret_sha256.in_(ended)))
+        oldest = (
+            select(UiSessionRow.secret_sha256)
+            .where(UiSessionRow.operator_token_id == token_id)
+            .order_by(UiSessionRow.created.desc(), UiSessionRow.secret_sha256)
+            .offset(MAX_SESSIONS_PER_TOKEN - 1)
+        )
+        session.execute(delete(UiSessionRow).where(UiSessionRow.secret_sha256.in_(oldest)))
         session.add(
             UiSessionRow(
                 secret_sha256=secret_hash(secret),
@@ -114,8 +129,9 @@ def _plausible(secret: str) -> bool:
     )
 
 
-def lookup(db: Database, secret: str, now: datetime) -> UiSession:
-    """The live session whose secret this is, its use recorded (at most once a minute).
+def lookup(db: Database, secret: str, now: datetime, *, touch: bool = True) -> UiSession:
+    """The live session whose secret this is, its use recorded (at most once a minute) unless
+    ``touch`` is false: a background request (live refresh, event stream) is not use.
 
     Raises:
         UnauthenticatedError: no such session, or it ended: idle too long, past its absolute
@@ -136,7 +152,7 @@ def lookup(db: Database, secret: str, now: datetime) -> UiSession:
     if row.expires <= now or row.last_used <= _idle_cutoff(now):
         raise UnauthenticatedError("the console session expired: sign in again")
     last_used = row.last_used
-    if now - last_used >= timedelta(seconds=LAST_USED_RESOLUTION_S):
+    if touch and now - last_used >= timedelta(seconds=LAST_USED_RESOLUTION_S):
         with db.write() as session:
             session.execute(
                 update(UiSessionRow).where(UiSessionRow.secret_sha256 == key).values(last_used=now)

@@ -77,9 +77,10 @@ def static_exists(name: str) -> bool:
     return load(name) is not None
 
 
-@router.get("/ui/static/{name}")
+@router.api_route("/ui/static/{name}", methods=["GET", "HEAD"])
 def static_file(name: str, request: Request) -> Response:
     """A static file of the console, cached by browsers; 304 when the ETag still matches.
+    HEAD answers the same headers without the body.
 
     Raises:
         UnknownStaticFileError: no such file.
@@ -94,4 +95,6 @@ def static_file(name: str, request: Request) -> Response:
     }
     if etag_matches(request.headers.get("if-none-match"), loaded.sha256):
         return Response(status_code=304, headers=headers)
-    return Response(loaded.content, media_type=loaded.content_type, headers=headers)
+    body = b"" if request.method == "HEAD" else loaded.content
+    headers["Content-Length"] = str(len(loaded.content))
+    return Response(body, media_type=loaded.content_type, headers=headers)

@@ -200,18 +200,55 @@ def test_a_closed_feed_ends_every_wait_and_admits_no_stream() -> None:
 
     assert asyncio.run(run()) == [None] * 10
     with pytest.raises(FeedFullError, match="stopping"):
-        feed.open_stream()
+        feed.open_stream("a")
 
 
 def test_streams_are_bounded() -> None:
     feed = FleetFeed(None, max_streams=2)  # type: ignore[arg-type]
     feed.closed = False
-    feed.open_stream()
-    feed.open_stream()
+    first = feed.open_stream("a")
+    feed.open_stream("b")
     with pytest.raises(FeedFullError, match="2 live streams open, at most 2"):
-        feed.open_stream()
-    feed.close_stream()
-    feed.open_stream()
+        feed.open_stream("c")
+    feed.close_stream(first)
+    feed.close_stream(first)  # once freed, freed
+    feed.open_stream("c")
+    assert feed.streams == 2
+
+
+def test_a_session_holds_a_few_streams_and_a_new_one_ends_its_oldest() -> None:
+    feed = FleetFeed(None, max_streams=5, max_per_session=2)  # type: ignore[arg-type]
+    feed.closed = False
+    mine = [feed.open_stream("mine") for _ in range(2)]
+    theirs = feed.open_stream("theirs")
+    newest = feed.open_stream("mine")  # a reload: the oldest of this session makes room
+    assert mine[0].ended and not mine[1].ended and not newest.ended and not theirs.ended
+    assert feed.streams == 3
+    for _ in range(10):
+        feed.open_stream("mine")
+    assert feed.streams == 3  # one session never holds more than its share
+    feed.open_stream("third")
+    feed.open_stream("fourth")
+    with pytest.raises(FeedFullError):
+        feed.open_stream("fifth")
+
+
+def test_an_ended_stream_stops_waiting_at_once() -> None:
+    feed = FleetFeed(None, interval_s=0.05, max_per_session=1, check=CountingCheck())  # type: ignore[arg-type]
+
+    async def run() -> float:
+        await feed.start()
+        old = feed.open_stream("mine")
+        waiting = asyncio.create_task(feed.wait_change("one", 30, old))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        feed.open_stream("mine")
+        async with asyncio.timeout(1):
+            assert await waiting is None
+        await feed.stop()
+        return time.monotonic() - started
+
+    assert asyncio.run(run()) < 0.5
 
 
 def console_cookie(harness_db: Database, clock: FakeClock, role: Role = Role.VIEWER) -> str:
@@ -237,6 +274,18 @@ def test_events_need_a_session_and_a_free_place(harness: Harness) -> None:
     assert answer.status_code == 503
     assert answer.text == "0 live streams open, at most 0"
     assert answer.headers["retry-after"] == "30"
+
+
+def test_opening_a_stream_is_not_use_of_the_session(harness: Harness) -> None:
+    harness.client.cookies.set(PLAIN_COOKIE, console_cookie(harness.db, harness.clock))
+    feed_of(harness.app).max_streams = 0  # admitted by its session, then refused: no stream
+    for _ in range(sessions.IDLE_TIMEOUT_S // 300 - 1):
+        harness.clock.advance(300)
+        assert harness.client.get("/ui/events").status_code == 503
+    harness.clock.advance(301)
+    answer = harness.client.get("/ui/events")
+    assert answer.status_code == 401
+    assert "expired" in answer.text
 
 
 # --- the stream over real HTTP -----------------------------------------------------------------
@@ -370,6 +419,57 @@ def test_a_stream_that_goes_away_frees_its_place(served: Served) -> None:
         for answer in answers:
             answer.close()
         served.streams_become(0)
+
+
+def test_a_fifth_stream_of_a_session_ends_its_oldest(served: Served) -> None:
+    served.feed.max_per_session = 4
+    secret = console_cookie(served.db, served.clock)
+    answers = [served.stream(secret) for _ in range(4)]
+    readers = [blocks(answer) for answer in answers]
+    for reader in readers:
+        assert next(reader) == {"retry": str(RETRY_MS)}
+        assert next(reader)["event"] == "hello"
+    served.streams_become(4)
+    newest = served.stream(secret)
+    ended_at = time.monotonic()
+    assert list(readers[0]) == []  # the oldest ended, cleanly
+    assert time.monotonic() - ended_at < 2.0
+    served.streams_become(4)
+    newest.close()
+    for answer in answers:
+        answer.close()
+    served.streams_become(0)
+
+
+def test_a_stream_ends_with_its_session_on_a_fast_clock(served: Served) -> None:
+    """Under ``--time-scale`` the server's clock runs faster than real time: the session's
+    end, in server seconds, comes sooner in real ones."""
+    secret = console_cookie(served.db, served.clock)
+    served.settle()
+    answer = served.stream(secret)
+    events = blocks(answer)
+    assert next(events)["retry"] == str(RETRY_MS)
+    assert next(events)["event"] == "hello"
+    running = threading.Event()
+    running.set()
+
+    def run_fast() -> None:  # 600 server seconds a real second
+        while running.is_set():
+            time.sleep(0.05)
+            served.clock.advance(30)
+
+    fast = threading.Thread(target=run_fast, daemon=True)
+    fast.start()
+    started = time.monotonic()
+    try:
+        rest = list(events)  # a read would time out (5 s) if the stream waited for keepalive
+    finally:
+        running.clear()
+        fast.join()
+    assert all(block == {"": "keepalive"} for block in rest)
+    # the session ends 1800 server seconds after signing in: about 3 real seconds here
+    assert time.monotonic() - started < sessions.IDLE_TIMEOUT_S / 600 + 1.5
+    served.streams_become(0)
 
 
 # --- fleet server run -------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import warnings
 from datetime import timedelta
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,38 @@ def test_signing_out_ends_the_session_and_clears_the_cookie(console: Harness) ->
     assert console.client.get(PAGE, follow_redirects=False).status_code == 303
 
 
+def assert_cookie_cleared(response: Any) -> None:
+    cookie = response.headers.get("set-cookie", "")
+    assert cookie.startswith("fleet_ui=") and ('fleet_ui=""' in cookie or "Max-Age=0" in cookie)
+
+
+def live_refresh(harness: Harness) -> Any:
+    """A page fetched as console.js's live refresh fetches it."""
+    return harness.client.get(PAGE, headers={"X-Fleet-Live": "1"}, follow_redirects=False)
+
+
+def test_live_refresh_is_not_use_of_the_session(console: Harness) -> None:
+    signed_in(console)
+    for _ in range(sessions.IDLE_TIMEOUT_S // 120 - 1):
+        console.clock.advance(120)
+        assert live_refresh(console).status_code == 200
+    console.clock.advance(121)
+    ended = live_refresh(console)
+    assert ended.status_code == 303
+    assert ended.headers["location"].startswith("/ui/login")
+    assert_cookie_cleared(ended)
+
+
+def test_a_navigation_is_use_of_the_session(console: Harness) -> None:
+    signed_in(console)
+    console.clock.advance(sessions.IDLE_TIMEOUT_S - 120)
+    assert console.client.get(PAGE).status_code == 200  # a person opened a page
+    console.clock.advance(sessions.IDLE_TIMEOUT_S - 120)
+    assert live_refresh(console).status_code == 200  # alive: the navigation restarted the time
+    console.clock.advance(240)
+    assert live_refresh(console).status_code == 303
+
+
 def test_idle_sessions_end_after_30_minutes(console: Harness) -> None:
     signed_in(console)
     console.clock.advance(sessions.IDLE_TIMEOUT_S - 120)
@@ -235,6 +268,32 @@ def test_ended_sessions_are_removed_when_someone_signs_in(console: Harness) -> N
     console.clock.advance(sessions.IDLE_TIMEOUT_S + 1)
     assert login(console.client, secret).status_code == 303
     assert console.count(UiSessionRow) == 1
+
+
+def test_a_token_keeps_its_newest_sessions_only(console: Harness) -> None:
+    secret = token(console)
+    cookies = []
+    for _ in range(sessions.MAX_SESSIONS_PER_TOKEN + 5):
+        console.clock.advance(1)
+        assert login(console.client, secret).status_code == 303
+        cookies.append(console.client.cookies.get("fleet_ui") or "")
+    assert console.count(UiSessionRow) == sessions.MAX_SESSIONS_PER_TOKEN
+    other = token(console, Role.VIEWER)  # another token's sessions are its own
+    assert login(console.client, other).status_code == 303
+    assert console.count(UiSessionRow) == sessions.MAX_SESSIONS_PER_TOKEN + 1
+    for n, cookie in enumerate(cookies):
+        console.client.cookies.set("fleet_ui", cookie)
+        alive = console.client.get(PAGE, follow_redirects=False).status_code == 200
+        assert alive == (n >= 5), n
+
+
+def test_signing_out_of_an_ended_session_clears_the_cookie(console: Harness) -> None:
+    csrf = signed_in(console)
+    console.clock.advance(sessions.IDLE_TIMEOUT_S + 1)
+    response = console.client.post("/ui/logout", data={"csrf": csrf}, follow_redirects=False)
+    assert response.status_code == 303
+    assert response.headers["location"] == "/ui/login"
+    assert_cookie_cleared(response)
 
 
 @pytest.mark.parametrize(
@@ -288,11 +347,23 @@ def test_the_limiter_forgets_the_oldest_addresses() -> None:
 
     limiter = LoginLimiter(max_failures=1, window_s=60, max_addresses=3)
     for n in range(5):
-        limiter.failed(f"10.0.0.{n}", 0.0)
+        limiter.attempt(f"10.0.0.{n}", 0.0)
     assert len(limiter) == 3
-    limiter.check("10.0.0.0", 1.0)  # forgotten
+    limiter.attempt("10.0.0.0", 1.0)  # forgotten: counted afresh
     with pytest.raises(TooManyAttemptsError):
-        limiter.check("10.0.0.4", 1.0)
+        limiter.attempt("10.0.0.4", 1.0)
+
+
+def test_an_attempt_counts_before_its_token_is_checked() -> None:
+    from server.ui.pages_login import LoginLimiter, TooManyAttemptsError
+
+    limiter = LoginLimiter(max_failures=3, window_s=60)
+    # three attempts under way at once (none answered yet): the fourth is refused
+    started = [limiter.attempt("10.0.0.1", 0.0) for _ in range(3)]
+    with pytest.raises(TooManyAttemptsError, match="a correct token is refused too"):
+        limiter.attempt("10.0.0.1", 0.0)
+    limiter.succeeded(started[0])  # one of them signed in: given back
+    limiter.attempt("10.0.0.1", 0.0)
 
 
 # --- actions: CSRF and roles --------------------------------------------------------------------
@@ -394,6 +465,66 @@ def test_the_emergency_stop_is_set_and_cleared_from_the_console(console: Harness
     assert not stop_state(console)
 
 
+class LiveRegions(HTMLParser):
+    """The page's live regions (elements with an id and ``data-live``): id -> their HTML."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=False)
+        self.regions: dict[str, str] = {}
+        self.nested = 0
+        self._open: list[tuple[str, int, list[str]]] = []  # (id, depth, parts)
+        self._depth = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        named = dict(attrs)
+        text = self.get_starttag_text() or ""
+        for _, _, parts in self._open:
+            parts.append(text)
+        if tag in {"input", "meta", "link", "br", "img"}:
+            return
+        self._depth += 1
+        if "data-live" in named and named.get("id"):
+            self.nested += bool(self._open)
+            self._open.append((str(named["id"]), self._depth, [text]))
+
+    def handle_endtag(self, tag: str) -> None:
+        for _, _, parts in self._open:
+            parts.append(f"</{tag}>")
+        if self._open and self._open[-1][1] == self._depth:
+            region, _, parts = self._open.pop()
+            self.regions[region] = "".join(parts)
+        self._depth -= 1
+
+    def handle_data(self, data: str) -> None:
+        for _, _, parts in self._open:
+            parts.append(data)
+
+
+def live_regions(html: str) -> LiveRegions:
+    parser = LiveRegions()
+    parser.feed(html)
+    return parser
+
+
+def test_the_emergency_stop_bar_and_form_are_one_live_region(console: Harness) -> None:
+    signed_in(console)
+    off = live_regions(console.client.get(PAGE).text)
+    assert off.nested == 0
+    block = off.regions["estop"]
+    assert "Emergency stop: off" in block and "estop-on" not in block
+    assert 'action="/ui/emergency-stop"' in block and 'id="estop-reason"' in block
+    rollouts.emergency_stop(console.db, "lab", actor="test", now=utc(console.clock))
+    on = live_regions(console.client.get(PAGE, headers={"X-Fleet-Live": "1"}).text)
+    block = on.regions["estop"]
+    # the red bar, the state and the operator's clear form all follow, in one region
+    assert 'class="estop estop-on"' in block and "Emergency stop is on" in block
+    assert 'action="/ui/emergency-stop/clear"' in block
+    assert 'action="/ui/emergency-stop"' not in block
+    # an unrelated refresh serves the region unchanged (console.js then leaves it alone)
+    again = live_regions(console.client.get(PAGE, headers={"X-Fleet-Live": "1"}).text)
+    assert again.regions["estop"] == block
+
+
 def test_a_form_of_another_type_is_refused(console: Harness) -> None:
     csrf = signed_in(console)
     response = console.client.post(
@@ -434,6 +565,16 @@ def test_pages_are_not_cached_and_static_files_are(console: Harness) -> None:
     assert again.status_code == 304
     for name in ("../settings.py", "nothing.css", "%2e%2e%2fcommon.py"):
         assert console.client.get(f"/ui/static/{name}").status_code == 404
+
+
+def test_static_files_answer_head_like_get_without_a_body(console: Harness) -> None:
+    got = console.client.get("/ui/static/console.js")
+    head = console.client.head("/ui/static/console.js")
+    assert head.status_code == 200 and head.content == b""
+    for name in ("content-type", "etag", "cache-control", "content-length"):
+        assert head.headers[name] == got.headers[name], name
+    assert int(head.headers["content-length"]) == len(got.content)
+    assert console.client.head("/ui/static/nothing.js").status_code == 404
 
 
 def test_a_missing_page_is_html_under_ui_and_json_under_api(console: Harness) -> None:

@@ -1,8 +1,11 @@
 // Live refresh of the web console (every page works without it).
 //
 // One EventSource on /ui/events per page. On each "change" the page fetches its own URL again
-// and swaps every element that has an id and data-live for its new version. State for tests
-// and styling: <html data-live-state="connecting|connected|closed" data-live-refreshes="N">.
+// and swaps every element that has an id and data-live for its new version, when the server's
+// HTML of it changed (so a form in a region keeps what is typed into it until its content
+// changes). The refetch says "X-Fleet-Live: 1": it is not use of the session, so a page left
+// alone still signs out after the idle limit. State for tests and styling:
+// <html data-live-state="connecting|connected|closed" data-live-refreshes="N">.
 "use strict";
 
 (() => {
@@ -15,17 +18,28 @@
   let hiddenChange = false; // a change arrived while the tab was hidden
   let opened = false;
   let source = null;
+  // id -> the server's HTML of that live region as last shown (not the live DOM, which an
+  // opened <details> or a typed value changes)
+  const shown = new Map();
 
   root.dataset.liveRefreshes = "0";
+
+  function remember(doc) {
+    for (const region of doc.querySelectorAll("[data-live][id]")) {
+      shown.set(region.id, region.outerHTML);
+    }
+  }
 
   function swap(fresh) {
     for (const old of document.querySelectorAll("[data-live][id]")) {
       const next = fresh.getElementById(old.id);
       // only our own same-origin page is parsed; nothing of it runs (DOMParser documents
       // never execute scripts) and the CSP forbids inline script anyway
-      if (next !== null && next.hasAttribute("data-live")) {
-        old.replaceWith(document.importNode(next, true));
-      }
+      if (next === null || !next.hasAttribute("data-live")) continue;
+      const html = next.outerHTML;
+      if (shown.get(old.id) === html) continue;
+      shown.set(old.id, html);
+      old.replaceWith(document.importNode(next, true));
     }
     if (fresh.title) document.title = fresh.title;
     syncConfirms();
@@ -46,7 +60,7 @@
       const response = await fetch(location.href, {
         credentials: "same-origin",
         cache: "no-store",
-        headers: { Accept: "text/html" },
+        headers: { Accept: "text/html", "X-Fleet-Live": "1" },
       });
       // the session ended: the page redirected to the sign-in page, which we show
       if (new URL(response.url).pathname === LOGIN_PATH) {
@@ -117,6 +131,7 @@
     }
   });
 
+  remember(document);
   syncConfirms();
   if (typeof EventSource === "function") connect();
 })();

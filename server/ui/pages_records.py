@@ -6,16 +6,16 @@ the key ids of its stored signature envelope, read by :class:`signing.signature.
 as ``fleet bundle info`` reads a bundle's. The audit page filters as ``fleet audit list`` does
 (:class:`server.audit.AuditFilter`), newest first, a page at a time; its verification is
 ``fleet audit verify``'s (:func:`server.anchor.check_trail`): the stored signed heads checked
-with the server key, then the chain walked against them.
+with the server key, then the chain walked against them; a page view checks only what was
+added since the last view, and the whole walk runs again every few minutes
+(server/ui/trail.py).
 """
 
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -23,16 +23,15 @@ from fastapi.responses import Response
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from server.anchor import SignedHead, check_trail, stored_anchors
 from server.api.common import server_state
-from server.audit import AuditEntry, AuditFilter, all_entries, entries
+from server.audit import AuditEntry, AuditFilter, entries
 from server.database import Database
 from server.errors import InvalidRequestError
 from server.models import Release
 from server.releases import describe
 from server.ui.common import UiPage, render
+from server.ui.trail import FULL_WALK_S, TrailVerifier, Verification
 from signing.errors import SignatureFormatError
-from signing.keys import SigningKey
 from signing.signature import SignatureEnvelope
 
 router = APIRouter(prefix="/ui")
@@ -40,9 +39,9 @@ router = APIRouter(prefix="/ui")
 AUDIT_PAGE = 50
 FILTERS = ("action", "subject", "actor")
 MAX_SEQ = 2**63 - 1
-# Walking the chain reads every entry: the page reuses a verification this recent (on the
-# server's clock) instead of walking a large trail again on every refresh of every browser.
-VERIFY_REUSE_S = 30
+# A page view checks only the entries added since the last (server/ui/trail.py); the whole
+# chain is walked again this often (on the server's clock) while the page is viewed.
+VERIFY_REUSE_S = FULL_WALK_S
 
 
 def size_text(size: int) -> str:
@@ -166,52 +165,14 @@ def audit_page(db: Database, query: AuditQuery, size: int = AUDIT_PAGE) -> Audit
     )
 
 
-@dataclass(frozen=True)
-class Verification:
-    """``fleet audit verify``'s outcome: whether the chain and the signed heads hold."""
-
-    intact: bool
-    problem: str | None
-    entries: int
-    head: str | None  # SEQ:HASH of the chain's head, when it holds
-    signed_heads: int  # how many stored signed heads hold
-    latest_anchor: SignedHead | None
-    checked_at: datetime
-
-
-def verify_trail(db: Database, key: SigningKey, now: datetime) -> Verification:
-    """The trail checked as ``fleet audit verify --data-dir`` checks it
-    (:func:`server.anchor.check_trail`), with the newest stored signed head."""
-    anchors = stored_anchors(db)
-    check = check_trail(all_entries(db), anchors, key.public_key)
-    return Verification(
-        intact=check.intact,
-        problem=check.problem,
-        entries=check.entries or 0,
-        head=check.head,
-        signed_heads=check.signed_heads or 0,
-        latest_anchor=anchors[-1] if anchors else None,
-        checked_at=now,
-    )
-
-
-_verifying = threading.Lock()  # one walk of the chain at a time, whichever the browsers
-
-
 def recent_verification(request: Request) -> Verification:
-    """The trail's verification, reused for ``VERIFY_REUSE_S`` seconds of the server's clock
-    (kept in the app's state: one per server)."""
+    """The trail's verification for this view, at a bounded cost
+    (:class:`server.ui.trail.TrailVerifier`, one per server, kept in the app's state)."""
     state = server_state(request)
-    now = state.now()
-    with _verifying:
-        known = getattr(request.app.state, "ui_audit_verification", None)
-        if isinstance(known, Verification) and timedelta(0) <= now - known.checked_at < timedelta(
-            seconds=VERIFY_REUSE_S
-        ):
-            return known
-        fresh = verify_trail(state.db, state.server_key, now)
-        request.app.state.ui_audit_verification = fresh
-        return fresh
+    verifier = getattr(request.app.state, "ui_trail_verifier", None)
+    if not isinstance(verifier, TrailVerifier):
+        verifier = request.app.state.ui_trail_verifier = TrailVerifier()
+    return verifier.view(state.db, state.server_key.public_key, state.now())
 
 
 _ROLLOUT_SUBJECT = re.compile(r"rollout:([1-9][0-9]{0,9})")
@@ -236,5 +197,5 @@ def audit_trail(request: Request, session: UiPage) -> Response:
     return render(
         request, session, "audit.html", nav="audit",
         query=query, page=page, verification=recent_verification(request),
-        subject_link=subject_link,
+        full_walk_s=VERIFY_REUSE_S, subject_link=subject_link,
     )  # fmt: skip

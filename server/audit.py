@@ -274,7 +274,7 @@ def verify_chain(
     head_seq, head_hash = 0, GENESIS_HASH
     previous: AuditEntry | None = None
     for entry in chain:
-        problem = _check(entry, expected_seq, prev_hash, previous)
+        problem = check_entry(entry, expected_seq, prev_hash, previous)
         if problem is not None:
             return ChainReport(checked, head_seq, head_hash, problem)
         if entry.seq in recorded and entry.hash != recorded[entry.seq]:
@@ -301,9 +301,11 @@ def verify_chain(
     return ChainReport(checked, head_seq, head_hash)
 
 
-def _check(
+def check_entry(
     entry: AuditEntry, expected_seq: int, prev_hash: str, previous: AuditEntry | None
 ) -> str | None:
+    """What is wrong with ``entry`` as the trail's entry ``expected_seq`` after ``previous``
+    (whose hash is ``prev_hash``), or None: the one rule of a whole walk and an incremental one."""
     if entry.seq > expected_seq:
         last = entry.seq - 1
         span = f"entry {expected_seq}" if last == expected_seq else f"entries {expected_seq}-{last}"

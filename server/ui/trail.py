@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import func, select
 
 from server.anchor import SignedHead, check_anchors, check_trail, stored_anchors
-from server.audit import GENESIS_HASH, AuditEntry, _check, all_entries, entries
+from server.audit import GENESIS_HASH, AuditEntry, all_entries, check_entry, entries
 from server.database import Database
 from server.models import AuditAnchorRow, AuditRow
 
@@ -234,7 +234,7 @@ def _advance(
         with db.read() as session:
             page = entries(session, after=progress.seq, limit=wanted)
         for entry in page:
-            problem = _check(entry, progress.seq + 1, progress.hash, progress.previous)
+            problem = check_entry(entry, progress.seq + 1, progress.hash, progress.previous)
             if problem is None and anchored.get(entry.seq, entry.hash) != entry.hash:
                 problem = _rewritten(entry.seq)
             if problem is not None:

@@ -194,6 +194,34 @@ def test_signing_out_ends_the_session_and_clears_the_cookie(console: Harness) ->
     assert console.client.get(PAGE, follow_redirects=False).status_code == 303
 
 
+def test_signing_in_always_makes_a_fresh_session_whatever_cookie_was_planted(
+    console: Harness,
+) -> None:
+    # session fixation: a cookie planted before sign-in, unknown or another live session of
+    # the planter's, is never the session the sign-in grants
+    def plant(value: str) -> None:
+        console.client.cookies.clear()
+        console.client.cookies.set("fleet_ui", value)
+
+    def granted() -> str:
+        response = login(console.client, token(console))
+        assert response.status_code == 303, response.text
+        return response.cookies["fleet_ui"]
+
+    plant("planted-by-someone-else")
+    assert granted() != "planted-by-someone-else"
+    plant("")
+    signed_in(console, Role.VIEWER)
+    theirs = [c.value for c in console.client.cookies.jar if c.name == "fleet_ui" and c.value]
+    assert len(theirs) == 1
+    plant(theirs[0])
+    mine = granted()
+    assert mine != theirs[0]
+    plant(mine)
+    page = console.client.get(PAGE)
+    assert page.status_code == 200 and "operator" in page.text
+
+
 def assert_cookie_cleared(response: Any) -> None:
     cookie = response.headers.get("set-cookie", "")
     assert cookie.startswith("fleet_ui=") and ('fleet_ui=""' in cookie or "Max-Age=0" in cookie)

@@ -109,6 +109,18 @@ class DeviceStatus(StrEnum):
     DECOMMISSIONED = "decommissioned"  # its key is refused until an operator reinstates it
 
 
+# What the web console's device list filters by (server/ui/queries.py).
+DEVICE_FILTERED = ("status", "last_seen", "state", "version", "role", "tags", "hostname")
+
+
+def _list_index(column: str, *then: str) -> Index:
+    """The device list's index on ``column`` (and ``then``): the device id next, the order's
+    tie-break, then the rest of :data:`DEVICE_FILTERED`, so it covers any filters' count."""
+    leading = (column, *then)
+    rest = [c for c in DEVICE_FILTERED if c not in leading]
+    return Index(f"ix_devices_{column}", *leading, "id", *rest)
+
+
 class Device(Base):
     """An enrolled device, named by the key id of its public key."""
 
@@ -117,14 +129,17 @@ class Device(Base):
         CheckConstraint(
             "status IN ('active', 'quarantined', 'decommissioned')", name="ck_devices_status"
         ),
-        # the web console's device list: one per sort key and filter, the id last, so a page
-        # in any order (ties by id) is read from its index (migration 0008)
+        # the web console's device list: one per sort key and filter, the id next, so a page
+        # in any order (ties by id) is read from its index; the filters' indexes carry every
+        # column the list filters by, so a count under any filters reads an index alone, never
+        # the wide rows (migration 0008)
         Index("ix_devices_hostname", "hostname", "id"),
-        Index("ix_devices_last_seen", "last_seen", "id"),
-        Index("ix_devices_version", "version", "id"),
-        Index("ix_devices_state", "state", "id"),
-        # status with what the overview counts by, so its grouped counts read this index alone
-        Index("ix_devices_status", "status", "last_seen", "state", "id"),
+        _list_index("last_seen"),
+        _list_index("version"),
+        _list_index("state"),
+        _list_index("role"),
+        # status with what the overview counts by first, for its grouped counts
+        _list_index("status", "last_seen", "state"),
         Index("ix_devices_enrolled", "enrolled", "id"),
     )
 
@@ -141,7 +156,7 @@ class Device(Base):
     state: Mapped[str | None] = mapped_column(String(32))
     clock_skew_s: Mapped[float | None] = mapped_column(Float)
     # What the device says it is for (its heartbeat): rollouts select by role and tags.
-    role: Mapped[str | None] = mapped_column(String(64), index=True)
+    role: Mapped[str | None] = mapped_column(String(64))
     tags: Mapped[str | None] = mapped_column(Text)  # JSON list, sorted
     assigned_release_id: Mapped[int | None] = mapped_column(
         ForeignKey("releases.id", ondelete="SET NULL")

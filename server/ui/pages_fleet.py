@@ -32,7 +32,6 @@ from sqlalchemy import select
 from server import devices, releases
 from server.api.common import server_state
 from server.database import Database
-from server.devices import NEVER_REPORTED
 from server.errors import ApiError, InvalidRequestError, UnknownDeviceError
 from server.models import Device, DeviceStatus
 from server.rollout_text import failure_rule_text, selector_text, skipped_text, stage_text
@@ -205,15 +204,9 @@ def overview_page(request: Request, session: UiPage) -> HTMLResponse:
 
 
 def reported(db: Database) -> tuple[list[str], list[str]]:
-    """The versions and the states devices report, for the list's filters (a DISTINCT on an
-    indexed column each)."""
-    with db.read() as session:
-        versions = session.scalars(select(Device.version).distinct()).all()
-        states = session.scalars(select(Device.state).distinct()).all()
-    return (
-        sorted(v for v in versions if v is not None),
-        sorted({NEVER_REPORTED if s is None else s for s in states}),
-    )
+    """The versions and the states devices report, for the list's filters (a skip scan of an
+    index each: :func:`server.ui.queries.reported`)."""
+    return queries.reported(db)
 
 
 @dataclass(frozen=True)

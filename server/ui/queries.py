@@ -12,7 +12,8 @@ the alerts or the rollout engine:
   the ``fleet_devices_unhealthy`` gauge.
 
 The device list stays fast on a large fleet: every filter and sort key has an index (migration
-0008), the order ends on the device id so pages never overlap, and a page loads only its rows.
+0008), the order ends on the device id so pages never overlap, a page loads only its rows and
+the count of the matching devices reads an index alone.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import requests
-from sqlalchemy import ColumnElement, case, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Select, case, func, select
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from server.database import Database
 from server.devices import NEVER_REPORTED, get_device, recent_entries
@@ -347,14 +348,17 @@ def _tags(text: str | None) -> tuple[str, ...]:
     return tuple(str(t) for t in tags) if isinstance(tags, list) else ()
 
 
+def count_statement(query: DeviceQuery, now: datetime) -> Select[int]:
+    """The count of the devices matching ``query``'s filters: whatever they are, one index
+    covers its condition (migration 0008), so it reads no device's row."""
+    return select(func.count()).select_from(Device).where(*_conditions(query, now))
+
+
 def device_page(db: Database, now: datetime, query: DeviceQuery) -> DevicePage:
     """The devices matching ``query``, one page of them in its order (ties by device id), and
     how many match."""
     with db.read() as session:
-        total = session.scalar(
-            select(func.count()).select_from(Device).where(*_conditions(query, now))
-        )
-        total = total or 0
+        total = session.scalar(count_statement(query, now)) or 0
         columns = (
             Device.id, Device.hostname, Device.version, Device.state, Device.role, Device.tags,
             Device.last_seen, Device.enrolled, Device.status, Device.last_heartbeat,
@@ -391,6 +395,27 @@ def _row(row: Any, now: datetime) -> DeviceRow:
         temperature_c=_figure(heartbeat, "temperature_c"),
         free_space_mb=_figure(heartbeat, "free_space_mb"),
     )
+
+
+def distinct_statement(column: InstrumentedAttribute[str | None]) -> Select[str | None]:
+    """The values of an indexed device column (and a last NULL), read by a skip scan of its
+    index: a recursive query seeks the next greater value, one seek per value, where DISTINCT
+    reads every entry of the index."""
+    walk = select(func.min(column).label("value")).cte("walk", recursive=True)
+    following = select(func.min(column)).where(column > walk.c.value).scalar_subquery()
+    walk = walk.union_all(select(following).where(walk.c.value.is_not(None)))
+    return select(walk.c.value)
+
+
+def reported(db: Database) -> tuple[list[str], list[str]]:
+    """The versions and the states devices report, in order, for the device list's filters
+    (:data:`NEVER_REPORTED` among the states when a device never said one)."""
+    with db.read() as session:
+        versions = [v for v in session.scalars(distinct_statement(Device.version)) if v is not None]
+        states = [s for s in session.scalars(distinct_statement(Device.state)) if s is not None]
+        never = session.scalar(select(Device.id).where(Device.state.is_(None)).limit(1))
+    # in Python's order, whatever the database's collation
+    return sorted(versions), sorted({*states, *([NEVER_REPORTED] if never is not None else [])})
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@ alerts read from an Alertmanager on 127.0.0.1."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -427,3 +429,78 @@ def test_unhealthy_is_the_fleet_guards_rule(tmp_path: Path) -> None:
     view = overview(db, NOW)
     assert (view.unhealthy, view.safe_mode, view.healthy) == (2, 1, 2)
     assert [r["id"] for r in view.rollouts] == [2, 1]  # a halted one waits for an operator
+
+
+# One value of each filter, several for those that take different conditions.
+FILTER_VALUES: dict[str, list[Any]] = {
+    "q": ["ab"],
+    "version": ["2.0", queries.UNKNOWN_VERSION],
+    "state": ["idle", queries.NEVER_REPORTED, *queries.DERIVED_STATES],
+    "role": ["camera"],
+    "tag": ["eu"],
+    "seen_within": [3600],
+    "not_seen_within": [60],
+    "status": ["active"],
+}
+# How the plan reads the devices: from an index holding every column it needs, or the one row
+# of a device named by id (a device failed in an active rollout, for "unhealthy").
+READS_DEVICES = re.compile(r"\b(SCAN|SEARCH) devices\b")
+INDEX_ONLY = re.compile(r"USING COVERING INDEX |USING INDEX sqlite_autoindex_devices_1 \(id=\?\)$")
+
+
+def _filter_combinations() -> Iterator[DeviceQuery]:
+    names = list(FILTER_VALUES)
+    for size in range(len(names) + 1):
+        for chosen in itertools.combinations(names, size):
+            for values in itertools.product(*(FILTER_VALUES[n] for n in chosen)):
+                yield DeviceQuery(**dict(zip(chosen, values, strict=True)))
+
+
+def test_the_count_under_any_filters_reads_an_index_alone(tmp_path: Path) -> None:
+    """Every combination of filters: the count's plan (SQLite) never reads the table's wide rows
+    (the last heartbeat's JSON), by a scan or through an index that lacks a column it needs."""
+    db = _database(tmp_path)
+    checked = 0
+    with db.read() as session:
+        connection = session.connection()
+        for query in _filter_combinations():
+            statement = queries.count_statement(query, NOW).compile(
+                connection.engine, compile_kwargs={"literal_binds": True}
+            )
+            plan = [row[3] for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}")]
+            reads = [step for step in plan if READS_DEVICES.search(step)]
+            assert reads, (query, plan)
+            assert all(INDEX_ONLY.search(step) for step in reads), (query, plan)
+            checked += 1
+    assert checked == 2 * 3 * 6 * 2 * 2 * 2 * 2 * 2
+
+
+def _plan(db: Database, statement: Any) -> list[str]:
+    with db.read() as session:
+        connection = session.connection()
+        sql = statement.compile(connection.engine, compile_kwargs={"literal_binds": True})
+        return [row[3] for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")]
+
+
+def test_the_reported_versions_and_states_are_the_fleets(
+    seeded: tuple[Database, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """What DISTINCT gives, NULL aside (a state never reported is "enrolled"), read by seeks on
+    the columns' indexes, never a scan of the table or of a whole index."""
+    db, devices = seeded
+    versions, states = queries.reported(db)
+    assert versions == sorted({d["version"] for d in devices} - {None})
+    assert states == sorted({d["state"] or queries.NEVER_REPORTED for d in devices})
+    for column in (Device.version, Device.state):
+        plan = _plan(db, queries.distinct_statement(column))
+        reads = [step for step in plan if READS_DEVICES.search(step)]
+        assert reads, plan
+        assert all(step.startswith("SEARCH devices USING COVERING INDEX") for step in reads), plan
+    empty = _database(tmp_path)
+    assert queries.reported(empty) == ([], [])
+    with empty.write() as session:
+        session.add(
+            Device(id="0" * 64, public_key="00" * 32, compatible="cam", hostname="a",
+                   enrolled=NOW, last_seen=NOW, version="", state="idle")
+        )  # fmt: skip
+    assert queries.reported(empty) == ([""], ["idle"])

@@ -63,9 +63,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from server import audit
@@ -117,6 +117,8 @@ REFUSAL_EVENT = "daemon.release_failed"
 CANARY = "canary"
 # Named device ids are looked up this many at a time (a database takes only so many parameters).
 ENROLLED_CHECK_BATCH = 500
+# Devices a cohort assigns are updated this many at a time, for the same reason.
+ASSIGN_BATCH = 500
 
 
 class RolloutState(StrEnum):
@@ -341,13 +343,23 @@ def _rollout(session: Session, rollout_id: int) -> Rollout:
     return rollout
 
 
+class Selected(NamedTuple):
+    """What a rollout reads of a device it selects: not its whole row (the last heartbeat's
+    JSON), which a selection of a large fleet would load by the ten thousand."""
+
+    id: str
+    last_seen: datetime
+    version: str | None
+    assigned_release_id: int | None
+
+
 @dataclass(frozen=True)
 class Selection:
     """The devices a rollout is for, in id order: those it assigns and expects (``online``),
     and those it skips because they are :func:`offline`."""
 
-    online: list[Device]
-    offline: list[Device]
+    online: list[Selected]
+    offline: list[Selected]
 
 
 def _selected(session: Session, rollout: Rollout, release: Release, now: datetime) -> Selection:
@@ -359,7 +371,7 @@ def _selected(session: Session, rollout: Rollout, release: Release, now: datetim
     already assigned by the rollout stays its member. A quarantined or decommissioned device is
     never selected: it is neither assigned nor expected."""
     query = (
-        select(Device)
+        select(Device.id, Device.last_seen, Device.version, Device.assigned_release_id, Device.tags)
         .where(Device.compatible == release.compatible, Device.status == DeviceStatus.ACTIVE)
         .order_by(Device.id)
     )
@@ -371,9 +383,10 @@ def _selected(session: Session, rollout: Rollout, release: Release, now: datetim
         query = query.where(Device.role == selector["role"])
     wanted = set(selector.get("tags", ()))
     selection = Selection([], [])
-    for device in session.scalars(query):
-        if wanted <= set(json.loads(device.tags) if device.tags else ()):
-            if offline(device.last_seen, now, rollout.offline_after_s):
+    for device_id, last_seen, version, assigned_release_id, tags in session.execute(query):
+        if wanted <= set(json.loads(tags) if tags else ()):
+            device = Selected(device_id, last_seen, version, assigned_release_id)
+            if offline(last_seen, now, rollout.offline_after_s):
                 selection.offline.append(device)
             else:
                 selection.online.append(device)
@@ -572,8 +585,13 @@ def _assign_cohort(db: Database, session: Session, rollout: Rollout, now: dateti
                 outcome=Outcome.PENDING,
             )
         )
-        device.assigned_release_id = rollout.release_id
         assigned.append(device.id)
+    for first in range(0, len(assigned), ASSIGN_BATCH):
+        session.execute(
+            update(Device)
+            .where(Device.id.in_(assigned[first : first + ASSIGN_BATCH]))
+            .values(assigned_release_id=rollout.release_id)
+        )
     if assigned:
         _audit(db, session, now, ENGINE_ACTOR, "rollout.assigned", rollout, devices=assigned)
 
@@ -643,6 +661,19 @@ def _members(session: Session, rollout: Rollout) -> list[tuple[RolloutDevice, De
     return [(member, device) for member, device in rows]
 
 
+def _assignments(session: Session, rollout: Rollout) -> list[RolloutDevice]:
+    """The rollout's members as :func:`_members` gives them, without their devices' rows: all
+    that its view and its decisions read."""
+    return list(
+        session.scalars(
+            select(RolloutDevice)
+            .join(Device, Device.id == RolloutDevice.device_id)
+            .where(RolloutDevice.rollout_id == rollout.id)
+            .order_by(RolloutDevice.device_id)
+        )
+    )
+
+
 def _update_outcomes(db: Database, session: Session, rollout: Rollout, now: datetime) -> None:
     pending = [(m, d) for m, d in _members(session, rollout) if m.outcome == Outcome.PENDING]
     failures = _failure_events(session, [m for m, _ in pending], rollout.release.version)
@@ -693,12 +724,12 @@ def _step(db: Database, session: Session, rollout: Rollout, now: datetime) -> No
     session.flush()
     plan = _plan(rollout)
     acknowledged = set(json.loads(rollout.acknowledged or "[]"))
-    members = _members(session, rollout)
+    members = _assignments(session, rollout)
     if not members and not _selected(session, rollout, rollout.release, now).online:
         # nobody assigned and nobody to assign: it waits for devices (an --allow-empty rollout,
         # or every selected device offline) instead of soaking empty stages to "completed"
         return
-    outcomes = [Outcome(m.outcome) for m, _ in members if m.device_id not in acknowledged]
+    outcomes = [Outcome(m.outcome) for m in members if m.device_id not in acknowledged]
     soaked = now - rollout.stage_started >= timedelta(seconds=rollout.soak_s)
     decision = decide(plan, rollout.stage, outcomes, soaked, rollout.max_failure_rate)
     if decision is Decision.HALT:
@@ -986,19 +1017,19 @@ def failure_rule(
 
 def _view(session: Session, rollout: Rollout, now: datetime) -> dict[str, Any]:
     plan = _plan(rollout)
-    members = _members(session, rollout)
+    members = _assignments(session, rollout)
     # Who is still expected, and who is skipped as offline, for a rollout still going (running
     # or paused). Once halted or ended, its counts are what it assigned: devices enrolling,
     # changing their role or going offline change nothing in them.
     selection = (
         _selected(session, rollout, rollout.release, now) if rollout.state in ACTIVE else None
     )
-    member_ids = {m.device_id for m, _ in members}
+    member_ids = {m.device_id for m in members}
     counts = {o.value: 0 for o in Outcome}
-    for member, _ in members:
+    for member in members:
         counts[member.outcome] += 1
     acknowledged = json.loads(rollout.acknowledged or "[]")
-    counted = [m for m, _ in members if m.device_id not in set(acknowledged)]
+    counted = [m for m in members if m.device_id not in set(acknowledged)]
     return {
         "id": rollout.id,
         "version": rollout.release.version,
@@ -1023,7 +1054,7 @@ def _view(session: Session, rollout: Rollout, now: datetime) -> dict[str, Any]:
         "counts": counts,
         "selector": json.loads(rollout.selector) if rollout.selector else None,
         "acknowledged": acknowledged,
-        "stage_progress": _stage_progress(rollout, plan, [m for m, _ in members], selection),
+        "stage_progress": _stage_progress(rollout, plan, members, selection),
         "failure_rule": failure_rule(
             plan,
             rollout.stage,
@@ -1038,7 +1069,7 @@ def _view(session: Session, rollout: Rollout, now: datetime) -> dict[str, Any]:
                 "outcome": m.outcome,
                 "reason": m.reason,
             }
-            for m, _ in members
+            for m in members
         ],
     }
 

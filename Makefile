@@ -134,10 +134,13 @@ $(VENV)/.mutation-installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[all,test,mutation]'
 	touch $@
 
+# console_load drives Debian's chromium (deps) through Playwright (the test extra): venv
+# installs both, no browser download.
 benchmarks: venv
 	$(BIN)/python benchmarks/bundle_throughput.py
 	$(BIN)/python benchmarks/install_throughput.py
 	$(BIN)/python benchmarks/rollout_scale.py
+	$(BIN)/python benchmarks/console_load.py
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do \

@@ -98,16 +98,19 @@ def require_browser() -> None:
         )
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: Playwright's sync API keeps an asyncio event loop running in the
+# main thread while it is open, and every later test calling asyncio.run() would fail with
+# "cannot be called from a running event loop". It is closed when this tier ends.
+@pytest.fixture(scope="package")
 def playwright() -> Iterator[Playwright]:
     require_browser()
     with sync_playwright() as driver:
         yield driver
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser(playwright: Playwright) -> Iterator[Browser]:
-    """One Chromium for the session; each test gets contexts of its own (fresh cookies)."""
+    """One Chromium for the tier; each test gets contexts of its own (fresh cookies)."""
     chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
     try:
         yield chromium

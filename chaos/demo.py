@@ -9,8 +9,9 @@
 5. Release 3.0.0, whose health check fails on boot: it halts at the canaries and the canaries
    go back to 2.0.0, by a slot flip.
 
-Everything runs in WORKDIR and stops at the end unless ``--keep-server``; then the web
-console's address is printed with an operator token (valid a day) to sign in with.
+The web console's address is printed as the server starts, with an operator token (valid a
+day) to sign in with and watch the rollouts live. Everything runs in WORKDIR and stops at the
+end unless ``--keep-server``.
 """
 
 from __future__ import annotations
@@ -167,11 +168,11 @@ def demo(workdir: Path, devices: int, keep_server: bool) -> None:
     trust_key(data / "keyring", workdir / "release-key.pub")
     server, url = start_server(data, workdir / "server.log")
     try:
+        console_login(url, data)
         run_fleet(workdir, data, url, key, devices)
     finally:
         if keep_server:
-            click.echo(f"server still running at {url} (pid {server.pid})")
-            console_login(url, data)
+            click.echo(f"server still running at {url} (pid {server.pid}): the web console too")
         else:
             server.terminate()
             server.wait(10)

@@ -215,3 +215,7 @@ def test_demo_runs_to_the_end(tmp_path: Path) -> None:
     assert "rollout 3.0.0: halted" in result.output
     assert "done: 8 of 8 devices on 2.0.0" in result.output
     assert "audit trail intact" in result.output
+    # the web console's address and a token to watch the rollouts live, before they start
+    console = result.output.index("web console: http://127.0.0.1:")
+    assert "/ui/  sign in with this operator token: fleet_op_" in result.output
+    assert console < result.output.index("rollout 3.0.0: halted")

@@ -39,6 +39,7 @@ router = APIRouter(prefix="/ui")
 AUDIT_PAGE = 50
 FILTERS = ("action", "subject", "actor")
 MAX_SEQ = 2**63 - 1
+_POSITION = re.compile(r"[0-9]{1,19}")  # no more digits than MAX_SEQ's, before int() reads it
 # A page view checks only the entries added since the last (server/ui/trail.py); the whole
 # chain is walked again this often (on the server's clock) while the page is viewed.
 VERIFY_REUSE_S = FULL_WALK_S
@@ -109,7 +110,7 @@ class AuditQuery:
         positions: dict[str, int | None] = {}
         for name in ("before", "after"):
             value = (params.get(name) or "").strip()
-            if value and not (value.isascii() and value.isdigit() and int(value) <= MAX_SEQ):
+            if value and not (_POSITION.fullmatch(value) and int(value) <= MAX_SEQ):
                 raise InvalidRequestError(f"{name}: give an entry number")
             positions[name] = int(value) if value else None
         return cls(

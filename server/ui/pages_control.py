@@ -10,6 +10,7 @@ from fastapi.responses import Response
 from server import rollouts
 from server.api.common import server_state
 from server.errors import InvalidRequestError
+from server.schemas import one_line
 from server.ui.common import HOME_PATH, UiAction, local_ui_path, redirect
 
 STOP_WORD = "STOP"
@@ -25,12 +26,17 @@ def emergency_stop(request: Request, posted: UiAction) -> Response:
 
     Raises:
         ConfirmationError: ``confirm`` is not STOP (nothing was done).
-        InvalidRequestError: no reason, or one longer than a line of 128 characters.
+        InvalidRequestError: no reason, one longer than a line of 128 characters, or one
+            with a character the API refuses in free text (a bidi override, say).
     """
     form = posted.form
     reason = form.require("reason", "reason")
-    if len(reason) > MAX_REASON_CHARS or any(c in reason for c in "\t\r\n"):
+    if len(reason) > MAX_REASON_CHARS:
         raise InvalidRequestError(f"reason: one line of at most {MAX_REASON_CHARS} characters")
+    try:
+        one_line(reason)
+    except ValueError as err:
+        raise InvalidRequestError(f"reason: {err}") from None
     form.confirm("confirm", STOP_WORD)
     state = server_state(request)
     actor = posted.session.operator.actor

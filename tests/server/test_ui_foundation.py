@@ -468,6 +468,25 @@ def test_the_emergency_stop_needs_the_word_stop(console: Harness) -> None:
     assert not stop_state(console)
 
 
+@pytest.mark.parametrize(
+    ("reason", "named"),
+    [
+        ("evil \u202e gnirts", "U+202E"),  # a bidi override: the API refuses it too
+        ("zero\u200bwidth", "U+200B"),
+        ("two\nlines", "U+000A"),
+        ("tab\there", "U+0009"),
+    ],
+)
+def test_the_emergency_stop_reason_is_inert_text_as_in_the_api(
+    console: Harness, reason: str, named: str
+) -> None:
+    csrf = signed_in(console)
+    response = post_stop(console, {"reason": reason, "confirm": "STOP", "csrf": csrf})
+    assert response.status_code == 422, response.text
+    assert f"reason: {named}" in response.text
+    assert not stop_state(console)
+
+
 def test_the_emergency_stop_is_set_and_cleared_from_the_console(console: Harness) -> None:
     csrf = signed_in(console)
     response = post_stop(console, {"reason": "bad canary", "confirm": "STOP", "csrf": csrf})

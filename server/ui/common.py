@@ -29,12 +29,12 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from server import rollouts
 from server.api.common import server_state
 from server.auth import Role
 from server.database import Database
 from server.errors import UnauthenticatedError
 from server.models import FleetControl
-from server.settings import iso
 from server.ui import sessions
 from server.ui.forms import Form, read_form
 from server.ui.security import CSRF_FIELD, check_csrf, clear_session_cookie, session_secret
@@ -182,18 +182,11 @@ UiViewerAction = Annotated[Action, Depends(action(Role.VIEWER))]
 
 
 def fleet_control(db: Database) -> dict[str, Any]:
-    """The emergency stop as server.rollouts shows it (``active``, ``reason``, ``since``,
-    ``actor``), read in one primary-key lookup."""
+    """The emergency stop as server.rollouts shows it (:func:`server.rollouts.control_view`),
+    read in one primary-key lookup; off until it was first used."""
     with db.read() as session:
-        control = session.get(FleetControl, 1)
-        if control is None:
-            return {"active": False, "reason": None, "since": None, "actor": None}
-        return {
-            "active": control.emergency_stop,
-            "reason": control.reason,
-            "since": iso(control.since) if control.since else None,
-            "actor": control.actor,
-        }
+        control = session.get(FleetControl, 1) or FleetControl(id=1, emergency_stop=False)
+        return rollouts.control_view(control)
 
 
 def _nav(path: str) -> str | None:

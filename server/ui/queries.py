@@ -34,6 +34,7 @@ import requests
 from sqlalchemy import ColumnElement, Select, case, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
+from fleet_core.text import describe, refused_character
 from server.database import Database
 from server.devices import NEVER_REPORTED, get_device, recent_entries
 from server.errors import InvalidRequestError
@@ -128,10 +129,13 @@ def _integer(name: str, value: str, lo: int, hi: int) -> int:
 
 
 def _text(name: str, value: str, limit: int) -> str:
+    """``value``, when it is free text as the API's (:func:`fleet_core.text.refused_character`)
+    of at most ``limit`` characters."""
     if len(value) > limit:
         raise InvalidRequestError(f"{name}: at most {limit} characters")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        raise InvalidRequestError(f"{name}: control characters are not allowed")
+    refused = refused_character(value)
+    if refused is not None:
+        raise InvalidRequestError(f"{name}: {describe(refused)} is not allowed")
     return value
 
 

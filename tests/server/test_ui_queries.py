@@ -172,6 +172,11 @@ def test_bad_values_are_refused_naming_the_parameter() -> None:
         ({"seen_within": "5y"}, "seen_within"),
         ({"tag": "A B"}, "tag"),
         ({"q": "a\x00"}, "q"),
+        # free text as the API's: no bidi override, no C1 control, no unassigned code point
+        ({"q": "cam\u202e"}, "q"),
+        ({"q": "cam\x9b"}, "q"),
+        ({"version": "1.0\u2028b"}, "version"),
+        ({"version": "1.0\U000e0001"}, "version"),
     ]:
         with pytest.raises(InvalidRequestError, match=f"^{name}: "):
             DeviceQuery.from_params(params)

@@ -126,8 +126,8 @@ def live_operator_token(now: datetime) -> Any:
     )
 
 
-def authenticate_operator(session: Session, token: str, now: datetime) -> Operator:
-    """The operator whose token this is, if it is valid at ``now``.
+def live_operator_token_row(session: Session, token: str, now: datetime) -> OperatorToken:
+    """The stored operator token whose secret this is, if it is valid at ``now``.
 
     Raises:
         UnauthenticatedError: no operator token with this value, or it expired or was revoked.
@@ -139,6 +139,16 @@ def authenticate_operator(session: Session, token: str, now: datetime) -> Operat
     ).first()
     if row is None:
         raise UnauthenticatedError("unknown, expired or revoked operator token")
+    return row
+
+
+def authenticate_operator(session: Session, token: str, now: datetime) -> Operator:
+    """The operator whose token this is, if it is valid at ``now``.
+
+    Raises:
+        UnauthenticatedError: no operator token with this value, or it expired or was revoked.
+    """
+    row = live_operator_token_row(session, token, now)
     return Operator(row.name, Role.parse(row.role))
 
 

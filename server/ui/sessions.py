@@ -30,8 +30,8 @@ from server.auth import (
     MAX_TOKEN_LENGTH,
     Operator,
     Role,
-    authenticate_operator,
     live_operator_token,
+    live_operator_token_row,
     new_secret,
     secret_hash,
 )
@@ -85,10 +85,8 @@ def create(db: Database, operator_token: str, now: datetime) -> tuple[str, UiSes
     csrf = secrets.token_hex(32)
     expires = now + timedelta(seconds=ABSOLUTE_LIFETIME_S)
     with db.write() as session:
-        operator = authenticate_operator(session, token, now)
-        token_id = session.scalar(
-            select(OperatorToken.id).where(OperatorToken.token_sha256 == secret_hash(token))
-        )
+        row = live_operator_token_row(session, token, now)
+        operator, token_id = Operator(row.name, Role.parse(row.role)), row.id
         ended = (
             select(UiSessionRow.secret_sha256)
             .where(or_(UiSessionRow.expires <= now, UiSessionRow.last_used <= _idle_cutoff(now)))

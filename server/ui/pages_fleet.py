@@ -19,7 +19,6 @@ only through autoescaped templates, and links are built here from validated valu
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -31,6 +30,7 @@ from sqlalchemy import select
 
 from server import devices, releases
 from server.api.common import server_state
+from server.blobs import SHA256_HEX
 from server.database import Database
 from server.errors import ApiError, InvalidRequestError, UnknownDeviceError
 from server.models import Device, DeviceStatus
@@ -42,7 +42,6 @@ from server.ui.sessions import UiSession
 
 router = APIRouter(prefix="/ui")
 
-_DEVICE_ID = re.compile(r"[0-9a-f]{64}")
 # The device list's sortable columns (DeviceQuery's sort keys) and their headers.
 COLUMNS = {
     "hostname": "Hostname",
@@ -293,7 +292,7 @@ def _checked_id(device_id: str) -> str:
     Raises:
         UnknownDeviceError: not a device id (64 lowercase hex digits): no such device.
     """
-    if not _DEVICE_ID.fullmatch(device_id):
+    if not SHA256_HEX.fullmatch(device_id):
         raise UnknownDeviceError("no such device: a device id is 64 hex digits")
     return device_id
 

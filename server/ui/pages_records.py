@@ -25,6 +25,7 @@ from sqlalchemy.orm import selectinload
 
 from server.api.common import server_state
 from server.audit import AuditEntry, AuditFilter, entries
+from server.blobs import SHA256_HEX
 from server.database import Database
 from server.errors import InvalidRequestError
 from server.models import Release
@@ -177,7 +178,6 @@ def recent_verification(request: Request) -> Verification:
 
 
 _ROLLOUT_SUBJECT = re.compile(r"rollout:([1-9][0-9]{0,9})")
-_DEVICE_SUBJECT = re.compile(r"[0-9a-f]{64}")
 
 
 def subject_link(subject: str | None) -> str | None:
@@ -187,7 +187,7 @@ def subject_link(subject: str | None) -> str | None:
     rollout = _ROLLOUT_SUBJECT.fullmatch(subject)
     if rollout is not None:
         return f"/ui/rollouts/{rollout.group(1)}"
-    return f"/ui/devices/{subject}" if _DEVICE_SUBJECT.fullmatch(subject) else None
+    return f"/ui/devices/{subject}" if SHA256_HEX.fullmatch(subject) else None
 
 
 @router.get("/audit")

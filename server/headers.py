@@ -53,7 +53,8 @@ UI_POLICY = (
 NO_STORE = "no-store"
 
 
-def _console(path: str) -> bool:
+def is_console_path(path: str) -> bool:
+    """Whether ``path`` is the web console's (``/ui`` and below)."""
     return path == "/ui" or path.startswith("/ui/")
 
 
@@ -61,14 +62,14 @@ def policy_for(path: str, docs_paths: Collection[str] = ()) -> str:
     """The Content-Security-Policy of an answer to ``path``."""
     if path in docs_paths:
         return DOCS_POLICY
-    if _console(path):
+    if is_console_path(path):
         return UI_POLICY
     return API_POLICY
 
 
 def referrer_policy_for(path: str) -> str:
     """The Referrer-Policy of an answer to ``path``."""
-    return "same-origin" if _console(path) else "no-referrer"
+    return "same-origin" if is_console_path(path) else "no-referrer"
 
 
 class SecurityHeadersMiddleware:

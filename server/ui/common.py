@@ -34,6 +34,7 @@ from server.api.common import server_state
 from server.auth import Role
 from server.database import Database
 from server.errors import UnauthenticatedError
+from server.headers import is_console_path
 from server.models import FleetControl
 from server.ui import sessions
 from server.ui.forms import Form, read_form
@@ -81,10 +82,6 @@ class LoginRequired(Exception):
         return f"{LOGIN_PATH}?next={quote(self.next_path, safe='/')}"
 
 
-def is_ui_path(path: str) -> bool:
-    return path == "/ui" or path.startswith("/ui/")
-
-
 def local_ui_path(value: str | None) -> str | None:
     """``value`` if it is a path of the console on this server (``/ui/...``, with its query),
     else None: where a redirect may go after signing in or after an action, never another
@@ -94,7 +91,7 @@ def local_ui_path(value: str | None) -> str | None:
     if not value.isprintable() or "\\" in value or value.startswith("//"):
         return None
     parts = urlsplit(value)
-    if parts.scheme or parts.netloc or not is_ui_path(parts.path):
+    if parts.scheme or parts.netloc or not is_console_path(parts.path):
         return None
     decoded = unquote(parts.path)
     if "\\" in decoded or "//" in decoded or not decoded.isprintable():
@@ -273,7 +270,7 @@ def _html_for_ui(handler: AnyHandler) -> Handler:
         answer = handler(request, exc)
         if not isinstance(answer, Response):
             answer = await answer
-        if not is_ui_path(request.url.path):
+        if not is_console_path(request.url.path):
             return answer
         try:
             body = json.loads(bytes(answer.body))

@@ -39,9 +39,13 @@ demo: venv
 # combined into build/coverage/.coverage for one report of branch coverage of the product
 # packages, subprocesses included ([tool.coverage.*] in pyproject.toml). Either pytest failing
 # fails the recipe, and pytest exits 5 when no test ran, which is a failure like any other.
-# TESTS and QEMU_TESTS name the two runs' directories (the first run leaves the second out).
+# TESTS names what the first run tests; the QEMU tier runs beside it only when TESTS is the whole
+# of tests (the first run leaves QEMU_TESTS out): `make test TESTS=tests/server` runs only that,
+# in one process, with the same coverage report. The QEMU run is a session of its own, so an
+# interrupted make (Ctrl-C, a TERM) ends it with every emulator and server it started: a
+# background job of a non-interactive shell ignores SIGINT, and so would they, left running.
 TESTS ?= tests
-QEMU_TESTS ?= tests/qemu
+QEMU_TESTS ?= $(if $(filter tests tests/,$(TESTS)),tests/qemu)
 QEMU_LOG := build/test-artifacts/qemu.log
 COVERAGE_DIR := build/coverage
 PYTEST_COVERAGE := --cov --cov-branch --cov-report=
@@ -51,18 +55,24 @@ test: lint qemu-kernel debian-root dist browser-deps
 	@url=$$(tests/postgres.sh) || exit 1; \
 	export FLEET_TEST_DATABASE_URL="$$url" FLEET_TEST_REQUIRE_POSTGRES=1 \
 		HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci}; \
-	echo "$(QEMU_TESTS) runs beside the other tiers; its output: $(QEMU_LOG)"; \
-	COVERAGE_FILE=$(CURDIR)/$(COVERAGE_DIR)/qemu/.coverage \
-		$(BIN)/pytest -q $(PYTEST_COVERAGE) $(QEMU_TESTS) >$(QEMU_LOG) 2>&1 & qemu=$$!; \
-	trap 'kill $$qemu 2>/dev/null' INT TERM; \
-	$(BIN)/pytest -q $(PYTEST_COVERAGE) --ignore=$(QEMU_TESTS) $(TESTS); rest=$$?; \
-	wait $$qemu; qemu_status=$$?; \
-	echo "===== $(QEMU_TESTS) ($(QEMU_LOG)) ====="; cat $(QEMU_LOG); \
+	qemu=; qemu_status=0; \
+	if [ -n "$(QEMU_TESTS)" ]; then \
+		echo "$(QEMU_TESTS) runs beside the other tiers; its output: $(QEMU_LOG)"; \
+		COVERAGE_FILE=$(CURDIR)/$(COVERAGE_DIR)/qemu/.coverage \
+			setsid $(BIN)/pytest -q $(PYTEST_COVERAGE) $(QEMU_TESTS) >$(QEMU_LOG) 2>&1 & qemu=$$!; \
+		trap 'kill -TERM -- -$$qemu 2>/dev/null' INT TERM; \
+	fi; \
+	$(BIN)/pytest -q $(PYTEST_COVERAGE) $(if $(QEMU_TESTS),--ignore=$(QEMU_TESTS)) $(TESTS); \
+	rest=$$?; \
+	if [ -n "$$qemu" ]; then \
+		wait $$qemu; qemu_status=$$?; \
+		echo "===== $(QEMU_TESTS) ($(QEMU_LOG)) ====="; cat $(QEMU_LOG); \
+	fi; \
 	[ ! -f $(COVERAGE_DIR)/.coverage ] || mv $(COVERAGE_DIR)/.coverage $(COVERAGE_DIR)/.coverage.tiers; \
 	[ ! -f $(COVERAGE_DIR)/qemu/.coverage ] || mv $(COVERAGE_DIR)/qemu/.coverage $(COVERAGE_DIR)/.coverage.qemu; \
 	$(BIN)/coverage combine -q && $(BIN)/coverage report --show-missing --skip-covered; \
 	covered=$$?; \
-	echo "pytest $(TESTS) without $(QEMU_TESTS): exit $$rest; pytest $(QEMU_TESTS): exit $$qemu_status"; \
+	echo "pytest $(TESTS)$(if $(QEMU_TESTS), without $(QEMU_TESTS)): exit $$rest$(if $(QEMU_TESTS),; pytest $(QEMU_TESTS): exit $$qemu_status)"; \
 	[ $$rest -eq 0 ] && [ $$qemu_status -eq 0 ] && [ $$covered -eq 0 ]
 
 test-unit test-integration test-chaos test-browser: test-%: venv
@@ -72,9 +82,11 @@ test-browser: browser-deps
 
 # What the browser tier injects into the pages (axe-core), at the versions of
 # tests/browser/package-lock.json; npm runs no package scripts. Skipped while node_modules holds what
-# the lock says (npm ci empties node_modules first, the copy of the lock is made last).
+# the lock says (npm ci empties node_modules first, the copy of the lock is made last) and the file
+# the tier injects is there (a node_modules emptied by hand is installed again).
 BROWSER_LOCK := tests/browser/package-lock.json
 browser-deps: deps
+	[ -f tests/browser/node_modules/axe-core/axe.min.js ] && \
 	cmp -s $(BROWSER_LOCK) tests/browser/node_modules/.installed-lock || { \
 		npm ci --ignore-scripts --no-audit --no-fund --prefix tests/browser && \
 		cp $(BROWSER_LOCK) tests/browser/node_modules/.installed-lock; }

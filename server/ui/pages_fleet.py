@@ -26,14 +26,13 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
-from sqlalchemy import select
 
 from server import devices, releases
 from server.api.common import server_state
 from server.blobs import SHA256_HEX
 from server.database import Database
 from server.errors import ApiError, InvalidRequestError, UnknownDeviceError
-from server.models import Device, DeviceStatus
+from server.models import DeviceStatus
 from server.rollout_text import failure_rule_text, selector_text, skipped_text, stage_text
 from server.schemas import AssignmentRequest, ReasonRequest, RenameRequest, parse
 from server.ui import queries
@@ -202,12 +201,6 @@ def overview_page(request: Request, session: UiPage) -> HTMLResponse:
 # --- the device list -----------------------------------------------------------------------------
 
 
-def reported(db: Database) -> tuple[list[str], list[str]]:
-    """The versions and the states devices report, for the list's filters (a skip scan of an
-    index each: :func:`server.ui.queries.reported`)."""
-    return queries.reported(db)
-
-
 @dataclass(frozen=True)
 class Column:
     """A sortable column header: its link (the same filters, this order, first page) and the
@@ -251,7 +244,7 @@ def devices_page(request: Request, session: UiPage) -> HTMLResponse:
     except InvalidRequestError as err:
         raise InvalidQueryError(err.detail) from None
     page = queries.device_page(state.db, state.now(), query)
-    versions, states = reported(state.db)
+    versions, states = queries.reported(state.db)
     if query.version is not None and query.version not in versions:
         versions = sorted([*versions, query.version])
     states = [*queries.DERIVED_STATES, *states]
@@ -309,11 +302,6 @@ def compatible_releases(db: Database, compatible: str) -> list[str]:
     ]
 
 
-def _status_by(db: Database, device_id: str) -> str | None:
-    with db.read() as session:
-        return session.scalar(select(Device.status_by).where(Device.id == device_id))
-
-
 def detail_lines(details: Mapping[str, Any]) -> list[tuple[str, str]]:
     """An audit entry's details as ``(key, text)`` pairs: a device event's fields (its log
     line) or an operator action's details; values that are not text as JSON."""
@@ -353,7 +341,6 @@ def _device_page(
         status=status,
         moment=moment,
         device=detail,
-        status_by=_status_by(state.db, device_id),
         figures=figures,
         boot_history=[(boot, detail_lines(boot)) for boot in detail["boot_history"]],
         timeline=[

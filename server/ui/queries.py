@@ -536,9 +536,10 @@ def _link(base: Any, path: str) -> str | None:
 def device_detail(
     db: Database, device_id: str, now: datetime, settings: Any = None
 ) -> dict[str, Any]:
-    """One device for its page: :func:`server.devices.get_device`'s view, plus ``online``, its
-    slots, boot history, timeline (newest first), last heartbeat's figures, the address it
-    reports (for an SSH command) and links to its Grafana dashboard and Loki logs.
+    """One device for its page: :func:`server.devices.get_device`'s view, plus ``online``, who
+    set its status (``status_by``), its slots, boot history, timeline (newest first), last
+    heartbeat's figures, the address it reports (for an SSH command) and links to its Grafana
+    dashboard and Loki logs.
 
     Raises:
         UnknownDeviceError: no such device.
@@ -561,7 +562,9 @@ def device_detail(
                 )
             ).all()
         )
-        last_seen = session.scalar(select(Device.last_seen).where(Device.id == device_id))
+        last_seen, status_by = session.execute(
+            select(Device.last_seen, Device.status_by).where(Device.id == device_id)
+        ).one()
     slots = [
         {
             "name": name,
@@ -589,7 +592,8 @@ def device_detail(
     logs = quote(f'{{device="{device_id}"}}', safe="")
     return {
         **view,
-        "online": last_seen is not None and not offline(last_seen, now, OFFLINE_AFTER_S),
+        "online": not offline(last_seen, now, OFFLINE_AFTER_S),
+        "status_by": status_by,
         "slots": slots,
         "boot_history": boot_history,
         "timeline": entries,

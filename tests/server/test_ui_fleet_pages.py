@@ -542,6 +542,7 @@ def test_an_operator_quarantines_releases_decommissions_and_reinstates(
     assert "device quarantined" in page  # the notice, once
     assert 'data-testid="release-form"' in page
     assert "by operator:test-operator" in page
+    assert text_of(page, "device-status-since").endswith("UTC by operator:test-operator")
     assert _post(client, device, "release").status_code == 303
     assert api(harness, f"/devices/{device.id}")["status"] == "active"
     # decommission needs the hostname typed: a wrong one changes nothing

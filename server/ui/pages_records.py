@@ -155,7 +155,7 @@ def audit_page(db: Database, query: AuditQuery, size: int = AUDIT_PAGE) -> Audit
             older_exists = True
         else:
             rows = entries(
-                session, before=query.before or None, limit=size + 1, match=match,
+                session, before=query.before, limit=size + 1, match=match,
                 newest_first=True,
             )  # fmt: skip
             found = rows[:size]

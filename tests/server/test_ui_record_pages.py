@@ -94,6 +94,10 @@ def test_audit_is_newest_first_and_paged(harness: Harness) -> None:
     assert newer is not None
     back = viewer.get("/ui/audit?" + newer.group(1).replace("&amp;", "&"))
     assert rows(back.text) == rows(first.text)
+    # before the first entry there is nothing: not the newest page again
+    for oldest in ("before=1", "before=0"):
+        nothing = viewer.get(f"/ui/audit?{oldest}")
+        assert nothing.status_code == 200 and rows(nothing.text) == []
 
 
 def test_audit_filters(harness: Harness) -> None:

@@ -10,6 +10,7 @@ from datetime import timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from click.testing import CliRunner
@@ -19,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
+from fleet_core.text import refused_character
 from server import rollouts
 from server.auth import Role, create_operator_token, revoke_operator_token
 from server.cli.serve import server as server_group
@@ -693,24 +695,46 @@ def test_any_body_is_parsed_or_refused_with_a_4xx(body: bytes) -> None:
             assert err.status == 400
 
 
+def stop_form(reason: str, confirm: str) -> bytes:
+    """A stop form's fields after the CSRF token (which the test puts first)."""
+    return urlencode({"reason": reason, "confirm": confirm}).encode()
+
+
 @settings(
-    max_examples=40,
+    max_examples=60,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-@given(st.binary(max_size=200))
+@given(
+    st.binary(max_size=200)
+    | st.builds(
+        stop_form,
+        # past the form parser's control check, so the reason's own rule is what is tried
+        st.text(st.characters(exclude_categories=("Cc", "Cs")), max_size=140),
+        st.sampled_from(["STOP", "stop", ""]),
+    )
+)
 def test_any_posted_body_is_answered_with_a_clear_4xx_or_done(
     console: Harness, body: bytes
 ) -> None:
+    # the session's own CSRF token first, so the body reaches the form's fields
     if "csrf" not in console.scratch:
         console.scratch["csrf"] = signed_in(console)
     response = console.client.post(
         "/ui/emergency-stop",
-        content=body,
+        content=f"csrf={console.scratch['csrf']}&".encode() + body,
         headers={"Content-Type": "application/x-www-form-urlencoded"},
         follow_redirects=False,
     )
-    assert 400 <= response.status_code < 500
+    if response.status_code == 303:  # done: what was stored is inert one-line text
+        control = rollouts.status(console.db, utc(console.clock))["emergency_stop"]
+        assert control["active"]
+        assert 1 <= len(control["reason"]) <= 128
+        assert refused_character(control["reason"]) is None, ascii(control["reason"])
+        rollouts.clear_emergency_stop(console.db, actor="test", now=utc(console.clock))
+        return
+    assert 400 <= response.status_code < 500, response.text
+    assert response.status_code != 403, response.text  # the CSRF token was the session's
     assert response.headers["content-type"].startswith("text/html")
     assert not stop_state(console)
 

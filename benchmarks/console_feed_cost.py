@@ -4,8 +4,14 @@ second and CPU of the server process with no stream open and with ``--streams`` 
 fleet is quiet and while it changes every second (each change wakes every stream once).
 
 The server is the real application behind uvicorn in a child process, its SQL statements
-counted on its engine; the streams are plain sockets held by this process, which reads what
-they are sent. CPU is the child's user+system time from /proc.
+counted on its engine, its limit of streams per process (200) lifted so that more can be
+measured; the streams are plain sockets held by this process, which reads what they are sent,
+opened as browsers would open them: a few per session (the server's limit of streams per
+session), a few sessions per operator token (its limit of sessions). A stream the server ends
+during a measurement fails the run. CPU is the child's user+system time from /proc.
+
+Each row is printed with its ratio to the row of no stream on the same fleet (quiet or
+changing) measured in the same run, then the rows as one JSON line.
 
     python benchmarks/console_feed_cost.py [--streams 500] [--seconds 10]
 """
@@ -13,8 +19,11 @@ they are sent. CPU is the child's user+system time from /proc.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import selectors
+import shutil
 import socket
 import subprocess
 import sys
@@ -67,6 +76,34 @@ def open_stream(port: int, secret: str) -> socket.socket:
     return conn
 
 
+def stream_secrets(data_dir: Path, streams: int) -> list[str]:
+    """Session secrets to open ``streams`` streams with, as many per session as the server
+    keeps open and as many sessions per viewer token as it allows: one secret per stream."""
+    from server.auth import Role, create_operator_token
+    from server.database import Database
+    from server.settings import Settings, utc
+    from server.ui import sessions
+    from server.ui.feed import MAX_STREAMS_PER_SESSION
+
+    db = Database(Settings.create(data_dir).database_url)
+    secrets: list[str] = []
+    for number in range(math.ceil(streams / MAX_STREAMS_PER_SESSION)):
+        if number % sessions.MAX_SESSIONS_PER_TOKEN == 0:
+            token = create_operator_token(
+                db, name=f"bench-{number}", role=Role.VIEWER, created_by="bench",
+                now=utc(time.time),
+            )  # fmt: skip
+        secret, _ = sessions.create(db, token, utc(time.time))
+        secrets += [secret] * MAX_STREAMS_PER_SESSION
+    db.dispose()
+    return secrets[:streams]
+
+
+def ratio(value: float, base: float) -> str:
+    """``value`` as a multiple of ``base`` ("-" when there is no base to divide by)."""
+    return f"{value / base:.1f}x" if base > 0 else "-"
+
+
 def first_answer(conn: socket.socket) -> bytes:
     """What the server sent first on a stream (its status line), waiting up to 30 s."""
     conn.settimeout(30)
@@ -78,7 +115,11 @@ def first_answer(conn: socket.socket) -> bytes:
 
 def measure(pid: int, counter: Path, seconds: float, change: bool, data_dir: Path,
             conns: list[socket.socket]) -> tuple[float, float, int]:  # fmt: skip
-    """Queries per second, CPU percent of one core, and bytes the streams received."""
+    """Queries per second, CPU percent of one core, and bytes the streams received.
+
+    Raises:
+        SystemExit: the server ended a stream (the figures would be of fewer streams).
+    """
     from server import rollouts
     from server.database import Database
     from server.settings import Settings, utc
@@ -87,7 +128,7 @@ def measure(pid: int, counter: Path, seconds: float, change: bool, data_dir: Pat
     selector = selectors.DefaultSelector()
     for conn in conns:
         selector.register(conn, selectors.EVENT_READ)
-    received = 0
+    received = ended = 0
     q0, c0, t0 = queries(counter), cpu_s(pid), time.monotonic()
     next_change = t0 + 1
     stopped = False
@@ -99,10 +140,16 @@ def measure(pid: int, counter: Path, seconds: float, change: bool, data_dir: Pat
                 rollouts.emergency_stop(db, "bench", actor="bench", now=utc(time.time))
             stopped, next_change = not stopped, next_change + 1
         for key, _ in selector.select(0.05):
-            received += len(key.fileobj.recv(65536))  # type: ignore[union-attr]
+            got = key.fileobj.recv(65536)  # type: ignore[union-attr]
+            received += len(got)
+            if not got:
+                selector.unregister(key.fileobj)
+                ended += 1
     elapsed = time.monotonic() - t0
     selector.close()
     db.dispose()
+    if ended:
+        raise SystemExit(f"the server ended {ended} of {len(conns)} streams while measuring")
     return (queries(counter) - q0) / elapsed, 100 * (cpu_s(pid) - c0) / elapsed, received
 
 
@@ -111,21 +158,26 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=500)
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
-
-    from server.auth import Role, create_operator_token
-    from server.database import Database
-    from server.settings import Settings, utc
-    from server.ui import sessions
-
+    if args.streams < 1 or args.seconds <= 0:
+        parser.error("--streams must be at least 1 and --seconds more than 0")
     work = Path(tempfile.mkdtemp(prefix="feed-cost-"))
+    try:
+        run(work, args.streams, args.seconds)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(work: Path, streams: int, seconds: float) -> None:
+    """Serve a new data directory in ``work`` and print the figures of no stream and of
+    ``streams`` streams, on a quiet and on a changing fleet."""
+    from server.database import Database
+    from server.settings import Settings
+
     data_dir = work / "data"
     db = Database(Settings.create(data_dir).database_url)
     db.migrate()
-    token = create_operator_token(
-        db, name="bench", role=Role.VIEWER, created_by="bench", now=utc(time.time)
-    )
-    secret, _ = sessions.create(db, token, utc(time.time))
     db.dispose()
+    secrets = stream_secrets(data_dir, streams)
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -137,31 +189,41 @@ def main() -> None:
         pass_fds=[listener.fileno()],
     )
     listener.close()
+    rows: list[dict[str, float | int | str]] = []
+    conns: list[socket.socket] = []
     try:
         while not counter.exists() or not queries(counter):
+            if child.poll() is not None:
+                raise SystemExit(f"the server exited ({child.returncode})")
             time.sleep(0.1)
         time.sleep(2)
-        print(f"{'streams':>8} {'fleet':>8} {'queries/s':>10} {'CPU %':>7} {'KiB/s out':>10}")
-        conns: list[socket.socket] = []
-        for count in (0, args.streams):
-            while len(conns) < count:
-                conns.append(open_stream(port, secret))
+        print(f"{'streams':>8} {'fleet':>8} {'queries/s':>16} {'CPU %':>14} {'KiB/s out':>10}")
+        base: dict[str, tuple[float, float]] = {}
+        for count in (0, streams):
+            conns += [open_stream(port, secret) for secret in secrets[len(conns) : count]]
             time.sleep(2)  # let the streams settle (hello)
-            answered = [first_answer(conn) for conn in conns[-count:]] if count else []
-            ok = sum(first.startswith(b"HTTP/1.1 200") for first in answered)
-            assert ok == count, f"{count - ok} streams were refused"
+            answered = [first_answer(conn) for conn in conns]
+            refused = sum(not first.startswith(b"HTTP/1.1 200") for first in answered)
+            if refused:
+                raise SystemExit(f"{refused} of {count} streams were refused")
             for change in (False, True):
-                rate, cpu, received = measure(
-                    child.pid, counter, args.seconds, change, data_dir, conns
-                )
-                kib = received / 1024 / args.seconds
+                rate, cpu, received = measure(child.pid, counter, seconds, change, data_dir, conns)
+                kib = received / 1024 / seconds
                 fleet = "changing" if change else "quiet"
-                print(f"{count:>8} {fleet:>8} {rate:>10.1f} {cpu:>7.1f} {kib:>10.1f}")
+                base.setdefault(fleet, (rate, cpu))
+                rate_cell = f"{rate:.1f} ({ratio(rate, base[fleet][0])})"
+                cpu_cell = f"{cpu:.1f} ({ratio(cpu, base[fleet][1])})"
+                print(f"{count:>8} {fleet:>8} {rate_cell:>16} {cpu_cell:>14} {kib:>10.1f}")
+                rows.append({
+                    "streams": count, "fleet": fleet, "queries_per_s": round(rate, 2),
+                    "cpu_percent": round(cpu, 2), "kib_per_s_out": round(kib, 2),
+                })  # fmt: skip
+    finally:
         for conn in conns:
             conn.close()
-    finally:
         child.terminate()
         child.wait(10)
+    print(json.dumps({"benchmark": "console_feed_cost", "rows": rows}))
 
 
 if __name__ == "__main__":

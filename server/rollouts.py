@@ -66,7 +66,7 @@ from enum import StrEnum
 from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from server import audit
 from server.database import Database
@@ -1085,6 +1085,50 @@ def status(db: Database, now: datetime) -> dict[str, Any]:
             if control is not None
             else {"active": False, "reason": None, "since": None, "actor": None},
         }
+
+
+# The fields of a rollout's view (:func:`get`) that a list of rollouts shows.
+SUMMARY_FIELDS = (
+    "id", "version", "state", "stage", "stage_name", "stages", "created", "created_by", "counts",
+)  # fmt: skip
+
+
+def summaries(db: Database, rollout_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """The rollouts of ``rollout_ids`` (unknown ones left out), newest first, each as the
+    :data:`SUMMARY_FIELDS` of its view: their members counted by one grouped query, never
+    loaded, and no device selected (a list of rollouts of a large fleet would otherwise load
+    every member of each)."""
+    found: list[dict[str, Any]] = []
+    with db.read() as session:
+        for first in range(0, len(rollout_ids), ENROLLED_CHECK_BATCH):
+            batch = rollout_ids[first : first + ENROLLED_CHECK_BATCH]
+            counts = {rollout_id: {o.value: 0 for o in Outcome} for rollout_id in batch}
+            for rollout_id, outcome, count in session.execute(
+                select(RolloutDevice.rollout_id, RolloutDevice.outcome, func.count())
+                .join(Device, Device.id == RolloutDevice.device_id)
+                .where(RolloutDevice.rollout_id.in_(batch))
+                .group_by(RolloutDevice.rollout_id, RolloutDevice.outcome)
+            ):
+                counts[rollout_id][outcome] += count
+            rows = session.scalars(
+                select(Rollout).options(joinedload(Rollout.release)).where(Rollout.id.in_(batch))
+            )
+            for rollout in rows:
+                plan = _plan(rollout)
+                found.append(
+                    {
+                        "id": rollout.id,
+                        "version": rollout.release.version,
+                        "state": rollout.state,
+                        "stage": rollout.stage,
+                        "stage_name": plan.names[rollout.stage],
+                        "stages": plan.names,
+                        "created": iso(rollout.created),
+                        "created_by": rollout.created_by,
+                        "counts": counts[rollout.id],
+                    }
+                )
+    return sorted(found, key=lambda summary: summary["id"], reverse=True)
 
 
 def get(db: Database, rollout_id: int, now: datetime) -> dict[str, Any]:

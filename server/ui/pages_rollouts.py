@@ -28,7 +28,7 @@ from server.api.common import server_state
 from server.auth import Role
 from server.cli.devices import DeviceReferenceError, resolve_device
 from server.database import Database
-from server.errors import ApiError, InvalidRequestError, UnknownRolloutError
+from server.errors import ApiError, InvalidRequestError
 from server.models import Device, Rollout, RolloutDevice
 from server.rollout_text import (
     duration_text,
@@ -211,17 +211,12 @@ def listed_rollouts(db: Database, shown: int | None) -> tuple[list[int], int]:
 @router.get("/rollouts")
 def rollout_list(request: Request, session: UiPage, every: bool = False) -> Response:
     """The rollouts, newest first: the running or paused one, then the ``PAST_SHOWN`` newest
-    others (``?every=true``: all of them). Each is the API's view of it (its members counted),
-    so a fleet's whole history is read only when asked for."""
+    others (``?every=true``: all of them). Each is the summary of the API's view of it (its
+    members counted, :func:`server.rollouts.summaries`), so a fleet's whole history is read
+    only when asked for, and never member by member."""
     state = server_state(request)
-    now = state.now()
     ids, total = listed_rollouts(state.db, None if every else PAST_SHOWN)
-    views = []
-    for rollout_id in ids:
-        try:
-            views.append(rollouts.get(state.db, rollout_id, now))
-        except UnknownRolloutError:  # removed since: nothing to show
-            continue
+    views = rollouts.summaries(state.db, ids)
     active = [r for r in views if r["state"] in rollouts.ACTIVE]
     past = [r for r in views if r["state"] not in rollouts.ACTIVE]
     return render(

@@ -1257,3 +1257,26 @@ def test_a_paused_rollout_still_expects_the_devices_that_enroll(
     paused = status(harness)["rollouts"][0]
     assert paused["state"] == "paused"
     assert sum(s["expected"] for s in paused["stage_progress"]) == 3
+
+
+def test_summaries_are_the_listed_fields_of_the_views(harness: Harness, fleet_of: Any) -> None:
+    fleet = fleet_of(10)
+    fleet.tick(0)
+    canaries = [d.id for d in fleet.devices[:2]]
+    fleet.bad = set(canaries[:1])
+    halted = start(harness, version="2.0.0", canary=canaries, soak_s=600)
+    for _ in range(5):
+        if fleet.tick()["rollouts"][0]["state"] == "halted":
+            break
+    aborted = harness.client.post(
+        f"/api/v1/rollouts/{halted['id']}/abort", headers=harness.operator
+    )
+    assert aborted.status_code == 200, aborted.text
+    fleet.bad = set()
+    start(harness, version="2.0.0", canary=canaries, soak_s=600)
+    views = status(harness)["rollouts"]
+    assert [v["state"] for v in views] == ["running", "aborted"]
+    assert views[1]["counts"]["failed"] == 1 and views[0]["counts"]["pending"] == 2
+    ids = [v["id"] for v in views]
+    listed = rollouts.summaries(harness.db, [*reversed(ids), 999])
+    assert listed == [{name: v[name] for name in rollouts.SUMMARY_FIELDS} for v in views]

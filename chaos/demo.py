@@ -10,8 +10,9 @@
    go back to 2.0.0, by a slot flip.
 
 The web console's address is printed as the server starts, with an operator token (valid a
-day) to sign in with and watch the rollouts live. Everything runs in WORKDIR and stops at the
-end unless ``--keep-server``.
+day) to sign in with and watch the rollouts live; on the demo's fast clock a page nobody clicks
+signs out after a few minutes. Everything runs in WORKDIR and stops at the end unless
+``--keep-server``.
 """
 
 from __future__ import annotations
@@ -179,15 +180,24 @@ def demo(workdir: Path, devices: int, keep_server: bool) -> None:
 
 
 def console_login(url: str, data: Path) -> None:
-    """Print where the web console is and an operator token (valid a day) to sign in with."""
+    """Print where the web console is and an operator token to sign in with: valid a real day,
+    which is :data:`TIME_SCALE` days of the server's clock. The console's idle limit runs on
+    that clock too, so the line says how soon an untouched page signs out."""
+    from server.ui.sessions import IDLE_TIMEOUT_S
+
     try:
         secret = fleet_command("server", "token", "create", "--role", "operator", "--name",
-                               "demo-console", "--expires-in", "1d",
+                               "demo-console", "--expires-in", f"{TIME_SCALE}d",
                                "--data-dir", str(data)).splitlines()[0]  # fmt: skip
     except click.ClickException as err:
         click.echo(f"web console: {url}/ui/ (no sign-in token: {err.message})")
         return
-    click.echo(f"web console: {url}/ui/  sign in with this operator token: {secret}")
+    idle_min = IDLE_TIMEOUT_S / 60 / TIME_SCALE
+    click.echo(
+        f"web console: {url}/ui/  sign in with this operator token: {secret}\n"
+        f"  (the demo's clock runs {TIME_SCALE} times faster: a console page nobody clicks "
+        f"signs out after {idle_min:g} minutes)"
+    )
 
 
 def run_fleet(workdir: Path, data: Path, url: str, key: SigningKey, devices: int) -> None:

@@ -282,6 +282,11 @@ class LiveFleet:
             self._thread.join(60)
         self.check()
 
+    def clock_s(self) -> float:
+        """The fleet's simulated clock, in seconds."""
+        with self.lock:
+            return self.fleet.clock()
+
     def installs_started(self) -> int:
         with self.lock:
             return self.fleet.installs_started()

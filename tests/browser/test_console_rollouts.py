@@ -12,6 +12,8 @@ from playwright.sync_api import Page, expect
 from tests.browser.conftest import Console, ConsoleServer, LiveFleet, login
 from tests.chaos.conftest import Releases
 
+CHECKIN_S = 66  # the updater's check-in interval (60 s) with its jitter (10 %)
+
 
 def until(done: Callable[[], bool], limit_s: float) -> None:
     """Wait until ``done()``.
@@ -117,8 +119,10 @@ def test_the_emergency_stop_needs_the_typed_word_and_then_no_install_starts(
         if row["id"] in waiting:
             assert row["assigned_version"] != "2.0.0", row
 
-    fleet.start()  # every device checks in again, many times
+    began = fleet.clock_s()
+    fleet.start()  # every device checks in again, several times (once a minute at most)
     time.sleep(4)
+    until(lambda: fleet.clock_s() - began >= 3 * CHECKIN_S, limit_s=60)
     fleet.stop()
     assert fleet.installs_started() == 1
     assert fleet.versions() == {"2.0.0": 1, "1.0.0": 5}

@@ -31,7 +31,7 @@ from server.models import AuditAnchorRow, AuditRow
 
 log = logging.getLogger("server")
 
-STEP_ENTRIES = 20_000  # entries one page view checks at most (about 0.4 s)
+STEP_ENTRIES = 20_000  # entries one page view checks at most
 FULL_WALK_S = 600  # the whole chain is walked again this often (server clock) while viewed
 READ_PAGE = 2000
 

@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from fleet_core.text import refused_character
 from server import rollouts
-from server.auth import Role, create_operator_token, revoke_operator_token
+from server.auth import Role, create_operator_token, revoke_operator_token, secret_hash
 from server.cli.serve import server as server_group
 from server.errors import ApiError, SettingsError
 from server.headers import UI_POLICY
@@ -117,6 +117,7 @@ def test_a_good_token_signs_in_with_its_name_and_role(console: Harness) -> None:
         stored = session.scalars(select(UiSessionRow.secret_sha256)).all()
     cookie = console.client.cookies.get("fleet_ui")
     assert cookie is not None and cookie not in stored  # only the hash is kept
+    assert stored == [secret_hash(cookie)]  # ...and it names this session
 
 
 @pytest.mark.parametrize("kind", ["unknown", "expired", "revoked", "blank"])

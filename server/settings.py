@@ -274,7 +274,7 @@ def check_service_url(url: str) -> str:
     parts = urlsplit(text)
     if parts.scheme.lower() not in {"http", "https"} or not parts.hostname:
         raise ValueError(f"{text[:100]!r} is not an http:// or https:// URL with a host")
-    if parts.query or parts.fragment or "@" in parts.netloc:
+    if "?" in text or "#" in text or "@" in parts.netloc:  # an empty "?" or "#" too
         raise ValueError(f"{text[:100]!r}: give the base URL, without credentials, query or #")
     try:
         parts.port  # noqa: B018 (a bad port raises)

@@ -758,6 +758,8 @@ def test_templates_and_static_files_are_package_data() -> None:
         "http://",
         "http://user:pw@grafana.example",  # pragma: allowlist secret
         "http://grafana.example/?q=1",
+        "http://grafana.example/?",  # links would be made after an empty query
+        "http://grafana.example/#",
         "http://grafana.example:99999",
         "http://grafana .example",
         "http://grafana.example/\x00",

@@ -105,4 +105,11 @@ def test_a_tiny_run_measures_every_page_and_states_the_aims(tmp_path: Path) -> N
     assert render["met"] == (render["figure_ms"] < 150)
     assert render["figure_ms"] == pytest.approx(result["server"]["all pages"]["p95"], abs=0.1)
     assert done.stdout.count("aim: ") == 2
+    # the figures with their ratios to the static file measured the same way in the same run
+    lines = done.stdout.splitlines()
+    table = [line for line in lines if line[:14].strip() in {*result["browser"], *result["server"]}]
+    assert len(table) == len(result["browser"]) + len(result["server"]), table
+    assert all(line.count("x)") >= 2 for line in table), table
+    static = [line for line in table if line.startswith("static file")]
+    assert len(static) == 2 and all(line.count("(1.0x)") >= 2 for line in static), static
     assert list(tmp_path.iterdir()) == []  # the data directory is removed

@@ -153,6 +153,7 @@ benchmarks: venv
 	$(BIN)/python benchmarks/install_throughput.py
 	$(BIN)/python benchmarks/rollout_scale.py
 	$(BIN)/python benchmarks/console_load.py
+	$(BIN)/python benchmarks/console_feed_cost.py
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do \

@@ -179,8 +179,7 @@ class ConsoleServer:
         return cli(*args, "--server", self.url, "--token", self.tokens["admin"])
 
     def devices(self) -> list[dict[str, Any]]:
-        answer = self.api("/api/v1/devices")
-        rows: list[dict[str, Any]] = answer["devices"] if isinstance(answer, dict) else answer
+        rows: list[dict[str, Any]] = self.api("/api/v1/devices")["devices"]
         return rows
 
     def rollouts(self) -> dict[str, Any]:

@@ -3,8 +3,10 @@
 The server terminates TLS itself when given ``--tls-cert``/``--tls-key`` (PEM files handed to
 uvicorn), or sits behind a reverse proxy that does (``deploy/proxy/``); either way is described
 in docs/tls.md. A proxy's ``X-Forwarded-For``/``X-Forwarded-Proto`` are believed only from the
-peers named by ``--forwarded-allow-ips`` (none by default). The client address is only logged
-(the access log, slow-client warnings): no decision of the server depends on it.
+peers named by ``--forwarded-allow-ips`` (none by default). The client address is logged (the
+access log, slow-client warnings), and one decision depends on it: the web console's limit on
+failed sign-ins is counted per address (server/ui/pages_login.py), so behind a proxy missing
+from ``--forwarded-allow-ips`` every browser shares the proxy's count.
 """
 
 from __future__ import annotations

@@ -218,4 +218,5 @@ def test_demo_runs_to_the_end(tmp_path: Path) -> None:
     # the web console's address and a token to watch the rollouts live, before they start
     console = result.output.index("web console: http://127.0.0.1:")
     assert "/ui/  sign in with this operator token: fleet_op_" in result.output
+    assert "a console page nobody clicks signs out after 3 minutes" in result.output
     assert console < result.output.index("release 2.0.0: upload, then roll out")

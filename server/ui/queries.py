@@ -18,10 +18,12 @@ the count of the matching devices reads an index alone.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import math
 import re
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -660,21 +662,80 @@ def _mapping(value: Any) -> dict[str, Any]:
 
 
 def _fetch_alerts(url: str) -> AlertsView:
+    """The firing alerts, or why not, within :data:`ALERTS_TIMEOUT_S` in all: requests' timeout
+    bounds each read, not the answer, which an Alertmanager sending a byte now and then would
+    stretch without end while the page waits. The asking runs in a thread of its own, which
+    closes the answer once the time is up (:func:`_ask_alertmanager`)."""
+    asked: list[AlertsView] = []
+    answered, gave_up = threading.Event(), threading.Event()
+
+    def ask() -> None:
+        try:
+            asked.append(_ask_alertmanager(url))
+        except Exception:
+            if not gave_up.is_set():  # not the answer closed under its read: a fault
+                raise
+        finally:
+            answered.set()
+
+    threading.Thread(target=ask, name="alertmanager", daemon=True).start()
+    if not answered.wait(ALERTS_TIMEOUT_S):
+        gave_up.set()
+        return AlertsView(True, error=f"Alertmanager did not answer within {ALERTS_TIMEOUT_S:g} s")
+    if not asked:
+        return AlertsView(True, error="Alertmanager's answer could not be read (logged)")
+    return asked[0]
+
+
+def _shut(response: requests.Response, cut_off: threading.Event) -> None:
+    """End the reading of ``response`` in another thread (``cut_off`` set): its socket shut down
+    (closing the response would wait for the reader's lock), found by the descriptor the answer
+    reads from (the connection no longer holds it when the server said it closes)."""
+    cut_off.set()
+    with contextlib.suppress(OSError, ValueError):
+        sock = socket.socket(fileno=response.raw.fileno())
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.detach()  # the answer's own socket closes the descriptor
+
+
+def _ask_alertmanager(url: str) -> AlertsView:
+    """Ask ``url``; the answer is cut off under its read once :data:`ALERTS_TIMEOUT_S` passed.
+
+    Raises:
+        Exception: whatever reading a closed answer raises, after the time is up.
+    """
     endpoint = url.rstrip("/") + "/api/v2/alerts"
     params = {"active": "true", "silenced": "false", "inhibited": "false"}
+    started, cut_off = time.monotonic(), threading.Event()
+    too_slow = AlertsView(True, error=f"Alertmanager did not answer within {ALERTS_TIMEOUT_S:g} s")
     try:
-        response = requests.get(endpoint, params=params, timeout=ALERTS_TIMEOUT_S)
-        response.raise_for_status()
-        document = response.json()
-    except requests.JSONDecodeError:
-        return AlertsView(True, error="Alertmanager's answer is not JSON")
+        with requests.get(
+            endpoint, params=params, timeout=ALERTS_TIMEOUT_S, stream=True
+        ) as response:
+            left = ALERTS_TIMEOUT_S - (time.monotonic() - started)
+            cut = threading.Timer(max(left, 0.0), _shut, (response, cut_off))
+            cut.daemon = True
+            cut.start()
+            try:
+                response.raise_for_status()
+                body = response.content
+            finally:
+                cut.cancel()
+                cut.join()  # a cut under way ends before the answer closes its descriptor
+        document = json.loads(body)
     except requests.Timeout:
-        return AlertsView(True, error=f"Alertmanager did not answer within {ALERTS_TIMEOUT_S:g} s")
+        return too_slow
     except requests.HTTPError as err:
         code = err.response.status_code if err.response is not None else "an error"
         return AlertsView(True, error=f"Alertmanager answered {code}")
     except requests.RequestException as err:
+        if cut_off.is_set():
+            return too_slow
         return AlertsView(True, error=f"Alertmanager unreachable: {type(err).__name__}")
+    except ValueError:
+        return AlertsView(True, error="Alertmanager's answer is not JSON")
     if not isinstance(document, list):
         return AlertsView(True, error="Alertmanager's answer is not a list of alerts")
     alerts = []

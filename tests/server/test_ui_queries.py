@@ -334,6 +334,16 @@ class _Alertmanager(BaseHTTPRequestHandler):
         assert "active=true" in self.path and "silenced=false" in self.path
         if self.mode == "slow":
             time.sleep(3)
+        if self.mode == "trickle":  # a byte now and then: each read is quick, the answer endless
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"[")
+            for _ in range(40):
+                time.sleep(0.25)
+                self.wfile.write(b" ")
+                self.wfile.flush()
+            return
         body = {
             "good": json.dumps(
                 [{"labels": {"alertname": f"DeviceOffline{i}", "severity": "warning"},
@@ -392,6 +402,15 @@ def test_firing_alerts_good_bad_slow_and_cached(alertmanager: str) -> None:
     slow = firing_alerts(settings_, clock=lambda: clock[0])
     assert slow.error is not None and "2 s" in slow.error
     assert time.monotonic() - started < 2.9
+    _Alertmanager.mode = "trickle"
+    clock[0] += 11
+    started = time.monotonic()
+    trickled = firing_alerts(settings_, clock=lambda: clock[0])
+    assert trickled.error is not None and "2 s" in trickled.error
+    assert time.monotonic() - started < 2.9
+    # and the asking stops too, its answer cut off
+    time.sleep(1)
+    assert not [t for t in threading.enumerate() if t.name == "alertmanager"]
     queries._alerts_cache.clear()
     gone = firing_alerts(SimpleNamespace(alertmanager_url="http://127.0.0.1:9"))
     assert gone.error is not None and gone.error.startswith("Alertmanager unreachable")

@@ -1078,13 +1078,18 @@ def status(db: Database, now: datetime) -> dict[str, Any]:
     """Every rollout (newest first) as of ``now`` and the emergency stop."""
     with db.read() as session:
         rollouts = session.scalars(select(Rollout).order_by(Rollout.id.desc())).all()
-        control = session.get(FleetControl, 1)
         return {
             "rollouts": [_view(session, r, now) for r in rollouts],
-            "emergency_stop": control_view(control)
-            if control is not None
-            else {"active": False, "reason": None, "since": None, "actor": None},
+            "emergency_stop": emergency_stop_view(session),
         }
+
+
+def emergency_stop_view(session: Session) -> dict[str, Any]:
+    """The emergency stop as operators see it (:func:`control_view`): off until first used."""
+    control = session.get(FleetControl, 1)
+    if control is None:
+        return {"active": False, "reason": None, "since": None, "actor": None}
+    return control_view(control)
 
 
 # The fields of a rollout's view (:func:`get`) that a list of rollouts shows.

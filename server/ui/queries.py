@@ -34,14 +34,21 @@ from urllib.parse import quote, urlencode
 
 import requests
 from sqlalchemy import ColumnElement, Select, case, func, select
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.orm import InstrumentedAttribute
 
 from fleet_core.text import describe, refused_character
 from server.database import Database
 from server.devices import NEVER_REPORTED, get_device, recent_entries
 from server.errors import InvalidRequestError
-from server.models import Device, DeviceStatus, FleetControl, Release, Rollout
-from server.rollouts import ACTIVE, RolloutState, control_view, get, offline, unhealthy
+from server.models import Device, DeviceStatus, Release, Rollout
+from server.rollouts import (
+    ACTIVE,
+    RolloutState,
+    emergency_stop_view,
+    get,
+    offline,
+    unhealthy,
+)
 from server.schemas import MIN_OFFLINE_AFTER_S
 from server.settings import iso
 
@@ -481,7 +488,7 @@ def overview(db: Database, now: datetime) -> Overview:
             .where(Rollout.state.in_((*ACTIVE, RolloutState.HALTED)))
             .order_by(Rollout.id.desc())
         ).all()
-        emergency = _emergency_stop(session)
+        emergency = emergency_stop_view(session)
     counts = {status: [int(v or 0) for v in values] for status, *values in by_status}
     total = sum(c[0] for c in counts.values())
     active = counts.get(DeviceStatus.ACTIVE, [0] * 5)
@@ -503,13 +510,6 @@ def overview(db: Database, now: datetime) -> Overview:
         rollouts=tuple(get(db, rollout_id, now) for rollout_id in unfinished),
         emergency_stop=emergency,
     )
-
-
-def _emergency_stop(session: Session) -> dict[str, Any]:
-    control = session.get(FleetControl, 1)
-    if control is None:
-        return {"active": False, "reason": None, "since": None, "actor": None}
-    return control_view(control)
 
 
 def _address(metrics_address: Any) -> str | None:

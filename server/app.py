@@ -143,7 +143,6 @@ def create_app(
     db = Database(settings.database_url)
     db.migrate()
     metrics = ServerMetrics(db, settings.clock)
-    feed = FleetFeed(db)
     state = ServerState(
         settings=settings,
         db=db,
@@ -151,6 +150,7 @@ def create_app(
         server_key=load_server_key(settings.server_key_path),
         metrics=metrics,
     )
+    feed = FleetFeed(db, now=state.now)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -4,17 +4,20 @@ every open page as Server-Sent Events (``GET /ui/events``; ``static/console.js``
 One background task per process (:class:`FleetFeed`) computes :func:`fingerprint` every
 ``interval_s`` in the thread pool and wakes every open stream when it changed, so the cost per
 second is a handful of indexed queries however many devices and browsers there are. A stream
-never queries the database after it was admitted.
+never queries the database after it was admitted: the feed checks for all of them at once.
 
 A stream ends:
 
 - when the server stops: uvicorn waits for every open response to end before the app's
   lifespan ends, so ``fleet server run`` closes the feed first (:class:`StreamClosingServer`);
-- when its session ends (its ``expires``, by the server's clock, which ``--time-scale`` may
-  run faster than real time: the stream measures the clock's pace and waits in real time
-  accordingly), and at the latest after :data:`STREAM_LIFETIME_S`: the browser reconnects
-  (``retry``), which checks the session again, so a session ended elsewhere (signed out in
-  another tab, its operator token revoked) loses its stream too;
+- when its session ends: by time (its ``expires``, by the server's clock, which
+  ``--time-scale`` may run faster than real time: the stream measures the clock's pace and
+  waits in real time accordingly); at once when it signs out in this process; and within
+  ``keepalive_s`` when it ended any other way (signed out through another process, its
+  operator token revoked or expired): every ``keepalive_s`` the feed asks the database, in
+  one query for all open streams, which of their sessions are still live
+  (:func:`server.ui.sessions.live_keys`); at the latest after :data:`STREAM_LIFETIME_S` the
+  browser reconnects (``retry``), which checks the session again;
 - when its session opens more than ``max_per_session`` streams: the oldest ends, so a person
   reloading pages is never locked out and one session cannot take every place.
 
@@ -31,9 +34,9 @@ import hashlib
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from typing import cast
 
@@ -120,7 +123,8 @@ class FleetFeed:
     """The fleet's fingerprint, checked every ``interval_s`` by one task, and the streams that
     wait for it to change (at most ``max_streams``, at most ``max_per_session`` of one
     session). ``check`` computes the fingerprint (in the thread pool); :func:`fingerprint`
-    unless a test counts its calls."""
+    unless a test counts its calls. Every ``keepalive_s`` the streams of sessions that ended
+    (``live``: which of the given session keys are live at ``now()``) are ended."""
 
     def __init__(
         self,
@@ -131,8 +135,12 @@ class FleetFeed:
         max_streams: int = MAX_STREAMS,
         max_per_session: int = MAX_STREAMS_PER_SESSION,
         check: Callable[[Database], str] = fingerprint,
+        now: Callable[[], datetime] | None = None,
+        live: Callable[[Database, Collection[str], datetime], set[str]] = sessions.live_keys,
     ) -> None:
         self.db = db
+        self.now = now or (lambda: datetime.now(UTC))
+        self.live = live
         self.interval_s = interval_s
         self.keepalive_s = keepalive_s
         self.max_streams = max_streams
@@ -172,9 +180,30 @@ class FleetFeed:
                 await task
 
     async def _run(self) -> None:
+        checked = time.monotonic()
         while True:
             await asyncio.sleep(self.interval_s)
             await self._update()
+            if self._owners and time.monotonic() - checked >= self.keepalive_s:
+                checked = time.monotonic()
+                await self._end_ended_sessions()
+
+    async def _end_ended_sessions(self) -> None:
+        owners = set(self._owners)
+        try:
+            alive = await run_in_threadpool(self.live, self.db, owners, self.now())
+        except Exception:
+            # the database is out: _update logs the outage; the next check tries again
+            return
+        self.end_sessions(owners - alive)
+
+    def end_sessions(self, keys: Collection[str]) -> None:
+        """End every open stream of the sessions ``keys`` (signed out, revoked, expired)."""
+        ended = [stream for key in keys for stream in self._owners.get(key, [])]
+        for stream in ended:
+            self.close_stream(stream)
+        if ended:
+            self._wake()  # the ended streams stop waiting
 
     async def _update(self) -> None:
         try:

@@ -32,6 +32,7 @@ from server.ui.common import (
     redirect,
     render,
 )
+from server.ui.feed import feed_of
 from server.ui.forms import read_form
 from server.ui.security import (
     check_origin,
@@ -181,6 +182,7 @@ def logout(request: Request, posted: UiViewerAction) -> Response:
     secret = session_secret(request)
     if secret is not None:
         sessions.end(server_state(request).db, secret)
+        feed_of(request.app).end_sessions([posted.session.key])
     log.info("console sign-out: %s", posted.session.operator.name)
     response = redirect(LOGIN_PATH)
     clear_session_cookie(response, request)

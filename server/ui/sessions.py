@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -118,6 +119,26 @@ def _ends(expires: datetime, last_used: datetime) -> datetime:
     return min(expires, last_used + timedelta(seconds=IDLE_TIMEOUT_S))
 
 
+def _over(row: UiSessionRow, now: datetime) -> bool:
+    """Whether the session ``row`` ended by time at ``now``: idle too long or past its limit."""
+    return row.expires <= now or row.last_used <= _idle_cutoff(now)
+
+
+def live_keys(db: Database, keys: Collection[str], now: datetime) -> set[str]:
+    """Which of the sessions ``keys`` (their secrets' SHA-256) are live at ``now``, by the rule
+    of :func:`lookup`, in one query and without recording use: the event streams' check that
+    their sessions did not end elsewhere (signed out, token revoked, expired)."""
+    if not keys:
+        return set()
+    with db.read() as session:
+        rows = session.scalars(
+            select(UiSessionRow)
+            .join(OperatorToken, OperatorToken.id == UiSessionRow.operator_token_id)
+            .where(UiSessionRow.secret_sha256.in_(list(keys)), live_operator_token(now))
+        ).all()
+    return {row.secret_sha256 for row in rows if not _over(row, now)}
+
+
 def _plausible(secret: str) -> bool:
     return (
         secret.startswith(UI_SESSION_PREFIX)
@@ -147,7 +168,7 @@ def lookup(db: Database, secret: str, now: datetime, *, touch: bool = True) -> U
     if found is None:
         raise UnauthenticatedError("the console session ended: sign in again")
     row, token = found
-    if row.expires <= now or row.last_used <= _idle_cutoff(now):
+    if _over(row, now):
         raise UnauthenticatedError("the console session expired: sign in again")
     last_used = row.last_used
     if touch and now - last_used >= timedelta(seconds=LAST_USED_RESOLUTION_S):

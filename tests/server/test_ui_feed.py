@@ -23,7 +23,7 @@ from server import rollouts
 from server.app import create_app
 from server.auth import Role, create_operator_token
 from server.database import Database
-from server.models import Device, FleetControl, Rollout
+from server.models import Device, FleetControl, OperatorToken, Rollout
 from server.settings import utc
 from server.ui import sessions
 from server.ui.feed import (
@@ -251,9 +251,11 @@ def test_an_ended_stream_stops_waiting_at_once() -> None:
     assert asyncio.run(run()) < 0.5
 
 
-def console_cookie(harness_db: Database, clock: FakeClock, role: Role = Role.VIEWER) -> str:
+def console_cookie(
+    harness_db: Database, clock: FakeClock, role: Role = Role.VIEWER, name: str = "feed-test"
+) -> str:
     token = create_operator_token(
-        harness_db, name="feed-test", role=role, created_by="test", now=utc(clock)
+        harness_db, name=name, role=role, created_by="test", now=utc(clock)
     )
     secret, _ = sessions.create(harness_db, token, utc(clock))
     return secret
@@ -405,6 +407,54 @@ def test_a_quiet_stream_keeps_alive_and_ends_with_its_session(served: Served) ->
         served.url + "/ui/events", cookies={PLAIN_COOKIE: "x"}, stream=True, timeout=5
     )
     assert again.status_code == 401
+
+
+def test_a_stream_ends_when_its_session_ends_elsewhere(served: Served) -> None:
+    """Signed out through another process or its operator token revoked: the session ends
+    without this process hearing of it; the feed's periodic check of its streams' sessions
+    ends the stream within a keepalive period."""
+    served.feed.keepalive_s = 0.2
+    kept = console_cookie(served.db, served.clock)
+    revoked = console_cookie(served.db, served.clock, name="feed-revoked")
+    served.settle()  # the tokens' audit entries are seen: no change event follows the hello
+    kept_events, revoked_events = blocks(served.stream(kept)), blocks(served.stream(revoked))
+    for events in (kept_events, revoked_events):
+        assert next(events)["retry"] == str(RETRY_MS)
+        assert next(events)["event"] == "hello"
+    served.streams_become(2)
+    with served.db.write() as session:
+        session.execute(
+            update(OperatorToken)
+            .where(OperatorToken.name == "feed-revoked")
+            .values(revoked=utc(served.clock))
+        )
+    deadline = time.monotonic() + 3.0
+    for block in revoked_events:  # keepalives every 0.2 s until the stream ends
+        assert block == {"": "keepalive"}
+        assert time.monotonic() < deadline, "the revoked session's stream goes on"
+    served.streams_become(1)
+    assert next(kept_events) == {"": "keepalive"}  # the live session's stream goes on
+
+
+def test_signing_out_ends_the_sessions_streams_at_once(served: Served) -> None:
+    secret = console_cookie(served.db, served.clock)
+    served.settle()
+    events = blocks(served.stream(secret))
+    assert next(events)["retry"] == str(RETRY_MS)
+    served.streams_become(1)
+    csrf = sessions.lookup(served.db, secret, utc(served.clock), touch=False).csrf
+    out = requests.post(
+        served.url + "/ui/logout",
+        data={"csrf": csrf},
+        cookies={PLAIN_COOKIE: secret},
+        allow_redirects=False,
+        timeout=5,
+    )
+    assert out.status_code == 303, out.text
+    ended_at = time.monotonic()
+    assert all(block.get("event") != "change" for block in events)
+    assert time.monotonic() - ended_at < 1.0  # not after a keepalive period (15 s)
+    served.streams_become(0)
 
 
 def test_a_stream_that_goes_away_frees_its_place(served: Served) -> None:

@@ -1086,10 +1086,7 @@ def status(db: Database, now: datetime) -> dict[str, Any]:
 
 def emergency_stop_view(session: Session) -> dict[str, Any]:
     """The emergency stop as operators see it (:func:`control_view`): off until first used."""
-    control = session.get(FleetControl, 1)
-    if control is None:
-        return {"active": False, "reason": None, "since": None, "actor": None}
-    return control_view(control)
+    return control_view(session.get(FleetControl, 1) or FleetControl(id=1, emergency_stop=False))
 
 
 # The fields of a rollout's view (:func:`get`) that a list of rollouts shows.

@@ -35,7 +35,6 @@ from server.auth import Role
 from server.database import Database
 from server.errors import UnauthenticatedError
 from server.headers import is_console_path
-from server.models import FleetControl
 from server.ui import sessions
 from server.ui.forms import Form, read_form
 from server.ui.security import CSRF_FIELD, check_csrf, clear_session_cookie, session_secret
@@ -179,11 +178,10 @@ UiViewerAction = Annotated[Action, Depends(action(Role.VIEWER))]
 
 
 def fleet_control(db: Database) -> dict[str, Any]:
-    """The emergency stop as server.rollouts shows it (:func:`server.rollouts.control_view`),
+    """The emergency stop as server.rollouts shows it (:func:`server.rollouts.emergency_stop_view`),
     read in one primary-key lookup; off until it was first used."""
     with db.read() as session:
-        control = session.get(FleetControl, 1) or FleetControl(id=1, emergency_stop=False)
-        return rollouts.control_view(control)
+        return rollouts.emergency_stop_view(session)
 
 
 def _nav(path: str) -> str | None:

@@ -29,9 +29,10 @@ from typing import BinaryIO, cast
 import zstandard
 
 from fleet_core.inputs import InputPathError, refuse_non_regular_input
+from image_builder.chunks import ChunkIndex
 from image_builder.container import BLOCK, MemberHeader, decode_header, padding
 from image_builder.errors import BundleError, BundleFormatError, ImageIntegrityError
-from image_builder.manifest import MAX_MANIFEST_BYTES, ImageEntry, Manifest, epoch
+from image_builder.manifest import MAX_MANIFEST_BYTES, ChunkIndexRef, ImageEntry, Manifest, epoch
 from signing import Keyring, SignatureEnvelope, Verified
 from signing.errors import SignatureFormatError
 from signing.signature import MAX_ENVELOPE_BYTES
@@ -217,6 +218,8 @@ class BundleReader:
         self._manifest: Manifest | None = None
         self._verified: Verified | None = None
         self._images_started = False
+        # image file name -> (offset of the index in the bundle, the parsed index)
+        self.chunk_indexes: dict[str, tuple[int, ChunkIndex]] = {}
 
     def _next_header(self) -> MemberHeader | None:
         offset = self._source.offset
@@ -334,6 +337,9 @@ class BundleReader:
             raise BundleError(f"{self.name}: images can be read only once")
         self._images_started = True
         seen = {MANIFEST_NAME, SIGNATURE_NAME}
+        members = {i.filename for i in self._manifest.images} | {
+            i.chunk_index_name for i in self._manifest.images if i.chunk_index is not None
+        }
         for entry in self._manifest.images:
             header = self._next_header()
             if header is None:
@@ -342,7 +348,7 @@ class BundleReader:
                 )
             if header.name != entry.filename:
                 problem = "appears twice" if header.name in seen else "is out of place"
-                if header.name not in {i.filename for i in self._manifest.images} | seen:
+                if header.name not in members | seen:
                     problem = "is not named in the manifest"
                 raise BundleFormatError(
                     f"{self.name}: member {header.name!r} {problem} (expected {entry.filename!r})"
@@ -363,10 +369,31 @@ class BundleReader:
             if not stream.verified:
                 raise BundleError(f"{self.name}: image {entry.filename!r} was not read to its end")
             self._source.skip_padding(entry.size, entry.filename)
+            if entry.chunk_index is not None:
+                self._read_chunk_index(entry, entry.chunk_index)
+                seen.add(entry.chunk_index_name)
         header = self._next_header()
         if header is not None:
             problem = "appears twice" if header.name in seen else "is not named in the manifest"
             raise BundleFormatError(f"{self.name}: member {header.name!r} {problem}")
+
+    def _read_chunk_index(self, entry: ImageEntry, ref: ChunkIndexRef) -> None:
+        """Read the chunk index member that follows ``entry``'s image: its size and SHA-256
+        as the manifest says, its figures adding up to the image (:mod:`image_builder.chunks`).
+        """
+        name = entry.chunk_index_name
+        offset = self._source.offset + BLOCK
+        data, header = self._read_small_member(name, ref.size)
+        self._check_mtime(header, self.manifest)
+        if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise ImageIntegrityError(
+                f"{self.name}: chunk index {name!r} does not match the manifest"
+            )
+        index = ChunkIndex.from_bytes(
+            data, image_size=entry.uncompressed_size, stored_size=entry.size,
+            compression=entry.compression, where=f"{self.name}: {name}",
+        )  # fmt: skip
+        self.chunk_indexes[entry.filename] = (offset, index)
 
 
 class _Limited:

@@ -25,9 +25,19 @@ import zstandard
 from fleet_core.durable import atomic_output
 from fleet_core.outputs import sweep_stale_outputs
 from image_builder.bundle import CHUNK, MANIFEST_NAME, SIGNATURE_NAME, SIGNATURE_PURPOSE
+from image_builder.chunks import CHUNK_MIN, store_image, stored_length_bound
 from image_builder.container import BLOCK, END_OF_ARCHIVE, MemberHeader, encode_header, padding
 from image_builder.errors import BundleError
-from image_builder.manifest import COMPRESSIONS, SLOT_CLASSES, ImageEntry, Manifest, timestamp
+from image_builder.manifest import (
+    COMPRESSIONS,
+    MANIFEST_FORMAT,
+    MAX_CHUNK_INDEX_BYTES,
+    SLOT_CLASSES,
+    ChunkIndexRef,
+    ImageEntry,
+    Manifest,
+    timestamp,
+)
 from signing import Signature, SignatureEnvelope, SigningKey, sign
 
 ZSTD_LEVEL = 3
@@ -66,9 +76,13 @@ def _member_name(source: ImageSource, compression: str) -> str:
     return source.slot_class + suffix + (".zst" if compression == "zstd" else "")
 
 
-def _stored_size_bound(size: int, compression: str) -> int:
+def _stored_size_bound(size: int, compression: str, chunked: bool) -> int:
+    if compression == "none":
+        return size
+    if chunked:  # one frame per chunk, each at most its bound; every chunk but the last >= min
+        return size + (size >> 7) + stored_length_bound(0) * (size // CHUNK_MIN + 1)
     # zstd's worst case (ZSTD_compressBound) plus frame headers, generously rounded up
-    return size if compression == "none" else size + (size >> 7) + 4096
+    return size + (size >> 7) + 4096
 
 
 def _check_sources(images: Sequence[ImageSource], compression: str) -> list[int]:
@@ -108,6 +122,33 @@ class _HashingFile:
         self.digest.update(data)
         self.size += len(data)
         return self.out.write(data)
+
+
+def _stream_chunked_image(
+    out: BinaryIO,
+    source: ImageSource,
+    compression: str,
+    size: int,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[ImageEntry, bytes]:
+    """Write one image's stored chunks at the current position of ``out``; return its entry
+    and its chunk index (image_builder.chunks)."""
+    with open(source.path, "rb") as raw:
+        stored = store_image(raw, size, out, compression, progress=progress)
+    if stored.uncompressed_size != size or source.path.stat().st_size != size:
+        raise BundleError(f"image {source.path}: changed size while being bundled")
+    index = stored.index.to_bytes()
+    entry = ImageEntry(
+        slot_class=source.slot_class,
+        filename=_member_name(source, compression),
+        compression=compression,
+        size=stored.size,
+        sha256=stored.sha256,
+        uncompressed_size=stored.uncompressed_size,
+        uncompressed_sha256=stored.uncompressed_sha256,
+        chunk_index=ChunkIndexRef(size=len(index), sha256=hashlib.sha256(index).hexdigest()),
+    )
+    return entry, index
 
 
 def _stream_image(
@@ -182,8 +223,13 @@ def create_bundle(
     compression: str = "none",
     created: int | None = None,
     progress: Callable[[int], None] | None = None,
+    chunked: bool = True,
 ) -> Manifest:
     """Build a signed bundle at ``output`` and return its manifest.
+
+    ``chunked`` (the default) writes format 2: each image cut into content-defined chunks,
+    each stored on its own, with the chunk index as a member after the image, so a device
+    can fetch only the chunks it lacks. Without it, format 1, which every updater reads.
 
     ``created`` defaults to :func:`source_date_epoch`; with the same inputs, keys and
     ``created`` the bundle is byte-identical (Ed25519 signatures are deterministic).
@@ -215,13 +261,17 @@ def create_bundle(
                     slot_class=source.slot_class,
                     filename=_member_name(source, compression),
                     compression=compression,
-                    size=_stored_size_bound(size, compression),
+                    size=_stored_size_bound(size, compression, chunked),
                     sha256=_PLACEHOLDER_SHA,
                     uncompressed_size=size,
                     uncompressed_sha256=_PLACEHOLDER_SHA,
+                    chunk_index=(
+                        ChunkIndexRef(MAX_CHUNK_INDEX_BYTES, _PLACEHOLDER_SHA) if chunked else None
+                    ),
                 )
                 for source, size in zip(images, sizes, strict=True)
             ),
+            format=MANIFEST_FORMAT if chunked else 1,
         ).to_dict()
     )
     manifest_length = len(draft.to_bytes())
@@ -235,12 +285,21 @@ def create_bundle(
         for source, size in zip(images, sizes, strict=True):
             header_at = out.tell()
             out.seek(header_at + BLOCK)
-            entry = _stream_image(out, source, compression, size, progress)
+            index = None
+            if chunked:
+                entry, index = _stream_chunked_image(out, source, compression, size, progress)
+            else:
+                entry = _stream_image(out, source, compression, size, progress)
             out.write(bytes(padding(entry.size)))
             end = out.tell()
             out.seek(header_at)
             out.write(encode_header(MemberHeader(entry.filename, entry.size, created_epoch)))
             out.seek(end)
+            if index is not None:
+                out.write(
+                    encode_header(MemberHeader(entry.chunk_index_name, len(index), created_epoch))
+                )
+                out.write(index + bytes(padding(len(index))))
             entries.append(entry)
         out.write(END_OF_ARCHIVE)
         manifest = replace(draft, images=tuple(entries))

@@ -295,6 +295,15 @@ def _load_key(path: Path, passphrase_file: Path | None, *, prompt_on_stderr: boo
 )
 @passphrase_file_option
 @click.option("--compress", type=click.Choice(["none", "zstd"]), default="none", show_default=True)
+@click.option(
+    "--format",
+    "bundle_format",
+    type=click.Choice(["1", "2"]),
+    default="2",
+    show_default=True,
+    help="2: images in content-defined chunks with a chunk index, so devices download only "
+    "what changed; 1: for updaters older than format 2, which refuse it.",
+)
 @click.option("--product", default="metrica-fleet", show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the signed manifest as JSON.")
@@ -306,6 +315,7 @@ def create(
     key_paths: tuple[Path, ...],
     passphrase_file: Path | None,
     compress: str,
+    bundle_format: str,
     product: str,
     output: Path,
     as_json: bool,
@@ -330,6 +340,7 @@ def create(
             product=product,
             compression=compress,
             progress=update,
+            chunked=bundle_format == "2",
         )
     if as_json:
         document = {
@@ -408,11 +419,15 @@ def info(bundle_path: Path, as_json: bool) -> None:
     click.echo(f"version:          {manifest.version}")
     click.echo(f"security version: {manifest.security_version}")
     click.echo(f"created:          {manifest.created}")
+    click.echo(f"format:           {manifest.format}")
     for entry in manifest.images:
+        chunks = (
+            "" if entry.chunk_index is None else f", chunk index {entry.chunk_index.size} bytes"
+        )
         click.echo(
             f"image {entry.slot_class}: {entry.filename}, {entry.compression}, "
             f"{entry.size} bytes stored, {entry.uncompressed_size} bytes, "
-            f"sha256 {entry.uncompressed_sha256}"
+            f"sha256 {entry.uncompressed_sha256}{chunks}"
         )
     for kid in signers:
         click.echo(f"signed by:        {kid} (not verified; use 'fleet bundle verify')")

@@ -17,7 +17,8 @@ from typing import Any
 from image_builder.container import check_name
 from image_builder.errors import BundleFormatError, ManifestError
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # what the writer emits: images carry a chunk index
+KNOWN_FORMATS = (1, 2)  # what the reader accepts: version 1 bundles still install
 MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_IMAGES = 16
 # No slot image comes near this; a header claiming more is damaged or hostile.
@@ -27,6 +28,8 @@ MAX_SECURITY_VERSION = 2**32 - 1
 SLOT_CLASSES = ("rootfs", "bootfs")
 COMPRESSIONS = ("none", "zstd")
 RESERVED_NAMES = ("manifest.json", "manifest.sig")
+CHUNK_INDEX_SUFFIX = ".chunks"
+MAX_CHUNK_INDEX_BYTES = 64 << 20  # 1.6 million chunks: a 100 GiB image at 64 KiB each
 
 _IDENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -85,6 +88,30 @@ def _digest(document: Mapping[str, Any], key: str, where: str) -> str:
 
 
 @dataclass(frozen=True)
+class ChunkIndexRef:
+    """Which chunk index describes an image (image_builder.chunks): its size and SHA-256."""
+
+    size: int
+    sha256: str
+
+    @classmethod
+    def from_dict(cls, document: Any, where: str) -> ChunkIndexRef:
+        where = f"{where} chunk_index"
+        if not isinstance(document, dict):
+            raise ManifestError(f"{where}: must be an object")
+        _check_keys(document, {"size", "sha256"}, where)
+        size: int = _require(document, "size", int, where)
+        if not 0 < size <= MAX_CHUNK_INDEX_BYTES:
+            raise ManifestError(
+                f"{where}: 'size' {size} out of range (1 to {MAX_CHUNK_INDEX_BYTES})"
+            )
+        return cls(size=size, sha256=_digest(document, "sha256", where))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
 class ImageEntry:
     """One image of a release: which slot class it fills and how its bytes are stored."""
 
@@ -95,13 +122,17 @@ class ImageEntry:
     sha256: str  # of the stored bytes
     uncompressed_size: int  # bytes written into the slot
     uncompressed_sha256: str
+    chunk_index: ChunkIndexRef | None = None  # format 2: the image's chunks
 
     @classmethod
-    def from_dict(cls, document: Any, index: int) -> ImageEntry:
+    def from_dict(cls, document: Any, index: int, fmt: int = MANIFEST_FORMAT) -> ImageEntry:
         where = f"manifest image {index}"
         if not isinstance(document, dict):
             raise ManifestError(f"{where}: must be an object")
-        _check_keys(document, set(cls.__dataclass_fields__), where)
+        allowed = set(cls.__dataclass_fields__)
+        if fmt < 2:
+            allowed.discard("chunk_index")
+        _check_keys(document, allowed, where)
         slot_class = _require(document, "slot_class", str, where)
         if slot_class not in SLOT_CLASSES:
             raise ManifestError(
@@ -127,15 +158,32 @@ class ImageEntry:
             sha256=_digest(document, "sha256", where),
             uncompressed_size=_size(document, "uncompressed_size", where),
             uncompressed_sha256=_digest(document, "uncompressed_sha256", where),
+            chunk_index=(
+                ChunkIndexRef.from_dict(document["chunk_index"], where)
+                if "chunk_index" in document
+                else None
+            ),
         )
+        if entry.chunk_index is not None and len(entry.chunk_index_name) >= 100:
+            raise ManifestError(f"{where}: file name {filename!r} too long for a chunked image")
         if compression == "none" and (
             entry.size != entry.uncompressed_size or entry.sha256 != entry.uncompressed_sha256
         ):
             raise ManifestError(f"{where}: uncompressed image with differing stored size or hash")
         return entry
 
+    @property
+    def chunk_index_name(self) -> str:
+        """The bundle member holding this image's chunk index (it follows the image)."""
+        return self.filename + CHUNK_INDEX_SUFFIX
+
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        document = {
+            name: getattr(self, name) for name in self.__dataclass_fields__ if name != "chunk_index"
+        }
+        if self.chunk_index is not None:
+            document["chunk_index"] = self.chunk_index.to_dict()
+        return document
 
 
 @dataclass(frozen=True)
@@ -161,9 +209,10 @@ class Manifest:
         if not isinstance(document, dict):
             raise ManifestError("manifest: must be a JSON object")
         fmt = _require(document, "format", int, where)
-        if fmt != MANIFEST_FORMAT:
+        if fmt not in KNOWN_FORMATS:
+            known = ", ".join(map(str, KNOWN_FORMATS))
             raise ManifestError(
-                f"manifest: unknown format version {fmt} (this reader knows {MANIFEST_FORMAT})"
+                f"manifest: unknown format version {fmt} (this reader knows {known})"
             )
         _check_keys(document, set(cls.__dataclass_fields__), where)
         version = _require(document, "version", str, where)
@@ -185,7 +234,7 @@ class Manifest:
         raw_images = _require(document, "images", list, where)
         if not 1 <= len(raw_images) <= MAX_IMAGES:
             raise ManifestError(f"manifest: needs 1 to {MAX_IMAGES} images, has {len(raw_images)}")
-        images = tuple(ImageEntry.from_dict(raw, i) for i, raw in enumerate(raw_images))
+        images = tuple(ImageEntry.from_dict(raw, i, fmt) for i, raw in enumerate(raw_images))
         _check_unique(images)
         return cls(
             product=_ident(document, "product", where),
@@ -239,11 +288,15 @@ def _check_unique(images: tuple[ImageEntry, ...]) -> None:
     seen_names: set[str] = set()
     seen_classes: set[str] = set()
     for image in images:
-        if image.filename in seen_names:
-            raise ManifestError(f"manifest: two images named {image.filename!r}")
+        names = [image.filename]
+        if image.chunk_index is not None:
+            names.append(image.chunk_index_name)
+        for name in names:
+            if name in seen_names:
+                raise ManifestError(f"manifest: two members named {name!r}")
+            seen_names.add(name)
         if image.slot_class in seen_classes:
             raise ManifestError(f"manifest: two images for slot class {image.slot_class!r}")
-        seen_names.add(image.filename)
         seen_classes.add(image.slot_class)
 
 

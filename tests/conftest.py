@@ -117,6 +117,7 @@ def make_bundle(
         version: str = "1.0.0",
         security_version: int = 1,
         compatible: str = "metrica-rpi4",
+        chunked: bool = True,
     ) -> Path:
         images = [ImageSource("rootfs", make_image("rootfs.ext4", size))]
         if bootfs:
@@ -131,6 +132,7 @@ def make_bundle(
             security_version=security_version,
             compression=compression,
             created=1_700_000_000,
+            chunked=chunked,
         )
         return output
 

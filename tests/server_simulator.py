@@ -83,6 +83,11 @@ class SimRelease:
     def manifest_sha256(self) -> str:
         return hashlib.sha256(self.manifest).hexdigest()
 
+    @property
+    def image_blobs(self) -> list[str]:
+        """The SHA-256 of each image's stored bytes (the other blobs are chunk indexes)."""
+        return [image["sha256"] for image in json.loads(self.manifest)["images"]]
+
 
 @dataclass
 class Faults:

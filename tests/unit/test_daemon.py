@@ -153,7 +153,7 @@ def test_a_download_that_fails_is_retried_later_and_the_device_keeps_its_release
     lab: Lab,
 ) -> None:
     release = lab.release("2.0.0")
-    [sha] = release.blobs
+    [sha] = release.image_blobs
     blob = lab.server.blobs.pop(sha)
     lab.server.assign(lab.device_id, release)
     daemon = lab.daemon()
@@ -174,7 +174,7 @@ def test_blob_bytes_that_do_not_match_are_fetched_again_later(lab: Lab) -> None:
     """A mirror or proxy that serves wrong bytes once must not cost the device the release:
     the manifest is signed, so the bytes, not the release, were at fault."""
     release = lab.release("2.0.0")
-    [sha] = release.blobs
+    [sha] = release.image_blobs
     good = lab.server.blobs[sha]
     lab.server.blobs[sha] = good[:-1] + bytes([good[-1] ^ 1])
     lab.server.assign(lab.device_id, release)

@@ -779,7 +779,7 @@ def parts(
     make_bundle: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> tuple[bytes, bytes, Mirrors]:
     """A release in parts (manifest, signatures, blobs) behind :class:`Mirrors`."""
-    manifest, signatures, blobs = split_bundle(make_bundle(version="2.0.0"))
+    manifest, signatures, blobs = split_bundle(make_bundle(version="2.0.0", chunked=False))
     mirrors = Mirrors(blobs)
     monkeypatch.setattr(install_module, "MirroredStream", mirrors)
     return manifest, signatures, mirrors

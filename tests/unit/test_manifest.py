@@ -65,7 +65,7 @@ def test_round_trip_is_canonical() -> None:
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
-        (document(format=2), "unknown format version 2"),
+        (document(format=3), "unknown format version 3"),
         (document(format="1"), "must be int"),
         ({k: v for k, v in document().items() if k != "compatible"}, "missing field 'compatible'"),
         (document(extra=1), "unknown field"),
@@ -92,7 +92,7 @@ def test_round_trip_is_canonical() -> None:
         (document(images=[image(sha256="A" * 64)]), "64 lowercase hex"),
         (document(images=[image(unknown=1)]), "unknown field"),
         (document(images=[image(compression="none")]), "differing stored size"),
-        (document(images=[image(), image()]), "two images named"),
+        (document(images=[image(), image()]), "two members named"),
         (document(images=[image(), image(filename="other.img")]), "two images for slot class"),
         (document(images=["rootfs"]), "must be an object"),
         ([], "JSON object"),

@@ -31,6 +31,7 @@ is at worst ``installing`` (ignored, rewritten by the next install).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,11 +45,13 @@ from bootloader_hooks.errors import BootStateCorruptError
 from fleet_core import durable
 from fleet_core.errors import FleetError
 from image_builder.bundle import BundleImage, BundleReader, SplitBundleReader
-from image_builder.errors import BundleCompatibilityError
-from image_builder.manifest import Manifest
+from image_builder.chunks import ChunkIndex
+from image_builder.errors import BundleCompatibilityError, ImageIntegrityError
+from image_builder.manifest import ImageEntry, Manifest
 from signing.errors import KeyringError
 from signing.keyring import Keyring
 from updater.config import UpdaterConfig
+from updater.delta import Assembler, Journal, Plan, RangeFetcher, plan
 from updater.device import run_reboot
 from updater.errors import (
     DownloadError,
@@ -83,6 +86,10 @@ class InstallResult:
     seconds: float
     rebooting: bool
     armed: str = "trial"  # or "repaired": a fresh boot state with the slot committed
+    # what crossed the network (stored bytes, chunk indexes included) and what was found on
+    # the device instead; None when the release came as one stream (a bundle file or URL)
+    bytes_fetched: int | None = None
+    bytes_reused: int | None = None
 
 
 @dataclass(frozen=True)
@@ -361,7 +368,7 @@ class Installer:
 
         return self.run(
             reader, keyring, state, started, self.install_route(),
-            reboot=reboot, preflight=every_image_has_a_url, abandon=abandon,
+            reboot=reboot, preflight=every_image_has_a_url, abandon=abandon, blob_urls=blob_urls,
         )  # fmt: skip
 
     def parts_reader(
@@ -385,11 +392,17 @@ class Installer:
         )  # fmt: skip
 
     def http(self, started: float) -> dict[str, Any]:
-        """HTTP options for this install: the configured ones, and the install's deadline, so
-        a server that drips bytes cannot keep an update alive past it."""
+        """HTTP options for this install: the configured ones, the install's deadline, so
+        a server that drips bytes cannot keep an update alive past it, and the download rate
+        limit (``[bandwidth] rate_limit``, ``rate``: a :class:`updater.bandwidth.RateLimit`,
+        present only when one is configured), one bucket for every stream of the install."""
+        from updater.bandwidth import from_config
+
         ca_file = self.config.server_ca_file  # https:// blobs and mirrors are verified with it
         tls = {} if ca_file is None else {"verify": str(ca_file)}
-        return {"deadline": started + self.config.limits.update_deadline_s, **tls,
+        limited = self.config.rate_limit_bytes_per_s is not None
+        rate = {"rate": from_config(self.config)} if limited else {}
+        return {"deadline": started + self.config.limits.update_deadline_s, **tls, **rate,
                 **self._http_options}  # fmt: skip
 
     def load_state(self) -> DeviceState:
@@ -414,10 +427,13 @@ class Installer:
         reboot: bool,
         preflight: Callable[[Manifest], None] | None = None,
         abandon: Callable[[], str | None] | None = None,
+        blob_urls: Mapping[str, Sequence[str]] | None = None,
     ) -> InstallResult:
         """The pipeline (see the module docstring), from a verified manifest to the reboot.
         ``started``: this installer's clock when the install or recovery began (its deadline
-        counts from then); ``preflight``: a last check of the verified manifest."""
+        counts from then); ``preflight``: a last check of the verified manifest;
+        ``blob_urls``: a release in parts, which may be installed as a delta
+        (:mod:`updater.delta`) when its images are chunked."""
         kind = route.kind
         manifest, target, targets = self.verify_manifest(reader, keyring, state, route)
         if preflight is not None:
@@ -434,16 +450,34 @@ class Installer:
         )  # fmt: skip
         self.log.event(f"{kind}.slot_marked", slot=target, status="installing")
         watch = _Watch(started + self.config.limits.update_deadline_s, abandon)
+        journal = Journal(self.config.data_dir)
+        transfer: tuple[int, int] | None = None
         try:
+            # before the first byte: a journal of another release or slot stops counting
+            verified = journal.begin(target, reader.manifest_sha256)
             self._check(watch)
-            written = self.write_images(reader, targets, watch)
-        except InstallAbandonedError as err:
-            self._fail(state, target, err, event=f"{kind}.abandoned")
-            raise
+            delta = None
+            if blob_urls is not None:
+                delta = self._delta_plans(manifest, targets, blob_urls, verified, started, kind)
+            if delta is not None:
+                written, transfer = self._write_delta(
+                    delta, targets, blob_urls or {}, watch, started, journal, target,
+                    reader.manifest_sha256, kind,
+                )  # fmt: skip
+            else:
+                written = self.write_images(reader, targets, watch)
+        except (InstallAbandonedError, DownloadError) as err:
+            # the bytes written and flushed stay valid: a retry resumes from the journal
+            self._fail(state, target, err, event=f"{kind}.{_failure_event(err)}")
+            if isinstance(err, InstallAbandonedError):
+                raise
+            raise InstallError(f"{kind} into slot {target} failed: {err}") from err
         except (FleetError, OSError) as err:
             self._fail(state, target, err, event=f"{kind}.failed")
+            journal.clear()
             raise InstallError(f"{kind} into slot {target} failed: {err}") from err
         armed = self.arm(state, target, route)
+        journal.clear()
         seconds = self.clock() - started
         self.log.event(
             f"{kind}.finished", slot=target, version=manifest.version, armed=armed,
@@ -453,7 +487,117 @@ class Installer:
             command = list(self.config.reboot_command or self.backend.reboot_command())
             self.log.event(f"{kind}.rebooting", command=command)
             self._reboot(command)
-        return InstallResult(target, manifest.version, written, seconds, reboot, armed)
+        fetched, reused = transfer if transfer is not None else (None, None)
+        return InstallResult(
+            target, manifest.version, written, seconds, reboot, armed, fetched, reused
+        )
+
+    # --- delta installs (updater.delta) -------------------------------------------------
+
+    def _delta_plans(
+        self,
+        manifest: Manifest,
+        targets: dict[str, SlotTarget],
+        blob_urls: Mapping[str, Sequence[str]],
+        verified: Mapping[str, int],
+        started: float,
+        kind: str,
+    ) -> list[tuple[ImageEntry, Plan]] | None:
+        """Plans to assemble every image from what the device holds, or None for a full
+        install: an image without a chunk index or with no URL for it, or nothing to reuse
+        (then the plain stream is faster: no seeking, no second read of the slot)."""
+        if not all(e.chunk_index and blob_urls.get(e.chunk_index.sha256) for e in manifest.images):
+            return None
+        booted = self.backend.booted()
+        seeds = (
+            slot_targets(self.config.slots, booted, self.config.partlabel_dir)
+            if booted in ROOT_SLOTS
+            else {}
+        )
+        plans = []
+        for entry in manifest.images:
+            index = self._fetch_index(entry, blob_urls, started)
+            seed = seeds.get(entry.slot_class)
+            plans.append((entry, plan(
+                index, target=targets[entry.slot_class].path,
+                booted=seed.path if seed is not None else None,
+                verified_through=verified.get(entry.filename, 0),
+            )))  # fmt: skip
+        for entry, image_plan in plans:
+            self.log.event(
+                f"{kind}.delta_planned", image=entry.filename, chunks=len(image_plan.chunks),
+                ranges=len(image_plan.ranges()), fetch_bytes=image_plan.fetch_bytes,
+                stored_bytes=entry.size, found=image_plan.bytes_by_kind(),
+            )  # fmt: skip
+        if not any(image_plan.reuse_bytes for _, image_plan in plans):
+            return None
+        return plans
+
+    def _fetch_index(
+        self, entry: ImageEntry, blob_urls: Mapping[str, Sequence[str]], started: float
+    ) -> ChunkIndex:
+        """The chunk index of ``entry``, fetched and checked against the signed manifest.
+
+        Raises:
+            DownloadError: it cannot be fetched. ImageIntegrityError, ManifestError: its bytes
+                differ from the manifest's, or do not add up to the image.
+        """
+        ref = entry.chunk_index
+        assert ref is not None  # noqa: S101 (_delta_plans checked)
+        fetcher = self._fetcher(blob_urls[ref.sha256], started)
+        data = b"".join(fetcher.fetch(0, ref.size))
+        if hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise ImageIntegrityError(f"chunk index of {entry.filename}: bytes do not match")
+        return ChunkIndex.from_bytes(
+            data, image_size=entry.uncompressed_size, stored_size=entry.size,
+            compression=entry.compression, where=f"chunk index of {entry.filename}",
+        )  # fmt: skip
+
+    def _fetcher(self, urls: Sequence[str], started: float) -> RangeFetcher:
+        options = self.http(started)
+        return RangeFetcher(urls, log=self.log, **options)
+
+    def _write_delta(
+        self,
+        plans: list[tuple[ImageEntry, Plan]],
+        targets: dict[str, SlotTarget],
+        blob_urls: Mapping[str, Sequence[str]],
+        watch: _Watch,
+        started: float,
+        journal: Journal,
+        slot: str,
+        release: str,
+        kind: str,
+    ) -> tuple[int, tuple[int, int]]:
+        """Assemble every image; returns the bytes written and (fetched, reused)."""
+        total = sum(entry.uncompressed_size for entry, _ in plans)
+        moved = _Moved(total, self._progress)
+        fetched = sum(entry.chunk_index.size for entry, _ in plans if entry.chunk_index)
+        reused = 0
+        verified: dict[str, int] = {}
+        for entry, image_plan in plans:
+            target = targets[entry.slot_class]
+            self.log.event(
+                f"{kind}.image_started", slot=target.slot, slot_class=entry.slot_class,
+                path=str(target.path), bytes=entry.uncompressed_size, delta=True,
+            )  # fmt: skip
+
+            def flushed(through: int, name: str = entry.filename) -> None:
+                verified[name] = through
+                journal.advance(slot, release, verified)
+                self.log.event("install.progress", bytes=moved.done, total=total)
+
+            assembler = Assembler(
+                entry, image_plan, self._fetcher(blob_urls[entry.sha256], started),
+                check=lambda: self._check(watch), progress=moved, flushed=flushed,
+                flush_bytes=self._flush_bytes,
+            )  # fmt: skip
+            assembler.write(target.path)
+            counters = assembler.counters
+            fetched += counters.fetched
+            reused += sum(counters.reused.values())
+            self.log.event(f"{kind}.delta_written", image=entry.filename, **counters.to_dict())
+        return moved.done, (fetched, reused)
 
     def _fail(self, state: DeviceState, target: str, err: BaseException, event: str) -> None:
         level = "warning" if event.endswith(".abandoned") else "error"
@@ -462,6 +606,20 @@ class Installer:
             self.lifecycle.fail_install(state, target)
         except FleetError as save_err:
             self.log.event("state.save_failed", level="error", error=str(save_err))
+
+
+class _Moved:
+    """Counts image bytes placed in the slot (written or found in place) for progress."""
+
+    def __init__(self, total: int, report: Callable[[int, int], None] | None) -> None:
+        self.total = total
+        self.done = 0
+        self._report = report
+
+    def __call__(self, length: int) -> None:
+        self.done += length
+        if self._report is not None:
+            self._report(self.done, self.total)
 
 
 @dataclass(frozen=True)
@@ -504,6 +662,10 @@ class _SlotWriter:
         except OSError as err:
             raise InstallError(f"slot {self.path}: flush failed: {err.strerror}") from err
         self.flushed = self.written
+
+
+def _failure_event(err: BaseException) -> str:
+    return "abandoned" if isinstance(err, InstallAbandonedError) else "failed"
 
 
 def checked_targets(config: UpdaterConfig, manifest: Manifest, slot: str) -> dict[str, SlotTarget]:

@@ -1,0 +1,527 @@
+"""Delta installs: a chunked release (bundle format 2) assembled from the chunks this device
+already holds, fetching only the rest.
+
+The plan (:func:`plan`) looks for each chunk of the new image, by SHA-256, in:
+
+- the install journal (:class:`Journal`): the prefix of the target slot an interrupted install
+  of the same release already wrote, flushed and verified; not read again;
+- the target slot itself, cut into chunks the way the builder cuts images: a chunk found at
+  its own offset is in place (a previous partial download, an unchanged region); a chunk
+  found further on is copied from there before the write position reaches it;
+- the booted slot (never written: read only);
+- otherwise it is fetched: neighbouring missing chunks are one HTTP range of the image blob.
+
+:class:`Assembler` then writes the image front to back. Every chunk is checked against the
+index before it is written, whatever its source; a fetched chunk that does not match is
+fetched once more, then the install fails. The target is flushed and the journal advanced
+every ``flush_bytes``; at the end the slot is read back and must hash to the signed manifest's
+``uncompressed_sha256`` before it can be armed. So no byte is trusted because of where it came
+from: the journal and the seeds only save work.
+
+Bytes fetched never exceed the stored image (plus its index): each chunk is fetched at most
+twice only when the first copy was wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fleet_core import durable
+from image_builder.chunks import Chunk, ChunkIndex, cut, unpack
+from image_builder.errors import ImageIntegrityError
+from image_builder.manifest import ImageEntry
+from updater.errors import DownloadError, InstallError
+from updater.fetch import backoff_delay
+
+if TYPE_CHECKING:
+    import requests
+
+JOURNAL_NAME = "install-journal.json"
+MAX_RANGE = 16 << 20  # stored bytes per request: bounds what a dropped connection repeats
+RECEIVE = 64 << 10
+# A slot is larger than its image; its old image is about as large as the new one. Scanning
+# twice the new image's size finds what moved without reading a whole 8 GB partition.
+SEED_SCAN_FACTOR = 2
+
+FETCH, IN_PLACE, MOVED, BOOTED, JOURNALED = "fetch", "in_place", "moved", "booted", "journal"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one chunk's bytes come from: ``kind`` and, for a seed, the file and offset."""
+
+    kind: str
+    path: Path | None = None
+    offset: int = 0
+
+
+@dataclass
+class Plan:
+    """For each chunk of ``index``, its :class:`Source`; what is fetched and what reused."""
+
+    index: ChunkIndex
+    chunks: list[Chunk]
+    sources: list[Source]
+
+    def bytes_by_kind(self) -> dict[str, int]:
+        totals = dict.fromkeys((FETCH, IN_PLACE, MOVED, BOOTED, JOURNALED), 0)
+        for chunk, source in zip(self.chunks, self.sources, strict=True):
+            totals[source.kind] += chunk.stored_length if source.kind == FETCH else chunk.length
+        return totals
+
+    @property
+    def fetch_bytes(self) -> int:
+        """Stored bytes to download."""
+        return self.bytes_by_kind()[FETCH]
+
+    @property
+    def reuse_bytes(self) -> int:
+        """Image bytes found on the device (seeds, in place, journal)."""
+        totals = self.bytes_by_kind()
+        return sum(v for k, v in totals.items() if k != FETCH)
+
+    def ranges(self, max_span: int = MAX_RANGE) -> list[tuple[int, int]]:
+        """Runs of neighbouring fetched chunks, as (first chunk, end chunk) numbers, each
+        spanning at most ``max_span`` stored bytes (a single larger chunk stands alone)."""
+        runs: list[tuple[int, int]] = []
+        start: int | None = None
+        span = 0
+        for number, source in enumerate(self.sources):
+            if source.kind != FETCH:
+                if start is not None:
+                    runs.append((start, number))
+                start = None
+                continue
+            length = self.chunks[number].stored_length
+            if start is not None and span + length > max_span:
+                runs.append((start, number))
+                start = None
+            if start is None:
+                start, span = number, 0
+            span += length
+        if start is not None:
+            runs.append((start, len(self.sources)))
+        return runs
+
+
+def _scan(
+    path: Path, limit: int, wanted: set[bytes], index: ChunkIndex, start: int = 0
+) -> Iterator[tuple[bytes, int]]:
+    """(SHA-256, offset) of each chunk of ``path`` from ``start`` up to ``limit`` bytes that
+    the new image needs, cut as the builder cut it. A seed that cannot be read is no seed."""
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 (closed below)
+    except OSError:
+        return
+    with handle:
+        size = min(limit, handle.seek(0, os.SEEK_END))
+
+        def read_at(offset: int, length: int) -> bytes:
+            return os.pread(handle.fileno(), length, offset)
+
+        if size <= start:
+            return
+        try:
+            for offset, data in cut(
+                lambda o, n: read_at(start + o, n), size - start,
+                min_size=index.min_size, avg_size=index.avg_size, max_size=index.max_size,
+            ):  # fmt: skip
+                digest = hashlib.sha256(data).digest()
+                if digest in wanted:
+                    yield digest, start + offset
+        except (OSError, ImageIntegrityError, ValueError):
+            return
+
+
+def plan(
+    index: ChunkIndex,
+    *,
+    target: Path | None = None,
+    booted: Path | None = None,
+    verified_through: int = 0,
+) -> Plan:
+    """Where each chunk of ``index`` comes from (see the module docstring). ``target``: the
+    slot being written; ``booted``: the running slot; ``verified_through``: the journal's
+    verified prefix of the target (a chunk boundary, or 0)."""
+    chunks = list(index.chunks())
+    sources: list[Source | None] = [None] * len(chunks)
+    for number, chunk in enumerate(chunks):
+        if chunk.offset + chunk.length <= verified_through:
+            sources[number] = Source(JOURNALED)
+    by_digest: dict[bytes, list[int]] = {}
+    for number, chunk in enumerate(chunks):
+        if sources[number] is None:
+            by_digest.setdefault(chunk.sha256, []).append(number)
+    limit = index.image_size * SEED_SCAN_FACTOR
+    if target is not None and by_digest:
+        for digest, offset in _scan(target, limit, set(by_digest), index, verified_through):
+            for number in by_digest.get(digest, ()):
+                chunk = chunks[number]
+                if sources[number] is not None and sources[number].kind == IN_PLACE:  # type: ignore[union-attr]
+                    continue
+                if offset == chunk.offset:
+                    sources[number] = Source(IN_PLACE, target, offset)
+                elif offset > chunk.offset and sources[number] is None:
+                    # still intact when its turn comes: writes stay below the chunk's offset
+                    sources[number] = Source(MOVED, target, offset)
+    if booted is not None:
+        missing = {
+            d for d, numbers in by_digest.items() if any(sources[n] is None for n in numbers)
+        }
+        if missing:
+            for digest, offset in _scan(booted, limit, missing, index):
+                for number in by_digest[digest]:
+                    if sources[number] is None:
+                        sources[number] = Source(BOOTED, booted, offset)
+    return Plan(index, chunks, [s or Source(FETCH) for s in sources])
+
+
+class Journal:
+    """``<data_dir>/install-journal.json``: which release is being written into which slot,
+    and how much of each image is written, flushed and verified (a prefix, since images are
+    written front to back). Replaced whole through the durable-write helper, and only after
+    the slot's bytes it vouches for were flushed. Damage makes it count for nothing."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / JOURNAL_NAME
+
+    def _load(self) -> dict[str, Any] | None:
+        try:
+            document = json.loads(self.path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return document if isinstance(document, dict) else None
+
+    def begin(self, slot: str, release: str) -> dict[str, int]:
+        """Start writing ``release`` (its manifest's SHA-256) into ``slot``: what the journal
+        vouches for when it is of the same release and slot (image file name -> verified
+        bytes), nothing otherwise; a journal of anything else is replaced first, before a
+        byte of the slot changes."""
+        document = self._load()
+        progress: dict[str, int] = {}
+        if (
+            document is not None
+            and document.get("slot") == slot
+            and (document.get("release") == release)
+        ):
+            raw = document.get("verified")
+            if isinstance(raw, dict):
+                progress = {str(k): v for k, v in raw.items() if type(v) is int and v >= 0}
+        self._save(slot, release, progress)
+        return progress
+
+    def advance(self, slot: str, release: str, progress: dict[str, int]) -> None:
+        self._save(slot, release, progress)
+
+    def _save(self, slot: str, release: str, progress: dict[str, int]) -> None:
+        document = {"format": 1, "slot": slot, "release": release, "verified": progress}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        durable.atomic_write(self.path, json.dumps(document, sort_keys=True).encode() + b"\n")
+
+    def clear(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return
+        durable.fsync_dir(self.path.parent)
+
+
+@dataclass
+class Counters:
+    """Bytes fetched (stored, over the network) and image bytes reused, by source."""
+
+    fetched: int = 0
+    refetched: int = 0
+    reused: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fetched": self.fetched, "refetched": self.refetched, "reused": self.reused}
+
+
+class RangeFetcher:
+    """Byte ranges of one blob from its URLs (server, then mirrors), resumed within a range
+    after a dropped connection, with the install's deadline and rate limit."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        session: requests.Session | None = None,
+        timeout_s: float = 30.0,
+        retries: int = 8,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        deadline: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: Callable[[], float] = random.random,
+        verify: bool | str | None = None,
+        rate: Any = None,
+        log: Any = None,
+    ) -> None:
+        import requests
+
+        if not urls:
+            raise DownloadError("no URL to fetch from")
+        self._requests = requests
+        self.urls = list(urls)
+        self._session = session or requests.Session()
+        self._timeout_s = timeout_s
+        self._retries = retries
+        self._backoff = (backoff_s, max_backoff_s)
+        self._deadline = deadline
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng
+        self._verify = verify
+        self._rate = rate  # an updater.bandwidth.RateLimit: every byte received passes it
+        self._log = log
+        self._url = 0
+        self.requests = 0
+
+    def fetch(self, start: int, length: int) -> Iterator[bytes]:
+        """The ``length`` bytes from ``start``, as they arrive.
+
+        Raises:
+            DownloadError: every URL gave up, or a host answered other bytes than asked for
+                (ignoring ``Range``, another range): a host that cannot serve ranges is not
+                retried into a full download.
+        """
+        offset, end = start, start + length
+        failures = 0
+        while offset < end:
+            if self._deadline is not None and self._clock() > self._deadline:
+                raise DownloadError(f"{self.urls[self._url]}: deadline passed at byte {offset}")
+            url = self.urls[self._url]
+            try:
+                for data in self._get(url, offset, end):
+                    offset += len(data)
+                    yield data
+            except _Retry as err:
+                failures += 1
+                if failures > self._retries or err.permanent:
+                    if self._url + 1 >= len(self.urls):
+                        raise DownloadError(f"{url}: {err}") from err
+                    self._url += 1
+                    failures = 0
+                    if self._log is not None:
+                        self._log.event("download.mirror", level="warning", failed=str(err),
+                                        next=self.urls[self._url], offset=offset)  # fmt: skip
+                    continue
+                self._sleep(backoff_delay(failures - 1, *self._backoff, self._rng))
+
+    def _get(self, url: str, offset: int, end: int) -> Iterator[bytes]:
+        self.requests += 1
+        try:
+            response = self._session.get(
+                url, headers={"Range": f"bytes={offset}-{end - 1}", "Accept-Encoding": "identity"},
+                stream=True, timeout=self._timeout_s, verify=self._verify,
+            )  # fmt: skip
+        except self._requests.RequestException as err:
+            raise _Retry(str(err)) from err
+        with response:
+            if response.status_code == 200:
+                raise DownloadError(
+                    f"{url}: the host ignores Range requests (200 instead of 206): a delta "
+                    "install needs byte ranges"
+                )
+            if response.status_code != 206:
+                raise _Retry(f"HTTP {response.status_code}", permanent=response.status_code < 500
+                             and response.status_code not in (408, 429))  # fmt: skip
+            content_range = response.headers.get("Content-Range", "")
+            expected = f"bytes {offset}-{end - 1}/"
+            if not content_range.startswith(expected):
+                raise DownloadError(
+                    f"{url}: asked for bytes {offset}-{end - 1}, got {content_range or 'no range'}"
+                )
+            received = 0
+            try:
+                for data in response.iter_content(RECEIVE):
+                    if received + len(data) > end - offset:
+                        raise DownloadError(f"{url}: more bytes than the range asked for")
+                    if self._rate is not None:
+                        self._rate.take(len(data))
+                    received += len(data)
+                    yield data
+            except self._requests.RequestException as err:
+                raise _Retry(str(err)) from err
+            if received < end - offset:
+                raise _Retry(f"connection ended at byte {offset + received} of {end}")
+
+
+class _Retry(Exception):
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class Assembler:
+    """Writes one image into its slot by a :class:`Plan` (see the module docstring)."""
+
+    def __init__(
+        self,
+        entry: ImageEntry,
+        plan: Plan,
+        fetcher: RangeFetcher,
+        *,
+        check: Callable[[], None],
+        progress: Callable[[int], None],
+        flushed: Callable[[int], None],
+        flush_bytes: int,
+    ) -> None:
+        self.entry = entry
+        self.plan = plan
+        self.fetcher = fetcher
+        self._check = check
+        self._progress = progress
+        self._flushed = flushed
+        self._flush_bytes = flush_bytes
+        self.counters = Counters()
+
+    def write(self, target: Path) -> int:
+        """Assemble the image into ``target``; return its size once read back and verified.
+
+        Raises:
+            InstallError: a chunk wrong twice, a write or flush failing, or the slot not
+                hashing to the manifest at the end.
+            DownloadError: as :meth:`RangeFetcher.fetch`.
+        """
+        durable.boundary("slot:begin", target)
+        try:
+            fd = os.open(target, os.O_RDWR)
+        except OSError as err:
+            raise InstallError(f"slot {target}: cannot open: {err.strerror}") from err
+        try:
+            self._assemble(fd, target)
+            self._read_back(fd, target)
+        finally:
+            os.close(fd)
+        durable.boundary("slot:done", target)
+        return self.entry.uncompressed_size
+
+    def _assemble(self, fd: int, target: Path) -> None:
+        plan, chunks = self.plan, self.plan.chunks
+        runs = {first: end for first, end in plan.ranges()}
+        unflushed = 0
+        number = 0
+        while number < len(chunks):
+            self._check()
+            source = plan.sources[number]
+            if number in runs:
+                end = runs[number]
+                for got, data in self._fetch_run(number, end):
+                    unflushed += self._put(fd, target, chunks[got], data)
+                    if unflushed >= self._flush_bytes:
+                        unflushed = self._flush(fd, target, chunks[got])
+                number = end
+                continue
+            chunk = chunks[number]
+            if source.kind in (JOURNALED, IN_PLACE):
+                self._reused(source.kind, chunk.length)
+            else:
+                seed = self._read_seed(source, chunk)
+                if seed is None:  # the seed changed since it was scanned
+                    seed = self._fetch_one(chunk)
+                else:
+                    self._reused(source.kind, chunk.length)
+                unflushed += self._put(fd, target, chunk, seed)
+            if unflushed >= self._flush_bytes:
+                unflushed = self._flush(fd, target, chunk)
+            number += 1
+        self._flush(fd, target, chunks[-1])
+
+    def _reused(self, kind: str, length: int) -> None:
+        self.counters.reused[kind] = self.counters.reused.get(kind, 0) + length
+        self._progress(length)
+
+    def _read_seed(self, source: Source, chunk: Chunk) -> bytes | None:
+        assert source.path is not None  # noqa: S101 (seeds have paths: plan())
+        try:
+            with open(source.path, "rb") as handle:
+                data = os.pread(handle.fileno(), chunk.length, source.offset)
+        except OSError:
+            return None
+        return data if hashlib.sha256(data).digest() == chunk.sha256 else None
+
+    def _fetch_run(self, first: int, end: int) -> Iterator[tuple[int, bytes]]:
+        """The chunks ``first`` to ``end`` (exclusive) fetched in one range, each checked."""
+        chunks = self.plan.chunks
+        start = chunks[first].stored_offset
+        length = chunks[end - 1].stored_offset + chunks[end - 1].stored_length - start
+        buffer = bytearray()
+        number = first
+        for data in self.fetcher.fetch(start, length):
+            self.counters.fetched += len(data)
+            buffer += data
+            while number < end and len(buffer) >= chunks[number].stored_length:
+                size = chunks[number].stored_length
+                stored = bytes(buffer[:size])
+                del buffer[:size]
+                yield number, self._checked(chunks[number], stored)
+                number += 1
+
+    def _fetch_one(self, chunk: Chunk) -> bytes:
+        stored = b"".join(self.fetcher.fetch(chunk.stored_offset, chunk.stored_length))
+        self.counters.fetched += len(stored)
+        return self._checked(chunk, stored)
+
+    def _checked(self, chunk: Chunk, stored: bytes) -> bytes:
+        """The chunk's bytes; a copy that does not match is fetched once more."""
+        try:
+            return unpack(stored, chunk, self.entry.compression)
+        except ImageIntegrityError:
+            pass
+        again = b"".join(self.fetcher.fetch(chunk.stored_offset, chunk.stored_length))
+        self.counters.refetched += len(again)
+        self.counters.fetched += len(again)
+        try:
+            return unpack(again, chunk, self.entry.compression)
+        except ImageIntegrityError as err:
+            raise InstallError(
+                f"{self.entry.filename}: wrong bytes twice for the chunk at byte {chunk.offset}: "
+                f"{err}"
+            ) from err
+
+    def _put(self, fd: int, target: Path, chunk: Chunk, data: bytes) -> int:
+        view = memoryview(data)
+        offset = chunk.offset
+        try:
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
+        except OSError as err:
+            raise InstallError(f"slot {target}: write failed: {err.strerror}") from err
+        self._progress(chunk.length)
+        return chunk.length
+
+    def _flush(self, fd: int, target: Path, last: Chunk) -> int:
+        durable.boundary("slot:before-flush", target)
+        try:
+            os.fdatasync(fd)
+        except OSError as err:
+            raise InstallError(f"slot {target}: flush failed: {err.strerror}") from err
+        self._flushed(last.offset + last.length)
+        return 0
+
+    def _read_back(self, fd: int, target: Path) -> None:
+        digest = hashlib.sha256()
+        offset, size = 0, self.entry.uncompressed_size
+        while offset < size:
+            data = os.pread(fd, min(4 << 20, size - offset), offset)
+            if not data:
+                break
+            digest.update(data)
+            offset += len(data)
+        if offset != size or digest.hexdigest() != self.entry.uncompressed_sha256:
+            raise InstallError(
+                f"slot {target}: the assembled {self.entry.filename} does not match the signed "
+                "manifest"
+            )

@@ -458,7 +458,10 @@ class Installer:
             self._check(watch)
             delta = None
             if blob_urls is not None:
-                delta = self._delta_plans(manifest, targets, blob_urls, verified, started, kind)
+                delta, index_bytes = self._delta_plans(
+                    manifest, targets, blob_urls, verified, started, kind
+                )
+                transfer = (index_bytes + sum(e.size for e in manifest.images), 0)
             if delta is not None:
                 written, transfer = self._write_delta(
                     delta, targets, blob_urls or {}, watch, started, journal, target,
@@ -529,9 +532,10 @@ class Installer:
                 ranges=len(image_plan.ranges()), fetch_bytes=image_plan.fetch_bytes,
                 stored_bytes=entry.size, found=image_plan.bytes_by_kind(),
             )  # fmt: skip
+        index_bytes = sum(entry.chunk_index.size for entry, _ in plans if entry.chunk_index)
         if not any(image_plan.reuse_bytes for _, image_plan in plans):
-            return None
-        return plans
+            return None, index_bytes
+        return plans, index_bytes
 
     def _fetch_index(
         self, entry: ImageEntry, blob_urls: Mapping[str, Sequence[str]], started: float

@@ -181,7 +181,23 @@ def plan(
                 for number in by_digest[digest]:
                     if sources[number] is None:
                         sources[number] = Source(BOOTED, booted, offset)
+    # The image's last chunk ends where the image ends; in a slot, other bytes follow, so a
+    # cut there differs: look for it at its own offset instead.
+    last = chunks[-1]
+    for kind, path in ((IN_PLACE, target), (BOOTED, booted)):
+        if sources[-1] is None and path is not None and _holds(path, last):
+            sources[-1] = Source(kind, path, last.offset)
     return Plan(index, chunks, [s or Source(FETCH) for s in sources])
+
+
+def _holds(path: Path, chunk: Chunk) -> bool:
+    """Whether ``path`` holds ``chunk`` at the chunk's own offset."""
+    try:
+        with open(path, "rb") as handle:
+            data = os.pread(handle.fileno(), chunk.length, chunk.offset)
+    except OSError:
+        return False
+    return hashlib.sha256(data).digest() == chunk.sha256
 
 
 class Journal:

@@ -33,13 +33,18 @@ class LabImage:
     behaviour: str
 
 
-def make_lab_image(version: str, behaviour: str = "healthy", size: int = 256 * 1024) -> bytes:
-    """An image of ``size`` bytes for ``version``; the body differs per version."""
+def make_lab_image(
+    version: str, behaviour: str = "healthy", size: int = 256 * 1024, *, body: bytes | None = None
+) -> bytes:
+    """An image of ``size`` bytes for ``version``; the body differs per version unless given
+    (releases that share most of their bytes, for delta installs; ``size`` is then ignored)."""
     if behaviour not in BEHAVIOURS:
         raise ValueError(f"unknown behaviour {behaviour!r}")
     body_length = size - _HEADER.size
-    seed = hashlib.sha256(f"{version}/{behaviour}".encode()).digest()
-    body = (seed * (body_length // len(seed) + 1))[:body_length]
+    if body is None:
+        seed = hashlib.sha256(f"{version}/{behaviour}".encode()).digest()
+        body = (seed * (body_length // len(seed) + 1))[:body_length]
+    body_length = len(body)
     header = _HEADER.pack(
         MAGIC, behaviour.encode(), version.encode(), body_length, hashlib.sha256(body).digest()
     )

@@ -64,6 +64,8 @@ MAX_BOOTS = 16
 # Flush slot images every 64 KiB (a device flushes every 64 MiB): lab images are small, and
 # every flush is a power-cut point the lab must reach.
 LAB_FLUSH_BYTES = 64 * 1024
+BLOCK = 4096  # what a disk writes whole or not at all, at best
+SNAPSHOT_LIMIT = 16 << 20
 
 
 class PowerCut(BaseException):
@@ -76,34 +78,67 @@ class BoardReset(BaseException):
 
 @dataclass
 class PowerSwitch:
-    """Counts write boundaries and cuts the power at boundary number ``cut_at`` (0-based)."""
+    """Counts write boundaries and cuts the power at boundary number ``cut_at`` (0-based).
+
+    A cut while a slot image is being written loses what was not flushed: every 4 KiB block
+    that differs from the slot as of its last completed flush becomes garbage (a disk may have
+    written it, half of it, or nothing). What a flush made durable survives, as on a real
+    disk. A flush is complete once the boundary after its ``slot:before-flush`` is reached.
+    Slots above :data:`SNAPSHOT_LIMIT` are not copied at each flush: there, a cut turns the
+    whole slot into garbage (harsher than any disk, never kinder).
+    """
 
     cut_at: int | None = None
     points: list[tuple[str, Path]] = field(default_factory=list)
     off: bool = False
     writing: Path | None = None  # a slot image being written, not yet flushed to its end
+    durable: bytes | None = None  # the slot being written, as of its last completed flush
+    flushing: bytes | None = None  # its bytes at a ``slot:before-flush`` not yet completed
 
     def __call__(self, point: str, path: Path) -> None:
         if self.off:
             raise PowerCut(point)
+        if self.flushing is not None:  # reaching any boundary: the flush before it completed
+            self.durable, self.flushing = self.flushing, None
         if point == "slot:begin":
             self.writing = path
+            self.durable = self._snapshot(path)
         elif point == "slot:done":
             self.writing = None
+            self.durable = None
         if self.cut_at is not None and len(self.points) == self.cut_at:
             self.off = True
             self.points.append((point, path))
             self._lose_unflushed()
             raise PowerCut(point)
+        if point == "slot:before-flush" and self.writing is not None:
+            self.flushing = self._snapshot(self.writing)
         self.points.append((point, path))
+
+    @staticmethod
+    def _snapshot(path: Path) -> bytes | None:
+        try:
+            if path.stat().st_size > SNAPSHOT_LIMIT:
+                return None
+            return path.read_bytes()
+        except OSError:
+            return None
 
     def _lose_unflushed(self) -> None:
         if self.writing is None:
             return
-        remaining = self.writing.stat().st_size
+        if self.durable is None:
+            remaining = self.writing.stat().st_size
+            with self.writing.open("r+b") as handle:
+                while remaining > 0:
+                    remaining -= handle.write(os.urandom(min(remaining, 1 << 16)))
+            return
+        current = self.writing.read_bytes()
         with self.writing.open("r+b") as handle:
-            while remaining > 0:
-                remaining -= handle.write(os.urandom(min(remaining, 1 << 16)))
+            for offset in range(0, max(len(current), len(self.durable)), BLOCK):
+                if current[offset : offset + BLOCK] != self.durable[offset : offset + BLOCK]:
+                    handle.seek(offset)
+                    handle.write(os.urandom(len(current[offset : offset + BLOCK])))
 
     @contextmanager
     def installed(self) -> Iterator[PowerSwitch]:

@@ -24,6 +24,7 @@ twice only when the first copy was wrong.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +52,10 @@ RECEIVE = 64 << 10
 # A slot is larger than its image; its old image is about as large as the new one. Scanning
 # twice the new image's size finds what moved without reading a whole 8 GB partition.
 SEED_SCAN_FACTOR = 2
+# A write may tear the flash page it lands in, bytes flushed before included: the journal
+# vouches only for what lies before the page the next write starts in (SD cards and eMMC
+# program pages of 16 KiB and more).
+TEAR_BYTES = 64 << 10
 
 FETCH, IN_PLACE, MOVED, BOOTED, JOURNALED = "fetch", "in_place", "moved", "booted", "journal"
 
@@ -400,6 +406,7 @@ class Assembler:
         self._progress = progress
         self._flushed = flushed
         self._flush_bytes = flush_bytes
+        self._ends = list(accumulate(chunk.length for chunk in plan.chunks))
         self.counters = Counters()
 
     def write(self, target: Path) -> int:
@@ -524,8 +531,19 @@ class Assembler:
             os.fdatasync(fd)
         except OSError as err:
             raise InstallError(f"slot {target}: flush failed: {err.strerror}") from err
-        self._flushed(last.offset + last.length)
+        self._flushed(self._safe_through(last.offset + last.length))
         return 0
+
+    def _safe_through(self, end: int) -> int:
+        """What the journal may vouch for once the slot is flushed through ``end``: up to the
+        last chunk boundary before the flash page that the next write will rewrite (a cut
+        during that write may tear the whole page, flushed bytes included). The image's end is
+        never rewritten."""
+        if end >= self.entry.uncompressed_size:
+            return end
+        limit = end - end % TEAR_BYTES
+        number = bisect.bisect_right(self._ends, limit)
+        return self._ends[number - 1] if number else 0
 
     def _read_back(self, fd: int, target: Path) -> None:
         digest = hashlib.sha256()

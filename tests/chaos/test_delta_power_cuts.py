@@ -1,0 +1,123 @@
+"""A power cut at every write boundary of a delta install (updater.delta), per firmware.
+
+The device runs 1.0.0; 2.0.0 shares most of its bytes, so the install reads most chunks from
+the running slot, fetches the rest in ranges from a host on loopback, flushes the target and
+advances its journal again and again. After a cut anywhere, the device boots its complete
+1.0.0, and the install, tried again, finishes without fetching again what the journal
+vouches for; the device then commits 2.0.0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chaos.lab_image import make_lab_image
+from chaos.virtual_device import LAB_FLUSH_BYTES, PowerCut, PowerSwitch, VirtualDevice
+from image_builder.bundle_writer import ImageSource, create_bundle
+from signing.keyring import trust_key
+from tests.chaos.conftest import CUT_COUNTS, FIRMWARES, Releases, boot_view
+from tests.chaos.test_power_cuts import assert_safe_after_cut
+from tests.server_simulator import split_bundle
+from tests.unit.test_delta import Host, image_bytes, patched
+
+BODY = image_bytes(6_000_000, seed=21)[:900_000]
+
+
+def new_body() -> bytes:
+    body = bytearray(BODY)
+    body[500_000:520_000] = random.Random(3).randbytes(20_000)
+    body[100_000:100_000] = random.Random(4).randbytes(3_000)
+    return bytes(body)
+
+
+IMAGES = {
+    "1.0.0": make_lab_image("1.0.0", body=BODY),
+    "2.0.0": make_lab_image("2.0.0", body=new_body()),
+}
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[tuple[Host, str]]:
+    state = Host()
+    for url in state.serve():
+        yield state, url
+
+
+def template(root: Path, firmware: str, releases: Releases) -> VirtualDevice:
+    device = VirtualDevice(root, firmware)
+    trust_key(root / "keyring", releases.directory / "release-key.pub")
+    device.provision(IMAGES["1.0.0"], "1.0.0")
+    assert device.power_on()[-1].action == "confirmed"
+    return device
+
+
+def install(device: VirtualDevice, release: tuple) -> int:
+    installer = device.runtime().installer(
+        http_options={"sleep": lambda s: None, "retries": 1},
+        flush_bytes=LAB_FLUSH_BYTES, write_chunk=LAB_FLUSH_BYTES // 4,
+    )  # fmt: skip
+    result = installer.install_parts(*release, reboot=True)
+    assert result.bytes_fetched is not None
+    return result.bytes_fetched
+
+
+@pytest.mark.parametrize("firmware", FIRMWARES)
+def test_power_cut_at_every_write_boundary_of_a_delta_install(
+    firmware: str, releases: Releases, host: tuple[Host, str], tmp_path: Path
+) -> None:
+    state, url = host
+    original = template(tmp_path / "template", firmware, releases)
+    image = tmp_path / "2.0.0.img"
+    image.write_bytes(IMAGES["2.0.0"])
+    bundle = tmp_path / "2.0.0.bundle"
+    create_bundle(bundle, images=[ImageSource("rootfs", image)], keys=[releases.key],
+                  compatible=original.config.compatible, version="2.0.0", security_version=1,
+                  compression="zstd", created=1_700_000_000)  # fmt: skip
+    manifest, signatures, blobs = split_bundle(bundle)
+    state.blobs.update(blobs)
+    release = (manifest, signatures, {sha: [f"{url}/blobs/{sha}"] for sha in blobs})
+    stored = sum(len(data) for data in blobs.values())
+    before = boot_view(original)
+
+    copies = iter(range(1_000_000))
+
+    def copy() -> VirtualDevice:
+        root = tmp_path / f"cut-{next(copies)}"
+        shutil.copytree(original.root, root)
+        return VirtualDevice(root, firmware)
+
+    with PowerSwitch().installed() as switch:
+        full = install(copy(), release)
+    points = switch.points
+    assert full < 0.6 * stored, (full, stored)  # a delta, not the whole image
+    assert sum(1 for p, _ in points if p == "slot:before-flush") >= 5, points
+    resumed = 0
+    for cut_at, (point, path) in enumerate(points):
+        where = f"cut {cut_at}/{len(points)} at {point} {path.name}"
+        device = copy()
+        with PowerSwitch(cut_at=cut_at).installed() as cut, contextlib.suppress(PowerCut):
+            install(device, release)
+        assert cut.off, f"{where}: not reached again"
+        assert_safe_after_cut(device, before, "a", "b", IMAGES, where)
+        records = device.power_on()
+        assert records[-1].image is not None, f"{where}: {records}"
+        assert records[-1].action in ("confirmed", "committed"), f"{where}: {records}"
+        if records[-1].image.version == "2.0.0":
+            continue  # the cut came after the trial was armed: it booted and committed
+        fetched = install(device, release)
+        planned = device.events("install.delta_planned")[-1]
+        if planned["found"]["journal"]:
+            resumed += 1
+            assert fetched <= full, f"{where}: fetched {fetched} again, {full} in one go"
+        data = device.slot_path("b").read_bytes()
+        assert data.startswith(IMAGES["2.0.0"]), where
+        assert hashlib.sha256(data[: len(IMAGES["2.0.0"])]).digest()
+    assert resumed > 5, resumed
+    CUT_COUNTS[f"{firmware:<8} delta install"] = len(points)

@@ -50,7 +50,14 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 
 
 def assignment_document(release: Release) -> dict[str, Any]:
-    """The ``assignment`` member of an answer for ``release``."""
+    """The ``assignment`` member of an answer for ``release``: its blobs are its images, then
+    the chunk index of each chunked image (with the image's slot class), which a device
+    finds by the SHA-256 its manifest names."""
+    indexes = [
+        (image.slot_class, image.chunk_index_sha256, image.chunk_index_size)
+        for image in release.images
+        if image.chunk_index_sha256 is not None and image.chunk_index_size is not None
+    ]
     return {
         "release_id": release.id,
         "version": release.version,
@@ -58,15 +65,17 @@ def assignment_document(release: Release) -> dict[str, Any]:
         "manifest": base64.b64encode(release.manifest).decode("ascii"),
         "manifest_sig": base64.b64encode(release.signature).decode("ascii"),
         "blobs": [
-            {
-                "slot_class": image.slot_class,
-                "sha256": image.sha256,
-                "size": image.size,
-                "url": blob_url(image.sha256),
-            }
-            for image in release.images
+            _blob(slot_class, sha256, size)
+            for slot_class, sha256, size in [
+                *((image.slot_class, image.sha256, image.size) for image in release.images),
+                *indexes,
+            ]
         ],
     }
+
+
+def _blob(slot_class: str, sha256: str, size: int) -> dict[str, Any]:
+    return {"slot_class": slot_class, "sha256": sha256, "size": size, "url": blob_url(sha256)}
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,15 @@
 """The blob store: image bytes named by their SHA-256, and the byte-range rules for serving them.
 
 A blob lives at ``BLOBS/<first two hex digits>/<sha256>``; it is written once, through
-:func:`fleet_core.durable.atomic_output`, and never changed, so any static HTTP server (nginx, a
-CDN) can serve the directory as it is. A blob whose bytes do not hash to its name is never
-stored: bytes are hashed while they are copied, and the copy is discarded on a mismatch.
+:func:`fleet_core.durable.atomic_output`, and never changed. A blob whose bytes do not hash to
+its name is never stored: bytes are hashed while they are copied, and the copy is discarded on
+a mismatch.
+
+A chunked image (bundle format 2) is a blob too, but it is not stored whole: its chunks are in
+the chunk store beside the blobs (server/chunkstore.py, ``<data dir>/chunks``), each once for
+every release that shares it, and :meth:`BlobStore.open` assembles it from them. Its chunk
+index is an ordinary blob. ``fleet release export`` (server/mirror.py) writes every blob whole
+for a static HTTP server (nginx, a CDN) to serve as a mirror.
 """
 
 from __future__ import annotations
@@ -17,12 +23,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 from fleet_core.durable import atomic_output, sweep_temporaries
+from image_builder.manifest import MAX_CHUNK_INDEX_BYTES
+from server.chunkstore import ChunkedImage, ChunkStore, Recipe, StoredChunks
 from server.errors import RangeNotSatisfiableError, ServerError
 
 CHUNK = 1024 * 1024
 # The store is the server's alone (server/datadir.py): blobs and their directories are private.
 BLOB_MODE = 0o600
 DIR_MODE = 0o700
+CHUNK_DIR = "chunks"  # the chunk store's directory, beside the blob store's
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # At most 19 digits: every byte position of any blob, and never a number Python refuses to
 # convert (a 5000-digit position must be a plain "ignore this header", not a server error).
@@ -34,11 +43,15 @@ class BlobIntegrityError(ServerError):
 
 
 class BlobStore:
-    """Content-addressed files under ``root``."""
+    """Content-addressed files under ``root``, and the chunked images of ``chunks`` (default:
+    the chunk store in ``root``'s sibling ``chunks``)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, chunks: ChunkStore | None = None) -> None:
         self.root = root
         root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        self.chunks = chunks or ChunkStore(
+            root.parent / CHUNK_DIR, file_mode=BLOB_MODE, dir_mode=DIR_MODE
+        )
 
     def path(self, sha256: str) -> Path:
         """Where the blob named ``sha256`` lives (whether or not it exists).
@@ -86,14 +99,37 @@ class BlobStore:
                 raise BlobIntegrityError(f"blob {sha256}: bytes hash to {digest.hexdigest()}")
         return True
 
+    def put_chunked(self, source: BinaryIO, image: ChunkedImage) -> StoredChunks:
+        """Store the chunked image ``image`` of the bundle ``source``: its chunks not stored
+        yet, its chunk index as a blob, then its recipe, so that :meth:`open` finds it only
+        when all it needs is there. An image some of whose chunks are stored with other bytes
+        (another encoder's) is stored whole instead of its recipe.
+
+        Power cut: each file exists whole or not at all; the recipe is written last.
+
+        Raises:
+            BlobIntegrityError, ChunkIntegrityError: the bundle's bytes changed since they
+                were verified.
+        """
+        entry, ref = image.entry, image.entry.chunk_index
+        if ref is None:
+            raise BlobIntegrityError(f"image {entry.filename!r} has no chunk index")
+        stored = self.chunks.put_chunks(source, image)
+        self.put_range(source, image.index_offset, ref.size, ref.sha256)
+        if stored.foreign:
+            self.put_range(source, image.offset, entry.size, entry.sha256)
+            return stored
+        self.chunks.put_recipe(Recipe.of(entry, ref))
+        return stored
+
     def sweep_temporaries(
         self, *, min_age_s: float, now: float | None = None
     ) -> tuple[list[Path], list[str]]:
         """Remove the temporary files of copies cut short (a killed process leaves them; see
-        :meth:`put_range`) untouched for ``min_age_s``; never a stored blob. Returns the files
-        removed and one problem line per file that could not be."""
-        removed: list[Path] = []
-        problems: list[str] = []
+        :meth:`put_range`), in the blob store and the chunk store, untouched for ``min_age_s``;
+        never a stored blob or chunk. Returns the files removed and one problem line per file
+        that could not be."""
+        removed, problems = self.chunks.sweep_temporaries(min_age_s=min_age_s, now=now)
         try:
             shards = sorted(entry for entry in self.root.iterdir() if entry.is_dir())
         except FileNotFoundError:
@@ -109,12 +145,37 @@ class BlobStore:
         self.path(sha256).unlink(missing_ok=True)
 
     def open(self, sha256: str) -> tuple[BinaryIO, int] | None:
-        """The blob opened for reading, with its size; None if it is not stored."""
+        """The blob opened for reading (seekable), with its size; None if it is not stored.
+        A chunked image is assembled from the chunk store.
+
+        Raises:
+            ChunkIntegrityError: a chunked image's recipe or chunk index is damaged.
+        """
+        whole = self.open_whole(sha256)
+        if whole is not None or not SHA256_HEX.fullmatch(sha256):
+            return whole
+        return self.chunks.open(sha256, self.read_small)
+
+    def open_whole(self, sha256: str) -> tuple[BinaryIO, int] | None:
+        """The blob stored whole (never a chunked image's), as :meth:`open`."""
         try:
             handle = open(self.path(sha256), "rb")  # noqa: SIM115 (the caller closes it)
         except (FileNotFoundError, ValueError):
             return None
         return handle, os.fstat(handle.fileno()).st_size
+
+    def read_small(self, sha256: str, size: int) -> bytes | None:
+        """The blob stored whole with ``size`` bytes (a chunk index: at most
+        :data:`~image_builder.manifest.MAX_CHUNK_INDEX_BYTES`), in
+        memory; None if there is none of that size."""
+        if size > MAX_CHUNK_INDEX_BYTES:
+            return None
+        opened = self.open_whole(sha256)
+        if opened is None:
+            return None
+        handle, stored_size = opened
+        with handle:
+            return handle.read() if stored_size == size else None
 
 
 @dataclass(frozen=True)

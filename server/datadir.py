@@ -8,13 +8,14 @@ looser bits (and says so in the log), and the database tightens its own files
 (server/database.py).
 
 **Leftovers.** A process killed in the middle of a request leaves what it was writing:
-temporary blobs (``blobs/ab/.<sha256>.<random>.tmp``, from :func:`fleet_core.durable.atomic_output`)
-and partial uploads (``uploads/upload-<random>.bundle``). :func:`sweep_leftovers` removes those
-untouched for a given age: at start with a short one (several processes may share the data
-directory, and one that starts must not remove a file another is writing), and while running
-with a longer one. A live upload rewrites its file at least every megabyte it receives, and the
-body deadline (server/timeouts.py) bounds how long a megabyte may take, so an upload still
-being received is never taken for a leftover.
+temporary blobs (``blobs/ab/.<sha256>.<random>.tmp``, from
+:func:`fleet_core.durable.atomic_output`), temporary chunks and recipes (the same, under
+``chunks/``: server/chunkstore.py) and partial uploads (``uploads/upload-<random>.bundle``).
+:func:`sweep_leftovers` removes those untouched for a given age: at start with a short one
+(several processes may share the data directory, and one that starts must not remove a file
+another is writing), and while running with a longer one. A live upload rewrites its file at
+least every megabyte it receives, and the body deadline (server/timeouts.py) bounds how long a
+megabyte may take, so an upload still being received is never taken for a leftover.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def secure_data_dir(directory: Path) -> None:
 def sweep_leftovers(
     blobs: BlobStore, upload_dir: Path, *, min_age_s: float, now: float | None = None
 ) -> list[Path]:
-    """Remove temporary blobs and partial uploads untouched for ``min_age_s``; returns what was
+    """Remove temporary blobs, chunks and recipes, and partial uploads untouched for
+    ``min_age_s``; returns what was
     removed (each one logged). A file that cannot be removed is logged and left."""
     current = time.time() if now is None else now
     removed, problems = blobs.sweep_temporaries(min_age_s=min_age_s, now=current)

@@ -82,7 +82,8 @@ class Release(Base):
 
 
 class ReleaseImage(Base):
-    """One image of a release, stored as the blob named by its SHA-256."""
+    """One image of a release, served as the blob named by its SHA-256 (assembled from the
+    chunk store if it is chunked: server/chunkstore.py)."""
 
     __tablename__ = "release_images"
     __table_args__ = (
@@ -97,6 +98,10 @@ class ReleaseImage(Base):
     compression: Mapped[str] = mapped_column(String(16))
     sha256: Mapped[str] = mapped_column(String(HEX64), index=True)  # of the stored bytes
     size: Mapped[int] = mapped_column(BigInteger)  # stored bytes
+    # A chunked image's chunk index (bundle format 2), a blob of its own; both null for an
+    # image without one (format 1).
+    chunk_index_sha256: Mapped[str | None] = mapped_column(String(HEX64), default=None)
+    chunk_index_size: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
     release: Mapped[Release] = relationship(back_populates="images")
 

@@ -5,22 +5,27 @@ Accepting a bundle is a sequence of checks before anything is stored, then two s
 1. verify the manifest's signatures against the fleet's release keyring (422 if they fail);
 2. refuse a version that exists already (409);
 3. read every image to its end through the bundle reader, which hashes the stored and the
-   uncompressed bytes against the signed manifest (422 on any difference);
-4. copy each image's stored bytes into the blob store, hashing again as they are copied;
+   uncompressed bytes against the signed manifest and checks that each chunked image's index
+   adds up to it (422 on any difference); then unpack every chunk of each chunked image and
+   check its length and SHA-256 against the index (422 naming the chunk);
+4. copy each image's stored bytes into the blob store, hashing again as they are copied: an
+   image whole, a chunked image as its chunks not stored yet, its index and its recipe
+   (server/chunkstore.py);
 5. insert the release and its images, with an audit entry, in one transaction.
 
-A failure in 1-4 stores nothing. A failure in 5 (another upload of the same version won a race,
-or the database failed) removes the blobs step 4 created, unless a committed release refers to
-them meanwhile.
+A failure in 1-3 stores nothing. Blobs and chunks stored in 4 for an upload that then fails
+are kept (see :func:`ingest`): they are named by their content and verified, so they cost disk
+space, never correctness, and no release refers to them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -31,6 +36,7 @@ from image_builder.errors import BundleError
 from image_builder.manifest import ImageEntry, Manifest
 from server import audit
 from server.blobs import BlobStore
+from server.chunkstore import ChunkedImage, verify_chunks
 from server.database import Database
 from server.errors import (
     BundleMalformedError,
@@ -43,6 +49,8 @@ from server.models import Release, ReleaseImage
 from server.settings import iso
 from signing.errors import KeyringError, VerificationError
 from signing.keyring import Keyring
+
+log = logging.getLogger("server")
 
 
 def blob_url(sha256: str) -> str:
@@ -66,13 +74,22 @@ def load_keyring(directory: Path) -> Keyring:
 
 
 @dataclass(frozen=True)
+class CheckedImage:
+    """An image of a verified bundle: where its stored bytes are, and its verified chunks."""
+
+    entry: ImageEntry
+    offset: int  # of its stored bytes in the bundle
+    chunked: ChunkedImage | None  # None: a format 1 image, stored whole
+
+
+@dataclass(frozen=True)
 class CheckedBundle:
     """A bundle whose signatures and image bytes were verified, with where each image is."""
 
     manifest: Manifest
     manifest_bytes: bytes
     signature_bytes: bytes
-    images: tuple[tuple[ImageEntry, int], ...]  # (entry, offset of its stored bytes)
+    images: tuple[CheckedImage, ...]
 
 
 def check_bundle(path: Path, keyring: Keyring, db: Database) -> CheckedBundle:
@@ -99,10 +116,30 @@ def check_bundle(path: Path, keyring: Keyring, db: Database) -> CheckedBundle:
                 while image.stream.read(CHUNK):
                     pass
                 located.append((image.entry, image.offset))
+            checked = tuple(
+                CheckedImage(entry, offset, _check_chunks(handle, reader, entry, offset))
+                for entry, offset in located
+            )
         except BundleError as err:
             raise BundleMalformedError(str(err)) from err
         _, manifest_bytes, envelope = reader.read_header()
-    return CheckedBundle(manifest, manifest_bytes, envelope.to_bytes(), tuple(located))
+    return CheckedBundle(manifest, manifest_bytes, envelope.to_bytes(), checked)
+
+
+def _check_chunks(
+    handle: BinaryIO, reader: BundleReader, entry: ImageEntry, offset: int
+) -> ChunkedImage | None:
+    """Every chunk of ``entry``'s image unpacked and checked against its index (which the
+    reader checked against the manifest); None for an image without chunks.
+
+    Raises:
+        BundleError: a chunk does not match the index.
+    """
+    if entry.chunk_index is None:
+        return None
+    index_offset, index = reader.chunk_indexes[entry.filename]
+    digests = verify_chunks(handle, entry, offset, index)
+    return ChunkedImage(entry, offset, index_offset, index, digests)
 
 
 def _refuse_duplicate(session: Session, version: str) -> None:
@@ -128,8 +165,18 @@ def ingest(
     checked = check_bundle(path, keyring, db)
     try:
         with open(path, "rb") as handle:
-            for entry, offset in checked.images:
-                blobs.put_range(handle, offset, entry.size, entry.sha256)
+            for image in checked.images:
+                if image.chunked is None:
+                    blobs.put_range(handle, image.offset, image.entry.size, image.entry.sha256)
+                    continue
+                stored = blobs.put_chunked(handle, image.chunked)
+                log.info(
+                    "release %s, image %s: %d of %d chunks new (%d bytes), %d stored already%s",
+                    checked.manifest.version, image.entry.filename, stored.new,
+                    len(image.chunked.index), stored.new_bytes, stored.shared,
+                    f", {stored.foreign} by another encoder: image stored whole"
+                    if stored.foreign else "",
+                )  # fmt: skip
         with db.write() as session:
             _refuse_duplicate(session, checked.manifest.version)
             release = _insert(session, checked, actor, now)
@@ -151,9 +198,9 @@ def ingest(
         raise DuplicateVersionError(
             f"release {checked.manifest.version} was uploaded concurrently"
         ) from err
-    # Blobs written for an upload that then failed are kept, not removed: another upload of
-    # the same image may have found them stored and committed a release that needs them, and
-    # a content-addressed blob nobody refers to costs disk space, never correctness.
+    # Blobs and chunks written for an upload that then failed are kept, not removed: another
+    # upload of the same image may have found them stored and committed a release that needs
+    # them, and a content-addressed file nobody refers to costs disk space, never correctness.
     return description
 
 
@@ -172,13 +219,16 @@ def _insert(session: Session, checked: CheckedBundle, actor: str, now: datetime)
         images=[
             ReleaseImage(
                 position=position,
-                slot_class=entry.slot_class,
-                filename=entry.filename,
-                compression=entry.compression,
-                sha256=entry.sha256,
-                size=entry.size,
+                slot_class=image.entry.slot_class,
+                filename=image.entry.filename,
+                compression=image.entry.compression,
+                sha256=image.entry.sha256,
+                size=image.entry.size,
+                chunk_index_sha256=index.sha256 if index is not None else None,
+                chunk_index_size=index.size if index is not None else None,
             )
-            for position, (entry, _) in enumerate(checked.images)
+            for position, image in enumerate(checked.images)
+            for index in [image.entry.chunk_index]
         ],
     )
     session.add(release)
@@ -205,6 +255,15 @@ def describe(release: Release) -> dict[str, Any]:
                 "sha256": image.sha256,
                 "size": image.size,
                 "url": blob_url(image.sha256),
+                "chunk_index": (
+                    None
+                    if image.chunk_index_sha256 is None
+                    else {
+                        "sha256": image.chunk_index_sha256,
+                        "size": image.chunk_index_size,
+                        "url": blob_url(image.chunk_index_sha256),
+                    }
+                ),
             }
             for image in release.images
         ],

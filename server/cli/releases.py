@@ -1,4 +1,4 @@
-"""``fleet release``: upload signed bundles and list releases."""
+"""``fleet release``: upload signed bundles, list releases, export them for a mirror."""
 
 from __future__ import annotations
 
@@ -11,9 +11,13 @@ from fleet_core.progress import progress
 from server.cli.common import (
     api_client,
     api_options,
+    database_options,
+    existing_data_dir,
+    open_database,
     print_table,
     show,
 )
+from server.errors import ClientConfigError
 
 
 @click.group()
@@ -60,3 +64,32 @@ def release_list(server: str | None, token: str | None, as_json: bool) -> None:
         for r in releases
     ]
     print_table(rows, ("VERSION", "COMPATIBLE", "SECURITY", "UPLOADED", "IMAGES"))
+
+
+@release.command("export")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@database_options
+def release_export(directory: Path, data_dir: Path | None, database_url: str | None) -> None:
+    """Write every release's blobs into DIRECTORY for a static HTTP server to mirror.
+
+    DIRECTORY gets blobs/<sha256> for every image (a chunked image whole) and chunk index, and
+    chunks/ with every chunk; serve it as a mirror ([server] mirrors on the devices). Files
+    already there are kept, so exporting again after an upload copies only what is new. Runs
+    on the server's host, on its data directory.
+    """
+    from server.blobs import BlobStore
+    from server.mirror import export
+    from server.settings import Settings
+
+    if data_dir is None:
+        raise ClientConfigError("the blobs are in the data directory: give --data-dir")
+    settings = Settings.create(existing_data_dir(data_dir), database_url=database_url)
+    db = open_database(data_dir, database_url)
+    try:
+        summary = export(db, BlobStore(settings.blob_dir), directory)
+    finally:
+        db.dispose()
+    show(
+        f"exported {len(summary.releases)} release(s) to {directory}: {summary.written} file(s) "
+        f"written ({summary.written_bytes} bytes), {summary.kept} already there"
+    )

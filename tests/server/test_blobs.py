@@ -15,10 +15,13 @@ from tests.server.conftest import Harness
 MakeBundle = Callable[..., Path]
 
 
-@pytest.fixture
-def blob(harness: Harness, make_bundle: MakeBundle) -> tuple[str, bytes]:
-    """The URL and bytes of a stored 3000-byte blob."""
-    release = harness.upload(make_bundle(size=3000)).json()
+@pytest.fixture(params=["chunked", "whole"])
+def blob(
+    harness: Harness, make_bundle: MakeBundle, request: pytest.FixtureRequest
+) -> tuple[str, bytes]:
+    """The URL and bytes of a stored 3000-byte blob: an image assembled from its chunk, or one
+    stored whole (bundle format 1)."""
+    release = harness.upload(make_bundle(size=3000, chunked=request.param == "chunked")).json()
     url = release["images"][0]["url"]
     return url, harness.client.get(url).content
 

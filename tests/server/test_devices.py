@@ -243,8 +243,18 @@ def test_checkin_signed_answer_etag_and_304(
     bundle_manifest = base64.b64decode(assignment["manifest"])
     assert json.loads(bundle_manifest)["version"] == "2.0.0"
     SignatureEnvelope.from_bytes(base64.b64decode(assignment["manifest_sig"]))
+    # the images, then each one's chunk index (tests/server/test_chunk_store.py)
     assert [(b["slot_class"], b["sha256"], b["size"], b["url"]) for b in assignment["blobs"]] == [
-        (i["slot_class"], i["sha256"], i["size"], i["url"]) for i in release["images"]
+        *((i["slot_class"], i["sha256"], i["size"], i["url"]) for i in release["images"]),
+        *(
+            (
+                i["slot_class"],
+                i["chunk_index"]["sha256"],
+                i["chunk_index"]["size"],
+                i["chunk_index"]["url"],
+            )
+            for i in release["images"]
+        ),
     ]
     etag = changed.headers["etag"]
     assert etag != unassigned_etag

@@ -328,10 +328,16 @@ def test_an_existing_data_directory_is_tightened_and_what_it_stores_is_private(
         timeout=10,
     )
     assert uploaded.status_code == 201, uploaded.text
-    for image in uploaded.json()["images"]:
-        blob = data / "blobs" / image["sha256"][:2] / image["sha256"]
-        assert mode(blob) == 0o600
-        assert mode(blob.parent) == 0o700
+    # a chunked image: its index is a blob, the image its chunks and a recipe (server/chunkstore.py)
+    (image,) = uploaded.json()["images"]
+    index = image["chunk_index"]["sha256"]
+    stored = [data / "blobs" / index[:2] / index, data / "chunks" / "images" / image["sha256"]]
+    stored += list((data / "chunks").glob("??/*"))
+    assert len(stored) > 2
+    for path in stored:
+        assert mode(path) == 0o600, path
+        assert mode(path.parent) == 0o700, path
+    assert mode(data / "chunks") == 0o700
 
 
 # A copy into the blob store that never ends: the source gives one chunk, says so on stdout,

@@ -1,0 +1,171 @@
+"""A mirror of the server's blobs for any static HTTP host: ``fleet release export DIR``.
+
+Writes into ``DIR``, for every release the server holds::
+
+    blobs/<sha256>                        every blob a device may ask for: each image (a
+                                          chunked image assembled whole from its chunks) and
+                                          each chunk index
+    chunks/<first two hex>/<sha256>.zst   the chunks of each chunked image (.raw when stored
+                                          uncompressed), named as in the server's chunk store
+
+so nginx, a CDN or object storage serving ``DIR`` answers ``<mirror>/blobs/<sha256>`` as the
+server does (``[server] mirrors`` on a device; static files serve ``Range`` themselves). Nothing
+on a mirror is trusted: devices check every byte against the signed manifest.
+
+An export adds to what ``DIR`` holds: every file is named by its content and never changes, so a
+file present with its size is kept, and an export after each upload copies only what is new.
+A new file is written through :func:`fleet_core.durable.atomic_output`, hashed as it is written,
+and discarded if it does not hash to its name; a chunk is cut from its image's exported blob,
+so it is as verified as the image. Files are 0644 and directories 0755: the web server's user
+reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import select
+
+from fleet_core.durable import atomic_output
+from image_builder.chunks import ChunkIndex
+from image_builder.errors import ManifestError
+from image_builder.manifest import ImageEntry, Manifest
+from server.blobs import CHUNK, BlobIntegrityError, BlobStore
+from server.chunkstore import SUFFIXES
+from server.database import Database
+from server.errors import ServerError
+from server.models import Release
+
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+
+
+class ExportError(ServerError):
+    """A blob the releases need is missing from the store, or cannot be written."""
+
+
+@dataclass
+class ExportSummary:
+    """What an export wrote and kept."""
+
+    written: int = 0
+    written_bytes: int = 0
+    kept: int = 0
+    releases: list[str] = field(default_factory=list)
+
+
+def export(db: Database, blobs: BlobStore, directory: Path) -> ExportSummary:
+    """Write every release's blobs and chunks into ``directory`` (see the module docstring).
+
+    Raises:
+        ExportError: a blob is missing or damaged in the store, or a file cannot be written.
+    """
+    with db.read() as session:
+        manifests = [
+            (release.version, release.manifest)
+            for release in session.scalars(select(Release).order_by(Release.id))
+        ]
+    summary = ExportSummary()
+    writer = _Writer(directory, summary)
+    for version, manifest_bytes in manifests:
+        try:
+            manifest = Manifest.from_bytes(manifest_bytes)
+        except ManifestError as err:
+            raise ExportError(f"release {version}: stored manifest unreadable: {err}") from err
+        for entry in manifest.images:
+            _export_image(blobs, writer, entry, f"release {version}, image {entry.filename!r}")
+        summary.releases.append(version)
+    return summary
+
+
+def _export_image(blobs: BlobStore, writer: _Writer, entry: ImageEntry, where: str) -> None:
+    image = writer.blob(blobs, entry.sha256, entry.size, where)
+    ref = entry.chunk_index
+    if ref is None:
+        return
+    index_path = writer.blob(blobs, ref.sha256, ref.size, f"{where}, chunk index")
+    try:
+        index = ChunkIndex.from_bytes(
+            index_path.read_bytes(), image_size=entry.uncompressed_size, stored_size=entry.size,
+            compression=entry.compression, where=f"{where}, chunk index",
+        )  # fmt: skip
+    except ManifestError as err:
+        raise ExportError(str(err)) from err
+    with open(image, "rb") as source:
+        for chunk in index.chunks():
+            name = chunk.sha256.hex()
+            target = Path("chunks", name[:2], name + SUFFIXES[entry.compression])
+            source.seek(chunk.stored_offset)
+            writer.file(target, source, chunk.stored_length, None, where)
+
+
+class _Writer:
+    def __init__(self, root: Path, summary: ExportSummary) -> None:
+        self.root = root
+        self.summary = summary
+
+    def blob(self, blobs: BlobStore, sha256: str, size: int, where: str) -> Path:
+        target = Path("blobs", sha256)
+        if self._kept(target, size):
+            return self.root / target
+        try:
+            opened = blobs.open(sha256)
+        except ServerError as err:
+            raise ExportError(f"{where}: blob {sha256}: {err}") from err
+        if opened is None:
+            raise ExportError(f"{where}: blob {sha256} is not in the store")
+        handle, stored_size = opened
+        with handle:
+            if stored_size != size:
+                raise ExportError(f"{where}: blob {sha256} is {stored_size} bytes, not {size}")
+            return self.file(target, handle, size, sha256, where)
+
+    def file(
+        self, relative: Path, source: BinaryIO, size: int, sha256: str | None, where: str
+    ) -> Path:
+        """Write ``size`` bytes of ``source`` (from where it is) as ``relative``, checking
+        they hash to ``sha256`` if given; keeps a file present with that size."""
+        target = self.root / relative
+        if self._kept(relative, size):
+            return target
+        self._mkdir(target.parent)
+        digest = hashlib.sha256()
+        try:
+            with atomic_output(target, FILE_MODE) as out:
+                remaining = size
+                while remaining:
+                    data = source.read(min(CHUNK, remaining))
+                    if not data:
+                        raise BlobIntegrityError(f"{relative}: source ends {remaining} bytes early")
+                    digest.update(data)
+                    out.write(data)
+                    remaining -= len(data)
+                if sha256 is not None and digest.hexdigest() != sha256:
+                    raise BlobIntegrityError(f"{relative}: bytes hash to {digest.hexdigest()}")
+        except ServerError as err:
+            raise ExportError(f"{where}: {err}") from err
+        except OSError as err:
+            raise ExportError(f"{where}: cannot write {target}: {err.strerror or err}") from err
+        self.summary.written += 1
+        self.summary.written_bytes += size
+        return target
+
+    def _kept(self, relative: Path, size: int) -> bool:
+        try:
+            kept = (self.root / relative).stat().st_size == size
+        except FileNotFoundError:
+            return False
+        self.summary.kept += kept
+        return kept
+
+    def _mkdir(self, directory: Path) -> None:
+        missing = []
+        while not directory.exists():
+            missing.append(directory)
+            directory = directory.parent
+        for created in reversed(missing):
+            created.mkdir(exist_ok=True)
+            created.chmod(DIR_MODE)  # whatever the umask: a web server's user reads it

@@ -243,8 +243,48 @@ class Journal:
     def advance(self, slot: str, release: str, progress: dict[str, int]) -> None:
         self._save(slot, release, progress)
 
-    def _save(self, slot: str, release: str, progress: dict[str, int]) -> None:
-        document = {"format": 1, "slot": slot, "release": release, "verified": progress}
+    def finish(self, slot: str, release: str, transfer: dict[str, int]) -> None:
+        """The install is armed: nothing is vouched for any more (the next install starts
+        afresh), and what the download cost is kept for ``fleet-updater status``."""
+        self._save(slot, release, {}, finished=transfer)
+
+    def summary(self) -> dict[str, Any] | None:
+        """What ``fleet-updater status`` shows: the install in progress (slot, release,
+        bytes verified) or the last one's transfer; None when there is no journal."""
+        document = self._load()
+        if document is None:
+            return None
+        verified = document.get("verified")
+        finished = document.get("finished")
+        return {
+            "slot": document.get("slot") if isinstance(document.get("slot"), str) else None,
+            "release": (
+                document.get("release") if isinstance(document.get("release"), str) else None
+            ),
+            "verified_bytes": (
+                sum(v for v in verified.values() if type(v) is int and v >= 0)
+                if isinstance(verified, dict)
+                else 0
+            ),
+            "finished": (
+                {k: v for k, v in finished.items() if type(v) is int}
+                if isinstance(finished, dict)
+                else None
+            ),
+        }
+
+    def _save(
+        self,
+        slot: str,
+        release: str,
+        progress: dict[str, int],
+        finished: dict[str, int] | None = None,
+    ) -> None:
+        document: dict[str, Any] = {
+            "format": 1, "slot": slot, "release": release, "verified": progress,
+        }  # fmt: skip
+        if finished is not None:
+            document["finished"] = finished
         self.path.parent.mkdir(parents=True, exist_ok=True)
         durable.atomic_write(self.path, json.dumps(document, sort_keys=True).encode() + b"\n")
 

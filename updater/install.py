@@ -480,7 +480,12 @@ class Installer:
             journal.clear()
             raise InstallError(f"{kind} into slot {target} failed: {err}") from err
         armed = self.arm(state, target, route)
-        journal.clear()
+        if transfer is not None:
+            stored = sum(e.size for e in manifest.images)
+            cost = {"fetched": transfer[0], "reused": transfer[1], "stored": stored}
+            journal.finish(target, reader.manifest_sha256, cost)
+        else:
+            journal.clear()
         seconds = self.clock() - started
         self.log.event(
             f"{kind}.finished", slot=target, version=manifest.version, armed=armed,

@@ -5,6 +5,7 @@ answer other ranges, serve wrong bytes."""
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import threading
 from collections.abc import Iterator
@@ -193,7 +194,15 @@ def test_a_patch_release_fetches_a_few_percent_and_the_slot_is_the_new_image(lab
     [planned] = lab.events("install.delta_planned")
     assert planned["found"]["booted"] > 0.9 * len(new)
     assert all(r.startswith("bytes=") and r.count("-") == 1 for r in lab.host.ranges)
-    assert not (lab.root / "device" / "data" / JOURNAL_NAME).exists()
+    # once armed, the journal vouches for nothing and keeps what the download cost
+    summary = Journal(lab.root / "device" / "data").summary()
+    assert summary is not None and summary["verified_bytes"] == 0
+    images = sum(image["size"] for image in json.loads(release[0])["images"])
+    assert summary["finished"] == {
+        "fetched": result.bytes_fetched, "reused": result.bytes_reused, "stored": images,
+    }  # fmt: skip
+    manifest_sha = hashlib.sha256(release[0]).hexdigest()
+    assert Journal(lab.root / "device" / "data").begin("b", manifest_sha) == {}
 
 
 def test_the_same_image_again_costs_only_its_index(lab: Lab) -> None:

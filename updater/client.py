@@ -163,6 +163,10 @@ class Assignment:
     manifest: bytes
     manifest_sig: bytes
     blobs: tuple[BlobRef, ...]
+    # The windows of the rollout that assigned the release (docs/rollouts.md), as the server
+    # wrote them: the device starts the install only inside them and its own. Read by the
+    # daemon (updater.bandwidth), which waits rather than install when it cannot read one.
+    windows: tuple[str, ...] = ()
 
     @property
     def manifest_sha256(self) -> str:
@@ -182,7 +186,18 @@ class Assignment:
             manifest=_base64(document, "manifest", where),
             manifest_sig=_base64(document, "manifest_sig", where),
             blobs=tuple(BlobRef.from_dict(b, i) for i, b in enumerate(blobs)),
+            windows=_windows(document, where),
         )
+
+
+def _windows(document: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    """The assignment's optional ``windows``: a list of strings (absent or null: none)."""
+    raw = document.get("windows")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(w, str) for w in raw):
+        raise AnswerRejectedError(f"{where}: windows must be a list of strings, not {raw!r:.40}")
+    return tuple(raw)
 
 
 @dataclass(frozen=True)

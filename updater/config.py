@@ -42,6 +42,13 @@ Example::
     type = "systemd"
     unit = "camera.service"
 
+    [bandwidth]
+    rate_limit = "2MB/s"           # KB, MB, GB: 1000-based; KiB, MiB, GiB, K, M, G: 1024-based
+
+    [updates]
+    windows = ["02:00-05:00", "Sat 00:00-24:00"]   # local time; may cross midnight
+    time_zone = "Europe/Berlin"    # default: the system's
+
     [server]                       # the release server (docs/device-protocol.md)
     urls = ["https://fleet.example.net", "https://fleet-2.example.net"]  # first = primary
     keyring = "/etc/fleet/server-keyring"   # keys that sign assignments
@@ -77,6 +84,8 @@ from fleet_core.errors import FleetError
 from fleet_core.inputs import InputPathError, read_regular_file
 from fleet_core.settings import Section, Setting, names, required
 from fleet_core.suggest import unknown_names
+from fleet_core.windows import MAX_WINDOWS, Window, WindowError, parse_windows
+from updater.bandwidth import parse_rate, time_zone
 from updater.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/fleet/updater.toml")
@@ -431,6 +440,34 @@ METRICS = (
         '"cam-17.lan:9101"',
     ),
 )  # fmt: skip
+BANDWIDTH = (
+    Setting(
+        "rate_limit", "rate: a size per second, 8KiB/s to 100GB/s", None,
+        "The most the updater downloads per second, on average over a second, whatever it "
+        "fetches (release images, from the server or a mirror). Units as in image sizes: "
+        "`KB`, `MB`, `GB` are 1000-based, `KiB`, `MiB`, `GiB` and a bare `K`, `M`, `G` "
+        "1024-based. Unset: no limit. A release must still download within "
+        "`[limits] update_deadline_s`.",
+        '"2MB/s"',
+    ),
+)  # fmt: skip
+UPDATES = (
+    Setting(
+        "windows", f"array of windows (at most {MAX_WINDOWS})", "[]",
+        "When the device may start downloading an assigned release, in its local time: "
+        "`HH:MM-HH:MM` every day, or after days (`Sat`, `Mon-Fri`, `Sat,Sun`); a window may "
+        "cross midnight (`Fri 22:00-02:00` runs into Saturday) and `24:00` ends a day. "
+        "Outside them the device waits and reports `waiting_window`; an install that started "
+        "inside a window finishes. Empty: any time.",
+        '["02:00-05:00", "Sat 00:00-24:00"]',
+    ),
+    Setting(
+        "time_zone", "IANA time zone name", None,
+        "The time zone the windows are read in. Unset: the system's (`$TZ`, else "
+        "`/etc/localtime`, else UTC).",
+        '"Europe/Berlin"',
+    ),
+)  # fmt: skip
 # The tables of the file, in the order the reference documents them.
 TABLES: Mapping[str, Section] = {
     "bootloader": Section(
@@ -459,6 +496,19 @@ TABLES: Mapping[str, Section] = {
         "The release server the daemon checks in with (docs/device-protocol.md, docs/tls.md). "
         "Without it the device is updated by hand only (`fleet-updater install`).",
         SERVER,
+    ),
+    "bandwidth": Section(
+        "[bandwidth]",
+        "How fast the updater downloads: a token bucket every downloaded byte passes "
+        "(updater/bandwidth.py).",
+        BANDWIDTH,
+    ),
+    "updates": Section(
+        "[updates]",
+        "When the updater may start an install: maintenance windows in the device's local time; "
+        "a rollout may narrow them further (docs/rollouts.md, maintenance windows). "
+        "`fleet-updater status` shows them, whether now is inside one and when the next opens.",
+        UPDATES,
     ),
     "paths": Section(
         "[paths]",
@@ -609,6 +659,9 @@ class UpdaterConfig:
     metrics_listen: str = "127.0.0.1"  # where the port is bound: loopback unless configured
     metrics_advertise: str | None = None  # host:port Prometheus scrapes, if not derivable
     reboot_command: tuple[str, ...] | None = None  # overrides the backend's (tests, labs)
+    rate_limit_bytes_per_s: int | None = None  # [bandwidth] rate_limit; None: no limit
+    update_windows: tuple[Window, ...] = ()  # [updates] windows; empty: any time
+    time_zone: str | None = None  # [updates] time_zone; None: the system's
 
     @classmethod
     def from_dict(cls, document: Mapping[str, Any]) -> UpdaterConfig:
@@ -642,6 +695,8 @@ class UpdaterConfig:
         values["limits"] = Limits.from_dict(_table(document, "limits", ""))
         values["health"] = HealthConfig.from_dict(_table(document, "health", ""))
         values.update(_parse_server(_table(document, "server", "")))
+        values.update(_parse_bandwidth(_table(document, "bandwidth", "")))
+        values.update(_parse_updates(_table(document, "updates", "")))
         paths = _table(document, "paths", "")
         _no_unknown(paths, names(PATHS), "paths")
         for key in ("partlabel_dir", "thermal_dir"):
@@ -715,6 +770,37 @@ def _parse_server(table: Mapping[str, Any]) -> dict[str, Any]:
             values[key] = float(
                 _number(table, key, where, 0, MAX_INTERVAL_S, "seconds", low_open=True)
             )
+    return values
+
+
+def _parse_bandwidth(table: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``[bandwidth]`` table, as keyword arguments of :class:`UpdaterConfig`."""
+    _no_unknown(table, names(BANDWIDTH), "bandwidth")
+    if "rate_limit" not in table:
+        return {}
+    try:
+        return {"rate_limit_bytes_per_s": parse_rate(table["rate_limit"])}
+    except ValueError as err:
+        raise ConfigError(f"bandwidth.rate_limit: {err}") from err
+
+
+def _parse_updates(table: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``[updates]`` table, as keyword arguments of :class:`UpdaterConfig`: every window
+    is read now, so a malformed one is named when the file loads, not at install time."""
+    _no_unknown(table, names(UPDATES), "updates")
+    values: dict[str, Any] = {}
+    if "windows" in table:
+        try:
+            values["update_windows"] = parse_windows(table["windows"], where="windows")
+        except WindowError as err:
+            raise ConfigError(f"updates.{err}") from err
+    if "time_zone" in table:
+        name = _typed(table, "time_zone", str, "updates")
+        try:
+            time_zone(name)
+        except ValueError as err:
+            raise ConfigError(f"updates.time_zone: {err}") from err
+        values["time_zone"] = name
     return values
 
 

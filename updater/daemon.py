@@ -15,6 +15,15 @@ check-in        every ``checkin_interval_s`` (±10 % jitter), or the shorter int
 heartbeat       every ``heartbeat_interval_s``: slots, boot state, health, sensors, clock skew
 ==============  ==========================================================================
 
+An install starts only inside the device's maintenance windows (``[updates] windows``),
+narrowed by the windows of the rollout that assigned the release (the assignment's
+``windows``), in the device's local time (:mod:`updater.bandwidth`). Outside them the daemon
+waits: it logs ``daemon.waiting_for_window`` (with when the next window opens) once per wait,
+heartbeats at once with ``updater_state`` ``waiting_window``, and starts at its first check-in
+after a window opens (check-ins are jittered, so a fleet does not start at the same second).
+An install that started inside a window finishes. Only installs wait: a rollback to the
+intact other slot (no download) and a recovery from safe mode do not.
+
 When the server does not answer, the step stops and the daemon waits
 :meth:`ServerClient.retry_delay_s` (failover to the next URL within ``failover_after_s``, then
 exponential backoff with full jitter), then resumes where it stopped. Through any outage the
@@ -42,9 +51,11 @@ from typing import Any
 
 from bootloader_hooks.base import ROOT_SLOTS, other_slot
 from fleet_core.errors import FleetError
+from fleet_core.windows import WindowError
 from image_builder.errors import ImageIntegrityError
 from signing.errors import KeyringError
 from signing.keyring import Keyring
+from updater.bandwidth import UpdateSchedule, now_utc, schedule_from_config
 from updater.client import (
     Assignment,
     CheckinResult,
@@ -90,6 +101,7 @@ MAX_BATCHES_PER_STEP = 10
 INSTALL_RETRY_MAX_S = 3600.0
 DECOMMISSIONED_RETRY_S = 900.0  # how often a decommissioned device asks whether it is back
 WATCHDOG_GRACE_S = 120.0
+WAITING_STATE = "waiting_window"  # the heartbeat's updater_state while outside the windows
 
 
 # --- the daemon -----------------------------------------------------------------------------
@@ -111,6 +123,7 @@ class Daemon:
         outbox: Outbox | None = None,
         wall_clock: Callable[[], float] = time.time,
         hostname: str | None = None,
+        schedule: UpdateSchedule | None = None,
     ) -> None:
         data_dir = runtime.config.data_dir
         self.outbox = outbox or Outbox(data_dir / OUTBOX_NAME, wall_clock=wall_clock)
@@ -142,6 +155,9 @@ class Daemon:
         self._duty_errors: dict[str, str] = {}
         self.last_error: str | None = None  # of the last step, None if it went through
         self.last_checkin: CheckinResult | None = None
+        # when installs may start ([updates] windows, time_zone); what the device waits for
+        self.schedule = schedule or schedule_from_config(runtime.config)
+        self.waiting: dict[str, Any] | None = None
         config = runtime.config
         self.checkin_interval_s = config.checkin_interval_s
         self.heartbeat_interval_s = config.heartbeat_interval_s
@@ -262,6 +278,9 @@ class Daemon:
         )
         answer = self.client.last_answer
         assigned = answer.assignment.version if answer and answer.assignment else "no assignment"
+        if self.waiting is not None:
+            opens = self.waiting["next_open"] or "no window ahead"
+            assigned += f" (waiting for its window: {opens})"
         return f"{server}; assigned: {assigned}; {waiting} event(s) queued"
 
     # --- duties --------------------------------------------------------------------------
@@ -336,6 +355,8 @@ class Daemon:
             tags=runtime.config.tags,
             metrics_address=runtime.scrape_address(self._hostname),
         )
+        if self.waiting is not None and document["updater_state"] == "idle":
+            document["updater_state"] = WAITING_STATE
         # the metrics follow the heartbeat: a textfile or a scrape is never older than one
         runtime.publish_metrics(document=snapshot, server_unreachable_s=0.0)
         self.client.heartbeat(document)
@@ -357,6 +378,8 @@ class Daemon:
         assignment = result.answer.assignment
         state, booted, undecided = self._situation()
         decision = decide(assignment, state, booted, undecided, self.history.load())
+        if assignment is None or decision.action in ("none", "skip"):
+            self._stop_waiting()
         if assignment is None or decision.action == "none":
             return
         sha = assignment.manifest_sha256
@@ -365,11 +388,53 @@ class Daemon:
             return
         if self._clock() < self._install_retry_at.get(sha, -math.inf):
             return
+        if decision.action == "install" and not self._window_open(assignment):
+            return
         try:
             with update_lock(self.runtime.config.data_dir):
                 self._act_locked(assignment, result.server_url)
         except LockedError as err:
             self._report_once(sha, f"not now: {err}")
+
+    def _window_open(self, assignment: Assignment) -> bool:
+        """Whether an install of ``assignment`` may start now: inside the device's windows
+        and the assigning rollout's. When not, wait (see the module docstring): say so once
+        per wait and heartbeat at once. A rollout window this updater cannot read (a newer
+        server's syntax) is waited on, never ignored."""
+        now = now_utc(self._wall_clock)
+        problem: str | None = None
+        try:
+            schedule = self.schedule.narrowed(assignment.windows)
+        except WindowError as err:
+            schedule, problem = self.schedule, f"cannot read the rollout's windows: {err}"
+        if problem is None and schedule.inside(now):
+            if self.waiting is not None:
+                self._stop_waiting()
+                # the server still sees "waiting_window" until the next heartbeat, and none
+                # is sent while the install runs: send one now
+                with contextlib.suppress(Exception):
+                    self._heartbeat()
+                    self._next_heartbeat_at = self._clock() + self.heartbeat_interval_s
+            return True
+        described = schedule.describe(now)
+        waiting = {
+            "release": assignment.release_id, "version": assignment.version,
+            "next_open": None if problem else described["next_open"],
+            "windows": described["windows"], "rollout_windows": described["rollout_windows"],
+            "time_zone": described["time_zone"], **({"problem": problem} if problem else {}),
+        }  # fmt: skip
+        if waiting != self.waiting:
+            if self.waiting is None:
+                self._next_heartbeat_at = -math.inf  # tell the server now, not in a minute
+            self.waiting = waiting
+            level = "warning" if problem or waiting["next_open"] is None else "info"
+            self.log.event("daemon.waiting_for_window", level=level, **waiting)
+        return False
+
+    def _stop_waiting(self) -> None:
+        if self.waiting is not None:
+            self.waiting = None
+            self._next_heartbeat_at = -math.inf
 
     def _act_locked(self, assignment: Assignment, server_url: str) -> None:
         """Decide again under the update lock (the state may have changed), then act."""

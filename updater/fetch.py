@@ -25,6 +25,8 @@ from updater.errors import DownloadError
 if TYPE_CHECKING:
     import requests
 
+    from updater.bandwidth import RateLimit
+
 CHUNK = 1024 * 1024
 # A dropped connection loses the chunk being received: keep it small, so a resume repeats
 # little, and large enough that Python's per-chunk overhead stays negligible.
@@ -54,6 +56,7 @@ class HttpStream(io.RawIOBase):
         deadline: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         verify: bool | str | None = None,
+        rate: RateLimit | None = None,
     ) -> None:
         # imported here: a device installing from a local file never pays for the HTTP stack
         import requests
@@ -76,6 +79,9 @@ class HttpStream(io.RawIOBase):
         # an https:// URL's certificate: a CA file ([server] ca_file), or None for the
         # session's setting (the system's CA store unless the session says otherwise)
         self._verify = verify
+        # every byte read passes the install's rate limit ([bandwidth] rate_limit), one bucket
+        # shared by the streams of an install (a mirror taking over continues it)
+        self._rate = rate
         self._etag: str | None = None
         self._response: requests.Response | None = None
         self._body: Iterator[bytes] | None = None
@@ -167,6 +173,8 @@ class HttpStream(io.RawIOBase):
                     self.resumes += 1
         data, self._pending = self._pending[:want], self._pending[want:]
         self.offset += len(data)
+        if self._rate is not None:
+            self._rate.take(len(data))
         return data
 
     def close(self) -> None:

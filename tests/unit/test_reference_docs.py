@@ -173,7 +173,7 @@ def test_the_reference_documents_every_table_and_key() -> None:
     tables = {row.table for row in rows}
     assert tables == {
         "", "bootloader", "slots", "slots.a", "limits", "health", "health.checks", "server",
-        "paths", "metrics",
+        "bandwidth", "updates", "paths", "metrics",
     }  # fmt: skip
     contexts = {row.context for row in rows if row.context}
     assert {f'backend = "{name}"' for name in ("grub", "tryboot", "uboot")} <= contexts

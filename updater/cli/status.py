@@ -1,15 +1,21 @@
-"""``fleet-updater status``: what the device's slots, boot state and update state are, read
-without writing anything, in words or as one JSON document."""
+"""``fleet-updater status``: what the device's slots, boot state and update state are, and
+when it may download (rate limit, maintenance windows), read without writing anything, in
+words or as one JSON document."""
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from fleet_core.text import printable
+from updater.bandwidth import now_utc as _now_utc
+from updater.bandwidth import rate_text, schedule_from_config
 from updater.cli.common import command_runtime
+from updater.config import UpdaterConfig
 from updater.errors import UpdaterError
 
 
@@ -17,7 +23,9 @@ from updater.errors import UpdaterError
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Show slots, boot state and update state, as far as they can be read; writes nothing.
+    """Show slots, boot state and update state, as far as they can be read, the download rate
+    limit and the maintenance windows (whether now is inside one, when the next opens);
+    writes nothing.
 
     Exits 1 (after printing what it found) when the configuration is missing, unreadable or
     invalid, or the boot state cannot be read (``repair`` rebuilds it): each problem is named
@@ -25,6 +33,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """
     runtime = command_runtime(ctx, log_to_stdout=False, read_only=True, on_defaults=True)
     document = runtime.snapshot()
+    document.update(bandwidth_status(runtime.config))
     if as_json:
         click.echo(json.dumps(document, indent=2, sort_keys=True))
     else:
@@ -32,6 +41,22 @@ def status(ctx: click.Context, as_json: bool) -> None:
     problems = _status_problems(document)
     if problems:
         raise UpdaterError("; ".join(problems))
+
+
+def bandwidth_status(
+    config: UpdaterConfig, wall_clock: Callable[[], float] = time.time
+) -> dict[str, Any]:
+    """The ``bandwidth`` and ``updates`` members of the status document: the rate limit, the
+    device's own windows, whether now is inside one and when the next opens (ISO 8601, local
+    time; ``next_open`` equals now when inside). A rollout may narrow the windows further: the
+    daemon's ``daemon.waiting_for_window`` event says so."""
+    schedule = schedule_from_config(config)
+    updates = schedule.describe(_now_utc(wall_clock))
+    del updates["rollout_windows"]
+    return {
+        "bandwidth": {"rate_limit_bytes_per_s": config.rate_limit_bytes_per_s},
+        "updates": updates,
+    }
 
 
 def _status_problems(document: dict[str, Any]) -> list[str]:
@@ -64,7 +89,20 @@ def _print_status(document: dict[str, Any]) -> None:
     lines.append(f"security:  {document['installed_security_version']}")
     suspended = document["suspended"]
     lines.append(f"updates:   {'suspended: ' + suspended if suspended else 'active'}")
+    lines.append(f"download:  {rate_text(document['bandwidth']['rate_limit_bytes_per_s'])}")
+    lines.append(f"windows:   {_windows_text(document['updates'])}")
     if document["state_problem"]:
         lines.append(f"  problem: {document['state_problem']}")
     for line in lines:
         click.echo(printable(line))
+
+
+def _windows_text(updates: dict[str, Any]) -> str:
+    """``02:00-05:00, Sat 00:00-24:00 (Europe/Berlin): outside, next opens 2026-…``."""
+    if not updates["windows"]:
+        return "any time (no windows configured)"
+    where = f"{', '.join(updates['windows'])} ({updates['time_zone']})"
+    if updates["inside"]:
+        return f"{where}: inside one now"
+    opens = updates["next_open"]
+    return f"{where}: outside, next opens {opens}" if opens else f"{where}: none opens ahead"

@@ -312,6 +312,9 @@ class Rollout(Base):
     # a device not seen for longer is offline: neither assigned nor expected (86400 for the
     # rollouts made before the setting existed, as for new ones by default)
     offline_after_s: Mapped[int] = mapped_column(Integer, server_default="86400")
+    # JSON list of maintenance windows (fleet_core.windows, canonical text), in each device's
+    # local time: its devices start installing only inside them; None: any time
+    windows: Mapped[str | None] = mapped_column(Text, default=None)
     state: Mapped[str] = mapped_column(String(16), index=True)  # check-ins ask "any active?"
     stage: Mapped[int] = mapped_column(Integer)
     stage_started: Mapped[datetime] = mapped_column(UTCDateTime)

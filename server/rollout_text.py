@@ -38,6 +38,22 @@ def skipped_text(skipped: int, offline_after_s: int) -> str:
     )
 
 
+def windows_text(windows: list[str]) -> str | None:
+    """A rollout's maintenance windows: ``Mon-Fri 02:00-05:00, Sat 00:00-24:00 (each device's
+    local time)``; None: any time."""
+    if not windows:
+        return None
+    return f"{', '.join(windows)} (each device's local time)"
+
+
+def waiting_text(waiting: int) -> str:
+    """How many pending devices wait for a maintenance window (theirs or the rollout's)."""
+    return (
+        f"{waiting} device{'s' if waiting != 1 else ''} waiting for a maintenance window "
+        "(assigned; the install starts when one opens)"
+    )
+
+
 def stage_text(stage: dict[str, Any]) -> str:
     """A stage's counts (one entry of the view's ``stage_progress``): ``3/20 ok, 1 failed, 2
     pending``."""

@@ -42,6 +42,13 @@ With ``rollback_on_halt`` (the default), a failed device is assigned the release
 once (even a tolerated failure: left assigned, it would retry the release that failed on it),
 and on a halt so are the devices still pending.
 
+A rollout may carry **maintenance windows** (``windows``, :mod:`fleet_core.windows`), read in
+each device's local time: the assignment carries them and a device starts installing only
+inside them and inside its own ``[updates] windows``; one that waits heartbeats
+``updater_state`` ``waiting_window``, and the view counts its pending members in that state
+(``waiting_window``). Windows change nothing here: a device is assigned, expected and judged
+(install deadline included) as without them, so a deadline must leave room for the wait.
+
 The **emergency stop** pauses every running rollout with its reason and withdraws the assignment
 of every device of a running or paused rollout that has not committed the new release, in the
 same transaction, so the next check-in answers "no assignment". While it is on, nothing starts or
@@ -68,6 +75,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session, joinedload
 
+from fleet_core.windows import WindowError, longest_wait_s, parse_windows
 from server import audit
 from server.database import Database
 from server.errors import (
@@ -85,6 +93,7 @@ from server.models import (
     Rollout,
     RolloutDevice,
 )
+from server.rollout_text import duration_text
 from server.schemas import (
     DEFAULT_INSTALL_DEADLINE_S,
     DEFAULT_MAX_FAILURE_RATE,
@@ -302,6 +311,7 @@ class RolloutRequest:
     tags: tuple[str, ...] = ()  # ... that carry every one of these tags
     offline_after_s: int = DEFAULT_OFFLINE_AFTER_S  # unseen longer: not assigned, not expected
     allow_empty: bool = False  # start even when no online device is selected
+    windows: tuple[str, ...] = ()  # maintenance windows, devices' local time; empty: any time
 
     @classmethod
     def from_body(cls, body: RolloutStartRequest) -> RolloutRequest:
@@ -320,6 +330,7 @@ class RolloutRequest:
             tags=tuple(body.selector.tags) if body.selector else (),
             offline_after_s=body.offline_after_s,
             allow_empty=body.allow_empty,
+            windows=tuple(body.windows),
         )
 
 
@@ -479,6 +490,20 @@ def start(db: Database, request: RolloutRequest, *, actor: str, now: datetime) -
             f"offline after: give at least {MIN_OFFLINE_AFTER_S} s (a healthy device is seen "
             "about once a minute)"
         )
+    try:
+        parsed = parse_windows(list(request.windows), where="windows")
+    except WindowError as err:
+        raise InvalidRolloutError(str(err)) from err
+    windows = [w.text for w in parsed]
+    needed = longest_wait_s(parsed) + WINDOW_DEADLINE_MARGIN_S if parsed else 0
+    if request.install_deadline_s < needed:
+        # the deadline counts from the assignment, the wait for a window included: shorter,
+        # every device assigned outside the windows would fail the rollout
+        raise InvalidRolloutError(
+            f"install deadline: with windows {', '.join(windows)} a device may wait "
+            f"{duration_text(longest_wait_s(parsed))} for one to open, and the deadline counts "
+            f"from the assignment: give at least {duration_text(needed)}"
+        )
     with db.write() as session:
         db.lock(session, ROLLOUT_EVALUATOR_LOCK)
         if _control(session).emergency_stop:
@@ -508,6 +533,7 @@ def start(db: Database, request: RolloutRequest, *, actor: str, now: datetime) -
             install_deadline_s=request.install_deadline_s,
             rollback_on_halt=request.rollback_on_halt,
             offline_after_s=request.offline_after_s,
+            windows=json.dumps(windows) if windows else None,
             state=RolloutState.RUNNING,
             stage=0,
             stage_started=now,
@@ -1043,6 +1069,9 @@ def _view(session: Session, rollout: Rollout, now: datetime) -> dict[str, Any]:
         "install_deadline_s": rollout.install_deadline_s,
         "rollback_on_halt": rollout.rollback_on_halt,
         "offline_after_s": rollout.offline_after_s,
+        "windows": rollout_windows(rollout),
+        # pending members whose last heartbeat says they wait for a maintenance window
+        "waiting_window": _waiting_window(session, rollout, members),
         # selected devices offline for longer than offline_after_s, not assigned (while the
         # rollout is going)
         "skipped_offline": [d.id for d in selection.offline if d.id not in member_ids]
@@ -1074,6 +1103,45 @@ def _view(session: Session, rollout: Rollout, now: datetime) -> dict[str, Any]:
     }
 
 
+def rollout_windows(rollout: Rollout) -> list[str]:
+    """The rollout's maintenance windows (canonical entries); empty: any time."""
+    return list(json.loads(rollout.windows)) if rollout.windows else []
+
+
+def _waiting_window(session: Session, rollout: Rollout, members: Sequence[RolloutDevice]) -> int:
+    """How many of the rollout's pending members last heartbeated ``waiting_window``: they
+    hold the assignment and wait for a window (theirs or the rollout's) to start."""
+    if not any(m.outcome == Outcome.PENDING for m in members):
+        return 0
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(RolloutDevice)
+            .join(Device, Device.id == RolloutDevice.device_id)
+            .where(
+                RolloutDevice.rollout_id == rollout.id,
+                RolloutDevice.outcome == Outcome.PENDING,
+                Device.state == WAITING_WINDOW,
+            )
+        )
+        or 0
+    )
+
+
+def assignment_windows(session: Session, device_id: str, release_id: int) -> list[str]:
+    """The windows a device's assignment of ``release_id`` carries: those of the newest
+    rollout that made the device a member and rolls out that release (empty when none does:
+    an operator's assignment, a rollback to the release a device ran before)."""
+    rollout = session.scalars(
+        select(Rollout)
+        .join(RolloutDevice, RolloutDevice.rollout_id == Rollout.id)
+        .where(RolloutDevice.device_id == device_id, Rollout.release_id == release_id)
+        .order_by(Rollout.id.desc())
+        .limit(1)
+    ).first()
+    return rollout_windows(rollout) if rollout is not None else []
+
+
 def status(db: Database, now: datetime) -> dict[str, Any]:
     """Every rollout (newest first) as of ``now`` and the emergency stop."""
     with db.read() as session:
@@ -1088,6 +1156,13 @@ def emergency_stop_view(session: Session) -> dict[str, Any]:
     """The emergency stop as operators see it (:func:`control_view`): off until first used."""
     return control_view(session.get(FleetControl, 1) or FleetControl(id=1, emergency_stop=False))
 
+
+# What an install deadline must leave beyond the longest wait for a rollout's window: an hour
+# for a clock change in the devices' zones, an hour to install.
+WINDOW_DEADLINE_MARGIN_S = 2 * 3600
+# The heartbeat's updater_state of a device that holds an assignment and waits for a window
+# (updater.daemon.WAITING_STATE; docs/device-protocol.md).
+WAITING_WINDOW = "waiting_window"
 
 # The fields of a rollout's view (:func:`get`) that a list of rollouts shows.
 SUMMARY_FIELDS = (

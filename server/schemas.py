@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from fleet_core.text import check_text, describe, printable, refused_character
+from fleet_core.windows import MAX_ENTRY, MAX_WINDOWS, WindowError, parse_windows
 from server.errors import InvalidRequestError
 from server.scrape import MAX_ADDRESS_LENGTH, Network, check_metrics_address
 
@@ -275,6 +276,22 @@ class RolloutSelector(_Body):
     tags: Annotated[list[Label], Field(max_length=MAX_TAGS, default_factory=list)]
 
 
+def _canonical_windows(entries: list[str]) -> list[str]:
+    """A rollout's maintenance windows, each in its canonical text (``mon-fri 2:00-5:00`` is
+    ``Mon-Fri 02:00-05:00``), duplicates once.
+
+    Raises:
+        ValueError: naming the entry that cannot be read and why (fleet_core.windows).
+    """
+    try:
+        return [window.text for window in parse_windows(entries, where="windows")]
+    except WindowError as err:
+        raise ValueError(str(err)) from None
+
+
+WindowEntry = Annotated[str, StringConstraints(max_length=MAX_ENTRY)]
+
+
 class RolloutStartRequest(_Body):
     version: Version
     device_ids: Annotated[list[Hex64], Field(max_length=MAX_TARGETS)] | None = None
@@ -293,6 +310,13 @@ class RolloutStartRequest(_Body):
     )
     # a rollout that would assign no device is refused unless this says it is meant
     allow_empty: bool = False
+    # maintenance windows in each device's local time (fleet_core.windows): its devices start
+    # installing only inside them, and inside their own; empty: any time
+    windows: Annotated[
+        list[WindowEntry],
+        Field(max_length=MAX_WINDOWS, default_factory=list),
+        AfterValidator(_canonical_windows),
+    ]
 
 
 class ReasonRequest(_Body):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from fleet_core.params import FiniteFloatRange
+from fleet_core.windows import WindowError, parse_windows
 from server.cli.common import (
     DURATION,
     PERCENT,
@@ -26,6 +27,8 @@ from server.rollout_text import (
     selector_text,
     skipped_text,
     stage_text,
+    waiting_text,
+    windows_text,
 )
 
 if TYPE_CHECKING:
@@ -132,6 +135,11 @@ def render_rollout(r: dict[str, Any]) -> list[str]:
     skipped = r.get("skipped_offline")
     if skipped:
         lines.append(f"  {skipped_text(len(skipped), r['offline_after_s'])}")
+    windows = windows_text(r.get("windows") or [])
+    if windows:
+        lines.append(f"  windows: {windows}")
+    if r.get("waiting_window"):
+        lines.append(f"  {waiting_text(r['waiting_window'])}")
     width = max(len(s["name"]) for s in r["stage_progress"])
     for index, stage in enumerate(r["stage_progress"]):
         marker = ">" if index == r["stage"] and r["state"] in ("running", "paused") else " "
@@ -180,6 +188,12 @@ def render_rollout(r: dict[str, Any]) -> list[str]:
     "--selector", "selectors", multiple=True,
     help="role=NAME or tag=NAME: only devices that report it (repeat; all must match).",
 )  # fmt: skip
+@click.option(
+    "--window", "windows", multiple=True, callback=lambda _c, _p, v: checked_windows(v),
+    help="A maintenance window in each device's local time: HH:MM-HH:MM, after days if only "
+    "on them (Sat, Mon-Fri, Sat,Sun); may cross midnight (repeat). Devices start installing "
+    "only inside one, and inside their own [updates] windows.",
+)  # fmt: skip
 @api_options
 @JSON_OPTION
 def rollout_start(
@@ -194,11 +208,17 @@ def rollout_start(
     offline_after: int,
     allow_empty: bool,
     selectors: tuple[str, ...],
+    windows: list[str],
     server: str | None,
     token: str | None,
     as_json: bool,
 ) -> None:
     """Start a staged rollout of release VERSION.
+
+    With --window, devices start installing only inside those windows (each device's local
+    time) and their own; a device waiting for one reports it, and `fleet rollout status`
+    counts them. An install that started inside a window finishes. The install deadline
+    counts from the assignment, so leave room for the wait (e.g. --install-deadline 24h).
 
     Devices not seen for longer than --offline-after are skipped: the rollout neither assigns
     them nor waits for them, and `fleet rollout status` counts them. One seen again while the
@@ -220,6 +240,7 @@ def rollout_start(
         "rollback_on_halt": not no_rollback,
         "offline_after_s": offline_after,
         "allow_empty": allow_empty,
+        "windows": windows,
     }
     try:
         answer = client.post("/api/v1/rollouts", document)
@@ -233,6 +254,18 @@ def rollout_start(
             code=err.code,
         ) from err
     _print_rollout(answer, as_json)
+
+
+def checked_windows(entries: tuple[str, ...]) -> list[str]:
+    """The --window entries in canonical text, each read as the server and devices read it.
+
+    Raises:
+        click.BadParameter: naming the entry that cannot be read.
+    """
+    try:
+        return [window.text for window in parse_windows(list(entries), where="--window")]
+    except WindowError as err:
+        raise click.BadParameter(str(err).removeprefix("--window"), param_hint="--window") from None
 
 
 API_ANYWAY = "(allow_empty starts it anyway)"  # server.rollouts' refusal of an empty rollout

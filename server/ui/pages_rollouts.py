@@ -36,6 +36,8 @@ from server.rollout_text import (
     selector_text,
     skipped_text,
     stage_text,
+    waiting_text,
+    windows_text,
 )
 from server.schemas import (
     DEFAULT_INSTALL_DEADLINE_S,
@@ -268,6 +270,8 @@ class RolloutPage:
     failure_rule: str
     selector: str | None
     skipped: str | None
+    windows: str | None = None  # the rollout's maintenance windows; None: any time
+    waiting: str | None = None  # how many pending devices wait for a window
 
 
 _OUTCOME_ORDER = {"failed": 0, "pending": 1, "succeeded": 2}
@@ -293,6 +297,8 @@ def rollout_page(view: Mapping[str, Any], hostnames: Mapping[str, str]) -> Rollo
         skipped=skipped_text(len(view["skipped_offline"]), view["offline_after_s"])
         if view["skipped_offline"]
         else None,
+        windows=windows_text(view.get("windows") or []),
+        waiting=waiting_text(view["waiting_window"]) if view.get("waiting_window") else None,
     )
 
 

@@ -32,12 +32,10 @@ is at worst ``installing`` (ignored, rewritten by the next install).
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from bootloader_hooks.base import ROOT_SLOTS, BootSelector, Repairable, other_slot
@@ -63,6 +61,7 @@ from updater.errors import (
 from updater.fetch import MirroredStream, open_source
 from updater.lifecycle import SlotLifecycle, below_floor
 from updater.log import EventSink
+from updater.slotio import SlotWriter as _SlotWriter
 from updater.slots import SlotTarget, check_not_mounted_root, slot_targets
 from updater.state import DeviceState, StateStore
 
@@ -256,28 +255,27 @@ class Installer:
     def _write_image(
         self, image: BundleImage, target: SlotTarget, done: int, total: int, watch: _Watch
     ) -> int:
-        """Stream one image into its slot. Reading (hashing, decompressing) and writing
-        (copying into the page cache, flushing) run side by side on two cores: the next chunk
-        is verified while the previous one is written, with two chunks in memory at most."""
+        """Stream one image into its slot. Reading (hashing, decompressing) and writing run
+        side by side: the next chunk is verified while the previous one is written (two chunks
+        in memory at most), and the slot is flushed beside both (:mod:`updater.slotio`).
+        Progress reports what has been flushed."""
         durable.boundary("slot:begin", target.path)
-        try:
-            fd = os.open(target.path, os.O_WRONLY)
-        except OSError as err:
-            raise InstallError(f"slot {target.path}: cannot open: {err.strerror}") from err
-        writer = _SlotWriter(fd, target.path, self._flush_bytes)
+        writer = _SlotWriter(target.path, self._flush_bytes, self._write_chunk)
         try:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slot-writer") as pool:
-                pending: Future[bool] | None = None
+                pending: Future[int | None] | None = None
                 while chunk := image.stream.read(self._write_chunk):
-                    if pending is not None and pending.result():
-                        self._report_progress(done + writer.flushed, total)
+                    if pending is not None and (flushed := pending.result()) is not None:
+                        self._report_progress(done + flushed, total)
                     self._check(watch)
                     pending = pool.submit(writer.write, chunk)
                 if pending is not None:
-                    pending.result()
-            writer.flush()
+                    flushed = pending.result()
+                    if flushed is not None and flushed < writer.written:
+                        self._report_progress(done + flushed, total)
+            writer.finish()
         finally:
-            os.close(fd)
+            writer.close()
         durable.boundary("slot:done", target.path)
         done += writer.written
         self._report_progress(done, total)
@@ -638,39 +636,6 @@ class _Watch:
 
     deadline: float
     abandon: Callable[[], str | None] | None = None
-
-
-class _SlotWriter:
-    """Writes a slot sequentially, flushing every ``FLUSH_BYTES``; used from one thread."""
-
-    def __init__(self, fd: int, path: Path, flush_bytes: int) -> None:
-        self.fd = fd
-        self.path = path
-        self.flush_bytes = flush_bytes
-        self.written = 0
-        self.flushed = 0
-
-    def write(self, data: bytes) -> bool:
-        """Write ``data``; return whether this write ended with a flush."""
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(self.fd, view) :]
-        except OSError as err:
-            raise InstallError(f"slot {self.path}: write failed: {err.strerror}") from err
-        self.written += len(data)
-        if self.written - self.flushed >= self.flush_bytes:
-            self.flush()
-            return True
-        return False
-
-    def flush(self) -> None:
-        durable.boundary("slot:before-flush", self.path)
-        try:
-            os.fdatasync(self.fd)
-        except OSError as err:
-            raise InstallError(f"slot {self.path}: flush failed: {err.strerror}") from err
-        self.flushed = self.written
 
 
 def _failure_event(err: BaseException) -> str:

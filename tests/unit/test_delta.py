@@ -398,3 +398,29 @@ def test_any_plan_assembles_exactly_the_new_image(
     assert target.read_bytes()[: len(new_image)] == new_image
     assert fetcher.fetched == the_plan.fetch_bytes <= stored.size
     assert hashlib.sha256(new_image).hexdigest() == stored.uncompressed_sha256
+
+
+def status(lab: Lab, *args: str) -> str:
+    from click.testing import CliRunner
+
+    from updater.cli import main
+
+    config = lab.root / "updater.toml"
+    config.write_text(lab.device.config_toml())
+    result = CliRunner().invoke(main, ["--config", str(config), "status", *args])
+    return result.output
+
+
+def test_status_shows_what_the_last_download_cost_and_a_download_in_progress(lab: Lab) -> None:
+    provisioned(lab)
+    assert "transfer:" not in status(lab)
+    new = patched(BASE)
+    release = lab.release(new, "2.0.0")
+    result = lab.install(release)
+    text = status(lab)
+    assert f"{result.bytes_fetched} bytes fetched (" in text
+    assert f"{result.bytes_reused} bytes found on the device" in text
+    document = json.loads(status(lab, "--json"))
+    assert document["transfer"]["finished"]["fetched"] == result.bytes_fetched
+    Journal(lab.root / "device" / "data").advance("b", "ab" * 32, {"rootfs.img.zst": 12345})
+    assert "release abababababab into slot b: 12345 bytes written and verified" in status(lab)

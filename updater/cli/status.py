@@ -16,6 +16,7 @@ from updater.bandwidth import now_utc as _now_utc
 from updater.bandwidth import rate_text, schedule_from_config
 from updater.cli.common import command_runtime
 from updater.config import UpdaterConfig
+from updater.delta import Journal
 from updater.errors import UpdaterError
 
 
@@ -34,6 +35,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     runtime = command_runtime(ctx, log_to_stdout=False, read_only=True, on_defaults=True)
     document = runtime.snapshot()
     document.update(bandwidth_status(runtime.config))
+    document["transfer"] = Journal(runtime.config.data_dir).summary()
     if as_json:
         click.echo(json.dumps(document, indent=2, sort_keys=True))
     else:
@@ -91,6 +93,9 @@ def _print_status(document: dict[str, Any]) -> None:
     lines.append(f"updates:   {'suspended: ' + suspended if suspended else 'active'}")
     lines.append(f"download:  {rate_text(document['bandwidth']['rate_limit_bytes_per_s'])}")
     lines.append(f"windows:   {_windows_text(document['updates'])}")
+    transfer = _transfer_text(document["transfer"])
+    if transfer:
+        lines.append(f"transfer:  {transfer}")
     if document["state_problem"]:
         lines.append(f"  problem: {document['state_problem']}")
     for line in lines:
@@ -106,3 +111,23 @@ def _windows_text(updates: dict[str, Any]) -> str:
         return f"{where}: inside one now"
     opens = updates["next_open"]
     return f"{where}: outside, next opens {opens}" if opens else f"{where}: none opens ahead"
+
+
+def _transfer_text(summary: dict[str, Any] | None) -> str | None:
+    """The install journal's word (:class:`updater.delta.Journal`): what the last download
+    cost, or how far the one in progress is."""
+    if summary is None:
+        return None
+    release = (summary["release"] or "?")[:12]
+    finished = summary["finished"]
+    if finished is None:
+        return (
+            f"release {release} into slot {summary['slot']}: {summary['verified_bytes']} bytes "
+            "written and verified, resumed from there by the next attempt"
+        )
+    fetched, stored = finished.get("fetched", 0), finished.get("stored", 0)
+    share = f" ({100 * fetched / stored:.1f} % of the full image)" if stored else ""
+    return (
+        f"last install (release {release}, slot {summary['slot']}): {fetched} bytes fetched"
+        f"{share}, {finished.get('reused', 0)} bytes found on the device"
+    )

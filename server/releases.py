@@ -216,24 +216,25 @@ def _insert(session: Session, checked: CheckedBundle, actor: str, now: datetime)
         signature=checked.signature_bytes,
         created=now,
         uploaded_by=actor,
-        images=[
-            ReleaseImage(
-                position=position,
-                slot_class=image.entry.slot_class,
-                filename=image.entry.filename,
-                compression=image.entry.compression,
-                sha256=image.entry.sha256,
-                size=image.entry.size,
-                chunk_index_sha256=index.sha256 if index is not None else None,
-                chunk_index_size=index.size if index is not None else None,
-            )
-            for position, image in enumerate(checked.images)
-            for index in [image.entry.chunk_index]
-        ],
+        images=[_image_row(position, image.entry) for position, image in enumerate(checked.images)],
     )
     session.add(release)
     session.flush()
     return release
+
+
+def _image_row(position: int, entry: ImageEntry) -> ReleaseImage:
+    index = entry.chunk_index
+    return ReleaseImage(
+        position=position,
+        slot_class=entry.slot_class,
+        filename=entry.filename,
+        compression=entry.compression,
+        sha256=entry.sha256,
+        size=entry.size,
+        chunk_index_sha256=index.sha256 if index is not None else None,
+        chunk_index_size=index.size if index is not None else None,
+    )
 
 
 def describe(release: Release) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""``GET /blobs/<sha256>``: image bytes for devices and mirrors, streamed from disk.
+"""``GET /blobs/<sha256>``: image bytes for devices and mirrors, streamed from disk (a chunked
+image assembled from its chunks by the blob store: server/blobs.py, server/chunkstore.py).
 
 No authentication: every byte is checked against the signed manifest by whoever downloads it.
 Blobs never change, so the ETag is the SHA-256 itself and caches may keep them forever.

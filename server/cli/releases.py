@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -69,7 +70,10 @@ def release_list(server: str | None, token: str | None, as_json: bool) -> None:
 @release.command("export")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @database_options
-def release_export(directory: Path, data_dir: Path | None, database_url: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print what was exported as JSON.")
+def release_export(
+    directory: Path, data_dir: Path | None, database_url: str | None, as_json: bool
+) -> None:
     """Write every release's blobs into DIRECTORY for a static HTTP server to mirror.
 
     DIRECTORY gets blobs/<sha256> for every image (a chunked image whole) and chunk index, and
@@ -89,6 +93,10 @@ def release_export(directory: Path, data_dir: Path | None, database_url: str | N
         summary = export(db, BlobStore(settings.blob_dir), directory)
     finally:
         db.dispose()
+    if as_json:
+        document = {"directory": str(directory), **asdict(summary)}
+        click.echo(json.dumps(document, indent=2, ensure_ascii=True))
+        return
     show(
         f"exported {len(summary.releases)} release(s) to {directory}: {summary.written} file(s) "
         f"written ({summary.written_bytes} bytes), {summary.kept} already there"

@@ -508,12 +508,13 @@ class Installer:
         verified: Mapping[str, int],
         started: float,
         kind: str,
-    ) -> list[tuple[ImageEntry, Plan]] | None:
+    ) -> tuple[list[tuple[ImageEntry, Plan]] | None, int]:
         """Plans to assemble every image from what the device holds, or None for a full
         install: an image without a chunk index or with no URL for it, or nothing to reuse
-        (then the plain stream is faster: no seeking, no second read of the slot)."""
+        (then the plain stream is faster: no seeking, no second read of the slot); and the
+        bytes of chunk indexes fetched to find out."""
         if not all(e.chunk_index and blob_urls.get(e.chunk_index.sha256) for e in manifest.images):
-            return None
+            return None, 0
         booted = self.backend.booted()
         seeds = (
             slot_targets(self.config.slots, booted, self.config.partlabel_dir)

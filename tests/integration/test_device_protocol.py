@@ -431,17 +431,20 @@ def test_checkin_returns_the_verified_assignment_and_where_its_blobs_are(
         NONCE
     )
     [image] = release["images"]
-    [blob] = assignment.blobs
+    # the image, then its chunk index (bundle format 2), each a blob named by its SHA-256
+    blob, index = assignment.blobs
     assert (blob.sha256, blob.size, blob.slot_class) == (image["sha256"], image["size"], "rootfs")
+    assert (index.sha256, index.size) == (
+        image["chunk_index"]["sha256"], image["chunk_index"]["size"],
+    )  # fmt: skip
     urls = client.blob_urls(assignment, result.server_url)
     assert urls == {
-        blob.sha256: [
-            f"{real.url}/blobs/{blob.sha256}",
-            f"https://cdn.example/fleet/blobs/{blob.sha256}",
-        ]
+        sha: [f"{real.url}/blobs/{sha}", f"https://cdn.example/fleet/blobs/{sha}"]
+        for sha in (blob.sha256, index.sha256)
     }
-    fetched = requests.get(urls[blob.sha256][0], timeout=5)
-    assert hashlib.sha256(fetched.content).hexdigest() == blob.sha256
+    for sha in urls:
+        fetched = requests.get(urls[sha][0], timeout=5)
+        assert hashlib.sha256(fetched.content).hexdigest() == sha
 
 
 def test_an_unchanged_assignment_is_a_304_and_the_verified_answer_stays(

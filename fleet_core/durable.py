@@ -55,11 +55,17 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_output(
+    path: str | os.PathLike[str], mode: int = 0o644, *, exclusive: bool = False
+) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces ``path`` only if the block finishes without error.
 
     The file is created with permission bits ``mode`` before any byte is written, so a secret
     is never readable by others, not even for an instant.
+
+    ``exclusive``: ``path`` is created, never replaced: when another writer got there first
+    (content-addressed files written at once by two processes), :class:`FileExistsError` is
+    raised and what it wrote stays.
 
     Power cut: ``path`` holds its old content (or does not exist) until the rename, and the new
     content after it. A stray ``.tmp`` file in the directory is the only possible leftover.
@@ -75,7 +81,11 @@ def atomic_output(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[B
             tmp.flush()
             os.fsync(tmp.fileno())
         boundary("atomic:before-rename", target)
-        Path(tmp_name).replace(target)
+        if exclusive:
+            os.link(tmp_name, target)  # fails if it exists: the first file stays
+            Path(tmp_name).unlink()
+        else:
+            Path(tmp_name).replace(target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
@@ -83,9 +93,12 @@ def atomic_output(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[B
     boundary("atomic:done", target)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` durably; see :func:`atomic_output` for the guarantees."""
-    with atomic_output(path, mode) as out:
+def atomic_write(
+    path: str | os.PathLike[str], data: bytes, mode: int = 0o644, *, exclusive: bool = False
+) -> None:
+    """Replace (or with ``exclusive``, create) ``path`` with ``data`` durably; see
+    :func:`atomic_output` for the guarantees."""
+    with atomic_output(path, mode, exclusive=exclusive) as out:
         out.write(data)
 
 

@@ -45,7 +45,7 @@ _HEADER = struct.Struct(">8sIIIQ")
 _ENTRY = struct.Struct(">II32s")
 # How much of an image is cut at once: bounds memory whatever the image's size.
 WINDOW = 16 << 20
-ZSTD_LEVEL = 3
+ZSTD_LEVEL = 9  # per chunk: level 3 costs 5 % more bytes on a Debian root, level 9 about 2 s per GiB
 
 
 def stored_length_bound(length: int) -> int:
@@ -273,7 +273,10 @@ def unpack(stored: bytes, chunk: Chunk, compression: str) -> bytes:
                 raise ImageIntegrityError(
                     f"{where}: zstd frame declares {declared} bytes, the index says {chunk.length}"
                 )
-            data = zstandard.ZstdDecompressor().decompress(stored)
+            inflater = zstandard.ZstdDecompressor().decompressobj()
+            data = inflater.decompress(stored)
+            if not inflater.eof or inflater.unused_data:
+                raise ImageIntegrityError(f"{where}: not exactly one zstd frame")
         except zstandard.ZstdError as err:
             raise ImageIntegrityError(f"{where}: corrupt zstd frame: {err}") from err
     if len(data) != chunk.length or hashlib.sha256(data).digest() != chunk.sha256:

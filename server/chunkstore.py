@@ -198,7 +198,14 @@ class ChunkStore:
                     "bundle after it was verified"
                 )
             self._mkdir(target.parent)
-            atomic_write(target, stored, self._file_mode)
+            try:
+                atomic_write(target, stored, self._file_mode, exclusive=True)
+            except FileExistsError:  # another upload stored it meanwhile: its bytes stay
+                if _file_digest(target, chunk.stored_length) == digest:
+                    shared += 1
+                else:
+                    foreign += 1
+                continue
             new += 1
             new_bytes += len(stored)
         return StoredChunks(new, new_bytes, shared, foreign)

@@ -210,6 +210,10 @@ def test_a_zstd_frame_claiming_another_size_is_refused_before_it_is_decompressed
     with pytest.raises(ImageIntegrityError, match="declares 1000000 bytes, the index says 10000"):
         unpack(frame, chunk, "zstd")
     good = zstandard.ZstdCompressor(write_content_size=True).compress(data)
+    for extra in (good + b"\0", good + good, good[:-2]):  # one frame, all of it, nothing else
+        index = ChunkIndex((10_000,), (len(extra),), (hashlib.sha256(data).digest(),))
+        with pytest.raises(ImageIntegrityError, match="not exactly one zstd frame|corrupt"):
+            unpack(extra, next(index.chunks()), "zstd")
     wrong = ChunkIndex((10_000,), (len(good),), (bytes(32),))
     with pytest.raises(ImageIntegrityError, match="do not match the chunk index"):
         unpack(good, next(wrong.chunks()), "zstd")

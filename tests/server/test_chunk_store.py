@@ -298,7 +298,7 @@ def test_the_assignment_lists_each_chunk_index_as_a_blob(
     [
         ("chunk bytes", "chunk 4 of"),
         ("chunk digest", "chunk 2 of"),
-        ("frames misaligned", "chunk 1 of"),
+        ("frames misaligned", "chunk 0 of"),
         ("more than the image", "chunks add up to"),
         ("absurd chunk", "chunk 1 is"),
         ("stored larger than possible", "is stored in"),
@@ -373,6 +373,35 @@ def test_a_chunk_stored_by_another_encoder_makes_the_image_stored_whole(
     assert harness.client.get(image["url"]).content == stored
     part = harness.client.get(image["url"], headers={"Range": "bytes=1000-99999"})
     assert part.content == stored[1000:100000]
+
+
+def test_a_chunk_another_upload_stores_at_the_same_moment_is_never_replaced(
+    harness: Harness, build: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two uploads both find a chunk missing; the one that publishes second keeps the first's
+    file and stores its own image whole: a chunk file never changes once written."""
+    import server.chunkstore as chunkstore
+
+    bundle = build(image_bytes(), "1.0.0")
+    chunk = list(index_of(bundle).chunks())[3]
+    stored = image_of(bundle)
+    raw = unpack(
+        stored[chunk.stored_offset : chunk.stored_offset + chunk.stored_length], chunk, "zstd"
+    )
+    other = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(raw)
+    held = BlobStore(harness.settings.blob_dir).chunks.path(chunk.sha256, "zstd")
+    write = chunkstore.atomic_write
+
+    def racing(path: Path, data: bytes, mode: int = 0o644, **options: Any) -> None:
+        if path == held and not held.exists():
+            held.write_bytes(other)  # the other upload wins the race
+        write(path, data, mode, **options)
+
+    monkeypatch.setattr(chunkstore, "atomic_write", racing)
+    image = uploaded(harness, bundle)["images"][0]
+    assert held.read_bytes() == other
+    assert image["sha256"] in {p.name for p in harness.blob_files()}
+    assert harness.client.get(image["url"]).content == stored
 
 
 def test_a_missing_chunk_is_a_server_fault_not_wrong_bytes(

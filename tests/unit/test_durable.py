@@ -119,3 +119,16 @@ def test_a_file_that_cannot_be_removed_is_a_problem_not_a_failure(
     removed, problems = sweep_temporaries(tmp_path)
     assert removed == [second]
     assert problems == [f"{first}: cannot remove: Read-only file system"]
+
+
+def test_an_exclusive_atomic_write_never_replaces_what_is_there(tmp_path: Path) -> None:
+    from fleet_core.durable import atomic_write
+
+    target = tmp_path / "chunk"
+    atomic_write(target, b"first", exclusive=True)
+    with pytest.raises(FileExistsError):
+        atomic_write(target, b"second", exclusive=True)
+    assert target.read_bytes() == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk"]
+    atomic_write(target, b"third")  # without it, a replacement as ever
+    assert target.read_bytes() == b"third"

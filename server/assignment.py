@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,14 +26,20 @@ ASSIGNMENT_PURPOSE = "assignment"
 
 
 def assignment_etag(
-    device_id: str, manifest_sha256: str | None, checkin_interval_s: int | None = None
+    device_id: str,
+    manifest_sha256: str | None,
+    checkin_interval_s: int | None = None,
+    windows: Sequence[str] = (),
 ) -> str:
     """The ETag (unquoted) of the device's current answer: what is assigned (by the SHA-256
-    of its manifest) and the check-in interval asked for."""
+    of its manifest), the check-in interval asked for, and the maintenance windows of the
+    rollout that assigned it (an answer without windows keeps the ETag it always had)."""
     assigned = manifest_sha256 or "none"
     interval = "default" if checkin_interval_s is None else str(checkin_interval_s)
-    material = f"assignment v{ANSWER_FORMAT}\n{device_id}\n{assigned}\n{interval}".encode()
-    return hashlib.sha256(material).hexdigest()[:32]
+    material = f"assignment v{ANSWER_FORMAT}\n{device_id}\n{assigned}\n{interval}"
+    if windows:
+        material += "\n" + "\n".join(windows)
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:
@@ -49,16 +56,17 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return False
 
 
-def assignment_document(release: Release) -> dict[str, Any]:
+def assignment_document(release: Release, windows: Sequence[str] = ()) -> dict[str, Any]:
     """The ``assignment`` member of an answer for ``release``: its blobs are its images, then
     the chunk index of each chunked image (with the image's slot class), which a device
-    finds by the SHA-256 its manifest names."""
+    finds by the SHA-256 its manifest names; ``windows``, when the rollout that assigned it
+    has any, narrow when the device may install it."""
     indexes = [
         (image.slot_class, image.chunk_index_sha256, image.chunk_index_size)
         for image in release.images
         if image.chunk_index_sha256 is not None and image.chunk_index_size is not None
     ]
-    return {
+    document: dict[str, Any] = {
         "release_id": release.id,
         "version": release.version,
         "security_version": release.security_version,
@@ -72,6 +80,9 @@ def assignment_document(release: Release) -> dict[str, Any]:
             ]
         ],
     }
+    if windows:
+        document["windows"] = list(windows)
+    return document
 
 
 def _blob(slot_class: str, sha256: str, size: int) -> dict[str, Any]:
@@ -96,19 +107,23 @@ def signed_answer(
     release: Release | None,
     server_key: SigningKey,
     checkin_interval_s: int | None = None,
+    windows: Sequence[str] = (),
 ) -> SignedAnswer:
     """Build and sign the answer to a check-in with ``nonce``; ``checkin_interval_s`` asks the
     device to check in that often for now (a rollout is active), None leaves it to the
-    device's configuration."""
+    device's configuration; ``windows``: the assigning rollout's maintenance windows."""
     etag = assignment_etag(
-        device_id, release.manifest_sha256 if release is not None else None, checkin_interval_s
+        device_id,
+        release.manifest_sha256 if release is not None else None,
+        checkin_interval_s,
+        windows,
     )
     document = {
         "format": ANSWER_FORMAT,
         "device_id": device_id,
         "nonce": nonce,
         "etag": etag,
-        "assignment": assignment_document(release) if release is not None else None,
+        "assignment": assignment_document(release, windows) if release is not None else None,
         "checkin_interval_s": checkin_interval_s,
     }
     answer = json.dumps(document, sort_keys=True, separators=(",", ":"))

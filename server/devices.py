@@ -48,7 +48,7 @@ from server.models import (
     Release,
     Rollout,
 )
-from server.rollouts import ACTIVE
+from server.rollouts import ACTIVE, assignment_windows
 from server.schemas import Event, Heartbeat
 from server.settings import LAST_SEEN_RESOLUTION_S, iso
 from signing.keys import SigningKey
@@ -91,7 +91,7 @@ def check_in(
     """
     with db.read() as session:
         row = session.execute(
-            select(Device.last_seen, Release.manifest_sha256)
+            select(Device.last_seen, Release.manifest_sha256, Release.id)
             .outerjoin(
                 Release,
                 (Release.id == Device.assigned_release_id)
@@ -104,9 +104,10 @@ def check_in(
         active = session.scalars(
             select(Rollout.id).where(Rollout.state.in_(ACTIVE)).limit(1)
         ).first()
+        windows = assignment_windows(session, device_id, row.id) if row.id is not None else []
     interval = active_checkin_interval_s if active is not None else None
     fresh = now - row.last_seen < timedelta(seconds=LAST_SEEN_RESOLUTION_S)
-    etag = assignment_etag(device_id, row.manifest_sha256, interval)
+    etag = assignment_etag(device_id, row.manifest_sha256, interval, windows)
     if fresh and etag_matches(if_none_match, etag):
         return NotModified(etag)
     with db.write() as session:
@@ -119,10 +120,13 @@ def check_in(
                 .options(selectinload(Release.images))
                 .where(Release.id == device.assigned_release_id)
             ).one()
-    etag = assignment_etag(device_id, release.manifest_sha256 if release else None, interval)
+        windows = assignment_windows(session, device_id, release.id) if release else []
+    etag = assignment_etag(
+        device_id, release.manifest_sha256 if release else None, interval, windows
+    )
     if etag_matches(if_none_match, etag):
         return NotModified(etag)
-    return signed_answer(device_id, nonce, release, server_key, interval)
+    return signed_answer(device_id, nonce, release, server_key, interval, windows)
 
 
 def device_state(heartbeat: Heartbeat) -> str:

@@ -5,6 +5,8 @@ refused naming the problem."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import json
 from collections.abc import Callable
@@ -136,3 +138,34 @@ def test_rollout_texts() -> None:
     assert waiting_text(2) == (
         "2 devices waiting for a maintenance window (assigned; the install starts when one opens)"
     )
+
+
+def assignment_of(device: FakeDevice) -> tuple[dict[str, Any] | None, str, int | None]:
+    answer = device.checkin()
+    assert answer.status_code == 200, answer.text
+    document = json.loads(answer.json()["answer"])
+    return document["assignment"], document["etag"], document["checkin_interval_s"]
+
+
+def test_a_rollouts_windows_reach_its_devices_in_the_signed_answer(
+    harness: Harness, fleet_of: Callable[[int], Fleet]
+) -> None:
+    """The check-in answer carries the assigning rollout's windows (the device narrows its own
+    by them); the ETag changes with them, and an answer without windows keeps the ETag it
+    always had."""
+    from server.assignment import assignment_etag
+
+    fleet = fleet_of(2)
+    device = fleet.devices[0]
+    before, etag, interval = assignment_of(device)
+    assert before is None
+    assert etag == assignment_etag(device.id, None, interval)  # as it always was
+    start(harness, version="2.0.0", stages=[100], install_deadline_s=3 * DAY,
+          windows=["mon-fri 2:00-5:00"])  # fmt: skip
+    assignment, etag, interval = assignment_of(device)
+    assert assignment is not None and assignment["version"] == "2.0.0"
+    assert assignment["windows"] == ["Mon-Fri 02:00-05:00"]
+    manifest_sha = hashlib.sha256(base64.b64decode(assignment["manifest"])).hexdigest()
+    assert etag == assignment_etag(device.id, manifest_sha, interval, ["Mon-Fri 02:00-05:00"])
+    assert etag != assignment_etag(device.id, manifest_sha, interval)
+    assert device.checkin(etag=f'"{etag}"').status_code == 304

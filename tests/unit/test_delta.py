@@ -424,3 +424,20 @@ def test_status_shows_what_the_last_download_cost_and_a_download_in_progress(lab
     assert document["transfer"]["finished"]["fetched"] == result.bytes_fetched
     Journal(lab.root / "device" / "data").advance("b", "ab" * 32, {"rootfs.img.zst": 12345})
     assert "release abababababab into slot b: 12345 bytes written and verified" in status(lab)
+
+
+def test_every_byte_of_a_delta_download_passes_the_rate_limit(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    from updater.bandwidth import RateLimit
+
+    taken: list[int] = []
+    monkeypatch.setattr(RateLimit, "take", lambda self, n: taken.append(n))
+    provisioned(lab)
+    lab.device.config = dataclasses.replace(lab.device.config, rate_limit_bytes_per_s=1 << 20)
+    release = lab.release(patched(BASE), "2.0.0")
+    result = lab.install(release)
+    assert lab.events("install.delta_written")
+    assert sum(taken) == lab.host.sent == result.bytes_fetched

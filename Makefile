@@ -154,6 +154,8 @@ benchmarks: venv
 	$(BIN)/python benchmarks/rollout_scale.py
 	$(BIN)/python benchmarks/console_load.py
 	$(BIN)/python benchmarks/console_feed_cost.py
+	$(BIN)/python benchmarks/chunk_storage.py
+	$(BIN)/python benchmarks/delta_size.py
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do \

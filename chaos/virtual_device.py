@@ -64,7 +64,10 @@ MAX_BOOTS = 16
 # Flush slot images every 64 KiB (a device flushes every 64 MiB): lab images are small, and
 # every flush is a power-cut point the lab must reach.
 LAB_FLUSH_BYTES = 64 * 1024
-BLOCK = 4096  # what a disk writes whole or not at all, at best
+# What a cut may tear as a whole: a flash page (SD cards and eMMC program 16 KiB and more at
+# once, and may lose the whole page, bytes flushed before included, when a write into it is
+# cut), as updater.delta.TEAR_BYTES assumes.
+BLOCK = 64 * 1024
 SNAPSHOT_LIMIT = 16 << 20
 
 
@@ -80,15 +83,17 @@ class BoardReset(BaseException):
 class PowerSwitch:
     """Counts write boundaries and cuts the power at boundary number ``cut_at`` (0-based).
 
-    A cut while a slot image is being written loses what was not flushed: every 4 KiB block
-    that differs from the slot as of its last completed flush becomes garbage (a disk may have
-    written it, half of it, or nothing). What a flush made durable survives, as on a real
-    disk. A flush is complete once the boundary after its ``slot:before-flush`` is reached.
+    A cut while a slot image is being written loses what was not flushed: every flash page
+    (:data:`BLOCK`) that differs from the slot as of its last completed flush becomes garbage,
+    the bytes in it that were flushed before included (a disk may have written it, half of
+    it, or nothing). What a flush made durable elsewhere survives, as on a real disk. A flush
+    is complete once the boundary after its ``slot:before-flush`` is reached.
     Slots above :data:`SNAPSHOT_LIMIT` are not copied at each flush: there, a cut turns the
     whole slot into garbage (harsher than any disk, never kinder).
     """
 
     cut_at: int | None = None
+    cut_at_first: str | None = None  # or: cut at the first boundary of this name
     points: list[tuple[str, Path]] = field(default_factory=list)
     off: bool = False
     writing: Path | None = None  # a slot image being written, not yet flushed to its end
@@ -98,6 +103,8 @@ class PowerSwitch:
     def __call__(self, point: str, path: Path) -> None:
         if self.off:
             raise PowerCut(point)
+        if point == self.cut_at_first and self.cut_at is None:
+            self.cut_at = len(self.points)
         if self.flushing is not None:  # reaching any boundary: the flush before it completed
             self.durable, self.flushing = self.flushing, None
         if point == "slot:begin":

@@ -38,14 +38,16 @@ CHUNK_AVG = 64 << 10
 CHUNK_MAX = 256 << 10
 # An index may name other sizes (a later writer's choice) within these bounds; outside them
 # it is damaged or hostile.
-LIMIT_MIN = 1 << 10
+LIMIT_MIN = 4 << 10
 LIMIT_MAX = 4 << 20
 MAGIC = b"MFCHUNK1"
 _HEADER = struct.Struct(">8sIIIQ")
 _ENTRY = struct.Struct(">II32s")
 # How much of an image is cut at once: bounds memory whatever the image's size.
 WINDOW = 16 << 20
-ZSTD_LEVEL = 9  # per chunk: level 3 costs 5 % more bytes on a Debian root, level 9 about 2 s per GiB
+ZSTD_LEVEL = (
+    9  # per chunk: level 3 costs 5 % more bytes on a Debian root, level 9 about 2 s per GiB
+)
 
 
 def stored_length_bound(length: int) -> int:
@@ -54,7 +56,7 @@ def stored_length_bound(length: int) -> int:
     return length + (length >> 7) + 512
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """One chunk: where it is in the image and in the stored image, and its SHA-256."""
 
@@ -137,9 +139,12 @@ class ChunkIndex:
         lengths = tuple(entry[0] for entry in entries)
         stored_lengths = tuple(entry[1] for entry in entries)
         for number, (length, stored) in enumerate(zip(lengths, stored_lengths, strict=True)):
-            if not 0 < length <= max_size:
+            # every chunk but the last is at least the minimum: a cut never comes earlier, and
+            # the number of chunks (the memory a device plans with) stays bounded
+            smallest = 1 if number == count - 1 else min_size
+            if not smallest <= length <= max_size:
                 raise ManifestError(
-                    f"{where}: chunk {number} is {length} bytes (1 to {max_size} allowed)"
+                    f"{where}: chunk {number} is {length} bytes ({smallest} to {max_size} allowed)"
                 )
             bound = length if compression == "none" else stored_length_bound(length)
             if not 0 < stored <= bound or (compression == "none" and stored != length):

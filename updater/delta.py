@@ -41,7 +41,7 @@ from image_builder.chunks import Chunk, ChunkIndex, cut, unpack
 from image_builder.errors import ImageIntegrityError
 from image_builder.manifest import ImageEntry
 from updater.errors import DownloadError, InstallError
-from updater.fetch import backoff_delay
+from updater.fetch import backoff_delay, deadline_guard
 
 if TYPE_CHECKING:
     import requests
@@ -60,7 +60,7 @@ TEAR_BYTES = 64 << 10
 FETCH, IN_PLACE, MOVED, BOOTED, JOURNALED = "fetch", "in_place", "moved", "booted", "journal"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Source:
     """Where one chunk's bytes come from: ``kind`` and, for a seed, the file and offset."""
 
@@ -76,6 +76,7 @@ class Plan:
     index: ChunkIndex
     chunks: list[Chunk]
     sources: list[Source]
+    trusted: int = 0  # the journal's prefix taken as written (:func:`vouchable`)
 
     def bytes_by_kind(self) -> dict[str, int]:
         totals = dict.fromkeys((FETCH, IN_PLACE, MOVED, BOOTED, JOURNALED), 0)
@@ -155,9 +156,12 @@ def plan(
     verified_through: int = 0,
 ) -> Plan:
     """Where each chunk of ``index`` comes from (see the module docstring). ``target``: the
-    slot being written; ``booted``: the running slot; ``verified_through``: the journal's
-    verified prefix of the target (a chunk boundary, or 0)."""
+    slot being written; ``booted``: the running slot; ``verified_through``: what the journal
+    vouches for in the target, of which only :func:`vouchable` is trusted (``Plan.trusted``):
+    the rest is looked for in place like any other chunk."""
     chunks = list(index.chunks())
+    ends = list(accumulate(chunk.length for chunk in chunks))
+    verified_through = vouchable(ends, min(verified_through, index.image_size), resumed=True)
     sources: list[Source | None] = [None] * len(chunks)
     for number, chunk in enumerate(chunks):
         if chunk.offset + chunk.length <= verified_through:
@@ -193,7 +197,21 @@ def plan(
     for kind, path in ((IN_PLACE, target), (BOOTED, booted)):
         if sources[-1] is None and path is not None and _holds(path, last):
             sources[-1] = Source(kind, path, last.offset)
-    return Plan(index, chunks, [s or Source(FETCH) for s in sources])
+    return Plan(index, chunks, [s or Source(FETCH) for s in sources], verified_through)
+
+
+def vouchable(ends: Sequence[int], end: int, *, resumed: bool = False) -> int:
+    """How much of a slot written and flushed through ``end`` a journal may vouch for: up to
+    the last chunk boundary (of ``ends``, the chunks' end offsets) before the flash page
+    (:data:`TEAR_BYTES`) that the next write lands in, since a cut during that write may tear
+    the whole page, flushed bytes included. The image's end is never written again, unless
+    the install is ``resumed`` from there (then the page may be written again: a chunk found
+    torn)."""
+    if ends and end >= ends[-1] and not resumed:
+        return ends[-1]
+    limit = end - end % TEAR_BYTES
+    number = bisect.bisect_right(ends, limit)
+    return ends[number - 1] if number else 0
 
 
 def _holds(path: Path, chunk: Chunk) -> bool:
@@ -212,15 +230,23 @@ class Journal:
     written front to back). Replaced whole through the durable-write helper, and only after
     the slot's bytes it vouches for were flushed. Damage makes it count for nothing."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, log: Any = None) -> None:
         self.path = data_dir / JOURNAL_NAME
+        self._log = log
 
     def _load(self) -> dict[str, Any] | None:
         try:
             document = json.loads(self.path.read_bytes())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
         return document if isinstance(document, dict) else None
+
+    def _unusable(self, err: OSError) -> None:
+        """The journal only saves work: one that cannot be written never fails an install
+        (the read-back does not trust it anyway)."""
+        if self._log is not None:
+            self._log.event("install.journal_unwritable", level="warning", path=str(self.path),
+                            error=str(err))  # fmt: skip
 
     def begin(self, slot: str, release: str) -> dict[str, int]:
         """Start writing ``release`` (its manifest's SHA-256) into ``slot``: what the journal
@@ -285,13 +311,19 @@ class Journal:
         }  # fmt: skip
         if finished is not None:
             document["finished"] = finished
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        durable.atomic_write(self.path, json.dumps(document, sort_keys=True).encode() + b"\n")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            durable.atomic_write(self.path, json.dumps(document, sort_keys=True).encode() + b"\n")
+        except OSError as err:
+            self._unusable(err)
 
     def clear(self) -> None:
         try:
             self.path.unlink()
         except FileNotFoundError:
+            return
+        except OSError as err:
+            self._unusable(err)
             return
         durable.fsync_dir(self.path.parent)
 
@@ -349,38 +381,53 @@ class RangeFetcher:
         self._url = 0
         self.requests = 0
 
+    @property
+    def url(self) -> str:
+        return self.urls[self._url]
+
+    def fail_over(self, reason: str, offset: int = 0) -> bool:
+        """Leave the current URL for the next one (a host that answered wrong bytes); False
+        when it is the last."""
+        if self._url + 1 >= len(self.urls):
+            return False
+        self._url += 1
+        if self._log is not None:
+            self._log.event("download.mirror", level="warning", failed=reason,
+                            next=self.urls[self._url], offset=offset)  # fmt: skip
+        return True
+
     def fetch(self, start: int, length: int) -> Iterator[bytes]:
         """The ``length`` bytes from ``start``, as they arrive.
 
+        A host that answers wrong (another range, the whole resource for a part of it, more
+        bytes than asked for, an error status) is left for the next URL; transient failures
+        (dropped connections, 5xx) are retried with backoff, resuming within the range.
+
         Raises:
-            DownloadError: every URL gave up, or a host answered other bytes than asked for
-                (ignoring ``Range``, another range): a host that cannot serve ranges is not
-                retried into a full download.
+            DownloadError: every URL gave up, or the install's deadline passed.
         """
         offset, end = start, start + length
         failures = 0
         while offset < end:
             if self._deadline is not None and self._clock() > self._deadline:
-                raise DownloadError(f"{self.urls[self._url]}: deadline passed at byte {offset}")
-            url = self.urls[self._url]
+                raise DownloadError(f"{self.url}: deadline passed at byte {offset}")
+            url = self.url
             try:
-                for data in self._get(url, offset, end):
+                for data in self._get(url, offset, end, whole=start == 0 and offset == 0):
                     offset += len(data)
                     yield data
             except _Retry as err:
                 failures += 1
                 if failures > self._retries or err.permanent:
-                    if self._url + 1 >= len(self.urls):
+                    if not self.fail_over(f"{url}: {err}", offset):
                         raise DownloadError(f"{url}: {err}") from err
-                    self._url += 1
                     failures = 0
-                    if self._log is not None:
-                        self._log.event("download.mirror", level="warning", failed=str(err),
-                                        next=self.urls[self._url], offset=offset)  # fmt: skip
                     continue
                 self._sleep(backoff_delay(failures - 1, *self._backoff, self._rng))
 
-    def _get(self, url: str, offset: int, end: int) -> Iterator[bytes]:
+    def _get(self, url: str, offset: int, end: int, *, whole: bool) -> Iterator[bytes]:
+        """One request; ``whole``: the range starts at 0, so a host that ignores Range and
+        sends the whole resource (200) is fine when the resource is exactly that long."""
         self.requests += 1
         try:
             response = self._session.get(
@@ -389,34 +436,43 @@ class RangeFetcher:
             )  # fmt: skip
         except self._requests.RequestException as err:
             raise _Retry(str(err)) from err
-        with response:
+        with response, deadline_guard(response, self._deadline, self._clock):
+            length = response.headers.get("Content-Length", "")
             if response.status_code == 200:
-                raise DownloadError(
-                    f"{url}: the host ignores Range requests (200 instead of 206): a delta "
-                    "install needs byte ranges"
-                )
-            if response.status_code != 206:
+                if not (whole and length == str(end - offset)):
+                    raise _Retry("the host ignores Range requests (200 instead of 206)",
+                                 permanent=True)  # fmt: skip
+            elif response.status_code != 206:
                 raise _Retry(f"HTTP {response.status_code}", permanent=response.status_code < 500
                              and response.status_code not in (408, 429))  # fmt: skip
-            content_range = response.headers.get("Content-Range", "")
-            expected = f"bytes {offset}-{end - 1}/"
-            if not content_range.startswith(expected):
-                raise DownloadError(
-                    f"{url}: asked for bytes {offset}-{end - 1}, got {content_range or 'no range'}"
-                )
+            else:
+                content_range = response.headers.get("Content-Range", "")
+                if not content_range.startswith(f"bytes {offset}-{end - 1}/"):
+                    raise _Retry(f"asked for bytes {offset}-{end - 1}, got "
+                                 f"{content_range or 'no range'}", permanent=True)  # fmt: skip
             received = 0
             try:
                 for data in response.iter_content(RECEIVE):
                     if received + len(data) > end - offset:
-                        raise DownloadError(f"{url}: more bytes than the range asked for")
+                        raise _Retry("more bytes than the range asked for", permanent=True)
                     if self._rate is not None:
                         self._rate.take(len(data))
                     received += len(data)
                     yield data
-            except self._requests.RequestException as err:
-                raise _Retry(str(err)) from err
+            except (self._requests.RequestException, OSError, ValueError) as err:
+                if self._deadline is not None and self._clock() > self._deadline:
+                    raise DownloadError(
+                        f"{url}: deadline passed at byte {offset + received}"
+                    ) from err
+                raise _Retry(str(err) or type(err).__name__) from err
             if received < end - offset:
                 raise _Retry(f"connection ended at byte {offset + received} of {end}")
+
+
+class ReadBackError(ImageIntegrityError):
+    """The assembled slot, read back, does not hash to the manifest although every chunk was
+    checked before it was written: the journal vouched for bytes the slot does not hold (a torn
+    page), or the disk changed them."""
 
 
 class _Retry(Exception):
@@ -481,6 +537,7 @@ class Assembler:
             if number in runs:
                 end = runs[number]
                 for got, data in self._fetch_run(number, end):
+                    self._check()
                     unflushed += self._put(fd, target, chunks[got], data)
                     if unflushed >= self._flush_bytes:
                         unflushed = self._flush(fd, target, chunks[got])
@@ -489,6 +546,7 @@ class Assembler:
             chunk = chunks[number]
             if source.kind in (JOURNALED, IN_PLACE):
                 self._reused(source.kind, chunk.length)
+                self._progress(chunk.length)  # in place already: nothing to write
             else:
                 seed = self._read_seed(source, chunk)
                 if seed is None:  # the seed changed since it was scanned
@@ -503,7 +561,6 @@ class Assembler:
 
     def _reused(self, kind: str, length: int) -> None:
         self.counters.reused[kind] = self.counters.reused.get(kind, 0) + length
-        self._progress(length)
 
     def _read_seed(self, source: Source, chunk: Chunk) -> bytes | None:
         assert source.path is not None  # noqa: S101 (seeds have paths: plan())
@@ -537,18 +594,21 @@ class Assembler:
         return self._checked(chunk, stored)
 
     def _checked(self, chunk: Chunk, stored: bytes) -> bytes:
-        """The chunk's bytes; a copy that does not match is fetched once more."""
+        """The chunk's bytes; a copy that does not match is fetched once more, from the next
+        URL when there is one (the host that sent it is not trusted twice)."""
         try:
             return unpack(stored, chunk, self.entry.compression)
-        except ImageIntegrityError:
-            pass
+        except ImageIntegrityError as err:
+            self.fetcher.fail_over(f"{self.fetcher.url}: {err}", chunk.stored_offset)
         again = b"".join(self.fetcher.fetch(chunk.stored_offset, chunk.stored_length))
         self.counters.refetched += len(again)
         self.counters.fetched += len(again)
         try:
             return unpack(again, chunk, self.entry.compression)
         except ImageIntegrityError as err:
-            raise InstallError(
+            # the manifest is signed: the hosts, not the release, are at fault (fetched again
+            # later: updater.daemon)
+            raise ImageIntegrityError(
                 f"{self.entry.filename}: wrong bytes twice for the chunk at byte {chunk.offset}: "
                 f"{err}"
             ) from err
@@ -571,19 +631,8 @@ class Assembler:
             os.fdatasync(fd)
         except OSError as err:
             raise InstallError(f"slot {target}: flush failed: {err.strerror}") from err
-        self._flushed(self._safe_through(last.offset + last.length))
+        self._flushed(vouchable(self._ends, last.offset + last.length))
         return 0
-
-    def _safe_through(self, end: int) -> int:
-        """What the journal may vouch for once the slot is flushed through ``end``: up to the
-        last chunk boundary before the flash page that the next write will rewrite (a cut
-        during that write may tear the whole page, flushed bytes included). The image's end is
-        never rewritten."""
-        if end >= self.entry.uncompressed_size:
-            return end
-        limit = end - end % TEAR_BYTES
-        number = bisect.bisect_right(self._ends, limit)
-        return self._ends[number - 1] if number else 0
 
     def _read_back(self, fd: int, target: Path) -> None:
         digest = hashlib.sha256()
@@ -595,7 +644,9 @@ class Assembler:
             digest.update(data)
             offset += len(data)
         if offset != size or digest.hexdigest() != self.entry.uncompressed_sha256:
-            raise InstallError(
+            # every chunk was checked before it was written: the device's own disk (a torn
+            # page, a journal that vouched wrongly) is at fault, not the release
+            raise ReadBackError(
                 f"slot {target}: the assembled {self.entry.filename} does not match the signed "
                 "manifest"
             )

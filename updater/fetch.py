@@ -10,11 +10,14 @@ at once. The bundle reader hashes every byte anyway: resuming can never smuggle 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
 import re
+import socket
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +34,56 @@ CHUNK = 1024 * 1024
 # A dropped connection loses the chunk being received: keep it small, so a resume repeats
 # little, and large enough that Python's per-chunk overhead stays negligible.
 RECEIVE_CHUNK = 64 * 1024
+
+
+class DeadlineGuard:
+    """Cuts a response's connection when the install's deadline passes, however the host
+    sends its bytes: a socket timeout bounds each read, not a host that drips a byte now and
+    then, so a timer shuts the socket down (which wakes a read blocked on it)."""
+
+    def __init__(self, response: Any, deadline: float | None, clock: Callable[[], float]) -> None:
+        self._response = response
+        self._timer: threading.Timer | None = None
+        if deadline is not None:
+            self._timer = threading.Timer(max(0.0, deadline - clock()), self._cut)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _cut(self) -> None:
+        for sock in _sockets(self._response):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(Exception):
+            self._response.close()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _sockets(response: Any) -> list[socket.socket]:
+    """The socket(s) a streamed ``requests`` response reads from: its urllib3 connection's,
+    or, once urllib3 let go of it (a reused connection), the one under http.client's reader."""
+    found = []
+    for path in (("raw", "_connection", "sock"), ("raw", "_fp", "fp", "raw", "_sock")):
+        item = response
+        for name in path:
+            item = getattr(item, name, None)
+        if isinstance(item, socket.socket):
+            found.append(item)
+    return found
+
+
+@contextmanager
+def deadline_guard(
+    response: Any, deadline: float | None, clock: Callable[[], float]
+) -> Iterator[DeadlineGuard]:
+    """A :class:`DeadlineGuard` for the ``with`` block."""
+    guard = DeadlineGuard(response, deadline, clock)
+    try:
+        yield guard
+    finally:
+        guard.cancel()
 
 
 def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: Callable[[], float]) -> float:
@@ -84,6 +137,7 @@ class HttpStream(io.RawIOBase):
         self._rate = rate
         self._etag: str | None = None
         self._response: requests.Response | None = None
+        self._guard: DeadlineGuard | None = None
         self._body: Iterator[bytes] | None = None
         self._pending = b""
 
@@ -129,9 +183,13 @@ class HttpStream(io.RawIOBase):
             self.total = int(length) if length and length.isdigit() else None
             self._etag = response.headers.get("ETag")
         self._response = response
+        self._guard = DeadlineGuard(response, self._deadline, self._clock)
         self._body = response.iter_content(RECEIVE_CHUNK)
 
     def _close_response(self) -> None:
+        if self._guard is not None:
+            self._guard.cancel()
+            self._guard = None
         if self._response is not None:
             self._response.close()
         self._response = None
@@ -158,6 +216,10 @@ class HttpStream(io.RawIOBase):
                 self._pending = chunk
             except (self._requests.RequestException, _Retryable) as err:
                 self._close_response()
+                if self._deadline is not None and self._clock() > self._deadline:
+                    raise DownloadError(
+                        f"{self.url}: deadline passed at byte {self.offset}"
+                    ) from err
                 if isinstance(err, _Retryable) and err.permanent:
                     raise DownloadError(f"{self.url}: {err}") from err
                 if failures >= self._retries:

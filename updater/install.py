@@ -44,12 +44,12 @@ from fleet_core import durable
 from fleet_core.errors import FleetError
 from image_builder.bundle import BundleImage, BundleReader, SplitBundleReader
 from image_builder.chunks import ChunkIndex
-from image_builder.errors import BundleCompatibilityError, ImageIntegrityError
+from image_builder.errors import BundleCompatibilityError, BundleError, ImageIntegrityError
 from image_builder.manifest import ImageEntry, Manifest
 from signing.errors import KeyringError
 from signing.keyring import Keyring
 from updater.config import UpdaterConfig
-from updater.delta import Assembler, Journal, Plan, RangeFetcher, plan
+from updater.delta import Assembler, Journal, Plan, RangeFetcher, ReadBackError, plan
 from updater.device import run_reboot
 from updater.errors import (
     DownloadError,
@@ -448,7 +448,7 @@ class Installer:
         )  # fmt: skip
         self.log.event(f"{kind}.slot_marked", slot=target, status="installing")
         watch = _Watch(started + self.config.limits.update_deadline_s, abandon)
-        journal = Journal(self.config.data_dir)
+        journal = Journal(self.config.data_dir, self.log)
         transfer: tuple[int, int] | None = None
         try:
             # before the first byte: a journal of another release or slot stops counting
@@ -456,16 +456,19 @@ class Installer:
             self._check(watch)
             delta = None
             if blob_urls is not None:
-                delta, index_bytes = self._delta_plans(
+                delta, index_bytes = self._delta_or_full(
                     manifest, targets, blob_urls, verified, started, kind
                 )
                 transfer = (index_bytes + sum(e.size for e in manifest.images), 0)
             if delta is not None:
+                trusted = {entry.filename: image_plan.trusted for entry, image_plan in delta}
+                journal.advance(target, reader.manifest_sha256, trusted)
                 written, transfer = self._write_delta(
                     delta, targets, blob_urls or {}, watch, started, journal, target,
                     reader.manifest_sha256, kind,
                 )  # fmt: skip
             else:
+                journal.advance(target, reader.manifest_sha256, {})  # rewritten from byte 0
                 written = self.write_images(reader, targets, watch)
         except (InstallAbandonedError, DownloadError) as err:
             # the bytes written and flushed stay valid: a retry resumes from the journal
@@ -475,7 +478,8 @@ class Installer:
             raise InstallError(f"{kind} into slot {target} failed: {err}") from err
         except (FleetError, OSError) as err:
             self._fail(state, target, err, event=f"{kind}.failed")
-            journal.clear()
+            if isinstance(err, ReadBackError):
+                journal.clear()  # it vouched for bytes the slot does not hold
             raise InstallError(f"{kind} into slot {target} failed: {err}") from err
         armed = self.arm(state, target, route)
         if transfer is not None:
@@ -499,6 +503,24 @@ class Installer:
         )
 
     # --- delta installs (updater.delta) -------------------------------------------------
+
+    def _delta_or_full(
+        self,
+        manifest: Manifest,
+        targets: dict[str, SlotTarget],
+        blob_urls: Mapping[str, Sequence[str]],
+        verified: Mapping[str, int],
+        started: float,
+        kind: str,
+    ) -> tuple[list[tuple[ImageEntry, Plan]] | None, int]:
+        """:meth:`_delta_plans`, or a full install when planning fails before a byte of the
+        slot was written (no host serves the index, or serves it wrong): the stream needs
+        neither ranges nor the index."""
+        try:
+            return self._delta_plans(manifest, targets, blob_urls, verified, started, kind)
+        except (DownloadError, BundleError) as err:
+            self.log.event(f"{kind}.delta_unavailable", level="warning", error=str(err))
+            return None, 0
 
     def _delta_plans(
         self,

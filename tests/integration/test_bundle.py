@@ -112,7 +112,10 @@ def test_gnu_tar_lists_and_extracts_a_bundle(make_bundle: MakeBundle, tmp_path: 
     path = make_bundle(compression="zstd", size=100_000)
     listing = subprocess.run(["tar", "-tf", str(path)], check=True, capture_output=True, text=True)
     assert listing.stdout.split() == [
-        "manifest.json", "manifest.sig", "rootfs.ext4.zst", "rootfs.ext4.zst.chunks"
+        "manifest.json",
+        "manifest.sig",
+        "rootfs.ext4.zst",
+        "rootfs.ext4.zst.chunks",
     ]
     out = tmp_path / "extracted"
     out.mkdir()

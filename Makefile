@@ -156,6 +156,7 @@ benchmarks: venv
 	$(BIN)/python benchmarks/console_feed_cost.py
 	$(BIN)/python benchmarks/chunk_storage.py
 	$(BIN)/python benchmarks/delta_size.py
+	$(BIN)/python benchmarks/device_network.py
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do \

@@ -21,17 +21,15 @@ import argparse
 import json
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import requests
+from console_load import serving  # the same fleet server run, started the same way
 
 FLEET = [sys.executable, "-c", "from fleet_core.cli import main; main()"]
 MiB = 1 << 20
@@ -74,42 +72,6 @@ def disk_bytes(*directories: Path) -> int:
     return sum(p.stat().st_size for d in directories for p in d.rglob("*") if p.is_file())
 
 
-@contextmanager
-def serving(data: Path, log: Path) -> Iterator[str]:
-    """A ``fleet server run`` on ``data`` (its socket bound here and handed down), its URL."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(128)
-        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-        command = [*FLEET, "server", "run", "--data-dir", str(data), "--fd",
-                   str(listener.fileno()), "--log-level", "warning"]  # fmt: skip
-        with log.open("ab") as output:
-            process = subprocess.Popen(
-                command, stdout=output, stderr=subprocess.STDOUT, pass_fds=[listener.fileno()]
-            )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"the server exited ({process.returncode}):\n{log.read_text()}")
-            try:
-                if requests.get(f"{url}/healthz", timeout=2).ok:
-                    break
-            except (requests.ConnectionError, requests.Timeout):
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the server did not answer within a minute:\n{log.read_text()}")
-            time.sleep(0.1)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def fleet(*args: str) -> str:
     done = subprocess.run([*FLEET, *args], capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -132,7 +94,8 @@ def run(workdir: Path, size_mib: int, patches: int) -> dict[str, Any]:
     images += [patched(images[0], seed) for seed in range(2, 2 + patches)]
     stores = (data / "blobs", data / "chunks")
     rows: list[dict[str, Any]] = []
-    with serving(data, workdir / "server.log") as url:
+    with serving(data, workdir / "server.log") as server:
+        url = server.url
         for number, image in enumerate(images):
             version = f"1.{number}.0"
             source = workdir / f"rootfs-{version}.img"

@@ -182,3 +182,21 @@ def sweep_temporaries(
             continue
         removed.append(Path(entry.path))
     return removed, problems
+
+
+def sweep_shards(
+    root: str | os.PathLike[str], *, min_age_s: float = SWEEP_MIN_AGE_S, now: float | None = None
+) -> tuple[list[Path], list[str]]:
+    """:func:`sweep_temporaries` in every directory right below ``root`` (a content-addressed
+    store's shards, of our own): what writes cut short left there, nothing else."""
+    removed: list[Path] = []
+    problems: list[str] = []
+    try:
+        shards = sorted(entry for entry in Path(root).iterdir() if entry.is_dir())
+    except FileNotFoundError:
+        return removed, problems
+    for shard in shards:
+        gone, failed = sweep_temporaries(shard, min_age_s=min_age_s, now=now)
+        removed += gone
+        problems += failed
+    return removed, problems

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from fleet_core.durable import atomic_output, sweep_temporaries
+from fleet_core.durable import atomic_output, sweep_shards
 from image_builder.manifest import MAX_CHUNK_INDEX_BYTES
 from server.chunkstore import ChunkedImage, ChunkStore, Recipe, StoredChunks
 from server.errors import RangeNotSatisfiableError, ServerError
@@ -40,6 +40,26 @@ _RANGE = re.compile(r"bytes\s*=\s*([0-9]{0,19})\s*-\s*([0-9]{0,19})")
 
 class BlobIntegrityError(ServerError):
     """Bytes copied into the store do not have the SHA-256 or size they were stored under."""
+
+
+def copy_hashed(source: BinaryIO, out: BinaryIO, size: int, sha256: str | None, where: str) -> None:
+    """Copy ``size`` bytes from ``source`` to ``out``, hashing them as they pass.
+
+    Raises:
+        BlobIntegrityError: the source ends early, or the bytes do not hash to ``sha256``
+            (when given); the caller discards what was written.
+    """
+    digest = hashlib.sha256()
+    remaining = size
+    while remaining:
+        chunk = source.read(min(CHUNK, remaining))
+        if not chunk:
+            raise BlobIntegrityError(f"{where}: source ends {remaining} bytes early")
+        digest.update(chunk)
+        out.write(chunk)
+        remaining -= len(chunk)
+    if sha256 is not None and digest.hexdigest() != sha256:
+        raise BlobIntegrityError(f"{where}: bytes hash to {digest.hexdigest()}")
 
 
 class BlobStore:
@@ -84,19 +104,9 @@ class BlobStore:
             return False
         target = self.path(sha256)
         target.parent.mkdir(mode=DIR_MODE, exist_ok=True)
-        digest = hashlib.sha256()
         source.seek(offset)
         with atomic_output(target, BLOB_MODE) as out:
-            remaining = size
-            while remaining:
-                chunk = source.read(min(CHUNK, remaining))
-                if not chunk:
-                    raise BlobIntegrityError(f"blob {sha256}: source ends {remaining} bytes early")
-                digest.update(chunk)
-                out.write(chunk)
-                remaining -= len(chunk)
-            if digest.hexdigest() != sha256:
-                raise BlobIntegrityError(f"blob {sha256}: bytes hash to {digest.hexdigest()}")
+            copy_hashed(source, out, size, sha256, f"blob {sha256}")
         return True
 
     def put_chunked(self, source: BinaryIO, image: ChunkedImage) -> StoredChunks:
@@ -130,15 +140,8 @@ class BlobStore:
         never a stored blob or chunk. Returns the files removed and one problem line per file
         that could not be."""
         removed, problems = self.chunks.sweep_temporaries(min_age_s=min_age_s, now=now)
-        try:
-            shards = sorted(entry for entry in self.root.iterdir() if entry.is_dir())
-        except FileNotFoundError:
-            return removed, problems
-        for shard in shards:
-            gone, failed = sweep_temporaries(shard, min_age_s=min_age_s, now=now)
-            removed += gone
-            problems += failed
-        return removed, problems
+        gone, failed = sweep_shards(self.root, min_age_s=min_age_s, now=now)
+        return removed + gone, problems + failed
 
     def remove(self, sha256: str) -> None:
         """Delete a blob (for undoing a store that its release never committed)."""

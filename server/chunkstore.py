@@ -36,7 +36,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from fleet_core.durable import atomic_write, sweep_temporaries
+from fleet_core.durable import atomic_write, sweep_shards
 from image_builder.chunks import Chunk, ChunkIndex, unpack
 from image_builder.errors import ImageIntegrityError, ManifestError
 from image_builder.manifest import ChunkIndexRef, ImageEntry
@@ -285,17 +285,7 @@ class ChunkStore:
         self, *, min_age_s: float, now: float | None = None
     ) -> tuple[list[Path], list[str]]:
         """Remove the temporary files of writes cut short, untouched for ``min_age_s``."""
-        removed: list[Path] = []
-        problems: list[str] = []
-        try:
-            directories = sorted(entry for entry in self.root.iterdir() if entry.is_dir())
-        except FileNotFoundError:
-            return removed, problems
-        for directory in directories:
-            gone, failed = sweep_temporaries(directory, min_age_s=min_age_s, now=now)
-            removed += gone
-            problems += failed
-        return removed, problems
+        return sweep_shards(self.root, min_age_s=min_age_s, now=now)
 
 
 def _file_digest(path: Path, size: int) -> bytes | None:

@@ -22,7 +22,6 @@ reads them.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -33,7 +32,7 @@ from fleet_core.durable import atomic_output
 from image_builder.chunks import ChunkIndex
 from image_builder.errors import ManifestError
 from image_builder.manifest import ImageEntry, Manifest
-from server.blobs import CHUNK, BlobIntegrityError, BlobStore
+from server.blobs import BlobStore, copy_hashed
 from server.chunkstore import SUFFIXES
 from server.database import Database
 from server.errors import ServerError
@@ -132,19 +131,9 @@ class _Writer:
         if self._kept(relative, size):
             return target
         self._mkdir(target.parent)
-        digest = hashlib.sha256()
         try:
             with atomic_output(target, FILE_MODE) as out:
-                remaining = size
-                while remaining:
-                    data = source.read(min(CHUNK, remaining))
-                    if not data:
-                        raise BlobIntegrityError(f"{relative}: source ends {remaining} bytes early")
-                    digest.update(data)
-                    out.write(data)
-                    remaining -= len(data)
-                if sha256 is not None and digest.hexdigest() != sha256:
-                    raise BlobIntegrityError(f"{relative}: bytes hash to {digest.hexdigest()}")
+                copy_hashed(source, out, size, sha256, str(relative))
         except ServerError as err:
             raise ExportError(f"{where}: {err}") from err
         except OSError as err:

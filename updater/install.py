@@ -456,7 +456,7 @@ class Installer:
             self._check(watch)
             delta = None
             if blob_urls is not None:
-                delta, index_bytes = self._delta_or_full(
+                delta, index_bytes = self._delta_plans(
                     manifest, targets, blob_urls, verified, started, kind
                 )
                 transfer = (index_bytes + sum(e.size for e in manifest.images), 0)
@@ -504,24 +504,6 @@ class Installer:
 
     # --- delta installs (updater.delta) -------------------------------------------------
 
-    def _delta_or_full(
-        self,
-        manifest: Manifest,
-        targets: dict[str, SlotTarget],
-        blob_urls: Mapping[str, Sequence[str]],
-        verified: Mapping[str, int],
-        started: float,
-        kind: str,
-    ) -> tuple[list[tuple[ImageEntry, Plan]] | None, int]:
-        """:meth:`_delta_plans`, or a full install when planning fails before a byte of the
-        slot was written (no host serves the index, or serves it wrong): the stream needs
-        neither ranges nor the index."""
-        try:
-            return self._delta_plans(manifest, targets, blob_urls, verified, started, kind)
-        except (DownloadError, BundleError) as err:
-            self.log.event(f"{kind}.delta_unavailable", level="warning", error=str(err))
-            return None, 0
-
     def _delta_plans(
         self,
         manifest: Manifest,
@@ -532,10 +514,17 @@ class Installer:
         kind: str,
     ) -> tuple[list[tuple[ImageEntry, Plan]] | None, int]:
         """Plans to assemble every image from what the device holds, or None for a full
-        install: an image without a chunk index or with no URL for it, or nothing to reuse
-        (then the plain stream is faster: no seeking, no second read of the slot); and the
-        bytes of chunk indexes fetched to find out."""
+        install: an image without a chunk index or with no URL for it, nothing to reuse (then
+        the plain stream is faster: no seeking, no second read of the slot), or planning failed
+        before a byte of the slot was written (no host serves the index, or serves it wrong:
+        the stream needs neither ranges nor the index); and the bytes of chunk indexes fetched
+        to find out."""
         if not all(e.chunk_index and blob_urls.get(e.chunk_index.sha256) for e in manifest.images):
+            return None, 0
+        try:
+            indexes = [self._fetch_index(entry, blob_urls, started) for entry in manifest.images]
+        except (DownloadError, BundleError) as err:
+            self.log.event(f"{kind}.delta_unavailable", level="warning", error=str(err))
             return None, 0
         booted = self.backend.booted()
         seeds = (
@@ -544,8 +533,7 @@ class Installer:
             else {}
         )
         plans = []
-        for entry in manifest.images:
-            index = self._fetch_index(entry, blob_urls, started)
+        for entry, index in zip(manifest.images, indexes, strict=True):
             seed = seeds.get(entry.slot_class)
             plans.append((entry, plan(
                 index, target=targets[entry.slot_class].path,

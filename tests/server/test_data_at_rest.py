@@ -72,7 +72,7 @@ def test_a_sweep_reports_the_problems_of_every_shard(
     def stubborn(directory: Path, **_: object) -> tuple[list[Path], list[str]]:
         return [directory / "gone"], [f"{directory.name}: cannot remove"]
 
-    monkeypatch.setattr("server.blobs.sweep_temporaries", stubborn)
+    monkeypatch.setattr("fleet_core.durable.sweep_temporaries", stubborn)
     removed, problems = store.sweep_temporaries(min_age_s=0, now=NOW)
     assert [p.parent.name for p in removed] == ["ab", "cd", "ef"]
     assert problems == ["ab: cannot remove", "cd: cannot remove", "ef: cannot remove"]

@@ -167,11 +167,22 @@ def _reads(instant: datetime, tz: tzinfo) -> datetime:
     return instant.astimezone(tz).replace(tzinfo=None)
 
 
+def _reckonable(now: datetime) -> bool:
+    """Whether the calendar around ``now`` can be worked out: a clock near year 1 or 9999 (a
+    device's clock gone wild) is outside every window and no window opens after it."""
+    margin = timedelta(days=HORIZON_DAYS + 7)
+    return (
+        datetime.min.replace(tzinfo=UTC) + margin < now < datetime.max.replace(tzinfo=UTC) - margin
+    )
+
+
 def inside(windows: Sequence[Window], now: datetime, tz: tzinfo) -> bool:
     """Whether ``now`` (aware) lies in one of ``windows`` in time zone ``tz``; with no
     windows, always."""
     if not windows:
         return True
+    if not _reckonable(now):
+        return False
     today = now.astimezone(tz).date()
     return any(
         opens <= now < closes
@@ -185,6 +196,8 @@ def next_open(windows: Sequence[Window], now: datetime, tz: tzinfo) -> datetime 
     not be written, so this means a clock change swallowed every opening)."""
     if inside(windows, now, tz):
         return now
+    if not _reckonable(now):
+        return None
     today = now.astimezone(tz).date()
     later = [
         opens
@@ -200,6 +213,8 @@ def next_open_all(
     """The first instant from ``now`` inside every one of ``schedules`` (each windows and
     their time zone): ``now`` when inside all; None when they do not meet within
     ``HORIZON_DAYS`` (a device's 02:00-03:00 and a rollout's 10:00-11:00 never do)."""
+    if not _reckonable(now):
+        return now if all(not windows for windows, _ in schedules) else None
     limit = now + timedelta(days=HORIZON_DAYS)
     candidate = now
     for _ in range(MAX_INTERSECTION_STEPS):
@@ -280,16 +295,32 @@ def _days_text(days: frozenset[int]) -> str:
     )  # fmt: skip
 
 
+# Zones whose clocks change differently (forward and back, by an hour or by half of one, at
+# other hours and in both hemispheres): a clock change can shift an opening, or swallow a
+# window that lies in the hour it skips, and the next opening is then a period later.
+CHANGING_ZONES = ("Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "America/Santiago")
+
+
 def longest_wait_s(windows: Sequence[Window]) -> int:
-    """The longest a device may wait for one of ``windows`` to open (seconds; 0 with none), in
-    a week without clock changes; a clock change may add its shift (an hour in most zones)."""
+    """The longest a device may wait for one of ``windows`` to open (seconds; 0 with none),
+    over a year, in UTC and in zones with clock changes (:data:`CHANGING_ZONES`): a window a
+    clock change swallows makes the wait a whole period longer."""
     if not windows:
         return 0
-    monday = date(2024, 1, 1)  # a Monday; UTC: no clock change
-    spans = sorted(_openings(windows, monday, 21, UTC))
-    longest, reach = 0.0, spans[0][1]
-    for opens, closes in spans[1:]:
-        if opens > reach and opens.date() >= monday + timedelta(days=7):
-            longest = max(longest, (opens - reach).total_seconds())
-        reach = max(reach, closes)
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    zones: list[tzinfo] = [UTC]
+    for name in CHANGING_ZONES:
+        try:
+            zones.append(ZoneInfo(name))
+        except ZoneInfoNotFoundError:  # no time zone data: UTC and the margin must do
+            continue
+    longest = 0.0
+    for zone in zones:
+        spans = sorted(_openings(windows, date(2024, 1, 1), 380, zone))
+        reach = spans[0][1]
+        for opens, closes in spans[1:]:
+            if opens > reach:
+                longest = max(longest, (opens - reach).total_seconds())
+            reach = max(reach, closes)
     return int(longest)

@@ -1157,9 +1157,9 @@ def emergency_stop_view(session: Session) -> dict[str, Any]:
     return control_view(session.get(FleetControl, 1) or FleetControl(id=1, emergency_stop=False))
 
 
-# What an install deadline must leave beyond the longest wait for a rollout's window: an hour
-# for a clock change in the devices' zones, an hour to install.
-WINDOW_DEADLINE_MARGIN_S = 2 * 3600
+# What an install deadline must leave beyond the longest wait for a rollout's window (clock
+# changes included: fleet_core.windows.longest_wait_s): an hour to install.
+WINDOW_DEADLINE_MARGIN_S = 3600
 # The heartbeat's updater_state of a device that holds an assignment and waits for a window
 # (updater.daemon.WAITING_STATE; docs/device-protocol.md).
 WAITING_WINDOW = "waiting_window"

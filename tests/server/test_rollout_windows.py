@@ -91,7 +91,7 @@ def test_a_deadline_shorter_than_the_wait_for_a_window_is_refused(
     )  # fmt: skip
     assert refused.status_code == 422, refused.text
     assert refused.json()["detail"] == (
-        "install deadline: with windows 02:00-05:00 a device may wait 21h for one to open, "
+        "install deadline: with windows 02:00-05:00 a device may wait 22h for one to open, "
         "and the deadline counts from the assignment: give at least 23h"
     )
     assert start(harness, version="2.0.0", windows=["02:00-05:00"], install_deadline_s=23 * 3600)

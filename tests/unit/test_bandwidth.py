@@ -484,8 +484,11 @@ def test_next_open_all_is_inside_both_and_nothing_before_it_is(
 
 
 def test_the_longest_wait_for_a_window() -> None:
-    assert longest_wait_s(parse_windows(["02:00-05:00"])) == 21 * 3600
-    assert longest_wait_s(parse_windows(["Sat 00:00-24:00"])) == 6 * 86400
+    # 21 h, and an hour more across a clock change in the devices' zones
+    assert longest_wait_s(parse_windows(["02:00-05:00"])) == 22 * 3600
+    # a window a spring-forward night swallows: the next one is a week later
+    assert longest_wait_s(parse_windows(["Sun 02:00-03:00"])) == 2 * 7 * 86400 - 2 * 3600
+    assert longest_wait_s(parse_windows(["Sat 00:00-24:00"])) == 6 * 86400 + 3600
     assert longest_wait_s(parse_windows(["Sat,Sun 00:00-24:00"])) == 5 * 86400
     assert longest_wait_s(parse_windows(["22:00-02:00", "01:00-23:00"])) == 0
     assert longest_wait_s(()) == 0
@@ -519,3 +522,20 @@ def test_status_shows_the_rate_limit_and_the_windows() -> None:
     anytime = bandwidth_status(parse_config(BASE, "t"))
     assert anytime["updates"]["inside"] and anytime["bandwidth"]["rate_limit_bytes_per_s"] is None
     assert _windows_text(anytime["updates"]) == "any time (no windows configured)"
+
+
+def test_a_clock_gone_wild_is_outside_every_window_and_never_raises() -> None:
+    """A device clock near year 1 or 9999 cannot be placed in a calendar: it waits (no
+    window opens ahead) instead of failing every check-in."""
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    from fleet_core.windows import inside, next_open, next_open_all
+
+    windows = parse_windows(["02:00-05:00"])
+    berlin = ZoneInfo("Europe/Berlin")
+    for now in (datetime(1, 1, 1, 3, tzinfo=UTC), datetime(9999, 12, 31, 3, tzinfo=UTC)):
+        assert inside(windows, now, berlin) is False
+        assert next_open(windows, now, berlin) is None
+        assert next_open_all([(windows, berlin)], now) is None
+        assert inside((), now, berlin) is True  # no windows: any time, whatever the clock

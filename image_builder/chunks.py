@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from image_builder.errors import ImageIntegrityError, ManifestError
+from image_builder.errors import ImageBuildError, ImageIntegrityError, ManifestError
 from image_builder.manifest import MAX_CHUNK_INDEX_BYTES
 
 # FastCDC's sizes: 64 KiB on average, as casync; small enough that a patch release re-sends
@@ -38,7 +38,7 @@ CHUNK_AVG = 64 << 10
 CHUNK_MAX = 256 << 10
 # An index may name other sizes (a later writer's choice) within these bounds; outside them
 # it is damaged or hostile.
-LIMIT_MIN = 4 << 10
+LIMIT_MIN = 16 << 10  # the writer's minimum: no smaller chunks, so an index stays small
 LIMIT_MAX = 4 << 20
 MAGIC = b"MFCHUNK1"
 _HEADER = struct.Struct(">8sIIIQ")
@@ -177,7 +177,12 @@ def cut(
     """The chunks of ``size`` bytes read by ``read_at(offset, length)``: (offset, bytes), in
     order. Reads :data:`WINDOW` bytes at a time; the last chunk of a window is cut again with
     the next window, so the chunks are the same as those of the whole image at once."""
-    from fastcdc import fastcdc  # imported here: only cutting needs it
+    try:
+        from fastcdc import fastcdc  # imported here: only cutting needs it
+    except ImportError as err:  # a device with its distribution's libraries only
+        raise ImageBuildError(
+            "cutting images into chunks needs the fastcdc package (pip install fastcdc==1.7.0)"
+        ) from err
 
     offset = 0
     while offset < size:

@@ -30,7 +30,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
@@ -154,11 +154,18 @@ def plan(
     target: Path | None = None,
     booted: Path | None = None,
     verified_through: int = 0,
+    known: Mapping[Path, ChunkIndex] | None = None,
 ) -> Plan:
     """Where each chunk of ``index`` comes from (see the module docstring). ``target``: the
     slot being written; ``booted``: the running slot; ``verified_through``: what the journal
     vouches for in the target, of which only :func:`vouchable` is trusted (``Plan.trusted``):
-    the rest is looked for in place like any other chunk."""
+    the rest is looked for in place like any other chunk; ``known``: the chunk indexes of
+    what the slots held when this device wrote them (:class:`SlotIndexes`), places to look
+    without cutting (every chunk read from there is checked again before it is used).
+
+    Where the ``fastcdc`` package is missing (a device with its distribution's libraries
+    only), nothing is cut on the device: the target is checked chunk by chunk at each chunk's
+    own offset, and the slots' known indexes are the seeds."""
     chunks = list(index.chunks())
     ends = list(accumulate(chunk.length for chunk in chunks))
     verified_through = vouchable(ends, min(verified_through, index.image_size), resumed=True)
@@ -171,26 +178,40 @@ def plan(
         if sources[number] is None:
             by_digest.setdefault(chunk.sha256, []).append(number)
     limit = index.image_size * SEED_SCAN_FACTOR
+    known = known or {}
+    scanning = can_cut()
+
+    def place(number: int, kind: str, path: Path, offset: int) -> None:
+        if sources[number] is None or (kind == IN_PLACE and sources[number].kind != IN_PLACE):  # type: ignore[union-attr]
+            sources[number] = Source(kind, path, offset)
+
     if target is not None and by_digest:
-        for digest, offset in _scan(target, limit, set(by_digest), index, verified_through):
+        if scanning:
+            found = _scan(target, limit, set(by_digest), index, verified_through)
+        else:  # no cutting here: each chunk looked for at its own offset
+            found = _in_place(target, chunks, sources)
+        for digest, offset in found:
             for number in by_digest.get(digest, ()):
-                chunk = chunks[number]
-                if sources[number] is not None and sources[number].kind == IN_PLACE:  # type: ignore[union-attr]
-                    continue
-                if offset == chunk.offset:
-                    sources[number] = Source(IN_PLACE, target, offset)
-                elif offset > chunk.offset and sources[number] is None:
+                if offset == chunks[number].offset:
+                    place(number, IN_PLACE, target, offset)
+                elif offset > chunks[number].offset:
                     # still intact when its turn comes: writes stay below the chunk's offset
-                    sources[number] = Source(MOVED, target, offset)
+                    place(number, MOVED, target, offset)
+        for old in known.get(target, ChunkIndex((), (), ())).chunks():
+            for number in by_digest.get(old.sha256, ()):
+                if old.offset > chunks[number].offset:
+                    place(number, MOVED, target, old.offset)
     if booted is not None:
+        for old in known.get(booted, ChunkIndex((), (), ())).chunks():
+            for number in by_digest.get(old.sha256, ()):
+                place(number, BOOTED, booted, old.offset)
         missing = {
             d for d, numbers in by_digest.items() if any(sources[n] is None for n in numbers)
         }
-        if missing:
+        if missing and scanning and booted not in known:
             for digest, offset in _scan(booted, limit, missing, index):
                 for number in by_digest[digest]:
-                    if sources[number] is None:
-                        sources[number] = Source(BOOTED, booted, offset)
+                    place(number, BOOTED, booted, offset)
     # The image's last chunk ends where the image ends; in a slot, other bytes follow, so a
     # cut there differs: look for it at its own offset instead.
     last = chunks[-1]
@@ -212,6 +233,34 @@ def vouchable(ends: Sequence[int], end: int, *, resumed: bool = False) -> int:
     limit = end - end % TEAR_BYTES
     number = bisect.bisect_right(ends, limit)
     return ends[number - 1] if number else 0
+
+
+def can_cut() -> bool:
+    """Whether content-defined cutting is available here (the ``fastcdc`` package)."""
+    try:
+        import fastcdc  # noqa: F401 (only whether it imports)
+    except ImportError:
+        return False
+    return True
+
+
+def _in_place(
+    target: Path, chunks: Sequence[Chunk], sources: Sequence[Source | None]
+) -> Iterator[tuple[bytes, int]]:
+    """(SHA-256, offset) of what ``target`` holds at the offset of each chunk not yet found."""
+    try:
+        handle = open(target, "rb")  # noqa: SIM115 (closed below)
+    except OSError:
+        return
+    with handle:
+        for chunk, source in zip(chunks, sources, strict=True):
+            if source is not None:
+                continue
+            try:
+                data = os.pread(handle.fileno(), chunk.length, chunk.offset)
+            except OSError:
+                return
+            yield hashlib.sha256(data).digest(), chunk.offset
 
 
 def _holds(path: Path, chunk: Chunk) -> bool:
@@ -326,6 +375,61 @@ class Journal:
             self._unusable(err)
             return
         durable.fsync_dir(self.path.parent)
+
+
+class SlotIndexes:
+    """``<data_dir>/slot-<slot>-<slot class>.chunks``: the chunk index of the image this
+    device last wrote into a slot (a JSON header line, then the index), so a later delta
+    install knows where the chunks of the running slot are without cutting it. Dropped before
+    a slot is written, saved once its image is verified and armed. Only a hint: every chunk
+    read from a slot is checked again; a damaged file is no index."""
+
+    def __init__(self, data_dir: Path, log: Any = None) -> None:
+        self.data_dir = data_dir
+        self._log = log
+
+    def path(self, slot: str, slot_class: str) -> Path:
+        return self.data_dir / f"slot-{slot}-{slot_class}.chunks"
+
+    def load(self, slot: str, slot_class: str) -> ChunkIndex | None:
+        try:
+            data = self.path(slot, slot_class).read_bytes()
+            header, _, raw = data.partition(b"\n")
+            figures = json.loads(header)
+            return ChunkIndex.from_bytes(
+                raw, image_size=int(figures["image_size"]),
+                stored_size=int(figures["stored_size"]), compression=str(figures["compression"]),
+                where=str(self.path(slot, slot_class)),
+            )  # fmt: skip
+        except (OSError, ValueError, KeyError, TypeError, RecursionError, ImageIntegrityError):
+            return None
+
+    def save(self, slot: str, entry: ImageEntry, index: ChunkIndex) -> None:
+        header = {
+            "format": 1, "image_size": entry.uncompressed_size, "stored_size": entry.size,
+            "compression": entry.compression,
+        }  # fmt: skip
+        data = json.dumps(header, sort_keys=True).encode() + b"\n" + index.to_bytes()
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            durable.atomic_write(self.path(slot, entry.slot_class), data)
+        except OSError as err:
+            self._unusable(err)
+
+    def drop(self, slot: str) -> None:
+        """Before ``slot`` is written: what it held is about to change."""
+        try:
+            paths = list(self.data_dir.glob(f"slot-{slot}-*.chunks"))
+            for path in paths:
+                path.unlink()
+            if paths:
+                durable.fsync_dir(self.data_dir)
+        except OSError as err:
+            self._unusable(err)
+
+    def _unusable(self, err: OSError) -> None:
+        if self._log is not None:
+            self._log.event("install.slot_index_unwritable", level="warning", error=str(err))
 
 
 @dataclass

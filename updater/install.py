@@ -49,7 +49,15 @@ from image_builder.manifest import ImageEntry, Manifest
 from signing.errors import KeyringError
 from signing.keyring import Keyring
 from updater.config import UpdaterConfig
-from updater.delta import Assembler, Journal, Plan, RangeFetcher, ReadBackError, plan
+from updater.delta import (
+    Assembler,
+    Journal,
+    Plan,
+    RangeFetcher,
+    ReadBackError,
+    SlotIndexes,
+    plan,
+)
 from updater.device import run_reboot
 from updater.errors import (
     DownloadError,
@@ -449,17 +457,24 @@ class Installer:
         self.log.event(f"{kind}.slot_marked", slot=target, status="installing")
         watch = _Watch(started + self.config.limits.update_deadline_s, abandon)
         journal = Journal(self.config.data_dir, self.log)
+        slot_indexes = SlotIndexes(self.config.data_dir, self.log)
         transfer: tuple[int, int] | None = None
+        indexes: dict[str, ChunkIndex] = {}
         try:
             # before the first byte: a journal of another release or slot stops counting
             verified = journal.begin(target, reader.manifest_sha256)
             self._check(watch)
             delta = None
             if blob_urls is not None:
-                delta, index_bytes = self._delta_plans(
-                    manifest, targets, blob_urls, verified, started, kind
+                delta, indexes = self._delta_plans(
+                    manifest, targets, blob_urls, verified, started, kind, slot_indexes
                 )
+                index_bytes = sum(
+                    e.chunk_index.size for e in manifest.images
+                    if e.chunk_index is not None and e.filename in indexes
+                )  # fmt: skip
                 transfer = (index_bytes + sum(e.size for e in manifest.images), 0)
+            slot_indexes.drop(target)  # what the slot held is about to change
             if delta is not None:
                 trusted = {entry.filename: image_plan.trusted for entry, image_plan in delta}
                 journal.advance(target, reader.manifest_sha256, trusted)
@@ -482,6 +497,11 @@ class Installer:
                 journal.clear()  # it vouched for bytes the slot does not hold
             raise InstallError(f"{kind} into slot {target} failed: {err}") from err
         armed = self.arm(state, target, route)
+        if isinstance(reader, BundleReader):
+            indexes = {name: index for name, (_, index) in reader.chunk_indexes.items()}
+        for entry in manifest.images:
+            if entry.filename in indexes:
+                slot_indexes.save(target, entry, indexes[entry.filename])
         if transfer is not None:
             stored = sum(e.size for e in manifest.images)
             cost = {"fetched": transfer[0], "reused": transfer[1], "stored": stored}
@@ -512,20 +532,24 @@ class Installer:
         verified: Mapping[str, int],
         started: float,
         kind: str,
-    ) -> tuple[list[tuple[ImageEntry, Plan]] | None, int]:
+        slot_indexes: SlotIndexes,
+    ) -> tuple[list[tuple[ImageEntry, Plan]] | None, dict[str, ChunkIndex]]:
         """Plans to assemble every image from what the device holds, or None for a full
         install: an image without a chunk index or with no URL for it, nothing to reuse (then
         the plain stream is faster: no seeking, no second read of the slot), or planning failed
         before a byte of the slot was written (no host serves the index, or serves it wrong:
-        the stream needs neither ranges nor the index); and the bytes of chunk indexes fetched
-        to find out."""
+        the stream needs neither ranges nor the index); and the chunk indexes fetched to find
+        out, by image file name."""
         if not all(e.chunk_index and blob_urls.get(e.chunk_index.sha256) for e in manifest.images):
-            return None, 0
+            return None, {}
         try:
             indexes = [self._fetch_index(entry, blob_urls, started) for entry in manifest.images]
         except (DownloadError, BundleError) as err:
             self.log.event(f"{kind}.delta_unavailable", level="warning", error=str(err))
-            return None, 0
+            return None, {}
+        fetched = {
+            entry.filename: index for entry, index in zip(manifest.images, indexes, strict=True)
+        }
         booted = self.backend.booted()
         seeds = (
             slot_targets(self.config.slots, booted, self.config.partlabel_dir)
@@ -535,10 +559,19 @@ class Installer:
         plans = []
         for entry, index in zip(manifest.images, indexes, strict=True):
             seed = seeds.get(entry.slot_class)
+            target = targets[entry.slot_class]
+            known = {
+                path: found
+                for path, slot in (
+                    (target.path, target.slot),
+                    (seed.path if seed else None, booted),
+                )
+                if path is not None
+                and (found := slot_indexes.load(slot, entry.slot_class)) is not None
+            }
             plans.append((entry, plan(
-                index, target=targets[entry.slot_class].path,
-                booted=seed.path if seed is not None else None,
-                verified_through=verified.get(entry.filename, 0),
+                index, target=target.path, booted=seed.path if seed is not None else None,
+                verified_through=verified.get(entry.filename, 0), known=known,
             )))  # fmt: skip
         for entry, image_plan in plans:
             self.log.event(
@@ -546,10 +579,9 @@ class Installer:
                 ranges=len(image_plan.ranges()), fetch_bytes=image_plan.fetch_bytes,
                 stored_bytes=entry.size, found=image_plan.bytes_by_kind(),
             )  # fmt: skip
-        index_bytes = sum(entry.chunk_index.size for entry, _ in plans if entry.chunk_index)
         if not any(image_plan.reuse_bytes for _, image_plan in plans):
-            return None, index_bytes
-        return plans, index_bytes
+            return None, fetched
+        return plans, fetched
 
     def _fetch_index(
         self, entry: ImageEntry, blob_urls: Mapping[str, Sequence[str]], started: float

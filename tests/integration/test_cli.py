@@ -6,6 +6,7 @@ import json
 import stat
 import subprocess
 import sys
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,8 +109,11 @@ def signed(tmp_path: Path, make_bundle: MakeBundle, keyring_dir: Path) -> tuple[
 def test_verify_errors_are_one_line(tmp_path: Path, signed: tuple[Path, Path]) -> None:
     bundle, ring = signed
     data = bundle.read_bytes()
+    with tarfile.open(bundle) as archive:
+        image = archive.getmembers()[2]  # the first image, after manifest.json and manifest.sig
+    at = image.offset_data + image.size // 2
     cases = {
-        "flipped": (data[:3000] + bytes([data[3000] ^ 1]) + data[3001:], "SHA-256"),
+        "flipped": (data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :], "SHA-256"),
         "truncated": (data[:-700], "truncated"),
         "trailing": (data + b"junk", "trailing data"),
         "empty": (b"", "truncated"),

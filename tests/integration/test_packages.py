@@ -232,8 +232,9 @@ for name in ours:
                 named.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 named.add(node.module.split(".")[0])
-# _typeshed exists for type checkers only (under TYPE_CHECKING)
-for name in sorted(named - set(sys.stdlib_module_names) - set(ours) - {"_typeshed"}):
+# _typeshed exists for type checkers only (under TYPE_CHECKING); fastcdc is optional on a
+# device (updater.delta.can_cut): without it, delta installs find chunks without cutting
+for name in sorted(named - set(sys.stdlib_module_names) - set(ours) - {"_typeshed", "fastcdc"}):
     importlib.import_module(name)
 print(json.dumps(sorted({m.__file__ for m in list(sys.modules.values())
                          if getattr(m, "__file__", None)})))

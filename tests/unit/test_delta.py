@@ -584,3 +584,36 @@ def test_a_cut_during_the_first_write_after_a_resume_never_tears_what_the_journa
     assert torn[page:vouched] != new[page:vouched]  # the cut tore bytes the journal had kept
     lab.install(release)
     assert lab.slot("b", len(new)) == new
+
+
+def test_without_fastcdc_a_device_finds_chunks_through_the_indexes_it_kept(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device with Debian's libraries only cannot cut: the index it saved when it wrote its
+    running slot says where that slot's chunks are, and the target is checked chunk by chunk
+    at each chunk's own offset."""
+    from bootloader_hooks.base import BootCause, BootEvent
+    from updater import delta
+    from updater.delta import SlotIndexes
+
+    monkeypatch.setattr(delta, "can_cut", lambda: False)
+    provisioned(lab)
+    # 1.1.0 installed and committed by the updater: its index is kept for slot b
+    installer = lab.device.runtime().installer(http_options={"sleep": lambda s: None})
+    installer.install_parts(*lab.release(BASE, "1.1.0"), reboot=True)
+    assert lab.device.pending_reboot is not None
+    lab.device.settle(BootEvent(BootCause.REBOOT, tuple(lab.device.pending_reboot)))
+    assert lab.device.runtime().backend.booted() == "b"
+    assert SlotIndexes(lab.root / "device" / "data").load("b", "rootfs") is not None
+    new = patched(BASE)
+    release = lab.release(new, "2.0.0")
+    stored = len(lab.host.blobs[json.loads(release[0])["images"][0]["sha256"]])
+    lab.host.sent = 0
+    result = lab.install(release)
+    assert lab.slot("a", len(new)) == new
+    planned = lab.events("install.delta_planned")[-1]
+    assert planned["found"]["booted"] > 0.5 * len(new)
+    assert planned["found"]["booted"] + planned["found"]["in_place"] > 0.9 * len(new)
+    assert result.bytes_fetched is not None and result.bytes_fetched < 0.2 * stored
+    # a slot about to be written loses its index; the new one is kept once armed
+    assert SlotIndexes(lab.root / "device" / "data").load("a", "rootfs") is not None

@@ -25,7 +25,7 @@ from typing import BinaryIO
 from fleet_core.durable import atomic_output, sweep_shards
 from image_builder.manifest import MAX_CHUNK_INDEX_BYTES
 from server.chunkstore import ChunkedImage, ChunkStore, Recipe, StoredChunks
-from server.errors import RangeNotSatisfiableError, ServerError
+from server.errors import RangeNotSatisfiableError, ServerError, StorageDamagedError
 
 CHUNK = 1024 * 1024
 # The store is the server's alone (server/datadir.py): blobs and their directories are private.
@@ -42,17 +42,32 @@ class BlobIntegrityError(ServerError):
     """Bytes copied into the store do not have the SHA-256 or size they were stored under."""
 
 
-def copy_hashed(source: BinaryIO, out: BinaryIO, size: int, sha256: str | None, where: str) -> None:
+def copy_hashed(
+    source: BinaryIO,
+    out: BinaryIO,
+    size: int,
+    sha256: str | None,
+    where: str,
+    *,
+    source_name: str | None = None,
+) -> None:
     """Copy ``size`` bytes from ``source`` to ``out``, hashing them as they pass.
 
     Raises:
         BlobIntegrityError: the source ends early, or the bytes do not hash to ``sha256``
             (when given); the caller discards what was written.
+        StorageDamagedError: the source (``source_name``, a store file) cannot be read; an
+            ``OSError`` writing ``out`` is raised as it is.
     """
     digest = hashlib.sha256()
     remaining = size
     while remaining:
-        chunk = source.read(min(CHUNK, remaining))
+        try:
+            chunk = source.read(min(CHUNK, remaining))
+        except OSError as err:
+            if source_name is None:
+                raise
+            raise StorageDamagedError(f"{source_name}: cannot read: {err.strerror or err}") from err
         if not chunk:
             raise BlobIntegrityError(f"{where}: source ends {remaining} bytes early")
         digest.update(chunk)
@@ -113,7 +128,7 @@ class BlobStore:
         """Store the chunked image ``image`` of the bundle ``source``: its chunks not stored
         yet, its chunk index as a blob, then its recipe, so that :meth:`open` finds it only
         when all it needs is there. An image some of whose chunks are stored with other bytes
-        (another encoder's) is stored whole instead of its recipe.
+        (another encoder's), or found damaged, is stored whole instead of its recipe.
 
         Power cut: each file exists whole or not at all; the recipe is written last.
 
@@ -126,7 +141,7 @@ class BlobStore:
             raise BlobIntegrityError(f"image {entry.filename!r} has no chunk index")
         stored = self.chunks.put_chunks(source, image)
         self.put_range(source, image.index_offset, ref.size, ref.sha256)
-        if stored.foreign:
+        if stored.foreign or stored.damaged:
             self.put_range(source, image.offset, entry.size, entry.sha256)
             return stored
         self.chunks.put_recipe(Recipe.of(entry, ref))
@@ -152,7 +167,8 @@ class BlobStore:
         A chunked image is assembled from the chunk store.
 
         Raises:
-            ChunkIntegrityError: a chunked image's recipe or chunk index is damaged.
+            StorageDamagedError: the blob's file cannot be opened, or a chunked image's recipe
+                is damaged (a damaged chunk index or chunk raises it from ``read``).
         """
         whole = self.open_whole(sha256)
         if whole is not None or not SHA256_HEX.fullmatch(sha256):
@@ -162,9 +178,15 @@ class BlobStore:
     def open_whole(self, sha256: str) -> tuple[BinaryIO, int] | None:
         """The blob stored whole (never a chunked image's), as :meth:`open`."""
         try:
-            handle = open(self.path(sha256), "rb")  # noqa: SIM115 (the caller closes it)
-        except (FileNotFoundError, ValueError):
+            path = self.path(sha256)
+        except ValueError:
             return None
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 (the caller closes it)
+        except FileNotFoundError:
+            return None
+        except OSError as err:  # a directory in its place, no permission, a disk error
+            raise StorageDamagedError(f"blob file {path}: {err.strerror or err}") from err
         return handle, os.fstat(handle.fileno()).st_size
 
     def read_small(self, sha256: str, size: int) -> bytes | None:
@@ -178,7 +200,13 @@ class BlobStore:
             return None
         handle, stored_size = opened
         with handle:
-            return handle.read() if stored_size == size else None
+            if stored_size != size:
+                return None
+            try:
+                return handle.read()
+            except OSError as err:
+                path = self.path(sha256)
+                raise StorageDamagedError(f"blob file {path}: {err.strerror or err}") from err
 
 
 @dataclass(frozen=True)
@@ -235,15 +263,30 @@ def _unsatisfiable(header: str, size: int) -> RangeNotSatisfiableError:
     )
 
 
-def read_chunks(handle: BinaryIO, start: int, length: int) -> Iterator[bytes]:
-    """``length`` bytes of ``handle`` from ``start``, a chunk at a time; closes ``handle``."""
+def read_chunks(handle: BinaryIO, start: int, length: int, first: bytes = b"") -> Iterator[bytes]:
+    """``length`` bytes of ``handle`` from ``start``, a chunk at a time; closes ``handle``.
+    ``first``: the first bytes, read already (the handle is past them).
+
+    Raises:
+        StorageDamagedError: the store's bytes cannot be read or end early, or a chunk does
+            not verify; names the store file.
+    """
     try:
-        handle.seek(start)
         remaining = length
+        if first:
+            remaining -= len(first)
+            yield first
+        else:
+            handle.seek(start)
         while remaining:
-            chunk = handle.read(min(CHUNK, remaining))
+            try:
+                chunk = handle.read(min(CHUNK, remaining))
+            except OSError as err:
+                name = getattr(handle, "name", "a blob")
+                raise StorageDamagedError(f"blob file {name}: {err.strerror or err}") from err
             if not chunk:
-                return
+                name = getattr(handle, "name", "a blob")
+                raise StorageDamagedError(f"blob file {name}: ends {remaining} bytes early")
             remaining -= len(chunk)
             yield chunk
     finally:

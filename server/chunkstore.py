@@ -19,14 +19,27 @@ a chunk only after its bytes were verified (decompressed, their length and SHA-2
 against the index), a recipe only after every chunk it needs is stored. The same chunk stored
 by another Zstandard encoder (another builder version) is other bytes under the same name: an
 image whose chunks are stored with bytes other than its own cannot be assembled from them, and
-server/releases.py stores it whole instead (:attr:`StoredChunks.foreign`).
+server/releases.py stores it whole instead (:attr:`StoredChunks.foreign`); so is an image one of
+whose chunk files is found damaged (:attr:`StoredChunks.damaged`, logged as an error).
+
+Nothing is served that was not verified: a recipe must name the image asked for, and every
+chunk file opened for serving must be a regular file (a symlink is refused) of exactly its
+stored length, whose bytes unpack to the chunk the index names. That check runs the first time
+a file is served and is remembered by the file's identity (path, inode, size, modification
+time; a bounded cache), so a file changed later is checked again. Any other outcome, and any
+``OSError`` reading the store, is a :class:`ChunkIntegrityError` naming the file: a 5xx answer
+before the response starts, a connection cut after it did, never other bytes.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import logging
+import os
+import stat
 import threading
 from bisect import bisect_right
 from collections import OrderedDict
@@ -37,10 +50,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from fleet_core.durable import atomic_write, sweep_shards
-from image_builder.chunks import Chunk, ChunkIndex, unpack
+from image_builder.chunks import Chunk, ChunkIndex, stored_length_bound, unpack
 from image_builder.errors import ImageIntegrityError, ManifestError
 from image_builder.manifest import ChunkIndexRef, ImageEntry
-from server.errors import ServerError
+from server.errors import StorageDamagedError
 
 RECIPES = "images"
 RECIPE_FORMAT = 1
@@ -48,12 +61,22 @@ SUFFIXES = {"zstd": ".zst", "none": ".raw"}
 # Parsed chunk indexes kept for serving ranges: a device fetches one image in many ranges, and
 # parsing a large image's index (65,000 entries for 4 GiB) for each would cost more than the range.
 CACHED_INDEXES = 8
+# ... and at most this many bytes of them, estimated per chunk (three tuple entries, two ints
+# and a 32-byte digest: about 200 bytes), so a few huge indexes cannot take the server's memory.
+CACHED_INDEX_BYTES = 64 << 20
+INDEX_BYTES_PER_CHUNK = 200
+# Chunk files verified since they last changed (one 4 GiB image has 65,000 chunks).
+VERIFIED_CHUNKS = 65536
 # How much of an assembled image one read gathers at most (server/blobs.py reads 1 MiB at a time).
 READ_BUFFER = 1024 * 1024
 
 
-class ChunkIntegrityError(ServerError):
-    """A stored chunk, recipe or index is missing or does not hold what its name says."""
+log = logging.getLogger("server")
+
+
+class ChunkIntegrityError(StorageDamagedError):
+    """A stored chunk, recipe or index is missing, unreadable or does not hold what its name
+    says (a 5xx answer: the server's disk, not the request)."""
 
 
 @dataclass(frozen=True)
@@ -140,12 +163,18 @@ class StoredChunks:
     new_bytes: int  # their stored bytes
     shared: int  # chunks stored already, with this image's bytes
     foreign: int  # chunks stored already with other bytes (another encoder's)
+    damaged: int = 0  # chunk files found damaged (not a regular file, or not the chunk)
 
 
 @dataclass(frozen=True)
 class _Layout:
     index: ChunkIndex
     starts: tuple[int, ...]  # stored offset of each chunk, and the stored size last
+
+    @property
+    def cost(self) -> int:
+        """The memory it holds, estimated."""
+        return len(self.index) * INDEX_BYTES_PER_CHUNK
 
 
 class ChunkStore:
@@ -156,6 +185,9 @@ class ChunkStore:
         self._file_mode = file_mode
         self._dir_mode = dir_mode
         self._layouts: OrderedDict[str, _Layout] = OrderedDict()
+        self._layout_bytes = 0
+        self._parsing: dict[str, threading.Lock] = {}  # one parse of an index at a time
+        self._verified: OrderedDict[tuple[str, int, int, int], None] = OrderedDict()
         self._lock = threading.Lock()
 
     def path(self, sha256: bytes, compression: str) -> Path:
@@ -180,14 +212,17 @@ class ChunkStore:
             ChunkIntegrityError: the bundle's bytes changed since they were verified.
         """
         compression = image.entry.compression
-        new = new_bytes = shared = foreign = 0
+        new = new_bytes = shared = foreign = damaged = 0
         for chunk, digest in zip(image.index.chunks(), image.stored_digests, strict=True):
             target = self.path(chunk.sha256, compression)
-            held = _file_digest(target, chunk.stored_length)
+            held = self._held(target, chunk, compression)
             if held == digest:
                 shared += 1
                 continue
-            if held is not None or target.exists():
+            if held == _DAMAGED:
+                damaged += 1
+                continue
+            if held is not None:
                 foreign += 1
                 continue
             handle.seek(image.offset + chunk.stored_offset)
@@ -201,14 +236,37 @@ class ChunkStore:
             try:
                 atomic_write(target, stored, self._file_mode, exclusive=True)
             except FileExistsError:  # another upload stored it meanwhile: its bytes stay
-                if _file_digest(target, chunk.stored_length) == digest:
+                held = self._held(target, chunk, compression)
+                if held == digest:
                     shared += 1
+                elif held in (_DAMAGED, None):
+                    damaged += 1
                 else:
                     foreign += 1
                 continue
             new += 1
             new_bytes += len(stored)
-        return StoredChunks(new, new_bytes, shared, foreign)
+        return StoredChunks(new, new_bytes, shared, foreign, damaged)
+
+    def _held(self, path: Path, chunk: Chunk, compression: str) -> bytes | None:
+        """The SHA-256 of the stored bytes of the chunk file ``path`` if it holds ``chunk``
+        (this image's bytes or another encoder's); None if there is no such file;
+        :data:`_DAMAGED` (and an error logged) if the file is there but does not hold the
+        chunk: not a regular file, unreadable, or bytes that do not unpack to it."""
+        bound = chunk.length if compression == "none" else stored_length_bound(chunk.length)
+        try:
+            data = _read_regular(path, bound)
+        except FileNotFoundError:
+            return None
+        except (OSError, _NotRegular) as err:
+            log.error("chunk store: damaged chunk file %s: %s; image stored whole", path, _why(err))
+            return _DAMAGED
+        try:
+            unpack(data, _as_stored(chunk, len(data)), compression)
+        except ImageIntegrityError as err:
+            log.error("chunk store: damaged chunk file %s: %s; image stored whole", path, err)
+            return _DAMAGED
+        return hashlib.sha256(data).digest()
 
     def put_recipe(self, recipe: Recipe) -> None:
         """Store ``recipe`` (after every chunk it needs and its index). Power cut: whole or
@@ -220,12 +278,23 @@ class ChunkStore:
         atomic_write(target, recipe.to_bytes(), self._file_mode)
 
     def recipe(self, image_sha256: str) -> Recipe | None:
-        """The recipe of the chunked image ``image_sha256``; None if there is none."""
+        """The recipe of the chunked image ``image_sha256``; None if there is none.
+
+        Raises:
+            ChunkIntegrityError: the recipe file is unreadable, not a recipe, or the recipe of
+                another image.
+        """
+        path = self.recipe_path(image_sha256)
         try:
-            data = self.recipe_path(image_sha256).read_bytes()
+            data = _read_regular(path, RECIPE_LIMIT)
         except FileNotFoundError:
             return None
-        return Recipe.from_bytes(data, f"recipe of {image_sha256}")
+        except (OSError, _NotRegular) as err:
+            raise ChunkIntegrityError(f"recipe {path}: {_why(err)}") from err
+        recipe = Recipe.from_bytes(data, f"recipe {path}")
+        if recipe.sha256 != image_sha256:
+            raise ChunkIntegrityError(f"recipe {path}: names image {recipe.sha256!r}")
+        return recipe
 
     def layout(self, recipe: Recipe, load_index: Callable[[str, int], bytes | None]) -> ChunkIndex:
         """The chunk index of ``recipe``'s image, parsed (and kept for the next ranges).
@@ -236,11 +305,45 @@ class ChunkStore:
         return self._layout(recipe, load_index).index
 
     def _layout(self, recipe: Recipe, load_index: Callable[[str, int], bytes | None]) -> _Layout:
+        """The parsed index, from the cache or parsed once however many requests ask at the
+        same moment (the others wait for that parse)."""
+        key = recipe.index_sha256
         with self._lock:
-            cached = self._layouts.get(recipe.index_sha256)
+            cached = self._cached_layout(key)
             if cached is not None:
-                self._layouts.move_to_end(recipe.index_sha256)
                 return cached
+            parsing = self._parsing.setdefault(key, threading.Lock())
+        with parsing:
+            try:
+                with self._lock:
+                    cached = self._cached_layout(key)
+                if cached is not None:
+                    return cached
+                layout = self._parse(recipe, load_index)
+                with self._lock:
+                    self._keep_layout(key, layout)
+                return layout
+            finally:
+                with self._lock:
+                    if self._parsing.get(key) is parsing:
+                        del self._parsing[key]
+
+    def _cached_layout(self, key: str) -> _Layout | None:
+        cached = self._layouts.get(key)
+        if cached is not None:
+            self._layouts.move_to_end(key)
+        return cached
+
+    def _keep_layout(self, key: str, layout: _Layout) -> None:
+        if key in self._layouts or layout.cost > CACHED_INDEX_BYTES:
+            return
+        self._layouts[key] = layout
+        self._layout_bytes += layout.cost
+        while len(self._layouts) > CACHED_INDEXES or self._layout_bytes > CACHED_INDEX_BYTES:
+            _, dropped = self._layouts.popitem(last=False)
+            self._layout_bytes -= dropped.cost
+
+    def _parse(self, recipe: Recipe, load_index: Callable[[str, int], bytes | None]) -> _Layout:
         where = f"chunk index {recipe.index_sha256} of image {recipe.sha256}"
         data = load_index(recipe.index_sha256, recipe.index_size)
         if data is None or hashlib.sha256(data).hexdigest() != recipe.index_sha256:
@@ -252,12 +355,7 @@ class ChunkStore:
             )  # fmt: skip
         except ManifestError as err:
             raise ChunkIntegrityError(str(err)) from err
-        layout = _Layout(index, tuple(accumulate(index.stored_lengths, initial=0)))
-        with self._lock:
-            self._layouts[recipe.index_sha256] = layout
-            while len(self._layouts) > CACHED_INDEXES:
-                self._layouts.popitem(last=False)
-        return layout
+        return _Layout(index, tuple(accumulate(index.stored_lengths, initial=0)))
 
     def open(
         self, image_sha256: str, load_index: Callable[[str, int], bytes | None]
@@ -272,8 +370,8 @@ class ChunkStore:
         recipe = self.recipe(image_sha256)
         if recipe is None:
             return None
-        layout = self._layout(recipe, load_index)
-        raw = AssembledImage(self, layout, recipe)
+        # the index is parsed at the first read: a HEAD or a 304 answers from the recipe
+        raw = AssembledImage(self, lambda: self._layout(recipe, load_index), recipe)
         return io.BufferedReader(raw, buffer_size=READ_BUFFER), recipe.size
 
     def chunk_files(self, recipe: Recipe, index: ChunkIndex) -> Iterator[tuple[Chunk, Path]]:
@@ -287,29 +385,113 @@ class ChunkStore:
         """Remove the temporary files of writes cut short, untouched for ``min_age_s``."""
         return sweep_shards(self.root, min_age_s=min_age_s, now=now)
 
+    def read_chunk(self, chunk: Chunk, compression: str, where: str) -> bytes:
+        """The stored bytes of ``chunk`` from its chunk file, verified (see the module
+        docstring).
 
-def _file_digest(path: Path, size: int) -> bytes | None:
-    """The SHA-256 of ``path`` if it exists with ``size`` bytes; None otherwise."""
+        Raises:
+            ChunkIntegrityError: the file is missing, unreadable, not a regular file, not of
+                the chunk's stored length, or its bytes are not the chunk; names the file.
+        """
+        path = self.path(chunk.sha256, compression)
+        try:
+            data, before = _read_exactly(path, chunk.stored_length)
+            key = (str(path), before.st_ino, before.st_size, before.st_mtime_ns)
+            with self._lock:
+                known = key in self._verified
+                if known:
+                    self._verified.move_to_end(key)
+            if not known:
+                unpack(data, chunk, compression)
+                with self._lock:
+                    self._verified[key] = None
+                    while len(self._verified) > VERIFIED_CHUNKS:
+                        self._verified.popitem(last=False)
+        except FileNotFoundError as err:
+            problem = f"{where}: chunk file {path} is missing from the chunk store"
+            raise ChunkIntegrityError(problem) from err
+        except (OSError, _NotRegular, ImageIntegrityError) as err:
+            raise ChunkIntegrityError(
+                f"{where}: chunk file {path} is damaged: {_why(err)}"
+            ) from err
+        return data
+
+
+RECIPE_LIMIT = 64 << 10  # a recipe is a few hundred bytes
+_DAMAGED = b"damaged"  # a chunk file that is there but does not hold its chunk
+
+
+class _NotRegular(Exception):
+    """A store file that is a symlink, a directory or a device, or not of its length."""
+
+
+def _why(err: BaseException) -> str:
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    return str(err)
+
+
+def _as_stored(chunk: Chunk, stored_length: int) -> Chunk:
+    return Chunk(chunk.offset, chunk.length, chunk.stored_offset, stored_length, chunk.sha256)
+
+
+def _read_regular(path: Path, limit: int | None) -> bytes:
+    """The bytes of the regular file ``path``, never through a symlink (at most ``limit``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        _NotRegular: a symlink, a directory, a device, or larger than ``limit``.
+        OSError: it cannot be read.
+    """
+    data, _ = _read_exactly(path, None, limit)
+    return data
+
+
+def _read_exactly(
+    path: Path, length: int | None, limit: int | None = None
+) -> tuple[bytes, os.stat_result]:
+    """The bytes of the regular file ``path`` (exactly ``length`` of them, if given), opened
+    without following a symlink, and its status before the read; the status must not change
+    during the read."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(size + 1)
-    except FileNotFoundError:
-        return None
-    return hashlib.sha256(data).digest() if len(data) == size else None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise _NotRegular("a symlink (refused)") from err
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise _NotRegular("not a regular file")
+        if length is not None and before.st_size != length:
+            raise _NotRegular(f"{before.st_size} bytes, the index says {length}")
+        if limit is not None and before.st_size > limit:
+            raise _NotRegular(f"{before.st_size} bytes, more than {limit}")
+        data = handle.read(before.st_size + 1)
+        after = os.fstat(fd)
+    if len(data) != before.st_size or (after.st_size, after.st_mtime_ns) != (
+        before.st_size,
+        before.st_mtime_ns,
+    ):
+        raise _NotRegular("changed while it was read")
+    return data, before
 
 
 class AssembledImage(io.RawIOBase):
     """A chunked image's stored bytes, read from its chunk files in index order: a read at a
-    stored offset finds its chunk by bisection over the chunks' stored offsets."""
+    stored offset finds its chunk by bisection over the chunks' stored offsets. Each chunk is
+    read whole and verified (:meth:`ChunkStore.read_chunk`) before any of its bytes are given
+    out; the index is parsed at the first read."""
 
-    def __init__(self, store: ChunkStore, layout: _Layout, recipe: Recipe) -> None:
+    def __init__(self, store: ChunkStore, layout: Callable[[], _Layout], recipe: Recipe) -> None:
         super().__init__()
         self._store = store
-        self._layout = layout
+        self._load_layout = layout
+        self._layout: _Layout | None = None
         self._recipe = recipe
         self._position = 0
-        self._number = -1  # the chunk whose file is open
-        self._file: io.BufferedReader | None = None
+        self._number = -1  # the chunk whose bytes are held
+        self._data = b""
 
     def readable(self) -> bool:
         return True
@@ -329,42 +511,27 @@ class AssembledImage(io.RawIOBase):
         return position
 
     def readinto(self, buffer: Any) -> int:
+        if self._layout is None:
+            self._layout = self._load_layout()
         starts = self._layout.starts
         if self._position >= starts[-1]:
             return 0
         number = bisect_right(starts, self._position) - 1
-        handle = self._file if number == self._number and self._file else self._open_chunk(number)
+        if number != self._number:
+            self._data, self._number = b"", -1
+            chunk = Chunk(
+                0, self._layout.index.lengths[number], starts[number],
+                self._layout.index.stored_lengths[number], self._layout.index.digests[number],
+            )  # fmt: skip
+            where = f"image {self._recipe.sha256}, chunk {number}"
+            self._data = self._store.read_chunk(chunk, self._recipe.compression, where)
+            self._number = number
         within = self._position - starts[number]
-        wanted = min(len(buffer), starts[number + 1] - self._position)
-        handle.seek(within)
-        count = handle.readinto(memoryview(buffer)[:wanted])
-        if count != wanted:
-            raise ChunkIntegrityError(
-                f"image {self._recipe.sha256}: chunk {number} ends early in the chunk store"
-            )
+        count = min(len(buffer), len(self._data) - within)
+        memoryview(buffer)[:count] = self._data[within : within + count]
         self._position += count
         return count
 
-    def _open_chunk(self, number: int) -> io.BufferedReader:
-        self._close_chunk()
-        digest = self._layout.index.digests[number]
-        path = self._store.path(digest, self._recipe.compression)
-        try:
-            self._file = open(path, "rb")  # noqa: SIM115 (kept open for the next reads)
-        except FileNotFoundError as err:
-            raise ChunkIntegrityError(
-                f"image {self._recipe.sha256}: chunk {number} ({digest.hex()}) is missing from "
-                "the chunk store"
-            ) from err
-        self._number = number
-        return self._file
-
-    def _close_chunk(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._file = None
-        self._number = -1
-
     def close(self) -> None:
-        self._close_chunk()
+        self._data, self._number = b"", -1
         super().close()

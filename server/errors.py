@@ -5,7 +5,7 @@ Two families, both :class:`~fleet_core.errors.FleetError`:
 - :class:`ApiError` and its subclasses are answers: each names what went wrong with a request
   and carries the HTTP status and the machine-readable ``error`` code of the
   ``{"error": ..., "detail": ...}`` body (docs/device-protocol.md). Only problems of the server
-  itself (its keyring, its database) map to a 5xx; nothing a client sends does.
+  itself (its keyring, its database, its stored files) map to a 5xx; nothing a client sends does.
 - The others are failures of the server's own setup or of the ``fleet`` commands (no server
   URL, server unreachable, a request refused, a broken audit chain): one line, exit status 1.
 """
@@ -186,6 +186,15 @@ class DatabaseUnavailableError(ApiError):
 
     status = 503
     code = "database_unavailable"
+
+
+class StorageDamagedError(ApiError):
+    """A file of the server's own store (a blob, a stored chunk, a recipe, a chunk index) is
+    missing, unreadable or does not hold what its name says: the server's disk, never the
+    client's request. Its detail names the store file."""
+
+    status = 500
+    code = "storage_damaged"
 
 
 # --- setup and operator commands --------------------------------------------------------------

@@ -2,11 +2,17 @@
 image assembled from its chunks by the blob store: server/blobs.py, server/chunkstore.py).
 
 No authentication: every byte is checked against the signed manifest by whoever downloads it.
-Blobs never change, so the ETag is the SHA-256 itself and caches may keep them forever.
+Blobs never change, so the ETag is the SHA-256 itself and caches may keep them forever; so a
+damaged store never answers with other bytes: what fails before the answer starts (the first
+mebibyte is read, and a chunked image's first chunks verified, before it) is a 500
+``storage_damaged``, what fails later cuts the connection; either logs one error line naming the
+store file.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -14,10 +20,11 @@ from fastapi.responses import StreamingResponse
 
 from server.api.common import State
 from server.assignment import etag_matches
-from server.blobs import SHA256_HEX, parse_range, read_chunks
-from server.errors import UnknownBlobError
+from server.blobs import CHUNK, SHA256_HEX, parse_range, read_chunks
+from server.errors import StorageDamagedError, UnknownBlobError
 
 router = APIRouter(tags=["blobs"])
+log = logging.getLogger("server")
 
 
 # the bytes are no JSON: the description says so
@@ -31,7 +38,10 @@ BLOB_RESPONSES: dict[int | str, dict[str, Any]] = {
 @router.head("/blobs/{sha256}", operation_id="head_blob", responses=BLOB_RESPONSES)
 def get_blob(sha256: str, request: Request, state: State) -> Response:
     """The blob, or one byte range of it (``Range``, honoured only if ``If-Range`` matches)."""
-    opened = state.blobs.open(sha256) if SHA256_HEX.fullmatch(sha256) else None
+    try:
+        opened = state.blobs.open(sha256) if SHA256_HEX.fullmatch(sha256) else None
+    except StorageDamagedError as err:
+        raise _damaged(sha256, err) from err
     if opened is None:
         raise UnknownBlobError(f"no blob {sha256[:64]!r}")
     handle, size = opened
@@ -67,9 +77,33 @@ def get_blob(sha256: str, request: Request, state: State) -> Response:
         handle.close()
         # the same header fields as the GET's (RFC 9110, 9.3.2), the type included
         return Response(status_code=status, headers=headers, media_type="application/octet-stream")
+    try:  # the first bytes before the answer starts: a damaged store is a 500, not a cut
+        handle.seek(start)
+        first = handle.read(min(CHUNK, length))
+    except StorageDamagedError as err:
+        handle.close()
+        raise _damaged(sha256, err) from err
+    except BaseException:
+        handle.close()
+        raise
     return StreamingResponse(
-        read_chunks(handle, start, length),
+        _logged(sha256, read_chunks(handle, start, length, first)),
         status_code=status,
         headers=headers,
         media_type="application/octet-stream",
     )
+
+
+def _logged(sha256: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """``chunks``, logging a damaged store found mid-answer (the connection is then cut)."""
+    try:
+        yield from chunks
+    except StorageDamagedError as err:
+        log.error("serving blob %s: %s; connection cut", sha256[:12], err)
+        raise
+
+
+def _damaged(sha256: str, err: StorageDamagedError) -> StorageDamagedError:
+    """The answer to a damaged store: the log names the store file, the client learns no path."""
+    log.error("serving blob %s: %s", sha256[:12], err)
+    return StorageDamagedError(f"the server's stored copy of blob {sha256} is damaged (logged)")

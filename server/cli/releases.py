@@ -79,7 +79,7 @@ def release_export(
     DIRECTORY gets blobs/<sha256> for every image (a chunked image whole) and chunk index, and
     chunks/ with every chunk; serve it as a mirror ([server] mirrors on the devices). Files
     already there are kept, so exporting again after an upload copies only what is new. Runs
-    on the server's host, on its data directory.
+    on the server's host, on its data directory; DIRECTORY must lie outside it.
     """
     from server.blobs import BlobStore
     from server.mirror import export
@@ -90,7 +90,7 @@ def release_export(
     settings = Settings.create(existing_data_dir(data_dir), database_url=database_url)
     db = open_database(data_dir, database_url)
     try:
-        summary = export(db, BlobStore(settings.blob_dir), directory)
+        summary = export(db, BlobStore(settings.blob_dir), directory, data_dir=settings.data_dir)
     finally:
         db.dispose()
     if as_json:

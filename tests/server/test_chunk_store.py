@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import random
+import re
 import shutil
 import subprocess
 import time
@@ -26,7 +27,7 @@ from image_builder.bundle_writer import ImageSource, create_bundle
 from image_builder.chunks import ChunkIndex, unpack
 from image_builder.container import BLOCK, decode_header, padding
 from server.blobs import BlobStore
-from server.chunkstore import SUFFIXES, ChunkIntegrityError
+from server.chunkstore import SUFFIXES, ChunkStore
 from server.datadir import sweep_leftovers
 from server.models import Release, ReleaseImage
 from signing.keys import SigningKey
@@ -410,8 +411,10 @@ def test_a_missing_chunk_is_a_server_fault_not_wrong_bytes(
     image = uploaded(harness, build(image_bytes(), "1.0.0"))["images"][0]
     victim = chunk_files(harness)[0]
     victim.unlink()
-    with pytest.raises(ChunkIntegrityError, match="missing from the chunk store"):
-        harness.client.get(image["url"])
+    answer = harness.client.get(image["url"])
+    assert answer.status_code == 500
+    assert answer.json()["error"] == "storage_damaged"
+    assert str(harness.settings.data_dir) not in answer.text  # the log names the file
 
 
 class PowerCut(Exception):
@@ -567,7 +570,7 @@ def test_export_refuses_a_chunk_whose_bytes_changed_on_disk(
         options += ["--database-url", harness.settings.database_url]
     out = tmp_path / "out"
     result = CliRunner().invoke(fleet, ["release", "export", str(out), *options])
-    assert_one_line_error(result, "bytes hash to")
+    assert_one_line_error(result, f"chunk file {victim} is damaged")
     assert not (out / "blobs").exists() or list((out / "blobs").iterdir()) == []
 
 
@@ -582,3 +585,163 @@ def test_export_refuses_a_store_missing_a_chunk(
     result = CliRunner().invoke(fleet, ["release", "export", str(tmp_path / "out"), *options])
     assert_one_line_error(result, "is missing from the chunk store")
     assert list((tmp_path / "out" / "blobs").glob("*")) == []  # no half-written blob
+
+
+def _damage(victim: Path, how: str, elsewhere: Path) -> None:
+    data = victim.read_bytes()
+    if how == "same size":
+        victim.write_bytes(bytes(b ^ 0x55 for b in data))
+    elif how == "longer":
+        victim.write_bytes(data + b"EXTRA")
+    elif how == "symlink":
+        elsewhere.write_bytes(data)  # even the right bytes: a chunk file is never a symlink
+        victim.unlink()
+        victim.symlink_to(elsewhere)
+    else:
+        victim.unlink()
+        victim.mkdir()
+
+
+@pytest.mark.parametrize("how", ["same size", "longer", "symlink", "directory"])
+def test_a_damaged_chunk_file_is_never_served(
+    harness: Harness, build: Callable[..., Path], tmp_path: Path, how: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    bundle = build(image_bytes(), "1.0.0")
+    image = uploaded(harness, bundle)["images"][0]
+    assert harness.client.get(image["url"]).content == image_of(bundle)  # verified, remembered
+    index = index_of(bundle)
+    files = [ChunkStore.path(BlobStore(harness.settings.blob_dir).chunks, c, "zstd")
+             for c in index.digests]  # fmt: skip
+    time.sleep(0.01)  # another modification time
+    # a chunk past the first mebibyte: read once the answer started, so the connection is cut
+    last = index.stored_size - index.stored_lengths[-1]
+    assert last > 1 << 20
+    _damage(files[-1], how, tmp_path / "last")
+    with pytest.raises(RuntimeError, match="response already started"):
+        harness.client.get(image["url"])
+    assert re.search(f"chunk file {re.escape(str(files[-1]))}.*connection cut", caplog.text)
+    # the first chunk: found before the answer starts, a 500
+    _damage(files[0], how, tmp_path / "first")
+    answer = harness.client.get(image["url"], headers={"Range": "bytes=0-99"})
+    assert answer.status_code == 500 and answer.json()["error"] == "storage_damaged"
+    assert "etag" not in answer.headers
+    assert f"chunk file {files[0]}" in caplog.text
+
+
+def test_a_recipe_must_name_the_image_asked_for(
+    harness: Harness, build: Callable[..., Path]
+) -> None:
+    first = uploaded(harness, build(image_bytes(1), "1.0.0"))["images"][0]
+    second = uploaded(harness, build(image_bytes(2), "1.1.0"))["images"][0]
+    recipes = harness.settings.data_dir / "chunks" / "images"
+    (recipes / first["sha256"]).write_bytes((recipes / second["sha256"]).read_bytes())
+    answer = harness.client.get(first["url"])
+    assert answer.status_code == 500 and answer.json()["error"] == "storage_damaged"
+    (recipes / first["sha256"]).unlink()
+    (recipes / first["sha256"]).mkdir()
+    assert harness.client.head(first["url"]).status_code == 500
+
+
+def test_head_answers_from_the_recipe_and_an_index_is_parsed_once_at_a_time(
+    harness: Harness, build: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import server.chunkstore as chunkstore
+
+    image = uploaded(harness, build(image_bytes(), "1.0.0"))["images"][0]
+    parse = ChunkIndex.from_bytes
+    parsed: list[int] = []
+
+    def slow(data: bytes, **options: Any) -> ChunkIndex:
+        parsed.append(1)
+        time.sleep(0.2)
+        return parse(data, **options)
+
+    monkeypatch.setattr(chunkstore.ChunkIndex, "from_bytes", staticmethod(slow))
+    store = BlobStore(harness.settings.blob_dir)
+    head = harness.client.head(image["url"])
+    assert head.status_code == 200 and head.headers["content-length"] == str(image["size"])
+    assert parsed == []
+    results: list[bytes] = []
+
+    def fetch() -> None:
+        opened = store.open(image["sha256"])
+        assert opened is not None
+        with opened[0] as handle:
+            results.append(handle.read(1000))
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 4 and len(set(results)) == 1
+    assert parsed == [1]
+
+
+def test_the_parsed_index_cache_is_bounded_in_bytes(
+    harness: Harness, build: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.chunkstore as chunkstore
+
+    images = [uploaded(harness, build(image_bytes(n), f"1.{n}.0"))["images"][0] for n in (1, 2, 3)]
+    store = BlobStore(harness.settings.blob_dir)
+    one = len(index_of(build(image_bytes(1), "9.0.0")))
+    monkeypatch.setattr(
+        chunkstore, "CACHED_INDEX_BYTES", 2 * one * chunkstore.INDEX_BYTES_PER_CHUNK
+    )
+    for image in images:
+        opened = store.open(image["sha256"])
+        assert opened is not None
+        with opened[0] as handle:
+            handle.read(10)
+    assert len(store.chunks._layouts) <= 2
+    assert store.chunks._layout_bytes <= chunkstore.CACHED_INDEX_BYTES
+
+
+def test_an_upload_finding_a_damaged_chunk_file_stores_the_image_whole(
+    harness: Harness, build: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="server")
+    bundle = build(image_bytes(), "1.0.0")
+    chunk = list(index_of(bundle).chunks())[3]
+    held = BlobStore(harness.settings.blob_dir).chunks.path(chunk.sha256, "zstd")
+    held.parent.mkdir(parents=True)
+    held.write_bytes(b"x" * chunk.stored_length)  # its size, not its bytes
+    image = uploaded(harness, bundle)["images"][0]
+    assert f"damaged chunk file {held}" in caplog.text
+    assert "another encoder" not in caplog.text
+    assert image["sha256"] in {p.name for p in harness.blob_files()}
+    assert harness.client.get(image["url"]).content == image_of(bundle)
+
+
+def test_export_checks_what_it_keeps_refuses_the_data_dir_and_sweeps_leftovers(
+    harness: Harness, build: Callable[..., Path], tmp_path: Path
+) -> None:
+    from server.mirror import ExportError, export
+
+    bundle = build(image_bytes(), "1.0.0")
+    image = uploaded(harness, bundle)["images"][0]
+    store = BlobStore(harness.settings.blob_dir)
+    out = tmp_path / "mirror"
+    (out / "blobs").mkdir(parents=True)
+    (out / "blobs" / image["sha256"]).write_bytes(bytes(image["size"]))  # its size only
+    index = index_of(bundle)
+    wrong = out / "chunks" / index.digests[0].hex()[:2] / (index.digests[0].hex() + ".zst")
+    wrong.parent.mkdir(parents=True)
+    wrong.write_bytes(bytes(index.stored_lengths[0]))
+    leftover = wrong.parent / f".{wrong.name}.abcdefgh.tmp"
+    leftover.write_bytes(b"half")
+    export(harness.db, store, out)
+    assert sha((out / "blobs" / image["sha256"]).read_bytes()) == image["sha256"]
+    for chunk in index.chunks():
+        name = chunk.sha256.hex()
+        assert unpack((out / "chunks" / name[:2] / f"{name}.zst").read_bytes(), chunk, "zstd")
+    assert not leftover.exists()
+    data = harness.settings.data_dir
+    for directory in (data, data / "mirror", data.parent):
+        with pytest.raises(ExportError, match="overlaps the data directory"):
+            export(harness.db, store, directory)
+    assert not (data / "mirror").exists()

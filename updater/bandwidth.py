@@ -183,15 +183,17 @@ class UpdateSchedule:
 
     def describe(self, now: datetime) -> dict[str, Any]:
         """For ``fleet-updater status``, the daemon's reports and its log: the windows,
-        whether ``now`` is inside and when the next one opens (ISO 8601 local time, None when
-        never)."""
+        whether ``now`` is inside and, when outside, when the next one opens (ISO 8601 local
+        time; None when inside, or when none opens ahead). Nothing in it depends on the
+        instant it is asked inside a window, so two readings of an unchanged device agree."""
         opens = self.next_open(now)
+        inside = opens == now
         return {
             "windows": [w.text for w in self.windows],
             "rollout_windows": [w.text for w in self.rollout_windows],
             "time_zone": str(self.tz),
-            "inside": opens == now,
-            "next_open": None if opens is None else opens.astimezone(self.tz).isoformat(),
+            "inside": inside,
+            "next_open": None if opens is None or inside else opens.astimezone(self.tz).isoformat(),
         }
 
 

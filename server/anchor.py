@@ -38,7 +38,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.audit import GENESIS_HASH, AuditEntry, audit_time, verify_chain
-from server.database import AUDIT_CHAIN_LOCK, Database
+from server.database import AUDIT_CHAIN_LOCK, Database, finish_in_thread
 from server.errors import ServerError
 from server.models import AuditAnchorRow, AuditRow
 from signing.keys import SigningKey, key_id
@@ -253,6 +253,6 @@ async def anchor_every(
     while True:
         await asyncio.sleep(interval_s)
         try:
-            await asyncio.to_thread(anchor_head, db, key, now())
+            await finish_in_thread(anchor_head, db, key, now())
         except Exception:  # the task must outlive a bad moment of the database
             log.exception("signing the audit head failed")

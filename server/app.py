@@ -12,10 +12,10 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI
-from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp
 
 from server import rollouts
@@ -25,7 +25,7 @@ from server.api import device, health, keys, operator, sd
 from server.api import rollouts as rollout_routes
 from server.api.common import ServerState, install_error_handlers
 from server.blobs import BlobStore
-from server.database import Database
+from server.database import Database, finish_in_thread
 from server.datadir import private_mkdir, secure_data_dir, sweep_leftovers
 from server.errors import ServerKeyError
 from server.headers import SecurityHeadersMiddleware
@@ -87,11 +87,10 @@ async def _sweep_periodically(state: ServerState) -> None:
     while True:
         await asyncio.sleep(interval_s)
         try:
-            await run_in_threadpool(
-                sweep_leftovers,
+            await finish_in_thread(
+                partial(sweep_leftovers, min_age_s=limits.leftover_age_s),
                 state.blobs,
                 state.settings.upload_dir,
-                min_age_s=limits.leftover_age_s,
             )
         except Exception:
             log.exception("leftover sweep failed")
@@ -103,7 +102,7 @@ async def _evaluate_rollouts(state: ServerState, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
         try:
-            await run_in_threadpool(rollouts.evaluate, state.db, state.now())
+            await finish_in_thread(rollouts.evaluate, state.db, state.now())
         except Exception:
             log.exception("rollout evaluation failed")
 

@@ -13,15 +13,16 @@ SQLite (the embedded default) and PostgreSQL behave alike here:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import sqlite3
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -45,6 +46,22 @@ _WRITE = "fleet_write"
 # its journal, WAL and shared-memory files the mode of the database file.
 SQLITE_FILE_MODE = 0o600
 SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+
+
+T = TypeVar("T")
+
+
+async def finish_in_thread(func: Callable[..., T], *args: Any) -> T:
+    """``func(*args)`` in a worker thread, for a background task: cancelling the task (the
+    server shutting down) waits for the call to end before the cancellation goes on, since a
+    thread cannot be stopped midway; its transaction ends before the engine is disposed."""
+    call = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):  # its failure is of no use to a shutdown
+            await call
+        raise
 
 
 class Database:

@@ -48,7 +48,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from server.api.common import server_state
-from server.database import Database
+from server.database import Database, finish_in_thread
 from server.errors import UnauthenticatedError
 from server.models import AuditRow, Device, FleetControl, Rollout
 from server.rollouts import RolloutState
@@ -191,7 +191,7 @@ class FleetFeed:
     async def _end_ended_sessions(self) -> None:
         owners = set(self._owners)
         try:
-            alive = await run_in_threadpool(self.live, self.db, owners, self.now())
+            alive = await finish_in_thread(self.live, self.db, owners, self.now())
         except Exception:
             # the database is out: _update logs the outage; the next check tries again
             return
@@ -207,7 +207,7 @@ class FleetFeed:
 
     async def _update(self) -> None:
         try:
-            new = await run_in_threadpool(self.check, self.db)
+            new = await finish_in_thread(self.check, self.db)
         except Exception:
             # logged once per outage, not once a second; streams keep the last fingerprint
             if not self._failing:

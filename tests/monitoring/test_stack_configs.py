@@ -4,14 +4,17 @@ Netdata configurations are parsed and checked for what the stack relies on."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
+from grafana_foundation_sdk.models.dashboard import Dashboard as SdkDashboard
 
 from tests.monitoring.conftest import MONITORING, ROOT, load_yaml
 
@@ -89,18 +92,142 @@ def test_compose_pins_every_image_and_mounts_what_exists() -> None:
                 assert (MONITORING / source).exists(), f"{name}: {source} does not exist"
 
 
+def load_generator() -> ModuleType:
+    """deploy/monitoring/grafana/generate.py, imported as a module (it is a script)."""
+    spec = importlib.util.spec_from_file_location("grafana_generate", GENERATOR)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def dashboards() -> dict[str, dict[str, Any]]:
+    """The committed dashboards by uid."""
+    boards = [json.loads(p.read_text()) for p in (MONITORING / "grafana/dashboards").glob("*.json")]
+    return {board["uid"]: board for board in boards}
+
+
+def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel but the row headings, those nested in a collapsed row included."""
+    found: list[dict[str, Any]] = []
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            found.extend(panel.get("panels") or [])
+        else:
+            found.append(panel)
+    return found
+
+
 def test_grafana_provisioning_matches_the_dashboards() -> None:
     sources = load_yaml(MONITORING / "grafana/provisioning/datasources/datasources.yml")
     uids = {source["uid"]: source["type"] for source in sources["datasources"]}
     assert uids == {"prometheus": "prometheus", "loki": "loki"}
     providers = load_yaml(MONITORING / "grafana/provisioning/dashboards/dashboards.yml")
     assert providers["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
-    for path in sorted((MONITORING / "grafana" / "dashboards").glob("*.json")):
-        dashboard = json.loads(path.read_text())
-        assert dashboard["schemaVersion"] == 39
-        for panel in dashboard["panels"]:
+    for dashboard in dashboards().values():
+        # the schema the SDK writes; Grafana migrates older schemas forward, never back
+        assert dashboard["schemaVersion"] == SdkDashboard().schema_version
+        for panel in panels(dashboard):
             for target in panel["targets"]:
                 assert uids[target["datasource"]["uid"]] == target["datasource"]["type"]
+
+
+def test_every_panel_has_a_data_source_and_a_query() -> None:
+    for uid, dashboard in dashboards().items():
+        ids = [panel["id"] for panel in dashboard["panels"]]
+        assert len(ids) == len(set(ids)), f"{uid}: panel ids repeat"
+        for panel in panels(dashboard):
+            where = f"{uid}: {panel['title']!r}"
+            assert panel["datasource"]["uid"] in {"prometheus", "loki"}, where
+            assert panel["targets"], f"{where} has no query"
+            for target in panel["targets"]:
+                assert target["datasource"] == panel["datasource"], where
+                assert target["expr"].strip(), f"{where} has an empty query"
+            refs = [target["refId"] for target in panel["targets"]]
+            assert len(refs) == len(set(refs)), f"{where}: query refIds repeat"
+            # Grafana reads a panel without options as one whose options are null
+            assert isinstance(panel["options"], dict), where
+
+
+def prometheus_queries() -> list[tuple[str, str]]:
+    """(dashboard uid and panel title, query) of every Prometheus query, variables filled in."""
+    found = []
+    for uid, dashboard in dashboards().items():
+        for panel in panels(dashboard):
+            for target in panel["targets"]:
+                if target["datasource"]["type"] == "prometheus":
+                    expr = target["expr"].replace("$device", "d").replace("$rollout", ".*")
+                    found.append((f"{uid}: {panel['title']}", expr))
+    return found
+
+
+@pytest.mark.usefixtures("promtool")
+def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
+    # each query as a recording rule: promtool parses it with Prometheus's own parser, so a
+    # panel that Grafana would show as an error fails here, without a running Prometheus
+    queries = prometheus_queries()
+    rules = [{"record": f"dashboard:query{n}", "expr": expr} for n, (_, expr) in enumerate(queries)]
+    path = tmp_path / "dashboards.rules.yml"
+    path.write_text(json.dumps({"groups": [{"name": "dashboards", "rules": rules}]}))
+    result = tool("promtool", "check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(queries)} rules found" in result.stdout
+
+
+# The device health series of the updater's exporter (updater/metrics.py), each shown per
+# device and fleet-wide.
+HEALTH_METRICS = {
+    "fleet_updater_cpu_usage_ratio",
+    "fleet_updater_memory_total_bytes",
+    "fleet_updater_memory_available_bytes",
+    "fleet_updater_free_space_bytes",
+    "fleet_updater_disk_size_bytes",
+    "fleet_updater_network_receive_bytes_total",
+    "fleet_updater_network_transmit_bytes_total",
+    "fleet_updater_throttled",
+    "fleet_updater_under_voltage",
+}
+
+
+def row_panels(dashboard: dict[str, Any], title: str) -> list[dict[str, Any]]:
+    """The panels under the row heading ``title``, up to the next row."""
+    rows = [n for n, panel in enumerate(dashboard["panels"]) if panel["type"] == "row"]
+    start = next(n for n in rows if dashboard["panels"][n]["title"] == title)
+    end = next((n for n in rows if n > start), len(dashboard["panels"]))
+    nested: list[dict[str, Any]] = dashboard["panels"][start].get("panels") or []
+    return nested or dashboard["panels"][start + 1 : end]
+
+
+@pytest.mark.parametrize("uid", ["fleet-device", "fleet-overview"])
+def test_the_device_health_row_shows_every_health_metric(uid: str) -> None:
+    health = row_panels(dashboards()[uid], "Device health")
+    exprs = " ".join(target["expr"] for panel in health for target in panel["targets"])
+    names = set(re.findall(r"fleet_updater_\w+", exprs))
+    assert names == HEALTH_METRICS
+    # counters are shown as rates; a device's own row reads only that device
+    for counter in ("fleet_updater_network_receive_bytes_total",
+                    "fleet_updater_network_transmit_bytes_total"):  # fmt: skip
+        assert re.findall(rf"{counter}[^\[]*\[", exprs) and f"rate({counter}" in exprs
+    if uid == "fleet-device":
+        for panel in health:
+            for target in panel["targets"]:
+                assert target["expr"].count("fleet_updater_") == target["expr"].count(
+                    'device="$device"'
+                ), panel["title"]
+
+
+def test_a_panel_outside_the_grid_or_over_another_is_refused() -> None:
+    generator = load_generator()
+    board = generator.fleet_device()
+    generator.check_grid(board)
+    wide = json.loads(json.dumps(board))
+    wide["panels"][1]["gridPos"]["w"] = 9  # 16 + 9 > 24
+    with pytest.raises(ValueError, match="wider than the grid"):
+        generator.check_grid(wide)
+    overlapping = json.loads(json.dumps(board))
+    overlapping["panels"][1]["gridPos"]["x"] = 15
+    with pytest.raises(ValueError, match="overlaps panel 'Device'"):
+        generator.check_grid(overlapping)
 
 
 def test_dashboards_are_generated_from_code() -> None:

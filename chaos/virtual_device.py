@@ -8,6 +8,8 @@ Layout under the device's root directory::
     keyring/                           trusted release keys
     linux/proc/                        what Linux sees of the boot: cmdline or device tree,
                                        boot_id, uptime (rewritten by every boot)
+    linux/sys/get_throttled            the firmware's throttling and under-voltage bits
+                                       (:meth:`VirtualDevice.set_throttled`; 0 until set)
 
 A boot asks the firmware model which slot starts; the slot's image says how it behaves
 (``chaos.lab_image``); if it reaches user space, the real boot check runs. ``settle()`` keeps
@@ -217,12 +219,17 @@ class VirtualDevice:
                         handle.truncate(size)  # zeros; sparse where the file system can
         self.options = self.lab.prepare(root)
         self.model = self.lab.model(root, self.options)
+        throttled = root / "linux" / "sys" / "get_throttled"
+        if not throttled.exists():  # never the host's own (a lab on a Raspberry Pi)
+            throttled.parent.mkdir(parents=True, exist_ok=True)
+            throttled.write_text("0\n")
         self.config = UpdaterConfig(
             compatible=compatible,
             keyring=root / "keyring",
             data_dir=root / "data",
             bootloader={"backend": self.lab.backend, **self.options},
             slots={s: {c: str(self.slot_file(s, c)) for c in self.slot_sizes} for s in ("a", "b")},
+            throttled_path=throttled,
         )
         self.log_stream = io.StringIO()
         self.log = EventLog(self.log_stream, keep=True)
@@ -258,6 +265,12 @@ class VirtualDevice:
     def state(self) -> DeviceState:
         return self.store.load().state
 
+    def set_throttled(self, value: int) -> None:
+        """What the firmware's ``get_throttled`` node reads from now on (``updater.device.
+        Throttled`` bits: ``0x1`` under-voltage now, ``0x50000`` under-voltage and throttling
+        seen since boot, 0 normal)."""
+        self.config.throttled_path.write_text(f"{value:x}\n")
+
     def runtime(self) -> Runtime:
         return Runtime(
             LoadedConfig(self.config, "lab"),
@@ -272,7 +285,8 @@ class VirtualDevice:
         """This device's configuration as ``fleet-updater --config`` reads it. The reboot
         command defaults to ``true``: a test must never reboot the machine it runs on. A
         ``[server]`` table in ``extra`` is given ``allow_plain_http = true``: the lab's servers
-        speak plain HTTP on loopback."""
+        speak plain HTTP on loopback; the ``[paths]`` table (``extra``'s, else one of its
+        own) the device's ``throttled_path``, unless ``extra`` names one."""
 
         def value(item: Any) -> str:
             if isinstance(item, str | Path):
@@ -301,6 +315,12 @@ class VirtualDevice:
             re.sub(r"^\[server\][ \t]*$", "[server]\nallow_plain_http = true", extra, count=1,
                    flags=re.MULTILINE),
         ]  # fmt: skip
+        if "throttled_path" not in extra:
+            paths = f"[paths]\nthrottled_path = {value(self.config.throttled_path)}"
+            lines[-1], found = re.subn(r"^\[paths\][ \t]*$", paths.replace("\\", "\\\\"),
+                                       lines[-1], count=1, flags=re.MULTILINE)  # fmt: skip
+            if not found:
+                lines.append(paths)
         return "\n".join(lines) + "\n"
 
     def provision(

@@ -86,6 +86,7 @@ from fleet_core.settings import Section, Setting, names, required
 from fleet_core.suggest import unknown_names
 from fleet_core.windows import MAX_WINDOWS, Window, WindowError, parse_windows
 from updater.bandwidth import parse_rate, time_zone
+from updater.device import DEFAULT_THROTTLED_PATH
 from updater.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/fleet/updater.toml")
@@ -416,6 +417,14 @@ PATHS = (
         "Where the CPU temperature is read.",
         '"/sys/class/thermal"',
     ),
+    Setting(
+        "throttled_path", "absolute path",
+        '"/sys/devices/platform/soc/soc:firmware/get_throttled"',
+        "The Raspberry Pi firmware's throttling and under-voltage bits; when it does not exist, "
+        "`vcgencmd get_throttled` is asked. An install is deferred while under-voltage is "
+        "flagged now.",
+        '"/sys/devices/platform/soc/soc:firmware/get_throttled"',
+    ),
 )  # fmt: skip
 METRICS = (
     Setting(
@@ -654,6 +663,7 @@ class UpdaterConfig:
     allow_plain_http: bool = False  # whether [server] urls may be http:// (labs)
     partlabel_dir: Path = Path("/dev/disk/by-partlabel")
     thermal_dir: Path = Path("/sys/class/thermal")
+    throttled_path: Path = DEFAULT_THROTTLED_PATH
     metrics_textfile: Path | None = None
     metrics_port: int | None = None
     metrics_listen: str = "127.0.0.1"  # where the port is bound: loopback unless configured
@@ -699,7 +709,7 @@ class UpdaterConfig:
         values.update(_parse_updates(_table(document, "updates", "")))
         paths = _table(document, "paths", "")
         _no_unknown(paths, names(PATHS), "paths")
-        for key in ("partlabel_dir", "thermal_dir"):
+        for key in ("partlabel_dir", "thermal_dir", "throttled_path"):
             if key in paths:
                 values[key] = _path(paths, key, "paths")
         metrics = _table(document, "metrics", "")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import math
 import os
+import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,13 @@ DEFAULT_THROTTLED_PATH = Path("/sys/devices/platform/soc/soc:firmware/get_thrott
 # Readings outside this range come from a broken or unsupported sensor (some report -273 °C or
 # 2^31 millidegrees): trusting one would defer updates forever, or hide a real overheat.
 PLAUSIBLE_TEMPERATURE_C = (-60.0, 200.0)
+# The firmware's get_throttled value is 32 bits; its text is at most "throttled=0xffffffff".
+MAX_THROTTLED = 0xFFFFFFFF
+MAX_THROTTLED_TEXT = 64
+# Asked when the sysfs node is absent (kernels before 5.x on the Pi); the firmware mailbox
+# answers in milliseconds, and a hung one must not hold up the daemon's round.
+VCGENCMD_THROTTLED = ("vcgencmd", "get_throttled")
+VCGENCMD_TIMEOUT_S = 2.0
 _MIB = 1024 * 1024
 
 
@@ -88,24 +96,91 @@ class Throttled(enum.IntFlag):
         return self & Throttled(0xF0000)
 
 
-def read_throttled(path: Path = DEFAULT_THROTTLED_PATH) -> int | None:
-    """The firmware's ``get_throttled`` value (see :class:`Throttled` for its bits).
+def parse_throttled(text: str) -> int | None:
+    """The ``get_throttled`` value in ``text``, or ``None`` when it holds none.
 
     Accepts the sysfs form (bare hexadecimal, ``50005``) and the ``vcgencmd get_throttled``
-    form (``throttled=0x50005``), so either can be captured into a file. Returns ``None`` when
-    the file is missing (not a Raspberry Pi, firmware driver not loaded) or does not hold a
-    hexadecimal number.
+    form (``throttled=0x50005``). The firmware's value is 32 bits wide: anything longer than
+    :data:`MAX_THROTTLED_TEXT` characters, negative, or above 32 bits is not one.
     """
-    try:
-        text = path.read_text(encoding="ascii").strip()
-    except (OSError, ValueError):
+    text = text.strip()
+    if len(text) > MAX_THROTTLED_TEXT:
         return None
     _, _, value = text.rpartition("=")
+    value = value.strip()
+    if not value or not value.isascii():
+        return None
     try:
-        number = int(value.strip(), 16)
+        number = int(value, 16)
     except ValueError:
         return None
-    return number if number >= 0 else None
+    return number if 0 <= number <= MAX_THROTTLED else None
+
+
+def read_throttled(path: Path = DEFAULT_THROTTLED_PATH) -> int | None:
+    """The firmware's ``get_throttled`` value (see :class:`Throttled` for its bits) read from
+    ``path``, in either form :func:`parse_throttled` accepts, so a ``vcgencmd`` output can be
+    captured into a file. Returns ``None`` when the file is missing (not a Raspberry Pi,
+    firmware driver not loaded), cannot be read or does not hold a value.
+    """
+    try:
+        with path.open("rb") as handle:
+            text = handle.read(MAX_THROTTLED_TEXT + 1).decode("ascii")
+    except (OSError, ValueError):
+        return None
+    return parse_throttled(text)
+
+
+def vcgencmd_throttled(
+    command: Sequence[str] = VCGENCMD_THROTTLED, timeout_s: float = VCGENCMD_TIMEOUT_S
+) -> int | None:
+    """The ``get_throttled`` value as ``vcgencmd get_throttled`` prints it; ``None`` when the
+    program is not installed, fails, takes longer than ``timeout_s`` (the firmware mailbox
+    can hang) or prints anything but ``throttled=0x...``."""
+    program = shutil.which(command[0])
+    if program is None:
+        return None
+    try:
+        done = subprocess.run(
+            [program, *command[1:]], capture_output=True, timeout=timeout_s, check=False,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    output = done.stdout[: MAX_THROTTLED_TEXT + 1].decode("ascii", errors="replace").strip()
+    if not output.startswith("throttled="):
+        return None
+    return parse_throttled(output)
+
+
+def throttled_state(
+    path: Path = DEFAULT_THROTTLED_PATH,
+    command: Sequence[str] = VCGENCMD_THROTTLED,
+    timeout_s: float = VCGENCMD_TIMEOUT_S,
+) -> int | None:
+    """The firmware's ``get_throttled`` value now: from the sysfs node ``path`` when it exists,
+    else from ``vcgencmd`` (older kernels have no node). ``None``: unknown (not a Raspberry
+    Pi, or an unreadable answer); a node that exists but reads badly is unknown too, not a
+    reason to ask ``vcgencmd``, which reads the same firmware."""
+    if path.exists():
+        return read_throttled(path)
+    return vcgencmd_throttled(command, timeout_s)
+
+
+def under_voltage_now(value: int | None) -> bool | None:
+    """Whether ``value`` (a ``get_throttled`` value, ``None``: unknown) says the supply is
+    below the firmware's threshold now (bit 0). The "occurred since boot" bits do not count:
+    they stay set until the next boot, long after the supply recovered."""
+    if value is None:
+        return None
+    return bool(Throttled(value) & Throttled.UNDER_VOLTAGE)
+
+
+def throttled_names(value: Throttled) -> list[str]:
+    """The names of the bits set in ``value``, lowest first (``under_voltage``, ...)."""
+    return [flag.name.lower() for flag in Throttled if flag.name and flag in value]
 
 
 def boot_id(proc: Path = DEFAULT_PROC) -> str:

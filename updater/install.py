@@ -13,7 +13,8 @@ The steps follow RAUC's order, unsafe until proven safe; each is a method and a 
 (``install.*`` or ``recovery.*``), so a log from the field reads as a trace of this file:
 
 1. ``check_preconditions`` (an install's; a recovery has its own): keyring and compatible
-   configured, updates not suspended, the device not too hot, enough free space;
+   configured, updates not suspended, the device not too hot, its supply not under-voltage
+   now, enough free space;
 2. ``verify_manifest``: signature against the keyring, ``compatible``, ``security_version`` not
    below the floor, the target chosen by the route, every image fits its slot; nothing has
    been written yet;
@@ -58,7 +59,7 @@ from updater.delta import (
     SlotIndexes,
     plan,
 )
-from updater.device import run_reboot
+from updater.device import run_reboot, under_voltage_now
 from updater.errors import (
     DownloadError,
     InstallAbandonedError,
@@ -83,6 +84,8 @@ class Sensors:
 
     temperature_c: Callable[[], float | None]
     free_space_mb: Callable[[], int]
+    # the firmware's get_throttled value (None: unknown, not a Raspberry Pi)
+    throttled: Callable[[], int | None] = lambda: None
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,7 @@ class Installer:
 
         Raises:
             PreconditionError: no keyring or compatible configured, updates suspended, too
-                hot, too little free space.
+                hot, under-voltage now, too little free space.
         """
         if self.config.keyring is None:
             raise PreconditionError("no keyring configured: refusing to install anything")
@@ -179,6 +182,12 @@ class Installer:
         if temperature is not None and temperature > limit:
             raise PreconditionError(
                 f"CPU at {temperature:.1f} °C, above the {limit:.1f} °C limit: update deferred"
+            )
+        throttled = self.sensors.throttled()
+        if under_voltage_now(throttled):
+            # a write under brown-out power may tear: the SD card may store garbage
+            raise PreconditionError(
+                f"supply under-voltage now (get_throttled {throttled:#x}): update deferred"
             )
         free = self.sensors.free_space_mb()
         if free < self.config.limits.min_free_mb:

@@ -14,6 +14,17 @@ Every series is prefixed ``fleet_updater_``:
 ``temperature_celsius``                            hottest thermal zone (NaN: unknown)
 ``free_space_bytes{path}``                         space available to unprivileged users
 ``throttled``                                      Raspberry Pi get_throttled bits (NaN: unknown)
+``under_voltage``                                  1: the supply is under-voltage now (get_throttled
+                                                   bit 0; installs wait), 0: not (NaN: unknown)
+``cpu_usage_ratio``                                busy share (0-1) of CPU time between the last
+                                                   two rounds (NaN: unknown, or the first round)
+``memory_total_bytes``                             MemTotal (NaN: unknown)
+``memory_available_bytes``                         MemAvailable (NaN: unknown)
+``disk_size_bytes{path}``                          size of the filesystem ``free_space_bytes``
+                                                   measures
+``network_receive_bytes_total{interface}``         bytes received, per interface (/proc/net/dev,
+                                                   loopback left out, at most 16 interfaces)
+``network_transmit_bytes_total{interface}``        bytes sent, likewise
 ``last_boot_check_timestamp_seconds``              wall clock of the last boot check
 ``crash_loop_restarts``                            daemon restarts in the crash-loop window
 ``server_unreachable_seconds``                     since the daemon last reached the server
@@ -52,7 +63,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -64,11 +75,14 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily
 
 from fleet_core.durable import atomic_write
+from updater.device import under_voltage_now
 
 if TYPE_CHECKING:
     from updater.health import HealthReport
+    from updater.hostmetrics import HostSample, InterfaceTraffic
 
 PREFIX = "fleet_updater"
 # Addresses that mean "every interface": not something a scraper can connect to.
@@ -113,6 +127,38 @@ class MetricsServer:
 
 def _flag(value: bool) -> str:
     return "true" if value else "false"
+
+
+class _NetworkCollector:
+    """The per-interface byte counters of the last host sample, as counters: the kernel
+    counts, this only shows its figures (a prometheus_client ``Counter`` can only be added
+    to). Both families are always described, with no series while nothing was read."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._traffic: dict[str, InterfaceTraffic] = {}
+
+    def set(self, traffic: Mapping[str, InterfaceTraffic]) -> None:
+        with self._lock:
+            self._traffic = dict(traffic)
+
+    def collect(self) -> Iterable[Any]:
+        with self._lock:
+            traffic = sorted(self._traffic.items())
+        receive = CounterMetricFamily(
+            f"{PREFIX}_network_receive_bytes",
+            "Bytes received by a network interface since it came up (loopback left out)",
+            labels=["interface"],
+        )
+        transmit = CounterMetricFamily(
+            f"{PREFIX}_network_transmit_bytes",
+            "Bytes sent by a network interface since it came up (loopback left out)",
+            labels=["interface"],
+        )
+        for name, figures in traffic:
+            receive.add_metric([name], figures.receive)
+            transmit.add_metric([name], figures.transmit)
+        return [receive, transmit]
 
 
 class UpdaterMetrics:
@@ -182,6 +228,36 @@ class UpdaterMetrics:
             "Raspberry Pi firmware get_throttled bits; NaN when not available",
             registry=registry,
         )
+        self._under_voltage = Gauge(
+            f"{PREFIX}_under_voltage",
+            "1 while the firmware flags the supply under-voltage now (installs wait), 0 when "
+            "not; NaN when not available",
+            registry=registry,
+        )
+        self._cpu_usage = Gauge(
+            f"{PREFIX}_cpu_usage_ratio",
+            "Share of CPU time spent busy (not idle, not waiting for I/O) between the last two "
+            "metric rounds; NaN when unknown",
+            registry=registry,
+        )
+        self._memory_total = Gauge(
+            f"{PREFIX}_memory_total_bytes",
+            "Memory the kernel manages (MemTotal); NaN when unknown",
+            registry=registry,
+        )
+        self._memory_available = Gauge(
+            f"{PREFIX}_memory_available_bytes",
+            "Memory available to new work without swapping (MemAvailable); NaN when unknown",
+            registry=registry,
+        )
+        self._disk_size = Gauge(
+            f"{PREFIX}_disk_size_bytes",
+            "Size of the filesystem holding path (the one free_space_bytes measures)",
+            ["path"],
+            registry=registry,
+        )
+        self._network = _NetworkCollector()
+        registry.register(self._network)
         self._last_boot_check = Gauge(
             f"{PREFIX}_last_boot_check_timestamp_seconds",
             "Wall-clock time of the last boot check (the device clock may be off)",
@@ -215,8 +291,9 @@ class UpdaterMetrics:
         )
         self._info = Info(PREFIX, "The updater on this device", registry=registry)
         self.set_update_state("idle")
-        self._temperature.set(math.nan)
-        self._throttled.set(math.nan)
+        for gauge in (self._temperature, self._throttled, self._under_voltage,
+                      self._cpu_usage, self._memory_total, self._memory_available):  # fmt: skip
+            gauge.set(math.nan)
 
     # --- state ------------------------------------------------------------------------
 
@@ -295,8 +372,26 @@ class UpdaterMetrics:
         self._free_space.labels(path=str(path)).set(available_bytes)
 
     def set_throttled(self, value: int | None) -> None:
-        """The firmware's ``get_throttled`` value; ``None`` (not a Pi) shows as NaN."""
+        """The firmware's ``get_throttled`` value, and whether it flags under-voltage now
+        (bit 0); ``None`` (not a Pi, an unreadable answer) shows both as NaN."""
         self._throttled.set(math.nan if value is None else value)
+        under_voltage = under_voltage_now(value)
+        self._under_voltage.set(math.nan if under_voltage is None else int(under_voltage))
+
+    def set_disk_size(self, path: Path | str, size_bytes: int) -> None:
+        """Size of the filesystem holding ``path`` (labelled as in :meth:`set_free_space`)."""
+        self._disk_size.labels(path=str(path)).set(size_bytes)
+
+    def set_host(self, sample: HostSample) -> None:
+        """CPU use, memory and network traffic from ``sample``: an unknown figure shows as
+        NaN, unknown network traffic as no series."""
+        ratio = sample.cpu_usage_ratio
+        self._cpu_usage.set(math.nan if ratio is None else ratio)
+        memory = sample.memory
+        self._memory_total.set(math.nan if memory is None else memory.total)
+        available = None if memory is None else memory.available
+        self._memory_available.set(math.nan if available is None else available)
+        self._network.set(sample.network or {})
 
     def set_crash_loop_restarts(self, restarts: int) -> None:
         """Daemon restarts counted in the crash-loop window."""

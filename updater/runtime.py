@@ -20,8 +20,15 @@ from fleet_core.durable import sweep_temporaries
 from fleet_core.errors import FleetError
 from updater.bootcheck import BootChecker
 from updater.config import LoadedConfig, UpdaterConfig
-from updater.device import boot_id, free_space_mb, read_temperature_c, uptime_s
+from updater.device import (
+    boot_id,
+    free_space_mb,
+    read_temperature_c,
+    throttled_state,
+    uptime_s,
+)
 from updater.health import HealthReport, run_health_checks
+from updater.hostmetrics import HostSampler, filesystem_size_bytes
 from updater.install import Installer, InstallResult, Sensors
 from updater.lifecycle import SlotLifecycle
 from updater.log import EventSink
@@ -121,11 +128,16 @@ class Runtime:
     # SHA-256 of the configuration file as loaded (None: defaults, or unreadable), so the
     # metrics can tell when the file has changed under a running updater (config drift)
     config_sha256: str | None = None
+    # the host figures (CPU, memory, network) read for the metrics; it keeps the previous CPU
+    # reading, so the one sampler lives as long as the process (dataclasses.replace keeps it)
+    host: HostSampler | None = None
     _backend: BootSelector | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.config_sha256 is None:  # dataclasses.replace keeps the one taken at load
             self.config_sha256 = _file_sha256(self.loaded.source)
+        if self.host is None:
+            self.host = HostSampler(self.proc)
 
     @property
     def config(self) -> UpdaterConfig:
@@ -150,7 +162,13 @@ class Runtime:
         return Sensors(
             temperature_c=lambda: read_temperature_c(self.config.thermal_dir),
             free_space_mb=lambda: free_space_mb(self.config.data_dir),
+            throttled=self.throttled,
         )
+
+    def throttled(self) -> int | None:
+        """The firmware's ``get_throttled`` value now (``[paths] throttled_path``, else
+        ``vcgencmd``); None: unknown (see ``updater.device.throttled_state``)."""
+        return throttled_state(self.config.throttled_path)
 
     def run_health_checks(self) -> HealthReport:
         if self.health is not None:
@@ -240,8 +258,12 @@ class Runtime:
             for slot, info in document["slots"].items()
         })  # fmt: skip
         metrics.set_temperature(read_temperature_c(self.config.thermal_dir))
+        metrics.set_throttled(self.throttled())
         with contextlib.suppress(OSError):
             metrics.set_free_space(self.config.data_dir, free_space_mb(self.config.data_dir) << 20)
+            metrics.set_disk_size(self.config.data_dir, filesystem_size_bytes(self.config.data_dir))
+        if self.host is not None:
+            metrics.set_host(self.host.sample(self._host_unreadable))
         metrics.set_crash_loop_restarts(document["recent_starts"])
         metrics.set_boot_state_problem(document["bootloader_problem"] is not None)
         metrics.set_config(
@@ -261,6 +283,9 @@ class Runtime:
             metrics.write_textfile(path)
         except OSError as err:
             self.log.event("metrics.write_failed", level="warning", path=str(path), error=str(err))
+
+    def _host_unreadable(self, source: str, problem: str) -> None:
+        self.log.event("metrics.host_unreadable", level="warning", source=source, error=problem)
 
     def scrape_address(self, hostname: str) -> str | None:
         """Where Prometheus reaches the metrics the daemon serves (``host:port``, see

@@ -1,6 +1,6 @@
 """``fleet-updater status``: what the device's slots, boot state and update state are, and
-when it may download (rate limit, maintenance windows), read without writing anything, in
-words or as one JSON document."""
+when it may download (rate limit, maintenance windows) and install (the supply's
+under-voltage flag), read without writing anything, in words or as one JSON document."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from updater.bandwidth import rate_text, schedule_from_config
 from updater.cli.common import command_runtime
 from updater.config import UpdaterConfig
 from updater.delta import Journal
+from updater.device import Throttled, throttled_names, under_voltage_now
 from updater.errors import UpdaterError
 
 
@@ -25,8 +26,8 @@ from updater.errors import UpdaterError
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Show slots, boot state and update state, as far as they can be read, the download rate
-    limit and the maintenance windows (whether now is inside one, when the next opens);
-    writes nothing.
+    limit, the maintenance windows (whether now is inside one, when the next opens) and the
+    Raspberry Pi firmware's throttling and under-voltage flags; writes nothing.
 
     Exits 1 (after printing what it found) when the configuration is missing, unreadable or
     invalid, or the boot state cannot be read (``repair`` rebuilds it): each problem is named
@@ -36,6 +37,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     document = runtime.snapshot()
     document.update(bandwidth_status(runtime.config))
     document["transfer"] = Journal(runtime.config.data_dir).summary()
+    document["power"] = power_status(runtime.throttled())
     if as_json:
         click.echo(json.dumps(document, indent=2, sort_keys=True))
     else:
@@ -59,6 +61,35 @@ def bandwidth_status(
         "bandwidth": {"rate_limit_bytes_per_s": config.rate_limit_bytes_per_s},
         "updates": updates,
     }
+
+
+def power_status(throttled: int | None) -> dict[str, Any]:
+    """The ``power`` member of the status document: the firmware's ``get_throttled`` value
+    (``null``: unknown, not a Raspberry Pi), whether it flags under-voltage now (an install
+    waits until it clears), and the names of the conditions active now and seen since boot."""
+    if throttled is None:
+        return {"throttled": None, "under_voltage": None, "now": [], "since_boot": []}
+    flags = Throttled(throttled)
+    return {
+        "throttled": throttled,
+        "under_voltage": under_voltage_now(throttled),
+        "now": throttled_names(flags.now),
+        "since_boot": throttled_names(Throttled(flags.since_boot >> 16)),
+    }
+
+
+def _power_text(power: dict[str, Any]) -> str:
+    """``under_voltage now (0x50005): installs wait; since boot: under_voltage, throttled``."""
+    value = power["throttled"]
+    if value is None:
+        return "unknown (no get_throttled node, no vcgencmd)"
+    now = ", ".join(power["now"]) or "normal"
+    text = f"{now} now ({value:#x})"
+    if power["under_voltage"]:
+        text += ": installs wait until the supply recovers"
+    if power["since_boot"]:
+        text += f"; since boot: {', '.join(power['since_boot'])}"
+    return text
 
 
 def _status_problems(document: dict[str, Any]) -> list[str]:
@@ -93,6 +124,7 @@ def _print_status(document: dict[str, Any]) -> None:
     lines.append(f"updates:   {'suspended: ' + suspended if suspended else 'active'}")
     lines.append(f"download:  {rate_text(document['bandwidth']['rate_limit_bytes_per_s'])}")
     lines.append(f"windows:   {_windows_text(document['updates'])}")
+    lines.append(f"power:     {_power_text(document['power'])}")
     transfer = _transfer_text(document["transfer"])
     if transfer:
         lines.append(f"transfer:  {transfer}")

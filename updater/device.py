@@ -1,7 +1,8 @@
 """Device sensors: temperature, free space, Raspberry Pi throttling, boot id, uptime.
 
 Every function takes the filesystem root it reads (``/sys/class/thermal``, ``/proc``, ...) as a
-parameter, so tests and the virtual device pass a fake tree. Nothing here writes anything.
+parameter, so tests and the virtual device pass a fake tree; the throttling bits may also come
+from the ``vcgencmd`` program, found on ``PATH``. Nothing here writes anything.
 
 Sensors that are merely absent or unreadable (no thermal zones in a VM, no Raspberry Pi
 firmware on an x86 gateway) read as ``None``: an update precondition decides what a missing

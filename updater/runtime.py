@@ -128,8 +128,9 @@ class Runtime:
     # SHA-256 of the configuration file as loaded (None: defaults, or unreadable), so the
     # metrics can tell when the file has changed under a running updater (config drift)
     config_sha256: str | None = None
-    # the host figures (CPU, memory, network) read for the metrics; it keeps the previous CPU
-    # reading, so the one sampler lives as long as the process (dataclasses.replace keeps it)
+    # the host figures (CPU, memory, network) read for the metrics, always from the machine's
+    # own /proc (``proc`` may be a lab's fake boot view); it keeps the previous CPU reading, so
+    # one sampler lives as long as the process (dataclasses.replace keeps it)
     host: HostSampler | None = None
     _backend: BootSelector | None = field(default=None, init=False)
 
@@ -137,7 +138,7 @@ class Runtime:
         if self.config_sha256 is None:  # dataclasses.replace keeps the one taken at load
             self.config_sha256 = _file_sha256(self.loaded.source)
         if self.host is None:
-            self.host = HostSampler(self.proc)
+            self.host = HostSampler()
 
     @property
     def config(self) -> UpdaterConfig:

@@ -208,6 +208,12 @@ def test_published_metrics_read_the_device(device: VirtualDevice) -> None:
     device.set_throttled(0x50000)
     runtime.publish_metrics()
     assert registry.get_sample_value("fleet_updater_under_voltage") == 0
+    # the host figures are the machine's own, its CPU use compared with the round before
+    total = registry.get_sample_value("fleet_updater_memory_total_bytes")
+    assert total is not None and total > 0
+    ratio = registry.get_sample_value("fleet_updater_cpu_usage_ratio")
+    assert ratio is not None and (math.isnan(ratio) or 0.0 <= ratio <= 1.0)
+    assert not device.events("metrics.host_unreadable")
 
 
 # --- the command line on a virtual device ----------------------------------------------------
@@ -299,6 +305,7 @@ def test_the_daemon_waits_while_under_voltage_and_installs_once_it_clears(
         daemon.run_once()
         lab.clock.now += 61
     assert registry.get_sample_value("fleet_updater_under_voltage") == 1
+    assert (registry.get_sample_value("fleet_updater_memory_available_bytes") or 0) > 0
     assert not lab.local("install.started") and not rebooting(lab.device)
     skipped = lab.local("daemon.install_skipped")
     assert [e["reason"] for e in skipped] == [f"deferred: {DEFERRED}"]  # once, not per check-in

@@ -80,6 +80,19 @@ test-unit test-integration test-chaos test-browser: test-%: venv
 test-integration: debian-root dist
 test-browser: browser-deps
 
+# The power-cut tests (tests/chaos/test_power_cuts.py, test_delta_power_cuts.py) in their long
+# mode, not part of `make test`: every write boundary of every scenario (first, later and delta
+# installs, their commits, rollbacks and fallbacks) on the three firmwares, and second cuts
+# while the device recovers from the first, 600 cut sequences per scenario: about 10,800
+# sequences and 20,000 cuts. `make test` runs the ci mode (about 900 sequences, a fixed seed).
+# Each long run draws a seed and prints it at the end with the cuts per firmware;
+# `make test-power-cuts-long FLEET_POWER_CUT_SEED=<seed>` repeats that run's cuts exactly.
+.PHONY: test-power-cuts-long
+test-power-cuts-long: venv
+	FLEET_POWER_CUTS=long $(if $(FLEET_POWER_CUT_SEED),FLEET_POWER_CUT_SEED=$(FLEET_POWER_CUT_SEED)) \
+		$(BIN)/pytest -q tests/chaos/test_power_cuts.py \
+		tests/chaos/test_delta_power_cuts.py
+
 # What the browser tier injects into the pages (axe-core), at the versions of
 # tests/browser/package-lock.json; npm runs no package scripts. Skipped while node_modules holds what
 # the lock says (npm ci empties node_modules first, the copy of the lock is made last) and the file

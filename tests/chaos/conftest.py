@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import random
+import secrets
 import shutil
 import subprocess
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,15 +28,102 @@ from tests.server.conftest import database_url  # noqa: F401 (the server tests' 
 
 FIRMWARES = sorted(LAB_FIRMWARES)
 COMPATIBLE = "lab-device"
-CUT_COUNTS: dict[str, int] = {}  # "firmware scenario" -> power cuts tried
+
+# --- how many power cuts, and which ------------------------------------------------------------
+#
+# The power-cut tests (test_power_cuts.py, test_delta_power_cuts.py) run a scenario once per
+# cut sequence: one cut at a write boundary, or two (a second one while the device recovers
+# from the first). FLEET_POWER_CUTS chooses how many:
+# - ci (the default, `make test`): every boundary of the first and the delta installs once,
+#   a sample of the later installs' boundaries, and a few second cuts per scenario (about 850
+#   cuts in all);
+# - long (`make test-power-cuts-long`): every boundary of every scenario, and second cuts
+#   until each scenario has run LONG_SEQUENCES sequences (more than 10,000 cuts in all).
+# Which boundaries a sample takes comes from FLEET_POWER_CUT_SEED: fixed in ci mode (CI_SEED, so
+# a failure comes back on the next run), drawn anew for each long run. The summary at the end
+# prints the seed; giving it back repeats a run's cuts exactly.
+POWER_CUTS_ENV = "FLEET_POWER_CUTS"
+POWER_CUT_SEED_ENV = "FLEET_POWER_CUT_SEED"
+CI_SEED = 1
+CI_SECOND_CUTS = 3  # per scenario in ci mode: keeps the two-cut path tested on every run
+LONG_SEQUENCES = 600  # per scenario in long mode: 18 scenarios, 10,800 sequences
+
+
+@dataclass(frozen=True)
+class PowerCutMode:
+    """The power-cut tests' mode (``ci`` or ``long``) and the seed of their samples."""
+
+    name: str
+    seed: int
+
+    def rng(self, scenario: str) -> random.Random:
+        """The sampler of one scenario: depends on the seed and the scenario alone, so a run of
+        one test chooses what the same test chose in a whole run."""
+        return random.Random(f"{self.seed} {scenario}")  # noqa: S311 (which cuts, not a secret)
+
+    def second_cuts(self, sequences: int) -> int:
+        """How many two-cut sequences a scenario adds to its ``sequences`` of one cut."""
+        if self.name == "long":
+            return max(LONG_SEQUENCES - sequences, 0)
+        return CI_SECOND_CUTS
+
+
+def power_cut_mode(environ: Mapping[str, str] = os.environ) -> PowerCutMode:
+    """The mode that ``FLEET_POWER_CUTS`` and ``FLEET_POWER_CUT_SEED`` ask for.
+
+    Raises:
+        pytest.UsageError: an unknown mode, or a seed that is not a non-negative integer.
+    """
+    name = environ.get(POWER_CUTS_ENV, "").strip() or "ci"
+    if name not in ("ci", "long"):
+        raise pytest.UsageError(f"{POWER_CUTS_ENV}={name!r}: the modes are ci and long")
+    text = environ.get(POWER_CUT_SEED_ENV, "").strip()
+    if not text:
+        return PowerCutMode(name, CI_SEED if name == "ci" else secrets.randbelow(1 << 32))
+    if not text.isdigit():
+        raise pytest.UsageError(
+            f"{POWER_CUT_SEED_ENV}={text!r}: a seed is a non-negative integer (as printed at the "
+            "end of a run)"
+        )
+    return PowerCutMode(name, int(text))
+
+
+_MODE: list[PowerCutMode] = []
+
+
+@pytest.fixture(scope="session")
+def cut_mode() -> PowerCutMode:
+    """The session's :class:`PowerCutMode`, read once in ``pytest_configure``."""
+    return _MODE[0]
+
+
+# "firmware scenario" -> power cuts made, and cut sequences run (a sequence makes one or two)
+CUT_COUNTS: Counter[str] = Counter()
+CUT_SEQUENCES: Counter[str] = Counter()
+
+
+def count_cuts(firmware: str, scenario: str, cuts: int) -> None:
+    """Count one sequence of ``cuts`` power cuts (counted as they happen: a failing run still
+    reports how far it went)."""
+    key = f"{firmware:<8} {scenario}"
+    CUT_COUNTS[key] += cuts
+    CUT_SEQUENCES[key] += 1
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if CUT_COUNTS:
-        terminalreporter.section("power cuts tried (one per write boundary)")
-        for name, count in sorted(CUT_COUNTS.items()):
-            terminalreporter.write_line(f"{name}: {count}")
-        terminalreporter.write_line(f"total: {sum(CUT_COUNTS.values())}")
+    if not CUT_COUNTS:
+        return
+    mode = _MODE[0]
+    write = terminalreporter.write_line
+    terminalreporter.section(f"power cuts ({POWER_CUTS_ENV}={mode.name}, seed {mode.seed})")
+    for name in sorted(CUT_COUNTS):
+        write(f"{name}: {CUT_COUNTS[name]} cuts in {CUT_SEQUENCES[name]} sequences")
+    by_firmware: Counter[str] = Counter()
+    for name, count in CUT_COUNTS.items():
+        by_firmware[name.split()[0]] += count
+    write("per firmware: " + ", ".join(f"{f} {c}" for f, c in sorted(by_firmware.items())))
+    write(f"total: {sum(CUT_COUNTS.values())} cuts in {sum(CUT_SEQUENCES.values())} sequences")
+    write(f"repeat: {POWER_CUTS_ENV}={mode.name} {POWER_CUT_SEED_ENV}={mode.seed}")
 
 
 class Releases:
@@ -91,6 +182,43 @@ def provision_template(root: Path, firmware: str, releases: Releases) -> Path:
 
 
 MakeDevice = Callable[[str], VirtualDevice]
+
+
+class DeviceCopies:
+    """Fresh copies of the template device in ``root``, for ``firmware``: each call replaces the
+    copy before it. A long power-cut run makes thousands of copies of a few MiB each; only the
+    last stays on disk (after a failure, the device that failed)."""
+
+    def __init__(self, template: Path, root: Path, firmware: str) -> None:
+        self.template = template
+        self.root = root
+        self.firmware = firmware
+
+    def __call__(self) -> VirtualDevice:
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        shutil.copytree(self.template, self.root)
+        return VirtualDevice(self.root, self.firmware)
+
+
+def second_cuts(
+    rng: random.Random, firsts: Sequence[int], length: Callable[[int], int], count: int
+) -> list[tuple[int, int]]:
+    """``count`` distinct (first cut, second cut) pairs, fewer if there are not as many: a first
+    cut drawn from ``firsts``, then a second one among the ``length(first)`` write boundaries
+    the device reaches while it recovers from the first. Drawn in order by ``rng`` alone, so a
+    seed gives the same pairs again."""
+    chosen: set[tuple[int, int]] = set()
+    open_firsts = sorted(firsts)
+    while len(chosen) < count and open_firsts:
+        first = rng.choice(open_firsts)
+        boundaries = length(first)
+        taken = sum(1 for f, _ in chosen if f == first)
+        if taken >= boundaries:
+            open_firsts.remove(first)
+            continue
+        chosen.add((first, rng.choice([j for j in range(boundaries) if (first, j) not in chosen])))
+    return sorted(chosen)
 
 
 @pytest.fixture
@@ -204,3 +332,4 @@ class _StatefulSummary:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_StatefulSummary(), "fleet-stateful-summary")
+    _MODE[:] = [power_cut_mode()]

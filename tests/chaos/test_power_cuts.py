@@ -10,21 +10,40 @@ The first install writes a slot the firmware never booted. Later installs write 
 release, the running slot's fallback: there, right after the cut and before any boot, the boot
 state (read by the firmware's own tools) must not let the firmware fall back into the
 half-written slot.
+
+A sequence may cut the power twice: once during the install, and again at a write boundary of
+the power-on after it (a fallback, a rollback or a commit interrupted in turn); the same checks
+hold after each cut. How many sequences run, and which, is FLEET_POWER_CUTS's and
+FLEET_POWER_CUT_SEED's choice (tests/chaos/conftest.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import random
-import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
 
 from chaos.lab_image import make_lab_image
-from chaos.virtual_device import FACTORY_SECURITY_VERSION, PowerCut, PowerSwitch, VirtualDevice
-from tests.chaos.conftest import CUT_COUNTS, FIRMWARES, BootView, MakeDevice, Releases, boot_view
+from chaos.virtual_device import (
+    FACTORY_SECURITY_VERSION,
+    BootRecord,
+    PowerCut,
+    PowerSwitch,
+    VirtualDevice,
+)
+from tests.chaos.conftest import (
+    FIRMWARES,
+    BootView,
+    DeviceCopies,
+    MakeDevice,
+    PowerCutMode,
+    Releases,
+    boot_view,
+    count_cuts,
+    second_cuts,
+)
 
 # scenario -> the behaviour of the release installed: what happens after the reboot
 SCENARIOS = {
@@ -40,26 +59,60 @@ def boundaries(device: VirtualDevice, bundle: Path) -> list[tuple[str, Path]]:
     return switch.points
 
 
+def cut_twice(
+    device: VirtualDevice, cuts: tuple[int, ...], action: Callable[[], object], where: str
+) -> str:
+    """Run ``action`` (an install) with the power cut at boundary ``cuts[0]``; with a second
+    cut, power the device on with the power cut again at its boundary ``cuts[1]``. Returns
+    ``where`` told how far the second cut got."""
+    with PowerSwitch(cut_at=cuts[0]).installed() as switch, contextlib.suppress(PowerCut):
+        action()
+    assert switch.off, f"{where}: not reached again"
+    if len(cuts) == 1:
+        return where
+    with PowerSwitch(cut_at=cuts[1]).installed() as again, contextlib.suppress(PowerCut):
+        device.power_on()
+    assert again.off, f"{where}: the power-on's boundary {cuts[1]} was not reached"
+    point, path = again.points[-1]
+    return f"{where}, then cut {cuts[1]} of the power-on at {point} {path.name}"
+
+
+def recovering(device: VirtualDevice) -> tuple[list[BootRecord], int]:
+    """Power ``device`` on; returns the boots and the number of write boundaries reached."""
+    with PowerSwitch().installed() as counting:
+        records = device.power_on()
+    return records, len(counting.points)
+
+
 @pytest.mark.parametrize("firmware", FIRMWARES)
 @pytest.mark.parametrize("scenario_name", sorted(SCENARIOS))
 def test_power_cut_at_every_write_boundary(
-    firmware: str, scenario_name: str, make_device: MakeDevice, releases: Releases
+    firmware: str,
+    scenario_name: str,
+    device_templates: dict[str, Path],
+    releases: Releases,
+    cut_mode: PowerCutMode,
+    tmp_path: Path,
 ) -> None:
     behaviour = SCENARIOS[scenario_name]
     bundle = releases.bundle("2.0.0", behaviour)
     follow_up = releases.bundle("3.0.0", security_version=2)
-    points = boundaries(make_device(firmware), bundle)
+    copy = DeviceCopies(device_templates[firmware], tmp_path / "device", firmware)
+    points = boundaries(copy(), bundle)
     assert len(points) > 10, points
-    before = boot_view(make_device(firmware))
+    before = boot_view(copy())
     images = {"1.0.0": make_lab_image("1.0.0"), "2.0.0": make_lab_image("2.0.0", behaviour)}
-    for cut_at, (point, path) in enumerate(points):
-        device = make_device(firmware)
-        with PowerSwitch(cut_at=cut_at).installed() as switch, contextlib.suppress(PowerCut):
-            device.install(bundle)
-        assert switch.off, f"boundary {cut_at} ({point} {path.name}) was not reached again"
-        where = f"cut {cut_at}/{len(points)} at {point} {path.name}"
+    recovery: dict[int, int] = {}  # first cut -> boundaries the power-on after it reached
+
+    def run(cuts: tuple[int, ...]) -> None:
+        point, path = points[cuts[0]]
+        device = copy()
+        where = f"cut {cuts[0]}/{len(points)} at {point} {path.name}"
+        where = cut_twice(device, cuts, lambda: device.install(bundle), where)
         assert_safe_after_cut(device, before, "a", "b", images, where)
-        records = device.power_on()
+        records, reached = recovering(device)
+        if len(cuts) == 1:
+            recovery[cuts[0]] = reached
         final = records[-1]
         assert final.image is not None, f"{where}: booted {final}"
         assert final.image.version in ("1.0.0", "2.0.0"), where
@@ -70,14 +123,21 @@ def test_power_cut_at_every_write_boundary(
         after = device.install(follow_up)
         assert after[-1].action == "committed", f"{where}: follow-up install {after}"
         assert after[-1].image is not None and after[-1].image.version == "3.0.0", where
-    CUT_COUNTS[f"{firmware:<8} {scenario_name}"] = len(points)
+        count_cuts(firmware, scenario_name, len(cuts))
+
+    for cut_at in range(len(points)):
+        run((cut_at,))
+    rng = cut_mode.rng(f"{firmware} {scenario_name}")
+    for pair in second_cuts(rng, list(recovery), recovery.__getitem__,
+                            cut_mode.second_cuts(len(points))):  # fmt: skip
+        run(pair)
 
 
 # The updates a device takes in turn: (version, security version). The later-install scenarios
 # commit the first one or two, then cut the power during the next.
 UPDATES = [("2.0.0", 1), ("3.0.0", 2), ("4.0.0", 3)]
 SECURITY = {"1.0.0": FACTORY_SECURITY_VERSION, **dict(UPDATES)}
-CUTS_PER_SCENARIO = 16  # sampled, beside every boundary of the target slot's writing
+CUTS_PER_SCENARIO = 16  # sampled in ci mode, beside every boundary of the target slot's writing
 
 
 def complete_release(device: VirtualDevice, slot: str, images: Mapping[str, bytes]) -> str | None:
@@ -120,11 +180,16 @@ def assert_safe_after_cut(
 @pytest.mark.parametrize("firmware", FIRMWARES)
 @pytest.mark.parametrize("earlier", [1, 2], ids=["second install", "third install"])
 def test_power_cut_during_a_later_install(
-    firmware: str, earlier: int, make_device: MakeDevice, releases: Releases, tmp_path: Path
+    firmware: str,
+    earlier: int,
+    make_device: MakeDevice,
+    releases: Releases,
+    cut_mode: PowerCutMode,
+    tmp_path: Path,
 ) -> None:
     """The slots have swapped roles and the anti-rollback floor has moved: a cut at any write
-    boundary of the next install (a sample of them, seeded, and every one of the target slot's
-    writing) keeps the device on a committed release."""
+    boundary of the next install (every one of the target slot's writing, and a seeded sample
+    of the others, or all of them in long mode) keeps the device on a committed release."""
     template = make_device(firmware)
     for version, security in UPDATES[:earlier]:
         records = template.install(releases.bundle(version, security_version=security))
@@ -141,29 +206,27 @@ def test_power_cut_during_a_later_install(
     version, security = UPDATES[earlier]
     bundle = releases.bundle(version, security_version=security)
     images = {v: make_lab_image(v) for v in SECURITY if SECURITY[v] <= security}
-
-    copies = iter(range(1_000_000))
-
-    def copy() -> VirtualDevice:
-        root = tmp_path / f"cut-{next(copies)}"
-        shutil.copytree(template.root, root)
-        return VirtualDevice(root, firmware)
+    copy = DeviceCopies(template.root, tmp_path / "device", firmware)
 
     points = boundaries(copy(), bundle)
     writing = {i for i, (_, path) in enumerate(points) if path.name.startswith("root_")}
     assert writing, points
-    rng = random.Random(f"{firmware} {earlier}")  # noqa: S311 (which cuts, not a secret)
+    rng = cut_mode.rng(f"{firmware} {earlier}")
     others = sorted(set(range(len(points))) - writing)
-    chosen = sorted(writing | set(rng.sample(others, min(CUTS_PER_SCENARIO, len(others)))))
-    for cut_at in chosen:
-        point, path = points[cut_at]
-        where = f"cut {cut_at}/{len(points)} at {point} {path.name}"
+    sample = len(others) if cut_mode.name == "long" else CUTS_PER_SCENARIO
+    chosen = sorted(writing | set(rng.sample(others, min(sample, len(others)))))
+    recovery: dict[int, int] = {}  # first cut -> boundaries the power-on after it reached
+    scenario = f"install #{earlier + 1}"
+
+    def run(cuts: tuple[int, ...]) -> None:
+        point, path = points[cuts[0]]
         device = copy()
-        with PowerSwitch(cut_at=cut_at).installed() as switch, contextlib.suppress(PowerCut):
-            device.install(bundle)
-        assert switch.off, f"{where}: not reached again"
+        where = f"cut {cuts[0]}/{len(points)} at {point} {path.name}"
+        where = cut_twice(device, cuts, lambda: device.install(bundle), where)
         assert_safe_after_cut(device, before, booted, target, images, where)
-        records = device.power_on()
+        records, reached = recovering(device)
+        if len(cuts) == 1:
+            recovery[cuts[0]] = reached
         final = records[-1]
         assert final.action in ("confirmed", "committed"), f"{where}: {records}"
         release = complete_release(device, final.slot, images)
@@ -171,4 +234,9 @@ def test_power_cut_during_a_later_install(
         assert SECURITY[release] >= device.state().installed_security_version, where
         after = boot_view(device)
         assert after.committed == final.slot and after.trial is None, f"{where}: {after.env}"
-    CUT_COUNTS[f"{firmware:<8} install #{earlier + 1}"] = len(chosen)
+        count_cuts(firmware, scenario, len(cuts))
+
+    for cut_at in chosen:
+        run((cut_at,))
+    for pair in second_cuts(rng, chosen, recovery.__getitem__, cut_mode.second_cuts(len(chosen))):
+        run(pair)

@@ -227,7 +227,7 @@ def test_a_panel_outside_the_grid_or_over_another_is_refused() -> None:
     generator.check_grid(board)
     wide = json.loads(json.dumps(board))
     wide["panels"][1]["gridPos"]["w"] = 9  # 16 + 9 > 24
-    with pytest.raises(ValueError, match="wider than the grid"):
+    with pytest.raises(ValueError, match="sticks out of the grid"):
         generator.check_grid(wide)
     overlapping = json.loads(json.dumps(board))
     overlapping["panels"][1]["gridPos"]["x"] = 15

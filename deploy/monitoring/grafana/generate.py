@@ -100,8 +100,8 @@ def panel(
     return builder
 
 
-# Every panel gets its kind's options written out: Grafana reads a panel without options as
-# one whose options are null, not as one with the defaults.
+# The SDK writes "options": null for a panel none of whose options were set; each kind's
+# constructor below sets some, so every panel carries its options as an object.
 def last_value() -> options.ReduceDataOptions:
     """One value per series, its last one (not one per sample)."""
     return options.ReduceDataOptions().calcs(["lastNotNull"]).values(False)
@@ -177,8 +177,12 @@ def link(title: str, url: str) -> dashboard.DashboardLink:
 
 
 class Board:
-    """One dashboard: panels placed left to right in the order added, wrapping at the grid's
-    width; a row starts a new line. Panel ids are given in the same order."""
+    """One dashboard: panels placed left to right in the order added; a row heading starts a
+    new line, and panel ids follow the same order.
+
+    The SDK starts a new line only once a line's widths reach the grid's width, so the panels
+    of a line must add up to it: one that would stick out is refused by :func:`check_grid`.
+    """
 
     def __init__(self, uid: str, title: str) -> None:
         self.builder = (
@@ -235,7 +239,9 @@ def check_grid(board: dict[str, Any]) -> None:
     for item in board["panels"]:
         pos, title = item["gridPos"], item.get("title", "")
         if pos["x"] + pos["w"] > GRID_WIDTH:
-            raise ValueError(f"{board['uid']}: panel {title!r} is wider than the grid")
+            raise ValueError(
+                f"{board['uid']}: panel {title!r} sticks out of the grid's {GRID_WIDTH} columns"
+            )
         for x in range(pos["x"], pos["x"] + pos["w"]):
             for y in range(pos["y"], pos["y"] + pos["h"]):
                 if (x, y) in taken:

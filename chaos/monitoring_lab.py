@@ -178,10 +178,10 @@ class Endpoints:
 
     servers: Sequence[str]  # base URLs of the release servers
     prometheus_port: int
-    alertmanager_port: int
-    receiver_url: str
     scrape_token_file: Path
     viewer_token_file: Path
+    alertmanager_port: int | None = None  # None: Prometheus sends its alerts nowhere
+    receiver_url: str = ""
 
 
 def prometheus_config(
@@ -189,7 +189,8 @@ def prometheus_config(
 ) -> dict[str, Any]:
     """The committed prometheus.yml for this machine: the servers listed in a file_sd file
     written under ``workdir``, the devices found through the first server's http_sd, the
-    lab's Prometheus and Alertmanager; every interval divided by ``factor``."""
+    lab's Prometheus and Alertmanager (if it has one); every interval divided by
+    ``factor``."""
     config = load_yaml(PROMETHEUS_YML)
     glob = config["global"]
     for key in ("scrape_interval", "evaluation_interval"):
@@ -210,15 +211,13 @@ def prometheus_config(
     sd["refresh_interval"] = scaled(sd["refresh_interval"], factor)
     sd["authorization"]["credentials_file"] = str(endpoints.viewer_token_file)
     jobs["prometheus"]["static_configs"] = [{"targets": [f"127.0.0.1:{endpoints.prometheus_port}"]}]
-    jobs["alertmanager"]["static_configs"] = [
-        {"targets": [f"127.0.0.1:{endpoints.alertmanager_port}"]}
-    ]
-    config["scrape_configs"] = [server_job, devices, jobs["prometheus"], jobs["alertmanager"]]
-    config["alerting"] = {
-        "alertmanagers": [
-            {"static_configs": [{"targets": [f"127.0.0.1:{endpoints.alertmanager_port}"]}]}
-        ]
-    }
+    config["scrape_configs"] = [server_job, devices, jobs["prometheus"]]
+    del config["alerting"]
+    if endpoints.alertmanager_port is not None:
+        alertmanager = [{"targets": [f"127.0.0.1:{endpoints.alertmanager_port}"]}]
+        jobs["alertmanager"]["static_configs"] = alertmanager
+        config["scrape_configs"].append(jobs["alertmanager"])
+        config["alerting"] = {"alertmanagers": [{"static_configs": alertmanager}]}
     return dict(config)
 
 
@@ -533,6 +532,8 @@ def start_monitoring(
                     f"{tool} refuses the lab's configuration: {done.stdout}{done.stderr}"
                 )
     am_port, prom_port = endpoints.alertmanager_port, endpoints.prometheus_port
+    if am_port is None:
+        raise LabError("the monitoring lab needs a port for Alertmanager")
     alertmanager = LabProcess(
         "alertmanager",
         lambda: [ALERTMANAGER, f"--config.file={alertmanager_yml}",
@@ -654,8 +655,8 @@ def monitoring_lab(
             stack.callback(metrics.stop)
         fleet.step(5)  # enroll, check in, heartbeat (with the metrics address)
         endpoints = Endpoints(
-            [server.url for server in servers], free_port(), free_port(), receiver.url,
-            scrape_token, viewer_file,
+            [server.url for server in servers], free_port(), scrape_token, viewer_file,
+            free_port(), receiver.url,
         )  # fmt: skip
         monitoring = start_monitoring(workdir, endpoints, factor, stack)
         pacer = FleetPacer(fleet, factor)

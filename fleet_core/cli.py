@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, str] = {
     "rollout": "server.cli.rollouts:rollout",
     "emergency-stop": "server.cli.rollouts:emergency_stop",
     "simulate": "chaos.cli:simulate",
+    "chaos": "chaos.chaos_run:chaos",
 }
 
 

@@ -1,0 +1,440 @@
+"""Chaos scenarios: a fault injected into the monitoring lab, how the system must handle it,
+the alert that must reach the on-call receiver, and how the fault is taken away.
+
+A scenario is a subclass of :class:`Scenario` registered in :data:`SCENARIOS` (in the order
+``fleet chaos run all`` reports them). It names its alert and the devices it needs
+(:attr:`Scenario.specs`, members of the lab's fleet that no other scenario touches), and
+implements three steps; ``chaos.chaos_run`` does the rest (timing, waiting for the firing and
+the resolved notification, the report card):
+
+- :meth:`Scenario.inject` puts the fault in (a process stopped, a sensor reading changed, a
+  device cut off, a release rolled out);
+- :meth:`Scenario.handled` says what is still missing from the system's own handling of it
+  (None once handled), polled until it is handled or time is up;
+- :meth:`Scenario.recover` takes the fault away.
+
+Alerts are told apart by their labels (:meth:`Scenario.matches`): a device's own alert by its
+``device`` label, a rollout's by ``rollout``, a server's by ``instance``. A scenario that stops
+a process everything shares (Prometheus, a release server) is :attr:`Scenario.exclusive`: it
+runs alone, after the others. Scenarios of one :attr:`Scenario.serial` group (those that need
+the fleet's only active rollout) run one after another.
+
+Times are scenario seconds (see ``chaos.monitoring_lab``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from chaos.fleet import Member, MemberSpec
+from chaos.monitoring_lab import MonitoringLab, watchdog_repeat_s
+from chaos.receiver import DEADMAN
+
+HOT_MILLIDEGREES = 85_000  # above the 80 °C of DeviceOverheating and the updater's limit
+COOL_MILLIDEGREES = 45_000
+SKEW_S = 3 * 365 * 86400.0  # a Pi without a real-time clock that came up three years ahead
+LIFETIME_RESENDS = 4  # Prometheus tells Alertmanager an alert lasts 4 resend delays
+
+
+@dataclass
+class Context:
+    """What a running scenario works with: the lab, its own fleet members, and notes it keeps
+    between its steps."""
+
+    lab: MonitoringLab
+    members: list[Member]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device_ids(self) -> set[str]:
+        return {member.device_id for member in self.members}
+
+    def fleet_seconds(self) -> float:
+        """The fleet's simulated seconds since it started (what offline windows count)."""
+        fleet = self.lab.fleet
+        return float(fleet.clock() - fleet.started)
+
+
+class Scenario:
+    """See the module docstring."""
+
+    name: ClassVar[str]
+    alert: ClassVar[str]  # the alertname that must reach the receiver
+    runbook_alert: ClassVar[str | None] = None  # whose runbook applies, if not ``alert``'s
+    summary: ClassVar[str]
+    specs: ClassVar[tuple[MemberSpec, ...]] = (MemberSpec(),)
+    exclusive: ClassVar[bool] = False
+    serial: ClassVar[str | None] = None
+    # Scenario seconds the fault must last before the alert's condition can hold at all (a
+    # threshold on time out of contact, say): detection is due 3 minutes after that.
+    condition_s: ClassVar[float] = 0.0
+    # Whether the alert's signal reaches Prometheus in the device's heartbeat (every
+    # ``heartbeat_interval_s``; a device's own metrics are refreshed with it too): the system
+    # learns of the fault up to one heartbeat after it happens.
+    heartbeat: ClassVar[bool] = True
+
+    def inject(self, ctx: Context) -> None:
+        raise NotImplementedError
+
+    def handled(self, ctx: Context) -> str | None:
+        raise NotImplementedError
+
+    def recover(self, ctx: Context) -> None:
+        raise NotImplementedError
+
+    def matches(self, ctx: Context, labels: Mapping[str, str]) -> bool:
+        """Whether an alert with ``labels`` is this scenario's (by default: one of its
+        devices')."""
+        return labels.get("device") in ctx.device_ids
+
+
+def _checkins(ctx: Context, members: list[Member] | None = None) -> list[int]:
+    return [id(m.daemon.last_checkin) for m in (members or ctx.lab.fleet.members)]
+
+
+def _still_checking_in(ctx: Context, members: list[Member] | None = None) -> str | None:
+    """None once every member (of ``members``, or the fleet) has checked in since the
+    inject (``notes["checkins"]``)."""
+    members = members or ctx.lab.fleet.members
+    with ctx.lab.pacer.lock:
+        now = _checkins(ctx, members)
+    stale = [
+        m.hostname
+        for m, before, after in zip(members, ctx.notes["checkins"], now, strict=True)
+        if before == after and ctx.lab.fleet.online(m)
+    ]
+    return f"no check-in since the fault from {', '.join(stale)}" if stale else None
+
+
+def _set_temperature(member: Member, millidegrees: int) -> None:
+    zone = member.daemon.runtime.config.thermal_dir / "thermal_zone0"
+    (zone / "temp").write_text(f"{millidegrees}\n")
+
+
+def _deferred(member: Member, version: str) -> bool:
+    return any(
+        "update deferred" in str(event.get("reason", "")) and event.get("version") == version
+        for event in member.device.events("daemon.install_skipped")
+    )
+
+
+class MonitoringDown(Scenario):
+    name = "monitoring-down"
+    alert = DEADMAN
+    runbook_alert = "Watchdog"
+    summary = (
+        "Prometheus stops: Watchdog stops reaching the dead man's switch, which records an "
+        "incident; the fleet keeps checking in; Prometheus restarts and Watchdog resumes"
+    )
+    specs = ()
+    exclusive = True
+    heartbeat = False
+
+    @classmethod
+    def grace_s(cls) -> float:
+        """Silence the dead man's switch tolerates: two Watchdog repeat intervals."""
+        from chaos.monitoring_lab import ALERTMANAGER_YML, load_yaml
+
+        return 2 * watchdog_repeat_s(load_yaml(ALERTMANAGER_YML))
+
+    @classmethod
+    def condition(cls) -> float:
+        from chaos.monitoring_lab import RESEND_DELAY_S
+
+        # Alertmanager keeps a silent Prometheus's alert for 4 resend delays, then the switch
+        # waits out its grace
+        return LIFETIME_RESENDS * RESEND_DELAY_S + cls.grace_s()
+
+    def inject(self, ctx: Context) -> None:
+        with ctx.lab.pacer.lock:
+            ctx.notes["checkins"] = _checkins(ctx)
+        ctx.lab.monitoring.prometheus.stop()
+
+    def handled(self, ctx: Context) -> str | None:
+        return _still_checking_in(ctx)
+
+    def recover(self, ctx: Context) -> None:
+        ctx.lab.monitoring.prometheus.start()
+
+    def matches(self, ctx: Context, labels: Mapping[str, str]) -> bool:
+        return True
+
+
+MonitoringDown.condition_s = MonitoringDown.condition()
+
+
+class ServerUnavailable(Scenario):
+    name = "server-unavailable"
+    alert = "FleetServerDown"
+    summary = (
+        "one of the two release servers is killed: FleetServerDown fires for it; every device "
+        "checks in through the other; the server restarts"
+    )
+    specs = ()
+    exclusive = True
+    heartbeat = False
+
+    def inject(self, ctx: Context) -> None:
+        ctx.notes["instance"] = ctx.lab.servers[0].url.split("://", 1)[1]
+        with ctx.lab.pacer.lock:
+            ctx.notes["checkins"] = _checkins(ctx)
+        ctx.lab.servers[0].stop()
+
+    def handled(self, ctx: Context) -> str | None:
+        waiting = _still_checking_in(ctx)
+        if waiting:
+            return waiting
+        other = ctx.lab.servers[1].url
+        with ctx.lab.pacer.lock:
+            elsewhere = [
+                m.hostname for m in ctx.lab.fleet.members if m.daemon.client.active_url != other
+            ]
+        return f"not using the other server: {', '.join(elsewhere)}" if elsewhere else None
+
+    def recover(self, ctx: Context) -> None:
+        ctx.lab.servers[0].start()
+
+    def matches(self, ctx: Context, labels: Mapping[str, str]) -> bool:
+        return labels.get("instance") == ctx.notes.get("instance")
+
+
+class BadRelease(Scenario):
+    name = "bad-release"
+    alert = "CanaryFailed"
+    summary = (
+        "release 3.0.0 fails its health check on the canary: the rollout halts at the canary "
+        "and the canary goes back to 1.0.0; the rollout is aborted"
+    )
+    serial = "rollout"
+
+    def inject(self, ctx: Context) -> None:
+        import json
+
+        (member,) = ctx.members
+        answer = json.loads(
+            ctx.lab.operator(
+                "rollout",
+                "start",
+                "3.0.0",
+                "--canary",
+                member.device_id,
+                "--device",
+                member.device_id,
+                "--soak",
+                "60s",
+                "--json",
+            )
+        )
+        ctx.notes["rollout"] = str(answer["id"])
+
+    def handled(self, ctx: Context) -> str | None:
+        import json
+
+        (member,) = ctx.members
+        status = json.loads(ctx.lab.operator("rollout", "status", ctx.notes["rollout"], "--json"))
+        state = status.get("state")
+        with ctx.lab.pacer.lock:
+            version = member.version
+            reached = any(
+                e.get("version") == "3.0.0" for e in member.device.events("install.verified")
+            )
+        if not reached:
+            return "the canary has not installed 3.0.0 yet"
+        if state != "halted":
+            return f"the rollout is {state}, not halted"
+        if version != "1.0.0":
+            return f"the canary runs {version}, not 1.0.0 again"
+        return None
+
+    def recover(self, ctx: Context) -> None:
+        ctx.lab.operator("rollout", "abort", ctx.notes["rollout"])
+
+    def matches(self, ctx: Context, labels: Mapping[str, str]) -> bool:
+        return labels.get("rollout") == ctx.notes.get("rollout")
+
+
+class Overheating(Scenario):
+    name = "overheating"
+    alert = "DeviceOverheating"
+    summary = (
+        "a device's CPU reads 85 °C and release 2.0.0 is assigned to it: the install is "
+        "deferred; it cools down and the assignment is withdrawn"
+    )
+
+    def inject(self, ctx: Context) -> None:
+        (member,) = ctx.members
+        with ctx.lab.pacer.lock:
+            _set_temperature(member, HOT_MILLIDEGREES)
+        ctx.lab.operator("device", "assign", member.device_id, "2.0.0")
+
+    def handled(self, ctx: Context) -> str | None:
+        (member,) = ctx.members
+        with ctx.lab.pacer.lock:
+            deferred = _deferred(member, "2.0.0")
+            version = member.version
+        if not deferred:
+            return "no deferred install of 2.0.0 logged"
+        if version != "1.0.0":
+            return f"the device installed {version} while hot"
+        return None
+
+    def recover(self, ctx: Context) -> None:
+        (member,) = ctx.members
+        ctx.lab.operator("device", "assign", member.device_id, "none")
+        with ctx.lab.pacer.lock:
+            _set_temperature(member, COOL_MILLIDEGREES)
+
+
+class UpdateStuck(Scenario):
+    name = "update-stuck"
+    alert = "UpdateStuck"
+    summary = (
+        "a rollout assigns 2.0.0 to a device that is too hot to install it: the device defers, "
+        "the rollout waits (the device stays pending, not failed) until UpdateStuck fires; it "
+        "cools down, installs and commits 2.0.0 and the rollout completes"
+    )
+    serial = "rollout"
+    condition_s = 900.0  # fleet_device_update_pending_seconds > 900
+
+    def inject(self, ctx: Context) -> None:
+        import json
+
+        (member,) = ctx.members
+        with ctx.lab.pacer.lock:
+            _set_temperature(member, HOT_MILLIDEGREES)
+        answer = json.loads(
+            ctx.lab.operator(
+                "rollout",
+                "start",
+                "2.0.0",
+                "--device",
+                member.device_id,
+                "--stages",
+                "100",
+                "--soak",
+                "30s",
+                "--install-deadline",
+                "2h",
+                "--json",
+            )
+        )
+        ctx.notes["rollout"] = str(answer["id"])
+
+    def handled(self, ctx: Context) -> str | None:
+        import json
+
+        (member,) = ctx.members
+        status = json.loads(ctx.lab.operator("rollout", "status", ctx.notes["rollout"], "--json"))
+        with ctx.lab.pacer.lock:
+            deferred = _deferred(member, "2.0.0")
+        if not deferred:
+            return "no deferred install of 2.0.0 logged"
+        if status.get("state") != "running" or status["counts"].get("failed"):
+            return f"the rollout is {status.get('state')} with counts {status.get('counts')}"
+        return None
+
+    def recover(self, ctx: Context) -> None:
+        (member,) = ctx.members
+        with ctx.lab.pacer.lock:
+            _set_temperature(member, COOL_MILLIDEGREES)
+        ctx.notes["recovered"] = True
+
+    def matches(self, ctx: Context, labels: Mapping[str, str]) -> bool:
+        return labels.get("device") in ctx.device_ids
+
+
+class ClockSkew(Scenario):
+    name = "clock-skew"
+    alert = "ClockSkew"
+    summary = (
+        "a device's clock jumps three years ahead: it keeps checking in and reporting; its "
+        "clock is set right again"
+    )
+
+    def _offset(self, ctx: Context, seconds: float) -> None:
+        (member,) = ctx.members
+
+        def wall() -> float:
+            return time.time() + seconds
+
+        with ctx.lab.pacer.lock:
+            member.daemon._wall_clock = wall
+            member.daemon.client._wall_clock = wall
+
+    def inject(self, ctx: Context) -> None:
+        with ctx.lab.pacer.lock:
+            ctx.notes["checkins"] = _checkins(ctx, ctx.members)
+        self._offset(ctx, SKEW_S)
+
+    def handled(self, ctx: Context) -> str | None:
+        return _still_checking_in(ctx, ctx.members)
+
+    def recover(self, ctx: Context) -> None:
+        self._offset(ctx, 0.0)
+
+
+class _OutOfContact(Scenario):
+    """A device loses its network (the fleet's offline window: it runs, but reaches no
+    server) until recovery."""
+
+    def inject(self, ctx: Context) -> None:
+        (member,) = ctx.members
+        with ctx.lab.pacer.lock:
+            ctx.notes["version"] = member.version
+            ctx.notes["boots"] = len(member.boots)
+            member.spec = dataclasses.replace(
+                member.spec, offline=((ctx.fleet_seconds(), math.inf),)
+            )
+
+    def handled(self, ctx: Context) -> str | None:
+        (member,) = ctx.members
+        with ctx.lab.pacer.lock:
+            if member.version != ctx.notes["version"] or len(member.boots) != ctx.notes["boots"]:
+                return "the device changed release or rebooted while out of contact"
+        return None
+
+    def recover(self, ctx: Context) -> None:
+        (member,) = ctx.members
+        with ctx.lab.pacer.lock:
+            (start, _end), *_ = member.spec.offline
+            member.spec = dataclasses.replace(member.spec, offline=((start, ctx.fleet_seconds()),))
+
+
+class DeviceOffline(_OutOfContact):
+    name = "device-offline"
+    alert = "DeviceOffline"
+    summary = (
+        "a device loses its network for over 5 minutes: it keeps running its release; the "
+        "network comes back and it checks in again"
+    )
+    condition_s = 300.0  # fleet_device_last_seen_age_seconds > 300
+
+
+class NetworkPartition(_OutOfContact):
+    name = "network-partition"
+    alert = "NetworkPartition"
+    summary = (
+        "a device is cut off for over 15 minutes: it keeps running its release; the partition "
+        "heals and it resyncs"
+    )
+    condition_s = 900.0  # fleet_device_last_seen_age_seconds > 900
+
+
+SCENARIOS: dict[str, type[Scenario]] = {
+    scenario.name: scenario
+    for scenario in (
+        MonitoringDown,
+        ServerUnavailable,
+        BadRelease,
+        Overheating,
+        UpdateStuck,
+        ClockSkew,
+        DeviceOffline,
+        NetworkPartition,
+    )
+}

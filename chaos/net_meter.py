@@ -16,6 +16,12 @@ cannot be split so: everything after its head counts to it.
 :meth:`NetMeter.hang_up` closes connections, as a server's keep-alive timeout does between a
 device's polls, so a lab whose clock runs faster than real time still opens a connection where
 a real device would.
+
+At most ``max_connections`` connections are relayed at once (two threads each); more wait in
+the listening socket's queue until one ends. :class:`chaos.fault_proxy.FaultProxy` is this
+relay with faults: it decides what becomes of each connection as it is accepted
+(:meth:`NetMeter._admit`) and of each piece of data before it is passed on
+(:meth:`NetMeter._forward`).
 """
 
 from __future__ import annotations
@@ -25,10 +31,13 @@ import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Self
 from urllib.parse import urlsplit
 
 RECEIVE = 64 << 10
 MAX_HEAD = 64 << 10  # a request head longer than this is counted whole to one unparsed request
+MAX_CONNECTIONS = 256  # relayed at once
+SLOT_POLL_S = 0.2  # how soon an acceptor waiting for a free slot notices the relay closed
 
 
 @dataclass
@@ -122,10 +131,14 @@ class Connection:
 class NetMeter:
     """See the module docstring. ``upstream``: the server's base URL (``http://host:port``)."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, max_connections: int = MAX_CONNECTIONS) -> None:
         parts = urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname or parts.port is None:
             raise ValueError(f"upstream: give http://HOST:PORT, not {upstream!r}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections: at least 1, not {max_connections}")
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._running: dict[int, int] = {}  # connection number -> its threads still running
         self.upstream = (parts.hostname, parts.port)
         self.label = ""
         self._lock = threading.Lock()
@@ -138,7 +151,7 @@ class NetMeter:
         self._acceptor = threading.Thread(target=self._accept, name="net-meter", daemon=True)
         self._acceptor.start()
 
-    def __enter__(self) -> NetMeter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -180,40 +193,89 @@ class NetMeter:
     def close(self) -> None:
         """Stop listening and close every connection."""
         self._closed = True
+        with contextlib.suppress(OSError):  # wakes the acceptor (closing alone does not)
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         self.hang_up()
         self._acceptor.join(5)
-        for thread in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
             thread.join(5)
 
     def _accept(self) -> None:
         while not self._closed:
+            if not self._slots.acquire(timeout=SLOT_POLL_S):
+                continue  # every slot is taken: the next connection waits in the queue
             try:
                 client, _ = self._listener.accept()
             except OSError:
+                self._slots.release()
                 return  # closed
-            try:
-                server = socket.create_connection(self.upstream, timeout=10)
-                server.settimeout(None)
-            except OSError:
-                client.close()  # the client sees the refusal as a dropped connection
-                continue
-            for sock in (client, server):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 number = len(self._connections)
                 connection = Connection(number, self.label)
                 self._connections.append(connection)
-                self._open[number] = (client, server)
-            for source, target, count in ((client, server, connection.sent),
-                                          (server, client, connection.received)):  # fmt: skip
-                thread = threading.Thread(
-                    target=self._pump, args=(number, source, target, count), daemon=True,
-                    name=f"net-meter-{number}",
-                )  # fmt: skip
-                self._threads = [t for t in self._threads if t.is_alive()]
-                self._threads.append(thread)
-                thread.start()
+                self._running[number] = 1
+            try:
+                admitted = self._admit(number, client)
+            except BaseException:
+                client.close()
+                self._release(number)
+                raise
+            if admitted:
+                self._connect(connection, client)
+
+    def _connect(self, connection: Connection, client: socket.socket) -> None:
+        number = connection.number
+        try:
+            server = socket.create_connection(self.upstream, timeout=10)
+            server.settimeout(None)
+        except OSError:
+            client.close()  # the client sees the refusal as a dropped connection
+            self._release(number)
+            return
+        for sock in (client, server):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            self._open[number] = (client, server)
+            self._running[number] = 2
+        ways = (
+            (client, server, connection.sent, "up"),
+            (server, client, connection.received, "down"),
+        )
+        for source, target, count, way in ways:
+            self._start(self._pump, (number, source, target, count, way), number)
+
+    def _start(self, work: Callable[..., None], args: tuple[object, ...], number: int) -> None:
+        """Run ``work(*args)`` in a thread of connection ``number``."""
+        thread = threading.Thread(target=work, args=args, daemon=True, name=f"net-meter-{number}")
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+        thread.start()
+
+    def _admit(self, number: int, client: socket.socket) -> bool:
+        """Whether to relay connection ``number``. When not, the connection is this method's
+        to end: it closes ``client`` (now or from a thread of :meth:`_start`) and then calls
+        :meth:`_release` once."""
+        return True
+
+    def _forward(self, number: int, way: str, data: bytes, target: socket.socket) -> None:
+        """Pass ``data`` on to ``target``; ``way`` is ``up`` (client to server) or ``down``.
+        An ``OSError`` ends the connection."""
+        target.sendall(data)
+
+    def _release(self, number: int) -> None:
+        """One of connection ``number``'s threads ended: its slot is free once all have."""
+        with self._lock:
+            left = self._running.get(number, 1) - 1
+            if left > 0:
+                self._running[number] = left
+                return
+            self._running.pop(number, None)
+            self._connections[number].closed = True
+        self._slots.release()
 
     def _pump(
         self,
@@ -221,12 +283,13 @@ class NetMeter:
         source: socket.socket,
         target: socket.socket,
         count: Callable[[bytes], None],
+        way: str,
     ) -> None:
         try:
             while data := source.recv(RECEIVE):
                 with self._lock:
                     count(data)
-                target.sendall(data)
+                self._forward(number, way, data, target)
         except OSError:
             pass  # hung up, or the peer went away
         with self._lock:
@@ -234,6 +297,7 @@ class NetMeter:
             self._connections[number].closed = True
         if pair is not None:
             _shut(*pair)
+        self._release(number)
 
 
 def _shut(*sockets: socket.socket) -> None:

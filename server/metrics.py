@@ -32,6 +32,10 @@ Fleet series (database, at each scrape):
 ``fleet_device_info{device,hostname,role,compatible,version,state}``   1 per device
 ``fleet_device_slot_info{device,hostname,slot,status,version}``        1 per reported slot
 ``fleet_device_temperature_celsius{device,hostname}``                  last heartbeat's reading
+``fleet_device_throttled{device,hostname}``                            last heartbeat's Raspberry
+                                                                       Pi get_throttled bits
+``fleet_device_under_voltage{device,hostname}``                        1: its bit 0 (under-voltage
+                                                                       now) was set, else 0
 ``fleet_device_free_space_bytes{device,hostname}``                     last heartbeat's reading
 ``fleet_device_uptime_seconds{device,hostname}``                       last heartbeat's reading
 ``fleet_device_clock_skew_seconds{device,hostname}``                   server clock minus device
@@ -292,6 +296,16 @@ class FleetCollector(Collector):
                 *device,
             ),
             _gauge(
+                "fleet_device_throttled",
+                "Raspberry Pi firmware get_throttled bits in the device's last heartbeat",
+                *device,
+            ),
+            _gauge(
+                "fleet_device_under_voltage",
+                "1 when the device's last heartbeat flagged its supply under-voltage now, else 0",
+                *device,
+            ),
+            _gauge(
                 "fleet_device_free_space_bytes",
                 "Free space on the device's data partition in its last heartbeat",
                 *device,
@@ -392,6 +406,10 @@ class FleetCollector(Collector):
                 value = _finite(heartbeat.get(field))
                 if value is not None:
                     families[name].add_metric(key, value * scale)
+            throttled = heartbeat.get("throttled")
+            if isinstance(throttled, int) and not isinstance(throttled, bool) and throttled >= 0:
+                families["fleet_device_throttled"].add_metric(key, throttled)
+                families["fleet_device_under_voltage"].add_metric(key, throttled & 1)
             slots = heartbeat.get("slots")
             for slot, info in sorted(slots.items() if isinstance(slots, dict) else ()):
                 if isinstance(info, dict):

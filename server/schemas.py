@@ -179,6 +179,8 @@ class Heartbeat(_Body):
     updater_state: Word
     health: Annotated[list[HealthReport], Field(max_length=64)] = []
     temperature_c: Annotated[float, Field(ge=-273.15, le=1000)] | None = None
+    # the Raspberry Pi firmware's get_throttled bits (32 of them); absent on other boards
+    throttled: Annotated[int, Field(ge=0, le=0xFFFFFFFF)] | None = None
     free_space_mb: Annotated[float, Field(ge=0, le=2**53)] | None = None
     uptime_s: Annotated[float, Field(ge=0, le=2**53)] | None = None
     clock: Annotated[float, Field(ge=0, le=2**40)] | None = None

@@ -348,7 +348,7 @@ class ServerSimulator:
         return 200, signed, {"ETag": f'"{etag}"'}
 
     def _heartbeat(self, device_id: str, body: dict[str, Any]) -> tuple[int, None]:
-        _fields(body, HEARTBEAT_FIELDS, {"role", "tags", "metrics_address"})
+        _fields(body, HEARTBEAT_FIELDS, {"role", "tags", "metrics_address", "throttled"})
         for slot in body["slots"].values():
             _fields(slot, {"status", "version"})
         self.devices[device_id].heartbeats.append(body)

@@ -354,6 +354,7 @@ class Daemon:
             role=runtime.config.role,
             tags=runtime.config.tags,
             metrics_address=runtime.scrape_address(self._hostname),
+            throttled=runtime.throttled(),
         )
         if self.waiting is not None and document["updater_state"] == "idle":
             document["updater_state"] = WAITING_STATE

@@ -29,16 +29,19 @@ def heartbeat_document(
     role: str | None = None,
     tags: Sequence[str] = (),
     metrics_address: str | None = None,
+    throttled: int | None = None,
 ) -> dict[str, Any]:
     """The heartbeat of the protocol, from ``Runtime.snapshot()``, the sensors and the
     device's ``role`` and ``tags`` (from its configuration). Values
     the device does not know are ``null`` (the version in safe mode, a missing sensor),
     except the slot names, which the protocol requires: ``"unknown"`` when the boot state
     cannot be read, or no root slot is primary. Health check names are cut to 128
-    characters (the server's limit), and at most ``MAX_HEALTH`` checks are listed."""
+    characters (the server's limit), and at most ``MAX_HEALTH`` checks are listed.
+    ``throttled`` (the Raspberry Pi firmware's ``get_throttled`` bits) is left out when
+    unknown, so a board that is no Pi sends what servers before the field accept."""
     booted = snapshot["booted"]
     slots = snapshot["slots"]
-    return {
+    document = {
         "version": _version(slots[booted]["version"]) if booted in slots else None,
         "booted": booted or UNKNOWN_SLOT,
         "primary": snapshot["primary"] or UNKNOWN_SLOT,
@@ -59,6 +62,9 @@ def heartbeat_document(
         "tags": list(tags),
         "metrics_address": metrics_address,
     }
+    if throttled is not None:
+        document["throttled"] = throttled
+    return document
 
 
 def _one_line(text: str, limit: int = 128) -> str:

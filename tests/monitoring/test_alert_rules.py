@@ -114,6 +114,7 @@ CASES = [
     ),
     Case("DeviceOverheating", (server("fleet_device_temperature_celsius", 62, 85),)),
     Case("DeviceOverheating", (scraped("fleet_updater_temperature_celsius", 79.9, 80.5),)),
+    Case("DeviceUnderVoltage", (server("fleet_device_under_voltage", 0, 1),)),
     Case("DeviceUnderVoltage", (scraped("fleet_updater_under_voltage", 0, 1),)),
     Case("DeviceUnderVoltage", (scraped("fleet_updater_under_voltage", None, 1),)),  # not a Pi
     Case("DeviceInSafeMode", (info("idle", 1, None), info("safe_mode", None, 1))),

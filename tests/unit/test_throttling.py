@@ -314,6 +314,7 @@ def test_the_daemon_waits_while_under_voltage_and_installs_once_it_clears(
         for e in lab.server_events()
     )
     assert lab.slot("b").status != "trial"
+    assert lab.heartbeats()[-1]["throttled"] == 0x50005  # the server sees it too
 
     lab.device.set_throttled(0x50000)
     daemon.run_once()

@@ -22,6 +22,7 @@ from typing import Any
 
 import click
 
+from chaos.false_positives import false_positives
 from chaos.fleet import MemberSpec
 from chaos.monitoring_lab import (
     ALERTMANAGER_YML,
@@ -298,3 +299,6 @@ def run(scenarios: tuple[str, ...], report: Path | None, speed: float, workdir: 
         durable.atomic_write(report, document.encode())
     if not all(r.passed for r in results):
         raise ChaosError(f"{sum(not r.passed for r in results)} scenario(s) failed")
+
+
+chaos.add_command(false_positives)  # fleet chaos false-positives (chaos/false_positives.py)

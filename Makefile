@@ -170,6 +170,7 @@ benchmarks: venv
 	$(BIN)/python benchmarks/chunk_storage.py
 	$(BIN)/python benchmarks/delta_size.py
 	$(BIN)/python benchmarks/device_network.py
+	$(BIN)/python benchmarks/agent_footprint.py
 
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do \

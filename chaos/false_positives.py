@@ -494,8 +494,13 @@ class Report:
                     for firing in self.firings if firing.device is not None})  # fmt: skip
 
     @property
+    def device_days(self) -> int:
+        """The device-days measured; a part of a day counts as a day."""
+        return self.devices * math.ceil(self.days)
+
+    @property
     def device_day_share(self) -> float:
-        return self.device_days_with_alert() / (self.devices * self.days)
+        return self.device_days_with_alert() / self.device_days
 
     def fleet_firings(self) -> int:
         """Firings of alerts about the whole fleet or the server, not one device."""
@@ -511,6 +516,7 @@ class Report:
             "alert_rules": self.rules, "excluded": ALWAYS_FIRING,
             "firings": self.total_firings, "alert_days": self.alert_days,
             "firings_per_alert_day": self.per_alert_day, "per_alert": self.per_alert(),
+            "device_days": self.device_days,
             "device_days_with_alert": self.device_days_with_alert(),
             "device_day_share": self.device_day_share, "fleet_firings": self.fleet_firings(),
             "aim": AIM, "within_aim": self.within_aim, "seconds": round(self.seconds, 1),
@@ -535,7 +541,7 @@ class Report:
         verdict = "within" if self.within_aim else "NOT within"
         out.append(
             f"device-days with any alert: {self.device_days_with_alert()} of "
-            f"{self.devices * self.days:g} = {self.device_day_share:.2%} ({verdict} the aim "
+            f"{self.device_days} = {self.device_day_share:.2%} ({verdict} the aim "
             f"of < {AIM:.0%})"
         )
         return out

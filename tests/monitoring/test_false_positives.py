@@ -102,6 +102,8 @@ def test_the_command_reports_and_writes_json(tmp_path: Path) -> None:
     assert "device-days with any alert" in result.output
     document = json.loads(out.read_text(encoding="utf-8"))
     assert document["devices"] == 3 and document["days"] == 0.25 and document["chunks"] == 1
+    assert document["device_days"] == 3  # a part of a day counts as a day
+    assert 0 < document["device_day_share"] <= 1
     assert document["per_alert"]["DeviceOffline"] == sum(
         alert["count"] for alert in document["alerts"] if alert["alert"] == "DeviceOffline"
     )

@@ -123,6 +123,13 @@ def detect_limit(scenario: type[Scenario]) -> float:
 
 def run_scenario(lab: MonitoringLab, scenario: Scenario, ctx: Context) -> Result:
     """Inject, detect, check the handling, recover, see it resolve: one row."""
+    try:
+        return _run_scenario(lab, scenario, ctx)
+    finally:
+        scenario.cleanup(ctx)
+
+
+def _run_scenario(lab: MonitoringLab, scenario: Scenario, ctx: Context) -> Result:
     url, problem = runbook_path(type(scenario))
     limit = detect_limit(type(scenario))
 

@@ -448,10 +448,15 @@ class FleetPacer:
             self._thread.join(60)
 
 
-def serve_member_metrics(fleet: Any, *, thermal: bool = False) -> list[Any]:
+def serve_member_metrics(
+    fleet: Any, *, thermal: bool = False, config_file: bool = False
+) -> list[Any]:
     """Every member serves its metrics on a loopback port and reports it in heartbeats; with
     ``thermal``, each also reads its temperature from its own ``thermal`` directory (one zone
-    at 45 °C) instead of the host's. Returns the metrics servers (stop them at the end)."""
+    at 45 °C) instead of the host's; with ``config_file``, each runs as if loaded from
+    ``updater.toml`` in its root (the device's configuration written out), so the metrics
+    tell when that file changes under the running updater. Returns the metrics servers (stop
+    them at the end)."""
     from prometheus_client import CollectorRegistry
 
     from updater.config import LoadedConfig
@@ -473,9 +478,15 @@ def serve_member_metrics(fleet: Any, *, thermal: bool = False) -> list[Any]:
             (zone / "temp").write_text("45000\n")
             changes["thermal_dir"] = zone.parent
         config = dataclasses.replace(runtime.config, **changes)
+        source = runtime.loaded.source
+        if config_file:
+            path = member.device.root / "updater.toml"
+            path.write_text(member.device.config_toml())
+            source = str(path)
         member.daemon.runtime = dataclasses.replace(
-            runtime, loaded=LoadedConfig(config, runtime.loaded.source), live_metrics=live
-        )
+            runtime, loaded=LoadedConfig(config, source), live_metrics=live,
+            config_sha256=None,  # taken again, from the source
+        )  # fmt: skip
     return served
 
 
@@ -651,7 +662,7 @@ def monitoring_lab(
             server_key=data / "server-key.pub", release_key=workdir / "release-key.pub",
             enrollment_token=enrollment, workers=min(4, max(1, len(specs))),
         )  # fmt: skip
-        for metrics in serve_member_metrics(fleet, thermal=True):
+        for metrics in serve_member_metrics(fleet, thermal=True, config_file=True):
             stack.callback(metrics.stop)
         fleet.step(5)  # enroll, check in, heartbeat (with the metrics address)
         endpoints = Endpoints(

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
+import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from chaos.fleet import Member, MemberSpec
@@ -87,10 +90,18 @@ class Scenario:
     def recover(self, ctx: Context) -> None:
         raise NotImplementedError
 
+    def cleanup(self, ctx: Context) -> None:
+        """Undo what :meth:`recover` may not have (it did not run, or failed): called last,
+        always, before the lab goes."""
+
     def matches(self, ctx: Context, labels: Mapping[str, str]) -> bool:
         """Whether an alert with ``labels`` is this scenario's (by default: one of its
         devices')."""
         return labels.get("device") in ctx.device_ids
+
+
+class ScenarioError(Exception):
+    """A scenario cannot inject its fault here (what it needs is missing)."""
 
 
 def _checkins(ctx: Context, members: list[Member] | None = None) -> list[int]:
@@ -116,9 +127,11 @@ def _set_temperature(member: Member, millidegrees: int) -> None:
     (zone / "temp").write_text(f"{millidegrees}\n")
 
 
-def _deferred(member: Member, version: str) -> bool:
+def _deferred(member: Member, version: str, why: str = "update deferred") -> bool:
+    """Whether the member's updater logged that it put off installing ``version``, saying
+    ``why``."""
     return any(
-        "update deferred" in str(event.get("reason", "")) and event.get("version") == version
+        why in str(event.get("reason", "")) and event.get("version") == version
         for event in member.device.events("daemon.install_skipped")
     )
 
@@ -425,6 +438,169 @@ class NetworkPartition(_OutOfContact):
     condition_s = 900.0  # fleet_device_last_seen_age_seconds > 900
 
 
+class DiskFull(Scenario):
+    name = "disk-full"
+    alert = "DeviceDiskLow"
+    summary = (
+        "a device's data partition is replaced by one of 64 MiB (a real, small file system "
+        "mounted over it, its files copied in) and release 2.0.0 is assigned: the install is "
+        "skipped; the partition is given back and the assignment withdrawn"
+    )
+    size = "64m"
+
+    def inject(self, ctx: Context) -> None:
+        import os
+
+        if os.geteuid() != 0:
+            raise ScenarioError("mounting a small data partition needs root")
+        (member,) = ctx.members
+        data = member.daemon.runtime.config.data_dir
+        saved = ctx.lab.workdir / f"{member.hostname}-data"
+        with ctx.lab.pacer.lock:
+            shutil.copytree(data, saved, symlinks=True)
+            _run(["mount", "-t", "tmpfs", "-o", f"size={self.size},mode=0700", "chaos-disk",
+                  str(data)])  # fmt: skip
+            ctx.notes["mounted"] = data
+            shutil.copytree(saved, data, symlinks=True, dirs_exist_ok=True)
+            shutil.rmtree(saved)
+        ctx.lab.operator("device", "assign", member.device_id, "2.0.0")
+
+    def handled(self, ctx: Context) -> str | None:
+        (member,) = ctx.members
+        with ctx.lab.pacer.lock:
+            skipped = _deferred(member, "2.0.0", "update skipped")
+            version = member.version
+        if not skipped:
+            return "no skipped install of 2.0.0 logged"
+        if version != "1.0.0":
+            return f"the device installed {version} on a full disk"
+        return None
+
+    def recover(self, ctx: Context) -> None:
+        (member,) = ctx.members
+        ctx.lab.operator("device", "assign", member.device_id, "none")
+        data = ctx.notes.pop("mounted")
+        saved = ctx.lab.workdir / f"{member.hostname}-data"
+        with ctx.lab.pacer.lock:
+            shutil.copytree(data, saved, symlinks=True)
+            _run(["umount", str(data)])
+            shutil.rmtree(data)
+            shutil.copytree(saved, data, symlinks=True)
+            shutil.rmtree(saved)
+
+    def cleanup(self, ctx: Context) -> None:
+        mounted = ctx.notes.pop("mounted", None)
+        if mounted is not None:
+            _run(["umount", "--lazy", str(mounted)])
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise ScenarioError(f"{' '.join(command)}: {done.stderr.strip()}")
+
+
+class _ConfigFileChanged(Scenario):
+    """The updater's configuration file changes under the running updater (it keeps running
+    the configuration it loaded) until the original is put back."""
+
+    def change(self, original: bytes) -> bytes:
+        raise NotImplementedError
+
+    def _path(self, ctx: Context) -> Path:
+        (member,) = ctx.members
+        return Path(member.daemon.runtime.loaded.source)
+
+    def inject(self, ctx: Context) -> None:
+        path = self._path(ctx)
+        with ctx.lab.pacer.lock:
+            ctx.notes["original"] = path.read_bytes()
+            ctx.notes["checkins"] = _checkins(ctx, ctx.members)
+            ctx.notes["config"] = ctx.members[0].daemon.runtime.config
+            path.write_bytes(self.change(ctx.notes["original"]))
+
+    def handled(self, ctx: Context) -> str | None:
+        waiting = _still_checking_in(ctx, ctx.members)
+        if waiting:
+            return waiting
+        if ctx.members[0].daemon.runtime.config != ctx.notes["config"]:
+            return "the updater no longer runs the configuration it loaded"
+        return None
+
+    def recover(self, ctx: Context) -> None:
+        with ctx.lab.pacer.lock:
+            self._path(ctx).write_bytes(ctx.notes["original"])
+
+
+class ConfigDrift(_ConfigFileChanged):
+    name = "config-drift"
+    alert = "ConfigDrift"
+    summary = (
+        "the configuration file is edited on the device (min_free_mb changed) and the updater "
+        "is not restarted: it keeps running what it loaded; the edit is undone"
+    )
+
+    def change(self, original: bytes) -> bytes:
+        changed = original.replace(b"min_free_mb = 0", b"min_free_mb = 200")
+        if changed == original:
+            raise ScenarioError("the configuration file has no min_free_mb = 0 to change")
+        return changed
+
+
+class ConfigCorrupted(_ConfigFileChanged):
+    name = "config-corrupted"
+    alert = "ConfigDrift"
+    summary = (
+        "the configuration file is cut short with garbage at its end (a bad write, a failing "
+        "card): the running updater keeps the configuration it loaded; the file is restored"
+    )
+
+    def change(self, original: bytes) -> bytes:
+        return original[: len(original) // 2] + b"\x00\xff[limits\n"
+
+
+class CrashLoop(Scenario):
+    name = "agent-crash-loop"
+    alert = "AgentCrashLoop"
+    summary = (
+        "the updater starts five times within a minute (each start counted as the daemon's "
+        "run_forever counts it) and 2.0.0 is assigned: the crash-loop guard suspends updates "
+        "and the install is refused; an operator resumes updates (fleet-updater resume)"
+    )
+
+    def inject(self, ctx: Context) -> None:
+        from updater.state import CRASH_LOOP_STARTS
+
+        (member,) = ctx.members
+        with ctx.lab.pacer.lock:
+            for _ in range(CRASH_LOOP_STARTS + 1):
+                member.daemon.runtime.record_start()
+        ctx.lab.operator("device", "assign", member.device_id, "2.0.0")
+
+    def handled(self, ctx: Context) -> str | None:
+        (member,) = ctx.members
+        with ctx.lab.pacer.lock:
+            state = member.daemon.runtime.store.load().state
+            refused = _deferred(member, "2.0.0", "updates are suspended")
+            version = member.version
+        if not state.suspended:
+            return "updates are not suspended"
+        if not refused:
+            return "no refused install of 2.0.0 logged"
+        if version != "1.0.0":
+            return f"the device installed {version} while suspended"
+        return None
+
+    def recover(self, ctx: Context) -> None:
+        (member,) = ctx.members
+        ctx.lab.operator("device", "assign", member.device_id, "none")
+        with ctx.lab.pacer.lock:
+            runtime = member.daemon.runtime
+            state = runtime.store.load().state  # what fleet-updater resume does
+            runtime.store.save(dataclasses.replace(state, suspended=None, restarts=()))
+            runtime.log.event("update.resumed", previously=state.suspended)
+
+
 SCENARIOS: dict[str, type[Scenario]] = {
     scenario.name: scenario
     for scenario in (
@@ -436,5 +612,9 @@ SCENARIOS: dict[str, type[Scenario]] = {
         ClockSkew,
         DeviceOffline,
         NetworkPartition,
+        DiskFull,
+        ConfigDrift,
+        ConfigCorrupted,
+        CrashLoop,
     )
 }

@@ -249,3 +249,77 @@ def test_every_scenario_through_the_cli(tmp_path: Path, monkeypatch: pytest.Monk
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://{target}/", timeout=5)
     assert took < 8 * 60
+
+
+# --- the runner, on a receiver alone ---------------------------------------------------------
+
+
+class FakeLab:
+    """What run_scenario uses of a lab: the receiver and the time factor (1000: a scenario
+    second is a millisecond)."""
+
+    factor = 1000.0
+
+    def __init__(self, receiver: AlertReceiver) -> None:
+        self.receiver = receiver
+
+    def real_seconds(self, scenario_seconds: float) -> float:
+        return scenario_seconds / self.factor
+
+    def scenario_seconds(self, real_seconds: float) -> float:
+        return real_seconds * self.factor
+
+
+class Posting(scenarios.Scenario):
+    """Its inject and recover post the notifications an Alertmanager would (or not)."""
+
+    name = "posting"
+    alert = "DeviceOverheating"
+    summary = "test"
+    fire: ClassVar[str | None] = "DeviceOverheating"
+    resolve = True
+    handles = True
+
+    def inject(self, ctx: scenarios.Context) -> None:
+        if self.fire:
+            post(ctx, webhook(self.fire, device="d1"))
+
+    def handled(self, ctx: scenarios.Context) -> str | None:
+        return None if self.handles else "never handled"
+
+    def recover(self, ctx: scenarios.Context) -> None:
+        if self.resolve:
+            post(ctx, webhook(str(self.fire), "resolved", device="d1"))
+
+    def matches(self, ctx: scenarios.Context, labels: Any) -> bool:
+        return bool(labels.get("device") == "d1")
+
+
+def post(ctx: scenarios.Context, document: dict[str, Any]) -> None:
+    requests.post(ctx.lab.receiver.url + "/oncall", json=document, timeout=5).raise_for_status()
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({}, "handled, alerted, resolved"),
+        ({"fire": None}, "no firing DeviceOverheating"),
+        ({"fire": "DeviceOffline"}, "no firing DeviceOverheating"),
+        ({"resolve": False}, "no resolved DeviceOverheating"),
+        ({"handles": False}, "not handled: never handled"),
+        ({"alert": "NoSuchAlert", "fire": "NoSuchAlert"}, "no alert rule named NoSuchAlert"),
+    ],
+)
+def test_a_scenario_passes_only_when_alerted_handled_and_resolved(
+    changes: dict[str, Any], reason: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chaos_run, "RESOLVE_LIMIT_S", 300.0)  # 0.3 s at this factor
+    scenario = type("Changed", (Posting,), changes)()
+    with AlertReceiver() as receiver:
+        lab: Any = FakeLab(receiver)
+        result = chaos_run.run_scenario(lab, scenario, scenarios.Context(lab, []))
+    assert result.reason.startswith(reason), result
+    assert result.passed == (reason == "handled, alerted, resolved")
+    if result.passed:
+        assert result.mttd_s is not None and 0 <= result.mttd_s <= result.detect_limit_s
+        assert result.mttr_s is not None and result.runbook == "docs/runbooks/DeviceOverheating.md"

@@ -12,7 +12,7 @@ DEMO_DIR ?= build/demo
 APT_PACKAGES := python3 python3-venv python3-dev gcc e2fsprogs squashfs-tools dosfstools mtools \
 	fdisk zstd tar grub-common u-boot-tools libubootenv-tool prometheus postgresql \
 	prometheus-alertmanager qemu-system-x86 ovmf grub-efi-amd64-bin busybox-static haproxy \
-	mmdebstrap iproute2 chromium nodejs casync zchunk
+	mmdebstrap iproute2 nftables chromium nodejs casync zchunk
 # The browser tier (tests/browser) drives Debian's chromium through Playwright and injects axe-core,
 # pinned in tests/browser/package-lock.json and installed with npm. Debian's nodejs comes without npm
 # (its own package, which conflicts with a nodejs from NodeSource that carries npm): ask for it

@@ -140,7 +140,11 @@ class FaultProxy(NetMeter):
 
     def close(self) -> None:
         """Stop listening, reset the stalled connections and close every other."""
+        self._reset_stalled()  # first: close() waits for the connections' threads
         super().close()
+        self._reset_stalled()  # any stalled while closing
+
+    def _reset_stalled(self) -> None:
         with self._fault_lock:
             stalled = list(self._stalled.values())
         for client in stalled:

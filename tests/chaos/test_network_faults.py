@@ -475,6 +475,17 @@ def test_a_stalled_connection_makes_the_client_time_out(files: FlakyHttpServer) 
         assert proxy.counters().stalled == 1
         proxy.set(loss=0.0)
         assert requests.get(proxy.url + "/small", timeout=5).content == b"ok"
+        proxy.set(loss=1.0)
+        host, port = proxy.url.removeprefix("http://").split(":")
+        held = socket.create_connection((host, int(port)), timeout=5)
+        deadline = time.monotonic() + 5
+        while proxy.counters().stalled < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+    # closing the proxy reset the connection still stalled, without waiting for its stall_s
+    assert time.monotonic() - started < 2.0
+    with held, pytest.raises(ConnectionResetError):
+        held.recv(10)
 
 
 def test_connections_beyond_the_bound_wait_for_a_slot(files: FlakyHttpServer) -> None:

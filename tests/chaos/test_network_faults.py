@@ -225,21 +225,45 @@ def test_a_namespace_is_gone_after_a_crash_and_leftovers_are_swept(netlab: None)
     with IPRoute() as ipr:
         assert not ipr.link_lookup(ifname=link)
     assert child.poll() is not None
-    # what a killed run leaves: a namespace named after a process that is gone
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    leftover = f"{NAMESPACE_PREFIX}{gone.pid}-7"
-    netns.create(leftover)
+    # a run killed outright, with a process running in its namespace: the next run sweeps
+    killed = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import signal, sys, time\n"
+            "from chaos.netlab import lab_namespace\n"
+            "with lab_namespace() as ns:\n"
+            "    inner = ns.popen(['sleep', '600'])\n"
+            "    print(ns.name, ns.host_link, inner.pid, flush=True)\n"
+            "    time.sleep(600)\n"
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert killed.stdout is not None
+    name, link, inner = killed.stdout.readline().split()
+    killed.kill()
+    killed.wait()
+    assert name in netns.listnetns()  # nothing cleaned up after SIGKILL
     mine = f"{NAMESPACE_PREFIX}{os.getpid()}-999"  # a live run's: never swept
     netns.create(mine)
     try:
-        assert leftover in sweep()
-        assert leftover not in netns.listnetns()
-        assert mine in netns.listnetns()
+        swept = sweep()
+        assert name in swept  # its veth pair went with it
+        assert name not in netns.listnetns() and mine in netns.listnetns()
+        with IPRoute() as ipr:
+            assert not ipr.link_lookup(ifname=link)
+        deadline = time.monotonic() + 5
+        while _alive(int(inner)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(int(inner)), "the process left in the namespace still runs"
     finally:
-        for name in (leftover, mine):
-            if name in netns.listnetns():
-                netns.remove(name)
+        netns.remove(mine)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie whose parent has not reaped it yet counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 # --- a real server across the veth -------------------------------------------------------------

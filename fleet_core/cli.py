@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, str] = {
     "audit": "server.cli.audit:audit",
     "rollout": "server.cli.rollouts:rollout",
     "emergency-stop": "server.cli.rollouts:emergency_stop",
+    "slo": "server.cli.slo:slo",
     "simulate": "chaos.cli:simulate",
     "chaos": "chaos.chaos_run:chaos",
 }

@@ -51,6 +51,7 @@ from server.models import (
 from server.rollouts import ACTIVE, assignment_windows
 from server.schemas import Event, Heartbeat
 from server.settings import LAST_SEEN_RESOLUTION_S, iso
+from server.slo import record_contact
 from signing.keys import SigningKey
 
 NEVER_REPORTED = "enrolled"
@@ -112,7 +113,7 @@ def check_in(
         return NotModified(etag)
     with db.write() as session:
         device = _device(session, device_id)
-        device.last_seen = now
+        record_contact(session, device, now)
         release = None
         if device.assigned_release_id is not None and device.status != DeviceStatus.QUARANTINED:
             release = session.scalars(
@@ -149,7 +150,7 @@ def record_heartbeat(db: Database, device_id: str, heartbeat: Heartbeat, now: da
     """
     with db.write() as session:
         device = _device(session, device_id)
-        device.last_seen = now
+        record_contact(session, device, now)
         device.last_heartbeat = heartbeat.model_dump_json()
         device.last_heartbeat_at = now
         device.version = heartbeat.version
@@ -175,7 +176,7 @@ def record_events(db: Database, device_id: str, events: list[Event], now: dateti
     with db.write() as session:
         # The row lock keeps two concurrent batches of one device from both storing a seq.
         device = _device(session, device_id, lock=True)
-        device.last_seen = now
+        record_contact(session, device, now)
         for event in sorted(events, key=lambda e: e.seq):
             if event.seq <= device.event_seq:
                 continue

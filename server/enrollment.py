@@ -63,6 +63,7 @@ from server.models import (
 )
 from server.schemas import EnrollRequest
 from server.settings import CHALLENGE_TTL_S, DEFAULT_MAX_DEVICE_SESSIONS, SESSION_TTL_S, iso
+from server.slo import record_contact
 from signing.keys import SigningKey, key_id
 from signing.points import public_key_problem, signature_problem
 from signing.signature import signed_message
@@ -474,4 +475,4 @@ def _add_session(
             expires=now + timedelta(seconds=SESSION_TTL_S),
         )
     )
-    device.last_seen = now
+    record_contact(session, device, now)  # a device back from a silence opens a session first

@@ -382,3 +382,31 @@ class UiSessionRow(Base):
     last_used: Mapped[datetime] = mapped_column(UTCDateTime)
     expires: Mapped[datetime] = mapped_column(UTCDateTime, index=True)  # the absolute limit
     notice: Mapped[str | None] = mapped_column(Text)
+
+
+class ContactGap(Base):
+    """A silence of a device longer than the offline threshold (``server.slo.OFFLINE_AFTER_S``,
+    the DeviceOffline alert's): from its last contact before it to the contact that ended it.
+    One row per silence, written by the contact that ends it, never per heartbeat; what
+    ``fleet slo report`` counts as down time. Keyed by the device and the silence's start, so
+    two contacts that end the same silence at once record it once."""
+
+    __tablename__ = "contact_gaps"
+    __table_args__ = (Index("ix_contact_gaps_ended", "ended"),)
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    started: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)  # last contact before
+    ended: Mapped[datetime] = mapped_column(UTCDateTime)  # the contact that ended it
+
+
+class RecordEpoch(Base):
+    """Since when the server keeps a record (``name``: ``contact_gaps``): a database that had
+    devices before the record began knows nothing of their silences before ``since``; null
+    when the record is complete (it began before the first device enrolled)."""
+
+    __tablename__ = "record_epochs"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    since: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -207,6 +207,16 @@ def _stage_names(rollout: Rollout) -> list[str]:
     return canary + [f"{p}%" for p in json.loads(rollout.stages)]
 
 
+def stage_order(name: str) -> tuple[int, float, str]:
+    """Stages in a plan's order: the canary stage, the percentages rising, then the rest."""
+    if name == "canary":
+        return (0, 0.0, name)
+    number = name.removesuffix("%")
+    if name.endswith("%") and number.isdigit():
+        return (1, float(number), name)
+    return (2, 0.0, name)
+
+
 def _stage_name(names: Sequence[str], index: int | None) -> str:
     if index is None or not 0 <= index < len(names):
         return "(unknown)"
@@ -306,7 +316,9 @@ def report(db: Database, window: Window) -> dict[str, Any]:
         if incident.role is not None:
             by_role[incident.role].append(incident)
     incident_view["by_kind"] = {k: _incident_summary(v) for k, v in sorted(by_kind.items())}
-    incident_view["by_stage"] = {k: _incident_summary(v) for k, v in sorted(by_stage.items())}
+    incident_view["by_stage"] = {
+        k: _incident_summary(by_stage[k]) for k in sorted(by_stage, key=stage_order)
+    }
     incident_view["by_role"] = {k: _incident_summary(v) for k, v in sorted(by_role.items())}
     incident_view["incidents"] = [i.view() for i in incidents]
 
@@ -419,7 +431,7 @@ def _updates(
             for tally in tallies:
                 tally.latencies.append(latency)
     view = total.view()
-    view["by_stage"] = {k: v.view() for k, v in sorted(by_stage.items())}
+    view["by_stage"] = {k: by_stage[k].view() for k in sorted(by_stage, key=stage_order)}
     view["by_role"] = {k: v.view() for k, v in sorted(by_role.items())}
     return view
 
@@ -627,9 +639,9 @@ OBJECTIVES = (
               "not measured here: a browser's measure"),
     Objective("agent_cpu", "Agent CPU usage", 0.05, "<", "ratio",
               "not measured here: fleet_updater_cpu_usage_ratio in Prometheus"),
-    Objective("agent_memory", "Agent memory usage", 100 * 2**20, "<", "bytes",
+    Objective("agent_memory", "Agent memory usage", 100_000_000, "<", "bytes",
               "not measured here: the updater's metrics in Prometheus"),
-    Objective("network", "Network usage per device per day", 100 * 2**20, "<", "bytes",
+    Objective("network", "Network usage per device per day", 100_000_000, "<", "bytes",
               "not measured here: fleet_updater_network_*_bytes_total in Prometheus"),
 )  # fmt: skip
 MET, MISSED, NO_DATA, NOT_MEASURED = "met", "missed", "no data", "not measured"

@@ -185,7 +185,7 @@ def figure(value: float | None, unit: str) -> str:
     if unit == "ratio":
         return f"{value * 100:.3f} %"
     if unit == "bytes":
-        return f"{value / 2**20:.0f} MiB"
+        return f"{value / 1e6:.0f} MB"
     return duration(value)
 
 
@@ -231,7 +231,12 @@ def render(document: dict[str, Any]) -> list[str]:
     )
     lines.append("")
     rows: list[tuple[str, ...]] = [
-        (o["title"], target_text(o), figure(o["measured"], o["unit"]), o["status"])
+        (
+            o["title"],
+            target_text(o),
+            "-" if o["status"] == "not measured" else figure(o["measured"], o["unit"]),
+            o["status"],
+        )
         for o in document["objectives"]
     ]
     lines.extend(_table(rows, ("OBJECTIVE", "TARGET", "MEASURED", "STATUS")))

@@ -242,6 +242,7 @@ def test_the_figures_of_a_known_history(history: History, enrolled: Enrolled) ->
         "count": 2, "p50_s": 30, "p95_s": 50, "max_s": 50, "mean_s": 40,
     }  # fmt: skip
     by_stage = updates["by_stage"]
+    assert list(by_stage) == ["canary", "100%"]  # in a plan's order
     assert (by_stage["canary"]["succeeded"], by_stage["canary"]["failed"]) == (1, 0)
     assert (by_stage["100%"]["succeeded"], by_stage["100%"]["failed"]) == (1, 1)
     assert by_stage["100%"]["assignment_to_commit"]["max_s"] == 30

@@ -232,7 +232,9 @@ def status(device: VirtualDevice) -> dict[str, Any]:
     return document
 
 
-def test_status_shows_the_throttling_state(device: VirtualDevice) -> None:
+def test_status_shows_the_throttling_state(
+    device: VirtualDevice, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert status(device)["power"] == {
         "throttled": 0, "under_voltage": False, "now": [], "since_boot": [],
     }  # fmt: skip
@@ -247,9 +249,16 @@ def test_status_shows_the_throttling_state(device: VirtualDevice) -> None:
         "power:     under_voltage, throttled now (0x50005): installs wait until the supply "
         "recovers; since boot: under_voltage, throttled\n"
     ) in text
+    device.config.throttled_path.write_text("garbage\n")
+    assert status(device)["power"]["throttled"] is None
     device.config.throttled_path.unlink()
-    power = status(device)["power"]
-    assert power["throttled"] is None or isinstance(power["throttled"], int)  # vcgencmd, if any
+    monkeypatch.setenv("PATH", str(tmp_path))  # no vcgencmd either: not a Raspberry Pi
+    assert status(device)["power"] == {
+        "throttled": None, "under_voltage": None, "now": [], "since_boot": [],
+    }  # fmt: skip
+    assert "power:     unknown (no get_throttled node or vcgencmd answered" in (
+        updater(device, "status").stdout
+    )
 
 
 def test_an_install_is_deferred_while_under_voltage_now(

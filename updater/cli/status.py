@@ -82,7 +82,7 @@ def _power_text(power: dict[str, Any]) -> str:
     """``under_voltage now (0x50005): installs wait; since boot: under_voltage, throttled``."""
     value = power["throttled"]
     if value is None:
-        return "unknown (no get_throttled node, no vcgencmd)"
+        return "unknown (no get_throttled node or vcgencmd answered; not a Raspberry Pi?)"
     now = ", ".join(power["now"]) or "normal"
     text = f"{now} now ({value:#x})"
     if power["under_voltage"]:

@@ -165,9 +165,14 @@ def throttled_state(
     else from ``vcgencmd`` (older kernels have no node). ``None``: unknown (not a Raspberry
     Pi, or an unreadable answer); a node that exists but reads badly is unknown too, not a
     reason to ask ``vcgencmd``, which reads the same firmware."""
-    if path.exists():
-        return read_throttled(path)
-    return vcgencmd_throttled(command, timeout_s)
+    try:
+        with path.open("rb") as handle:
+            text = handle.read(MAX_THROTTLED_TEXT + 1).decode("ascii")
+    except (FileNotFoundError, NotADirectoryError):
+        return vcgencmd_throttled(command, timeout_s)
+    except (OSError, ValueError):
+        return None
+    return parse_throttled(text)
 
 
 def under_voltage_now(value: int | None) -> bool | None:

@@ -126,6 +126,12 @@ def test_the_node_wins_over_vcgencmd_even_when_it_reads_badly(
     assert throttled_state(node) == 0
     node.write_text("garbage\n")
     assert throttled_state(node) is None
+    node.unlink()
+    node.mkdir()
+    assert throttled_state(node) is None  # there but unreadable: not a reason to ask vcgencmd
+    assert throttled_state(node / "missing") == 0x50005
+    (tmp_path / "file").write_text("")
+    assert throttled_state(tmp_path / "file" / "get_throttled") == 0x50005  # absent too
 
 
 @pytest.mark.parametrize(

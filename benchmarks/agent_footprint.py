@@ -37,7 +37,10 @@ events are sent, less the idle cost of the same device time; the new process's s
 imports, its new session) counts to the install: a reboot is part of it. The install day is
 the idle day plus one install. Not included: the faster check-ins a running rollout asks for
 (they depend on how long the operator's rollout lasts; ``device_network.py`` measures them),
-and the TCP/IP and TLS bytes beneath HTTP (``device_network.py`` estimates those too).
+the TCP/IP and TLS bytes beneath HTTP (``device_network.py`` estimates those too), and the CPU
+of opening a connection and a TLS session: compressed, the daemon's requests come seconds
+apart and keep one plain HTTP connection, where a device behind the proxy's 10 s keep-alive
+opens one (and a TLS handshake) a duty.
 
 Baselines, measured the same way in the same run: the interpreter floor (a bare
 ``python3 -c 'import time; time.sleep(...)'`` started as the daemon is) and the daemon's imports
@@ -563,14 +566,16 @@ def report(result: dict[str, Any]) -> list[str]:
 
 
 def aims(idle: dict[str, Any], install: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each aim, met by the worse of the idle day and the install day."""
     cpu = max(idle["cpu_percent"], install["cpu_percent"])
-    rss_mb = max(idle["peak_rss_kib"], install["peak_rss_kib"]) * 1024 / MB
+    rss_mb = [row["peak_rss_kib"] * 1024 / MB for row in (idle, install)]
     day_mb = idle["bytes_per_day"] / MB
     return [
         {"what": f"CPU under {AIM_CPU_PERCENT:g} % of a core", "figure": f"{cpu:.3f} %",
          "met": cpu < AIM_CPU_PERCENT},
-        {"what": f"peak RSS at most {AIM_RSS_MB:g} MB", "figure": f"{rss_mb:.1f} MB",
-         "met": rss_mb <= AIM_RSS_MB},
+        {"what": f"peak RSS at most {AIM_RSS_MB:g} MB",
+         "figure": f"{rss_mb[0]:.1f} MB idle, {rss_mb[1]:.1f} MB with the install",
+         "met": max(rss_mb) <= AIM_RSS_MB},
         {"what": f"under {AIM_IDLE_MB_PER_DAY:g} MB a day idle (HTTP bytes)",
          "figure": f"{day_mb:.3f} MB", "met": day_mb < AIM_IDLE_MB_PER_DAY},
     ]  # fmt: skip

@@ -61,7 +61,6 @@ SUCCEEDED = "rollout.device_succeeded"
 FAILED = "rollout.device_failed"
 HALTED = "rollout.halted"
 REPAIRS = ("rollout.resumed", "rollout.aborted", "rollout.rolled_back")
-RESTARTS = ("rollout.started", "rollout.resumed")
 PROMOTED = "rollout.promoted"
 COMPLETED = "rollout.completed"
 FULL_STAGE = "100%"
@@ -243,15 +242,26 @@ class _Entry:
     details: dict[str, Any]
 
 
-def _entries(session: Session, actions: Iterable[str], before: datetime) -> list[_Entry]:
-    """The audit entries of ``actions`` recorded before ``before``, oldest first."""
-    rows = session.execute(
-        select(AuditRow.at, AuditRow.action, AuditRow.subject, AuditRow.actor, AuditRow.details)
-        .where(AuditRow.action.in_(list(actions)), AuditRow.at < audit_time(before))
-        .order_by(AuditRow.seq)
+def _entries(
+    session: Session,
+    actions: Iterable[str],
+    since: datetime,
+    before: datetime,
+    actors: Iterable[str] | None = None,
+) -> list[_Entry]:
+    """The audit entries of ``actions`` (by ``actors``, when given) recorded from ``since`` to
+    before ``before``, oldest first."""
+    query = select(
+        AuditRow.at, AuditRow.action, AuditRow.subject, AuditRow.actor, AuditRow.details
+    ).where(
+        AuditRow.action.in_(list(actions)),
+        AuditRow.at >= audit_time(since),
+        AuditRow.at < audit_time(before),
     )
+    if actors is not None:
+        query = query.where(AuditRow.actor.in_(list(actors)))
     found = []
-    for at, action, subject, actor, details in rows:
+    for at, action, subject, actor, details in session.execute(query.order_by(AuditRow.seq)):
         try:
             parsed = json.loads(details)
         except ValueError:
@@ -291,18 +301,20 @@ def report(db: Database, window: Window) -> dict[str, Any]:
                 .order_by(ContactGap.device_id, ContactGap.started)
             )
         )
-        outcomes = _entries(session, (SUCCEEDED, FAILED), window.end)
+        outcomes = _entries(session, (SUCCEEDED, FAILED), window.since, window.end)
         lifecycle = _entries(
-            session, (HALTED, *REPAIRS, *RESTARTS, PROMOTED, COMPLETED), window.end
-        )
-        failure_events = _entries(session, FAILURE_EVENTS, window.end)
+            session, (HALTED, *REPAIRS, "rollout.started", PROMOTED, COMPLETED), window.since,
+            window.end,
+        )  # fmt: skip
+        tripped = _tripping_failures(lifecycle, outcomes)
+        failure_events = _failure_reports(session, tripped, members, window.end)
     roles = {device_id: d.role or NO_ROLE for device_id, d in devices.items()}
     stage_names = {rollout_id: _stage_names(r) for rollout_id, r in rollouts.items()}
 
     uptime = _uptime(window, epoch, devices.values(), gaps, roles)
     updates = _updates(window, outcomes, members, roles, stage_names)
     releases_view = _to_full(window, lifecycle, rollouts, releases, stage_names)
-    incidents = _halts(window, lifecycle, outcomes, failure_events, members, stage_names)
+    incidents = _halts(window, lifecycle, tripped, failure_events, members, stage_names)
     incidents += _offline(window, epoch, devices.values(), gaps, roles)
     incidents.sort(key=lambda i: (i.detected, i.kind, i.subject))
     incident_view = _incident_summary(incidents)
@@ -484,42 +496,62 @@ def _to_full(
     }
 
 
+def _tripping_failures(
+    lifecycle: Sequence[_Entry], outcomes: Sequence[_Entry]
+) -> dict[tuple[int, datetime], list[_Entry]]:
+    """Per halt (its rollout and time): the failures that tripped the failure rule, the ones
+    the engine judged in the evaluation that halted it (an evaluation judges the outcomes
+    first, then decides, in one transaction at one time)."""
+    halts = {(e.rollout_id, e.at) for e in lifecycle if e.action == HALTED and e.rollout_id}
+    tripped: dict[tuple[int, datetime], list[_Entry]] = defaultdict(list)
+    for entry in outcomes:
+        if entry.action == FAILED and entry.rollout_id and (entry.rollout_id, entry.at) in halts:
+            tripped[(entry.rollout_id, entry.at)].append(entry)
+    return tripped
+
+
+def _failure_reports(
+    session: Session,
+    tripped: dict[tuple[int, datetime], list[_Entry]],
+    members: dict[tuple[int, str], RolloutDevice],
+    before: datetime,
+) -> list[_Entry]:
+    """The failure events of the devices whose failures tripped a halt, from the earliest of
+    their assignments on: where each fault began."""
+    failed = [(rollout_id, str(f.details.get("device"))) for (rollout_id, _), fs in
+              tripped.items() for f in fs]  # fmt: skip
+    assigned = [members[key].assigned_at for key in failed if key in members]
+    if not failed or not assigned:
+        return []
+    actors = sorted({f"device:{device_id}" for _, device_id in failed})
+    return _entries(session, FAILURE_EVENTS, min(assigned), before, actors)
+
+
 def _halts(
     window: Window,
     lifecycle: Sequence[_Entry],
-    outcomes: Sequence[_Entry],
+    tripped: dict[tuple[int, datetime], list[_Entry]],
     failure_events: Sequence[_Entry],
     members: dict[tuple[int, str], RolloutDevice],
     stage_names: dict[int, list[str]],
 ) -> list[Incident]:
-    """Each halt detected in the window: the fault began at the earliest failure the halt
-    counted (the device's failure event as the server received it; for a device past its
+    """Each halt detected in the window: the fault began at the earliest of the failures that
+    tripped it (the device's failure event as the server received it; for a device past its
     install deadline, its assignment, the earliest it could have gone wrong; for a safe-mode
     heartbeat, the judgement), detected at the halt, repaired by the operator's resume, abort
     or rollback."""
     reports: dict[tuple[str, str], list[datetime]] = defaultdict(list)
     for event in failure_events:
         reports[(event.actor.removeprefix("device:"), event.action)].append(event.at)
-    failures: dict[int, list[_Entry]] = defaultdict(list)
-    for entry in outcomes:
-        if entry.action == FAILED and entry.rollout_id is not None:
-            failures[entry.rollout_id].append(entry)
     found = []
-    counted_since: dict[int, datetime] = {}
     for index, entry in enumerate(lifecycle):
         rollout_id = entry.rollout_id
-        if rollout_id is None:
+        if rollout_id is None or entry.action != HALTED or not window.holds(entry.at):
             continue
-        if entry.action in RESTARTS:
-            counted_since[rollout_id] = entry.at
-            continue
-        if entry.action != HALTED:
-            continue
-        start = counted_since.get(rollout_id)
-        counted = [
-            f for f in failures[rollout_id] if (start is None or f.at >= start) and f.at <= entry.at
+        faults = [
+            _fault_began(f, rollout_id, members, reports)
+            for f in tripped.get((rollout_id, entry.at), [])
         ]
-        faults = [_fault_began(f, rollout_id, members, reports) for f in counted]
         repaired = next(
             (
                 later.at
@@ -528,21 +560,20 @@ def _halts(
             ),
             None,
         )
-        if window.holds(entry.at):
-            stage = entry.details.get("stage")
-            found.append(
-                Incident(
-                    kind="rollout_halt",
-                    subject=f"rollout:{rollout_id}",
-                    stage=_stage_name(
-                        stage_names.get(rollout_id, []), stage if isinstance(stage, int) else None
-                    ),
-                    role=None,
-                    fault=min(faults, default=entry.at),
-                    detected=entry.at,
-                    repaired=repaired,
-                )
+        stage = entry.details.get("stage")
+        found.append(
+            Incident(
+                kind="rollout_halt",
+                subject=f"rollout:{rollout_id}",
+                stage=_stage_name(
+                    stage_names.get(rollout_id, []), stage if isinstance(stage, int) else None
+                ),
+                role=None,
+                fault=min(faults, default=entry.at),
+                detected=entry.at,
+                repaired=repaired,
             )
+        )
     return found
 
 

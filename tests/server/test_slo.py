@@ -298,6 +298,34 @@ def test_a_window_counts_only_what_was_recorded_inside_it(
     assert document["releases"]["rollouts"][0]["completed"] is None
 
 
+def test_a_halt_counts_from_the_failures_that_tripped_it(
+    history: History, enrolled: Enrolled
+) -> None:
+    """A failure the rule tolerated long before is not the fault the halt detected."""
+    for n in range(5):
+        history.add(enrolled, f"cam-{n}", "camera")
+    ids = [history.devices[f"cam-{n}"].id for n in range(3)]
+    request = RolloutRequest(
+        version="2.0.0", device_ids=tuple(ids), stages=(100,), max_failure_rate=0.5
+    )
+    rollouts.start(history.harness.db, request, actor="operator:alice", now=at(0))
+    history.at(100)
+    history.fail("cam-0", 1)
+    history.at(120)
+    history.evaluate()  # 1 failed of 3: tolerated
+    history.at(250)
+    history.fail("cam-1", 1)
+    history.at(280)
+    history.evaluate()  # 2 of 3: halted
+    history.at(300)
+    [halt] = [
+        i for i in history.report(0, 300)["incidents"]["incidents"] if i["kind"] == "rollout_halt"
+    ]
+    assert (halt["fault"], halt["detected"], halt["detection_s"]) == (
+        "2023-11-14T22:17:30Z", "2023-11-14T22:18:00Z", 30,
+    )  # fmt: skip
+
+
 def test_a_silence_still_going_at_the_end_of_the_window_is_down_time(
     history: History, enrolled: Enrolled
 ) -> None:

@@ -107,15 +107,14 @@ def group_wait_s(alert: str) -> float:
 
 def detect_limit(scenario: type[Scenario]) -> float:
     """Scenario seconds from the inject by which the alert must reach the receiver: the time
-    the fault needs before the alert's condition can hold (``condition_s``), a heartbeat for
-    the device to report it (when it does), the 3 minutes the rules promise from condition to
-    firing, and the wait Alertmanager adds before a group's first notification. The receiver's
-    own dead man's switch incident goes through no Alertmanager route."""
+    the fault needs before the alert's condition can hold (``condition_s``), the heartbeats
+    before the device reports it (``heartbeats``), the 3 minutes the rules promise from
+    condition to firing, and the wait Alertmanager adds before a group's first notification.
+    The receiver's own dead man's switch incident goes through no Alertmanager route."""
     from updater.config import UpdaterConfig
 
     limit = scenario.condition_s + DETECT_LIMIT_S
-    if scenario.heartbeat:
-        limit += UpdaterConfig().heartbeat_interval_s
+    limit += scenario.heartbeats * UpdaterConfig().heartbeat_interval_s
     if scenario.alert != DEADMAN:
         limit += group_wait_s(scenario.alert)
     return limit
@@ -204,9 +203,11 @@ def run_all(
     order); the lab is gone when this returns, however it returns."""
     specs: list[MemberSpec] = [MemberSpec(role="gateway") for _ in range(BASELINE_DEVICES)]
     owned: list[tuple[type[Scenario], range]] = []
+    fixed = sum(len(scenario.specs) for scenario in chosen)
     for scenario in chosen:
         start = len(specs)
-        specs += scenario.specs
+        # a scenario that sizes itself to the fleet sees every other device
+        specs += scenario.specs_for(BASELINE_DEVICES + fixed - len(scenario.specs))
         owned.append((scenario, range(start, len(specs))))
     progress(f"starting the lab in {workdir} (time x{speed:g})")
     with monitoring_lab(workdir, specs, speed) as lab:
@@ -236,7 +237,8 @@ def run_all(
             thread.start()
         for thread in threads:
             thread.join()
-        run_group([(s, c) for s, c in jobs if s.exclusive])
+        alone = [(s, c) for s, c in jobs if s.exclusive]
+        run_group(sorted(alone, key=lambda job: job[0].restarts_server))  # see Scenario
         if lab.pacer.errors:
             progress(f"the fleet reported {len(lab.pacer.errors)} error(s); first: "
                      f"{lab.pacer.errors[0]}")  # fmt: skip

@@ -27,8 +27,9 @@ time: the server's ``Date`` header, from which a device measures its clock skew,
 The rules are rewritten on the parsed YAML by :func:`scale_rules` and checked by
 :func:`check_scaled`.
 
-The two servers each anchor their fast clock at their own start, so they differ by about
-(K - 1) times the gap between their starts (they are started together: a few scenario seconds).
+The two servers each anchor their fast clock at their own start, so the second runs behind the
+first by about (K - 1) times the gap between their starts, and a restarted server behind by
+(K - 1) times its downtime (docs/chaos.md says what that changes).
 """
 
 from __future__ import annotations

@@ -76,10 +76,20 @@ class Scenario:
     # Scenario seconds the fault must last before the alert's condition can hold at all (a
     # threshold on time out of contact, say): detection is due 3 minutes after that.
     condition_s: ClassVar[float] = 0.0
-    # Whether the alert's signal reaches Prometheus in the device's heartbeat (every
-    # ``heartbeat_interval_s``; a device's own metrics are refreshed with it too): the system
-    # learns of the fault up to one heartbeat after it happens.
-    heartbeat: ClassVar[bool] = True
+    # Heartbeats that may pass before the alert's signal reaches Prometheus: a device reports
+    # its sensors in its heartbeat (every ``heartbeat_interval_s``; its own metrics are
+    # refreshed with it), so the system learns of such a fault up to one heartbeat after it
+    # happens; 0 for what the server or Prometheus sees by itself.
+    heartbeats: ClassVar[int] = 1
+
+    # Restarts a release server: its fast clock starts again at the restart, behind the
+    # other's (see chaos.monitoring_lab), so such a scenario runs after every other.
+    restarts_server: ClassVar[bool] = False
+
+    @classmethod
+    def specs_for(cls, others: int) -> tuple[MemberSpec, ...]:
+        """The devices this scenario needs in a fleet where ``others`` devices are not its."""
+        return cls.specs
 
     def inject(self, ctx: Context) -> None:
         raise NotImplementedError
@@ -146,7 +156,7 @@ class MonitoringDown(Scenario):
     )
     specs = ()
     exclusive = True
-    heartbeat = False
+    heartbeats = 0
 
     @classmethod
     def grace_s(cls) -> float:
@@ -190,7 +200,8 @@ class ServerUnavailable(Scenario):
     )
     specs = ()
     exclusive = True
-    heartbeat = False
+    heartbeats = 0
+    restarts_server = True
 
     def inject(self, ctx: Context) -> None:
         ctx.notes["instance"] = ctx.lab.servers[0].url.split("://", 1)[1]
@@ -364,6 +375,9 @@ class UpdateStuck(Scenario):
 class ClockSkew(Scenario):
     name = "clock-skew"
     alert = "ClockSkew"
+    # the device measures its skew from a server's answer (its Date header) and reports it
+    # in the heartbeat after that: a heartbeat sent first still carries the old figure
+    heartbeats = 2
     summary = (
         "a device's clock jumps three years ahead: it keeps checking in and reporting; its "
         "clock is set right again"
@@ -601,6 +615,74 @@ class CrashLoop(Scenario):
             runtime.log.event("update.resumed", previously=state.suspended)
 
 
+class FleetWideFailure(Scenario):
+    name = "fleet-wide-failure"
+    alert = "EmergencyStopActive"
+    summary = (
+        "release 3.0.0, whose health check fails, is rolled out at once (no canary, halting "
+        "only at 99 % failed) to enough devices to be 30 % of the fleet, and to one more that "
+        "is too hot to install, so the rollout never counts 99 % failed: the devices fail and "
+        "go back, and the fleet guard turns the emergency stop on by itself (Alertmanager then "
+        "holds back FleetWideFailure); the rollout is aborted, the device cooled, the stop cleared"
+    )
+    specs = ()  # sized to the fleet: specs_for
+    exclusive = True  # the emergency stop touches every rollout and assignment
+    share = 0.3  # of the fleet failing; the guard's limit is 20 %
+
+    @classmethod
+    def specs_for(cls, others: int) -> tuple[MemberSpec, ...]:
+        # failing / (others + failing + 1 hot) >= share
+        failing = math.ceil(cls.share * (others + 1) / (1 - cls.share))
+        return (MemberSpec(role="gateway"), *(MemberSpec(role="sensor") for _ in range(failing)))
+
+    def inject(self, ctx: Context) -> None:
+        import json
+
+        hot, *_ = ctx.members
+        with ctx.lab.pacer.lock:
+            _set_temperature(hot, HOT_MILLIDEGREES)
+        devices = [arg for m in ctx.members for arg in ("--device", m.device_id)]
+        answer = json.loads(
+            ctx.lab.operator(
+                "rollout",
+                "start",
+                "3.0.0",
+                *devices,
+                "--stages",
+                "100",
+                "--max-failure",
+                "99%",
+                "--soak",
+                "30m",
+                "--json",
+            )
+        )
+        ctx.notes["rollout"] = str(answer["id"])
+
+    def handled(self, ctx: Context) -> str | None:
+        import json
+
+        answer = json.loads(ctx.lab.operator("rollout", "status", "--json"))
+        stop = answer.get("emergency_stop") or {}
+        if not stop.get("active"):
+            return "the emergency stop is off"
+        if "fleet guard" not in str(stop.get("reason")):
+            return f"the emergency stop was not the fleet guard's: {stop.get('reason')}"
+        with ctx.lab.pacer.lock:
+            versions = {m.hostname: m.version for m in ctx.members[1:]}
+        wrong = sorted(host for host, version in versions.items() if version != "1.0.0")
+        return f"not back on 1.0.0: {', '.join(wrong)}" if wrong else None
+
+    def recover(self, ctx: Context) -> None:
+        ctx.lab.operator("rollout", "abort", ctx.notes["rollout"])
+        with ctx.lab.pacer.lock:
+            _set_temperature(ctx.members[0], COOL_MILLIDEGREES)
+        ctx.lab.operator("emergency-stop", "--clear")
+
+    def matches(self, ctx: Context, labels: Mapping[str, str]) -> bool:
+        return True
+
+
 SCENARIOS: dict[str, type[Scenario]] = {
     scenario.name: scenario
     for scenario in (
@@ -616,5 +698,6 @@ SCENARIOS: dict[str, type[Scenario]] = {
         ConfigDrift,
         ConfigCorrupted,
         CrashLoop,
+        FleetWideFailure,
     )
 }

@@ -112,6 +112,7 @@ def test_detection_limits_follow_the_committed_configuration() -> None:
     assert detect_limit(scenarios.Overheating) == 180 + 60 + 30
     assert detect_limit(scenarios.ServerUnavailable) == 180 + 30
     assert detect_limit(scenarios.DeviceOffline) == 300 + 180 + 60 + 30
+    assert detect_limit(scenarios.ClockSkew) == 180 + 2 * 60 + 30  # measured, then reported
     # Alertmanager's alert lifetime (4 resend delays), then two Watchdog repeat intervals
     assert detect_limit(scenarios.MonitoringDown) == 240 + 120 + 180
 

@@ -367,6 +367,15 @@ def _observed(device: Device, lower: datetime, end: datetime) -> tuple[datetime,
     return begin, max(begin, end)
 
 
+def _known(device: Device, window: Window) -> datetime:
+    """Until when the device's silences count: the report's time, or, for a decommissioned
+    device, when it was decommissioned (a silence that had not lasted longer than the threshold
+    then was not down time: the device was refused from then)."""
+    if device.status == DeviceStatus.DECOMMISSIONED and device.status_since is not None:
+        return min(window.now, device.status_since)
+    return window.now
+
+
 def _uptime(
     window: Window,
     epoch: datetime | None,
@@ -388,7 +397,9 @@ def _uptime(
             continue
         lost = sum(
             overlap(start, stop, begin, end)
-            for start, stop in _down_intervals(device, by_device[device.id], end, window.now)
+            for start, stop in _down_intervals(
+                device, by_device[device.id], end, _known(device, window)
+            )
         )
         role = roles[device.id]
         observed[role] += seconds

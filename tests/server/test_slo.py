@@ -340,6 +340,25 @@ def test_a_silence_still_going_at_the_end_of_the_window_is_down_time(
     assert document["incidents"]["mttd_s"] == 360
 
 
+def test_a_decommissioned_device_counts_until_it_was_decommissioned(
+    history: History, enrolled: Enrolled
+) -> None:
+    device = history.add(enrolled, "cam-a", "camera")
+    history.add(enrolled, "cam-b", "camera")
+    live(history, 500, {})
+    history.at(500)
+    history.heartbeat("cam-b")
+    device_records.change_status(
+        history.harness.db, device.id, "decommission", "stolen", actor="operator:alice",
+        now=at(500),
+    )  # fmt: skip
+    live(history, 2000, {"cam-a": (400, 2000)})  # refused from 500: it is silent from 400
+    history.at(2000)
+    uptime = history.report(0, 2000)["uptime"]
+    assert (uptime["devices"], uptime["observed_s"], uptime["down_s"]) == (2, 2500, 0)
+    assert history.report(0, 2000)["incidents"]["count"] == 0
+
+
 def test_a_contact_after_a_silence_records_one_gap_and_a_heartbeat_none(
     history: History, enrolled: Enrolled
 ) -> None:

@@ -28,16 +28,15 @@ from typing import Any
 import pytest
 import requests
 import yaml
-from prometheus_client import CollectorRegistry
 
 from chaos.fleet import MemberSpec, VirtualFleet
+from chaos.monitoring_lab import Endpoints, prometheus_config, serve_member_metrics
 from tests.chaos.conftest import Releases
 from tests.chaos.servers import Fleet, run
 from tests.conftest import require_tools
-from tests.monitoring.conftest import MONITORING, RULES, load_yaml
+from tests.monitoring.conftest import MONITORING
 from tests.server.conftest import SCRAPE_TOKEN, free_port
-from updater.config import LoadedConfig
-from updater.metrics import MetricsServer, UpdaterMetrics
+from updater.metrics import MetricsServer
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 
@@ -79,48 +78,14 @@ def wait_for(what: str, check: Any) -> Any:
         time.sleep(0.5)
 
 
-def serve_metrics(fleet: VirtualFleet) -> list[MetricsServer]:
-    """Every member serves its metrics on a loopback port and reports it in heartbeats."""
-    served = []
-    for member in fleet.members:
-        live = UpdaterMetrics(CollectorRegistry())
-        server = live.serve(0)
-        served.append(server)
-        runtime = member.daemon.runtime
-        config = dataclasses.replace(
-            runtime.config, metrics_port=server.port,
-            metrics_advertise=f"127.0.0.1:{server.port}",  # a lab on one machine says so
-        )  # fmt: skip
-        member.daemon.runtime = dataclasses.replace(
-            runtime, loaded=LoadedConfig(config, runtime.loaded.source), live_metrics=live
-        )
-    return served
-
-
-def prometheus_config(
+def write_prometheus_config(
     lab_dir: Path, servers: Fleet, token_file: Path, port: int, scrape_token: Path
 ) -> Path:
-    """The committed prometheus.yml, pointed at this machine's processes and token files."""
-    config = load_yaml(MONITORING / "prometheus" / "prometheus.yml")
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    config["rule_files"] = [str(RULES)]
-    del config["alerting"]
-    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    jobs["fleet-server"]["file_sd_configs"][0]["files"] = [str(lab_dir / "servers.yml")]
-    jobs["fleet-server"]["authorization"]["credentials_file"] = str(scrape_token)
-    (lab_dir / "servers.yml").write_text(
-        yaml.safe_dump([{"targets": [url.removeprefix("http://") for url in servers.urls]}])
-    )
-    sd = jobs["fleet-devices"]
-    sd["scrape_interval"] = "1s"
-    sd["http_sd_configs"][0].update(
-        url=servers.urls[0] + "/api/v1/sd/prometheus", refresh_interval="1s"
-    )
-    sd["http_sd_configs"][0]["authorization"]["credentials_file"] = str(token_file)
-    jobs["prometheus"]["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
-    config["scrape_configs"] = [jobs["fleet-server"], sd, jobs["prometheus"]]
+    """The committed prometheus.yml, pointed at this machine's processes and token files, its
+    intervals 15 times shorter (a scrape a second)."""
+    endpoints = Endpoints(servers.urls, port, scrape_token, token_file)
     path = lab_dir / "prometheus.yml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(prometheus_config(lab_dir, endpoints, factor=15)))
     return path
 
 
@@ -145,14 +110,14 @@ def lab(tmp_path: Path, releases: Releases) -> Iterator[Lab]:
             release_key=releases.directory / "release-key.pub",
             enrollment_token=token.splitlines()[0],
         )  # fmt: skip
-        served = serve_metrics(fleet)
+        served = serve_member_metrics(fleet)
         fleet.step(5)  # enroll, check in, heartbeat (with the metrics address)
         viewer = run("server", "token", "create", "--role", "viewer", "--name", "prometheus",
                      *servers.db_args).splitlines()[0]  # fmt: skip
         token_file = tmp_path / "viewer-token"
         token_file.write_text(viewer + "\n")
         port = free_port()
-        config = prometheus_config(tmp_path, servers, token_file, port, scrape_token)
+        config = write_prometheus_config(tmp_path, servers, token_file, port, scrape_token)
         log = (tmp_path / "prometheus.log").open("wb")
         prometheus = subprocess.Popen(
             [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",

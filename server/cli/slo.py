@@ -82,6 +82,7 @@ def open_report_database(data_dir: Path | None, database_url: str | None) -> Dat
     """
     from alembic.migration import MigrationContext
     from alembic.script import ScriptDirectory
+    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
     from server.database import Database, alembic_config
@@ -99,6 +100,10 @@ def open_report_database(data_dir: Path | None, database_url: str | None) -> Dat
         url = database_url
     else:
         raise ClientConfigError("give --data-dir or --database-url")
+    if url.startswith("sqlite"):  # opening a missing SQLite file would create an empty one
+        path = make_url(url).database
+        if path and path != ":memory:" and not path.startswith("file:") and not Path(path).exists():
+            raise ClientConfigError(f"{path}: no such database file")
     db = Database(url)
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     try:

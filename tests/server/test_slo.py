@@ -630,3 +630,6 @@ def test_a_database_that_is_not_migrated_is_one_error(harness: Harness) -> None:
     assert_one_line_error(run("--data-dir", str(harness.settings.data_dir / "none")),
                           "no such directory")  # fmt: skip
     assert_one_line_error(run(), "give --data-dir or --database-url")
+    missing = harness.settings.data_dir / "other.db"
+    assert_one_line_error(run("--database-url", f"sqlite:///{missing}"), "no such database file")
+    assert not missing.exists()  # a report creates nothing

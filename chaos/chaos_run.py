@@ -276,6 +276,10 @@ def report_json(results: Sequence[Result], speed: float) -> dict[str, Any]:
     }
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @click.group()
 def chaos() -> None:
     """Chaos scenarios against a lab fleet, its release servers and its monitoring."""
@@ -296,12 +300,21 @@ def run(scenarios: tuple[str, ...], report: Path | None, speed: float, workdir: 
     Each one injects a fault into a lab (two release servers, a virtual fleet, Prometheus and
     Alertmanager with the committed rules, on compressed time), checks that the system handles
     it, that its alert reaches the receiver and resolves after recovery. See docs/chaos.md."""
+    import signal
+
     from fleet_core import durable
 
     chosen = select(scenarios)
     if report is not None and not report.parent.is_dir():
         raise ChaosError(f"cannot write the report to {report}: no directory {report.parent}")
-    results = run_all(chosen, workdir, speed, lambda line: click.echo(line, err=True))
+    main = threading.current_thread() is threading.main_thread()
+    # SIGTERM unwinds like Ctrl-C, so the lab's processes and mounts go with the run
+    previous = signal.signal(signal.SIGTERM, _terminated) if main else None
+    try:
+        results = run_all(chosen, workdir, speed, lambda line: click.echo(line, err=True))
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     click.echo(report_table(results))
     if report is not None:
         document = json.dumps(report_json(results, speed), indent=2) + "\n"

@@ -575,6 +575,31 @@ def start_monitoring(
     return Monitoring(prometheus, alertmanager, factor)
 
 
+def mounts_under(directory: Path) -> list[Path]:
+    """Mount points at or below ``directory`` (from /proc/self/mounts), deepest first."""
+    root = directory.resolve()
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 2:
+            continue
+        # the kernel writes a space in a path as \040
+        point = Path(fields[1].replace("\\040", " "))
+        if point == root or root in point.parents:
+            found.append(point)
+    return sorted(found, key=lambda path: len(path.parts), reverse=True)
+
+
+def unmount_under(directory: Path) -> None:
+    """Unmount (lazily) every file system mounted at or below ``directory``."""
+    for point in mounts_under(directory):
+        subprocess.run(["umount", "--lazy", str(point)], capture_output=True, check=False)
+
+
 @dataclasses.dataclass
 class MonitoringLab:
     """A whole lab (see the module docstring), built by :func:`monitoring_lab`."""
@@ -625,9 +650,11 @@ def monitoring_lab(
     if factor < 1:
         raise LabError(f"the time factor must be at least 1, not {factor:g}")
     if workdir.exists():
+        unmount_under(workdir)  # a run killed outright may have left a scenario's mount
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     with ExitStack() as stack:
+        stack.callback(unmount_under, workdir)  # last: whatever a scenario left mounted
         receiver = stack.enter_context(AlertReceiver(receiver_port))
         key = generate_key(workdir / "release-key")
         data = workdir / "server"

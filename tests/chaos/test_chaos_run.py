@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,9 +29,11 @@ from chaos.monitoring_lab import (
     alertmanager_config,
     check_scaled,
     load_yaml,
+    mounts_under,
     parse_duration,
     scale_expr,
     scale_rules,
+    wait_until,
 )
 from chaos.receiver import DEADMAN, AlertReceiver
 from fleet_core.cli import fleet
@@ -324,3 +329,37 @@ def test_a_scenario_passes_only_when_alerted_handled_and_resolved(
     if result.passed:
         assert result.mttd_s is not None and 0 <= result.mttd_s <= result.detect_limit_s
         assert result.mttr_s is not None and result.runbook == "docs/runbooks/DeviceOverheating.md"
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["int", "term"])
+def test_an_interrupted_run_leaves_nothing_running(tmp_path: Path, signal_number: int) -> None:
+    """Ctrl-C (or SIGTERM) in the middle of disk-full, its small partition mounted: every
+    process the run started is stopped and the mount is gone."""
+    require_tools(prometheus=shutil.which(PROMETHEUS) is not None,
+                  alertmanager=shutil.which(ALERTMANAGER) is not None,
+                  root=os.geteuid() == 0)  # fmt: skip
+    workdir = tmp_path / "lab"
+    command = [sys.executable, "-c", "from fleet_core.cli import main; main()", "chaos", "run",
+               "disk-full", "--speed", f"{SPEED:g}", "--workdir", str(workdir)]  # fmt: skip
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        assert run.stderr is not None
+        for line in run.stderr:
+            if line.startswith("disk-full: inject"):
+                break
+        wait_until("the partition mounted", lambda: mounts_under(workdir), 30)
+        run.send_signal(signal_number)
+        run.wait(60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode != 0
+    assert mounts_under(workdir) == []
+    config = load_yaml(workdir / "prometheus.yml")
+    targets = [t for job in config["scrape_configs"] for c in job.get("static_configs", [])
+               for t in c["targets"]]  # fmt: skip
+    targets += load_yaml(workdir / "servers.yml")[0]["targets"]
+    for target in targets:
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://{target}/", timeout=5)

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from server import audit
 from server.assignment import SignedAnswer, assignment_etag, etag_matches, signed_answer
+from server.contacts import record_contact
 from server.database import AUDIT_CHAIN_LOCK, Database
 from server.errors import (
     DeviceStatusConflictError,
@@ -51,7 +52,6 @@ from server.models import (
 from server.rollouts import ACTIVE, assignment_windows
 from server.schemas import Event, Heartbeat
 from server.settings import LAST_SEEN_RESOLUTION_S, iso
-from server.slo import record_contact
 from signing.keys import SigningKey
 
 NEVER_REPORTED = "enrolled"

@@ -42,6 +42,7 @@ from server.auth import (
     new_secret,
     secret_hash,
 )
+from server.contacts import record_contact
 from server.database import Database
 from server.errors import (
     ChallengeInvalidError,
@@ -63,7 +64,6 @@ from server.models import (
 )
 from server.schemas import EnrollRequest
 from server.settings import CHALLENGE_TTL_S, DEFAULT_MAX_DEVICE_SESSIONS, SESSION_TTL_S, iso
-from server.slo import record_contact
 from signing.keys import SigningKey, key_id
 from signing.points import public_key_problem, signature_problem
 from signing.signature import signed_message

@@ -385,11 +385,11 @@ class UiSessionRow(Base):
 
 
 class ContactGap(Base):
-    """A silence of a device longer than the offline threshold (``server.slo.OFFLINE_AFTER_S``,
-    the DeviceOffline alert's): from its last contact before it to the contact that ended it.
-    One row per silence, written by the contact that ends it, never per heartbeat; what
-    ``fleet slo report`` counts as down time. Keyed by the device and the silence's start, so
-    two contacts that end the same silence at once record it once."""
+    """A silence of a device longer than the offline threshold (the DeviceOffline alert's,
+    ``server.contacts.OFFLINE_AFTER_S``): from its last contact before it to the contact that
+    ended it. One row per silence, written by the contact that ends it, never per heartbeat;
+    what ``fleet slo report`` counts as down time. Keyed by the device and the silence's start,
+    so two contacts that end the same silence at once record it once."""
 
     __tablename__ = "contact_gaps"
     __table_args__ = (Index("ix_contact_gaps_ended", "ended"),)

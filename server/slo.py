@@ -5,7 +5,7 @@ What is measured, and exactly how, is docs/slo.md; in short, for a window ``[sin
 - **uptime**: the share of device-time the devices were in contact. A device silent for longer
   than :data:`OFFLINE_AFTER_S` (the DeviceOffline alert's threshold) is down from its last
   contact until the contact that ended the silence (or the window's end). The silences are the
-  ``contact_gaps`` rows that :func:`record_contact` writes, once per silence;
+  ``contact_gaps`` rows that :func:`server.contacts.record_contact` writes, once per silence;
 - **update success**: the rollout assignments the engine judged in the window, succeeded
   against failed;
 - **update latency**: per device, its assignment to its committed heartbeat; per rollout, its
@@ -31,10 +31,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from server.audit import audit_time
+from server.contacts import CONTACT_GAPS, OFFLINE_AFTER_S, OFFLINE_ALERT_FOR_S
 from server.database import Database
 from server.models import (
     AuditRow,
@@ -49,11 +49,6 @@ from server.models import (
 from server.rollouts import FAILURE_EVENTS
 from server.settings import iso
 
-# The DeviceOffline alert (deploy/monitoring/prometheus/rules/fleet.rules.yml): a device unseen
-# for more than OFFLINE_AFTER_S, for OFFLINE_ALERT_FOR_S, fires it. A test holds them equal.
-OFFLINE_AFTER_S = 300
-OFFLINE_ALERT_FOR_S = 60
-CONTACT_GAPS = "contact_gaps"  # its RecordEpoch's name
 NO_ROLE = "(none)"
 REMOVED = "(removed)"
 # Rollout entries of the audit trail that the report reads.
@@ -64,27 +59,6 @@ REPAIRS = ("rollout.resumed", "rollout.aborted", "rollout.rolled_back")
 PROMOTED = "rollout.promoted"
 COMPLETED = "rollout.completed"
 FULL_STAGE = "100%"
-
-
-def record_contact(session: Session, device: Device, now: datetime) -> None:
-    """Note that ``device`` contacted the server at ``now`` (its ``last_seen``), in the
-    caller's write transaction.
-
-    A contact after a silence longer than :data:`OFFLINE_AFTER_S` adds one ``contact_gaps``
-    row; any other contact writes nothing more than before. No lock is taken: two requests of
-    the device that saw the same silence insert the same key (the device, the silence's start),
-    and the second one's insert, in a savepoint, is undone alone.
-    """
-    if now - device.last_seen > timedelta(seconds=OFFLINE_AFTER_S):
-        try:
-            with session.begin_nested():
-                session.add(ContactGap(device_id=device.id, started=device.last_seen, ended=now))
-        except IntegrityError:
-            pass  # recorded by the other request
-    device.last_seen = now
-
-
-# --- the arithmetic (pure) ----------------------------------------------------------------------
 
 
 def percentile(values: Sequence[float], percent: float) -> float:
@@ -120,9 +94,6 @@ def overlap(start: datetime, end: datetime, lower: datetime, upper: datetime) ->
 
 def _seconds(value: float) -> float:
     return round(value, 3)
-
-
-# --- what the report reads ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -276,9 +247,6 @@ def _entries(
             )
         )
     return found
-
-
-# --- the report ---------------------------------------------------------------------------------
 
 
 def report(db: Database, window: Window) -> dict[str, Any]:
@@ -650,9 +618,6 @@ def _offline(
                 )
             )
     return found
-
-
-# --- the roadmap's targets ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from sqlalchemy import select, update
 
 from fleet_core.cli import fleet
+from server import contacts, rollouts, slo
 from server import devices as device_records
-from server import rollouts, slo
 from server.app import create_app
 from server.auth import Role, create_operator_token
 from server.errors import InvalidRolloutError, RolloutConflictError
@@ -363,9 +363,9 @@ def test_a_contact_after_a_silence_records_one_gap_and_a_heartbeat_none(
     history: History, enrolled: Enrolled
 ) -> None:
     history.add(enrolled, "cam-a", "camera")
-    history.at(slo.OFFLINE_AFTER_S)  # exactly the threshold: not a silence
+    history.at(contacts.OFFLINE_AFTER_S)  # exactly the threshold: not a silence
     history.heartbeat("cam-a")
-    history.at(slo.OFFLINE_AFTER_S + 200)
+    history.at(contacts.OFFLINE_AFTER_S + 200)
     history.heartbeat("cam-a")
     assert gaps(history.harness) == []
     history.at(2000)
@@ -373,7 +373,7 @@ def test_a_contact_after_a_silence_records_one_gap_and_a_heartbeat_none(
     device.token = None
     device.login()  # back after the silence: its session open is its first contact
     history.heartbeat("cam-a")
-    assert gaps(history.harness) == [(device.id, at(slo.OFFLINE_AFTER_S + 200), at(2000))]
+    assert gaps(history.harness) == [(device.id, at(contacts.OFFLINE_AFTER_S + 200), at(2000))]
 
 
 def gaps(harness: Harness) -> list[tuple[str, datetime, datetime]]:
@@ -408,7 +408,7 @@ def test_a_record_begun_after_the_devices_enrolled_says_so(
     db.migrate("0010")  # a database from before the record, with a device in it
     db.migrate()
     with db.read() as session:
-        epoch = session.get(RecordEpoch, slo.CONTACT_GAPS)
+        epoch = session.get(RecordEpoch, contacts.CONTACT_GAPS)
     assert epoch is not None and epoch.since is not None
     assert abs((epoch.since - datetime.now(UTC)).total_seconds()) < 60
     document = history.report(0, 2000)  # years before the record began
@@ -437,8 +437,8 @@ def test_an_empty_database_reports_no_data(history: History) -> None:
 def test_the_offline_threshold_is_the_alert_rules() -> None:
     groups = yaml.safe_load(RULES.read_text())["groups"]
     rule = next(r for g in groups for r in g["rules"] if r.get("alert") == "DeviceOffline")
-    assert rule["expr"].endswith(f"> {slo.OFFLINE_AFTER_S}")
-    assert rule["for"] == f"{slo.OFFLINE_ALERT_FOR_S // 60}m"
+    assert rule["expr"].endswith(f"> {contacts.OFFLINE_AFTER_S}")
+    assert rule["for"] == f"{contacts.OFFLINE_ALERT_FOR_S // 60}m"
 
 
 def test_percentiles_are_nearest_rank() -> None:
@@ -468,18 +468,19 @@ ticks = st.lists(
 )
 
 
-def expected_down(contacts: list[float], since: float, until: float, now: float) -> float:
-    """Down seconds within ``[since, until)`` from the test's own log of one device's
+def expected_down(log: list[float], since: float, until: float, now: float) -> float:
+    """Down seconds within ``[since, until)`` from the test's own ``log`` of one device's
     contacts, as known at ``now``: each silence longer than the threshold, from its last
     contact to the next one (or to the window's end, once it is that long at ``now``)."""
     end = min(until, now)
+    threshold = contacts.OFFLINE_AFTER_S
 
     def inside(start: float, stop: float) -> float:
         return max(0.0, min(stop, end) - max(start, since))
 
-    down = sum(inside(a, b) for a, b in itertools.pairwise(contacts) if b - a > slo.OFFLINE_AFTER_S)
-    if now - contacts[-1] > slo.OFFLINE_AFTER_S:
-        down += inside(contacts[-1], end)
+    down = sum(inside(a, b) for a, b in itertools.pairwise(log) if b - a > threshold)
+    if now - log[-1] > threshold:
+        down += inside(log[-1], end)
     return down
 
 

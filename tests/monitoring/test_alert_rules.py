@@ -102,7 +102,7 @@ MIB = 2**20
 CASES = [
     Case("FleetServerDown", (Series(f"up{{{SERVER}}}", 1, 0),)),
     Case("FleetServerUnreachable", ages((30, 400), (30, 400), (30, 400), (30, 30))),
-    Case("DeviceServerUnreachable", (scraped("fleet_updater_server_unreachable_seconds", 0, 90),)),
+    Case("DeviceServerUnreachable", (scraped("fleet_updater_server_unreachable_seconds", 0, 240),)),
     Case("DeviceOffline", ages((40, 400))),
     Case("NetworkPartition", ages((400, 1000))),  # offline, but not yet 15 minutes
     Case("AgentCrashLoop", (scraped("fleet_updater_crash_loop_restarts", 1, 4),)),

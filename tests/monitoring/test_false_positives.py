@@ -67,11 +67,6 @@ def twitchy_rules(tmp_path: Path) -> Path:
 # --- the measurement ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="network blips of 2-3 minutes fire DeviceServerUnreachable (about 30 % of "
-    "device-days): the device's retry backoff outlasts the blip (docs/chaos.md, False positives)",
-)
 def test_a_healthy_fleet_stays_within_the_aim(default_report: Report) -> None:
     report = default_report
     assert report.chunks == 4  # a day in 6-hour chunks: promtool really ran each

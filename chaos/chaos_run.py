@@ -12,6 +12,7 @@ process run alone afterwards. The report card is a text table and, with ``--repo
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 import traceback
@@ -25,7 +26,9 @@ import click
 from chaos.false_positives import false_positives
 from chaos.fleet import MemberSpec
 from chaos.monitoring_lab import (
+    ALERTMANAGER,
     ALERTMANAGER_YML,
+    PROMETHEUS,
     ROOT,
     MonitoringLab,
     load_yaml,
@@ -165,7 +168,7 @@ def _run_scenario(lab: MonitoringLab, scenario: Scenario, ctx: Context) -> Resul
     if firing is not None:
         resolved = lab.receiver.wait_for(
             scenario.alert, "resolved", after=recovered, labels=labels,
-            timeout_s=lab.real_seconds(RESOLVE_LIMIT_S),
+            timeout_s=lab.real_seconds(RESOLVE_LIMIT_S + scenario.clears_after_s),
         )  # fmt: skip
     mttr = None if resolved is None else lab.scenario_seconds(resolved.received_at - recovered)
     if firing is None:
@@ -176,7 +179,8 @@ def _run_scenario(lab: MonitoringLab, scenario: Scenario, ctx: Context) -> Resul
     if not handled:
         return row(False, f"not handled: {waiting}", handled, mttd, mttr)
     if resolved is None:
-        return row(False, f"no resolved {scenario.alert} within {RESOLVE_LIMIT_S:.0f} s",
+        waited = RESOLVE_LIMIT_S + scenario.clears_after_s
+        return row(False, f"no resolved {scenario.alert} within {waited:.0f} s",
                    handled, mttd, mttr)  # fmt: skip
     if problem is not None:
         return row(False, problem, handled, mttd, mttr)
@@ -305,6 +309,10 @@ def run(scenarios: tuple[str, ...], report: Path | None, speed: float, workdir: 
     from fleet_core import durable
 
     chosen = select(scenarios)
+    missing = [tool for tool in (PROMETHEUS, ALERTMANAGER) if shutil.which(tool) is None]
+    if missing:
+        raise ChaosError(f"fleet chaos run needs {' and '.join(missing)} (Debian: apt install "
+                         "prometheus prometheus-alertmanager)")  # fmt: skip
     if report is not None and not report.parent.is_dir():
         raise ChaosError(f"cannot write the report to {report}: no directory {report.parent}")
     main = threading.current_thread() is threading.main_thread()

@@ -50,7 +50,13 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import yaml  # type: ignore[import-untyped]
+try:
+    import yaml  # type: ignore[import-untyped]
+except ImportError as err:  # PyYAML comes with the test extra
+    raise ImportError(
+        "the monitoring lab reads the YAML of deploy/monitoring: install PyYAML "
+        "(pip install 'metrica-fleet[test]')"
+    ) from err
 
 ROOT = Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "deploy" / "monitoring"

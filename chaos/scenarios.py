@@ -37,9 +37,13 @@ from typing import Any, ClassVar
 from chaos.fleet import Member, MemberSpec
 from chaos.monitoring_lab import MonitoringLab, watchdog_repeat_s
 from chaos.receiver import DEADMAN
+from chaos.virtual_device import FaultProfile
 
 HOT_MILLIDEGREES = 85_000  # above the 80 °C of DeviceOverheating and the updater's limit
 COOL_MILLIDEGREES = 45_000
+# get_throttled: under-voltage now and since boot; since boot only (updater.device.Throttled)
+UNDER_VOLTAGE_NOW = 0x10001
+UNDER_VOLTAGE_SEEN = 0x10000
 SKEW_S = 3 * 365 * 86400.0  # a Pi without a real-time clock that came up three years ahead
 LIFETIME_RESENDS = 4  # Prometheus tells Alertmanager an alert lasts 4 resend delays
 
@@ -82,6 +86,9 @@ class Scenario:
     # happens; 0 for what the server or Prometheus sees by itself.
     heartbeats: ClassVar[int] = 1
 
+    # Scenario seconds the alert's condition may hold after the recovery by its own rule (a
+    # count over a window): added to the time allowed for the resolution.
+    clears_after_s: ClassVar[float] = 0.0
     # Restarts a release server: its fast clock starts again at the restart, behind the
     # other's (see chaos.monitoring_lab), so such a scenario runs after every other.
     restarts_server: ClassVar[bool] = False
@@ -683,6 +690,73 @@ class FleetWideFailure(Scenario):
         return True
 
 
+class LowVoltage(Scenario):
+    name = "low-voltage"
+    alert = "DeviceUnderVoltage"
+    summary = (
+        "a device's firmware flags its supply under-voltage now (get_throttled 0x10001) and "
+        "2.0.0 is assigned: the install is deferred; the supply recovers (0x10000: seen since "
+        "boot, not now) and the assignment is withdrawn"
+    )
+
+    def inject(self, ctx: Context) -> None:
+        (member,) = ctx.members
+        with ctx.lab.pacer.lock:
+            member.device.set_throttled(UNDER_VOLTAGE_NOW)
+        ctx.lab.operator("device", "assign", member.device_id, "2.0.0")
+
+    def handled(self, ctx: Context) -> str | None:
+        (member,) = ctx.members
+        with ctx.lab.pacer.lock:
+            deferred = _deferred(member, "2.0.0", "under-voltage now")
+            version = member.version
+        if not deferred:
+            return "no install of 2.0.0 deferred for the supply"
+        if version != "1.0.0":
+            return f"the device installed {version} on a failing supply"
+        return None
+
+    def recover(self, ctx: Context) -> None:
+        (member,) = ctx.members
+        ctx.lab.operator("device", "assign", member.device_id, "none")
+        with ctx.lab.pacer.lock:
+            member.device.set_throttled(UNDER_VOLTAGE_SEEN)
+
+
+class TrialBootLost(Scenario):
+    name = "trial-boot-lost"
+    alert = "DeviceFellBack"
+    summary = (
+        "2.0.0 is assigned to a device on which it never completes its trial boot (it hangs; "
+        "the watchdog resets the board, as a power cut would end the trial): the firmware "
+        "falls back to 1.0.0 and the device reports it; the assignment is withdrawn"
+    )
+    specs = (MemberSpec(profile=FaultProfile(hang_on=frozenset({"2.0.0"}))),)
+    clears_after_s = 900.0  # increase(...[15m]) > 0 holds 15 minutes after the fallback
+
+    def inject(self, ctx: Context) -> None:
+        (member,) = ctx.members
+        ctx.lab.operator("device", "assign", member.device_id, "2.0.0")
+
+    def handled(self, ctx: Context) -> str | None:
+        (member,) = ctx.members
+        with ctx.lab.pacer.lock:
+            fell_back = member.device.events("boot_check.fell_back")
+            tried = any(boot.trial and boot.action == "hang" for boot in member.boots)
+            version = member.version
+        if not tried:
+            return "2.0.0 was not booted on trial"
+        if not fell_back:
+            return "no fallback logged by the boot check"
+        if version != "1.0.0":
+            return f"the device runs {version}, not 1.0.0"
+        return None
+
+    def recover(self, ctx: Context) -> None:
+        (member,) = ctx.members
+        ctx.lab.operator("device", "assign", member.device_id, "none")
+
+
 SCENARIOS: dict[str, type[Scenario]] = {
     scenario.name: scenario
     for scenario in (
@@ -699,5 +773,7 @@ SCENARIOS: dict[str, type[Scenario]] = {
         ConfigCorrupted,
         CrashLoop,
         FleetWideFailure,
+        LowVoltage,
+        TrialBootLost,
     )
 }

@@ -57,8 +57,21 @@ from signing.keys import SigningKey
 NEVER_REPORTED = "enrolled"
 
 
-def _device(session: Session, device_id: str, *, lock: bool = False) -> Device:
-    device = session.get(Device, device_id, with_for_update=lock)
+def _device(session: Session, device_id: str) -> Device:
+    device = session.get(Device, device_id)
+    if device is None:
+        raise UnknownDeviceError(f"device {device_id} is not enrolled")
+    return device
+
+
+def _locked_device(db: Database, session: Session, device_id: str) -> Device:
+    """The device's row, locked until the transaction ends, for a change that is audited.
+
+    The audit chain's lock is taken first: the rollout evaluator holds it while it changes
+    device rows, so a transaction that locked a device row and then waited for the chain would
+    deadlock with it (PostgreSQL; SQLite's one writer cannot)."""
+    db.lock(session, AUDIT_CHAIN_LOCK)
+    device = session.get(Device, device_id, with_for_update=True)
     if device is None:
         raise UnknownDeviceError(f"device {device_id} is not enrolled")
     return device
@@ -175,7 +188,7 @@ def record_events(db: Database, device_id: str, events: list[Event], now: dateti
     stored = []
     with db.write() as session:
         # The row lock keeps two concurrent batches of one device from both storing a seq.
-        device = _device(session, device_id, lock=True)
+        device = _locked_device(db, session, device_id)
         record_contact(session, device, now)
         for event in sorted(events, key=lambda e: e.seq):
             if event.seq <= device.event_seq:
@@ -205,7 +218,7 @@ def assign(
         IncompatibleReleaseError: the release is for other devices (``compatible``).
     """
     with db.write() as session:
-        device = _device(session, device_id, lock=True)
+        device = _locked_device(db, session, device_id)
         previous = device.assigned_release.version if device.assigned_release else None
         if version is None:
             device.assigned_release = None
@@ -308,7 +321,7 @@ def change_status(
     """
     starts, status, action = _CHANGES[change]
     with db.write() as session:
-        device = _device(session, device_id, lock=True)
+        device = _locked_device(db, session, device_id)
         if device.status not in starts:
             raise DeviceStatusConflictError(
                 f"device {device_id} is {device.status}: cannot {change} it"
@@ -382,7 +395,7 @@ def remove(db: Database, device_id: str, *, actor: str, now: datetime) -> dict[s
         DeviceStatusConflictError: the device is decommissioned.
     """
     with db.write() as session:
-        device = _device(session, device_id, lock=True)
+        device = _locked_device(db, session, device_id)
         if device.status == DeviceStatus.DECOMMISSIONED:
             raise DeviceStatusConflictError(
                 f"device {device_id} is decommissioned: removing it would let its key enroll "

@@ -154,6 +154,8 @@ class ServerSimulator:
         self.faults = Faults()
         self.answer_hook: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self.blob_hook: Callable[[str], None] | None = None  # called with a blob's path
+        # the heartbeat's optional fields this server knows (fewer: a server from before them)
+        self.heartbeat_optional = {"role", "tags", "metrics_address", "throttled"}
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.tokens: dict[str, int]  # sha256 of the token -> uses left
         self.preauthorized: set[str]  # public keys, hex
@@ -348,7 +350,7 @@ class ServerSimulator:
         return 200, signed, {"ETag": f'"{etag}"'}
 
     def _heartbeat(self, device_id: str, body: dict[str, Any]) -> tuple[int, None]:
-        _fields(body, HEARTBEAT_FIELDS, {"role", "tags", "metrics_address", "throttled"})
+        _fields(body, HEARTBEAT_FIELDS, self.heartbeat_optional)
         for slot in body["slots"].values():
             _fields(slot, {"status", "version"})
         self.devices[device_id].heartbeats.append(body)

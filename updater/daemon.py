@@ -77,7 +77,7 @@ from updater.errors import (
     PreconditionError,
     StateError,
 )
-from updater.heartbeat import heartbeat_document, protocol_hostname
+from updater.heartbeat import NEWER_FIELDS, heartbeat_document, protocol_hostname
 from updater.history import ReleaseHistoryStore, ReleaseRecord
 from updater.identity import (
     enrollment_token,
@@ -152,6 +152,8 @@ class Daemon:
         self._decommissioned_since: float | None = None
         self._install_retry_at: dict[str, float] = {}
         self._reported: set[tuple[str, str]] = set()
+        # heartbeat fields the server refused (one from before them): left out until a restart
+        self._older_server = False
         self._duty_errors: dict[str, str] = {}
         self.last_error: str | None = None  # of the last step, None if it went through
         self.last_checkin: CheckinResult | None = None
@@ -360,7 +362,22 @@ class Daemon:
             document["updater_state"] = WAITING_STATE
         # the metrics follow the heartbeat: a textfile or a scrape is never older than one
         runtime.publish_metrics(document=snapshot, server_unreachable_s=0.0)
-        self.client.heartbeat(document)
+        newer = [name for name in NEWER_FIELDS if name in document]
+        if self._older_server:
+            for name in newer:
+                del document[name]
+        try:
+            self.client.heartbeat(document)
+        except ServerRejectedError as err:
+            if err.status != 422 or self._older_server or not newer:
+                raise
+            # a server from before these fields: it still learns everything else
+            self._older_server = True
+            self._report_once("heartbeat", f"the server refuses {', '.join(newer)}: left out",
+                              event="daemon.heartbeat_reduced")  # fmt: skip
+            for name in newer:
+                del document[name]
+            self.client.heartbeat(document)
 
     # --- acting on an answer -------------------------------------------------------------
 

@@ -15,6 +15,10 @@ from updater.runtime import update_state
 
 UNKNOWN_SLOT = "unknown"
 MAX_HEALTH = 64
+# Heartbeat fields newer than the protocol's first version. A server from before one of them
+# refuses a heartbeat carrying it (422: its models forbid unknown fields), so the daemon sends
+# the heartbeat again without them (updater.daemon).
+NEWER_FIELDS = ("throttled",)
 
 
 def heartbeat_document(

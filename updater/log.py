@@ -54,7 +54,8 @@ The daemon (``updater/daemon.py``, ``updater/client.py``) adds: ``daemon.started
 ``daemon.install_interrupted``, ``daemon.install_abandoned``,
 ``daemon.checkin_during_install_failed``, ``daemon.release_failed``, ``daemon.reboot_failed``,
 ``daemon.step_failed``, ``daemon.health_failed``, ``daemon.server_unreachable``,
-``daemon.server_back``, ``daemon.events_rejected``, ``daemon.start_not_counted``,
+``daemon.server_back``, ``daemon.events_rejected``, ``daemon.heartbeat_reduced``,
+``daemon.start_not_counted``,
 ``daemon.no_server_keyring``; ``server.failover``, ``server.failback``,
 ``server.answer_rejected``, ``server.session_opened``; ``download.mirror``; ``outbox.damaged``,
 ``outbox.write_failed``; ``identity.regenerated``.

@@ -337,3 +337,20 @@ def test_the_daemon_waits_while_under_voltage_and_installs_once_it_clears(
     assert registry.get_sample_value("fleet_updater_under_voltage") == 0
     assert lab.reboot()[-1].action == "committed"
     assert lab.slot("b").version == "2.0.0"
+
+
+def test_a_server_from_before_the_field_still_gets_the_heartbeat(
+    lab: Lab,  # noqa: F811 (the fixture)
+) -> None:
+    lab.server.heartbeat_optional = {"role", "tags", "metrics_address"}
+    lab.device.set_throttled(0x50005)
+    daemon = lab.daemon()
+    for _ in range(3):
+        daemon.run_once()
+        lab.clock.now += 61
+    beats = lab.heartbeats()
+    assert len(beats) == 3, beats
+    assert all("throttled" not in beat for beat in beats)
+    assert len(lab.local("daemon.heartbeat_reduced")) == 1  # said once, not every minute
+    refused = [r for r in lab.server.requests if r[1].endswith("/heartbeat")]
+    assert len(refused) == 4, refused  # one refused, then three without the field

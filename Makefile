@@ -83,8 +83,9 @@ test-browser: browser-deps
 # The power-cut tests (tests/chaos/test_power_cuts.py, test_delta_power_cuts.py) in their long
 # mode, not part of `make test`: every write boundary of every scenario (first, later and delta
 # installs, their commits, rollbacks and fallbacks) on the three firmwares, and second cuts
-# while the device recovers from the first, 600 cut sequences per scenario: about 10,800
-# sequences and 20,000 cuts. `make test` runs the ci mode (about 900 sequences, a fixed seed).
+# while the device recovers from the first, up to 600 cut sequences per scenario: about 10,700
+# sequences and 20,500 cuts, 7 to 8 minutes of one core. `make test` runs the ci mode (about 850
+# sequences, a fixed seed).
 # Each long run draws a seed and prints it at the end with the cuts per firmware;
 # `make test-power-cuts-long FLEET_POWER_CUT_SEED=<seed>` repeats that run's cuts exactly.
 .PHONY: test-power-cuts-long

@@ -36,9 +36,10 @@ COMPATIBLE = "lab-device"
 # from the first). FLEET_POWER_CUTS chooses how many:
 # - ci (the default, `make test`): every boundary of the first and the delta installs once,
 #   a sample of the later installs' boundaries, and a few second cuts per scenario (about 850
-#   cuts in all);
+#   sequences, 1,000 cuts);
 # - long (`make test-power-cuts-long`): every boundary of every scenario, and second cuts
-#   until each scenario has run LONG_SEQUENCES sequences (more than 10,000 cuts in all).
+#   until each scenario has run LONG_SEQUENCES sequences, or has no pair of cuts left to try
+#   (about 10,700 sequences, 20,500 cuts: 7 to 8 minutes of one core).
 # Which boundaries a sample takes comes from FLEET_POWER_CUT_SEED: fixed in ci mode (CI_SEED, so
 # a failure comes back on the next run), drawn anew for each long run. The summary at the end
 # prints the seed; giving it back repeats a run's cuts exactly.

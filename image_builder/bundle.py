@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -183,17 +184,24 @@ class ImageStream(io.RawIOBase):
 
 
 class _StoredReader(io.RawIOBase):
-    """Feeds an :class:`ImageStream`'s stored bytes to the decompressor."""
+    """Feeds an :class:`ImageStream`'s stored bytes to the decompressor.
+
+    It holds its owner weakly: the owner holds the decompressor's reader, which holds this, and
+    that reader is invisible to Python's garbage collector, so a strong reference back would
+    make a cycle never freed (a daemon would lose the image's buffers at every install)."""
 
     def __init__(self, owner: ImageStream) -> None:
         super().__init__()
-        self._owner = owner
+        self._owner = weakref.ref(owner)
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1) -> bytes:
-        return self._owner._read_stored(CHUNK if size is None or size < 0 else size)
+        owner = self._owner()
+        if owner is None:  # the image stream is gone: nothing is read for it any more
+            return b""
+        return owner._read_stored(CHUNK if size is None or size < 0 else size)
 
 
 @dataclass(frozen=True)

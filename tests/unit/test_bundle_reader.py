@@ -3,9 +3,11 @@ fetched on its own, with the same verify-first, verify-while-reading contract as
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import tarfile
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -209,3 +211,20 @@ def test_an_image_source_without_close(bundle: Path, keyring: Keyring) -> None:
     reader.verify(keyring)
     read = [(image.entry.filename, read_all(image.stream)) for image in reader.images()]
     assert read == images_of(bundle, keyring)
+
+
+def test_an_image_stream_read_and_dropped_is_freed(bundle: Path, keyring: Keyring) -> None:
+    """A daemon installs release after release: nothing of an install's image streams may stay
+    behind (the decompressor's reader is invisible to the garbage collector, so a reference
+    cycle through it is never freed)."""
+    gone = []
+    with open(bundle, "rb") as handle:
+        reader = BundleReader(handle)
+        reader.verify(keyring)
+        for image in reader.images():
+            assert image.entry.compression == "zstd"
+            read_all(image.stream)
+            gone.append(weakref.ref(image.stream))
+        del image
+    gc.collect()
+    assert gone and all(ref() is None for ref in gone)

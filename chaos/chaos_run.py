@@ -152,16 +152,8 @@ def _run_scenario(lab: MonitoringLab, scenario: Scenario, ctx: Context) -> Resul
         timeout_s=lab.real_seconds(limit * 1.5),
     )  # fmt: skip
     mttd = None if firing is None else lab.scenario_seconds(firing.received_at - injected)
-    handled, waiting = False, "not checked"
-    deadline = time.monotonic() + lab.real_seconds(HANDLE_LIMIT_S)
-    while True:
-        waiting = scenario.handled(ctx) or ""
-        if not waiting:
-            handled = True
-            break
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    waiting = _poll(lab, lambda: scenario.handled(ctx))
+    handled = waiting is None
     recovered = time.time()
     scenario.recover(ctx)
     resolved: Notification | None = None
@@ -171,6 +163,7 @@ def _run_scenario(lab: MonitoringLab, scenario: Scenario, ctx: Context) -> Resul
             timeout_s=lab.real_seconds(RESOLVE_LIMIT_S + scenario.clears_after_s),
         )  # fmt: skip
     mttr = None if resolved is None else lab.scenario_seconds(resolved.received_at - recovered)
+    unrestored = _poll(lab, lambda: scenario.restored(ctx)) if resolved is not None else None
     if firing is None:
         return row(False, f"no firing {scenario.alert} within {limit * 1.5:.0f} s", handled)
     if mttd is not None and mttd > limit:
@@ -182,9 +175,22 @@ def _run_scenario(lab: MonitoringLab, scenario: Scenario, ctx: Context) -> Resul
         waited = RESOLVE_LIMIT_S + scenario.clears_after_s
         return row(False, f"no resolved {scenario.alert} within {waited:.0f} s",
                    handled, mttd, mttr)  # fmt: skip
+    if unrestored is not None:
+        return row(False, f"not back to normal: {unrestored}", handled, mttd, mttr)
     if problem is not None:
         return row(False, problem, handled, mttd, mttr)
     return row(True, "handled, alerted, resolved", handled, mttd, mttr)
+
+
+def _poll(lab: MonitoringLab, check: Callable[[], str | None]) -> str | None:
+    """Call ``check`` until it returns None (what is still missing, otherwise) or
+    :data:`HANDLE_LIMIT_S` scenario seconds have passed; its last answer."""
+    deadline = time.monotonic() + lab.real_seconds(HANDLE_LIMIT_S)
+    while True:
+        missing = check()
+        if missing is None or time.monotonic() > deadline:
+            return missing
+        time.sleep(0.2)
 
 
 def _guarded(lab: MonitoringLab, scenario: Scenario, ctx: Context) -> Result:

@@ -11,7 +11,9 @@ the resolved notification, the report card):
   device cut off, a release rolled out);
 - :meth:`Scenario.handled` says what is still missing from the system's own handling of it
   (None once handled), polled until it is handled or time is up;
-- :meth:`Scenario.recover` takes the fault away.
+- :meth:`Scenario.recover` takes the fault away;
+- :meth:`Scenario.restored` (optional) says what is not back to normal yet once the alert has
+  resolved, polled the same way.
 
 Alerts are told apart by their labels (:meth:`Scenario.matches`): a device's own alert by its
 ``device`` label, a rollout's by ``rollout``, a server's by ``instance``. A scenario that stops
@@ -106,6 +108,11 @@ class Scenario:
 
     def recover(self, ctx: Context) -> None:
         raise NotImplementedError
+
+    def restored(self, ctx: Context) -> str | None:
+        """What is still not back to normal after the recovery (None once it all is), polled
+        once the alert has resolved."""
+        return None
 
     def cleanup(self, ctx: Context) -> None:
         """Undo what :meth:`recover` may not have (it did not run, or failed): called last,
@@ -229,6 +236,12 @@ class ServerUnavailable(Scenario):
 
     def recover(self, ctx: Context) -> None:
         ctx.lab.servers[0].start()
+
+    def restored(self, ctx: Context) -> str | None:
+        up = ctx.lab.monitoring.query(
+            f'up{{job="fleet-server", instance="{ctx.notes["instance"]}"}} == 1'
+        )
+        return None if up else "Prometheus does not scrape the restarted server"
 
     def matches(self, ctx: Context, labels: Mapping[str, str]) -> bool:
         return labels.get("instance") == ctx.notes.get("instance")
@@ -373,10 +386,19 @@ class UpdateStuck(Scenario):
         (member,) = ctx.members
         with ctx.lab.pacer.lock:
             _set_temperature(member, COOL_MILLIDEGREES)
-        ctx.notes["recovered"] = True
 
-    def matches(self, ctx: Context, labels: Mapping[str, str]) -> bool:
-        return labels.get("device") in ctx.device_ids
+    def restored(self, ctx: Context) -> str | None:
+        import json
+
+        (member,) = ctx.members
+        status = json.loads(ctx.lab.operator("rollout", "status", ctx.notes["rollout"], "--json"))
+        with ctx.lab.pacer.lock:
+            version = member.version
+        if version != "2.0.0":
+            return f"the device runs {version}, not 2.0.0"
+        if status.get("state") != "completed":
+            return f"the rollout is {status.get('state')}, not completed"
+        return None
 
 
 class ClockSkew(Scenario):
@@ -685,6 +707,14 @@ class FleetWideFailure(Scenario):
         with ctx.lab.pacer.lock:
             _set_temperature(ctx.members[0], COOL_MILLIDEGREES)
         ctx.lab.operator("emergency-stop", "--clear")
+
+    def restored(self, ctx: Context) -> str | None:
+        import json
+
+        answer = json.loads(ctx.lab.operator("rollout", "status", "--json"))
+        if (answer.get("emergency_stop") or {}).get("active"):
+            return "the emergency stop is still on"
+        return None
 
     def matches(self, ctx: Context, labels: Mapping[str, str]) -> bool:
         return True

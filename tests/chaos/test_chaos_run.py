@@ -285,6 +285,7 @@ class Posting(scenarios.Scenario):
     fire: ClassVar[str | None] = "DeviceOverheating"
     resolve = True
     handles = True
+    restores = True
 
     def inject(self, ctx: scenarios.Context) -> None:
         if self.fire:
@@ -292,6 +293,9 @@ class Posting(scenarios.Scenario):
 
     def handled(self, ctx: scenarios.Context) -> str | None:
         return None if self.handles else "never handled"
+
+    def restored(self, ctx: scenarios.Context) -> str | None:
+        return None if self.restores else "still broken"
 
     def recover(self, ctx: scenarios.Context) -> None:
         if self.resolve:
@@ -313,6 +317,7 @@ def post(ctx: scenarios.Context, document: dict[str, Any]) -> None:
         ({"fire": "DeviceOffline"}, "no firing DeviceOverheating"),
         ({"resolve": False}, "no resolved DeviceOverheating"),
         ({"handles": False}, "not handled: never handled"),
+        ({"restores": False}, "not back to normal: still broken"),
         ({"alert": "NoSuchAlert", "fire": "NoSuchAlert"}, "no alert rule named NoSuchAlert"),
     ],
 )

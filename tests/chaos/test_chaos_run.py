@@ -61,7 +61,7 @@ def test_rules_are_scaled_on_the_parsed_file_and_promtool_accepts_them(tmp_path:
     result = scale_rules(original, 10)
     check_scaled(original, result, 10)
     rules = {r["alert"]: r for g in result["groups"] for r in g["rules"] if "alert" in r}
-    assert rules["DeviceOverheating"]["for"] == "12000ms"
+    assert rules["FleetServerDown"]["for"] == "12000ms"
     assert "[90000ms]" in rules["DeviceFellBack"]["expr"]
     assert "> 900" in rules["NetworkPartition"]["expr"]  # scenario seconds, not scaled
     assert original == load_yaml(RULES)  # the committed document is not touched
@@ -99,7 +99,7 @@ def test_alertmanager_config_posts_everything_to_the_receiver(tmp_path: Path) ->
     assert urls == [f"http://127.0.0.1:9/{r['name']}" for r in config["receivers"]]
     assert all(w["send_resolved"] for r in config["receivers"] for w in r["webhook_configs"])
     route = config["route"]
-    assert (route["group_wait"], route["group_interval"]) == ("3000ms", "30000ms")
+    assert (route["group_wait"], route["group_interval"]) == ("1000ms", "30000ms")
     watchdog = route["routes"][0]
     assert (watchdog["group_wait"], watchdog["repeat_interval"]) == ("1ms", "6000ms")
     assert config["global"]["resolve_timeout"] == "30000ms"
@@ -114,10 +114,10 @@ def test_alertmanager_config_posts_everything_to_the_receiver(tmp_path: Path) ->
 
 def test_detection_limits_follow_the_committed_configuration() -> None:
     # 3 minutes from condition to firing, a heartbeat, Alertmanager's group_wait
-    assert detect_limit(scenarios.Overheating) == 180 + 60 + 30
-    assert detect_limit(scenarios.ServerUnavailable) == 180 + 30
-    assert detect_limit(scenarios.DeviceOffline) == 300 + 180 + 60 + 30
-    assert detect_limit(scenarios.ClockSkew) == 180 + 2 * 60 + 30  # measured, then reported
+    assert detect_limit(scenarios.Overheating) == 180 + 60 + 10
+    assert detect_limit(scenarios.ServerUnavailable) == 180 + 10
+    assert detect_limit(scenarios.DeviceOffline) == 300 + 180 + 60 + 10
+    assert detect_limit(scenarios.ClockSkew) == 180 + 2 * 60 + 10  # measured, then reported
     # Alertmanager's alert lifetime (4 resend delays), then two Watchdog repeat intervals
     assert detect_limit(scenarios.MonitoringDown) == 240 + 120 + 180
 

@@ -299,12 +299,20 @@ def chaos() -> None:
 @click.argument("scenarios", nargs=-1, metavar="[SCENARIO]... | all")
 @click.option("--report", "report", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the report card to this JSON file.")  # fmt: skip
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the report card as JSON (the --report document) instead of the table.",
+)
 @click.option("--speed", type=click.FloatRange(1, 60), default=DEFAULT_SPEED, show_default=True,
               help="Time compression: scenario seconds per real second.")  # fmt: skip
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("build/chaos"), show_default=True,
               help="Where the lab lives (emptied first).")  # fmt: skip
-def run(scenarios: tuple[str, ...], report: Path | None, speed: float, workdir: Path) -> None:
+def run(
+    scenarios: tuple[str, ...], report: Path | None, as_json: bool, speed: float, workdir: Path
+) -> None:
     """Run chaos SCENARIOs (default: all) and print the report card; exit 1 when one fails.
 
     Each one injects a fault into a lab (two release servers, a virtual fleet, Prometheus and
@@ -329,9 +337,12 @@ def run(scenarios: tuple[str, ...], report: Path | None, speed: float, workdir: 
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
-    click.echo(report_table(results))
+    document = json.dumps(report_json(results, speed), indent=2) + "\n"
+    if as_json:
+        click.echo(document, nl=False)
+    else:
+        click.echo(report_table(results))
     if report is not None:
-        document = json.dumps(report_json(results, speed), indent=2) + "\n"
         durable.atomic_write(report, document.encode())
     if not all(r.passed for r in results):
         raise ChaosError(f"{sum(not r.passed for r in results)} scenario(s) failed")

@@ -23,6 +23,7 @@ import click
 
 from chaos.fleet import PLAIN_SLOT_SIZES, ROLES, MemberSpec
 from chaos.virtual_device import FaultProfile
+from chaos.workdir import WorkdirError, fresh_directory, marker_name
 from fleet_core.errors import FleetError
 from fleet_core.inputs import refuse_non_regular_input
 from fleet_core.locks import LockHeld, holding
@@ -363,7 +364,7 @@ def pin_keys(
 LOCK_FILE = ".lock"
 # Written in WORKDIR/devices when this command makes it: only a directory holding it is removed
 # wholesale by the next run, never one that holds someone else's files.
-DEVICES_MARKER = ".made-by-fleet-simulate"
+DEVICES_MARKER = marker_name("fleet simulate")
 
 
 @contextlib.contextmanager
@@ -388,29 +389,16 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
 
 
 def fresh_devices_dir(fleet_dir: Path) -> None:
-    """Make ``fleet_dir`` empty for a new fleet, with the marker in it: an earlier run's
-    devices (the marker there) are removed, an empty directory is reused, anything else is
-    refused, so that no file this command did not make is ever deleted.
+    """Make ``fleet_dir`` empty for a new fleet (:func:`chaos.workdir.fresh_directory`: an
+    earlier run's devices are removed, an empty directory is reused, anything else is refused).
 
     Raises:
         SimulateError: ``fleet_dir`` is not a directory this command made.
     """
-    if fleet_dir.is_symlink() or (fleet_dir.exists() and not fleet_dir.is_dir()):
-        raise SimulateError(
-            f"{fleet_dir} is not a directory fleet simulate made: move it away or give "
-            "another --workdir"
-        )
-    if fleet_dir.is_dir() and any(fleet_dir.iterdir()):
-        if not (fleet_dir / DEVICES_MARKER).is_file():
-            raise SimulateError(
-                f"{fleet_dir} holds files fleet simulate did not make (no {DEVICES_MARKER}"
-                "): move them away or give another --workdir"
-            )
-        shutil.rmtree(fleet_dir)
-    fleet_dir.mkdir(parents=True, exist_ok=True)
-    (fleet_dir / DEVICES_MARKER).write_text(
-        "made by fleet simulate: the next run on this work directory removes this directory\n"
-    )
+    try:
+        fresh_directory(fleet_dir, "fleet simulate")
+    except WorkdirError as err:
+        raise SimulateError(str(err)) from err
 
 
 # --- the command ----------------------------------------------------------------------------

@@ -17,7 +17,6 @@ signs out after a few minutes. Everything runs in WORKDIR and stops at the end u
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import click
 
 from chaos.fleet import MemberSpec, VirtualFleet
 from chaos.lab_image import make_lab_image
+from chaos.workdir import fresh_directory
 from image_builder.bundle import verify_bundle
 from image_builder.bundle_writer import ImageSource, create_bundle
 from image_builder.filesystem import build_filesystem_image
@@ -142,9 +142,7 @@ def follow(fleet: VirtualFleet, done: Callable[[], bool], report: Callable[[], s
 @click.option("--keep-server", is_flag=True, help="Leave the server running at the end.")
 def demo(workdir: Path, devices: int, keep_server: bool) -> None:
     """Run the whole-fleet demo in WORKDIR (recreated each run)."""
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    workdir = fresh_directory(workdir, "fleet demo")
 
     step("generate a release signing key")
     key = generate_key(workdir / "release-key")

@@ -50,6 +50,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from chaos.workdir import fresh_directory, marker_name
+from fleet_core.errors import FleetError
+
 try:
     import yaml  # type: ignore[import-untyped]
 except ImportError as err:  # PyYAML comes with the test extra
@@ -70,6 +73,7 @@ ALERTMANAGER = "prometheus-alertmanager"
 # news from Prometheus is four of these.
 RESEND_DELAY_S = 60.0
 START_TIMEOUT_S = 60.0
+LAB_COMMAND = "fleet chaos run"  # whose marker a lab's work directory carries (chaos.workdir)
 
 # --- durations ---------------------------------------------------------------------------
 
@@ -372,7 +376,7 @@ class LabProcess:
                 self.process.wait()
 
 
-class LabError(Exception):
+class LabError(FleetError):
     """The lab could not be built or a process of it misbehaved."""
 
 
@@ -655,10 +659,9 @@ def monitoring_lab(
 
     if factor < 1:
         raise LabError(f"the time factor must be at least 1, not {factor:g}")
-    if workdir.exists():
+    if (workdir / marker_name(LAB_COMMAND)).is_file() and not workdir.is_symlink():
         unmount_under(workdir)  # a run killed outright may have left a scenario's mount
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    workdir = fresh_directory(workdir, LAB_COMMAND)
     with ExitStack() as stack:
         stack.callback(unmount_under, workdir)  # last: whatever a scenario left mounted
         receiver = stack.enter_context(AlertReceiver(receiver_port))

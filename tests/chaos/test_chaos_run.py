@@ -225,7 +225,7 @@ def test_every_scenario_through_the_cli(tmp_path: Path, monkeypatch: pytest.Monk
     report = tmp_path / "report.json"
     started = time.monotonic()
     result = CliRunner().invoke(
-        fleet, ["chaos", "run", "all", "--report", str(report), "--speed", f"{SPEED:g}",
+        fleet, ["chaos", "run", "all", "--report", str(report), "--json", "--speed", f"{SPEED:g}",
                 "--workdir", str(tmp_path / "lab")],
     )  # fmt: skip
     took = time.monotonic() - started
@@ -233,6 +233,7 @@ def test_every_scenario_through_the_cli(tmp_path: Path, monkeypatch: pytest.Monk
     print(f"chaos run took {took:.0f} s")
     assert result.exit_code == 1, result.output  # the misnamed scenario fails the run
     document = json.loads(report.read_text())
+    assert json.loads(result.stdout) == document  # --json prints the card the file holds
     rows = {row["scenario"]: row for row in document["scenarios"]}
     assert list(rows) == list(scenarios.SCENARIOS)
     misnamed = rows.pop(MisnamedAlert.name)

@@ -77,7 +77,7 @@ from sqlalchemy.orm import Session, joinedload
 
 from fleet_core.windows import WindowError, longest_wait_s, parse_windows
 from server import audit
-from server.database import Database
+from server.database import AUDIT_CHAIN_LOCK, Database
 from server.errors import (
     InvalidRolloutError,
     RolloutConflictError,
@@ -108,6 +108,16 @@ from server.settings import iso
 # A PostgreSQL advisory lock key, fixed forever (server.database holds the others).
 ROLLOUT_EVALUATOR_LOCK = 0x6D66_0003
 ENGINE_ACTOR = "rollout-engine"
+
+
+def _lock_rollouts(db: Database, session: Session) -> None:
+    """Serialize a change of rollouts: the rollouts' lock, then the audit chain's, before any
+    device row. Every audited change takes the chain before the rows it changes (a device's
+    events: server.devices); a rollout step that changed rows first and then waited for the
+    chain would deadlock with them on PostgreSQL."""
+    db.lock(session, ROLLOUT_EVALUATOR_LOCK)
+    db.lock(session, AUDIT_CHAIN_LOCK)
+
 # A device heartbeats every 60 s; a committed device silent for longer than this is not
 # "continuously" committed, and its soak starts again with its next heartbeat.
 HEARTBEAT_FRESH_S = 180
@@ -505,7 +515,7 @@ def start(db: Database, request: RolloutRequest, *, actor: str, now: datetime) -
             f"from the assignment: give at least {duration_text(needed)}"
         )
     with db.write() as session:
-        db.lock(session, ROLLOUT_EVALUATOR_LOCK)
+        _lock_rollouts(db, session)
         if _control(session).emergency_stop:
             raise RolloutConflictError("the emergency stop is on: clear it first")
         active = session.scalars(select(Rollout).where(Rollout.state.in_(ACTIVE))).first()
@@ -821,7 +831,7 @@ def evaluate(db: Database, now: datetime) -> None:
     """Evaluate every running rollout once: new cohort members, outcomes, halt or promotion;
     then the fleet-wide guard. One evaluator at a time, whichever process runs it."""
     with db.write() as session:
-        db.lock(session, ROLLOUT_EVALUATOR_LOCK)
+        _lock_rollouts(db, session)
         control = _control(session)
         if not control.emergency_stop:
             running = session.scalars(
@@ -858,7 +868,7 @@ def _stop(
 def emergency_stop(db: Database, reason: str, *, actor: str, now: datetime) -> dict[str, Any]:
     """Pause every rollout and withdraw every uncommitted rollout assignment, at once."""
     with db.write() as session:
-        db.lock(session, ROLLOUT_EVALUATOR_LOCK)
+        _lock_rollouts(db, session)
         control = _control(session)
         if not control.emergency_stop:
             _stop(db, session, control, now, actor, reason)
@@ -868,7 +878,7 @@ def emergency_stop(db: Database, reason: str, *, actor: str, now: datetime) -> d
 def clear_emergency_stop(db: Database, *, actor: str, now: datetime) -> dict[str, Any]:
     """Turn the emergency stop off; paused rollouts stay paused until resumed."""
     with db.write() as session:
-        db.lock(session, ROLLOUT_EVALUATOR_LOCK)
+        _lock_rollouts(db, session)
         control = _control(session)
         if control.emergency_stop:
             control.emergency_stop, control.reason, control.since = False, None, now
@@ -924,7 +934,7 @@ def transition(
         "rollback": (*ACTIVE, RolloutState.HALTED, RolloutState.COMPLETED),
     }
     with db.write() as session:
-        db.lock(session, ROLLOUT_EVALUATOR_LOCK)
+        _lock_rollouts(db, session)
         rollout = _rollout(session, rollout_id)
         if rollout.state not in allowed[action]:
             raise RolloutConflictError(f"rollout {rollout_id} is {rollout.state}: cannot {action}")

@@ -531,5 +531,7 @@ def _fields(
         raise _Unprocessable("not a JSON object")
     unknown = set(body) - required - optional
     missing = required - set(body)
-    if unknown or missing:
-        raise _Unprocessable(f"unknown {sorted(unknown)}, missing {sorted(missing)}")
+    if unknown:  # as the server's models say it (pydantic's extra_forbidden at its location)
+        raise _Unprocessable(f"body.{sorted(unknown)[0]}: Extra inputs are not permitted")
+    if missing:
+        raise _Unprocessable(f"missing {sorted(missing)}")

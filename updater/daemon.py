@@ -369,15 +369,17 @@ class Daemon:
         try:
             self.client.heartbeat(document)
         except ServerRejectedError as err:
-            if err.status != 422 or self._older_server or not newer:
+            # a server from before these fields names one in its refusal ("body.throttled:
+            # Extra inputs are not permitted"); a refusal for any other reason is no such news
+            refused = [name for name in newer if f"body.{name}" in str(err)]
+            if err.status != 422 or self._older_server or not refused:
                 raise
-            # a server from before these fields: it still learns everything else
-            self._older_server = True
-            self._report_once("heartbeat", f"the server refuses {', '.join(newer)}: left out",
-                              event="daemon.heartbeat_reduced")  # fmt: skip
             for name in newer:
                 del document[name]
-            self.client.heartbeat(document)
+            self.client.heartbeat(document)  # the server still learns everything else
+            self._older_server = True  # only once a heartbeat without them went through
+            self._report_once("heartbeat", f"the server refuses {', '.join(refused)}: left out",
+                              event="daemon.heartbeat_reduced")  # fmt: skip
 
     # --- acting on an answer -------------------------------------------------------------
 

@@ -354,3 +354,34 @@ def test_a_server_from_before_the_field_still_gets_the_heartbeat(
     assert len(lab.local("daemon.heartbeat_reduced")) == 1  # said once, not every minute
     refused = [r for r in lab.server.requests if r[1].endswith("/heartbeat")]
     assert len(refused) == 4, refused  # one refused, then three without the field
+
+
+@pytest.mark.parametrize("retry_passes", [True, False], ids=["once", "until fixed"])
+def test_a_refusal_for_another_reason_keeps_the_field(
+    lab: Lab,  # noqa: F811 (the fixture)
+    monkeypatch: pytest.MonkeyPatch,
+    retry_passes: bool,
+) -> None:
+    """A 422 that names another field (once, or until the server is fixed) is no sign of a
+    server from before throttled: the field is sent again."""
+    lab.device.set_throttled(0x50005)
+    beat = lab.server._heartbeat
+    refusals = iter([True] if retry_passes else [True, True])
+
+    def refuse_tags(device_id: str, body: dict[str, Any]) -> Any:
+        if next(refusals, False):
+            lab.server.heartbeat_optional = {"role", "metrics_address", "throttled"}
+            try:
+                return beat(device_id, body)
+            finally:
+                lab.server.heartbeat_optional = {"role", "tags", "metrics_address", "throttled"}
+        return beat(device_id, body)
+
+    monkeypatch.setattr(lab.server, "_heartbeat", refuse_tags)
+    daemon = lab.daemon()
+    for _ in range(3):
+        daemon.run_once()
+        lab.clock.now += 61
+    assert not lab.local("daemon.heartbeat_reduced")
+    beats = [beat.get("throttled") for beat in lab.heartbeats()]
+    assert beats == [0x50005] * (2 if retry_passes else 1), beats

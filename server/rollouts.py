@@ -118,6 +118,7 @@ def _lock_rollouts(db: Database, session: Session) -> None:
     db.lock(session, ROLLOUT_EVALUATOR_LOCK)
     db.lock(session, AUDIT_CHAIN_LOCK)
 
+
 # A device heartbeats every 60 s; a committed device silent for longer than this is not
 # "continuously" committed, and its soak starts again with its next heartbeat.
 HEARTBEAT_FRESH_S = 180

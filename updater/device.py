@@ -11,13 +11,19 @@ reading means, not the sensor code.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import errno
 import math
 import os
 import shutil
+import signal
+import stat
 import subprocess
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO, cast
 
 DEFAULT_THERMAL_DIR = Path("/sys/class/thermal")
 DEFAULT_PROC = Path("/proc")
@@ -125,11 +131,22 @@ def read_throttled(path: Path = DEFAULT_THROTTLED_PATH) -> int | None:
     firmware driver not loaded), cannot be read or does not hold a value.
     """
     try:
-        with path.open("rb") as handle:
-            text = handle.read(MAX_THROTTLED_TEXT + 1).decode("ascii")
+        return parse_throttled(_node_text(path))
     except (OSError, ValueError):
         return None
-    return parse_throttled(text)
+
+
+def _node_text(path: Path) -> str:
+    """The start of the firmware node ``path``, enough for any value. Raises
+    ``FileNotFoundError``/``NotADirectoryError`` when it is absent, ``OSError`` or
+    ``ValueError`` when it cannot be read: opened without blocking and refused unless a
+    regular file (a sysfs attribute is one), so a FIFO put in its place cannot stop the
+    daemon's round."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    with os.fdopen(fd, "rb", buffering=0) as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return (handle.read(MAX_THROTTLED_TEXT + 1) or b"").decode("ascii")
 
 
 def vcgencmd_throttled(
@@ -142,18 +159,37 @@ def vcgencmd_throttled(
     if program is None:
         return None
     try:
-        done = subprocess.run(
-            [program, *command[1:]], capture_output=True, timeout=timeout_s, check=False,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        # read at most what an answer takes: a program printing without end must not fill the
+        # daemon's memory. It runs in a session of its own, killed whole at the deadline or
+        # once its answer is read, so a child it leaves holding the pipe cannot hang the read.
+        with subprocess.Popen(
+            [program, *command[1:]], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        ) as process:  # fmt: skip
+            timer = threading.Timer(timeout_s, _kill_session, (process,))
+            timer.start()
+            try:
+                stdout = cast(IO[bytes], process.stdout)  # stdout=PIPE
+                head = stdout.read(MAX_THROTTLED_TEXT + 1)
+                _kill_session(process)  # what it says after the answer is of no use
+                returncode = process.wait(timeout=timeout_s)
+            finally:
+                timer.cancel()
     except (OSError, subprocess.SubprocessError):
         return None
-    if done.returncode != 0:
+    if returncode not in (0, -signal.SIGKILL) or not head:
         return None
-    output = done.stdout[: MAX_THROTTLED_TEXT + 1].decode("ascii", errors="replace").strip()
+    output = head.split(b"\n", 1)[0].decode("ascii", errors="replace").strip()
     if not output.startswith("throttled="):
         return None
     return parse_throttled(output)
+
+
+def _kill_session(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL to ``process`` and every process of its session (it was started in one of its
+    own); nothing when it is gone already."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def throttled_state(
@@ -166,8 +202,7 @@ def throttled_state(
     Pi, or an unreadable answer); a node that exists but reads badly is unknown too, not a
     reason to ask ``vcgencmd``, which reads the same firmware."""
     try:
-        with path.open("rb") as handle:
-            text = handle.read(MAX_THROTTLED_TEXT + 1).decode("ascii")
+        text = _node_text(path)
     except (FileNotFoundError, NotADirectoryError):
         return vcgencmd_throttled(command, timeout_s)
     except (OSError, ValueError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -385,3 +386,35 @@ def test_a_refusal_for_another_reason_keeps_the_field(
     assert not lab.local("daemon.heartbeat_reduced")
     beats = [beat.get("throttled") for beat in lab.heartbeats()]
     assert beats == [0x50005] * (2 if retry_passes else 1), beats
+
+
+def test_a_vcgencmd_printing_without_end_is_read_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    program = tmp_path / "vcgencmd"
+    program.write_text("#!/bin/sh\necho throttled=0x50005\nexec /usr/bin/yes flood\n")
+    program.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    started = time.monotonic()
+    assert throttled_state(tmp_path / "no-node", timeout_s=5) == 0x50005
+    assert time.monotonic() - started < 4
+
+
+def test_a_fifo_in_place_of_the_node_is_unknown_at_once(tmp_path: Path) -> None:
+    node = tmp_path / "get_throttled"
+    os.mkfifo(node)
+    started = time.monotonic()
+    assert throttled_state(node) is None
+    assert time.monotonic() - started < 1
+
+
+def test_a_vcgencmd_leaving_a_child_on_its_output_is_read_by_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    program = tmp_path / "vcgencmd"
+    program.write_text("#!/bin/sh\necho throttled=0x4\n/bin/sleep 60 &\nexit 0\n")
+    program.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    started = time.monotonic()
+    assert throttled_state(tmp_path / "no-node", timeout_s=0.5) == 0x4
+    assert time.monotonic() - started < 5

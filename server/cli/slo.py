@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from server.database import Database
 
 DEFAULT_WINDOW_S = 7 * 86400
+# The times a report's window may name: the server has no records before 1970, and a year
+# short of the calendar's end leaves room for the window's arithmetic.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 1, 1, tzinfo=UTC)
 WHEN_HELP = "a time (2026-12-01, 2026-12-01T06:00:00Z) or a duration before now (7d, 12h, 90m)"
 
 
@@ -43,12 +47,20 @@ def parse_when(text: str) -> datetime | timedelta:
     except ValueError:
         raise click.BadParameter(f"{text!r}: give {WHEN_HELP}") from None
     if moment.tzinfo is None:
-        if len(stripped) == len("2026-12-01"):
-            return moment.replace(tzinfo=UTC)
+        if len(stripped) != len("2026-12-01"):
+            raise click.BadParameter(
+                f"{text!r}: give the time's offset (Z for UTC, as in 2026-12-01T06:00:00Z)"
+            )
+        moment = moment.replace(tzinfo=UTC)
+    try:
+        moment = moment.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+01:00 is before the first representable instant
+        moment = EARLIEST - timedelta(days=1)
+    if not EARLIEST <= moment < LATEST:
         raise click.BadParameter(
-            f"{text!r}: give the time's offset (Z for UTC, as in 2026-12-01T06:00:00Z)"
+            f"{text!r}: give a time from {EARLIEST:%Y-%m-%d} to before {LATEST:%Y-%m-%d}"
         )
-    return moment.astimezone(UTC)
+    return moment
 
 
 class When(click.ParamType[datetime | timedelta]):

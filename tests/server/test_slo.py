@@ -615,6 +615,10 @@ def test_the_command_prints_the_table_and_the_json(
         (["--until", "2026-12-01T06:00"], "give the time's offset"),
         (["--since", "1d", "--until", "2d"], "the window ends (20"),
         (["--since", "0s"], "give a positive number of seconds"),
+        (["--since", "0001-01-01T00:00:00+01:00"], "give a time from 1970-01-01"),
+        (["--until", "0001-01-02"], "give a time from 1970-01-01"),
+        (["--since", "9999-12-31T23:00:00-05:00"], "to before 9999-01-01"),
+        (["--since", "1969-12-31T23:59:59Z"], "give a time from 1970-01-01"),
     ],
 )
 def test_bad_windows_are_usage_errors(harness: Harness, args: list[str], fragment: str) -> None:

@@ -191,16 +191,16 @@ def _read(path: Path) -> str:
 
     Raises:
         OSError: it cannot be read.
-        ValueError: it is not text, or longer than the bound.
+        ValueError: it is longer than the bound.
     """
     with path.open("rb") as handle:
         data = handle.read(MAX_PROC_BYTES + 1)
     if len(data) > MAX_PROC_BYTES:
         raise ValueError(f"{path}: longer than {MAX_PROC_BYTES} bytes")
-    try:
-        return data.decode("ascii")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not ASCII text") from err
+    # bytes outside ASCII turn into U+FFFD rather than failing the whole file: an interface
+    # may be named in UTF-8 (interface_label makes it "_"), and a number holding one is
+    # refused by the parser as any other bad number
+    return data.decode("ascii", errors="replace")
 
 
 @dataclass

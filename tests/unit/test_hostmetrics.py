@@ -296,7 +296,26 @@ def test_an_unreadable_figure_is_unknown_and_reported_once_until_it_reads_again(
     (proc / "meminfo").write_bytes(b"\xff" * 10)
     assert sampler.sample(report).memory is None
     assert [source for source, _ in reports] == ["memory", "network", "memory"]
-    assert "not ASCII text" in reports[-1][1]
+    assert "no MemTotal" in reports[-1][1]
+
+
+def test_an_interface_named_outside_ascii_keeps_every_interfaces_figures(tmp_path: Path) -> None:
+    proc = proc_tree(tmp_path)
+    counters = " ".join(["7"] * 16)
+    with (proc / "net" / "dev").open("ab") as handle:
+        handle.write("  wlän0: ".encode() + counters.encode() + b"\n")
+    network = HostSampler(proc).sample().network
+    assert network is not None
+    assert set(network) == {"eth0", "wlan0", "wl__n0"}
+    assert network["wl__n0"] == InterfaceTraffic(7, 7)
+
+
+def test_a_counter_holding_a_byte_outside_ascii_is_refused(tmp_path: Path) -> None:
+    proc = proc_tree(tmp_path)
+    (proc / "meminfo").write_bytes(b"MemTotal: 12\xc3\xa934 kB\n")
+    reports: list[tuple[str, str]] = []
+    assert HostSampler(proc).sample(lambda s, p: reports.append((s, p))).memory is None
+    assert [source for source, _ in reports] == ["memory"]
 
 
 def test_a_huge_proc_file_is_refused_not_read_whole(tmp_path: Path) -> None:

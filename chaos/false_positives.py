@@ -644,7 +644,7 @@ def measure(
     "--rules",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=RULES,
-    show_default="the fleet's rules",
+    show_default="deploy/monitoring/prometheus/rules/fleet.rules.yml",
     help="The alert rules file.",
 )
 @click.option(

@@ -176,6 +176,9 @@ def _default(param: click.Parameter, info: dict[str, Any]) -> str:
     default = info.get("default")
     if callable(param.default):
         return "computed"
+    shown = getattr(param, "show_default", None)
+    if isinstance(shown, str):  # the option says its default in words (a path of this checkout)
+        return shown
     if default is None or default == () or (info.get("is_flag") and default is False):
         return ""
     if isinstance(default, list | tuple):

@@ -96,6 +96,7 @@ MAX_TAGS = 16
 MAX_FREE_MB = 16 * 1024 * 1024  # 16 TiB: more than any data partition of a device
 TEMPERATURE_C = (30.0, 125.0)  # no SoC runs above 125 °C; below 30 °C no update would start
 UPDATE_DEADLINE_S = (60, 7 * 86400)
+CONFIG_REPAIR_AFTER_S = (0, 86400)
 MAX_CHECK_S = 3600.0  # a health check, or all of them
 MAX_INTERVAL_S = 86400.0  # check-in, heartbeat, fail-over
 # Roles and tags are labels (rollout selectors, metrics): lowercase words, as the server takes
@@ -279,6 +280,16 @@ LIMITS = (
         "update_deadline_s", _range(*UPDATE_DEADLINE_S, "seconds", integer=True), "900",
         "An install running longer is stopped and rolled back.",
         "1800",
+    ),
+    Setting(
+        "config_repair_after_s", _range(*CONFIG_REPAIR_AFTER_S, "seconds", integer=True),
+        "300",
+        "How long the daemon lets the configuration file differ from the configuration it "
+        "runs (the file damaged, or edited without a restart) before it writes the running "
+        "one back, keeping the file it replaces as `<data_dir>/updater.replaced.toml`. "
+        "0: never; the ConfigDrift alert still fires. Restart the daemon within this time "
+        "to apply an edit.",
+        "900",
     ),
 )  # fmt: skip
 HEALTH = (
@@ -552,6 +563,8 @@ class Limits:
     min_free_mb: int = 500  # free space on the data partition below which updates are skipped
     max_temperature_c: float = 80.0  # CPU temperature above which updates are deferred
     update_deadline_s: int = 900  # an install running longer is killed and rolled back
+    # a configuration file differing from the running one this long is put back (0: never)
+    config_repair_after_s: int = 300
 
     @classmethod
     def from_dict(cls, table: Mapping[str, Any]) -> Limits:
@@ -566,6 +579,11 @@ class Limits:
             values["update_deadline_s"] = _number(
                 table, "update_deadline_s", where, *UPDATE_DEADLINE_S, "seconds", integer=True
             )
+        if "config_repair_after_s" in table:
+            values["config_repair_after_s"] = _number(
+                table, "config_repair_after_s", where, *CONFIG_REPAIR_AFTER_S, "seconds",
+                integer=True,
+            )  # fmt: skip
         if "max_temperature_c" in table:
             values["max_temperature_c"] = float(
                 _number(table, "max_temperature_c", where, *TEMPERATURE_C, "°C")
@@ -860,11 +878,16 @@ def _parse_slots(table: Mapping[str, Any]) -> dict[str, dict[str, str]]:
 
 @dataclass(frozen=True)
 class LoadedConfig:
-    """A configuration and how it was obtained: ``source`` is the file used, or "defaults"."""
+    """A configuration and how it was obtained: ``source`` is the file used, or "defaults";
+    ``path`` the configuration file asked for (None: none was) and ``text`` the bytes the
+    configuration was parsed from (None: the built-in defaults), so what runs can be told
+    from what the file holds later (:mod:`updater.config_guard`)."""
 
     config: UpdaterConfig
     source: str
     problems: tuple[str, ...] = ()
+    path: str | None = None
+    text: bytes | None = None
 
 
 def parse_config(text: bytes, origin: str) -> UpdaterConfig:
@@ -926,18 +949,21 @@ def load_config(
         else:
             if _builds(config, build, str(path), problems) and remember:
                 _remember(config.data_dir / LAST_GOOD_NAME, text, problems)
-            return LoadedConfig(config, str(path), tuple(problems))
+            return LoadedConfig(config, str(path), tuple(problems), str(path), text)
     fallback_dir = data_dir or UpdaterConfig().data_dir
     last_good = fallback_dir / LAST_GOOD_NAME
     try:
-        config = parse_config(read_regular_file(last_good), str(last_good))
+        kept = read_regular_file(last_good)
+        config = parse_config(kept, str(last_good))
     except (OSError, InputPathError):
         pass
     except ConfigError as err:
         problems.append(str(err))
     else:
-        return LoadedConfig(config, str(last_good), tuple(problems))
-    return LoadedConfig(UpdaterConfig(data_dir=fallback_dir), "defaults", tuple(problems))
+        return LoadedConfig(config, str(last_good), tuple(problems), str(path), kept)
+    return LoadedConfig(
+        UpdaterConfig(data_dir=fallback_dir), "defaults", tuple(problems), str(path)
+    )
 
 
 def _builds(

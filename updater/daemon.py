@@ -67,6 +67,7 @@ from updater.client import (
     ServerUnavailableError,
     events_that_fit,
 )
+from updater.config_guard import ConfigGuard, Drift, Repair
 from updater.decision import Decision, decide
 from updater.device import free_space_mb, read_temperature_c, run_reboot, uptime_s
 from updater.errors import (
@@ -155,6 +156,9 @@ class Daemon:
         # heartbeat fields the server refused (one from before them): left out until a restart
         self._older_server = False
         self._duty_errors: dict[str, str] = {}
+        # config drift (updater.config_guard): the guard, and the drift last logged
+        self._config_guard = ConfigGuard(clock)
+        self._drift_told: float | None = None
         self.last_error: str | None = None  # of the last step, None if it went through
         self.last_checkin: CheckinResult | None = None
         # when installs may start ([updates] windows, time_zone); what the device waits for
@@ -207,6 +211,7 @@ class Daemon:
 
     def _step(self, now: float) -> None:
         self.last_error = None
+        self._keep_config()
         duties: list[tuple[str, Callable[[], None]]] = [
             ("enroll", self._ensure_enrolled),
             ("queued events", self._send_events),
@@ -245,6 +250,34 @@ class Daemon:
                 self._next_heartbeat_at = self._clock() + self.heartbeat_interval_s
         self._server_answered()
         self._next_contact_at = -math.inf
+
+    def _keep_config(self) -> None:
+        """Config drift: tell once when the configuration file stops holding what runs, and
+        write the running configuration back once the repair time has passed
+        (:mod:`updater.config_guard`). Never stops the step: a device keeps phoning home."""
+        try:
+            verdict = self._config_guard.check(self.runtime.loaded)
+        except Exception as err:  # the repair could not be written: tried again next step
+            self._duty_failed("config repair", err)
+            return
+        self._duty_errors.pop("config repair", None)
+        if isinstance(verdict, Drift) and verdict.since != self._drift_told:
+            self._drift_told = verdict.since
+            limits = self.runtime.config.limits
+            self.log.event(
+                "config.drift", level="warning", path=self.runtime.loaded.path,
+                problem=verdict.problem, repair_in_s=limits.config_repair_after_s or None,
+            )  # fmt: skip
+        elif isinstance(verdict, Repair):
+            self._drift_told = None
+            self.runtime = dataclasses.replace(
+                self.runtime, loaded=verdict.loaded, config_sha256=None
+            )
+            self.log.event(
+                "config.repaired", level="warning", path=str(verdict.path),
+                problem=verdict.problem,
+                replaced=str(verdict.replaced) if verdict.replaced else None,
+            )  # fmt: skip
 
     def _duty_failed(self, duty: str, err: Exception) -> None:
         message = f"{type(err).__name__}: {err}" if not isinstance(err, FleetError) else str(err)

@@ -20,6 +20,7 @@ from fleet_core.durable import sweep_temporaries
 from fleet_core.errors import FleetError
 from updater.bootcheck import BootChecker
 from updater.config import LoadedConfig, UpdaterConfig
+from updater.config_guard import file_sha256
 from updater.device import (
     boot_id,
     free_space_mb,
@@ -62,17 +63,6 @@ def update_state(snapshot: Mapping[str, Any]) -> str:
     if statuses & {"installed", "trial"}:
         return "installed"
     return "idle"
-
-
-def _file_sha256(path: str) -> str | None:
-    """SHA-256 of a configuration file; None for the built-in defaults or an unreadable
-    file."""
-    if path == "defaults":
-        return None
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return None
 
 
 def detect_backend(probes: Sequence[tuple[str, Path]] = AUTO_DETECT) -> str:
@@ -136,7 +126,11 @@ class Runtime:
 
     def __post_init__(self) -> None:
         if self.config_sha256 is None:  # dataclasses.replace keeps the one taken at load
-            self.config_sha256 = _file_sha256(self.loaded.source)
+            text = self.loaded.text
+            self.config_sha256 = (
+                hashlib.sha256(text).hexdigest() if text is not None
+                else file_sha256(self.loaded.source)
+            )  # fmt: skip
         if self.host is None:
             self.host = HostSampler()
 
@@ -269,7 +263,7 @@ class Runtime:
         metrics.set_boot_state_problem(document["bootloader_problem"] is not None)
         metrics.set_config(
             problems=len(self.loaded.problems),
-            drift=_file_sha256(self.loaded.source) != self.config_sha256,
+            drift=file_sha256(self.loaded.source) != self.config_sha256,
         )
         if server_unreachable_s is not None:
             metrics.set_server_unreachable(server_unreachable_s)

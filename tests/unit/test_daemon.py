@@ -636,3 +636,35 @@ def test_fleet_updater_daemon_once(lab: Lab) -> None:
     config.write_text(device.config_toml())
     result = CliRunner().invoke(main, ["--config", str(config), "daemon", "--once"], obj=obj)
     assert result.exit_code == 1 and "no release server configured" in result.stderr
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_config_drift_is_told_once_then_repaired_while_the_device_carries_on(
+    lab: Lab, offline: bool
+) -> None:
+    path = lab.device.root / "updater.toml"
+    text = lab.device.config_toml().encode()
+    path.write_bytes(text)
+    daemon = lab.daemon()
+    runtime = daemon.runtime
+    daemon.runtime = dataclasses.replace(
+        runtime, loaded=LoadedConfig(runtime.config, str(path), (), str(path), text),
+        config_sha256=None,
+    )  # fmt: skip
+    lab.clock.sleep(daemon.run_once())
+    edited = text.replace(b"min_free_mb = 0", b"min_free_mb = 200")
+    assert edited != text
+    path.write_bytes(edited)
+    lab.server.faults.down = offline  # repaired without the server too
+    beats = len(lab.heartbeats())
+    start = lab.clock.now
+    while lab.clock.now - start < 900:
+        lab.clock.sleep(max(1.0, daemon.run_once()))
+    assert path.read_bytes() == text
+    assert (daemon.runtime.config.data_dir / "updater.replaced.toml").read_bytes() == edited
+    (drift,) = lab.local("config.drift")
+    assert drift["problem"] is None and drift["repair_in_s"] == 300
+    (repaired,) = lab.local("config.repaired")
+    assert repaired["path"] == str(path) and repaired["problem"] is None
+    assert daemon.runtime.loaded.text == text and daemon.runtime.config == runtime.config
+    assert (len(lab.heartbeats()) > beats) is not offline

@@ -184,6 +184,21 @@ def open_database(
             does not exist, or (without ``initialise``) holds no database.
     """
     from server.database import Database
+
+    db = Database(resolve_database_url(data_dir, database_url, initialise=initialise))
+    db.migrate()
+    return db
+
+
+def resolve_database_url(
+    data_dir: Path | None, database_url: str | None, *, initialise: bool = False
+) -> str:
+    """The database URL that ``--data-dir`` and ``--database-url`` name together (see
+    :func:`open_database`).
+
+    Raises:
+        ClientConfigError: as :func:`open_database`.
+    """
     from server.settings import SQLITE_FILE, Settings
 
     if data_dir is not None:
@@ -193,14 +208,10 @@ def open_database(
                 f"{data_dir}: no server database in it ('fleet server run --data-dir DIR' "
                 "creates one)"
             )
-        url = Settings.create(data_dir, database_url=database_url).database_url
-    elif database_url is not None:
-        url = database_url
-    else:
-        raise ClientConfigError("give --data-dir or --database-url")
-    db = Database(url)
-    db.migrate()
-    return db
+        return Settings.create(data_dir, database_url=database_url).database_url
+    if database_url is not None:
+        return database_url
+    raise ClientConfigError("give --data-dir or --database-url")
 
 
 def api_client(server: str | None, token: str | None) -> ApiClient:

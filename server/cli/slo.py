@@ -13,8 +13,8 @@ import click
 
 from server.cli.common import (
     database_options,
-    existing_data_dir,
     parse_duration,
+    resolve_database_url,
     show,
     utc_now,
 )
@@ -98,20 +98,8 @@ def open_report_database(data_dir: Path | None, database_url: str | None) -> Dat
     from sqlalchemy.exc import SQLAlchemyError
 
     from server.database import Database, alembic_config
-    from server.settings import SQLITE_FILE, Settings
 
-    if data_dir is not None:
-        existing_data_dir(data_dir)
-        if database_url is None and not (data_dir / SQLITE_FILE).is_file():
-            raise ClientConfigError(
-                f"{data_dir}: no server database in it ('fleet server run --data-dir DIR' "
-                "creates one)"
-            )
-        url = Settings.create(data_dir, database_url=database_url).database_url
-    elif database_url is not None:
-        url = database_url
-    else:
-        raise ClientConfigError("give --data-dir or --database-url")
+    url = resolve_database_url(data_dir, database_url)
     if url.startswith("sqlite"):  # opening a missing SQLite file would create an empty one
         path = make_url(url).database
         if path and path != ":memory:" and not path.startswith("file:") and not Path(path).exists():

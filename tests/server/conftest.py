@@ -164,8 +164,17 @@ def make_settings(
 def harness(
     tmp_path: Path, keyring_dir: Path, database_url: str | None, clock: FakeClock
 ) -> Iterator[Harness]:
+    yield from serve_harness(tmp_path, keyring_dir, database_url, clock)
+
+
+def serve_harness(
+    tmp_path: Path, keyring_dir: Path, database_url: str | None, clock: FakeClock,
+    **app_options: Any,
+) -> Iterator[Harness]:  # fmt: skip
+    """The :class:`Harness` of a server made by ``create_app(settings, **app_options)``, with
+    one operator token per role, for as long as the generator runs (a fixture's body)."""
     settings = make_settings(tmp_path, keyring_dir, database_url, clock)
-    app = create_app(settings)
+    app = create_app(settings, **app_options)
     with TestClient(app) as client:
         h = Harness(app, client, settings, clock)
         for role in Role:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,8 +22,6 @@ from sqlalchemy import select, update
 from fleet_core.cli import fleet
 from server import contacts, rollouts, slo
 from server import devices as device_records
-from server.app import create_app
-from server.auth import Role, create_operator_token
 from server.errors import InvalidRolloutError, RolloutConflictError
 from server.models import ContactGap, RecordEpoch
 from server.rollouts import RolloutRequest
@@ -37,13 +34,9 @@ from tests.server.conftest import (
     FakeDevice,
     Harness,
     at_once,
-    make_settings,
+    serve_harness,
 )
 from tests.server.test_audit_anchors import data_dir_args
-
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message=".*httpx2")  # as tests/server/conftest.py
-    from fastapi.testclient import TestClient
 
 Enrolled = Callable[..., FakeDevice]
 MakeBundle = Callable[..., Path]
@@ -117,17 +110,7 @@ def harness(
 ) -> Iterator[Harness]:
     """The server tests' harness without the rollout evaluation in the background: these tests
     evaluate at the moments of their histories, and figures to the second depend on that."""
-    config = make_settings(tmp_path, keyring_dir, database_url, clock)
-    app = create_app(config, rollout_interval_s=None)
-    with TestClient(app) as client:
-        h = Harness(app, client, config, clock)
-        for role in Role:
-            secret = create_operator_token(
-                h.db, name=f"test-{role.label}", role=role, created_by="test", now=utc(clock)
-            )
-            h.headers[role.label] = {"Authorization": f"Bearer {secret}"}
-        yield h
-    h.db.dispose()
+    yield from serve_harness(tmp_path, keyring_dir, database_url, clock, rollout_interval_s=None)
 
 
 @pytest.fixture

@@ -389,12 +389,9 @@ def test_a_refusal_for_another_reason_keeps_the_field(
 
 
 def test_a_vcgencmd_printing_without_end_is_read_bounded(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fake_vcgencmd: Callable[[str], None]
 ) -> None:
-    program = tmp_path / "vcgencmd"
-    program.write_text("#!/bin/sh\necho throttled=0x50005\nexec /usr/bin/yes flood\n")
-    program.chmod(0o755)
-    monkeypatch.setenv("PATH", str(tmp_path))
+    fake_vcgencmd("echo throttled=0x50005\nexec /usr/bin/yes flood")
     started = time.monotonic()
     assert throttled_state(tmp_path / "no-node", timeout_s=5) == 0x50005
     assert time.monotonic() - started < 4
@@ -409,12 +406,9 @@ def test_a_fifo_in_place_of_the_node_is_unknown_at_once(tmp_path: Path) -> None:
 
 
 def test_a_vcgencmd_leaving_a_child_on_its_output_is_read_by_the_deadline(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fake_vcgencmd: Callable[[str], None]
 ) -> None:
-    program = tmp_path / "vcgencmd"
-    program.write_text("#!/bin/sh\necho throttled=0x4\n/bin/sleep 60 &\nexit 0\n")
-    program.chmod(0o755)
-    monkeypatch.setenv("PATH", str(tmp_path))
+    fake_vcgencmd("echo throttled=0x4\n/bin/sleep 60 &\nexit 0")
     started = time.monotonic()
     assert throttled_state(tmp_path / "no-node", timeout_s=0.5) == 0x4
     assert time.monotonic() - started < 5

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bootloader_hooks.base import BootCause, BootEvent
 from chaos.lab_image import make_lab_image
-from chaos.virtual_device import BootRecord, FaultProfile, VirtualDevice
+from chaos.virtual_device import BootRecord, FaultProfile, PowerCut, VirtualDevice
 from signing.keyring import CONFIG_FILE, REVOKED_FILE, Keyring, trust_key
 from updater.client import ServerClient
 from updater.daemon import Daemon
@@ -102,6 +102,9 @@ class Member:
     device_id: str
     hostname: str
     boots: list[BootRecord] = field(default_factory=list)
+    # False from a power cut in the middle of its daemon's work (chaos.virtual_device.PowerCut)
+    # until VirtualFleet.power_on: the device is dark, doing and answering nothing
+    powered: bool = True
 
     @property
     def version(self) -> str | None:
@@ -206,8 +209,25 @@ class VirtualFleet:
         return Member(spec, device, daemon, identity.device_id, hostname)
 
     def online(self, member: Member) -> bool:
+        if not member.powered:
+            return False
         elapsed = self.clock() - self.started
         return not any(start <= elapsed < end for start, end in member.spec.offline)
+
+    def power_on(self, member: Member) -> None:
+        """Switch on a member whose power was cut: its firmware boots what it finds on the
+        disk, then its updater daemon starts as a new process does, knowing only what its
+        files hold (the same client: sessions are the server's to keep)."""
+        member.device.running = None
+        member.boots += member.device.power_on()
+        old = member.daemon
+        runtime = dataclasses.replace(old.runtime)  # nothing cached from before the cut
+        member.daemon = Daemon(
+            runtime, old.client, self.clock, self.clock.sleep, hostname=member.hostname,
+            wall_clock=lambda: self._wall() + member.spec.clock_offset_s,
+        )  # fmt: skip
+        member.daemon.runtime.record_start()
+        member.powered = True
 
     def step(self, seconds: float = 5.0) -> None:
         """Move the clock by ``seconds``; every online member does what is due, reboots
@@ -225,7 +245,11 @@ class VirtualFleet:
 
     @staticmethod
     def _run(member: Member) -> None:
-        member.daemon.run_once()
+        try:
+            member.daemon.run_once()
+        except PowerCut:  # a scenario cut its power in the middle of a write
+            member.powered = False
+            return
         device = member.device
         if device.pending_reboot is not None:
             command = tuple(device.pending_reboot)

@@ -27,9 +27,8 @@ time: the server's ``Date`` header, from which a device measures its clock skew,
 The rules are rewritten on the parsed YAML by :func:`scale_rules` and checked by
 :func:`check_scaled`.
 
-The two servers each anchor their fast clock at their own start, so the second runs behind the
-first by about (K - 1) times the gap between their starts, and a restarted server behind by
-(K - 1) times its downtime (docs/chaos.md says what that changes).
+Both servers count their fast clock from the lab's start (``--time-origin``), so they keep one
+clock, and a restarted server's clock goes on as if it had run through its downtime.
 """
 
 from __future__ import annotations
@@ -380,9 +379,12 @@ class LabError(FleetError):
     """The lab could not be built or a process of it misbehaved."""
 
 
-def server_process(data: Path, log: Path, factor: float, extra: Sequence[str]) -> LabProcess:
+def server_process(
+    data: Path, log: Path, factor: float, extra: Sequence[str], origin: float
+) -> LabProcess:
     """``fleet server run`` on a loopback socket bound here and handed down (``--fd``): the
-    URL is known before the start and is the same after a restart."""
+    URL is known before the start and is the same after a restart. Its fast clock counts from
+    ``origin`` (real Unix time), the lab's, so every server of the lab keeps one clock."""
     holder: dict[str, int] = {}
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
@@ -401,7 +403,7 @@ def server_process(data: Path, log: Path, factor: float, extra: Sequence[str]) -
         return [
             sys.executable, "-c", "from fleet_core.cli import main; main()", "server", "run",
             "--data-dir", str(data), "--fd", str(holder["fd"]), "--time-scale", f"{factor:g}",
-            "--log-level", "warning", *extra,
+            "--time-origin", f"{origin:.6f}", "--log-level", "warning", *extra,
         ]  # fmt: skip
 
     return LabProcess("fleet server", command, log, f"http://127.0.0.1:{port}", "/healthz", bind)
@@ -489,13 +491,14 @@ def serve_member_metrics(
             (zone / "temp").write_text("45000\n")
             changes["thermal_dir"] = zone.parent
         config = dataclasses.replace(runtime.config, **changes)
-        source = runtime.loaded.source
-        if config_file:
+        loaded = LoadedConfig(config, runtime.loaded.source)
+        if config_file:  # the file is what runs: its drift is watched and repaired
             path = member.device.root / "updater.toml"
-            path.write_text(member.device.config_toml())
-            source = str(path)
+            text = member.device.config_toml().encode()
+            path.write_bytes(text)
+            loaded = LoadedConfig(config, str(path), (), str(path), text)
         member.daemon.runtime = dataclasses.replace(
-            runtime, loaded=LoadedConfig(config, source), live_metrics=live,
+            runtime, loaded=loaded, live_metrics=live,
             config_sha256=None,  # taken again, from the source
         )  # fmt: skip
     return served
@@ -673,8 +676,10 @@ def monitoring_lab(
         scrape_token.chmod(0o600)
         extra = ("--metrics-networks", "127.0.0.0/8", "--metrics-token-file", str(scrape_token),
                  "--rollout-interval", "0.2")  # fmt: skip
+        origin = time.time()
         servers = [
-            server_process(data, workdir / f"server-{i}.log", factor, extra) for i in range(2)
+            server_process(data, workdir / f"server-{i}.log", factor, extra, origin)
+            for i in range(2)
         ]
         for server in servers:
             stack.callback(server.stop)

@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 from chaos.fleet import Member, MemberSpec
 from chaos.monitoring_lab import MonitoringLab, watchdog_repeat_s
 from chaos.receiver import DEADMAN
-from chaos.virtual_device import FaultProfile
+from chaos.virtual_device import FaultProfile, PowerSwitch
 
 HOT_MILLIDEGREES = 85_000  # above the 80 °C of DeviceOverheating and the updater's limit
 COOL_MILLIDEGREES = 45_000
@@ -91,8 +91,8 @@ class Scenario:
     # Scenario seconds the alert's condition may hold after the recovery by its own rule (a
     # count over a window): added to the time allowed for the resolution.
     clears_after_s: ClassVar[float] = 0.0
-    # Restarts a release server: its fast clock starts again at the restart, behind the
-    # other's (see chaos.monitoring_lab), so such a scenario runs after every other.
+    # Restarts a release server, which every device and scenario uses: such a scenario runs
+    # after every other.
     restarts_server: ClassVar[bool] = False
 
     @classmethod
@@ -544,8 +544,10 @@ def _run(command: list[str]) -> None:
 
 
 class _ConfigFileChanged(Scenario):
-    """The updater's configuration file changes under the running updater (it keeps running
-    the configuration it loaded) until the original is put back."""
+    """The updater's configuration file changes under the running updater: it keeps running
+    the configuration it loaded, and once the change has stood for ``[limits]
+    config_repair_after_s`` it writes that configuration back, keeping the changed file as
+    ``updater.replaced.toml`` (updater.config_guard). Nothing is undone by hand."""
 
     def change(self, original: bytes) -> bytes:
         raise NotImplementedError
@@ -560,7 +562,8 @@ class _ConfigFileChanged(Scenario):
             ctx.notes["original"] = path.read_bytes()
             ctx.notes["checkins"] = _checkins(ctx, ctx.members)
             ctx.notes["config"] = ctx.members[0].daemon.runtime.config
-            path.write_bytes(self.change(ctx.notes["original"]))
+            ctx.notes["changed"] = self.change(ctx.notes["original"])
+            path.write_bytes(ctx.notes["changed"])
 
     def handled(self, ctx: Context) -> str | None:
         waiting = _still_checking_in(ctx, ctx.members)
@@ -571,8 +574,29 @@ class _ConfigFileChanged(Scenario):
         return None
 
     def recover(self, ctx: Context) -> None:
+        """Nothing: the updater repairs the file itself."""
+
+    def restored(self, ctx: Context) -> str | None:
+        from updater.config_guard import REPLACED_NAME
+
+        (member,) = ctx.members
         with ctx.lab.pacer.lock:
-            self._path(ctx).write_bytes(ctx.notes["original"])
+            now = self._path(ctx).read_bytes()
+            runtime = member.daemon.runtime
+            replaced = runtime.config.data_dir / REPLACED_NAME
+            kept = replaced.read_bytes() if replaced.exists() else None
+        if now != ctx.notes["original"]:
+            return "the configuration file does not hold the running configuration again"
+        if kept != ctx.notes["changed"]:
+            return f"{REPLACED_NAME} does not keep the file the repair replaced"
+        if runtime.loaded.problems:
+            return f"the updater still reports problems: {runtime.loaded.problems[0]}"
+        return None
+
+    def cleanup(self, ctx: Context) -> None:
+        if "original" in ctx.notes:  # a repair that never came
+            with ctx.lab.pacer.lock:
+                self._path(ctx).write_bytes(ctx.notes["original"])
 
 
 class ConfigDrift(_ConfigFileChanged):
@@ -580,7 +604,8 @@ class ConfigDrift(_ConfigFileChanged):
     alert = "ConfigDrift"
     summary = (
         "the configuration file is edited on the device (min_free_mb changed) and the updater "
-        "is not restarted: it keeps running what it loaded; the edit is undone"
+        "is not restarted: it keeps running what it loaded, and 5 minutes on writes it back "
+        "over the edit, keeping the edited file"
     )
 
     def change(self, original: bytes) -> bytes:
@@ -595,7 +620,8 @@ class ConfigCorrupted(_ConfigFileChanged):
     alert = "ConfigDrift"
     summary = (
         "the configuration file is cut short with garbage at its end (a bad write, a failing "
-        "card): the running updater keeps the configuration it loaded; the file is restored"
+        "card): the running updater keeps the configuration it loaded, and 5 minutes on "
+        "writes it back over the damaged file, keeping that one"
     )
 
     def change(self, original: bytes) -> bytes:
@@ -787,6 +813,101 @@ class TrialBootLost(Scenario):
         ctx.lab.operator("device", "assign", member.device_id, "none")
 
 
+class _DeviceSwitch:
+    """The write-boundary hook (``fleet_core.durable``) while a power cut is set up: the
+    boundaries of one device's files (those under ``root``) go to its ``switch``, which cuts
+    its power at the boundary it was set for; every other device, stepped in the same process,
+    writes on as before (``previous``, the hook found installed)."""
+
+    def __init__(self, root: Path, switch: PowerSwitch, previous: Any) -> None:
+        self.root = root
+        self.switch = switch
+        self.previous = previous
+
+    def __call__(self, point: str, path: Path) -> None:
+        if path.is_relative_to(self.root):
+            self.switch(point, path)
+        elif self.previous is not None:
+            self.previous(point, path)
+
+
+class PowerCutMidInstall(Scenario):
+    name = "power-cut"
+    alert = "DeviceOffline"
+    summary = (
+        "2.0.0 is assigned and the device's power fails while its updater writes it into the "
+        "other slot (what was not flushed is lost), and stays off for 6 minutes: the power "
+        "returns, the firmware boots 1.0.0 from the slot it never left, and the updater counts "
+        "the install as interrupted, installs 2.0.0 again and commits it"
+    )
+    condition_s = 300.0  # fleet_device_last_seen_age_seconds > 300, from the cut on
+
+    def inject(self, ctx: Context) -> None:
+        from fleet_core import durable
+
+        (member,) = ctx.members
+        switch = PowerSwitch(cut_at_first="slot:before-flush")
+        with ctx.lab.pacer.lock:
+            ctx.notes["switch"] = switch
+            ctx.notes["boots"] = len(member.boots)
+            hook = _DeviceSwitch(member.device.root.resolve(), switch, None)
+            hook.previous = durable.set_boundary_hook(hook)
+            ctx.notes["hook"] = hook
+        ctx.lab.operator("device", "assign", member.device_id, "2.0.0")
+
+    def handled(self, ctx: Context) -> str | None:
+        (member,) = ctx.members
+        switch: PowerSwitch = ctx.notes["switch"]
+        with ctx.lab.pacer.lock:
+            if not switch.off:
+                return "the power has not been cut yet (no write of 2.0.0 into a slot)"
+            point, _path = switch.points[-1]
+            if member.powered:
+                return "the device is still powered"
+        if not point.startswith("slot:"):
+            return f"the power went off at {point}, not while a slot was written"
+        return None
+
+    def recover(self, ctx: Context) -> None:
+        (member,) = ctx.members
+        with ctx.lab.pacer.lock:
+            self._unhook(ctx)
+            if not member.powered:
+                ctx.lab.fleet.power_on(member)
+
+    def restored(self, ctx: Context) -> str | None:
+        (member,) = ctx.members
+        with ctx.lab.pacer.lock:
+            boots = member.boots[ctx.notes["boots"] :]
+            version = member.version
+            interrupted = member.device.events("daemon.install_interrupted")
+        if not boots:
+            return "the device has not booted since the power came back"
+        first = boots[0]
+        if first.trial or first.image is None or first.image.version != "1.0.0":
+            return f"the first boot after the cut was not 1.0.0 from its committed slot: {first}"
+        if not interrupted:
+            return "the updater did not count the cut install as interrupted"
+        if version != "2.0.0":
+            return f"the device runs {version}, not 2.0.0 installed again"
+        return None
+
+    def cleanup(self, ctx: Context) -> None:
+        (member,) = ctx.members
+        with ctx.lab.pacer.lock:
+            self._unhook(ctx)
+            if not member.powered:
+                ctx.lab.fleet.power_on(member)
+
+    @staticmethod
+    def _unhook(ctx: Context) -> None:
+        from fleet_core import durable
+
+        hook = ctx.notes.pop("hook", None)
+        if hook is not None:
+            durable.set_boundary_hook(hook.previous)
+
+
 SCENARIOS: dict[str, type[Scenario]] = {
     scenario.name: scenario
     for scenario in (
@@ -805,5 +926,6 @@ SCENARIOS: dict[str, type[Scenario]] = {
         FleetWideFailure,
         LowVoltage,
         TrialBootLost,
+        PowerCutMidInstall,
     )
 }

@@ -33,6 +33,11 @@ def _service_url(_context: click.Context, param: click.Parameter, value: str | N
         raise click.BadParameter(str(err), param=param) from None
 
 
+# --time-origin: how far back a fast clock may start (a lab's servers start within minutes of
+# each other; a day at --time-scale 10 already puts the clock 9 days ahead)
+MAX_TIME_ORIGIN_AGE_S = 86400
+
+
 @click.group()
 def server() -> None:
     """The release server: run it, and create its tokens."""
@@ -75,6 +80,15 @@ def server() -> None:
     default=1.0,
     show_default=True,
     help="Run the server's clock this many times faster (labs and demos: soaks in seconds).",
+)
+@click.option(
+    "--time-origin",
+    type=FiniteFloatRange(min=0.0),
+    default=None,
+    metavar="UNIX_TIME",
+    help="With --time-scale: the real time the fast clock counts from, at most a day ago "
+    "(default: the start). Servers of one lab given the same origin keep one clock, across "
+    "restarts too.",
 )
 @click.option(
     "--rollout-interval",
@@ -225,6 +239,7 @@ def run(
     log_level: str,
     log_format: str,
     time_scale: float,
+    time_origin: float | None,
     rollout_interval: float,
     active_checkin_interval: int,
     metrics_networks: str,
@@ -252,6 +267,14 @@ def run(
 
     # checked first: a bad certificate or key is one error line, and nothing listens
     transport = TransportSettings.create(tls_cert, tls_key, forwarded_allow_ips)
+    started = time.time()
+    if time_origin is not None:
+        if not started - MAX_TIME_ORIGIN_AGE_S <= time_origin <= started:
+            raise click.BadParameter(
+                f"{time_origin:g} is not within the last day ({started:.0f} is now)",
+                param_hint="'--time-origin'",
+            )
+        started = time_origin
     inherited = None if fd is None else inherited_socket(fd)
     if data_dir is None:
         raise ClientConfigError("give --data-dir (blobs, keys and keyring live there)")
@@ -279,7 +302,6 @@ def run(
         leftover_age_s=leftover_age,
         startup_leftover_age_s=startup_leftover_age,
     )
-    started = time.time()
 
     def clock() -> float:
         return started + (time.time() - started) * time_scale

@@ -252,3 +252,13 @@ def test_the_demo_never_leaves_a_server_behind_a_failed_start(
         chaos.demo.start_server(tmp_path / "data", tmp_path / "server.log")
     (process,) = started
     assert process.poll() is not None  # terminated and reaped, not running on
+
+
+def test_a_time_origin_outside_the_last_day_is_a_usage_error(tmp_path: Path) -> None:
+    for origin in ("0", f"{time.time() - 2 * 86400:.0f}", f"{time.time() + 3600:.0f}"):
+        result = CliRunner().invoke(
+            fleet, ["server", "run", "--data-dir", str(tmp_path / "data"), "--time-origin", origin]
+        )
+        assert result.exit_code == 2, result.output
+        assert "'--time-origin'" in result.output and "within the last day" in result.output
+        assert not (tmp_path / "data").exists()  # refused before anything was made

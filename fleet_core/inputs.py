@@ -54,15 +54,17 @@ def refuse_non_regular_input(path: str | os.PathLike[str], what: str = "") -> No
         raise InputPathError(f"{prefix}: not a regular file ({kind_of(mode)})", kind_of(mode))
 
 
-def read_regular_file(path: str | os.PathLike[str]) -> bytes:
+def read_regular_file(path: str | os.PathLike[str], max_bytes: int | None = None) -> bytes:
     """The bytes of the regular file at ``path``: the one way a file that may have been replaced
     by a FIFO or a device (a key, a keyring's records, a configuration) is read. The name is
     checked, then the file is opened without blocking and checked again by its descriptor (the
-    name may have been replaced in between), so a FIFO no process writes to never blocks.
+    name may have been replaced in between), so a FIFO no process writes to never blocks. With
+    ``max_bytes``, at most one byte more than that is ever read, however the file grows.
 
     Raises:
         InputPathError: ``path`` is not a regular file.
         OSError: it cannot be opened or read (``FileNotFoundError`` when it is missing).
+        ValueError: it holds more than ``max_bytes``.
     """
     refuse_non_regular_input(path)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -70,4 +72,9 @@ def read_regular_file(path: str | os.PathLike[str]) -> bytes:
         mode = os.fstat(file.fileno()).st_mode
         if not stat.S_ISREG(mode):
             raise InputPathError(f"{path}: not a regular file ({kind_of(mode)})", kind_of(mode))
-        return file.read()
+        if max_bytes is None:
+            return file.read()
+        data = file.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ValueError(f"{path}: larger than {max_bytes} bytes")
+        return data

@@ -12,11 +12,13 @@ keeps the file it replaced as ``<data_dir>/updater.replaced.toml`` for the opera
 written back are the ones the running configuration was parsed from (the file at start, or the
 last good copy the daemon fell back to), so after a repair the file, the last good copy and
 what runs agree. An operator who means an edit restarts the daemon within that time; the
-built-in defaults are never written into a file.
+built-in defaults are never written into a file, and while the daemon runs on its last good
+copy a usable file (an operator's fix) is left for a restart to load.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -24,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleet_core.durable import atomic_write
+from fleet_core.durable import atomic_output, atomic_write
 from fleet_core.inputs import InputPathError, read_regular_file
 from updater.config import LoadedConfig, parse_config
 from updater.errors import ConfigError
@@ -54,19 +56,15 @@ class Repair:
 
 
 def read_config_file(path: str | os.PathLike[str]) -> bytes:
-    """The bytes of the configuration file ``path``, read without blocking.
+    """The bytes of the configuration file ``path``, read without blocking and never more than
+    :data:`MAX_CONFIG_BYTES` (and one).
 
     Raises:
         OSError: it cannot be read (``FileNotFoundError``: missing).
         InputPathError: it is not a regular file.
         ValueError: it is larger than :data:`MAX_CONFIG_BYTES`.
     """
-    if Path(path).stat().st_size > MAX_CONFIG_BYTES:
-        raise ValueError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
-    text = read_regular_file(path)
-    if len(text) > MAX_CONFIG_BYTES:  # grown since
-        raise ValueError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
-    return text
+    return read_regular_file(path, max_bytes=MAX_CONFIG_BYTES)
 
 
 def file_sha256(path: str) -> str | None:
@@ -94,52 +92,82 @@ class ConfigGuard:
         run, or no file was asked for); a :class:`Drift` while they differ; a :class:`Repair`
         once the running configuration has been written back.
 
+        While the daemon runs on its last good copy (the file was unusable at start), only a
+        file still unusable is repaired: a usable one is an operator's fix, applied by a
+        restart. A symbolic link at the path stays one: its target is repaired. The file is
+        read once more just before the repair is put in place, and an edit saved meanwhile
+        stops the repair and starts the count again.
+
         Raises:
-            OSError: the repair could not be written (the file is left as it was).
+            ConfigError: the repair could not be written (the file is left as it was).
         """
         if loaded.path is None or loaded.text is None:
             return None
         path = Path(loaded.path)
-        problem: str | None
-        try:
-            current: bytes | None = read_config_file(path)
-        except FileNotFoundError:
-            current, problem = None, f"{path}: missing"
-        except (OSError, InputPathError, ValueError) as err:
-            current, problem = (
-                None,
-                str(err)
-                if not isinstance(err, OSError)
-                else (f"{path}: cannot read: {err.strerror}"),
-            )
+        current, problem = _current(path)
         if current == loaded.text:
             self._seen = None
             return None
-        if current is not None:
-            try:
-                parse_config(current, str(path))
-                problem = None
-            except ConfigError as err:
-                problem = str(err)
-        key = hashlib.sha256(current).hexdigest() if current is not None else f"none:{problem}"
+        # unusable bytes count as one state: a card returning other garbage at each read
+        # must not hold the repair off for ever
+        key = "unusable" if problem is not None else hashlib.sha256(current or b"").hexdigest()
         now = self.clock()
         if self._seen is None or self._seen[0] != key:
             self._seen = (key, now)
         since = self._seen[1]
         repair_after_s = loaded.config.limits.config_repair_after_s
-        if repair_after_s <= 0 or now - since < repair_after_s:
+        on_fallback = loaded.source != loaded.path
+        if repair_after_s <= 0 or now - since < repair_after_s or (on_fallback and problem is None):
             return Drift(since, problem)
-        replaced = self._keep_replaced(loaded, current)
-        atomic_write(path, loaded.text, mode=0o600)  # it may hold an enrollment token
+        target = Path(os.path.realpath(path))
+        try:
+            replaced = _keep_replaced(loaded, current)
+            with atomic_output(target, mode=0o600) as out:  # it may hold an enrollment token
+                out.write(loaded.text)
+                if _current(path)[0] != current:  # saved meanwhile: that edit is the news
+                    raise _EditedMeanwhile
+        except _EditedMeanwhile:
+            self._seen = None
+            return Drift(now, None)
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot write the repair: {err.strerror}") from None
         self._seen = None
-        now_loaded = LoadedConfig(loaded.config, str(path), (), str(path), loaded.text)
-        return Repair(path, problem, replaced, now_loaded)
+        # problems of the bytes themselves (a backend that cannot be built) stay; those of
+        # the unusable file the daemon fell back from are gone with it
+        problems = () if on_fallback else loaded.problems
+        repaired = LoadedConfig(loaded.config, str(path), problems, str(path), loaded.text)
+        return Repair(path, problem, replaced, repaired)
 
-    @staticmethod
-    def _keep_replaced(loaded: LoadedConfig, current: bytes | None) -> Path | None:
-        if current is None:
-            return None
-        kept = loaded.config.data_dir / REPLACED_NAME
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(kept, current, mode=0o600)
-        return kept
+
+class _EditedMeanwhile(Exception):
+    """The file changed between the check and the repair."""
+
+
+def _current(path: Path) -> tuple[bytes | None, str | None]:
+    """The file's bytes (None: none could be read) and why it cannot be used (None: it can)."""
+    try:
+        current = read_config_file(path)
+    except FileNotFoundError:
+        return None, f"{path}: missing"
+    except OSError as err:
+        return None, f"{path}: cannot read: {err.strerror}"
+    except (InputPathError, ValueError) as err:
+        return None, str(err)
+    try:
+        parse_config(current, str(path))
+    except ConfigError as err:
+        return current, str(err)
+    return current, None
+
+
+def _keep_replaced(loaded: LoadedConfig, current: bytes | None) -> Path | None:
+    """Keep ``current`` as ``updater.replaced.toml`` (not written again when it holds it)."""
+    if current is None:
+        return None
+    kept = loaded.config.data_dir / REPLACED_NAME
+    with contextlib.suppress(OSError, InputPathError, ValueError):
+        if read_config_file(kept) == current:
+            return kept
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(kept, current, mode=0o600)
+    return kept

@@ -156,9 +156,10 @@ class Daemon:
         # heartbeat fields the server refused (one from before them): left out until a restart
         self._older_server = False
         self._duty_errors: dict[str, str] = {}
-        # config drift (updater.config_guard): the guard, and the drift last logged
+        # config drift (updater.config_guard): the guard, and whether the drift going on now
+        # was logged (once until the file holds what runs again)
         self._config_guard = ConfigGuard(clock)
-        self._drift_told: float | None = None
+        self._drifting = False
         self.last_error: str | None = None  # of the last step, None if it went through
         self.last_checkin: CheckinResult | None = None
         # when installs may start ([updates] windows, time_zone); what the device waits for
@@ -261,15 +262,17 @@ class Daemon:
             self._duty_failed("config repair", err)
             return
         self._duty_errors.pop("config repair", None)
-        if isinstance(verdict, Drift) and verdict.since != self._drift_told:
-            self._drift_told = verdict.since
+        if isinstance(verdict, Drift) and not self._drifting:
+            self._drifting = True
             limits = self.runtime.config.limits
             self.log.event(
                 "config.drift", level="warning", path=self.runtime.loaded.path,
                 problem=verdict.problem, repair_in_s=limits.config_repair_after_s or None,
             )  # fmt: skip
+        elif verdict is None:
+            self._drifting = False
         elif isinstance(verdict, Repair):
-            self._drift_told = None
+            self._drifting = False
             self.runtime = dataclasses.replace(
                 self.runtime, loaded=verdict.loaded, config_sha256=None
             )

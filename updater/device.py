@@ -16,11 +16,12 @@ import enum
 import errno
 import math
 import os
+import select
 import shutil
 import signal
 import stat
 import subprocess
-import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, cast
@@ -159,22 +160,23 @@ def vcgencmd_throttled(
     if program is None:
         return None
     try:
-        # read at most what an answer takes: a program printing without end must not fill the
-        # daemon's memory. It runs in a session of its own, killed whole at the deadline or
-        # once its answer is read, so a child it leaves holding the pipe cannot hang the read.
+        # read at most what an answer takes, until its first line ends or the deadline: a
+        # program printing without end must not fill the daemon's memory, nor one holding its
+        # output open (or a child it left, in a session of its own) hold up the daemon. It
+        # runs in a session of its own, killed whole once the answer is read or time is up.
         with subprocess.Popen(
             [program, *command[1:]], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, start_new_session=True,
         ) as process:  # fmt: skip
-            timer = threading.Timer(timeout_s, _kill_session, (process,))
-            timer.start()
+            deadline = time.monotonic() + timeout_s
             try:
-                stdout = cast(IO[bytes], process.stdout)  # stdout=PIPE
-                head = stdout.read(MAX_THROTTLED_TEXT + 1)
-                _kill_session(process)  # what it says after the answer is of no use
-                returncode = process.wait(timeout=timeout_s)
+                head = _read_line(cast(IO[bytes], process.stdout), deadline)  # stdout=PIPE
+                # it must exit 0, or still run at the deadline with its answer given
+                returncode = process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                returncode = -signal.SIGKILL
             finally:
-                timer.cancel()
+                _kill_session(process)
     except (OSError, subprocess.SubprocessError):
         return None
     if returncode not in (0, -signal.SIGKILL) or not head:
@@ -183,6 +185,22 @@ def vcgencmd_throttled(
     if not output.startswith("throttled="):
         return None
     return parse_throttled(output)
+
+
+def _read_line(stream: IO[bytes], deadline: float) -> bytes:
+    """What ``stream`` gives before ``deadline`` (``time.monotonic``), up to its first newline
+    and at most :data:`MAX_THROTTLED_TEXT` + 1 bytes."""
+    fd = stream.fileno()
+    head = b""
+    while b"\n" not in head and len(head) <= MAX_THROTTLED_TEXT:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            break
+        chunk = os.read(fd, MAX_THROTTLED_TEXT + 1 - len(head))
+        if not chunk:
+            break
+        head += chunk
+    return head
 
 
 def _kill_session(process: subprocess.Popen[bytes]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -311,6 +312,8 @@ class Runtime:
                 files += self.backend.state_files()
         if self.config.metrics_textfile is not None:
             files.append(self.config.metrics_textfile)
+        if self.loaded.path is not None:  # a config repair cut short (updater.config_guard)
+            files.append(Path(os.path.realpath(self.loaded.path)))
         for file in files:
             names = places.setdefault(file.parent, set())
             if names is not None:

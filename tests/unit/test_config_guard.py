@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fleet_core import durable
 from updater.config import LAST_GOOD_NAME, LoadedConfig, load_config
 from updater.config_guard import (
     MAX_CONFIG_BYTES,
@@ -20,6 +21,7 @@ from updater.config_guard import (
     Repair,
     file_sha256,
 )
+from updater.errors import ConfigError
 
 
 class Clock:
@@ -120,8 +122,12 @@ def test_a_damaged_or_missing_file_is_named_and_repaired(
     assert isinstance(drift, Drift) and drift.problem is not None and problem in drift.problem
     clock.now += 300
     if path.is_dir():  # a directory cannot be replaced by a file: an error, tried again
-        with pytest.raises(OSError):
-            guard.check(loaded)
+        errors = set()
+        for _ in range(3):
+            with pytest.raises(ConfigError, match="cannot write the repair") as raised:
+                guard.check(loaded)
+            errors.add(str(raised.value))
+        assert len(errors) == 1  # the same words each time: logged once
         assert path.is_dir()
         return
     repair = guard.check(loaded)
@@ -154,6 +160,112 @@ def test_the_defaults_are_never_written_into_a_file(tmp_path: Path) -> None:
     clock.now += 86400
     assert guard.check(loaded) is None
     assert path.read_bytes() == b"not toml ["
+
+
+def test_a_symbolic_link_at_the_path_stays_one_and_its_target_is_repaired(
+    tmp_path: Path,
+) -> None:
+    managed = tmp_path / "site" / "updater.toml"
+    managed.parent.mkdir()
+    running = config_text(tmp_path / "data")
+    managed.write_bytes(running)
+    path = tmp_path / "updater.toml"
+    path.symlink_to(managed)
+    loaded = load_config(path)
+    clock = Clock()
+    guard = ConfigGuard(clock)
+    managed.write_bytes(b"garbage")
+    assert isinstance(guard.check(loaded), Drift)
+    clock.now += 300
+    assert isinstance(guard.check(loaded), Repair)
+    assert path.is_symlink() and managed.read_bytes() == running
+
+
+def test_an_edit_saved_while_the_repair_is_written_wins(
+    setup: tuple[Path, LoadedConfig, ConfigGuard, Clock],
+) -> None:
+    path, loaded, guard, clock = setup
+    path.write_bytes(b"garbage")
+    assert isinstance(guard.check(loaded), Drift)
+    clock.now += 300
+    second = config_text(loaded.config.data_dir, min_free_mb=7)
+
+    def save_meanwhile(point: str, where: Path) -> None:
+        if point == "atomic:begin" and where == path:
+            path.write_bytes(second)
+
+    previous = durable.set_boundary_hook(save_meanwhile)
+    try:
+        assert guard.check(loaded) == Drift(clock.now, None)
+    finally:
+        durable.set_boundary_hook(previous)
+    assert path.read_bytes() == second  # not written over: its count starts now
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    assert guard.check(loaded) == Drift(clock.now, None)
+
+
+def test_garbage_changing_at_every_read_is_repaired_all_the_same(
+    setup: tuple[Path, LoadedConfig, ConfigGuard, Clock],
+) -> None:
+    path, loaded, guard, clock = setup
+    running = path.read_bytes()
+    for n in range(6):
+        path.write_bytes(b"\xff garbage %d" % n)
+        verdict = guard.check(loaded)
+        clock.now += 60
+    assert isinstance(verdict, Repair)
+    assert path.read_bytes() == running
+
+
+def test_a_kept_file_holding_the_same_bytes_is_not_written_again(
+    setup: tuple[Path, LoadedConfig, ConfigGuard, Clock],
+) -> None:
+    path, loaded, guard, clock = setup
+    kept = loaded.config.data_dir / REPLACED_NAME
+    for _ in range(2):
+        path.write_bytes(b"garbage")
+        guard.check(loaded)
+        clock.now += 300
+        assert isinstance(guard.check(loaded), Repair)
+        if _ == 0:
+            first = kept.stat()
+    assert kept.stat().st_ino == first.st_ino and kept.read_bytes() == b"garbage"
+
+
+def test_a_repair_keeps_the_problems_of_the_running_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "updater.toml"
+    path.write_bytes(config_text(tmp_path / "data"))
+
+    def refuse(config: object) -> None:
+        raise ConfigError("backend: no such environment file")
+
+    loaded = load_config(path, build=refuse)
+    assert loaded.source == str(path) and loaded.problems
+    clock = Clock()
+    guard = ConfigGuard(clock)
+    path.write_bytes(b"garbage")
+    guard.check(loaded)
+    clock.now += 300
+    repair = guard.check(loaded)
+    assert isinstance(repair, Repair) and repair.loaded.problems == loaded.problems
+
+
+def test_on_the_last_good_copy_a_usable_fix_is_left_for_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "updater.toml"
+    good = config_text(tmp_path / "data")
+    path.write_bytes(good)
+    load_config(path)  # kept as the last good copy
+    path.write_bytes(b"[limits\n")
+    loaded = load_config(path, data_dir=tmp_path / "data")
+    assert loaded.source != loaded.path
+    clock = Clock()
+    guard = ConfigGuard(clock)
+    fixed = config_text(tmp_path / "data", min_free_mb=50)
+    path.write_bytes(fixed)  # the operator's fix, not yet applied by a restart
+    for _ in range(5):
+        assert guard.check(loaded) == Drift(1000.0, None)
+        clock.now += 3600
+    assert path.read_bytes() == fixed
 
 
 def test_a_daemon_on_its_last_good_copy_repairs_the_damaged_file_from_it(tmp_path: Path) -> None:

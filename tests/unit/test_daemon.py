@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import shutil
 import socket
 import threading
@@ -668,3 +669,42 @@ def test_config_drift_is_told_once_then_repaired_while_the_device_carries_on(
     assert repaired["path"] == str(path) and repaired["problem"] is None
     assert daemon.runtime.loaded.text == text and daemon.runtime.config == runtime.config
     assert (len(lab.heartbeats()) > beats) is not offline
+
+
+def test_a_file_changing_at_every_step_is_told_of_once(lab: Lab) -> None:
+    path = lab.device.root / "updater.toml"
+    text = lab.device.config_toml().encode()
+    path.write_bytes(text)
+    daemon = lab.daemon()
+    runtime = daemon.runtime
+    daemon.runtime = dataclasses.replace(
+        runtime, loaded=LoadedConfig(runtime.config, str(path), (), str(path), text),
+        config_sha256=None,
+    )  # fmt: skip
+    for n in range(10):  # two configuration tools fighting over the file
+        path.write_bytes(text.replace(b"min_free_mb = 0", b"min_free_mb = %d" % (n % 2 + 1)))
+        lab.clock.sleep(max(1.0, daemon.run_once()))
+    assert len(lab.local("config.drift")) == 1 and not lab.local("config.repaired")
+    path.write_bytes(text)
+    lab.clock.sleep(max(1.0, daemon.run_once()))
+    path.write_bytes(b"garbage")
+    lab.clock.sleep(max(1.0, daemon.run_once()))
+    assert len(lab.local("config.drift")) == 2  # a new drift after the file was right again
+
+
+def test_a_repair_cut_short_is_swept_at_the_next_start(lab: Lab) -> None:
+    path = lab.device.root / "etc" / "updater.toml"
+    path.parent.mkdir()
+    text = lab.device.config_toml().encode()
+    path.write_bytes(text)
+    runtime = dataclasses.replace(
+        lab.device.runtime(), loaded=LoadedConfig(lab.device.config, str(path), (), str(path), text)
+    )
+    old = 1.7e9 - 3600
+    leftover = path.parent / ".updater.toml.k3j4h5g6.tmp"
+    other = path.parent / ".hosts.a1b2c3d4.tmp"
+    for file in (leftover, other):
+        file.write_bytes(b"enrollment_token = ...")
+        os.utime(file, (old, old))
+    runtime.sweep_temporaries()
+    assert not leftover.exists() and other.exists()  # only the configuration's own

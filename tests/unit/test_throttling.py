@@ -393,7 +393,7 @@ def test_a_vcgencmd_printing_without_end_is_read_bounded(
 ) -> None:
     fake_vcgencmd("echo throttled=0x50005\nexec /usr/bin/yes flood")
     started = time.monotonic()
-    assert throttled_state(tmp_path / "no-node", timeout_s=5) == 0x50005
+    assert throttled_state(tmp_path / "no-node", timeout_s=1) == 0x50005  # killed at 1 s
     assert time.monotonic() - started < 4
 
 
@@ -408,7 +408,12 @@ def test_a_fifo_in_place_of_the_node_is_unknown_at_once(tmp_path: Path) -> None:
 def test_a_vcgencmd_leaving_a_child_on_its_output_is_read_by_the_deadline(
     tmp_path: Path, fake_vcgencmd: Callable[[str], None]
 ) -> None:
-    fake_vcgencmd("echo throttled=0x4\n/bin/sleep 60 &\nexit 0")
+    # no newline, and the child in a session of its own: only the deadline ends the read
+    fake_vcgencmd("printf throttled=0x4\nsetsid /bin/sleep 60 &\nexit 0")
     started = time.monotonic()
     assert throttled_state(tmp_path / "no-node", timeout_s=0.5) == 0x4
     assert time.monotonic() - started < 5
+    fake_vcgencmd("echo throttled=0x5\nsetsid /bin/sleep 60 &\nexit 0")
+    started = time.monotonic()
+    assert throttled_state(tmp_path / "no-node", timeout_s=30) == 0x5  # its line ends the read
+    assert time.monotonic() - started < 5  # and its own exit: the child is not waited for

@@ -639,19 +639,26 @@ def test_fleet_updater_daemon_once(lab: Lab) -> None:
     assert result.exit_code == 1 and "no release server configured" in result.stderr
 
 
-@pytest.mark.parametrize("offline", [False, True])
-def test_config_drift_is_told_once_then_repaired_while_the_device_carries_on(
-    lab: Lab, offline: bool
-) -> None:
+def daemon_from_file(lab: Lab) -> tuple[Daemon, Path, bytes]:
+    """A daemon running the configuration of ``updater.toml`` in the device's root, as
+    ``fleet-updater daemon`` loads it; the file and its bytes."""
     path = lab.device.root / "updater.toml"
     text = lab.device.config_toml().encode()
     path.write_bytes(text)
     daemon = lab.daemon()
-    runtime = daemon.runtime
     daemon.runtime = dataclasses.replace(
-        runtime, loaded=LoadedConfig(runtime.config, str(path), (), str(path), text),
+        daemon.runtime, loaded=LoadedConfig(daemon.runtime.config, str(path), (), str(path), text),
         config_sha256=None,
     )  # fmt: skip
+    return daemon, path, text
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_config_drift_is_told_once_then_repaired_while_the_device_carries_on(
+    lab: Lab, offline: bool
+) -> None:
+    daemon, path, text = daemon_from_file(lab)
+    runtime = daemon.runtime
     lab.clock.sleep(daemon.run_once())
     edited = text.replace(b"min_free_mb = 0", b"min_free_mb = 200")
     assert edited != text
@@ -672,15 +679,7 @@ def test_config_drift_is_told_once_then_repaired_while_the_device_carries_on(
 
 
 def test_a_file_changing_at_every_step_is_told_of_once(lab: Lab) -> None:
-    path = lab.device.root / "updater.toml"
-    text = lab.device.config_toml().encode()
-    path.write_bytes(text)
-    daemon = lab.daemon()
-    runtime = daemon.runtime
-    daemon.runtime = dataclasses.replace(
-        runtime, loaded=LoadedConfig(runtime.config, str(path), (), str(path), text),
-        config_sha256=None,
-    )  # fmt: skip
+    daemon, path, text = daemon_from_file(lab)
     for n in range(10):  # two configuration tools fighting over the file
         path.write_bytes(text.replace(b"min_free_mb = 0", b"min_free_mb = %d" % (n % 2 + 1)))
         lab.clock.sleep(max(1.0, daemon.run_once()))

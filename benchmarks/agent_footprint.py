@@ -39,8 +39,8 @@ the idle day plus one install. Not included: the faster check-ins a running roll
 (they depend on how long the operator's rollout lasts; ``device_network.py`` measures them),
 the TCP/IP and TLS bytes beneath HTTP (``device_network.py`` estimates those too), and the CPU
 of opening a connection and a TLS session: compressed, the daemon's requests come seconds
-apart and keep one plain HTTP connection, where a device behind the proxy's 10 s keep-alive
-opens one (and a TLS handshake) a duty.
+apart and keep one plain HTTP connection, as a device behind the proxy keeps one (its
+keep-alive outlasts the minute between duties) until the proxy or the server restarts.
 
 Baselines, measured the same way in the same run: the interpreter floor (a bare
 ``python3 -c 'import time; time.sleep(...)'`` started as the daemon is) and the daemon's imports

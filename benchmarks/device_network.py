@@ -6,12 +6,13 @@ Every device talks to the server through a counting relay on loopback (``chaos.n
 the figures are the HTTP bytes both ways, request and status lines, headers and bodies
 included, split by what they were for (enrollment, session, check-in, heartbeat, events,
 blobs). The relay closes a device's connection when it has been idle for longer than the
-keep-alive of the proxy in front of the server (HAProxy's 10 s), so a device polling every
-minute opens a connection where it really would. Not seen by the relay, and given beside the
-HTTP figures, which a metered SIM pays too: TCP/IP headers, estimated (52 bytes a packet, a
-packet per MSS of data and an ACK for it, 7 packets to open and close a connection), and TLS:
-a full handshake per connection and a record's overhead per message, both measured through the
-same relay against a loopback TLS server set up as deploy/proxy/haproxy.cfg sets HAProxy up.
+keep-alive of the proxy in front of the server (HAProxy's ``timeout http-keep-alive``, read from
+deploy/proxy/haproxy.cfg), so a device opens a connection where it really would. Not seen
+by the relay, and given beside the HTTP figures, which a metered SIM pays too: TCP/IP
+headers, estimated (52 bytes a packet, a packet per MSS of data and an ACK for it, 7 packets
+to open and close a connection), and TLS: a full handshake per connection and a record's
+overhead per message, both measured through the same relay against a loopback TLS server set
+up as deploy/proxy/haproxy.cfg sets HAProxy up.
 
 The fleet (``--devices``) leaves the factory running a lab image, then, in this order:
 
@@ -43,6 +44,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -78,9 +80,21 @@ BUDGET_MB = 100.0  # the operator's budget per device per day
 AIM_MB = 5.0
 PATCHES_PER_WEEK = 1
 # deploy/proxy/haproxy.cfg: devices reach the server through HAProxy, which closes a connection
-# idle for 10 s (timeout http-keep-alive) and offers no TLS session tickets (no-tls-tickets): a
-# connection after a pause is a new TCP connection and a full TLS handshake
-KEEPALIVE_S = 10.0
+# idle for longer than its `timeout http-keep-alive` and offers no TLS session tickets
+# (no-tls-tickets): a connection after a longer pause is a new TCP connection and a full TLS
+# handshake
+HAPROXY_CFG = Path(__file__).resolve().parents[1] / "deploy/proxy/haproxy.cfg"
+
+
+def proxy_keepalive_s(config: Path = HAPROXY_CFG) -> float:
+    """The proxy's ``timeout http-keep-alive``, in seconds."""
+    match = re.search(r"^\s*timeout http-keep-alive (\d+)s\s*$", config.read_text(), re.M)
+    if match is None:
+        raise SystemExit(f"{config}: no 'timeout http-keep-alive <N>s'")
+    return float(match.group(1))
+
+
+KEEPALIVE_S = proxy_keepalive_s()
 # Estimated: what the relay does not see
 IP_TCP_HEADER = 52  # IPv4 20 + TCP 20 + timestamps 12
 MSS = 1448

@@ -92,6 +92,14 @@ def test_the_proxy_limits_agree_with_the_servers() -> None:
     from server.client import UPLOAD_ANSWER_TIMEOUT_S
 
     assert _seconds(text, "server") >= UPLOAD_ANSWER_TIMEOUT_S
+    # a device's connection outlives the pause between its duties: one TLS handshake, not one
+    # a minute, on a metered link
+    from updater.config import UpdaterConfig
+    from updater.daemon import JITTER
+
+    device = UpdaterConfig()
+    pause = max(device.checkin_interval_s, device.heartbeat_interval_s) * (1 + JITTER)
+    assert _seconds(text, "http-keep-alive") > pause
     limit = re.search(r"req\.hdr_val\(content-length\) gt (\d+)", text)
     assert limit and int(limit.group(1)) == DEFAULT_MAX_UPLOAD_BYTES
     # the client's own X-Forwarded-For is replaced, never appended to
